@@ -1,0 +1,184 @@
+"""The job spec: what a tenant submits. The one place its fields, bounds and defaults are defined.
+
+`lorafleet schema` prints `JobSpec.model_json_schema()`. Names follow PEFT (`r`, `lora_alpha`, `lora_dropout`,
+`target_modules`) and the usual trainer hyperparameters so a LoRA user can write one without reading our code.
+Dataset paths are checked against the operator's data root separately (`resolve_dataset`), because the root is
+deployment configuration, not part of the spec.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Literal, Optional
+from urllib.parse import unquote, urlparse
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+MAX_SPEC_BYTES = 64 * 1024
+
+ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NolaSettings(_Strict):
+    num_basis: int = Field(64, ge=1, le=4096, description="random basis matrices per factor (k in NOLA)")
+    basis_seed: int = Field(0, ge=0, le=2**31 - 1, description="seed that generates the fixed random bases")
+
+
+class AdapterSpec(_Strict):
+    type: Literal["lora", "nola"] = "lora"
+    r: int = Field(16, ge=1, le=256)
+    lora_alpha: float = Field(32.0, gt=0, le=4096)
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: tuple[str, ...] = Field(ALL_PROJECTIONS, min_length=1, max_length=16)
+    nola: Optional[NolaSettings] = None
+
+    @field_validator("target_modules")
+    @classmethod
+    def _known_modules(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for name in value:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", name):
+                raise ValueError(f"not a module name: {name!r}")
+        if len(set(value)) != len(value):
+            raise ValueError("duplicate module names")
+        return value
+
+    @model_validator(mode="after")
+    def _nola_settings(self) -> "AdapterSpec":
+        if self.type == "lora" and self.nola is not None:
+            raise ValueError("'nola' settings are only allowed with type 'nola'")
+        if self.type == "nola" and self.nola is None:
+            object.__setattr__(self, "nola", NolaSettings())
+        return self
+
+
+class Hyperparameters(_Strict):
+    epochs: int = Field(1, ge=1, le=100)
+    max_steps: Optional[int] = Field(None, ge=1, le=1_000_000, description="stop after this many optimizer steps")
+    batch_size: int = Field(4, ge=1, le=512, description="sequences per micro-batch")
+    gradient_accumulation_steps: int = Field(1, ge=1, le=1024)
+    learning_rate: float = Field(2e-4, gt=0, le=1.0)
+    weight_decay: float = Field(0.0, ge=0, le=1.0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    adam_epsilon: float = Field(1e-8, gt=0, le=1e-2)
+    max_grad_norm: Optional[float] = Field(1.0, gt=0, le=1e6)
+    max_seq_len: int = Field(512, ge=8, le=32768)
+    warmup_steps: int = Field(0, ge=0, le=1_000_000)
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "linear"
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    checkpoint_every: int = Field(100, ge=1, le=1_000_000, description="optimizer steps between checkpoints")
+
+
+class JobSpec(_Strict):
+    name: str = Field("adapter", description="human name (PEFT-style suffix) of the adapter")
+    base_model: str = Field(..., min_length=1, max_length=512, description="local path or local-cache model id")
+    base_model_revision: Optional[str] = Field(None, max_length=128)
+    dataset: str = Field(..., min_length=1, max_length=1024, description="file:// URI or path under the data root")
+    validation_dataset: Optional[str] = Field(None, min_length=1, max_length=1024)
+    dataset_format: Literal["auto", "alpaca", "chat", "text"] = "auto"
+    adapter: AdapterSpec = AdapterSpec()
+    quantization: Literal["none", "nf4", "int8"] = "none"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="compute dtype; auto = bfloat16 on a GPU, float32 on a CPU"
+    )
+    hyperparameters: Hyperparameters = Hyperparameters()
+    priority: int = Field(5, ge=0, le=9, description="0 lowest, 9 highest")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _NAME_RE.fullmatch(value):
+            raise ValueError("use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+        return value
+
+    @field_validator("base_model", "dataset", "validation_dataset", "base_model_revision")
+    @classmethod
+    def _printable(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and (not value.isprintable() or "\x00" in value):
+            raise ValueError("must be printable text")
+        return value
+
+    def compatibility_key(self) -> str:
+        """Jobs with equal keys can share one frozen base in one cohort."""
+        return "|".join((self.base_model, self.base_model_revision or "", self.quantization, self.dtype))
+
+
+class SpecError(ValueError):
+    """A spec that cannot be accepted; the message names the offending field."""
+
+
+def _first_error(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        field = ".".join(str(p) for p in err["loc"]) or "spec"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        parts.append(f"{field}: {msg}")
+    return "invalid job spec: " + "; ".join(parts)
+
+
+def parse_spec(raw: object) -> JobSpec:
+    """Validate a spec given as a dict, JSON text or bytes; raise SpecError naming the field."""
+    if isinstance(raw, (bytes, bytearray)):
+        if len(raw) > MAX_SPEC_BYTES:
+            raise SpecError(f"invalid job spec: spec is {len(raw)} bytes, the limit is {MAX_SPEC_BYTES}")
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise SpecError(f"invalid job spec: not UTF-8 (byte {exc.start})") from None
+    if isinstance(raw, str):
+        if len(raw.encode("utf-8", "surrogatepass")) > MAX_SPEC_BYTES:
+            raise SpecError(f"invalid job spec: spec is larger than {MAX_SPEC_BYTES} bytes")
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise SpecError(f"invalid job spec: not JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"invalid job spec: expected a JSON object, got {type(raw).__name__}")
+    size = len(json.dumps(raw, default=str).encode("utf-8", "surrogatepass"))
+    if size > MAX_SPEC_BYTES:
+        raise SpecError(f"invalid job spec: spec is {size} bytes, the limit is {MAX_SPEC_BYTES}")
+    try:
+        return JobSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise SpecError(_first_error(exc)) from None
+
+
+def resolve_dataset(uri: str, data_root: str | os.PathLike, tenant: str, field: str = "dataset") -> Path:
+    """Map a dataset URI to a real file inside `data_root`, refusing anything that escapes it.
+
+    A tenant may read `data_root/<tenant>/...` and `data_root/shared/...`, never another tenant's area. The check is
+    done on the fully resolved path, so `..` and symlinks that point outside are both refused.
+    """
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("", "file"):
+        raise SpecError(f"invalid job spec: {field}: scheme {parsed.scheme!r} not supported (use file:// or a path)")
+    raw_path = unquote(parsed.path) if parsed.scheme == "file" else uri
+    if parsed.scheme == "file" and parsed.netloc not in ("", "localhost"):
+        raise SpecError(f"invalid job spec: {field}: file:// URIs must not name a host")
+    if ".." in Path(raw_path).parts:
+        raise SpecError(f"invalid job spec: {field}: '..' is not allowed in dataset paths")
+    root = Path(data_root).resolve()
+    candidate = Path(raw_path)
+    if not candidate.is_absolute():
+        candidate = root / candidate
+    resolved = candidate.resolve()
+    allowed = [root / tenant, root / "shared"]
+    if not any(resolved == area or area in resolved.parents for area in allowed):
+        raise SpecError(
+            f"invalid job spec: {field}: {uri!r} is outside your data areas "
+            f"({root / tenant} or {root / 'shared'})"
+        )
+    if not resolved.is_file():
+        raise SpecError(f"invalid job spec: {field}: no such file {uri!r}")
+    return resolved
