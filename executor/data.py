@@ -1,0 +1,368 @@
+"""Training data for one job: JSONL records → tokenised examples → shuffled micro-batches that resume exactly.
+
+Formats (one JSON object per line; blank lines are skipped; extra keys are ignored):
+
+- alpaca: `{"instruction": str, "input": str (optional, may be null or ""), "output": str}`, rendered with the
+  Alpaca prompt (`ALPACA_PROMPT` / `ALPACA_PROMPT_NO_INPUT`); the loss covers `output` + EOS.
+- chat: `{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}` with at least one assistant
+  turn; the loss covers every assistant turn. With a tokenizer chat template the conversation is rendered by
+  `apply_chat_template` and an assistant turn's target is what the template emits for it after the generation prompt
+  (its content and the template's own end-of-turn marker). Without a template the plain fallback format is
+  `"System: {content}\n\n"`, `"User: {content}\n\n"` and `"Assistant: "` + target `{content}<eos>`, turn after turn.
+- text: `{"text": str}`; the loss covers every token, and EOS is appended.
+
+Labels follow the Hugging Face convention: aligned with `input_ids`, -100 where there is no loss, and the loss at
+position t predicts `labels[t + 1]` (shift inside the loss). `labels[0]` is always -100, since nothing predicts the
+first token, so `Example.num_targets` is exactly the number of tokens the loss averages over.
+
+Truncation keeps the first `max_seq_len` tokens. An example whose targets all fall beyond the cut still counts (it
+keeps its place in the epoch) but has `num_targets == 0`, and a whole micro-batch can have zero targets: the caller
+must skip its loss rather than divide by zero.
+
+The file is indexed (byte offset of each non-blank line) at construction and the first record is parsed and
+tokenised then; every other line is parsed and tokenised when a batch first draws it, so a bad line fails the job at
+the step that reaches it with a `DataError` naming the file and the 1-based line number.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from array import array
+from dataclasses import dataclass
+from pathlib import Path
+
+IGNORE_INDEX = -100
+FORMATS = ("alpaca", "chat", "text")
+CHAT_ROLES = ("system", "user", "assistant")
+
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+FALLBACK_CHAT_HEADERS = {"system": "System: ", "user": "User: ", "assistant": "Assistant: "}
+
+# Tokenised examples are kept in memory (4 bytes a token) up to this many tokens; later ones are re-tokenised.
+CACHE_TOKEN_BUDGET = 32_000_000
+
+
+class DataError(ValueError):
+    """Unusable training data; the message names the file and, for a bad record, its 1-based line number."""
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+
+    @property
+    def num_targets(self) -> int:
+        return sum(1 for label in self.labels if label != IGNORE_INDEX)
+
+
+def _json_type(value: object) -> str:
+    if value is None:
+        return "null"
+    return {bool: "boolean", int: "number", float: "number", str: "string", list: "array", dict: "object"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def detect_format(record: dict) -> str:
+    """'alpaca', 'chat' or 'text', from which of `instruction`, `messages`, `text` the record has."""
+    if not isinstance(record, dict):
+        raise DataError(f"expected a JSON object, got {_json_type(record)}")
+    found = [fmt for fmt, key in (("alpaca", "instruction"), ("chat", "messages"), ("text", "text")) if key in record]
+    if not found:
+        keys = ", ".join(repr(key) for key in list(record)[:8]) or "none"
+        raise DataError(f"unknown format: expected an 'instruction', 'messages' or 'text' key (keys: {keys})")
+    if len(found) > 1:
+        raise DataError(f"ambiguous format: the record fits {' and '.join(found)}")
+    return found[0]
+
+
+def _string_field(record: dict, key: str, optional: bool = False) -> str:
+    if key not in record or (optional and record[key] is None):
+        if optional:
+            return ""
+        raise DataError(f"missing '{key}'")
+    value = record[key]
+    if not isinstance(value, str):
+        raise DataError(f"'{key}' must be a string, got {_json_type(value)}")
+    return value
+
+
+def _chat_messages(record: dict) -> list[dict]:
+    if "messages" not in record:
+        raise DataError("missing 'messages'")
+    messages = record["messages"]
+    if not isinstance(messages, list):
+        raise DataError(f"'messages' must be an array, got {_json_type(messages)}")
+    if not messages:
+        raise DataError("'messages' is empty")
+    clean = []
+    for number, message in enumerate(messages, start=1):
+        if not isinstance(message, dict):
+            raise DataError(f"message {number} must be an object, got {_json_type(message)}")
+        role = message.get("role")
+        if role not in CHAT_ROLES:
+            shown = repr(role) if isinstance(role, str) else _json_type(role)
+            raise DataError(f"message {number}: unknown role {shown} (use system, user or assistant)")
+        content = message.get("content")
+        if not isinstance(content, str):
+            raise DataError(f"message {number}: 'content' must be a string, got {_json_type(content)}")
+        clean.append({"role": role, "content": content})
+    if not any(message["role"] == "assistant" for message in clean):
+        raise DataError("no assistant message, so nothing to learn from")
+    return clean
+
+
+class _Tokenizing:
+    """Turns one validated record into (token ids, is-target) segments with a given tokenizer."""
+
+    def __init__(self, tokenizer):
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has no EOS token")
+        self.tokenizer = tokenizer
+        self.eos = [tokenizer.eos_token_id]
+        self.bos = self._bos_it_adds(tokenizer)
+        self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
+
+    @staticmethod
+    def _bos_it_adds(tokenizer) -> list[int]:
+        # Our own formats are tokenised piecewise without special tokens, so add BOS ourselves when the model expects it.
+        bos = tokenizer.bos_token_id
+        if bos is None:
+            return []
+        with_special = tokenizer("a")["input_ids"]
+        plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+        return [bos] if with_special[:1] == [bos] and plain[:1] != [bos] else []
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False) if text else []
+
+    def alpaca(self, record: dict) -> list[tuple[list[int], bool]]:
+        instruction = _string_field(record, "instruction")
+        context = _string_field(record, "input", optional=True)
+        output = _string_field(record, "output")
+        if context:
+            prompt = ALPACA_PROMPT.format(instruction=instruction, input=context)
+        else:
+            prompt = ALPACA_PROMPT_NO_INPUT.format(instruction=instruction)
+        return [(self.bos + self.encode(prompt), False), (self.encode(output) + self.eos, True)]
+
+    def text(self, record: dict) -> list[tuple[list[int], bool]]:
+        return [(self.bos + self.encode(_string_field(record, "text")) + self.eos, True)]
+
+    def chat(self, record: dict) -> list[tuple[list[int], bool]]:
+        messages = _chat_messages(record)
+        if self.has_chat_template:
+            return [(self.encode(text), is_target) for text, is_target in self._template_pieces(messages)]
+        segments = [(self.bos, False)]
+        for message in messages:
+            header = FALLBACK_CHAT_HEADERS[message["role"]]
+            if message["role"] == "assistant":
+                segments += [(self.encode(header), False), (self.encode(message["content"]) + self.eos, True)]
+            else:
+                segments.append((self.encode(f"{header}{message['content']}\n\n"), False))
+        return segments
+
+    def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        try:
+            return self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+        except Exception as exc:  # jinja templates raise whatever their authors chose (TemplateError, ValueError, ...)
+            raise DataError(f"the chat template rejects this conversation: {exc}") from None
+
+    def _template_pieces(self, messages: list[dict]) -> list[tuple[str, bool]]:
+        # Render growing prefixes of the conversation: the text each turn adds is its piece, and an assistant turn's
+        # target is what comes after the generation prompt. Needs a template that renders prefixes stably.
+        pieces = []
+        rendered = ""
+        for count, message in enumerate(messages, start=1):
+            if message["role"] == "assistant":
+                prompt = self._render(messages[: count - 1], add_generation_prompt=True)
+                pieces.append((self._extension(rendered, prompt), False))
+                rendered = prompt
+            full = self._render(messages[:count], add_generation_prompt=False)
+            pieces.append((self._extension(rendered, full), message["role"] == "assistant"))
+            rendered = full
+        return pieces
+
+    @staticmethod
+    def _extension(prefix: str, text: str) -> str:
+        if not text.startswith(prefix):
+            raise DataError(
+                "the chat template renders this conversation differently as it grows, "
+                "so the assistant turns cannot be located"
+            )
+        return text[len(prefix):]
+
+
+def _example(segments: list[tuple[list[int], bool]], max_seq_len: int) -> tuple[array, array]:
+    input_ids = array("i")
+    labels = array("i")
+    for ids, is_target in segments:
+        input_ids.extend(ids)
+        labels.extend(ids if is_target else [IGNORE_INDEX] * len(ids))
+    del input_ids[max_seq_len:], labels[max_seq_len:]
+    if labels:
+        labels[0] = IGNORE_INDEX
+    return input_ids, labels
+
+
+class JobData:
+    """One job's dataset: `next_batch()` yields shuffled micro-batches forever, epoch after epoch.
+
+    Epoch e visits every example once, in a permutation drawn from (seed, e) alone; the last micro-batch of an epoch
+    may be smaller. `state_dict()` is just (epoch, batch in epoch), so a resumed job draws the identical remaining
+    sequence.
+    """
+
+    def __init__(self, path, fmt: str, tokenizer, max_seq_len: int, batch_size: int, seed: int):
+        if fmt not in ("auto",) + FORMATS:
+            raise ValueError(f"unknown dataset format {fmt!r} (use auto, {', '.join(FORMATS)})")
+        if max_seq_len < 1 or batch_size < 1:
+            raise ValueError("max_seq_len and batch_size must be at least 1")
+        self.path = Path(path)
+        self.name = self.path.name
+        self.max_seq_len = max_seq_len
+        self.batch_size = batch_size
+        self.seed = seed
+        self._tokenizing = _Tokenizing(tokenizer)
+        self._line_numbers, self._offsets, self._lengths = self._index_lines()
+        self.num_examples = len(self._offsets)
+        self.steps_per_epoch = math.ceil(self.num_examples / batch_size)
+
+        self.fmt = fmt
+        if fmt == "auto":
+            self.fmt = self._at_line(0, lambda: detect_format(self._record(0)))
+        self._cache: dict[int, tuple[array, array]] = {}
+        self._cached_tokens = 0
+        self._example(0)
+
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self._order_epoch = -1
+        self._order: list[int] = []
+
+    def _index_lines(self) -> tuple[array, array, array]:
+        try:
+            handle = open(self.path, "rb")
+        except FileNotFoundError:
+            raise DataError(f"{self.name}: no such file") from None
+        except OSError as exc:
+            raise DataError(f"{self.name}: cannot read it ({exc.strerror})") from None
+        line_numbers, offsets, lengths = array("q"), array("q"), array("q")
+        offset = 0
+        with handle:
+            for line_number, line in enumerate(handle, start=1):
+                if line.strip():
+                    line_numbers.append(line_number)
+                    offsets.append(offset)
+                    lengths.append(len(line))
+                offset += len(line)
+        if offset == 0:
+            raise DataError(f"{self.name}: the file is empty")
+        if not offsets:
+            raise DataError(f"{self.name}: no examples (only blank lines)")
+        return line_numbers, offsets, lengths
+
+    def _at_line(self, index: int, work):
+        """Run `work()`, turning a DataError about one record into one that names the file and line."""
+        try:
+            return work()
+        except DataError as exc:
+            raise DataError(f"{self.name} line {self._line_numbers[index]}: {exc}") from None
+
+    def _record(self, index: int, handle=None) -> dict:
+        if handle is None:
+            with open(self.path, "rb") as handle:
+                return self._record(index, handle)
+        handle.seek(self._offsets[index])
+        raw = handle.read(self._lengths[index])
+        if len(raw) != self._lengths[index]:
+            raise DataError("the file changed since the job started (line is cut short)")
+        try:
+            text = raw.decode("utf-8-sig" if self._offsets[index] == 0 else "utf-8")
+        except UnicodeDecodeError as exc:
+            raise DataError(f"not valid UTF-8 (byte {exc.start + 1} of the line)") from None
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"invalid JSON: {exc.msg} (column {exc.colno})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"expected a JSON object, got {_json_type(record)}")
+        return record
+
+    def _tokenise(self, record: dict) -> tuple[array, array]:
+        try:
+            found = detect_format(record)
+        except DataError:
+            found = None  # let the format's own checks name the missing or ambiguous key
+        if found is not None and found != self.fmt:
+            raise DataError(f"a {found} record in a {self.fmt} dataset")
+        segments = getattr(self._tokenizing, self.fmt)(record)
+        return _example(segments, self.max_seq_len)
+
+    def _example(self, index: int, handle=None) -> Example:
+        cached = self._cache.get(index)
+        if cached is None:
+            cached = self._at_line(index, lambda: self._tokenise(self._record(index, handle)))
+            if self._cached_tokens + len(cached[0]) <= CACHE_TOKEN_BUDGET:
+                self._cache[index] = cached
+                self._cached_tokens += len(cached[0])
+        input_ids, labels = cached
+        return Example(input_ids=input_ids.tolist(), labels=labels.tolist())
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        if epoch != self._order_epoch:
+            # A string seed is hashed with SHA-512 by `random`, so the order is the same in every process.
+            self._order = list(range(self.num_examples))
+            random.Random(f"lorafleet-data/{self.seed}/{epoch}").shuffle(self._order)
+            self._order_epoch = epoch
+        return self._order
+
+    def next_batch(self) -> tuple[list[Example], int]:
+        """The next micro-batch and the 0-based epoch it belongs to; raises DataError for a bad line in it."""
+        epoch = self.epoch
+        start = self.batch_in_epoch * self.batch_size
+        indices = self._epoch_order(epoch)[start : start + self.batch_size]
+        if any(index not in self._cache for index in indices):
+            with open(self.path, "rb") as handle:
+                batch = [self._example(index, handle) for index in indices]
+        else:
+            batch = [self._example(index) for index in indices]
+        self.batch_in_epoch += 1
+        if self.batch_in_epoch == self.steps_per_epoch:
+            self.epoch, self.batch_in_epoch = epoch + 1, 0
+        return batch, epoch
+
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "num_examples": self.num_examples,
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, now in (("num_examples", self.num_examples), ("batch_size", self.batch_size), ("seed", self.seed)):
+            if state.get(key) != now:
+                raise DataError(
+                    f"{self.name}: cannot resume: {key} was {state.get(key)} when the state was saved, now {now}"
+                )
+        epoch, batch_in_epoch = state.get("epoch"), state.get("batch_in_epoch")
+        if not (isinstance(epoch, int) and epoch >= 0):
+            raise DataError(f"{self.name}: cannot resume: bad epoch {epoch!r}")
+        if not (isinstance(batch_in_epoch, int) and 0 <= batch_in_epoch < self.steps_per_epoch):
+            raise DataError(f"{self.name}: cannot resume: bad batch_in_epoch {batch_in_epoch!r}")
+        self.epoch, self.batch_in_epoch = epoch, batch_in_epoch

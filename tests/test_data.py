@@ -1,0 +1,320 @@
+"""Training data: formats, label masks, truncation, shuffling, exact resume and line-numbered errors."""
+
+from __future__ import annotations
+
+import json
+import random
+from importlib import resources
+
+import pytest
+import torch
+from helpers_models import alpaca_rows, build_tokenizer, write_jsonl
+
+from lorafleet.executor.data import (
+    ALPACA_PROMPT,
+    ALPACA_PROMPT_NO_INPUT,
+    IGNORE_INDEX,
+    DataError,
+    JobData,
+    detect_format,
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def plain_tokenizer():
+    """The same vocabulary without a chat template and without an automatic BOS."""
+    tok = build_tokenizer(bos=False)
+    tok.chat_template = None
+    return tok
+
+
+def target_spans(tokenizer, example) -> list[str]:
+    """Decoded runs of consecutive labelled tokens."""
+    spans, current = [], []
+    for token, label in zip(example.input_ids, example.labels):
+        if label == IGNORE_INDEX:
+            if current:
+                spans.append(current)
+            current = []
+        else:
+            assert label == token
+            current.append(token)
+    if current:
+        spans.append(current)
+    return [tokenizer.decode(span) for span in spans]
+
+
+def only_example(path, tokenizer, fmt="auto", max_seq_len=512):
+    data = JobData(path, fmt, tokenizer, max_seq_len=max_seq_len, batch_size=1, seed=0)
+    assert data.num_examples == 1
+    (example,), _ = data.next_batch()
+    assert len(example.input_ids) == len(example.labels)
+    assert example.labels[0] == IGNORE_INDEX
+    return data, example
+
+
+CHAT = {
+    "messages": [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "what is two plus two?"},
+        {"role": "assistant", "content": "four"},
+        {"role": "user", "content": "and the sea?"},
+        {"role": "assistant", "content": "blue sky"},
+    ]
+}
+
+
+def test_detect_format():
+    assert detect_format({"instruction": "a", "output": "b"}) == "alpaca"
+    assert detect_format({"messages": []}) == "chat"
+    assert detect_format({"text": "x", "id": 3}) == "text"
+    with pytest.raises(DataError, match="unknown format"):
+        detect_format({"prompt": "a"})
+    with pytest.raises(DataError, match="ambiguous"):
+        detect_format({"text": "a", "instruction": "b"})
+    with pytest.raises(DataError, match="JSON object"):
+        detect_format(["text"])
+
+
+@pytest.mark.parametrize("context", ["the sea", "", None])
+def test_alpaca_loss_is_exactly_the_output_and_eos(tmp_path, tokenizer, context):
+    row = {"instruction": "write a poem", "output": "the sky is blue"}
+    if context is not None:
+        row["input"] = context
+    data, example = only_example(write_jsonl(tmp_path / "a.jsonl", [row]), tokenizer)
+    assert data.fmt == "alpaca"
+    assert target_spans(tokenizer, example) == ["the sky is blue</s>"]
+    prompt = ALPACA_PROMPT.format(instruction="write a poem", input=context) if context else (
+        ALPACA_PROMPT_NO_INPUT.format(instruction="write a poem")
+    )
+    assert tokenizer.decode(example.input_ids) == "<s>" + prompt + "the sky is blue</s>"
+    assert example.num_targets == len(tokenizer.encode("the sky is blue", add_special_tokens=False)) + 1
+
+
+def test_text_loss_covers_every_predicted_token(tmp_path, tokenizer, plain_tokenizer):
+    path = write_jsonl(tmp_path / "t.jsonl", [{"text": "the quick brown fox"}])
+    _, example = only_example(path, tokenizer)
+    assert tokenizer.decode(example.input_ids) == "<s>the quick brown fox</s>"
+    assert example.labels[1:] == example.input_ids[1:]
+    # Without an automatic BOS the first text token is the one nothing predicts.
+    _, example = only_example(path, plain_tokenizer)
+    assert plain_tokenizer.decode(example.input_ids) == "the quick brown fox</s>"
+    assert example.labels[1:] == example.input_ids[1:]
+
+
+def test_chat_uses_the_template_and_learns_every_assistant_turn(tmp_path, tokenizer):
+    data, example = only_example(write_jsonl(tmp_path / "c.jsonl", [CHAT]), tokenizer)
+    assert data.fmt == "chat"
+    assert tokenizer.decode(example.input_ids) == tokenizer.apply_chat_template(CHAT["messages"], tokenize=False)
+    assert target_spans(tokenizer, example) == ["four</s>", "blue sky</s>"]
+
+
+def test_chat_fallback_format_without_a_template(tmp_path, plain_tokenizer):
+    _, example = only_example(write_jsonl(tmp_path / "c.jsonl", [CHAT]), plain_tokenizer)
+    assert plain_tokenizer.decode(example.input_ids) == (
+        "System: be brief\n\nUser: what is two plus two?\n\nAssistant: four</s>"
+        "User: and the sea?\n\nAssistant: blue sky</s>"
+    )
+    assert target_spans(plain_tokenizer, example) == ["four</s>", "blue sky</s>"]
+
+
+def test_chat_template_that_is_not_prefix_stable_is_refused(tmp_path):
+    tok = build_tokenizer()
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}|{% endfor %}{{ messages | length }}"
+    path = write_jsonl(tmp_path / "c.jsonl", [CHAT])
+    with pytest.raises(DataError, match="c.jsonl line 1: the chat template renders"):
+        JobData(path, "chat", tok, max_seq_len=512, batch_size=1, seed=0)
+
+
+def test_truncation_keeps_the_start_and_targetless_examples_still_count(tmp_path, tokenizer):
+    rows = [{"text": "the quick brown fox jumps over the lazy dog"}]
+    _, full = only_example(write_jsonl(tmp_path / "t.jsonl", rows), tokenizer)
+    _, cut = only_example(tmp_path / "t.jsonl", tokenizer, max_seq_len=5)
+    assert cut.input_ids == full.input_ids[:5] and cut.labels == full.labels[:5]
+
+    short = {"instruction": "a", "output": "b"}
+    _, short_example = only_example(write_jsonl(tmp_path / "s.jsonl", [short]), tokenizer)
+    fits = len(short_example.input_ids)
+    long_prompt = {"instruction": "write a short poem about the sea and the sky " * 4, "output": "four"}
+    path = write_jsonl(tmp_path / "a.jsonl", [long_prompt, short])
+    data = JobData(path, "alpaca", tokenizer, max_seq_len=fits, batch_size=2, seed=0)
+    batch, epoch = data.next_batch()
+    assert epoch == 0 and len(batch) == 2
+    assert all(len(example.input_ids) == fits for example in batch)
+    assert sorted(example.num_targets for example in batch) == [0, 2]  # "b" + EOS survives; "four" is cut off
+
+
+def drain(data: JobData, steps: int) -> list[tuple[int, tuple[tuple[int, ...], ...]]]:
+    """`steps` batches as (epoch, input ids of each example), comparable with ==."""
+    out = []
+    for _ in range(steps):
+        batch, epoch = data.next_batch()
+        out.append((epoch, tuple(tuple(example.input_ids) for example in batch)))
+    return out
+
+
+def ids_of(data: JobData) -> list[tuple[int, ...]]:
+    probe = JobData(data.path, data.fmt, build_tokenizer(), data.max_seq_len, batch_size=data.num_examples, seed=0)
+    return sorted(tuple(example.input_ids) for example in probe.next_batch()[0])
+
+
+def test_shuffle_is_deterministic_per_seed_and_epoch_and_visits_each_example_once(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "a.jsonl", alpaca_rows(10))
+    make = lambda seed: JobData(path, "auto", tokenizer, max_seq_len=512, batch_size=4, seed=seed)
+    data = make(7)
+    assert (data.num_examples, data.steps_per_epoch) == (10, 3)
+    run = drain(data, 9)
+    assert run == drain(make(7), 9)
+    assert run != drain(make(8), 9)
+
+    assert [epoch for epoch, _ in run] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert [len(batch) for _, batch in run] == [4, 4, 2] * 3
+    epochs = [[ids for _, batch in run[3 * e : 3 * e + 3] for ids in batch] for e in range(3)]
+    everything = ids_of(data)
+    assert all(sorted(order) == everything for order in epochs)
+    assert epochs[0] != epochs[1] and epochs[1] != epochs[2]
+
+
+def test_shuffle_leaves_the_global_rngs_alone(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "a.jsonl", alpaca_rows(6))
+    random.seed(1)
+    torch.manual_seed(1)
+    python_state, torch_state = random.getstate(), torch.get_rng_state()
+    drain(JobData(path, "auto", tokenizer, max_seq_len=512, batch_size=4, seed=0), 5)
+    assert random.getstate() == python_state
+    assert torch.equal(torch.get_rng_state(), torch_state)
+
+
+@pytest.mark.parametrize("stop_after", [0, 2, 3, 5])
+def test_resume_from_state_dict_draws_the_identical_remaining_sequence(tmp_path, tokenizer, stop_after):
+    path = write_jsonl(tmp_path / "a.jsonl", alpaca_rows(10))
+    make = lambda: JobData(path, "alpaca", tokenizer, max_seq_len=512, batch_size=3, seed=3)
+    uninterrupted = drain(make(), 12)
+
+    first = make()
+    before = drain(first, stop_after)
+    state = json.loads(json.dumps(first.state_dict()))  # survives a JSON round trip
+    resumed = make()
+    resumed.load_state_dict(state)
+    assert before + drain(resumed, 12 - stop_after) == uninterrupted
+
+
+def test_resume_refuses_a_different_dataset_or_batch_size(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "a.jsonl", alpaca_rows(10))
+    data = JobData(path, "alpaca", tokenizer, max_seq_len=512, batch_size=3, seed=3)
+    drain(data, 2)
+    state = data.state_dict()
+    with pytest.raises(DataError, match="batch_size was 3"):
+        JobData(path, "alpaca", tokenizer, max_seq_len=512, batch_size=4, seed=3).load_state_dict(state)
+    shorter = write_jsonl(tmp_path / "b.jsonl", alpaca_rows(9))
+    with pytest.raises(DataError, match="num_examples was 10"):
+        JobData(shorter, "alpaca", tokenizer, max_seq_len=512, batch_size=3, seed=3).load_state_dict(state)
+    with pytest.raises(DataError, match="batch_in_epoch"):
+        data.load_state_dict({**state, "batch_in_epoch": 4})
+
+
+GOOD = json.dumps({"instruction": "say hi", "output": "hi"}).encode()
+GOOD_CHAT = json.dumps(CHAT).encode()
+
+BAD_LINES = {
+    "not utf-8": (GOOD, b'{"instruction": "caf\xe9", "output": "x"}', "not valid UTF-8"),
+    "invalid json": (GOOD, b'{"instruction": "a", "output": ', "invalid JSON"),
+    "not an object": (GOOD, b'["instruction", "output"]', "expected a JSON object, got array"),
+    "missing output": (GOOD, b'{"instruction": "a"}', "missing 'output'"),
+    "output not a string": (GOOD, b'{"instruction": "a", "output": 4}', "'output' must be a string, got number"),
+    "input not a string": (GOOD, b'{"instruction": "a", "input": [], "output": "b"}', "'input' must be a string"),
+    "other format": (GOOD, b'{"text": "a"}', "a text record in a alpaca dataset"),
+    "unknown keys": (GOOD, b'{"prompt": "a"}', "missing 'instruction'"),
+    "unknown role": (
+        GOOD_CHAT,
+        b'{"messages": [{"role": "tool", "content": "a"}, {"role": "assistant", "content": "b"}]}',
+        "message 1: unknown role 'tool'",
+    ),
+    "messages not a list": (GOOD_CHAT, b'{"messages": "hi"}', "'messages' must be an array, got string"),
+    "content not a string": (
+        GOOD_CHAT,
+        b'{"messages": [{"role": "user", "content": null}]}',
+        "message 1: 'content' must be a string, got null",
+    ),
+    "no assistant turn": (GOOD_CHAT, b'{"messages": [{"role": "user", "content": "a"}]}', "no assistant message"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_LINES))
+def test_a_bad_line_fails_the_step_that_reaches_it_with_its_line_number(tmp_path, tokenizer, case):
+    good, bad, problem = BAD_LINES[case]
+    # Line 1 good, line 2 blank, line 3 bad, lines 4.. good: numbering counts the blank line.
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b"\n".join([good, b"", bad] + [good] * 6) + b"\n")
+    data = JobData(path, "auto", tokenizer, max_seq_len=128, batch_size=1, seed=5)
+    assert data.num_examples == 8
+    served = 0
+    with pytest.raises(DataError) as error:
+        while served < data.steps_per_epoch:
+            data.next_batch()
+            served += 1
+    assert str(error.value).startswith("train.jsonl line 3: ")
+    assert problem in str(error.value)
+    assert served < data.steps_per_epoch
+    with pytest.raises(DataError, match="line 3"):  # the failing step did not advance past the bad line
+        data.next_batch()
+
+
+def test_construction_fails_clearly_for_unusable_files(tmp_path, tokenizer):
+    def build(name, fmt="auto"):
+        return JobData(tmp_path / name, fmt, tokenizer, max_seq_len=512, batch_size=2, seed=0)
+
+    with pytest.raises(DataError, match="missing.jsonl: no such file"):
+        build("missing.jsonl")
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    with pytest.raises(DataError, match="empty.jsonl: the file is empty"):
+        build("empty.jsonl")
+    (tmp_path / "blank.jsonl").write_bytes(b"\n  \n\r\n")
+    with pytest.raises(DataError, match="blank.jsonl: no examples"):
+        build("blank.jsonl")
+    (tmp_path / "first.jsonl").write_bytes(b"\n" + b'{"question": "a"}\n' + GOOD + b"\n")
+    with pytest.raises(DataError, match="first.jsonl line 2: unknown format"):
+        build("first.jsonl")
+    write_jsonl(tmp_path / "alpaca.jsonl", [{"instruction": "a", "output": "b"}])
+    with pytest.raises(DataError, match="alpaca.jsonl line 1: a alpaca record in a chat dataset"):
+        build("alpaca.jsonl", fmt="chat")
+    with pytest.raises(ValueError, match="unknown dataset format"):
+        build("alpaca.jsonl", fmt="sharegpt")
+
+
+def test_windows_line_endings_and_a_byte_order_mark_are_fine(tmp_path, tokenizer):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + GOOD + b"\r\n" + GOOD + b"\r\n")
+    data = JobData(path, "auto", tokenizer, max_seq_len=512, batch_size=2, seed=0)
+    batch, _ = data.next_batch()
+    assert [target_spans(tokenizer, example) for example in batch] == [["hi</s>"], ["hi</s>"]]
+
+
+def test_examples_are_cached_after_first_use(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "a.jsonl", alpaca_rows(5))
+    data = JobData(path, "alpaca", tokenizer, max_seq_len=512, batch_size=2, seed=0)
+    first_epoch = drain(data, 3)
+    path.unlink()
+    second_epoch = drain(data, 3)
+    assert sorted(ids for _, batch in first_epoch for ids in batch) == sorted(
+        ids for _, batch in second_epoch for ids in batch
+    )
+    batch, _ = data.next_batch()
+    batch[0].input_ids.append(999)  # callers get copies, not the cache
+    assert 999 not in [ids[-1] for _, b in drain(data, 3) for ids in b]
+
+
+@pytest.mark.parametrize("name, fmt", [("alpaca_demo.jsonl", "alpaca"), ("chat_demo.jsonl", "chat")])
+def test_sample_datasets_load_completely(tokenizer, name, fmt):
+    sample = resources.files("lorafleet.scheduler") / "samples" / name
+    with resources.as_file(sample) as path:
+        data = JobData(path, "auto", tokenizer, max_seq_len=512, batch_size=8, seed=0)
+        assert data.fmt == fmt and data.num_examples >= 60
+        examples = [example for _ in range(data.steps_per_epoch) for example in data.next_batch()[0]]
+    assert len(examples) == data.num_examples
+    assert all(example.num_targets > 0 for example in examples)
