@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 from array import array
 from dataclasses import dataclass
@@ -48,8 +49,9 @@ ALPACA_PROMPT_NO_INPUT = (
 )
 FALLBACK_CHAT_HEADERS = {"system": "System: ", "user": "User: ", "assistant": "Assistant: "}
 
-# Tokenised examples are kept in memory (4 bytes a token) up to this many tokens; later ones are re-tokenised.
-CACHE_TOKEN_BUDGET = 32_000_000
+# Tokenised examples are kept in memory (8 bytes a token: id and label) up to this many tokens per job; examples
+# beyond it are re-read and re-tokenised each epoch.
+CACHE_TOKEN_BUDGET = 8_000_000
 
 
 class DataError(ValueError):
@@ -136,7 +138,7 @@ class _Tokenizing:
 
     @staticmethod
     def _bos_it_adds(tokenizer) -> list[int]:
-        # Our own formats are tokenised piecewise without special tokens, so add BOS ourselves when the model expects it.
+        # Our formats are tokenised piecewise without special tokens, so add BOS ourselves when the model expects it.
         bos = tokenizer.bos_token_id
         if bos is None:
             return []
@@ -273,7 +275,18 @@ class JobData:
             raise DataError(f"{self.name}: the file is empty")
         if not offsets:
             raise DataError(f"{self.name}: no examples (only blank lines)")
+        self._file_size = offset
         return line_numbers, offsets, lengths
+
+    def _open(self):
+        try:
+            handle = open(self.path, "rb")
+        except OSError as exc:
+            raise DataError(f"{self.name}: cannot read it any more ({exc.strerror})") from None
+        if os.fstat(handle.fileno()).st_size != self._file_size:
+            handle.close()
+            raise DataError(f"{self.name}: the file changed size since the job started")
+        return handle
 
     def _at_line(self, index: int, work):
         """Run `work()`, turning a DataError about one record into one that names the file and line."""
@@ -284,7 +297,7 @@ class JobData:
 
     def _record(self, index: int, handle=None) -> dict:
         if handle is None:
-            with open(self.path, "rb") as handle:
+            with self._open() as handle:
                 return self._record(index, handle)
         handle.seek(self._offsets[index])
         raw = handle.read(self._lengths[index])
@@ -298,8 +311,16 @@ class JobData:
             record = json.loads(text)
         except json.JSONDecodeError as exc:
             raise DataError(f"invalid JSON: {exc.msg} (column {exc.colno})") from None
+        except ValueError as exc:  # e.g. an integer too long to convert
+            raise DataError(f"invalid JSON: {exc}") from None
+        except RecursionError:
+            raise DataError("invalid JSON: nested too deeply") from None
         if not isinstance(record, dict):
             raise DataError(f"expected a JSON object, got {_json_type(record)}")
+        try:
+            json.dumps(record, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise DataError("a string holds an unpaired surrogate such as \\ud800 (not valid Unicode)") from None
         return record
 
     def _tokenise(self, record: dict) -> tuple[array, array]:
@@ -336,7 +357,7 @@ class JobData:
         start = self.batch_in_epoch * self.batch_size
         indices = self._epoch_order(epoch)[start : start + self.batch_size]
         if any(index not in self._cache for index in indices):
-            with open(self.path, "rb") as handle:
+            with self._open() as handle:
                 batch = [self._example(index, handle) for index in indices]
         else:
             batch = [self._example(index) for index in indices]

@@ -242,6 +242,10 @@ BAD_LINES = {
         "message 1: 'content' must be a string, got null",
     ),
     "no assistant turn": (GOOD_CHAT, b'{"messages": [{"role": "user", "content": "a"}]}', "no assistant message"),
+    "lone surrogate": (GOOD, b'{"instruction": "a\\ud800", "output": "b"}', "unpaired surrogate"),
+    "huge integer": (GOOD, b'{"instruction": "a", "output": "b", "id": ' + b"9" * 5000 + b"}", "invalid JSON"),
+    "deep nesting": (GOOD, b'{"instruction": "a", "output": "b", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+                     "nested too deeply"),
 }
 
 
@@ -318,3 +322,29 @@ def test_sample_datasets_load_completely(tokenizer, name, fmt):
         examples = [example for _ in range(data.steps_per_epoch) for example in data.next_batch()[0]]
     assert len(examples) == data.num_examples
     assert all(example.num_targets > 0 for example in examples)
+
+
+def test_chat_template_errors_and_end_of_turn_markers(tmp_path):
+    """A template's own end-of-turn text is the target's end; a template that refuses a role fails that line."""
+    tok = build_tokenizer()
+    tok.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
+        "<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    )
+    conversation = {"messages": CHAT["messages"][1:]}
+    data, example = only_example(write_jsonl(tmp_path / "c.jsonl", [conversation]), tok)
+    assert target_spans(tok, example) == ["four</s>\n", "blue sky</s>\n"]
+
+    write_jsonl(tmp_path / "s.jsonl", [conversation, CHAT])
+    data = JobData(tmp_path / "s.jsonl", "chat", tok, max_seq_len=512, batch_size=2, seed=0)
+    with pytest.raises(DataError, match="s.jsonl line 2: the chat template rejects this conversation: no system role"):
+        data.next_batch()
+
+
+def test_a_file_changed_under_a_running_job_is_reported(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "a.jsonl", alpaca_rows(4))
+    data = JobData(path, "alpaca", tokenizer, max_seq_len=512, batch_size=2, seed=0)
+    write_jsonl(path, alpaca_rows(5))
+    with pytest.raises(DataError, match="a.jsonl: the file changed size"):
+        data.next_batch()
