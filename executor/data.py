@@ -239,7 +239,7 @@ class JobData:
         self.batch_size = batch_size
         self.seed = seed
         self._tokenizing = _Tokenizing(tokenizer)
-        self._line_numbers, self._offsets, self._lengths = self._index_lines()
+        self._line_numbers, self._offsets, self._lengths, self._file_size = self._index_lines()
         self.num_examples = len(self._offsets)
         self.steps_per_epoch = math.ceil(self.num_examples / batch_size)
 
@@ -255,7 +255,7 @@ class JobData:
         self._order_epoch = -1
         self._order: list[int] = []
 
-    def _index_lines(self) -> tuple[array, array, array]:
+    def _index_lines(self) -> tuple[array, array, array, int]:
         try:
             handle = open(self.path, "rb")
         except FileNotFoundError:
@@ -275,8 +275,7 @@ class JobData:
             raise DataError(f"{self.name}: the file is empty")
         if not offsets:
             raise DataError(f"{self.name}: no examples (only blank lines)")
-        self._file_size = offset
-        return line_numbers, offsets, lengths
+        return line_numbers, offsets, lengths, offset
 
     def _open(self):
         try:
@@ -329,7 +328,7 @@ class JobData:
         except DataError:
             found = None  # let the format's own checks name the missing or ambiguous key
         if found is not None and found != self.fmt:
-            raise DataError(f"a {found} record in a {self.fmt} dataset")
+            raise DataError(f"record is in {found} format, but the dataset is {self.fmt}")
         segments = getattr(self._tokenizing, self.fmt)(record)
         return _example(segments, self.max_seq_len)
 

@@ -228,7 +228,7 @@ BAD_LINES = {
     "missing output": (GOOD, b'{"instruction": "a"}', "missing 'output'"),
     "output not a string": (GOOD, b'{"instruction": "a", "output": 4}', "'output' must be a string, got number"),
     "input not a string": (GOOD, b'{"instruction": "a", "input": [], "output": "b"}', "'input' must be a string"),
-    "other format": (GOOD, b'{"text": "a"}', "a text record in a alpaca dataset"),
+    "other format": (GOOD, b'{"text": "a"}', "record is in text format, but the dataset is alpaca"),
     "unknown keys": (GOOD, b'{"prompt": "a"}', "missing 'instruction'"),
     "unknown role": (
         GOOD_CHAT,
@@ -285,7 +285,7 @@ def test_construction_fails_clearly_for_unusable_files(tmp_path, tokenizer):
     with pytest.raises(DataError, match="first.jsonl line 2: unknown format"):
         build("first.jsonl")
     write_jsonl(tmp_path / "alpaca.jsonl", [{"instruction": "a", "output": "b"}])
-    with pytest.raises(DataError, match="alpaca.jsonl line 1: a alpaca record in a chat dataset"):
+    with pytest.raises(DataError, match="alpaca.jsonl line 1: record is in alpaca format, but the dataset is chat"):
         build("alpaca.jsonl", fmt="chat")
     with pytest.raises(ValueError, match="unknown dataset format"):
         build("alpaca.jsonl", fmt="sharegpt")
