@@ -1,11 +1,50 @@
 """lorafleet.kernels: the batched multi-adapter LoRA math, pure functions with PyTorch references.
 
 `lora_delta` is the one entry point the executor calls; it picks the Triton kernels on a GPU and the PyTorch
-reference elsewhere.
+reference elsewhere. `lora_delta_multi` serves projections that share their input (q/k/v, gate/up) with one shrink.
+Setting LORAFLEET_TRITON=1 together with TRITON_INTERPRET=1 (before triton is first imported) runs the Triton kernels
+on CPU tensors through Triton's interpreter, which is how CI checks them.
 """
 
-from lorafleet.kernels.reference import lora_delta_reference
+from __future__ import annotations
 
-lora_delta = lora_delta_reference
+import os
 
-__all__ = ["lora_delta", "lora_delta_reference"]
+import torch
+
+from lorafleet.kernels.reference import check_lora_inputs, lora_delta_reference
+
+try:
+    from lorafleet.kernels.segmented import lora_delta_multi_triton, lora_delta_triton
+except ImportError:  # no triton: the reference serves every device
+    lora_delta_triton = lora_delta_multi_triton = None
+
+
+def triton_enabled(x: torch.Tensor) -> bool:
+    if lora_delta_triton is None:
+        return False
+    if x.is_cuda:
+        return True
+    return os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("LORAFLEET_TRITON") == "1"
+
+
+def lora_delta(x, segments, lora_a, lora_b, scales, out=None):
+    """Segmented multi-adapter LoRA delta (contract in reference.py); with `out`, added into `out` in place."""
+    if triton_enabled(x):
+        return lora_delta_triton(x, segments, lora_a, lora_b, scales, out=out)
+    check_lora_inputs(x, segments, lora_a, lora_b, scales)
+    delta = lora_delta_reference(x, segments, lora_a, lora_b, scales)
+    return delta if out is None else out.add_(delta)
+
+
+def lora_delta_multi(x, segments, lora_as, lora_bs, scales, outs=None):
+    """One delta per projection p from lora_as[p] / lora_bs[p], all reading the same x (see segmented.py)."""
+    if triton_enabled(x):
+        return lora_delta_multi_triton(x, segments, lora_as, lora_bs, scales, outs=outs)
+    for lora_a, lora_b in zip(lora_as, lora_bs, strict=True):
+        check_lora_inputs(x, segments, lora_a, lora_b, scales)
+    deltas = [lora_delta_reference(x, segments, lora_a, lora_b, scales) for lora_a, lora_b in zip(lora_as, lora_bs)]
+    return deltas if outs is None else [out.add_(delta) for out, delta in zip(outs, deltas)]
+
+
+__all__ = ["lora_delta", "lora_delta_multi", "lora_delta_reference", "lora_delta_triton", "check_lora_inputs", "triton_enabled"]

@@ -30,3 +30,27 @@ def lora_delta_reference(
     if cursor < x.shape[0]:
         pieces.append(x.new_zeros(x.shape[0] - cursor, d_out))
     return torch.cat(pieces, dim=0) if pieces else x.new_zeros(x.shape[0], d_out)
+
+
+def check_lora_inputs(x, segments, lora_a, lora_b, scales) -> None:
+    """Raise ValueError naming the problem when the arguments break the `lora_delta` contract."""
+    if x.dim() != 2:
+        raise ValueError(f"x must be [T, d_in], got shape {tuple(x.shape)}")
+    n = len(segments)
+    if not (len(lora_a) == len(lora_b) == len(scales) == n):
+        raise ValueError(f"need one A, B and scale per segment: {n} segments, {len(lora_a)} A, {len(lora_b)} B, "
+                         f"{len(scales)} scales")
+    n_rows, d_in = x.shape
+    d_out = lora_b[0].shape[0] if n else 0
+    cursor_segments = sorted((int(s), int(e)) for s, e in segments)
+    for (start, end), (next_start, _) in zip(cursor_segments, cursor_segments[1:]):
+        if end > next_start:
+            raise ValueError(f"segments overlap: ({start}, {end}) and one starting at {next_start}")
+    for j, ((start, end), a, b) in enumerate(zip(segments, lora_a, lora_b)):
+        if not 0 <= start <= end <= n_rows:
+            raise ValueError(f"segment {j} = ({start}, {end}) is not a row range inside x with {n_rows} rows")
+        if a.dim() != 2 or a.shape[1] != d_in:
+            raise ValueError(f"lora_a[{j}] must be [r, {d_in}], got {tuple(a.shape)}")
+        if b.dim() != 2 or b.shape != (d_out, a.shape[0]):
+            raise ValueError(f"lora_b[{j}] must be [{d_out}, {a.shape[0]}] (d_out of lora_b[0], rank of lora_a[{j}]), "
+                             f"got {tuple(b.shape)}")

@@ -1,0 +1,247 @@
+"""Segmented multi-adapter LoRA on Triton: launch plans, autograd Functions and the public entry points.
+
+`lora_delta_triton` computes exactly `lora_delta_reference` (see reference.py) as two differentiable stages:
+
+    h = shrink(x, A)           h[t] = x[t] A_jᵀ              for t in segment j      [T, R]
+    y = expand(h, B, scale)    y[t] (+)= scale_j h[t] B_jᵀ                          [T, d_out]
+
+`lora_delta_multi` runs one shrink for several projections that read the same x (q/k/v, gate/up): their A's are
+concatenated along the rank, so x is read once, and each projection gets its own expand over its slice of h.
+Ranks are zero-padded per projection to R = max(16, next power of two of the largest rank); padded rows of A and
+columns of B are zero, so they add nothing and their gradients are dropped when the stacks are sliced back.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from lorafleet.kernels import triton_lora
+from lorafleet.kernels.reference import check_lora_inputs
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Row tiles (one adapter each) for shrink/expand and row chunks for the weight gradients, on the device."""
+
+    tiles: torch.Tensor  # int32 [3, n_tiles]: adapter, row start, row end
+    chunks: torch.Tensor  # int32 [3, n_chunks]: adapter, row start, row end
+    chunk_adapter: torch.Tensor  # int64 [n_chunks], for index_add_
+    scales: torch.Tensor  # float32 [n_adapters]
+    block_m: int
+    covers_all_rows: bool
+
+
+def _pick_block_m(covered_rows: int) -> int:
+    # Smaller row tiles for small token counts so that the grid still fills the GPU's 132 SMs a few times over.
+    if covered_rows >= 16384:
+        return 64
+    if covered_rows >= 4096:
+        return 32
+    return 16
+
+
+@functools.lru_cache(maxsize=512)
+def _plan(segments: tuple[tuple[int, int], ...], scales: tuple[float, ...], n_rows: int, device: torch.device) -> _Plan:
+    covered = sum(end - start for start, end in segments)
+    block_m = _pick_block_m(covered)
+    # Weight-gradient chunks: enough of them (about 16) that the reduction over rows runs in parallel, few enough
+    # that the fp32 partial sums stay small next to x.
+    chunk_rows = max(4 * block_m, -(-max(covered, 1) // 16 // block_m) * block_m)
+    tiles, chunks = [], []
+    for adapter, (start, end) in enumerate(segments):
+        tiles += [(adapter, row, min(row + block_m, end)) for row in range(start, end, block_m)]
+        chunks += [(adapter, row, min(row + chunk_rows, end)) for row in range(start, end, chunk_rows)]
+
+    def as_tensor(items):
+        return torch.tensor(items, dtype=torch.int32).reshape(-1, 3).t().contiguous().to(device)
+
+    chunk_tensor = as_tensor(chunks)
+    return _Plan(
+        tiles=as_tensor(tiles),
+        chunks=chunk_tensor,
+        chunk_adapter=chunk_tensor[0].long(),
+        scales=torch.tensor(scales, dtype=torch.float32).to(device),
+        block_m=block_m,
+        covers_all_rows=covered == n_rows,
+    )
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _shrink(x: torch.Tensor, w: torch.Tensor, w_strides: tuple[int, int, int], rank: int, plan: _Plan,
+            scales: torch.Tensor | None) -> torch.Tensor:
+    """h[t] = (scale_j) * x[t] @ W_j with W_j of shape [K, R] given by strides (adapter, k, r) over `w`."""
+    n_rows, k = x.shape
+    h = (torch.empty if plan.covers_all_rows else torch.zeros)(n_rows, rank, dtype=x.dtype, device=x.device)
+    n_tiles = plan.tiles.shape[1]
+    if n_tiles == 0:
+        return h
+    triton_lora._shrink_kernel[(n_tiles,)](
+        x, w, h, scales if scales is not None else plan.scales,
+        plan.tiles[0], plan.tiles[1], plan.tiles[2],
+        k,
+        x.stride(0), x.stride(1),
+        *w_strides,
+        h.stride(0), h.stride(1),
+        R=rank, BLOCK_M=plan.block_m, BLOCK_K=128 if rank <= 64 else 64,
+        HAS_SCALE=scales is not None, INPUT_PRECISION=_input_precision(x.dtype), DOT_FP32=triton_lora.INTERPRETED,
+        num_warps=4, num_stages=3,
+    )
+    return h
+
+
+def _expand(h: torch.Tensor, w: torch.Tensor, w_strides: tuple[int, int, int], n_cols: int, plan: _Plan,
+            scales: torch.Tensor | None, out: torch.Tensor | None) -> torch.Tensor:
+    """y[t] (+)= (scale_j) * h[t] @ V_j with V_j of shape [R, N] given by strides (adapter, r, n) over `w`."""
+    n_rows, rank = h.shape
+    if out is None:
+        out = (torch.empty if plan.covers_all_rows else torch.zeros)(n_rows, n_cols, dtype=h.dtype, device=h.device)
+        accumulate = False
+    else:
+        accumulate = True
+    n_tiles = plan.tiles.shape[1]
+    if n_tiles == 0:
+        return out
+    block_n = 128 if rank <= 64 else 64
+    triton_lora._expand_kernel[(triton.cdiv(n_cols, block_n), n_tiles)](
+        h, w, out, scales if scales is not None else plan.scales,
+        plan.tiles[0], plan.tiles[1], plan.tiles[2],
+        n_cols,
+        h.stride(0), h.stride(1),
+        *w_strides,
+        out.stride(0), out.stride(1),
+        R=rank, BLOCK_M=plan.block_m, BLOCK_N=block_n,
+        HAS_SCALE=scales is not None, ACCUMULATE=accumulate, INPUT_PRECISION=_input_precision(h.dtype), DOT_FP32=triton_lora.INTERPRETED,
+        num_warps=4, num_stages=2,
+    )
+    return out
+
+
+def _weight_grad(left: torch.Tensor, right: torch.Tensor, n_adapters: int, plan: _Plan) -> torch.Tensor:
+    """Per adapter j: leftᵀ[rows_j] @ right[rows_j], fp32 [n_adapters, R, N]; summed over row chunks."""
+    rank = left.shape[1]
+    n_cols = right.shape[1]
+    n_chunks = plan.chunks.shape[1]
+    grad = torch.zeros(n_adapters, rank, n_cols, dtype=torch.float32, device=left.device)
+    if n_chunks == 0:
+        return grad
+    partial = torch.empty(n_chunks, rank, n_cols, dtype=torch.float32, device=left.device)
+    block_n = 128 if rank <= 32 else 64
+    triton_lora._weight_grad_kernel[(triton.cdiv(n_cols, block_n), n_chunks)](
+        left, right, partial,
+        plan.chunks[1], plan.chunks[2],
+        n_cols,
+        left.stride(0), left.stride(1),
+        right.stride(0), right.stride(1),
+        partial.stride(0), partial.stride(1), partial.stride(2),
+        R=rank, BLOCK_M=64, BLOCK_N=block_n, INPUT_PRECISION=_input_precision(left.dtype), DOT_FP32=triton_lora.INTERPRETED,
+        num_warps=4 if rank <= 64 else 8, num_stages=3,
+    )
+    return grad.index_add_(0, plan.chunk_adapter, partial)
+
+
+class _SegmentedShrink(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, a_stack, plan):
+        ctx.save_for_backward(x, a_stack)
+        ctx.plan = plan
+        # a_stack [n, R, d_in] read as W_j = A_jᵀ [d_in, R].
+        return _shrink(x, a_stack, (a_stack.stride(0), a_stack.stride(2), a_stack.stride(1)), a_stack.shape[1],
+                       plan, None)
+
+    @staticmethod
+    def backward(ctx, grad_h):
+        x, a_stack = ctx.saved_tensors
+        plan = ctx.plan
+        grad_x = grad_a = None
+        if ctx.needs_input_grad[0]:
+            # dX[t] = dH[t] @ A_j, A_j [R, d_in] as stored.
+            grad_x = _expand(grad_h, a_stack, (a_stack.stride(0), a_stack.stride(1), a_stack.stride(2)),
+                             x.shape[1], plan, None, None)
+        if ctx.needs_input_grad[1]:
+            grad_a = _weight_grad(grad_h, x, a_stack.shape[0], plan).to(a_stack.dtype)
+        return grad_x, grad_a, None
+
+
+class _SegmentedExpand(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, b_stack, out, plan):
+        ctx.save_for_backward(h, b_stack)
+        ctx.plan = plan
+        if out is not None:
+            ctx.mark_dirty(out)
+        # b_stack [n, d_out, R] read as V_j = B_jᵀ [R, d_out].
+        return _expand(h, b_stack, (b_stack.stride(0), b_stack.stride(2), b_stack.stride(1)), b_stack.shape[1],
+                       plan, plan.scales, out)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        h, b_stack = ctx.saved_tensors
+        plan = ctx.plan
+        grad_h = grad_b = None
+        if ctx.needs_input_grad[0]:
+            # dH[t] = scale_j * dY[t] @ B_j, B_j [d_out, R] as stored.
+            grad_h = _shrink(grad_y, b_stack, (b_stack.stride(0), b_stack.stride(1), b_stack.stride(2)),
+                             b_stack.shape[2], plan, plan.scales)
+        if ctx.needs_input_grad[1]:
+            grad_bt = _weight_grad(h, grad_y, b_stack.shape[0], plan) * plan.scales[:, None, None]
+            grad_b = grad_bt.transpose(1, 2).to(b_stack.dtype)
+        return grad_h, grad_b, grad_y if ctx.needs_input_grad[2] else None, None
+
+
+def padded_rank(ranks: Sequence[int]) -> int:
+    return max(16, 1 << max(1, max(ranks, default=1) - 1).bit_length())
+
+
+def _stack_a(lora_a: Sequence[torch.Tensor], rank: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.stack([F.pad(a.to(dtype), (0, 0, 0, rank - a.shape[0])) for a in lora_a])
+
+
+def _stack_b(lora_b: Sequence[torch.Tensor], rank: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.stack([F.pad(b.to(dtype), (0, rank - b.shape[1])) for b in lora_b])
+
+
+def lora_delta_triton(x, segments, lora_a, lora_b, scales, out=None):
+    """`lora_delta_reference` on the Triton kernels; with `out`, the delta is added into `out` in place and `out` is
+    returned (the base layer's output, say)."""
+    return lora_delta_multi_triton(x, segments, [lora_a], [lora_b], scales, outs=None if out is None else [out])[0]
+
+
+def lora_delta_multi_triton(x, segments, lora_as, lora_bs, scales, outs=None):
+    """Deltas of several projections that share the input x, reading x once.
+
+    lora_as[p][j] / lora_bs[p][j]: adapter j's A [r_pj, d_in] and B [d_out_p, r_pj] of projection p (e.g. p = q, k, v);
+    scales[j]: adapter j's scale, the same for every projection. outs: optional list, one tensor per projection, into
+    which each delta is added in place. Returns one [T, d_out_p] tensor per projection.
+    """
+    for lora_a, lora_b in zip(lora_as, lora_bs, strict=True):
+        check_lora_inputs(x, segments, lora_a, lora_b, scales)
+    segments = tuple((int(s), int(e)) for s, e in segments)
+    if not segments:
+        deltas = [x.new_zeros(x.shape[0], 0) for _ in lora_as]
+        return deltas if outs is None else list(outs)
+    plan = _plan(segments, tuple(float(s) for s in scales), x.shape[0], x.device)
+    ranks = [padded_rank([a.shape[0] for a in lora_a]) for lora_a in lora_as]
+    a_stack = torch.cat([_stack_a(lora_a, rank, x.dtype) for lora_a, rank in zip(lora_as, ranks)], dim=1)
+    # tl.arange needs a power of two: q/k/v at r=16 shrink into 48 columns, padded to 64.
+    a_stack = F.pad(a_stack, (0, 0, 0, padded_rank([sum(ranks)]) - sum(ranks)))
+    h = _SegmentedShrink.apply(x, a_stack, plan)
+    deltas = []
+    offset = 0
+    for p, (lora_b, rank) in enumerate(zip(lora_bs, ranks)):
+        b_stack = _stack_b(lora_b, rank, x.dtype)
+        out = None if outs is None else outs[p]
+        deltas.append(_SegmentedExpand.apply(h[:, offset:offset + rank], b_stack, out, plan))
+        offset += rank
+    return deltas
+

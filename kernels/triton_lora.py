@@ -1,0 +1,139 @@
+"""Triton kernels for segmented multi-adapter LoRA.
+
+Every kernel walks a list of row tiles (or row chunks) that never cross a segment boundary, so each program works for
+exactly one adapter and reads that adapter's weights from a stacked, rank-padded tensor `[n_adapters, R, d]`.
+R is the padded rank (a power of two, at least 16, because `tl.dot` needs 16 along every dimension).
+
+- `shrink`:      h[t, :] = x[t] @ W_j (W_j viewed as [K, R])           forward x A_jᵀ, backward dY B_j
+- `expand`:      y[t, :] (+)= scale_j * h[t] @ V_j (V_j viewed as [R, N])   forward h B_jᵀ, backward dH A_j
+- `weight_grad`: partial[c] = left[rows_c]ᵀ @ right[rows_c]            dA_j = dHᵀ x, dB_jᵀ = hᵀ dY, per row chunk
+
+Strides are passed explicitly so one kernel serves both the forward and the transposed backward use of a weight.
+
+DOT_FP32 upcasts the operands of every `tl.dot` to fp32. Only the interpreter needs it: Triton 3.9's interpreter
+multiplies bf16 operands as raw integers in `tl.dot`. On the GPU the operands stay 16-bit (tensor cores, fp32 accumulate).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _shrink_kernel(
+    x_ptr, w_ptr, h_ptr, scale_ptr,
+    tile_adapter_ptr, tile_start_ptr, tile_end_ptr,
+    K,
+    stride_xm, stride_xk,
+    stride_wa, stride_wk, stride_wr,
+    stride_hm, stride_hr,
+    R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_SCALE: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    adapter = tl.load(tile_adapter_ptr + tile).to(tl.int64)
+    row_start = tl.load(tile_start_ptr + tile)
+    row_end = tl.load(tile_end_ptr + tile)
+    rows = row_start + tl.arange(0, BLOCK_M)
+    row_mask = rows < row_end
+    rows = rows.to(tl.int64)
+    ranks = tl.arange(0, R)
+    offs_k = tl.arange(0, BLOCK_K)
+    x_rows = x_ptr + rows[:, None] * stride_xm
+    w_base = w_ptr + adapter * stride_wa + ranks[None, :] * stride_wr
+    acc = tl.zeros((BLOCK_M, R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + offs_k
+        k_mask = k < K
+        x_tile = tl.load(x_rows + k[None, :] * stride_xk, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w_tile = tl.load(w_base + k[:, None] * stride_wk, mask=k_mask[:, None], other=0.0)
+        if DOT_FP32:
+            x_tile = x_tile.to(tl.float32)
+            w_tile = w_tile.to(tl.float32)
+        acc = tl.dot(x_tile, w_tile, acc, input_precision=INPUT_PRECISION)
+    if HAS_SCALE:
+        acc = acc * tl.load(scale_ptr + adapter)
+    h_ptrs = h_ptr + rows[:, None] * stride_hm + ranks[None, :] * stride_hr
+    tl.store(h_ptrs, acc.to(h_ptr.dtype.element_ty), mask=row_mask[:, None])
+
+
+@triton.jit
+def _expand_kernel(
+    h_ptr, w_ptr, y_ptr, scale_ptr,
+    tile_adapter_ptr, tile_start_ptr, tile_end_ptr,
+    N,
+    stride_hm, stride_hr,
+    stride_wa, stride_wr, stride_wn,
+    stride_ym, stride_yn,
+    R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_SCALE: tl.constexpr, ACCUMULATE: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    # Axis 0 walks the output columns so that the programs sharing one h tile run together (h stays in L2).
+    pid_n = tl.program_id(0)
+    tile = tl.program_id(1)
+    adapter = tl.load(tile_adapter_ptr + tile).to(tl.int64)
+    row_start = tl.load(tile_start_ptr + tile)
+    row_end = tl.load(tile_end_ptr + tile)
+    rows = row_start + tl.arange(0, BLOCK_M)
+    row_mask = rows < row_end
+    rows = rows.to(tl.int64)
+    ranks = tl.arange(0, R)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    h_tile = tl.load(h_ptr + rows[:, None] * stride_hm + ranks[None, :] * stride_hr, mask=row_mask[:, None], other=0.0)
+    w_tile = tl.load(
+        w_ptr + adapter * stride_wa + ranks[:, None] * stride_wr + cols[None, :] * stride_wn,
+        mask=col_mask[None, :], other=0.0,
+    )
+    if DOT_FP32:
+        h_tile = h_tile.to(tl.float32)
+        w_tile = w_tile.to(tl.float32)
+    acc = tl.dot(h_tile, w_tile, input_precision=INPUT_PRECISION)
+    if HAS_SCALE:
+        acc = acc * tl.load(scale_ptr + adapter)
+    y_ptrs = y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn
+    mask = row_mask[:, None] & col_mask[None, :]
+    if ACCUMULATE:
+        acc += tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _weight_grad_kernel(
+    left_ptr, right_ptr, partial_ptr,
+    chunk_start_ptr, chunk_end_ptr,
+    N,
+    stride_lm, stride_lr,
+    stride_rm, stride_rn,
+    stride_pc, stride_pr, stride_pn,
+    R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    chunk = tl.program_id(1)
+    row_start = tl.load(chunk_start_ptr + chunk)
+    row_end = tl.load(chunk_end_ptr + chunk)
+    ranks = tl.arange(0, R)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    offs_m = tl.arange(0, BLOCK_M)
+    acc = tl.zeros((R, BLOCK_N), dtype=tl.float32)
+    for m0 in range(row_start, row_end, BLOCK_M):
+        rows = m0 + offs_m
+        row_mask = rows < row_end
+        rows = rows.to(tl.int64)
+        left = tl.load(left_ptr + rows[:, None] * stride_lm + ranks[None, :] * stride_lr, mask=row_mask[:, None], other=0.0)
+        right = tl.load(
+            right_ptr + rows[:, None] * stride_rm + cols[None, :] * stride_rn,
+            mask=row_mask[:, None] & col_mask[None, :], other=0.0,
+        )
+        if DOT_FP32:
+            left = left.to(tl.float32)
+            right = right.to(tl.float32)
+        acc = tl.dot(tl.trans(left), right, acc, input_precision=INPUT_PRECISION)
+    p_ptrs = partial_ptr + chunk.to(tl.int64) * stride_pc + ranks[:, None] * stride_pr + cols[None, :] * stride_pn
+    tl.store(p_ptrs, acc, mask=col_mask[None, :])
+
+
+INTERPRETED = type(_shrink_kernel).__name__ == "InterpretedFunction"
