@@ -1,0 +1,77 @@
+"""A job's checkpoint directory: a PEFT adapter anyone can load, plus the state to resume training exactly.
+
+    adapter_config.json          PEFT LoraConfig (NOLA adapters are exported as the LoRA A/B they compute)
+    adapter_model.safetensors    base_model.model.<module>.lora_{A,B}.weight, fp32
+    training_state.pt            step counters, adapter parameters, optimizer + scheduler, data cursor, dropout RNG
+
+Each file is written under a temporary name and renamed, so a crash mid-write never leaves a torn file behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from peft import LoraConfig
+from safetensors.torch import load_file, save_file
+
+from lorafleet.executor.adapters import Adapter
+from lorafleet.scheduler.spec import JobSpec
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+TRAINING_STATE = "training_state.pt"
+STATE_FORMAT = 1
+
+
+def peft_key(module_name: str, factor: str) -> str:
+    return f"base_model.model.{module_name}.lora_{factor}.weight"
+
+
+def _replace(path: Path, write) -> None:
+    partial = path.with_name(path.name + ".partial")
+    write(partial)
+    os.replace(partial, path)
+
+
+def save_peft_adapter(directory: Path, adapter: Adapter, base_model_path: str) -> None:
+    spec = adapter.spec
+    config = LoraConfig(
+        r=spec.r,
+        lora_alpha=spec.lora_alpha,
+        lora_dropout=spec.lora_dropout,
+        target_modules=list(spec.target_modules),
+        task_type="CAUSAL_LM",
+        bias="none",
+        base_model_name_or_path=str(base_model_path),
+    )
+    tensors = {}
+    for name, (a, b) in adapter.lora_weights().items():
+        tensors[peft_key(name, "A")] = a.float().cpu().contiguous()
+        tensors[peft_key(name, "B")] = b.float().cpu().contiguous()
+    _replace(directory / ADAPTER_WEIGHTS, lambda path: save_file(tensors, str(path), metadata={"format": "pt"}))
+    fields = {key: sorted(value) if isinstance(value, set) else value for key, value in config.to_dict().items()}
+    _replace(directory / ADAPTER_CONFIG, lambda path: path.write_text(json.dumps(fields, indent=2, sort_keys=True)))
+
+
+def load_peft_weights(directory: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(directory) / ADAPTER_WEIGHTS))
+
+
+def save_training_state(directory: Path, state: dict) -> None:
+    _replace(directory / TRAINING_STATE, lambda path: torch.save({"format": STATE_FORMAT, **state}, path))
+
+
+def load_training_state(directory: Path, spec: JobSpec) -> dict:
+    """Read a job's training state, refusing one saved for a different spec (it would not resume the same run)."""
+    path = Path(directory) / TRAINING_STATE
+    if not path.is_file():
+        raise FileNotFoundError(f"cannot resume: no {TRAINING_STATE} in {directory}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("format") != STATE_FORMAT:
+        raise ValueError(f"cannot resume: {path} has state format {state.get('format')}, expected {STATE_FORMAT}")
+    if state["spec"] != spec.model_dump_json():
+        raise ValueError(f"cannot resume: {path} was saved for a different job spec")
+    return state

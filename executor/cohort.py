@@ -1,0 +1,253 @@
+"""The cohort: one frozen base, many jobs, one forward and one backward per step.
+
+Each step every active job draws its own micro-batch; all their sequences are packed back to back into one row
+(no padding; attention stays within each sequence; positions restart per sequence). Every job's loss is the mean
+over its own target tokens, exactly what training it alone computes; the cohort loss is their sum, so one backward
+gives every job the gradient it would get alone. Then each job's own optimizer steps (when its gradient
+accumulation is full), clipped by its own norm.
+
+A job whose data fails, or whose loss or gradient norm is not finite, is failed alone: its adapter is detached before
+its weights change, and nothing of it can reach the other jobs (their rows never meet its rows: attention is per
+sequence, everything else is per row). A finished job reports done=True and stops drawing batches; the executor
+checkpoints and removes it.
+
+    cohort = Cohort("/models/llama", quantization="none", dtype="auto", device="cpu")
+    cohort.add_job("job-1", spec, "/data/job-1.jsonl")
+    while cohort.active_jobs():
+        results = cohort.step()          # job id -> StepResult
+    cohort.checkpoint("job-1", "/ckpt/job-1")
+    cohort.remove_job("job-1")
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lorafleet.executor.adapters import Adapter, build_adapter
+from lorafleet.executor.checkpoint import load_training_state, save_peft_adapter, save_training_state
+from lorafleet.executor.data import IGNORE_INDEX, DataError, Example, JobData
+from lorafleet.executor.model import load_base, packing_kwargs
+from lorafleet.executor.multilora import MultiLoraLinear, RowRouting, wrap_targets
+from lorafleet.executor.optim import JobOptimizer, NonFiniteGradients
+from lorafleet.scheduler.spec import JobSpec
+
+
+@dataclass
+class StepResult:
+    loss: float | None  # mean over this micro-batch's target tokens; None when the job failed before its forward
+    tokens: int  # target tokens the loss averaged over
+    lr: float
+    grad_norm: float | None  # pre-clip norm, set on the steps where the optimizer stepped
+    step: int  # optimizer steps done
+    total_steps: int
+    done: bool
+    error: str | None = None
+
+
+@dataclass
+class Job:
+    job_id: str
+    spec: JobSpec
+    adapter: Adapter
+    layers: list[MultiLoraLinear]
+    optimizer: JobOptimizer
+    data: JobData
+    micro_batch_limit: int
+    total_steps: int
+    step: int = 0
+    micro_batches: int = 0
+    accumulated: int = 0
+    done: bool = False
+    error: str | None = None
+
+    @property
+    def active(self) -> bool:
+        return not self.done and self.error is None
+
+    @property
+    def accumulation(self) -> int:
+        return self.spec.hyperparameters.gradient_accumulation_steps
+
+    def result(self, loss=None, tokens=0, grad_norm=None, lr=None) -> StepResult:
+        lr = self.optimizer.lr if lr is None else lr
+        return StepResult(loss, tokens, lr, grad_norm, self.step, self.total_steps, self.done, self.error)
+
+
+@dataclass
+class PackedBatch:
+    input_ids: torch.Tensor  # [1, T]
+    targets: torch.Tensor  # [T], the token each position predicts; IGNORE_INDEX at the end of every sequence
+    sequence_lengths: list[int]
+    rows: dict[str, tuple[int, int]]  # job id -> its rows
+    num_targets: dict[str, int]
+
+
+def pack(batches: dict[str, list[Example]], device) -> PackedBatch:
+    """Lay every job's sequences back to back; targets are shifted within each sequence, never across two."""
+    ids, targets, lengths, rows, num_targets = [], [], [], {}, {}
+    for job_id, examples in batches.items():
+        start = len(ids)
+        for example in examples:
+            if example.input_ids:
+                ids += example.input_ids
+                targets += example.labels[1:] + [IGNORE_INDEX]
+                lengths.append(len(example.input_ids))
+        rows[job_id] = (start, len(ids))
+        num_targets[job_id] = sum(1 for t in targets[start:] if t != IGNORE_INDEX)
+    return PackedBatch(
+        torch.tensor([ids], device=device), torch.tensor(targets, device=device), lengths, rows, num_targets
+    )
+
+
+class Cohort:
+    def __init__(self, base_model_path, quantization: str = "none", dtype: str = "auto", device: str = "cpu"):
+        self.base_model_path = str(base_model_path)
+        self.quantization, self.dtype = quantization, dtype
+        self.model, self.tokenizer = load_base(base_model_path, quantization, dtype, device)
+        self.device = self.model.device
+        self.routing = RowRouting()
+        self.jobs: dict[str, Job] = {}
+
+    def active_jobs(self) -> list[str]:
+        return [job_id for job_id, job in self.jobs.items() if job.active]
+
+    def add_job(self, job_id: str, spec: JobSpec, dataset_path, resume_from: Path | None = None) -> None:
+        """Attach a new adapter (PEFT's init from the job's seed, or the state in `resume_from`) between steps.
+
+        Raises ValueError for a job that cannot share this base (or an unknown target module), DataError for
+        unreadable data, FileNotFoundError/ValueError for an unusable `resume_from`.
+        """
+        if job_id in self.jobs:
+            raise ValueError(f"job {job_id!r} is already in this cohort")
+        if (spec.quantization, spec.dtype) != (self.quantization, self.dtype):
+            raise ValueError(
+                f"job {job_id!r} wants quantization={spec.quantization} dtype={spec.dtype}; this cohort runs "
+                f"quantization={self.quantization} dtype={self.dtype}"
+            )
+        hp = spec.hyperparameters
+        data = JobData(dataset_path, spec.dataset_format, self.tokenizer, hp.max_seq_len, hp.batch_size, hp.seed)
+        layers = wrap_targets(self.model, spec.adapter.target_modules, self.routing)
+        shapes = {name: (layer.in_features, layer.out_features) for name, layer in layers.items()}
+        adapter = build_adapter(spec.adapter, shapes, hp.seed).to(self.device)
+        if hp.max_steps is not None:
+            micro_batch_limit = hp.max_steps * hp.gradient_accumulation_steps
+        else:
+            micro_batch_limit = data.steps_per_epoch * hp.epochs
+        total_steps = math.ceil(micro_batch_limit / hp.gradient_accumulation_steps)
+        optimizer = JobOptimizer(list(adapter.parameters()), hp, total_steps)
+        job = Job(job_id, spec, adapter, list(layers.values()), optimizer, data, micro_batch_limit, total_steps)
+        if resume_from is not None:
+            self._restore(job, load_training_state(resume_from, spec))
+        for layer in job.layers:
+            layer.adapters[job_id] = adapter
+        self.jobs[job_id] = job
+
+    def remove_job(self, job_id: str) -> None:
+        job = self.jobs.pop(job_id)
+        self._detach(job)
+
+    def step(self) -> dict[str, StepResult]:
+        """One cohort step: each active job contributes one micro-batch; returns job id -> StepResult."""
+        results: dict[str, StepResult] = {}
+        batches = {}
+        for job in (self.jobs[job_id] for job_id in self.active_jobs()):
+            try:
+                batches[job.job_id], _epoch = job.data.next_batch()
+            except DataError as exc:
+                results[job.job_id] = self._fail(job, f"data error at step {job.step + 1}: {exc}")
+        if not batches:
+            return results
+        batch = pack(batches, self.device)
+        self.routing.segments = batch.rows
+        try:
+            kwargs = packing_kwargs(batch.sequence_lengths, self.device)
+            logits = self.model(batch.input_ids, use_cache=False, **kwargs).logits[0]
+        finally:
+            self.routing.segments = {}
+        token_losses = F.cross_entropy(logits.float(), batch.targets, ignore_index=IGNORE_INDEX, reduction="none")
+        losses = {job_id: token_losses[s:e].sum() / max(1, batch.num_targets[job_id]) for job_id, (s, e) in batch.rows.items()}
+        finite = {job_id: loss for job_id, loss in losses.items() if torch.isfinite(loss)}
+        if finite:
+            sum(loss / self.jobs[job_id].accumulation for job_id, loss in finite.items()).backward()
+        for job_id, loss in losses.items():
+            job = self.jobs[job_id]
+            if job_id not in finite:
+                results[job_id] = self._fail(job, f"loss is {loss.item()} at step {job.step + 1}")
+            else:
+                results[job_id] = self._after_backward(job, loss.item(), batch.num_targets[job_id])
+        return results
+
+    def _after_backward(self, job: Job, loss: float, tokens: int) -> StepResult:
+        job.micro_batches += 1
+        job.accumulated += 1
+        if job.accumulated < job.accumulation and job.micro_batches < job.micro_batch_limit:
+            return job.result(loss, tokens)
+        lr = job.optimizer.lr
+        try:
+            grad_norm = job.optimizer.step()
+        except NonFiniteGradients as exc:
+            return self._fail(job, f"{exc} at step {job.step + 1}", loss, tokens)
+        job.step += 1
+        job.accumulated = 0
+        job.done = job.step >= job.total_steps
+        return job.result(loss, tokens, grad_norm, lr)
+
+    def _fail(self, job: Job, error: str, loss=None, tokens=0) -> StepResult:
+        job.error = f"job {job.job_id} failed: {error}"
+        job.optimizer.zero_grad()
+        self._detach(job)
+        return job.result(loss, tokens)
+
+    def _detach(self, job: Job) -> None:
+        for layer in job.layers:
+            layer.adapters.pop(job.job_id, None)
+
+    @torch.no_grad()
+    def logits(self, job_id: str, input_ids: list[int]) -> torch.Tensor:
+        """Next-token logits [T, vocab] of one sequence through the base plus this job's adapter (no dropout)."""
+        job = self.jobs[job_id]
+        job.adapter.eval()
+        self.routing.segments = {job_id: (0, len(input_ids))}
+        try:
+            kwargs = packing_kwargs([len(input_ids)], self.device)
+            return self.model(torch.tensor([input_ids], device=self.device), use_cache=False, **kwargs).logits[0]
+        finally:
+            self.routing.segments = {}
+            job.adapter.train()
+
+    def checkpoint(self, job_id: str, directory) -> Path:
+        """Write the job's PEFT adapter and training state into `directory` (created if needed); return it."""
+        job = self.jobs[job_id]
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_peft_adapter(directory, job.adapter, self.base_model_path)
+        save_training_state(
+            directory,
+            {
+                "spec": job.spec.model_dump_json(),
+                "step": job.step,
+                "micro_batches": job.micro_batches,
+                "accumulated": job.accumulated,
+                "adapter": job.adapter.state_dict(),
+                "adapter_rng": job.adapter.extra_state(),
+                "pending_grads": [p.grad for p in job.adapter.parameters()],
+                "optimizer": job.optimizer.state_dict(),
+                "data": job.data.state_dict(),
+            },
+        )
+        return directory
+
+    def _restore(self, job: Job, state: dict) -> None:
+        job.step, job.micro_batches, job.accumulated = state["step"], state["micro_batches"], state["accumulated"]
+        job.done = job.step >= job.total_steps
+        job.adapter.load_state_dict(state["adapter"])
+        job.adapter.load_extra_state(state["adapter_rng"])
+        for param, grad in zip(job.adapter.parameters(), state["pending_grads"]):
+            param.grad = None if grad is None else grad.to(param.device)
+        job.optimizer.load_state_dict(state["optimizer"])
+        job.data.load_state_dict(state["data"])

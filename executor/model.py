@@ -1,0 +1,107 @@
+"""Load the frozen base once, and the packed-sequence attention the cohort batch needs.
+
+The cohort batch is one row (batch dim 1) holding every sequence of every job back to back. Attention must stay
+inside each sequence, so the model runs with our own attention implementation, `packed_attention`, which attends
+per sequence given the sequence boundaries (`cu_seq_lens_q`, the flash-attention varlen convention that
+`transformers` forwards to the attention function). Besides being exact, attending per sequence keeps one job's rows
+from ever touching another's: a NaN in one job cannot leak into the others through a masked-out attention product.
+The GPU path (flash varlen / flex) replaces `packed_attention` alone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers.masking_utils import AttentionMaskInterface
+from transformers.modeling_utils import AttentionInterface
+
+PACKED_ATTENTION = "lorafleet_packed"
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def packed_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None, **kwargs):
+    """Causal attention within each packed sequence. query [1, H, T, D], key/value [1, H_kv, T, D] -> [1, T, H, D]."""
+    boundaries = kwargs["cu_seq_lens_q"].tolist()
+    groups = query.shape[1] // key.shape[1]
+    outputs = []
+    for start, end in zip(boundaries[:-1], boundaries[1:]):
+        q, k, v = query[:, :, start:end], key[:, :, start:end], value[:, :, start:end]
+        if groups > 1:
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        length = end - start
+        if sliding_window is not None and length > sliding_window:
+            rows = torch.arange(length, device=q.device)
+            offset = rows[:, None] - rows[None, :]
+            window_mask = (offset >= 0) & (offset < sliding_window)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=window_mask, scale=scaling)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling)
+        outputs.append(out)
+    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(PACKED_ATTENTION, packed_attention)
+# The sequence boundaries are the whole mask; telling transformers so keeps it from building a [T, T] mask.
+AttentionMaskInterface.register(PACKED_ATTENTION, lambda *args, **kwargs: None)
+
+
+def packing_kwargs(sequence_lengths: list[int], device) -> dict:
+    """Model inputs that describe a packed row: positions restart at 0 in each sequence, plus the boundaries."""
+    boundaries = torch.tensor([0, *sequence_lengths], device=device).cumsum(0)
+    position_ids = torch.cat([torch.arange(n, device=device) for n in sequence_lengths]).unsqueeze(0)
+    return {"position_ids": position_ids, "cu_seq_lens_q": boundaries, "cu_seq_lens_k": boundaries}
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but CUDA is not available")
+    return device
+
+
+def compute_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """'auto' means bf16 on a GPU and fp32 on the CPU."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; expected 'auto' or one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def quantization_config(quantization: str, dtype: torch.dtype) -> BitsAndBytesConfig | None:
+    if quantization == "none":
+        return None
+    if quantization == "nf4":
+        return BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True
+        )
+    if quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise ValueError(f"unknown quantization {quantization!r}; expected 'none', 'nf4' or 'int8'")
+
+
+def load_base(path: str | Path, quantization: str = "none", dtype: str = "auto", device: str = "cpu"):
+    """Load a causal LM and its tokenizer from a local directory, frozen and in eval mode (no base dropout)."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"base model {str(path)!r}: no config.json there (expected a local model directory)")
+    device = resolve_device(device)
+    dtype_ = compute_dtype(dtype, device)
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        dtype=dtype_,
+        attn_implementation=PACKED_ATTENTION,
+        quantization_config=quantization_config(quantization, dtype_),
+        device_map={"": device} if quantization != "none" else None,
+        local_files_only=True,
+    )
+    if quantization == "none":
+        model.to(device)
+    model.requires_grad_(False)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return model, tokenizer

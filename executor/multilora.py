@@ -1,0 +1,109 @@
+"""The multi-adapter layer: a frozen base linear plus the LoRA deltas of every job that targets it.
+
+In a packed cohort batch job j owns a contiguous run of rows; the layer computes
+
+    y = base(x) + lora_delta(dropped_x, segments, As, Bs, scales)
+
+over the jobs that target it (a job that does not target this layer simply has no segment here). Which rows
+belong to which job is one `RowRouting` object shared by every layer, set by the cohort before each forward. The
+layer holds references to the jobs' adapters, never their parameters, so jobs join and leave without touching the
+model's own state.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lorafleet.executor.adapters import Adapter
+from lorafleet.kernels import lora_delta
+
+
+class RowRouting:
+    """Job id -> (start, end) rows of the flattened packed batch, for the forward under way."""
+
+    def __init__(self):
+        self.segments: dict[str, tuple[int, int]] = {}
+
+
+class MultiLoraLinear(nn.Module):
+    def __init__(self, base: nn.Module, name: str, routing: RowRouting):
+        super().__init__()
+        self.base = base
+        self.name = name
+        self.routing = routing
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+        self.adapters: dict[str, Adapter] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        jobs = [job for job in self.routing.segments if job in self.adapters]
+        if not jobs:
+            return y
+        flat = x.reshape(-1, x.shape[-1])
+        segments = [self.routing.segments[job] for job in jobs]
+        adapters = [self.adapters[job] for job in jobs]
+        if any(adapter.dropout > 0 for adapter in adapters):
+            flat = self._drop_rows(flat, segments, adapters)
+        factors = [adapter.factors(self.name) for adapter in adapters]
+        delta = lora_delta(
+            flat,
+            segments,
+            [a.to(flat.dtype) for a, _ in factors],
+            [b.to(flat.dtype) for _, b in factors],
+            [adapter.scale for adapter in adapters],
+        )
+        return y + delta.view(y.shape).to(y.dtype)
+
+    @staticmethod
+    def _drop_rows(flat, segments, adapters) -> torch.Tensor:
+        pieces, cursor = [], 0
+        for (start, end), adapter in sorted(zip(segments, adapters), key=lambda item: item[0][0]):
+            pieces += [flat[cursor:start], adapter.drop(flat[start:end])]
+            cursor = end
+        pieces.append(flat[cursor:])
+        return torch.cat(pieces)
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, jobs={sorted(self.adapters)}"
+
+
+def _is_linear(module: nn.Module) -> bool:
+    if isinstance(module, nn.Linear):
+        return True
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return False
+    return isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
+
+
+def matches(module_name: str, target: str) -> bool:
+    """PEFT's rule for a plain-name target: the module's name is the target or ends with '.' + target."""
+    return module_name == target or module_name.endswith("." + target)
+
+
+def wrap_targets(model: nn.Module, targets: tuple[str, ...], routing: RowRouting) -> dict[str, MultiLoraLinear]:
+    """Wrap (once) every linear layer that one of `targets` names; return name -> layer for all of them.
+
+    Raises ValueError when a target names no module or a module that is not a linear layer.
+    """
+    layers: dict[str, MultiLoraLinear] = {}
+    found = set()
+    for name, module in list(model.named_modules()):
+        target = next((t for t in targets if matches(name, t)), None)
+        if target is None:
+            continue
+        found.add(target)
+        if not isinstance(module, MultiLoraLinear):
+            if not _is_linear(module):
+                raise ValueError(f"target module {target!r}: {name} is a {type(module).__name__}, not a linear layer")
+            parent_name, _, child = name.rpartition(".")
+            module = MultiLoraLinear(module, name, routing)
+            setattr(model.get_submodule(parent_name), child, module)
+        layers[name] = module
+    missing = [t for t in targets if t not in found]
+    if missing:
+        raise ValueError(f"target modules {missing} match no module of the base model")
+    return layers

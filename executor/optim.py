@@ -1,0 +1,74 @@
+"""Per-job optimisation: AdamW with the job's own hyperparameters, warmup + schedule, and clipping by its own norm."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lorafleet.scheduler.spec import Hyperparameters
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:
+    """Multiplier of the peak learning rate at optimizer step `step` (0-based), as Hugging Face's schedulers."""
+    if step < warmup_steps:
+        return step / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    if schedule == "cosine":
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+    raise ValueError(f"unknown lr schedule {schedule!r}; expected constant, linear or cosine")
+
+
+class NonFiniteGradients(RuntimeError):
+    pass
+
+
+class JobOptimizer:
+    def __init__(self, params: list[torch.nn.Parameter], hp: Hyperparameters, total_steps: int):
+        self.params = params
+        self.max_grad_norm = hp.max_grad_norm
+        self.optimizer = torch.optim.AdamW(
+            params,
+            lr=hp.learning_rate,
+            betas=(hp.adam_beta1, hp.adam_beta2),
+            eps=hp.adam_epsilon,
+            weight_decay=hp.weight_decay,
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_factor(step, hp.warmup_steps, total_steps, hp.lr_scheduler)
+        )
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def step(self) -> float:
+        """Clip, step, advance the schedule, clear the grads; return the pre-clip grad norm.
+
+        Raises NonFiniteGradients (and leaves the weights untouched) when the norm is NaN or inf.
+        """
+        grads = [p.grad for p in self.params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.tensor(0.0)
+        if not torch.isfinite(norm):
+            self.zero_grad()
+            raise NonFiniteGradients(f"gradient norm is {norm.item()}")
+        if self.max_grad_norm is not None and grads:
+            torch.nn.utils.clip_grads_with_norm_(self.params, self.max_grad_norm, norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.zero_grad()
+        return norm.item()
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
