@@ -185,27 +185,48 @@ class _Tokenizing:
 
     def _template_pieces(self, messages: list[dict]) -> list[tuple[str, bool]]:
         # Render growing prefixes of the conversation: the text each turn adds is its piece, and an assistant turn's
-        # target is what comes after the generation prompt. Needs a template that renders prefixes stably.
+        # target is what comes after the generation prompt (content and end-of-turn marker).
         pieces = []
         rendered = ""
         for count, message in enumerate(messages, start=1):
             if message["role"] == "assistant":
                 prompt = self._render(messages[: count - 1], add_generation_prompt=True)
-                pieces.append((self._extension(rendered, prompt), False))
+                if not prompt.startswith(rendered):
+                    return self._located_pieces(messages)
+                pieces.append((prompt[len(rendered):], False))
                 rendered = prompt
             full = self._render(messages[:count], add_generation_prompt=False)
-            pieces.append((self._extension(rendered, full), message["role"] == "assistant"))
+            if not full.startswith(rendered):
+                return self._located_pieces(messages)
+            pieces.append((full[len(rendered):], message["role"] == "assistant"))
             rendered = full
         return pieces
 
-    @staticmethod
-    def _extension(prefix: str, text: str) -> str:
-        if not text.startswith(prefix):
-            raise DataError(
-                "the chat template renders this conversation differently as it grows, "
-                "so the assistant turns cannot be located"
-            )
-        return text[len(prefix):]
+    def _located_pieces(self, messages: list[dict]) -> list[tuple[str, bool]]:
+        # Some templates re-render earlier turns as the conversation grows (Mistral moves the system prompt to the
+        # last user turn; reasoning templates drop old thoughts). Then find the user and assistant contents, in order,
+        # in the full rendering; an assistant target is its content plus the EOS text if the template puts it next.
+        text = self._render(messages, add_generation_prompt=False)
+        eos_text = self.tokenizer.eos_token
+        pieces = []
+        emitted = 0  # text before this is already in `pieces`
+        search_from = 0  # a reply is searched for only after the question it answers
+        for number, message in enumerate(messages, start=1):
+            if message["role"] == "system":
+                continue
+            content = message["content"].strip()  # templates often trim
+            start = text.find(content, search_from)
+            if start < 0:
+                raise DataError(f"cannot find message {number} in the chat template's rendering of the conversation")
+            end = start + len(content)
+            if message["role"] == "assistant":
+                if text.startswith(eos_text, end):
+                    end += len(eos_text)
+                pieces += [(text[emitted:start], False), (text[start:end], True)]
+                emitted = end
+            search_from = end
+        pieces.append((text[emitted:], False))
+        return pieces
 
 
 def _example(segments: list[tuple[list[int], bool]], max_seq_len: int) -> tuple[array, array]:

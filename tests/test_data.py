@@ -123,12 +123,31 @@ def test_chat_fallback_format_without_a_template(tmp_path, plain_tokenizer):
     assert target_spans(plain_tokenizer, example) == ["four</s>", "blue sky</s>"]
 
 
-def test_chat_template_that_is_not_prefix_stable_is_refused(tmp_path):
+MISTRAL_LIKE_TEMPLATE = (
+    "{% set ns = namespace(last_user=-1, system='') %}{% for m in messages %}"
+    "{% if m['role'] == 'user' %}{% set ns.last_user = loop.index0 %}{% endif %}"
+    "{% if m['role'] == 'system' %}{% set ns.system = m['content'] + '\\n\\n' %}{% endif %}{% endfor %}"
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] "
+    "{% if loop.index0 == ns.last_user %}{{ ns.system }}{% endif %}{{ m['content'] }} [/INST]"
+    "{% elif m['role'] == 'assistant' %} {{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+)
+
+
+@pytest.mark.parametrize(
+    "template, targets",
+    [
+        (MISTRAL_LIKE_TEMPLATE, ["four</s>", "blue sky</s>"]),
+        ("{% for m in messages %}{{ m['content'] }}|{% endfor %}{{ messages | length }}", ["four", "blue sky"]),
+    ],
+    ids=["system-prompt-moves-to-last-user-turn", "suffix-changes"],
+)
+def test_chat_template_that_rerenders_earlier_turns(tmp_path, template, targets):
+    """Templates whose rendering of a conversation prefix is not a prefix of the whole still get exact targets."""
     tok = build_tokenizer()
-    tok.chat_template = "{% for m in messages %}{{ m['content'] }}|{% endfor %}{{ messages | length }}"
-    path = write_jsonl(tmp_path / "c.jsonl", [CHAT])
-    with pytest.raises(DataError, match="c.jsonl line 1: the chat template renders"):
-        JobData(path, "chat", tok, max_seq_len=512, batch_size=1, seed=0)
+    tok.chat_template = template
+    _, example = only_example(write_jsonl(tmp_path / "c.jsonl", [CHAT]), tok)
+    assert tok.decode(example.input_ids) == tok.apply_chat_template(CHAT["messages"], tokenize=False)
+    assert target_spans(tok, example) == targets
 
 
 def test_truncation_keeps_the_start_and_targetless_examples_still_count(tmp_path, tokenizer):
