@@ -6,13 +6,15 @@ Formats (one JSON object per line; blank lines are skipped; extra keys are ignor
   Alpaca prompt (`ALPACA_PROMPT` / `ALPACA_PROMPT_NO_INPUT`); the loss covers `output` + EOS.
 - chat: `{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}` with at least one assistant
   turn; the loss covers every assistant turn. With a tokenizer chat template the conversation is rendered by
-  `apply_chat_template` and an assistant turn's target is what the template emits for it after the generation prompt
-  (its content and the template's own end-of-turn marker). Without a template the plain fallback format is
-  `"System: {content}\n\n"`, `"User: {content}\n\n"` and `"Assistant: "` + target `{content}<eos>`, turn after turn.
+  `apply_chat_template` (which supplies any BOS) and an assistant turn's target is what the template emits for it after
+  the generation prompt: its content and the template's own end-of-turn marker. For templates that re-render earlier
+  turns as a conversation grows, the target is the content, plus the EOS text when the template puts it right after.
+  Without a template the plain fallback format is `"System: {content}\n\n"`, `"User: {content}\n\n"` and
+  `"Assistant: "` + target `{content}<eos>`, turn after turn.
 - text: `{"text": str}`; the loss covers every token, and EOS is appended.
 
-Labels follow the Hugging Face convention: aligned with `input_ids`, -100 where there is no loss, and the loss at
-position t predicts `labels[t + 1]` (shift inside the loss). `labels[0]` is always -100, since nothing predicts the
+Labels follow the Hugging Face convention: aligned with `input_ids`, -100 where there is no loss, and the logits at
+position t predict `labels[t + 1]` (shift inside the loss). `labels[0]` is always -100, since nothing predicts the
 first token, so `Example.num_targets` is exactly the number of tokens the loss averages over.
 
 Truncation keeps the first `max_seq_len` tokens. An example whose targets all fall beyond the cut still counts (it
@@ -245,8 +247,8 @@ class JobData:
     """One job's dataset: `next_batch()` yields shuffled micro-batches forever, epoch after epoch.
 
     Epoch e visits every example once, in a permutation drawn from (seed, e) alone; the last micro-batch of an epoch
-    may be smaller. `state_dict()` is just (epoch, batch in epoch), so a resumed job draws the identical remaining
-    sequence.
+    may be smaller. `epoch` and `batch_in_epoch` say where the next batch comes from. `state_dict()` is just that
+    cursor, so a resumed job draws the identical remaining sequence.
     """
 
     def __init__(self, path, fmt: str, tokenizer, max_seq_len: int, batch_size: int, seed: int):

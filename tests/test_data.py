@@ -20,9 +20,17 @@ from lorafleet.executor.data import (
 )
 
 
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}{{ eos_token }}"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
-    return build_tokenizer()
+    tok = build_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
 
 
 @pytest.fixture(scope="module")
