@@ -12,6 +12,8 @@ Strides are passed explicitly so one kernel serves both the forward and the tran
 
 DOT_FP32 upcasts the operands of every `tl.dot` to fp32. Only the interpreter needs it: Triton 3.9's interpreter
 multiplies bf16 operands as raw integers in `tl.dot`. On the GPU the operands stay 16-bit (tensor cores, fp32 accumulate).
+The kernels call only Triton builtins (tl.full, not the @jit helper tl.zeros): the tests re-import this module under
+the interpreter after triton was imported in compiled mode, and jitted library helpers would stay compiled.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ def _shrink_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     x_rows = x_ptr + rows[:, None] * stride_xm
     w_base = w_ptr + adapter * stride_wa + ranks[None, :] * stride_wr
-    acc = tl.zeros((BLOCK_M, R), dtype=tl.float32)
+    acc = tl.full((BLOCK_M, R), 0.0, dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + offs_k
         k_mask = k < K
@@ -118,7 +120,7 @@ def _weight_grad_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
     offs_m = tl.arange(0, BLOCK_M)
-    acc = tl.zeros((R, BLOCK_N), dtype=tl.float32)
+    acc = tl.full((R, BLOCK_N), 0.0, dtype=tl.float32)
     for m0 in range(row_start, row_end, BLOCK_M):
         rows = m0 + offs_m
         row_mask = rows < row_end

@@ -1,0 +1,194 @@
+"""Kernel micro-benchmark: multi-adapter LoRA fwd+bwd at d=4096 on one GPU, against the frozen base GEMM.
+
+Variants: Triton (lorafleet.kernels.lora_delta_triton), per-adapter loop (the reference), padded bmm and
+torch._grouped_mm. Each row: n adapters with ragged segments of T tokens in total, all of rank r, bf16.
+"base" is the frozen projection x @ Wᵀ (W 4096x4096, no weight gradient): forward plus dX in backward.
+"+%" is the LoRA fwd+bwd time over the base fwd+bwd time.
+
+Run: python -P bench/bench_kernels.py [--quick] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+
+import torch
+import triton
+import triton.testing
+
+from lorafleet.kernels import lora_delta_multi_triton, lora_delta_reference, lora_delta_triton
+from lorafleet.kernels.baselines import grouped_mm_available, lora_delta_grouped_mm, lora_delta_padded_bmm
+
+D = 4096
+
+
+def median_ms(fn, warmup=10, rep=40) -> float:
+    return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+
+
+def measure_ceilings() -> dict:
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    matmul_ms = median_ms(lambda: a @ b, warmup=50, rep=200)
+    src = torch.randn(256 * 2**20, device="cuda")  # 1 GiB
+    dst = torch.empty_like(src)
+    copy_ms = median_ms(lambda: dst.copy_(src), warmup=20, rep=100)
+    return {
+        "bf16_matmul_tflops": 2 * 8192**3 / matmul_ms / 1e9,
+        "copy_tb_per_s": 2 * src.numel() * 4 / copy_ms / 1e9,
+    }
+
+
+def ragged_segments(n_rows: int, n_adapters: int, rng: random.Random) -> list[tuple[int, int]]:
+    cuts = sorted(rng.sample(range(1, n_rows), n_adapters - 1))
+    bounds = [0, *cuts, n_rows]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def make_adapters(n, rank, d_in, d_out, dtype, scale=1.0):
+    a = [(torch.randn(rank, d_in, device="cuda", dtype=dtype) / d_in**0.5).requires_grad_() for _ in range(n)]
+    b = [(torch.randn(d_out, rank, device="cuda", dtype=dtype) / rank**0.5).requires_grad_() for _ in range(n)]
+    return a, b, [scale] * n
+
+
+def fwd_bwd(fn, x, grad, params):
+    def run():
+        y = fn()
+        torch.autograd.grad(y, [x, *params], grad)
+    return run
+
+
+def check_correctness(rng: random.Random) -> list[dict]:
+    """Triton vs float64 reference at real shapes: forward and every gradient, three dtypes, ragged ranks."""
+    rows = []
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        n_rows, n = 8192, 8
+        segments = ragged_segments(n_rows - 100, n, rng)
+        segments[2] = (segments[2][0], segments[2][0])  # one empty adapter; rows after n_rows-100 are in no segment
+        ranks = [8, 16, 64, 1, 128, 32, 16, 8]
+        x = torch.randn(n_rows, D, device="cuda", dtype=dtype, requires_grad=True)
+        lora_a = [(torch.randn(r, D, device="cuda", dtype=dtype) / D**0.5).requires_grad_() for r in ranks]
+        lora_b = [torch.randn(D, r, device="cuda", dtype=dtype).requires_grad_() for r in ranks]
+        scales = [rng.uniform(0.25, 4.0) for _ in ranks]
+        y = lora_delta_triton(x, segments, lora_a, lora_b, scales)
+        grad = torch.randn_like(y)
+        got = [y, *torch.autograd.grad(y, [x, *lora_a, *lora_b], grad)]
+        leaves = [t.detach().double().requires_grad_() for t in [x, *lora_a, *lora_b]]
+        y64 = lora_delta_reference(leaves[0], segments, leaves[1:n + 1], leaves[n + 1:], scales)
+        want = [y64, *torch.autograd.grad(y64, leaves, grad.double())]
+        errors = [((g.double() - w).norm() / w.norm().clamp_min(1e-30)).item() for g, w in zip(got, want)]
+        rows.append({"dtype": str(dtype), "max_rel_error": max(errors), "forward_rel_error": errors[0]})
+    return rows
+
+
+def bench_grid(args, rng: random.Random) -> list[dict]:
+    results = []
+    w = torch.randn(D, D, device="cuda", dtype=torch.bfloat16) / D**0.5
+    for n_rows in args.tokens:
+        x = torch.randn(n_rows, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        grad = torch.randn(n_rows, D, device="cuda", dtype=torch.bfloat16)
+        base_fwd = median_ms(lambda: x @ w.t())
+        base = median_ms(fwd_bwd(lambda: x @ w.t(), x, grad, []))
+        for n in args.adapters:
+            segments = ragged_segments(n_rows, n, rng)
+            for rank in args.ranks:
+                lora_a, lora_b, scales = make_adapters(n, rank, D, D, torch.bfloat16)
+                params = [*lora_a, *lora_b]
+                variants = {
+                    "triton": lambda: lora_delta_triton(x, segments, lora_a, lora_b, scales),
+                    "loop": lambda: lora_delta_reference(x, segments, lora_a, lora_b, scales),
+                    "bmm": lambda: lora_delta_padded_bmm(x, segments, lora_a, lora_b, scales),
+                }
+                if grouped_mm_available():
+                    variants["grouped_mm"] = lambda: lora_delta_grouped_mm(x, segments, lora_a, lora_b, scales)
+                row = {"tokens": n_rows, "adapters": n, "rank": rank, "base_fwd_ms": base_fwd, "base_ms": base}
+                for name, fn in variants.items():
+                    try:
+                        row[f"{name}_ms"] = median_ms(fwd_bwd(fn, x, grad, params))
+                    except Exception as error:  # a variant that cannot run this shape is reported, not fatal
+                        row[f"{name}_ms"] = None
+                        row[f"{name}_error"] = f"{type(error).__name__}: {str(error)[:200]}"
+                row["triton_fwd_ms"] = median_ms(lambda: lora_delta_triton(x, segments, lora_a, lora_b, scales))
+
+                def base_plus_lora():
+                    y = x @ w.t()
+                    return lora_delta_triton(x, segments, lora_a, lora_b, scales, out=y)
+                row["base_plus_triton_ms"] = median_ms(fwd_bwd(base_plus_lora, x, grad, params))
+                results.append(row)
+                print(json.dumps(row), flush=True)
+    return results
+
+
+def bench_fused_qkv(rng: random.Random) -> dict:
+    """q/k/v of a Llama-3-8B layer (4096 -> 4096, 1024, 1024), 8 adapters r=16: one shared shrink vs three."""
+    n_rows, n, rank = 16384, 8, 16
+    segments = ragged_segments(n_rows, n, rng)
+    x = torch.randn(n_rows, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    outs = (4096, 1024, 1024)
+    adapters = [make_adapters(n, rank, D, d_out, torch.bfloat16) for d_out in outs]
+    params = [p for a, b, _ in adapters for p in (*a, *b)]
+    scales = adapters[0][2]
+    w_qkv = torch.randn(sum(outs), D, device="cuda", dtype=torch.bfloat16) / D**0.5
+
+    def separate():
+        return torch.cat([lora_delta_triton(x, segments, a, b, scales) for a, b, _ in adapters], dim=1)
+
+    def fused():
+        return torch.cat(lora_delta_multi_triton(x, segments, [a for a, _, _ in adapters],
+                                                 [b for _, b, _ in adapters], scales), dim=1)
+    grad = torch.randn(n_rows, sum(outs), device="cuda", dtype=torch.bfloat16)
+    return {
+        "tokens": n_rows, "adapters": n, "rank": rank,
+        "base_qkv_ms": median_ms(fwd_bwd(lambda: x @ w_qkv.t(), x, grad, [])),
+        "separate_ms": median_ms(fwd_bwd(separate, x, grad, params)),
+        "fused_ms": median_ms(fwd_bwd(fused, x, grad, params)),
+    }
+
+
+def print_table(ceilings, results):
+    print(f"\nbf16 matmul peak {ceilings['bf16_matmul_tflops']:.0f} TFLOP/s, copy {ceilings['copy_tb_per_s']:.2f} TB/s")
+    header = ("| tokens | adapters | r | base fwd+bwd ms | triton ms | +% | loop ms | bmm ms | grouped_mm ms "
+              "| triton fwd ms | base+triton ms | floor ms |")
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"
+    for row in results:
+        # Fewest bytes for LoRA fwd+bwd: read x twice (shrink, dA), write y, read dY, write dX (bf16).
+        floor_ms = 5 * row["tokens"] * D * 2 / (ceilings["copy_tb_per_s"] * 1e12) * 1e3
+        print(f"| {row['tokens']} | {row['adapters']} | {row['rank']} | {row['base_ms']:.3f} | "
+              f"{fmt(row['triton_ms'])} | {100 * row['triton_ms'] / row['base_ms']:.0f} | {fmt(row.get('loop_ms'))} | "
+              f"{fmt(row.get('bmm_ms'))} | {fmt(row.get('grouped_mm_ms'))} | {fmt(row['triton_fwd_ms'])} | "
+              f"{fmt(row['base_plus_triton_ms'])} | {floor_ms:.3f} |")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384, 32768])
+    parser.add_argument("--adapters", type=int, nargs="+", default=[1, 4, 8, 16, 32])
+    parser.add_argument("--ranks", type=int, nargs="+", default=[8, 16, 64])
+    parser.add_argument("--json", help="write every measurement here")
+    args = parser.parse_args()
+    rng = random.Random(0)
+    torch.manual_seed(0)
+    started = time.time()
+    ceilings = measure_ceilings()
+    print("device", torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__, flush=True)
+    print("ceilings", json.dumps(ceilings), flush=True)
+    correctness = check_correctness(rng)
+    for row in correctness:
+        print("correctness", json.dumps(row), flush=True)
+    fused = bench_fused_qkv(rng)
+    print("fused_qkv", json.dumps(fused), flush=True)
+    results = bench_grid(args, rng)
+    print_table(ceilings, results)
+    print(f"\nelapsed {time.time() - started:.0f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"ceilings": ceilings, "correctness": correctness, "fused_qkv": fused, "grid": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

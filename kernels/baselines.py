@@ -1,0 +1,55 @@
+"""Pure-PyTorch alternatives to the Triton kernels, for comparison in bench/bench_kernels.py.
+
+All compute `lora_delta_reference` and are differentiable through torch's own autograd.
+- per-adapter loop: `lora_delta_reference` itself (two small matmuls per adapter).
+- padded bmm: every segment padded to the longest one, two batched matmuls.
+- grouped mm: `torch._grouped_mm` (torch >= 2.8 with CUDA, Hopper); needs segments that tile the rows in order.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lorafleet.kernels.segmented import _stack_a, _stack_b, padded_rank
+
+
+def lora_delta_padded_bmm(x, segments, lora_a, lora_b, scales):
+    longest = max(end - start for start, end in segments)
+    rank = max(a.shape[0] for a in lora_a)
+    x_padded = torch.stack([F.pad(x[start:end], (0, 0, 0, longest - (end - start))) for start, end in segments])
+    a_stack = _stack_a(lora_a, rank, x.dtype)
+    b_stack = _stack_b(lora_b, rank, x.dtype)
+    scale = torch.tensor(scales, dtype=x.dtype, device=x.device)[:, None, None]
+    y_padded = torch.bmm(torch.bmm(x_padded, a_stack.transpose(1, 2)), b_stack.transpose(1, 2)) * scale
+    pieces, cursor = [], 0
+    for j, (start, end) in sorted(enumerate(segments), key=lambda item: item[1][0]):
+        if start > cursor:
+            pieces.append(x.new_zeros(start - cursor, y_padded.shape[2]))
+        pieces.append(y_padded[j, : end - start])
+        cursor = end
+    if cursor < x.shape[0]:
+        pieces.append(x.new_zeros(x.shape[0] - cursor, y_padded.shape[2]))
+    return torch.cat(pieces)
+
+
+def grouped_mm_available() -> bool:
+    return hasattr(torch, "_grouped_mm") and torch.cuda.is_available()
+
+
+def lora_delta_grouped_mm(x, segments, lora_a, lora_b, scales):
+    cursor = 0
+    for start, end in segments:
+        if start != cursor:
+            raise ValueError("torch._grouped_mm needs segments that tile the rows in order, without gaps")
+        cursor = end
+    if cursor != x.shape[0]:
+        raise ValueError("torch._grouped_mm needs segments that cover every row")
+    rank = padded_rank([a.shape[0] for a in lora_a])  # its alignment rule: dimensions in multiples of 16 bytes
+    offsets = torch.tensor([end for _, end in segments], dtype=torch.int32, device=x.device)
+    lengths = torch.tensor([end - start for start, end in segments], device=x.device)
+    row_scale = torch.repeat_interleave(torch.tensor(scales, dtype=x.dtype, device=x.device), lengths)
+    a_stack = _stack_a(lora_a, rank, x.dtype)
+    b_stack = _stack_b(lora_b, rank, x.dtype)
+    h = torch._grouped_mm(x, a_stack.transpose(1, 2), offs=offsets) * row_scale[:, None]
+    return torch._grouped_mm(h, b_stack.transpose(1, 2), offs=offsets)

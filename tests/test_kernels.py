@@ -1,0 +1,189 @@
+"""Triton multi-LoRA kernels under TRITON_INTERPRET=1 (CPU) against a float64 reference, plus dispatch and input checks.
+
+Triton decides at decoration time whether a @triton.jit function is interpreted, reading TRITON_INTERPRET then; the
+`interpreted_kernels` fixture sets it and re-imports the kernel module if it was compiled for a GPU earlier in this
+process, and puts things back afterwards.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+import torch
+
+from lorafleet import kernels
+from lorafleet.kernels import check_lora_inputs, lora_delta, lora_delta_reference
+
+triton_lora = pytest.importorskip("lorafleet.kernels.triton_lora")
+from lorafleet.kernels.segmented import lora_delta_multi_triton, lora_delta_triton  # noqa: E402
+
+REL_TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def interpreted_kernels():
+    saved = {key: os.environ.get(key) for key in ("TRITON_INTERPRET", "LORAFLEET_TRITON")}
+    os.environ["TRITON_INTERPRET"] = "1"
+    if not triton_lora.INTERPRETED:
+        importlib.reload(triton_lora)
+    assert triton_lora.INTERPRETED
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    if saved["TRITON_INTERPRET"] != "1":
+        importlib.reload(triton_lora)
+
+
+def rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    assert not torch.isnan(got).any()
+    return ((got.double() - want).norm() / want.norm().clamp_min(1e-30)).item()
+
+
+def make_case(n_rows, d_in, d_out, ranks, dtype, seed):
+    generator = torch.Generator().manual_seed(seed)
+    randn = lambda *shape: torch.randn(*shape, generator=generator).to(dtype).requires_grad_()
+    x = randn(n_rows, d_in)
+    lora_a = [randn(r, d_in) for r in ranks]
+    lora_b = [randn(d_out, r) for r in ranks]
+    scales = [0.5 + j for j in range(len(ranks))]
+    return x, lora_a, lora_b, scales
+
+
+def float64_reference(x, segments, lora_a, lora_b, scales, grad):
+    leaves = [t.detach().double().requires_grad_() for t in [x, *lora_a, *lora_b]]
+    n = len(lora_a)
+    y = lora_delta_reference(leaves[0], segments, leaves[1:n + 1], leaves[n + 1:], scales)
+    return [y, *torch.autograd.grad(y, leaves, grad.double())]
+
+
+def assert_matches_reference(fn, x, segments, lora_a, lora_b, scales, dtype):
+    y = fn(x, segments, lora_a, lora_b, scales)
+    assert y.dtype == dtype and y.shape == (x.shape[0], lora_b[0].shape[0])
+    grad = torch.randn(y.shape).to(dtype)
+    got = [y, *torch.autograd.grad(y, [x, *lora_a, *lora_b], grad)]
+    want = float64_reference(x, segments, lora_a, lora_b, scales, grad)
+    names = ["y", "dx", *[f"dA{j}" for j in range(len(lora_a))], *[f"dB{j}" for j in range(len(lora_b))]]
+    for name, g, w in zip(names, got, want):
+        if w.norm() == 0:  # an empty segment: its adapter gets exactly zero gradient
+            assert torch.count_nonzero(g) == 0, name
+        else:
+            assert rel_error(g, w) < REL_TOL[dtype], (name, rel_error(g, w))
+
+
+# Ragged segments with a gap before the first, an empty one, a one-row one, a gap in the middle and rows left at the
+# end; ranks 1..16 per adapter, listed out of row order.
+RAGGED_SEGMENTS = [(40, 70), (3, 20), (20, 20), (21, 22), (22, 37)]
+RAGGED_RANKS = [4, 1, 8, 3, 16]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_forward_and_gradients_match_float64(dtype):
+    x, lora_a, lora_b, scales = make_case(75, 48, 40, RAGGED_RANKS, dtype, seed=1)
+    assert_matches_reference(lora_delta_triton, x, RAGGED_SEGMENTS, lora_a, lora_b, scales, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rank_128_and_rank_1(dtype):
+    x, lora_a, lora_b, scales = make_case(50, 32, 24, [128, 1], dtype, seed=2)
+    assert_matches_reference(lora_delta_triton, x, [(0, 33), (33, 50)], lora_a, lora_b, scales, dtype)
+
+
+def test_rows_outside_segments_are_zero_even_in_reused_memory():
+    x, lora_a, lora_b, scales = make_case(64, 32, 32, [8], torch.float32, seed=3)
+    for _ in range(3):  # fresh allocations may reuse memory holding earlier results
+        y = lora_delta_triton(x, [(10, 20)], lora_a, lora_b, scales)
+        assert torch.count_nonzero(y[:10]) == 0 and torch.count_nonzero(y[20:]) == 0
+        assert torch.count_nonzero(y[10:20]) == y[10:20].numel()
+
+
+def test_accumulates_into_given_output_in_place():
+    x, lora_a, lora_b, scales = make_case(40, 32, 24, [4, 8], torch.float32, seed=4)
+    segments = [(0, 15), (15, 40)]
+    base_weight = torch.randn(24, 32, requires_grad=True)
+    base = x @ base_weight.t()
+    expected = base.detach() + lora_delta_reference(x, segments, lora_a, lora_b, scales).detach()
+    out = lora_delta_triton(x, segments, lora_a, lora_b, scales, out=base)
+    assert out is base
+    assert rel_error(out.detach(), expected.double()) < 1e-5
+    grad = torch.randn(out.shape)
+    got_x, got_w, got_a0 = torch.autograd.grad(out, [x, base_weight, lora_a[0]], grad)
+
+    x2 = x.detach().clone().requires_grad_()
+    a0 = lora_a[0].detach().clone().requires_grad_()
+    reference = x2 @ base_weight.detach().t() + lora_delta_reference(x2, segments, [a0, lora_a[1]], lora_b, scales)
+    want_x, want_a0 = torch.autograd.grad(reference, [x2, a0], grad)
+    assert rel_error(got_x, want_x.double()) < 1e-5
+    assert rel_error(got_w, (grad.t() @ x.detach()).double()) < 1e-5
+    assert rel_error(got_a0, want_a0.double()) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_multi_projection_shares_one_shrink_and_matches_separate(dtype):
+    # q/k/v-like: one x, three projections with their own output widths and ranks per adapter.
+    generator = torch.Generator().manual_seed(5)
+    randn = lambda *shape: torch.randn(*shape, generator=generator).to(dtype).requires_grad_()
+    x = randn(45, 32)
+    segments = [(0, 20), (25, 45)]
+    scales = [2.0, 0.5]
+    widths, ranks = [32, 16, 8], [[4, 16], [2, 8], [1, 1]]
+    lora_as = [[randn(r, 32) for r in rs] for rs in ranks]
+    lora_bs = [[randn(w, r) for r in rs] for w, rs in zip(widths, ranks)]
+    deltas = lora_delta_multi_triton(x, segments, lora_as, lora_bs, scales)
+    grads_out = [torch.randn(d.shape).to(dtype) for d in deltas]
+    leaves = [x, *[t for group in lora_as + lora_bs for t in group]]
+    got = torch.autograd.grad(deltas, leaves, grads_out)
+
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    x64, rest = leaves64[0], leaves64[1:]
+    as64, bs64 = [rest[0:2], rest[2:4], rest[4:6]], [rest[6:8], rest[8:10], rest[10:12]]
+    deltas64 = [lora_delta_reference(x64, segments, a, b, scales) for a, b in zip(as64, bs64)]
+    want = torch.autograd.grad(deltas64, leaves64, [g.double() for g in grads_out])
+    for d, d64 in zip(deltas, deltas64):
+        assert rel_error(d, d64) < REL_TOL[dtype]
+    for g, w in zip(got, want):
+        assert rel_error(g, w) < REL_TOL[dtype]
+
+
+def test_all_segments_empty_gives_zeros_and_zero_gradients():
+    x, lora_a, lora_b, scales = make_case(10, 16, 16, [4, 4], torch.float32, seed=6)
+    y = lora_delta_triton(x, [(3, 3), (5, 5)], lora_a, lora_b, scales)
+    assert y.shape == (10, 16) and torch.count_nonzero(y) == 0
+    grads = torch.autograd.grad(y.sum(), [x, *lora_a])
+    assert all(torch.count_nonzero(g) == 0 for g in grads)
+
+
+def test_dispatch_uses_triton_only_when_asked_on_cpu(monkeypatch):
+    x, lora_a, lora_b, scales = make_case(20, 16, 16, [4], torch.float32, seed=7)
+    monkeypatch.delenv("LORAFLEET_TRITON", raising=False)
+    assert not kernels.triton_enabled(x)
+    monkeypatch.setenv("LORAFLEET_TRITON", "1")
+    assert kernels.triton_enabled(x)
+    calls = []
+    monkeypatch.setattr(kernels, "lora_delta_triton", lambda *args, **kw: calls.append(args) or lora_delta_triton(*args, **kw))
+    y = lora_delta(x, [(2, 18)], lora_a, lora_b, scales)
+    assert len(calls) == 1
+    assert rel_error(y.detach(), lora_delta_reference(x, [(2, 18)], lora_a, lora_b, scales).detach().double()) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "segments, ranks, b_rows, match",
+    [
+        ([(0, 10), (5, 15)], [4, 4], 16, "overlap"),
+        ([(0, 30)], [4], 16, "not a row range"),
+        ([(0, 10)], [4, 4], 16, "one A, B and scale per segment"),
+        ([(0, 10), (10, 20)], [4, 4], 8, r"lora_b\[1\] must be"),
+    ],
+)
+def test_bad_input_raises_clear_error(segments, ranks, b_rows, match):
+    x, lora_a, lora_b, scales = make_case(20, 16, 16, ranks, torch.float32, seed=8)
+    if b_rows != 16:
+        lora_b[1] = torch.randn(b_rows, ranks[1])
+    with pytest.raises(ValueError, match=match):
+        check_lora_inputs(x, segments, lora_a, lora_b, scales[: len(segments)] if len(ranks) == 1 else scales)
+    with pytest.raises(ValueError, match=match):
+        lora_delta(x, segments, lora_a, lora_b, scales[: len(segments)] if len(ranks) == 1 else scales)
