@@ -266,10 +266,6 @@ class _Slot:
         self.tokens += tokens
 
 
-def _virtual_usage(tenant: TenantView, committed_seconds: float) -> float:
-    return (tenant.gpu_seconds + committed_seconds) / tenant.weight
-
-
 def plan(
     queued: Sequence[QueuedJob],
     executors: Sequence[ExecutorView],
@@ -317,30 +313,6 @@ def plan(
         else:
             cohorts.setdefault(slot.key, []).append(slot)
 
-    committed: dict[str, float] = {}
-    for slot in slots:
-        for job in slot.view.running:
-            committed[job.tenant] = committed.get(job.tenant, 0.0) + job.remaining_tokens
-    rate = config.nominal_tokens_per_second
-
-    by_tenant: dict[str, list[QueuedJob]] = {}
-    demand: dict[str, int] = {}
-    for job in queued:
-        by_tenant.setdefault(job.tenant, []).append(job)
-        demand[job.compat_key] = demand.get(job.compat_key, 0) + 1
-    # priority + (now - submitted) / aging orders the same for every `now`, so sort by its `now`-free part
-    aging = config.aging_seconds
-    heap = []
-    running_now: dict[str, int] = {}
-    for name, jobs in by_tenant.items():
-        view = tenant_views.get(name) or TenantView(name=name)
-        jobs.sort(key=lambda j: (j.submitted_at / aging - j.priority, j.submitted_at, j.job_id))
-        running_now[name] = view.running
-        if view.max_running is not None and view.running >= view.max_running:
-            continue
-        heap.append((_virtual_usage(view, committed.get(name, 0.0) / rate), name, 0))
-    heapq.heapify(heap)
-
     def first_or_best(candidates, key, job_bytes, base_bytes, best_fit):
         best, best_left = None, None
         for slot in candidates:
@@ -355,7 +327,14 @@ def plan(
                 best, best_left = slot, left
         return best
 
-    def place(key: str, job_bytes: float, base_bytes: float) -> Optional[_Slot]:
+    demand: dict[str, int] = {}
+    for job in queued:
+        demand[job.compat_key] = demand.get(job.compat_key, 0) + 1
+
+    def place(job: QueuedJob) -> Optional[_Slot]:
+        key = job.compat_key
+        factor = factors.get(key, 1.0)
+        job_bytes, base_bytes = job.job_bytes * factor, job.base_bytes * factor
         if config.packing == "trivial":
             candidates = (s for s in slots if s.key is None or s.key == key)
             return first_or_best(candidates, key, job_bytes, base_bytes, best_fit=False)
@@ -377,39 +356,78 @@ def plan(
                 return slot
         return None
 
-    def reserve(key: str, need: float) -> None:
+    assignments: list[Assignment] = []
+    running_now = {name: view.running for name, view in tenant_views.items()}
+    charged: dict[str, float] = {}  # tenant -> seconds of work its running and newly placed jobs still need
+    rate = config.nominal_tokens_per_second
+    for slot in slots:
+        for job in slot.view.running:
+            charged[job.tenant] = charged.get(job.tenant, 0.0) + job.remaining_tokens / rate
+
+    def at_quota(name: str) -> bool:
+        view = tenant_views.get(name)
+        return view is not None and view.max_running is not None and running_now.get(name, 0) >= view.max_running
+
+    def commit(job: QueuedJob, slot: _Slot) -> None:
+        key = job.compat_key
+        factor = factors.get(key, 1.0)
+        if slot.key is None:
+            idle_by_loaded[slot.view.loaded_compat_key].remove(slot)
+            bisect.insort(cohorts.setdefault(key, []), slot, key=lambda s: order[id(s)])
+        slot.take(key, job.job_bytes * factor, job.base_bytes * factor, job.tokens_per_step)
+        assignments.append(Assignment(job.job_id, slot.view.executor_id, key))
+        running_now[job.tenant] = running_now.get(job.tenant, 0) + 1
+        charged[job.tenant] = charged.get(job.tenant, 0.0) + job.est_tokens / rate
+
+    # Overdue jobs (waited reserve_after_seconds) go first, oldest first, whatever their tenant's share. One that
+    # fits nowhere holds back the executor where it would fit once drained, so backfill cannot starve it.
+    overdue = [j for j in queued if now - j.submitted_at >= config.reserve_after_seconds]
+    placed_early = set()
+    for job in heapq.nsmallest(config.max_reservations, overdue, key=lambda j: (j.submitted_at, j.job_id)):
+        if at_quota(job.tenant):
+            continue
+        slot = place(job)
+        if slot is not None:
+            commit(job, slot)
+            placed_early.add(job.job_id)
+            continue
+        need = (job.job_bytes + job.base_bytes) * factors.get(job.compat_key, 1.0)
         could_fit = [s for s in slots if not s.reserved and s.usable - s.foreign >= need]
         if could_fit:
-            min(could_fit, key=lambda s: (s.key != key, -s.view.total_bytes, s.view.executor_id)).reserved = True
+            min(could_fit, key=lambda s: (s.key != job.compat_key, -s.view.total_bytes, s.view.executor_id)
+                ).reserved = True
 
-    assignments: list[Assignment] = []
-    reservations = 0
+    by_tenant: dict[str, list[QueuedJob]] = {}
+    for job in queued:
+        if job.job_id not in placed_early:
+            by_tenant.setdefault(job.tenant, []).append(job)
+    # priority + (now - submitted) / aging orders the same for every `now`, so sort by its `now`-free part
+    aging = config.aging_seconds
+    heap = []
+    for name, jobs in by_tenant.items():
+        jobs.sort(key=lambda j: (j.submitted_at / aging - j.priority, j.submitted_at, j.job_id))
+        if not at_quota(name):
+            view = tenant_views.get(name) or TenantView(name=name)
+            heap.append(((view.gpu_seconds + charged.get(name, 0.0)) / view.weight, name, 0))
+    heapq.heapify(heap)
+
     smallest_failure: dict[str, float] = {}  # capacity only shrinks within a round, so bigger jobs fail too
     while heap:
-        usage, name, cursor = heapq.heappop(heap)
+        _, name, cursor = heapq.heappop(heap)
         jobs = by_tenant[name]
-        view = tenant_views.get(name) or TenantView(name=name)
         while cursor < len(jobs):
             job = jobs[cursor]
             cursor += 1
-            key = job.compat_key
-            factor = factors.get(key, 1.0)
-            job_bytes, base_bytes = job.job_bytes * factor, job.base_bytes * factor
-            slot = None
-            if job_bytes < smallest_failure.get(key, math.inf):
-                slot = place(key, job_bytes, base_bytes)
-            if slot is not None:
-                if slot.key is None:
-                    idle_by_loaded[slot.view.loaded_compat_key].remove(slot)
-                    bisect.insort(cohorts.setdefault(key, []), slot, key=lambda s: order[id(s)])
-                slot.take(key, job_bytes, base_bytes, job.tokens_per_step)
-                assignments.append(Assignment(job.job_id, slot.view.executor_id, key))
-                running_now[name] += 1
-                if cursor < len(jobs) and (view.max_running is None or running_now[name] < view.max_running):
-                    heapq.heappush(heap, (usage + job.est_tokens / rate / view.weight, name, cursor))
-                break
-            smallest_failure[key] = min(job_bytes, smallest_failure.get(key, math.inf))
-            if reservations < config.max_reservations and now - job.submitted_at >= config.reserve_after_seconds:
-                reserve(key, job_bytes + base_bytes)
-                reservations += 1
+            job_bytes = job.job_bytes * factors.get(job.compat_key, 1.0)
+            if job_bytes >= smallest_failure.get(job.compat_key, math.inf):
+                continue
+            slot = place(job)
+            if slot is None:
+                smallest_failure[job.compat_key] = job_bytes
+                continue
+            commit(job, slot)
+            if cursor < len(jobs) and not at_quota(name):
+                view = tenant_views.get(name) or TenantView(name=name)
+                heapq.heappush(heap, ((view.gpu_seconds + charged[name]) / view.weight, name, cursor))
+            break
     return assignments
