@@ -9,8 +9,8 @@ Formats (one JSON object per line; blank lines are skipped; extra keys are ignor
   `apply_chat_template` (which supplies any BOS) and an assistant turn's target is what the template emits for it after
   the generation prompt: its content and the template's own end-of-turn marker. For templates that re-render earlier
   turns as a conversation grows, the target is the content, plus the EOS text when the template puts it right after.
-  Without a template the plain fallback format is `"System: {content}\n\n"`, `"User: {content}\n\n"` and
-  `"Assistant: "` + target `{content}<eos>`, turn after turn.
+  Without a template the plain fallback format is `"System:\n{content}\n\n"`, `"User:\n{content}\n\n"` and
+  `"Assistant:\n"` + target `{content}<eos>`, turn after turn.
 - text: `{"text": str}`; the loss covers every token, and EOS is appended.
 
 Labels follow the Hugging Face convention: aligned with `input_ids`, -100 where there is no loss, and the logits at
@@ -49,7 +49,7 @@ ALPACA_PROMPT_NO_INPUT = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Response:\n"
 )
-FALLBACK_CHAT_HEADERS = {"system": "System: ", "user": "User: ", "assistant": "Assistant: "}
+FALLBACK_CHAT_HEADERS = {"system": "System:\n", "user": "User:\n", "assistant": "Assistant:\n"}
 
 # Tokenised examples are kept in memory (8 bytes a token: id and label) up to this many tokens per job; examples
 # beyond it are re-read and re-tokenised each epoch.
@@ -128,19 +128,29 @@ def _chat_messages(record: dict) -> list[dict]:
 
 
 class _Tokenizing:
-    """Turns one validated record into (token ids, is-target) segments with a given tokenizer."""
+    """Renders one validated record as text with character ranges to learn, then tokenises the whole text at once.
+
+    Tokenising the whole text (not prompt and response apart) gives exactly the tokens inference sees: a
+    SentencePiece tokenizer, for one, would otherwise start every response with a word-boundary marker.
+    """
 
     def __init__(self, tokenizer):
         if tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no EOS token")
+        if tokenizer.encode(tokenizer.eos_token, add_special_tokens=False) != [tokenizer.eos_token_id]:
+            raise ValueError(f"the tokenizer does not read its EOS text {tokenizer.eos_token!r} as the EOS token")
+        try:
+            tokenizer("a", add_special_tokens=False, return_offsets_mapping=True)
+        except NotImplementedError:
+            raise ValueError("the tokenizer cannot map tokens to characters; use a fast (tokenizers) one") from None
         self.tokenizer = tokenizer
-        self.eos = [tokenizer.eos_token_id]
+        self.eos_text = tokenizer.eos_token
         self.bos = self._bos_it_adds(tokenizer)
         self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
 
     @staticmethod
     def _bos_it_adds(tokenizer) -> list[int]:
-        # Our formats are tokenised piecewise without special tokens, so add BOS ourselves when the model expects it.
+        # Our own formats are tokenised without special tokens, so add BOS ourselves when the model expects it.
         bos = tokenizer.bos_token_id
         if bos is None:
             return []
@@ -148,10 +158,23 @@ class _Tokenizing:
         plain = tokenizer("a", add_special_tokens=False)["input_ids"]
         return [bos] if with_special[:1] == [bos] and plain[:1] != [bos] else []
 
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False) if text else []
+    def example(self, fmt: str, record: dict, max_seq_len: int) -> tuple[array, array]:
+        prefix, text, targets = getattr(self, fmt)(record)
+        encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        input_ids = array("i", prefix)
+        labels = array("i", [IGNORE_INDEX] * len(prefix))
+        for token, (start, end) in zip(encoding["input_ids"], encoding["offset_mapping"]):
+            if len(input_ids) == max_seq_len:
+                break
+            input_ids.append(token)
+            # A token straddling a boundary (a space before a word, say) is learned with the target it reaches into.
+            inside = any((start < stop and end > begin) or begin <= start == end < stop for begin, stop in targets)
+            labels.append(token if inside else IGNORE_INDEX)
+        if labels:
+            labels[0] = IGNORE_INDEX
+        return input_ids, labels
 
-    def alpaca(self, record: dict) -> list[tuple[list[int], bool]]:
+    def alpaca(self, record: dict) -> tuple[list[int], str, list[tuple[int, int]]]:
         instruction = _string_field(record, "instruction")
         context = _string_field(record, "input", optional=True)
         output = _string_field(record, "output")
@@ -159,23 +182,26 @@ class _Tokenizing:
             prompt = ALPACA_PROMPT.format(instruction=instruction, input=context)
         else:
             prompt = ALPACA_PROMPT_NO_INPUT.format(instruction=instruction)
-        return [(self.bos + self.encode(prompt), False), (self.encode(output) + self.eos, True)]
+        text = prompt + output + self.eos_text
+        return self.bos, text, [(len(prompt), len(text))]
 
-    def text(self, record: dict) -> list[tuple[list[int], bool]]:
-        return [(self.bos + self.encode(_string_field(record, "text")) + self.eos, True)]
+    def text(self, record: dict) -> tuple[list[int], str, list[tuple[int, int]]]:
+        text = _string_field(record, "text") + self.eos_text
+        return self.bos, text, [(0, len(text))]
 
-    def chat(self, record: dict) -> list[tuple[list[int], bool]]:
+    def chat(self, record: dict) -> tuple[list[int], str, list[tuple[int, int]]]:
         messages = _chat_messages(record)
         if self.has_chat_template:
-            return [(self.encode(text), is_target) for text, is_target in self._template_pieces(messages)]
-        segments = [(self.bos, False)]
+            return [], *self._template_targets(messages)
+        text, targets = "", []
         for message in messages:
-            header = FALLBACK_CHAT_HEADERS[message["role"]]
+            text += FALLBACK_CHAT_HEADERS[message["role"]]
             if message["role"] == "assistant":
-                segments += [(self.encode(header), False), (self.encode(message["content"]) + self.eos, True)]
+                targets.append((len(text), len(text) + len(message["content"]) + len(self.eos_text)))
+                text += message["content"] + self.eos_text
             else:
-                segments.append((self.encode(f"{header}{message['content']}\n\n"), False))
-        return segments
+                text += message["content"] + "\n\n"
+        return self.bos, text, targets
 
     def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
         try:
@@ -185,33 +211,31 @@ class _Tokenizing:
         except Exception as exc:  # jinja templates raise whatever their authors chose (TemplateError, ValueError, ...)
             raise DataError(f"the chat template rejects this conversation: {exc}") from None
 
-    def _template_pieces(self, messages: list[dict]) -> list[tuple[str, bool]]:
-        # Render growing prefixes of the conversation: the text each turn adds is its piece, and an assistant turn's
-        # target is what comes after the generation prompt (content and end-of-turn marker).
-        pieces = []
+    def _template_targets(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+        # Render growing prefixes of the conversation: an assistant turn's target is what its rendering adds after the
+        # generation prompt (content and end-of-turn marker).
         rendered = ""
+        targets = []
         for count, message in enumerate(messages, start=1):
             if message["role"] == "assistant":
                 prompt = self._render(messages[: count - 1], add_generation_prompt=True)
                 if not prompt.startswith(rendered):
-                    return self._located_pieces(messages)
-                pieces.append((prompt[len(rendered):], False))
+                    return self._located_targets(messages)
                 rendered = prompt
             full = self._render(messages[:count], add_generation_prompt=False)
             if not full.startswith(rendered):
-                return self._located_pieces(messages)
-            pieces.append((full[len(rendered):], message["role"] == "assistant"))
+                return self._located_targets(messages)
+            if message["role"] == "assistant":
+                targets.append((len(rendered), len(full)))
             rendered = full
-        return pieces
+        return rendered, targets
 
-    def _located_pieces(self, messages: list[dict]) -> list[tuple[str, bool]]:
+    def _located_targets(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
         # Some templates re-render earlier turns as the conversation grows (Mistral moves the system prompt to the
         # last user turn; reasoning templates drop old thoughts). Then find the user and assistant contents, in order,
         # in the full rendering; an assistant target is its content plus the EOS text if the template puts it next.
         text = self._render(messages, add_generation_prompt=False)
-        eos_text = self.tokenizer.eos_token
-        pieces = []
-        emitted = 0  # text before this is already in `pieces`
+        targets = []
         search_from = 0  # a reply is searched for only after the question it answers
         for number, message in enumerate(messages, start=1):
             if message["role"] == "system":
@@ -222,25 +246,11 @@ class _Tokenizing:
                 raise DataError(f"cannot find message {number} in the chat template's rendering of the conversation")
             end = start + len(content)
             if message["role"] == "assistant":
-                if text.startswith(eos_text, end):
-                    end += len(eos_text)
-                pieces += [(text[emitted:start], False), (text[start:end], True)]
-                emitted = end
+                if text.startswith(self.eos_text, end):
+                    end += len(self.eos_text)
+                targets.append((start, end))
             search_from = end
-        pieces.append((text[emitted:], False))
-        return pieces
-
-
-def _example(segments: list[tuple[list[int], bool]], max_seq_len: int) -> tuple[array, array]:
-    input_ids = array("i")
-    labels = array("i")
-    for ids, is_target in segments:
-        input_ids.extend(ids)
-        labels.extend(ids if is_target else [IGNORE_INDEX] * len(ids))
-    del input_ids[max_seq_len:], labels[max_seq_len:]
-    if labels:
-        labels[0] = IGNORE_INDEX
-    return input_ids, labels
+        return text, targets
 
 
 class JobData:
@@ -352,8 +362,7 @@ class JobData:
             found = None  # let the format's own checks name the missing or ambiguous key
         if found is not None and found != self.fmt:
             raise DataError(f"record is in {found} format, but the dataset is {self.fmt}")
-        segments = getattr(self._tokenizing, self.fmt)(record)
-        return _example(segments, self.max_seq_len)
+        return self._tokenizing.example(self.fmt, record, self.max_seq_len)
 
     def _example(self, index: int, handle=None) -> Example:
         cached = self._cache.get(index)

@@ -104,6 +104,35 @@ def test_alpaca_loss_is_exactly_the_output_and_eos(tmp_path, tokenizer, context)
     assert example.num_targets == len(tokenizer.encode("the sky is blue", add_special_tokens=False)) + 1
 
 
+def sentencepiece_style_tokenizer():
+    """Metaspace pre-tokenisation like Llama 2 / Mistral / Gemma: a word after a space gets a '▁' marker."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    metaspace = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Sequence([decoders.ByteFallback(), metaspace])
+    byte_tokens = [f"<0x{byte:02X}>" for byte in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"] + byte_tokens)
+    tok.train_from_iterator([ALPACA_PROMPT, "write a poem about the sky", "the sky is blue"] * 3, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_the_whole_text_is_tokenised_at_once_as_inference_would(tmp_path):
+    tok = sentencepiece_style_tokenizer()
+    row = {"instruction": "write a poem", "output": "the sky is blue"}
+    _, example = only_example(write_jsonl(tmp_path / "a.jsonl", [row]), tok)
+    prompt = ALPACA_PROMPT_NO_INPUT.format(instruction="write a poem")
+    assert example.input_ids == tok(prompt + "the sky is blue</s>")["input_ids"]
+    first_target = next(label for label in example.labels if label != IGNORE_INDEX)
+    alone = tok.encode("the sky is blue", add_special_tokens=False)
+    assert tok.convert_ids_to_tokens(alone)[0].startswith("▁")  # tokenised apart, the reply would gain a marker
+    assert not tok.convert_ids_to_tokens(first_target).startswith("▁")
+    assert target_spans(tok, example) == ["the sky is blue</s>"]
+
+
 def test_text_loss_covers_every_predicted_token(tmp_path, tokenizer, plain_tokenizer):
     path = write_jsonl(tmp_path / "t.jsonl", [{"text": "the quick brown fox"}])
     _, example = only_example(path, tokenizer)
@@ -125,8 +154,8 @@ def test_chat_uses_the_template_and_learns_every_assistant_turn(tmp_path, tokeni
 def test_chat_fallback_format_without_a_template(tmp_path, plain_tokenizer):
     _, example = only_example(write_jsonl(tmp_path / "c.jsonl", [CHAT]), plain_tokenizer)
     assert plain_tokenizer.decode(example.input_ids) == (
-        "System: be brief\n\nUser: what is two plus two?\n\nAssistant: four</s>"
-        "User: and the sea?\n\nAssistant: blue sky</s>"
+        "System:\nbe brief\n\nUser:\nwhat is two plus two?\n\nAssistant:\nfour</s>"
+        "User:\nand the sea?\n\nAssistant:\nblue sky</s>"
     )
     assert target_spans(plain_tokenizer, example) == ["four</s>", "blue sky</s>"]
 
@@ -144,7 +173,7 @@ MISTRAL_LIKE_TEMPLATE = (
 @pytest.mark.parametrize(
     "template, targets",
     [
-        (MISTRAL_LIKE_TEMPLATE, ["four</s>", "blue sky</s>"]),
+        (MISTRAL_LIKE_TEMPLATE, [" four</s>", " blue sky</s>"]),  # the space before a reply joins its first word
         ("{% for m in messages %}{{ m['content'] }}|{% endfor %}{{ messages | length }}", ["four", "blue sky"]),
     ],
     ids=["system-prompt-moves-to-last-user-turn", "suffix-changes"],
