@@ -253,6 +253,14 @@ class _Tokenizing:
         return text, targets
 
 
+def epoch_order(num_examples: int, seed: int, epoch: int) -> list[int]:
+    """The order in which epoch `epoch` visits the examples: a function of its arguments alone."""
+    order = list(range(num_examples))
+    # `random` hashes a string seed with SHA-512, so the order is the same in every process and Python version.
+    random.Random(f"lorafleet-data/{seed}/{epoch}").shuffle(order)
+    return order
+
+
 class JobData:
     """One job's dataset: `next_batch()` yields shuffled micro-batches forever, epoch after epoch.
 
@@ -376,9 +384,7 @@ class JobData:
 
     def _epoch_order(self, epoch: int) -> list[int]:
         if epoch != self._order_epoch:
-            # A string seed is hashed with SHA-512 by `random`, so the order is the same in every process.
-            self._order = list(range(self.num_examples))
-            random.Random(f"lorafleet-data/{self.seed}/{epoch}").shuffle(self._order)
+            self._order = epoch_order(self.num_examples, self.seed, epoch)
             self._order_epoch = epoch
         return self._order
 

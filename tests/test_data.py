@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
 from importlib import resources
 
 import pytest
@@ -17,6 +20,7 @@ from lorafleet.executor.data import (
     DataError,
     JobData,
     detect_format,
+    epoch_order,
 )
 
 
@@ -234,6 +238,14 @@ def test_shuffle_is_deterministic_per_seed_and_epoch_and_visits_each_example_onc
     everything = ids_of(data)
     assert all(sorted(order) == everything for order in epochs)
     assert epochs[0] != epochs[1] and epochs[1] != epochs[2]
+
+
+def test_epoch_order_is_the_same_in_a_fresh_process():
+    script = "from lorafleet.executor.data import epoch_order; print(epoch_order(50, 11, 3))"
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    out = subprocess.run([sys.executable, "-P", "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout) == epoch_order(50, 11, 3)
+    assert sorted(epoch_order(50, 11, 3)) == list(range(50)) and epoch_order(50, 11, 3) != epoch_order(50, 11, 4)
 
 
 def test_shuffle_leaves_the_global_rngs_alone(tmp_path, tokenizer):
