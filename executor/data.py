@@ -114,11 +114,14 @@ def _chat_messages(record: dict) -> list[dict]:
     for number, message in enumerate(messages, start=1):
         if not isinstance(message, dict):
             raise DataError(f"message {number} must be an object, got {_json_type(message)}")
-        role = message.get("role")
+        for key in ("role", "content"):
+            if key not in message:
+                raise DataError(f"message {number}: missing '{key}'")
+        role = message["role"]
         if role not in CHAT_ROLES:
             shown = repr(role) if isinstance(role, str) else _json_type(role)
             raise DataError(f"message {number}: unknown role {shown} (use system, user or assistant)")
-        content = message.get("content")
+        content = message["content"]
         if not isinstance(content, str):
             raise DataError(f"message {number}: 'content' must be a string, got {_json_type(content)}")
         clean.append({"role": role, "content": content})

@@ -303,6 +303,7 @@ BAD_LINES = {
         b'{"messages": [{"role": "tool", "content": "a"}, {"role": "assistant", "content": "b"}]}',
         "message 1: unknown role 'tool'",
     ),
+    "message without a role": (GOOD_CHAT, b'{"messages": [{"content": "a"}]}', "message 1: missing 'role'"),
     "messages not a list": (GOOD_CHAT, b'{"messages": "hi"}', "'messages' must be an array, got string"),
     "content not a string": (
         GOOD_CHAT,
