@@ -47,6 +47,7 @@ class StepResult:
     total_steps: int
     done: bool
     error: str | None = None
+    checkpoint_due: bool = False  # the optimizer just reached a multiple of checkpoint_every, or the end
 
 
 @dataclass
@@ -195,7 +196,9 @@ class Cohort:
         job.step += 1
         job.accumulated = 0
         job.done = job.step >= job.total_steps
-        return job.result(loss, tokens, grad_norm, lr)
+        result = job.result(loss, tokens, grad_norm, lr)
+        result.checkpoint_due = job.done or job.step % job.spec.hyperparameters.checkpoint_every == 0
+        return result
 
     def _fail(self, job: Job, error: str, loss=None, tokens=0) -> StepResult:
         job.error = f"job {job.job_id} failed: {error}"
