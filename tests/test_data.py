@@ -382,11 +382,12 @@ def test_examples_are_cached_after_first_use(tmp_path, tokenizer):
     assert 999 not in [ids[-1] for _, b in drain(data, 3) for ids in b]
 
 
+@pytest.mark.parametrize("with_template", [True, False])
 @pytest.mark.parametrize("name, fmt", [("alpaca_demo.jsonl", "alpaca"), ("chat_demo.jsonl", "chat")])
-def test_sample_datasets_load_completely(tokenizer, name, fmt):
+def test_sample_datasets_load_completely(tokenizer, plain_tokenizer, name, fmt, with_template):
     sample = resources.files("lorafleet.scheduler") / "samples" / name
     with resources.as_file(sample) as path:
-        data = JobData(path, "auto", tokenizer, max_seq_len=512, batch_size=8, seed=0)
+        data = JobData(path, "auto", tokenizer if with_template else plain_tokenizer, 512, batch_size=8, seed=0)
         assert data.fmt == fmt and data.num_examples >= 60
         examples = [example for _ in range(data.steps_per_epoch) for example in data.next_batch()[0]]
     assert len(examples) == data.num_examples
