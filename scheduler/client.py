@@ -1,0 +1,102 @@
+"""A small typed Python client for the Celery submission API.
+
+The API is the task names; this is only a convenience. Without lorafleet installed, a tenant does the same with
+plain Celery:
+
+    from celery import Celery
+    app = Celery(broker=URL, backend=URL)
+    job = app.send_task("lorafleet.submit_job", args=[TOKEN, spec]).get(timeout=30)
+
+Errors arrive as the built-in exceptions the tasks raise: ValueError (bad spec, bad argument, quota),
+PermissionError (bad token), LookupError (no such job, or not yours).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, TypedDict
+
+from celery import Celery
+
+TASK_NAMES = (
+    "lorafleet.submit_job",
+    "lorafleet.get_job",
+    "lorafleet.list_jobs",
+    "lorafleet.cancel_job",
+    "lorafleet.job_events",
+)
+
+
+class Progress(TypedDict):
+    step: int
+    total_steps: int
+
+
+class JobInfo(TypedDict, total=False):
+    job_id: str
+    tenant: str
+    name: str
+    state: str
+    priority: int
+    submitted_at: float
+    updated_at: float
+    scheduled_at: Optional[float]
+    started_at: Optional[float]
+    finished_at: Optional[float]
+    progress: Progress
+    metrics: dict[str, float]
+    error: Optional[str]
+    adapter_uri: Optional[str]
+    checkpoint_uri: Optional[str]
+    executor_id: Optional[str]
+    attempt: int
+    cancel_requested: bool
+    spec: dict[str, Any]  # in get_job / submit_job / cancel_job answers, not in list_jobs
+
+
+class JobEvent(TypedDict, total=False):
+    id: str  # stream id; pass the last one seen as `after`
+    type: str  # "state" (with "from", "to"), "progress" (step, total_steps, loss, ...), or an executor's own type
+    ts: float
+
+
+def make_celery(broker_url: str, backend_url: Optional[str] = None, name: str = "lorafleet") -> Celery:
+    """A Celery app that speaks JSON only: pickle would let whoever can reach the broker run code."""
+    app = Celery(name, broker=broker_url, backend=backend_url or broker_url)
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        result_expires=3600,
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+    )
+    return app
+
+
+class LorafleetClient:
+    def __init__(self, broker_url: str, token: str, backend_url: Optional[str] = None, timeout: float = 30.0):
+        self.app = make_celery(broker_url, backend_url, name="lorafleet-client")
+        self.token = token
+        self.timeout = timeout
+
+    def _call(self, task: str, *args: Any) -> Any:
+        return self.app.send_task(task, args=[self.token, *args]).get(timeout=self.timeout)
+
+    def submit(self, spec: dict[str, Any] | str) -> JobInfo:
+        return self._call("lorafleet.submit_job", spec)
+
+    def get(self, job_id: str) -> JobInfo:
+        return self._call("lorafleet.get_job", job_id)
+
+    def list(self, state: Optional[str] = None, limit: int = 100) -> list[JobInfo]:
+        return self._call("lorafleet.list_jobs", state, limit)
+
+    def cancel(self, job_id: str) -> JobInfo:
+        return self._call("lorafleet.cancel_job", job_id)
+
+    def events(self, job_id: str, after: Optional[str] = None, limit: int = 100) -> list[JobEvent]:
+        return self._call("lorafleet.job_events", job_id, after, limit)
+
+    def close(self) -> None:
+        self.app.close()

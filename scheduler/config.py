@@ -1,0 +1,56 @@
+"""Deployment configuration, read from the environment at call time (so tests and `lorafleet up` can set it).
+
+| variable | default | meaning |
+|---|---|---|
+| `REDIS_URL` | the URL in `<state dir>/redis.url` written by `lorafleet redis` / `lorafleet up` | Redis for jobs, tenants and Celery |
+| `LORAFLEET_STATE_DIR` | `./.lorafleet` | embedded Redis data, its URL file |
+| `LORAFLEET_DATA_ROOT` | `<state dir>/data` | datasets: `<root>/<tenant>/...` and `<root>/shared/...` |
+| `LORAFLEET_ARTIFACT_DIR` | `<state dir>/artifacts` | adapters and checkpoints written by executors |
+| `HF_HUB_CACHE` | `$HF_HOME/hub` or `~/.cache/huggingface/hub` | local model cache searched for base model ids |
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+class ConfigError(RuntimeError):
+    """The deployment is not configured well enough to go on; the message says what to set."""
+
+
+def state_dir() -> Path:
+    return Path(os.environ.get("LORAFLEET_STATE_DIR", ".lorafleet")).absolute()
+
+
+def data_root() -> Path:
+    return Path(os.environ.get("LORAFLEET_DATA_ROOT") or state_dir() / "data").absolute()
+
+
+def artifact_dir() -> Path:
+    return Path(os.environ.get("LORAFLEET_ARTIFACT_DIR") or state_dir() / "artifacts").absolute()
+
+
+def embedded_redis_dir() -> Path:
+    return state_dir() / "redis"
+
+
+def redis_url_file() -> Path:
+    return embedded_redis_dir() / "redis.url"
+
+
+def hf_hub_cache() -> Path:
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    hf_home = os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface"
+    return Path(hf_home) / "hub"
+
+
+def redis_url() -> str:
+    """REDIS_URL, else the URL of the embedded Redis started by `lorafleet redis` or `lorafleet up`."""
+    if os.environ.get("REDIS_URL"):
+        return os.environ["REDIS_URL"]
+    url_file = redis_url_file()
+    if url_file.is_file():
+        return url_file.read_text().strip()
+    raise ConfigError(f"no Redis configured: set REDIS_URL or start one with `lorafleet redis` (looked for {url_file})")
