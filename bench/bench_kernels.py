@@ -29,6 +29,21 @@ def median_ms(fn, warmup=10, rep=40) -> float:
     return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
 
 
+def graphed(step):
+    """The step captured in a CUDA graph (after warm-up on a side stream): replays show the GPU time alone, as the
+    engine would see it with CUDA graphs, free of Python and launch overhead."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
 def measure_ceilings() -> dict:
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
@@ -92,6 +107,7 @@ def bench_grid(args, rng: random.Random) -> list[dict]:
         grad = torch.randn(n_rows, D, device="cuda", dtype=torch.bfloat16)
         base_fwd = median_ms(lambda: x @ w.t())
         base = median_ms(fwd_bwd(lambda: x @ w.t(), x, grad, []))
+        base_graph = median_ms(graphed(fwd_bwd(lambda: x @ w.t(), x, grad, [])))
         for n in args.adapters:
             segments = ragged_segments(n_rows, n, rng)
             for rank in args.ranks:
@@ -104,19 +120,22 @@ def bench_grid(args, rng: random.Random) -> list[dict]:
                 }
                 if grouped_mm_available():
                     variants["grouped_mm"] = lambda: lora_delta_grouped_mm(x, segments, lora_a, lora_b, scales)
-                row = {"tokens": n_rows, "adapters": n, "rank": rank, "base_fwd_ms": base_fwd, "base_ms": base}
+                row = {"tokens": n_rows, "adapters": n, "rank": rank, "base_fwd_ms": base_fwd, "base_ms": base,
+                       "base_graph_ms": base_graph}
                 for name, fn in variants.items():
-                    try:
-                        row[f"{name}_ms"] = median_ms(fwd_bwd(fn, x, grad, params))
-                    except Exception as error:  # a variant that cannot run this shape is reported, not fatal
-                        row[f"{name}_ms"] = None
-                        row[f"{name}_error"] = f"{type(error).__name__}: {str(error)[:200]}"
+                    for suffix, timer in (("", lambda step: step), ("_graph", graphed)):
+                        try:
+                            row[f"{name}{suffix}_ms"] = median_ms(timer(fwd_bwd(fn, x, grad, params)))
+                        except Exception as error:  # a variant that cannot run this shape is reported, not fatal
+                            row[f"{name}{suffix}_ms"] = None
+                            row[f"{name}{suffix}_error"] = f"{type(error).__name__}: {str(error)[:200]}"
                 row["triton_fwd_ms"] = median_ms(lambda: lora_delta_triton(x, segments, lora_a, lora_b, scales))
 
                 def base_plus_lora():
                     y = x @ w.t()
                     return lora_delta_triton(x, segments, lora_a, lora_b, scales, out=y)
                 row["base_plus_triton_ms"] = median_ms(fwd_bwd(base_plus_lora, x, grad, params))
+                row["base_plus_triton_graph_ms"] = median_ms(graphed(fwd_bwd(base_plus_lora, x, grad, params)))
                 results.append(row)
                 print(json.dumps(row), flush=True)
     return results
@@ -145,23 +164,57 @@ def bench_fused_qkv(rng: random.Random) -> dict:
         "base_qkv_ms": median_ms(fwd_bwd(lambda: x @ w_qkv.t(), x, grad, [])),
         "separate_ms": median_ms(fwd_bwd(separate, x, grad, params)),
         "fused_ms": median_ms(fwd_bwd(fused, x, grad, params)),
+        "base_qkv_graph_ms": median_ms(graphed(fwd_bwd(lambda: x @ w_qkv.t(), x, grad, []))),
+        "separate_graph_ms": median_ms(graphed(fwd_bwd(separate, x, grad, params))),
+        "fused_graph_ms": median_ms(graphed(fwd_bwd(fused, x, grad, params))),
     }
+
+
+def profile_one(n_rows=32768, n=8, rank=16):
+    """Where the time of one Triton fwd+bwd goes: host time per call and each GPU kernel's time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    rng = random.Random(1)
+    segments = ragged_segments(n_rows, n, rng)
+    x = torch.randn(n_rows, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(n_rows, D, device="cuda", dtype=torch.bfloat16)
+    lora_a, lora_b, scales = make_adapters(n, rank, D, D, torch.bfloat16)
+    step = fwd_bwd(lambda: lora_delta_triton(x, segments, lora_a, lora_b, scales), x, grad, [*lora_a, *lora_b])
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(20):
+        step()
+    host_ms = (time.perf_counter() - started) / 20 * 1e3
+    torch.cuda.synchronize()
+    synced_ms = (time.perf_counter() - started) / 20 * 1e3
+    print(f"profile tokens={n_rows} adapters={n} r={rank}: host {host_ms:.3f} ms/call, with sync {synced_ms:.3f} ms/call")
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
 
 
 def print_table(ceilings, results):
     print(f"\nbf16 matmul peak {ceilings['bf16_matmul_tflops']:.0f} TFLOP/s, copy {ceilings['copy_tb_per_s']:.2f} TB/s")
-    header = ("| tokens | adapters | r | base fwd+bwd ms | triton ms | +% | loop ms | bmm ms | grouped_mm ms "
-              "| triton fwd ms | base+triton ms | floor ms |")
+    print("fwd+bwd ms; eager = Python launches every op, graph = CUDA-graph replay (GPU time alone); "
+          "+% = triton graph / base graph")
+    header = ("| tokens | adapters | r | base eager | base graph | triton eager | triton graph | +% | floor "
+              "| loop eager | loop graph | grouped_mm eager | grouped_mm graph | bmm graph | base+triton graph |")
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"
     for row in results:
         # Fewest bytes for LoRA fwd+bwd: read x twice (shrink, dA), write y, read dY, write dX (bf16).
         floor_ms = 5 * row["tokens"] * D * 2 / (ceilings["copy_tb_per_s"] * 1e12) * 1e3
+        added = "n/a" if row["triton_graph_ms"] is None else f"{100 * row['triton_graph_ms'] / row['base_graph_ms']:.0f}"
         print(f"| {row['tokens']} | {row['adapters']} | {row['rank']} | {row['base_ms']:.3f} | "
-              f"{fmt(row['triton_ms'])} | {100 * row['triton_ms'] / row['base_ms']:.0f} | {fmt(row.get('loop_ms'))} | "
-              f"{fmt(row.get('bmm_ms'))} | {fmt(row.get('grouped_mm_ms'))} | {fmt(row['triton_fwd_ms'])} | "
-              f"{fmt(row['base_plus_triton_ms'])} | {floor_ms:.3f} |")
+              f"{row['base_graph_ms']:.3f} | {fmt(row['triton_ms'])} | {fmt(row['triton_graph_ms'])} | {added} | "
+              f"{floor_ms:.3f} | {fmt(row.get('loop_ms'))} | {fmt(row.get('loop_graph_ms'))} | "
+              f"{fmt(row.get('grouped_mm_ms'))} | {fmt(row.get('grouped_mm_graph_ms'))} | {fmt(row.get('bmm_graph_ms'))} | "
+              f"{fmt(row.get('base_plus_triton_graph_ms'))} |")
 
 
 def main():
@@ -170,10 +223,16 @@ def main():
     parser.add_argument("--adapters", type=int, nargs="+", default=[1, 4, 8, 16, 32])
     parser.add_argument("--ranks", type=int, nargs="+", default=[8, 16, 64])
     parser.add_argument("--json", help="write every measurement here")
+    parser.add_argument("--profile", action="store_true", help="first profile one shape (32k tokens, 8 adapters, r=16)")
+    parser.add_argument("--profile-only", action="store_true", help="with --profile: stop after it")
     args = parser.parse_args()
     rng = random.Random(0)
     torch.manual_seed(0)
     started = time.time()
+    if args.profile:
+        profile_one()
+        if args.profile_only:
+            return
     ceilings = measure_ceilings()
     print("device", torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__, flush=True)
     print("ceilings", json.dumps(ceilings), flush=True)

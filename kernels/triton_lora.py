@@ -25,7 +25,7 @@ import triton.language as tl
 @triton.jit
 def _shrink_kernel(
     x_ptr, w_ptr, h_ptr, scale_ptr,
-    tile_adapter_ptr, tile_start_ptr, tile_end_ptr,
+    tiles_ptr,
     K,
     stride_xm, stride_xk,
     stride_wa, stride_wk, stride_wr,
@@ -34,9 +34,9 @@ def _shrink_kernel(
     HAS_SCALE: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     tile = tl.program_id(0)
-    adapter = tl.load(tile_adapter_ptr + tile).to(tl.int64)
-    row_start = tl.load(tile_start_ptr + tile)
-    row_end = tl.load(tile_end_ptr + tile)
+    adapter = tl.load(tiles_ptr + 3 * tile).to(tl.int64)
+    row_start = tl.load(tiles_ptr + 3 * tile + 1)
+    row_end = tl.load(tiles_ptr + 3 * tile + 2)
     rows = row_start + tl.arange(0, BLOCK_M)
     row_mask = rows < row_end
     rows = rows.to(tl.int64)
@@ -63,7 +63,7 @@ def _shrink_kernel(
 @triton.jit
 def _expand_kernel(
     h_ptr, w_ptr, y_ptr, scale_ptr,
-    tile_adapter_ptr, tile_start_ptr, tile_end_ptr,
+    tiles_ptr,
     N,
     stride_hm, stride_hr,
     stride_wa, stride_wr, stride_wn,
@@ -74,9 +74,9 @@ def _expand_kernel(
     # Axis 0 walks the output columns so that the programs sharing one h tile run together (h stays in L2).
     pid_n = tl.program_id(0)
     tile = tl.program_id(1)
-    adapter = tl.load(tile_adapter_ptr + tile).to(tl.int64)
-    row_start = tl.load(tile_start_ptr + tile)
-    row_end = tl.load(tile_end_ptr + tile)
+    adapter = tl.load(tiles_ptr + 3 * tile).to(tl.int64)
+    row_start = tl.load(tiles_ptr + 3 * tile + 1)
+    row_end = tl.load(tiles_ptr + 3 * tile + 2)
     rows = row_start + tl.arange(0, BLOCK_M)
     row_mask = rows < row_end
     rows = rows.to(tl.int64)
@@ -104,7 +104,7 @@ def _expand_kernel(
 @triton.jit
 def _weight_grad_kernel(
     left_ptr, right_ptr, partial_ptr,
-    chunk_start_ptr, chunk_end_ptr,
+    chunks_ptr,
     N,
     stride_lm, stride_lr,
     stride_rm, stride_rn,
@@ -114,8 +114,8 @@ def _weight_grad_kernel(
 ):
     pid_n = tl.program_id(0)
     chunk = tl.program_id(1)
-    row_start = tl.load(chunk_start_ptr + chunk)
-    row_end = tl.load(chunk_end_ptr + chunk)
+    row_start = tl.load(chunks_ptr + 3 * chunk + 1)
+    row_end = tl.load(chunks_ptr + 3 * chunk + 2)
     ranks = tl.arange(0, R)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
