@@ -1,0 +1,399 @@
+"""`lorafleet`: the admin CLI and process entry points. Human tables by default, `--json` on every command.
+
+User mistakes (bad spec, unknown tenant or job, bad token, nothing listening) print one `Error: ...` line and exit
+non-zero; tracebacks are left for real bugs.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import click
+import redis
+from celery.exceptions import TimeoutError as CeleryTimeout
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from lorafleet.scheduler import config, keys, stack
+from lorafleet.scheduler.client import LorafleetClient
+from lorafleet.scheduler.redis_server import start_redis_server
+from lorafleet.scheduler.spec import JobSpec, parse_spec
+from lorafleet.scheduler.store import JobStore
+
+console = Console()
+
+JOB_COLUMNS = ("job_id", "tenant", "name", "state", "priority", "progress", "loss", "submitted")
+TENANT_COLUMNS = ("name", "weight", "max_queued", "max_running", "disabled", "queued", "running")
+
+
+class _Cli(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (ValueError, PermissionError, LookupError, config.ConfigError) as exc:
+            raise click.ClickException(_one_line(exc)) from None
+        except redis.ConnectionError as exc:
+            raise click.ClickException(f"cannot reach Redis: {_one_line(exc)}") from None
+        except CeleryTimeout:
+            raise click.ClickException(
+                "no answer from a lorafleet worker: is one running (`lorafleet up`) on this REDIS_URL?"
+            ) from None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = exc.args[0] if isinstance(exc, LookupError) and exc.args else str(exc)
+    return " ".join(str(text).split())
+
+
+def json_option(fn: Callable) -> Callable:
+    return click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")(fn)
+
+
+def token_option(fn: Callable) -> Callable:
+    return click.option(
+        "--token", envvar="LORAFLEET_TOKEN", help="tenant token (env LORAFLEET_TOKEN); without one, operator access"
+    )(fn)
+
+
+def _print_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2, sort_keys=True))
+
+
+def _time(ts: Optional[float]) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%S") if ts else ""
+
+
+def _job_row(job: dict) -> list[str]:
+    progress = job["progress"]
+    loss = job["metrics"].get("loss")
+    return [
+        job["job_id"], job["tenant"], job["name"], job["state"], str(job["priority"]),
+        f"{progress['step']}/{progress['total_steps']}" if progress["total_steps"] else "",
+        f"{loss:.4f}" if isinstance(loss, (int, float)) else "", _time(job["submitted_at"]),
+    ]
+
+
+def _table(title: str, columns: tuple[str, ...], rows: list[list[str]]) -> None:
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+
+
+def _show_jobs(jobs: list[dict], as_json: bool, title: str = "jobs") -> None:
+    if as_json:
+        _print_json(jobs)
+    else:
+        _table(title, JOB_COLUMNS, [_job_row(job) for job in jobs])
+
+
+def _show_job(job: dict, as_json: bool) -> None:
+    if as_json:
+        _print_json(job)
+        return
+    table = Table(show_header=False, title=job["job_id"])
+    for key in ("tenant", "name", "state", "priority", "attempt", "executor_id", "error", "adapter_uri",
+                "checkpoint_uri"):
+        table.add_row(key, "" if job.get(key) is None else str(job[key]))
+    for key in ("submitted_at", "scheduled_at", "started_at", "finished_at"):
+        table.add_row(key, _time(job.get(key)))
+    table.add_row("progress", f"{job['progress']['step']}/{job['progress']['total_steps']}")
+    table.add_row("metrics", json.dumps(job["metrics"]))
+    if job.get("cancel_requested"):
+        table.add_row("cancel_requested", "yes")
+    console.print(table)
+
+
+def _store() -> JobStore:
+    store = JobStore.from_url(config.redis_url())
+    store.ensure_schema()
+    return store
+
+
+class _Operator:
+    """Same calls as LorafleetClient, straight on the store and across all tenants (no token, needs Redis access)."""
+
+    def __init__(self, store: JobStore):
+        self.store = store
+
+    def get(self, job_id: str) -> dict:
+        return self.store.get_job_for(None, job_id)
+
+    def list(self, state: Optional[str] = None, limit: int = 100, tenant: Optional[str] = None) -> list[dict]:
+        return self.store.list_jobs(tenant, state, limit)
+
+    def cancel(self, job_id: str) -> dict:
+        return self.store.cancel(None, job_id)
+
+    def events(self, job_id: str, after: Optional[str] = None, limit: int = 100) -> list[dict]:
+        self.store.get_job_for(None, job_id)
+        return self.store.events(job_id, after, limit)
+
+
+def _api(token: Optional[str]) -> LorafleetClient | _Operator:
+    return LorafleetClient(config.redis_url(), token) if token else _Operator(_store())
+
+
+@click.group(cls=_Cli)
+def main() -> None:
+    """lorafleet: multi-tenant LoRA fine-tuning. See README.md."""
+
+
+# ---- processes ----
+
+
+@main.command()
+@json_option
+def up(as_json: bool) -> None:
+    """Run the local demo stack: Redis, a worker, two demo tenants and sample jobs; then stop."""
+    running = stack.start_redis()
+    try:
+        if not as_json:
+            console.print(f"redis: {'embedded, ' + str(config.embedded_redis_dir()) if running.redis else 'REDIS_URL'}")
+        stack.start_worker(running)
+        jobs = stack.seed_demo(running)
+        _show_jobs(jobs, as_json, title="submitted demo jobs")
+    finally:
+        running.stop()
+
+
+@main.command("redis")
+@click.option("--dir", "data_dir", type=click.Path(path_type=Path), help="data directory (default: the state dir)")
+@click.option("--port", default=0, help="port (default: a free one)")
+@json_option
+def redis_cmd(data_dir: Optional[Path], port: int, as_json: bool) -> None:
+    """Run the embedded Redis in the foreground (AOF on, loopback, generated password) until interrupted."""
+    data_dir = data_dir or config.embedded_redis_dir()
+    server = start_redis_server(data_dir, port=port)
+    url_file = data_dir / "redis.url"
+    url_file.write_text(server.url)
+    url_file.chmod(0o600)
+    info = {"url": server.url, "data_dir": str(data_dir), "url_file": str(url_file), "pid": server.process.pid}
+    if as_json:
+        _print_json(info)
+    else:
+        console.print(f"redis listening on 127.0.0.1:{server.port}, data in {data_dir}; URL in {url_file}")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        server.process.wait()
+    except (KeyboardInterrupt, SystemExit):
+        pass
+    finally:
+        server.stop()
+        url_file.unlink(missing_ok=True)
+
+
+@main.command()
+def scheduler() -> None:
+    """The scheduler process (not implemented yet)."""
+    raise click.ClickException("`lorafleet scheduler` is not implemented yet")
+
+
+@main.command()
+def executor() -> None:
+    """An executor process (not implemented yet)."""
+    raise click.ClickException("`lorafleet executor` is not implemented yet")
+
+
+@main.command()
+@json_option
+def schema(as_json: bool) -> None:
+    """Print the job spec's JSON schema."""
+    _print_json(JobSpec.model_json_schema())
+
+
+# ---- tenants ----
+
+
+@main.group()
+def tenants() -> None:
+    """Create and manage tenants (needs Redis access)."""
+
+
+def _show_tenants(items: list[dict], as_json: bool) -> None:
+    if as_json:
+        _print_json(items)
+        return
+    rows = [
+        [t["name"], f"{t['weight']:g}", str(t["max_queued"]), str(t["max_running"]), "yes" if t["disabled"] else "",
+         str(t["counts"]["queued"]), str(t["counts"]["running"])]
+        for t in items
+    ]
+    _table("tenants", TENANT_COLUMNS, rows)
+
+
+def _show_token(tenant: dict, token: str, as_json: bool) -> None:
+    if as_json:
+        _print_json({**tenant, "token": token})
+    else:
+        _show_tenants([tenant], False)
+        console.print(f"token (shown once, store it now): [bold]{token}[/bold]", soft_wrap=True)
+
+
+@tenants.command("create")
+@click.argument("name")
+@click.option("--weight", default=1.0, show_default=True, help="fair-share weight")
+@click.option("--max-queued", default=100, show_default=True, help="max jobs waiting in the queue")
+@click.option("--max-running", default=4, show_default=True, help="max jobs training at once")
+@json_option
+def tenants_create(name: str, weight: float, max_queued: int, max_running: int, as_json: bool) -> None:
+    """Create a tenant and print its token (only its hash is stored)."""
+    tenant, token = _store().create_tenant(name, weight=weight, max_queued=max_queued, max_running=max_running)
+    _show_token(tenant, token, as_json)
+
+
+@tenants.command("list")
+@json_option
+def tenants_list(as_json: bool) -> None:
+    _show_tenants(_store().list_tenants(), as_json)
+
+
+@tenants.command("set-quota")
+@click.argument("name")
+@click.option("--weight", type=float)
+@click.option("--max-queued", type=int)
+@click.option("--max-running", type=int)
+@json_option
+def tenants_set_quota(name: str, weight: Optional[float], max_queued: Optional[int], max_running: Optional[int],
+                      as_json: bool) -> None:
+    """Change a tenant's weight and quotas (options left out stay as they are)."""
+    _show_tenants([_store().set_quota(name, weight, max_queued, max_running)], as_json)
+
+
+@tenants.command("rotate-token")
+@click.argument("name")
+@json_option
+def tenants_rotate_token(name: str, as_json: bool) -> None:
+    """Replace a tenant's token; the old one stops working at once."""
+    store = _store()
+    token = store.rotate_token(name)
+    _show_token(store.get_tenant(name), token, as_json)
+
+
+@tenants.command("disable")
+@click.argument("name")
+@json_option
+def tenants_disable(name: str, as_json: bool) -> None:
+    """Refuse the tenant's token from now on (its jobs are left as they are)."""
+    _show_tenants([_store().set_disabled(name)], as_json)
+
+
+# ---- jobs ----
+
+
+@main.command()
+@click.argument("spec_file", type=click.Path(dir_okay=False, allow_dash=True))
+@token_option
+@json_option
+def submit(spec_file: str, token: Optional[str], as_json: bool) -> None:
+    """Submit a job spec (a JSON file, or - for stdin) through the Celery API."""
+    if not token:
+        raise click.ClickException("submit needs a tenant token: --token or LORAFLEET_TOKEN")
+    raw = click.get_binary_stream("stdin").read() if spec_file == "-" else _read_file(spec_file)
+    parse_spec(raw)  # syntax and bounds here; the worker checks data paths and the base model
+    job = LorafleetClient(config.redis_url(), token).submit(json.loads(raw))
+    _show_jobs([job], as_json, title="submitted")
+
+
+def _read_file(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise click.ClickException(f"cannot read {path}: {exc.strerror}") from None
+
+
+@main.group()
+def jobs() -> None:
+    """Inspect and cancel jobs: a tenant's with --token, all of them with operator (Redis) access."""
+
+
+@jobs.command("list")
+@click.option("--state", type=click.Choice(keys.JOB_STATES))
+@click.option("--limit", default=100, show_default=True)
+@click.option("--tenant", help="operator only: one tenant's jobs")
+@token_option
+@json_option
+def jobs_list(state: Optional[str], limit: int, tenant: Optional[str], token: Optional[str], as_json: bool) -> None:
+    api = _api(token)
+    if tenant and token:
+        raise click.ClickException("--tenant is for operators; a token already selects its tenant")
+    found = api.list(state, limit, tenant) if tenant else api.list(state, limit)
+    _show_jobs(found, as_json)
+
+
+@jobs.command("show")
+@click.argument("job_id")
+@token_option
+@json_option
+def jobs_show(job_id: str, token: Optional[str], as_json: bool) -> None:
+    _show_job(_api(token).get(job_id), as_json)
+
+
+@jobs.command("cancel")
+@click.argument("job_id")
+@token_option
+@json_option
+def jobs_cancel(job_id: str, token: Optional[str], as_json: bool) -> None:
+    _show_job(_api(token).cancel(job_id), as_json)
+
+
+def _show_events(events: list[dict], as_json: bool) -> None:
+    if as_json:
+        _print_json(events)
+        return
+    rows = []
+    for event in events:
+        detail = {k: v for k, v in event.items() if k not in ("id", "type", "ts")}
+        rows.append([event["id"], _time(event["ts"]), event["type"], json.dumps(detail, sort_keys=True)])
+    _table("events", ("id", "time", "type", "data"), rows)
+
+
+@jobs.command("events")
+@click.argument("job_id")
+@click.option("--after", help="only events after this event id")
+@click.option("--limit", default=100, show_default=True)
+@token_option
+@json_option
+def jobs_events(job_id: str, after: Optional[str], limit: int, token: Optional[str], as_json: bool) -> None:
+    _show_events(_api(token).events(job_id, after, limit), as_json)
+
+
+@jobs.command("watch")
+@click.argument("job_id")
+@click.option("--interval", default=1.0, show_default=True, help="seconds between polls")
+@token_option
+@json_option
+def jobs_watch(job_id: str, interval: float, token: Optional[str], as_json: bool) -> None:
+    """Follow a job until it finishes: a progress bar with the latest loss (--json: one event per line)."""
+    api = _api(token)
+    job = api.get(job_id)
+    after = None
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
+               TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn())
+    with Progress(*columns, console=console, disable=as_json) as bar:
+        task = bar.add_task(f"{job_id} {job['state']}", total=job["progress"]["total_steps"] or None, loss="-")
+        while True:
+            for event in api.events(job_id, after, 1000):
+                after = event["id"]
+                if as_json:
+                    click.echo(json.dumps(event, sort_keys=True))
+            job = api.get(job_id)
+            loss = job["metrics"].get("loss")
+            bar.update(
+                task, description=f"{job_id} {job['state']}", completed=job["progress"]["step"],
+                total=job["progress"]["total_steps"] or None, loss=f"{loss:.4f}" if loss is not None else "-",
+            )
+            if job["state"] in keys.TERMINAL_STATES:
+                break
+            time.sleep(interval)
+    if not as_json:
+        _show_job(job, False)

@@ -1,0 +1,158 @@
+"""The pieces of the all-in-one local stack that `lorafleet up` runs, as small functions other processes can add to.
+
+Today: embedded Redis (unless REDIS_URL is set), one Celery worker serving the submission API, two demo tenants with
+small datasets and a tiny random base model, sample jobs submitted through the public task names.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Optional
+
+from celery import Celery
+
+from lorafleet.scheduler import config
+from lorafleet.scheduler.client import LorafleetClient, make_celery
+from lorafleet.scheduler.redis_server import RedisServer, start_redis_server
+from lorafleet.scheduler.store import JobStore
+
+DEMO_TENANTS = {"demo-alice": "alpaca_demo.jsonl", "demo-bob": "chat_demo.jsonl"}
+
+
+@dataclass
+class Stack:
+    redis_url: str
+    redis: Optional[RedisServer] = None  # None when REDIS_URL points at a Redis we do not own
+    processes: list[subprocess.Popen] = field(default_factory=list)
+
+    def stop(self) -> None:
+        """Stop processes newest first (workers finish their current task on SIGTERM), then Redis."""
+        for process in reversed(self.processes):
+            process.terminate()
+        for process in reversed(self.processes):
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        if self.redis is not None:
+            self.redis.stop()
+            config.redis_url_file().unlink(missing_ok=True)
+
+
+def start_redis() -> Stack:
+    """Use REDIS_URL if set, else start the embedded Redis and publish its URL for other lorafleet commands."""
+    if os.environ.get("REDIS_URL"):
+        return Stack(redis_url=os.environ["REDIS_URL"])
+    server = start_redis_server(config.embedded_redis_dir())
+    url_file = config.redis_url_file()
+    url_file.write_text(server.url)
+    url_file.chmod(0o600)
+    return Stack(redis_url=server.url, redis=server)
+
+
+def child_env(stack: Stack) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        REDIS_URL=stack.redis_url,
+        LORAFLEET_STATE_DIR=str(config.state_dir()),
+        LORAFLEET_DATA_ROOT=str(config.data_root()),
+        LORAFLEET_ARTIFACT_DIR=str(config.artifact_dir()),
+    )
+    return env
+
+
+def start_worker(stack: Stack, timeout: float = 60.0) -> Celery:
+    """Start a Celery worker serving the lorafleet.* tasks; return a client app once it answers a ping."""
+    log_dir = config.state_dir() / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / "worker.log"
+    with open(log_path, "ab") as log:
+        worker = subprocess.Popen(
+            [sys.executable, "-P", "-m", "celery", "-A", "lorafleet.scheduler.tasks", "worker", "--pool=solo",
+             "--loglevel=INFO", "--without-gossip", "--without-mingle", "-n", f"lorafleet-{os.getpid()}@%h"],
+            env=child_env(stack), stdout=log, stderr=subprocess.STDOUT,
+        )
+    stack.processes.append(worker)
+    app = make_celery(stack.redis_url, name="lorafleet-up")
+    deadline = time.monotonic() + timeout
+    while not app.control.ping(timeout=0.5):
+        if worker.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the Celery worker did not start; see {log_path}")
+    return app
+
+
+def write_demo_base_model(path: Path) -> Path:
+    """A tiny random Llama (hidden 64, 2 layers) with a byte-level BPE tokenizer, so the demo needs no download."""
+    if (path / "config.json").is_file():
+        return path
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    corpus = [resources.files("lorafleet.scheduler").joinpath("samples", f).read_text() for f in DEMO_TENANTS.values()]
+    trainer = trainers.BpeTrainer(
+        vocab_size=512, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    bpe.train_from_iterator(corpus, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    model_config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    staging = path.with_name(path.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    LlamaForCausalLM(model_config).save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    staging.rename(path)
+    return path
+
+
+def ensure_demo_tenant(store: JobStore, name: str) -> str:
+    """Create the tenant, or give the existing one a fresh token; return the token."""
+    try:
+        _, token = store.create_tenant(name, weight=1.0, max_queued=20, max_running=2)
+    except ValueError:
+        token = store.rotate_token(name)
+    return token
+
+
+def seed_demo(stack: Stack) -> list[dict]:
+    """Two demo tenants, a dataset each, and three sample jobs submitted through the public Celery API."""
+    store = JobStore.from_url(stack.redis_url)
+    store.ensure_schema()
+    base_model = write_demo_base_model(config.state_dir() / "models" / "tiny-llama")
+    jobs = []
+    for i, (tenant, sample) in enumerate(DEMO_TENANTS.items()):
+        token = ensure_demo_tenant(store, tenant)
+        area = config.data_root() / tenant
+        area.mkdir(parents=True, exist_ok=True)
+        dataset = area / sample
+        dataset.write_text(resources.files("lorafleet.scheduler").joinpath("samples", sample).read_text())
+        client = LorafleetClient(stack.redis_url, token)
+        try:
+            for r in (4, 8)[: 2 - i]:
+                spec = {
+                    "name": f"{Path(sample).stem}-r{r}",
+                    "base_model": str(base_model),
+                    "dataset": f"{tenant}/{sample}",
+                    "adapter": {"type": "lora", "r": r, "lora_alpha": 2 * r},
+                    "hyperparameters": {"max_steps": 20, "batch_size": 2, "max_seq_len": 128, "learning_rate": 1e-3},
+                }
+                jobs.append(client.submit(spec))
+        finally:
+            client.close()
+    return jobs

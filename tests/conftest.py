@@ -1,0 +1,139 @@
+"""Shared fixtures: a real redis-server on a free port, a real Celery worker subprocess, tenant data areas.
+
+Tests never flush Redis (the worker's Celery keys live there too); each test makes tenants with fresh names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from lorafleet.scheduler.client import make_celery
+from lorafleet.scheduler.redis_server import start_redis_server
+from lorafleet.scheduler.store import JobStore
+
+SAMPLE_ROWS = [{"instruction": "Say hi.", "output": "Hi!"}, {"instruction": "Count to two.", "output": "1 2"}]
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    server = start_redis_server(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_server) -> str:
+    return redis_server.url
+
+
+@pytest.fixture
+def store(redis_url) -> JobStore:
+    job_store = JobStore.from_url(redis_url)
+    job_store.ensure_schema()
+    return job_store
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data-root")
+    (root / "shared").mkdir()
+    return root
+
+
+@pytest.fixture(scope="session")
+def hf_cache(tmp_path_factory) -> Path:
+    """A local HF cache holding one model id, `test-org/tiny-model`, at one snapshot."""
+    cache = tmp_path_factory.mktemp("hf-hub")
+    snapshot = cache / "models--test-org--tiny-model" / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (cache / "models--test-org--tiny-model" / "refs").mkdir()
+    (cache / "models--test-org--tiny-model" / "refs" / "main").write_text("0123abcd")
+    return cache
+
+
+@pytest.fixture(scope="session")
+def base_model_dir(tmp_path_factory) -> Path:
+    """Stands in for a saved base model: submission only checks the directory exists."""
+    path = tmp_path_factory.mktemp("base-model")
+    (path / "config.json").write_text("{}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def worker_env(redis_url, data_root, hf_cache, tmp_path_factory) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        REDIS_URL=redis_url,
+        LORAFLEET_DATA_ROOT=str(data_root),
+        LORAFLEET_STATE_DIR=str(tmp_path_factory.mktemp("state")),
+        HF_HUB_CACHE=str(hf_cache),
+    )
+    return env
+
+
+@pytest.fixture(scope="session")
+def celery_app(redis_url, worker_env, tmp_path_factory):
+    """A real `celery worker --pool=solo` subprocess serving lorafleet's tasks; yields a client Celery app."""
+    log_path = tmp_path_factory.mktemp("worker") / "worker.log"
+    with open(log_path, "w") as log:
+        worker = subprocess.Popen(
+            [sys.executable, "-P", "-m", "celery", "-A", "lorafleet.scheduler.tasks", "worker", "--pool=solo",
+             "--loglevel=INFO", "--without-gossip", "--without-mingle", "-n", f"test-{secrets.token_hex(3)}@%h"],
+            env=worker_env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path_factory.mktemp("worker-cwd"),
+        )
+    app = make_celery(redis_url, name="test-client")
+    try:
+        deadline = time.monotonic() + 60
+        while not app.control.ping(timeout=0.5):
+            if worker.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"celery worker did not start:\n{log_path.read_text()[-3000:]}")
+        yield app
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(20)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
+        app.close()
+
+
+@pytest.fixture
+def call(celery_app):
+    """call("lorafleet.get_job", token, job_id) -> the task's result, raising the task's exception."""
+
+    def run(task: str, *args):
+        return celery_app.send_task(task, args=list(args)).get(timeout=30)
+
+    return run
+
+
+@dataclass
+class Tenant:
+    name: str
+    token: str
+    area: Path  # data_root/<name>
+    dataset: str  # a small alpaca JSONL inside the area, as a path relative to the data root
+
+
+@pytest.fixture
+def make_tenant(store, data_root):
+    def make(prefix: str = "t", **quotas) -> Tenant:
+        name = f"{prefix}-{secrets.token_hex(4)}"
+        _, token = store.create_tenant(name, **quotas)
+        area = data_root / name
+        area.mkdir()
+        (area / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in SAMPLE_ROWS))
+        return Tenant(name, token, area, f"{name}/train.jsonl")
+
+    return make
