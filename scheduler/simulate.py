@@ -127,15 +127,18 @@ def make_workload(num_jobs: int, num_tenants: int, num_executors: int, seed: int
     names = list(tenants)
     zipf = [1 / (rank + 1) ** 0.9 for rank in range(num_tenants)]
     owners = rng.choices(names, zipf, k=num_jobs)
-    favourite = {name: rng.choices(BASES, BASE_POPULARITY)[0] for name in names}
     per_tenant: dict[str, list[int]] = {}
     for index, owner in enumerate(owners):
         per_tenant.setdefault(owner, []).append(index)
 
     largest = max(gpu.total_bytes for _, gpu in gpus)
+    bases = [b for b in BASES if (b.est_base_bytes + estimate_job_bytes(b.shape, 8, ("q_proj",), 1, 512, "bfloat16"))
+             * b.true_memory_factor < 0.85 * largest]
+    popularity = [p for b, p in zip(BASES, BASE_POPULARITY) if b in bases]
+    favourite = {name: rng.choices(bases, popularity)[0] for name in names}
     specs = []
     for index, owner in enumerate(owners):
-        base = favourite[owner] if rng.random() < 0.8 else rng.choices(BASES, BASE_POPULARITY)[0]
+        base = favourite[owner] if rng.random() < 0.8 else rng.choices(bases, popularity)[0]
         while True:  # a tenant's spec that fits no GPU would be refused at submission; draw again
             seq = rng.choice((512, 512, 1024, 2048))
             batch = max(1, min(rng.choice((1, 2, 4, 4, 8)), base.max_tokens_per_step // seq))
