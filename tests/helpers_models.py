@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
@@ -119,3 +120,13 @@ def alpaca_rows(n: int, seed: int = 0) -> list[dict]:
             {"instruction": f"{i} " + " ".join(picks[0]), "input": " ".join(picks[1]), "output": " ".join(picks[2])}
         )
     return rows
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_torch_thread():
+    """Import into a test module to run it on one intra-op thread: tiny models are faster that way, and far faster
+    when other processes compete for the cores (OpenMP threads spin against each other)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers_models import FAMILIES, alpaca_rows, build_tiny_model, write_jsonl
+from helpers_models import FAMILIES, alpaca_rows, build_tiny_model, single_torch_thread, write_jsonl  # noqa: F401
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, get_linear_schedule_with_warmup
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import warnings
 
 import pytest
 import torch
-from helpers_models import FAMILIES, alpaca_rows, build_tiny_model, write_jsonl
+from helpers_models import FAMILIES, alpaca_rows, build_tiny_model, single_torch_thread, write_jsonl  # noqa: F401
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -73,50 +74,71 @@ RESUME_SCRIPT = """
 import json, sys
 from lorafleet.executor.cohort import Cohort
 from lorafleet.scheduler.spec import parse_spec
-model_dir, spec_json, dataset, resume_from, out = sys.argv[1:]
+model_dir, dataset, checkpoints, out = sys.argv[1:5]
+specs = json.loads(sys.argv[5])
 cohort = Cohort(model_dir)
-cohort.add_job("job", parse_spec(spec_json), dataset, resume_from=resume_from)
-losses = []
+for job_id, spec in specs.items():
+    cohort.add_job(job_id, parse_spec(spec), dataset, resume_from=f"{checkpoints}/{job_id}")
+losses = {job_id: [] for job_id in specs}
 while cohort.active_jobs():
-    losses.append(cohort.step()["job"].loss)
-cohort.checkpoint("job", out)
+    for job_id, result in cohort.step().items():
+        losses[job_id].append(result.loss)
+for job_id in specs:
+    cohort.checkpoint(job_id, f"{out}/{job_id}")
 print(json.dumps(losses))
 """
 
 
-@pytest.mark.parametrize("adapter_type", ["lora", "nola"])
-def test_resume_in_a_fresh_process_is_identical_to_an_uninterrupted_run(tmp_path, llama, dataset, adapter_type):
-    # dropout (job RNG), accumulation (stopped mid-way: pending grads), warmup+cosine (scheduler), 2 epochs (cursor)
-    adapter = {"type": adapter_type, "r": 4, "lora_dropout": 0.1}
-    spec = make_spec(llama, adapter=adapter, epochs=2, gradient_accumulation_steps=2, warmup_steps=2,
-                     lr_scheduler="cosine", weight_decay=0.1, checkpoint_every=2, seed=3)
-    uninterrupted = Cohort(llama)
-    uninterrupted.add_job("job", spec, dataset)
-    losses = []
-    while uninterrupted.active_jobs():
-        losses.append(uninterrupted.step()["job"].loss)
-    uninterrupted.checkpoint("job", tmp_path / "full")
-    assert len(losses) == 12  # ceil(11 / 2) = 6 micro-batches an epoch, 2 epochs
+def run_cohort(cohort: Cohort, steps: int | None = None) -> dict[str, list[float]]:
+    losses: dict[str, list[float]] = {}
+    while cohort.active_jobs() and (steps is None or len(next(iter(losses.values()), [])) < steps):
+        for job_id, result in cohort.step().items():
+            losses.setdefault(job_id, []).append(result.loss)
+    return losses
 
-    first = Cohort(llama)
-    first.add_job("job", spec, dataset)
-    stop_at = 7  # in epoch 2, half-way through an accumulation
-    first_losses = [first.step()["job"].loss for _ in range(stop_at)]
-    first.checkpoint("job", tmp_path / "partial")
+
+def test_resume_in_a_fresh_process_is_identical_to_an_uninterrupted_run(tmp_path, llama, dataset):
+    # A LoRA and a NOLA job in one cohort, each with dropout (job RNG), accumulation (stopped half-way: pending
+    # grads), warmup + cosine (scheduler) and 2 epochs (data cursor); the NOLA job also has a different batch size.
+    common = dict(epochs=2, gradient_accumulation_steps=2, warmup_steps=2, lr_scheduler="cosine", weight_decay=0.1)
+    specs = {
+        "lora": make_spec(llama, adapter={"r": 4, "lora_dropout": 0.1}, seed=3, **common),
+        "nola": make_spec(llama, adapter={"type": "nola", "r": 4, "lora_dropout": 0.1, "nola": {"num_basis": 8}},
+                          batch_size=3, seed=4, **common),
+    }
+
+    def cohort_of_both() -> Cohort:
+        cohort = Cohort(llama)
+        for job_id, spec in specs.items():
+            cohort.add_job(job_id, spec, dataset)
+        return cohort
+
+    uninterrupted = cohort_of_both()
+    losses = run_cohort(uninterrupted)
+    assert len(losses["lora"]) == 12 and len(losses["nola"]) == 8  # ceil(11/2) and ceil(11/3) batches, 2 epochs
+    for job_id in specs:
+        uninterrupted.checkpoint(job_id, tmp_path / "full" / job_id)
+
+    first = cohort_of_both()
+    stop_at = 7  # the lora job is in its 2nd epoch, half-way through an accumulation
+    first_losses = run_cohort(first, steps=stop_at)
+    for job_id in specs:
+        first.checkpoint(job_id, tmp_path / "partial" / job_id)
     del first
 
     finished = subprocess.run(
-        [sys.executable, "-P", "-c", RESUME_SCRIPT, str(llama), spec.model_dump_json(), str(dataset),
-         str(tmp_path / "partial"), str(tmp_path / "resumed")],
-        capture_output=True, text=True, timeout=120,
+        [sys.executable, "-P", "-c", RESUME_SCRIPT, str(llama), str(dataset), str(tmp_path / "partial"),
+         str(tmp_path / "resumed"), json.dumps({job_id: spec.model_dump_json() for job_id, spec in specs.items()})],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert finished.returncode == 0, finished.stderr[-3000:]
     resumed_losses = json.loads(finished.stdout.strip().splitlines()[-1])
-    assert first_losses + resumed_losses == losses
-    want = load_file(str(tmp_path / "full" / ADAPTER_WEIGHTS))
-    got = load_file(str(tmp_path / "resumed" / ADAPTER_WEIGHTS))
-    assert want.keys() == got.keys()
-    assert all(torch.equal(got[key], want[key]) for key in want)
+    for job_id in specs:
+        assert first_losses[job_id] + resumed_losses[job_id] == losses[job_id]
+        want = load_file(str(tmp_path / "full" / job_id / ADAPTER_WEIGHTS))
+        got = load_file(str(tmp_path / "resumed" / job_id / ADAPTER_WEIGHTS))
+        assert want.keys() == got.keys()
+        assert all(torch.equal(got[key], want[key]) for key in want), job_id
 
 
 def test_checkpoint_due_every_n_steps_and_at_the_end(llama, dataset):
