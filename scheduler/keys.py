@@ -14,9 +14,15 @@ State lives only in Redis (persisted with AOF), so a scheduler or worker restart
 | `lorafleet:job:<id>` | hash | one job: see `JOB_FIELDS` | submit / transitions / progress (Lua) |
 | `lorafleet:job:<id>:events` | stream | the job's events (`type` = state, progress, error, ...), capped at ~`EVENTS_MAXLEN` | `JobStore.append_event` and Lua |
 | `lorafleet:state:<state>` | set | ids of jobs in that state | submit / transitions (Lua) |
-| `lorafleet:queue` | sorted set | queued job ids, score = `queue_score(priority, submitted_at)` (lowest first) | submit / transitions (Lua) |
+| `lorafleet:queue` | sorted set | queued job ids, lowest score first; score = digits `(9 - priority)` then the 14-digit submit sequence number, so priority 9 first, then oldest first; a requeued job keeps its score | submit / transitions (Lua) |
+| `lorafleet:submit_seq` | string (int) | submit sequence counter (the queue's tie-break) | `JobStore.submit` (Lua) |
 | `lorafleet:scheduler:leader` | string, TTL | id of the scheduler holding the leader lock | `leader.LeaderLock` |
 | `lorafleet:scheduler:fence` | string (int) | fencing counter, +1 per leader acquisition; `JobStore.transition(fence=...)` checks it | `leader.LeaderLock` |
+| `lorafleet:executors` | set | ids of registered executors (alive or not yet reaped) | `fleet.register_executor`, `fleet.reap` |
+| `lorafleet:executor:<id>` | hash, TTL | heartbeat: `host`, `device`, `pid`, `total_bytes`, `free_bytes`, `peak_bytes`, `compat_key` (loaded base), `base_bytes`, `jobs`, `metrics_port`, `heartbeat_at`; expires when heartbeats stop | the executor (`fleet.heartbeat`) |
+| `lorafleet:executor:<id>:drain` | string | "1": finish the current step, checkpoint every job, hand them back, exit | `lorafleet executors drain` |
+| `lorafleet:tenant_gpu_seconds` | hash | tenant -> GPU seconds used so far (each cohort step split by tokens) | executors (`JobStore.add_gpu_seconds`) |
+| `lorafleet:memory_factors` | hash | compat key -> calibrated memory-model factor, learned from executors' reported peaks | scheduler |
 
 Celery (broker and result backend on the same Redis) owns its own keys: `celery`, `_kombu.*`, `unacked*`,
 `celery-task-meta-<task id>` (results expire after an hour).
@@ -38,6 +44,7 @@ JOB_FIELDS = (
     "name",  # the spec's name
     "state",
     "priority",  # 0..9, from the spec
+    "queue_score",  # this job's score in the queue index
     "spec",  # validated spec, JSON
     "submitted_at", "updated_at", "scheduled_at", "started_at", "finished_at",  # unix seconds
     "step", "total_steps",  # progress
@@ -54,8 +61,12 @@ TENANTS = PREFIX + "tenants"
 TOKENS = PREFIX + "tokens"
 COUNTS = PREFIX + "counts"
 QUEUE = PREFIX + "queue"
+SUBMIT_SEQ = PREFIX + "submit_seq"
 SCHEDULER_LEADER = PREFIX + "scheduler:leader"
 SCHEDULER_FENCE = PREFIX + "scheduler:fence"
+EXECUTORS = PREFIX + "executors"
+MEMORY_FACTORS = PREFIX + "memory_factors"
+TENANT_GPU_SECONDS = PREFIX + "tenant_gpu_seconds"
 
 
 def tenant(name: str) -> str:
@@ -81,7 +92,3 @@ def job_events(job_id: str) -> str:
 def state_set(state: str) -> str:
     return f"{PREFIX}state:{state}"
 
-
-def queue_score(priority: int, submitted_at: float) -> float:
-    """Higher priority first, then first come first served. Milliseconds since 1970 stay below 1e13."""
-    return (9 - priority) * 1e13 + round(submitted_at * 1000)

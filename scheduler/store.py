@@ -60,6 +60,8 @@ class QuotaExceeded(ValueError):
     """The tenant already has max_queued jobs waiting."""
 
 
+# KEYS: tenant, tenant counts, job, tenant jobs, queue, queued set, global counts, events, submit sequence.
+# ARGV: job id, tenant, name, priority, spec JSON, now, events maxlen.
 _SUBMIT = """
 local quota = redis.call('HMGET', KEYS[1], 'max_queued', 'disabled')
 if not quota[1] then return redis.error_reply('NO_TENANT') end
@@ -68,15 +70,16 @@ local queued = tonumber(redis.call('HGET', KEYS[2], 'queued') or '0')
 if queued >= tonumber(quota[1]) then return redis.error_reply('QUOTA ' .. queued .. ' ' .. quota[1]) end
 if redis.call('EXISTS', KEYS[3]) == 1 then return redis.error_reply('JOB_EXISTS') end
 local id, now = ARGV[1], ARGV[6]
+local score = string.format('%d%014d', 9 - tonumber(ARGV[4]), redis.call('INCR', KEYS[9]))
 redis.call('HSET', KEYS[3], 'job_id', id, 'tenant', ARGV[2], 'name', ARGV[3], 'state', 'queued',
-  'priority', ARGV[4], 'spec', ARGV[5], 'submitted_at', now, 'updated_at', now, 'queue_score', ARGV[7],
+  'priority', ARGV[4], 'spec', ARGV[5], 'submitted_at', now, 'updated_at', now, 'queue_score', score,
   'step', '0', 'total_steps', '0', 'metrics', '{}', 'attempt', '0', 'cancel_requested', '0')
 redis.call('ZADD', KEYS[4], now, id)
-redis.call('ZADD', KEYS[5], ARGV[7], id)
+redis.call('ZADD', KEYS[5], score, id)
 redis.call('SADD', KEYS[6], id)
 redis.call('HINCRBY', KEYS[2], 'queued', 1)
 redis.call('HINCRBY', KEYS[7], 'queued', 1)
-redis.call('XADD', KEYS[8], 'MAXLEN', '~', ARGV[8], '*', 'type', 'state', 'ts', now,
+redis.call('XADD', KEYS[8], 'MAXLEN', '~', ARGV[7], '*', 'type', 'state', 'ts', now,
   'data', cjson.encode({['from'] = cjson.null, to = 'queued'}))
 return 1
 """
@@ -124,6 +127,14 @@ local job = redis.call('HMGET', KEYS[1], 'state', 'attempt')
 if job[1] ~= 'running' or (ARGV[5] ~= '' and job[2] ~= ARGV[5]) then return 0 end
 redis.call('HSET', KEYS[1], 'step', ARGV[1], 'total_steps', ARGV[2], 'metrics', ARGV[3], 'updated_at', ARGV[4])
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], '*', 'type', 'progress', 'ts', ARGV[4], 'data', ARGV[7])
+return 1
+"""
+
+# KEYS: job. ARGV: checkpoint uri, attempt, now.
+_CHECKPOINT = """
+local job = redis.call('HMGET', KEYS[1], 'state', 'attempt')
+if job[1] ~= 'running' or job[2] ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], 'checkpoint_uri', ARGV[1], 'updated_at', ARGV[3])
 return 1
 """
 
@@ -207,6 +218,7 @@ class JobStore:
         self._submit = client.register_script(_SUBMIT)
         self._transition = client.register_script(_TRANSITION)
         self._progress = client.register_script(_PROGRESS)
+        self._checkpoint = client.register_script(_CHECKPOINT)
         self._create_tenant = client.register_script(_CREATE_TENANT)
         self._rotate_token = client.register_script(_ROTATE_TOKEN)
         self._update_if_exists = client.register_script(_UPDATE_IF_EXISTS)
@@ -313,12 +325,9 @@ class JobStore:
             self._submit(
                 keys=[
                     keys.tenant(tenant), keys.tenant_counts(tenant), keys.job(job_id), keys.tenant_jobs(tenant),
-                    keys.QUEUE, keys.state_set("queued"), keys.COUNTS, keys.job_events(job_id),
+                    keys.QUEUE, keys.state_set("queued"), keys.COUNTS, keys.job_events(job_id), keys.SUBMIT_SEQ,
                 ],
-                args=[
-                    job_id, tenant, spec.name, spec.priority, spec.model_dump_json(), repr(now),
-                    keys.queue_score(spec.priority, now), keys.EVENTS_MAXLEN,
-                ],
+                args=[job_id, tenant, spec.name, spec.priority, spec.model_dump_json(), repr(now), keys.EVENTS_MAXLEN],
             )
         except redis.ResponseError as exc:
             reason = str(exc)
@@ -464,6 +473,20 @@ class JobStore:
             ],
         )
         return bool(done)
+
+    def record_checkpoint(self, job_id: str, checkpoint_uri: str, attempt: int) -> bool:
+        """Point the job at its newest checkpoint; refused (False) unless the caller still holds the running lease."""
+        return bool(self._checkpoint(keys=[keys.job(job_id)], args=[checkpoint_uri, attempt, repr(time.time())]))
+
+    def add_gpu_seconds(self, usage: dict[str, float]) -> None:
+        """Charge tenants for their share of cohort steps (fair share reads it)."""
+        pipe = self.r.pipeline(transaction=False)
+        for tenant, seconds in usage.items():
+            pipe.hincrbyfloat(keys.TENANT_GPU_SECONDS, tenant, seconds)
+        pipe.execute()
+
+    def gpu_seconds(self) -> dict[str, float]:
+        return {tenant: float(value) for tenant, value in self.r.hgetall(keys.TENANT_GPU_SECONDS).items()}
 
     def set_result(self, job_id: str, adapter_uri: str, attempt: Optional[int] = None) -> bool:
         """running -> succeeded with the exported adapter's location."""

@@ -92,6 +92,7 @@ def celery_app(redis_url, worker_env, tmp_path_factory):
             env=worker_env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path_factory.mktemp("worker-cwd"),
         )
     app = make_celery(redis_url, name="test-client")
+    app.worker_log = log_path
     try:
         deadline = time.monotonic() + 60
         while not app.control.ping(timeout=0.5):

@@ -1,0 +1,183 @@
+"""The job store on a real redis-server: state machine, leases, fencing, quotas under concurrency, AOF restarts."""
+
+from __future__ import annotations
+
+import secrets
+import threading
+
+import pytest
+
+from lorafleet.scheduler import keys
+from lorafleet.scheduler.redis_server import start_redis_server
+from lorafleet.scheduler.spec import parse_spec
+from lorafleet.scheduler.store import IllegalTransition, JobStore, QuotaExceeded, StaleFence
+
+
+def new_job(store, tenant, priority=5, **spec) -> str:
+    raw = {"base_model": "/models/x", "dataset": f"{tenant.name}/train.jsonl", "priority": priority, **spec}
+    return store.submit(tenant.name, parse_spec(raw))["job_id"]
+
+
+def test_illegal_transitions_are_refused(store, make_tenant):
+    alice = make_tenant("alice")
+    job_id = new_job(store, alice)
+    with pytest.raises(IllegalTransition, match="queued -> running"):
+        store.transition(job_id, "queued", "running")
+    with pytest.raises(IllegalTransition, match="queued -> succeeded"):
+        store.transition(job_id, ["queued", "running"], "succeeded")
+    assert store.get_job(job_id)["state"] == "queued"
+    attempt = store.claim(job_id, "ex-1")
+    store.transition(job_id, "scheduled", "running", attempt=attempt)
+    store.transition(job_id, "running", "failed", attempt=attempt, error="CUDA out of memory")
+    for to_state in ("queued", "scheduled", "running", "succeeded", "cancelled"):
+        with pytest.raises(IllegalTransition):
+            store.transition(job_id, "failed", to_state)
+    job = store.get_job(job_id)
+    assert job["state"] == "failed" and job["error"] == "CUDA out of memory"
+    with pytest.raises(LookupError):
+        store.transition("job-does-not-exist", "queued", "scheduled")
+    with pytest.raises(ValueError, match="cannot set"):
+        store.transition(job_id, "queued", "scheduled", tenant="mallory")
+
+
+def test_lost_race_changes_nothing(store, make_tenant):
+    alice = make_tenant("alice")
+    job_id = new_job(store, alice)
+    assert store.claim(job_id, "ex-1") == 1
+    assert store.claim(job_id, "ex-2") is None  # already scheduled
+    assert store.get_job(job_id)["executor_id"] == "ex-1"
+    assert store.counts(alice.name) == {**dict.fromkeys(keys.JOB_STATES, 0), "scheduled": 1}
+
+
+def test_requeue_keeps_checkpoint_and_stale_lease_is_refused(store, make_tenant):
+    alice = make_tenant("alice")
+    job_id = new_job(store, alice)
+    first = store.claim(job_id, "ex-1")
+    store.transition(job_id, "scheduled", "running", attempt=first)
+    assert store.record_progress(job_id, 10, 100, {"loss": 1.0}, attempt=first)
+    assert store.transition(job_id, "running", "queued", checkpoint_uri="file:///ckpt/10")  # ex-1 went silent
+    assert job_id in [j["job_id"] for j in store.list_queued()]
+    second = store.claim(job_id, "ex-2")
+    assert second == first + 1
+    store.transition(job_id, "scheduled", "running", attempt=second)
+    # ex-1 wakes up: its progress and its result are both refused
+    assert not store.record_progress(job_id, 11, 100, {"loss": 0.9}, attempt=first)
+    assert not store.set_result(job_id, "file:///stale", attempt=first)
+    job = store.get_job(job_id)
+    assert job["checkpoint_uri"] == "file:///ckpt/10" and job["executor_id"] == "ex-2"
+    assert job["state"] == "running" and job["progress"]["step"] == 10
+    assert store.set_result(job_id, "file:///adapter", attempt=second)
+    assert store.counts(alice.name)["succeeded"] == 1 and store.counts(alice.name)["running"] == 0
+
+
+def test_stale_fence_is_refused(store, make_tenant):
+    alice = make_tenant("alice")
+    job_id = new_job(store, alice)
+    old_fence = store.r.incr(keys.SCHEDULER_FENCE)
+    new_fence = store.r.incr(keys.SCHEDULER_FENCE)
+    with pytest.raises(StaleFence):
+        store.claim(job_id, "ex-1", fence=old_fence)
+    assert store.get_job(job_id)["state"] == "queued"
+    assert store.claim(job_id, "ex-1", fence=new_fence) == 1
+
+
+def test_cancel_queued_and_running(store, make_tenant):
+    alice = make_tenant("alice")
+    queued, running = new_job(store, alice), new_job(store, alice)
+    attempt = store.claim(running, "ex-1")
+    store.transition(running, "scheduled", "running", attempt=attempt)
+    assert store.cancel(alice.name, queued)["state"] == "cancelled"
+    assert not store.is_cancel_requested(queued)
+    job = store.cancel(alice.name, running)
+    assert job["state"] == "cancelled" and job["cancel_requested"] and store.is_cancel_requested(running)
+    assert not store.record_progress(running, 1, 10, {"loss": 1.0}, attempt=attempt)  # the executor's cue to drop it
+    assert store.cancel(alice.name, running)["state"] == "cancelled"  # idempotent
+    assert queued not in [j["job_id"] for j in store.list_queued()]
+    done = new_job(store, alice)
+    store.transition(done, "queued", "cancelled")
+    with pytest.raises(LookupError):
+        store.cancel(make_tenant("bob").name, done)
+
+
+def test_queue_order_is_priority_then_age(store, make_tenant):
+    alice = make_tenant("alice")
+    low, high_old, high_new = new_job(store, alice, 1), new_job(store, alice, 9), new_job(store, alice, 9)
+    order = [j["job_id"] for j in store.list_queued() if j["tenant"] == alice.name]
+    assert order == [high_old, high_new, low]
+
+
+def test_max_queued_holds_under_concurrent_submits(store, make_tenant):
+    alice = make_tenant("alice", max_queued=5)
+    spec = parse_spec({"base_model": "/models/x", "dataset": alice.dataset})
+    accepted, refused = [], []
+
+    def submit():
+        try:
+            accepted.append(store.submit(alice.name, spec)["job_id"])
+        except QuotaExceeded:
+            refused.append(1)
+
+    threads = [threading.Thread(target=submit) for _ in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(accepted) == 5 and len(refused) == 15
+    assert store.counts(alice.name)["queued"] == 5
+    assert store.r.zcard(keys.tenant_jobs(alice.name)) == 5
+
+
+def test_events_page_and_stay_bounded(store, make_tenant):
+    alice = make_tenant("alice")
+    job_id = new_job(store, alice)
+    for i in range(keys.EVENTS_MAXLEN + 500):
+        store.append_event(job_id, "log", i=i)
+    assert store.r.xlen(keys.job_events(job_id)) < keys.EVENTS_MAXLEN + 200
+    page = store.events(job_id, limit=10)
+    assert len(page) == 10 and [e["i"] for e in page] == sorted(e["i"] for e in page)
+    following = store.events(job_id, after=page[-1]["id"], limit=5)
+    assert [e["i"] for e in following] == [page[-1]["i"] + k for k in range(1, 6)]
+    with pytest.raises(ValueError, match="after"):
+        store.events(job_id, after="not-an-id")
+
+
+def test_tenant_admin(store):
+    tenant, token = store.create_tenant("carol-" + secrets.token_hex(4), weight=2.5)
+    assert store.authenticate(token) == tenant["name"] and tenant["weight"] == 2.5
+    assert store.r.hget(keys.tenant(tenant["name"]), "token_sha256") != token  # only the hash is kept
+    assert token not in str(store.r.hgetall(keys.TOKENS))
+    with pytest.raises(ValueError, match="already exists"):
+        store.create_tenant(tenant["name"])
+    for bad in ("Bad Name", "shared", "../x", ""):
+        with pytest.raises(ValueError, match="tenant name"):
+            store.create_tenant(bad)
+    with pytest.raises(ValueError, match="max_queued"):
+        store.set_quota(tenant["name"], max_queued=-1)
+    with pytest.raises(LookupError):
+        store.set_quota("nobody-here", max_queued=3)
+    assert not store.r.exists(keys.tenant("nobody-here"))
+    assert store.set_quota(tenant["name"], max_running=7)["max_running"] == 7
+
+
+@pytest.mark.parametrize("stop", ["stop", "kill"])
+def test_redis_restart_loses_no_accepted_job(tmp_path, stop):
+    server = start_redis_server(tmp_path / "redis")
+    store = JobStore(server.client())
+    store.ensure_schema()
+    _, token = store.create_tenant("alice")
+    spec = parse_spec({"base_model": "/models/x", "dataset": "alice/train.jsonl"})
+    job_ids = [store.submit("alice", spec)["job_id"] for _ in range(3)]
+    store.claim(job_ids[0], "ex-1")
+    getattr(server, stop)()  # SIGTERM, or SIGKILL straight after the last acknowledged write
+
+    server = start_redis_server(tmp_path / "redis")
+    try:
+        store = JobStore(server.client())
+        store.ensure_schema()
+        assert store.authenticate(token) == "alice"
+        assert [store.get_job(j)["state"] for j in job_ids] == ["scheduled", "queued", "queued"]
+        assert [j["job_id"] for j in store.list_queued()] == job_ids[1:]
+        assert store.counts("alice")["queued"] == 2
+        assert [e["to"] for e in store.events(job_ids[0])] == ["queued", "scheduled"]
+    finally:
+        server.stop()
