@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from lorafleet.scheduler import config, keys, stack
+from lorafleet.scheduler import config, fleet, keys, stack
 from lorafleet.scheduler.client import LorafleetClient
 from lorafleet.scheduler.redis_server import start_redis_server
 from lorafleet.scheduler.spec import JobSpec, parse_spec
@@ -152,18 +152,49 @@ def main() -> None:
 
 
 @main.command()
+@click.option("--device", default=None, help="executor device (default: cuda:0 when CUDA is available, else cpu)")
 @json_option
-def up(as_json: bool) -> None:
-    """Run the local demo stack: Redis, a worker, two demo tenants and sample jobs; then stop."""
+def up(device: Optional[str], as_json: bool) -> None:
+    """Run the local demo stack: Redis, a worker, the scheduler, an executor, two demo tenants' jobs; then stop."""
     running = stack.start_redis()
     try:
         if not as_json:
             console.print(f"redis: {'embedded, ' + str(config.embedded_redis_dir()) if running.redis else 'REDIS_URL'}")
         stack.start_worker(running)
+        stack.start_process(running, "scheduler", ["scheduler"])
+        stack.start_process(running, "executor", ["executor", "--device", device or _default_device()])
         jobs = stack.seed_demo(running)
-        _show_jobs(jobs, as_json, title="submitted demo jobs")
+        if not as_json:
+            _show_jobs(jobs, False, title="submitted demo jobs")
+            console.print(f"logs: {config.state_dir() / 'logs'}")
+        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[status]}"),
+                      TimeElapsedColumn(), console=console, disable=as_json) as progress:
+            bars = {job["job_id"]: progress.add_task(f"{job['tenant']}/{job['name']}", total=None, status="queued")
+                    for job in jobs}
+
+            def show(views: list[dict]) -> None:
+                for view in views:
+                    step, total = view["progress"]["step"], view["progress"]["total_steps"]
+                    loss = view["metrics"].get("loss")
+                    status = view["state"] + (f" loss {loss:.3f}" if loss is not None else "")
+                    progress.update(bars[view["job_id"]], completed=step, total=total or None, status=status)
+
+            final = stack.wait_for_jobs(running, [job["job_id"] for job in jobs], show)
+        if as_json:
+            _print_json(final)
+        else:
+            _table("finished demo jobs", ("job_id", "tenant", "state", "adapter (PEFT)"),
+                   [[j["job_id"], j["tenant"], j["state"], j["adapter_uri"] or j["error"] or ""] for j in final])
+        if any(job["state"] != "succeeded" for job in final):
+            raise click.ClickException("some demo jobs did not succeed; see the table above and the logs")
     finally:
         running.stop()
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
 
 
 @main.command("redis")
@@ -193,15 +224,62 @@ def redis_cmd(data_dir: Optional[Path], port: int, as_json: bool) -> None:
 
 
 @main.command()
-def scheduler() -> None:
-    """The scheduler process (not implemented yet)."""
-    raise click.ClickException("`lorafleet scheduler` is not implemented yet")
+@click.option("--metrics-port", type=int, default=9464, show_default=True, help="/metrics port (0 = any free port)")
+@click.option("--interval", type=float, default=0.5, show_default=True, help="seconds between planning rounds")
+@click.option("--lock-ttl", type=float, default=3.0, show_default=True, help="leader lock TTL in seconds")
+@click.option("--packing", type=click.Choice(["optimal-fit", "fast-fit", "trivial"]), default="optimal-fit",
+              show_default=True)
+def scheduler(metrics_port: int, interval: float, lock_ttl: float, packing: str) -> None:
+    """The scheduler process: leader election, then cohort planning rounds. Run two for a hot standby."""
+    from lorafleet.scheduler import service
+
+    service.main(metrics_port, interval, lock_ttl, packing)
 
 
 @main.command()
-def executor() -> None:
-    """An executor process (not implemented yet)."""
-    raise click.ClickException("`lorafleet executor` is not implemented yet")
+@click.option("--device", default="cpu", show_default=True, help="cuda:N or cpu")
+@click.option("--id", "executor_id", default=None, help="executor id (default: host-device-pid)")
+@click.option("--metrics-port", type=int, default=0, show_default=True, help="/metrics port (0 = any free port)")
+@click.option("--memory-bytes", type=int, default=None, help="memory the scheduler may plan with (default: device total)")
+def executor(device: str, executor_id: Optional[str], metrics_port: int, memory_bytes: Optional[int]) -> None:
+    """An executor process: trains the cohort the scheduler assigns to this device."""
+    try:
+        from lorafleet.executor import worker
+    except ImportError as exc:
+        raise click.ClickException(f"the executor needs the 'executor' extra (pip install 'lorafleet[executor]'): {exc}")
+    worker.main(device, executor_id, metrics_port, memory_bytes)
+
+
+@main.group()
+def executors() -> None:
+    """List executors and drain them."""
+
+
+@executors.command("list")
+@json_option
+def executors_list(as_json: bool) -> None:
+    """Executors with a live heartbeat."""
+    alive, _dead = fleet.executors(_store().r)
+    if as_json:
+        _print_json(alive)
+        return
+    gib = 1024**3
+    _table("executors", ("executor", "host", "device", "base", "jobs", "peak GiB", "total GiB"),
+           [[e["executor_id"], e["host"], e["device"], e["compat_key"] or "-", str(e["jobs"]),
+             f"{e['peak_bytes'] / gib:.1f}", f"{e['total_bytes'] / gib:.1f}"] for e in alive])
+
+
+@executors.command("drain")
+@click.argument("executor_id")
+@json_option
+def executors_drain(executor_id: str, as_json: bool) -> None:
+    """Ask an executor to checkpoint its jobs, hand them back to the queue and exit."""
+    if not fleet.request_drain(_store().r, executor_id):
+        raise click.ClickException(f"no live executor {executor_id!r} (see `lorafleet executors list`)")
+    if as_json:
+        _print_json({"executor_id": executor_id, "drain": True})
+    else:
+        console.print(f"drain requested for {executor_id}")
 
 
 @main.command()
@@ -397,3 +475,11 @@ def jobs_watch(job_id: str, interval: float, token: Optional[str], as_json: bool
             time.sleep(interval)
     if not as_json:
         _show_job(job, False)
+
+
+if __name__ == "__main__":
+    main()
+
+
+if __name__ == "__main__":
+    main()
