@@ -6,6 +6,7 @@
 | `LORAFLEET_STATE_DIR` | `./.lorafleet` | embedded Redis data, its URL file |
 | `LORAFLEET_DATA_ROOT` | `<state dir>/data` | datasets: `<root>/<tenant>/...` and `<root>/shared/...` |
 | `LORAFLEET_ARTIFACT_DIR` | `<state dir>/artifacts` | adapters and checkpoints written by executors |
+| `LORAFLEET_ARTIFACT_URI` | the artifact dir | any fsspec URI (e.g. `s3://bucket/lorafleet`) instead of a local directory |
 | `HF_HUB_CACHE` | `$HF_HOME/hub` or `~/.cache/huggingface/hub` | local model cache searched for base model ids |
 """
 
@@ -29,6 +30,11 @@ def data_root() -> Path:
 
 def artifact_dir() -> Path:
     return Path(os.environ.get("LORAFLEET_ARTIFACT_DIR") or state_dir() / "artifacts").absolute()
+
+
+def artifact_root() -> str:
+    """Where executors publish checkpoints and adapters: an fsspec URI or a local directory."""
+    return os.environ.get("LORAFLEET_ARTIFACT_URI") or str(artifact_dir())
 
 
 def embedded_redis_dir() -> Path:

@@ -18,11 +18,11 @@ State lives only in Redis (persisted with AOF), so a scheduler or worker restart
 | `lorafleet:submit_seq` | string (int) | submit sequence counter (the queue's tie-break) | `JobStore.submit` (Lua) |
 | `lorafleet:scheduler:leader` | string, TTL | id of the scheduler holding the leader lock | `leader.LeaderLock` |
 | `lorafleet:scheduler:fence` | string (int) | fencing counter, +1 per leader acquisition; `JobStore.transition(fence=...)` checks it | `leader.LeaderLock` |
-| `lorafleet:executors` | set | ids of registered executors (alive or not yet reaped) | `fleet.register_executor`, `fleet.reap` |
+| `lorafleet:executors` | set | ids of registered executors (alive or not yet reaped) | executors (`fleet.heartbeat`); the scheduler removes dead ones (`fleet.forget`) |
 | `lorafleet:executor:<id>` | hash, TTL | heartbeat: `host`, `device`, `pid`, `total_bytes`, `free_bytes`, `peak_bytes`, `compat_key` (loaded base), `base_bytes`, `jobs`, `metrics_port`, `heartbeat_at`; expires when heartbeats stop | the executor (`fleet.heartbeat`) |
 | `lorafleet:executor:<id>:drain` | string | "1": finish the current step, checkpoint every job, hand them back, exit | `lorafleet executors drain` |
 | `lorafleet:tenant_gpu_seconds` | hash | tenant -> GPU seconds used so far (each cohort step split by tokens) | executors (`JobStore.add_gpu_seconds`) |
-| `lorafleet:memory_factors` | hash | compat key -> calibrated memory-model factor, learned from executors' reported peaks | scheduler |
+| `lorafleet:memory_factors` | hash | compat key -> calibrated memory-model factor, learned from executors' reported peaks | scheduler (`service.Scheduler`) |
 
 Celery (broker and result backend on the same Redis) owns its own keys: `celery`, `_kombu.*`, `unacked*`,
 `celery-task-meta-<task id>` (results expire after an hour).
@@ -92,3 +92,10 @@ def job_events(job_id: str) -> str:
 def state_set(state: str) -> str:
     return f"{PREFIX}state:{state}"
 
+
+def executor(executor_id: str) -> str:
+    return f"{PREFIX}executor:{executor_id}"
+
+
+def executor_drain(executor_id: str) -> str:
+    return f"{PREFIX}executor:{executor_id}:drain"

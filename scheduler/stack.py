@@ -89,6 +89,36 @@ def start_worker(stack: Stack, timeout: float = 60.0) -> Celery:
     return app
 
 
+def start_process(stack: Stack, name: str, args: list[str]) -> subprocess.Popen:
+    """Start `lorafleet <args>` as a child of the stack, logging to <state dir>/logs/<name>.log."""
+    log_dir = config.state_dir() / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with open(log_dir / f"{name}.log", "ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-P", "-m", "lorafleet.scheduler.cli", *args],
+            env=child_env(stack), stdout=log, stderr=subprocess.STDOUT,
+        )
+    stack.processes.append(process)
+    return process
+
+
+def wait_for_jobs(stack: Stack, job_ids: list[str], on_update, timeout: float = 900.0) -> list[dict]:
+    """Poll the store until every job is finished; call on_update(jobs) after each poll; return the final views."""
+    store = JobStore.from_url(stack.redis_url)
+    deadline = time.monotonic() + timeout
+    while True:
+        jobs = [store.get_job(job_id, with_spec=False) for job_id in job_ids]
+        on_update(jobs)
+        if all(job["state"] in ("succeeded", "failed", "cancelled") for job in jobs):
+            return jobs
+        for process in stack.processes:
+            if process.poll() is not None:
+                raise RuntimeError(f"{process.args[4:]} exited with {process.returncode}; see {config.state_dir() / 'logs'}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"jobs not finished after {timeout:.0f} s")
+        time.sleep(0.5)
+
+
 def write_demo_base_model(path: Path) -> Path:
     """A tiny random Llama (hidden 64, 2 layers) with a byte-level BPE tokenizer, so the demo needs no download."""
     if (path / "config.json").is_file():
@@ -150,7 +180,7 @@ def seed_demo(stack: Stack) -> list[dict]:
                     "base_model": str(base_model),
                     "dataset": f"{tenant}/{sample}",
                     "adapter": {"type": "lora", "r": r, "lora_alpha": 2 * r},
-                    "hyperparameters": {"max_steps": 20, "batch_size": 2, "max_seq_len": 128, "learning_rate": 1e-3},
+                    "hyperparameters": {"max_steps": 20, "batch_size": 2, "max_seq_len": 384, "learning_rate": 1e-3},
                 }
                 jobs.append(client.submit(spec))
         finally:

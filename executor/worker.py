@@ -1,0 +1,264 @@
+"""The executor process: one per GPU (or one CPU). `lorafleet executor --device cuda:0`.
+
+It heartbeats into Redis, takes the jobs the scheduler assigned to it, and trains them as one cohort. Between two
+steps it takes in new assignments (hot join), drops jobs that were cancelled or taken away (their lease moved on),
+checkpoints, and finishes jobs. Every write about a job carries the job's `attempt` (its lease): the store refuses
+writes from an executor that no longer holds the job, so a job never trains on two executors at once.
+
+Drain (SIGTERM, or `lorafleet executors drain ID`): checkpoint every job, hand it back to the queue, exit 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lorafleet.executor.artifacts import ArtifactStore
+from lorafleet.executor.cohort import Cohort
+from lorafleet.scheduler import config, fleet
+from lorafleet.scheduler.metrics import ExecutorMetrics, executor_metrics, serve
+from lorafleet.scheduler.spec import JobSpec, resolve_dataset
+from lorafleet.scheduler.store import JobStore
+from lorafleet.scheduler.submission import resolve_base_model
+
+log = logging.getLogger("lorafleet.executor")
+
+
+@dataclass
+class Lease:
+    job_id: str
+    tenant: str
+    attempt: int
+    spec: JobSpec
+
+
+class Executor:
+    def __init__(
+        self,
+        store: JobStore,
+        executor_id: str,
+        device: str,
+        artifacts: ArtifactStore,
+        memory_bytes: int | None = None,
+        heartbeat_ttl: float = fleet.HEARTBEAT_TTL_SECONDS,
+        poll_seconds: float = 0.2,
+        metrics: ExecutorMetrics | None = None,
+        metrics_port: int = 0,
+    ):
+        self.store, self.executor_id, self.device, self.artifacts = store, executor_id, device, artifacts
+        self.heartbeat_ttl, self.poll_seconds = heartbeat_ttl, poll_seconds
+        self.metrics, self.metrics_port = metrics, metrics_port
+        self.total_bytes = memory_bytes or _device_memory(device)
+        self.cohort: Cohort | None = None
+        self.compat_key: str | None = None
+        self.base_bytes = 0
+        self.leases: dict[str, Lease] = {}
+        self.stopping = threading.Event()
+        self.scratch = Path(tempfile.mkdtemp(prefix=f"lorafleet-{executor_id}-"))
+
+    # ---- the loop ----
+
+    def run(self) -> None:
+        self.send_heartbeat()
+        beats = threading.Thread(target=self._heartbeats, daemon=True)
+        beats.start()
+        log.info("executor %s on %s ready", self.executor_id, self.device)
+        while not self.stopping.is_set():
+            if fleet.drain_requested(self.store.r, self.executor_id):
+                self.stopping.set()
+                break
+            self.sync_assignments()
+            if self.cohort is not None and self.cohort.active_jobs():
+                self.train_step()
+            else:
+                self.stopping.wait(self.poll_seconds)
+        self.drain()
+
+    def _heartbeats(self) -> None:
+        while not self.stopping.wait(self.heartbeat_ttl / 4):
+            try:
+                self.send_heartbeat()
+            except Exception:  # Redis briefly away: the next beat retries; missing several declares us dead.
+                log.exception("heartbeat failed")
+
+    def send_heartbeat(self) -> None:
+        peak = _peak_bytes(self.device)
+        fleet.heartbeat(
+            self.store.r,
+            self.executor_id,
+            {
+                "host": socket.gethostname(),
+                "device": self.device,
+                "pid": os.getpid(),
+                "total_bytes": self.total_bytes,
+                "free_bytes": max(0, self.total_bytes - peak),
+                "peak_bytes": peak,
+                "compat_key": self.compat_key,
+                "base_bytes": self.base_bytes,
+                "jobs": len(self.leases),
+                "metrics_port": self.metrics_port,
+            },
+            ttl=self.heartbeat_ttl,
+        )
+
+    # ---- assignments ----
+
+    def sync_assignments(self) -> None:
+        """Drop jobs whose lease is gone (cancelled, requeued); take in jobs newly scheduled here."""
+        for job_id, lease in list(self.leases.items()):
+            job = self.store.get_job(job_id, with_spec=False)
+            if job is None or job["state"] not in ("scheduled", "running") or job["attempt"] != lease.attempt:
+                log.info("job %s left this executor (state %s)", job_id, job and job["state"])
+                self._release(job_id)
+        for job in self.store.jobs_in_state("scheduled"):
+            if job.get("executor_id") == self.executor_id and job["job_id"] not in self.leases:
+                self.admit(job)
+
+    def admit(self, job: dict) -> None:
+        job_id, attempt = job["job_id"], job["attempt"]
+        spec = JobSpec.model_validate(job["spec"])
+        try:
+            if spec.compatibility_key() != self.compat_key:
+                self._load_base(spec)
+            dataset = resolve_dataset(spec.dataset, config.data_root(), job["tenant"])
+            resume_from = self.artifacts.fetch(job["checkpoint_uri"], self.scratch) if job.get("checkpoint_uri") else None
+            self.cohort.add_job(job_id, spec, dataset, resume_from=resume_from)
+        except Exception as exc:  # a job that cannot start fails alone, with the reason
+            log.warning("job %s cannot start: %s", job_id, exc)
+            self.store.transition(job_id, "scheduled", "failed", attempt=attempt, error=f"cannot start: {exc}")
+            return
+        if not self.store.transition(job_id, "scheduled", "running", attempt=attempt, executor_id=self.executor_id):
+            self.cohort.remove_job(job_id)
+            return
+        self.leases[job_id] = Lease(job_id, job["tenant"], attempt, spec)
+        log.info("job %s joined the cohort (%d jobs)%s", job_id, len(self.leases), " from checkpoint" if resume_from else "")
+
+    def _load_base(self, spec: JobSpec) -> None:
+        if self.leases:
+            raise RuntimeError(
+                f"this executor runs base {self.compat_key!r}; it cannot also load {spec.compatibility_key()!r}"
+            )
+        self.cohort = None
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        path = resolve_base_model(spec.base_model, config.hf_hub_cache(), spec.base_model_revision)
+        self.cohort = Cohort(path, quantization=spec.quantization, dtype=spec.dtype, device=self.device)
+        self.compat_key = spec.compatibility_key()
+        self.base_bytes = sum(p.numel() * p.element_size() for p in self.cohort.model.parameters())
+        self.send_heartbeat()
+
+    def _release(self, job_id: str) -> None:
+        self.leases.pop(job_id, None)
+        if self.cohort is not None and job_id in self.cohort.jobs:
+            self.cohort.remove_job(job_id)
+
+    # ---- one step ----
+
+    def train_step(self) -> None:
+        started = time.perf_counter()
+        results = self.cohort.step()
+        seconds = time.perf_counter() - started
+        total_tokens = sum(result.tokens for result in results.values()) or 1
+        usage: dict[str, float] = {}
+        for job_id, result in results.items():
+            lease = self.leases[job_id]
+            usage[lease.tenant] = usage.get(lease.tenant, 0.0) + seconds * result.tokens / total_tokens
+            if result.error is not None:
+                self.store.transition(job_id, "running", "failed", attempt=lease.attempt, error=result.error)
+                self._release(job_id)
+                if self.metrics:
+                    self.metrics.job_failures.inc()
+                continue
+            metrics = {"loss": result.loss, "lr": result.lr, "tokens": result.tokens,
+                       "tokens_per_s": result.tokens / seconds, "grad_norm": result.grad_norm}
+            kept = self.store.record_progress(job_id, result.step, result.total_steps, metrics, attempt=lease.attempt)
+            if not kept:
+                self._release(job_id)
+            elif result.done:
+                self.finish(lease)
+            elif result.checkpoint_due:
+                self.save_checkpoint(lease)
+        self.store.add_gpu_seconds(usage)
+        if self.metrics:
+            self.metrics.steps.inc()
+            self.metrics.step_duration.observe(seconds)
+            self.metrics.tokens_trained.inc(sum(result.tokens for result in results.values()))
+            self.metrics.cohort_jobs.set(len(self.leases))
+            self.metrics.memory_allocated.set(_allocated_bytes(self.device))
+            self.metrics.memory_peak.set(_peak_bytes(self.device))
+
+    def save_checkpoint(self, lease: Lease) -> None:
+        local = self.cohort.checkpoint(lease.job_id, self.scratch / lease.job_id / "checkpoint")
+        uri = self.artifacts.publish(local, lease.tenant, lease.job_id, f"checkpoint-{lease.attempt}")
+        if self.store.record_checkpoint(lease.job_id, uri, lease.attempt):
+            self.store.append_event(lease.job_id, "checkpoint", uri=uri, step=self.cohort.jobs[lease.job_id].step)
+
+    def finish(self, lease: Lease) -> None:
+        local = self.cohort.checkpoint(lease.job_id, self.scratch / lease.job_id / "final")
+        uri = self.artifacts.publish(local, lease.tenant, lease.job_id, "adapter")
+        self.store.set_result(lease.job_id, uri, attempt=lease.attempt)
+        self._release(lease.job_id)
+        log.info("job %s succeeded: %s", lease.job_id, uri)
+
+    # ---- leaving ----
+
+    def drain(self) -> None:
+        """Checkpoint every job and hand it back to the queue, then deregister."""
+        for job_id, lease in list(self.leases.items()):
+            try:
+                self.save_checkpoint(lease)
+            finally:
+                self.store.transition(job_id, ("scheduled", "running"), "queued", attempt=lease.attempt)
+                self._release(job_id)
+        for job in self.store.jobs_in_state("scheduled"):
+            if job.get("executor_id") == self.executor_id:
+                self.store.transition(job["job_id"], "scheduled", "queued", attempt=job["attempt"])
+        fleet.forget(self.store.r, self.executor_id)
+        log.info("executor %s drained", self.executor_id)
+
+
+def _device_memory(device: str) -> int:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_properties(torch.device(device)).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _peak_bytes(device: str) -> int:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(torch.device(device))
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _allocated_bytes(device: str) -> int:
+    if device.startswith("cuda"):
+        return torch.cuda.memory_allocated(torch.device(device))
+    return _peak_bytes(device)
+
+
+def main(device: str, executor_id: str | None, metrics_port: int, memory_bytes: int | None) -> None:
+    """Entry point of `lorafleet executor`."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    executor_id = executor_id or f"{socket.gethostname()}-{device.replace(':', '')}-{os.getpid()}"
+    store = JobStore.from_url(config.redis_url())
+    store.ensure_schema()
+    metrics = executor_metrics(executor_id)
+    port = serve(metrics.registry, metrics_port)
+    log.info("metrics on http://127.0.0.1:%d/metrics", port)
+    executor = Executor(
+        store, executor_id, device, ArtifactStore(config.artifact_root()), memory_bytes=memory_bytes,
+        metrics=metrics, metrics_port=port,
+    )
+    signal.signal(signal.SIGTERM, lambda *_: executor.stopping.set())
+    signal.signal(signal.SIGINT, lambda *_: executor.stopping.set())
+    executor.run()
