@@ -25,22 +25,21 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 def packed_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None, **kwargs):
     """Causal attention within each packed sequence. query [1, H, T, D], key/value [1, H_kv, T, D] -> [1, T, H, D]."""
-    boundaries = kwargs["cu_seq_lens_q"].tolist()
+    # split, not slicing: the backward of a slice is a zero-filled [T, ...] tensor per sequence, of split one concat.
+    lengths = kwargs["cu_seq_lens_q"].diff().tolist()
     groups = query.shape[1] // key.shape[1]
     outputs = []
-    for start, end in zip(boundaries[:-1], boundaries[1:]):
-        q, k, v = query[:, :, start:end], key[:, :, start:end], value[:, :, start:end]
+    for q, k, v in zip(query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2)):
         if groups > 1:
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        length = end - start
+        length = q.shape[2]
         if sliding_window is not None and length > sliding_window:
             rows = torch.arange(length, device=q.device)
             offset = rows[:, None] - rows[None, :]
             window_mask = (offset >= 0) & (offset < sliding_window)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=window_mask, scale=scaling)
+            outputs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=window_mask, scale=scaling))
         else:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling)
-        outputs.append(out)
+            outputs.append(F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling))
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
 
 

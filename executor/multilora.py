@@ -58,11 +58,13 @@ class MultiLoraLinear(nn.Module):
 
     @staticmethod
     def _drop_rows(flat, segments, adapters) -> torch.Tensor:
-        pieces, cursor = [], 0
-        for (start, end), adapter in sorted(zip(segments, adapters), key=lambda item: item[0][0]):
-            pieces += [flat[cursor:start], adapter.drop(flat[start:end])]
-            cursor = end
-        pieces.append(flat[cursor:])
+        # One split and one concat (slicing would give each piece a zero-filled full-size gradient).
+        ordered = sorted(zip(segments, adapters), key=lambda item: item[0][0])
+        bounds = sorted({0, flat.shape[0], *(row for (start, end), _ in ordered for row in (start, end))})
+        pieces = list(flat.split([end - start for start, end in zip(bounds[:-1], bounds[1:])]))
+        for (start, _), adapter in ordered:
+            piece = bounds.index(start)
+            pieces[piece] = adapter.drop(pieces[piece])
         return torch.cat(pieces)
 
     def extra_repr(self) -> str:
