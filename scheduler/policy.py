@@ -159,7 +159,7 @@ class QueuedJob:
     compat_key: str
     priority: int  # 0 lowest .. 9 highest, as in JobSpec
     submitted_at: float  # seconds, same clock as `now`
-    est_tokens: int  # tokens the whole job will train on
+    est_gpu_seconds: float  # GPU time it needs: its tokens over its base's measured tokens per GPU-second
     tokens_per_step: int  # batch_size * max_seq_len
     job_bytes: int  # estimate_job_bytes(...), uncalibrated
     base_bytes: int  # estimate_base_bytes(...) of its base, uncalibrated
@@ -171,7 +171,7 @@ class RunningJob:
     tenant: str
     job_bytes: int
     tokens_per_step: int
-    remaining_tokens: int = 0
+    remaining_gpu_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -202,8 +202,7 @@ class PlanConfig:
     target_cohort_tokens: int = 8192  # past this a step is compute-bound: join another cohort or an idle GPU first
     aging_seconds: float = 900.0  # waiting this long raises a job one priority level within its tenant
     reserve_after_seconds: float = 3600.0  # a job that waited this long and fits nowhere holds an executor back
-    max_reservations: int = 8
-    nominal_tokens_per_second: float = 5000.0  # turns running jobs' remaining tokens into a fair-share charge
+    max_reservations: int = 4
     memory_factors: Mapping[str, float] = field(default_factory=dict)  # compat_key -> MemoryCalibration.factor
 
     def __post_init__(self):
@@ -211,8 +210,7 @@ class PlanConfig:
             raise ValueError(f"PlanConfig.packing must be one of {PACKINGS}, got {self.packing!r}")
         if not 0 < self.memory_fraction <= 1:
             raise ValueError(f"PlanConfig.memory_fraction must be in (0, 1], got {self.memory_fraction}")
-        for name in ("max_cohort_jobs", "target_cohort_tokens", "aging_seconds", "reserve_after_seconds",
-                     "nominal_tokens_per_second"):
+        for name in ("max_cohort_jobs", "target_cohort_tokens", "aging_seconds", "reserve_after_seconds"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"PlanConfig.{name} must be positive, got {getattr(self, name)}")
         if self.max_reservations < 0:
@@ -359,10 +357,9 @@ def plan(
     assignments: list[Assignment] = []
     running_now = {name: view.running for name, view in tenant_views.items()}
     charged: dict[str, float] = {}  # tenant -> seconds of work its running and newly placed jobs still need
-    rate = config.nominal_tokens_per_second
     for slot in slots:
         for job in slot.view.running:
-            charged[job.tenant] = charged.get(job.tenant, 0.0) + job.remaining_tokens / rate
+            charged[job.tenant] = charged.get(job.tenant, 0.0) + job.remaining_gpu_seconds
 
     def at_quota(name: str) -> bool:
         view = tenant_views.get(name)
@@ -377,13 +374,20 @@ def plan(
         slot.take(key, job.job_bytes * factor, job.base_bytes * factor, job.tokens_per_step)
         assignments.append(Assignment(job.job_id, slot.view.executor_id, key))
         running_now[job.tenant] = running_now.get(job.tenant, 0) + 1
-        charged[job.tenant] = charged.get(job.tenant, 0.0) + job.est_tokens / rate
+        charged[job.tenant] = charged.get(job.tenant, 0.0) + job.est_gpu_seconds
 
-    # Overdue jobs (waited reserve_after_seconds) go first, oldest first, whatever their tenant's share. One that
-    # fits nowhere holds back the executor where it would fit once drained, so backfill cannot starve it.
+    def share_used(name: str) -> float:
+        view = tenant_views.get(name) or TenantView(name=name)
+        return (view.gpu_seconds + charged.get(name, 0.0)) / view.weight
+
+    # A few overdue jobs (waited reserve_after_seconds) go before the fair-share loop, in fair-share order and then
+    # oldest first; one that fits nowhere holds back the executor where it would fit once drained, so small jobs
+    # backfilling every gap cannot starve a big one. Under overload every job is overdue and this stays fair.
     overdue = [j for j in queued if now - j.submitted_at >= config.reserve_after_seconds]
+    usage_now = {j.tenant: share_used(j.tenant) for j in overdue}
     placed_early = set()
-    for job in heapq.nsmallest(config.max_reservations, overdue, key=lambda j: (j.submitted_at, j.job_id)):
+    for job in heapq.nsmallest(config.max_reservations, overdue,
+                               key=lambda j: (usage_now[j.tenant], j.submitted_at, j.job_id)):
         if at_quota(job.tenant):
             continue
         slot = place(job)
@@ -407,8 +411,7 @@ def plan(
     for name, jobs in by_tenant.items():
         jobs.sort(key=lambda j: (j.submitted_at / aging - j.priority, j.submitted_at, j.job_id))
         if not at_quota(name):
-            view = tenant_views.get(name) or TenantView(name=name)
-            heap.append(((view.gpu_seconds + charged.get(name, 0.0)) / view.weight, name, 0))
+            heap.append((share_used(name), name, 0))
     heapq.heapify(heap)
 
     smallest_failure: dict[str, float] = {}  # capacity only shrinks within a round, so bigger jobs fail too
@@ -427,7 +430,6 @@ def plan(
                 continue
             commit(job, slot)
             if cursor < len(jobs) and not at_quota(name):
-                view = tenant_views.get(name) or TenantView(name=name)
-                heapq.heappush(heap, ((view.gpu_seconds + charged[name]) / view.weight, name, cursor))
+                heapq.heappush(heap, (share_used(name), name, cursor))
             break
     return assignments

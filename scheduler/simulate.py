@@ -132,6 +132,7 @@ def make_workload(num_jobs: int, num_tenants: int, num_executors: int, seed: int
         per_tenant.setdefault(owner, []).append(index)
 
     largest = max(gpu.total_bytes for _, gpu in gpus)
+    fastest = max(GPU_CLASSES, key=lambda g: g.speed)
     bases = [b for b in BASES if (b.est_base_bytes + estimate_job_bytes(b.shape, 8, ("q_proj",), 1, 512, "bfloat16"))
              * b.true_memory_factor < 0.85 * largest]
     popularity = [p for b, p in zip(BASES, BASE_POPULARITY) if b in bases]
@@ -170,7 +171,9 @@ def make_workload(num_jobs: int, num_tenants: int, num_executors: int, seed: int
 
     jobs = []
     for index, (owner, base, tokens_per_step, job_bytes, tokens, priority) in enumerate(specs):
-        job = QueuedJob(f"j{index:05d}", owner, base.key, priority, arrivals[index], tokens, tokens_per_step,
+        # the service would measure tokens per GPU-second per base; here: an 8k-token cohort on the fastest GPU
+        gpu_seconds = tokens * step_seconds(base, fastest, 8192, 4) / 8192
+        job = QueuedJob(f"j{index:05d}", owner, base.key, priority, arrivals[index], gpu_seconds, tokens_per_step,
                         job_bytes, base.est_base_bytes)
         jobs.append(SimJob(job, base, int(job_bytes * base.true_memory_factor),
                            max(1, math.ceil(tokens / tokens_per_step))))
@@ -334,7 +337,7 @@ def simulate(jobs: list[SimJob], tenants: dict[str, TenantView], gpus: list[tupl
             for job_id, remaining in executor.cohort.items():
                 job = by_id[job_id].job
                 running.append(RunningJob(job_id, job.tenant, job.job_bytes, job.tokens_per_step,
-                                          int(max(0.0, remaining) * job.tokens_per_step)))
+                                          max(0.0, remaining) / by_id[job_id].steps * job.est_gpu_seconds))
             base = executor.base
             result.append(ExecutorView(
                 executor.executor_id, executor.gpu.total_bytes,
@@ -445,6 +448,8 @@ def simulate(jobs: list[SimJob], tenants: dict[str, TenantView], gpus: list[tupl
         "base_loads": loads,
         "base_reloads": reloads,
         "oom_evictions": ooms,
+        "calibration_error_max": max((abs(calibration[b.key].factor - b.true_memory_factor) / b.true_memory_factor
+                                      for b in {j.base for j in jobs} if b.key in calibration), default=0.0),
         "plan_rounds": len(plan_times),
         "plan_ms_median": 1000 * statistics.median(plan_times),
         "plan_ms_p95": 1000 * _percentile(plan_times, 0.95),
@@ -477,7 +482,7 @@ def measure_decision_time(num_queued: int = 10_000, num_executors: int = 100, nu
                 eid, gpu.total_bytes, gpu.total_bytes - used, base.key if base else None,
                 int(base.est_base_bytes * base.true_memory_factor) if base else 0,
                 tuple(RunningJob(m.job.job_id, m.job.tenant, m.job.job_bytes, m.job.tokens_per_step,
-                                 m.job.est_tokens) for m in members)))
+                                 m.job.est_gpu_seconds) for m in members)))
         queue = list(queued.values())
         began = time.perf_counter()
         decisions = plan(queue, executor_views, tenants, now, config)

@@ -26,9 +26,9 @@ KEY_A = "base-a||none|bfloat16"
 KEY_B = "base-b||none|bfloat16"
 
 
-def job(job_id, tenant="t1", key=KEY_A, priority=5, submitted_at=0.0, job_gib=4, base_gib=10, tokens=1_000_000,
+def job(job_id, tenant="t1", key=KEY_A, priority=5, submitted_at=0.0, job_gib=4, base_gib=10, gpu_seconds=200.0,
         tokens_per_step=2048):
-    return QueuedJob(job_id, tenant, key, priority, submitted_at, tokens, tokens_per_step, job_gib * GiB,
+    return QueuedJob(job_id, tenant, key, priority, submitted_at, gpu_seconds, tokens_per_step, job_gib * GiB,
                      base_gib * GiB)
 
 
@@ -39,7 +39,7 @@ def executor(executor_id, total_gib=80, loaded=None, base_gib=10, running=(), al
 
 
 def running(job_id, tenant="t0", job_gib=4, tokens_per_step=2048):
-    return RunningJob(job_id, tenant, job_gib * GiB, tokens_per_step, 1_000_000)
+    return RunningJob(job_id, tenant, job_gib * GiB, tokens_per_step, 200.0)
 
 
 # ----------------------------------------------------------------------------------------------- memory model
@@ -254,7 +254,7 @@ def test_gpu_time_converges_to_tenant_weights():
     tenants = [TenantView("a", weight=1), TenantView("b", weight=3), TenantView("c", weight=4)]
 
     def backlog(round_index, started):  # every tenant always has more work than the fleet
-        return [job(f"{t.name}:{round_index}:{n}", tenant=t.name, tokens=5000) for t in tenants for n in range(8)]
+        return [job(f"{t.name}:{round_index}:{n}", tenant=t.name, gpu_seconds=1.0) for t in tenants for n in range(8)]
 
     used, _ = _run_rounds(backlog, tenants, rounds=200)
     total = sum(used.values())
