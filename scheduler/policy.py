@@ -81,7 +81,7 @@ class ModelShape:
 
 
 def estimate_base_bytes(params: int, quantization: str, dtype: str) -> int:
-    """Bytes of the frozen base weights on the device."""
+    """Bytes of the frozen base weights on the device ("auto" dtype counts as bfloat16, a GPU's choice)."""
     if not isinstance(params, int) or params < 1:
         raise ValueError(f"params must be a positive integer, got {params!r}")
     if dtype not in _DTYPE_BYTES:
@@ -119,6 +119,18 @@ def estimate_job_bytes(
     per_token = (shape.num_layers * _ACTIVATION_ELEMENTS_PER_TOKEN_PER_HIDDEN * shape.hidden_size * element
                  + shape.vocab_size * (element + 4))  # logits, plus their fp32 copy for the loss
     return adapter_params * _ADAPTER_STATE_BYTES_PER_PARAM + batch_size * max_seq_len * per_token
+
+
+def estimate_gpu_seconds(tokens: int, params: int, tokens_per_second_at_8b: float = 10_000.0) -> float:
+    """GPU time a job of `tokens` needs, for fair-share accounting: training FLOPs grow with parameters x tokens.
+
+    The default rate is an 8B base in a full cohort on one H100 (the developers' guide: 6.9k tok/s for one 4x512 job,
+    13.8k tok/s ceiling for the bare base); pass a measured one when the fleet has it.
+    """
+    if tokens < 0 or params < 1 or tokens_per_second_at_8b <= 0:
+        raise ValueError(f"need tokens >= 0, params >= 1 and a positive rate, got {tokens}, {params}, "
+                         f"{tokens_per_second_at_8b}")
+    return tokens * (params / 8e9) / tokens_per_second_at_8b
 
 
 @dataclass(frozen=True)
@@ -159,7 +171,7 @@ class QueuedJob:
     compat_key: str
     priority: int  # 0 lowest .. 9 highest, as in JobSpec
     submitted_at: float  # seconds, same clock as `now`
-    est_gpu_seconds: float  # GPU time it needs: its tokens over its base's measured tokens per GPU-second
+    est_gpu_seconds: float  # GPU time it needs (estimate_gpu_seconds), charged to its tenant's fair share
     tokens_per_step: int  # batch_size * max_seq_len
     job_bytes: int  # estimate_job_bytes(...), uncalibrated
     base_bytes: int  # estimate_base_bytes(...) of its base, uncalibrated
@@ -281,8 +293,9 @@ def plan(
     whose base no queued job wants), then any cohort of its key with room. Within a class `packing` picks the
     executor: optimal-fit = tightest fit, fast-fit = first fit over executors smallest first, trivial = first fit in
     id order with no base affinity. An executor runs one compatibility key at a time and at most `max_cohort_jobs`.
-    A job that has waited `reserve_after_seconds` and fits nowhere reserves the executor where it would fit once
-    drained, so small jobs cannot starve a big one. Same inputs, same output.
+    Before that loop, up to `max_reservations` jobs that have waited `reserve_after_seconds` are placed first (in
+    fair-share order); one that fits nowhere reserves the executor where it would fit once drained, so small jobs
+    backfilling every gap cannot starve a big one. Same inputs, same output.
     """
     tenant_views = dict(tenants) if isinstance(tenants, Mapping) else {t.name: t for t in tenants}
     for name, view in tenant_views.items():

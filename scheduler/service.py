@@ -31,6 +31,7 @@ from lorafleet.scheduler.policy import (
     TenantView,
     calibrate,
     estimate_base_bytes,
+    estimate_gpu_seconds,
     estimate_job_bytes,
     plan,
 )
@@ -49,7 +50,7 @@ def _model_shape(model_dir: str) -> ModelShape:
 
 
 def _job_size(spec: JobSpec, tenant: str) -> tuple[int, int, int, int]:
-    """(tokens the job trains on, tokens per micro-batch, job bytes, base bytes) from its spec and files."""
+    """(GPU seconds the job needs, tokens per micro-batch, job bytes, base bytes) from its spec and files."""
     hp = spec.hyperparameters
     model_dir = resolve_base_model(spec.base_model, config.hf_hub_cache(), spec.base_model_revision)
     shape = _model_shape(str(model_dir))
@@ -62,7 +63,7 @@ def _job_size(spec: JobSpec, tenant: str) -> tuple[int, int, int, int]:
     dtype = spec.dtype
     job_bytes = estimate_job_bytes(shape, spec.adapter.r, spec.adapter.target_modules, hp.batch_size, hp.max_seq_len, dtype)
     base_bytes = estimate_base_bytes(shape.num_params(), spec.quantization, dtype)
-    return tokens, tokens_per_step, job_bytes, base_bytes
+    return estimate_gpu_seconds(tokens, shape.num_params()), tokens_per_step, job_bytes, base_bytes
 
 
 class Scheduler:
@@ -119,7 +120,7 @@ class Scheduler:
             if job["executor_id"] in alive_ids:
                 spec = JobSpec.model_validate(job["spec"])
                 try:
-                    _tokens, per_step, job_bytes, base_bytes = _job_size(spec, job["tenant"])
+                    _gpu_seconds, per_step, job_bytes, base_bytes = _job_size(spec, job["tenant"])
                 except Exception:
                     per_step, job_bytes, base_bytes = 0, 0, 0
                 running_by_executor.setdefault(job["executor_id"], []).append(
@@ -141,12 +142,12 @@ class Scheduler:
         for job in self.store.list_queued():
             spec = JobSpec.model_validate(job["spec"])
             try:
-                tokens, per_step, job_bytes, base_bytes = _job_size(spec, job["tenant"])
+                gpu_seconds, per_step, job_bytes, base_bytes = _job_size(spec, job["tenant"])
             except Exception as exc:  # its model or data vanished since submission: fail it with the reason
                 self.store.transition(job["job_id"], "queued", "failed", fence=fence, error=f"cannot size job: {exc}")
                 continue
             queued.append(QueuedJob(job["job_id"], job["tenant"], spec.compatibility_key(), spec.priority,
-                                    job["submitted_at"], tokens, per_step, job_bytes, base_bytes))
+                                    job["submitted_at"], gpu_seconds, per_step, job_bytes, base_bytes))
 
         usage = self.store.gpu_seconds()
         tenants = {}

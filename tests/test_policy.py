@@ -15,6 +15,7 @@ from lorafleet.scheduler.policy import (
     TenantView,
     calibrate,
     estimate_base_bytes,
+    estimate_gpu_seconds,
     estimate_job_bytes,
     plan,
 )
@@ -78,6 +79,14 @@ def test_job_bytes_grow_with_rank_modules_and_tokens_and_match_spec_fields():
     assert 0.6e9 < adapter_only < 0.7e9
     with pytest.raises(ValueError, match="target module 'c_attn'"):
         estimate_job_bytes(LLAMA_8B, 16, ("c_attn",), 4, 512, "auto")
+
+
+def test_gpu_seconds_scale_with_tokens_and_parameters():
+    assert estimate_gpu_seconds(10_000, 8_000_000_000) == pytest.approx(1.0)
+    assert estimate_gpu_seconds(10_000, 70_000_000_000) == pytest.approx(8.75)
+    assert estimate_gpu_seconds(20_000, 8_000_000_000, tokens_per_second_at_8b=5_000) == pytest.approx(4.0)
+    with pytest.raises(ValueError, match="params"):
+        estimate_gpu_seconds(10, 0)
 
 
 def test_calibrate_jumps_up_at_once_and_decays_down_slowly():
