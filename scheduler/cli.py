@@ -289,6 +289,27 @@ def schema(as_json: bool) -> None:
     _print_json(JobSpec.model_json_schema())
 
 
+@main.command()
+@click.option("--jobs", "num_jobs", type=int, default=10_000, show_default=True)
+@click.option("--tenants", "num_tenants", type=int, default=200, show_default=True)
+@click.option("--executors", "num_executors", type=int, default=100, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--load", type=float, default=0.9, show_default=True, help="offered work / fleet capacity")
+@json_option
+def simulate(num_jobs: int, num_tenants: int, num_executors: int, seed: int, load: float, as_json: bool) -> None:
+    """Simulate a fleet under the scheduling policy and under FIFO one-job-per-GPU (no Redis, no GPU)."""
+    from lorafleet.scheduler import simulate as simulation
+
+    try:
+        result = simulation.run_simulation(num_jobs, num_tenants, num_executors, seed, load)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        _print_json(result)
+    else:
+        click.echo(simulation.format_table(result))
+
+
 # ---- tenants ----
 
 
