@@ -246,7 +246,8 @@ def _allocated_bytes(device: str) -> int:
     return _peak_bytes(device)
 
 
-def main(device: str, executor_id: str | None, metrics_port: int, memory_bytes: int | None) -> None:
+def main(device: str, executor_id: str | None, metrics_port: int, memory_bytes: int | None,
+         heartbeat_ttl: float = fleet.HEARTBEAT_TTL_SECONDS) -> None:
     """Entry point of `lorafleet executor`."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     executor_id = executor_id or f"{socket.gethostname()}-{device.replace(':', '')}-{os.getpid()}"
@@ -257,7 +258,7 @@ def main(device: str, executor_id: str | None, metrics_port: int, memory_bytes: 
     log.info("metrics on http://127.0.0.1:%d/metrics", port)
     executor = Executor(
         store, executor_id, device, ArtifactStore(config.artifact_root()), memory_bytes=memory_bytes,
-        metrics=metrics, metrics_port=port,
+        heartbeat_ttl=heartbeat_ttl, metrics=metrics, metrics_port=port,
     )
     signal.signal(signal.SIGTERM, lambda *_: executor.stopping.set())
     signal.signal(signal.SIGINT, lambda *_: executor.stopping.set())

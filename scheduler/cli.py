@@ -241,13 +241,16 @@ def scheduler(metrics_port: int, interval: float, lock_ttl: float, packing: str)
 @click.option("--id", "executor_id", default=None, help="executor id (default: host-device-pid)")
 @click.option("--metrics-port", type=int, default=0, show_default=True, help="/metrics port (0 = any free port)")
 @click.option("--memory-bytes", type=int, default=None, help="memory the scheduler may plan with (default: device total)")
-def executor(device: str, executor_id: Optional[str], metrics_port: int, memory_bytes: Optional[int]) -> None:
+@click.option("--heartbeat-ttl", type=float, default=10.0, show_default=True,
+              help="seconds without a heartbeat before the scheduler declares this executor dead")
+def executor(device: str, executor_id: Optional[str], metrics_port: int, memory_bytes: Optional[int],
+             heartbeat_ttl: float) -> None:
     """An executor process: trains the cohort the scheduler assigns to this device."""
     try:
         from lorafleet.executor import worker
     except ImportError as exc:
         raise click.ClickException(f"the executor needs the 'executor' extra (pip install 'lorafleet[executor]'): {exc}")
-    worker.main(device, executor_id, metrics_port, memory_bytes)
+    worker.main(device, executor_id, metrics_port, memory_bytes, heartbeat_ttl)
 
 
 @main.group()

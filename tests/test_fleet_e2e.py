@@ -1,0 +1,260 @@
+"""End to end on the CPU: a real redis-server, a real Celery worker, two scheduler processes (leader + standby) and
+executor processes, all started as they are in production. Tenants submit through the Celery task names only.
+
+The fleet gets its own Redis so no other test's jobs reach its scheduler. Each test waits on observable state with a
+deadline (never a bare sleep).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers_models import alpaca_rows, build_tiny_model, single_torch_thread, write_jsonl  # noqa: F401
+from lorafleet.executor.cohort import Cohort
+from lorafleet.scheduler import fleet, keys
+from lorafleet.scheduler.client import make_celery
+from lorafleet.scheduler.redis_server import free_port, start_redis_server
+from lorafleet.scheduler.spec import parse_spec
+from lorafleet.scheduler.store import JobStore
+
+pytestmark = pytest.mark.slow
+
+HEARTBEAT_TTL = 3.0
+LOCK_TTL = 2.0
+
+
+def wait_until(predicate, what: str, timeout: float = 90.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+@dataclass
+class Fleet:
+    root: Path
+    env: dict[str, str]
+    store: JobStore
+    app: object
+    models: dict[str, Path]
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    def start(self, name: str, *args: str) -> subprocess.Popen:
+        log = open(self.root / f"{name}.log", "ab")
+        process = subprocess.Popen(
+            [sys.executable, "-P", "-m", "lorafleet.scheduler.cli", *args],
+            env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=self.root,
+        )
+        self.processes[name] = process
+        return process
+
+    def start_executor(self, name: str) -> subprocess.Popen:
+        process = self.start(name, "executor", "--device", "cpu", "--id", name,
+                             "--heartbeat-ttl", str(HEARTBEAT_TTL))
+        wait_until(lambda: self.store.r.exists(keys.executor(name)), f"executor {name} to register")
+        return process
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text()[-2500:]}" for p in sorted(self.root.glob("*.log")))
+
+    def submit(self, token: str, spec: dict) -> str:
+        return self.app.send_task("lorafleet.submit_job", args=[token, spec]).get(timeout=30)["job_id"]
+
+    def get(self, token: str, job_id: str) -> dict:
+        return self.app.send_task("lorafleet.get_job", args=[token, job_id]).get(timeout=30)
+
+    def wait_state(self, token: str, job_id: str, states: tuple[str, ...], timeout: float = 120.0) -> dict:
+        try:
+            return wait_until(lambda: (job := self.get(token, job_id))["state"] in states and job,
+                              f"{job_id} to reach {states}", timeout)
+        except AssertionError:
+            raise AssertionError(f"{job_id} never reached {states}: {self.get(token, job_id)}\n{self.logs()}")
+
+
+@pytest.fixture(scope="module")
+def fleet_env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fleet")
+    redis = start_redis_server(root / "redis")
+    models = {family: build_tiny_model(root / "models" / family, family) for family in ("llama", "qwen2")}
+    env = dict(os.environ)
+    env.update(REDIS_URL=redis.url, LORAFLEET_STATE_DIR=str(root / "state"), LORAFLEET_DATA_ROOT=str(root / "data"),
+               LORAFLEET_ARTIFACT_DIR=str(root / "artifacts"), HF_HUB_CACHE=str(root / "hub"),
+               OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    store = JobStore.from_url(redis.url)
+    store.ensure_schema()
+    app = make_celery(redis.url, name="fleet-test")
+    running = Fleet(root, env, store, app, models)
+    try:
+        celery_log = open(root / "celery.log", "ab")
+        running.processes["celery"] = subprocess.Popen(
+            [sys.executable, "-P", "-m", "celery", "-A", "lorafleet.scheduler.tasks", "worker", "--pool=solo",
+             "--without-gossip", "--without-mingle", "-n", f"fleet-{secrets.token_hex(3)}@%h"],
+            env=env, stdout=celery_log, stderr=subprocess.STDOUT, cwd=root,
+        )
+        running.scheduler_ports = [free_port(), free_port()]
+        for i, port in enumerate(running.scheduler_ports):
+            running.start(f"scheduler-{i}", "scheduler", "--metrics-port", str(port), "--interval", "0.2",
+                          "--lock-ttl", str(LOCK_TTL))
+        running.start_executor("exec-a")
+        running.start_executor("exec-b")
+        wait_until(lambda: app.control.ping(timeout=0.5), "the Celery worker")
+        yield running
+    finally:
+        for process in running.processes.values():
+            process.terminate()
+        for process in running.processes.values():
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        app.close()
+        redis.stop()
+
+
+def make_tenant(fleet_env: Fleet, rows: int = 48) -> tuple[str, str]:
+    name = f"t-{secrets.token_hex(3)}"
+    _, token = fleet_env.store.create_tenant(name, weight=1.0, max_queued=50, max_running=8)
+    area = fleet_env.root / "data" / name
+    area.mkdir(parents=True)
+    write_jsonl(area / "train.jsonl", alpaca_rows(rows, seed=7))
+    return name, token
+
+
+def spec_for(fleet_env: Fleet, tenant: str, family: str = "llama", **hyperparameters) -> dict:
+    hp = {"max_steps": 8, "batch_size": 2, "max_seq_len": 256, "learning_rate": 1e-3, "checkpoint_every": 4,
+          "seed": 3}
+    hp.update(hyperparameters)
+    return {"name": f"{family}-job", "base_model": str(fleet_env.models[family]), "dataset": f"{tenant}/train.jsonl",
+            "adapter": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}, "hyperparameters": hp}
+
+
+def adapter_weights(uri: str) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(uri) / "adapter_model.safetensors"))
+
+
+def scrape(port: int) -> str:
+    return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+
+
+def metric_value(text: str, name: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith((name + "{", name + " ")))
+
+
+def test_two_tenants_two_bases_form_cohorts_and_adapters_load_in_peft(fleet_env):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    submitted = []
+    for _ in range(2):
+        tenant, token = make_tenant(fleet_env)
+        for family in ("llama", "qwen2"):
+            submitted.append((token, family, fleet_env.submit(token, spec_for(fleet_env, tenant, family))))
+    finished = [(family, fleet_env.wait_state(token, job_id, ("succeeded", "failed"))) for token, family, job_id in
+                submitted]
+    assert all(job["state"] == "succeeded" for _, job in finished), [job for _, job in finished]
+    by_base = {}
+    for family, job in finished:
+        by_base.setdefault(family, set()).add(job["executor_id"] or job["adapter_uri"])
+        assert job["progress"] == {"step": 8, "total_steps": 8}
+        assert job["attempt"] == 1
+    for family, job in finished:
+        base = AutoModelForCausalLM.from_pretrained(fleet_env.models[family])
+        peft_model = PeftModel.from_pretrained(base, job["adapter_uri"])
+        lora_b = [p for n, p in peft_model.named_parameters() if "lora_B" in n]
+        assert lora_b and any(p.abs().sum() > 0 for p in lora_b), "a trained adapter has non-zero B"
+
+    executor_metrics = [e["metrics_port"] for e in fleet.executors(fleet_env.store.r)[0]]
+    assert sum(metric_value(scrape(port), "lorafleet_tokens_trained_total") for port in executor_metrics) > 0
+    scheduler_text = "".join(scrape(port) for port in fleet_env.scheduler_ports)
+    assert "lorafleet_jobs{" in scheduler_text and metric_value(scheduler_text, "lorafleet_scheduler_leader") == 1
+
+
+def test_a_job_submitted_while_a_cohort_runs_joins_it_and_cancel_stops_it(fleet_env):
+    tenant, token = make_tenant(fleet_env)
+    long_job = fleet_env.submit(token, spec_for(fleet_env, tenant, max_steps=3000, checkpoint_every=1000))
+    running = fleet_env.wait_state(token, long_job, ("running",))
+    wait_until(lambda: fleet_env.get(token, long_job)["progress"]["step"] >= 2, "the long job to train")
+    joiner = fleet_env.submit(token, spec_for(fleet_env, tenant, max_steps=6, seed=5))
+    joined = fleet_env.wait_state(token, joiner, ("running", "succeeded"))
+    long_now = fleet_env.get(token, long_job)
+    assert joined["executor_id"] in (running["executor_id"], None)
+    assert long_now["state"] == "running" and long_now["attempt"] == 1
+    assert long_now["started_at"] == running["started_at"], "the running cohort was not restarted"
+    assert fleet_env.wait_state(token, joiner, ("succeeded",))["state"] == "succeeded"
+
+    executor_id = running["executor_id"]
+    cancelled = fleet_env.app.send_task("lorafleet.cancel_job", args=[token, long_job]).get(timeout=30)
+    assert cancelled["state"] == "cancelled"
+    wait_until(lambda: fleet.executors(fleet_env.store.r)[0] and next(
+        e for e in fleet.executors(fleet_env.store.r)[0] if e["executor_id"] == executor_id)["jobs"] == 0,
+        "the executor to drop the cancelled job", timeout=30)
+    final = fleet_env.get(token, long_job)
+    assert final["state"] == "cancelled" and final["progress"]["step"] < 3000
+
+
+def reference_adapter(fleet_env: Fleet, spec: dict, tenant: str) -> dict[str, torch.Tensor]:
+    """The same job trained alone, in this process, without interruption."""
+    cohort = Cohort(fleet_env.models["llama"])
+    cohort.add_job("reference", parse_spec(spec), fleet_env.root / "data" / tenant / "train.jsonl")
+    while cohort.active_jobs():
+        cohort.step()
+    out = cohort.checkpoint("reference", fleet_env.root / "reference")
+    return load_file(str(out / "adapter_model.safetensors"))
+
+
+def test_killed_executor_jobs_resume_elsewhere_with_the_same_final_weights(fleet_env):
+    tenant, token = make_tenant(fleet_env)
+    spec = spec_for(fleet_env, tenant, max_steps=400, checkpoint_every=10)
+    job_id = fleet_env.submit(token, spec)
+    first = fleet_env.wait_state(token, job_id, ("running",))
+    victim = first["executor_id"]
+    wait_until(lambda: fleet_env.get(token, job_id)["checkpoint_uri"], "a first checkpoint")
+    fleet_env.processes[victim].send_signal(signal.SIGKILL)
+    fleet_env.processes[victim].wait(10)
+
+    done = fleet_env.wait_state(token, job_id, ("succeeded", "failed"), timeout=180)
+    assert done["state"] == "succeeded", done
+    assert done["attempt"] == 2 and done["executor_id"] != victim
+    events = fleet_env.app.send_task("lorafleet.job_events", args=[token, job_id, None, 1000]).get(timeout=30)
+    assert any(e["type"] == "requeued" for e in events)
+
+    got, want = adapter_weights(done["adapter_uri"]), reference_adapter(fleet_env, spec, tenant)
+    assert got.keys() == want.keys()
+    for name in want:
+        rel = (got[name] - want[name]).norm() / want[name].norm().clamp_min(1e-12)
+        assert rel < 1e-5, f"{name}: relative error {rel:.2e}"
+    fleet_env.start_executor(victim)  # back to two executors for the tests after this one
+
+
+def test_standby_scheduler_takes_over_when_the_leader_dies(fleet_env):
+    leader_holder = fleet_env.store.r.get(keys.SCHEDULER_LEADER)
+    leader = next(name for name, p in fleet_env.processes.items()
+                  if name.startswith("scheduler-") and leader_holder.endswith(f"-{p.pid}"))
+    fence_before = int(fleet_env.store.r.get(keys.SCHEDULER_FENCE))
+    fleet_env.processes[leader].send_signal(signal.SIGKILL)
+    fleet_env.processes[leader].wait(10)
+
+    new_holder = wait_until(lambda: (h := fleet_env.store.r.get(keys.SCHEDULER_LEADER)) and h != leader_holder and h,
+                            "the standby to take the leader lock", timeout=LOCK_TTL * 5)
+    assert int(fleet_env.store.r.get(keys.SCHEDULER_FENCE)) == fence_before + 1
+    tenant, token = make_tenant(fleet_env)
+    job_id = fleet_env.submit(token, spec_for(fleet_env, tenant))
+    done = fleet_env.wait_state(token, job_id, ("succeeded", "failed"))
+    assert done["state"] == "succeeded" and done["attempt"] == 1, done
+    assert new_holder != leader_holder
