@@ -197,6 +197,84 @@ def profile_one(n_rows=32768, n=8, rank=16):
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
 
 
+def host_overheads(n_rows=4096, n=8, rank=16) -> dict:
+    """Host (CPU) microseconds per call of each piece, at a size where the GPU keeps up with the host."""
+    from lorafleet.kernels import segmented, triton_lora
+
+    segments = ragged_segments(n_rows, n, random.Random(2))
+    x = torch.randn(n_rows, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(n_rows, D, device="cuda", dtype=torch.bfloat16)
+    lora_a, lora_b, scales = make_adapters(n, rank, D, D, torch.bfloat16)
+    plan = segmented._plan(tuple(segments), tuple(scales), n_rows, x.device, 16)
+    a_stack = segmented._stack_a(lora_a, 16, x.dtype).detach()
+    b_stack = segmented._stack_b(lora_b, 16, x.dtype).detach()
+    h = torch.randn(n_rows, 16, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty(n_rows, D, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(D, D, device="cuda", dtype=torch.bfloat16)
+
+    def raw_launch():
+        triton_lora._expand_kernel[(32, plan.tiles.shape[0])](
+            h, b_stack, out, plan.scales, plan.tiles, D, h.stride(0), h.stride(1),
+            b_stack.stride(0), b_stack.stride(2), b_stack.stride(1), out.stride(0), out.stride(1),
+            R=16, BLOCK_M=plan.block_m, BLOCK_N=128, HAS_SCALE=True, ACCUMULATE=False, INPUT_PRECISION="tf32",
+            DOT_FP32=False, num_warps=4, num_stages=2)
+
+    class LaunchesInBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):
+            return t.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            for _ in range(10):
+                raw_launch()
+            return g
+
+    probe = torch.randn(16, device="cuda", requires_grad=True)
+
+    def manual_backward():
+        # What the two backward Functions launch, called from this (the main) thread.
+        dh = segmented._shrink(grad, b_stack, (b_stack.stride(0), b_stack.stride(1), b_stack.stride(2)), 16, plan,
+                               plan.scales)
+        segmented._weight_grad(h, grad, n, plan, plan.scales).to(x.dtype)
+        segmented._expand(dh, a_stack, (a_stack.stride(0), a_stack.stride(1), a_stack.stride(2)), D, plan, None, None)
+        segmented._weight_grad(dh, x.detach(), n, plan, None).to(x.dtype)
+
+    pieces = {
+        "10 raw launches, main thread": lambda: [raw_launch() for _ in range(10)],
+        "10 raw launches, in backward": lambda: torch.autograd.grad(LaunchesInBackward.apply(probe).sum(), probe),
+        "manual backward, main thread": manual_backward,
+        "plan (cache hit)": lambda: segmented._plan(tuple(segments), tuple(scales), n_rows, x.device, 16),
+        "input_precision": lambda: segmented._input_precision(torch.bfloat16),
+        "stack A (8 adapters)": lambda: segmented._stack_a(lora_a, 16, x.dtype),
+        "check_lora_inputs": lambda: segmented.check_lora_inputs(x, segments, lora_a, lora_b, scales),
+        "raw triton launch (expand)": raw_launch,
+        "_expand": lambda: segmented._expand(h, b_stack, (b_stack.stride(0), b_stack.stride(2), b_stack.stride(1)),
+                                             D, plan, plan.scales, None),
+        "_shrink": lambda: segmented._shrink(x.detach(), a_stack, (a_stack.stride(0), a_stack.stride(2),
+                                             a_stack.stride(1)), 16, plan, None),
+        "_weight_grad": lambda: segmented._weight_grad(h, x.detach(), n, plan, None),
+        "torch.empty": lambda: torch.empty(n_rows, D, device="cuda", dtype=torch.bfloat16),
+        "x @ w (torch matmul)": lambda: x.detach() @ w,
+        "base fwd+bwd (torch)": fwd_bwd(lambda: x @ w.t(), x, grad, []),
+        "triton fwd": lambda: lora_delta_triton(x, segments, lora_a, lora_b, scales),
+        "triton fwd+bwd": fwd_bwd(lambda: lora_delta_triton(x, segments, lora_a, lora_b, scales), x, grad,
+                                  [*lora_a, *lora_b]),
+    }
+    result = {}
+    for name, fn in pieces.items():
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        for _ in range(50):
+            fn()
+        result[name] = (time.perf_counter() - started) / 50 * 1e6
+        torch.cuda.synchronize()
+        print(f"host us/call  {name:32s} {result[name]:8.1f}", flush=True)
+    return result
+
+
 def print_table(ceilings, results):
     print(f"\nbf16 matmul peak {ceilings['bf16_matmul_tflops']:.0f} TFLOP/s, copy {ceilings['copy_tb_per_s']:.2f} TB/s")
     print("fwd+bwd ms; eager = Python launches every op, graph = CUDA-graph replay (GPU time alone); "
@@ -230,6 +308,7 @@ def main():
     torch.manual_seed(0)
     started = time.time()
     if args.profile:
+        host_overheads()
         profile_one()
         if args.profile_only:
             return

@@ -8,6 +8,8 @@ All compute `lora_delta_reference` and are differentiable through torch's own au
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -20,7 +22,7 @@ def lora_delta_padded_bmm(x, segments, lora_a, lora_b, scales):
     x_padded = torch.stack([F.pad(x[start:end], (0, 0, 0, longest - (end - start))) for start, end in segments])
     a_stack = _stack_a(lora_a, rank, x.dtype)
     b_stack = _stack_b(lora_b, rank, x.dtype)
-    scale = torch.tensor(scales, dtype=x.dtype, device=x.device)[:, None, None]
+    scale = _scale_column(tuple(scales), x.dtype, x.device)
     y_padded = torch.bmm(torch.bmm(x_padded, a_stack.transpose(1, 2)), b_stack.transpose(1, 2)) * scale
     pieces, cursor = [], 0
     for j, (start, end) in sorted(enumerate(segments), key=lambda item: item[1][0]):
@@ -31,6 +33,20 @@ def lora_delta_padded_bmm(x, segments, lora_a, lora_b, scales):
     if cursor < x.shape[0]:
         pieces.append(x.new_zeros(x.shape[0] - cursor, y_padded.shape[2]))
     return torch.cat(pieces)
+
+
+# Cached on the device so that a CUDA graph can capture the call (no host-to-device copy inside it).
+@functools.lru_cache(maxsize=256)
+def _group_offsets(segments, scales, dtype, device):
+    offsets = torch.tensor([end for _, end in segments], dtype=torch.int32).to(device)
+    lengths = torch.tensor([end - start for start, end in segments])
+    row_scale = torch.repeat_interleave(torch.tensor(scales, dtype=dtype), lengths).to(device)
+    return offsets, row_scale
+
+
+@functools.lru_cache(maxsize=256)
+def _scale_column(scales, dtype, device):
+    return torch.tensor(scales, dtype=dtype).to(device)[:, None, None]
 
 
 def grouped_mm_available() -> bool:
@@ -46,9 +62,7 @@ def lora_delta_grouped_mm(x, segments, lora_a, lora_b, scales):
     if cursor != x.shape[0]:
         raise ValueError("torch._grouped_mm needs segments that cover every row")
     rank = padded_rank([a.shape[0] for a in lora_a])  # its alignment rule: dimensions in multiples of 16 bytes
-    offsets = torch.tensor([end for _, end in segments], dtype=torch.int32, device=x.device)
-    lengths = torch.tensor([end - start for start, end in segments], device=x.device)
-    row_scale = torch.repeat_interleave(torch.tensor(scales, dtype=x.dtype, device=x.device), lengths)
+    offsets, row_scale = _group_offsets(tuple(segments), tuple(scales), x.dtype, x.device)
     a_stack = _stack_a(lora_a, rank, x.dtype)
     b_stack = _stack_b(lora_b, rank, x.dtype)
     h = torch._grouped_mm(x, a_stack.transpose(1, 2), offs=offsets) * row_scale[:, None]

@@ -31,27 +31,30 @@ class _Plan:
 
     tiles: torch.Tensor  # int32 [n_tiles, 3]: adapter, row start, row end
     chunks: torch.Tensor  # int32 [n_chunks, 3]: adapter, row start, row end
-    chunk_adapter: torch.Tensor  # int64 [n_chunks], for index_add_
     scales: torch.Tensor  # float32 [n_adapters]
     block_m: int
     covers_all_rows: bool
 
 
-def _pick_block_m(covered_rows: int) -> int:
-    # Smaller row tiles for small token counts so that the grid still fills the GPU's 132 SMs a few times over.
+def _pick_block_m(covered_rows: int, rank: int) -> int:
+    # Smaller row tiles for small token counts so that the grid still fills the GPU's 132 SMs a few times over, but
+    # no fewer rows than the rank: every tile reads its adapter's whole A (or B), and below BLOCK_M = R those
+    # re-reads outweigh the x rows themselves (seen at r=64, 4k tokens: 2x slower than BLOCK_M = 64).
     if covered_rows >= 16384:
-        return 64
-    if covered_rows >= 4096:
-        return 32
-    return 16
+        block_m = 64
+    elif covered_rows >= 4096:
+        block_m = 32
+    else:
+        block_m = 16
+    return max(block_m, min(rank, 64))
 
 
 @functools.lru_cache(maxsize=512)
-def _plan(segments: tuple[tuple[int, int], ...], scales: tuple[float, ...], n_rows: int, device: torch.device) -> _Plan:
+def _plan(segments: tuple[tuple[int, int], ...], scales: tuple[float, ...], n_rows: int, device: torch.device,
+          rank: int) -> _Plan:
     covered = sum(end - start for start, end in segments)
-    block_m = _pick_block_m(covered)
-    # Weight-gradient chunks: enough of them (about 16) that the reduction over rows runs in parallel, few enough
-    # that the fp32 partial sums stay small next to x.
+    block_m = _pick_block_m(covered, rank)
+    # Weight-gradient chunks: about 16 over all rows, so that the reduction over rows runs in parallel.
     chunk_rows = max(4 * block_m, -(-max(covered, 1) // 16 // block_m) * block_m)
     tiles, chunks = [], []
     for adapter, (start, end) in enumerate(segments):
@@ -61,11 +64,9 @@ def _plan(segments: tuple[tuple[int, int], ...], scales: tuple[float, ...], n_ro
     def as_tensor(items):
         return torch.tensor(items, dtype=torch.int32).reshape(-1, 3).to(device)
 
-    chunk_tensor = as_tensor(chunks)
     return _Plan(
         tiles=as_tensor(tiles),
-        chunks=chunk_tensor,
-        chunk_adapter=chunk_tensor[:, 0].long(),
+        chunks=as_tensor(chunks),
         scales=torch.tensor(scales, dtype=torch.float32).to(device),
         block_m=block_m,
         covers_all_rows=covered == n_rows,
@@ -79,10 +80,12 @@ def _input_precision(dtype: torch.dtype) -> str:
 
 
 def _shrink(x: torch.Tensor, w: torch.Tensor, w_strides: tuple[int, int, int], rank: int, plan: _Plan,
-            scales: torch.Tensor | None) -> torch.Tensor:
-    """h[t] = (scale_j) * x[t] @ W_j with W_j of shape [K, R] given by strides (adapter, k, r) over `w`."""
+            scales: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """h[t] = (scale_j) * x[t] @ W_j with W_j of shape [K, R] given by strides (adapter, k, r) over `w`; written into
+    `out` (a [T, R] view, say a column slice) when given."""
     n_rows, k = x.shape
-    h = (torch.empty if plan.covers_all_rows else torch.zeros)(n_rows, rank, dtype=x.dtype, device=x.device)
+    h = out if out is not None else (torch.empty if plan.covers_all_rows else torch.zeros)(
+        n_rows, rank, dtype=x.dtype, device=x.device)
     n_tiles = plan.tiles.shape[0]
     if n_tiles == 0:
         return h
@@ -127,76 +130,106 @@ def _expand(h: torch.Tensor, w: torch.Tensor, w_strides: tuple[int, int, int], n
     return out
 
 
-def _weight_grad(left: torch.Tensor, right: torch.Tensor, n_adapters: int, plan: _Plan) -> torch.Tensor:
-    """Per adapter j: leftᵀ[rows_j] @ right[rows_j], fp32 [n_adapters, R, N]; summed over row chunks."""
+def _weight_grad(left: torch.Tensor, right: torch.Tensor, n_adapters: int, plan: _Plan,
+                 scales: torch.Tensor | None) -> torch.Tensor:
+    """Per adapter j: (scale_j) leftᵀ[rows_j] @ right[rows_j], fp32 [n_adapters, R, N]."""
     rank = left.shape[1]
     n_cols = right.shape[1]
     n_chunks = plan.chunks.shape[0]
     grad = torch.zeros(n_adapters, rank, n_cols, dtype=torch.float32, device=left.device)
     if n_chunks == 0:
         return grad
-    partial = torch.empty(n_chunks, rank, n_cols, dtype=torch.float32, device=left.device)
     block_n = 128 if rank <= 32 else 64
     triton_lora._weight_grad_kernel[(triton.cdiv(n_cols, block_n), n_chunks)](
-        left, right, partial,
+        left, right, grad, scales if scales is not None else plan.scales,
         plan.chunks,
         n_cols,
         left.stride(0), left.stride(1),
         right.stride(0), right.stride(1),
-        partial.stride(0), partial.stride(1), partial.stride(2),
-        R=rank, BLOCK_M=64, BLOCK_N=block_n, INPUT_PRECISION=_input_precision(left.dtype), DOT_FP32=triton_lora.INTERPRETED,
+        grad.stride(0), grad.stride(1), grad.stride(2),
+        R=rank, BLOCK_M=64, BLOCK_N=block_n, HAS_SCALE=scales is not None,
+        INPUT_PRECISION=_input_precision(left.dtype), DOT_FP32=triton_lora.INTERPRETED,
         num_warps=4 if rank <= 64 else 8, num_stages=3,
     )
-    return grad.index_add_(0, plan.chunk_adapter, partial)
+    return grad
 
 
-class _SegmentedShrink(torch.autograd.Function):
+class _SegmentedLora(torch.autograd.Function):
+    """Deltas of P projections sharing x: one shrink into h [T, R_cat] (projection p owns columns
+    offsets[p]:offsets[p]+ranks[p]), one expand per projection. A single autograd node with the adapters' own tensors
+    as inputs, so stacking them costs no autograd nodes of its own (host time matters: hundreds of calls a step)."""
+
     @staticmethod
-    def forward(ctx, x, a_stack, plan):
-        ctx.save_for_backward(x, a_stack)
-        ctx.plan = plan
+    def forward(ctx, plan, n_adapters, ranks, has_outs, x, *tensors):
+        n_proj = len(ranks)
+        flat_a = tensors[: n_proj * n_adapters]
+        flat_b = tensors[n_proj * n_adapters: 2 * n_proj * n_adapters]
+        outs = tensors[2 * n_proj * n_adapters:] if has_outs else [None] * n_proj
+        lora_as = [flat_a[p * n_adapters:(p + 1) * n_adapters] for p in range(n_proj)]
+        lora_bs = [flat_b[p * n_adapters:(p + 1) * n_adapters] for p in range(n_proj)]
+        rank_cat = padded_rank([sum(ranks)])  # tl.arange needs a power of two: q/k/v at r=16 use 64 columns
+        a_stack = torch.cat([_stack_a(lora_a, rank, x.dtype) for lora_a, rank in zip(lora_as, ranks)], dim=1)
+        if rank_cat != sum(ranks):
+            a_stack = F.pad(a_stack, (0, 0, 0, rank_cat - sum(ranks)))
+        b_stacks = [_stack_b(lora_b, rank, x.dtype) for lora_b, rank in zip(lora_bs, ranks)]
         # a_stack [n, R, d_in] read as W_j = A_jᵀ [d_in, R].
-        return _shrink(x, a_stack, (a_stack.stride(0), a_stack.stride(2), a_stack.stride(1)), a_stack.shape[1],
-                       plan, None)
+        h = _shrink(x, a_stack, (a_stack.stride(0), a_stack.stride(2), a_stack.stride(1)), rank_cat, plan, None)
+        deltas, offset = [], 0
+        for b_stack, rank, out in zip(b_stacks, ranks, outs):
+            # b_stack [n, d_out, R] read as V_j = B_jᵀ [R, d_out].
+            deltas.append(_expand(h[:, offset:offset + rank], b_stack,
+                                  (b_stack.stride(0), b_stack.stride(2), b_stack.stride(1)), b_stack.shape[1],
+                                  plan, plan.scales, out))
+            offset += rank
+        if has_outs:
+            ctx.mark_dirty(*outs)
+        ctx.save_for_backward(x, a_stack, h, *b_stacks)
+        ctx.plan, ctx.ranks, ctx.has_outs = plan, ranks, has_outs
+        ctx.leaf_shapes = [(t.shape[0] if i < n_proj * n_adapters else t.shape[1], t.dtype)
+                           for i, t in enumerate(flat_a + flat_b)]
+        return tuple(deltas)
 
     @staticmethod
-    def backward(ctx, grad_h):
-        x, a_stack = ctx.saved_tensors
-        plan = ctx.plan
-        grad_x = grad_a = None
-        if ctx.needs_input_grad[0]:
+    def backward(ctx, *grad_deltas):
+        x, a_stack, h, *b_stacks = ctx.saved_tensors
+        plan, ranks = ctx.plan, ctx.ranks
+        n_adapters, n_proj = a_stack.shape[0], len(ranks)
+        rank_cat = a_stack.shape[1]
+        # Every column of grad_h is read by the expand below; padding columns, and those of a projection without a
+        # gradient, must be zeros rather than whatever memory held.
+        complete = sum(ranks) == rank_cat and all(g is not None for g in grad_deltas)
+        grad_h = (torch.empty if complete and plan.covers_all_rows else torch.zeros)(
+            x.shape[0], rank_cat, dtype=x.dtype, device=x.device)
+        offset = 0
+        for grad_delta, b_stack, rank in zip(grad_deltas, b_stacks, ranks):
+            if grad_delta is not None:
+                # dH[t] = scale_j * dY[t] @ B_j, B_j [d_out, R] as stored.
+                _shrink(grad_delta, b_stack, (b_stack.stride(0), b_stack.stride(1), b_stack.stride(2)), rank, plan,
+                        plan.scales, out=grad_h[:, offset:offset + rank])
+            offset += rank
+        grad_x = None
+        if ctx.needs_input_grad[4]:
             # dX[t] = dH[t] @ A_j, A_j [R, d_in] as stored.
-            grad_x = _expand(grad_h, a_stack, (a_stack.stride(0), a_stack.stride(1), a_stack.stride(2)),
-                             x.shape[1], plan, None, None)
-        if ctx.needs_input_grad[1]:
-            grad_a = _weight_grad(grad_h, x, a_stack.shape[0], plan).to(a_stack.dtype)
-        return grad_x, grad_a, None
-
-
-class _SegmentedExpand(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h, b_stack, out, plan):
-        ctx.save_for_backward(h, b_stack)
-        ctx.plan = plan
-        if out is not None:
-            ctx.mark_dirty(out)
-        # b_stack [n, d_out, R] read as V_j = B_jᵀ [R, d_out].
-        return _expand(h, b_stack, (b_stack.stride(0), b_stack.stride(2), b_stack.stride(1)), b_stack.shape[1],
-                       plan, plan.scales, out)
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        h, b_stack = ctx.saved_tensors
-        plan = ctx.plan
-        grad_h = grad_b = None
-        if ctx.needs_input_grad[0]:
-            # dH[t] = scale_j * dY[t] @ B_j, B_j [d_out, R] as stored.
-            grad_h = _shrink(grad_y, b_stack, (b_stack.stride(0), b_stack.stride(1), b_stack.stride(2)),
-                             b_stack.shape[2], plan, plan.scales)
-        if ctx.needs_input_grad[1]:
-            grad_bt = _weight_grad(h, grad_y, b_stack.shape[0], plan) * plan.scales[:, None, None]
-            grad_b = grad_bt.transpose(1, 2).to(b_stack.dtype)
-        return grad_h, grad_b, grad_y if ctx.needs_input_grad[2] else None, None
+            grad_x = _expand(grad_h, a_stack, (a_stack.stride(0), a_stack.stride(1), a_stack.stride(2)), x.shape[1],
+                             plan, None, None)
+        # Cast each stacked gradient once: one cast per adapter costs ~20 us of host time each.
+        leaf_dtypes = {dtype for _, dtype in ctx.leaf_shapes}
+        grad_dtype = leaf_dtypes.pop() if len(leaf_dtypes) == 1 else torch.float32
+        grad_a_cat = _weight_grad(grad_h, x, n_adapters, plan, None).to(grad_dtype)
+        grads_a, grads_b, offset = [], [], 0
+        for p, (grad_delta, rank) in enumerate(zip(grad_deltas, ranks)):
+            a_shapes = ctx.leaf_shapes[p * n_adapters:(p + 1) * n_adapters]
+            b_shapes = ctx.leaf_shapes[(n_proj + p) * n_adapters:(n_proj + p + 1) * n_adapters]
+            grads_a += [grad_a_cat[j, offset:offset + r].to(dtype) for j, (r, dtype) in enumerate(a_shapes)]
+            if grad_delta is None:
+                grads_b += [None] * n_adapters
+            else:
+                grad_bt = _weight_grad(h[:, offset:offset + rank], grad_delta, n_adapters, plan, plan.scales)
+                grad_bt = grad_bt.to(grad_dtype)
+                grads_b += [grad_bt[j, :r].t().to(dtype) for j, (r, dtype) in enumerate(b_shapes)]
+            offset += rank
+        grads_out = list(grad_deltas) if ctx.has_outs else []
+        return (None, None, None, None, grad_x, *grads_a, *grads_b, *grads_out)
 
 
 def padded_rank(ranks: Sequence[int]) -> int:
@@ -238,19 +271,7 @@ def lora_delta_multi_triton(x, segments, lora_as, lora_bs, scales, outs=None):
     if not segments:
         deltas = [x.new_zeros(x.shape[0], 0) for _ in lora_as]
         return deltas if outs is None else list(outs)
-    plan = _plan(segments, tuple(float(s) for s in scales), x.shape[0], x.device)
     ranks = [padded_rank([a.shape[0] for a in lora_a]) for lora_a in lora_as]
-    a_stack = torch.cat([_stack_a(lora_a, rank, x.dtype) for lora_a, rank in zip(lora_as, ranks)], dim=1)
-    # tl.arange needs a power of two: q/k/v at r=16 shrink into 48 columns, padded to 64.
-    if padded_rank([sum(ranks)]) != sum(ranks):
-        a_stack = F.pad(a_stack, (0, 0, 0, padded_rank([sum(ranks)]) - sum(ranks)))
-    h = _SegmentedShrink.apply(x, a_stack, plan)
-    deltas = []
-    offset = 0
-    for p, (lora_b, rank) in enumerate(zip(lora_bs, ranks)):
-        b_stack = _stack_b(lora_b, rank, x.dtype)
-        out = None if outs is None else outs[p]
-        deltas.append(_SegmentedExpand.apply(h[:, offset:offset + rank], b_stack, out, plan))
-        offset += rank
-    return deltas
-
+    plan = _plan(segments, tuple(float(s) for s in scales), x.shape[0], x.device, padded_rank([sum(ranks)]))
+    flat = [a for lora_a in lora_as for a in lora_a] + [b for lora_b in lora_bs for b in lora_b]
+    return list(_SegmentedLora.apply(plan, len(segments), ranks, outs is not None, x, *flat, *(outs or [])))

@@ -6,7 +6,7 @@ R is the padded rank (a power of two, at least 16, because `tl.dot` needs 16 alo
 
 - `shrink`:      h[t, :] = x[t] @ W_j (W_j viewed as [K, R])           forward x A_jᵀ, backward dY B_j
 - `expand`:      y[t, :] (+)= scale_j * h[t] @ V_j (V_j viewed as [R, N])   forward h B_jᵀ, backward dH A_j
-- `weight_grad`: partial[c] = left[rows_c]ᵀ @ right[rows_c]            dA_j = dHᵀ x, dB_jᵀ = hᵀ dY, per row chunk
+- `weight_grad`: grad[j] += (scale_j) left[rows_c]ᵀ @ right[rows_c]  dA_j = dHᵀ x, dB_jᵀ = hᵀ dY, per row chunk c
 
 Strides are passed explicitly so one kernel serves both the forward and the transposed backward use of a weight.
 
@@ -103,17 +103,20 @@ def _expand_kernel(
 
 @triton.jit
 def _weight_grad_kernel(
-    left_ptr, right_ptr, partial_ptr,
+    left_ptr, right_ptr, grad_ptr, scale_ptr,
     chunks_ptr,
     N,
     stride_lm, stride_lr,
     stride_rm, stride_rn,
-    stride_pc, stride_pr, stride_pn,
-    R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    DOT_FP32: tl.constexpr,
+    stride_ga, stride_gr, stride_gn,
+    R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_SCALE: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
+    # One program: one row chunk of one adapter times one column block; chunks of the same adapter meet in an fp32
+    # atomic add into grad[adapter], which the caller zeroed.
     pid_n = tl.program_id(0)
     chunk = tl.program_id(1)
+    adapter = tl.load(chunks_ptr + 3 * chunk).to(tl.int64)
     row_start = tl.load(chunks_ptr + 3 * chunk + 1)
     row_end = tl.load(chunks_ptr + 3 * chunk + 2)
     ranks = tl.arange(0, R)
@@ -134,8 +137,10 @@ def _weight_grad_kernel(
             left = left.to(tl.float32)
             right = right.to(tl.float32)
         acc = tl.dot(tl.trans(left), right, acc, input_precision=INPUT_PRECISION)
-    p_ptrs = partial_ptr + chunk.to(tl.int64) * stride_pc + ranks[:, None] * stride_pr + cols[None, :] * stride_pn
-    tl.store(p_ptrs, acc, mask=col_mask[None, :])
+    if HAS_SCALE:
+        acc = acc * tl.load(scale_ptr + adapter)
+    g_ptrs = grad_ptr + adapter * stride_ga + ranks[:, None] * stride_gr + cols[None, :] * stride_gn
+    tl.atomic_add(g_ptrs, acc, mask=col_mask[None, :])
 
 
 INTERPRETED = type(_shrink_kernel).__name__ == "InterpretedFunction"
