@@ -39,7 +39,7 @@ from lorafleet.scheduler.spec import JobSpec
 
 @dataclass
 class StepResult:
-    loss: float | None  # mean over this micro-batch's target tokens; None when the job failed before its forward
+    loss: float | None  # mean over this micro-batch's target tokens; None if it had none or the job failed first
     tokens: int  # target tokens the loss averaged over
     lr: float
     grad_norm: float | None  # pre-clip norm, set on the steps where the optimizer stepped
@@ -149,14 +149,15 @@ class Cohort:
         self.jobs[job_id] = job
 
     def remove_job(self, job_id: str) -> None:
-        job = self.jobs.pop(job_id)
-        self._detach(job)
+        """Detach a job's adapter (done, cancelled or failed); the base and the other jobs are untouched."""
+        if job_id not in self.jobs:
+            raise KeyError(f"no job {job_id!r} in this cohort")
+        self._detach(self.jobs.pop(job_id))
 
     def step(self) -> dict[str, StepResult]:
         """One cohort step: each active job contributes one micro-batch; returns job id -> StepResult."""
-        results: dict[str, StepResult] = {}
-        batches = {}
-        for job in (self.jobs[job_id] for job_id in self.active_jobs()):
+        results, batches = {}, {}
+        for job in [job for job in self.jobs.values() if job.active]:
             try:
                 batches[job.job_id], _epoch = job.data.next_batch()
             except DataError as exc:
@@ -164,6 +165,20 @@ class Cohort:
         if not batches:
             return results
         batch = pack(batches, self.device)
+        losses = self._forward(batch)
+        finite = {job_id: loss for job_id, loss in losses.items() if torch.isfinite(loss)}
+        if finite:  # one backward for all; each job's loss reaches only its own adapter
+            sum(loss / self.jobs[job_id].accumulation for job_id, loss in finite.items()).backward()
+        for job_id, loss in losses.items():
+            job = self.jobs[job_id]
+            if job_id in finite:
+                results[job_id] = self._after_backward(job, loss.item(), batch.num_targets[job_id])
+            else:
+                results[job_id] = self._fail(job, f"loss is {loss.item()} at step {job.step + 1}")
+        return results
+
+    def _forward(self, batch: PackedBatch) -> dict[str, torch.Tensor]:
+        """Job id -> its loss: the mean over its own target tokens of the packed row."""
         self.routing.segments = batch.rows
         try:
             kwargs = packing_kwargs(batch.sequence_lengths, self.device)
@@ -171,19 +186,13 @@ class Cohort:
         finally:
             self.routing.segments = {}
         token_losses = F.cross_entropy(logits.float(), batch.targets, ignore_index=IGNORE_INDEX, reduction="none")
-        losses = {job_id: token_losses[s:e].sum() / max(1, batch.num_targets[job_id]) for job_id, (s, e) in batch.rows.items()}
-        finite = {job_id: loss for job_id, loss in losses.items() if torch.isfinite(loss)}
-        if finite:
-            sum(loss / self.jobs[job_id].accumulation for job_id, loss in finite.items()).backward()
-        for job_id, loss in losses.items():
-            job = self.jobs[job_id]
-            if job_id not in finite:
-                results[job_id] = self._fail(job, f"loss is {loss.item()} at step {job.step + 1}")
-            else:
-                results[job_id] = self._after_backward(job, loss.item(), batch.num_targets[job_id])
-        return results
+        return {
+            job_id: token_losses[start:end].sum() / max(1, batch.num_targets[job_id])
+            for job_id, (start, end) in batch.rows.items()
+        }
 
     def _after_backward(self, job: Job, loss: float, tokens: int) -> StepResult:
+        loss = loss if tokens else None  # a micro-batch whose targets were all truncated away teaches nothing
         job.micro_batches += 1
         job.accumulated += 1
         if job.accumulated < job.accumulation and job.micro_batches < job.micro_batch_limit:

@@ -312,3 +312,13 @@ def test_add_job_refuses_what_it_cannot_train(llama, datasets):
     cohort.add_job("a", make_spec(llama), datasets["x"])
     with pytest.raises(ValueError, match="already in this cohort"):
         cohort.add_job("a", make_spec(llama), datasets["x"])
+
+
+def test_a_micro_batch_without_targets_reports_no_loss_and_changes_nothing(llama, datasets):
+    cohort = Cohort(llama)
+    # alpaca prompts are longer than 8 tokens, so truncation leaves no response token to learn from
+    cohort.add_job("cut", make_spec(llama, max_seq_len=8, max_steps=2), datasets["x"])
+    before = weights(cohort, "cut")
+    history = train(cohort)["cut"]
+    assert [(r.loss, r.tokens, r.step) for r in history] == [(None, 0, 1), (None, 0, 2)] and history[-1].done
+    assert_same_weights(weights(cohort, "cut"), before, rtol=0)
