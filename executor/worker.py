@@ -195,6 +195,9 @@ class Executor:
             self.metrics.cohort_jobs.set(len(self.leases))
             self.metrics.memory_allocated.set(_allocated_bytes(self.device))
             self.metrics.memory_peak.set(_peak_bytes(self.device))
+            utilization = _gpu_utilization(self.device)
+            if utilization is not None:
+                self.metrics.gpu_utilization.set(utilization)
 
     def save_checkpoint(self, lease: Lease) -> None:
         local = self.cohort.checkpoint(lease.job_id, self.scratch / lease.job_id / "checkpoint")
@@ -244,6 +247,16 @@ def _allocated_bytes(device: str) -> int:
     if device.startswith("cuda"):
         return torch.cuda.memory_allocated(torch.device(device))
     return _peak_bytes(device)
+
+
+def _gpu_utilization(device: str) -> float | None:
+    """0..1 from NVML, or None on a CPU or without NVML."""
+    if not device.startswith("cuda"):
+        return None
+    try:
+        return torch.cuda.utilization(torch.device(device)) / 100
+    except Exception:  # no NVML bindings or driver support: the gauge stays absent
+        return None
 
 
 def main(device: str, executor_id: str | None, metrics_port: int, memory_bytes: int | None,

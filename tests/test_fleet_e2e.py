@@ -258,3 +258,27 @@ def test_standby_scheduler_takes_over_when_the_leader_dies(fleet_env):
     done = fleet_env.wait_state(token, job_id, ("succeeded", "failed"))
     assert done["state"] == "succeeded" and done["attempt"] == 1, done
     assert new_holder != leader_holder
+
+
+@pytest.mark.parametrize("how", ["drain command", "SIGTERM"])
+def test_draining_executor_hands_its_jobs_back_and_exits_cleanly(fleet_env, how):
+    tenant, token = make_tenant(fleet_env)
+    spec = spec_for(fleet_env, tenant, max_steps=300, checkpoint_every=1000)
+    job_id = fleet_env.submit(token, spec)
+    running = fleet_env.wait_state(token, job_id, ("running",))
+    wait_until(lambda: fleet_env.get(token, job_id)["progress"]["step"] >= 3, "the job to train a few steps")
+    name = running["executor_id"]
+    if how == "SIGTERM":
+        fleet_env.processes[name].send_signal(signal.SIGTERM)
+    else:
+        assert fleet.request_drain(fleet_env.store.r, name)
+    assert fleet_env.processes[name].wait(60) == 0
+
+    handed_back = fleet_env.get(token, job_id)
+    assert handed_back["state"] in ("queued", "scheduled", "running") and handed_back["checkpoint_uri"], handed_back
+    done = fleet_env.wait_state(token, job_id, ("succeeded", "failed"), timeout=180)
+    assert done["state"] == "succeeded" and done["attempt"] == 2 and done["executor_id"] != name
+    events = fleet_env.app.send_task("lorafleet.job_events", args=[token, job_id, None, 1000]).get(timeout=30)
+    resumed_from = [e for e in events if e["type"] == "state" and e.get("to") == "queued" and e.get("from") == "running"]
+    assert resumed_from, "the drain handed the job back through the queue"
+    fleet_env.start_executor(name)
