@@ -262,7 +262,6 @@ def simulate(jobs: list[SimJob], tenants: dict[str, TenantView], gpus: list[tupl
     running_count: dict[str, int] = {name: 0 for name in tenants}
     started: dict[str, float] = {}
     finished: dict[str, float] = {}
-    gpu_seconds_total: dict[str, float] = {name: 0.0 for name in tenants}
     window_gpu: dict[int, dict[str, float]] = {}
     window_backlogged: dict[int, set[str]] = {}
     first_arrival = min(j.job.submitted_at for j in jobs)
@@ -283,7 +282,6 @@ def simulate(jobs: list[SimJob], tenants: dict[str, TenantView], gpus: list[tupl
         seq += 1
 
     def attribute(tenant: str, start: float, end: float, share: float) -> None:
-        gpu_seconds_total[tenant] += (end - start) * share
         while start < end:
             window = int(start // fairness_window_s)
             cut = min(end, (window + 1) * fairness_window_s)
