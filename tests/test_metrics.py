@@ -48,3 +48,17 @@ def test_executor_metrics_are_served_over_http():
     assert parsed["lorafleet_tokens_trained_total"].labels == {"executor": "exec-http"}
     assert parsed["lorafleet_step_duration_seconds_count"].value == 1
     assert parsed["lorafleet_gpu_memory_peak_bytes"].value == 2**30
+
+
+def test_grafana_dashboard_queries_only_metrics_we_export():
+    import json
+    from pathlib import Path
+
+    exported = set()
+    for registry in (scheduler_metrics().registry, executor_metrics("x").registry):
+        for family in registry.collect():
+            exported |= {family.name, family.name + "_total", family.name + "_bucket", family.name + "_count"}
+    dashboard = json.loads((Path(__file__).parent.parent / "grafana" / "lorafleet-overview.json").read_text())
+    used = {name for panel in dashboard["panels"] for target in panel["targets"]
+            for name in re.findall(r"lorafleet_[a-z_]+", target["expr"])}
+    assert used and used <= exported, sorted(used - exported)
