@@ -388,6 +388,7 @@ def simulate(jobs: list[SimJob], tenants: dict[str, TenantView], gpus: list[tupl
                 queued[evicted] = by_id[evicted].job
                 running_count[by_id[evicted].job.tenant] -= 1
                 ooms += 1
+                request_plan(now)
             if executor.cohort:
                 predicted = executor.base.est_base_bytes + sum(by_id[j].job.job_bytes for j in executor.cohort)
                 key = executor.base.key

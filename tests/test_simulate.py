@@ -41,7 +41,9 @@ def small_run():
 def test_small_simulation_completes_every_job_under_every_strategy(small_run):
     for name, metrics in small_run["strategies"].items():
         assert metrics["jobs_completed"] == 400, name
-        assert metrics["oom_evictions"] == 0 or name != "fifo"
+        # the planner learns each base's hidden memory factor from reported peaks, so at most one OOM per base
+        assert metrics["calibration_error_max"] < 1e-6, name
+        assert metrics["oom_evictions"] <= len(BASES), name
         assert 0 < metrics["gpu_utilisation"] <= metrics["gpu_busy"] <= 1
 
 
