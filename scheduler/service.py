@@ -49,7 +49,7 @@ def _model_shape(model_dir: str) -> ModelShape:
     return ModelShape.from_config(json.loads((Path(model_dir) / "config.json").read_text()))
 
 
-def _job_size(spec: JobSpec, tenant: str) -> tuple[int, int, int, int]:
+def _job_size(spec: JobSpec, tenant: str) -> tuple[float, int, int, int]:
     """(GPU seconds the job needs, tokens per micro-batch, job bytes, base bytes) from its spec and files."""
     hp = spec.hyperparameters
     model_dir = resolve_base_model(spec.base_model, config.hf_hub_cache(), spec.base_model_revision)
