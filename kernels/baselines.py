@@ -1,4 +1,5 @@
-"""Pure-PyTorch alternatives to the Triton kernels, for comparison in bench/bench_kernels.py.
+"""Pure-PyTorch alternatives to the Triton kernels, compared in bench/bench_kernels.py; `lora_delta` also sends the
+shapes where torch._grouped_mm measured faster to it (`grouped_mm_wins`, see docs/KERNELS.md).
 
 All compute `lora_delta_reference` and are differentiable through torch's own autograd.
 - per-adapter loop: `lora_delta_reference` itself (two small matmuls per adapter).
@@ -53,14 +54,32 @@ def grouped_mm_available() -> bool:
     return hasattr(torch, "_grouped_mm") and torch.cuda.is_available()
 
 
-def lora_delta_grouped_mm(x, segments, lora_a, lora_b, scales):
+def _tiles_rows_in_order(segments, n_rows: int) -> bool:
     cursor = 0
     for start, end in segments:
         if start != cursor:
-            raise ValueError("torch._grouped_mm needs segments that tile the rows in order, without gaps")
+            return False
         cursor = end
-    if cursor != x.shape[0]:
-        raise ValueError("torch._grouped_mm needs segments that cover every row")
+    return cursor == n_rows
+
+
+def grouped_mm_wins(x, segments, lora_a) -> bool:
+    """True where torch._grouped_mm beat the Triton kernels (fwd+bwd, H100, docs/KERNELS.md): bf16, padded rank >= 64
+    and 16 or more adapters, by 2-14%. Elsewhere Triton won, by up to 1.4x. _grouped_mm also needs rows tiled in
+    order without gaps."""
+    return (
+        x.is_cuda
+        and x.dtype == torch.bfloat16
+        and hasattr(torch, "_grouped_mm")
+        and len(segments) >= 16
+        and padded_rank([a.shape[0] for a in lora_a]) >= 64
+        and _tiles_rows_in_order(segments, x.shape[0])
+    )
+
+
+def lora_delta_grouped_mm(x, segments, lora_a, lora_b, scales):
+    if not _tiles_rows_in_order(segments, x.shape[0]):
+        raise ValueError("torch._grouped_mm needs segments that tile every row in order, without gaps")
     rank = padded_rank([a.shape[0] for a in lora_a])  # its alignment rule: dimensions in multiples of 16 bytes
     offsets, row_scale = _group_offsets(tuple(segments), tuple(scales), x.dtype, x.device)
     a_stack = _stack_a(lora_a, rank, x.dtype)

@@ -54,6 +54,28 @@ def test_forward_and_gradients_match_float64_at_real_shapes(dtype):
             assert rel_error(g, w) < REL_TOL[dtype], (index, rel_error(g, w))
 
 
+def test_grouped_mm_shapes_match_float64():
+    # 16 adapters at r=64 tiling every row: the shapes lora_delta sends to torch._grouped_mm.
+    from lorafleet.kernels.baselines import grouped_mm_wins
+
+    torch.manual_seed(3)
+    n_rows, dtype = 4096, torch.bfloat16
+    segments = ragged_segments(n_rows, 16, seed=4)
+    x = torch.randn(n_rows, D, device="cuda", dtype=dtype, requires_grad=True)
+    lora_a = [(torch.randn(64, D, device="cuda", dtype=dtype) / D**0.5).requires_grad_() for _ in range(16)]
+    lora_b = [torch.randn(D, 64, device="cuda", dtype=dtype).requires_grad_() for _ in range(16)]
+    scales = [0.5 + j / 8 for j in range(16)]
+    assert grouped_mm_wins(x, segments, lora_a)
+    y = lora_delta(x, segments, lora_a, lora_b, scales)
+    grad = torch.randn_like(y)
+    got = [y, *torch.autograd.grad(y, [x, *lora_a, *lora_b], grad)]
+    leaves = [t.detach().double().requires_grad_() for t in [x, *lora_a, *lora_b]]
+    y64 = lora_delta_reference(leaves[0], segments, leaves[1:17], leaves[17:], scales)
+    want = [y64, *torch.autograd.grad(y64, leaves, grad.double())]
+    for index, (g, w) in enumerate(zip(got, want)):
+        assert rel_error(g, w) < REL_TOL[dtype], (index, rel_error(g, w))
+
+
 def test_fused_qkv_and_in_place_accumulation_match_reference():
     torch.manual_seed(1)
     n_rows, dtype = 4096, torch.bfloat16
