@@ -120,11 +120,13 @@ class Scheduler:
             if job["executor_id"] in alive_ids:
                 spec = JobSpec.model_validate(job["spec"])
                 try:
-                    _gpu_seconds, per_step, job_bytes, base_bytes = _job_size(spec, job["tenant"])
-                except Exception:
-                    per_step, job_bytes, base_bytes = 0, 0, 0
+                    gpu_seconds, per_step, job_bytes, base_bytes = _job_size(spec, job["tenant"])
+                except Exception:  # its files vanished mid-run: the executor will fail it; plan around it meanwhile
+                    gpu_seconds, per_step, job_bytes, base_bytes = 0.0, 0, 0, 0
+                progress = job["progress"]
+                done = progress["step"] / progress["total_steps"] if progress["total_steps"] else 0.0
                 running_by_executor.setdefault(job["executor_id"], []).append(
-                    RunningJob(job["job_id"], job["tenant"], job_bytes, per_step))
+                    RunningJob(job["job_id"], job["tenant"], job_bytes, per_step, gpu_seconds * (1 - done)))
                 predicted[job["executor_id"]] = predicted.get(job["executor_id"], base_bytes) + job_bytes
         executors = []
         for e in alive:
