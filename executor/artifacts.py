@@ -45,6 +45,8 @@ class ArtifactStore:
         fs, path = fsspec.core.url_to_fs(uri)
         if isinstance(fs, LocalFileSystem):
             return Path(path)
+        if scratch is not None:
+            scratch.mkdir(parents=True, exist_ok=True)
         local = Path(tempfile.mkdtemp(prefix="lorafleet-fetch-", dir=scratch))
         fs.get(path, str(local), recursive=True)
         return local / Path(path).name

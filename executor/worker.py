@@ -98,6 +98,7 @@ class Executor:
             {
                 "host": socket.gethostname(),
                 "device": self.device,
+                "dtypes": ",".join(_supported_dtypes(self.device)),
                 "pid": os.getpid(),
                 "total_bytes": self.total_bytes,
                 "free_bytes": max(0, self.total_bytes - peak),
@@ -247,6 +248,13 @@ def _allocated_bytes(device: str) -> int:
     if device.startswith("cuda"):
         return torch.cuda.memory_allocated(torch.device(device))
     return _peak_bytes(device)
+
+
+def _supported_dtypes(device: str) -> list[str]:
+    if device.startswith("cuda"):
+        bf16 = torch.cuda.is_bf16_supported()
+        return ["bfloat16", "float16", "float32"] if bf16 else ["float16", "float32"]
+    return ["float32", "bfloat16"]
 
 
 def _gpu_utilization(device: str) -> float | None:
