@@ -82,8 +82,9 @@ def _job_row(job: dict) -> list[str]:
 
 def _table(title: str, columns: tuple[str, ...], rows: list[list[str]]) -> None:
     table = Table(title=title)
-    for column in columns:
-        table.add_column(column)
+    for column in columns:  # ids stay whole so they can be copied; other cells wrap on a narrow terminal
+        table.add_column(column, no_wrap=column == "job_id", min_width=20 if column == "job_id" else None,
+                         overflow="fold")
     for row in rows:
         table.add_row(*row)
     console.print(table)

@@ -1,0 +1,105 @@
+"""The admin CLI against the real Redis and worker: `--json` parses, tables render, mistakes give one error line."""
+
+from __future__ import annotations
+
+import json
+import secrets
+
+import pytest
+from click.testing import CliRunner
+
+from lorafleet.scheduler.cli import main
+
+
+@pytest.fixture
+def lorafleet(worker_env, celery_app):
+    """lorafleet(*args) -> (exit code, stdout, stderr), with the same configuration as the worker."""
+    runner = CliRunner()
+
+    def run(*args: str):
+        env = {**worker_env, "COLUMNS": "200"}  # wide enough that table cells are not folded
+        result = runner.invoke(main, [str(a) for a in args], env=env, catch_exceptions=False)
+        return result.exit_code, result.stdout, result.stderr
+
+    return run
+
+
+def ok_json(result):
+    code, out, err = result
+    assert code == 0, err
+    return json.loads(out)
+
+
+def one_error_line(result, pattern: str) -> None:
+    code, out, err = result
+    assert code != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), err
+    assert pattern in lines[0], lines[0]
+    assert "Traceback" not in out + err
+
+
+def test_tenant_commands_json(lorafleet, store):
+    name = "cli-" + secrets.token_hex(4)
+    created = ok_json(lorafleet("tenants", "create", name, "--weight", 2, "--max-queued", 3, "--json"))
+    assert created["name"] == name and created["weight"] == 2.0 and store.authenticate(created["token"]) == name
+    assert name in [t["name"] for t in ok_json(lorafleet("tenants", "list", "--json"))]
+    updated = ok_json(lorafleet("tenants", "set-quota", name, "--max-running", 9, "--json"))
+    assert updated[0]["max_running"] == 9 and updated[0]["max_queued"] == 3
+    rotated = ok_json(lorafleet("tenants", "rotate-token", name, "--json"))
+    assert store.authenticate(rotated["token"]) == name
+    with pytest.raises(PermissionError):
+        store.authenticate(created["token"])
+    assert ok_json(lorafleet("tenants", "disable", name, "--json"))[0]["disabled"] is True
+    with pytest.raises(PermissionError, match="disabled"):
+        store.authenticate(rotated["token"])
+
+
+def test_job_commands_json_and_tables(lorafleet, make_tenant, base_model_dir, tmp_path):
+    alice = make_tenant("alice")
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps({"name": "from-cli", "base_model": str(base_model_dir), "dataset": alice.dataset}))
+    job = ok_json(lorafleet("submit", spec_file, "--token", alice.token, "--json"))[0]
+    job_id = job["job_id"]
+    assert job["state"] == "queued" and job["name"] == "from-cli"
+
+    tenant_view = ok_json(lorafleet("jobs", "list", "--token", alice.token, "--json"))
+    assert [j["job_id"] for j in tenant_view] == [job_id]
+    operator_view = ok_json(lorafleet("jobs", "list", "--tenant", alice.name, "--state", "queued", "--json"))
+    assert [j["job_id"] for j in operator_view] == [job_id]
+    assert ok_json(lorafleet("jobs", "show", job_id, "--token", alice.token, "--json"))["spec"]["name"] == "from-cli"
+    assert ok_json(lorafleet("jobs", "cancel", job_id, "--token", alice.token, "--json"))["state"] == "cancelled"
+    events = ok_json(lorafleet("jobs", "events", job_id, "--token", alice.token, "--json"))
+    assert [e["to"] for e in events] == ["queued", "cancelled"]
+
+    code, out, _ = lorafleet("jobs", "watch", job_id, "--token", alice.token, "--json")
+    assert code == 0 and [json.loads(line)["to"] for line in out.splitlines()] == ["queued", "cancelled"]
+
+    code, out, _ = lorafleet("jobs", "list", "--token", alice.token)
+    assert code == 0 and job_id in out and "cancelled" in out
+    code, out, _ = lorafleet("jobs", "show", job_id)
+    assert code == 0 and alice.name in out
+
+
+def test_user_mistakes_give_one_error_line(lorafleet, make_tenant, base_model_dir, tmp_path, worker_env):
+    alice = make_tenant("alice")
+    one_error_line(lorafleet("tenants", "set-quota", "nobody-" + secrets.token_hex(3), "--max-queued", 1), "no tenant")
+    one_error_line(lorafleet("tenants", "create", "Not Valid"), "tenant name")
+    one_error_line(lorafleet("jobs", "show", "job-0000000000000000", "--token", alice.token), "no job")
+    one_error_line(lorafleet("jobs", "list", "--token", "lft_wrong"), "invalid token")
+    non_utf8 = tmp_path / "latin1.json"
+    non_utf8.write_bytes('{"base_model": "café", "dataset": "x"}'.encode("latin-1"))
+    one_error_line(lorafleet("submit", non_utf8, "--token", alice.token), "not UTF-8")
+    unknown_field = tmp_path / "unknown.json"
+    unknown_field.write_text(json.dumps({"base_model": str(base_model_dir), "dataset": alice.dataset, "gpus": 8}))
+    one_error_line(lorafleet("submit", unknown_field, "--token", alice.token), "gpus: unknown field")
+    outside = tmp_path / "outside.json"
+    outside.write_text(json.dumps({"base_model": str(base_model_dir), "dataset": "/etc/passwd"}))
+    one_error_line(lorafleet("submit", outside, "--token", alice.token), "outside your data areas")
+    one_error_line(lorafleet("submit", tmp_path / "missing.json", "--token", alice.token), "cannot read")
+    one_error_line(lorafleet("submit", unknown_field), "needs a tenant token")
+
+    runner = CliRunner()
+    no_redis = {**worker_env, "REDIS_URL": "", "LORAFLEET_STATE_DIR": str(tmp_path / "empty-state")}
+    result = runner.invoke(main, ["tenants", "list"], env=no_redis)
+    one_error_line((result.exit_code, result.stdout, result.stderr), "no Redis configured")
