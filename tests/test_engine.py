@@ -208,7 +208,7 @@ def test_matches_plain_peft_training(llama, datasets):
     history = train(cohort)
     want_losses, want = peft_reference_run(llama, spec, datasets["x"], initial)
     assert [r.loss for r in history["x"]] == pytest.approx(want_losses, rel=1e-5)
-    assert_same_weights(weights(cohort, "x"), want, rtol=1e-4)
+    assert_same_weights(weights(cohort, "x"), want)  # measured: 2.4e-6
 
 
 def test_nan_loss_fails_that_job_alone(llama, datasets):
