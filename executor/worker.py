@@ -68,6 +68,7 @@ class Executor:
     # ---- the loop ----
 
     def run(self) -> None:
+        self.hand_back_orphans()
         self.send_heartbeat()
         beats = threading.Thread(target=self._heartbeats, daemon=True)
         beats.start()
@@ -123,6 +124,15 @@ class Executor:
         for job in self.store.jobs_in_state("scheduled"):
             if job.get("executor_id") == self.executor_id and job["job_id"] not in self.leases:
                 self.admit(job)
+
+    def hand_back_orphans(self) -> None:
+        """Jobs a previous process with this executor id held (it was restarted before its heartbeat expired)."""
+        for state in ("scheduled", "running"):
+            for job in self.store.jobs_in_state(state):
+                if job.get("executor_id") == self.executor_id:
+                    self.store.transition(job["job_id"], state, "queued", attempt=job["attempt"])
+                    self.store.append_event(job["job_id"], "requeued", reason="executor restarted",
+                                            executor_id=self.executor_id, checkpoint_uri=job["checkpoint_uri"])
 
     def admit(self, job: dict) -> None:
         job_id, attempt = job["job_id"], job["attempt"]

@@ -1,0 +1,59 @@
+"""Executor bookkeeping against a real Redis (no model needed): orphans of a restarted executor, stale leases."""
+
+from __future__ import annotations
+
+from lorafleet.executor.artifacts import ArtifactStore
+from lorafleet.executor.worker import Executor, Lease
+from lorafleet.scheduler import fleet, keys
+from lorafleet.scheduler.spec import parse_spec
+
+
+SPEC = parse_spec({"base_model": "/models/none", "dataset": "train.jsonl"})
+
+
+def running_job(store, tenant, executor_id: str) -> tuple[str, int]:
+    job_id = store.submit(tenant.name, SPEC)["job_id"]
+    attempt = store.claim(job_id, executor_id)
+    assert store.transition(job_id, "scheduled", "running", attempt=attempt)
+    return job_id, attempt
+
+
+def test_a_restarted_executor_hands_back_what_its_previous_process_held(store, make_tenant, tmp_path):
+    tenant = make_tenant()
+    mine, _ = running_job(store, tenant, "exec-restarted")
+    other, _ = running_job(store, tenant, "exec-other")
+    executor = Executor(store, "exec-restarted", "cpu", ArtifactStore(str(tmp_path)))
+
+    executor.hand_back_orphans()
+
+    assert store.get_job(mine)["state"] == "queued"
+    assert store.get_job(other)["state"] == "running", "another executor's job is left alone"
+    assert any(e["type"] == "requeued" and e["reason"] == "executor restarted" for e in store.events(mine))
+
+
+def test_an_executor_drops_jobs_whose_lease_moved_on(store, make_tenant, tmp_path):
+    tenant = make_tenant()
+    job_id, attempt = running_job(store, tenant, "exec-stale")
+    executor = Executor(store, "exec-stale", "cpu", ArtifactStore(str(tmp_path)))
+    executor.leases[job_id] = Lease(job_id, tenant.name, attempt, SPEC)
+
+    assert store.transition(job_id, "running", "queued")  # the scheduler declared us dead meanwhile
+    store.claim(job_id, "exec-new")
+    executor.sync_assignments()
+
+    assert job_id not in executor.leases
+    assert not store.record_progress(job_id, 5, 10, {"loss": 1.0}, attempt=attempt), "stale writes are refused"
+    assert not store.record_checkpoint(job_id, "file:///stale", attempt)
+
+
+def test_heartbeats_expire_and_drain_requests_need_a_live_executor(store):
+    fleet.heartbeat(store.r, "exec-beat", {"device": "cpu", "total_bytes": 10}, ttl=0.2)
+    alive, _ = fleet.executors(store.r)
+    assert any(e["executor_id"] == "exec-beat" and e["total_bytes"] == 10 for e in alive)
+    assert fleet.request_drain(store.r, "exec-beat") and fleet.drain_requested(store.r, "exec-beat")
+    store.r.delete(keys.executor("exec-beat"))  # what the TTL does 0.2 s later
+    alive, dead = fleet.executors(store.r)
+    assert "exec-beat" in dead and not any(e["executor_id"] == "exec-beat" for e in alive)
+    assert not fleet.request_drain(store.r, "exec-beat")
+    fleet.forget(store.r, "exec-beat")
+    assert "exec-beat" not in fleet.executors(store.r)[1]
