@@ -357,6 +357,7 @@ def tenants_create(name: str, weight: float, max_queued: int, max_running: int, 
 @tenants.command("list")
 @json_option
 def tenants_list(as_json: bool) -> None:
+    """All tenants with their quotas and queued/running counts."""
     _show_tenants(_store().list_tenants(), as_json)
 
 
@@ -426,6 +427,7 @@ def jobs() -> None:
 @token_option
 @json_option
 def jobs_list(state: Optional[str], limit: int, tenant: Optional[str], token: Optional[str], as_json: bool) -> None:
+    """Jobs, newest first."""
     api = _api(token)
     if tenant and token:
         raise click.ClickException("--tenant is for operators; a token already selects its tenant")
@@ -438,6 +440,7 @@ def jobs_list(state: Optional[str], limit: int, tenant: Optional[str], token: Op
 @token_option
 @json_option
 def jobs_show(job_id: str, token: Optional[str], as_json: bool) -> None:
+    """One job: state, progress, latest metrics, error, adapter location."""
     _show_job(_api(token).get(job_id), as_json)
 
 
@@ -446,6 +449,7 @@ def jobs_show(job_id: str, token: Optional[str], as_json: bool) -> None:
 @token_option
 @json_option
 def jobs_cancel(job_id: str, token: Optional[str], as_json: bool) -> None:
+    """Cancel a job (a running one is dropped by its executor within a step)."""
     _show_job(_api(token).cancel(job_id), as_json)
 
 
@@ -467,6 +471,7 @@ def _show_events(events: list[dict], as_json: bool) -> None:
 @token_option
 @json_option
 def jobs_events(job_id: str, after: Optional[str], limit: int, token: Optional[str], as_json: bool) -> None:
+    """A job's events, oldest first: state changes, step metrics, errors."""
     _show_events(_api(token).events(job_id, after, limit), as_json)
 
 

@@ -10,8 +10,9 @@ Job states and the only legal moves (`TRANSITIONS`):
     scheduled | running -> queued   (preempted or orphaned; keeps its checkpoint_uri)
 
 Cancellation: a queued job becomes `cancelled` at once. A scheduled or running job also becomes `cancelled` at once
-(so it stops counting against quotas) and gets `cancel_requested = 1`; the executor holding it checks
-`is_cancel_requested(job_id)` (or sees that `record_progress` returns False) after each step and drops the job.
+(so it stops counting against quotas) and gets `cancel_requested = 1`. The signal to the executor is the state: it
+drops every job whose state is no longer scheduled/running or whose attempt moved on (its `record_progress`,
+`record_checkpoint` and `set_result` are refused from then on); `is_cancel_requested` says why a held job went away.
 
 Leases: each move to `scheduled` increments the job's `attempt`. An executor passes the attempt it was given to
 `transition` / `record_progress` / `set_result`; a stale attempt is refused, so an executor that lost its job (requeued
