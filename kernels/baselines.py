@@ -64,14 +64,14 @@ def _tiles_rows_in_order(segments, n_rows: int) -> bool:
 
 
 def grouped_mm_wins(x, segments, lora_a) -> bool:
-    """True where torch._grouped_mm beat the Triton kernels (fwd+bwd, H100, docs/KERNELS.md): bf16, padded rank >= 64
-    and 16 or more adapters, by 2-14%. Elsewhere Triton won, by up to 1.4x. _grouped_mm also needs rows tiled in
-    order without gaps."""
+    """True where torch._grouped_mm beat the Triton kernels (fwd+bwd, H100, docs/KERNELS.md): bf16 at padded rank >= 64
+    with 16 or more adapters or at most 4096 rows, by 2-16%. Elsewhere Triton won, by up to 1.4x. _grouped_mm also
+    needs rows tiled in order without gaps."""
     return (
         x.is_cuda
         and x.dtype == torch.bfloat16
         and hasattr(torch, "_grouped_mm")
-        and len(segments) >= 16
+        and (len(segments) >= 16 or x.shape[0] <= 4096)
         and padded_rank([a.shape[0] for a in lora_a]) >= 64
         and _tiles_rows_in_order(segments, x.shape[0])
     )
