@@ -164,14 +164,19 @@ def test_two_tenants_two_bases_form_cohorts_and_adapters_load_in_peft(fleet_env)
     for _ in range(2):
         tenant, token = make_tenant(fleet_env)
         for family in ("llama", "qwen2"):
-            submitted.append((token, family, fleet_env.submit(token, spec_for(fleet_env, tenant, family))))
+            spec = spec_for(fleet_env, tenant, family, max_steps=30, checkpoint_every=100)
+            submitted.append((token, family, fleet_env.submit(token, spec)))
     finished = [(family, fleet_env.wait_state(token, job_id, ("succeeded", "failed"))) for token, family, job_id in
                 submitted]
     assert all(job["state"] == "succeeded" for _, job in finished), [job for _, job in finished]
-    by_base = {}
-    for family, job in finished:
-        by_base.setdefault(family, set()).add(job["executor_id"] or job["adapter_uri"])
-        assert job["progress"] == {"step": 8, "total_steps": 8}
+    for family in ("llama", "qwen2"):
+        same_base = [job for f, job in finished if f == family]
+        assert len({job["executor_id"] for job in same_base}) == 1, "jobs of one base train on one executor"
+        first, second = same_base
+        assert max(first["started_at"], second["started_at"]) < min(first["finished_at"], second["finished_at"]), \
+            "the two jobs of a base trained at the same time, as one cohort"
+    for _, job in finished:
+        assert job["progress"] == {"step": 30, "total_steps": 30}
         assert job["attempt"] == 1
     for family, job in finished:
         base = AutoModelForCausalLM.from_pretrained(fleet_env.models[family])
