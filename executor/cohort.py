@@ -28,9 +28,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from lorafleet.executor.activations import checkpoint_layers
 from lorafleet.executor.adapters import Adapter, build_adapter
 from lorafleet.executor.checkpoint import load_training_state, save_peft_adapter, save_training_state
 from lorafleet.executor.data import IGNORE_INDEX, DataError, Example, JobData
+from lorafleet.executor.loss import chunked_head_loss_applies
+from lorafleet.executor.loss import token_losses as chunked_token_losses
 from lorafleet.executor.model import load_base, packing_kwargs
 from lorafleet.executor.multilora import MultiLoraLinear, RowRouting, wrap_targets
 from lorafleet.executor.optim import JobOptimizer, NonFiniteGradients
@@ -106,13 +109,23 @@ def pack(batches: dict[str, list[Example]], device) -> PackedBatch:
 
 
 class Cohort:
-    def __init__(self, base_model_path, quantization: str = "none", dtype: str = "auto", device: str = "cpu"):
+    def __init__(
+        self,
+        base_model_path,
+        quantization: str = "none",
+        dtype: str = "auto",
+        device: str = "cpu",
+        activation_checkpointing: bool = False,
+    ):
         self.base_model_path = str(base_model_path)
         self.quantization, self.dtype = quantization, dtype
         self.model, self.tokenizer = load_base(base_model_path, quantization, dtype, device)
         self.device = self.model.device
         self.routing = RowRouting()
         self.jobs: dict[str, Job] = {}
+        if activation_checkpointing:  # fits larger cohorts for about a third more compute
+            generators = lambda: [job.adapter.dropout_rng for job in self.jobs.values()]  # noqa: E731
+            checkpoint_layers(self.model.base_model.layers, self.routing, generators)
 
     def active_jobs(self) -> list[str]:
         return [job_id for job_id, job in self.jobs.items() if job.active]
@@ -182,10 +195,16 @@ class Cohort:
         self.routing.segments = batch.rows
         try:
             kwargs = packing_kwargs(batch.sequence_lengths, self.device)
-            logits = self.model(batch.input_ids, use_cache=False, **kwargs).logits[0]
+            if chunked_head_loss_applies(self.model):
+                hidden = self.model.base_model(batch.input_ids, use_cache=False, **kwargs).last_hidden_state[0]
+                token_losses = chunked_token_losses(hidden, self.model.lm_head.weight, batch.targets)
+            else:
+                logits = self.model(batch.input_ids, use_cache=False, **kwargs).logits[0]
+                token_losses = F.cross_entropy(
+                    logits.float(), batch.targets, ignore_index=IGNORE_INDEX, reduction="none"
+                )
         finally:
             self.routing.segments = {}
-        token_losses = F.cross_entropy(logits.float(), batch.targets, ignore_index=IGNORE_INDEX, reduction="none")
         return {
             job_id: token_losses[start:end].sum() / max(1, batch.num_targets[job_id])
             for job_id, (start, end) in batch.rows.items()

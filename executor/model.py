@@ -18,6 +18,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from transformers.masking_utils import AttentionMaskInterface
 from transformers.modeling_utils import AttentionInterface
 
+from lorafleet.executor.attention import varlen_packed_attention, varlen_supported
+
 PACKED_ATTENTION = "lorafleet_packed"
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -25,6 +27,10 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 def packed_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None, **kwargs):
     """Causal attention within each packed sequence. query [1, H, T, D], key/value [1, H_kv, T, D] -> [1, T, H, D]."""
+    if varlen_supported(query, key, scaling, sliding_window):
+        max_length = kwargs.get("max_length_q") or int(kwargs["cu_seq_lens_q"].diff().max())
+        boundaries = kwargs["cu_seq_lens_q"]
+        return varlen_packed_attention(query, key, value, boundaries, max_length, scaling, sliding_window), None
     # split, not slicing: the backward of a slice is a zero-filled [T, ...] tensor per sequence, of split one concat.
     lengths = kwargs["cu_seq_lens_q"].diff().tolist()
     groups = query.shape[1] // key.shape[1]
@@ -52,7 +58,14 @@ def packing_kwargs(sequence_lengths: list[int], device) -> dict:
     """Model inputs that describe a packed row: positions restart at 0 in each sequence, plus the boundaries."""
     boundaries = torch.tensor([0, *sequence_lengths], device=device).cumsum(0)
     position_ids = torch.cat([torch.arange(n, device=device) for n in sequence_lengths]).unsqueeze(0)
-    return {"position_ids": position_ids, "cu_seq_lens_q": boundaries, "cu_seq_lens_k": boundaries}
+    longest = max(sequence_lengths)
+    return {
+        "position_ids": position_ids,
+        "cu_seq_lens_q": boundaries,
+        "cu_seq_lens_k": boundaries,
+        "max_length_q": longest,
+        "max_length_k": longest,
+    }
 
 
 def resolve_device(device: str | torch.device) -> torch.device:

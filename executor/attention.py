@@ -1,0 +1,50 @@
+"""Packed variable-length attention on the GPU: flash attention over the sequence boundaries.
+
+The cohort's packed row holds many sequences back to back. `torch.nn.attention.varlen.varlen_attn` (PyTorch's flash
+varlen entry point) takes the row as [T, H, D] with the cumulative boundaries and attends causally within each
+sequence: no [T, T] mask, no padding, no Python loop over sequences, and grouped-query heads without repeating K/V.
+`lorafleet.executor.model.packed_attention` calls it when it can and keeps its per-sequence loop as the CPU path and
+the reference.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+try:
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:  # torch without the varlen entry point: the per-sequence loop serves
+    varlen_attn = None
+
+_VARLEN_PARAMS = set(inspect.signature(varlen_attn).parameters) if varlen_attn is not None else set()
+FLASH_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def varlen_supported(query: torch.Tensor, key: torch.Tensor, scaling, sliding_window) -> bool:
+    """Whether this torch's varlen flash attention computes exactly what the call asks for."""
+    if varlen_attn is None or not query.is_cuda or query.dtype not in FLASH_DTYPES:
+        return False
+    if "window_size" not in _VARLEN_PARAMS and sliding_window is not None:
+        return False
+    if "scale" not in _VARLEN_PARAMS and scaling is not None and scaling != query.shape[-1] ** -0.5:
+        return False
+    return key.shape[1] == query.shape[1] or "enable_gqa" in _VARLEN_PARAMS
+
+
+def varlen_packed_attention(query, key, value, cu_seq_lens: torch.Tensor, max_length: int, scaling, sliding_window):
+    """Causal attention within each packed sequence. query [1, H, T, D], key/value [1, H_kv, T, D] -> [1, T, H, D]."""
+    q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))
+    boundaries = cu_seq_lens.to(torch.int32)
+    options = {}
+    if "window_size" in _VARLEN_PARAMS:
+        options["window_size"] = (-1, 0) if sliding_window is None else (sliding_window - 1, 0)
+    else:
+        options["is_causal"] = True
+    if "scale" in _VARLEN_PARAMS:
+        options["scale"] = scaling
+    if k.shape[1] != q.shape[1]:
+        options["enable_gqa"] = True
+    out = varlen_attn(q, k, v, boundaries, boundaries, max_length, max_length, **options)
+    return out.unsqueeze(0)

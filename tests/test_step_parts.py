@@ -1,0 +1,138 @@
+"""The rest of the step: chunked LM-head loss, activation checkpointing, and (on a GPU) varlen flash attention."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers_models import FAMILIES, alpaca_rows, build_tiny_model, single_torch_thread, write_jsonl  # noqa: F401
+
+from lorafleet.executor import loss as loss_module
+from lorafleet.executor.cohort import Cohort
+from lorafleet.executor.data import IGNORE_INDEX
+from lorafleet.executor.loss import chunked_head_loss_applies, token_losses
+from lorafleet.executor.model import load_base, packed_attention, packing_kwargs
+from lorafleet.scheduler.spec import parse_spec
+
+
+def random_problem(rows=37, hidden=24, vocab=50, dtype=torch.float32, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    states = torch.randn(rows, hidden, generator=generator, dtype=dtype)
+    head = torch.randn(vocab, hidden, generator=generator, dtype=dtype)
+    targets = torch.randint(0, vocab, (rows,), generator=generator)
+    targets[::5] = IGNORE_INDEX
+    return states, head, targets
+
+
+@pytest.mark.parametrize("rows_per_chunk", [1, 7, 1000])
+def test_chunked_loss_and_gradient_equal_full_logits(monkeypatch, rows_per_chunk):
+    monkeypatch.setattr(loss_module, "chunk_rows", lambda vocab: rows_per_chunk)
+    states, head, targets = random_problem()
+    weights = torch.rand(states.shape[0])  # per-row upstream gradient, as per-job means give
+
+    mine = states.clone().requires_grad_()
+    got = token_losses(mine, head, targets)
+    (got * weights).sum().backward()
+
+    full = states.clone().requires_grad_()
+    want = F.cross_entropy((full @ head.T).float(), targets, ignore_index=IGNORE_INDEX, reduction="none")
+    (want * weights).sum().backward()
+
+    assert got.dtype == torch.float32
+    assert ((got - want).abs() <= 1e-6 * want.abs().clamp(min=1)).all()
+    assert (got[targets == IGNORE_INDEX] == 0).all()
+    assert (mine.grad - full.grad).norm() <= 1e-6 * full.grad.norm()
+
+
+def test_chunked_loss_refuses_a_trainable_head():
+    states, head, targets = random_problem()
+    with pytest.raises(ValueError, match="frozen LM head"):
+        token_losses(states, head.requires_grad_(), targets)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_decoder_plus_chunked_head_equals_model_loss(tmp_path, family, single_torch_thread):
+    model, _ = load_base(build_tiny_model(tmp_path, family))
+    lengths = [5, 9, 3]
+    ids = torch.randint(3, model.config.vocab_size, (1, sum(lengths)), generator=torch.Generator().manual_seed(1))
+    targets = torch.cat([ids[0, 1:], torch.tensor([IGNORE_INDEX])])
+    kwargs = packing_kwargs(lengths, "cpu")
+    assert chunked_head_loss_applies(model)
+    with torch.no_grad():
+        want = F.cross_entropy(model(ids, **kwargs).logits[0].float(), targets, reduction="none")
+        hidden = model.base_model(ids, **kwargs).last_hidden_state[0]
+        got = token_losses(hidden, model.lm_head.weight, targets)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def make_spec(model_dir, seed, dropout):
+    return parse_spec(
+        {
+            "base_model": str(model_dir),
+            "dataset": "unused",
+            "adapter": {"r": 4, "lora_alpha": 8, "lora_dropout": dropout},
+            "hyperparameters": {"batch_size": 2, "learning_rate": 1e-2, "lr_scheduler": "constant", "seed": seed},
+        }
+    )
+
+
+def test_activation_checkpointing_trains_identically_with_dropout(tmp_path, single_torch_thread):
+    """Recomputed layers see the same rows and the same per-job dropout masks as the forward drew."""
+    model_dir = build_tiny_model(tmp_path / "model", "llama")
+    data = [write_jsonl(tmp_path / f"{i}.jsonl", alpaca_rows(6, seed=i)) for i in range(2)]
+    trained = {}
+    for checkpointing in (False, True):
+        cohort = Cohort(model_dir, activation_checkpointing=checkpointing)
+        for i, path in enumerate(data):
+            cohort.add_job(f"job-{i}", make_spec(model_dir, seed=i, dropout=0.2 * i), path)
+        losses = [{job: r.loss for job, r in cohort.step().items()} for _ in range(3)]
+        trained[checkpointing] = losses, {job: cohort.jobs[job].adapter.lora_weights() for job in cohort.jobs}
+    (plain_losses, plain), (ckpt_losses, ckpt) = trained[False], trained[True]
+    assert ckpt_losses == pytest.approx(plain_losses, rel=1e-5)
+    for job in plain:
+        for name in plain[job]:
+            for got, want in zip(ckpt[job][name], plain[job][name]):
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert any((w[1] != 0).any() for w in plain["job-1"].values())  # B moved: the test compares trained weights
+
+
+def test_activation_checkpointing_recomputes(tmp_path, single_torch_thread):
+    """The flag is not a no-op: backward runs the decoder layers' forward again."""
+    model_dir = build_tiny_model(tmp_path / "model", "llama")
+    cohort = Cohort(model_dir, activation_checkpointing=True)
+    cohort.add_job("job", make_spec(model_dir, seed=0, dropout=0.0), write_jsonl(tmp_path / "d.jsonl", alpaca_rows(4)))
+    calls = []
+    # self_attn, not the whole layer: the recomputation stops early once it has rebuilt the last saved tensor
+    cohort.model.base_model.layers[0].self_attn.register_forward_hook(lambda *args: calls.append(1))
+    cohort.step()
+    assert len(calls) == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("heads,kv_heads", [(8, 8), (32, 8)])
+def test_varlen_flash_attention_matches_per_sequence_reference(heads, kv_heads):
+    from lorafleet.executor.attention import varlen_supported
+
+    lengths = [512, 1, 37, 300, 2048, 100]
+    generator = torch.Generator(device="cuda").manual_seed(0)
+
+    def rand(h):
+        return torch.randn(1, h, sum(lengths), 128, device="cuda", dtype=torch.bfloat16, generator=generator)
+
+    query, key, value = rand(heads), rand(kv_heads), rand(kv_heads)
+    kwargs = packing_kwargs(lengths, "cuda")
+    assert varlen_supported(query, key, 128**-0.5, None)
+    grads = []
+    for use_varlen in (True, False):
+        q, k, v = (t.clone().requires_grad_() for t in (query, key, value))
+        if use_varlen:
+            out, _ = packed_attention(None, q, k, v, None, scaling=128**-0.5, **kwargs)
+        else:  # the per-sequence loop, in fp32
+            q32, k32, v32 = (t.float() for t in (q, k, v))
+            out, _ = packed_attention(None, q32, k32, v32, None, scaling=128**-0.5, **kwargs)
+        assert out.shape == (1, sum(lengths), heads, 128)
+        out.float().square().sum().backward()
+        grads.append((out.float(), q.grad.float(), k.grad.float(), v.grad.float()))
+    for got, want in zip(*grads):
+        assert (got - want).norm() / want.norm() < 2e-2
