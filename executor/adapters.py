@@ -33,7 +33,8 @@ class Adapter(nn.Module):
         self._index = {name: i for i, name in enumerate(self.layer_names)}
         self.scale = spec.lora_alpha / spec.r
         self.dropout = spec.lora_dropout
-        # Its own stream, so a job's dropout masks do not depend on which other jobs share the step.
+        # Its own stream, so a job's dropout masks do not depend on which other jobs share the step; a CPU
+        # generator, so the masks (and a resumed run) are the same whatever device the cohort runs on.
         self.dropout_rng = torch.Generator().manual_seed(seed + 1)
 
     def drop(self, x: torch.Tensor) -> torch.Tensor:

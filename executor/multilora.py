@@ -62,9 +62,10 @@ class MultiLoraLinear(nn.Module):
         ordered = sorted(zip(segments, adapters), key=lambda item: item[0][0])
         bounds = sorted({0, flat.shape[0], *(row for (start, end), _ in ordered for row in (start, end))})
         pieces = list(flat.split([end - start for start, end in zip(bounds[:-1], bounds[1:])]))
-        for (start, _), adapter in ordered:
-            piece = bounds.index(start)
-            pieces[piece] = adapter.drop(pieces[piece])
+        for (start, end), adapter in ordered:
+            if end > start:
+                piece = bounds.index(start)
+                pieces[piece] = adapter.drop(pieces[piece])
         return torch.cat(pieces)
 
     def extra_repr(self) -> str:
