@@ -363,16 +363,28 @@ class JobStore:
         if state is not None and state not in keys.JOB_STATES:
             raise ValueError(f"state: must be one of {', '.join(keys.JOB_STATES)}, got {state!r}")
         tenants = [tenant] if tenant is not None else sorted(self.r.smembers(keys.TENANTS))
-        found: list[tuple[float, str]] = []
+        found: list[tuple[str, float]] = []
         for name in tenants:
-            if state is None:
-                found += self.r.zrevrange(keys.tenant_jobs(name), 0, limit - 1, withscores=True)
-            else:
-                members = self.r.smembers(keys.state_set(state))
-                ids = self.r.zrevrange(keys.tenant_jobs(name), 0, -1, withscores=True)
-                found += [(job_id, score) for job_id, score in ids if job_id in members][:limit]
+            found += self._newest(name, state, limit)
         found.sort(key=lambda item: item[1], reverse=True)
         return self._views([job_id for job_id, _ in found[:limit]], with_spec=False)
+
+    def _newest(self, tenant: str, state: Optional[str], limit: int, chunk: int = 500) -> list[tuple[str, float]]:
+        """Up to `limit` (job id, submit time) of the tenant's newest jobs in `state` (any state if None)."""
+        if state is None:
+            return self.r.zrevrange(keys.tenant_jobs(tenant), 0, limit - 1, withscores=True)
+        found: list[tuple[str, float]] = []
+        start = 0
+        while len(found) < limit:
+            page = self.r.zrevrange(keys.tenant_jobs(tenant), start, start + chunk - 1, withscores=True)
+            if not page:
+                break
+            pipe = self.r.pipeline(transaction=False)
+            for job_id, _ in page:
+                pipe.hget(keys.job(job_id), "state")
+            found += [item for item, job_state in zip(page, pipe.execute()) if job_state == state]
+            start += chunk
+        return found[:limit]
 
     def list_queued(self, limit: Optional[int] = None) -> list[dict[str, Any]]:
         """Queued jobs in scheduling order: priority 9 first, then oldest first. Includes each job's spec."""

@@ -22,6 +22,9 @@ from lorafleet.scheduler.submission import validate_submission
 
 app = make_celery(config.redis_url())
 
+# Answers to a tenant's mistake: logged by the worker as one line, not as a crash with a traceback.
+TENANT_ERRORS = (ValueError, PermissionError, LookupError)
+
 _store: Optional[JobStore] = None
 
 
@@ -50,7 +53,7 @@ def _public_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-@app.task(name="lorafleet.submit_job")
+@app.task(name="lorafleet.submit_job", throws=TENANT_ERRORS)
 @_public_errors
 def submit_job(token: str, spec: Any) -> dict:
     tenant = store().authenticate(token)
@@ -58,28 +61,28 @@ def submit_job(token: str, spec: Any) -> dict:
     return store().submit(tenant, job_spec)
 
 
-@app.task(name="lorafleet.get_job")
+@app.task(name="lorafleet.get_job", throws=TENANT_ERRORS)
 @_public_errors
 def get_job(token: str, job_id: str) -> dict:
     tenant = store().authenticate(token)
     return store().get_job_for(tenant, job_id)
 
 
-@app.task(name="lorafleet.list_jobs")
+@app.task(name="lorafleet.list_jobs", throws=TENANT_ERRORS)
 @_public_errors
 def list_jobs(token: str, state: Optional[str] = None, limit: int = 100) -> list:
     tenant = store().authenticate(token)
     return store().list_jobs(tenant, state, limit)
 
 
-@app.task(name="lorafleet.cancel_job")
+@app.task(name="lorafleet.cancel_job", throws=TENANT_ERRORS)
 @_public_errors
 def cancel_job(token: str, job_id: str) -> dict:
     tenant = store().authenticate(token)
     return store().cancel(tenant, job_id)
 
 
-@app.task(name="lorafleet.job_events")
+@app.task(name="lorafleet.job_events", throws=TENANT_ERRORS)
 @_public_errors
 def job_events(token: str, job_id: str, after: Optional[str] = None, limit: int = 100) -> list:
     tenant = store().authenticate(token)

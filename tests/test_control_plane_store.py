@@ -181,3 +181,13 @@ def test_redis_restart_loses_no_accepted_job(tmp_path, stop):
         assert [e["to"] for e in store.events(job_ids[0])] == ["queued", "scheduled"]
     finally:
         server.stop()
+
+
+def test_list_jobs_by_state_newest_first(store, make_tenant):
+    alice = make_tenant("alice")
+    jobs = [new_job(store, alice) for _ in range(6)]
+    for job_id in jobs[1::2]:
+        store.cancel(alice.name, job_id)
+    assert [j["job_id"] for j in store.list_jobs(alice.name, "queued", limit=2)] == [jobs[4], jobs[2]]
+    assert [job_id for job_id, _ in store._newest(alice.name, "cancelled", 5, chunk=2)] == jobs[1::2][::-1]
+    assert [j["job_id"] for j in store.list_jobs(alice.name)] == jobs[::-1]

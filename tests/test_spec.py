@@ -11,7 +11,7 @@ import jsonschema
 import pytest
 
 from lorafleet.scheduler import keys
-from lorafleet.scheduler.spec import JobSpec
+from lorafleet.scheduler.spec import JobSpec, SpecError, parse_spec
 
 TEN_MB = 10 * 1024 * 1024
 
@@ -108,6 +108,13 @@ def test_accepted_locations(call, make_tenant, data_root, base_model_dir):
         assert job["state"] == "queued" and job["spec"]["dataset"] == dataset
     pinned = {"base_model": "test-org/tiny-model", "base_model_revision": "main", "dataset": me.dataset}
     assert call("lorafleet.submit_job", me.token, pinned)["state"] == "queued"
+
+
+def test_spec_bytes_must_be_utf8_and_small():
+    with pytest.raises(SpecError, match=r"not UTF-8 \(byte 19\)"):
+        parse_spec(b'{"base_model": "caf\xe9", "dataset": "x"}')
+    with pytest.raises(SpecError, match="limit is 65536"):
+        parse_spec(b" " * TEN_MB)
 
 
 def test_schema_command_prints_a_valid_json_schema():
