@@ -65,7 +65,7 @@ def _tiles_rows_in_order(segments, n_rows: int) -> bool:
 
 def grouped_mm_wins(x, segments, lora_a) -> bool:
     """True where torch._grouped_mm beat the Triton kernels (fwd+bwd, H100, docs/KERNELS.md): bf16 at padded rank >= 64
-    with 16 or more adapters or at most 4096 rows, by 2-16%. Elsewhere Triton won, by up to 1.4x. _grouped_mm also
+    with 16 or more adapters or at most 4096 rows, by 2-18%. Elsewhere Triton won, by up to 1.4x. _grouped_mm also
     needs rows tiled in order without gaps."""
     return (
         x.is_cuda

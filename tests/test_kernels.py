@@ -187,3 +187,21 @@ def test_bad_input_raises_clear_error(segments, ranks, b_rows, match):
         check_lora_inputs(x, segments, lora_a, lora_b, scales[: len(segments)] if len(ranks) == 1 else scales)
     with pytest.raises(ValueError, match=match):
         lora_delta(x, segments, lora_a, lora_b, scales[: len(segments)] if len(ranks) == 1 else scales)
+
+
+def test_fp32_adapters_with_bf16_activations_get_fp32_gradients():
+    generator = torch.Generator().manual_seed(9)
+    x = torch.randn(30, 32, generator=generator).to(torch.bfloat16).requires_grad_()
+    lora_a = [torch.randn(4, 32, generator=generator, requires_grad=True) for _ in range(2)]
+    lora_b = [torch.randn(16, 4, generator=generator, requires_grad=True) for _ in range(2)]
+    segments, scales = [(0, 12), (12, 30)], [1.0, 0.5]
+    y = lora_delta_triton(x, segments, lora_a, lora_b, scales)
+    assert y.dtype == torch.bfloat16
+    grad = torch.randn(y.shape).to(torch.bfloat16)
+    got = torch.autograd.grad(y, [x, *lora_a, *lora_b], grad)
+    assert got[0].dtype == torch.bfloat16 and all(g.dtype == torch.float32 for g in got[1:])
+    # The reference on the same bf16-rounded adapters, in float64.
+    rounded = [t.detach().to(torch.bfloat16) for t in [*lora_a, *lora_b]]
+    want = float64_reference(x, segments, rounded[:2], rounded[2:], scales, grad)
+    for g, w in zip(got, want[1:]):
+        assert rel_error(g, w) < REL_TOL[torch.bfloat16]
