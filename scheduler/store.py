@@ -6,7 +6,7 @@ a half-made job, a wrong per-state count or a job in the queue index that is not
 Job states and the only legal moves (`TRANSITIONS`):
 
     queued -> scheduled -> running -> succeeded | failed | cancelled
-    queued -> cancelled;  scheduled -> failed | cancelled
+    queued -> cancelled | failed (it can never run);  scheduled -> failed | cancelled
     scheduled | running -> queued   (preempted or orphaned; keeps its checkpoint_uri)
 
 Cancellation: a queued job becomes `cancelled` at once. A scheduled or running job also becomes `cancelled` at once
@@ -35,13 +35,16 @@ from lorafleet.scheduler import keys
 from lorafleet.scheduler.spec import JobSpec
 
 TRANSITIONS: dict[str, tuple[str, ...]] = {
-    "queued": ("scheduled", "cancelled"),
+    "queued": ("scheduled", "cancelled", "failed"),
     "scheduled": ("running", "queued", "failed", "cancelled"),
     "running": ("succeeded", "failed", "cancelled", "queued"),
     "succeeded": (),
     "failed": (),
     "cancelled": (),
 }
+
+# What a transition may set besides the state; identity, spec, lease counter and timestamps are the store's own.
+SETTABLE_FIELDS = {"error", "adapter_uri", "checkpoint_uri", "executor_id", "cancel_requested", "step", "total_steps"}
 
 TENANT_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 RESERVED_TENANT_NAMES = ("shared",)  # the data root's area readable by every tenant
@@ -422,9 +425,9 @@ class JobStore:
                 raise IllegalTransition(f"unknown state {state!r}")
             if to_state not in TRANSITIONS[state]:
                 raise IllegalTransition(f"illegal transition {state} -> {to_state}")
-        unknown = set(fields) - set(keys.JOB_FIELDS) or set(fields) & {"job_id", "tenant", "state", "attempt", "spec"}
-        if unknown:
-            raise ValueError(f"transition cannot set {sorted(unknown)}")
+        not_settable = set(fields) - SETTABLE_FIELDS
+        if not_settable:
+            raise ValueError(f"transition cannot set {sorted(not_settable)}")
         try:
             done, _ = self._transition(
                 keys=[keys.job(job_id), keys.COUNTS, keys.QUEUE, keys.job_events(job_id), keys.SCHEDULER_FENCE],
