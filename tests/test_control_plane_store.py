@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import secrets
 import threading
 
@@ -191,3 +192,18 @@ def test_list_jobs_by_state_newest_first(store, make_tenant):
     assert [j["job_id"] for j in store.list_jobs(alice.name, "queued", limit=2)] == [jobs[4], jobs[2]]
     assert [job_id for job_id, _ in store._newest(alice.name, "cancelled", 5, chunk=2)] == jobs[1::2][::-1]
     assert [j["job_id"] for j in store.list_jobs(alice.name)] == jobs[::-1]
+
+
+def test_every_key_in_redis_is_documented(store, make_tenant):
+    alice = make_tenant("alice")
+    job_id = new_job(store, alice)
+    attempt = store.claim(job_id, "ex-1")
+    store.transition(job_id, "scheduled", "running", attempt=attempt)
+    store.record_progress(job_id, 1, 2, {"loss": 1.0}, attempt=attempt)
+    store.add_gpu_seconds({alice.name: 1.5})
+    documented = re.findall(r"^\| `(lorafleet:[^`]+)` \|", keys.__doc__, flags=re.MULTILINE)
+    patterns = [re.compile(re.sub(r"<[a-z_]+>", "[^:]+", re.escape(key).replace(r"\<", "<").replace(r"\>", ">")))
+                for key in documented]
+    undocumented = [key for key in store.r.scan_iter(match=keys.PREFIX + "*", count=1000)
+                    if not any(p.fullmatch(key) for p in patterns)]
+    assert documented and undocumented == []
