@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.testing
 
-from lorafleet.kernels import lora_delta_multi_triton, lora_delta_reference, lora_delta_triton
+from lorafleet.kernels import lora_delta_multi_triton, lora_delta_reference, lora_delta_triton, lora_linear
 from lorafleet.kernels.baselines import grouped_mm_available, lora_delta_grouped_mm, lora_delta_padded_bmm
 
 D = 4096
@@ -139,6 +139,33 @@ def bench_grid(args, rng: random.Random) -> list[dict]:
                 results.append(row)
                 print(json.dumps(row), flush=True)
     return results
+
+
+def bench_layer(rng: random.Random) -> list[dict]:
+    """A whole frozen 4096x4096 layer with 8 adapters r=16, three ways: `F.linear(x) + lora_delta(x)` (a new tensor
+    and autograd's dX sum), `lora_delta(x, out=F.linear(x))`, and `lora_linear` (delta and LoRA dX accumulated in
+    place into the base output and the base dX). Graph replays, fwd+bwd."""
+    rows = []
+    for n_rows in (4096, 16384, 32768):
+        segments = ragged_segments(n_rows, 8, rng)
+        x = torch.randn(n_rows, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        grad = torch.randn(n_rows, D, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(D, D, device="cuda", dtype=torch.bfloat16) / D**0.5
+        lora_a, lora_b, scales = make_adapters(8, 16, D, D, torch.bfloat16)
+        params = [*lora_a, *lora_b]
+        ways = {
+            "base": lambda: x @ w.t(),
+            "base + delta": lambda: x @ w.t() + lora_delta_triton(x, segments, lora_a, lora_b, scales),
+            "delta out=base": lambda: lora_delta_triton(x, segments, lora_a, lora_b, scales, out=x @ w.t()),
+            "lora_linear": lambda: lora_linear(x, w, None, segments, lora_a, lora_b, scales),
+        }
+        row = {"tokens": n_rows}
+        for name, fn in ways.items():
+            row[f"{name} graph ms"] = median_ms(graphed(fwd_bwd(fn, x, grad, [] if name == "base" else params)))
+            row[f"{name} eager ms"] = median_ms(fwd_bwd(fn, x, grad, [] if name == "base" else params))
+        rows.append(row)
+        print("layer", json.dumps(row), flush=True)
+    return rows
 
 
 def bench_fused_qkv(rng: random.Random) -> dict:
@@ -303,6 +330,7 @@ def main():
     parser.add_argument("--json", help="write every measurement here")
     parser.add_argument("--profile", action="store_true", help="first profile one shape (32k tokens, 8 adapters, r=16)")
     parser.add_argument("--profile-only", action="store_true", help="with --profile: stop after it")
+    parser.add_argument("--layer-only", action="store_true", help="stop after the whole-layer and q/k/v comparisons")
     args = parser.parse_args()
     rng = random.Random(0)
     torch.manual_seed(0)
@@ -320,12 +348,16 @@ def main():
         print("correctness", json.dumps(row), flush=True)
     fused = bench_fused_qkv(rng)
     print("fused_qkv", json.dumps(fused), flush=True)
+    layer = bench_layer(rng)
+    if args.layer_only:
+        return
     results = bench_grid(args, rng)
     print_table(ceilings, results)
     print(f"\nelapsed {time.time() - started:.0f} s")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"ceilings": ceilings, "correctness": correctness, "fused_qkv": fused, "grid": results}, f, indent=1)
+            json.dump({"ceilings": ceilings, "correctness": correctness, "fused_qkv": fused, "layer": layer,
+                       "grid": results}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -16,9 +16,9 @@ from lorafleet.kernels.reference import check_lora_inputs, lora_delta_reference
 
 try:
     from lorafleet.kernels.baselines import grouped_mm_wins, lora_delta_grouped_mm
-    from lorafleet.kernels.segmented import lora_delta_multi_triton, lora_delta_triton
+    from lorafleet.kernels.segmented import lora_delta_multi_triton, lora_delta_triton, lora_linear_triton
 except ImportError:  # no triton: the reference serves every device
-    lora_delta_triton = lora_delta_multi_triton = None
+    lora_delta_triton = lora_delta_multi_triton = lora_linear_triton = None
 
 
 def triton_enabled(x: torch.Tensor) -> bool:
@@ -54,4 +54,23 @@ def lora_delta_multi(x, segments, lora_as, lora_bs, scales, outs=None):
     return deltas if outs is None else [out.add_(delta) for out, delta in zip(outs, deltas)]
 
 
-__all__ = ["lora_delta", "lora_delta_multi", "lora_delta_reference", "lora_delta_triton", "check_lora_inputs", "triton_enabled"]
+def lora_linear(x, weight, bias, segments, lora_a, lora_b, scales):
+    """A frozen linear layer plus its adapters' deltas, y = x Wᵀ + bias + lora_delta(x, ...), x [T, d_in].
+
+    On the Triton path one autograd node adds the delta into the base output and the LoRA dX into the base dX in place,
+    saving two passes over [T, d] tensors next to `F.linear(...) + lora_delta(...)`."""
+    if triton_enabled(x):
+        return lora_linear_triton(x, weight, bias, segments, lora_a, lora_b, scales)
+    check_lora_inputs(x, segments, lora_a, lora_b, scales)
+    return torch.nn.functional.linear(x, weight, bias) + lora_delta_reference(x, segments, lora_a, lora_b, scales)
+
+
+__all__ = [
+    "check_lora_inputs",
+    "lora_delta",
+    "lora_delta_multi",
+    "lora_delta_reference",
+    "lora_delta_triton",
+    "lora_linear",
+    "triton_enabled",
+]

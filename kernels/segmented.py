@@ -157,14 +157,19 @@ def _weight_grad(left: torch.Tensor, right: torch.Tensor, n_adapters: int, plan:
 class _SegmentedLora(torch.autograd.Function):
     """Deltas of P projections sharing x: one shrink into h [T, R_cat] (projection p owns columns
     offsets[p]:offsets[p]+ranks[p]), one expand per projection. A single autograd node with the adapters' own tensors
-    as inputs, so stacking them costs no autograd nodes of its own (host time matters: hundreds of calls a step)."""
+    as inputs, so stacking them costs no autograd nodes of its own (host time matters: hundreds of calls a step).
+
+    With `weight` (one projection only) the node is the whole layer y = x Wᵀ + bias + delta: the base dX = dY W is
+    computed here and the LoRA dX is accumulated into it in place, instead of autograd adding two [T, d_in] tensors."""
 
     @staticmethod
-    def forward(ctx, plan, n_adapters, ranks, has_outs, x, *tensors):
+    def forward(ctx, plan, n_adapters, ranks, has_outs, x, weight, bias, *tensors):
         n_proj = len(ranks)
         flat_a = tensors[: n_proj * n_adapters]
         flat_b = tensors[n_proj * n_adapters: 2 * n_proj * n_adapters]
         outs = tensors[2 * n_proj * n_adapters:] if has_outs else [None] * n_proj
+        if weight is not None:
+            outs = [F.linear(x, weight, bias)]
         lora_as = [flat_a[p * n_adapters:(p + 1) * n_adapters] for p in range(n_proj)]
         lora_bs = [flat_b[p * n_adapters:(p + 1) * n_adapters] for p in range(n_proj)]
         rank_cat = padded_rank([sum(ranks)])  # tl.arange needs a power of two: q/k/v at r=16 use 64 columns
@@ -183,7 +188,7 @@ class _SegmentedLora(torch.autograd.Function):
             offset += rank
         if has_outs:
             ctx.mark_dirty(*outs)
-        ctx.save_for_backward(x, a_stack, h, *b_stacks)
+        ctx.save_for_backward(x, weight, a_stack, h, *b_stacks)
         ctx.plan, ctx.ranks, ctx.has_outs = plan, ranks, has_outs
         ctx.leaf_shapes = [(t.shape[0] if i < n_proj * n_adapters else t.shape[1], t.dtype)
                            for i, t in enumerate(flat_a + flat_b)]
@@ -191,7 +196,7 @@ class _SegmentedLora(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grad_deltas):
-        x, a_stack, h, *b_stacks = ctx.saved_tensors
+        x, weight, a_stack, h, *b_stacks = ctx.saved_tensors
         plan, ranks = ctx.plan, ctx.ranks
         n_adapters, n_proj = a_stack.shape[0], len(ranks)
         rank_cat = a_stack.shape[1]
@@ -207,11 +212,15 @@ class _SegmentedLora(torch.autograd.Function):
                 _shrink(grad_delta, b_stack, (b_stack.stride(0), b_stack.stride(1), b_stack.stride(2)), rank, plan,
                         plan.scales, out=grad_h[:, offset:offset + rank])
             offset += rank
-        grad_x = None
+        grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[4]:
-            # dX[t] = dH[t] @ A_j, A_j [R, d_in] as stored.
+            # dX[t] (+)= dH[t] @ A_j, A_j [R, d_in] as stored.
             grad_x = _expand(grad_h, a_stack, (a_stack.stride(0), a_stack.stride(1), a_stack.stride(2)), x.shape[1],
-                             plan, None, None)
+                             plan, None, None if weight is None else grad_deltas[0] @ weight)
+        if ctx.needs_input_grad[5]:
+            grad_weight = grad_deltas[0].t() @ x
+        if ctx.needs_input_grad[6]:
+            grad_bias = grad_deltas[0].sum(0)
         # Cast each stacked gradient once: one cast per adapter costs ~20 us of host time each.
         leaf_dtypes = {dtype for _, dtype in ctx.leaf_shapes}
         grad_dtype = leaf_dtypes.pop() if len(leaf_dtypes) == 1 else torch.float32
@@ -229,7 +238,7 @@ class _SegmentedLora(torch.autograd.Function):
                 grads_b += [grad_bt[j, :r].t().to(dtype) for j, (r, dtype) in enumerate(b_shapes)]
             offset += rank
         grads_out = list(grad_deltas) if ctx.has_outs else []
-        return (None, None, None, None, grad_x, *grads_a, *grads_b, *grads_out)
+        return (None, None, None, None, grad_x, grad_weight, grad_bias, *grads_a, *grads_b, *grads_out)
 
 
 def padded_rank(ranks: Sequence[int]) -> int:
@@ -274,4 +283,19 @@ def lora_delta_multi_triton(x, segments, lora_as, lora_bs, scales, outs=None):
     ranks = [padded_rank([a.shape[0] for a in lora_a]) for lora_a in lora_as]
     plan = _plan(segments, tuple(float(s) for s in scales), x.shape[0], x.device, padded_rank([sum(ranks)]))
     flat = [a for lora_a in lora_as for a in lora_a] + [b for lora_b in lora_bs for b in lora_b]
-    return list(_SegmentedLora.apply(plan, len(segments), ranks, outs is not None, x, *flat, *(outs or [])))
+    return list(_SegmentedLora.apply(plan, len(segments), ranks, outs is not None, x, None, None, *flat, *(outs or [])))
+
+
+def lora_linear_triton(x, weight, bias, segments, lora_a, lora_b, scales):
+    """A whole multi-LoRA layer, y = x Wᵀ + bias + lora_delta(x, ...), as one autograd node: the delta is added into the
+    base output in place and the LoRA dX into the base dX in place (W may be frozen; its gradient is computed only
+    when it requires one)."""
+    check_lora_inputs(x, segments, lora_a, lora_b, scales)
+    if weight.shape != (lora_b[0].shape[0] if lora_b else weight.shape[0], x.shape[1]):
+        raise ValueError(f"weight must be [d_out, {x.shape[1]}] matching lora_b, got {tuple(weight.shape)}")
+    segments = tuple((int(s), int(e)) for s, e in segments)
+    if not segments:
+        return F.linear(x, weight, bias)
+    rank = padded_rank([a.shape[0] for a in lora_a])
+    plan = _plan(segments, tuple(float(s) for s in scales), x.shape[0], x.device, rank)
+    return _SegmentedLora.apply(plan, len(segments), [rank], False, x, weight, bias, *lora_a, *lora_b)[0]

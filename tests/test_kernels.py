@@ -205,3 +205,24 @@ def test_fp32_adapters_with_bf16_activations_get_fp32_gradients():
     want = float64_reference(x, segments, rounded[:2], rounded[2:], scales, grad)
     for g, w in zip(got, want[1:]):
         assert rel_error(g, w) < REL_TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("weight_requires_grad", [False, True])
+def test_lora_linear_is_base_plus_delta_with_all_gradients(weight_requires_grad):
+    x, lora_a, lora_b, scales = make_case(50, 32, 24, [4, 16, 2], torch.float32, seed=10)
+    segments = [(30, 50), (0, 10), (12, 29)]  # out of order, rows 10-11 and 29 belong to no adapter
+    weight = torch.randn(24, 32).requires_grad_(weight_requires_grad)
+    bias = torch.randn(24, requires_grad=True)
+    y = kernels.lora_linear_triton(x, weight, bias, segments, lora_a, lora_b, scales)
+    grad = torch.randn(y.shape)
+    leaves = [x, bias, *lora_a, *lora_b] + ([weight] if weight_requires_grad else [])
+    got = [y, *torch.autograd.grad(y, leaves, grad)]
+
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    weight64 = leaves64[-1] if weight_requires_grad else weight.double()
+    x64, bias64 = leaves64[0], leaves64[1]
+    y64 = torch.nn.functional.linear(x64, weight64, bias64) + lora_delta_reference(
+        x64, segments, leaves64[2:5], leaves64[5:8], scales)
+    want = [y64, *torch.autograd.grad(y64, leaves64, grad.double())]
+    for g, w in zip(got, want):
+        assert rel_error(g, w) < 1e-5
