@@ -133,14 +133,17 @@ def test_lora_init_is_peft_init_from_the_job_seed(llama, datasets):
     assert torch.equal(first, expected)
 
 
-@pytest.mark.parametrize("adapter_type", ["lora", "nola"])
-def test_cohort_invariance(llama, datasets, adapter_type):
+@pytest.mark.parametrize(
+    "family, adapter_type", [("llama", "lora"), ("llama", "nola"), ("mistral", "lora"), ("qwen2", "lora"), ("gemma", "nola")]
+)
+def test_cohort_invariance(llama, datasets, tmp_path, family, adapter_type):
+    model_dir = llama if family == "llama" else build_tiny_model(tmp_path, family)
     adapter = {**X_SPEC["adapter"], "type": adapter_type}
     if adapter_type == "nola":
         adapter["nola"] = {"num_basis": 16, "basis_seed": 3}
     x_spec = {**X_SPEC, "adapter": adapter}
-    alone, alone_history = run_x(llama, datasets, x_spec, with_others=False)
-    together, together_history = run_x(llama, datasets, x_spec, with_others=True)
+    alone, alone_history = run_x(model_dir, datasets, x_spec, with_others=False)
+    together, together_history = run_x(model_dir, datasets, x_spec, with_others=True)
     assert set(together_history) == {"x", "y", "z"}
     assert len(alone_history["x"]) == 8 and alone_history["x"][-1].done  # 10 examples / 3 -> 4 a epoch, x2, /2 accum
     assert_same_losses(together_history["x"], alone_history["x"])
