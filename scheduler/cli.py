@@ -23,7 +23,7 @@ from rich.table import Table
 
 from lorafleet.scheduler import config, fleet, keys, stack
 from lorafleet.scheduler.client import LorafleetClient
-from lorafleet.scheduler.redis_server import start_redis_server
+from lorafleet.scheduler.redis_server import start_redis_server, write_private
 from lorafleet.scheduler.spec import JobSpec, parse_spec
 from lorafleet.scheduler.store import JobStore
 
@@ -207,8 +207,7 @@ def redis_cmd(data_dir: Optional[Path], port: int, as_json: bool) -> None:
     data_dir = data_dir or config.embedded_redis_dir()
     server = start_redis_server(data_dir, port=port)
     url_file = data_dir / "redis.url"
-    url_file.write_text(server.url)
-    url_file.chmod(0o600)
+    write_private(url_file, server.url)
     info = {"url": server.url, "data_dir": str(data_dir), "url_file": str(url_file), "pid": server.process.pid}
     if as_json:
         _print_json(info)

@@ -2,7 +2,7 @@
 
 | variable | default | meaning |
 |---|---|---|
-| `REDIS_URL` | the URL in `<state dir>/redis.url` written by `lorafleet redis` / `lorafleet up` | Redis for jobs, tenants and Celery |
+| `REDIS_URL` | the URL in `<state dir>/redis/redis.url` written by `lorafleet redis` / `lorafleet up` | Redis for jobs, tenants and Celery |
 | `LORAFLEET_STATE_DIR` | `./.lorafleet` | embedded Redis data, its URL file |
 | `LORAFLEET_DATA_ROOT` | `<state dir>/data` | datasets: `<root>/<tenant>/...` and `<root>/shared/...` |
 | `LORAFLEET_ARTIFACT_DIR` | `<state dir>/artifacts` | adapters and checkpoints written by executors |

@@ -43,14 +43,20 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read (it holds the Redis password), never readable by others in between."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
 def _password(data_dir: Path) -> str:
     path = data_dir / "redis.password"
     if path.is_file():
         return path.read_text().strip()
     password = secrets.token_hex(24)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(password)
+    write_private(path, password)
     return password
 
 

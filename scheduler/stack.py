@@ -20,7 +20,7 @@ from celery import Celery
 
 from lorafleet.scheduler import config
 from lorafleet.scheduler.client import LorafleetClient, make_celery
-from lorafleet.scheduler.redis_server import RedisServer, start_redis_server
+from lorafleet.scheduler.redis_server import RedisServer, start_redis_server, write_private
 from lorafleet.scheduler.store import JobStore
 
 DEMO_TENANTS = {"demo-alice": "alpaca_demo.jsonl", "demo-bob": "chat_demo.jsonl"}
@@ -52,9 +52,7 @@ def start_redis() -> Stack:
     if os.environ.get("REDIS_URL"):
         return Stack(redis_url=os.environ["REDIS_URL"])
     server = start_redis_server(config.embedded_redis_dir())
-    url_file = config.redis_url_file()
-    url_file.write_text(server.url)
-    url_file.chmod(0o600)
+    write_private(config.redis_url_file(), server.url)
     return Stack(redis_url=server.url, redis=server)
 
 
