@@ -8,6 +8,7 @@ import secrets
 import pytest
 from click.testing import CliRunner
 
+from lorafleet.scheduler import stack
 from lorafleet.scheduler.cli import main
 
 
@@ -103,3 +104,15 @@ def test_user_mistakes_give_one_error_line(lorafleet, make_tenant, base_model_di
     no_redis = {**worker_env, "REDIS_URL": "", "LORAFLEET_STATE_DIR": str(tmp_path / "empty-state")}
     result = runner.invoke(main, ["tenants", "list"], env=no_redis)
     one_error_line((result.exit_code, result.stdout, result.stderr), "no Redis configured")
+
+
+def test_seed_demo_submits_through_the_public_api(worker_env, celery_app, store, monkeypatch):
+    for name in ("LORAFLEET_STATE_DIR", "LORAFLEET_DATA_ROOT", "HF_HUB_CACHE"):
+        monkeypatch.setenv(name, worker_env[name])
+    running = stack.Stack(redis_url=worker_env["REDIS_URL"])
+    jobs = stack.seed_demo(running)
+    assert sorted(job["tenant"] for job in jobs) == ["demo-alice", "demo-alice", "demo-bob"]
+    assert all(job["state"] == "queued" for job in jobs)
+    again = stack.seed_demo(running)  # a second run reuses the tenants (with fresh tokens) and the model
+    assert {job["spec"]["base_model"] for job in jobs + again} == {jobs[0]["spec"]["base_model"]}
+    assert store.get_tenant("demo-bob")["counts"]["queued"] == 2
