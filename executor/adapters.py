@@ -51,10 +51,10 @@ class Adapter(nn.Module):
     def lora_weights(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         return {name: tuple(t.detach().clone() for t in self.factors(name)) for name in self.layer_names}
 
-    def extra_state(self) -> dict:
+    def rng_state(self) -> dict:
         return {"dropout_rng": self.dropout_rng.get_state()}
 
-    def load_extra_state(self, state: dict) -> None:
+    def load_rng_state(self, state: dict) -> None:
         self.dropout_rng.set_state(state["dropout_rng"])
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from lorafleet.executor.adapters import Adapter
 from lorafleet.scheduler.spec import JobSpec
@@ -54,10 +54,6 @@ def save_peft_adapter(directory: Path, adapter: Adapter, base_model_path: str) -
     _replace(directory / ADAPTER_WEIGHTS, lambda path: save_file(tensors, str(path), metadata={"format": "pt"}))
     fields = {key: sorted(value) if isinstance(value, set) else value for key, value in config.to_dict().items()}
     _replace(directory / ADAPTER_CONFIG, lambda path: path.write_text(json.dumps(fields, indent=2, sort_keys=True)))
-
-
-def load_peft_weights(directory: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(Path(directory) / ADAPTER_WEIGHTS))
 
 
 def save_training_state(directory: Path, state: dict) -> None:

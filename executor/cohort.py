@@ -265,7 +265,7 @@ class Cohort:
                 "micro_batches": job.micro_batches,
                 "accumulated": job.accumulated,
                 "adapter": job.adapter.state_dict(),
-                "adapter_rng": job.adapter.extra_state(),
+                "adapter_rng": job.adapter.rng_state(),
                 "pending_grads": [p.grad for p in job.adapter.parameters()],
                 "optimizer": job.optimizer.state_dict(),
                 "data": job.data.state_dict(),
@@ -277,7 +277,7 @@ class Cohort:
         job.step, job.micro_batches, job.accumulated = state["step"], state["micro_batches"], state["accumulated"]
         job.done = job.step >= job.total_steps
         job.adapter.load_state_dict(state["adapter"])
-        job.adapter.load_extra_state(state["adapter_rng"])
+        job.adapter.load_rng_state(state["adapter_rng"])
         for param, grad in zip(job.adapter.parameters(), state["pending_grads"]):
             param.grad = None if grad is None else grad.to(param.device)
         job.optimizer.load_state_dict(state["optimizer"])

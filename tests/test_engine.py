@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 from helpers_models import FAMILIES, alpaca_rows, build_tiny_model, single_torch_thread, write_jsonl  # noqa: F401
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, get_linear_schedule_with_warmup
 
 from lorafleet.executor.cohort import Cohort, pack
@@ -252,7 +253,7 @@ def test_non_finite_gradients_fail_that_job_before_its_weights_change(llama, dat
 
 def test_bad_data_line_mid_run_fails_that_job_with_the_line_number(llama, datasets, tmp_path):
     rows = alpaca_rows(8)
-    lines = [__import__("json").dumps(row) for row in rows]
+    lines = [json.dumps(row) for row in rows]
     lines[5] = '{"instruction": "broken'
     bad = tmp_path / "bad.jsonl"
     bad.write_text("\n".join(lines) + "\n")
