@@ -1,0 +1,419 @@
+"""End-to-end GPU benchmark: cohorts of LoRA jobs on one frozen base vs the same jobs trained one after another with PEFT.
+
+    python -P bench/bench_e2e.py --shape 8b [--cohorts 1,4,8,16] [--batches 1x512,4x512,mixed] [--out DIR]
+    python -P bench/bench_e2e.py --shape tiny --device cpu        # smoke run of the whole script
+
+A random-init Llama of the given shape (vocab 128256) is built on the device in bf16 and saved with its tokenizer to
+local disk, so the Cohort and PEFT load the same weights through `from_pretrained`. Every job of a batch shape has its
+own random token sequences (written as JSONL text records of exactly that many tokens in a word-level tokenizer whose
+words are the token ids), r=16 LoRA on all 7 projections, AdamW. One run measures, in order:
+
+1. the bf16 matmul peak (8192³) that MFU divides by;
+2. `Cohort.step` for cohorts of N jobs (jobs 0..N-1 of the shape), with activation checkpointing only where the cohort
+   does not fit without it;
+3. the frozen-base forward+backward vs the same with 8 adapters attached (same packed tokens), and a profile of one
+   8-adapter step (top CUDA kernels);
+4. optionally the capacity probe: the largest 4x512 cohort whose step fits, with checkpointing off and on;
+5. PEFT (sdpa attention, bf16 base, fp32 adapters, AdamW, clip 1.0): each job of the largest cohort trained alone,
+   one after another, on exactly the tokens it has in the cohort. A cohort of N is compared with the sum of PEFT's
+   step times of its N jobs: the time PEFT needs to give all N jobs one step.
+
+Step times are medians over the timed steps after warm-up, synchronised; tokens are all input tokens of a step.
+MFU = 4·P·tokens/s ÷ measured peak, with P the parameters outside the embedding and the LM head (frozen base: forward
+2P, backward dX only 2P). Results go to OUT/e2e_<shape>.json as they come, the table to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import random
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+VOCAB = 128256
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SHAPES = {
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, rope_theta=500000.0, vocab_size=VOCAB, tie_word_embeddings=False),
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, rope_theta=500000.0, vocab_size=VOCAB, tie_word_embeddings=True),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=512, tie_word_embeddings=False),
+}
+MIXED_LENGTHS = (128, 1024)  # per-sequence lengths of a "mixed" micro-batch: uniform in this range
+EOS_ID = 0
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak_tflops(device) -> float | None:
+    if device.type != "cuda":
+        return None
+    a, b = (torch.randn(8192, 8192, device=device, dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        a @ b
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * 8192**3 * 10 / (start.elapsed_time(end) / 1000) / 1e12
+
+
+def build_base(shape: str, directory: Path, device) -> int:
+    """Random-init the shape on the device, save weights and a word-level tokenizer; return non-embedding params."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=8192, bos_token_id=None, eos_token_id=EOS_ID)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM._from_config(config, dtype=dtype)
+    non_embedding = sum(p.numel() for n, p in model.model.layers.named_parameters()) + model.model.norm.weight.numel()
+    model.save_pretrained(directory)
+    del model
+    vocab = {"</s>": EOS_ID, **{f"t{i}": i for i in range(1, config.vocab_size)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="</s>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="</s>").save_pretrained(directory)
+    return non_embedding
+
+
+def job_sequences(batch: str, job: int, vocab: int) -> list[list[int]]:
+    """One micro-batch of token sequences (each ending in EOS) for job `job` of batch shape `batch`."""
+    rng = random.Random(f"{batch}/{job}")
+    if batch == "mixed":
+        lengths = [rng.randint(*MIXED_LENGTHS) for _ in range(4)]
+    else:
+        count, length = (int(x) for x in batch.split("x"))
+        lengths = [length] * count
+    return [[rng.randrange(1, vocab) for _ in range(n - 1)] + [EOS_ID] for n in lengths]
+
+
+def write_job_data(directory: Path, batch: str, job: int, vocab: int) -> Path:
+    path = directory / f"{batch}-{job}.jsonl"
+    with open(path, "w") as handle:
+        for sequence in job_sequences(batch, job, vocab):
+            handle.write(json.dumps({"text": " ".join(f"t{i}" for i in sequence[:-1])}) + "\n")
+    return path
+
+
+def job_spec(model_dir: Path, batch: str, job: int):
+    from lorafleet.scheduler.spec import parse_spec
+
+    return parse_spec(
+        {
+            "base_model": str(model_dir),
+            "dataset": "unused",
+            "adapter": {"r": 16, "lora_alpha": 32, "target_modules": list(PROJECTIONS)},
+            "hyperparameters": {
+                "batch_size": 4 if batch == "mixed" else int(batch.split("x")[0]),
+                "max_seq_len": 2048,
+                "max_steps": 100_000,
+                "seed": job,
+            },
+        }
+    )
+
+
+def set_checkpointing(cohort, on: bool) -> None:
+    from lorafleet.executor.activations import checkpoint_layers
+
+    for layer in cohort.model.base_model.layers:
+        layer.__dict__.pop("forward", None)  # back to the class's forward
+    if on:
+        checkpoint_layers(cohort.model.base_model.layers, cohort.routing, lambda: [])
+
+
+def release(device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib(device) -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+
+
+def run_cohort(cohort, model_dir, data_dir, batch, n, warmup, steps, checkpointing, device):
+    """Median step seconds and peak GiB of a cohort of jobs 0..n-1 of `batch`; None when it does not fit."""
+    set_checkpointing(cohort, checkpointing)
+    release(device)
+    try:
+        for job in range(n):
+            cohort.add_job(f"{batch}-{job}", job_spec(model_dir, batch, job), data_dir / f"{batch}-{job}.jsonl")
+        for _ in range(warmup):
+            cohort.step()
+        seconds = []
+        for _ in range(steps):
+            sync(device)
+            start = time.perf_counter()
+            results = cohort.step()
+            sync(device)
+            seconds.append(time.perf_counter() - start)
+            failed = [result.error for result in results.values() if result.error]
+            if failed:
+                raise RuntimeError(failed[0])
+        return statistics.median(seconds), peak_gib(device)
+    except torch.OutOfMemoryError:
+        return None
+    finally:
+        for job_id in list(cohort.jobs):
+            cohort.jobs[job_id].optimizer.zero_grad()
+            cohort.remove_job(job_id)
+        release(device)
+
+
+def base_vs_adapters(cohort, device, repeats: int) -> dict:
+    """Forward+backward of the same packed tokens through the frozen base alone and with every cohort adapter."""
+    from lorafleet.executor.cohort import pack
+    from lorafleet.executor.loss import token_losses
+    from lorafleet.executor.model import packing_kwargs
+
+    model = cohort.model
+    batch = pack({job_id: job.data.next_batch()[0] for job_id, job in cohort.jobs.items()}, device)
+    kwargs = packing_kwargs(batch.sequence_lengths, device)
+
+    def forward_backward(adapters: bool):
+        cohort.routing.segments = batch.rows if adapters else {}
+        try:
+            embeds = model.get_input_embeddings()(batch.input_ids).requires_grad_(not adapters)
+            hidden = model.base_model(inputs_embeds=embeds, use_cache=False, **kwargs).last_hidden_state[0]
+            token_losses(hidden, model.lm_head.weight, batch.targets).sum().backward()
+        finally:
+            cohort.routing.segments = {}
+        for job in cohort.jobs.values():
+            job.optimizer.zero_grad()
+
+    result = {}
+    for name, adapters in (("base", False), ("adapters", True)):
+        forward_backward(adapters)
+        seconds = []
+        for _ in range(repeats):
+            sync(device)
+            start = time.perf_counter()
+            forward_backward(adapters)
+            sync(device)
+            seconds.append(time.perf_counter() - start)
+        result[name] = statistics.median(seconds)
+    result["overhead"] = result["adapters"] / result["base"] - 1
+    result["tokens"] = batch.input_ids.shape[1]
+    if device.type == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            forward_backward(True)
+            sync(device)
+        result["profile"] = prof.key_averages().table(sort_by="cuda_time_total", row_limit=20)
+    return result
+
+
+def peft_sequential(model_dir: Path, batches: dict[str, int], vocab: int, warmup: int, steps: int, device) -> dict:
+    """batch shape -> per-job median step seconds and padded tokens, each job trained alone with PEFT in turn."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa").to(device)
+    config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=list(PROJECTIONS), task_type="CAUSAL_LM")
+    model = get_peft_model(base, config, adapter_name="init")
+    model.train()
+    out = {}
+    for batch, jobs in batches.items():
+        per_job, padded = [], []
+        for job in range(jobs):
+            name = f"{batch}-{job}"
+            model.add_adapter(name, config)
+            model.set_adapter(name)
+            params = [p for n, p in model.named_parameters() if p.requires_grad]
+            optimizer = torch.optim.AdamW(params, lr=2e-4)
+            sequences = job_sequences(batch, job, vocab)
+            longest = max(len(s) for s in sequences)
+            ids = torch.full((len(sequences), longest), EOS_ID, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for row, sequence in enumerate(sequences):
+                ids[row, : len(sequence)] = torch.tensor(sequence)
+                mask[row, : len(sequence)] = 1
+            labels = ids.masked_fill(mask == 0, -100)
+            ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
+            padded.append(ids.numel())
+
+            def step():
+                loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                return loss.item()
+
+            for _ in range(warmup):
+                step()
+            seconds = []
+            for _ in range(steps):
+                sync(device)
+                start = time.perf_counter()
+                step()
+                sync(device)
+                seconds.append(time.perf_counter() - start)
+            per_job.append(statistics.median(seconds))
+            model.set_adapter("init")
+            model.delete_adapter(name)
+            del optimizer, params
+            release(device)
+        out[batch] = {"per_job_seconds": per_job, "padded_tokens_per_job": padded}
+    out["peak_gib"] = peak_gib(device)
+    return out
+
+
+def markdown_table(report: dict) -> str:
+    peak, params = report["peak_tflops"], report["non_embedding_params"]
+
+    def mfu(tokens_per_s):
+        return f"{4 * params * tokens_per_s / (peak * 1e12):.0%}" if peak else "-"
+
+    lines = [
+        "| jobs | per-job batch | tokens/step | ckpt | cohort step s | cohort tok/s | cohort MFU | cohort peak GiB "
+        "| PEFT seq. step s | PEFT tok/s | PEFT MFU | PEFT padding | speedup |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in report["cohorts"]:
+        peft = report["peft"][row["batch"]]
+        if row["seconds"] is None:
+            lines.append(f"| {row['jobs']} | {row['batch']} | {row['tokens']} | on | OOM | | | | | | | | |")
+            continue
+        peft_seconds = sum(peft["per_job_seconds"][: row["jobs"]])
+        padded = peft["padded_tokens_per_job"][: row["jobs"]]
+        cohort_rate, peft_rate = row["tokens"] / row["seconds"], row["tokens"] / peft_seconds
+        peak_mem = f"{row['peak_gib']:.1f}" if row["peak_gib"] is not None else "-"
+        lines.append(
+            f"| {row['jobs']} | {row['batch']} | {row['tokens']} | {'on' if row['checkpointing'] else 'off'} "
+            f"| {row['seconds']:.3f} | {cohort_rate:,.0f} | {mfu(cohort_rate)} | {peak_mem} "
+            f"| {peft_seconds:.3f} | {peft_rate:,.0f} | {mfu(peft_rate)} | {1 - row['tokens'] / sum(padded):.0%} "
+            f"| {cohort_rate / peft_rate:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="1b")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--cohorts", default="1,4,8,16")
+    parser.add_argument("--batches", default="1x512,4x512,mixed")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--overhead", default="8x4x512", help="JOBSxBATCH of the base vs adapters comparison")
+    parser.add_argument("--capacity", default="", help="4x512 cohort sizes to probe, e.g. 8,12,16,20")
+    parser.add_argument("--workdir", default="/tmp/lorafleet-e2e")
+    parser.add_argument("--out", default=".")
+    args = parser.parse_args()
+
+    from lorafleet.executor.cohort import Cohort
+
+    device = torch.device(args.device)
+    cohorts = [int(n) for n in args.cohorts.split(",")]
+    batches = args.batches.split(",")
+    overhead_jobs, overhead_batch = args.overhead.split("x", 1)
+    capacity = [int(n) for n in args.capacity.split(",") if n]
+    vocab = SHAPES[args.shape]["vocab_size"]
+    workdir, out = Path(args.workdir), Path(args.out)
+    model_dir, data_dir = workdir / args.shape, workdir / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+
+    def log(message):
+        print(f"[{time.perf_counter() - started:7.1f}s] {message}", flush=True)
+
+    report = {
+        "shape": args.shape,
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "cohorts": [],
+    }
+
+    def save():
+        (out / f"e2e_{args.shape}.json").write_text(json.dumps(report, indent=1))
+
+    report["peak_tflops"] = matmul_peak_tflops(device)
+    log(f"bf16 matmul peak {report['peak_tflops']} TFLOP/s")
+    report["non_embedding_params"] = build_base(args.shape, model_dir, device)
+    log(f"built and saved {args.shape}: {report['non_embedding_params'] / 1e9:.2f}B non-embedding params")
+    wanted = {(batch, job) for batch in batches for job in range(max(cohorts))}
+    wanted |= {("4x512", job) for job in range(max(capacity, default=0))}
+    wanted |= {(overhead_batch, job) for job in range(int(overhead_jobs))}
+    for batch, job in wanted:
+        write_job_data(data_dir, batch, job, vocab)
+
+    cohort = Cohort(model_dir, device=args.device)
+    log("cohort loaded")
+    for batch in batches:
+        for n in cohorts:
+            checkpointing = False
+            measured = run_cohort(cohort, model_dir, data_dir, batch, n, args.warmup, args.steps, False, device)
+            if measured is None:
+                checkpointing = True
+                measured = run_cohort(cohort, model_dir, data_dir, batch, n, args.warmup, args.steps, True, device)
+            seconds, peak = measured if measured is not None else (None, None)
+            tokens = sum(len(s) for job in range(n) for s in job_sequences(batch, job, vocab))
+            report["cohorts"].append(
+                {"batch": batch, "jobs": n, "tokens": tokens, "seconds": seconds, "peak_gib": peak,
+                 "checkpointing": checkpointing}
+            )
+            log(f"cohort {n} x {batch}: {seconds} s/step, ckpt {checkpointing}, peak {peak} GiB")
+            save()
+
+    set_checkpointing(cohort, False)
+    for job in range(int(overhead_jobs)):
+        name = f"{overhead_batch}-{job}"
+        cohort.add_job(name, job_spec(model_dir, overhead_batch, job), data_dir / f"{name}.jsonl")
+    overhead = base_vs_adapters(cohort, device, repeats=args.steps)
+    for job_id in list(cohort.jobs):
+        cohort.remove_job(job_id)
+    release(device)
+    if "profile" in overhead:
+        (out / f"profile_{args.shape}.txt").write_text(overhead.pop("profile"))
+    report["overhead"] = {"jobs": int(overhead_jobs), "batch": overhead_batch, **overhead}
+    log(f"base vs {overhead_jobs} adapters: {overhead}")
+    save()
+
+    report["capacity"] = []
+    for checkpointing in (False, True):
+        for n in capacity:
+            measured = run_cohort(cohort, model_dir, data_dir, "4x512", n, 1, 1, checkpointing, device)
+            report["capacity"].append(
+                {"jobs": n, "checkpointing": checkpointing, "fits": measured is not None,
+                 "seconds": measured and measured[0], "peak_gib": measured and measured[1]}
+            )
+            log(f"capacity {n} x 4x512 ckpt {checkpointing}: {measured}")
+            save()
+            if measured is None:
+                break
+
+    del cohort
+    release(device)
+    report["peft"] = peft_sequential(model_dir, {b: max(cohorts) for b in batches}, vocab, args.warmup, args.steps, device)
+    log("PEFT done")
+    save()
+    table = markdown_table(report)
+    (out / f"e2e_{args.shape}.md").write_text(table + "\n")
+    print(f"\n{args.shape}, {report['device']}, torch {report['torch']}, peak {report['peak_tflops']} TFLOP/s, "
+          f"P_nonembed {report['non_embedding_params'] / 1e9:.2f}B\n")
+    print(table)
+    print(f"\nbase vs adapters: {report['overhead']}\ncapacity: {report['capacity']}")
+
+
+if __name__ == "__main__":
+    main()
