@@ -8,7 +8,15 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers_models import FAMILIES, alpaca_rows, build_tiny_model, single_torch_thread, write_jsonl  # noqa: F401
+from helpers_models import (  # noqa: F401 (single_torch_thread is an autouse fixture)
+    FAMILIES,
+    alpaca_rows,
+    build_tiny_model,
+    build_tokenizer,
+    single_torch_thread,
+    tiny_config,
+    write_jsonl,
+)
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, get_linear_schedule_with_warmup
 
@@ -326,3 +334,20 @@ def test_a_micro_batch_without_targets_reports_no_loss_and_changes_nothing(llama
     history = train(cohort)["cut"]
     assert [(r.loss, r.tokens, r.step) for r in history] == [(None, 0, 1), (None, 0, 2)] and history[-1].done
     assert_same_weights(weights(cohort, "cut"), before, rtol=0)
+
+
+def test_packed_attention_keeps_mistral_sliding_window(tmp_path):
+    config = tiny_config("mistral", len(build_tokenizer()))
+    config.sliding_window = 4
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    build_tokenizer().save_pretrained(tmp_path)
+    packed_model, _ = load_base(tmp_path)
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa")
+    sequences = [torch.randint(3, 300, (n,), generator=torch.Generator().manual_seed(n)) for n in (9, 3, 12)]
+    kwargs = packing_kwargs([len(s) for s in sequences], "cpu")
+    packed = packed_model(torch.cat(sequences)[None], use_cache=False, **kwargs).logits[0]
+    alone = torch.cat([reference(s[None]).logits[0] for s in sequences])
+    torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
+    full_attention = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa", sliding_window=None)
+    assert not torch.allclose(full_attention(sequences[2][None]).logits[0], alone[12:], atol=1e-4), "window must matter"

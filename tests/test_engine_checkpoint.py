@@ -10,7 +10,13 @@ import warnings
 
 import pytest
 import torch
-from helpers_models import FAMILIES, alpaca_rows, build_tiny_model, single_torch_thread, write_jsonl  # noqa: F401
+from helpers_models import (  # noqa: F401 (single_torch_thread is an autouse fixture)
+    FAMILIES,
+    alpaca_rows,
+    build_tiny_model,
+    single_torch_thread,
+    write_jsonl,
+)
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
