@@ -216,7 +216,8 @@ def profile_one(n_rows=32768, n=8, rank=16):
     host_ms = (time.perf_counter() - started) / 20 * 1e3
     torch.cuda.synchronize()
     synced_ms = (time.perf_counter() - started) / 20 * 1e3
-    print(f"profile tokens={n_rows} adapters={n} r={rank}: host {host_ms:.3f} ms/call, with sync {synced_ms:.3f} ms/call")
+    print(f"profile tokens={n_rows} adapters={n} r={rank}: host {host_ms:.3f} ms/call, "
+          f"with sync {synced_ms:.3f} ms/call")
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(5):
             step()
@@ -314,11 +315,13 @@ def print_table(ceilings, results):
     for row in results:
         # Fewest bytes for LoRA fwd+bwd: read x twice (shrink, dA), write y, read dY, write dX (bf16).
         floor_ms = 5 * row["tokens"] * D * 2 / (ceilings["copy_tb_per_s"] * 1e12) * 1e3
-        added = "n/a" if row["triton_graph_ms"] is None else f"{100 * row['triton_graph_ms'] / row['base_graph_ms']:.0f}"
+        triton_ms = row["triton_graph_ms"]
+        added = "n/a" if triton_ms is None else f"{100 * triton_ms / row['base_graph_ms']:.0f}"
         print(f"| {row['tokens']} | {row['adapters']} | {row['rank']} | {row['base_ms']:.3f} | "
               f"{row['base_graph_ms']:.3f} | {fmt(row['triton_ms'])} | {fmt(row['triton_graph_ms'])} | {added} | "
               f"{floor_ms:.3f} | {fmt(row.get('loop_ms'))} | {fmt(row.get('loop_graph_ms'))} | "
-              f"{fmt(row.get('grouped_mm_ms'))} | {fmt(row.get('grouped_mm_graph_ms'))} | {fmt(row.get('bmm_graph_ms'))} | "
+              f"{fmt(row.get('grouped_mm_ms'))} | {fmt(row.get('grouped_mm_graph_ms'))} | "
+              f"{fmt(row.get('bmm_graph_ms'))} | "
               f"{fmt(row.get('base_plus_triton_graph_ms'))} |")
 
 

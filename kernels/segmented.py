@@ -1,6 +1,6 @@
 """Segmented multi-adapter LoRA on Triton: launch plans, autograd Functions and the public entry points.
 
-`lora_delta_triton` computes exactly `lora_delta_reference` (see reference.py) as two differentiable stages:
+`lora_delta_triton` computes exactly `lora_delta_reference` (see reference.py) in two stages, one autograd node:
 
     h = shrink(x, A)           h[t] = x[t] A_jᵀ              for t in segment j      [T, R]
     y = expand(h, B, scale)    y[t] (+)= scale_j h[t] B_jᵀ                          [T, d_out]
@@ -124,7 +124,8 @@ def _expand(h: torch.Tensor, w: torch.Tensor, w_strides: tuple[int, int, int], n
         *w_strides,
         out.stride(0), out.stride(1),
         R=rank, BLOCK_M=plan.block_m, BLOCK_N=block_n,
-        HAS_SCALE=scales is not None, ACCUMULATE=accumulate, INPUT_PRECISION=_input_precision(h.dtype), DOT_FP32=triton_lora.INTERPRETED,
+        HAS_SCALE=scales is not None, ACCUMULATE=accumulate, INPUT_PRECISION=_input_precision(h.dtype),
+        DOT_FP32=triton_lora.INTERPRETED,
         num_warps=4, num_stages=2,
     )
     return out
@@ -224,13 +225,19 @@ class _SegmentedLora(torch.autograd.Function):
         # Cast each stacked gradient once: one cast per adapter costs ~20 us of host time each.
         leaf_dtypes = {dtype for _, dtype in ctx.leaf_shapes}
         grad_dtype = leaf_dtypes.pop() if len(leaf_dtypes) == 1 else torch.float32
-        grad_a_cat = _weight_grad(grad_h, x, n_adapters, plan, None).to(grad_dtype)
+        n_leaves = n_proj * n_adapters
+        needs_a = any(ctx.needs_input_grad[7:7 + n_leaves])
+        needs_b = any(ctx.needs_input_grad[7 + n_leaves:7 + 2 * n_leaves])
+        grad_a_cat = _weight_grad(grad_h, x, n_adapters, plan, None).to(grad_dtype) if needs_a else None
         grads_a, grads_b, offset = [], [], 0
         for p, (grad_delta, rank) in enumerate(zip(grad_deltas, ranks)):
             a_shapes = ctx.leaf_shapes[p * n_adapters:(p + 1) * n_adapters]
             b_shapes = ctx.leaf_shapes[(n_proj + p) * n_adapters:(n_proj + p + 1) * n_adapters]
-            grads_a += [grad_a_cat[j, offset:offset + r].to(dtype) for j, (r, dtype) in enumerate(a_shapes)]
-            if grad_delta is None:
+            if needs_a:
+                grads_a += [grad_a_cat[j, offset:offset + r].to(dtype) for j, (r, dtype) in enumerate(a_shapes)]
+            else:
+                grads_a += [None] * n_adapters
+            if grad_delta is None or not needs_b:
                 grads_b += [None] * n_adapters
             else:
                 grad_bt = _weight_grad(h[:, offset:offset + rank], grad_delta, n_adapters, plan, plan.scales)

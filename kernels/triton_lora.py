@@ -11,7 +11,8 @@ R is the padded rank (a power of two, at least 16, because `tl.dot` needs 16 alo
 Strides are passed explicitly so one kernel serves both the forward and the transposed backward use of a weight.
 
 DOT_FP32 upcasts the operands of every `tl.dot` to fp32. Only the interpreter needs it: Triton 3.9's interpreter
-multiplies bf16 operands as raw integers in `tl.dot`. On the GPU the operands stay 16-bit (tensor cores, fp32 accumulate).
+multiplies bf16 operands as raw integers in `tl.dot`. On the GPU the operands stay 16-bit (tensor cores, fp32
+accumulate).
 The kernels call only Triton builtins (tl.full, not the @jit helper tl.zeros): the tests re-import this module under
 the interpreter after triton was imported in compiled mode, and jitted library helpers would stay compiled.
 """
@@ -128,7 +129,9 @@ def _weight_grad_kernel(
         rows = m0 + offs_m
         row_mask = rows < row_end
         rows = rows.to(tl.int64)
-        left = tl.load(left_ptr + rows[:, None] * stride_lm + ranks[None, :] * stride_lr, mask=row_mask[:, None], other=0.0)
+        left = tl.load(
+            left_ptr + rows[:, None] * stride_lm + ranks[None, :] * stride_lr, mask=row_mask[:, None], other=0.0,
+        )
         right = tl.load(
             right_ptr + rows[:, None] * stride_rm + cols[None, :] * stride_rn,
             mask=row_mask[:, None] & col_mask[None, :], other=0.0,

@@ -164,7 +164,9 @@ def test_dispatch_uses_triton_only_when_asked_on_cpu(monkeypatch):
     monkeypatch.setenv("LORAFLEET_TRITON", "1")
     assert kernels.triton_enabled(x)
     calls = []
-    monkeypatch.setattr(kernels, "lora_delta_triton", lambda *args, **kw: calls.append(args) or lora_delta_triton(*args, **kw))
+    monkeypatch.setattr(
+        kernels, "lora_delta_triton", lambda *args, **kw: calls.append(args) or lora_delta_triton(*args, **kw)
+    )
     y = lora_delta(x, [(2, 18)], lora_a, lora_b, scales)
     assert len(calls) == 1
     assert rel_error(y.detach(), lora_delta_reference(x, [(2, 18)], lora_a, lora_b, scales).detach().double()) < 1e-5
@@ -226,3 +228,15 @@ def test_lora_linear_is_base_plus_delta_with_all_gradients(weight_requires_grad)
     want = [y64, *torch.autograd.grad(y64, leaves64, grad.double())]
     for g, w in zip(got, want):
         assert rel_error(g, w) < 1e-5
+
+
+def test_frozen_adapters_give_only_the_input_gradient():
+    x, lora_a, lora_b, scales = make_case(40, 32, 24, [8, 8], torch.float32, seed=11)
+    frozen_a = [a.detach() for a in lora_a]
+    frozen_b = [b.detach() for b in lora_b]
+    segments = [(0, 25), (25, 40)]
+    y = lora_delta_triton(x, segments, frozen_a, frozen_b, scales)
+    grad = torch.randn(y.shape)
+    (got,) = torch.autograd.grad(y, [x], grad)
+    want = float64_reference(x, segments, frozen_a, frozen_b, scales, grad)[1]
+    assert rel_error(got, want) < 1e-5
