@@ -189,3 +189,27 @@ def test_quantized_base_on_cpu_trains_and_exports(tmp_path, llama, dataset, quan
         llama, attn_implementation="sdpa", quantization_config=quantization_config(quantization, torch.float32)
     )
     assert_peft_gives_the_same_logits(cohort, "job", directory, base)
+
+
+def test_bf16_compute_with_fp32_adapters_exports_within_bf16_noise(tmp_path, llama, dataset):
+    cohort = Cohort(llama, dtype="bfloat16")
+    assert next(cohort.model.parameters()).dtype == torch.bfloat16
+    spec = parse_spec({"base_model": str(llama), "dataset": "d", "dtype": "bfloat16", "adapter": {"lora_dropout": 0.1},
+                       "hyperparameters": {"batch_size": 11, "max_steps": 4, "learning_rate": 5e-2}})
+    cohort.add_job("job", spec, dataset)
+    assert all(p.dtype == torch.float32 for p in cohort.jobs["job"].adapter.parameters())
+    losses = []
+    while cohort.active_jobs():
+        losses.append(cohort.step()["job"].loss)
+    assert losses[-1] < losses[0]
+    directory = cohort.checkpoint("job", tmp_path / "ckpt")
+    sequence = cohort.tokenizer("the quick brown fox jumps over the lazy dog")["input_ids"]
+    base = AutoModelForCausalLM.from_pretrained(llama, dtype=torch.bfloat16, attn_implementation="sdpa")
+    peft_model = PeftModel.from_pretrained(base, directory).eval()
+    with torch.no_grad():
+        want = peft_model(torch.tensor([sequence])).logits[0].float()
+        with peft_model.disable_adapter():
+            base_logits = peft_model(torch.tensor([sequence])).logits[0].float()
+    got = cohort.logits("job", sequence).float()
+    # PEFT runs the LoRA path in the adapter's fp32, the cohort in the compute dtype (bf16)
+    assert (got - want).abs().max() < 0.1 * (want - base_logits).abs().max()

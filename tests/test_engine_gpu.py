@@ -55,8 +55,11 @@ def test_bf16_cohort_trains_and_exports(tmp_path, llama, dataset):
     peft_model = PeftModel.from_pretrained(base, directory).eval()
     with torch.no_grad():
         want = peft_model(torch.tensor([sequence], device="cuda")).logits[0].float()
+    with torch.no_grad(), peft_model.disable_adapter():
+        base_logits = peft_model(torch.tensor([sequence], device="cuda")).logits[0].float()
     got = cohort.logits("lora", sequence).float()
-    torch.testing.assert_close(got, want, rtol=3e-2, atol=3e-2)
+    # bf16: PEFT runs the LoRA path in the adapter's fp32, we in the compute dtype; measured on CPU: 5% of the shift
+    assert (got - want).abs().max() < 0.1 * (want - base_logits).abs().max()
 
 
 def test_bf16_cohort_invariance_within_bf16_noise(llama, dataset):
