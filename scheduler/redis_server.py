@@ -1,9 +1,9 @@
 """The embedded Redis: a local `redis-server` process used when no REDIS_URL is given, and by the tests.
 
 It binds to loopback only, requires a generated password (kept in `<dir>/redis.password`, mode 0600, so a restart
-on the same directory keeps it) and persists with AOF (`appendfsync everysec`). Redis writes each command to the AOF
-before it replies, so a killed server process loses no acknowledged write; only a machine crash can lose up to one
-second.
+on the same directory keeps it) and persists with AOF (`appendfsync everysec`). A graceful stop (SIGTERM) loses
+nothing. A crash can lose the last ~2 seconds: with everysec, Redis may reply before writing the AOF while a slow
+fsync is still running, and forces the write after at most two seconds.
 """
 
 from __future__ import annotations
