@@ -5,7 +5,8 @@ inside each sequence, so the model runs with our own attention implementation, `
 per sequence given the sequence boundaries (`cu_seq_lens_q`, the flash-attention varlen convention that
 `transformers` forwards to the attention function). Besides being exact, attending per sequence keeps one job's rows
 from ever touching another's: a NaN in one job cannot leak into the others through a masked-out attention product.
-The GPU path (flash varlen / flex) replaces `packed_attention` alone.
+Where varlen flash attention applies (a GPU), `packed_attention` hands the whole row to it (executor/attention.py);
+elsewhere it loops over the sequences with SDPA.
 """
 
 from __future__ import annotations
