@@ -20,16 +20,23 @@ def lora_delta_reference(
     lora_b[j]: [d_out, r_j]. Rows outside every segment get zeros.
     """
     d_out = lora_b[0].shape[0] if lora_b else 0
-    pieces = []
-    cursor = 0
-    for (start, end), a, b, scale in sorted(zip(segments, lora_a, lora_b, scales), key=lambda item: item[0][0]):
-        if start > cursor:
-            pieces.append(x.new_zeros(start - cursor, d_out))
-        pieces.append((x[start:end] @ a.t()) @ b.t() * scale)
+    if not lora_b:
+        return x.new_zeros(x.shape[0], d_out)
+    # One split of x into the segments and the gaps between them: slicing x per segment would give each slice a
+    # full-size zero gradient in the backward, a cost that grows with the square of the number of segments.
+    ordered = sorted(zip(segments, lora_a, lora_b, scales), key=lambda item: item[0][0])
+    bounds, cursor = [], 0
+    for (start, end), *_ in ordered:
+        bounds += [start - cursor, end - start]
         cursor = end
-    if cursor < x.shape[0]:
-        pieces.append(x.new_zeros(x.shape[0] - cursor, d_out))
-    return torch.cat(pieces, dim=0) if pieces else x.new_zeros(x.shape[0], d_out)
+    bounds.append(x.shape[0] - cursor)
+    parts = x.split(bounds)
+    pieces = []
+    for i, (_, a, b, scale) in enumerate(ordered):
+        gap, rows = parts[2 * i], parts[2 * i + 1]
+        pieces += [x.new_zeros(gap.shape[0], d_out), (rows @ a.t()) @ b.t() * scale]
+    pieces.append(x.new_zeros(parts[-1].shape[0], d_out))
+    return torch.cat(pieces, dim=0)
 
 
 def check_lora_inputs(x, segments, lora_a, lora_b, scales) -> None:
