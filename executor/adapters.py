@@ -9,6 +9,7 @@ layer. Parameters live in fp32 (the optimizer's master copy); the layer casts th
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 from torch import nn
@@ -74,24 +75,47 @@ class LoraAdapter(Adapter):
         return self.lora_A[i], self.lora_B[i]
 
 
+class _Bases(list):
+    """Per layer (Â [k, r, d_in], B̂ [k, d_out, r]); a list subclass so the cache can hold it weakly."""
+
+
+_SHARED_BASES: "weakref.WeakValueDictionary[tuple, _Bases]" = weakref.WeakValueDictionary()
+
+
+def shared_bases(spec: AdapterSpec, layer_shapes: dict[str, tuple[int, int]], device: torch.device) -> _Bases:
+    """The fixed NOLA bases for this seed, k, r and layer list on `device`, one copy however many jobs use them.
+
+    They are a pure function of those inputs, so NOLA jobs that agree on them (the default basis_seed is shared)
+    hold one copy per device instead of one per job; the copy goes away with the last job holding it.
+    """
+    k, r = spec.nola.num_basis, spec.r
+    key = (spec.nola.basis_seed, k, r, tuple(layer_shapes.items()), str(device))
+    bases = _SHARED_BASES.get(key)
+    if bases is None:
+        generator = torch.Generator().manual_seed(spec.nola.basis_seed)
+        bases = _Bases()
+        for d_in, d_out in layer_shapes.values():
+            basis_a = torch.stack([_kaiming_uniform(r, d_in, generator) for _ in range(k)])
+            basis_b = torch.stack([_kaiming_uniform(d_out, r, generator) for _ in range(k)])
+            bases.append((basis_a.to(device), basis_b.to(device)))
+        _SHARED_BASES[key] = bases
+    return bases
+
+
 class NolaAdapter(Adapter):
     """NOLA: A and B are trained mixtures of k fixed random bases generated from `nola.basis_seed`.
 
     The bases are drawn like LoRA's A (U(±1/sqrt(fan_in))) so A starts at LoRA's scale with α ~ N(0, 1/k); β starts
-    at zero so B = 0 and the adapter starts as the identity, as LoRA does. Bases are buffers, not state: they are
-    regenerated from the seed.
+    at zero so B = 0 and the adapter starts as the identity, as LoRA does. Bases are not state: they are regenerated
+    from the seed, and shared between the jobs that use the same ones (`shared_bases`).
     """
 
     def __init__(self, spec: AdapterSpec, layer_shapes: dict[str, tuple[int, int]], seed: int):
         super().__init__(spec, layer_shapes, seed)
-        k, r = spec.nola.num_basis, spec.r
-        bases = torch.Generator().manual_seed(spec.nola.basis_seed)
+        self.layer_shapes = dict(layer_shapes)
+        self.bases = shared_bases(spec, self.layer_shapes, torch.device("cpu"))
+        k = spec.nola.num_basis
         coefficients = torch.Generator().manual_seed(seed)
-        for i, (d_in, d_out) in enumerate(layer_shapes.values()):
-            basis_a = torch.stack([_kaiming_uniform(r, d_in, bases) for _ in range(k)])
-            basis_b = torch.stack([_kaiming_uniform(d_out, r, bases) for _ in range(k)])
-            self.register_buffer(f"basis_A_{i}", basis_a, persistent=False)
-            self.register_buffer(f"basis_B_{i}", basis_b, persistent=False)
         self.alpha = nn.ParameterList(
             [torch.randn(k, generator=coefficients) / math.sqrt(k) for _ in layer_shapes]
         )
@@ -99,9 +123,11 @@ class NolaAdapter(Adapter):
 
     def factors(self, layer: str) -> tuple[torch.Tensor, torch.Tensor]:
         i = self._index[layer]
-        a = torch.einsum("k,kri->ri", self.alpha[i], getattr(self, f"basis_A_{i}"))
-        b = torch.einsum("k,kor->or", self.beta[i], getattr(self, f"basis_B_{i}"))
-        return a, b
+        alpha, beta = self.alpha[i], self.beta[i]
+        if self.bases[i][0].device != alpha.device:  # the adapter moved (cohort.to(device)): follow it
+            self.bases = shared_bases(self.spec, self.layer_shapes, alpha.device)
+        basis_a, basis_b = self.bases[i]
+        return torch.einsum("k,kri->ri", alpha, basis_a), torch.einsum("k,kor->or", beta, basis_b)
 
 
 def build_adapter(spec: AdapterSpec, layer_shapes: dict[str, tuple[int, int]], seed: int) -> Adapter:

@@ -351,3 +351,22 @@ def test_packed_attention_keeps_mistral_sliding_window(tmp_path):
     torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
     full_attention = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa", sliding_window=None)
     assert not torch.allclose(full_attention(sequences[2][None]).logits[0], alone[12:], atol=1e-4), "window must matter"
+
+
+def test_nola_jobs_with_the_same_bases_share_one_copy():
+    import gc
+
+    from lorafleet.executor.adapters import _SHARED_BASES, build_adapter
+    from lorafleet.scheduler.spec import AdapterSpec
+
+    shapes = {"layers.0.q_proj": (64, 64), "layers.0.v_proj": (64, 32)}
+    spec = AdapterSpec(type="nola", r=4, nola={"num_basis": 8, "basis_seed": 11})
+    first, second = build_adapter(spec, shapes, seed=1), build_adapter(spec, shapes, seed=2)
+    other = build_adapter(AdapterSpec(type="nola", r=4, nola={"num_basis": 8, "basis_seed": 12}), shapes, seed=1)
+    assert first.bases is second.bases and first.bases[0][0] is second.bases[0][0]
+    assert other.bases is not first.bases and not torch.equal(other.bases[0][0], first.bases[0][0])
+    assert not torch.equal(first.factors("layers.0.q_proj")[0], second.factors("layers.0.q_proj")[0])
+    cached = len(_SHARED_BASES)
+    del first, second
+    gc.collect()
+    assert len(_SHARED_BASES) == cached - 1, "the bases go away with the last job that used them"
