@@ -215,7 +215,9 @@ def base_vs_adapters(cohort, device, repeats: int) -> dict:
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             forward_backward(True)
             sync(device)
-        result["profile"] = prof.key_averages().table(sort_by="cuda_time_total", row_limit=20)
+        events = prof.key_averages()
+        result["profile"] = events.table(sort_by="cuda_time_total", row_limit=25)
+        result["gpu_busy_s"] = sum(event.self_device_time_total for event in events) / 1e6
     return result
 
 

@@ -30,7 +30,7 @@ def varlen_supported(query: torch.Tensor, key: torch.Tensor, scaling, sliding_wi
         return False
     if "scale" not in _VARLEN_PARAMS and scaling is not None and scaling != query.shape[-1] ** -0.5:
         return False
-    return key.shape[1] == query.shape[1] or "enable_gqa" in _VARLEN_PARAMS
+    return query.shape[1] % key.shape[1] == 0
 
 
 def varlen_packed_attention(query, key, value, cu_seq_lens: torch.Tensor, max_length: int, scaling, sliding_window):
@@ -44,7 +44,17 @@ def varlen_packed_attention(query, key, value, cu_seq_lens: torch.Tensor, max_le
         options["is_causal"] = True
     if "scale" in _VARLEN_PARAMS:
         options["scale"] = scaling
-    if k.shape[1] != q.shape[1]:
+    grouped = k.shape[1] != q.shape[1]
+    if grouped and "enable_gqa" in _VARLEN_PARAMS:
         options["enable_gqa"] = True
-    out = varlen_attn(q, k, v, boundaries, boundaries, max_length, max_length, **options)
+    try:
+        out = varlen_attn(q, k, v, boundaries, boundaries, max_length, max_length, **options)
+    except (RuntimeError, ValueError):
+        # torch 2.11's entry point has no enable_gqa flag; its flash kernel takes fewer K/V heads as they are, and
+        # should a build refuse them, K/V are repeated per query head.
+        if not grouped:
+            raise
+        groups = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        out = varlen_attn(q, k, v, boundaries, boundaries, max_length, max_length, **options)
     return out.unsqueeze(0)
