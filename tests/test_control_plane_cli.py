@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import secrets
+import subprocess
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -76,6 +78,9 @@ def test_job_commands_json_and_tables(lorafleet, make_tenant, base_model_dir, tm
     code, out, _ = lorafleet("jobs", "watch", job_id, "--token", alice.token, "--json")
     assert code == 0 and [json.loads(line)["to"] for line in out.splitlines()] == ["queued", "cancelled"]
 
+    code, out, _ = lorafleet("jobs", "watch", job_id, "--token", alice.token)
+    assert code == 0 and "cancelled" in out
+
     code, out, _ = lorafleet("jobs", "list", "--token", alice.token)
     assert code == 0 and job_id in out and "cancelled" in out
     code, out, _ = lorafleet("jobs", "show", job_id)
@@ -116,3 +121,13 @@ def test_seed_demo_submits_through_the_public_api(worker_env, celery_app, store,
     again = stack.seed_demo(running)  # a second run reuses the tenants (with fresh tokens) and the model
     assert {job["spec"]["base_model"] for job in jobs + again} == {jobs[0]["spec"]["base_model"]}
     assert store.get_tenant("demo-bob")["counts"]["queued"] == 2
+
+
+def test_control_plane_does_not_import_torch(worker_env):
+    probe = (
+        "import sys\n"
+        "import lorafleet.scheduler.cli, lorafleet.scheduler.tasks, lorafleet.scheduler.client\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'peft', 'bitsandbytes') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-P", "-c", probe], env=worker_env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
