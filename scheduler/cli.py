@@ -390,6 +390,14 @@ def tenants_disable(name: str, as_json: bool) -> None:
     _show_tenants([_store().set_disabled(name)], as_json)
 
 
+@tenants.command("enable")
+@click.argument("name")
+@json_option
+def tenants_enable(name: str, as_json: bool) -> None:
+    """Accept a disabled tenant's token again."""
+    _show_tenants([_store().set_disabled(name, False)], as_json)
+
+
 # ---- jobs ----
 
 

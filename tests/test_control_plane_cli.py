@@ -56,6 +56,8 @@ def test_tenant_commands_json(lorafleet, store):
     assert ok_json(lorafleet("tenants", "disable", name, "--json"))[0]["disabled"] is True
     with pytest.raises(PermissionError, match="disabled"):
         store.authenticate(rotated["token"])
+    assert ok_json(lorafleet("tenants", "enable", name, "--json"))[0]["disabled"] is False
+    assert store.authenticate(rotated["token"]) == name
 
 
 def test_job_commands_json_and_tables(lorafleet, make_tenant, base_model_dir, tmp_path):
