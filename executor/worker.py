@@ -161,7 +161,7 @@ class Executor:
         self.cohort = None
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()
-        path = resolve_base_model(spec.base_model, config.hf_hub_cache(), spec.base_model_revision)
+        path = resolve_base_model(spec.base_model, config.hf_hub_cache(), spec.base_model_revision, config.model_roots())
         self.cohort = Cohort(path, quantization=spec.quantization, dtype=spec.dtype, device=self.device)
         self.compat_key = spec.compatibility_key()
         self.base_bytes = sum(p.numel() * p.element_size() for p in self.cohort.model.parameters())

@@ -7,6 +7,7 @@
 | `LORAFLEET_DATA_ROOT` | `<state dir>/data` | datasets: `<root>/<tenant>/...` and `<root>/shared/...` |
 | `LORAFLEET_ARTIFACT_DIR` | `<state dir>/artifacts` | adapters and checkpoints written by executors |
 | `LORAFLEET_ARTIFACT_URI` | the artifact dir | any fsspec URI (e.g. `s3://bucket/lorafleet`) instead of a local directory |
+| `LORAFLEET_MODEL_ROOTS` | `<state dir>/models` | directories (separated by `:`) that local `base_model` paths must be inside |
 | `HF_HUB_CACHE` | `$HF_HOME/hub` or `~/.cache/huggingface/hub` | local model cache searched for base model ids |
 """
 
@@ -43,6 +44,13 @@ def embedded_redis_dir() -> Path:
 
 def redis_url_file() -> Path:
     return embedded_redis_dir() / "redis.url"
+
+
+def model_roots() -> list[Path]:
+    raw = os.environ.get("LORAFLEET_MODEL_ROOTS")
+    if raw:
+        return [Path(part).absolute() for part in raw.split(os.pathsep) if part]
+    return [state_dir() / "models"]
 
 
 def hf_hub_cache() -> Path:

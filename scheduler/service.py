@@ -52,7 +52,7 @@ def _model_shape(model_dir: str) -> ModelShape:
 def _job_size(spec: JobSpec, tenant: str) -> tuple[float, int, int, int]:
     """(GPU seconds the job needs, tokens per micro-batch, job bytes, base bytes) from its spec and files."""
     hp = spec.hyperparameters
-    model_dir = resolve_base_model(spec.base_model, config.hf_hub_cache(), spec.base_model_revision)
+    model_dir = resolve_base_model(spec.base_model, config.hf_hub_cache(), spec.base_model_revision, config.model_roots())
     shape = _model_shape(str(model_dir))
     tokens_per_step = hp.batch_size * hp.max_seq_len
     if hp.max_steps is not None:

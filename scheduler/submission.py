@@ -8,17 +8,31 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from lorafleet.scheduler.spec import JobSpec, SpecError, parse_spec, resolve_dataset
 
 _MODEL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
 
 
-def resolve_base_model(base_model: str, hub_cache: Path, revision: Optional[str] = None) -> Path:
-    """The local directory holding `base_model`; SpecError if it is neither a directory nor in the cache."""
+def resolve_base_model(
+    base_model: str, hub_cache: Path, revision: Optional[str] = None, model_roots: Sequence[Path] = ()
+) -> Path:
+    """The local directory holding `base_model`; SpecError if it is neither a directory nor in the cache.
+
+    A local path must resolve inside one of `model_roots` (when given), checked before existence so a tenant cannot
+    probe the server's file system with it.
+    """
     if base_model.startswith(("/", ".", "~")) or base_model.startswith("file://"):
         path = Path(base_model.removeprefix("file://")).expanduser()
+        if model_roots:
+            resolved = path.resolve()
+            roots = [Path(root).resolve() for root in model_roots]
+            if not any(resolved == root or root in resolved.parents for root in roots):
+                raise SpecError(
+                    f"invalid job spec: base_model: local models must be under {', '.join(map(str, roots))} "
+                    f"(the operator's LORAFLEET_MODEL_ROOTS), or be an id in the local model cache"
+                )
         if not path.is_dir():
             raise SpecError(f"invalid job spec: base_model: no such local directory {base_model!r}")
         return path
@@ -39,11 +53,13 @@ def resolve_base_model(base_model: str, hub_cache: Path, revision: Optional[str]
     return max(candidates, key=lambda p: p.stat().st_mtime)
 
 
-def validate_submission(raw: object, tenant: str, data_root: Path, hub_cache: Path) -> JobSpec:
+def validate_submission(
+    raw: object, tenant: str, data_root: Path, hub_cache: Path, model_roots: Sequence[Path] = ()
+) -> JobSpec:
     """parse_spec, then check the datasets and the base model exist where this tenant may read them."""
     spec = parse_spec(raw)
     resolve_dataset(spec.dataset, data_root, tenant, field="dataset")
     if spec.validation_dataset is not None:
         resolve_dataset(spec.validation_dataset, data_root, tenant, field="validation_dataset")
-    resolve_base_model(spec.base_model, hub_cache, spec.base_model_revision)
+    resolve_base_model(spec.base_model, hub_cache, spec.base_model_revision, model_roots)
     return spec

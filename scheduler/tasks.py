@@ -57,7 +57,7 @@ def _public_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 @_public_errors
 def submit_job(token: str, spec: Any) -> dict:
     tenant = store().authenticate(token)
-    job_spec = validate_submission(spec, tenant, config.data_root(), config.hf_hub_cache())
+    job_spec = validate_submission(spec, tenant, config.data_root(), config.hf_hub_cache(), config.model_roots())
     return store().submit(tenant, job_spec)
 
 

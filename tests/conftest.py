@@ -70,13 +70,14 @@ def base_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def worker_env(redis_url, data_root, hf_cache, tmp_path_factory) -> dict[str, str]:
+def worker_env(redis_url, data_root, hf_cache, base_model_dir, tmp_path_factory) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         REDIS_URL=redis_url,
         LORAFLEET_DATA_ROOT=str(data_root),
         LORAFLEET_STATE_DIR=str(tmp_path_factory.mktemp("state")),
         HF_HUB_CACHE=str(hf_cache),
+        LORAFLEET_MODEL_ROOTS=str(base_model_dir.parent),
     )
     return env
 

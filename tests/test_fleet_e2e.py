@@ -95,6 +95,7 @@ def fleet_env(tmp_path_factory):
     env = dict(os.environ)
     env.update(REDIS_URL=redis.url, LORAFLEET_STATE_DIR=str(root / "state"), LORAFLEET_DATA_ROOT=str(root / "data"),
                LORAFLEET_ARTIFACT_DIR=str(root / "artifacts"), HF_HUB_CACHE=str(root / "hub"),
+               LORAFLEET_MODEL_ROOTS=str(root / "models"),
                OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     store = JobStore.from_url(redis.url)
     store.ensure_schema()
