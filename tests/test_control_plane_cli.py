@@ -133,3 +133,20 @@ def test_control_plane_does_not_import_torch(worker_env):
     )
     out = subprocess.run([sys.executable, "-P", "-c", probe], env=worker_env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_executors_list_and_drain(lorafleet, store):
+    from lorafleet.scheduler import fleet
+
+    name = f"exec-cli-{secrets.token_hex(3)}"
+    fleet.heartbeat(store.r, name, {"host": "gpu-host", "device": "cuda:0", "total_bytes": 80 * 2**30,
+                                    "peak_bytes": 20 * 2**30, "compat_key": "/models/llama|none|auto", "jobs": 3})
+    listed = {e["executor_id"]: e for e in ok_json(lorafleet("executors", "list", "--json"))}
+    assert listed[name]["device"] == "cuda:0" and listed[name]["jobs"] == 3
+    code, table, _ = lorafleet("executors", "list")
+    assert code == 0 and name in table and "/models/llama" in table
+
+    assert ok_json(lorafleet("executors", "drain", name, "--json")) == {"executor_id": name, "drain": True}
+    assert fleet.drain_requested(store.r, name)
+    fleet.forget(store.r, name)
+    one_error_line(lorafleet("executors", "drain", name), "no live executor")
