@@ -61,6 +61,7 @@ class Executor:
         self.cohort: Cohort | None = None
         self.compat_key: str | None = None
         self.base_bytes = 0
+        self.step_peak_bytes = 0  # device memory peak of the last step: what the scheduler's memory model learns from
         self.leases: dict[str, Lease] = {}
         self.stopping = threading.Event()
         self.scratch = Path(tempfile.mkdtemp(prefix=f"lorafleet-{executor_id}-"))
@@ -92,7 +93,7 @@ class Executor:
                 log.exception("heartbeat failed")
 
     def send_heartbeat(self) -> None:
-        peak = _peak_bytes(self.device)
+        peak = self.step_peak_bytes if self.leases else _allocated_bytes(self.device)
         fleet.heartbeat(
             self.store.r,
             self.executor_id,
@@ -175,9 +176,11 @@ class Executor:
     # ---- one step ----
 
     def train_step(self) -> None:
+        _reset_peak(self.device)
         started = time.perf_counter()
         results = self.cohort.step()
         seconds = time.perf_counter() - started
+        self.step_peak_bytes = _peak_bytes(self.device)
         total_tokens = sum(result.tokens for result in results.values()) or 1
         usage: dict[str, float] = {}
         for job_id, result in results.items():
@@ -205,7 +208,7 @@ class Executor:
             self.metrics.tokens_trained.inc(sum(result.tokens for result in results.values()))
             self.metrics.cohort_jobs.set(len(self.leases))
             self.metrics.memory_allocated.set(_allocated_bytes(self.device))
-            self.metrics.memory_peak.set(_peak_bytes(self.device))
+            self.metrics.memory_peak.set(self.step_peak_bytes)
             utilization = _gpu_utilization(self.device)
             if utilization is not None:
                 self.metrics.gpu_utilization.set(utilization)
@@ -252,6 +255,11 @@ def _peak_bytes(device: str) -> int:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _reset_peak(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(torch.device(device))
 
 
 def _allocated_bytes(device: str) -> int:
