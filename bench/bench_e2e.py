@@ -9,8 +9,8 @@ own random token sequences (written as JSONL text records of exactly that many t
 words are the token ids), r=16 LoRA on all 7 projections, AdamW. One run measures, in order:
 
 1. the bf16 matmul peak (8192³) that MFU divides by;
-2. `Cohort.step` for cohorts of N jobs (jobs 0..N-1 of the shape), with activation checkpointing only where the cohort
-   does not fit without it;
+2. `Cohort.step` for cohorts of N jobs (jobs 0..N-1 of the shape), checkpointing no decoder layer, every other one
+   or all of them: the first of these that fits;
 3. the frozen-base forward+backward vs the same with 8 adapters attached (same packed tokens), and a profile of one
    8-adapter step (top CUDA kernels);
 4. optionally the capacity probe: the largest 4x512 cohort whose step fits, with checkpointing off and on;
@@ -126,13 +126,21 @@ def job_spec(model_dir: Path, batch: str, job: int):
     )
 
 
-def set_checkpointing(cohort, on: bool) -> None:
+CHECKPOINTING = (0, 2, 1)  # off, every other layer, every layer: the first that fits is used
+
+
+def set_checkpointing(cohort, every: int) -> None:
+    """Checkpoint every `every`-th decoder layer (0: none); recomputation costs in proportion."""
     from lorafleet.executor.activations import checkpoint_layers
 
     for layer in cohort.model.base_model.layers:
         layer.__dict__.pop("forward", None)  # back to the class's forward
-    if on:
-        checkpoint_layers(cohort.model.base_model.layers, cohort.routing, lambda: [])
+    if every:
+        checkpoint_layers(cohort.model.base_model.layers[::every], cohort.routing, lambda: [])
+
+
+def checkpointing_name(every: int) -> str:
+    return {0: "off", 1: "all"}.get(every, f"1/{every}")
 
 
 def release(device) -> None:
@@ -299,7 +307,7 @@ def markdown_table(report: dict) -> str:
         cohort_rate, peft_rate = row["tokens"] / row["seconds"], row["tokens"] / peft_seconds
         peak_mem = f"{row['peak_gib']:.1f}" if row["peak_gib"] is not None else "-"
         lines.append(
-            f"| {row['jobs']} | {row['batch']} | {row['tokens']} | {'on' if row['checkpointing'] else 'off'} "
+            f"| {row['jobs']} | {row['batch']} | {row['tokens']} | {checkpointing_name(row['checkpointing'])} "
             f"| {row['seconds']:.3f} | {cohort_rate:,.0f} | {mfu(cohort_rate)} | {peak_mem} "
             f"| {peft_seconds:.3f} | {peft_rate:,.0f} | {mfu(peft_rate)} | {1 - row['tokens'] / sum(padded):.0%} "
             f"| {cohort_rate / peft_rate:.2f}x |"
@@ -315,7 +323,7 @@ def main() -> None:
     parser.add_argument("--batches", default="1x512,4x512,mixed")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--overhead", default="8x4x512", help="JOBSxBATCH of the base vs adapters comparison")
+    parser.add_argument("--overhead", default="8x1x512,8x4x512", help="JOBSxBATCH list: base vs adapters steps")
     parser.add_argument("--capacity", default="", help="4x512 cohort sizes to probe, e.g. 8,12,16,20")
     parser.add_argument("--workdir", default="/tmp/lorafleet-e2e")
     parser.add_argument("--out", default=".")
@@ -326,7 +334,7 @@ def main() -> None:
     device = torch.device(args.device)
     cohorts = [int(n) for n in args.cohorts.split(",")]
     batches = args.batches.split(",")
-    overhead_jobs, overhead_batch = args.overhead.split("x", 1)
+    overheads = [(int(spec.split("x", 1)[0]), spec.split("x", 1)[1]) for spec in args.overhead.split(",")]
     capacity = [int(n) for n in args.capacity.split(",") if n]
     vocab = SHAPES[args.shape]["vocab_size"]
     workdir, out = Path(args.workdir), Path(args.out)
@@ -355,7 +363,7 @@ def main() -> None:
     log(f"built and saved {args.shape}: {report['non_embedding_params'] / 1e9:.2f}B non-embedding params")
     wanted = {(batch, job) for batch in batches for job in range(max(cohorts))}
     wanted |= {("4x512", job) for job in range(max(capacity, default=0))}
-    wanted |= {(overhead_batch, job) for job in range(int(overhead_jobs))}
+    wanted |= {(batch, job) for jobs, batch in overheads for job in range(jobs)}
     for batch, job in wanted:
         write_job_data(data_dir, batch, job, vocab)
 
@@ -363,11 +371,12 @@ def main() -> None:
     log("cohort loaded")
     for batch in batches:
         for n in cohorts:
-            checkpointing = False
-            measured = run_cohort(cohort, model_dir, data_dir, batch, n, args.warmup, args.steps, False, device)
-            if measured is None:
-                checkpointing = True
-                measured = run_cohort(cohort, model_dir, data_dir, batch, n, args.warmup, args.steps, True, device)
+            for checkpointing in CHECKPOINTING:
+                measured = run_cohort(
+                    cohort, model_dir, data_dir, batch, n, args.warmup, args.steps, checkpointing, device
+                )
+                if measured is not None:
+                    break
             seconds, peak = measured if measured is not None else (None, None)
             tokens = sum(len(s) for job in range(n) for s in job_sequences(batch, job, vocab))
             report["cohorts"].append(
@@ -377,22 +386,33 @@ def main() -> None:
             log(f"cohort {n} x {batch}: {seconds} s/step, ckpt {checkpointing}, peak {peak} GiB")
             save()
 
-    set_checkpointing(cohort, False)
-    for job in range(int(overhead_jobs)):
-        name = f"{overhead_batch}-{job}"
-        cohort.add_job(name, job_spec(model_dir, overhead_batch, job), data_dir / f"{name}.jsonl")
-    overhead = base_vs_adapters(cohort, device, repeats=args.steps)
-    for job_id in list(cohort.jobs):
-        cohort.remove_job(job_id)
-    release(device)
-    if "profile" in overhead:
-        (out / f"profile_{args.shape}.txt").write_text(overhead.pop("profile"))
-    report["overhead"] = {"jobs": int(overhead_jobs), "batch": overhead_batch, **overhead}
-    log(f"base vs {overhead_jobs} adapters: {overhead}")
-    save()
+    report["overhead"] = []
+    for jobs, batch in overheads:
+        for checkpointing in CHECKPOINTING:
+            set_checkpointing(cohort, checkpointing)
+            for job in range(jobs):
+                cohort.add_job(f"{batch}-{job}", job_spec(model_dir, batch, job), data_dir / f"{batch}-{job}.jsonl")
+            try:
+                overhead = base_vs_adapters(cohort, device, repeats=args.steps)
+            except torch.OutOfMemoryError:
+                overhead = None
+            finally:
+                for job_id in list(cohort.jobs):
+                    cohort.remove_job(job_id)
+                release(device)
+            if overhead is not None:
+                break
+        if overhead is None:
+            continue
+        if "profile" in overhead:
+            (out / f"profile_{args.shape}_{jobs}x{batch}.txt").write_text(overhead.pop("profile"))
+        report["overhead"].append({"jobs": jobs, "batch": batch, "checkpointing": checkpointing, **overhead})
+        log(f"base vs {jobs} adapters of {batch}: {report['overhead'][-1]}")
+        save()
+    set_checkpointing(cohort, 0)
 
     report["capacity"] = []
-    for checkpointing in (False, True):
+    for checkpointing in (0, 1):
         for n in capacity:
             measured = run_cohort(cohort, model_dir, data_dir, "4x512", n, 1, 1, checkpointing, device)
             report["capacity"].append(
@@ -415,6 +435,7 @@ def main() -> None:
           f"P_nonembed {report['non_embedding_params'] / 1e9:.2f}B\n")
     print(table)
     print(f"\nbase vs adapters: {report['overhead']}\ncapacity: {report['capacity']}")
+    print("PEFT per-job step s:", {batch: report["peft"][batch]["per_job_seconds"] for batch in batches})
 
 
 if __name__ == "__main__":
