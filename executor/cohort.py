@@ -251,6 +251,25 @@ class Cohort:
             self.routing.segments = {}
             job.adapter.train()
 
+    @torch.no_grad()
+    def evaluate(self, job_id: str, data: JobData) -> float | None:
+        """Mean loss over the target tokens of one pass over `data` (a validation set), without dropout.
+
+        None when the set has no target tokens. Raises DataError for a bad line, like training does.
+        """
+        job = self.jobs[job_id]
+        job.adapter.eval()
+        total, targets = 0.0, 0
+        try:
+            for _ in range(data.steps_per_epoch):
+                examples, _epoch = data.next_batch()
+                batch = pack({job_id: examples}, self.device)
+                total += self._forward(batch)[job_id].item() * batch.num_targets[job_id]
+                targets += batch.num_targets[job_id]
+        finally:
+            job.adapter.train()
+        return total / targets if targets else None
+
     def checkpoint(self, job_id: str, directory) -> Path:
         """Write the job's PEFT adapter and training state into `directory` (created if needed); return it."""
         job = self.jobs[job_id]

@@ -24,6 +24,7 @@ import torch
 
 from lorafleet.executor.artifacts import ArtifactStore
 from lorafleet.executor.cohort import Cohort
+from lorafleet.executor.data import DataError, JobData
 from lorafleet.scheduler import config, fleet
 from lorafleet.scheduler.metrics import ExecutorMetrics, executor_metrics, serve
 from lorafleet.scheduler.spec import JobSpec, resolve_dataset
@@ -63,6 +64,7 @@ class Executor:
         self.base_bytes = 0
         self.step_peak_bytes = 0  # device memory peak of the last step: what the scheduler's memory model learns from
         self.leases: dict[str, Lease] = {}
+        self.validation: dict[str, JobData] = {}  # job id -> its validation set, evaluated at each checkpoint
         self.stopping = threading.Event()
         self.scratch = Path(tempfile.mkdtemp(prefix=f"lorafleet-{executor_id}-"))
 
@@ -144,6 +146,11 @@ class Executor:
             dataset = resolve_dataset(spec.dataset, config.data_root(), job["tenant"])
             resume_from = self.artifacts.fetch(job["checkpoint_uri"], self.scratch) if job.get("checkpoint_uri") else None
             self.cohort.add_job(job_id, spec, dataset, resume_from=resume_from)
+            if spec.validation_dataset is not None:
+                hp = spec.hyperparameters
+                path = resolve_dataset(spec.validation_dataset, config.data_root(), job["tenant"], "validation_dataset")
+                self.validation[job_id] = JobData(path, spec.dataset_format, self.cohort.tokenizer, hp.max_seq_len,
+                                                  hp.batch_size, hp.seed)
         except Exception as exc:  # a job that cannot start fails alone, with the reason
             log.warning("job %s cannot start: %s", job_id, exc)
             self.store.transition(job_id, "scheduled", "failed", attempt=attempt, error=f"cannot start: {exc}")
@@ -170,6 +177,7 @@ class Executor:
 
     def _release(self, job_id: str) -> None:
         self.leases.pop(job_id, None)
+        self.validation.pop(job_id, None)
         if self.cohort is not None and job_id in self.cohort.jobs:
             self.cohort.remove_job(job_id)
 
@@ -194,6 +202,14 @@ class Executor:
                 continue
             metrics = {"loss": result.loss, "lr": result.lr, "tokens": result.tokens,
                        "tokens_per_s": result.tokens / seconds, "grad_norm": result.grad_norm}
+            if result.checkpoint_due and job_id in self.validation:
+                try:
+                    metrics["eval_loss"] = self.cohort.evaluate(job_id, self.validation[job_id])
+                except DataError as exc:
+                    self.store.transition(job_id, "running", "failed", attempt=lease.attempt,
+                                          error=f"job {job_id} failed: validation data: {exc}")
+                    self._release(job_id)
+                    continue
             kept = self.store.record_progress(job_id, result.step, result.total_steps, metrics, attempt=lease.attempt)
             if not kept:
                 self._release(job_id)

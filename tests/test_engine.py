@@ -370,3 +370,25 @@ def test_nola_jobs_with_the_same_bases_share_one_copy():
     del first, second
     gc.collect()
     assert len(_SHARED_BASES) == cached - 1, "the bases go away with the last job that used them"
+
+
+def test_evaluate_is_the_mean_target_loss_over_the_validation_set(llama, datasets):
+    import torch.nn.functional as F
+
+    cohort = Cohort(llama)
+    spec = make_spec(llama, {"r": 4, "lora_dropout": 0.5}, max_steps=3)
+    cohort.add_job("x", spec, datasets["x"])
+    cohort.add_job("y", make_spec(llama, {"r": 8}, max_steps=3), datasets["y"])
+    train(cohort)
+    validation = JobData(datasets["y"], "auto", cohort.tokenizer, 512, 3, seed=0)
+    examples = [validation.next_batch()[0] for _ in range(validation.steps_per_epoch)]
+    total, count = 0.0, 0
+    for example in (e for batch in examples for e in batch):
+        logits = cohort.logits("x", example.input_ids)
+        labels = torch.tensor(example.labels[1:] + [-100])
+        total += F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="sum").item()
+        count += int((labels != -100).sum())
+
+    got = cohort.evaluate("x", JobData(datasets["y"], "auto", cohort.tokenizer, 512, 3, seed=0))
+    assert got == pytest.approx(total / count, rel=1e-5)
+    assert cohort.jobs["x"].adapter.training, "evaluation leaves the adapter in training mode"

@@ -166,6 +166,7 @@ def test_two_tenants_two_bases_form_cohorts_and_adapters_load_in_peft(fleet_env)
         tenant, token = make_tenant(fleet_env)
         for family in ("llama", "qwen2"):
             spec = spec_for(fleet_env, tenant, family, max_steps=30, checkpoint_every=100)
+            spec["validation_dataset"] = f"{tenant}/train.jsonl"
             submitted.append((token, family, fleet_env.submit(token, spec)))
     finished = [(family, fleet_env.wait_state(token, job_id, ("succeeded", "failed"))) for token, family, job_id in
                 submitted]
@@ -179,6 +180,7 @@ def test_two_tenants_two_bases_form_cohorts_and_adapters_load_in_peft(fleet_env)
     for _, job in finished:
         assert job["progress"] == {"step": 30, "total_steps": 30}
         assert job["attempt"] == 1
+        assert 0 < job["metrics"]["eval_loss"] < 20, "the final step reports the validation loss"
     for family, job in finished:
         base = AutoModelForCausalLM.from_pretrained(fleet_env.models[family])
         peft_model = PeftModel.from_pretrained(base, job["adapter_uri"])
