@@ -116,6 +116,7 @@ class Scheduler:
 
         running_by_executor: dict[str, list[RunningJob]] = {}
         predicted: dict[str, int] = {}
+        cohort_key: dict[str, str] = {}
         for job in holding:
             if job["executor_id"] in alive_ids:
                 spec = JobSpec.model_validate(job["spec"])
@@ -127,7 +128,11 @@ class Scheduler:
                 done = progress["step"] / progress["total_steps"] if progress["total_steps"] else 0.0
                 running_by_executor.setdefault(job["executor_id"], []).append(
                     RunningJob(job["job_id"], job["tenant"], job_bytes, per_step, gpu_seconds * (1 - done)))
-                predicted[job["executor_id"]] = predicted.get(job["executor_id"], base_bytes) + job_bytes
+                # A job only scheduled may not have reached the executor yet: the cohort's key is still its key
+                # (the heartbeat's loaded base can lag behind), but its memory is not in the reported peak.
+                cohort_key[job["executor_id"]] = spec.compatibility_key()
+                if job["state"] == "running":
+                    predicted[job["executor_id"]] = predicted.get(job["executor_id"], base_bytes) + job_bytes
         executors = []
         for e in alive:
             if e["compat_key"] and e["peak_bytes"] and predicted.get(e["executor_id"]):
@@ -136,7 +141,7 @@ class Scheduler:
                 self.store.r.hset(keys.MEMORY_FACTORS, e["compat_key"], self.calibrations[e["compat_key"]].factor)
             executors.append(ExecutorView(
                 executor_id=e["executor_id"], total_bytes=e["total_bytes"], free_bytes=e["free_bytes"],
-                loaded_compat_key=e["compat_key"], loaded_base_bytes=e["base_bytes"],
+                loaded_compat_key=cohort_key.get(e["executor_id"], e["compat_key"]), loaded_base_bytes=e["base_bytes"],
                 running=tuple(running_by_executor.get(e["executor_id"], ())),
             ))
 

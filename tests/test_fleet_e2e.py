@@ -170,7 +170,8 @@ def test_two_tenants_two_bases_form_cohorts_and_adapters_load_in_peft(fleet_env)
             submitted.append((token, family, fleet_env.submit(token, spec)))
     finished = [(family, fleet_env.wait_state(token, job_id, ("succeeded", "failed"))) for token, family, job_id in
                 submitted]
-    assert all(job["state"] == "succeeded" for _, job in finished), [job for _, job in finished]
+    assert all(job["state"] == "succeeded" for _, job in finished), \
+        ([(job["state"], job["error"]) for _, job in finished], fleet_env.logs())
     for family in ("llama", "qwen2"):
         same_base = [job for f, job in finished if f == family]
         assert len({job["executor_id"] for job in same_base}) == 1, "jobs of one base train on one executor"
