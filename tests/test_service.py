@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from helpers_models import alpaca_rows, build_tiny_model, write_jsonl
-from lorafleet.scheduler import fleet
+from lorafleet.scheduler import fleet, keys
 from lorafleet.scheduler.leader import LeaderLock
 from lorafleet.scheduler.redis_server import start_redis_server
 from lorafleet.scheduler.service import Scheduler
@@ -19,7 +19,8 @@ def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("service")
     server = start_redis_server(root / "redis")
     models = {family: build_tiny_model(root / "models" / family, family) for family in ("llama", "qwen2")}
-    write_jsonl((root / "data" / "acme").mkdir(parents=True) or root / "data" / "acme" / "train.jsonl", alpaca_rows(8))
+    (root / "data" / "acme").mkdir(parents=True)
+    write_jsonl(root / "data" / "acme" / "train.jsonl", alpaca_rows(8))
     yield root, server, models
     server.stop()
 
@@ -67,7 +68,7 @@ def test_jobs_of_a_dead_executor_go_back_to_the_queue_with_their_checkpoint(env,
     attempt = store.get_job(job_id)["attempt"]
     assert store.transition(job_id, "scheduled", "running", attempt=attempt)
     assert store.record_checkpoint(job_id, "file:///ckpt/1", attempt)
-    store.r.delete("lorafleet:executor:exec-doomed")  # its heartbeat expired
+    store.r.delete(keys.executor("exec-doomed"))  # its heartbeat expired
 
     scheduler.round()
     job = store.get_job(job_id)
@@ -80,7 +81,7 @@ def test_a_deposed_leader_cannot_assign(env, store):
     fleet.heartbeat(store.r, "exec-1", {"total_bytes": 64 * 2**30, "free_bytes": 64 * 2**30})
     old = Scheduler(store, "old-leader")
     old.lock.try_acquire()
-    store.r.delete("lorafleet:scheduler:leader")  # its lock expired while it was paused
+    store.r.delete(keys.SCHEDULER_LEADER)  # its lock expired while it was paused
     assert LeaderLock(store.r, "new-leader").try_acquire() is not None
     job_id = submit(store, models["llama"])
     with pytest.raises(StaleFence):
