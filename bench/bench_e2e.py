@@ -9,11 +9,11 @@ own random token sequences (written as JSONL text records of exactly that many t
 words are the token ids), r=16 LoRA on all 7 projections, AdamW. One run measures, in order:
 
 1. the bf16 matmul peak (8192³) that MFU divides by;
-2. `Cohort.step` for cohorts of N jobs (jobs 0..N-1 of the shape), checkpointing no decoder layer, every other one
-   or all of them: the first of these that fits;
+2. `Cohort.step` for cohorts of N jobs (jobs 0..N-1 of the shape), with the least activation checkpointing that fits:
+   none, selective (matmul and attention outputs kept, elementwise work recomputed), every other layer, every layer;
 3. the frozen-base forward+backward vs the same with 8 adapters attached (same packed tokens), and a profile of one
    8-adapter step (top CUDA kernels);
-4. optionally the capacity probe: the largest 4x512 cohort whose step fits, with checkpointing off and on;
+4. optionally the capacity probe: the largest 4x512 cohort whose step fits, without, selective and full checkpointing;
 5. PEFT (sdpa attention, bf16 base, fp32 adapters, AdamW, clip 1.0): each job of the largest cohort trained alone,
    one after another, on exactly the tokens it has in the cohort. A cohort of N is compared with the sum of PEFT's
    step times of its N jobs: the time PEFT needs to give all N jobs one step.
@@ -108,13 +108,14 @@ def write_job_data(directory: Path, batch: str, job: int, vocab: int) -> Path:
     return path
 
 
-def job_spec(model_dir: Path, batch: str, job: int):
+def job_spec(model_dir: Path, batch: str, job: int, quantization: str = "none"):
     from lorafleet.scheduler.spec import parse_spec
 
     return parse_spec(
         {
             "base_model": str(model_dir),
             "dataset": "unused",
+            "quantization": quantization,
             "adapter": {"r": 16, "lora_alpha": 32, "target_modules": list(PROJECTIONS)},
             "hyperparameters": {
                 "batch_size": 4 if batch == "mixed" else int(batch.split("x")[0]),
@@ -126,21 +127,20 @@ def job_spec(model_dir: Path, batch: str, job: int):
     )
 
 
-CHECKPOINTING = (0, 2, 1)  # off, every other layer, every layer: the first that fits is used
+CHECKPOINTING = ("off", "selective", "half", "full")  # in order of recomputation: the first that fits is used
 
 
-def set_checkpointing(cohort, every: int) -> None:
-    """Checkpoint every `every`-th decoder layer (0: none); recomputation costs in proportion."""
+def set_checkpointing(cohort, setting: str) -> None:
+    """The Cohort's activation checkpointing modes, plus "half": every other layer fully checkpointed."""
     from lorafleet.executor.activations import checkpoint_layers
 
-    for layer in cohort.model.base_model.layers:
+    layers = cohort.model.base_model.layers
+    for layer in layers:
         layer.__dict__.pop("forward", None)  # back to the class's forward
-    if every:
-        checkpoint_layers(cohort.model.base_model.layers[::every], cohort.routing, lambda: [])
-
-
-def checkpointing_name(every: int) -> str:
-    return {0: "off", 1: "all"}.get(every, f"1/{every}")
+    if setting == "half":
+        checkpoint_layers(layers[::2], cohort.routing, lambda: [], "full")
+    else:
+        checkpoint_layers(layers, cohort.routing, lambda: [], setting)
 
 
 def release(device) -> None:
@@ -154,13 +154,18 @@ def peak_gib(device) -> float | None:
     return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
 
 
+def add_jobs(cohort, model_dir, data_dir, batch, n) -> None:
+    for job in range(n):
+        spec = job_spec(model_dir, batch, job, cohort.quantization)
+        cohort.add_job(f"{batch}-{job}", spec, data_dir / f"{batch}-{job}.jsonl")
+
+
 def run_cohort(cohort, model_dir, data_dir, batch, n, warmup, steps, checkpointing, device):
     """Median step seconds and peak GiB of a cohort of jobs 0..n-1 of `batch`; None when it does not fit."""
     set_checkpointing(cohort, checkpointing)
     release(device)
     try:
-        for job in range(n):
-            cohort.add_job(f"{batch}-{job}", job_spec(model_dir, batch, job), data_dir / f"{batch}-{job}.jsonl")
+        add_jobs(cohort, model_dir, data_dir, batch, n)
         for _ in range(warmup):
             cohort.step()
         seconds = []
@@ -229,13 +234,21 @@ def base_vs_adapters(cohort, device, repeats: int) -> dict:
     return result
 
 
-def peft_sequential(model_dir: Path, batches: dict[str, int], vocab: int, warmup: int, steps: int, device) -> dict:
+def peft_sequential(model_dir, batches: dict[str, int], vocab, warmup, steps, device, quantization="none") -> dict:
     """batch shape -> per-job median step seconds and padded tokens, each job trained alone with PEFT in turn."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from lorafleet.executor.model import quantization_config
+
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa").to(device)
+    if quantization == "none":
+        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa").to(device)
+    else:  # QLoRA as PEFT users run it: the same bitsandbytes config as the cohort, no other preparation
+        base = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=dtype, attn_implementation="sdpa", device_map={"": device},
+            quantization_config=quantization_config(quantization, dtype),
+        )
     config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=list(PROJECTIONS), task_type="CAUSAL_LM")
     model = get_peft_model(base, config, adapter_name="init")
     model.train()
@@ -307,7 +320,7 @@ def markdown_table(report: dict) -> str:
         cohort_rate, peft_rate = row["tokens"] / row["seconds"], row["tokens"] / peft_seconds
         peak_mem = f"{row['peak_gib']:.1f}" if row["peak_gib"] is not None else "-"
         lines.append(
-            f"| {row['jobs']} | {row['batch']} | {row['tokens']} | {checkpointing_name(row['checkpointing'])} "
+            f"| {row['jobs']} | {row['batch']} | {row['tokens']} | {row['checkpointing']} "
             f"| {row['seconds']:.3f} | {cohort_rate:,.0f} | {mfu(cohort_rate)} | {peak_mem} "
             f"| {peft_seconds:.3f} | {peft_rate:,.0f} | {mfu(peft_rate)} | {1 - row['tokens'] / sum(padded):.0%} "
             f"| {cohort_rate / peft_rate:.2f}x |"
@@ -319,6 +332,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="1b")
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--quantization", choices=("none", "nf4"), default="none")
     parser.add_argument("--cohorts", default="1,4,8,16")
     parser.add_argument("--batches", default="1x512,4x512,mixed")
     parser.add_argument("--warmup", type=int, default=2)
@@ -342,12 +356,14 @@ def main() -> None:
     data_dir.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    name = args.shape if args.quantization == "none" else f"{args.shape}_{args.quantization}"
 
     def log(message):
         print(f"[{time.perf_counter() - started:7.1f}s] {message}", flush=True)
 
     report = {
         "shape": args.shape,
+        "quantization": args.quantization,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -355,7 +371,7 @@ def main() -> None:
     }
 
     def save():
-        (out / f"e2e_{args.shape}.json").write_text(json.dumps(report, indent=1))
+        (out / f"e2e_{name}.json").write_text(json.dumps(report, indent=1))
 
     report["peak_tflops"] = matmul_peak_tflops(device)
     log(f"bf16 matmul peak {report['peak_tflops']} TFLOP/s")
@@ -367,7 +383,7 @@ def main() -> None:
     for batch, job in wanted:
         write_job_data(data_dir, batch, job, vocab)
 
-    cohort = Cohort(model_dir, device=args.device)
+    cohort = Cohort(model_dir, quantization=args.quantization, device=args.device)
     log("cohort loaded")
     for batch in batches:
         for n in cohorts:
@@ -390,8 +406,7 @@ def main() -> None:
     for jobs, batch in overheads:
         for checkpointing in CHECKPOINTING:
             set_checkpointing(cohort, checkpointing)
-            for job in range(jobs):
-                cohort.add_job(f"{batch}-{job}", job_spec(model_dir, batch, job), data_dir / f"{batch}-{job}.jsonl")
+            add_jobs(cohort, model_dir, data_dir, batch, jobs)
             try:
                 overhead = base_vs_adapters(cohort, device, repeats=args.steps)
             except torch.OutOfMemoryError:
@@ -405,14 +420,14 @@ def main() -> None:
         if overhead is None:
             continue
         if "profile" in overhead:
-            (out / f"profile_{args.shape}_{jobs}x{batch}.txt").write_text(overhead.pop("profile"))
+            (out / f"profile_{name}_{jobs}x{batch}.txt").write_text(overhead.pop("profile"))
         report["overhead"].append({"jobs": jobs, "batch": batch, "checkpointing": checkpointing, **overhead})
         log(f"base vs {jobs} adapters of {batch}: {report['overhead'][-1]}")
         save()
-    set_checkpointing(cohort, 0)
+    set_checkpointing(cohort, "off")
 
     report["capacity"] = []
-    for checkpointing in (0, 1):
+    for checkpointing in ("off", "selective", "full"):
         for n in capacity:
             measured = run_cohort(cohort, model_dir, data_dir, "4x512", n, 1, 1, checkpointing, device)
             report["capacity"].append(
@@ -426,11 +441,13 @@ def main() -> None:
 
     del cohort
     release(device)
-    report["peft"] = peft_sequential(model_dir, {b: max(cohorts) for b in batches}, vocab, args.warmup, args.steps, device)
+    report["peft"] = peft_sequential(
+        model_dir, {b: max(cohorts) for b in batches}, vocab, args.warmup, args.steps, device, args.quantization
+    )
     log("PEFT done")
     save()
     table = markdown_table(report)
-    (out / f"e2e_{args.shape}.md").write_text(table + "\n")
+    (out / f"e2e_{name}.md").write_text(table + "\n")
     print(f"\n{args.shape}, {report['device']}, torch {report['torch']}, peak {report['peak_tflops']} TFLOP/s, "
           f"P_nonembed {report['non_embedding_params'] / 1e9:.2f}B\n")
     print(table)

@@ -115,7 +115,7 @@ class Cohort:
         quantization: str = "none",
         dtype: str = "auto",
         device: str = "cpu",
-        activation_checkpointing: bool = False,
+        activation_checkpointing: str = "off",
     ):
         self.base_model_path = str(base_model_path)
         self.quantization, self.dtype = quantization, dtype
@@ -123,9 +123,9 @@ class Cohort:
         self.device = self.model.device
         self.routing = RowRouting()
         self.jobs: dict[str, Job] = {}
-        if activation_checkpointing:  # fits larger cohorts for about a third more compute
-            generators = lambda: [job.adapter.dropout_rng for job in self.jobs.values()]  # noqa: E731
-            checkpoint_layers(self.model.base_model.layers, self.routing, generators)
+        # "selective" or "full" (see activations.py) fits larger cohorts for some recomputation
+        generators = lambda: [job.adapter.dropout_rng for job in self.jobs.values()]  # noqa: E731
+        checkpoint_layers(self.model.base_model.layers, self.routing, generators, activation_checkpointing)
 
     def active_jobs(self) -> list[str]:
         return [job_id for job_id, job in self.jobs.items() if job.active]
