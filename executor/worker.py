@@ -140,6 +140,11 @@ class Executor:
     def admit(self, job: dict) -> None:
         job_id, attempt = job["job_id"], job["attempt"]
         spec = JobSpec.model_validate(job["spec"])
+        if self.leases and spec.compatibility_key() != self.compat_key:  # not the job's fault: hand it back
+            log.warning("job %s needs base %s while this cohort runs %s; handing it back", job_id,
+                        spec.compatibility_key(), self.compat_key)
+            self.store.transition(job_id, "scheduled", "queued", attempt=attempt)
+            return
         try:
             if spec.compatibility_key() != self.compat_key:
                 self._load_base(spec)
@@ -162,10 +167,6 @@ class Executor:
         log.info("job %s joined the cohort (%d jobs)%s", job_id, len(self.leases), " from checkpoint" if resume_from else "")
 
     def _load_base(self, spec: JobSpec) -> None:
-        if self.leases:
-            raise RuntimeError(
-                f"this executor runs base {self.compat_key!r}; it cannot also load {spec.compatibility_key()!r}"
-            )
         self.cohort = None
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()

@@ -57,3 +57,19 @@ def test_heartbeats_expire_and_drain_requests_need_a_live_executor(store):
     assert not fleet.request_drain(store.r, "exec-beat")
     fleet.forget(store.r, "exec-beat")
     assert "exec-beat" not in fleet.executors(store.r)[1]
+
+
+def test_a_job_for_another_base_is_handed_back_not_failed(store, make_tenant, tmp_path):
+    tenant = make_tenant()
+    running, attempt = running_job(store, tenant, "exec-busy")
+    executor = Executor(store, "exec-busy", "cpu", ArtifactStore(str(tmp_path)))
+    executor.compat_key = SPEC.compatibility_key()
+    executor.leases[running] = Lease(running, tenant.name, attempt, SPEC)
+    other = parse_spec({"base_model": "/models/other", "dataset": "train.jsonl"})
+    job_id = store.submit(tenant.name, other)["job_id"]
+    store.claim(job_id, "exec-busy")
+
+    executor.admit(store.get_job(job_id))
+
+    assert store.get_job(job_id)["state"] == "queued"
+    assert job_id not in executor.leases
