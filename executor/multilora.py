@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from lorafleet.executor.adapters import Adapter
-from lorafleet.kernels import lora_delta
+from lorafleet.kernels import lora_delta, lora_linear, triton_enabled
 
 
 class RowRouting:
@@ -37,24 +37,50 @@ class MultiLoraLinear(nn.Module):
         self.adapters: dict[str, Adapter] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
         jobs = [job for job in self.routing.segments if job in self.adapters]
         if not jobs:
-            return y
+            return self.base(x)
+        if triton_enabled(x):
+            return self._forward_kernels(x, jobs)
+        # The base first, then the adapters, as PEFT builds its graph: autograd then sums x's gradients in the same
+        # order, and a job matches plain PEFT training to rounding.
+        y = self.base(x)
         flat = x.reshape(-1, x.shape[-1])
         segments = [self.routing.segments[job] for job in jobs]
         adapters = [self.adapters[job] for job in jobs]
-        if any(adapter.dropout > 0 for adapter in adapters):
-            flat = self._drop_rows(flat, segments, adapters)
+        lora_input = self._drop_rows(flat, segments, adapters) if self._dropout(adapters) else flat
+        lora_a, lora_b = self._factors(adapters)
+        lora_a, lora_b = [a.to(flat.dtype) for a in lora_a], [b.to(flat.dtype) for b in lora_b]
+        return y + lora_delta(lora_input, segments, lora_a, lora_b, self._scales(adapters)).view(y.shape)
+
+    def _forward_kernels(self, x: torch.Tensor, jobs: list[str]) -> torch.Tensor:
+        """The Triton path: the kernels read the fp32 master weights and cast them themselves, and add into the
+        base output in place (with a plain linear base, the LoRA dX into the base dX too)."""
+        flat = x.reshape(-1, x.shape[-1])
+        segments = [self.routing.segments[job] for job in jobs]
+        adapters = [self.adapters[job] for job in jobs]
+        lora_a, lora_b = self._factors(adapters)
+        scales = self._scales(adapters)
+        dropout = self._dropout(adapters)
+        if type(self.base) is nn.Linear and not dropout:
+            y = lora_linear(flat, self.base.weight, self.base.bias, segments, lora_a, lora_b, scales)
+        else:
+            y = self.base(flat)
+            lora_input = self._drop_rows(flat, segments, adapters) if dropout else flat
+            lora_delta(lora_input, segments, lora_a, lora_b, scales, out=y)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    def _factors(self, adapters) -> tuple[list, list]:
         factors = [adapter.factors(self.name) for adapter in adapters]
-        delta = lora_delta(
-            flat,
-            segments,
-            [a.to(flat.dtype) for a, _ in factors],
-            [b.to(flat.dtype) for _, b in factors],
-            [adapter.scale for adapter in adapters],
-        )
-        return y + delta.view(y.shape).to(y.dtype)
+        return [a for a, _ in factors], [b for _, b in factors]
+
+    @staticmethod
+    def _scales(adapters) -> list[float]:
+        return [adapter.scale for adapter in adapters]
+
+    @staticmethod
+    def _dropout(adapters) -> bool:
+        return any(adapter.dropout > 0 for adapter in adapters)
 
     @staticmethod
     def _drop_rows(flat, segments, adapters) -> torch.Tensor:

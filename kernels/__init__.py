@@ -38,6 +38,9 @@ def lora_delta(x, segments, lora_a, lora_b, scales, out=None):
             check_lora_inputs(x, segments, lora_a, lora_b, scales)
             delta = lora_delta_grouped_mm(x, segments, lora_a, lora_b, scales)
             return delta if out is None else out.add_(delta)
+        if out is not None and out._is_view() and out.requires_grad:
+            # autograd replays an in-place change of a view through the op's first input; ours is not `out`.
+            return out.add_(lora_delta_triton(x, segments, lora_a, lora_b, scales))
         return lora_delta_triton(x, segments, lora_a, lora_b, scales, out=out)
     check_lora_inputs(x, segments, lora_a, lora_b, scales)
     delta = lora_delta_reference(x, segments, lora_a, lora_b, scales)
