@@ -10,10 +10,10 @@ words are the token ids), r=16 LoRA on all 7 projections, AdamW. One run measure
 
 1. the bf16 matmul peak (8192³) that MFU divides by;
 2. `Cohort.step` for cohorts of N jobs (jobs 0..N-1 of the shape), with the least activation checkpointing that fits:
-   none, selective (matmul and attention outputs kept, elementwise work recomputed), every other layer, every layer;
+   none, every other decoder layer, every layer;
 3. the frozen-base forward+backward vs the same with 8 adapters attached (same packed tokens), and a profile of one
    8-adapter step (top CUDA kernels);
-4. optionally the capacity probe: the largest 4x512 cohort whose step fits, without, selective and full checkpointing;
+4. optionally the capacity probe: the largest 4x512 cohort whose step fits, without and with full checkpointing;
 5. PEFT (sdpa attention, bf16 base, fp32 adapters, AdamW, clip 1.0): each job of the largest cohort trained alone,
    one after another, on exactly the tokens it has in the cohort. A cohort of N is compared with the sum of PEFT's
    step times of its N jobs: the time PEFT needs to give all N jobs one step.
@@ -127,20 +127,17 @@ def job_spec(model_dir: Path, batch: str, job: int, quantization: str = "none"):
     )
 
 
-CHECKPOINTING = ("off", "selective", "half", "full")  # in order of recomputation: the first that fits is used
+CHECKPOINTING = {"off": 0, "half": 2, "full": 1}  # decoder layers checkpointed; the first setting that fits is used
 
 
 def set_checkpointing(cohort, setting: str) -> None:
-    """The Cohort's activation checkpointing modes, plus "half": every other layer fully checkpointed."""
+    """What Cohort(activation_checkpointing=n) does, on the loaded cohort: checkpoint every n-th decoder layer."""
     from lorafleet.executor.activations import checkpoint_layers
 
     layers = cohort.model.base_model.layers
     for layer in layers:
         layer.__dict__.pop("forward", None)  # back to the class's forward
-    if setting == "half":
-        checkpoint_layers(layers[::2], cohort.routing, lambda: [], "full")
-    else:
-        checkpoint_layers(layers, cohort.routing, lambda: [], setting)
+    checkpoint_layers(layers, cohort.routing, lambda: [], CHECKPOINTING[setting])
 
 
 def release(device) -> None:
@@ -427,7 +424,7 @@ def main() -> None:
     set_checkpointing(cohort, "off")
 
     report["capacity"] = []
-    for checkpointing in ("off", "selective", "full"):
+    for checkpointing in ("off", "full"):
         for n in capacity:
             measured = run_cohort(cohort, model_dir, data_dir, "4x512", n, 1, 1, checkpointing, device)
             report["capacity"].append(

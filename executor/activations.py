@@ -1,53 +1,39 @@
-"""Activation checkpointing of decoder layers: keep less in forward, recompute the rest in backward.
+"""Activation checkpointing of decoder layers: keep each layer's input, recompute the rest in backward.
 
-"full" keeps only each layer's input and recomputes the whole layer (about half the frozen-base forward+backward
-again). "selective" keeps the outputs of the matrix products and attention and recomputes only the cheap elementwise
-work (norms, rotary, SiLU, products, casts), which is where much of a Llama layer's activation memory sits (fp32 norm
-inputs, the MLP's SiLU and gated product).
+On a frozen base the backward is only dX (about the forward's cost), so recomputing a layer adds about half of its
+forward+backward; checkpointing every n-th layer recomputes 1/n of that, for the memory of the other layers.
 
 The recomputation must see what the forward saw. The multi-adapter layers read the rows of each job from the shared
 `RowRouting` (cleared once the forward is done) and draw dropout masks from each job's own generator (advanced by
-then), so each checkpointed call remembers both and puts them back for its recomputation only.
+then), so each checkpointed call remembers both and puts them back for its recomputation only. (Selective
+checkpointing, which serves saved matmul outputs back to the recomputation, does not fit here: the multi-adapter
+layer adds the LoRA delta into the base projection's output in place.)
 """
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Callable
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+from torch.utils.checkpoint import checkpoint
 
 from lorafleet.executor.multilora import RowRouting
 
-MODES = ("off", "selective", "full")
-_SAVED_OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
-
-
-def _keep_matmuls_and_attention(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    if op in _SAVED_OPS or "attn" in str(op) or "attention" in str(op):
-        return CheckpointPolicy.MUST_SAVE
-    return CheckpointPolicy.PREFER_RECOMPUTE
-
 
 def checkpoint_layers(
-    layers: nn.ModuleList, routing: RowRouting, generators: Callable[[], list[torch.Generator]], mode: str = "full"
+    layers: nn.ModuleList, routing: RowRouting, generators: Callable[[], list[torch.Generator]], every: int = 1
 ) -> None:
-    """Make every layer in `layers` recompute (some of) its activations in backward; names are unchanged."""
-    if mode not in MODES:
-        raise ValueError(f"unknown activation checkpointing {mode!r}; expected one of {MODES}")
-    if mode == "off":
+    """Make every `every`-th layer of `layers` (0: none) recompute its activations in backward; names unchanged."""
+    if not isinstance(every, int) or every < 0:  # True/False read as every layer / none
+        raise ValueError(f"activation checkpointing {every!r}: expected 0 (off), 1 (every layer) or n (every n-th)")
+    if every == 0:
         return
-    for layer in layers:
-        layer.forward = _checkpointed(layer.forward, routing, generators, selective=mode == "selective")
+    for layer in layers[::every]:
+        layer.forward = _checkpointed(layer.forward, routing, generators)
 
 
-def _checkpointed(forward, routing: RowRouting, generators, selective: bool):
-    options = {"use_reentrant": False}
-    if selective:
-        options["context_fn"] = partial(create_selective_checkpoint_contexts, _keep_matmuls_and_attention)
-
+def _checkpointed(forward, routing: RowRouting, generators):
     def run(*args, **kwargs):
         segments = routing.segments
         rngs = generators()
@@ -70,6 +56,6 @@ def _checkpointed(forward, routing: RowRouting, generators, selective: bool):
                 for rng, state in zip(rngs, now):
                     rng.set_state(state)
 
-        return checkpoint(body, *args, **options, **kwargs)
+        return checkpoint(body, *args, use_reentrant=False, **kwargs)
 
     return run

@@ -115,7 +115,7 @@ class Cohort:
         quantization: str = "none",
         dtype: str = "auto",
         device: str = "cpu",
-        activation_checkpointing: str = "off",
+        activation_checkpointing: int = 0,
     ):
         self.base_model_path = str(base_model_path)
         self.quantization, self.dtype = quantization, dtype
@@ -123,7 +123,7 @@ class Cohort:
         self.device = self.model.device
         self.routing = RowRouting()
         self.jobs: dict[str, Job] = {}
-        # "selective" or "full" (see activations.py) fits larger cohorts for some recomputation
+        # checkpointing every n-th decoder layer (1: all) fits larger cohorts for 1/n of a layer's recomputation
         generators = lambda: [job.adapter.dropout_rng for job in self.jobs.values()]  # noqa: E731
         checkpoint_layers(self.model.base_model.layers, self.routing, generators, activation_checkpointing)
 
