@@ -1,4 +1,4 @@
-"""End-to-end GPU benchmark: cohorts of LoRA jobs on one frozen base vs the same jobs trained one after another with PEFT.
+"""End-to-end GPU benchmark: cohorts of LoRA jobs on one frozen base vs the same jobs trained one by one with PEFT.
 
     python -P bench/bench_e2e.py --shape 8b [--cohorts 1,4,8,16] [--batches 1x512,4x512,mixed] [--out DIR]
     python -P bench/bench_e2e.py --shape tiny --device cpu        # smoke run of the whole script
