@@ -310,7 +310,7 @@ def markdown_table(report: dict) -> str:
     for row in report["cohorts"]:
         peft = report["peft"][row["batch"]]
         if row["seconds"] is None:
-            lines.append(f"| {row['jobs']} | {row['batch']} | {row['tokens']} | on | OOM | | | | | | | | |")
+            lines.append(f"| {row['jobs']} | {row['batch']} | {row['tokens']} | full | OOM | | | | | | | | |")
             continue
         peft_seconds = sum(peft["per_job_seconds"][: row["jobs"]])
         padded = peft["padded_tokens_per_job"][: row["jobs"]]
