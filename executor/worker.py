@@ -33,6 +33,8 @@ from lorafleet.scheduler.submission import resolve_base_model
 
 log = logging.getLogger("lorafleet.executor")
 
+OOM_SHRINK = 0.85  # after an out-of-memory step, offer this share of the memory offered before
+
 
 @dataclass
 class Lease:
@@ -187,7 +189,11 @@ class Executor:
     def train_step(self) -> None:
         _reset_peak(self.device)
         started = time.perf_counter()
-        results = self.cohort.step()
+        try:
+            results = self.cohort.step()
+        except torch.OutOfMemoryError:
+            self.recover_from_oom()
+            return
         seconds = time.perf_counter() - started
         self.step_peak_bytes = _peak_bytes(self.device)
         total_tokens = sum(result.tokens for result in results.values()) or 1
@@ -242,6 +248,26 @@ class Executor:
         self.store.set_result(lease.job_id, uri, attempt=lease.attempt)
         self._release(lease.job_id)
         log.info("job %s succeeded: %s", lease.job_id, uri)
+
+    def recover_from_oom(self) -> None:
+        """The cohort did not fit after all. A step that broke half-way leaves its jobs' gradients and data cursors
+        inconsistent, so every job goes back to the queue from its last checkpoint (what it resumes from is exact),
+        the cohort is dropped, and this executor offers less memory to the scheduler from now on, so the same
+        cohort is not planned here again."""
+        self.total_bytes = int(self.total_bytes * OOM_SHRINK)
+        log.warning("out of memory with %d jobs; handing them back, now offering %.1f GiB", len(self.leases),
+                    self.total_bytes / 2**30)
+        for job_id, lease in list(self.leases.items()):
+            job = self.store.get_job(job_id, with_spec=False)
+            if self.store.transition(job_id, ("scheduled", "running"), "queued", attempt=lease.attempt):
+                self.store.append_event(job_id, "requeued", reason="out of memory", executor_id=self.executor_id,
+                                        checkpoint_uri=job and job["checkpoint_uri"])
+            self.leases.pop(job_id)
+            self.validation.pop(job_id, None)
+        self.cohort, self.compat_key, self.base_bytes = None, None, 0
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        self.send_heartbeat()
 
     # ---- leaving ----
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from lorafleet.executor.artifacts import ArtifactStore
 from lorafleet.executor.worker import Executor, Lease
 from lorafleet.scheduler import fleet, keys
@@ -73,3 +75,30 @@ def test_a_job_for_another_base_is_handed_back_not_failed(store, make_tenant, tm
 
     assert store.get_job(job_id)["state"] == "queued"
     assert job_id not in executor.leases
+
+
+def test_out_of_memory_hands_every_job_back_from_its_checkpoint_and_offers_less(store, make_tenant, tmp_path):
+    tenant = make_tenant()
+    executor = Executor(store, "exec-oom", "cpu", ArtifactStore(str(tmp_path)), memory_bytes=100 * 2**30)
+    jobs = []
+    for _ in range(2):
+        job_id, attempt = running_job(store, tenant, "exec-oom")
+        assert store.record_checkpoint(job_id, f"file:///ckpt/{job_id}", attempt)
+        executor.leases[job_id] = Lease(job_id, tenant.name, attempt, SPEC)
+        jobs.append(job_id)
+
+    class CohortOutOfMemory:  # stands in for a cohort whose step runs out of device memory
+        def step(self):
+            raise torch.OutOfMemoryError("CUDA out of memory")
+
+    executor.cohort = CohortOutOfMemory()
+    executor.train_step()
+
+    for job_id in jobs:
+        job = store.get_job(job_id)
+        assert job["state"] == "queued" and job["checkpoint_uri"] == f"file:///ckpt/{job_id}"
+        assert any(e["type"] == "requeued" and e["reason"] == "out of memory" for e in store.events(job_id))
+    assert executor.leases == {} and executor.cohort is None
+    assert executor.total_bytes < 100 * 2**30
+    heartbeat = next(e for e in fleet.executors(store.r)[0] if e["executor_id"] == "exec-oom")
+    assert heartbeat["total_bytes"] == executor.total_bytes
