@@ -1,7 +1,8 @@
 """Where checkpoints and finished adapters go: a local directory by default, any fsspec URI when configured.
 
-Layout under the artifact root: `<tenant>/<job_id>/checkpoint` (latest resumable checkpoint, replaced each time) and
-`<tenant>/<job_id>/adapter` (the final PEFT adapter). Executors on other hosts resume a job from its checkpoint URI,
+Layout under the artifact root: `<tenant>/<job_id>/checkpoint-<attempt>` (the latest resumable checkpoint of that
+attempt, replaced each time; an attempt never writes over another's) and `<tenant>/<job_id>/adapter` (the final PEFT
+adapter). Executors on other hosts resume a job from its checkpoint URI,
 so with several hosts the root must be shared storage (NFS path, s3://…).
 """
 

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import redis
 import torch
 
 from lorafleet.executor.artifacts import ArtifactStore
@@ -79,14 +80,20 @@ class Executor:
         beats.start()
         log.info("executor %s on %s ready", self.executor_id, self.device)
         while not self.stopping.is_set():
-            if fleet.drain_requested(self.store.r, self.executor_id):
-                self.stopping.set()
-                break
-            self.sync_assignments()
-            if self.cohort is not None and self.cohort.active_jobs():
-                self.train_step()
-            else:
-                self.stopping.wait(self.poll_seconds)
+            try:
+                if fleet.drain_requested(self.store.r, self.executor_id):
+                    break
+                self.sync_assignments()
+                if self.cohort is not None and self.cohort.active_jobs():
+                    self.train_step()
+                else:
+                    self.stopping.wait(self.poll_seconds)
+            except redis.ConnectionError as exc:
+                # The cohort stays in memory; if the outage outlasts the heartbeat TTL the scheduler hands our jobs
+                # to others and our writes are refused once Redis is back (their leases moved on).
+                log.warning("Redis unreachable (%s); retrying in 2 s", exc)
+                self.stopping.wait(2.0)
+        self.stopping.set()
         self.drain()
 
     def _heartbeats(self) -> None:
@@ -135,9 +142,8 @@ class Executor:
         for state in ("scheduled", "running"):
             for job in self.store.jobs_in_state(state):
                 if job.get("executor_id") == self.executor_id:
-                    self.store.transition(job["job_id"], state, "queued", attempt=job["attempt"])
-                    self.store.append_event(job["job_id"], "requeued", reason="executor restarted",
-                                            executor_id=self.executor_id, checkpoint_uri=job["checkpoint_uri"])
+                    self.store.requeue(job["job_id"], state, "executor restarted", attempt=job["attempt"],
+                                       executor_id=self.executor_id)
 
     def admit(self, job: dict) -> None:
         job_id, attempt = job["job_id"], job["attempt"]
@@ -145,7 +151,8 @@ class Executor:
         if self.leases and spec.compatibility_key() != self.compat_key:  # not the job's fault: hand it back
             log.warning("job %s needs base %s while this cohort runs %s; handing it back", job_id,
                         spec.compatibility_key(), self.compat_key)
-            self.store.transition(job_id, "scheduled", "queued", attempt=attempt)
+            self.store.requeue(job_id, "scheduled", "wrong base for this executor", attempt=attempt,
+                               executor_id=self.executor_id)
             return
         try:
             if spec.compatibility_key() != self.compat_key:
@@ -160,6 +167,7 @@ class Executor:
                                                   hp.batch_size, hp.seed)
         except Exception as exc:  # a job that cannot start fails alone, with the reason
             log.warning("job %s cannot start: %s", job_id, exc)
+            self._release(job_id)
             self.store.transition(job_id, "scheduled", "failed", attempt=attempt, error=f"cannot start: {exc}")
             return
         if not self.store.transition(job_id, "scheduled", "running", attempt=attempt, executor_id=self.executor_id):
@@ -169,7 +177,7 @@ class Executor:
         log.info("job %s joined the cohort (%d jobs)%s", job_id, len(self.leases), " from checkpoint" if resume_from else "")
 
     def _load_base(self, spec: JobSpec) -> None:
-        self.cohort = None
+        self.cohort, self.compat_key, self.base_bytes = None, None, 0
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()
         path = resolve_base_model(spec.base_model, config.hf_hub_cache(), spec.base_model_revision, config.model_roots())
@@ -237,17 +245,29 @@ class Executor:
                 self.metrics.gpu_utilization.set(utilization)
 
     def save_checkpoint(self, lease: Lease) -> None:
-        local = self.cohort.checkpoint(lease.job_id, self.scratch / lease.job_id / "checkpoint")
-        uri = self.artifacts.publish(local, lease.tenant, lease.job_id, f"checkpoint-{lease.attempt}")
+        """Publish a resumable checkpoint; a storage failure is reported and training goes on from the last one."""
+        try:
+            local = self.cohort.checkpoint(lease.job_id, self.scratch / lease.job_id / "checkpoint")
+            uri = self.artifacts.publish(local, lease.tenant, lease.job_id, f"checkpoint-{lease.attempt}")
+        except OSError as exc:
+            log.warning("job %s: checkpoint not saved: %s", lease.job_id, exc)
+            self.store.append_event(lease.job_id, "error", message=f"checkpoint not saved: {exc}")
+            return
         if self.store.record_checkpoint(lease.job_id, uri, lease.attempt):
             self.store.append_event(lease.job_id, "checkpoint", uri=uri, step=self.cohort.jobs[lease.job_id].step)
 
     def finish(self, lease: Lease) -> None:
-        local = self.cohort.checkpoint(lease.job_id, self.scratch / lease.job_id / "final")
-        uri = self.artifacts.publish(local, lease.tenant, lease.job_id, "adapter")
-        self.store.set_result(lease.job_id, uri, attempt=lease.attempt)
+        try:
+            local = self.cohort.checkpoint(lease.job_id, self.scratch / lease.job_id / "final")
+            uri = self.artifacts.publish(local, lease.tenant, lease.job_id, "adapter")
+        except OSError as exc:
+            log.warning("job %s: adapter not published: %s", lease.job_id, exc)
+            self.store.transition(lease.job_id, "running", "failed", attempt=lease.attempt,
+                                  error=f"job {lease.job_id} failed: the trained adapter could not be stored: {exc}")
+        else:
+            self.store.set_result(lease.job_id, uri, attempt=lease.attempt)
+            log.info("job %s succeeded: %s", lease.job_id, uri)
         self._release(lease.job_id)
-        log.info("job %s succeeded: %s", lease.job_id, uri)
 
     def recover_from_oom(self) -> None:
         """The cohort did not fit after all. A step that broke half-way leaves its jobs' gradients and data cursors
@@ -258,10 +278,8 @@ class Executor:
         log.warning("out of memory with %d jobs; handing them back, now offering %.1f GiB", len(self.leases),
                     self.total_bytes / 2**30)
         for job_id, lease in list(self.leases.items()):
-            job = self.store.get_job(job_id, with_spec=False)
-            if self.store.transition(job_id, ("scheduled", "running"), "queued", attempt=lease.attempt):
-                self.store.append_event(job_id, "requeued", reason="out of memory", executor_id=self.executor_id,
-                                        checkpoint_uri=job and job["checkpoint_uri"])
+            self.store.requeue(job_id, ("scheduled", "running"), "out of memory", attempt=lease.attempt,
+                               executor_id=self.executor_id)
             self.leases.pop(job_id)
             self.validation.pop(job_id, None)
         self.cohort, self.compat_key, self.base_bytes = None, None, 0
@@ -274,14 +292,14 @@ class Executor:
     def drain(self) -> None:
         """Checkpoint every job and hand it back to the queue, then deregister."""
         for job_id, lease in list(self.leases.items()):
-            try:
-                self.save_checkpoint(lease)
-            finally:
-                self.store.transition(job_id, ("scheduled", "running"), "queued", attempt=lease.attempt)
-                self._release(job_id)
+            self.save_checkpoint(lease)
+            self.store.requeue(job_id, ("scheduled", "running"), "executor drained", attempt=lease.attempt,
+                               executor_id=self.executor_id)
+            self._release(job_id)
         for job in self.store.jobs_in_state("scheduled"):
             if job.get("executor_id") == self.executor_id:
-                self.store.transition(job["job_id"], "scheduled", "queued", attempt=job["attempt"])
+                self.store.requeue(job["job_id"], "scheduled", "executor drained", attempt=job["attempt"],
+                                   executor_id=self.executor_id)
         fleet.forget(self.store.r, self.executor_id)
         log.info("executor %s drained", self.executor_id)
 

@@ -497,11 +497,11 @@ def jobs_watch(job_id: str, interval: float, token: Optional[str], as_json: bool
     with Progress(*columns, console=console, disable=as_json) as bar:
         task = bar.add_task(f"{job_id} {job['state']}", total=job["progress"]["total_steps"] or None, loss="-")
         while True:
+            job = api.get(job_id)  # before the events: a job seen finished has its last events already written
             for event in api.events(job_id, after, 1000):
                 after = event["id"]
                 if as_json:
                     click.echo(json.dumps(event, sort_keys=True))
-            job = api.get(job_id)
             loss = job["metrics"].get("loss")
             bar.update(
                 task, description=f"{job_id} {job['state']}", completed=job["progress"]["step"],
@@ -512,10 +512,6 @@ def jobs_watch(job_id: str, interval: float, token: Optional[str], as_json: bool
             time.sleep(interval)
     if not as_json:
         _show_job(job, False)
-
-
-if __name__ == "__main__":
-    main()
 
 
 if __name__ == "__main__":

@@ -12,6 +12,14 @@ import redis
 
 from lorafleet.scheduler import keys
 
+# KEYS: lock, fence. ARGV: holder, ttl ms. The lock and its fencing token are taken together or not at all.
+_ACQUIRE = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return redis.call('INCR', KEYS[2])
+end
+return false
+"""
+
 _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
@@ -33,14 +41,14 @@ class LeaderLock:
         self.holder = holder
         self.ttl_ms = int(ttl_seconds * 1000)
         self.token: int | None = None
+        self._acquire = client.register_script(_ACQUIRE)
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
 
     def try_acquire(self) -> int | None:
         """Take the lock if it is free; return the new fencing token, or None."""
-        if not self.client.set(keys.SCHEDULER_LEADER, self.holder, nx=True, px=self.ttl_ms):
-            return None
-        self.token = int(self.client.incr(keys.SCHEDULER_FENCE))
+        token = self._acquire(keys=[keys.SCHEDULER_LEADER, keys.SCHEDULER_FENCE], args=[self.holder, self.ttl_ms])
+        self.token = None if token is None else int(token)
         return self.token
 
     def renew(self) -> bool:

@@ -18,6 +18,8 @@ import time
 from functools import lru_cache
 from pathlib import Path
 
+import redis
+
 from lorafleet.scheduler import config, fleet, keys
 from lorafleet.scheduler.leader import LeaderLock
 from lorafleet.scheduler.metrics import SchedulerMetrics, scheduler_metrics, serve
@@ -74,27 +76,40 @@ class Scheduler:
         self.interval = interval
         self.metrics = metrics
         self.stopping = threading.Event()
-        self.calibrations = {key: MemoryCalibration(float(factor), 1)
-                             for key, factor in store.r.hgetall(keys.MEMORY_FACTORS).items()}
+        self.calibrations: dict[str, MemoryCalibration] = {}
+        self.calibrated_beats: dict[str, float] = {}  # executor id -> heartbeat already folded into calibrations
 
     def run(self) -> None:
+        """Rounds until stopped. A Redis outage pauses the scheduler (retrying every 2 s) instead of ending it."""
         while not self.stopping.is_set():
-            if self.lock.token is None:
-                if self.lock.try_acquire() is not None:
-                    log.info("%s is now the leader (fencing token %d)", self.holder, self.lock.token)
-            elif not self.lock.renew():
-                log.warning("%s lost the leader lock", self.holder)
-            if self.metrics:
-                self.metrics.is_leader.set(1 if self.lock.token is not None else 0)
-            if self.lock.token is not None:
-                try:
-                    self.round()
-                except StaleFence:
-                    log.warning("%s: a newer leader exists; standing by", self.holder)
-                    self.lock.token = None
+            try:
+                self.tick()
+            except redis.ConnectionError as exc:
+                log.warning("Redis unreachable (%s); retrying in 2 s", exc)
+                self.lock.token = None
+                self.stopping.wait(2.0)
+                continue
             self.stopping.wait(self.interval)
         if self.lock.token is not None:
             self.lock.release()
+
+    def tick(self) -> None:
+        """Keep or take the leader lock; plan one round while holding it."""
+        if self.lock.token is None:
+            if self.lock.try_acquire() is not None:
+                log.info("%s is now the leader (fencing token %d)", self.holder, self.lock.token)
+                self.calibrations = {key: MemoryCalibration(float(factor), 1)  # what the last leader learned
+                                     for key, factor in self.store.r.hgetall(keys.MEMORY_FACTORS).items()}
+        elif not self.lock.renew():
+            log.warning("%s lost the leader lock", self.holder)
+        if self.metrics:
+            self.metrics.is_leader.set(1 if self.lock.token is not None else 0)
+        if self.lock.token is not None:
+            try:
+                self.round()
+            except StaleFence:
+                log.warning("%s: a newer leader exists; standing by", self.holder)
+                self.lock.token = None
 
     def round(self) -> list:
         now = time.time()
@@ -104,10 +119,8 @@ class Scheduler:
         holding = self.store.jobs_in_state("scheduled") + self.store.jobs_in_state("running")
         for job in holding:
             if job["executor_id"] not in alive_ids:
-                if self.store.transition(job["job_id"], ("scheduled", "running"), "queued", fence=fence,
-                                         attempt=job["attempt"]):
-                    self.store.append_event(job["job_id"], "requeued", reason="executor lost",
-                                            executor_id=job["executor_id"], checkpoint_uri=job["checkpoint_uri"])
+                if self.store.requeue(job["job_id"], ("scheduled", "running"), "executor lost", fence=fence,
+                                      attempt=job["attempt"], executor_id=job["executor_id"]):
                     log.info("job %s requeued: executor %s is gone", job["job_id"], job["executor_id"])
                     if self.metrics:
                         self.metrics.requeued.labels(reason="executor_lost").inc()
@@ -119,7 +132,7 @@ class Scheduler:
         cohort_key: dict[str, str] = {}
         for job in holding:
             if job["executor_id"] in alive_ids:
-                spec = JobSpec.model_validate(job["spec"])
+                spec = JobSpec.model_validate(job["spec"])  # validated at submission; stored by us
                 try:
                     gpu_seconds, per_step, job_bytes, base_bytes = _job_size(spec, job["tenant"])
                 except Exception:  # its files vanished mid-run: the executor will fail it; plan around it meanwhile
@@ -135,7 +148,9 @@ class Scheduler:
                     predicted[job["executor_id"]] = predicted.get(job["executor_id"], base_bytes) + job_bytes
         executors = []
         for e in alive:
-            if e["compat_key"] and e["peak_bytes"] and predicted.get(e["executor_id"]):
+            fresh = self.calibrated_beats.get(e["executor_id"]) != e["heartbeat_at"]
+            if fresh and e["compat_key"] and e["peak_bytes"] and predicted.get(e["executor_id"]):
+                self.calibrated_beats[e["executor_id"]] = e["heartbeat_at"]
                 current = self.calibrations.get(e["compat_key"], MemoryCalibration())
                 self.calibrations[e["compat_key"]] = calibrate(current, e["peak_bytes"], predicted[e["executor_id"]])
                 self.store.r.hset(keys.MEMORY_FACTORS, e["compat_key"], self.calibrations[e["compat_key"]].factor)
@@ -147,8 +162,8 @@ class Scheduler:
 
         queued = []
         for job in self.store.list_queued():
-            spec = JobSpec.model_validate(job["spec"])
             try:
+                spec = JobSpec.model_validate(job["spec"])
                 gpu_seconds, per_step, job_bytes, base_bytes = _job_size(spec, job["tenant"])
             except Exception as exc:  # its model or data vanished since submission: fail it with the reason
                 self.store.transition(job["job_id"], "queued", "failed", fence=fence, error=f"cannot size job: {exc}")

@@ -46,6 +46,7 @@ TRANSITIONS: dict[str, tuple[str, ...]] = {
 # What a transition may set besides the state; identity, spec, lease counter and timestamps are the store's own.
 SETTABLE_FIELDS = {"error", "adapter_uri", "checkpoint_uri", "executor_id", "cancel_requested", "step", "total_steps"}
 
+JOB_ID_RE = re.compile(r"^job-[0-9a-f]{16}$")
 TENANT_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 RESERVED_TENANT_NAMES = ("shared",)  # the data root's area readable by every tenant
 MAX_LIST_LIMIT = 1000
@@ -348,7 +349,8 @@ class JobStore:
         return self.get_job(job_id)
 
     def get_job(self, job_id: str, with_spec: bool = True) -> Optional[dict[str, Any]]:
-        if not isinstance(job_id, str) or not job_id:
+        # Checked before any key is built from it: "<id>:events" would otherwise name another key.
+        if not isinstance(job_id, str) or not JOB_ID_RE.fullmatch(job_id):
             return None
         raw = self.r.hgetall(keys.job(job_id))
         return job_view(raw, with_spec) if raw else None
@@ -503,6 +505,24 @@ class JobStore:
 
     def gpu_seconds(self) -> dict[str, float]:
         return {tenant: float(value) for tenant, value in self.r.hgetall(keys.TENANT_GPU_SECONDS).items()}
+
+    def requeue(
+        self,
+        job_id: str,
+        from_states: Iterable[str] | str,
+        reason: str,
+        *,
+        attempt: Optional[int] = None,
+        fence: Optional[int] = None,
+        executor_id: Optional[str] = None,
+    ) -> bool:
+        """Hand a job back to the queue (it resumes from its checkpoint_uri) and say why in its events."""
+        if not self.transition(job_id, from_states, "queued", attempt=attempt, fence=fence):
+            return False
+        job = self.get_job(job_id, with_spec=False)
+        self.append_event(job_id, "requeued", reason=reason, executor_id=executor_id,
+                          checkpoint_uri=job["checkpoint_uri"] if job else None)
+        return True
 
     def set_result(self, job_id: str, adapter_uri: str, attempt: Optional[int] = None) -> bool:
         """running -> succeeded with the exported adapter's location."""

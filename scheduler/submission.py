@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 
 from lorafleet.scheduler.spec import JobSpec, SpecError, parse_spec, resolve_dataset
 
+_REVISION_RE = re.compile(r"^(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _MODEL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
 
 
@@ -41,6 +42,8 @@ def resolve_base_model(
     snapshots = Path(hub_cache) / ("models--" + base_model.replace("/", "--")) / "snapshots"
     candidates = sorted(p for p in snapshots.glob("*") if p.is_dir()) if snapshots.is_dir() else []
     if revision is not None:
+        if not _REVISION_RE.fullmatch(revision):
+            raise SpecError(f"invalid job spec: base_model_revision: {revision!r} is not a branch, tag or commit name")
         ref = snapshots.parent / "refs" / revision
         wanted = ref.read_text().strip() if ref.is_file() else revision
         candidates = [p for p in candidates if p.name == wanted]

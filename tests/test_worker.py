@@ -102,3 +102,33 @@ def test_out_of_memory_hands_every_job_back_from_its_checkpoint_and_offers_less(
     assert executor.total_bytes < 100 * 2**30
     heartbeat = next(e for e in fleet.executors(store.r)[0] if e["executor_id"] == "exec-oom")
     assert heartbeat["total_bytes"] == executor.total_bytes
+
+
+def test_a_job_whose_validation_set_cannot_be_read_fails_alone(store, make_tenant, tmp_path, monkeypatch):
+    """add_job succeeded, then the validation set failed: the job is failed and leaves nothing in the cohort."""
+    tenant = make_tenant()
+    spec = parse_spec({"base_model": "/models/none", "dataset": f"{tenant.name}/train.jsonl",
+                       "validation_dataset": f"{tenant.name}/missing.jsonl"})
+    job_id = store.submit(tenant.name, spec)["job_id"]
+    store.claim(job_id, "exec-val")
+
+    class Cohort:  # stands in for a loaded cohort: records what joined
+        tokenizer = None
+
+        def __init__(self):
+            self.jobs = {}
+
+        def add_job(self, job_id, spec, dataset, resume_from=None):
+            self.jobs[job_id] = spec
+
+        def remove_job(self, job_id):
+            del self.jobs[job_id]
+
+    executor = Executor(store, "exec-val", "cpu", ArtifactStore(str(tmp_path)))
+    executor.cohort, executor.compat_key = Cohort(), spec.compatibility_key()
+    monkeypatch.setenv("LORAFLEET_DATA_ROOT", str(tenant.area.parent))
+    executor.admit(store.get_job(job_id))
+
+    job = store.get_job(job_id)
+    assert job["state"] == "failed" and "validation_dataset" in job["error"]
+    assert executor.cohort.jobs == {} and job_id not in executor.leases
