@@ -109,6 +109,9 @@ def test_unknown_and_foreign_jobs_look_the_same(call, make_tenant, base_model_di
             call(task, bob.token, unknown_job)
         assert type(foreign.value) is type(unknown.value)
         assert str(foreign.value).replace(alice_job, "ID") == str(unknown.value).replace(unknown_job, "ID")
+    for other_key in (alice_job + ":events", "tenant:" + alice.name):  # ids that would name other keys
+        with pytest.raises(LookupError):
+            call("lorafleet.get_job", bob.token, other_key)
     assert call("lorafleet.list_jobs", bob.token) == []
     assert call("lorafleet.get_job", alice.token, alice_job)["state"] == "queued"  # bob's cancel did nothing
 

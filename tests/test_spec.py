@@ -50,6 +50,9 @@ MALFORMED = [
      r"base_model: 'meta-llama/Llama-3-8B' is not in the local model cache"),
     ("cached model, unknown revision", lambda s, e: s.update(base_model="test-org/tiny-model",
                                                             base_model_revision="v9"), r"at revision 'v9'"),
+    ("revision escaping the cache", lambda s, e: s.update(base_model="test-org/tiny-model",
+                                                           base_model_revision="../../../etc"),
+     r"base_model_revision: '../../../etc' is not a branch, tag or commit name"),
     ("10 MB spec", lambda s, e: s.update(name="a" * TEN_MB), r"spec is \d+ bytes, the limit is 65536"),
     ("nola settings on lora", lambda s, e: s.update(adapter={"type": "lora", "nola": {}}), r"adapter: .*nola"),
 ]
