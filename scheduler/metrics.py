@@ -60,7 +60,7 @@ def scheduler_metrics() -> SchedulerMetrics:
             "lorafleet_scheduler_assignments_total", "Jobs assigned to executors", ["tenant"], registry=registry
         ),
         requeued=Counter(
-            "lorafleet_scheduler_requeued_total", "Jobs sent back to the queue (dead or draining executor)",
+            "lorafleet_scheduler_requeued_total", "Jobs the scheduler sent back to the queue (their executor stopped heartbeating)",
             ["reason"], registry=registry,
         ),
         is_leader=Gauge("lorafleet_scheduler_leader", "1 while this scheduler holds the leader lock", registry=registry),

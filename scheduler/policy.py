@@ -161,6 +161,14 @@ def calibrate(model: MemoryCalibration, observed_peak: int, predicted: int, smoo
     return MemoryCalibration(factor=factor, observations=model.observations + 1)
 
 
+USAGE_HALF_LIFE_SECONDS = 4 * 3600.0  # fair share forgets GPU time used this long ago by half
+
+
+def decayed_usage(value: float, at: float, now: float, half_life: float = USAGE_HALF_LIFE_SECONDS) -> float:
+    """GPU seconds `value` recorded at time `at`, as they count at `now` (exponential decay)."""
+    return value * math.exp(-math.log(2) / half_life * max(0.0, now - at))
+
+
 # --------------------------------------------------------------------------------------------------- plan inputs
 
 

@@ -39,7 +39,9 @@ from lorafleet.scheduler.policy import (
     QueuedJob,
     RunningJob,
     TenantView,
+    USAGE_HALF_LIFE_SECONDS,
     calibrate,
+    decayed_usage,
     estimate_base_bytes,
     estimate_job_bytes,
     plan,
@@ -224,7 +226,7 @@ class _Executor:
 
 class _DecayingUsage:
     def __init__(self, half_life: float):
-        self.rate = math.log(2) / half_life
+        self.half_life = half_life
         self.value: dict[str, tuple[float, float]] = {}
 
     def add(self, tenant: str, seconds: float, now: float) -> None:
@@ -232,7 +234,7 @@ class _DecayingUsage:
 
     def get(self, tenant: str, now: float) -> float:
         value, at = self.value.get(tenant, (0.0, now))
-        return value * math.exp(-self.rate * (now - at))
+        return decayed_usage(value, at, now, self.half_life)
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -248,7 +250,7 @@ def _jain(values: list[float]) -> float:
 
 def simulate(jobs: list[SimJob], tenants: dict[str, TenantView], gpus: list[tuple[str, GpuClass]], strategy: str,
              plan_interval_s: float = 30.0, fairness_window_s: float = 3600.0,
-             usage_half_life_s: float = 4 * 3600.0) -> dict:
+             usage_half_life_s: float = USAGE_HALF_LIFE_SECONDS) -> dict:
     """Run one strategy ("fifo" or a `PlanConfig.packing`) over a workload; return its metrics."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")

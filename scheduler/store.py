@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import secrets
 import time
@@ -32,6 +33,7 @@ from typing import Any, Iterable, Optional
 import redis
 
 from lorafleet.scheduler import keys
+from lorafleet.scheduler.policy import USAGE_HALF_LIFE_SECONDS, decayed_usage
 from lorafleet.scheduler.spec import JobSpec
 
 TRANSITIONS: dict[str, tuple[str, ...]] = {
@@ -143,6 +145,22 @@ redis.call('HSET', KEYS[1], 'checkpoint_uri', ARGV[1], 'updated_at', ARGV[3])
 return 1
 """
 
+# KEYS: usage hash (tenant -> "<gpu seconds> <as of unix time>"). ARGV: now, decay rate, then tenant, seconds pairs.
+_ADD_USAGE = """
+local now, rate = tonumber(ARGV[1]), tonumber(ARGV[2])
+for i = 3, #ARGV, 2 do
+  local value, at = 0, now
+  local old = redis.call('HGET', KEYS[1], ARGV[i])
+  if old then
+    local space = string.find(old, ' ')
+    value, at = tonumber(string.sub(old, 1, space - 1)), tonumber(string.sub(old, space + 1))
+  end
+  value = value * math.exp(-rate * math.max(0, now - at)) + tonumber(ARGV[i + 1])
+  redis.call('HSET', KEYS[1], ARGV[i], string.format('%.17g %.17g', value, now))
+end
+return 1
+"""
+
 # KEYS: tenant, tenants set, tokens. ARGV: name, token hash, weight, max_queued, max_running, now.
 _CREATE_TENANT = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
@@ -224,6 +242,7 @@ class JobStore:
         self._transition = client.register_script(_TRANSITION)
         self._progress = client.register_script(_PROGRESS)
         self._checkpoint = client.register_script(_CHECKPOINT)
+        self._add_usage = client.register_script(_ADD_USAGE)
         self._create_tenant = client.register_script(_CREATE_TENANT)
         self._rotate_token = client.register_script(_ROTATE_TOKEN)
         self._update_if_exists = client.register_script(_UPDATE_IF_EXISTS)
@@ -496,15 +515,23 @@ class JobStore:
         """Point the job at its newest checkpoint; refused (False) unless the caller still holds the running lease."""
         return bool(self._checkpoint(keys=[keys.job(job_id)], args=[checkpoint_uri, attempt, repr(time.time())]))
 
-    def add_gpu_seconds(self, usage: dict[str, float]) -> None:
-        """Charge tenants for their share of cohort steps (fair share reads it)."""
-        pipe = self.r.pipeline(transaction=False)
-        for tenant, seconds in usage.items():
-            pipe.hincrbyfloat(keys.TENANT_GPU_SECONDS, tenant, seconds)
-        pipe.execute()
+    def add_gpu_seconds(self, usage: dict[str, float], now: Optional[float] = None) -> None:
+        """Charge tenants for their share of cohort steps; older charges decay (fair share forgets slowly)."""
+        if usage:
+            now = time.time() if now is None else now
+            args = [repr(now), repr(math.log(2) / USAGE_HALF_LIFE_SECONDS)]
+            for tenant, seconds in usage.items():
+                args += [tenant, repr(float(seconds))]
+            self._add_usage(keys=[keys.TENANT_GPU_SECONDS], args=args)
 
-    def gpu_seconds(self) -> dict[str, float]:
-        return {tenant: float(value) for tenant, value in self.r.hgetall(keys.TENANT_GPU_SECONDS).items()}
+    def gpu_seconds(self, now: Optional[float] = None) -> dict[str, float]:
+        """Tenant -> decayed GPU seconds used, as of `now`."""
+        now = time.time() if now is None else now
+        usage = {}
+        for tenant, raw in self.r.hgetall(keys.TENANT_GPU_SECONDS).items():
+            value, at = raw.split()
+            usage[tenant] = decayed_usage(float(value), float(at), now)
+        return usage
 
     def requeue(
         self,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from lorafleet.executor.artifacts import ArtifactStore
@@ -132,3 +133,17 @@ def test_a_job_whose_validation_set_cannot_be_read_fails_alone(store, make_tenan
     job = store.get_job(job_id)
     assert job["state"] == "failed" and "validation_dataset" in job["error"]
     assert executor.cohort.jobs == {} and job_id not in executor.leases
+
+
+def test_gpu_seconds_accumulate_and_decay_with_the_half_life(store, make_tenant):
+    from lorafleet.scheduler.policy import USAGE_HALF_LIFE_SECONDS
+
+    a, b = make_tenant(), make_tenant()
+    store.add_gpu_seconds({a.name: 100.0, b.name: 10.0}, now=1000.0)
+    store.add_gpu_seconds({a.name: 20.0}, now=1000.0)
+    assert store.gpu_seconds(now=1000.0)[a.name] == pytest.approx(120.0)
+    later = 1000.0 + USAGE_HALF_LIFE_SECONDS
+    usage = store.gpu_seconds(now=later)
+    assert usage[a.name] == pytest.approx(60.0) and usage[b.name] == pytest.approx(5.0)
+    store.add_gpu_seconds({b.name: 5.0}, now=later)
+    assert store.gpu_seconds(now=later)[b.name] == pytest.approx(10.0)
