@@ -49,6 +49,8 @@ def varlen_packed_attention(query, key, value, cu_seq_lens: torch.Tensor, max_le
         options["enable_gqa"] = True
     try:
         out = varlen_attn(q, k, v, boundaries, boundaries, max_length, max_length, **options)
+    except torch.OutOfMemoryError:
+        raise  # repeating K/V below would need more memory still
     except (RuntimeError, ValueError):
         # torch 2.11's entry point has no enable_gqa flag; its flash kernel takes fewer K/V heads as they are, and
         # should a build refuse them, K/V are repeated per query head.

@@ -285,7 +285,9 @@ class Cohort:
                 "accumulated": job.accumulated,
                 "adapter": job.adapter.state_dict(),
                 "adapter_rng": job.adapter.rng_state(),
-                "pending_grads": [p.grad for p in job.adapter.parameters()],
+                # Copies: on the kernel path a job's grads are views into buffers shared by the whole cohort, and
+                # saving a view writes its whole storage, other tenants' gradients included.
+                "pending_grads": [None if p.grad is None else p.grad.detach().clone() for p in job.adapter.parameters()],
                 "optimizer": job.optimizer.state_dict(),
                 "data": job.data.state_dict(),
             },

@@ -332,7 +332,7 @@ def _allocated_bytes(device: str) -> int:
 def _supported_dtypes(device: str) -> list[str]:
     if device.startswith("cuda"):
         bf16 = torch.cuda.is_bf16_supported()
-        return ["bfloat16", "float16", "float32"] if bf16 else ["float16", "float32"]
+        return ["bfloat16", "float32"] if bf16 else ["float32"]
     return ["float32", "bfloat16"]
 
 

@@ -71,6 +71,7 @@ def grouped_mm_wins(x, segments, lora_a) -> bool:
         x.is_cuda
         and x.dtype == torch.bfloat16
         and hasattr(torch, "_grouped_mm")
+        and torch.cuda.get_device_capability(x.device) >= (9, 0)  # measured, and supported, on Hopper only
         and (len(segments) >= 16 or x.shape[0] <= 4096)
         and padded_rank([a.shape[0] for a in lora_a]) >= 64
         and _tiles_rows_in_order(segments, x.shape[0])

@@ -290,3 +290,27 @@ def test_adding_into_a_view_of_a_tensor_that_needs_grad(monkeypatch):
     expected.sum().backward()
     assert rel_error(out.detach(), expected.detach()) < 1e-5
     assert rel_error(x.grad, want_x.grad) < 1e-5
+
+
+def test_a_checkpoint_holds_only_its_own_jobs_pending_gradients(monkeypatch, tmp_path):
+    """On the kernel path all jobs' A gradients are views of one buffer; a checkpoint must not carry the others'."""
+    from helpers_models import alpaca_rows, build_tiny_model, write_jsonl
+
+    from lorafleet.executor.checkpoint import TRAINING_STATE
+    from lorafleet.executor.cohort import Cohort
+    from lorafleet.scheduler.spec import parse_spec
+
+    monkeypatch.setenv("LORAFLEET_TRITON", "1")
+    model = build_tiny_model(tmp_path / "model", "llama")
+    cohort = Cohort(model)
+    for job, seed in (("x", 1), ("y", 2)):
+        spec = parse_spec({"base_model": str(model), "dataset": "d", "adapter": {"r": 4, "target_modules": ["q_proj"]},
+                           "hyperparameters": {"batch_size": 1, "max_seq_len": 64, "gradient_accumulation_steps": 4,
+                                               "max_steps": 1, "seed": seed}})
+        cohort.add_job(job, spec, write_jsonl(tmp_path / f"{job}.jsonl", alpaca_rows(4, seed=seed)))
+    cohort.step()  # mid-accumulation: gradients are pending
+    state = torch.load(cohort.checkpoint("x", tmp_path / "ckpt") / TRAINING_STATE, weights_only=True)
+    pending = [g for g in state["pending_grads"] if g is not None]
+    assert pending
+    for grad in pending:
+        assert grad.untyped_storage().nbytes() == grad.numel() * grad.element_size()
