@@ -243,14 +243,16 @@ def scheduler(metrics_port: int, interval: float, lock_ttl: float, packing: str)
 @click.option("--memory-bytes", type=int, default=None, help="memory the scheduler may plan with (default: device total)")
 @click.option("--heartbeat-ttl", type=float, default=10.0, show_default=True,
               help="seconds without a heartbeat before the scheduler declares this executor dead")
+@click.option("--activation-checkpointing", type=click.IntRange(min=0), default=0, show_default=True,
+              help="recompute every N-th decoder layer in the backward (0 off, 1 all): fits larger cohorts")
 def executor(device: str, executor_id: Optional[str], metrics_port: int, memory_bytes: Optional[int],
-             heartbeat_ttl: float) -> None:
+             heartbeat_ttl: float, activation_checkpointing: int) -> None:
     """An executor process: trains the cohort the scheduler assigns to this device."""
     try:
         from lorafleet.executor import worker
     except ImportError as exc:
         raise click.ClickException(f"the executor needs the 'executor' extra (pip install 'lorafleet[executor]'): {exc}")
-    worker.main(device, executor_id, metrics_port, memory_bytes, heartbeat_ttl)
+    worker.main(device, executor_id, metrics_port, memory_bytes, heartbeat_ttl, activation_checkpointing)
 
 
 @main.group()
