@@ -178,7 +178,7 @@ def seed_demo(stack: Stack) -> list[dict]:
                     "base_model": str(base_model),
                     "dataset": f"{tenant}/{sample}",
                     "adapter": {"type": "lora", "r": r, "lora_alpha": 2 * r},
-                    "hyperparameters": {"max_steps": 20, "batch_size": 2, "max_seq_len": 384, "learning_rate": 1e-3},
+                    "hyperparameters": {"max_steps": 20, "batch_size": 2, "max_seq_len": 384, "learning_rate": 1e-2},
                 }
                 jobs.append(client.submit(spec))
         finally:
