@@ -8,6 +8,7 @@ layer. Parameters live in fp32 (the optimizer's master copy); the layer casts th
 
 from __future__ import annotations
 
+import hashlib
 import math
 import weakref
 
@@ -34,15 +35,20 @@ class Adapter(nn.Module):
         self._index = {name: i for i, name in enumerate(self.layer_names)}
         self.scale = spec.lora_alpha / spec.r
         self.dropout = spec.lora_dropout
-        # Its own stream, so a job's dropout masks do not depend on which other jobs share the step; a CPU
-        # generator, so the masks (and a resumed run) are the same whatever device the cohort runs on.
+        # Its own stream, so a job's dropout masks do not depend on which other jobs share the step.
+        self.seed = seed
         self.dropout_rng = torch.Generator().manual_seed(seed + 1)
+
+    def place_dropout_rng(self, device: torch.device) -> None:
+        """Draw the masks on the cohort's device (a CPU-drawn mask per projection and step is far too slow on a GPU).
+        Call before the first draw: the stream starts from the job's seed on whichever device."""
+        self.dropout_rng = torch.Generator(device=device).manual_seed(self.seed + 1)
 
     def drop(self, x: torch.Tensor) -> torch.Tensor:
         """Inverted dropout on this job's rows, with a mask drawn from the job's own generator."""
         if self.dropout == 0.0 or not self.training:
             return x
-        keep = torch.rand(x.shape, generator=self.dropout_rng) >= self.dropout
+        keep = torch.rand(x.shape, generator=self.dropout_rng, device=self.dropout_rng.device) >= self.dropout
         return x * keep.to(x.device, x.dtype) / (1.0 - self.dropout)
 
     def factors(self, layer: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,10 +59,15 @@ class Adapter(nn.Module):
         return {name: tuple(t.detach().clone() for t in self.factors(name)) for name in self.layer_names}
 
     def rng_state(self) -> dict:
-        return {"dropout_rng": self.dropout_rng.get_state()}
+        return {"dropout_rng": self.dropout_rng.get_state(), "dropout_rng_device": self.dropout_rng.device.type}
 
     def load_rng_state(self, state: dict) -> None:
-        self.dropout_rng.set_state(state["dropout_rng"])
+        if state.get("dropout_rng_device", "cpu") == self.dropout_rng.device.type:
+            self.dropout_rng.set_state(state["dropout_rng"])
+        else:  # resumed on another kind of device: generator states do not carry over, so continue from a new
+            # stream derived from the saved one (deterministic, but not the masks the old device would have drawn)
+            digest = hashlib.sha256(state["dropout_rng"].numpy().tobytes()).digest()
+            self.dropout_rng.manual_seed(int.from_bytes(digest[:8], "little"))
 
 
 class LoraAdapter(Adapter):

@@ -148,6 +148,7 @@ class Cohort:
         layers = wrap_targets(self.model, spec.adapter.target_modules, self.routing)
         shapes = {name: (layer.in_features, layer.out_features) for name, layer in layers.items()}
         adapter = build_adapter(spec.adapter, shapes, hp.seed).to(self.device)
+        adapter.place_dropout_rng(self.device)
         if hp.max_steps is not None:
             micro_batch_limit = hp.max_steps * hp.gradient_accumulation_steps
         else:

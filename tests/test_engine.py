@@ -392,3 +392,19 @@ def test_evaluate_is_the_mean_target_loss_over_the_validation_set(llama, dataset
     got = cohort.evaluate("x", JobData(datasets["y"], "auto", cohort.tokenizer, 512, 3, seed=0))
     assert got == pytest.approx(total / count, rel=1e-5)
     assert cohort.jobs["x"].adapter.training, "evaluation leaves the adapter in training mode"
+
+
+def test_dropout_state_from_another_kind_of_device_continues_deterministically():
+    from lorafleet.executor.adapters import build_adapter
+    from lorafleet.scheduler.spec import AdapterSpec
+
+    spec = AdapterSpec(r=4, lora_dropout=0.5)
+    saved = {"dropout_rng": torch.arange(16, dtype=torch.uint8), "dropout_rng_device": "cuda"}  # a Philox-sized state
+    masks = []
+    for _ in range(2):
+        adapter = build_adapter(spec, {"proj": (8, 8)}, seed=3)
+        adapter.load_rng_state(saved)
+        masks.append(adapter.drop(torch.ones(4, 8)))
+    fresh = build_adapter(spec, {"proj": (8, 8)}, seed=3).drop(torch.ones(4, 8))
+    assert torch.equal(masks[0], masks[1]), "the same saved state gives the same continuation"
+    assert not torch.equal(masks[0], fresh), "it continues from the saved state, not from the seed"
