@@ -136,8 +136,7 @@ class _Operator:
         return self.store.cancel(None, job_id)
 
     def events(self, job_id: str, after: Optional[str] = None, limit: int = 100) -> list[dict]:
-        self.store.get_job_for(None, job_id)
-        return self.store.events(job_id, after, limit)
+        return self.store.events_for(None, job_id, after, limit)
 
 
 def _api(token: Optional[str]) -> LorafleetClient | _Operator:

@@ -155,6 +155,11 @@ def parse_spec(raw: object) -> JobSpec:
         raise SpecError(_first_error(exc)) from None
 
 
+def is_inside(path: Path, areas: list[Path]) -> bool:
+    """Whether the resolved `path` is one of `areas` or below one (areas resolved too)."""
+    return any(path == area or area in path.parents for area in areas)
+
+
 def resolve_dataset(uri: str, data_root: str | os.PathLike, tenant: str, field: str = "dataset") -> Path:
     """Map a dataset URI to a real file inside `data_root`, refusing anything that escapes it.
 
@@ -175,7 +180,7 @@ def resolve_dataset(uri: str, data_root: str | os.PathLike, tenant: str, field: 
         candidate = root / candidate
     resolved = candidate.resolve()
     allowed = [root / tenant, root / "shared"]
-    if not any(resolved == area or area in resolved.parents for area in allowed):
+    if not is_inside(resolved, allowed):
         raise SpecError(
             f"invalid job spec: {field}: {uri!r} is outside your data areas "
             f"({root / tenant} or {root / 'shared'})"

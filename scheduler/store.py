@@ -565,6 +565,12 @@ class JobStore:
             approximate=True,
         )
 
+    def events_for(self, tenant: Optional[str], job_id: Any, after: Optional[str] = None, limit: int = 100
+                   ) -> list[dict[str, Any]]:
+        """`events` of a job `tenant` owns (tenant None = operator); LookupError otherwise, as `get_job_for`."""
+        self.get_job_for(tenant, job_id)
+        return self.events(job_id, after, limit)
+
     def events(self, job_id: str, after: Optional[str] = None, limit: int = 100) -> list[dict[str, Any]]:
         """Events oldest first; `after` = the id of the last event seen (exclusive)."""
         _check_limit(limit)

@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Optional, Sequence
 
-from lorafleet.scheduler.spec import JobSpec, SpecError, parse_spec, resolve_dataset
+from lorafleet.scheduler.spec import JobSpec, SpecError, is_inside, parse_spec, resolve_dataset
 
 _REVISION_RE = re.compile(r"^(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _MODEL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
@@ -29,7 +29,7 @@ def resolve_base_model(
         if model_roots:
             resolved = path.resolve()
             roots = [Path(root).resolve() for root in model_roots]
-            if not any(resolved == root or root in resolved.parents for root in roots):
+            if not is_inside(resolved, roots):
                 raise SpecError(
                     f"invalid job spec: base_model: local models must be under {', '.join(map(str, roots))} "
                     f"(the operator's LORAFLEET_MODEL_ROOTS), or be an id in the local model cache"

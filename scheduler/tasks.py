@@ -86,5 +86,4 @@ def cancel_job(token: str, job_id: str) -> dict:
 @_public_errors
 def job_events(token: str, job_id: str, after: Optional[str] = None, limit: int = 100) -> list:
     tenant = store().authenticate(token)
-    store().get_job_for(tenant, job_id)
-    return store().events(job_id, after, limit)
+    return store().events_for(tenant, job_id, after, limit)
