@@ -12,13 +12,23 @@ import os
 
 import torch
 
-from lorafleet.kernels.reference import check_lora_inputs, lora_delta_reference
+from lorafleet.kernels.reference import (
+    check_lora_inputs,
+    check_rms_norm_inputs,
+    check_rotary_inputs,
+    check_silu_mul_inputs,
+    lora_delta_reference,
+    rms_norm_reference,
+    rotary_reference,
+    silu_mul_reference,
+)
 
 try:
+    from lorafleet.kernels import elementwise
     from lorafleet.kernels.baselines import grouped_mm_wins, lora_delta_grouped_mm
     from lorafleet.kernels.segmented import lora_delta_multi_triton, lora_delta_triton, lora_linear_triton
 except ImportError:  # no triton: the reference serves every device
-    lora_delta_triton = lora_delta_multi_triton = lora_linear_triton = None
+    lora_delta_triton = lora_delta_multi_triton = lora_linear_triton = elementwise = None
 
 
 def triton_enabled(x: torch.Tensor) -> bool:
@@ -68,6 +78,33 @@ def lora_linear(x, weight, bias, segments, lora_a, lora_b, scales):
     return torch.nn.functional.linear(x, weight, bias) + lora_delta_reference(x, segments, lora_a, lora_b, scales)
 
 
+# The frozen Llama layer's elementwise ops (contracts and Hugging Face formulas in reference.py). The Triton versions
+# are looked up on the `elementwise` module at each call, so a test that re-imports it for the interpreter is served.
+
+def rms_norm(x, weight, eps):
+    """LlamaRMSNorm of x [..., d] with a frozen weight [d]; differentiable w.r.t. x."""
+    if triton_enabled(x):
+        return elementwise.rms_norm_triton(x, weight, eps)
+    check_rms_norm_inputs(x, weight, eps)
+    return rms_norm_reference(x, weight, eps)
+
+
+def silu_mul(gate, up):
+    """silu(gate) * up, both of one shape; differentiable w.r.t. both."""
+    if triton_enabled(gate):
+        return elementwise.silu_mul_triton(gate, up)
+    check_silu_mul_inputs(gate, up)
+    return silu_mul_reference(gate, up)
+
+
+def rotary(x, cos, sin):
+    """Rotary embedding of x [T, H, D] (may be a strided view) with cos/sin [T, D]; differentiable w.r.t. x."""
+    if triton_enabled(x):
+        return elementwise.rotary_triton(x, cos, sin)
+    check_rotary_inputs(x, cos, sin)
+    return rotary_reference(x, cos, sin)
+
+
 __all__ = [
     "check_lora_inputs",
     "lora_delta",
@@ -75,5 +112,11 @@ __all__ = [
     "lora_delta_reference",
     "lora_delta_triton",
     "lora_linear",
+    "rms_norm",
+    "rms_norm_reference",
+    "rotary",
+    "rotary_reference",
+    "silu_mul",
+    "silu_mul_reference",
     "triton_enabled",
 ]

@@ -61,3 +61,74 @@ def check_lora_inputs(x, segments, lora_a, lora_b, scales) -> None:
         if b.dim() != 2 or b.shape != (d_out, a.shape[0]):
             raise ValueError(f"lora_b[{j}] must be [{d_out}, {a.shape[0]}] (d_out of lora_b[0], rank of lora_a[{j}]), "
                              f"got {tuple(b.shape)}")
+
+
+# Elementwise parts of the frozen Llama layer, with Hugging Face's formulas (LlamaRMSNorm, LlamaMLP's
+# act_fn(gate) * up, apply_rotary_pos_emb); the fused kernels in elementwise.py are checked against these.
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+ROTARY_MAX_HEAD_DIM = 256
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """LlamaRMSNorm: normalise in fp32, round to x's dtype, then multiply by the weight in x's dtype."""
+    x_fp32 = x.float()
+    normalised = x_fp32 * torch.rsqrt(x_fp32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normalised.to(x.dtype)
+
+
+def silu_mul_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.silu(gate) * up
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rotary_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, H, D], cos/sin [T, D] broadcast over the heads (Hugging Face hands them over already in x's dtype)."""
+    cos = cos.to(x.dtype).unsqueeze(1)
+    sin = sin.to(x.dtype).unsqueeze(1)
+    return x * cos + rotate_half(x) * sin
+
+
+def check_rms_norm_inputs(x: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
+    if x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"rms_norm: x must be float32, bfloat16 or float16, got {x.dtype}")
+    if x.dim() == 0 or weight.shape != x.shape[-1:]:
+        raise ValueError(f"rms_norm: weight must be [d] for x [..., d], got weight {tuple(weight.shape)} "
+                         f"and x {tuple(x.shape)}")
+    if weight.dtype != x.dtype:
+        raise ValueError(f"rms_norm: weight dtype {weight.dtype} differs from x dtype {x.dtype}")
+    if weight.requires_grad:
+        raise ValueError("rms_norm: weight must be frozen (requires_grad=False): only the gradient w.r.t. x is "
+                         "computed, the base model's norm weights are not trained")
+    if not eps > 0:
+        raise ValueError(f"rms_norm: eps must be positive, got {eps}")
+
+
+def check_silu_mul_inputs(gate: torch.Tensor, up: torch.Tensor) -> None:
+    if gate.shape != up.shape:
+        raise ValueError(f"silu_mul: gate {tuple(gate.shape)} and up {tuple(up.shape)} differ in shape")
+    if gate.dtype != up.dtype or gate.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"silu_mul: gate and up must share one of float32/bfloat16/float16, got {gate.dtype} "
+                         f"and {up.dtype}")
+
+
+def check_rotary_inputs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    if x.dim() != 3:
+        raise ValueError(f"rotary: x must be [T, H, D], got shape {tuple(x.shape)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"rotary: x must be float32, bfloat16 or float16, got {x.dtype}")
+    n_tokens, _, head_dim = x.shape
+    if head_dim < 2 or head_dim > ROTARY_MAX_HEAD_DIM or head_dim & (head_dim - 1):
+        raise ValueError(f"rotary: head dim D = {head_dim} must be a power of two from 2 to {ROTARY_MAX_HEAD_DIM}")
+    for name, table in (("cos", cos), ("sin", sin)):
+        if table.shape != (n_tokens, head_dim):
+            raise ValueError(f"rotary: {name} must be [T, D] = [{n_tokens}, {head_dim}] for x {tuple(x.shape)}, "
+                             f"got {tuple(table.shape)}")
+        if not table.is_floating_point():
+            raise ValueError(f"rotary: {name} must be a float tensor, got {table.dtype}")
+        if table.requires_grad:
+            raise ValueError(f"rotary: {name} must not require grad (only the gradient w.r.t. x is computed)")
