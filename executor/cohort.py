@@ -6,6 +6,12 @@ over its own target tokens, exactly what training it alone computes; the cohort 
 gives every job the gradient it would get alone. Then each job's own optimizer steps (when its gradient
 accumulation is full), clipped by its own norm.
 
+With `max_pass_tokens` a step runs as several passes (forward + backward) over consecutive groups of whole sequences,
+each at most that many tokens (a longer sequence goes alone). Each job's loss is still divided by its target count
+over the whole step, so the summed gradients are the one-pass gradients; only the activations of one pass are held
+at a time. That fits large cohorts without recomputing activations. (With dropout the masks are drawn in a different
+order than in one pass: same distribution, other numbers.)
+
 A job whose data fails, or whose loss or gradient norm is not finite, is failed alone: its adapter is detached before
 its weights change, and nothing of it can reach the other jobs (their rows never meet its rows: attention is per
 sequence, everything else is per row). A finished job reports done=True and stops drawing batches; the executor
@@ -91,6 +97,24 @@ class PackedBatch:
     num_targets: dict[str, int]
 
 
+def split_passes(batches: dict[str, list[Example]], max_tokens: int | None) -> list[dict[str, list[Example]]]:
+    """Consecutive groups of whole sequences of at most `max_tokens` tokens each (None: one group of everything)."""
+    passes, current, size = [], {}, 0
+    for job_id, examples in batches.items():
+        for example in examples:
+            length = len(example.input_ids)
+            if not length:
+                continue
+            if max_tokens is not None and current and size + length > max_tokens:
+                passes.append(current)
+                current, size = {}, 0
+            current.setdefault(job_id, []).append(example)
+            size += length
+    if current:
+        passes.append(current)
+    return passes
+
+
 def pack(batches: dict[str, list[Example]], device) -> PackedBatch:
     """Lay every job's sequences back to back; targets are shifted within each sequence, never across two."""
     ids, targets, lengths, rows, num_targets = [], [], [], {}, {}
@@ -116,7 +140,11 @@ class Cohort:
         dtype: str = "auto",
         device: str = "cpu",
         activation_checkpointing: int = 0,
+        max_pass_tokens: int | None = None,
     ):
+        if max_pass_tokens is not None and max_pass_tokens < 1:
+            raise ValueError(f"max_pass_tokens {max_pass_tokens!r}: expected a positive number of tokens or None")
+        self.max_pass_tokens = max_pass_tokens
         self.base_model_path = str(base_model_path)
         self.quantization, self.dtype = quantization, dtype
         self.model, self.tokenizer = load_base(base_model_path, quantization, dtype, device)
@@ -178,21 +206,37 @@ class Cohort:
                 results[job.job_id] = self._fail(job, f"data error at step {job.step + 1}: {exc}")
         if not batches:
             return results
-        batch = pack(batches, self.device)
-        losses = self._forward(batch)
-        finite = {job_id: loss for job_id, loss in losses.items() if torch.isfinite(loss)}
-        if finite:  # one backward for all; each job's loss reaches only its own adapter
-            sum(loss / self.jobs[job_id].accumulation for job_id, loss in finite.items()).backward()
-        for job_id, loss in losses.items():
+        targets = {job_id: sum(example.num_targets for example in examples) for job_id, examples in batches.items()}
+        loss_sums = {job_id: 0.0 for job_id in batches}
+        non_finite: dict[str, float] = {}
+        for part in split_passes(batches, self.max_pass_tokens):
+            part = {job_id: examples for job_id, examples in part.items() if job_id not in non_finite}
+            if not part:
+                continue
+            sums = self._forward(pack(part, self.device))
+            finite = torch.isfinite(torch.stack(list(sums.values()))).tolist()
+            live = {}
+            for (job_id, loss_sum), ok in zip(sums.items(), finite):
+                if ok:
+                    live[job_id] = loss_sum
+                else:
+                    non_finite[job_id] = loss_sum.item()
+            if live:  # one backward for all; each job's loss reaches only its own adapter
+                job_losses = (loss_sum / max(1, targets[job_id]) for job_id, loss_sum in live.items())
+                sum(loss / self.jobs[job_id].accumulation for job_id, loss in zip(live, job_losses)).backward()
+            for job_id, loss_sum in live.items():
+                loss_sums[job_id] += loss_sum.detach()
+        for job_id in batches:
             job = self.jobs[job_id]
-            if job_id in finite:
-                results[job_id] = self._after_backward(job, loss.item(), batch.num_targets[job_id])
+            if job_id in non_finite:
+                results[job_id] = self._fail(job, f"loss is {non_finite[job_id]} at step {job.step + 1}")
             else:
-                results[job_id] = self._fail(job, f"loss is {loss.item()} at step {job.step + 1}")
+                loss = float(loss_sums[job_id] / max(1, targets[job_id]))
+                results[job_id] = self._after_backward(job, loss, targets[job_id])
         return results
 
     def _forward(self, batch: PackedBatch) -> dict[str, torch.Tensor]:
-        """Job id -> its loss: the mean over its own target tokens of the packed row."""
+        """Job id -> the sum of its token losses over its rows of the packed row."""
         self.routing.segments = batch.rows
         try:
             kwargs = packing_kwargs(batch.sequence_lengths, self.device)
@@ -206,10 +250,7 @@ class Cohort:
                 )
         finally:
             self.routing.segments = {}
-        return {
-            job_id: token_losses[start:end].sum() / max(1, batch.num_targets[job_id])
-            for job_id, (start, end) in batch.rows.items()
-        }
+        return {job_id: token_losses[start:end].sum() for job_id, (start, end) in batch.rows.items()}
 
     def _after_backward(self, job: Job, loss: float, tokens: int) -> StepResult:
         loss = loss if tokens else None  # a micro-batch whose targets were all truncated away teaches nothing
@@ -264,9 +305,10 @@ class Cohort:
         try:
             for _ in range(data.steps_per_epoch):
                 examples, _epoch = data.next_batch()
-                batch = pack({job_id: examples}, self.device)
-                total += self._forward(batch)[job_id].item() * batch.num_targets[job_id]
-                targets += batch.num_targets[job_id]
+                for part in split_passes({job_id: examples}, self.max_pass_tokens):
+                    batch = pack(part, self.device)
+                    total += self._forward(batch)[job_id].item()
+                    targets += batch.num_targets[job_id]
         finally:
             job.adapter.train()
         return total / targets if targets else None

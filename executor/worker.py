@@ -58,11 +58,13 @@ class Executor:
         metrics: ExecutorMetrics | None = None,
         metrics_port: int = 0,
         activation_checkpointing: int = 0,
+        max_pass_tokens: int | None = None,
     ):
         self.store, self.executor_id, self.device, self.artifacts = store, executor_id, device, artifacts
         self.heartbeat_ttl, self.poll_seconds = heartbeat_ttl, poll_seconds
         self.metrics, self.metrics_port = metrics, metrics_port
         self.activation_checkpointing = activation_checkpointing
+        self.max_pass_tokens = max_pass_tokens
         self.total_bytes = memory_bytes or _device_memory(device)
         self.cohort: Cohort | None = None
         self.compat_key: str | None = None
@@ -184,7 +186,8 @@ class Executor:
             torch.cuda.empty_cache()
         path = resolve_base_model(spec.base_model, config.hf_hub_cache(), spec.base_model_revision, config.model_roots())
         self.cohort = Cohort(path, quantization=spec.quantization, dtype=spec.dtype, device=self.device,
-                             activation_checkpointing=self.activation_checkpointing)
+                             activation_checkpointing=self.activation_checkpointing,
+                             max_pass_tokens=self.max_pass_tokens)
         self.compat_key = spec.compatibility_key()
         self.base_bytes = sum(p.numel() * p.element_size() for p in self.cohort.model.parameters())
         self.send_heartbeat()
@@ -350,7 +353,8 @@ def _gpu_utilization(device: str) -> float | None:
 
 
 def main(device: str, executor_id: str | None, metrics_port: int, memory_bytes: int | None,
-         heartbeat_ttl: float = fleet.HEARTBEAT_TTL_SECONDS, activation_checkpointing: int = 0) -> None:
+         heartbeat_ttl: float = fleet.HEARTBEAT_TTL_SECONDS, activation_checkpointing: int = 0,
+         max_pass_tokens: int | None = None) -> None:
     """Entry point of `lorafleet executor`."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     executor_id = executor_id or f"{socket.gethostname()}-{device.replace(':', '')}-{os.getpid()}"
@@ -362,7 +366,7 @@ def main(device: str, executor_id: str | None, metrics_port: int, memory_bytes: 
     executor = Executor(
         store, executor_id, device, ArtifactStore(config.artifact_root()), memory_bytes=memory_bytes,
         heartbeat_ttl=heartbeat_ttl, metrics=metrics, metrics_port=port,
-        activation_checkpointing=activation_checkpointing,
+        activation_checkpointing=activation_checkpointing, max_pass_tokens=max_pass_tokens,
     )
     signal.signal(signal.SIGTERM, lambda *_: executor.stopping.set())
     signal.signal(signal.SIGINT, lambda *_: executor.stopping.set())

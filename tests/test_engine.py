@@ -20,7 +20,7 @@ from helpers_models import (  # noqa: F401 (single_torch_thread is an autouse fi
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, get_linear_schedule_with_warmup
 
-from lorafleet.executor.cohort import Cohort, pack
+from lorafleet.executor.cohort import Cohort, pack, split_passes
 from lorafleet.executor.data import Example, JobData
 from lorafleet.executor.model import load_base, packing_kwargs
 from lorafleet.executor.optim import lr_factor
@@ -158,6 +158,42 @@ def test_cohort_invariance(llama, datasets, tmp_path, family, adapter_type):
     assert_same_losses(together_history["x"], alone_history["x"])
     assert_same_weights(weights(together, "x"), weights(alone, "x"))
     assert all(r.error is None for results in together_history.values() for r in results)
+
+
+def test_split_passes_groups_whole_sequences_in_order():
+    ex = lambda n: Example(list(range(1, n + 1)), [-100] + list(range(2, n + 1)))  # noqa: E731
+    batches = {"a": [ex(3), ex(4)], "b": [ex(2), Example([], [])], "c": [ex(9), ex(1)]}
+    lengths = lambda passes: [{j: [len(e.input_ids) for e in es] for j, es in p.items()} for p in passes]  # noqa: E731
+    assert lengths(split_passes(batches, None)) == [{"a": [3, 4], "b": [2], "c": [9, 1]}]
+    assert lengths(split_passes(batches, 7)) == [{"a": [3, 4]}, {"b": [2]}, {"c": [9]}, {"c": [1]}]
+    assert lengths(split_passes(batches, 10)) == [{"a": [3, 4], "b": [2]}, {"c": [9, 1]}]
+    with pytest.raises(ValueError, match="max_pass_tokens 0"):
+        Cohort("unused", max_pass_tokens=0)
+
+
+def test_passes_give_the_one_pass_gradients(llama, datasets):
+    """A step split into passes of at most 120 tokens trains every job as one pass does (no dropout: same numbers)."""
+    specs = {
+        "x": dict(adapter={"r": 4, "lora_alpha": 8}, batch_size=3, max_steps=3, gradient_accumulation_steps=2, seed=7),
+        "y": {**OTHER_SPECS["y"], "max_seq_len": 512},
+        "z": {**OTHER_SPECS["z"], "adapter": {"r": 2, "target_modules": ["down_proj", "o_proj"]}},
+    }
+    runs, forwards = {}, {}
+    for max_pass_tokens in (None, 120):
+        cohort = Cohort(llama, max_pass_tokens=max_pass_tokens)
+        for job_id, spec in specs.items():
+            cohort.add_job(job_id, make_spec(llama, **spec), datasets[job_id])
+        forward, forwards[max_pass_tokens] = cohort._forward, []
+        cohort._forward = lambda batch, forward=forward, seen=forwards[max_pass_tokens]: seen.append(
+            batch.input_ids.shape[1]) or forward(batch)
+        runs[max_pass_tokens] = cohort, train(cohort)
+    (one, one_history), (split, split_history) = runs[None], runs[120]
+    steps = len(one_history["x"])
+    assert len(forwards[None]) == steps and len(forwards[120]) > 2 * steps  # really several passes a step
+    assert max(forwards[120]) < max(forwards[None])
+    for job_id in specs:
+        assert_same_losses(split_history[job_id], one_history[job_id], rtol=1e-5)
+        assert_same_weights(weights(split, job_id), weights(one, job_id), rtol=1e-5)
 
 
 def test_mixed_lora_and_nola_cohort_trains_every_job(llama, datasets):

@@ -65,8 +65,9 @@ class Fleet:
         return process
 
     def start_executor(self, name: str) -> subprocess.Popen:
-        # exec-b recomputes every layer in the backward: results must not depend on which executor trains a job.
-        extra = ("--activation-checkpointing", "1") if name == "exec-b" else ()
+        # exec-b recomputes every layer in the backward and runs each step as passes of at most 48 tokens: results
+        # must not depend on which executor trains a job.
+        extra = ("--activation-checkpointing", "1", "--max-pass-tokens", "48") if name == "exec-b" else ()
         process = self.start(name, "executor", "--device", "cpu", "--id", name,
                              "--heartbeat-ttl", str(HEARTBEAT_TTL), *extra)
         wait_until(lambda: self.store.r.exists(keys.executor(name)), f"executor {name} to register")
