@@ -133,6 +133,13 @@ def test_rotary_matches_float64(dtype, head_dim):
     check_against_float64(elementwise.rotary_triton, rotary_reference, [x, cos, sin], [0], dtype)
 
 
+def test_rotary_uses_each_half_of_the_tables_where_the_formula_does():
+    # HF's tables repeat their first half; random ones catch a kernel reading cos/sin from the wrong half.
+    x = randn(19, 3, 16, dtype=torch.float32, seed=19)
+    cos, sin = randn(19, 16, dtype=torch.float32, seed=20), randn(19, 16, dtype=torch.float32, seed=21)
+    check_against_float64(elementwise.rotary_triton, rotary_reference, [x, cos, sin], [0], torch.float32)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rotary_on_a_strided_view_of_a_projection_output(dtype):
     # q = (x W_qᵀ)[T, H*D] viewed as [T, H, D], and a k slice of a fused qkv output: row stride wider than H*D.
