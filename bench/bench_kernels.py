@@ -5,7 +5,10 @@ torch._grouped_mm. Each row: n adapters with ragged segments of T tokens in tota
 "base" is the frozen projection x @ Wᵀ (W 4096x4096, no weight gradient): forward plus dX in backward.
 "+%" is the LoRA fwd+bwd time over the base fwd+bwd time.
 
-Run: python -P bench/bench_kernels.py [--quick] [--json PATH]
+With --elementwise, instead: the fused RMSNorm, SiLU·mul and rotary kernels against the eager Hugging Face formulas
+at Llama-3-8B shapes (see bench_elementwise).
+
+Run: python -P bench/bench_kernels.py [--quick] [--elementwise] [--json PATH]
 """
 
 from __future__ import annotations
@@ -19,7 +22,16 @@ import torch
 import triton
 import triton.testing
 
-from lorafleet.kernels import lora_delta_multi_triton, lora_delta_reference, lora_delta_triton, lora_linear
+from lorafleet.kernels import (
+    lora_delta_multi_triton,
+    lora_delta_reference,
+    lora_delta_triton,
+    lora_linear,
+    rms_norm_reference,
+    rotary_reference,
+    silu_mul_reference,
+)
+from lorafleet.kernels.elementwise import rms_norm_triton, rotary_triton, silu_mul_triton
 from lorafleet.kernels.baselines import grouped_mm_available, lora_delta_grouped_mm, lora_delta_padded_bmm
 
 D = 4096
@@ -303,6 +315,91 @@ def host_overheads(n_rows=4096, n=8, rank=16) -> dict:
     return result
 
 
+def elementwise_cases(n_tokens: int = 16384) -> list[dict]:
+    """One Llama-3-8B layer's elementwise ops in bf16: inputs, the frozen or no-grad extras, and the fewest bytes one
+    fwd+bwd must move (each differentiable input read in both passes, outputs and gradients written once, dY read)."""
+    bf16 = dict(device="cuda", dtype=torch.bfloat16)
+    d_model, d_ff, head_dim = 4096, 14336, 128
+    inv_freq = 1.0 / (500000 ** (torch.arange(0, head_dim, 2, device="cuda", dtype=torch.float32) / head_dim))
+    freqs = torch.outer(torch.arange(n_tokens, device="cuda", dtype=torch.float32), inv_freq)
+    angles = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = angles.cos().to(torch.bfloat16), angles.sin().to(torch.bfloat16)  # HF hands them over in x's dtype
+    tables_bytes = 2 * 2 * n_tokens * head_dim * 2  # cos and sin, read in the forward and again in the backward
+    cases = [
+        {"op": "rms_norm", "shape": [n_tokens, d_model], "fused": rms_norm_triton, "reference": rms_norm_reference,
+         "inputs": [torch.randn(n_tokens, d_model, **bf16)], "extras": [1 + 0.1 * torch.randn(d_model, **bf16), 1e-5],
+         # fwd: read x, write y; bwd: read dy and x, write dx
+         "floor_bytes": 5 * n_tokens * d_model * 2},
+        {"op": "silu_mul", "shape": [n_tokens, d_ff], "fused": silu_mul_triton, "reference": silu_mul_reference,
+         "inputs": [torch.randn(n_tokens, d_ff, **bf16), torch.randn(n_tokens, d_ff, **bf16)], "extras": [],
+         # fwd: read gate and up, write y; bwd: read dy, gate and up, write dgate and dup
+         "floor_bytes": 8 * n_tokens * d_ff * 2},
+    ]
+    for name, n_heads in (("rotary q", 32), ("rotary k", 8)):
+        cases.append({
+            "op": name, "shape": [n_tokens, n_heads, head_dim], "fused": rotary_triton, "reference": rotary_reference,
+            "inputs": [torch.randn(n_tokens, n_heads, head_dim, **bf16)], "extras": [cos, sin],
+            # fwd: read x, write y; bwd: read dy, write dx; plus the tables
+            "floor_bytes": 4 * n_tokens * n_heads * head_dim * 2 + tables_bytes,
+        })
+    return cases
+
+
+def check_elementwise(case: dict) -> dict:
+    """The fused kernel and the eager bf16 formula, each against the formula in float64: forward and gradients; and
+    how much of the fused forward is bit-identical to the eager one."""
+    inputs = [t.detach().requires_grad_() for t in case["inputs"]]
+    grad = torch.randn(case["shape"], device="cuda", dtype=torch.bfloat16)
+    leaves = [t.detach().double().requires_grad_() for t in inputs]
+    extras64 = [e.double() if torch.is_tensor(e) else e for e in case["extras"]]
+    y64 = case["reference"](*leaves, *extras64)
+    want = [y64, *torch.autograd.grad(y64, leaves, grad.double())]
+    row, outputs = {"op": case["op"]}, {}
+    for name, fn in (("fused", case["fused"]), ("eager", case["reference"])):
+        y = fn(*inputs, *case["extras"])
+        got = [y, *torch.autograd.grad(y, inputs, grad)]
+        errors = [((g.double() - w).norm() / w.norm()).item() for g, w in zip(got, want)]
+        row[f"{name}_forward_rel_error"] = errors[0]
+        row[f"{name}_max_grad_rel_error"] = max(errors[1:])
+        outputs[name] = y.detach()
+    row["forward_bitwise_equal_to_eager"] = (outputs["fused"] == outputs["eager"]).float().mean().item()
+    return row
+
+
+def bench_elementwise(ceilings: dict) -> list[dict]:
+    """Fused kernel vs eager HF formula, fwd+bwd median ms, eager launches and CUDA-graph replays, at 16k tokens."""
+    rows = []
+    for case in elementwise_cases():
+        row = check_elementwise(case)
+        inputs = [t.requires_grad_() for t in case["inputs"]]
+        grad = torch.randn(case["shape"], device="cuda", dtype=torch.bfloat16)
+        for name, fn in (("fused", case["fused"]), ("eager", case["reference"])):
+            step = fwd_bwd(lambda fn=fn: fn(*inputs, *case["extras"]), inputs[0], grad, inputs[1:])
+            row[f"{name}_ms"] = median_ms(step)
+            row[f"{name}_graph_ms"] = median_ms(graphed(step))
+        row["floor_ms"] = case["floor_bytes"] / (ceilings["copy_tb_per_s"] * 1e12) * 1e3
+        row["shape"] = case["shape"]
+        rows.append(row)
+        print("elementwise", json.dumps(row), flush=True)
+    return rows
+
+
+def print_elementwise_table(ceilings: dict, rows: list[dict]) -> None:
+    print(f"\ncopy {ceilings['copy_tb_per_s']:.2f} TB/s; bf16 fwd+bwd ms (graph = CUDA-graph replay); "
+          "floor = fewest bytes at copy bandwidth; speedup = eager graph / fused graph")
+    header = ("| op | shape | fused eager | fused graph | eager eager | eager graph | speedup | floor | fused/floor "
+              "| fused fwd err | fused grad err | eager fwd err | eager grad err | fwd bits = eager |")
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    for row in rows:
+        print(f"| {row['op']} | {'x'.join(map(str, row['shape']))} | {row['fused_ms']:.3f} | "
+              f"{row['fused_graph_ms']:.3f} | {row['eager_ms']:.3f} | {row['eager_graph_ms']:.3f} | "
+              f"{row['eager_graph_ms'] / row['fused_graph_ms']:.2f}x | {row['floor_ms']:.3f} | "
+              f"{row['fused_graph_ms'] / row['floor_ms']:.2f} | {row['fused_forward_rel_error']:.1e} | "
+              f"{row['fused_max_grad_rel_error']:.1e} | {row['eager_forward_rel_error']:.1e} | "
+              f"{row['eager_max_grad_rel_error']:.1e} | {100 * row['forward_bitwise_equal_to_eager']:.1f}% |")
+
+
 def print_table(ceilings, results):
     print(f"\nbf16 matmul peak {ceilings['bf16_matmul_tflops']:.0f} TFLOP/s, copy {ceilings['copy_tb_per_s']:.2f} TB/s")
     print("fwd+bwd ms; eager = Python launches every op, graph = CUDA-graph replay (GPU time alone); "
@@ -334,10 +431,22 @@ def main():
     parser.add_argument("--profile", action="store_true", help="first profile one shape (32k tokens, 8 adapters, r=16)")
     parser.add_argument("--profile-only", action="store_true", help="with --profile: stop after it")
     parser.add_argument("--layer-only", action="store_true", help="stop after the whole-layer and q/k/v comparisons")
+    parser.add_argument("--elementwise", action="store_true",
+                        help="only the fused RMSNorm / SiLU·mul / rotary kernels against the eager HF formulas")
     args = parser.parse_args()
     rng = random.Random(0)
     torch.manual_seed(0)
     started = time.time()
+    if args.elementwise:
+        ceilings = measure_ceilings()
+        print("device", torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__)
+        elementwise = bench_elementwise(ceilings)
+        print_elementwise_table(ceilings, elementwise)
+        print(f"\nelapsed {time.time() - started:.0f} s")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"ceilings": ceilings, "elementwise": elementwise}, f, indent=1)
+        return
     if args.profile:
         host_overheads()
         profile_one()
