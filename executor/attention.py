@@ -36,6 +36,11 @@ def varlen_supported(query: torch.Tensor, key: torch.Tensor, scaling, sliding_wi
 def varlen_packed_attention(query, key, value, cu_seq_lens: torch.Tensor, max_length: int, scaling, sliding_window):
     """Causal attention within each packed sequence. query [1, H, T, D], key/value [1, H_kv, T, D] -> [1, T, H, D]."""
     q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))
+    return varlen_attention(q, k, v, cu_seq_lens, max_length, scaling, sliding_window).unsqueeze(0)
+
+
+def varlen_attention(q, k, v, cu_seq_lens: torch.Tensor, max_length: int, scaling, sliding_window):
+    """The same on the row-major layout: q [T, H, D], k/v [T, H_kv, D] -> [T, H, D]."""
     boundaries = cu_seq_lens.to(torch.int32)
     options = {}
     if "window_size" in _VARLEN_PARAMS:
@@ -48,7 +53,7 @@ def varlen_packed_attention(query, key, value, cu_seq_lens: torch.Tensor, max_le
     if grouped and "enable_gqa" in _VARLEN_PARAMS:
         options["enable_gqa"] = True
     try:
-        out = varlen_attn(q, k, v, boundaries, boundaries, max_length, max_length, **options)
+        return varlen_attn(q, k, v, boundaries, boundaries, max_length, max_length, **options)
     except torch.OutOfMemoryError:
         raise  # repeating K/V below would need more memory still
     except (RuntimeError, ValueError):
@@ -58,5 +63,4 @@ def varlen_packed_attention(query, key, value, cu_seq_lens: torch.Tensor, max_le
             raise
         groups = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        out = varlen_attn(q, k, v, boundaries, boundaries, max_length, max_length, **options)
-    return out.unsqueeze(0)
+        return varlen_attn(q, k, v, boundaries, boundaries, max_length, max_length, **options)

@@ -38,6 +38,7 @@ from lorafleet.executor.activations import checkpoint_layers
 from lorafleet.executor.adapters import Adapter, build_adapter
 from lorafleet.executor.checkpoint import load_training_state, save_peft_adapter, save_training_state
 from lorafleet.executor.data import IGNORE_INDEX, DataError, Example, JobData
+from lorafleet.executor.fused_decoder import fuse_decoder
 from lorafleet.executor.loss import chunked_head_loss_applies
 from lorafleet.executor.loss import token_losses as chunked_token_losses
 from lorafleet.executor.model import load_base, packing_kwargs
@@ -149,6 +150,7 @@ class Cohort:
         self.quantization, self.dtype = quantization, dtype
         self.model, self.tokenizer = load_base(base_model_path, quantization, dtype, device)
         self.device = self.model.device
+        fuse_decoder(self.model)
         self.routing = RowRouting()
         self.jobs: dict[str, Job] = {}
         # checkpointing every n-th decoder layer (1: all) fits larger cohorts for 1/n of a layer's recomputation

@@ -402,6 +402,7 @@ def test_nola_jobs_with_the_same_bases_share_one_copy():
     assert first.bases is second.bases and first.bases[0][0] is second.bases[0][0]
     assert other.bases is not first.bases and not torch.equal(other.bases[0][0], first.bases[0][0])
     assert not torch.equal(first.factors("layers.0.q_proj")[0], second.factors("layers.0.q_proj")[0])
+    gc.collect()  # cohorts of earlier tests (reference cycles) must not go away inside the count below
     cached = len(_SHARED_BASES)
     del first, second
     gc.collect()

@@ -1,0 +1,75 @@
+"""The frozen decoder layer's elementwise work through fused kernels, for the Llama-family modules we know.
+
+Hugging Face's Llama layer spends about as long in elementwise kernels as in its matmuls (RMSNorm in fp32 is six
+kernels forward; SiLU and the gate·up product two; rotary slices, negates, concatenates, multiplies and adds; q/k/v
+are transposed to [1, H, T, D] and copied back for flash attention). `fuse_decoder` swaps, per module instance, the
+forward of:
+
+- RMSNorm (Llama, Mistral, Qwen2): `kernels.rms_norm`, one read and one write, only x and 1/rms saved;
+- the SiLU MLP (Llama, Mistral, Qwen2): `down(kernels.silu_mul(gate(x), up(x)))`, gate and up saved, no product;
+- LlamaAttention on a packed row: q/k/v stay [T, H, D] views of the projections, `kernels.rotary` writes the rotated
+  q and k, varlen flash attention reads them as they are, and o_proj reads its output without a copy.
+
+The kernels compute HF's formulas (kernels/reference.py), in fp32 with one rounding; on the CPU the references run,
+so the CPU engine computes what HF's modules do. Modules of other classes (Gemma's (1 + w) norm, Qwen3's q/k norms,
+GELU MLPs, ...) keep HF's forward.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+from torch import nn
+
+from lorafleet.executor.attention import varlen_attention, varlen_supported
+from lorafleet.executor.model import packed_attention
+from lorafleet.kernels import rms_norm, rotary, silu_mul
+
+NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm"}
+MLPS = {"LlamaMLP", "MistralMLP", "Qwen2MLP"}
+ATTENTIONS = {"LlamaAttention"}
+
+
+def fuse_decoder(model: nn.Module) -> int:
+    """Swap the forwards described above on every module of `model` they apply to; return how many were swapped."""
+    swapped = 0
+    for module in model.modules():
+        kind = type(module).__name__
+        if kind in NORMS and not module.weight.requires_grad:
+            module.forward = types.MethodType(_norm_forward, module)
+        elif kind in MLPS and getattr(module.config, "hidden_act", None) == "silu":
+            module.forward = types.MethodType(_mlp_forward, module)
+        elif kind in ATTENTIONS:
+            module.forward = types.MethodType(_packed_attention_forward, module)
+        else:
+            continue
+        swapped += 1
+    return swapped
+
+
+def _norm_forward(self, hidden_states):
+    if hidden_states.dtype != self.weight.dtype:  # HF promotes; the kernel wants one dtype
+        return type(self).forward(self, hidden_states)
+    return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+
+
+def _mlp_forward(self, x):
+    return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
+
+
+def _packed_attention_forward(self, hidden_states, position_embeddings, attention_mask=None, **kwargs):
+    # The model runs with PACKED_ATTENTION (executor/model.py): one row [1, T, d] and the sequence boundaries.
+    length = hidden_states.shape[1]
+    cos, sin = (t[0] for t in position_embeddings)
+    q = rotary(self.q_proj(hidden_states).view(length, -1, self.head_dim), cos, sin)
+    k = rotary(self.k_proj(hidden_states).view(length, -1, self.head_dim), cos, sin)
+    v = self.v_proj(hidden_states).view(length, -1, self.head_dim)
+    boundaries = kwargs["cu_seq_lens_q"]
+    if varlen_supported(q, k, self.scaling, None):  # reads the head counts from dim 1, as laid out here
+        max_length = kwargs.get("max_length_q") or int(boundaries.diff().max())
+        out = varlen_attention(q, k, v, boundaries, max_length, self.scaling, None)
+    else:
+        heads_first = [t.transpose(0, 1).unsqueeze(0) for t in (q, k, v)]
+        out = packed_attention(self, *heads_first, None, scaling=self.scaling, **kwargs)[0][0]
+    return self.o_proj(out.reshape(1, length, -1)), None
