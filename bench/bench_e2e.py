@@ -9,11 +9,12 @@ own random token sequences (written as JSONL text records of exactly that many t
 words are the token ids), r=16 LoRA on all 7 projections, AdamW. One run measures, in order:
 
 1. the bf16 matmul peak (8192³) that MFU divides by;
-2. `Cohort.step` for cohorts of N jobs (jobs 0..N-1 of the shape), with the least activation checkpointing that fits:
-   none, every other decoder layer, every layer;
+2. `Cohort.step` for cohorts of N jobs (jobs 0..N-1 of the shape), with the first memory setting whose step fits:
+   one pass; passes of at most --pass-tokens tokens (no recomputation); every other decoder layer checkpointed;
+   every layer checkpointed;
 3. the frozen-base forward+backward vs the same with 8 adapters attached (same packed tokens), and a profile of one
    8-adapter step (top CUDA kernels);
-4. optionally the capacity probe: the largest 4x512 cohort whose step fits, without and with full checkpointing;
+4. optionally the capacity probe: the largest 4x512 cohort whose step fits, in passes and with full checkpointing;
 5. PEFT (sdpa attention, bf16 base, fp32 adapters, AdamW, clip 1.0): each job of the largest cohort trained alone,
    one after another, on exactly the tokens it has in the cohort. A cohort of N is compared with the sum of PEFT's
    step times of its N jobs: the time PEFT needs to give all N jobs one step.
@@ -127,17 +128,22 @@ def job_spec(model_dir: Path, batch: str, job: int, quantization: str = "none"):
     )
 
 
-CHECKPOINTING = {"off": 0, "half": 2, "full": 1}  # decoder layers checkpointed; the first setting that fits is used
+# Memory settings, tried in this order until a step fits: (decoder layers checkpointed: every n-th, passes of at most
+# PASS_TOKENS tokens per step?). `passes` keeps every activation of one pass and recomputes nothing.
+MEMORY_SETTINGS = {"off": (0, False), "passes": (0, True), "half": (2, False), "full": (1, False)}
+PASS_TOKENS = 8192
 
 
 def set_checkpointing(cohort, setting: str) -> None:
-    """What Cohort(activation_checkpointing=n) does, on the loaded cohort: checkpoint every n-th decoder layer."""
+    """What Cohort(activation_checkpointing=n, max_pass_tokens=...) does, on the loaded cohort."""
     from lorafleet.executor.activations import checkpoint_layers
 
+    every, passes = MEMORY_SETTINGS[setting]
     layers = cohort.model.base_model.layers
     for layer in layers:
         layer.__dict__.pop("forward", None)  # back to the class's forward
-    checkpoint_layers(layers, cohort.routing, lambda: [], CHECKPOINTING[setting])
+    checkpoint_layers(layers, cohort.routing, lambda: [], every)
+    cohort.max_pass_tokens = PASS_TOKENS if passes else None
 
 
 def release(device) -> None:
@@ -187,22 +193,24 @@ def run_cohort(cohort, model_dir, data_dir, batch, n, warmup, steps, checkpointi
 
 def base_vs_adapters(cohort, device, repeats: int) -> dict:
     """Forward+backward of the same packed tokens through the frozen base alone and with every cohort adapter."""
-    from lorafleet.executor.cohort import pack
+    from lorafleet.executor.cohort import pack, split_passes
     from lorafleet.executor.loss import token_losses
     from lorafleet.executor.model import packing_kwargs
 
     model = cohort.model
-    batch = pack({job_id: job.data.next_batch()[0] for job_id, job in cohort.jobs.items()}, device)
-    kwargs = packing_kwargs(batch.sequence_lengths, device)
+    examples = {job_id: job.data.next_batch()[0] for job_id, job in cohort.jobs.items()}
+    batches = [pack(part, device) for part in split_passes(examples, cohort.max_pass_tokens)]
 
     def forward_backward(adapters: bool):
-        cohort.routing.segments = batch.rows if adapters else {}
-        try:
-            embeds = model.get_input_embeddings()(batch.input_ids).requires_grad_(not adapters)
-            hidden = model.base_model(inputs_embeds=embeds, use_cache=False, **kwargs).last_hidden_state[0]
-            token_losses(hidden, model.lm_head.weight, batch.targets).sum().backward()
-        finally:
-            cohort.routing.segments = {}
+        for batch in batches:
+            cohort.routing.segments = batch.rows if adapters else {}
+            try:
+                kwargs = packing_kwargs(batch.sequence_lengths, device)
+                embeds = model.get_input_embeddings()(batch.input_ids).requires_grad_(not adapters)
+                hidden = model.base_model(inputs_embeds=embeds, use_cache=False, **kwargs).last_hidden_state[0]
+                token_losses(hidden, model.lm_head.weight, batch.targets).sum().backward()
+            finally:
+                cohort.routing.segments = {}
         for job in cohort.jobs.values():
             job.optimizer.zero_grad()
 
@@ -218,7 +226,7 @@ def base_vs_adapters(cohort, device, repeats: int) -> dict:
             seconds.append(time.perf_counter() - start)
         result[name] = statistics.median(seconds)
     result["overhead"] = result["adapters"] / result["base"] - 1
-    result["tokens"] = batch.input_ids.shape[1]
+    result["tokens"] = sum(batch.input_ids.shape[1] for batch in batches)
     if device.type == "cuda":
         from torch.profiler import ProfilerActivity, profile
 
@@ -303,7 +311,7 @@ def markdown_table(report: dict) -> str:
         return f"{4 * params * tokens_per_s / (peak * 1e12):.0%}" if peak else "-"
 
     lines = [
-        "| jobs | per-job batch | tokens/step | ckpt | cohort step s | cohort tok/s | cohort MFU | cohort peak GiB "
+        "| jobs | per-job batch | tokens/step | memory | cohort step s | cohort tok/s | cohort MFU | cohort peak GiB "
         "| PEFT seq. step s | PEFT tok/s | PEFT MFU | PEFT padding | speedup |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -326,6 +334,7 @@ def markdown_table(report: dict) -> str:
 
 
 def main() -> None:
+    global PASS_TOKENS
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="1b")
     parser.add_argument("--device", default="cuda")
@@ -336,9 +345,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--overhead", default="8x1x512,8x4x512", help="JOBSxBATCH list: base vs adapters steps")
     parser.add_argument("--capacity", default="", help="4x512 cohort sizes to probe, e.g. 8,12,16,20")
+    parser.add_argument("--pass-tokens", type=int, default=PASS_TOKENS, help="tokens per pass of the `passes` setting")
     parser.add_argument("--workdir", default="/tmp/lorafleet-e2e")
     parser.add_argument("--out", default=".")
     args = parser.parse_args()
+    PASS_TOKENS = args.pass_tokens
 
     from lorafleet.executor.cohort import Cohort
 
@@ -384,7 +395,7 @@ def main() -> None:
     log("cohort loaded")
     for batch in batches:
         for n in cohorts:
-            for checkpointing in CHECKPOINTING:
+            for checkpointing in MEMORY_SETTINGS:
                 measured = run_cohort(
                     cohort, model_dir, data_dir, batch, n, args.warmup, args.steps, checkpointing, device
                 )
@@ -401,7 +412,7 @@ def main() -> None:
 
     report["overhead"] = []
     for jobs, batch in overheads:
-        for checkpointing in CHECKPOINTING:
+        for checkpointing in MEMORY_SETTINGS:
             set_checkpointing(cohort, checkpointing)
             add_jobs(cohort, model_dir, data_dir, batch, jobs)
             try:
@@ -424,7 +435,7 @@ def main() -> None:
     set_checkpointing(cohort, "off")
 
     report["capacity"] = []
-    for checkpointing in ("off", "full"):
+    for checkpointing in ("passes", "full"):
         for n in capacity:
             measured = run_cohort(cohort, model_dir, data_dir, "4x512", n, 1, 1, checkpointing, device)
             report["capacity"].append(

@@ -45,7 +45,8 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             chunk_targets = targets[start:end]
             valid = chunk_targets != IGNORE_INDEX
             probs = ((hidden[start:end] @ weight.T).float() - logsumexp[start:end, None]).exp_()
-            probs[valid.nonzero().squeeze(1), chunk_targets[valid]] -= 1.0
+            # minus the one-hot of each valid row's target, without a host sync (no boolean indexing)
+            probs.scatter_add_(1, chunk_targets.clamp(min=0)[:, None], -valid.to(probs.dtype)[:, None])
             probs *= torch.where(valid, grad_losses[start:end], 0.0)[:, None]
             grad_hidden[start:end] = probs.to(hidden.dtype) @ weight
         return grad_hidden, None, None, None
