@@ -1,7 +1,8 @@
 """Fused Triton kernels for the elementwise work of a frozen Llama layer: RMSNorm, SiLU(gate)·up and rotary.
 
 Each op is one kernel forward and one backward (an autograd Function), fp32 math inside and one rounding to the input
-dtype at the end, where eager PyTorch runs 5-10 kernels with a [T, d] intermediate each. Semantics: the references in
+dtype at the end (RMSNorm: two, where Hugging Face rounds), where eager PyTorch runs several kernels with a [T, d]
+intermediate each. Semantics: the references in
 reference.py (Hugging Face's formulas); gradients only w.r.t. the activations, the base's weights being frozen.
 
 - `rms_norm`: one program per row, the whole row in registers (d ≤ 65536). Saves x and rstd (fp32 [rows]).
