@@ -1,9 +1,12 @@
 """LM head + cross-entropy over row chunks: per-token losses without the [T, vocab] logits of the whole cohort.
 
 With a 128k vocabulary the fp32 logits of a 32k-token cohort are 16 GB. `token_losses` multiplies the final hidden
-states by the (frozen) head a chunk of rows at a time, keeps only each row's log-sum-exp, and in backward recomputes
-each chunk's logits to form (softmax - onehot) · W for the hidden-state gradient. Logits are formed in the compute
-dtype and upcast to fp32 as the full-logits path (`F.cross_entropy(logits.float())`) does, so the two agree.
+states by the (frozen) head a chunk of rows at a time and keeps, per row, only its loss and the gradient of that loss
+w.r.t. its hidden state, (softmax - onehot) · W, formed while the chunk's logits are at hand. The upstream gradient of
+a per-token loss is one number per row (the job's 1 / targets), so the backward is a row scaling of that saved
+[T, d] tensor: no second pass of logits. Logits are formed in the compute dtype and upcast to fp32 as the
+full-logits path (`F.cross_entropy(logits.float())`) does, so the two agree. Without a gradient (evaluation) only
+the losses are formed.
 """
 
 from __future__ import annotations
@@ -23,33 +26,28 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, rows_per_chunk):
         losses = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        logsumexp = torch.zeros_like(losses)
+        grad_rows = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None  # d loss_t / d hidden_t
         for start in range(0, hidden.shape[0], rows_per_chunk):
             end = start + rows_per_chunk
             logits = (hidden[start:end] @ weight.T).float()
             lse = logits.logsumexp(-1)
             chunk_targets = targets[start:end]
-            picked = logits.gather(1, chunk_targets.clamp(min=0).unsqueeze(1)).squeeze(1)
-            losses[start:end] = torch.where(chunk_targets != IGNORE_INDEX, lse - picked, 0.0)
-            logsumexp[start:end] = lse
-        ctx.save_for_backward(hidden, weight, targets, logsumexp)
-        ctx.rows_per_chunk = rows_per_chunk
+            valid = chunk_targets != IGNORE_INDEX
+            index = chunk_targets.clamp(min=0)[:, None]
+            losses[start:end] = torch.where(valid, lse - logits.gather(1, index).squeeze(1), 0.0)
+            if grad_rows is not None:
+                probs = logits.sub_(lse[:, None]).exp_()
+                # minus the one-hot of each valid row's target, without a host sync (no boolean indexing)
+                probs.scatter_add_(1, index, -valid.to(probs.dtype)[:, None])
+                probs *= valid[:, None]
+                grad_rows[start:end] = probs.to(hidden.dtype) @ weight
+        ctx.save_for_backward(grad_rows)
         return losses
 
     @staticmethod
     def backward(ctx, grad_losses):
-        hidden, weight, targets, logsumexp = ctx.saved_tensors
-        grad_hidden = torch.empty_like(hidden)
-        for start in range(0, hidden.shape[0], ctx.rows_per_chunk):
-            end = start + ctx.rows_per_chunk
-            chunk_targets = targets[start:end]
-            valid = chunk_targets != IGNORE_INDEX
-            probs = ((hidden[start:end] @ weight.T).float() - logsumexp[start:end, None]).exp_()
-            # minus the one-hot of each valid row's target, without a host sync (no boolean indexing)
-            probs.scatter_add_(1, chunk_targets.clamp(min=0)[:, None], -valid.to(probs.dtype)[:, None])
-            probs *= torch.where(valid, grad_losses[start:end], 0.0)[:, None]
-            grad_hidden[start:end] = probs.to(hidden.dtype) @ weight
-        return grad_hidden, None, None, None
+        (grad_rows,) = ctx.saved_tensors
+        return (grad_rows.float() * grad_losses[:, None]).to(grad_rows.dtype), None, None, None
 
 
 def token_losses(hidden: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
