@@ -239,6 +239,34 @@ def base_vs_adapters(cohort, device, repeats: int) -> dict:
     return result
 
 
+def profile_step(cohort, model_dir, data_dir, batch, n, device) -> str:
+    """Host and GPU time of one whole Cohort.step (after two warm-up steps), by op: where the step's time goes."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    for setting in MEMORY_SETTINGS:
+        set_checkpointing(cohort, setting)
+        add_jobs(cohort, model_dir, data_dir, batch, n)
+        try:
+            for _ in range(2):
+                cohort.step()
+            sync(device)
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                with record_function("cohort.step"):
+                    cohort.step()
+                sync(device)
+            events = prof.key_averages()
+            return (f"memory setting {setting}\n" + events.table(sort_by="cpu_time_total", row_limit=40)
+                    + "\n" + events.table(sort_by="self_cpu_time_total", row_limit=30))
+        except torch.OutOfMemoryError:
+            continue
+        finally:
+            for job_id in list(cohort.jobs):
+                cohort.jobs[job_id].optimizer.zero_grad()
+                cohort.remove_job(job_id)
+            release(device)
+    return "no memory setting fits"
+
+
 def peft_sequential(model_dir, batches: dict[str, int], vocab, warmup, steps, device, quantization="none") -> dict:
     """batch shape -> per-job median step seconds and padded tokens, each job trained alone with PEFT in turn."""
     from peft import LoraConfig, get_peft_model
@@ -344,6 +372,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--overhead", default="8x1x512,8x4x512", help="JOBSxBATCH list: base vs adapters steps")
+    parser.add_argument("--profile-step", default="", help="JOBSxBATCH: profile one whole Cohort.step (host and GPU)")
     parser.add_argument("--capacity", default="", help="4x512 cohort sizes to probe, e.g. 8,12,16,20")
     parser.add_argument("--pass-tokens", type=int, default=PASS_TOKENS, help="tokens per pass of the `passes` setting")
     parser.add_argument("--workdir", default="/tmp/lorafleet-e2e")
@@ -433,6 +462,12 @@ def main() -> None:
         log(f"base vs {jobs} adapters of {batch}: {report['overhead'][-1]}")
         save()
     set_checkpointing(cohort, "off")
+
+    if args.profile_step:
+        jobs, batch = int(args.profile_step.split("x", 1)[0]), args.profile_step.split("x", 1)[1]
+        (out / f"profile_step_{name}_{args.profile_step}.txt").write_text(
+            profile_step(cohort, model_dir, data_dir, batch, jobs, device))
+        log(f"profiled one step of {args.profile_step}")
 
     report["capacity"] = []
     for checkpointing in ("passes", "full"):

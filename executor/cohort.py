@@ -84,6 +84,11 @@ class Job:
     def accumulation(self) -> int:
         return self.spec.hyperparameters.gradient_accumulation_steps
 
+    @property
+    def window_full(self) -> bool:
+        """Whether the optimizer steps now: its accumulation is complete, or the last micro-batch is done."""
+        return self.accumulated >= self.accumulation or self.micro_batches >= self.micro_batch_limit
+
     def result(self, loss=None, tokens=0, grad_norm=None, lr=None) -> StepResult:
         lr = self.optimizer.lr if lr is None else lr
         return StepResult(loss, tokens, lr, grad_norm, self.step, self.total_steps, self.done, self.error)
@@ -209,7 +214,7 @@ class Cohort:
         if not batches:
             return results
         targets = {job_id: sum(example.num_targets for example in examples) for job_id, examples in batches.items()}
-        loss_sums = {job_id: 0.0 for job_id in batches}
+        loss_sums = {job_id: torch.zeros((), device=self.device) for job_id in batches}
         non_finite: dict[str, float] = {}
         for part in split_passes(batches, self.max_pass_tokens):
             part = {job_id: examples for job_id, examples in part.items() if job_id not in non_finite}
@@ -228,13 +233,23 @@ class Cohort:
                 sum(loss / self.jobs[job_id].accumulation for job_id, loss in zip(live, job_losses)).backward()
             for job_id, loss_sum in live.items():
                 loss_sums[job_id] += loss_sum.detach()
+        # One host sync for the step: every job's loss, and the gradient norm of every job whose window is full.
+        finished = [job_id for job_id in batches if job_id not in non_finite]
+        for job_id in finished:
+            self.jobs[job_id].micro_batches += 1
+            self.jobs[job_id].accumulated += 1
+        stepping = [job_id for job_id in finished if self.jobs[job_id].window_full]
+        norms = [self.jobs[job_id].optimizer.grad_norm() for job_id in stepping]
+        losses = [loss_sums[job_id] / max(1, targets[job_id]) for job_id in finished]
+        numbers = torch.stack(losses + norms).tolist() if finished else []
+        loss_values = dict(zip(finished, numbers))
+        norm_values = dict(zip(stepping, zip(norms, numbers[len(finished):])))
         for job_id in batches:
             job = self.jobs[job_id]
             if job_id in non_finite:
                 results[job_id] = self._fail(job, f"loss is {non_finite[job_id]} at step {job.step + 1}")
             else:
-                loss = float(loss_sums[job_id] / max(1, targets[job_id]))
-                results[job_id] = self._after_backward(job, loss, targets[job_id])
+                results[job_id] = self._after_backward(job, loss_values[job_id], targets[job_id], norm_values.get(job_id))
         return results
 
     def _forward(self, batch: PackedBatch) -> dict[str, torch.Tensor]:
@@ -254,21 +269,20 @@ class Cohort:
             self.routing.segments = {}
         return {job_id: token_losses[start:end].sum() for job_id, (start, end) in batch.rows.items()}
 
-    def _after_backward(self, job: Job, loss: float, tokens: int) -> StepResult:
+    def _after_backward(self, job: Job, loss: float, tokens: int, norm: tuple[torch.Tensor, float] | None) -> StepResult:
+        """Step the job's optimizer when its accumulation window is full (`norm`: its gradient norm, and its value)."""
         loss = loss if tokens else None  # a micro-batch whose targets were all truncated away teaches nothing
-        job.micro_batches += 1
-        job.accumulated += 1
-        if job.accumulated < job.accumulation and job.micro_batches < job.micro_batch_limit:
+        if norm is None:
             return job.result(loss, tokens)
         lr = job.optimizer.lr
         try:
-            grad_norm = job.optimizer.step()
+            job.optimizer.step(*norm)
         except NonFiniteGradients as exc:
             return self._fail(job, f"{exc} at step {job.step + 1}", loss, tokens)
         job.step += 1
         job.accumulated = 0
         job.done = job.step >= job.total_steps
-        result = job.result(loss, tokens, grad_norm, lr)
+        result = job.result(loss, tokens, norm[1], lr)
         result.checkpoint_due = job.done or job.step % job.spec.hyperparameters.checkpoint_every == 0
         return result
 

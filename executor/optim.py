@@ -49,22 +49,24 @@ class JobOptimizer:
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
-    def step(self) -> float:
-        """Clip, step, advance the schedule, clear the grads; return the pre-clip grad norm.
+    def grad_norm(self) -> torch.Tensor:
+        """The norm of all this job's gradients, left on the device: the cohort reads every job's in one sync."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.params[0].device)
+
+    def step(self, norm: torch.Tensor, norm_value: float) -> None:
+        """Clip by `norm` (grad_norm(), read by the caller as `norm_value`), step, advance the schedule, clear the grads.
 
         Raises NonFiniteGradients (and leaves the weights untouched) when the norm is NaN or inf.
         """
-        grads = [p.grad for p in self.params if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.tensor(0.0)
-        if not torch.isfinite(norm):
+        if not math.isfinite(norm_value):
             self.zero_grad()
-            raise NonFiniteGradients(f"gradient norm is {norm.item()}")
-        if self.max_grad_norm is not None and grads:
+            raise NonFiniteGradients(f"gradient norm is {norm_value}")
+        if self.max_grad_norm is not None:
             torch.nn.utils.clip_grads_with_norm_(self.params, self.max_grad_norm, norm)
         self.optimizer.step()
         self.scheduler.step()
         self.zero_grad()
-        return norm.item()
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
