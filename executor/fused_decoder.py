@@ -10,6 +10,9 @@ forward of:
 - LlamaAttention on a packed row: q/k/v stay [T, H, D] views of the projections, `kernels.rotary` writes the rotated
   q and k, varlen flash attention reads them as they are, and o_proj reads its output without a copy.
 
+q/k/v, and gate/up, read the same input: `multilora.shared_input_projections` gives each group one multi-adapter node
+(one read of x for all their adapters' shrinks, one input gradient) when every job targets the whole group.
+
 The kernels compute HF's formulas (kernels/reference.py), in fp32 with one rounding; on the CPU the references run,
 so the CPU engine computes what HF's modules do. Modules of other classes (Gemma's (1 + w) norm, Qwen3's q/k norms,
 GELU MLPs, ...) keep HF's forward.
@@ -24,6 +27,7 @@ from torch import nn
 
 from lorafleet.executor.attention import varlen_attention, varlen_supported
 from lorafleet.executor.model import packed_attention
+from lorafleet.executor.multilora import shared_input_projections
 from lorafleet.kernels import rms_norm, rotary, silu_mul
 
 NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm"}
@@ -55,16 +59,18 @@ def _norm_forward(self, hidden_states):
 
 
 def _mlp_forward(self, x):
-    return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
+    gate, up = shared_input_projections([self.gate_proj, self.up_proj], x)
+    return self.down_proj(silu_mul(gate, up))
 
 
 def _packed_attention_forward(self, hidden_states, position_embeddings, attention_mask=None, **kwargs):
     # The model runs with PACKED_ATTENTION (executor/model.py): one row [1, T, d] and the sequence boundaries.
     length = hidden_states.shape[1]
     cos, sin = (t[0] for t in position_embeddings)
-    q = rotary(self.q_proj(hidden_states).view(length, -1, self.head_dim), cos, sin)
-    k = rotary(self.k_proj(hidden_states).view(length, -1, self.head_dim), cos, sin)
-    v = self.v_proj(hidden_states).view(length, -1, self.head_dim)
+    q, k, v = shared_input_projections([self.q_proj, self.k_proj, self.v_proj], hidden_states)
+    q = rotary(q.view(length, -1, self.head_dim), cos, sin)
+    k = rotary(k.view(length, -1, self.head_dim), cos, sin)
+    v = v.view(length, -1, self.head_dim)
     boundaries = kwargs["cu_seq_lens_q"]
     if varlen_supported(q, k, self.scaling, None):  # reads the head counts from dim 1, as laid out here
         max_length = kwargs.get("max_length_q") or int(boundaries.diff().max())

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from lorafleet.executor.adapters import Adapter
-from lorafleet.kernels import lora_delta, lora_linear, triton_enabled
+from lorafleet.kernels import lora_delta, lora_linear, lora_linear_multi, triton_enabled
 
 
 class RowRouting:
@@ -96,6 +96,35 @@ class MultiLoraLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, jobs={sorted(self.adapters)}"
+
+
+def shared_input_projections(layers: list[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
+    """The outputs of layers that all read `x` (q/k/v; gate/up), the same as `[layer(x) for layer in layers]`.
+
+    On the kernel path, when they are multi-adapter layers over plain linear bases serving the same jobs without
+    dropout (every job targets all of them: the usual all-projections LoRA), one `lora_linear_multi` node reads x
+    once for all their adapters and forms one input gradient; otherwise each layer runs on its own.
+    """
+    if not triton_enabled(x) or not all(type(layer) is MultiLoraLinear for layer in layers):
+        return [layer(x) for layer in layers]
+    routing = layers[0].routing
+    jobs = [job for job in routing.segments if job in layers[0].adapters]
+    adapters = [[layer.adapters.get(job) for job in jobs] for layer in layers]
+    if (
+        not jobs
+        or any(type(layer.base) is not nn.Linear or layer.routing is not routing for layer in layers)
+        or any(len(layer.adapters.keys() & routing.segments.keys()) != len(jobs) for layer in layers)
+        or any(adapter is None or adapter.dropout > 0 for per_layer in adapters for adapter in per_layer)
+    ):
+        return [layer(x) for layer in layers]
+    flat = x.reshape(-1, x.shape[-1])
+    factors = [layer._factors(per_layer) for layer, per_layer in zip(layers, adapters)]
+    outputs = lora_linear_multi(
+        flat, [layer.base.weight for layer in layers], [layer.base.bias for layer in layers],
+        [routing.segments[job] for job in jobs], [a for a, _ in factors], [b for _, b in factors],
+        MultiLoraLinear._scales(adapters[0]),
+    )
+    return [y.view(*x.shape[:-1], y.shape[-1]) for y in outputs]
 
 
 def _is_linear(module: nn.Module) -> bool:

@@ -26,7 +26,12 @@ from lorafleet.kernels.reference import (
 try:
     from lorafleet.kernels import elementwise
     from lorafleet.kernels.baselines import grouped_mm_wins, lora_delta_grouped_mm
-    from lorafleet.kernels.segmented import lora_delta_multi_triton, lora_delta_triton, lora_linear_triton
+    from lorafleet.kernels.segmented import (
+        lora_delta_multi_triton,
+        lora_delta_triton,
+        lora_linear_multi_triton,
+        lora_linear_triton,
+    )
 except ImportError:  # no triton: the reference serves every device
     lora_delta_triton = lora_delta_multi_triton = lora_linear_triton = elementwise = None
 
@@ -78,6 +83,22 @@ def lora_linear(x, weight, bias, segments, lora_a, lora_b, scales):
     return torch.nn.functional.linear(x, weight, bias) + lora_delta_reference(x, segments, lora_a, lora_b, scales)
 
 
+
+def lora_linear_multi(x, weights, biases, segments, lora_as, lora_bs, scales):
+    """Frozen linear layers that read the same x (q/k/v; gate/up), each plus its adapters' deltas: outputs
+    [x W_pᵀ + biases[p] + lora_delta(x, segments, lora_as[p], lora_bs[p], scales) for each p].
+
+    On the Triton path one autograd node reads x once for every projection's shrink and forms one input gradient that
+    the base GEMMs accumulate into and the LoRA dX is added into in place."""
+    if triton_enabled(x):
+        return lora_linear_multi_triton(x, weights, biases, segments, lora_as, lora_bs, scales)
+    outputs = []
+    for weight, bias, lora_a, lora_b in zip(weights, biases, lora_as, lora_bs, strict=True):
+        check_lora_inputs(x, segments, lora_a, lora_b, scales)
+        delta = lora_delta_reference(x, segments, lora_a, lora_b, scales)
+        outputs.append(torch.nn.functional.linear(x, weight, bias) + delta)
+    return outputs
+
 # The frozen Llama layer's elementwise ops (contracts and Hugging Face formulas in reference.py). The Triton versions
 # are looked up on the `elementwise` module at each call, so a test that re-imports it for the interpreter is served.
 
@@ -112,6 +133,7 @@ __all__ = [
     "lora_delta_reference",
     "lora_delta_triton",
     "lora_linear",
+    "lora_linear_multi",
     "rms_norm",
     "rms_norm_reference",
     "rotary",

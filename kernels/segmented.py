@@ -160,21 +160,27 @@ class _SegmentedLora(torch.autograd.Function):
     offsets[p]:offsets[p]+ranks[p]), one expand per projection. A single autograd node with the adapters' own tensors
     as inputs, so stacking them costs no autograd nodes of its own (host time matters: hundreds of calls a step).
 
-    With `weight` (one projection only) the node is the whole layer y = x Wᵀ + bias + delta: the base dX = dY W is
-    computed here and the LoRA dX is accumulated into it in place, instead of autograd adding two [T, d_in] tensors."""
+    With the base layers' weights (n_bases = P) the node is the whole set of layers y_p = x W_pᵀ + bias_p + delta_p: the
+    base dX = sum_p dY_p W_p is accumulated by the GEMMs (addmm) and the LoRA dX is added into it in place, instead of
+    autograd adding 2P [T, d_in] tensors."""
 
     @staticmethod
-    def forward(ctx, plan, n_adapters, ranks, has_outs, x, weight, bias, *tensors):
+    def forward(ctx, plan, n_adapters, ranks, has_outs, n_bases, x, *tensors):
+        """tensors: every projection's A's (projection-major), then its B's, then either the `outs` to add into
+        (has_outs) or the base layers' weights and then their biases (n_bases = P; a bias may be None)."""
         n_proj = len(ranks)
-        flat_a = tensors[: n_proj * n_adapters]
-        flat_b = tensors[n_proj * n_adapters: 2 * n_proj * n_adapters]
-        outs = tensors[2 * n_proj * n_adapters:] if has_outs else [None] * n_proj
-        if weight is not None:
-            outs = [F.linear(x, weight, bias)]
+        n_leaves = n_proj * n_adapters
+        flat_a, flat_b, rest = tensors[:n_leaves], tensors[n_leaves:2 * n_leaves], tensors[2 * n_leaves:]
+        weights = rest[:n_bases]
+        if n_bases:
+            outs = [F.linear(x, weight, bias) for weight, bias in zip(weights, rest[n_bases:])]
+        else:
+            outs = rest if has_outs else [None] * n_proj
         lora_as = [flat_a[p * n_adapters:(p + 1) * n_adapters] for p in range(n_proj)]
         lora_bs = [flat_b[p * n_adapters:(p + 1) * n_adapters] for p in range(n_proj)]
         rank_cat = padded_rank([sum(ranks)])  # tl.arange needs a power of two: q/k/v at r=16 use 64 columns
-        a_stack = torch.cat([_stack_a(lora_a, rank, x.dtype) for lora_a, rank in zip(lora_as, ranks)], dim=1)
+        a_stacks = [_stack_a(lora_a, rank, x.dtype) for lora_a, rank in zip(lora_as, ranks)]
+        a_stack = a_stacks[0] if n_proj == 1 else torch.cat(a_stacks, dim=1)
         if rank_cat != sum(ranks):
             a_stack = F.pad(a_stack, (0, 0, 0, rank_cat - sum(ranks)))
         b_stacks = [_stack_b(lora_b, rank, x.dtype) for lora_b, rank in zip(lora_bs, ranks)]
@@ -189,17 +195,18 @@ class _SegmentedLora(torch.autograd.Function):
             offset += rank
         if has_outs:
             ctx.mark_dirty(*outs)
-        ctx.save_for_backward(x, weight, a_stack, h, *b_stacks)
-        ctx.plan, ctx.ranks, ctx.has_outs = plan, ranks, has_outs
-        ctx.leaf_shapes = [(t.shape[0] if i < n_proj * n_adapters else t.shape[1], t.dtype)
-                           for i, t in enumerate(flat_a + flat_b)]
+        ctx.save_for_backward(x, a_stack, h, *b_stacks, *weights)
+        ctx.plan, ctx.ranks, ctx.has_outs, ctx.n_bases = plan, ranks, has_outs, n_bases
+        ctx.leaf_shapes = [(t.shape[0] if i < n_leaves else t.shape[1], t.dtype) for i, t in enumerate(flat_a + flat_b)]
         return tuple(deltas)
 
     @staticmethod
     def backward(ctx, *grad_deltas):
-        x, weight, a_stack, h, *b_stacks = ctx.saved_tensors
-        plan, ranks = ctx.plan, ctx.ranks
-        n_adapters, n_proj = a_stack.shape[0], len(ranks)
+        plan, ranks, n_bases = ctx.plan, ctx.ranks, ctx.n_bases
+        n_proj = len(ranks)
+        x, a_stack, h, *rest = ctx.saved_tensors
+        b_stacks, weights = rest[:n_proj], rest[n_proj:]
+        n_adapters = a_stack.shape[0]
         rank_cat = a_stack.shape[1]
         # Every column of grad_h is read by the expand below; padding columns, and those of a projection without a
         # gradient, must be zeros rather than whatever memory held.
@@ -213,21 +220,26 @@ class _SegmentedLora(torch.autograd.Function):
                 _shrink(grad_delta, b_stack, (b_stack.stride(0), b_stack.stride(1), b_stack.stride(2)), rank, plan,
                         plan.scales, out=grad_h[:, offset:offset + rank])
             offset += rank
-        grad_x = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[4]:
-            # dX[t] (+)= dH[t] @ A_j, A_j [R, d_in] as stored.
-            grad_x = _expand(grad_h, a_stack, (a_stack.stride(0), a_stack.stride(1), a_stack.stride(2)), x.shape[1],
-                             plan, None, None if weight is None else grad_deltas[0] @ weight)
+        n_leaves = n_proj * n_adapters
+        first_base = 6 + 2 * n_leaves  # index of the first base weight among forward's inputs
+        grad_x = None
         if ctx.needs_input_grad[5]:
-            grad_weight = grad_deltas[0].t() @ x
-        if ctx.needs_input_grad[6]:
-            grad_bias = grad_deltas[0].sum(0)
+            # The bases' dX = sum_p dY_p W_p, accumulated by the GEMMs themselves; then dX[t] += dH[t] @ A_j in place.
+            base_grad_x = None
+            for grad_delta, weight in zip(grad_deltas, weights):
+                if grad_delta is not None:
+                    base_grad_x = grad_delta @ weight if base_grad_x is None else base_grad_x.addmm_(grad_delta, weight)
+            grad_x = _expand(grad_h, a_stack, (a_stack.stride(0), a_stack.stride(1), a_stack.stride(2)), x.shape[1],
+                             plan, None, base_grad_x)
+        grad_weights = [grad_delta.t() @ x if ctx.needs_input_grad[first_base + p] and grad_delta is not None else None
+                        for p, grad_delta in enumerate(grad_deltas[:n_bases])]
+        grad_biases = [grad_delta.sum(0) if ctx.needs_input_grad[first_base + n_bases + p] and grad_delta is not None
+                       else None for p, grad_delta in enumerate(grad_deltas[:n_bases])]
         # Cast each stacked gradient once: one cast per adapter costs ~20 us of host time each.
         leaf_dtypes = {dtype for _, dtype in ctx.leaf_shapes}
         grad_dtype = leaf_dtypes.pop() if len(leaf_dtypes) == 1 else torch.float32
-        n_leaves = n_proj * n_adapters
-        needs_a = any(ctx.needs_input_grad[7:7 + n_leaves])
-        needs_b = any(ctx.needs_input_grad[7 + n_leaves:7 + 2 * n_leaves])
+        needs_a = any(ctx.needs_input_grad[6:6 + n_leaves])
+        needs_b = any(ctx.needs_input_grad[6 + n_leaves:6 + 2 * n_leaves])
         grad_a_cat = _weight_grad(grad_h, x, n_adapters, plan, None).to(grad_dtype) if needs_a else None
         grads_a, grads_b, offset = [], [], 0
         for p, (grad_delta, rank) in enumerate(zip(grad_deltas, ranks)):
@@ -245,7 +257,7 @@ class _SegmentedLora(torch.autograd.Function):
                 grads_b += [grad_bt[j, :r].t().to(dtype) for j, (r, dtype) in enumerate(b_shapes)]
             offset += rank
         grads_out = list(grad_deltas) if ctx.has_outs else []
-        return (None, None, None, None, grad_x, grad_weight, grad_bias, *grads_a, *grads_b, *grads_out)
+        return (None, None, None, None, None, grad_x, *grads_a, *grads_b, *grads_out, *grad_weights, *grad_biases)
 
 
 def padded_rank(ranks: Sequence[int]) -> int:
@@ -290,19 +302,30 @@ def lora_delta_multi_triton(x, segments, lora_as, lora_bs, scales, outs=None):
     ranks = [padded_rank([a.shape[0] for a in lora_a]) for lora_a in lora_as]
     plan = _plan(segments, tuple(float(s) for s in scales), x.shape[0], x.device, padded_rank([sum(ranks)]))
     flat = [a for lora_a in lora_as for a in lora_a] + [b for lora_b in lora_bs for b in lora_b]
-    return list(_SegmentedLora.apply(plan, len(segments), ranks, outs is not None, x, None, None, *flat, *(outs or [])))
+    return list(_SegmentedLora.apply(plan, len(segments), ranks, outs is not None, 0, x, *flat, *(outs or [])))
 
 
 def lora_linear_triton(x, weight, bias, segments, lora_a, lora_b, scales):
     """A whole multi-LoRA layer, y = x Wᵀ + bias + lora_delta(x, ...), as one autograd node: the delta is added into the
     base output in place and the LoRA dX into the base dX in place (W may be frozen; its gradient is computed only
     when it requires one)."""
-    check_lora_inputs(x, segments, lora_a, lora_b, scales)
-    if weight.shape != (lora_b[0].shape[0] if lora_b else weight.shape[0], x.shape[1]):
-        raise ValueError(f"weight must be [d_out, {x.shape[1]}] matching lora_b, got {tuple(weight.shape)}")
+    return lora_linear_multi_triton(x, [weight], [bias], segments, [lora_a], [lora_b], scales)[0]
+
+
+def lora_linear_multi_triton(x, weights, biases, segments, lora_as, lora_bs, scales):
+    """Several such layers that read the same x (q/k/v, gate/up) as one autograd node: one shrink reads x for every
+    projection's adapters, and the input gradient is one tensor that the base GEMMs accumulate into (addmm) and the
+    LoRA dX is added into in place. weights[p] [d_out_p, d_in], biases[p] [d_out_p] or None; returns the P outputs."""
+    for weight, lora_a, lora_b in zip(weights, lora_as, lora_bs, strict=True):
+        check_lora_inputs(x, segments, lora_a, lora_b, scales)
+        if weight.shape != (lora_b[0].shape[0] if lora_b else weight.shape[0], x.shape[1]):
+            raise ValueError(f"weight must be [d_out, {x.shape[1]}] matching lora_b, got {tuple(weight.shape)}")
+    if len(biases) != len(weights):
+        raise ValueError(f"{len(weights)} weights but {len(biases)} biases (use None for a layer without one)")
     segments = tuple((int(s), int(e)) for s, e in segments)
     if not segments:
-        return F.linear(x, weight, bias)
-    rank = padded_rank([a.shape[0] for a in lora_a])
-    plan = _plan(segments, tuple(float(s) for s in scales), x.shape[0], x.device, rank)
-    return _SegmentedLora.apply(plan, len(segments), [rank], False, x, weight, bias, *lora_a, *lora_b)[0]
+        return [F.linear(x, weight, bias) for weight, bias in zip(weights, biases)]
+    ranks = [padded_rank([a.shape[0] for a in lora_a]) for lora_a in lora_as]
+    plan = _plan(segments, tuple(float(s) for s in scales), x.shape[0], x.device, padded_rank([sum(ranks)]))
+    flat = [a for lora_a in lora_as for a in lora_a] + [b for lora_b in lora_bs for b in lora_b]
+    return list(_SegmentedLora.apply(plan, len(segments), ranks, False, len(weights), x, *flat, *weights, *biases))
