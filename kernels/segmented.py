@@ -160,9 +160,9 @@ class _SegmentedLora(torch.autograd.Function):
     offsets[p]:offsets[p]+ranks[p]), one expand per projection. A single autograd node with the adapters' own tensors
     as inputs, so stacking them costs no autograd nodes of its own (host time matters: hundreds of calls a step).
 
-    With the base layers' weights (n_bases = P) the node is the whole set of layers y_p = x W_pᵀ + bias_p + delta_p: the
-    base dX = sum_p dY_p W_p is accumulated by the GEMMs (addmm) and the LoRA dX is added into it in place, instead of
-    autograd adding 2P [T, d_in] tensors."""
+    With the base layers' weights (n_bases = P) the node is the whole set of layers y_p = x W_pᵀ + bias_p + delta_p:
+    the expand writes the LoRA dX and the GEMMs accumulate the base dX = sum_p dY_p W_p into it (addmm_), instead of
+    autograd adding 2P [T, d_in] tensors; without biases the outputs are formed the same way, delta first."""
 
     @staticmethod
     def forward(ctx, plan, n_adapters, ranks, has_outs, n_bases, x, *tensors):
@@ -171,9 +171,13 @@ class _SegmentedLora(torch.autograd.Function):
         n_proj = len(ranks)
         n_leaves = n_proj * n_adapters
         flat_a, flat_b, rest = tensors[:n_leaves], tensors[n_leaves:2 * n_leaves], tensors[2 * n_leaves:]
-        weights = rest[:n_bases]
-        if n_bases:
-            outs = [F.linear(x, weight, bias) for weight, bias in zip(weights, rest[n_bases:])]
+        weights, biases = rest[:n_bases], rest[n_bases:]
+        # Without biases the expand writes each output and the base GEMM adds into it (addmm_): the GEMM reads the
+        # delta in its epilogue, hidden under its math, where an expand adding into the GEMM's output would read and
+        # write every output element once more (~25 ms a step on 8B at 16k tokens).
+        delta_first = n_bases and all(bias is None for bias in biases)
+        if n_bases and not delta_first:
+            outs = [F.linear(x, weight, bias) for weight, bias in zip(weights, biases)]
         else:
             outs = rest if has_outs else [None] * n_proj
         lora_as = [flat_a[p * n_adapters:(p + 1) * n_adapters] for p in range(n_proj)]
@@ -193,6 +197,8 @@ class _SegmentedLora(torch.autograd.Function):
                                   (b_stack.stride(0), b_stack.stride(2), b_stack.stride(1)), b_stack.shape[1],
                                   plan, plan.scales, out))
             offset += rank
+        if delta_first:
+            deltas = [delta.addmm_(x, weight.t()) for delta, weight in zip(deltas, weights)]
         if has_outs:
             ctx.mark_dirty(*outs)
         ctx.save_for_backward(x, a_stack, h, *b_stacks, *weights)
@@ -224,13 +230,12 @@ class _SegmentedLora(torch.autograd.Function):
         first_base = 6 + 2 * n_leaves  # index of the first base weight among forward's inputs
         grad_x = None
         if ctx.needs_input_grad[5]:
-            # The bases' dX = sum_p dY_p W_p, accumulated by the GEMMs themselves; then dX[t] += dH[t] @ A_j in place.
-            base_grad_x = None
+            # dX[t] = dH[t] @ A_j written by the expand, then the bases' sum_p dY_p W_p added by the GEMMs themselves.
+            grad_x = _expand(grad_h, a_stack, (a_stack.stride(0), a_stack.stride(1), a_stack.stride(2)), x.shape[1],
+                             plan, None, None)
             for grad_delta, weight in zip(grad_deltas, weights):
                 if grad_delta is not None:
-                    base_grad_x = grad_delta @ weight if base_grad_x is None else base_grad_x.addmm_(grad_delta, weight)
-            grad_x = _expand(grad_h, a_stack, (a_stack.stride(0), a_stack.stride(1), a_stack.stride(2)), x.shape[1],
-                             plan, None, base_grad_x)
+                    grad_x.addmm_(grad_delta, weight)
         grad_weights = [grad_delta.t() @ x if ctx.needs_input_grad[first_base + p] and grad_delta is not None else None
                         for p, grad_delta in enumerate(grad_deltas[:n_bases])]
         grad_biases = [grad_delta.sum(0) if ctx.needs_input_grad[first_base + n_bases + p] and grad_delta is not None

@@ -213,24 +213,31 @@ def test_fp32_adapters_with_bf16_activations_get_fp32_gradients():
 
 
 @pytest.mark.parametrize("weight_requires_grad", [False, True])
-def test_lora_linear_is_base_plus_delta_with_all_gradients(weight_requires_grad):
-    x, lora_a, lora_b, scales = make_case(50, 32, 24, [4, 16, 2], torch.float32, seed=10)
-    segments = [(30, 50), (0, 10), (12, 29)]  # out of order, rows 10-11 and 29 belong to no adapter
+@pytest.mark.parametrize("with_bias", [True, False])  # without a bias the delta is written first and the GEMM adds in
+@pytest.mark.parametrize("segments", [
+    [(30, 50), (0, 10), (12, 29)],  # out of order, rows 10-11 and 29 belong to no adapter
+    [(20, 50), (0, 20)],  # every row covered: outputs start as uninitialised memory the expand overwrites
+])
+def test_lora_linear_is_base_plus_delta_with_all_gradients(weight_requires_grad, with_bias, segments):
+    x, lora_a, lora_b, scales = make_case(50, 32, 24, [4, 16, 2][:len(segments)], torch.float32, seed=10)
+    n = len(segments)
     weight = torch.randn(24, 32).requires_grad_(weight_requires_grad)
-    bias = torch.randn(24, requires_grad=True)
-    y = kernels.lora_linear_triton(x, weight, bias, segments, lora_a, lora_b, scales)
-    grad = torch.randn(y.shape)
-    leaves = [x, bias, *lora_a, *lora_b] + ([weight] if weight_requires_grad else [])
-    got = [y, *torch.autograd.grad(y, leaves, grad)]
+    bias = torch.randn(24, requires_grad=True) if with_bias else None
+    for _ in range(2):  # the second call may reuse memory holding the first one's results
+        y = kernels.lora_linear_triton(x, weight, bias, segments, lora_a, lora_b, scales)
+        grad = torch.randn(y.shape)
+        leaves = [x, *lora_a, *lora_b] + ([bias] if with_bias else []) + ([weight] if weight_requires_grad else [])
+        got = [y, *torch.autograd.grad(y, leaves, grad)]
 
-    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
-    weight64 = leaves64[-1] if weight_requires_grad else weight.double()
-    x64, bias64 = leaves64[0], leaves64[1]
-    y64 = torch.nn.functional.linear(x64, weight64, bias64) + lora_delta_reference(
-        x64, segments, leaves64[2:5], leaves64[5:8], scales)
-    want = [y64, *torch.autograd.grad(y64, leaves64, grad.double())]
-    for g, w in zip(got, want):
-        assert rel_error(g, w) < 1e-5
+        leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+        weight64 = leaves64[-1] if weight_requires_grad else weight.double()
+        bias64 = leaves64[1 + 2 * n] if with_bias else None
+        x64 = leaves64[0]
+        y64 = torch.nn.functional.linear(x64, weight64, bias64) + lora_delta_reference(
+            x64, segments, leaves64[1:1 + n], leaves64[1 + n:1 + 2 * n], scales)
+        want = [y64, *torch.autograd.grad(y64, leaves64, grad.double())]
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert rel_error(g, w) < 1e-5, (i, rel_error(g, w))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
