@@ -274,11 +274,11 @@ def host_overheads(n_rows=4096, n=8, rank=16) -> dict:
 
     def manual_backward():
         # What the two backward Functions launch, called from this (the main) thread.
-        dh = segmented._shrink(grad, b_stack, (b_stack.stride(0), b_stack.stride(1), b_stack.stride(2)), 16, plan,
-                               plan.scales)
-        segmented._weight_grad(h, grad, n, plan, plan.scales).to(x.dtype)
+        dh32 = torch.zeros(n_rows, 16, device="cuda", dtype=torch.float32)
+        segmented._grad_h_and_b(grad, b_stack, h, dh32, n, plan).to(x.dtype)
+        dh = dh32.to(x.dtype)
         segmented._expand(dh, a_stack, (a_stack.stride(0), a_stack.stride(1), a_stack.stride(2)), D, plan, None, None)
-        segmented._weight_grad(dh, x.detach(), n, plan, None).to(x.dtype)
+        segmented._weight_grad(dh, x.detach(), n, plan).to(x.dtype)
 
     pieces = {
         "10 raw launches, main thread": lambda: [raw_launch() for _ in range(10)],
@@ -292,8 +292,8 @@ def host_overheads(n_rows=4096, n=8, rank=16) -> dict:
         "_expand": lambda: segmented._expand(h, b_stack, (b_stack.stride(0), b_stack.stride(2), b_stack.stride(1)),
                                              D, plan, plan.scales, None),
         "_shrink": lambda: segmented._shrink(x.detach(), a_stack, (a_stack.stride(0), a_stack.stride(2),
-                                             a_stack.stride(1)), 16, plan, None),
-        "_weight_grad": lambda: segmented._weight_grad(h, x.detach(), n, plan, None),
+                                             a_stack.stride(1)), 16, plan),
+        "_weight_grad": lambda: segmented._weight_grad(h, x.detach(), n, plan),
         "torch.empty": lambda: torch.empty(n_rows, D, device="cuda", dtype=torch.bfloat16),
         "x @ w (torch matmul)": lambda: x.detach() @ w,
         "base fwd+bwd (torch)": fwd_bwd(lambda: x @ w.t(), x, grad, []),

@@ -1,6 +1,7 @@
 """Tile-size sweep for the segmented LoRA kernels at the engine's 8B shapes (8 adapters, one 8192-token pass, bf16).
 
-For each kernel use (forward shrink of x, backward dH shrink of dY, the two weight gradients) it times every launch
+For each kernel use (forward shrink of x, the backward's dH and dB from dY, the weight gradients; plus the dH shrink
+of dY that `grad_h_and_b` replaced, for comparison) it times every launch
 configuration in a small grid with `triton.testing.do_bench` and prints the fastest next to the one
 `kernels/segmented.py` uses now, with the bytes-at-copy-bandwidth floor. GPU only.
 
@@ -31,7 +32,6 @@ def time_ms(fn) -> float:
 
 def shrink_case(tokens, k, rank, block_m, block_k, warps, stages):
     segments = ragged(tokens, 8)
-    scales = torch.ones(8, device="cuda")
     tiles = torch.tensor([(j, r, min(r + block_m, e)) for j, (s, e) in enumerate(segments) for r in range(s, e, block_m)],
                          dtype=torch.int32, device="cuda")
     x = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16)
@@ -40,28 +40,48 @@ def shrink_case(tokens, k, rank, block_m, block_k, warps, stages):
 
     def run():
         triton_lora._shrink_kernel[(tiles.shape[0],)](
-            x, w, h, scales, tiles, k, x.stride(0), x.stride(1), w.stride(0), w.stride(2), w.stride(1),
-            h.stride(0), h.stride(1), R=rank, BLOCK_M=block_m, BLOCK_K=block_k, HAS_SCALE=False,
+            x, w, h, tiles, k, x.stride(0), x.stride(1), w.stride(0), w.stride(2), w.stride(1),
+            h.stride(0), h.stride(1), R=rank, BLOCK_M=block_m, BLOCK_K=block_k,
             INPUT_PRECISION="tf32", DOT_FP32=False, num_warps=warps, num_stages=stages)
     return time_ms(run), tokens * k * 2
 
 
+def row_chunks(tokens, chunk_div, block_m):
+    chunk_rows = max(block_m, tokens // 8 // chunk_div)
+    return torch.tensor([(j, r, min(r + chunk_rows, e)) for j, (s, e) in enumerate(ragged(tokens, 8))
+                         for r in range(s, e, chunk_rows)], dtype=torch.int32, device="cuda")
+
+
 def weight_grad_case(tokens, n, rank, chunk_div, block_m, block_n, warps, stages):
-    segments = ragged(tokens, 8)
-    per = tokens // 8
-    chunk_rows = max(block_m, per // chunk_div)
-    chunks = torch.tensor([(j, r, min(r + chunk_rows, e)) for j, (s, e) in enumerate(segments)
-                           for r in range(s, e, chunk_rows)], dtype=torch.int32, device="cuda")
+    chunks = row_chunks(tokens, chunk_div, block_m)
     left = torch.randn(tokens, rank, device="cuda", dtype=torch.bfloat16)
     right = torch.randn(tokens, n, device="cuda", dtype=torch.bfloat16)
     grad = torch.zeros(8, rank, n, device="cuda", dtype=torch.float32)
-    scales = torch.ones(8, device="cuda")
 
     def run():
         triton_lora._weight_grad_kernel[(triton.cdiv(n, block_n), chunks.shape[0])](
-            left, right, grad, scales, chunks, n, left.stride(0), left.stride(1), right.stride(0), right.stride(1),
+            left, right, grad, chunks, n, left.stride(0), left.stride(1), right.stride(0), right.stride(1),
             grad.stride(0), grad.stride(1), grad.stride(2), R=rank, BLOCK_M=block_m, BLOCK_N=block_n,
-            HAS_SCALE=False, INPUT_PRECISION="tf32", DOT_FP32=False, num_warps=warps, num_stages=stages)
+            INPUT_PRECISION="tf32", DOT_FP32=False, num_warps=warps, num_stages=stages)
+    return time_ms(run), tokens * n * 2
+
+
+def grad_h_and_b_case(tokens, n, rank, chunk_div, block_m, block_n, warps, stages):
+    """The backward's dH and dB from one read of dY (N = d_out)."""
+    chunks = row_chunks(tokens, chunk_div, block_m)
+    dy = torch.randn(tokens, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8, n, rank, device="cuda", dtype=torch.bfloat16)
+    h = torch.randn(tokens, rank, device="cuda", dtype=torch.bfloat16)
+    grad_h = torch.zeros(tokens, rank, device="cuda", dtype=torch.float32)
+    grad_bt = torch.zeros(8, rank, n, device="cuda", dtype=torch.float32)
+    scales = torch.ones(8, device="cuda")
+
+    def run():
+        triton_lora._grad_h_and_b_kernel[(triton.cdiv(n, block_n), chunks.shape[0])](
+            dy, b, h, grad_h, grad_bt, scales, chunks, n, dy.stride(0), dy.stride(1),
+            b.stride(0), b.stride(1), b.stride(2), h.stride(0), h.stride(1), grad_h.stride(0), grad_h.stride(1),
+            grad_bt.stride(0), grad_bt.stride(1), grad_bt.stride(2), R=rank, BLOCK_M=block_m, BLOCK_N=block_n,
+            INPUT_PRECISION="tf32", DOT_FP32=False, num_warps=warps, num_stages=stages)
     return time_ms(run), tokens * n * 2
 
 
@@ -102,11 +122,14 @@ def main():
         cur_m = segmented._pick_block_m(t, rank)
         report.append(sweep("shrink", shrink_case, (t, k, rank), shrink_grid,
                             (cur_m, 128 if rank <= 64 else 64, 4, 3), bandwidth))
-    # backward dH shrink of dY: K = d_out (k/v 1024, q/o/down 4096, gate/up 14336), R 16
-    for k in (1024, 14336):
-        report.append(sweep("shrink dH", shrink_case, (t, k, 16), shrink_grid, (block_m, 128, 4, 3), bandwidth))
+    # The backward's dH and dB from one read of dY, N = d_out (k/v 1024, q/o/down 4096, gate/up 14336), R 16; the
+    # two kernels it replaced (dH as a shrink of dY, dB as a weight gradient) are timed above and below at the same N.
+    for n in (1024, 4096, 14336):
+        report.append(sweep("grad_h_and_b", grad_h_and_b_case, (t, n, 16), grad_grid, (2, 64, 128, 4, 3), bandwidth))
+        report.append(sweep("shrink dH (before)", shrink_case, (t, n, 16), shrink_grid, (block_m, 128, 4, 3),
+                            bandwidth))
     # weight gradients: dA (left dH R, right x d_in) and dB (left h, right dY d_out); chunk_div 2 = 16 chunks in all
-    for n, rank in ((4096, 64), (4096, 16), (14336, 16)):
+    for n, rank in ((4096, 64), (4096, 16), (14336, 16), (1024, 16)):
         report.append(sweep("weight_grad", weight_grad_case, (t, n, rank), grad_grid,
                             (2, 64, 128 if rank <= 32 else 64, 4 if rank <= 64 else 8, 3), bandwidth))
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s")

@@ -79,25 +79,22 @@ def _input_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def _shrink(x: torch.Tensor, w: torch.Tensor, w_strides: tuple[int, int, int], rank: int, plan: _Plan,
-            scales: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """h[t] = (scale_j) * x[t] @ W_j with W_j of shape [K, R] given by strides (adapter, k, r) over `w`; written into
-    `out` (a [T, R] view, say a column slice) when given."""
+def _shrink(x: torch.Tensor, w: torch.Tensor, w_strides: tuple[int, int, int], rank: int, plan: _Plan) -> torch.Tensor:
+    """h[t] = x[t] @ W_j with W_j of shape [K, R] given by strides (adapter, k, r) over `w`."""
     n_rows, k = x.shape
-    h = out if out is not None else (torch.empty if plan.covers_all_rows else torch.zeros)(
-        n_rows, rank, dtype=x.dtype, device=x.device)
+    h = (torch.empty if plan.covers_all_rows else torch.zeros)(n_rows, rank, dtype=x.dtype, device=x.device)
     n_tiles = plan.tiles.shape[0]
     if n_tiles == 0:
         return h
     triton_lora._shrink_kernel[(n_tiles,)](
-        x, w, h, scales if scales is not None else plan.scales,
+        x, w, h,
         plan.tiles,
         k,
         x.stride(0), x.stride(1),
         *w_strides,
         h.stride(0), h.stride(1),
         R=rank, BLOCK_M=plan.block_m, BLOCK_K=128 if rank <= 64 else 64,
-        HAS_SCALE=scales is not None, INPUT_PRECISION=_input_precision(x.dtype), DOT_FP32=triton_lora.INTERPRETED,
+        INPUT_PRECISION=_input_precision(x.dtype), DOT_FP32=triton_lora.INTERPRETED,
         num_warps=4, num_stages=3,
     )
     return h
@@ -131,9 +128,8 @@ def _expand(h: torch.Tensor, w: torch.Tensor, w_strides: tuple[int, int, int], n
     return out
 
 
-def _weight_grad(left: torch.Tensor, right: torch.Tensor, n_adapters: int, plan: _Plan,
-                 scales: torch.Tensor | None) -> torch.Tensor:
-    """Per adapter j: (scale_j) leftᵀ[rows_j] @ right[rows_j], fp32 [n_adapters, R, N]."""
+def _weight_grad(left: torch.Tensor, right: torch.Tensor, n_adapters: int, plan: _Plan) -> torch.Tensor:
+    """Per adapter j: leftᵀ[rows_j] @ right[rows_j], fp32 [n_adapters, R, N]."""
     rank = left.shape[1]
     n_cols = right.shape[1]
     n_chunks = plan.chunks.shape[0]
@@ -142,17 +138,44 @@ def _weight_grad(left: torch.Tensor, right: torch.Tensor, n_adapters: int, plan:
         return grad
     block_n = 128 if rank <= 32 else 64
     triton_lora._weight_grad_kernel[(triton.cdiv(n_cols, block_n), n_chunks)](
-        left, right, grad, scales if scales is not None else plan.scales,
+        left, right, grad,
         plan.chunks,
         n_cols,
         left.stride(0), left.stride(1),
         right.stride(0), right.stride(1),
         grad.stride(0), grad.stride(1), grad.stride(2),
-        R=rank, BLOCK_M=64, BLOCK_N=block_n, HAS_SCALE=scales is not None,
+        R=rank, BLOCK_M=64, BLOCK_N=block_n,
         INPUT_PRECISION=_input_precision(left.dtype), DOT_FP32=triton_lora.INTERPRETED,
         num_warps=4 if rank <= 64 else 8, num_stages=3,
     )
     return grad
+
+
+def _grad_h_and_b(grad_y: torch.Tensor, b_stack: torch.Tensor, h: torch.Tensor, grad_h: torch.Tensor,
+                  n_adapters: int, plan: _Plan) -> torch.Tensor:
+    """Adds scale_j dY[t] @ B_j into the fp32 `grad_h` [T, R] (a column slice, say) and returns the fp32
+    [n_adapters, R, d_out] stack of scale_j h[rows_j]ᵀ @ dY[rows_j] (= dB_jᵀ), reading dY once."""
+    rank = h.shape[1]
+    n_cols = grad_y.shape[1]
+    grad_bt = torch.zeros(n_adapters, rank, n_cols, dtype=torch.float32, device=h.device)
+    n_chunks = plan.chunks.shape[0]
+    if n_chunks == 0:
+        return grad_bt
+    block_n = 128 if rank <= 32 else 64
+    triton_lora._grad_h_and_b_kernel[(triton.cdiv(n_cols, block_n), n_chunks)](
+        grad_y, b_stack, h, grad_h, grad_bt, plan.scales,
+        plan.chunks,
+        n_cols,
+        grad_y.stride(0), grad_y.stride(1),
+        b_stack.stride(0), b_stack.stride(1), b_stack.stride(2),
+        h.stride(0), h.stride(1),
+        grad_h.stride(0), grad_h.stride(1),
+        grad_bt.stride(0), grad_bt.stride(1), grad_bt.stride(2),
+        R=rank, BLOCK_M=64, BLOCK_N=block_n,
+        INPUT_PRECISION=_input_precision(h.dtype), DOT_FP32=triton_lora.INTERPRETED,
+        num_warps=4 if rank <= 64 else 8, num_stages=3,
+    )
+    return grad_bt
 
 
 class _SegmentedLora(torch.autograd.Function):
@@ -189,7 +212,7 @@ class _SegmentedLora(torch.autograd.Function):
             a_stack = F.pad(a_stack, (0, 0, 0, rank_cat - sum(ranks)))
         b_stacks = [_stack_b(lora_b, rank, x.dtype) for lora_b, rank in zip(lora_bs, ranks)]
         # a_stack [n, R, d_in] read as W_j = A_jᵀ [d_in, R].
-        h = _shrink(x, a_stack, (a_stack.stride(0), a_stack.stride(2), a_stack.stride(1)), rank_cat, plan, None)
+        h = _shrink(x, a_stack, (a_stack.stride(0), a_stack.stride(2), a_stack.stride(1)), rank_cat, plan)
         deltas, offset = [], 0
         for b_stack, rank, out in zip(b_stacks, ranks, outs):
             # b_stack [n, d_out, R] read as V_j = B_jᵀ [R, d_out].
@@ -214,18 +237,15 @@ class _SegmentedLora(torch.autograd.Function):
         b_stacks, weights = rest[:n_proj], rest[n_proj:]
         n_adapters = a_stack.shape[0]
         rank_cat = a_stack.shape[1]
-        # Every column of grad_h is read by the expand below; padding columns, and those of a projection without a
-        # gradient, must be zeros rather than whatever memory held.
-        complete = sum(ranks) == rank_cat and all(g is not None for g in grad_deltas)
-        grad_h = (torch.empty if complete and plan.covers_all_rows else torch.zeros)(
-            x.shape[0], rank_cat, dtype=x.dtype, device=x.device)
-        offset = 0
+        # dH[t] = scale_j * dY[t] @ B_j and dB_jᵀ = scale_j * h[rows_j]ᵀ @ dY[rows_j] from one read of each dY; dH is
+        # summed in fp32 over column blocks, so it starts at zero (padding columns and rows of no segment stay zero).
+        grad_h32 = torch.zeros(x.shape[0], rank_cat, dtype=torch.float32, device=x.device)
+        grads_bt, offset = [], 0
         for grad_delta, b_stack, rank in zip(grad_deltas, b_stacks, ranks):
-            if grad_delta is not None:
-                # dH[t] = scale_j * dY[t] @ B_j, B_j [d_out, R] as stored.
-                _shrink(grad_delta, b_stack, (b_stack.stride(0), b_stack.stride(1), b_stack.stride(2)), rank, plan,
-                        plan.scales, out=grad_h[:, offset:offset + rank])
+            grads_bt.append(None if grad_delta is None else _grad_h_and_b(
+                grad_delta, b_stack, h[:, offset:offset + rank], grad_h32[:, offset:offset + rank], n_adapters, plan))
             offset += rank
+        grad_h = grad_h32.to(x.dtype)
         n_leaves = n_proj * n_adapters
         first_base = 6 + 2 * n_leaves  # index of the first base weight among forward's inputs
         grad_x = None
@@ -244,20 +264,18 @@ class _SegmentedLora(torch.autograd.Function):
         leaf_dtypes = {dtype for _, dtype in ctx.leaf_shapes}
         grad_dtype = leaf_dtypes.pop() if len(leaf_dtypes) == 1 else torch.float32
         needs_a = any(ctx.needs_input_grad[6:6 + n_leaves])
-        needs_b = any(ctx.needs_input_grad[6 + n_leaves:6 + 2 * n_leaves])
-        grad_a_cat = _weight_grad(grad_h, x, n_adapters, plan, None).to(grad_dtype) if needs_a else None
+        grad_a_cat = _weight_grad(grad_h, x, n_adapters, plan).to(grad_dtype) if needs_a else None
         grads_a, grads_b, offset = [], [], 0
-        for p, (grad_delta, rank) in enumerate(zip(grad_deltas, ranks)):
+        for p, (grad_bt, rank) in enumerate(zip(grads_bt, ranks)):
             a_shapes = ctx.leaf_shapes[p * n_adapters:(p + 1) * n_adapters]
             b_shapes = ctx.leaf_shapes[(n_proj + p) * n_adapters:(n_proj + p + 1) * n_adapters]
             if needs_a:
                 grads_a += [grad_a_cat[j, offset:offset + r].to(dtype) for j, (r, dtype) in enumerate(a_shapes)]
             else:
                 grads_a += [None] * n_adapters
-            if grad_delta is None or not needs_b:
+            if grad_bt is None:
                 grads_b += [None] * n_adapters
             else:
-                grad_bt = _weight_grad(h[:, offset:offset + rank], grad_delta, n_adapters, plan, plan.scales)
                 grad_bt = grad_bt.to(grad_dtype)
                 grads_b += [grad_bt[j, :r].t().to(dtype) for j, (r, dtype) in enumerate(b_shapes)]
             offset += rank

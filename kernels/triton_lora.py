@@ -4,9 +4,10 @@ Every kernel walks a list of row tiles (or row chunks) that never cross a segmen
 exactly one adapter and reads that adapter's weights from a stacked, rank-padded tensor `[n_adapters, R, d]`.
 R is the padded rank (a power of two, at least 16, because `tl.dot` needs 16 along every dimension).
 
-- `shrink`:      h[t, :] = x[t] @ W_j (W_j viewed as [K, R])           forward x A_jᵀ, backward dY B_j
+- `shrink`:      h[t, :] = x[t] @ W_j (W_j viewed as [K, R])           forward x A_jᵀ
 - `expand`:      y[t, :] (+)= scale_j * h[t] @ V_j (V_j viewed as [R, N])   forward h B_jᵀ, backward dH A_j
-- `weight_grad`: grad[j] += (scale_j) left[rows_c]ᵀ @ right[rows_c]  dA_j = dHᵀ x, dB_jᵀ = hᵀ dY, per row chunk c
+- `weight_grad`: grad[j] += left[rows_c]ᵀ @ right[rows_c]            dA_j = dHᵀ x, per row chunk c
+- `grad_h_and_b`: dH[t] += scale_j dY[t] @ B_j and dB_jᵀ += scale_j h[rows_c]ᵀ @ dY[rows_c] from one read of dY
 
 Strides are passed explicitly so one kernel serves both the forward and the transposed backward use of a weight.
 
@@ -25,14 +26,14 @@ import triton.language as tl
 
 @triton.jit
 def _shrink_kernel(
-    x_ptr, w_ptr, h_ptr, scale_ptr,
+    x_ptr, w_ptr, h_ptr,
     tiles_ptr,
     K,
     stride_xm, stride_xk,
     stride_wa, stride_wk, stride_wr,
     stride_hm, stride_hr,
     R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-    HAS_SCALE: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     tile = tl.program_id(0)
     adapter = tl.load(tiles_ptr + 3 * tile).to(tl.int64)
@@ -55,8 +56,6 @@ def _shrink_kernel(
             x_tile = x_tile.to(tl.float32)
             w_tile = w_tile.to(tl.float32)
         acc = tl.dot(x_tile, w_tile, acc, input_precision=INPUT_PRECISION)
-    if HAS_SCALE:
-        acc = acc * tl.load(scale_ptr + adapter)
     h_ptrs = h_ptr + rows[:, None] * stride_hm + ranks[None, :] * stride_hr
     tl.store(h_ptrs, acc.to(h_ptr.dtype.element_ty), mask=row_mask[:, None])
 
@@ -104,14 +103,14 @@ def _expand_kernel(
 
 @triton.jit
 def _weight_grad_kernel(
-    left_ptr, right_ptr, grad_ptr, scale_ptr,
+    left_ptr, right_ptr, grad_ptr,
     chunks_ptr,
     N,
     stride_lm, stride_lr,
     stride_rm, stride_rn,
     stride_ga, stride_gr, stride_gn,
     R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_SCALE: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     # One program: one row chunk of one adapter times one column block; chunks of the same adapter meet in an fp32
     # atomic add into grad[adapter], which the caller zeroed.
@@ -140,10 +139,61 @@ def _weight_grad_kernel(
             left = left.to(tl.float32)
             right = right.to(tl.float32)
         acc = tl.dot(tl.trans(left), right, acc, input_precision=INPUT_PRECISION)
-    if HAS_SCALE:
-        acc = acc * tl.load(scale_ptr + adapter)
     g_ptrs = grad_ptr + adapter * stride_ga + ranks[:, None] * stride_gr + cols[None, :] * stride_gn
     tl.atomic_add(g_ptrs, acc, mask=col_mask[None, :])
+
+
+@triton.jit
+def _grad_h_and_b_kernel(
+    dy_ptr, b_ptr, h_ptr, grad_h_ptr, grad_bt_ptr, scale_ptr,
+    chunks_ptr,
+    N,
+    stride_dym, stride_dyn,
+    stride_ba, stride_bn, stride_br,
+    stride_hm, stride_hr,
+    stride_ghm, stride_ghr,
+    stride_ga, stride_gr, stride_gn,
+    R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    # Both gradients that read dY, from one read of it: per row tile, dH[rows] += scale_j dY[rows, cols] @ B_j[cols]
+    # (an fp32 atomic add: the column blocks of a row meet there) and, summed over the chunk's rows,
+    # dB_jᵀ[:, cols] += scale_j h[rows]ᵀ @ dY[rows, cols] (one atomic add per chunk, as in `_weight_grad_kernel`).
+    pid_n = tl.program_id(0)
+    chunk = tl.program_id(1)
+    adapter = tl.load(chunks_ptr + 3 * chunk).to(tl.int64)
+    row_start = tl.load(chunks_ptr + 3 * chunk + 1)
+    row_end = tl.load(chunks_ptr + 3 * chunk + 2)
+    scale = tl.load(scale_ptr + adapter)
+    ranks = tl.arange(0, R)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    offs_m = tl.arange(0, BLOCK_M)
+    b_tile = tl.load(
+        b_ptr + adapter * stride_ba + cols[:, None] * stride_bn + ranks[None, :] * stride_br,
+        mask=col_mask[:, None], other=0.0,
+    )
+    if DOT_FP32:
+        b_tile = b_tile.to(tl.float32)
+    acc_b = tl.full((R, BLOCK_N), 0.0, dtype=tl.float32)
+    for m0 in range(row_start, row_end, BLOCK_M):
+        rows = m0 + offs_m
+        row_mask = rows < row_end
+        rows = rows.to(tl.int64)
+        dy = tl.load(
+            dy_ptr + rows[:, None] * stride_dym + cols[None, :] * stride_dyn,
+            mask=row_mask[:, None] & col_mask[None, :], other=0.0,
+        )
+        h = tl.load(h_ptr + rows[:, None] * stride_hm + ranks[None, :] * stride_hr, mask=row_mask[:, None], other=0.0)
+        if DOT_FP32:
+            dy = dy.to(tl.float32)
+            h = h.to(tl.float32)
+        acc_b = tl.dot(tl.trans(h), dy, acc_b, input_precision=INPUT_PRECISION)
+        part_h = tl.dot(dy, b_tile, input_precision=INPUT_PRECISION) * scale
+        tl.atomic_add(grad_h_ptr + rows[:, None] * stride_ghm + ranks[None, :] * stride_ghr, part_h,
+                      mask=row_mask[:, None], sem="relaxed")
+    g_ptrs = grad_bt_ptr + adapter * stride_ga + ranks[:, None] * stride_gr + cols[None, :] * stride_gn
+    tl.atomic_add(g_ptrs, acc_b * scale, mask=col_mask[None, :], sem="relaxed")
 
 
 INTERPRETED = type(_shrink_kernel).__name__ == "InterpretedFunction"
