@@ -73,6 +73,7 @@ class Job:
     step: int = 0
     micro_batches: int = 0
     accumulated: int = 0
+    window_targets: int = 0  # target tokens in the micro-batches of the window under way
     done: bool = False
     error: str | None = None
 
@@ -83,6 +84,11 @@ class Job:
     @property
     def accumulation(self) -> int:
         return self.spec.hyperparameters.gradient_accumulation_steps
+
+    @property
+    def window_size(self) -> int:
+        """Micro-batches in the window under way: the accumulation, or fewer in the last window of the run."""
+        return min(self.accumulation, self.micro_batch_limit - (self.micro_batches - self.accumulated))
 
     @property
     def window_full(self) -> bool:
@@ -230,7 +236,7 @@ class Cohort:
                     non_finite[job_id] = loss_sum.item()
             if live:  # one backward for all; each job's loss reaches only its own adapter
                 job_losses = (loss_sum / max(1, targets[job_id]) for job_id, loss_sum in live.items())
-                sum(loss / self.jobs[job_id].accumulation for job_id, loss in zip(live, job_losses)).backward()
+                sum(loss / self.jobs[job_id].window_size for job_id, loss in zip(live, job_losses)).backward()
             for job_id, loss_sum in live.items():
                 loss_sums[job_id] += loss_sum.detach()
         # One host sync for the step: every job's loss, and the gradient norm of every job whose window is full.
@@ -238,6 +244,7 @@ class Cohort:
         for job_id in finished:
             self.jobs[job_id].micro_batches += 1
             self.jobs[job_id].accumulated += 1
+            self.jobs[job_id].window_targets += targets[job_id]
         stepping = [job_id for job_id in finished if self.jobs[job_id].window_full]
         norms = [self.jobs[job_id].optimizer.grad_norm() for job_id in stepping]
         losses = [loss_sums[job_id] / max(1, targets[job_id]) for job_id in finished]
@@ -275,14 +282,21 @@ class Cohort:
         if norm is None:
             return job.result(loss, tokens)
         lr = job.optimizer.lr
-        try:
-            job.optimizer.step(*norm)
-        except NonFiniteGradients as exc:
-            return self._fail(job, f"{exc} at step {job.step + 1}", loss, tokens)
+        grad_norm = None
+        if job.window_targets == 0:
+            # Nothing to learn from, so the weights stay as they are (AdamW would still move them by its momentum
+            # and weight decay); the step still counts toward the schedule and max_steps.
+            job.optimizer.skip_update()
+        else:
+            grad_norm = norm[1]
+            try:
+                job.optimizer.step(*norm)
+            except NonFiniteGradients as exc:
+                return self._fail(job, f"{exc} at step {job.step + 1}", loss, tokens)
         job.step += 1
-        job.accumulated = 0
+        job.accumulated = job.window_targets = 0
         job.done = job.step >= job.total_steps
-        result = job.result(loss, tokens, norm[1], lr)
+        result = job.result(loss, tokens, grad_norm, lr)
         result.checkpoint_due = job.done or job.step % job.spec.hyperparameters.checkpoint_every == 0
         return result
 
@@ -342,6 +356,7 @@ class Cohort:
                 "step": job.step,
                 "micro_batches": job.micro_batches,
                 "accumulated": job.accumulated,
+                "window_targets": job.window_targets,
                 "adapter": job.adapter.state_dict(),
                 "adapter_rng": job.adapter.rng_state(),
                 # Copies: on the kernel path a job's grads are views into buffers shared by the whole cohort, and
@@ -355,6 +370,8 @@ class Cohort:
 
     def _restore(self, job: Job, state: dict) -> None:
         job.step, job.micro_batches, job.accumulated = state["step"], state["micro_batches"], state["accumulated"]
+        # Checkpoints written before this field count their window as having targets: they always stepped it.
+        job.window_targets = state.get("window_targets", 1)
         job.done = job.step >= job.total_steps
         job.adapter.load_state_dict(state["adapter"])
         job.adapter.load_rng_state(state["adapter_rng"])

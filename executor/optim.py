@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -66,6 +67,14 @@ class JobOptimizer:
             torch.nn.utils.clip_grads_with_norm_(self.params, self.max_grad_norm, norm)
         self.optimizer.step()
         self.scheduler.step()
+        self.zero_grad()
+
+    def skip_update(self) -> None:
+        """End the window without touching the weights or AdamW's moments: advance the schedule, clear the grads."""
+        with warnings.catch_warnings():
+            # The scheduler warns when it steps before any optimizer step; skipping that step here is deliberate.
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\(\)` before")
+            self.scheduler.step()
         self.zero_grad()
 
     def zero_grad(self) -> None:

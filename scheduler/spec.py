@@ -64,7 +64,12 @@ class Hyperparameters(_Strict):
     epochs: int = Field(1, ge=1, le=100)
     max_steps: Optional[int] = Field(None, ge=1, le=1_000_000, description="stop after this many optimizer steps")
     batch_size: int = Field(4, ge=1, le=512, description="sequences per micro-batch")
-    gradient_accumulation_steps: int = Field(1, ge=1, le=1024)
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, le=1024,
+        description="micro-batches per optimizer step, their losses averaged; the run's last window may be shorter "
+                    "and averages its own micro-batches; a window whose micro-batches have no target tokens leaves "
+                    "the weights unchanged",
+    )
     learning_rate: float = Field(2e-4, gt=0, le=1.0)
     weight_decay: float = Field(0.0, ge=0, le=1.0)
     adam_beta1: float = Field(0.9, ge=0, lt=1)

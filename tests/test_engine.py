@@ -228,14 +228,16 @@ def peft_reference_run(model_dir, spec, dataset, initial):
     total_steps = math.ceil(data.steps_per_epoch * hp.epochs / hp.gradient_accumulation_steps)
     scheduler = get_linear_schedule_with_warmup(optimizer, hp.warmup_steps, total_steps)
     losses = []
-    for micro in range(data.steps_per_epoch * hp.epochs):
+    n_micro = data.steps_per_epoch * hp.epochs
+    for micro in range(n_micro):
         examples, _ = data.next_batch()
         token_losses = [F.cross_entropy(model(torch.tensor([e.input_ids])).logits[0, :-1], torch.tensor(e.labels[1:]),
                                         reduction="sum") for e in examples]
         loss = sum(token_losses) / sum(sum(1 for t in e.labels[1:] if t != -100) for e in examples)
-        (loss / hp.gradient_accumulation_steps).backward()
+        window_start = micro - micro % hp.gradient_accumulation_steps
+        (loss / min(hp.gradient_accumulation_steps, n_micro - window_start)).backward()  # the last may be shorter
         losses.append(loss.item())
-        if (micro + 1) % hp.gradient_accumulation_steps == 0:
+        if (micro + 1) % hp.gradient_accumulation_steps == 0 or micro + 1 == n_micro:
             torch.nn.utils.clip_grad_norm_(params, hp.max_grad_norm)
             optimizer.step()
             scheduler.step()
@@ -257,6 +259,44 @@ def test_matches_plain_peft_training(llama, datasets):
     want_losses, want = peft_reference_run(llama, spec, datasets["x"], initial)
     assert [r.loss for r in history["x"]] == pytest.approx(want_losses, rel=1e-5)
     assert_same_weights(weights(cohort, "x"), want)  # measured: 2.4e-6
+
+
+def test_a_last_partial_accumulation_window_is_the_mean_of_its_micro_batches(llama, datasets):
+    """10 examples in batches of 2 are 5 micro-batches: a window of 3, then one of 2, stepped with its own mean (dividing
+    it by 3 gave a 4e-2 relative error in the weights here). No clipping: it would rescale both to the same norm."""
+    spec = make_spec(llama, adapter={"r": 4, "lora_alpha": 16}, batch_size=2, epochs=1, gradient_accumulation_steps=3,
+                     lr_scheduler="linear", max_grad_norm=1e6, seed=4)
+    cohort = Cohort(llama)
+    cohort.add_job("x", spec, datasets["x"])
+    initial = weights(cohort, "x")
+    history = train(cohort)["x"]
+    assert [r.step for r in history] == [0, 0, 1, 1, 2] and history[-1].done
+    want_losses, want = peft_reference_run(llama, spec, datasets["x"], initial)
+    assert [r.loss for r in history] == pytest.approx(want_losses, rel=1e-5)
+    assert_same_weights(weights(cohort, "x"), want)
+
+
+def test_a_window_without_targets_leaves_the_weights_alone_after_real_steps(llama, tmp_path):
+    """AdamW would still move the weights by its momentum and weight decay; a window with nothing to learn must not."""
+    long_prompt = " ".join(["describe the quick brown fox and the lazy dog"] * 20)
+    rows = [{"instruction": "say", "input": "", "output": "yes it is"} if i % 2 else
+            {"instruction": f"{i} {long_prompt}", "input": "", "output": "no"} for i in range(8)]
+    spec = make_spec(llama, adapter={"r": 4}, batch_size=1, max_seq_len=96, max_steps=8, weight_decay=0.1, seed=1)
+    cohort = Cohort(llama)
+    cohort.add_job("j", spec, write_jsonl(tmp_path / "d.jsonl", rows))
+    learned, skipped = 0, 0
+    for _ in range(8):
+        before = weights(cohort, "j")
+        (result,) = cohort.step().values()
+        if result.tokens:
+            learned += 1
+            assert result.loss is not None
+        elif learned:  # a window with no targets after the optimizer has momentum
+            skipped += 1
+            assert_same_weights(weights(cohort, "j"), before, rtol=0)
+            assert result.loss is None and result.grad_norm is None
+    assert learned and skipped, (learned, skipped)
+    assert cohort.jobs["j"].step == 8 and cohort.jobs["j"].done
 
 
 def test_nan_loss_fails_that_job_alone(llama, datasets):
