@@ -109,6 +109,10 @@ def write_job_data(directory: Path, batch: str, job: int, vocab: int) -> Path:
     return path
 
 
+# The adapter every job trains, in the cohort and in the PEFT baseline alike (main sets the dropout from the command line).
+ADAPTER = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0}
+
+
 def job_spec(model_dir: Path, batch: str, job: int, quantization: str = "none"):
     from lorafleet.scheduler.spec import parse_spec
 
@@ -117,7 +121,7 @@ def job_spec(model_dir: Path, batch: str, job: int, quantization: str = "none"):
             "base_model": str(model_dir),
             "dataset": "unused",
             "quantization": quantization,
-            "adapter": {"r": 16, "lora_alpha": 32, "target_modules": list(PROJECTIONS)},
+            "adapter": {**ADAPTER, "target_modules": list(PROJECTIONS)},
             "hyperparameters": {
                 "batch_size": 4 if batch == "mixed" else int(batch.split("x")[0]),
                 "max_seq_len": 2048,
@@ -282,7 +286,7 @@ def peft_sequential(model_dir, batches: dict[str, int], vocab, warmup, steps, de
             model_dir, dtype=dtype, attn_implementation="sdpa", device_map={"": device},
             quantization_config=quantization_config(quantization, dtype),
         )
-    config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=list(PROJECTIONS), task_type="CAUSAL_LM")
+    config = LoraConfig(**ADAPTER, target_modules=list(PROJECTIONS), task_type="CAUSAL_LM")
     model = get_peft_model(base, config, adapter_name="init")
     model.train()
     out = {}
@@ -375,10 +379,13 @@ def main() -> None:
     parser.add_argument("--profile-step", default="", help="JOBSxBATCH: profile one whole Cohort.step (host and GPU)")
     parser.add_argument("--capacity", default="", help="4x512 cohort sizes to probe, e.g. 8,12,16,20")
     parser.add_argument("--pass-tokens", type=int, default=PASS_TOKENS, help="tokens per pass of the `passes` setting")
+    parser.add_argument("--lora-dropout", type=float, default=0.0,
+                        help="every job's LoRA dropout (the cohort then takes the unfused path: no fused dropout yet)")
     parser.add_argument("--workdir", default="/tmp/lorafleet-e2e")
     parser.add_argument("--out", default=".")
     args = parser.parse_args()
     PASS_TOKENS = args.pass_tokens
+    ADAPTER["lora_dropout"] = args.lora_dropout
 
     from lorafleet.executor.cohort import Cohort
 
@@ -394,6 +401,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     name = args.shape if args.quantization == "none" else f"{args.shape}_{args.quantization}"
+    name += f"_dropout{args.lora_dropout}" if args.lora_dropout else ""
 
     def log(message):
         print(f"[{time.perf_counter() - started:7.1f}s] {message}", flush=True)
@@ -401,6 +409,7 @@ def main() -> None:
     report = {
         "shape": args.shape,
         "quantization": args.quantization,
+        "lora_dropout": args.lora_dropout,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
