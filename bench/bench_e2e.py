@@ -146,7 +146,7 @@ def set_checkpointing(cohort, setting: str) -> None:
     layers = cohort.model.base_model.layers
     for layer in layers:
         layer.__dict__.pop("forward", None)  # back to the class's forward
-    checkpoint_layers(layers, cohort.routing, lambda: [], every)
+    checkpoint_layers(layers, cohort.routing, every)
     cohort.max_pass_tokens = PASS_TOKENS if passes else None
 
 

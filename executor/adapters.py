@@ -26,7 +26,7 @@ def _kaiming_uniform(rows: int, cols: int, generator: torch.Generator) -> torch.
 
 
 class Adapter(nn.Module):
-    """What every adapter kind shares: scale, dropout with the job's own RNG, and the layers it targets."""
+    """What every adapter kind shares: scale, dropout seeds from the job's own RNG, and the layers it targets."""
 
     def __init__(self, spec: AdapterSpec, layer_shapes: dict[str, tuple[int, int]], seed: int):
         super().__init__()
@@ -40,16 +40,14 @@ class Adapter(nn.Module):
         self.dropout_rng = torch.Generator().manual_seed(seed + 1)
 
     def place_dropout_rng(self, device: torch.device) -> None:
-        """Draw the masks on the cohort's device (a CPU-drawn mask per projection and step is far too slow on a GPU).
+        """Draw the seeds on the cohort's device (reading one back to the host would wait for the GPU).
         Call before the first draw: the stream starts from the job's seed on whichever device."""
         self.dropout_rng = torch.Generator(device=device).manual_seed(self.seed + 1)
 
-    def drop(self, x: torch.Tensor) -> torch.Tensor:
-        """Inverted dropout on this job's rows, with a mask drawn from the job's own generator."""
-        if self.dropout == 0.0 or not self.training:
-            return x
-        keep = torch.rand(x.shape, generator=self.dropout_rng, device=self.dropout_rng.device) >= self.dropout
-        return x * keep.to(x.device, x.dtype) / (1.0 - self.dropout)
+    def draw_dropout_seed(self) -> torch.Tensor:
+        """The next seed of this job's dropout masks (int64 [1] on the generator's device): one per forward, from
+        which every layer's mask is hashed (`kernels.LoraDropout`)."""
+        return torch.randint(0, 2**62, (1,), generator=self.dropout_rng, device=self.dropout_rng.device)
 
     def factors(self, layer: str) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError

@@ -9,8 +9,8 @@ accumulation is full), clipped by its own norm.
 With `max_pass_tokens` a step runs as several passes (forward + backward) over consecutive groups of whole sequences,
 each at most that many tokens (a longer sequence goes alone). Each job's loss is still divided by its target count
 over the whole step, so the summed gradients are the one-pass gradients; only the activations of one pass are held
-at a time. That fits large cohorts without recomputing activations. (With dropout the masks are drawn in a different
-order than in one pass: same distribution, other numbers.)
+at a time. That fits large cohorts without recomputing activations. (With dropout each pass draws its own seed per job,
+so the masks differ from one pass's: same distribution, other numbers.)
 
 A job whose data fails, or whose loss or gradient norm is not finite, is failed alone: its adapter is detached before
 its weights change, and nothing of it can reach the other jobs (their rows never meet its rows: attention is per
@@ -165,8 +165,7 @@ class Cohort:
         self.routing = RowRouting()
         self.jobs: dict[str, Job] = {}
         # checkpointing every n-th decoder layer (1: all) fits larger cohorts for 1/n of a layer's recomputation
-        generators = lambda: [job.adapter.dropout_rng for job in self.jobs.values()]  # noqa: E731
-        checkpoint_layers(self.model.base_model.layers, self.routing, generators, activation_checkpointing)
+        checkpoint_layers(self.model.base_model.layers, self.routing, activation_checkpointing)
 
     def active_jobs(self) -> list[str]:
         return [job_id for job_id, job in self.jobs.items() if job.active]
@@ -262,6 +261,7 @@ class Cohort:
     def _forward(self, batch: PackedBatch) -> dict[str, torch.Tensor]:
         """Job id -> the sum of its token losses over its rows of the packed row."""
         self.routing.segments = batch.rows
+        self.routing.dropout_seeds = self._dropout_seeds(batch)
         try:
             kwargs = packing_kwargs(batch.sequence_lengths, self.device)
             if chunked_head_loss_applies(self.model):
@@ -273,8 +273,20 @@ class Cohort:
                     logits.float(), batch.targets, ignore_index=IGNORE_INDEX, reduction="none"
                 )
         finally:
-            self.routing.segments = {}
+            self.routing.segments, self.routing.dropout_seeds = {}, None
         return {job_id: token_losses[start:end].sum() for job_id, (start, end) in batch.rows.items()}
+
+    def _dropout_seeds(self, batch: PackedBatch) -> torch.Tensor | None:
+        """One fresh seed per job for this forward's dropout masks, from the job's own generator (0 for jobs that
+        do not drop); None when none does."""
+        adapters = [self.jobs[job_id].adapter for job_id in batch.rows]
+        dropping = [adapter.dropout > 0 and adapter.training for adapter in adapters]
+        if not any(dropping):
+            return None
+        return torch.cat([
+            adapter.draw_dropout_seed().to(self.device) if drops else torch.zeros(1, dtype=torch.int64, device=self.device)
+            for adapter, drops in zip(adapters, dropping)
+        ])
 
     def _after_backward(self, job: Job, loss: float, tokens: int, norm: tuple[torch.Tensor, float] | None) -> StepResult:
         """Step the job's optimizer when its accumulation window is full (`norm`: its gradient norm, and its value)."""

@@ -12,18 +12,29 @@ model's own state.
 
 from __future__ import annotations
 
+import zlib
+
 import torch
 from torch import nn
 
 from lorafleet.executor.adapters import Adapter
-from lorafleet.kernels import lora_delta, lora_linear, lora_linear_multi, triton_enabled
+from lorafleet.kernels import LoraDropout, lora_delta, lora_linear, lora_linear_multi, triton_enabled
 
 
 class RowRouting:
-    """Job id -> (start, end) rows of the flattened packed batch, for the forward under way."""
+    """Job id -> (start, end) rows of the flattened packed batch, for the forward under way; on the kernel path also
+    every job's dropout seed for it (int64, in the order of `segments`), drawn from the job's own generator."""
 
     def __init__(self):
         self.segments: dict[str, tuple[int, int]] = {}
+        self.dropout_seeds: torch.Tensor | None = None
+
+    def seeds_of(self, jobs: list[str]) -> torch.Tensor:
+        if len(jobs) == len(self.segments):  # every job of the forward (jobs keep the order of `segments`)
+            return self.dropout_seeds
+        order = list(self.segments)
+        index = torch.tensor([order.index(job) for job in jobs], device=self.dropout_seeds.device)
+        return self.dropout_seeds[index]
 
 
 class MultiLoraLinear(nn.Module):
@@ -35,6 +46,8 @@ class MultiLoraLinear(nn.Module):
         self.in_features = base.in_features
         self.out_features = base.out_features
         self.adapters: dict[str, Adapter] = {}
+        # Which projection, for the dropout masks drawn in the kernels: the same seeds give each layer its own mask.
+        self.dropout_stream = zlib.crc32(name.encode())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         jobs = [job for job in self.routing.segments if job in self.adapters]
@@ -48,26 +61,26 @@ class MultiLoraLinear(nn.Module):
         flat = x.reshape(-1, x.shape[-1])
         segments = [self.routing.segments[job] for job in jobs]
         adapters = [self.adapters[job] for job in jobs]
-        lora_input = self._drop_rows(flat, segments, adapters) if self._dropout(adapters) else flat
         lora_a, lora_b = self._factors(adapters)
         lora_a, lora_b = [a.to(flat.dtype) for a in lora_a], [b.to(flat.dtype) for b in lora_b]
-        return y + lora_delta(lora_input, segments, lora_a, lora_b, self._scales(adapters)).view(y.shape)
+        delta = lora_delta(flat, segments, lora_a, lora_b, self._scales(adapters), dropout=self._dropout(jobs, adapters))
+        return y + delta.view(y.shape)
 
     def _forward_kernels(self, x: torch.Tensor, jobs: list[str]) -> torch.Tensor:
-        """The Triton path: the kernels read the fp32 master weights and cast them themselves, and add into the
-        base output in place (with a plain linear base, the LoRA dX into the base dX too)."""
+        """The Triton path: the kernels read the fp32 master weights and cast them themselves, draw the dropout masks
+        themselves, and share one tensor between the base output and the delta (with a plain linear base, between
+        the base dX and the LoRA dX too)."""
         flat = x.reshape(-1, x.shape[-1])
         segments = [self.routing.segments[job] for job in jobs]
         adapters = [self.adapters[job] for job in jobs]
         lora_a, lora_b = self._factors(adapters)
         scales = self._scales(adapters)
-        dropout = self._dropout(adapters)
-        if type(self.base) is nn.Linear and not dropout:
-            y = lora_linear(flat, self.base.weight, self.base.bias, segments, lora_a, lora_b, scales)
+        dropout = self._dropout(jobs, adapters)
+        if type(self.base) is nn.Linear:
+            y = lora_linear(flat, self.base.weight, self.base.bias, segments, lora_a, lora_b, scales, dropout=dropout)
         else:
             y = self.base(flat)
-            lora_input = self._drop_rows(flat, segments, adapters) if dropout else flat
-            lora_delta(lora_input, segments, lora_a, lora_b, scales, out=y)
+            lora_delta(flat, segments, lora_a, lora_b, scales, out=y, dropout=dropout)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     def _factors(self, adapters) -> tuple[list, list]:
@@ -78,21 +91,13 @@ class MultiLoraLinear(nn.Module):
     def _scales(adapters) -> list[float]:
         return [adapter.scale for adapter in adapters]
 
-    @staticmethod
-    def _dropout(adapters) -> bool:
-        return any(adapter.dropout > 0 for adapter in adapters)
-
-    @staticmethod
-    def _drop_rows(flat, segments, adapters) -> torch.Tensor:
-        # One split and one concat (slicing would give each piece a zero-filled full-size gradient).
-        ordered = sorted(zip(segments, adapters), key=lambda item: item[0][0])
-        bounds = sorted({0, flat.shape[0], *(row for (start, end), _ in ordered for row in (start, end))})
-        pieces = list(flat.split([end - start for start, end in zip(bounds[:-1], bounds[1:])]))
-        for (start, end), adapter in ordered:
-            if end > start:
-                piece = bounds.index(start)
-                pieces[piece] = adapter.drop(pieces[piece])
-        return torch.cat(pieces)
+    def _dropout(self, jobs: list[str], adapters) -> LoraDropout | None:
+        """This layer's dropout for the forward under way: each job's probability (0 in eval mode), the jobs' seeds
+        for it and this layer's stream; None when no job drops."""
+        probs = tuple(adapter.dropout if adapter.training else 0.0 for adapter in adapters)
+        if not any(probs):
+            return None
+        return LoraDropout(probs, self.routing.seeds_of(jobs), self.dropout_stream)
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, jobs={sorted(self.adapters)}"

@@ -73,7 +73,7 @@ class JobOptimizer:
         """End the window without touching the weights or AdamW's moments: advance the schedule, clear the grads."""
         with warnings.catch_warnings():
             # The scheduler warns when it steps before any optimizer step; skipping that step here is deliberate.
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\(\)` before")
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
             self.scheduler.step()
         self.zero_grad()
 

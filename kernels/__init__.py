@@ -13,10 +13,13 @@ import os
 import torch
 
 from lorafleet.kernels.reference import (
+    LoraDropout,
     check_lora_inputs,
     check_rms_norm_inputs,
     check_rotary_inputs,
     check_silu_mul_inputs,
+    dropout_keep_reference,
+    dropout_reference,
     lora_delta_reference,
     rms_norm_reference,
     rotary_reference,
@@ -44,21 +47,24 @@ def triton_enabled(x: torch.Tensor) -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("LORAFLEET_TRITON") == "1"
 
 
-def lora_delta(x, segments, lora_a, lora_b, scales, out=None):
-    """Segmented multi-adapter LoRA delta (contract in reference.py); with `out`, added into `out` in place.
+def lora_delta(x, segments, lora_a, lora_b, scales, out=None, dropout=None):
+    """Segmented multi-adapter LoRA delta (contract in reference.py); with `out`, added into `out` in place; with
+    `dropout` (a `LoraDropout`), of the dropped x.
 
-    On CUDA: torch._grouped_mm for the shapes where it measured faster, the Triton kernels otherwise."""
+    On CUDA: torch._grouped_mm for the shapes where it measured faster (without dropout), the Triton kernels
+    otherwise."""
     if triton_enabled(x):
-        if grouped_mm_wins(x, segments, lora_a):
+        if dropout is None and grouped_mm_wins(x, segments, lora_a):
             check_lora_inputs(x, segments, lora_a, lora_b, scales)
             delta = lora_delta_grouped_mm(x, segments, lora_a, lora_b, scales)
             return delta if out is None else out.add_(delta)
         if out is not None and out._is_view() and out.requires_grad:
             # autograd replays an in-place change of a view through the op's first input; ours is not `out`.
-            return out.add_(lora_delta_triton(x, segments, lora_a, lora_b, scales))
-        return lora_delta_triton(x, segments, lora_a, lora_b, scales, out=out)
+            return out.add_(lora_delta_triton(x, segments, lora_a, lora_b, scales, dropout=dropout))
+        return lora_delta_triton(x, segments, lora_a, lora_b, scales, out=out, dropout=dropout)
     check_lora_inputs(x, segments, lora_a, lora_b, scales)
-    delta = lora_delta_reference(x, segments, lora_a, lora_b, scales)
+    dropped = x if dropout is None else dropout_reference(x, segments, dropout)
+    delta = lora_delta_reference(dropped, segments, lora_a, lora_b, scales)
     return delta if out is None else out.add_(delta)
 
 
@@ -72,15 +78,16 @@ def lora_delta_multi(x, segments, lora_as, lora_bs, scales, outs=None):
     return deltas if outs is None else [out.add_(delta) for out, delta in zip(outs, deltas)]
 
 
-def lora_linear(x, weight, bias, segments, lora_a, lora_b, scales):
-    """A frozen linear layer plus its adapters' deltas, y = x Wᵀ + bias + lora_delta(x, ...), x [T, d_in].
+def lora_linear(x, weight, bias, segments, lora_a, lora_b, scales, dropout=None):
+    """A frozen linear layer plus its adapters' deltas, y = x Wᵀ + bias + lora_delta(x, ..., dropout), x [T, d_in].
 
-    On the Triton path one autograd node adds the delta into the base output and the LoRA dX into the base dX in place,
-    saving two passes over [T, d] tensors next to `F.linear(...) + lora_delta(...)`."""
+    On the Triton path one autograd node forms the base output and the delta in one tensor, and the base dX and the
+    LoRA dX in another, saving two passes over [T, d] tensors next to `F.linear(...) + lora_delta(...)`."""
     if triton_enabled(x):
-        return lora_linear_triton(x, weight, bias, segments, lora_a, lora_b, scales)
+        return lora_linear_triton(x, weight, bias, segments, lora_a, lora_b, scales, dropout=dropout)
     check_lora_inputs(x, segments, lora_a, lora_b, scales)
-    return torch.nn.functional.linear(x, weight, bias) + lora_delta_reference(x, segments, lora_a, lora_b, scales)
+    dropped = x if dropout is None else dropout_reference(x, segments, dropout)
+    return torch.nn.functional.linear(x, weight, bias) + lora_delta_reference(dropped, segments, lora_a, lora_b, scales)
 
 
 
@@ -127,7 +134,10 @@ def rotary(x, cos, sin):
 
 
 __all__ = [
+    "LoraDropout",
     "check_lora_inputs",
+    "dropout_keep_reference",
+    "dropout_reference",
     "lora_delta",
     "lora_delta_multi",
     "lora_delta_reference",

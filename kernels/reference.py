@@ -2,9 +2,63 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+
+_M32 = 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class LoraDropout:
+    """Inverted dropout on the adapters' input, one mask per adapter (rows of its segment) and projection.
+
+    probs[j]: adapter j's dropout probability; seeds[j]: its seed, an int64 tensor on x's device (a fresh seed per step
+    is then drawn on the device without a host sync); stream: the projection, so the same seeds give each projection
+    its own mask. Row t of segment j = (start_j, end_j), column c is kept when
+    hash32(seeds[j] + stream, (t - start_j) * d_in + c) >= threshold(p_j) (see `dropout_keep_reference`), and kept
+    values are scaled by 1 / (1 - p_j), as `torch.nn.Dropout` does: the mask depends on the job's own seed and rows
+    only, not on where the cohort packed them.
+    """
+
+    probs: tuple[float, ...]
+    seeds: torch.Tensor
+    stream: int
+
+
+def dropout_threshold(p: float) -> int:
+    """A 32-bit hash value at or above this is kept: probability 1 - p."""
+    return min(round(p * 2**32), _M32)
+
+
+def _fmix32(h: torch.Tensor) -> torch.Tensor:
+    # MurmurHash3's finalizer on uint32 values held in int64 (products wrap; only the low 32 bits are kept).
+    h = h ^ (h >> 16)
+    h = (h * 0x85EBCA6B) & _M32
+    h = h ^ (h >> 13)
+    h = (h * 0xC2B2AE35) & _M32
+    return h ^ (h >> 16)
+
+
+def dropout_keep_reference(seed: int, n_rows: int, n_cols: int, p: float) -> torch.Tensor:
+    """The kernels' keep mask [n_rows, n_cols] (bool) for one adapter's rows, seed = seeds[j] + stream."""
+    seed %= 2**64
+    key_lo = _fmix32(torch.tensor(seed & _M32))
+    key_hi = _fmix32(torch.tensor((seed >> 32) ^ 0x9E3779B9))
+    index = torch.arange(n_rows * n_cols, dtype=torch.int64).reshape(n_rows, n_cols)
+    hashed = _fmix32(_fmix32((index & _M32) ^ key_lo) ^ (index >> 32) ^ key_hi)
+    return hashed >= dropout_threshold(p)
+
+
+def dropout_reference(x: torch.Tensor, segments: Sequence[tuple[int, int]], dropout: LoraDropout) -> torch.Tensor:
+    """x with each segment's rows dropped as the kernels drop them (rows outside every segment unchanged)."""
+    out = x.clone()
+    for (start, end), p, seed in zip(segments, dropout.probs, dropout.seeds.tolist()):
+        if p > 0 and end > start:
+            keep = dropout_keep_reference(seed + dropout.stream, end - start, x.shape[1], p).to(x.device)
+            out[start:end] = x[start:end] * keep / (1.0 - p)
+    return out
 
 
 def lora_delta_reference(

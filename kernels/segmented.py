@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import triton
 
 from lorafleet.kernels import triton_lora
-from lorafleet.kernels.reference import check_lora_inputs
+from lorafleet.kernels.reference import LoraDropout, check_lora_inputs, dropout_threshold
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,8 @@ class _Plan:
     scales: torch.Tensor  # float32 [n_adapters]
     block_m: int
     covers_all_rows: bool
+    # Dropout (None without): per adapter the hash threshold (int64), 1 / (1 - p) (float32) and its first row (int32)
+    dropout: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
 
 
 def _pick_block_m(covered_rows: int, rank: int) -> int:
@@ -51,7 +53,7 @@ def _pick_block_m(covered_rows: int, rank: int) -> int:
 
 @functools.lru_cache(maxsize=512)
 def _plan(segments: tuple[tuple[int, int], ...], scales: tuple[float, ...], n_rows: int, device: torch.device,
-          rank: int) -> _Plan:
+          rank: int, dropout_probs: tuple[float, ...] = ()) -> _Plan:
     covered = sum(end - start for start, end in segments)
     block_m = _pick_block_m(covered, rank)
     # Weight-gradient chunks: about 16 over all rows, so that the reduction over rows runs in parallel.
@@ -64,13 +66,28 @@ def _plan(segments: tuple[tuple[int, int], ...], scales: tuple[float, ...], n_ro
     def as_tensor(items):
         return torch.tensor(items, dtype=torch.int32).reshape(-1, 3).to(device)
 
+    dropout = None
+    if any(p > 0 for p in dropout_probs):
+        dropout = (
+            torch.tensor([dropout_threshold(p) for p in dropout_probs], dtype=torch.int64).to(device),
+            torch.tensor([1.0 / (1.0 - p) for p in dropout_probs], dtype=torch.float32).to(device),
+            torch.tensor([start for start, _ in segments], dtype=torch.int32).to(device),
+        )
     return _Plan(
         tiles=as_tensor(tiles),
         chunks=as_tensor(chunks),
         scales=torch.tensor(scales, dtype=torch.float32).to(device),
         block_m=block_m,
         covers_all_rows=covered == n_rows,
+        dropout=dropout,
     )
+
+
+def _dropout_args(plan: _Plan, dropout: tuple[torch.Tensor, int] | None) -> tuple:
+    """The kernels' dropout arguments: seeds, thresholds, 1 / (1 - p), first rows, stream (placeholders without)."""
+    if dropout is None:
+        return (plan.scales, plan.scales, plan.scales, plan.scales, 0)
+    return (dropout[0], *plan.dropout, dropout[1])
 
 
 def _input_precision(dtype: torch.dtype) -> str:
@@ -79,8 +96,10 @@ def _input_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def _shrink(x: torch.Tensor, w: torch.Tensor, w_strides: tuple[int, int, int], rank: int, plan: _Plan) -> torch.Tensor:
-    """h[t] = x[t] @ W_j with W_j of shape [K, R] given by strides (adapter, k, r) over `w`."""
+def _shrink(x: torch.Tensor, w: torch.Tensor, w_strides: tuple[int, int, int], rank: int, plan: _Plan,
+            dropout: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
+    """h[t] = (dropped) x[t] @ W_j with W_j of shape [K, R] given by strides (adapter, k, r) over `w`; dropout:
+    (seeds, stream) with the plan's probabilities."""
     n_rows, k = x.shape
     h = (torch.empty if plan.covers_all_rows else torch.zeros)(n_rows, rank, dtype=x.dtype, device=x.device)
     n_tiles = plan.tiles.shape[0]
@@ -89,20 +108,23 @@ def _shrink(x: torch.Tensor, w: torch.Tensor, w_strides: tuple[int, int, int], r
     triton_lora._shrink_kernel[(n_tiles,)](
         x, w, h,
         plan.tiles,
+        *_dropout_args(plan, dropout),
         k,
         x.stride(0), x.stride(1),
         *w_strides,
         h.stride(0), h.stride(1),
         R=rank, BLOCK_M=plan.block_m, BLOCK_K=128 if rank <= 64 else 64,
-        INPUT_PRECISION=_input_precision(x.dtype), DOT_FP32=triton_lora.INTERPRETED,
+        DROPOUT=dropout is not None, INPUT_PRECISION=_input_precision(x.dtype), DOT_FP32=triton_lora.INTERPRETED,
         num_warps=4, num_stages=3,
     )
     return h
 
 
 def _expand(h: torch.Tensor, w: torch.Tensor, w_strides: tuple[int, int, int], n_cols: int, plan: _Plan,
-            scales: torch.Tensor | None, out: torch.Tensor | None) -> torch.Tensor:
-    """y[t] (+)= (scale_j) * h[t] @ V_j with V_j of shape [R, N] given by strides (adapter, r, n) over `w`."""
+            scales: torch.Tensor | None, out: torch.Tensor | None,
+            dropout: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
+    """y[t] (+)= (scale_j) * h[t] @ V_j with V_j of shape [R, N] given by strides (adapter, r, n) over `w`, through the
+    dropout mask of the input (for dX) when given."""
     n_rows, rank = h.shape
     if out is None:
         out = (torch.empty if plan.covers_all_rows else torch.zeros)(n_rows, n_cols, dtype=h.dtype, device=h.device)
@@ -116,20 +138,23 @@ def _expand(h: torch.Tensor, w: torch.Tensor, w_strides: tuple[int, int, int], n
     triton_lora._expand_kernel[(triton.cdiv(n_cols, block_n), n_tiles)](
         h, w, out, scales if scales is not None else plan.scales,
         plan.tiles,
+        *_dropout_args(plan, dropout),
         n_cols,
         h.stride(0), h.stride(1),
         *w_strides,
         out.stride(0), out.stride(1),
         R=rank, BLOCK_M=plan.block_m, BLOCK_N=block_n,
-        HAS_SCALE=scales is not None, ACCUMULATE=accumulate, INPUT_PRECISION=_input_precision(h.dtype),
+        HAS_SCALE=scales is not None, ACCUMULATE=accumulate, DROPOUT=dropout is not None,
+        INPUT_PRECISION=_input_precision(h.dtype),
         DOT_FP32=triton_lora.INTERPRETED,
         num_warps=4, num_stages=2,
     )
     return out
 
 
-def _weight_grad(left: torch.Tensor, right: torch.Tensor, n_adapters: int, plan: _Plan) -> torch.Tensor:
-    """Per adapter j: leftᵀ[rows_j] @ right[rows_j], fp32 [n_adapters, R, N]."""
+def _weight_grad(left: torch.Tensor, right: torch.Tensor, n_adapters: int, plan: _Plan,
+                 dropout: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
+    """Per adapter j: leftᵀ[rows_j] @ (dropped) right[rows_j], fp32 [n_adapters, R, N]."""
     rank = left.shape[1]
     n_cols = right.shape[1]
     n_chunks = plan.chunks.shape[0]
@@ -140,12 +165,13 @@ def _weight_grad(left: torch.Tensor, right: torch.Tensor, n_adapters: int, plan:
     triton_lora._weight_grad_kernel[(triton.cdiv(n_cols, block_n), n_chunks)](
         left, right, grad,
         plan.chunks,
+        *_dropout_args(plan, dropout),
         n_cols,
         left.stride(0), left.stride(1),
         right.stride(0), right.stride(1),
         grad.stride(0), grad.stride(1), grad.stride(2),
         R=rank, BLOCK_M=64, BLOCK_N=block_n,
-        INPUT_PRECISION=_input_precision(left.dtype), DOT_FP32=triton_lora.INTERPRETED,
+        DROPOUT=dropout is not None, INPUT_PRECISION=_input_precision(left.dtype), DOT_FP32=triton_lora.INTERPRETED,
         num_warps=4 if rank <= 64 else 8, num_stages=3,
     )
     return grad
@@ -188,9 +214,10 @@ class _SegmentedLora(torch.autograd.Function):
     autograd adding 2P [T, d_in] tensors; without biases the outputs are formed the same way, delta first."""
 
     @staticmethod
-    def forward(ctx, plan, n_adapters, ranks, has_outs, n_bases, x, *tensors):
+    def forward(ctx, plan, n_adapters, ranks, has_outs, n_bases, dropout, x, *tensors):
         """tensors: every projection's A's (projection-major), then its B's, then either the `outs` to add into
-        (has_outs) or the base layers' weights and then their biases (n_bases = P; a bias may be None)."""
+        (has_outs) or the base layers' weights and then their biases (n_bases = P; a bias may be None).
+        dropout: (seeds, stream) for one projection (P = 1), with the plan's probabilities, or None."""
         n_proj = len(ranks)
         n_leaves = n_proj * n_adapters
         flat_a, flat_b, rest = tensors[:n_leaves], tensors[n_leaves:2 * n_leaves], tensors[2 * n_leaves:]
@@ -212,7 +239,7 @@ class _SegmentedLora(torch.autograd.Function):
             a_stack = F.pad(a_stack, (0, 0, 0, rank_cat - sum(ranks)))
         b_stacks = [_stack_b(lora_b, rank, x.dtype) for lora_b, rank in zip(lora_bs, ranks)]
         # a_stack [n, R, d_in] read as W_j = A_jᵀ [d_in, R].
-        h = _shrink(x, a_stack, (a_stack.stride(0), a_stack.stride(2), a_stack.stride(1)), rank_cat, plan)
+        h = _shrink(x, a_stack, (a_stack.stride(0), a_stack.stride(2), a_stack.stride(1)), rank_cat, plan, dropout)
         deltas, offset = [], 0
         for b_stack, rank, out in zip(b_stacks, ranks, outs):
             # b_stack [n, d_out, R] read as V_j = B_jᵀ [R, d_out].
@@ -225,7 +252,7 @@ class _SegmentedLora(torch.autograd.Function):
         if has_outs:
             ctx.mark_dirty(*outs)
         ctx.save_for_backward(x, a_stack, h, *b_stacks, *weights)
-        ctx.plan, ctx.ranks, ctx.has_outs, ctx.n_bases = plan, ranks, has_outs, n_bases
+        ctx.plan, ctx.ranks, ctx.has_outs, ctx.n_bases, ctx.dropout = plan, ranks, has_outs, n_bases, dropout
         ctx.leaf_shapes = [(t.shape[0] if i < n_leaves else t.shape[1], t.dtype) for i, t in enumerate(flat_a + flat_b)]
         return tuple(deltas)
 
@@ -247,12 +274,12 @@ class _SegmentedLora(torch.autograd.Function):
             offset += rank
         grad_h = grad_h32.to(x.dtype)
         n_leaves = n_proj * n_adapters
-        first_base = 6 + 2 * n_leaves  # index of the first base weight among forward's inputs
+        first_base = 7 + 2 * n_leaves  # index of the first base weight among forward's inputs
         grad_x = None
-        if ctx.needs_input_grad[5]:
+        if ctx.needs_input_grad[6]:
             # dX[t] = dH[t] @ A_j written by the expand, then the bases' sum_p dY_p W_p added by the GEMMs themselves.
             grad_x = _expand(grad_h, a_stack, (a_stack.stride(0), a_stack.stride(1), a_stack.stride(2)), x.shape[1],
-                             plan, None, None)
+                             plan, None, None, ctx.dropout)
             for grad_delta, weight in zip(grad_deltas, weights):
                 if grad_delta is not None:
                     grad_x.addmm_(grad_delta, weight)
@@ -263,8 +290,8 @@ class _SegmentedLora(torch.autograd.Function):
         # Cast each stacked gradient once: one cast per adapter costs ~20 us of host time each.
         leaf_dtypes = {dtype for _, dtype in ctx.leaf_shapes}
         grad_dtype = leaf_dtypes.pop() if len(leaf_dtypes) == 1 else torch.float32
-        needs_a = any(ctx.needs_input_grad[6:6 + n_leaves])
-        grad_a_cat = _weight_grad(grad_h, x, n_adapters, plan).to(grad_dtype) if needs_a else None
+        needs_a = any(ctx.needs_input_grad[7:7 + n_leaves])
+        grad_a_cat = _weight_grad(grad_h, x, n_adapters, plan, ctx.dropout).to(grad_dtype) if needs_a else None
         grads_a, grads_b, offset = [], [], 0
         for p, (grad_bt, rank) in enumerate(zip(grads_bt, ranks)):
             a_shapes = ctx.leaf_shapes[p * n_adapters:(p + 1) * n_adapters]
@@ -280,7 +307,7 @@ class _SegmentedLora(torch.autograd.Function):
                 grads_b += [grad_bt[j, :r].t().to(dtype) for j, (r, dtype) in enumerate(b_shapes)]
             offset += rank
         grads_out = list(grad_deltas) if ctx.has_outs else []
-        return (None, None, None, None, None, grad_x, *grads_a, *grads_b, *grads_out, *grad_weights, *grad_biases)
+        return (None, None, None, None, None, None, grad_x, *grads_a, *grads_b, *grads_out, *grad_weights, *grad_biases)
 
 
 def padded_rank(ranks: Sequence[int]) -> int:
@@ -303,13 +330,30 @@ def _stack_b(lora_b: Sequence[torch.Tensor], rank: int, dtype: torch.dtype) -> t
     return torch.stack([F.pad(b.to(dtype), (0, rank - b.shape[1])) for b in lora_b])
 
 
-def lora_delta_triton(x, segments, lora_a, lora_b, scales, out=None):
+def _check_dropout(dropout: LoraDropout | None, n_proj: int, segments, x: torch.Tensor):
+    """(probabilities for the plan, (seeds, stream) for the kernels); raises ValueError for unusable dropout."""
+    if dropout is None or not any(p > 0 for p in dropout.probs):
+        return (), None
+    if n_proj != 1:
+        raise ValueError(f"dropout draws one mask per projection: pass one projection, not {n_proj}")
+    if len(dropout.probs) != len(segments) or dropout.seeds.shape != (len(segments),):
+        raise ValueError(f"dropout needs one probability and one seed per segment: {len(segments)} segments, "
+                         f"{len(dropout.probs)} probabilities, seeds of shape {tuple(dropout.seeds.shape)}")
+    if not all(0.0 <= p < 1.0 for p in dropout.probs):
+        raise ValueError(f"dropout probabilities must be in [0, 1), got {list(dropout.probs)}")
+    if dropout.seeds.dtype != torch.int64 or dropout.seeds.device != x.device:
+        raise ValueError(f"dropout seeds must be int64 on {x.device}, got {dropout.seeds.dtype} on {dropout.seeds.device}")
+    return tuple(float(p) for p in dropout.probs), (dropout.seeds, int(dropout.stream))
+
+
+def lora_delta_triton(x, segments, lora_a, lora_b, scales, out=None, dropout=None):
     """`lora_delta_reference` on the Triton kernels; with `out`, the delta is added into `out` in place and `out` is
-    returned (the base layer's output, say)."""
-    return lora_delta_multi_triton(x, segments, [lora_a], [lora_b], scales, outs=None if out is None else [out])[0]
+    returned (the base layer's output, say). dropout: a `LoraDropout` applied to x on the adapters' side."""
+    outs = None if out is None else [out]
+    return lora_delta_multi_triton(x, segments, [lora_a], [lora_b], scales, outs=outs, dropout=dropout)[0]
 
 
-def lora_delta_multi_triton(x, segments, lora_as, lora_bs, scales, outs=None):
+def lora_delta_multi_triton(x, segments, lora_as, lora_bs, scales, outs=None, dropout=None):
     """Deltas of several projections that share the input x, reading x once.
 
     lora_as[p][j] / lora_bs[p][j]: adapter j's A [r_pj, d_in] and B [d_out_p, r_pj] of projection p (e.g. p = q, k, v);
@@ -322,20 +366,22 @@ def lora_delta_multi_triton(x, segments, lora_as, lora_bs, scales, outs=None):
     if not segments:
         deltas = [x.new_zeros(x.shape[0], 0) for _ in lora_as]
         return deltas if outs is None else list(outs)
+    probs, dropout = _check_dropout(dropout, len(lora_as), segments, x)
     ranks = [padded_rank([a.shape[0] for a in lora_a]) for lora_a in lora_as]
-    plan = _plan(segments, tuple(float(s) for s in scales), x.shape[0], x.device, padded_rank([sum(ranks)]))
+    plan = _plan(segments, tuple(float(s) for s in scales), x.shape[0], x.device, padded_rank([sum(ranks)]), probs)
     flat = [a for lora_a in lora_as for a in lora_a] + [b for lora_b in lora_bs for b in lora_b]
-    return list(_SegmentedLora.apply(plan, len(segments), ranks, outs is not None, 0, x, *flat, *(outs or [])))
+    return list(_SegmentedLora.apply(plan, len(segments), ranks, outs is not None, 0, dropout, x, *flat,
+                                     *(outs or [])))
 
 
-def lora_linear_triton(x, weight, bias, segments, lora_a, lora_b, scales):
-    """A whole multi-LoRA layer, y = x Wᵀ + bias + lora_delta(x, ...), as one autograd node: the delta is added into the
-    base output in place and the LoRA dX into the base dX in place (W may be frozen; its gradient is computed only
+def lora_linear_triton(x, weight, bias, segments, lora_a, lora_b, scales, dropout=None):
+    """A whole multi-LoRA layer, y = x Wᵀ + bias + lora_delta(dropout(x), ...), as one autograd node: the delta and the
+    base output share one tensor, and so do the LoRA dX and the base dX (W may be frozen; its gradient is computed only
     when it requires one)."""
-    return lora_linear_multi_triton(x, [weight], [bias], segments, [lora_a], [lora_b], scales)[0]
+    return lora_linear_multi_triton(x, [weight], [bias], segments, [lora_a], [lora_b], scales, dropout=dropout)[0]
 
 
-def lora_linear_multi_triton(x, weights, biases, segments, lora_as, lora_bs, scales):
+def lora_linear_multi_triton(x, weights, biases, segments, lora_as, lora_bs, scales, dropout=None):
     """Several such layers that read the same x (q/k/v, gate/up) as one autograd node: one shrink reads x for every
     projection's adapters, and the input gradient is one tensor that the base GEMMs accumulate into (addmm) and the
     LoRA dX is added into in place. weights[p] [d_out_p, d_in], biases[p] [d_out_p] or None; returns the P outputs."""
@@ -348,7 +394,9 @@ def lora_linear_multi_triton(x, weights, biases, segments, lora_as, lora_bs, sca
     segments = tuple((int(s), int(e)) for s, e in segments)
     if not segments:
         return [F.linear(x, weight, bias) for weight, bias in zip(weights, biases)]
+    probs, dropout = _check_dropout(dropout, len(weights), segments, x)
     ranks = [padded_rank([a.shape[0] for a in lora_a]) for lora_a in lora_as]
-    plan = _plan(segments, tuple(float(s) for s in scales), x.shape[0], x.device, padded_rank([sum(ranks)]))
+    plan = _plan(segments, tuple(float(s) for s in scales), x.shape[0], x.device, padded_rank([sum(ranks)]), probs)
     flat = [a for lora_a in lora_as for a in lora_a] + [b for lora_b in lora_bs for b in lora_b]
-    return list(_SegmentedLora.apply(plan, len(segments), ranks, False, len(weights), x, *flat, *weights, *biases))
+    return list(_SegmentedLora.apply(plan, len(segments), ranks, False, len(weights), dropout, x, *flat, *weights,
+                                     *biases))

@@ -9,6 +9,9 @@ R is the padded rank (a power of two, at least 16, because `tl.dot` needs 16 alo
 - `weight_grad`: grad[j] += left[rows_c]ᵀ @ right[rows_c]            dA_j = dHᵀ x, per row chunk c
 - `grad_h_and_b`: dH[t] += scale_j dY[t] @ B_j and dB_jᵀ += scale_j h[rows_c]ᵀ @ dY[rows_c] from one read of dY
 
+With DROPOUT the x read by the shrink and by dA, and dX written by the expand, go through each adapter's dropout mask,
+regenerated from a counter-based hash of (seed, row within the segment, column) instead of being stored.
+
 Strides are passed explicitly so one kernel serves both the forward and the transposed backward use of a weight.
 
 DOT_FP32 upcasts the operands of every `tl.dot` to fp32. Only the interpreter needs it: Triton 3.9's interpreter
@@ -25,15 +28,37 @@ import triton.language as tl
 
 
 @triton.jit
+def _fmix32(h):
+    h = h ^ (h >> 16)
+    h = h * 0x85EBCA6B
+    h = h ^ (h >> 13)
+    h = h * 0xC2B2AE35
+    return h ^ (h >> 16)
+
+
+@triton.jit
+def _dropout_scale(seed_ptr, threshold_ptr, inv_keep_ptr, starts_ptr, stream, adapter, rows, cols, n_cols):
+    """[rows, cols] fp32: 1 / (1 - p_j) where adapter j keeps x[row, col], else 0 (`dropout_keep_reference`)."""
+    seed = tl.load(seed_ptr + adapter) + stream
+    key_lo = _fmix32((seed & 0xFFFFFFFF).to(tl.uint32))
+    key_hi = _fmix32(((seed >> 32) & 0xFFFFFFFF).to(tl.uint32) ^ 0x9E3779B9)
+    index = (rows - tl.load(starts_ptr + adapter).to(tl.int64))[:, None] * n_cols + cols[None, :]
+    hashed = _fmix32(_fmix32((index & 0xFFFFFFFF).to(tl.uint32) ^ key_lo) ^ (index >> 32).to(tl.uint32) ^ key_hi)
+    keep = hashed.to(tl.int64) >= tl.load(threshold_ptr + adapter)
+    return tl.where(keep, tl.load(inv_keep_ptr + adapter), 0.0)
+
+
+@triton.jit
 def _shrink_kernel(
     x_ptr, w_ptr, h_ptr,
     tiles_ptr,
+    seed_ptr, threshold_ptr, inv_keep_ptr, starts_ptr, stream,
     K,
     stride_xm, stride_xk,
     stride_wa, stride_wk, stride_wr,
     stride_hm, stride_hr,
     R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     tile = tl.program_id(0)
     adapter = tl.load(tiles_ptr + 3 * tile).to(tl.int64)
@@ -51,6 +76,9 @@ def _shrink_kernel(
         k = k0 + offs_k
         k_mask = k < K
         x_tile = tl.load(x_rows + k[None, :] * stride_xk, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        if DROPOUT:
+            drop = _dropout_scale(seed_ptr, threshold_ptr, inv_keep_ptr, starts_ptr, stream, adapter, rows, k, K)
+            x_tile = (x_tile.to(tl.float32) * drop).to(x_ptr.dtype.element_ty)
         w_tile = tl.load(w_base + k[:, None] * stride_wk, mask=k_mask[:, None], other=0.0)
         if DOT_FP32:
             x_tile = x_tile.to(tl.float32)
@@ -64,12 +92,14 @@ def _shrink_kernel(
 def _expand_kernel(
     h_ptr, w_ptr, y_ptr, scale_ptr,
     tiles_ptr,
+    seed_ptr, threshold_ptr, inv_keep_ptr, starts_ptr, stream,
     N,
     stride_hm, stride_hr,
     stride_wa, stride_wr, stride_wn,
     stride_ym, stride_yn,
     R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_SCALE: tl.constexpr, ACCUMULATE: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    HAS_SCALE: tl.constexpr, ACCUMULATE: tl.constexpr, DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr,
 ):
     # Axis 0 walks the output columns so that the programs sharing one h tile run together (h stays in L2).
     pid_n = tl.program_id(0)
@@ -94,6 +124,8 @@ def _expand_kernel(
     acc = tl.dot(h_tile, w_tile, input_precision=INPUT_PRECISION)
     if HAS_SCALE:
         acc = acc * tl.load(scale_ptr + adapter)
+    if DROPOUT:  # the input gradient through the dropped input
+        acc = acc * _dropout_scale(seed_ptr, threshold_ptr, inv_keep_ptr, starts_ptr, stream, adapter, rows, cols, N)
     y_ptrs = y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn
     mask = row_mask[:, None] & col_mask[None, :]
     if ACCUMULATE:
@@ -105,12 +137,13 @@ def _expand_kernel(
 def _weight_grad_kernel(
     left_ptr, right_ptr, grad_ptr,
     chunks_ptr,
+    seed_ptr, threshold_ptr, inv_keep_ptr, starts_ptr, stream,
     N,
     stride_lm, stride_lr,
     stride_rm, stride_rn,
     stride_ga, stride_gr, stride_gn,
     R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     # One program: one row chunk of one adapter times one column block; chunks of the same adapter meet in an fp32
     # atomic add into grad[adapter], which the caller zeroed.
@@ -135,6 +168,9 @@ def _weight_grad_kernel(
             right_ptr + rows[:, None] * stride_rm + cols[None, :] * stride_rn,
             mask=row_mask[:, None] & col_mask[None, :], other=0.0,
         )
+        if DROPOUT:  # right is the input x: dA_j = dHᵀ dropped(x)
+            drop = _dropout_scale(seed_ptr, threshold_ptr, inv_keep_ptr, starts_ptr, stream, adapter, rows, cols, N)
+            right = (right.to(tl.float32) * drop).to(right_ptr.dtype.element_ty)
         if DOT_FP32:
             left = left.to(tl.float32)
             right = right.to(tl.float32)

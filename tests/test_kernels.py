@@ -284,7 +284,7 @@ def test_frozen_adapters_give_only_the_input_gradient():
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_multi_lora_layer_on_the_triton_path_matches_the_reference_path(monkeypatch, dropout):
-    """The engine's layer: lora_linear (no dropout) or the in-place delta (dropout) vs the reference path."""
+    """The engine's layer on the kernels vs the reference path, the same dropout masks on both."""
     from lorafleet.executor.adapters import build_adapter
     from lorafleet.executor.multilora import MultiLoraLinear, RowRouting
     from lorafleet.scheduler.spec import AdapterSpec
@@ -298,12 +298,12 @@ def test_multi_lora_layer_on_the_triton_path_matches_the_reference_path(monkeypa
         torch.nn.init.normal_(adapter.lora_B[0])
         layer.adapters[job] = adapter
     routing.segments = {"a": (0, 5), "b": (7, 19)}
+    routing.dropout_seeds = torch.tensor([11, 12])
     x = torch.randn(1, 20, 32)
 
     def run(triton: bool):
         monkeypatch.setenv("LORAFLEET_TRITON", "1" if triton else "0")
         for adapter in layer.adapters.values():
-            adapter.dropout_rng.manual_seed(7)
             adapter.zero_grad()
         inputs = x.clone().requires_grad_()
         y = layer(inputs)
@@ -398,3 +398,70 @@ def test_cohort_on_the_kernel_path_fuses_shared_input_projections_and_matches_th
             for g, w in zip(got[job][name], pair):
                 # Adam divides by the gradients' own size: rounding in the small second-step gradients shows as ~1e-4
                 assert rel_error(g, w.double()) < 1e-3, (job, name)
+
+
+def test_dropout_masks_keep_the_right_share_independently_per_stream_and_seed():
+    p = 0.3
+    a = kernels.dropout_keep_reference(5 + 11, 200, 64, p)
+    b = kernels.dropout_keep_reference(5 + 12, 200, 64, p)  # the next stream of the same seed
+    c = kernels.dropout_keep_reference(6 + 11, 200, 64, p)  # another seed
+    for mask in (a, b, c):
+        assert abs(mask.float().mean().item() - (1 - p)) < 0.01
+    for other in (b, c):  # independent masks agree on (1-p)^2 + p^2 of the elements
+        assert abs((a == other).float().mean().item() - ((1 - p) ** 2 + p ** 2)) < 0.01
+    assert torch.equal(a, kernels.dropout_keep_reference(16, 200, 64, p))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_out", [False, True])  # lora_linear (plain bases) or the delta into `out` (bitsandbytes)
+def test_dropout_in_the_kernels_matches_the_float64_reference(dtype, with_out):
+    segments = [(40, 70), (3, 20), (20, 20), (21, 22), (22, 37)]
+    x, lora_a, lora_b, scales = make_case(75, 48, 40, [4, 1, 8, 3, 16], dtype, seed=21)
+    weight = torch.randn(40, 48).to(dtype)
+    dropout = kernels.LoraDropout(probs=(0.25, 0.0, 0.5, 0.1, 0.6),
+                                  seeds=torch.tensor([7, 8, 9, -3, 2**40], dtype=torch.int64), stream=1234)
+    if with_out:
+        y = lora_delta_triton(x, segments, lora_a, lora_b, scales, out=x @ weight.t(), dropout=dropout)
+    else:
+        y = kernels.lora_linear_triton(x, weight, None, segments, lora_a, lora_b, scales, dropout=dropout)
+    grad = torch.randn(y.shape).to(dtype)
+    leaves = [x, *lora_a, *lora_b]
+    got = [y, *torch.autograd.grad(y, leaves, grad)]
+
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    x64 = leaves64[0]
+    y64 = x64 @ weight.double().t() + lora_delta_reference(
+        kernels.dropout_reference(x64, segments, dropout), segments, leaves64[1:6], leaves64[6:], scales)
+    want = [y64, *torch.autograd.grad(y64, leaves64, grad.double())]
+    for i, (g, w) in enumerate(zip(got, want)):
+        if w.norm() == 0:
+            assert torch.count_nonzero(g) == 0, i
+        else:
+            assert rel_error(g, w) < REL_TOL[dtype], (i, rel_error(g, w))
+    # and the mask differs from no dropout at all
+    plain = kernels.lora_linear_triton(x, weight, None, segments, lora_a, lora_b, scales)
+    assert rel_error(plain.detach(), y.detach().double()) > 0.05
+
+
+def test_a_jobs_dropout_mask_does_not_depend_on_where_its_rows_are_packed():
+    x, lora_a, lora_b, scales = make_case(40, 32, 24, [8], torch.float32, seed=22)
+    seeds = torch.tensor([99], dtype=torch.int64)
+    dropout = kernels.LoraDropout(probs=(0.4,), seeds=seeds, stream=5)
+    rows = x.detach()[:10]
+    placed = torch.cat([torch.zeros(20, 32), rows, torch.zeros(10, 32)])
+    at_start = lora_delta_triton(rows, [(0, 10)], lora_a, lora_b, scales, dropout=dropout)
+    at_20 = lora_delta_triton(placed, [(20, 30)], lora_a, lora_b, scales, dropout=dropout)
+    assert torch.allclose(at_start, at_20[20:30], rtol=1e-5, atol=1e-6)
+
+
+def test_dropout_refuses_what_it_cannot_do():
+    x, lora_a, lora_b, scales = make_case(20, 16, 16, [4, 4], torch.float32, seed=23)
+    dropout = kernels.LoraDropout(probs=(0.1, 0.1), seeds=torch.tensor([1, 2]), stream=0)
+    with pytest.raises(ValueError, match="one mask per projection"):
+        lora_delta_multi_triton(x, [(0, 10), (10, 20)], [lora_a, lora_a], [lora_b, lora_b], scales, dropout=dropout)
+    with pytest.raises(ValueError, match="one probability and one seed per segment"):
+        lora_delta_triton(x, [(0, 10), (10, 20)], lora_a, lora_b, scales,
+                          dropout=kernels.LoraDropout(probs=(0.1,), seeds=torch.tensor([1]), stream=0))
+    with pytest.raises(ValueError, match=r"in \[0, 1\)"):
+        lora_delta_triton(x, [(0, 10), (10, 20)], lora_a, lora_b, scales,
+                          dropout=kernels.LoraDropout(probs=(0.1, 1.0), seeds=torch.tensor([1, 2]), stream=0))
