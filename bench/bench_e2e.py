@@ -208,13 +208,14 @@ def base_vs_adapters(cohort, device, repeats: int) -> dict:
     def forward_backward(adapters: bool):
         for batch in batches:
             cohort.routing.segments = batch.rows if adapters else {}
+            cohort.routing.dropout_seeds = cohort.dropout_seeds(batch) if adapters else None
             try:
                 kwargs = packing_kwargs(batch.sequence_lengths, device)
                 embeds = model.get_input_embeddings()(batch.input_ids).requires_grad_(not adapters)
                 hidden = model.base_model(inputs_embeds=embeds, use_cache=False, **kwargs).last_hidden_state[0]
                 token_losses(hidden, model.lm_head.weight, batch.targets).sum().backward()
             finally:
-                cohort.routing.segments = {}
+                cohort.routing.segments, cohort.routing.dropout_seeds = {}, None
         for job in cohort.jobs.values():
             job.optimizer.zero_grad()
 

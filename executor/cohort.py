@@ -261,7 +261,7 @@ class Cohort:
     def _forward(self, batch: PackedBatch) -> dict[str, torch.Tensor]:
         """Job id -> the sum of its token losses over its rows of the packed row."""
         self.routing.segments = batch.rows
-        self.routing.dropout_seeds = self._dropout_seeds(batch)
+        self.routing.dropout_seeds = self.dropout_seeds(batch)
         try:
             kwargs = packing_kwargs(batch.sequence_lengths, self.device)
             if chunked_head_loss_applies(self.model):
@@ -276,7 +276,7 @@ class Cohort:
             self.routing.segments, self.routing.dropout_seeds = {}, None
         return {job_id: token_losses[start:end].sum() for job_id, (start, end) in batch.rows.items()}
 
-    def _dropout_seeds(self, batch: PackedBatch) -> torch.Tensor | None:
+    def dropout_seeds(self, batch: PackedBatch) -> torch.Tensor | None:
         """One fresh seed per job for this forward's dropout masks, from the job's own generator (0 for jobs that
         do not drop); None when none does."""
         adapters = [self.jobs[job_id].adapter for job_id in batch.rows]

@@ -30,6 +30,9 @@ class RowRouting:
         self.dropout_seeds: torch.Tensor | None = None
 
     def seeds_of(self, jobs: list[str]) -> torch.Tensor:
+        if self.dropout_seeds is None:
+            raise RuntimeError("jobs with dropout need this forward's seeds in RowRouting.dropout_seeds "
+                               "(Cohort.dropout_seeds(batch) draws them)")
         if len(jobs) == len(self.segments):  # every job of the forward (jobs keep the order of `segments`)
             return self.dropout_seeds
         order = list(self.segments)

@@ -7,7 +7,15 @@ import random
 import pytest
 import torch
 
-from lorafleet.kernels import lora_delta, lora_delta_multi, lora_delta_reference, lora_linear, lora_linear_multi
+from lorafleet.kernels import (
+    LoraDropout,
+    dropout_reference,
+    lora_delta,
+    lora_delta_multi,
+    lora_delta_reference,
+    lora_linear,
+    lora_linear_multi,
+)
 
 pytestmark = [
     pytest.mark.gpu,
@@ -117,6 +125,29 @@ def test_lora_linear_matches_base_plus_reference():
     got = [y, *torch.autograd.grad(y, [x, *lora_a, *lora_b], grad)]
     leaves = [t.detach().double().requires_grad_() for t in [x, *lora_a, *lora_b]]
     y64 = leaves[0] @ weight.double().t() + lora_delta_reference(leaves[0], segments, leaves[1:9], leaves[9:], scales)
+    want = [y64, *torch.autograd.grad(y64, leaves, grad.double())]
+    for index, (g, w) in enumerate(zip(got, want)):
+        assert rel_error(g, w) < REL_TOL[dtype], (index, rel_error(g, w))
+
+
+def test_lora_linear_with_dropout_matches_the_masks_of_the_reference():
+    """The hashed dropout masks on the GPU are those of `dropout_reference`, at 8192 tokens, 8 adapters, p 0-0.3."""
+    torch.manual_seed(9)
+    n_rows, dtype = 8192, torch.bfloat16
+    segments = ragged_segments(n_rows, 8, seed=10)
+    x = torch.randn(n_rows, D, device="cuda", dtype=dtype, requires_grad=True)
+    weight = torch.randn(D, D, device="cuda", dtype=dtype) / D**0.5
+    lora_a = [(torch.randn(16, D, device="cuda", dtype=dtype) / D**0.5).requires_grad_() for _ in range(8)]
+    lora_b = [torch.randn(D, 16, device="cuda", dtype=dtype).requires_grad_() for _ in range(8)]
+    scales = [2.0] * 8
+    dropout = LoraDropout(probs=(0.1, 0.0, 0.05, 0.3, 0.1, 0.1, 0.2, 0.1),
+                          seeds=torch.randint(0, 2**62, (8,), device="cuda"), stream=2024)
+    y = lora_linear(x, weight, None, segments, lora_a, lora_b, scales, dropout=dropout)
+    grad = torch.randn_like(y)
+    got = [y, *torch.autograd.grad(y, [x, *lora_a, *lora_b], grad)]
+    leaves = [t.detach().double().requires_grad_() for t in [x, *lora_a, *lora_b]]
+    dropped = dropout_reference(leaves[0], segments, dropout)
+    y64 = leaves[0] @ weight.double().t() + lora_delta_reference(dropped, segments, leaves[1:9], leaves[9:], scales)
     want = [y64, *torch.autograd.grad(y64, leaves, grad.double())]
     for index, (g, w) in enumerate(zip(got, want)):
         assert rel_error(g, w) < REL_TOL[dtype], (index, rel_error(g, w))
