@@ -109,7 +109,8 @@ def write_job_data(directory: Path, batch: str, job: int, vocab: int) -> Path:
     return path
 
 
-# The adapter every job trains, in the cohort and in the PEFT baseline alike (main sets the dropout from the command line).
+# The adapter every job trains, in the cohort and in the PEFT baseline alike (main sets the dropout from the
+# command line).
 ADAPTER = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0}
 
 

@@ -32,7 +32,8 @@ def time_ms(fn) -> float:
 
 def shrink_case(tokens, k, rank, block_m, block_k, warps, stages):
     segments = ragged(tokens, 8)
-    tiles = torch.tensor([(j, r, min(r + block_m, e)) for j, (s, e) in enumerate(segments) for r in range(s, e, block_m)],
+    tiles = torch.tensor([(j, r, min(r + block_m, e))
+                          for j, (s, e) in enumerate(segments) for r in range(s, e, block_m)],
                          dtype=torch.int32, device="cuda")
     x = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(8, rank, k, device="cuda", dtype=torch.bfloat16)

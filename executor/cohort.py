@@ -283,10 +283,9 @@ class Cohort:
         dropping = [adapter.dropout > 0 and adapter.training for adapter in adapters]
         if not any(dropping):
             return None
-        return torch.cat([
-            adapter.draw_dropout_seed().to(self.device) if drops else torch.zeros(1, dtype=torch.int64, device=self.device)
-            for adapter, drops in zip(adapters, dropping)
-        ])
+        no_seed = torch.zeros(1, dtype=torch.int64, device=self.device)
+        return torch.cat([adapter.draw_dropout_seed().to(self.device) if drops else no_seed
+                          for adapter, drops in zip(adapters, dropping)])
 
     def _after_backward(self, job: Job, loss: float, tokens: int, norm: tuple[torch.Tensor, float] | None) -> StepResult:
         """Step the job's optimizer when its accumulation window is full (`norm`: its gradient norm, and its value)."""

@@ -342,7 +342,8 @@ def _check_dropout(dropout: LoraDropout | None, n_proj: int, segments, x: torch.
     if not all(0.0 <= p < 1.0 for p in dropout.probs):
         raise ValueError(f"dropout probabilities must be in [0, 1), got {list(dropout.probs)}")
     if dropout.seeds.dtype != torch.int64 or dropout.seeds.device != x.device:
-        raise ValueError(f"dropout seeds must be int64 on {x.device}, got {dropout.seeds.dtype} on {dropout.seeds.device}")
+        raise ValueError(f"dropout seeds must be int64 on {x.device}, "
+                         f"got {dropout.seeds.dtype} on {dropout.seeds.device}")
     return tuple(float(p) for p in dropout.probs), (dropout.seeds, int(dropout.stream))
 
 
