@@ -64,15 +64,15 @@ def _tiles_rows_in_order(segments, n_rows: int) -> bool:
 
 
 def grouped_mm_wins(x, segments, lora_a) -> bool:
-    """True where torch._grouped_mm beat the Triton kernels (fwd+bwd, H100, docs/KERNELS.md): bf16 at padded rank >= 64
-    with 16 or more adapters or at most 4096 rows, by 2-18%. Elsewhere Triton won, by up to 1.4x. _grouped_mm also
-    needs rows tiled in order without gaps."""
+    """True where torch._grouped_mm beat the Triton kernels (fwd+bwd, H100, docs/BENCHMARKS.md run I): bf16 at padded
+    rank >= 64 with 16 or more adapters, by 2-12%. Elsewhere Triton won or tied within 2% (4k rows at r=64 with up
+    to 8 adapters: Triton 1-7% faster), by up to 2x. _grouped_mm also needs rows tiled in order without gaps."""
     return (
         x.is_cuda
         and x.dtype == torch.bfloat16
         and hasattr(torch, "_grouped_mm")
         and torch.cuda.get_device_capability(x.device) >= (9, 0)  # measured, and supported, on Hopper only
-        and (len(segments) >= 16 or x.shape[0] <= 4096)
+        and len(segments) >= 16
         and padded_rank([a.shape[0] for a in lora_a]) >= 64
         and _tiles_rows_in_order(segments, x.shape[0])
     )
