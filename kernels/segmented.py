@@ -5,8 +5,14 @@
     h = shrink(x, A)           h[t] = x[t] A_jᵀ              for t in segment j      [T, R]
     y = expand(h, B, scale)    y[t] (+)= scale_j h[t] B_jᵀ                          [T, d_out]
 
+The backward forms dH and dB_j from one read of dY (`grad_h_and_b`), then dX = dH A_j (expand) and dA_j = dHᵀ x
+(`weight_grad`). With a `LoraDropout` the shrink and dA read x through each adapter's mask and the expand writes dX
+through it; the masks are hashed from (seed, row, column) in the kernels, never stored.
+
 `lora_delta_multi` runs one shrink for several projections that read the same x (q/k/v, gate/up): their A's are
 concatenated along the rank, so x is read once, and each projection gets its own expand over its slice of h.
+`lora_linear(_multi)` make the frozen layers part of the node: without biases the expand writes each output (and the
+LoRA dX) and the base GEMMs add into it.
 Ranks are zero-padded per projection to R = max(16, next power of two of the largest rank); padded rows of A and
 columns of B are zero, so they add nothing and their gradients are dropped when the stacks are sliced back.
 """

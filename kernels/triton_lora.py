@@ -17,8 +17,9 @@ Strides are passed explicitly so one kernel serves both the forward and the tran
 DOT_FP32 upcasts the operands of every `tl.dot` to fp32. Only the interpreter needs it: Triton 3.9's interpreter
 multiplies bf16 operands as raw integers in `tl.dot`. On the GPU the operands stay 16-bit (tensor cores, fp32
 accumulate).
-The kernels call only Triton builtins (tl.full, not the @jit helper tl.zeros): the tests re-import this module under
-the interpreter after triton was imported in compiled mode, and jitted library helpers would stay compiled.
+The kernels call only Triton builtins and this module's own @jit helpers (tl.full, not the library helper tl.zeros;
+a hash of our own, not tl.rand): the tests re-import this module under the interpreter after triton was imported in
+compiled mode, and jitted library helpers would stay compiled.
 """
 
 from __future__ import annotations
