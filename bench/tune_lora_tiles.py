@@ -74,14 +74,14 @@ def grad_h_and_b_case(tokens, n, rank, chunk_div, block_m, block_n, warps, stage
     b = torch.randn(8, n, rank, device="cuda", dtype=torch.bfloat16)
     h = torch.randn(tokens, rank, device="cuda", dtype=torch.bfloat16)
     grad_h = torch.zeros(tokens, rank, device="cuda", dtype=torch.float32)
-    grad_bt = torch.zeros(8, rank, n, device="cuda", dtype=torch.float32)
+    grad_b = torch.zeros(8, n, rank, device="cuda", dtype=torch.float32)  # B's layout, as the engine passes it
     scales = torch.ones(8, device="cuda")
 
     def run():
         triton_lora._grad_h_and_b_kernel[(triton.cdiv(n, block_n), chunks.shape[0])](
-            dy, b, h, grad_h, grad_bt, scales, chunks, n, dy.stride(0), dy.stride(1),
+            dy, b, h, grad_h, grad_b, scales, chunks, n, dy.stride(0), dy.stride(1),
             b.stride(0), b.stride(1), b.stride(2), h.stride(0), h.stride(1), grad_h.stride(0), grad_h.stride(1),
-            grad_bt.stride(0), grad_bt.stride(1), grad_bt.stride(2), R=rank, BLOCK_M=block_m, BLOCK_N=block_n,
+            grad_b.stride(0), grad_b.stride(2), grad_b.stride(1), R=rank, BLOCK_M=block_m, BLOCK_N=block_n,
             INPUT_PRECISION="tf32", DOT_FP32=False, num_warps=warps, num_stages=stages)
     return time_ms(run), tokens * n * 2
 

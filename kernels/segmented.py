@@ -186,28 +186,29 @@ def _weight_grad(left: torch.Tensor, right: torch.Tensor, n_adapters: int, plan:
 def _grad_h_and_b(grad_y: torch.Tensor, b_stack: torch.Tensor, h: torch.Tensor, grad_h: torch.Tensor,
                   n_adapters: int, plan: _Plan) -> torch.Tensor:
     """Adds scale_j dY[t] @ B_j into the fp32 `grad_h` [T, R] (a column slice, say) and returns the fp32
-    [n_adapters, R, d_out] stack of scale_j h[rows_j]ᵀ @ dY[rows_j] (= dB_jᵀ), reading dY once."""
+    [n_adapters, d_out, R] stack of dB_j = scale_j dY[rows_j]ᵀ @ h[rows_j], reading dY once. In B's own layout, so
+    that each adapter's slice can become its gradient without a copy (autograd copies a transposed view)."""
     rank = h.shape[1]
     n_cols = grad_y.shape[1]
-    grad_bt = torch.zeros(n_adapters, rank, n_cols, dtype=torch.float32, device=h.device)
+    grad_b = torch.zeros(n_adapters, n_cols, rank, dtype=torch.float32, device=h.device)
     n_chunks = plan.chunks.shape[0]
     if n_chunks == 0:
-        return grad_bt
+        return grad_b
     block_n = 128 if rank <= 32 else 64
     triton_lora._grad_h_and_b_kernel[(triton.cdiv(n_cols, block_n), n_chunks)](
-        grad_y, b_stack, h, grad_h, grad_bt, plan.scales,
+        grad_y, b_stack, h, grad_h, grad_b, plan.scales,
         plan.chunks,
         n_cols,
         grad_y.stride(0), grad_y.stride(1),
         b_stack.stride(0), b_stack.stride(1), b_stack.stride(2),
         h.stride(0), h.stride(1),
         grad_h.stride(0), grad_h.stride(1),
-        grad_bt.stride(0), grad_bt.stride(1), grad_bt.stride(2),
+        grad_b.stride(0), grad_b.stride(2), grad_b.stride(1),  # written as dB_jᵀ [R, d_out]
         R=rank, BLOCK_M=64, BLOCK_N=block_n,
         INPUT_PRECISION=_input_precision(h.dtype), DOT_FP32=triton_lora.INTERPRETED,
         num_warps=4 if rank <= 64 else 8, num_stages=3,
     )
-    return grad_bt
+    return grad_b
 
 
 class _SegmentedLora(torch.autograd.Function):
@@ -273,9 +274,9 @@ class _SegmentedLora(torch.autograd.Function):
         # dH[t] = scale_j * dY[t] @ B_j and dB_jᵀ = scale_j * h[rows_j]ᵀ @ dY[rows_j] from one read of each dY; dH is
         # summed in fp32 over column blocks, so it starts at zero (padding columns and rows of no segment stay zero).
         grad_h32 = torch.zeros(x.shape[0], rank_cat, dtype=torch.float32, device=x.device)
-        grads_bt, offset = [], 0
+        grads_b_cat, offset = [], 0
         for grad_delta, b_stack, rank in zip(grad_deltas, b_stacks, ranks):
-            grads_bt.append(None if grad_delta is None else _grad_h_and_b(
+            grads_b_cat.append(None if grad_delta is None else _grad_h_and_b(
                 grad_delta, b_stack, h[:, offset:offset + rank], grad_h32[:, offset:offset + rank], n_adapters, plan))
             offset += rank
         grad_h = grad_h32.to(x.dtype)
@@ -299,18 +300,18 @@ class _SegmentedLora(torch.autograd.Function):
         needs_a = any(ctx.needs_input_grad[7:7 + n_leaves])
         grad_a_cat = _weight_grad(grad_h, x, n_adapters, plan, ctx.dropout).to(grad_dtype) if needs_a else None
         grads_a, grads_b, offset = [], [], 0
-        for p, (grad_bt, rank) in enumerate(zip(grads_bt, ranks)):
+        for p, (grad_b, rank) in enumerate(zip(grads_b_cat, ranks)):
             a_shapes = ctx.leaf_shapes[p * n_adapters:(p + 1) * n_adapters]
             b_shapes = ctx.leaf_shapes[(n_proj + p) * n_adapters:(n_proj + p + 1) * n_adapters]
             if needs_a:
                 grads_a += [grad_a_cat[j, offset:offset + r].to(dtype) for j, (r, dtype) in enumerate(a_shapes)]
             else:
                 grads_a += [None] * n_adapters
-            if grad_bt is None:
+            if grad_b is None:
                 grads_b += [None] * n_adapters
             else:
-                grad_bt = grad_bt.to(grad_dtype)
-                grads_b += [grad_bt[j, :r].t().to(dtype) for j, (r, dtype) in enumerate(b_shapes)]
+                grad_b = grad_b.to(grad_dtype)
+                grads_b += [grad_b[j, :, :r].to(dtype) for j, (r, dtype) in enumerate(b_shapes)]
             offset += rank
         grads_out = list(grad_deltas) if ctx.has_outs else []
         return (None, None, None, None, None, None, grad_x, *grads_a, *grads_b, *grads_out, *grad_weights, *grad_biases)
