@@ -382,7 +382,8 @@ def main() -> None:
     parser.add_argument("--capacity", default="", help="4x512 cohort sizes to probe, e.g. 8,12,16,20")
     parser.add_argument("--pass-tokens", type=int, default=PASS_TOKENS, help="tokens per pass of the `passes` setting")
     parser.add_argument("--lora-dropout", type=float, default=0.0,
-                        help="every job's LoRA dropout (the cohort then takes the unfused path: no fused dropout yet)")
+                        help="every job's LoRA dropout, in the cohort (fused into the LoRA kernels) "
+                        "and in the PEFT baseline alike")
     parser.add_argument("--workdir", default="/tmp/lorafleet-e2e")
     parser.add_argument("--out", default=".")
     args = parser.parse_args()
