@@ -377,7 +377,7 @@ def main() -> None:
     parser.add_argument("--batches", default="1x512,4x512,mixed")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--overhead", default="8x1x512,8x4x512", help="JOBSxBATCH list: base vs adapters steps")
+    parser.add_argument("--overhead", default="8x1x512,8x4x512", help="JOBSxBATCH list: base vs adapters steps (\"\" for none)")
     parser.add_argument("--profile-step", default="", help="JOBSxBATCH: profile one whole Cohort.step (host and GPU)")
     parser.add_argument("--capacity", default="", help="4x512 cohort sizes to probe, e.g. 8,12,16,20")
     parser.add_argument("--pass-tokens", type=int, default=PASS_TOKENS, help="tokens per pass of the `passes` setting")
@@ -395,7 +395,7 @@ def main() -> None:
     device = torch.device(args.device)
     cohorts = [int(n) for n in args.cohorts.split(",")]
     batches = args.batches.split(",")
-    overheads = [(int(spec.split("x", 1)[0]), spec.split("x", 1)[1]) for spec in args.overhead.split(",")]
+    overheads = [(int(spec.split("x", 1)[0]), spec.split("x", 1)[1]) for spec in args.overhead.split(",") if spec]
     capacity = [int(n) for n in args.capacity.split(",") if n]
     vocab = SHAPES[args.shape]["vocab_size"]
     workdir, out = Path(args.workdir), Path(args.out)
