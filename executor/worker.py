@@ -124,6 +124,7 @@ class Executor:
                 "base_bytes": self.base_bytes,
                 "jobs": len(self.leases),
                 "metrics_port": self.metrics_port,
+                "max_pass_tokens": self.max_pass_tokens,
             },
             ttl=self.heartbeat_ttl,
         )

@@ -245,7 +245,8 @@ def scheduler(metrics_port: int, interval: float, lock_ttl: float, packing: str)
 @click.option("--activation-checkpointing", type=click.IntRange(min=0), default=0, show_default=True,
               help="recompute every N-th decoder layer in the backward (0 off, 1 all): fits larger cohorts")
 @click.option("--max-pass-tokens", type=click.IntRange(min=1), default=None,
-              help="run each step as passes of at most N tokens (same gradients, activations of one pass at a time)")
+              help="run each step as passes of at most N tokens (same gradients, activations of one pass at a time; "
+                   "the scheduler plans this executor's memory with one pass)")
 def executor(device: str, executor_id: Optional[str], metrics_port: int, memory_bytes: Optional[int],
              heartbeat_ttl: float, activation_checkpointing: int, max_pass_tokens: Optional[int]) -> None:
     """An executor process: trains the cohort the scheduler assigns to this device."""
@@ -271,9 +272,10 @@ def executors_list(as_json: bool) -> None:
         _print_json(alive)
         return
     gib = 1024**3
-    _table("executors", ("executor", "host", "device", "base", "jobs", "peak GiB", "total GiB"),
+    _table("executors", ("executor", "host", "device", "base", "jobs", "peak GiB", "total GiB", "pass tokens"),
            [[e["executor_id"], e["host"], e["device"], e["compat_key"] or "-", str(e["jobs"]),
-             f"{e['peak_bytes'] / gib:.1f}", f"{e['total_bytes'] / gib:.1f}"] for e in alive])
+             f"{e['peak_bytes'] / gib:.1f}", f"{e['total_bytes'] / gib:.1f}", str(e["max_pass_tokens"] or "-")]
+            for e in alive])
 
 
 @executors.command("drain")

@@ -16,7 +16,8 @@ from lorafleet.scheduler import keys
 
 HEARTBEAT_TTL_SECONDS = 10.0
 
-_INT_FIELDS = ("pid", "total_bytes", "free_bytes", "peak_bytes", "base_bytes", "jobs", "metrics_port")
+_INT_FIELDS = ("pid", "total_bytes", "free_bytes", "peak_bytes", "base_bytes", "jobs", "metrics_port",
+               "max_pass_tokens")
 
 
 def heartbeat(client: redis.Redis, executor_id: str, info: dict[str, Any], ttl: float = HEARTBEAT_TTL_SECONDS) -> None:

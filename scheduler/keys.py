@@ -19,7 +19,7 @@ State lives only in Redis (persisted with AOF), so a scheduler or worker restart
 | `lorafleet:scheduler:leader` | string, TTL | id of the scheduler holding the leader lock | `leader.LeaderLock` |
 | `lorafleet:scheduler:fence` | string (int) | fencing counter, +1 per leader acquisition; `JobStore.transition(fence=...)` checks it | `leader.LeaderLock` |
 | `lorafleet:executors` | set | ids of registered executors (alive or not yet reaped) | executors (`fleet.heartbeat`); the scheduler removes dead ones (`fleet.forget`) |
-| `lorafleet:executor:<id>` | hash, TTL | heartbeat: `host`, `device`, `dtypes` (comma separated), `pid`, `total_bytes`, `free_bytes`, `peak_bytes`, `compat_key` (loaded base), `base_bytes`, `jobs`, `metrics_port`, `heartbeat_at`; expires when heartbeats stop | the executor (`fleet.heartbeat`) |
+| `lorafleet:executor:<id>` | hash, TTL | heartbeat: `host`, `device`, `dtypes` (comma separated), `pid`, `total_bytes`, `free_bytes`, `peak_bytes`, `compat_key` (loaded base), `base_bytes`, `jobs`, `metrics_port`, `max_pass_tokens` (empty: no passes), `heartbeat_at`; expires when heartbeats stop | the executor (`fleet.heartbeat`) |
 | `lorafleet:executor:<id>:drain` | string | "1": finish the current step, checkpoint every job, hand them back, exit | `lorafleet executors drain` |
 | `lorafleet:tenant_gpu_seconds` | hash | tenant -> `"<GPU seconds> <unix time>"`: GPU seconds used (each cohort step split by tokens), decayed with a 4 h half-life, as of that time | executors (`JobStore.add_gpu_seconds`) |
 | `lorafleet:memory_factors` | hash | compat key -> calibrated memory-model factor, learned from executors' reported peaks | scheduler (`service.Scheduler`) |

@@ -6,7 +6,8 @@ assignments back; the simulator (`lorafleet.scheduler.simulate`) calls the very 
 Memory model (bytes on the device):
     executor = base weights + sum over its cohort of (adapter/optimizer state + activations of one micro-batch)
 each term estimated from the model's shape and the job's spec, then multiplied by a per-compatibility-key
-calibration factor learned from the peaks executors report (`calibrate`).
+calibration factor learned from the peaks executors report (`calibrate`). An executor that runs its steps in passes
+(`--max-pass-tokens N`) holds the activations of one pass, not of every job at once (`cohort_bytes`).
 """
 
 from __future__ import annotations
@@ -115,10 +116,18 @@ def estimate_job_bytes(
         d_in, d_out = dims[module]
         adapter_params += r * (d_in + d_out)
     adapter_params *= shape.num_layers
+    return (adapter_params * _ADAPTER_STATE_BYTES_PER_PARAM
+            + estimate_activation_bytes(shape, batch_size, max_seq_len, dtype))
+
+
+def estimate_activation_bytes(shape: ModelShape, batch_size: int, max_seq_len: int, dtype: str) -> int:
+    """The activations part of `estimate_job_bytes`: what one micro-batch keeps for the backward."""
+    if dtype not in _DTYPE_BYTES:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPE_BYTES)}")
     element = _DTYPE_BYTES[dtype]
     per_token = (shape.num_layers * _ACTIVATION_ELEMENTS_PER_TOKEN_PER_HIDDEN * shape.hidden_size * element
                  + shape.vocab_size * (element + 4))  # logits, plus their fp32 copy for the loss
-    return adapter_params * _ADAPTER_STATE_BYTES_PER_PARAM + batch_size * max_seq_len * per_token
+    return batch_size * max_seq_len * per_token
 
 
 def estimate_gpu_seconds(tokens: int, params: int, tokens_per_second_at_8b: float = 10_000.0) -> float:
@@ -161,6 +170,54 @@ def calibrate(model: MemoryCalibration, observed_peak: int, predicted: int, smoo
     return MemoryCalibration(factor=factor, observations=model.observations + 1)
 
 
+def cohort_bytes(jobs: Sequence["QueuedJob | RunningJob"], max_pass_tokens: Optional[int]) -> float:
+    """Bytes a cohort of `jobs` adds to its base (uncalibrated).
+
+    Without passes a step holds every job's micro-batch activations at once: the sum of the jobs' bytes. An executor
+    started with `--max-pass-tokens N` runs the forward + backward in passes of whole sequences of at most N tokens
+    (a longer sequence is a pass of its own), so it holds one pass's activations: bytes per token x
+    min(the cohort's tokens, max(N, its longest sequence)), next to every job's adapter state.
+    """
+    return _CohortMemory().add_all(jobs).bytes(max_pass_tokens)
+
+
+class _CohortMemory:
+    """The sums `cohort_bytes` needs, kept as jobs join so the planner prices a join in O(1)."""
+
+    __slots__ = ("state", "activations", "tokens", "per_token", "longest")
+
+    def __init__(self):
+        self.state, self.activations, self.tokens, self.per_token, self.longest = 0, 0, 0, 0.0, 0
+
+    def add_all(self, jobs) -> "_CohortMemory":
+        for job in jobs:
+            self.add(job)
+        return self
+
+    def add(self, job) -> None:
+        self.state += job.job_bytes - job.activation_bytes
+        self.activations += job.activation_bytes
+        self.tokens += job.tokens_per_step
+        if job.tokens_per_step:
+            self.per_token = max(self.per_token, job.activation_bytes / job.tokens_per_step)
+        self.longest = max(self.longest, job.max_seq_len)
+
+    def bytes(self, max_pass_tokens: Optional[int], job=None) -> float:
+        """The cohort's bytes, with `job` joined when one is given."""
+        state, activations, tokens, per_token, longest = (
+            self.state, self.activations, self.tokens, self.per_token, self.longest)
+        if job is not None:
+            state += job.job_bytes - job.activation_bytes
+            activations += job.activation_bytes
+            tokens += job.tokens_per_step
+            if job.tokens_per_step:
+                per_token = max(per_token, job.activation_bytes / job.tokens_per_step)
+            longest = max(longest, job.max_seq_len)
+        if max_pass_tokens is None:
+            return state + activations
+        return state + min(activations, per_token * min(tokens, max(max_pass_tokens, longest)))
+
+
 USAGE_HALF_LIFE_SECONDS = 4 * 3600.0  # fair share forgets GPU time used this long ago by half
 
 
@@ -183,6 +240,8 @@ class QueuedJob:
     tokens_per_step: int  # batch_size * max_seq_len
     job_bytes: int  # estimate_job_bytes(...), uncalibrated
     base_bytes: int  # estimate_base_bytes(...) of its base, uncalibrated
+    activation_bytes: int = 0  # the part of job_bytes that is one micro-batch's activations (estimate_activation_bytes)
+    max_seq_len: int = 0  # its longest sequence: a pass of an executor running in passes holds at least that
 
 
 @dataclass(frozen=True)
@@ -192,6 +251,8 @@ class RunningJob:
     job_bytes: int
     tokens_per_step: int
     remaining_gpu_seconds: float = 0.0
+    activation_bytes: int = 0
+    max_seq_len: int = 0
 
 
 @dataclass(frozen=True)
@@ -203,6 +264,7 @@ class ExecutorView:
     loaded_base_bytes: int = 0  # measured size of the loaded base
     running: tuple[RunningJob, ...] = ()  # the cohort; all of it shares loaded_compat_key
     alive: bool = True
+    max_pass_tokens: Optional[int] = None  # the executor runs each step in passes of at most this many tokens
 
 
 @dataclass(frozen=True)
@@ -250,38 +312,51 @@ class Assignment:
 class _Slot:
     """One executor as the planner fills it during a round."""
 
-    __slots__ = ("view", "usable", "key", "used", "foreign", "jobs", "tokens", "reserved")
+    __slots__ = ("view", "usable", "key", "used", "foreign", "jobs", "tokens", "reserved", "passes", "cohort")
 
     def __init__(self, view: ExecutorView, memory_fraction: float, factors: Mapping[str, float]):
         self.view = view
         self.usable = int(view.total_bytes * memory_fraction)
         self.key = view.loaded_compat_key if view.running else None  # None: idle, may take any key
+        self.passes = view.max_pass_tokens
+        self.cohort = _CohortMemory().add_all(view.running)
         reported_used = view.total_bytes - view.free_bytes
+        modelled_cohort = self.cohort.bytes(self.passes)
         if view.loaded_compat_key is None:
             self.used = reported_used
         else:
             factor = factors.get(view.loaded_compat_key, 1.0)
-            modelled = view.loaded_base_bytes + sum(j.job_bytes for j in view.running) * factor
-            self.used = max(modelled, reported_used)
+            self.used = max(view.loaded_base_bytes + modelled_cohort * factor, reported_used)
         # memory held by something other than our base and cohort (another process, fragmentation)
-        self.foreign = max(0, reported_used - view.loaded_base_bytes - sum(j.job_bytes for j in view.running))
+        self.foreign = max(0, reported_used - view.loaded_base_bytes - modelled_cohort)
         self.jobs = len(view.running)
-        self.tokens = sum(j.tokens_per_step for j in view.running)
+        self.tokens = self.cohort.tokens
         self.reserved = False
+
+    def _new_cohort(self, key: str) -> bool:
+        return self.key is None and self.view.loaded_compat_key != key
 
     def room(self, key: str, base_bytes: float) -> float:
         """Bytes a job of `key` could still take here (negative: none)."""
-        if self.key is None and self.view.loaded_compat_key != key:
+        if self._new_cohort(key):
             return self.usable - self.foreign - base_bytes
         return self.usable - self.used
 
-    def take(self, key: str, job_bytes: float, base_bytes: float, tokens: int) -> None:
-        if self.key is None and self.view.loaded_compat_key != key:
-            self.used = self.foreign + base_bytes
-        self.key = key
-        self.used += job_bytes
+    def need(self, job: QueuedJob, factor: float) -> float:
+        """Calibrated bytes `job` would add to what `room` counts: with passes, less than its own estimate."""
+        if self._new_cohort(job.compat_key):
+            return _CohortMemory().bytes(self.passes, job) * factor
+        return (self.cohort.bytes(self.passes, job) - self.cohort.bytes(self.passes)) * factor
+
+    def take(self, job: QueuedJob, factor: float, base_bytes: float) -> None:
+        added = self.need(job, factor)
+        if self._new_cohort(job.compat_key):
+            self.used, self.cohort = self.foreign + base_bytes, _CohortMemory()
+        self.key = job.compat_key
+        self.used += added
+        self.cohort.add(job)
         self.jobs += 1
-        self.tokens += tokens
+        self.tokens += job.tokens_per_step
 
 
 def plan(
@@ -332,12 +407,12 @@ def plan(
         else:
             cohorts.setdefault(slot.key, []).append(slot)
 
-    def first_or_best(candidates, key, job_bytes, base_bytes, best_fit):
+    def first_or_best(candidates, job, factor, base_bytes, best_fit):
         best, best_left = None, None
         for slot in candidates:
             if slot.reserved or slot.jobs >= config.max_cohort_jobs:
                 continue
-            left = slot.room(key, base_bytes) - job_bytes
+            left = slot.room(job.compat_key, base_bytes) - slot.need(job, factor)
             if left < 0:
                 continue
             if not best_fit:
@@ -353,10 +428,10 @@ def plan(
     def place(job: QueuedJob) -> Optional[_Slot]:
         key = job.compat_key
         factor = factors.get(key, 1.0)
-        job_bytes, base_bytes = job.job_bytes * factor, job.base_bytes * factor
+        base_bytes = job.base_bytes * factor
         if config.packing == "trivial":
             candidates = (s for s in slots if s.key is None or s.key == key)
-            return first_or_best(candidates, key, job_bytes, base_bytes, best_fit=False)
+            return first_or_best(candidates, job, factor, base_bytes, best_fit=False)
         best_fit = config.packing == "optimal-fit"
         mine = cohorts.get(key, ())
         target = config.target_cohort_tokens
@@ -370,7 +445,7 @@ def plan(
             (s for s in mine if s.tokens >= target),
         )
         for candidates in classes:
-            slot = first_or_best(candidates, key, job_bytes, base_bytes, best_fit)
+            slot = first_or_best(candidates, job, factor, base_bytes, best_fit)
             if slot is not None:
                 return slot
         return None
@@ -392,7 +467,7 @@ def plan(
         if slot.key is None:
             idle_by_loaded[slot.view.loaded_compat_key].remove(slot)
             bisect.insort(cohorts.setdefault(key, []), slot, key=lambda s: order[id(s)])
-        slot.take(key, job.job_bytes * factor, job.base_bytes * factor, job.tokens_per_step)
+        slot.take(job, factor, job.base_bytes * factor)
         assignments.append(Assignment(job.job_id, slot.view.executor_id, key))
         running_now[job.tenant] = running_now.get(job.tenant, 0) + 1
         charged[job.tenant] = charged.get(job.tenant, 0.0) + job.est_gpu_seconds
@@ -416,8 +491,9 @@ def plan(
             commit(job, slot)
             placed_early.add(job.job_id)
             continue
-        need = (job.job_bytes + job.base_bytes) * factors.get(job.compat_key, 1.0)
-        could_fit = [s for s in slots if not s.reserved and s.usable - s.foreign >= need]
+        factor = factors.get(job.compat_key, 1.0)
+        could_fit = [s for s in slots if not s.reserved
+                     and s.usable - s.foreign >= (job.base_bytes + cohort_bytes([job], s.passes)) * factor]
         if could_fit:
             min(could_fit, key=lambda s: (s.key != job.compat_key, -s.view.total_bytes, s.view.executor_id)
                 ).reserved = True
@@ -435,19 +511,25 @@ def plan(
             heap.append((share_used(name), name, 0))
     heapq.heapify(heap)
 
-    smallest_failure: dict[str, float] = {}  # capacity only shrinks within a round, so bigger jobs fail too
+    # Room only shrinks within a round, so a job that needs at least what a failed job of its key needed at most
+    # fails too. A job needs exactly its bytes everywhere without passes; in passes at least its adapter state and
+    # at most its bytes.
+    smallest_failure: dict[str, float] = {}
+    any_passes = any(s.passes is not None for s in slots)
     while heap:
         _, name, cursor = heapq.heappop(heap)
         jobs = by_tenant[name]
         while cursor < len(jobs):
             job = jobs[cursor]
             cursor += 1
-            job_bytes = job.job_bytes * factors.get(job.compat_key, 1.0)
-            if job_bytes >= smallest_failure.get(job.compat_key, math.inf):
+            factor = factors.get(job.compat_key, 1.0)
+            least = (job.job_bytes - job.activation_bytes if any_passes else job.job_bytes) * factor
+            if least >= smallest_failure.get(job.compat_key, math.inf):
                 continue
             slot = place(job)
             if slot is None:
-                smallest_failure[job.compat_key] = job_bytes
+                smallest_failure[job.compat_key] = min(job.job_bytes * factor,
+                                                       smallest_failure.get(job.compat_key, math.inf))
                 continue
             commit(job, slot)
             if cursor < len(jobs) and not at_quota(name):

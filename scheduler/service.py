@@ -32,6 +32,8 @@ from lorafleet.scheduler.policy import (
     RunningJob,
     TenantView,
     calibrate,
+    cohort_bytes,
+    estimate_activation_bytes,
     estimate_base_bytes,
     estimate_gpu_seconds,
     estimate_job_bytes,
@@ -51,8 +53,9 @@ def _model_shape(model_dir: str) -> ModelShape:
     return ModelShape.from_config(json.loads((Path(model_dir) / "config.json").read_text()))
 
 
-def _job_size(spec: JobSpec, tenant: str) -> tuple[float, int, int, int]:
-    """(GPU seconds the job needs, tokens per micro-batch, job bytes, base bytes) from its spec and files."""
+def _job_size(spec: JobSpec, tenant: str) -> tuple[float, int, int, int, int]:
+    """(GPU seconds the job needs, tokens per micro-batch, job bytes, of them activation bytes, base bytes) from its
+    spec and files."""
     hp = spec.hyperparameters
     model_dir = resolve_base_model(spec.base_model, config.hf_hub_cache(), spec.base_model_revision, config.model_roots())
     shape = _model_shape(str(model_dir))
@@ -64,8 +67,9 @@ def _job_size(spec: JobSpec, tenant: str) -> tuple[float, int, int, int]:
         tokens = hp.epochs * min(size // BYTES_PER_TOKEN_GUESS + 1, 10**12)
     dtype = spec.dtype
     job_bytes = estimate_job_bytes(shape, spec.adapter.r, spec.adapter.target_modules, hp.batch_size, hp.max_seq_len, dtype)
+    activation_bytes = estimate_activation_bytes(shape, hp.batch_size, hp.max_seq_len, dtype)
     base_bytes = estimate_base_bytes(shape.num_params(), spec.quantization, dtype)
-    return estimate_gpu_seconds(tokens, shape.num_params()), tokens_per_step, job_bytes, base_bytes
+    return estimate_gpu_seconds(tokens, shape.num_params()), tokens_per_step, job_bytes, activation_bytes, base_bytes
 
 
 class Scheduler:
@@ -128,48 +132,53 @@ class Scheduler:
             fleet.forget(self.store.r, executor_id)
 
         running_by_executor: dict[str, list[RunningJob]] = {}
-        predicted: dict[str, int] = {}
+        on_device: dict[str, tuple[int, list[RunningJob]]] = {}  # executor -> (base bytes, its jobs in the peak)
         cohort_key: dict[str, str] = {}
         for job in holding:
             if job["executor_id"] in alive_ids:
                 spec = JobSpec.model_validate(job["spec"])  # validated at submission; stored by us
                 try:
-                    gpu_seconds, per_step, job_bytes, base_bytes = _job_size(spec, job["tenant"])
+                    gpu_seconds, per_step, job_bytes, activation_bytes, base_bytes = _job_size(spec, job["tenant"])
                 except Exception:  # its files vanished mid-run: the executor will fail it; plan around it meanwhile
-                    gpu_seconds, per_step, job_bytes, base_bytes = 0.0, 0, 0, 0
+                    gpu_seconds, per_step, job_bytes, activation_bytes, base_bytes = 0.0, 0, 0, 0, 0
                 progress = job["progress"]
                 done = progress["step"] / progress["total_steps"] if progress["total_steps"] else 0.0
-                running_by_executor.setdefault(job["executor_id"], []).append(
-                    RunningJob(job["job_id"], job["tenant"], job_bytes, per_step, gpu_seconds * (1 - done)))
+                running = RunningJob(job["job_id"], job["tenant"], job_bytes, per_step, gpu_seconds * (1 - done),
+                                     activation_bytes, spec.hyperparameters.max_seq_len)
+                running_by_executor.setdefault(job["executor_id"], []).append(running)
                 # A job only scheduled may not have reached the executor yet: the cohort's key is still its key
                 # (the heartbeat's loaded base can lag behind), but its memory is not in the reported peak.
                 cohort_key[job["executor_id"]] = spec.compatibility_key()
                 if job["state"] == "running":
-                    predicted[job["executor_id"]] = predicted.get(job["executor_id"], base_bytes) + job_bytes
+                    on_device.setdefault(job["executor_id"], (base_bytes, []))[1].append(running)
         executors = []
         for e in alive:
+            passes = e["max_pass_tokens"] or None
+            base_bytes, jobs = on_device.get(e["executor_id"], (0, []))
+            predicted = base_bytes + cohort_bytes(jobs, passes)
             fresh = self.calibrated_beats.get(e["executor_id"]) != e["heartbeat_at"]
-            if fresh and e["compat_key"] and e["peak_bytes"] and predicted.get(e["executor_id"]):
+            if fresh and e["compat_key"] and e["peak_bytes"] and predicted:
                 self.calibrated_beats[e["executor_id"]] = e["heartbeat_at"]
                 current = self.calibrations.get(e["compat_key"], MemoryCalibration())
-                self.calibrations[e["compat_key"]] = calibrate(current, e["peak_bytes"], predicted[e["executor_id"]])
+                self.calibrations[e["compat_key"]] = calibrate(current, e["peak_bytes"], round(predicted))
                 self.store.r.hset(keys.MEMORY_FACTORS, e["compat_key"], self.calibrations[e["compat_key"]].factor)
             executors.append(ExecutorView(
                 executor_id=e["executor_id"], total_bytes=e["total_bytes"], free_bytes=e["free_bytes"],
                 loaded_compat_key=cohort_key.get(e["executor_id"], e["compat_key"]), loaded_base_bytes=e["base_bytes"],
-                running=tuple(running_by_executor.get(e["executor_id"], ())),
+                running=tuple(running_by_executor.get(e["executor_id"], ())), max_pass_tokens=passes,
             ))
 
         queued = []
         for job in self.store.list_queued():
             try:
                 spec = JobSpec.model_validate(job["spec"])
-                gpu_seconds, per_step, job_bytes, base_bytes = _job_size(spec, job["tenant"])
+                gpu_seconds, per_step, job_bytes, activation_bytes, base_bytes = _job_size(spec, job["tenant"])
             except Exception as exc:  # its model or data vanished since submission: fail it with the reason
                 self.store.transition(job["job_id"], "queued", "failed", fence=fence, error=f"cannot size job: {exc}")
                 continue
             queued.append(QueuedJob(job["job_id"], job["tenant"], spec.compatibility_key(), spec.priority,
-                                    job["submitted_at"], gpu_seconds, per_step, job_bytes, base_bytes))
+                                    job["submitted_at"], gpu_seconds, per_step, job_bytes, base_bytes,
+                                    activation_bytes, spec.hyperparameters.max_seq_len))
 
         usage = self.store.gpu_seconds()
         tenants = {}

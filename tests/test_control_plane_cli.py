@@ -140,11 +140,13 @@ def test_executors_list_and_drain(lorafleet, store):
 
     name = f"exec-cli-{secrets.token_hex(3)}"
     fleet.heartbeat(store.r, name, {"host": "gpu-host", "device": "cuda:0", "total_bytes": 80 * 2**30,
-                                    "peak_bytes": 20 * 2**30, "compat_key": "/models/llama|none|auto", "jobs": 3})
+                                    "peak_bytes": 20 * 2**30, "compat_key": "/models/llama|none|auto", "jobs": 3,
+                                    "max_pass_tokens": 8192})
     listed = {e["executor_id"]: e for e in ok_json(lorafleet("executors", "list", "--json"))}
     assert listed[name]["device"] == "cuda:0" and listed[name]["jobs"] == 3
+    assert listed[name]["max_pass_tokens"] == 8192
     code, table, _ = lorafleet("executors", "list")
-    assert code == 0 and name in table and "/models/llama" in table
+    assert code == 0 and name in table and "/models/llama" in table and "8192" in table
 
     assert ok_json(lorafleet("executors", "drain", name, "--json")) == {"executor_id": name, "drain": True}
     assert fleet.drain_requested(store.r, name)

@@ -14,6 +14,8 @@ from lorafleet.scheduler.policy import (
     RunningJob,
     TenantView,
     calibrate,
+    cohort_bytes,
+    estimate_activation_bytes,
     estimate_base_bytes,
     estimate_gpu_seconds,
     estimate_job_bytes,
@@ -104,6 +106,63 @@ def test_calibrate_jumps_up_at_once_and_decays_down_slowly():
 
 
 # ----------------------------------------------------------------------------------------------- plan
+
+
+def test_a_cohort_in_passes_holds_one_pass_of_activations_not_every_jobs():
+    jobs = [RunningJob(f"r{i}", "t0", 1100, 500, activation_bytes=1000, max_seq_len=250) for i in range(3)]
+    assert cohort_bytes(jobs, None) == 3 * 1100
+    assert cohort_bytes(jobs, 600) == 3 * 100 + 2 * 600  # 2 bytes a token, one pass of 600 tokens
+    assert cohort_bytes(jobs, 100) == 3 * 100 + 2 * 250, "a sequence longer than a pass is a pass of its own"
+    assert cohort_bytes(jobs, 10_000) == 3 * 1100, "no more than all of the cohort's tokens"
+    assert cohort_bytes([], 600) == 0
+    shape_args = (LLAMA_8B, 4, 512, "bfloat16")
+    assert 0 < estimate_activation_bytes(*shape_args) < estimate_job_bytes(LLAMA_8B, 16, ALL_PROJECTIONS, 4, 512,
+                                                                           "bfloat16")
+
+
+def _llama_8b_job(i: int, base: int) -> QueuedJob:
+    """A 4x512, r=16, all-projections 8B job, sized as the scheduler sizes it."""
+    return QueuedJob(f"j{i:02d}", "t1", KEY_A, 5, float(i), 100.0, 2048,
+                     estimate_job_bytes(LLAMA_8B, 16, ALL_PROJECTIONS, 4, 512, "bfloat16"), base,
+                     estimate_activation_bytes(LLAMA_8B, 4, 512, "bfloat16"), 512)
+
+
+def test_an_executor_in_passes_takes_a_full_cohort_of_8b_jobs():
+    """The capacity bench fits 16 8B 4x512 jobs in 62 GiB with passes of 8,192 tokens; the planner must see that,
+    for an idle executor and for a running cohort that reports the peak such a cohort has."""
+    base = estimate_base_bytes(LLAMA_8B.num_params(), "none", "bfloat16")
+    queue = [_llama_8b_job(i, base) for i in range(20)]
+    tenants = [TenantView("t1")]
+
+    def placed(passes, running=()):
+        used = base + cohort_bytes(running, passes) if running else 0
+        gpu = ExecutorView("gpu", 80 * GiB, 80 * GiB - used, KEY_A if running else None, base if running else 0,
+                           tuple(running), max_pass_tokens=passes)
+        return len(plan(queue, [gpu], tenants, 100.0))
+
+    assert placed(None) == 5, "without passes every job's activations count"
+    assert placed(8192) == 16, "in passes only one pass's do: the cohort limit is what stops it"
+    cohort = [RunningJob(f"r{i}", "t0", j.job_bytes, j.tokens_per_step, 10.0, j.activation_bytes, 512)
+              for i, j in enumerate(queue[:10])]
+    assert placed(8192, cohort) == 6
+    assert placed(None, cohort[:4]) == 1
+
+
+def test_a_failed_small_job_does_not_hide_a_big_one_that_fits_a_cohort_in_passes():
+    """Room only shrinks in a round, so the planner skips jobs bigger than one that failed. In passes a job with
+    big activations but little adapter state can need less than a smaller job: it must still be tried."""
+    per_token = 2**20
+    cohort = [RunningJob(f"r{i}", "t0", GiB + 2048 * per_token, 2048, 10.0, 2048 * per_token, 512) for i in range(4)]
+    used = 10 * GiB + cohort_bytes(cohort, 4096)  # 4 GiB of adapter state, one pass of 4,096 tokens: 4 GiB
+    gpu = ExecutorView("gpu", 22 * GiB, 22 * GiB - used, KEY_A, 10 * GiB, tuple(cohort), max_pass_tokens=4096)
+    room = int(22 * GiB * 0.92) - used
+    assert 1 * GiB < room < 3 * GiB
+    state_heavy = QueuedJob("state-heavy", "t1", KEY_A, 9, 0.0, 10.0, 512, 3 * GiB, 10 * GiB, 0, 512)
+    activation_heavy = QueuedJob("activation-heavy", "t1", KEY_A, 1, 1.0, 10.0, 4096,
+                                 GiB + 4096 * per_token, 10 * GiB, 4096 * per_token, 512)
+    assert activation_heavy.job_bytes > state_heavy.job_bytes
+    decisions = plan([state_heavy, activation_heavy], [gpu], [TenantView("t1")], 100.0)
+    assert [a.job_id for a in decisions] == ["activation-heavy"]
 
 
 def test_config_and_input_errors_name_the_problem():

@@ -3,11 +3,21 @@ see other tests' jobs)."""
 
 from __future__ import annotations
 
+import json
+import math
+
 import pytest
 
 from helpers_models import alpaca_rows, build_tiny_model, write_jsonl
 from lorafleet.scheduler import fleet, keys
 from lorafleet.scheduler.leader import LeaderLock
+from lorafleet.scheduler.policy import (
+    ModelShape,
+    PlanConfig,
+    estimate_activation_bytes,
+    estimate_base_bytes,
+    estimate_job_bytes,
+)
 from lorafleet.scheduler.redis_server import start_redis_server
 from lorafleet.scheduler.service import Scheduler
 from lorafleet.scheduler.spec import parse_spec
@@ -87,3 +97,24 @@ def test_a_deposed_leader_cannot_assign(env, store):
     with pytest.raises(StaleFence):
         old.round()
     assert store.get_job(job_id)["state"] == "queued"
+
+
+@pytest.mark.parametrize("max_pass_tokens, placed", [(None, 1), (64, 2)])
+def test_an_executor_in_passes_is_planned_with_one_pass_of_activations(env, store, max_pass_tokens, placed):
+    _, _, models = env
+    spec = parse_spec({"base_model": str(models["llama"]), "dataset": "acme/train.jsonl",
+                       "hyperparameters": {"max_steps": 5, "batch_size": 1, "max_seq_len": 64}})
+    hp, shape = spec.hyperparameters, ModelShape.from_config(json.loads((models["llama"] / "config.json").read_text()))
+    job = estimate_job_bytes(shape, spec.adapter.r, spec.adapter.target_modules, hp.batch_size, hp.max_seq_len,
+                             spec.dtype)
+    activations = estimate_activation_bytes(shape, hp.batch_size, hp.max_seq_len, spec.dtype)
+    base = estimate_base_bytes(shape.num_params(), spec.quantization, spec.dtype)
+    # room for the base, two jobs' adapter state and one pass of 64 tokens (one job's), not two jobs' activations
+    total = math.ceil((base + 2 * job - activations / 2) / PlanConfig().memory_fraction)
+    fleet.heartbeat(store.r, "exec-1", {"total_bytes": total, "free_bytes": total, "compat_key": "",
+                                        "max_pass_tokens": max_pass_tokens})
+    scheduler = Scheduler(store, "sched-test")
+    scheduler.lock.try_acquire()
+    jobs = [store.submit("acme", spec)["job_id"] for _ in range(2)]
+    assert len(scheduler.round()) == placed
+    assert sum(store.get_job(job_id)["state"] == "scheduled" for job_id in jobs) == placed

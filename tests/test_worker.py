@@ -147,3 +147,11 @@ def test_gpu_seconds_accumulate_and_decay_with_the_half_life(store, make_tenant)
     assert usage[a.name] == pytest.approx(60.0) and usage[b.name] == pytest.approx(5.0)
     store.add_gpu_seconds({b.name: 5.0}, now=later)
     assert store.gpu_seconds(now=later)[b.name] == pytest.approx(10.0)
+
+
+def test_the_heartbeat_says_whether_the_executor_runs_in_passes(store, tmp_path):
+    Executor(store, "exec-passes", "cpu", ArtifactStore(str(tmp_path)), max_pass_tokens=4096).send_heartbeat()
+    Executor(store, "exec-whole", "cpu", ArtifactStore(str(tmp_path))).send_heartbeat()
+    alive = {e["executor_id"]: e for e in fleet.executors(store.r)[0]}
+    assert alive["exec-passes"]["max_pass_tokens"] == 4096
+    assert alive["exec-whole"]["max_pass_tokens"] == 0, "no passes: the field is empty"
