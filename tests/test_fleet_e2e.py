@@ -191,7 +191,10 @@ def test_two_tenants_two_bases_form_cohorts_and_adapters_load_in_peft(fleet_env)
         lora_b = [p for n, p in peft_model.named_parameters() if "lora_B" in n]
         assert lora_b and any(p.abs().sum() > 0 for p in lora_b), "a trained adapter has non-zero B"
 
-    executor_metrics = [e["metrics_port"] for e in fleet.executors(fleet_env.store.r)[0]]
+    alive = fleet.executors(fleet_env.store.r)[0]
+    passes = {e["executor_id"]: e["max_pass_tokens"] for e in alive}
+    assert passes.get("exec-a") == 8192 and passes.get("exec-b") == 48, "executors run in passes of 8192 by default"
+    executor_metrics = [e["metrics_port"] for e in alive]
     assert sum(metric_value(scrape(port), "lorafleet_tokens_trained_total") for port in executor_metrics) > 0
     scheduler_text = "".join(scrape(port) for port in fleet_env.scheduler_ports)
     assert "lorafleet_jobs{" in scheduler_text and metric_value(scheduler_text, "lorafleet_scheduler_leader") == 1
