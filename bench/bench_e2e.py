@@ -15,6 +15,8 @@ words are the token ids), r=16 LoRA on all 7 projections, AdamW. One run measure
 3. the frozen-base forward+backward vs the same with 8 adapters attached (same packed tokens), and a profile of one
    8-adapter step (top CUDA kernels);
 4. optionally the capacity probe: the largest 4x512 cohort whose step fits, in passes and with full checkpointing;
+   for every cohort that ran in one pass or in passes, the scheduler's memory model (`scheduler/policy.py`, before
+   calibration) next to the measured peak: what an executor's calibration factor would learn;
 5. PEFT (sdpa attention, bf16 base, fp32 adapters, AdamW, clip 1.0): each job of the largest cohort trained alone,
    one after another, on exactly the tokens it has in the cohort. A cohort of N is compared with the sum of PEFT's
    step times of its N jobs: the time PEFT needs to give all N jobs one step.
@@ -338,6 +340,38 @@ def peft_sequential(model_dir, batches: dict[str, int], vocab, warmup, steps, de
     return out
 
 
+def planner_gib(shape: str, quantization: str, batch: str, n: int, setting: str) -> float | None:
+    """What the scheduler plans for a cohort of jobs 0..n-1 of `batch` under a memory setting, in GiB before
+    calibration, each job sized by its longest sequence; None for checkpointing, which the model leaves out."""
+    from lorafleet.scheduler.policy import (
+        ModelShape, RunningJob, cohort_bytes, estimate_activation_bytes, estimate_base_bytes, estimate_job_bytes,
+    )
+
+    every, passes = MEMORY_SETTINGS[setting]
+    if every:
+        return None
+    model = ModelShape.from_config(SHAPES[shape])
+    jobs = []
+    for job in range(n):
+        lengths = [len(sequence) for sequence in job_sequences(batch, job, model.vocab_size)]
+        count, longest = len(lengths), max(lengths)
+        jobs.append(RunningJob(
+            str(job), "bench", estimate_job_bytes(model, ADAPTER["r"], PROJECTIONS, count, longest, "bfloat16"),
+            count * longest, 0.0, estimate_activation_bytes(model, count, longest, "bfloat16"), longest,
+        ))
+    base = estimate_base_bytes(model.num_params(), quantization, "bfloat16")
+    return (base + cohort_bytes(jobs, PASS_TOKENS if passes else None)) / 2**30
+
+
+def planner_table(rows: list[dict]) -> str:
+    lines = ["| jobs | per-job batch | memory | planned GiB (uncalibrated) | measured peak GiB | measured / planned |",
+             "|---|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['jobs']} | {row['batch']} | {row['checkpointing']} | {row['planned_gib']:.1f} "
+                     f"| {row['peak_gib']:.1f} | {row['peak_gib'] / row['planned_gib']:.2f} |")
+    return "\n".join(lines)
+
+
 def markdown_table(report: dict) -> str:
     peak, params = report["peak_tflops"], report["non_embedding_params"]
 
@@ -501,7 +535,16 @@ def main() -> None:
     )
     log("PEFT done")
     save()
+    measured = [dict(row) for row in report["cohorts"] if row["peak_gib"] is not None]
+    measured += [{**row, "batch": "4x512"} for row in report["capacity"] if row["fits"]]
+    report["planner"] = [
+        {**row, "planned_gib": planned} for row in measured
+        if (planned := planner_gib(args.shape, args.quantization, row["batch"], row["jobs"], row["checkpointing"]))
+    ]
+    save()
     table = markdown_table(report)
+    if report["planner"]:
+        table += "\n\nThe scheduler's memory model against the measured peaks:\n\n" + planner_table(report["planner"])
     (out / f"e2e_{name}.md").write_text(table + "\n")
     print(f"\n{args.shape}, {report['device']}, torch {report['torch']}, peak {report['peak_tflops']} TFLOP/s, "
           f"P_nonembed {report['non_embedding_params'] / 1e9:.2f}B\n")
