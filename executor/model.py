@@ -76,10 +76,18 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return device
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether the device computes in bf16 natively: the CPU does (slowly), a GPU from Ampere on; older GPUs only
+    emulate it, far slower than fp32."""
+    if device.type != "cuda":
+        return True
+    return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def compute_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """'auto' means bf16 on a GPU and fp32 on the CPU."""
+    """'auto' means bf16 on a GPU that computes it natively, else fp32 (and fp32 on the CPU)."""
     if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return torch.bfloat16 if device.type == "cuda" and native_bf16(device) else torch.float32
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; expected 'auto' or one of {sorted(DTYPES)}")
     return DTYPES[dtype]

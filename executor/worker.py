@@ -26,6 +26,7 @@ import torch
 from lorafleet.executor.artifacts import ArtifactStore
 from lorafleet.executor.cohort import Cohort
 from lorafleet.executor.data import DataError, JobData
+from lorafleet.executor.model import native_bf16
 from lorafleet.scheduler import config, fleet
 from lorafleet.scheduler.metrics import ExecutorMetrics, executor_metrics, serve
 from lorafleet.scheduler.spec import JobSpec, resolve_dataset
@@ -337,10 +338,8 @@ def _allocated_bytes(device: str) -> int:
 
 
 def _supported_dtypes(device: str) -> list[str]:
-    if device.startswith("cuda"):
-        bf16 = torch.cuda.is_bf16_supported()
-        return ["bfloat16", "float32"] if bf16 else ["float32"]
-    return ["float32", "bfloat16"]
+    """The compute dtypes this device runs natively: what the scheduler may send here (heartbeat `dtypes`)."""
+    return ["bfloat16", "float32"] if native_bf16(torch.device(device)) else ["float32"]
 
 
 def _gpu_utilization(device: str) -> float | None:

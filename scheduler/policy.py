@@ -242,6 +242,7 @@ class QueuedJob:
     base_bytes: int  # estimate_base_bytes(...) of its base, uncalibrated
     activation_bytes: int = 0  # the part of job_bytes that is one micro-batch's activations (estimate_activation_bytes)
     max_seq_len: int = 0  # its longest sequence: a pass of an executor running in passes holds at least that
+    dtype: str = "auto"  # JobSpec.dtype; "auto" runs anywhere (each executor picks what its device computes natively)
 
 
 @dataclass(frozen=True)
@@ -265,6 +266,7 @@ class ExecutorView:
     running: tuple[RunningJob, ...] = ()  # the cohort; all of it shares loaded_compat_key
     alive: bool = True
     max_pass_tokens: Optional[int] = None  # the executor runs each step in passes of at most this many tokens
+    dtypes: Optional[frozenset[str]] = None  # compute dtypes the device runs natively; None: not reported, any
 
 
 @dataclass(frozen=True)
@@ -342,6 +344,10 @@ class _Slot:
             return self.usable - self.foreign - base_bytes
         return self.usable - self.used
 
+    def runs(self, job: QueuedJob) -> bool:
+        """Whether this executor's device computes in the job's dtype."""
+        return job.dtype == "auto" or self.view.dtypes is None or job.dtype in self.view.dtypes
+
     def need(self, job: QueuedJob, factor: float) -> float:
         """Calibrated bytes `job` would add to what `room` counts: with passes, less than its own estimate."""
         if self._new_cohort(job.compat_key):
@@ -410,7 +416,7 @@ def plan(
     def first_or_best(candidates, job, factor, base_bytes, best_fit):
         best, best_left = None, None
         for slot in candidates:
-            if slot.reserved or slot.jobs >= config.max_cohort_jobs:
+            if slot.reserved or slot.jobs >= config.max_cohort_jobs or not slot.runs(job):
                 continue
             left = slot.room(job.compat_key, base_bytes) - slot.need(job, factor)
             if left < 0:
@@ -492,7 +498,7 @@ def plan(
             placed_early.add(job.job_id)
             continue
         factor = factors.get(job.compat_key, 1.0)
-        could_fit = [s for s in slots if not s.reserved
+        could_fit = [s for s in slots if not s.reserved and s.runs(job)
                      and s.usable - s.foreign >= (job.base_bytes + cohort_bytes([job], s.passes)) * factor]
         if could_fit:
             min(could_fit, key=lambda s: (s.key != job.compat_key, -s.view.total_bytes, s.view.executor_id)

@@ -166,6 +166,7 @@ class Scheduler:
                 executor_id=e["executor_id"], total_bytes=e["total_bytes"], free_bytes=e["free_bytes"],
                 loaded_compat_key=cohort_key.get(e["executor_id"], e["compat_key"]), loaded_base_bytes=e["base_bytes"],
                 running=tuple(running_by_executor.get(e["executor_id"], ())), max_pass_tokens=passes,
+                dtypes=frozenset(e["dtypes"].split(",")) if e.get("dtypes") else None,
             ))
 
         queued = []
@@ -178,7 +179,7 @@ class Scheduler:
                 continue
             queued.append(QueuedJob(job["job_id"], job["tenant"], spec.compatibility_key(), spec.priority,
                                     job["submitted_at"], gpu_seconds, per_step, job_bytes, base_bytes,
-                                    activation_bytes, spec.hyperparameters.max_seq_len))
+                                    activation_bytes, spec.hyperparameters.max_seq_len, spec.dtype))
 
         usage = self.store.gpu_seconds()
         tenants = {}

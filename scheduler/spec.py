@@ -93,8 +93,9 @@ class JobSpec(_Strict):
     adapter: AdapterSpec = AdapterSpec()
     quantization: Literal["none", "nf4", "int8"] = "none"
     dtype: Literal["auto", "bfloat16", "float32"] = Field(
-        "auto", description="compute dtype; auto = bfloat16 on a GPU, float32 on a CPU (float16 is not offered: it "
-        "would need loss scaling)"
+        "auto", description="compute dtype; auto = bfloat16 on a GPU that computes it natively (Ampere on), else "
+        "float32, and float32 on a CPU; bfloat16 jobs go only to executors that compute it natively (float16 is not "
+        "offered: it would need loss scaling)"
     )
     hyperparameters: Hyperparameters = Hyperparameters()
     priority: int = Field(5, ge=0, le=9, description="0 lowest, 9 highest")

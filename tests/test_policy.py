@@ -165,6 +165,20 @@ def test_a_failed_small_job_does_not_hide_a_big_one_that_fits_a_cohort_in_passes
     assert [a.job_id for a in decisions] == ["activation-heavy"]
 
 
+def test_a_job_goes_only_where_its_dtype_computes_natively():
+    pre_ampere = replace(executor("pre-ampere", total_gib=40), dtypes=frozenset({"float32"}))
+    ampere = replace(executor("ampere", total_gib=80), dtypes=frozenset({"bfloat16", "float32"}))
+    bf16 = replace(job("bf16"), dtype="bfloat16")
+    tenants = [TenantView("t1")]
+    # best fit alone would pick the tighter 40 GiB executor
+    assert [a.executor_id for a in plan([bf16], [pre_ampere, ampere], tenants, 0.0)] == ["ampere"]
+    assert plan([bf16], [pre_ampere], tenants, 0.0) == []
+    assert [a.executor_id for a in plan([job("auto")], [pre_ampere], tenants, 0.0)] == ["pre-ampere"], \
+        "auto runs anywhere: the executor picks"
+    unreported = executor("unreported")
+    assert [a.executor_id for a in plan([bf16], [unreported], tenants, 0.0)] == ["unreported"]
+
+
 def test_config_and_input_errors_name_the_problem():
     with pytest.raises(ValueError, match="packing"):
         PlanConfig(packing="best")

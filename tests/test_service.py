@@ -118,3 +118,19 @@ def test_an_executor_in_passes_is_planned_with_one_pass_of_activations(env, stor
     jobs = [store.submit("acme", spec)["job_id"] for _ in range(2)]
     assert len(scheduler.round()) == placed
     assert sum(store.get_job(job_id)["state"] == "scheduled" for job_id in jobs) == placed
+
+
+def test_a_bf16_job_waits_for_an_executor_that_computes_bf16(env, store):
+    _, _, models = env
+    fleet.heartbeat(store.r, "exec-old", {"total_bytes": 64 * 2**30, "free_bytes": 64 * 2**30, "dtypes": "float32"})
+    scheduler = Scheduler(store, "sched-test")
+    scheduler.lock.try_acquire()
+    spec = {"base_model": str(models["llama"]), "dataset": "acme/train.jsonl",
+            "hyperparameters": {"max_steps": 5, "batch_size": 1, "max_seq_len": 64}}
+    bf16 = store.submit("acme", parse_spec({**spec, "dtype": "bfloat16"}))["job_id"]
+    assert scheduler.round() == [] and store.get_job(bf16)["state"] == "queued"
+    auto = store.submit("acme", parse_spec({**spec, "base_model": str(models["qwen2"])}))["job_id"]
+    assert [a.job_id for a in scheduler.round()] == [auto], "auto runs in whatever the executor computes"
+    fleet.heartbeat(store.r, "exec-new", {"total_bytes": 64 * 2**30, "free_bytes": 64 * 2**30,
+                                          "dtypes": "bfloat16,float32"})
+    assert [(a.job_id, a.executor_id) for a in scheduler.round()] == [(bf16, "exec-new")]

@@ -155,3 +155,17 @@ def test_the_heartbeat_says_whether_the_executor_runs_in_passes(store, tmp_path)
     alive = {e["executor_id"]: e for e in fleet.executors(store.r)[0]}
     assert alive["exec-passes"]["max_pass_tokens"] == 4096
     assert alive["exec-whole"]["max_pass_tokens"] == 0, "no passes: the field is empty"
+
+
+@pytest.mark.parametrize("native, dtypes, auto", [(True, "bfloat16,float32", torch.bfloat16),
+                                                  (False, "float32", torch.float32)])
+def test_an_executor_offers_bf16_only_where_the_gpu_computes_it_natively(store, tmp_path, monkeypatch, native, dtypes,
+                                                                          auto):
+    from lorafleet.executor.model import compute_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native or including_emulation)
+    executor = Executor(store, "exec-gpu", "cuda:0", ArtifactStore(str(tmp_path)), memory_bytes=2**30)
+    executor.send_heartbeat()
+    assert {e["executor_id"]: e["dtypes"] for e in fleet.executors(store.r)[0]}["exec-gpu"] == dtypes
+    assert compute_dtype("auto", torch.device("cuda:0")) == auto
+    assert compute_dtype("auto", torch.device("cpu")) == torch.float32
