@@ -202,20 +202,18 @@ class _CohortMemory:
             self.per_token = max(self.per_token, job.activation_bytes / job.tokens_per_step)
         self.longest = max(self.longest, job.max_seq_len)
 
-    def bytes(self, max_pass_tokens: Optional[int], job=None) -> float:
-        """The cohort's bytes, with `job` joined when one is given."""
-        state, activations, tokens, per_token, longest = (
+    def with_job(self, job) -> "_CohortMemory":
+        joined = _CohortMemory()
+        joined.state, joined.activations, joined.tokens, joined.per_token, joined.longest = (
             self.state, self.activations, self.tokens, self.per_token, self.longest)
-        if job is not None:
-            state += job.job_bytes - job.activation_bytes
-            activations += job.activation_bytes
-            tokens += job.tokens_per_step
-            if job.tokens_per_step:
-                per_token = max(per_token, job.activation_bytes / job.tokens_per_step)
-            longest = max(longest, job.max_seq_len)
+        joined.add(job)
+        return joined
+
+    def bytes(self, max_pass_tokens: Optional[int]) -> float:
         if max_pass_tokens is None:
-            return state + activations
-        return state + min(activations, per_token * min(tokens, max(max_pass_tokens, longest)))
+            return self.state + self.activations
+        held_tokens = min(self.tokens, max(max_pass_tokens, self.longest))
+        return self.state + min(self.activations, self.per_token * held_tokens)
 
 
 USAGE_HALF_LIFE_SECONDS = 4 * 3600.0  # fair share forgets GPU time used this long ago by half
@@ -351,8 +349,8 @@ class _Slot:
     def need(self, job: QueuedJob, factor: float) -> float:
         """Calibrated bytes `job` would add to what `room` counts: with passes, less than its own estimate."""
         if self._new_cohort(job.compat_key):
-            return _CohortMemory().bytes(self.passes, job) * factor
-        return (self.cohort.bytes(self.passes, job) - self.cohort.bytes(self.passes)) * factor
+            return cohort_bytes([job], self.passes) * factor
+        return (self.cohort.with_job(job).bytes(self.passes) - self.cohort.bytes(self.passes)) * factor
 
     def take(self, job: QueuedJob, factor: float, base_bytes: float) -> None:
         added = self.need(job, factor)
