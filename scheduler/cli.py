@@ -244,18 +244,18 @@ def scheduler(metrics_port: int, interval: float, lock_ttl: float, packing: str)
               help="seconds without a heartbeat before the scheduler declares this executor dead")
 @click.option("--activation-checkpointing", type=click.IntRange(min=0), default=0, show_default=True,
               help="recompute every N-th decoder layer in the backward (0 off, 1 all): fits larger cohorts")
-@click.option("--max-pass-tokens", type=click.IntRange(min=0), default=8192, show_default=True,
-              help="run each step as passes of at most N tokens, 0 for one pass (same gradients, activations of one "
-                   "pass at a time; the scheduler plans this executor's memory with one pass)")
+@click.option("--max-pass-tokens", type=click.IntRange(min=1), default=None,
+              help="run each step as passes of at most N tokens (same gradients, activations of one pass at a time; "
+                   "the scheduler plans this executor's memory with one pass)")
 def executor(device: str, executor_id: Optional[str], metrics_port: int, memory_bytes: Optional[int],
-             heartbeat_ttl: float, activation_checkpointing: int, max_pass_tokens: int) -> None:
+             heartbeat_ttl: float, activation_checkpointing: int, max_pass_tokens: Optional[int]) -> None:
     """An executor process: trains the cohort the scheduler assigns to this device."""
     try:
         from lorafleet.executor import worker
     except ImportError as exc:
         raise click.ClickException(f"the executor needs the 'executor' extra (pip install 'lorafleet[executor]'): {exc}")
     worker.main(device, executor_id, metrics_port, memory_bytes, heartbeat_ttl, activation_checkpointing,
-                max_pass_tokens or None)
+                max_pass_tokens)
 
 
 @main.group()
