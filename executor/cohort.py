@@ -110,14 +110,18 @@ class PackedBatch:
 
 
 def split_passes(batches: dict[str, list[Example]], max_tokens: int | None) -> list[dict[str, list[Example]]]:
-    """Consecutive groups of whole sequences of at most `max_tokens` tokens each (None: one group of everything)."""
+    """Consecutive groups of whole sequences of at most `max_tokens` tokens each (None: one group of everything),
+    as even as whole sequences allow: as many groups as `max_tokens` needs, each closed once it reaches an equal
+    share, so no short last pass pays a whole pass's host time for a few tokens."""
+    total = sum(len(example.input_ids) for examples in batches.values() for example in examples)
+    share = -(-total // -(-total // max_tokens)) if max_tokens is not None and total else None
     passes, current, size = [], {}, 0
     for job_id, examples in batches.items():
         for example in examples:
             length = len(example.input_ids)
             if not length:
                 continue
-            if max_tokens is not None and current and size + length > max_tokens:
+            if share is not None and current and (size + length > max_tokens or size >= share):
                 passes.append(current)
                 current, size = {}, 0
             current.setdefault(job_id, []).append(example)
@@ -157,6 +161,7 @@ class Cohort:
         if max_pass_tokens is not None and max_pass_tokens < 1:
             raise ValueError(f"max_pass_tokens {max_pass_tokens!r}: expected a positive number of tokens or None")
         self.max_pass_tokens = max_pass_tokens
+        self.step_tokens, self.largest_pass_tokens = 0, 0  # input tokens of the last step, and of its largest pass
         self.base_model_path = str(base_model_path)
         self.quantization, self.dtype = quantization, dtype
         self.model, self.tokenizer = load_base(base_model_path, quantization, dtype, device)
@@ -221,10 +226,14 @@ class Cohort:
         targets = {job_id: sum(example.num_targets for example in examples) for job_id, examples in batches.items()}
         loss_sums = {job_id: torch.zeros((), device=self.device) for job_id in batches}
         non_finite: dict[str, float] = {}
+        self.step_tokens, self.largest_pass_tokens = 0, 0
         for part in split_passes(batches, self.max_pass_tokens):
             part = {job_id: examples for job_id, examples in part.items() if job_id not in non_finite}
             if not part:
                 continue
+            part_tokens = sum(len(example.input_ids) for examples in part.values() for example in examples)
+            self.step_tokens += part_tokens
+            self.largest_pass_tokens = max(self.largest_pass_tokens, part_tokens)
             sums = self._forward(pack(part, self.device))
             finite = torch.isfinite(torch.stack(list(sums.values()))).tolist()
             live = {}

@@ -26,9 +26,16 @@ import torch
 from lorafleet.executor.artifacts import ArtifactStore
 from lorafleet.executor.cohort import Cohort
 from lorafleet.executor.data import DataError, JobData
-from lorafleet.executor.model import native_bf16
+from lorafleet.executor.model import compute_dtype, native_bf16
 from lorafleet.scheduler import config, fleet
 from lorafleet.scheduler.metrics import ExecutorMetrics, executor_metrics, serve
+from lorafleet.scheduler.policy import (
+    ModelShape,
+    PlanConfig,
+    estimate_activation_bytes,
+    pass_tokens,
+    peak_at_planned_passes,
+)
 from lorafleet.scheduler.spec import JobSpec, resolve_dataset
 from lorafleet.scheduler.store import JobStore
 from lorafleet.scheduler.submission import resolve_base_model
@@ -70,7 +77,10 @@ class Executor:
         self.cohort: Cohort | None = None
         self.compat_key: str | None = None
         self.base_bytes = 0
-        self.step_peak_bytes = 0  # device memory peak of the last step: what the scheduler's memory model learns from
+        # Device memory peak of the last step, as if it ran in passes of max_pass_tokens: what the scheduler's
+        # memory model learns from (a GPU executor takes larger passes where its free memory allows).
+        self.step_peak_bytes = 0
+        self.activation_bytes_per_token = 0.0  # the scheduler's estimate for the loaded base; 0: unknown
         self.leases: dict[str, Lease] = {}
         self.validation: dict[str, JobData] = {}  # job id -> its validation set, evaluated at each checkpoint
         self.stopping = threading.Event()
@@ -192,6 +202,12 @@ class Executor:
                              max_pass_tokens=self.max_pass_tokens)
         self.compat_key = spec.compatibility_key()
         self.base_bytes = sum(p.numel() * p.element_size() for p in self.cohort.model.parameters())
+        dtype = "float32" if compute_dtype(spec.dtype, torch.device(self.device)) == torch.float32 else "bfloat16"
+        try:
+            shape = ModelShape.from_config(self.cohort.model.config.to_dict())
+            self.activation_bytes_per_token = estimate_activation_bytes(shape, 1, 1, dtype)
+        except ValueError:  # a config the memory model cannot read: passes keep their planned size
+            self.activation_bytes_per_token = 0.0
         self.send_heartbeat()
 
     def _release(self, job_id: str) -> None:
@@ -202,8 +218,18 @@ class Executor:
 
     # ---- one step ----
 
+    def pass_size(self, allocated: int) -> int | None:
+        """This step's largest pass: the planned max_pass_tokens, or on a GPU as many tokens as the memory left
+        after `allocated` holds by the scheduler's estimate (a few percent high for Llama shapes, run J7)."""
+        if self.max_pass_tokens is None or not self.device.startswith("cuda"):
+            return self.max_pass_tokens
+        free = self.total_bytes * PlanConfig().memory_fraction - allocated
+        return pass_tokens(self.max_pass_tokens, free, self.activation_bytes_per_token)
+
     def train_step(self) -> None:
         _reset_peak(self.device)
+        allocated_before = _allocated_bytes(self.device)
+        self.cohort.max_pass_tokens = self.pass_size(allocated_before)
         started = time.perf_counter()
         try:
             results = self.cohort.step()
@@ -211,7 +237,12 @@ class Executor:
             self.recover_from_oom()
             return
         seconds = time.perf_counter() - started
-        self.step_peak_bytes = _peak_bytes(self.device)
+        peak = _peak_bytes(self.device)
+        self.step_peak_bytes = peak
+        if self.max_pass_tokens is not None:
+            self.step_peak_bytes = peak_at_planned_passes(
+                peak, allocated_before, self.cohort.step_tokens, self.cohort.largest_pass_tokens, self.max_pass_tokens,
+                self.activation_bytes_per_token)
         total_tokens = sum(result.tokens for result in results.values()) or 1
         usage: dict[str, float] = {}
         for job_id, result in results.items():
@@ -247,7 +278,7 @@ class Executor:
             self.metrics.tokens_trained.inc(sum(result.tokens for result in results.values()))
             self.metrics.cohort_jobs.set(len(self.leases))
             self.metrics.memory_allocated.set(_allocated_bytes(self.device))
-            self.metrics.memory_peak.set(self.step_peak_bytes)
+            self.metrics.memory_peak.set(peak)
             utilization = _gpu_utilization(self.device)
             if utilization is not None:
                 self.metrics.gpu_utilization.set(utilization)

@@ -216,6 +216,29 @@ class _CohortMemory:
         return self.state + min(self.activations, self.per_token * held_tokens)
 
 
+def pass_tokens(planned: int, free_bytes: float, bytes_per_token: float) -> int:
+    """Tokens per pass for an executor the planner counts on passes of `planned` tokens: the most whose activations
+    fit in `free_bytes` (its usable memory less what is allocated before the step), never fewer than `planned`.
+    Fewer, larger passes are faster: each pass pays the step's host time again."""
+    if bytes_per_token <= 0 or free_bytes <= 0:
+        return planned
+    return max(planned, int(free_bytes // bytes_per_token))
+
+
+def peak_at_planned_passes(peak: int, allocated_before: int, step_tokens: int, largest_pass_tokens: int,
+                           planned: int, bytes_per_token: float) -> int:
+    """The peak a step would have had in passes of `planned` tokens, from the one it had: what the executor reports,
+    so that the planner's model and its calibration see the memory they planned, not what the executor borrowed
+    from free memory for speed. The larger of two guesses, so as not to under-report: the step's activations (peak
+    less what was allocated before it) scaled from its largest pass to the planned one, which misses what does not
+    grow with tokens (16% low on 1B, run J9), and the planner's own per-token estimate."""
+    planned_pass = min(step_tokens, planned)
+    if largest_pass_tokens <= planned_pass:
+        return peak
+    scaled = max(0, peak - allocated_before) * planned_pass / largest_pass_tokens
+    return int(allocated_before + max(scaled, bytes_per_token * planned_pass))
+
+
 USAGE_HALF_LIFE_SECONDS = 4 * 3600.0  # fair share forgets GPU time used this long ago by half
 
 

@@ -167,6 +167,9 @@ def test_split_passes_groups_whole_sequences_in_order():
     assert lengths(split_passes(batches, None)) == [{"a": [3, 4], "b": [2], "c": [9, 1]}]
     assert lengths(split_passes(batches, 7)) == [{"a": [3, 4]}, {"b": [2]}, {"c": [9]}, {"c": [1]}]
     assert lengths(split_passes(batches, 10)) == [{"a": [3, 4], "b": [2]}, {"c": [9, 1]}]
+    # as many passes as the cap needs, evened out: 20 x 512 in passes of 8,192 is 2 x 5,120, not 8,192 + 2,048
+    even = {"a": [ex(512) for _ in range(20)]}
+    assert [sum(len(e.input_ids) for e in part["a"]) for part in split_passes(even, 8192)] == [5120, 5120]
     with pytest.raises(ValueError, match="max_pass_tokens 0"):
         Cohort("unused", max_pass_tokens=0)
 
@@ -191,6 +194,9 @@ def test_passes_give_the_one_pass_gradients(llama, datasets):
     steps = len(one_history["x"])
     assert len(forwards[None]) == steps and len(forwards[120]) > 2 * steps  # really several passes a step
     assert max(forwards[120]) < max(forwards[None])
+    # what an executor reports its peak against: the last step's input tokens and its largest pass
+    assert one.step_tokens == one.largest_pass_tokens == forwards[None][-1]
+    assert split.step_tokens == one.step_tokens and split.largest_pass_tokens < one.largest_pass_tokens
     for job_id in specs:
         assert_same_losses(split_history[job_id], one_history[job_id], rtol=1e-5)
         assert_same_weights(weights(split, job_id), weights(one, job_id), rtol=1e-5)

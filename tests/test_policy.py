@@ -19,6 +19,8 @@ from lorafleet.scheduler.policy import (
     estimate_base_bytes,
     estimate_gpu_seconds,
     estimate_job_bytes,
+    pass_tokens,
+    peak_at_planned_passes,
     plan,
 )
 from lorafleet.scheduler.spec import ALL_PROJECTIONS, JobSpec
@@ -118,6 +120,18 @@ def test_a_cohort_in_passes_holds_one_pass_of_activations_not_every_jobs():
     shape_args = (LLAMA_8B, 4, 512, "bfloat16")
     assert 0 < estimate_activation_bytes(*shape_args) < estimate_job_bytes(LLAMA_8B, 16, ALL_PROJECTIONS, 4, 512,
                                                                            "bfloat16")
+
+
+def test_an_executor_takes_larger_passes_where_memory_allows_and_reports_the_planned_peak():
+    assert pass_tokens(8192, 100 * 2**20, 2**20) == 8192, "never fewer tokens than the planner counted on"
+    assert pass_tokens(8192, 20_000 * 2**20, 2**20) == 20_000
+    assert pass_tokens(8192, -5.0, 2**20) == 8192 and pass_tokens(8192, 10 * GiB, 0) == 8192
+    # a 16,384-token step ran as one pass on top of 10 GiB: its activations scale to a pass of 8,192...
+    assert peak_at_planned_passes(50 * GiB, 10 * GiB, 16_384, 16_384, 8192, 2**20) == 30 * GiB
+    # ...unless the planner's own estimate for that pass is higher
+    assert peak_at_planned_passes(50 * GiB, 10 * GiB, 16_384, 16_384, 8192, 4 * 2**20) == 42 * GiB
+    assert peak_at_planned_passes(50 * GiB, 10 * GiB, 6_000, 6_000, 8192, 2**20) == 50 * GiB, "one planned pass anyway"
+    assert peak_at_planned_passes(50 * GiB, 10 * GiB, 30_000, 8100, 8192, 2**20) == 50 * GiB, "planned passes"
 
 
 def _llama_8b_job(i: int, base: int) -> QueuedJob:
