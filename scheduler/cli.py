@@ -245,8 +245,8 @@ def scheduler(metrics_port: int, interval: float, lock_ttl: float, packing: str)
 @click.option("--activation-checkpointing", type=click.IntRange(min=0), default=0, show_default=True,
               help="recompute every N-th decoder layer in the backward (0 off, 1 all): fits larger cohorts")
 @click.option("--max-pass-tokens", type=click.IntRange(min=1), default=None,
-              help="run each step as passes of at most N tokens (same gradients, activations of one pass at a time; "
-                   "the scheduler plans this executor's memory with one pass)")
+              help="run each step in passes, so that the scheduler can plan this executor's memory with one pass of N "
+                   "tokens (same gradients); on a GPU, passes are as large as free memory allows, never under N")
 def executor(device: str, executor_id: Optional[str], metrics_port: int, memory_bytes: Optional[int],
              heartbeat_ttl: float, activation_checkpointing: int, max_pass_tokens: Optional[int]) -> None:
     """An executor process: trains the cohort the scheduler assigns to this device."""
