@@ -239,7 +239,7 @@ class Executor:
         seconds = time.perf_counter() - started
         peak = _peak_bytes(self.device)
         self.step_peak_bytes = peak
-        if self.max_pass_tokens is not None:
+        if self.max_pass_tokens is not None and self.cohort.max_pass_tokens > self.max_pass_tokens:
             self.step_peak_bytes = peak_at_planned_passes(
                 peak, allocated_before, self.cohort.step_tokens, self.cohort.largest_pass_tokens, self.max_pass_tokens,
                 self.activation_bytes_per_token)
