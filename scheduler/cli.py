@@ -244,18 +244,19 @@ def scheduler(metrics_port: int, interval: float, lock_ttl: float, packing: str)
               help="seconds without a heartbeat before the scheduler declares this executor dead")
 @click.option("--activation-checkpointing", type=click.IntRange(min=0), default=0, show_default=True,
               help="recompute every N-th decoder layer in the backward (0 off, 1 all): fits larger cohorts")
-@click.option("--max-pass-tokens", type=click.IntRange(min=1), default=None,
+@click.option("--max-pass-tokens", type=click.IntRange(min=0), default=8192, show_default=True,
               help="run each step in passes, so that the scheduler can plan this executor's memory with one pass of N "
-                   "tokens (same gradients); on a GPU, passes are as large as free memory allows, never under N")
+                   "tokens (same gradients); on a GPU, passes are as large as free memory allows, never under N; "
+                   "0: always one pass")
 def executor(device: str, executor_id: Optional[str], metrics_port: int, memory_bytes: Optional[int],
-             heartbeat_ttl: float, activation_checkpointing: int, max_pass_tokens: Optional[int]) -> None:
+             heartbeat_ttl: float, activation_checkpointing: int, max_pass_tokens: int) -> None:
     """An executor process: trains the cohort the scheduler assigns to this device."""
     try:
         from lorafleet.executor import worker
     except ImportError as exc:
         raise click.ClickException(f"the executor needs the 'executor' extra (pip install 'lorafleet[executor]'): {exc}")
     worker.main(device, executor_id, metrics_port, memory_bytes, heartbeat_ttl, activation_checkpointing,
-                max_pass_tokens)
+                max_pass_tokens or None)
 
 
 @main.group()
