@@ -109,6 +109,7 @@ class Executor:
                 log.warning("Redis unreachable (%s); retrying in 2 s", exc)
                 self.stopping.wait(2.0)
         self.stopping.set()
+        beats.join()  # no heartbeat may re-register this executor once drain() has deregistered it
         self.drain()
 
     def _heartbeats(self) -> None:
@@ -329,9 +330,12 @@ class Executor:
     # ---- leaving ----
 
     def drain(self) -> None:
-        """Checkpoint every job and hand it back to the queue, then deregister."""
-        for job_id, lease in list(self.leases.items()):
+        """Checkpoint every job, deregister, then hand the jobs back to the queue: deregistered first, so that the
+        scheduler cannot give a handed-back job to this executor again (it claims only for live executors)."""
+        for lease in self.leases.values():
             self.save_checkpoint(lease)
+        fleet.forget(self.store.r, self.executor_id)
+        for job_id, lease in list(self.leases.items()):
             self.store.requeue(job_id, ("scheduled", "running"), "executor drained", attempt=lease.attempt,
                                executor_id=self.executor_id)
             self._release(job_id)
@@ -339,7 +343,6 @@ class Executor:
             if job.get("executor_id") == self.executor_id:
                 self.store.requeue(job["job_id"], "scheduled", "executor drained", attempt=job["attempt"],
                                    executor_id=self.executor_id)
-        fleet.forget(self.store.r, self.executor_id)
         log.info("executor %s drained", self.executor_id)
 
 

@@ -54,6 +54,11 @@ def executors(client: redis.Redis) -> tuple[list[dict[str, Any]], list[str]]:
     return alive, dead
 
 
+def is_registered(client: redis.Redis, executor_id: str) -> bool:
+    """Whether the executor is alive and has not deregistered (its heartbeat hash exists)."""
+    return bool(client.exists(keys.executor(executor_id)))
+
+
 def forget(client: redis.Redis, executor_id: str) -> None:
     """Drop an executor from the registry (after its jobs were handed back)."""
     client.srem(keys.EXECUTORS, executor_id)

@@ -196,6 +196,10 @@ class Scheduler:
             self.metrics.plan_duration.observe(time.perf_counter() - started)
         tenant_of = {job.job_id: job.tenant for job in queued}
         for a in assignments:
+            # The executor list was read before the queue: one that deregistered since (a drain hands its jobs back
+            # after deregistering) must not get them again.
+            if not fleet.is_registered(self.store.r, a.executor_id):
+                continue
             attempt = self.store.claim(a.job_id, a.executor_id, fence=fence)
             if attempt is not None:
                 log.info("job %s -> executor %s (attempt %d)", a.job_id, a.executor_id, attempt)

@@ -134,3 +134,28 @@ def test_a_bf16_job_waits_for_an_executor_that_computes_bf16(env, store):
     fleet.heartbeat(store.r, "exec-new", {"total_bytes": 64 * 2**30, "free_bytes": 64 * 2**30,
                                           "dtypes": "bfloat16,float32"})
     assert [(a.job_id, a.executor_id) for a in scheduler.round()] == [(bf16, "exec-new")]
+
+
+def test_a_round_does_not_assign_to_an_executor_that_deregistered_after_it_was_read(env, store, monkeypatch):
+    """A drain deregisters and then hands its jobs back; a round that read the executors before and the queue after
+    must not give them to the drained executor again."""
+    _, _, models = env
+    fleet.heartbeat(store.r, "exec-draining", {"total_bytes": 64 * 2**30, "free_bytes": 64 * 2**30})
+    job_id = submit(store, models["llama"])
+    read_executors = fleet.executors
+
+    def read_then_drained(client):
+        seen = read_executors(client)
+        fleet.forget(client, "exec-draining")  # the drain, between the round's two reads
+        return seen
+
+    monkeypatch.setattr(fleet, "executors", read_then_drained)
+    scheduler = Scheduler(store, "sched-test")
+    scheduler.lock.try_acquire()
+    scheduler.round()
+    assert store.get_job(job_id)["state"] == "queued", "not claimed for an executor that is gone"
+    monkeypatch.setattr(fleet, "executors", read_executors)
+    fleet.heartbeat(store.r, "exec-live", {"total_bytes": 64 * 2**30, "free_bytes": 64 * 2**30})
+    scheduler.round()
+    job = store.get_job(job_id)
+    assert job["state"] == "scheduled" and job["executor_id"] == "exec-live" and job["attempt"] == 1
