@@ -144,6 +144,7 @@ def _api(token: Optional[str]) -> LorafleetClient | _Operator:
 
 
 @click.group(cls=_Cli)
+@click.version_option(package_name="lorafleet", prog_name="lorafleet", message="%(prog)s %(version)s")
 def main() -> None:
     """lorafleet: multi-tenant LoRA fine-tuning. See README.md."""
 
