@@ -21,11 +21,12 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from lorafleet.scheduler import config, fleet, keys, stack
+from lorafleet.scheduler import acl, config, fleet, keys, stack
+from lorafleet.scheduler.acl import TenantCredentials
 from lorafleet.scheduler.client import LorafleetClient
 from lorafleet.scheduler.redis_server import start_redis_server, write_private
 from lorafleet.scheduler.spec import JobSpec, parse_spec
-from lorafleet.scheduler.store import JobStore
+from lorafleet.scheduler.store import JobStore, hash_token
 
 console = Console()
 
@@ -39,6 +40,11 @@ class _Cli(click.Group):
             return super().invoke(ctx)
         except (ValueError, PermissionError, LookupError, config.ConfigError) as exc:
             raise click.ClickException(_one_line(exc)) from None
+        except redis.exceptions.NoPermissionError as exc:
+            raise click.ClickException(
+                f"this Redis user may not do that ({_one_line(exc)}): commands without --token need the operator's "
+                "REDIS_URL"
+            ) from None
         except redis.ConnectionError as exc:
             raise click.ClickException(f"cannot reach Redis: {_one_line(exc)}") from None
         except CeleryTimeout:
@@ -139,8 +145,18 @@ class _Operator:
         return self.store.events_for(None, job_id, after, limit)
 
 
+def _tenant_client(token: str) -> LorafleetClient:
+    """A client as the token's tenant: through REDIS_URL when it is that tenant's broker URL, else (the operator's
+    URL) through that tenant's queue, where the worker checks the token as it does for the tenant itself."""
+    url = config.redis_url()
+    tenant = acl.tenant_of_url(url) or _store().r.hget(keys.TOKENS, hash_token(token))
+    if tenant is None:
+        raise PermissionError("invalid token")
+    return LorafleetClient(url, token, tenant=tenant)
+
+
 def _api(token: Optional[str]) -> LorafleetClient | _Operator:
-    return LorafleetClient(config.redis_url(), token) if token else _Operator(_store())
+    return _tenant_client(token) if token else _Operator(_store())
 
 
 @click.group(cls=_Cli)
@@ -203,12 +219,15 @@ def _default_device() -> str:
 @click.option("--port", default=0, help="port (default: a free one)")
 @json_option
 def redis_cmd(data_dir: Optional[Path], port: int, as_json: bool) -> None:
-    """Run the embedded Redis in the foreground (AOF on, loopback, generated password) until interrupted."""
+    """Run the embedded Redis in the foreground (AOF on, loopback, a user per role) until interrupted.
+
+    The URL file holds the operator's URL; --json also prints each service role's own URL (`role_urls`)."""
     data_dir = data_dir or config.embedded_redis_dir()
     server = start_redis_server(data_dir, port=port)
     url_file = data_dir / "redis.url"
     write_private(url_file, server.url)
-    info = {"url": server.url, "data_dir": str(data_dir), "url_file": str(url_file), "pid": server.process.pid}
+    info = {"url": server.url, "data_dir": str(data_dir), "url_file": str(url_file), "pid": server.process.pid,
+            "role_urls": {role: server.role_url(role) for role in acl.ROLES if role != "operator"}}
     if as_json:
         _print_json(info)
     else:
@@ -341,12 +360,15 @@ def _show_tenants(items: list[dict], as_json: bool) -> None:
     _table("tenants", TENANT_COLUMNS, rows)
 
 
-def _show_token(tenant: dict, token: str, as_json: bool) -> None:
+def _show_credentials(tenant: dict, credentials: TenantCredentials, as_json: bool) -> None:
     if as_json:
-        _print_json({**tenant, "token": token})
-    else:
-        _show_tenants([tenant], False)
-        console.print(f"token (shown once, store it now): [bold]{token}[/bold]", soft_wrap=True)
+        _print_json({**tenant, **credentials.to_json()})
+        return
+    _show_tenants([tenant], False)
+    console.print("shown once, store them now (only hashes are kept):", soft_wrap=True)
+    console.print(f"token:       [bold]{credentials.token}[/bold]", soft_wrap=True)
+    console.print(f"broker_url:  [bold]{credentials.broker_url}[/bold]", soft_wrap=True)
+    console.print(f"celery_config: {json.dumps(credentials.to_json()['celery_config'])}", soft_wrap=True)
 
 
 @tenants.command("create")
@@ -356,9 +378,10 @@ def _show_token(tenant: dict, token: str, as_json: bool) -> None:
 @click.option("--max-running", default=4, show_default=True, help="max jobs training at once")
 @json_option
 def tenants_create(name: str, weight: float, max_queued: int, max_running: int, as_json: bool) -> None:
-    """Create a tenant and print its token (only its hash is stored)."""
-    tenant, token = _store().create_tenant(name, weight=weight, max_queued=max_queued, max_running=max_running)
-    _show_token(tenant, token, as_json)
+    """Create a tenant; print its token, its own broker URL and its Celery settings, once."""
+    store = _store()
+    tenant, token = store.create_tenant(name, weight=weight, max_queued=max_queued, max_running=max_running)
+    _show_credentials(tenant, store.issue_credentials(name, token), as_json)
 
 
 @tenants.command("list")
@@ -384,17 +407,17 @@ def tenants_set_quota(name: str, weight: Optional[float], max_queued: Optional[i
 @click.argument("name")
 @json_option
 def tenants_rotate_token(name: str, as_json: bool) -> None:
-    """Replace a tenant's token; the old one stops working at once."""
+    """Replace a tenant's token and broker password; the old ones stop working at once."""
     store = _store()
     token = store.rotate_token(name)
-    _show_token(store.get_tenant(name), token, as_json)
+    _show_credentials(store.get_tenant(name), store.issue_credentials(name, token), as_json)
 
 
 @tenants.command("disable")
 @click.argument("name")
 @json_option
 def tenants_disable(name: str, as_json: bool) -> None:
-    """Refuse the tenant's token from now on (its jobs are left as they are)."""
+    """Refuse the tenant's token and broker user at once; its queued jobs never start (running ones run on)."""
     _show_tenants([_store().set_disabled(name)], as_json)
 
 
@@ -402,7 +425,7 @@ def tenants_disable(name: str, as_json: bool) -> None:
 @click.argument("name")
 @json_option
 def tenants_enable(name: str, as_json: bool) -> None:
-    """Accept a disabled tenant's token again."""
+    """Accept a disabled tenant's token and broker user again."""
     _show_tenants([_store().set_disabled(name, False)], as_json)
 
 
@@ -419,7 +442,7 @@ def submit(spec_file: str, token: Optional[str], as_json: bool) -> None:
         raise click.ClickException("submit needs a tenant token: --token or LORAFLEET_TOKEN")
     raw = click.get_binary_stream("stdin").read() if spec_file == "-" else _read_file(spec_file)
     parse_spec(raw)  # syntax and bounds here; the worker checks data paths and the base model
-    job = LorafleetClient(config.redis_url(), token).submit(json.loads(raw))
+    job = _tenant_client(token).submit(json.loads(raw))
     _show_jobs([job], as_json, title="submitted")
 
 

@@ -1,10 +1,13 @@
 """A small typed Python client for the Celery submission API.
 
 The API is the task names; this is only a convenience. Without lorafleet installed, a tenant does the same with
-plain Celery:
+plain Celery, its own broker URL and the two settings `lorafleet tenants create --json` printed (`celery_config`):
 
     from celery import Celery
-    app = Celery(broker=URL, backend=URL)
+
+from lorafleet.scheduler import acl
+    app = Celery(broker=BROKER_URL, backend=BROKER_URL)
+    app.conf.update(CELERY_CONFIG)   # the tenant's queue and result prefix
     job = app.send_task("lorafleet.submit_job", args=[TOKEN, spec]).get(timeout=30)
 
 Errors arrive as the built-in exceptions the tasks raise: ValueError (bad spec, bad argument, quota),
@@ -16,6 +19,8 @@ from __future__ import annotations
 from typing import Any, Optional, TypedDict
 
 from celery import Celery
+
+from lorafleet.scheduler import acl
 
 TASK_NAMES = (
     "lorafleet.submit_job",
@@ -59,9 +64,13 @@ class JobEvent(TypedDict, total=False):
     ts: float
 
 
-def make_celery(broker_url: str, backend_url: Optional[str] = None, name: str = "lorafleet") -> Celery:
-    """A Celery app that speaks JSON only: pickle would let whoever can reach the broker run code."""
+def make_celery(broker_url: str, backend_url: Optional[str] = None, name: str = "lorafleet",
+                tenant: Optional[str] = None) -> Celery:
+    """A Celery app that speaks JSON only: pickle would let whoever can reach the broker run code. With `tenant`,
+    it sends to that tenant's queue and reads results under its prefix (`acl.tenant_celery_config`)."""
     app = Celery(name, broker=broker_url, backend=backend_url or broker_url)
+    if tenant is not None:
+        app.conf.update(acl.tenant_celery_config(tenant))
     app.conf.update(
         task_serializer="json",
         result_serializer="json",
@@ -75,8 +84,14 @@ def make_celery(broker_url: str, backend_url: Optional[str] = None, name: str = 
 
 
 class LorafleetClient:
-    def __init__(self, broker_url: str, token: str, backend_url: Optional[str] = None, timeout: float = 30.0):
-        self.app = make_celery(broker_url, backend_url, name="lorafleet-client")
+    """The tenant is the broker URL's user (`tenant.<name>`); pass `tenant` when the URL is a service's."""
+
+    def __init__(self, broker_url: str, token: str, backend_url: Optional[str] = None, timeout: float = 30.0,
+                 tenant: Optional[str] = None):
+        tenant = tenant or acl.tenant_of_url(broker_url)
+        if tenant is None:
+            raise ValueError("which tenant? use the tenant's own broker URL (user 'tenant.<name>') or pass tenant=")
+        self.app = make_celery(broker_url, backend_url, name="lorafleet-client", tenant=tenant)
         self.token = token
         self.timeout = timeout
 

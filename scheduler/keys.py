@@ -23,9 +23,20 @@ State lives only in Redis (persisted with AOF), so a scheduler or worker restart
 | `lorafleet:executor:<id>:drain` | string | "1": finish the current step, checkpoint every job, hand them back, exit | `lorafleet executors drain` |
 | `lorafleet:tenant_gpu_seconds` | hash | tenant -> `"<GPU seconds> <unix time>"`: GPU seconds used (each cohort step split by tokens), decayed with a 4 h half-life, as of that time | executors (`JobStore.add_gpu_seconds`) |
 | `lorafleet:memory_factors` | hash | compat key -> calibrated memory-model factor, learned from executors' reported peaks | scheduler (`service.Scheduler`) |
+| `lorafleet:worker_queue` | list | nothing: the submission worker's Celery default queue, which no one writes (tenants' queues are below) | — |
+| `lorafleet:dead_letters` | list, capped at `DEAD_LETTERS_MAXLEN` | submission messages the worker refused before any task ran: JSON `{queue, kind, reason, ts, task, id}` (never the body, which may hold a token) | the submission worker (`broker.dead_letter`) |
+| `lorafleet:rejected_messages` | hash | kind (`broker.Refused.kind`) -> number of refused submission messages (exported by the scheduler as `lorafleet_submission_rejected_messages`) | the submission worker (`broker.dead_letter`) |
 
-Celery (broker and result backend on the same Redis) owns its own keys: `celery`, `_kombu.*`, `unacked*`,
-`celery-task-meta-<task id>` (results expire after an hour).
+Tenant-facing keys are outside `lorafleet:*`, which no tenant credential can touch. Each tenant's broker user
+(`acl.tenant_username`) reaches only these, and only with the commands Celery's client needs to publish and fetch:
+
+| key | type | holds | written by |
+|---|---|---|---|
+| `lorafleet-tenant.<name>.submit` (+ kombu's priority suffixes) | list | the tenant's submission-API messages; the worker consumes it and knows every message on it is this tenant's | the tenant's Celery client (LPUSH) |
+| `_kombu.binding.lorafleet-tenant.<name>.submit`, `_kombu.binding_permanent.` the same | set | kombu's routing table of that queue | the tenant's client and the worker (kombu) |
+| `lorafleet-tenant.<name>.results.celery-task-meta-<task id>` | string, expires after an hour | a task's result (and a channel of that name for its notification); the tenant may only read | the submission worker (`broker.TenantResultBackend`) |
+
+Celery owns its other keys: `_kombu.*`, `unacked*`, `*.celery.pidbox` (remote control).
 """
 
 from __future__ import annotations
@@ -67,6 +78,28 @@ SCHEDULER_FENCE = PREFIX + "scheduler:fence"
 EXECUTORS = PREFIX + "executors"
 MEMORY_FACTORS = PREFIX + "memory_factors"
 TENANT_GPU_SECONDS = PREFIX + "tenant_gpu_seconds"
+WORKER_QUEUE = PREFIX + "worker_queue"
+DEAD_LETTERS = PREFIX + "dead_letters"
+DEAD_LETTERS_MAXLEN = 1000
+REJECTED_MESSAGES = PREFIX + "rejected_messages"
+TENANT_KEY_PREFIX = "lorafleet-tenant."
+
+
+def tenant_queue(name: str) -> str:
+    """The tenant's submission queue: the only queue its broker user may publish to."""
+    return f"{TENANT_KEY_PREFIX}{name}.submit"
+
+
+def tenant_result_prefix(name: str) -> str:
+    """Celery's `global_keyprefix` for the tenant's task results (ends in '.', which Celery keeps as the separator)."""
+    return f"{TENANT_KEY_PREFIX}{name}.results."
+
+
+def tenant_of_queue(queue: str) -> str | None:
+    """The tenant whose submission queue this is, else None."""
+    if queue.startswith(TENANT_KEY_PREFIX) and queue.endswith(".submit"):
+        return queue[len(TENANT_KEY_PREFIX):-len(".submit")] or None
+    return None
 
 
 def tenant(name: str) -> str:

@@ -28,6 +28,7 @@ class SchedulerMetrics:
     assignments: Counter
     requeued: Counter
     is_leader: Gauge
+    rejected_messages: Gauge
 
 
 @dataclass
@@ -64,6 +65,11 @@ def scheduler_metrics() -> SchedulerMetrics:
             ["reason"], registry=registry,
         ),
         is_leader=Gauge("lorafleet_scheduler_leader", "1 while this scheduler holds the leader lock", registry=registry),
+        rejected_messages=Gauge(
+            "lorafleet_submission_rejected_messages",
+            "Submission messages the workers refused before running them, by kind, since the store began",
+            ["kind"], registry=registry,
+        ),
     )
 
 

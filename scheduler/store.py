@@ -32,7 +32,7 @@ from typing import Any, Iterable, Optional
 
 import redis
 
-from lorafleet.scheduler import keys
+from lorafleet.scheduler import acl, keys
 from lorafleet.scheduler.policy import USAGE_HALF_LIFE_SECONDS, decayed_usage
 from lorafleet.scheduler.spec import JobSpec
 
@@ -52,6 +52,7 @@ JOB_ID_RE = re.compile(r"^job-[0-9a-f]{16}$")
 TENANT_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 RESERVED_TENANT_NAMES = ("shared",)  # the data root's area readable by every tenant
 MAX_LIST_LIMIT = 1000
+MAX_TOKEN_CHARS = 128  # ours are 47; a longer one is refused before it is hashed
 _STREAM_ID_RE = re.compile(r"^\d{1,20}-\d{1,20}$")
 
 
@@ -319,15 +320,43 @@ class JobStore:
         return token
 
     def set_disabled(self, name: str, disabled: bool = True) -> dict[str, Any]:
-        """A disabled tenant's token is refused; its jobs stay as they are (cancel them separately)."""
+        """A disabled tenant's token and broker user are refused at once (its open connections closed); its queued
+        jobs stay queued but never start, its running ones run on (cancel them separately)."""
         if not self._update_if_exists(keys=[keys.tenant(name)], args=["disabled", int(disabled)]):
             raise LookupError(f"no tenant {name!r}")
+        if disabled:
+            acl.revoke_tenant(self.r, name)
+        else:
+            acl.enable_tenant(self.r, name)
         return self.get_tenant(name)
+
+    def enabled_tenants(self) -> list[str]:
+        names = sorted(self.r.smembers(keys.TENANTS))
+        with self.r.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.hget(keys.tenant(name), "disabled")
+            flags = pipe.execute()
+        return [name for name, disabled in zip(names, flags) if disabled != "1"]
+
+    def issue_credentials(self, name: str, token: str) -> acl.TenantCredentials:
+        """A new broker user password for the tenant (its old connections are closed), with `token`: what the
+        tenant needs to submit. Needs the operator's connection (ACL SETUSER)."""
+        tenant = self.get_tenant(name)
+        password = secrets.token_urlsafe(24)
+        acl.set_tenant_user(self.r, name, password)
+        acl.close_connections(self.r, name)
+        if tenant["disabled"]:
+            acl.revoke_tenant(self.r, name)
+        kwargs = self.r.connection_pool.connection_kwargs
+        base = f"redis://{kwargs.get('host', '127.0.0.1')}:{kwargs.get('port', 6379)}/{kwargs.get('db', 0)}"
+        return acl.TenantCredentials(name, token, acl.url_for(base, acl.tenant_username(name), password))
 
     def authenticate(self, token: Any) -> str:
         """The tenant name for a token; PermissionError for a missing, unknown or disabled one."""
         if not isinstance(token, str) or not token:
             raise PermissionError("missing token: pass your tenant token as the first argument")
+        if len(token) > MAX_TOKEN_CHARS:
+            raise PermissionError("invalid token")
         name = self.r.hget(keys.TOKENS, hash_token(token))
         if name is None:
             raise PermissionError("invalid token")
@@ -376,7 +405,9 @@ class JobStore:
 
     def get_job_for(self, tenant: Optional[str], job_id: Any) -> dict[str, Any]:
         """The job if `tenant` owns it (tenant None = operator, any job). Unknown and foreign look the same."""
-        job = self.get_job(job_id) if isinstance(job_id, str) else None
+        if not isinstance(job_id, str) or not JOB_ID_RE.fullmatch(job_id):  # never echo what is not an id
+            raise LookupError("no such job: a job id is 'job-' and 16 hex digits")
+        job = self.get_job(job_id)
         if job is None or (tenant is not None and job["tenant"] != tenant):
             raise LookupError(f"no job {job_id!r}")
         return job

@@ -4,6 +4,10 @@ Serve them with a Celery worker (`lorafleet up` starts one):
     python -P -m celery -A lorafleet.scheduler.tasks worker --pool=solo
 with REDIS_URL (broker, result backend and job store) and LORAFLEET_DATA_ROOT set (see `config`).
 
+The worker consumes only the enabled tenants' own queues (`broker.TenantQueues`), checks every message before Celery
+parses it (`broker.GuardedTransport`), writes each result under that tenant's prefix (`broker.TenantResultBackend`),
+and refuses a token that is not the queue's tenant's: a stolen token is useless without that tenant's broker user.
+
 Only built-in exception types leave a task, because a tenant without lorafleet installed must be able to catch
 them after Celery's JSON transport: ValueError (invalid spec naming the field, bad argument, quota exceeded),
 PermissionError (missing, invalid or disabled token), LookupError (unknown job or another tenant's job: the same
@@ -15,12 +19,20 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable, Optional
 
-from lorafleet.scheduler import config
+from lorafleet.scheduler import config, keys
+from lorafleet.scheduler.broker import TenantQueues
 from lorafleet.scheduler.client import make_celery
 from lorafleet.scheduler.store import JobStore
 from lorafleet.scheduler.submission import validate_submission
 
 app = make_celery(config.redis_url())
+app.conf.update(
+    broker_transport="lorafleet.scheduler.broker:GuardedTransport",
+    result_backend="lorafleet.scheduler.broker:TenantResultBackend+" + config.redis_url(),
+    task_default_queue=keys.WORKER_QUEUE,  # never written: tenants' queues are added as tenants appear
+    worker_prefetch_multiplier=1,
+)
+app.steps["consumer"].add(TenantQueues)
 
 # Answers to a tenant's mistake: logged by the worker as one line, not as a crash with a traceback.
 TENANT_ERRORS = (ValueError, PermissionError, LookupError)
@@ -34,6 +46,15 @@ def store() -> JobStore:
         _store = JobStore.from_url(config.redis_url())
         _store.ensure_schema()
     return _store
+
+
+def _caller(task: Any, token: Any) -> str:
+    """The tenant making this call: the token's, which must be the tenant whose queue the message came from."""
+    queue = (task.request.delivery_info or {}).get("routing_key") or ""
+    tenant = store().authenticate(token)
+    if keys.tenant_of_queue(queue) != tenant:
+        raise PermissionError("invalid token for this broker user")
+    return tenant
 
 
 def _public_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -53,37 +74,37 @@ def _public_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-@app.task(name="lorafleet.submit_job", throws=TENANT_ERRORS)
+@app.task(name="lorafleet.submit_job", throws=TENANT_ERRORS, bind=True)
 @_public_errors
-def submit_job(token: str, spec: Any) -> dict:
-    tenant = store().authenticate(token)
+def submit_job(self, token: str, spec: Any) -> dict:
+    tenant = _caller(self, token)
     job_spec = validate_submission(spec, tenant, config.data_root(), config.hf_hub_cache(), config.model_roots())
     return store().submit(tenant, job_spec)
 
 
-@app.task(name="lorafleet.get_job", throws=TENANT_ERRORS)
+@app.task(name="lorafleet.get_job", throws=TENANT_ERRORS, bind=True)
 @_public_errors
-def get_job(token: str, job_id: str) -> dict:
-    tenant = store().authenticate(token)
+def get_job(self, token: str, job_id: str) -> dict:
+    tenant = _caller(self, token)
     return store().get_job_for(tenant, job_id)
 
 
-@app.task(name="lorafleet.list_jobs", throws=TENANT_ERRORS)
+@app.task(name="lorafleet.list_jobs", throws=TENANT_ERRORS, bind=True)
 @_public_errors
-def list_jobs(token: str, state: Optional[str] = None, limit: int = 100) -> list:
-    tenant = store().authenticate(token)
+def list_jobs(self, token: str, state: Optional[str] = None, limit: int = 100) -> list:
+    tenant = _caller(self, token)
     return store().list_jobs(tenant, state, limit)
 
 
-@app.task(name="lorafleet.cancel_job", throws=TENANT_ERRORS)
+@app.task(name="lorafleet.cancel_job", throws=TENANT_ERRORS, bind=True)
 @_public_errors
-def cancel_job(token: str, job_id: str) -> dict:
-    tenant = store().authenticate(token)
+def cancel_job(self, token: str, job_id: str) -> dict:
+    tenant = _caller(self, token)
     return store().cancel(tenant, job_id)
 
 
-@app.task(name="lorafleet.job_events", throws=TENANT_ERRORS)
+@app.task(name="lorafleet.job_events", throws=TENANT_ERRORS, bind=True)
 @_public_errors
-def job_events(token: str, job_id: str, after: Optional[str] = None, limit: int = 100) -> list:
-    tenant = store().authenticate(token)
+def job_events(self, token: str, job_id: str, after: Optional[str] = None, limit: int = 100) -> list:
+    tenant = _caller(self, token)
     return store().events_for(tenant, job_id, after, limit)

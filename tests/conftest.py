@@ -18,7 +18,8 @@ import pytest
 
 from lorafleet.scheduler.client import make_celery
 from lorafleet.scheduler.redis_server import start_redis_server
-from lorafleet.scheduler.store import JobStore
+from lorafleet.scheduler import keys
+from lorafleet.scheduler.store import JobStore, hash_token
 
 SAMPLE_ROWS = [{"instruction": "Say hi.", "output": "Hi!"}, {"instruction": "Count to two.", "output": "1 2"}]
 
@@ -83,14 +84,16 @@ def worker_env(redis_url, data_root, hf_cache, base_model_dir, tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
-def celery_app(redis_url, worker_env, tmp_path_factory):
-    """A real `celery worker --pool=solo` subprocess serving lorafleet's tasks; yields a client Celery app."""
+def celery_app(redis_server, redis_url, worker_env, tmp_path_factory):
+    """A real `celery worker --pool=solo` subprocess serving lorafleet's tasks, with the worker role's own Redis user;
+    yields an operator's client Celery app (for remote control; tenants' calls go through `call`)."""
     log_path = tmp_path_factory.mktemp("worker") / "worker.log"
     with open(log_path, "w") as log:
         worker = subprocess.Popen(
             [sys.executable, "-P", "-m", "celery", "-A", "lorafleet.scheduler.tasks", "worker", "--pool=solo",
              "--loglevel=INFO", "--without-gossip", "--without-mingle", "-n", f"test-{secrets.token_hex(3)}@%h"],
-            env=worker_env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path_factory.mktemp("worker-cwd"),
+            env={**worker_env, "REDIS_URL": redis_server.role_url("worker")}, stdout=log, stderr=subprocess.STDOUT,
+            cwd=tmp_path_factory.mktemp("worker-cwd"),
         )
     app = make_celery(redis_url, name="test-client")
     app.worker_log = log_path
@@ -110,12 +113,38 @@ def celery_app(redis_url, worker_env, tmp_path_factory):
         app.close()
 
 
+@pytest.fixture(scope="session")
+def tenant_app(redis_url, celery_app):
+    """tenant_app(name) -> an operator's Celery app that sends to that tenant's queue and reads its results."""
+    apps = {}
+
+    def app_for(tenant: str):
+        if tenant not in apps:
+            apps[tenant] = make_celery(redis_url, name=f"test-{tenant}", tenant=tenant)
+        return apps[tenant]
+
+    yield app_for
+    for app in apps.values():
+        app.close()
+
+
+@pytest.fixture(scope="session")
+def probe_tenant(redis_url) -> str:
+    """A tenant whose queue carries the calls made with a token that names no tenant."""
+    name = f"probe-{secrets.token_hex(4)}"
+    JobStore.from_url(redis_url).create_tenant(name)
+    return name
+
+
 @pytest.fixture
-def call(celery_app):
-    """call("lorafleet.get_job", token, job_id) -> the task's result, raising the task's exception."""
+def call(celery_app, store, tenant_app, probe_tenant):
+    """call("lorafleet.get_job", token, job_id) -> the task's result, raising the task's exception. It goes through
+    the queue of the token's tenant (the probe tenant's for a bad token), as that tenant's own client would."""
 
     def run(task: str, *args):
-        return celery_app.send_task(task, args=list(args)).get(timeout=30)
+        token = args[0] if args else None
+        tenant = store.r.hget(keys.TOKENS, hash_token(token)) if isinstance(token, str) else None
+        return tenant_app(tenant or probe_tenant).send_task(task, args=list(args)).get(timeout=30)
 
     return run
 

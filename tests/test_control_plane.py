@@ -130,7 +130,7 @@ def test_max_queued_quota(call, store, make_tenant, base_model_dir):
 
 def test_typed_client(redis_url, celery_app, make_tenant, base_model_dir):
     alice = make_tenant("alice")
-    client = LorafleetClient(redis_url, alice.token)
+    client = LorafleetClient(redis_url, alice.token, tenant=alice.name)
     try:
         job = client.submit(spec_for(alice, base_model_dir))
         assert client.get(job["job_id"])["state"] == "queued"
@@ -143,11 +143,11 @@ def test_typed_client(redis_url, celery_app, make_tenant, base_model_dir):
         client.close()
 
 
-def test_worker_refuses_pickle(celery_app, make_tenant):
+def test_worker_refuses_pickle(celery_app, tenant_app, make_tenant):
     alice = make_tenant("alice")
-    celery_app.send_task("lorafleet.list_jobs", args=[alice.token], serializer="pickle")
+    tenant_app(alice.name).send_task("lorafleet.list_jobs", args=[alice.token], serializer="pickle")
     deadline = time.monotonic() + 20
-    while "untrusted content of type pickle" not in celery_app.worker_log.read_text():
+    while "content type 'application/x-python-serialize' is not application/json" not in celery_app.worker_log.read_text():
         assert time.monotonic() < deadline, "the worker did not refuse a pickle message"
         time.sleep(0.1)
-    assert celery_app.send_task("lorafleet.list_jobs", args=[alice.token]).get(timeout=30) == []
+    assert tenant_app(alice.name).send_task("lorafleet.list_jobs", args=[alice.token]).get(timeout=30) == []

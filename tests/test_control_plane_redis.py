@@ -28,7 +28,8 @@ def test_lorafleet_redis_command(tmp_path):
         url_file = data_dir / "redis.url"
         assert url_file.read_text() == info["url"]
         assert stat.S_IMODE(url_file.stat().st_mode) == 0o600
-        assert stat.S_IMODE((data_dir / "redis.password").stat().st_mode) == 0o600
+        assert stat.S_IMODE((data_dir / "credentials.json").stat().st_mode) == 0o600
+        assert set(info["role_urls"]) == {"worker", "scheduler", "executor"}
 
         client = redis.Redis.from_url(info["url"], decode_responses=True)
         assert client.config_get("appendonly")["appendonly"] == "yes"
@@ -43,4 +44,4 @@ def test_lorafleet_redis_command(tmp_path):
         process.send_signal(signal.SIGTERM)
         assert process.wait(20) == 0
     assert not url_file.exists()
-    assert b"probe" in (data_dir / "appendonly.aof").read_bytes()
+    assert any(b"probe" in part.read_bytes() for part in (data_dir / "appendonlydir").glob("*.aof"))  # multi-part AOF

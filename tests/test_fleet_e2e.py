@@ -26,9 +26,9 @@ from helpers_models import alpaca_rows, build_tiny_model, single_torch_thread, w
 from lorafleet.executor.cohort import Cohort
 from lorafleet.scheduler import fleet, keys
 from lorafleet.scheduler.client import make_celery
-from lorafleet.scheduler.redis_server import free_port, start_redis_server
+from lorafleet.scheduler.redis_server import RedisServer, free_port, start_redis_server
 from lorafleet.scheduler.spec import parse_spec
-from lorafleet.scheduler.store import JobStore
+from lorafleet.scheduler.store import JobStore, hash_token
 
 pytestmark = pytest.mark.slow
 
@@ -53,13 +53,17 @@ class Fleet:
     store: JobStore
     app: object
     models: dict[str, Path]
+    redis: RedisServer
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    tenant_apps: dict[str, object] = field(default_factory=dict)
 
     def start(self, name: str, *args: str) -> subprocess.Popen:
+        """`lorafleet <args>` (scheduler or executor) with that role's own Redis user."""
         log = open(self.root / f"{name}.log", "ab")
         process = subprocess.Popen(
             [sys.executable, "-P", "-m", "lorafleet.scheduler.cli", *args],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=self.root,
+            env={**self.env, "REDIS_URL": self.redis.role_url(args[0])}, stdout=log, stderr=subprocess.STDOUT,
+            cwd=self.root,
         )
         self.processes[name] = process
         return process
@@ -76,11 +80,18 @@ class Fleet:
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text()[-2500:]}" for p in sorted(self.root.glob("*.log")))
 
+    def call(self, task: str, token: str, *args) -> object:
+        """A call through the queue of the token's tenant, as that tenant's own client makes it."""
+        tenant = self.store.r.hget(keys.TOKENS, hash_token(token))
+        if tenant not in self.tenant_apps:
+            self.tenant_apps[tenant] = make_celery(self.redis.url, name=f"fleet-{tenant}", tenant=tenant)
+        return self.tenant_apps[tenant].send_task(task, args=[token, *args]).get(timeout=30)
+
     def submit(self, token: str, spec: dict) -> str:
-        return self.app.send_task("lorafleet.submit_job", args=[token, spec]).get(timeout=30)["job_id"]
+        return self.call("lorafleet.submit_job", token, spec)["job_id"]
 
     def get(self, token: str, job_id: str) -> dict:
-        return self.app.send_task("lorafleet.get_job", args=[token, job_id]).get(timeout=30)
+        return self.call("lorafleet.get_job", token, job_id)
 
     def wait_state(self, token: str, job_id: str, states: tuple[str, ...], timeout: float = 120.0) -> dict:
         try:
@@ -103,13 +114,13 @@ def fleet_env(tmp_path_factory):
     store = JobStore.from_url(redis.url)
     store.ensure_schema()
     app = make_celery(redis.url, name="fleet-test")
-    running = Fleet(root, env, store, app, models)
+    running = Fleet(root, env, store, app, models, redis)
     try:
         celery_log = open(root / "celery.log", "ab")
         running.processes["celery"] = subprocess.Popen(
             [sys.executable, "-P", "-m", "celery", "-A", "lorafleet.scheduler.tasks", "worker", "--pool=solo",
              "--without-gossip", "--without-mingle", "-n", f"fleet-{secrets.token_hex(3)}@%h"],
-            env=env, stdout=celery_log, stderr=subprocess.STDOUT, cwd=root,
+            env={**env, "REDIS_URL": redis.role_url("worker")}, stdout=celery_log, stderr=subprocess.STDOUT, cwd=root,
         )
         running.scheduler_ports = [free_port(), free_port()]
         for i, port in enumerate(running.scheduler_ports):
@@ -127,7 +138,8 @@ def fleet_env(tmp_path_factory):
                 process.wait(30)
             except subprocess.TimeoutExpired:
                 process.kill()
-        app.close()
+        for tenant_app in [app, *running.tenant_apps.values()]:
+            tenant_app.close()
         redis.stop()
 
 
@@ -214,7 +226,7 @@ def test_a_job_submitted_while_a_cohort_runs_joins_it_and_cancel_stops_it(fleet_
     assert fleet_env.wait_state(token, joiner, ("succeeded",))["state"] == "succeeded"
 
     executor_id = running["executor_id"]
-    cancelled = fleet_env.app.send_task("lorafleet.cancel_job", args=[token, long_job]).get(timeout=30)
+    cancelled = fleet_env.call("lorafleet.cancel_job", token, long_job)
     assert cancelled["state"] == "cancelled"
     wait_until(lambda: fleet.executors(fleet_env.store.r)[0] and next(
         e for e in fleet.executors(fleet_env.store.r)[0] if e["executor_id"] == executor_id)["jobs"] == 0,
@@ -253,7 +265,7 @@ def test_killed_executor_jobs_resume_from_checkpoint_with_the_same_final_weights
     assert done["attempt"] == 2
     if restart == "later":
         assert done["executor_id"] != victim
-    events = fleet_env.app.send_task("lorafleet.job_events", args=[token, job_id, None, 1000]).get(timeout=30)
+    events = fleet_env.call("lorafleet.job_events", token, job_id, None, 1000)
     assert any(e["type"] == "requeued" for e in events)
 
     got, want = adapter_weights(done["adapter_uri"]), reference_adapter(fleet_env, spec, tenant)
@@ -301,7 +313,7 @@ def test_draining_executor_hands_its_jobs_back_and_exits_cleanly(fleet_env, how)
     assert handed_back["state"] in ("queued", "scheduled", "running") and handed_back["checkpoint_uri"], handed_back
     done = fleet_env.wait_state(token, job_id, ("succeeded", "failed"), timeout=180)
     assert done["state"] == "succeeded" and done["attempt"] == 2 and done["executor_id"] != name
-    events = fleet_env.app.send_task("lorafleet.job_events", args=[token, job_id, None, 1000]).get(timeout=30)
+    events = fleet_env.call("lorafleet.job_events", token, job_id, None, 1000)
     resumed_from = [e for e in events if e["type"] == "state" and e.get("to") == "queued" and e.get("from") == "running"]
     assert resumed_from, "the drain handed the job back through the queue"
     fleet_env.start_executor(name)

@@ -28,8 +28,10 @@ pytestmark = pytest.mark.slow
 TENANT_SCRIPT = """
 import json, sys
 from celery import Celery
-url, token, spec = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+credentials, spec = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+url, token = credentials["broker_url"], credentials["token"]
 app = Celery(broker=url, backend=url)
+app.conf.update(credentials["celery_config"])
 job = app.send_task("lorafleet.submit_job", args=[token, spec]).get(timeout=60)
 seen = app.send_task("lorafleet.get_job", args=[token, job["job_id"]]).get(timeout=60)
 print(json.dumps({"submitted": job, "seen": seen}))
@@ -76,7 +78,7 @@ def wait_for(predicate, what: str, logs: list[Path], timeout: float = 60.0):
 
 
 def test_the_torch_free_control_plane_serves_a_tenant_that_has_only_celery(venvs, tmp_path):
-    base, tenant = venvs
+    base, tenant = venvs  # the tenant's venv has Celery and nothing of ours; it holds only its own credentials
     assert not importable(base, "torch") and importable(base, "lorafleet.scheduler")
     assert importable(tenant, "celery") and not importable(tenant, "lorafleet") and not importable(tenant, "pydantic")
 
@@ -92,19 +94,21 @@ def test_the_torch_free_control_plane_serves_a_tenant_that_has_only_celery(venvs
     logs = [tmp_path / "worker.log", tmp_path / "scheduler.log"]
     processes = [
         start([str(base), "-P", "-m", "celery", "-A", "lorafleet.scheduler.tasks", "worker", "--pool=solo",
-               "--without-gossip", "--without-mingle", "-n", "install@%h"], env, logs[0]),
-        start([str(bin_dir / "lorafleet"), "scheduler", "--metrics-port", "0", "--interval", "0.2"], env, logs[1]),
+               "--without-gossip", "--without-mingle", "-n", "install@%h"],
+              {**env, "REDIS_URL": server.role_url("worker")}, logs[0]),
+        start([str(bin_dir / "lorafleet"), "scheduler", "--metrics-port", "0", "--interval", "0.2"],
+              {**env, "REDIS_URL": server.role_url("scheduler")}, logs[1]),
     ]
     try:
         created = subprocess.run([str(bin_dir / "lorafleet"), "tenants", "create", name, "--json"], env=env,
                                  capture_output=True, text=True, check=True)
-        token = json.loads(created.stdout)["token"]
+        assert json.loads(created.stdout)["broker_url"].startswith("redis://tenant.")
         store = JobStore.from_url(server.url)
         fleet.heartbeat(store.r, "exec-install", {"total_bytes": 64 * 2**30, "free_bytes": 64 * 2**30})
 
         spec = {"base_model": str(model), "dataset": f"{name}/train.jsonl",
                 "hyperparameters": {"max_steps": 2, "batch_size": 1, "max_seq_len": 64}}
-        answer = subprocess.run([str(tenant), "-P", "-c", TENANT_SCRIPT, server.url, token, json.dumps(spec)],
+        answer = subprocess.run([str(tenant), "-P", "-c", TENANT_SCRIPT, created.stdout, json.dumps(spec)],
                                 env=env, capture_output=True, text=True, timeout=120)
         assert answer.returncode == 0, answer.stderr + "".join(p.read_text()[-2000:] for p in logs)
         reply = json.loads(answer.stdout)

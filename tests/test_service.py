@@ -159,3 +159,18 @@ def test_a_round_does_not_assign_to_an_executor_that_deregistered_after_it_was_r
     scheduler.round()
     job = store.get_job(job_id)
     assert job["state"] == "scheduled" and job["executor_id"] == "exec-live" and job["attempt"] == 1
+
+
+def test_a_disabled_tenants_queued_jobs_never_start(env, store):
+    _, _, models = env
+    job_id = submit(store, models["llama"])
+    store.set_disabled("acme")
+    fleet.heartbeat(store.r, "exec-1", {"total_bytes": 64 * 2**30, "free_bytes": 64 * 2**30, "compat_key": ""})
+    scheduler = Scheduler(store, "sched-test")
+    scheduler.lock.try_acquire()
+    for _ in range(3):
+        assert scheduler.round() == []
+    assert store.get_job(job_id)["state"] == "queued"  # kept, not failed: enabling the tenant lets it run
+    store.set_disabled("acme", False)
+    assert [a.job_id for a in scheduler.round()] == [job_id]
+    assert store.get_job(job_id)["state"] == "scheduled"
