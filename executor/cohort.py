@@ -175,7 +175,8 @@ class Cohort:
     def active_jobs(self) -> list[str]:
         return [job_id for job_id, job in self.jobs.items() if job.active]
 
-    def add_job(self, job_id: str, spec: JobSpec, dataset_path, resume_from: Path | None = None) -> None:
+    def add_job(self, job_id: str, spec: JobSpec, dataset_path, resume_from: Path | None = None,
+                dataset_name: str | None = None) -> None:
         """Attach a new adapter (PEFT's init from the job's seed, or the state in `resume_from`) between steps.
 
         Raises ValueError for a job that cannot share this base (or an unknown target module), DataError for
@@ -189,7 +190,8 @@ class Cohort:
                 f"quantization={self.quantization} dtype={self.dtype}"
             )
         hp = spec.hyperparameters
-        data = JobData(dataset_path, spec.dataset_format, self.tokenizer, hp.max_seq_len, hp.batch_size, hp.seed)
+        data = JobData(dataset_path, spec.dataset_format, self.tokenizer, hp.max_seq_len, hp.batch_size, hp.seed,
+                       name=dataset_name)
         layers = wrap_targets(self.model, spec.adapter.target_modules, self.routing)
         shapes = {name: (layer.in_features, layer.out_features) for name, layer in layers.items()}
         adapter = build_adapter(spec.adapter, shapes, hp.seed).to(self.device)

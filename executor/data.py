@@ -35,6 +35,7 @@ import random
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 IGNORE_INDEX = -100
 FORMATS = ("alpaca", "chat", "text")
@@ -150,6 +151,7 @@ class _Tokenizing:
         self.eos_text = tokenizer.eos_token
         self.bos = self._bos_it_adds(tokenizer)
         self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
+        self.max_token_chars = max((len(token) for token in tokenizer.get_vocab()), default=1)
 
     @staticmethod
     def _bos_it_adds(tokenizer) -> list[int]:
@@ -264,6 +266,17 @@ def epoch_order(num_examples: int, seed: int, epoch: int) -> list[int]:
     return order
 
 
+def cut_strings(value: Any, limit: int) -> Any:
+    """`value` with every string in it cut to `limit` characters."""
+    if isinstance(value, str):
+        return value[:limit]
+    if isinstance(value, dict):
+        return {key: cut_strings(item, limit) for key, item in value.items()}
+    if isinstance(value, list):
+        return [cut_strings(item, limit) for item in value]
+    return value
+
+
 class JobData:
     """One job's dataset: `next_batch()` yields shuffled micro-batches forever, epoch after epoch.
 
@@ -272,13 +285,14 @@ class JobData:
     cursor, so a resumed job draws the identical remaining sequence.
     """
 
-    def __init__(self, path, fmt: str, tokenizer, max_seq_len: int, batch_size: int, seed: int):
+    def __init__(self, path, fmt: str, tokenizer, max_seq_len: int, batch_size: int, seed: int,
+                 name: str | None = None):
         if fmt not in ("auto",) + FORMATS:
             raise ValueError(f"unknown dataset format {fmt!r} (use auto, {', '.join(FORMATS)})")
         if max_seq_len < 1 or batch_size < 1:
             raise ValueError("max_seq_len and batch_size must be at least 1")
         self.path = Path(path)
-        self.name = self.path.name
+        self.name = name or self.path.name  # what messages call the file: the tenant's URI, never a server path
         self.max_seq_len = max_seq_len
         self.batch_size = batch_size
         self.seed = seed
@@ -373,7 +387,10 @@ class JobData:
             found = None  # let the format's own checks name the missing or ambiguous key
         if found is not None and found != self.fmt:
             raise DataError(f"record is in {found} format, but the dataset is {self.fmt}")
-        return self._tokenizing.example(self.fmt, record, self.max_seq_len)
+        # No token is longer than the vocabulary's longest entry, so strings cut to max_seq_len of those keep all
+        # that truncation to max_seq_len tokens can use, and one record costs a bounded time to tokenise.
+        limit = self.max_seq_len * self._tokenizing.max_token_chars
+        return self._tokenizing.example(self.fmt, cut_strings(record, limit), self.max_seq_len)
 
     def _example(self, index: int, handle=None) -> Example:
         cached = self._cache.get(index)

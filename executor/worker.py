@@ -36,6 +36,7 @@ from lorafleet.scheduler.policy import (
     pass_tokens,
     peak_at_planned_passes,
 )
+from lorafleet.scheduler.datasets import AcceptedDataset, verified_path
 from lorafleet.scheduler.spec import JobSpec, resolve_dataset
 from lorafleet.scheduler.store import JobStore
 from lorafleet.scheduler.submission import resolve_base_model
@@ -174,14 +175,15 @@ class Executor:
         try:
             if spec.compatibility_key() != self.compat_key:
                 self._load_base(spec)
-            dataset = resolve_dataset(spec.dataset, config.data_root(), job["tenant"])
+            accepted = self.store.accepted_datasets(job_id)
+            dataset = _dataset_path(accepted, spec, job["tenant"], "dataset")
             resume_from = self.artifacts.fetch(job["checkpoint_uri"], self.scratch) if job.get("checkpoint_uri") else None
-            self.cohort.add_job(job_id, spec, dataset, resume_from=resume_from)
+            self.cohort.add_job(job_id, spec, dataset, resume_from=resume_from, dataset_name=spec.dataset)
             if spec.validation_dataset is not None:
                 hp = spec.hyperparameters
-                path = resolve_dataset(spec.validation_dataset, config.data_root(), job["tenant"], "validation_dataset")
+                path = _dataset_path(accepted, spec, job["tenant"], "validation_dataset")
                 self.validation[job_id] = JobData(path, spec.dataset_format, self.cohort.tokenizer, hp.max_seq_len,
-                                                  hp.batch_size, hp.seed)
+                                                  hp.batch_size, hp.seed, name=spec.validation_dataset)
         except Exception as exc:  # a job that cannot start fails alone, with the reason
             log.warning("job %s cannot start: %s", job_id, exc)
             self._release(job_id)
@@ -344,6 +346,14 @@ class Executor:
                 self.store.requeue(job["job_id"], "scheduled", "executor drained", attempt=job["attempt"],
                                    executor_id=self.executor_id)
         log.info("executor %s drained", self.executor_id)
+
+
+def _dataset_path(accepted: dict[str, AcceptedDataset], spec: JobSpec, tenant: str, field: str) -> Path:
+    """The accepted copy, checked against its digest; a job submitted without one (straight into the store, by
+    operator tools) is read from the data root."""
+    if field in accepted:
+        return verified_path(config.dataset_store(), accepted[field])
+    return resolve_dataset(getattr(spec, field), config.data_root(), tenant, field)
 
 
 def _device_memory(device: str) -> int:

@@ -5,10 +5,12 @@ from says whose it is. Three pieces make the worker rely on that, and on nothing
 
 - `GuardedTransport` (kombu's Redis transport with a guarded channel): a message from a tenant queue that is not a
   well-formed Celery protocol-2 call of one of our tasks, of bounded size, with no ETA, callbacks or chords, is
-  refused before Celery parses it (the tasks check their arguments themselves, and answer with an error): one log line, a count in `keys.REJECTED_MESSAGES`, an entry in
-  `keys.DEAD_LETTERS`, and it is never redelivered (it was popped and never entered kombu's unacked set). An accepted
-  message gets the queue stamped as its routing key, where the task reads its tenant, and its `argsrepr` and
-  `kwargsrepr` replaced, so the token never reaches task events, Flower or logs.
+  refused before Celery parses it: one log line, a count in `keys.REJECTED_MESSAGES`, an entry in
+  `keys.DEAD_LETTERS`, the reason as a ValueError result where the message carries a usable task id, and it is
+  never redelivered (it was popped and never entered kombu's unacked set). The tasks check their arguments
+  themselves and answer with an error. An accepted message gets the queue stamped as its routing key, where the
+  task reads its tenant, and its `argsrepr` and `kwargsrepr` replaced, so the token never reaches task events,
+  Flower or logs.
 - `TenantResultBackend`: results are written under the tenant's own prefix (`keys.tenant_result_prefix`), the only
   results its broker user may read.
 - `TenantQueues`: a consumer step that follows the enabled tenants: it starts consuming a new tenant's queue within
@@ -66,7 +68,7 @@ def _decode_body(raw: dict) -> list:
         raise Refused("content_type", f"content type {str(raw.get('content-type'))[:40]!r} is not application/json")
     body = _field(raw, "body", str, "envelope")
     if len(body) > MAX_MESSAGE_BYTES * 4 // 3 + 4:
-        raise Refused("size", f"message body over {MAX_MESSAGE_BYTES} bytes")
+        raise Refused("size", f"the message is over the limit of {MAX_MESSAGE_BYTES} bytes")
     if raw["properties"].get("body_encoding") != "base64":
         raise Refused("body", "body encoding is not base64")
     try:
@@ -124,6 +126,21 @@ def dead_letter(client: redis.Redis, queue: str, refused: Refused, raw: Any = No
         pipe.execute()
 
 
+def answer_refused(raw: Any, queue: str, refused: Refused) -> None:
+    """Where the message names a usable task id, its sender gets the reason as a ValueError result, under its own
+    prefix, instead of waiting for an answer that never comes."""
+    headers = raw.get("headers") if isinstance(raw, dict) else None
+    task_id = headers.get("id") if isinstance(headers, dict) else None
+    if not isinstance(task_id, str) or not _TASK_ID_RE.fullmatch(task_id):
+        return
+    from celery.app.task import Context
+
+    from lorafleet.scheduler.tasks import app
+
+    request = Context(id=task_id, delivery_info={"exchange": queue, "routing_key": queue})
+    app.backend.mark_as_failure(task_id, ValueError(f"message refused: {refused}"), request=request)
+
+
 def _store_client() -> redis.Redis:
     """The worker's job-store connection (not kombu's, whose connection may be parked in a BRPOP)."""
     from lorafleet.scheduler.tasks import store
@@ -143,6 +160,7 @@ class GuardedChannel(kombu_redis.Channel):
                 checked = check_message(raw, queue)
             except Refused as exc:
                 dead_letter(_store_client(), queue, exc, raw)
+                answer_refused(raw, queue, exc)
                 return None
             return deliver(checked)
 

@@ -8,6 +8,9 @@
 | `LORAFLEET_ARTIFACT_DIR` | `<state dir>/artifacts` | adapters and checkpoints written by executors |
 | `LORAFLEET_ARTIFACT_URI` | the artifact dir | any fsspec URI (e.g. `s3://bucket/lorafleet`) instead of a local directory |
 | `LORAFLEET_MODEL_ROOTS` | `<state dir>/models` | directories (separated by `:`) that local `base_model` paths must be inside |
+| `LORAFLEET_DATASET_DIR` | `<state dir>/datasets` | accepted datasets, content-addressed (operator-only; every executor must see it) |
+| `LORAFLEET_MAX_RECORD_BYTES` | 1 MiB | longest dataset line accepted |
+| `LORAFLEET_MAX_DATASET_BYTES` | 1 GiB | largest dataset file accepted |
 | `HF_HUB_CACHE` | `$HF_HOME/hub` or `~/.cache/huggingface/hub` | local model cache searched for base model ids |
 """
 
@@ -36,6 +39,10 @@ def artifact_dir() -> Path:
 def artifact_root() -> str:
     """Where executors publish checkpoints and adapters: an fsspec URI or a local directory."""
     return os.environ.get("LORAFLEET_ARTIFACT_URI") or str(artifact_dir())
+
+
+def dataset_store() -> Path:
+    return Path(os.environ.get("LORAFLEET_DATASET_DIR") or state_dir() / "datasets").absolute()
 
 
 def embedded_redis_dir() -> Path:

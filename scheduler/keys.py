@@ -65,6 +65,7 @@ JOB_FIELDS = (
     "executor_id",  # the executor that holds the job while scheduled/running
     "attempt",  # lease fencing token: +1 each time the job is scheduled; stale holders are refused
     "cancel_requested",  # "1" when cancelled while scheduled/running: the executor must drop it
+    "datasets",  # JSON: spec field -> the accepted copy (`datasets.AcceptedDataset`: uri, sha256, size, records)
 )
 
 SCHEMA_VERSION_KEY = PREFIX + "schema_version"

@@ -184,13 +184,15 @@ def resolve_dataset(uri: str, data_root: str | os.PathLike, tenant: str, field: 
     candidate = Path(raw_path)
     if not candidate.is_absolute():
         candidate = root / candidate
-    resolved = candidate.resolve()
-    allowed = [root / tenant, root / "shared"]
-    if not is_inside(resolved, allowed):
-        raise SpecError(
-            f"invalid job spec: {field}: {uri!r} is outside your data areas "
-            f"({root / tenant} or {root / 'shared'})"
-        )
-    if not resolved.is_file():
-        raise SpecError(f"invalid job spec: {field}: no such file {uri!r}")
+    try:
+        resolved = candidate.resolve()
+        allowed = [root / tenant, root / "shared"]
+        if not is_inside(resolved, allowed):  # named as the tenant names them, never by the server's paths
+            raise SpecError(
+                f"invalid job spec: {field}: {uri!r} is outside your data areas ({tenant}/... or shared/...)"
+            )
+        if not resolved.is_file():
+            raise SpecError(f"invalid job spec: {field}: no such file {uri!r}")
+    except OSError as exc:  # a name too long, a loop of links, ...
+        raise SpecError(f"invalid job spec: {field}: {uri!r} cannot be read ({exc.strerror})") from None
     return resolved

@@ -34,6 +34,7 @@ import redis
 
 from lorafleet.scheduler import acl, keys
 from lorafleet.scheduler.policy import USAGE_HALF_LIFE_SECONDS, decayed_usage
+from lorafleet.scheduler.datasets import AcceptedDataset
 from lorafleet.scheduler.spec import JobSpec
 
 TRANSITIONS: dict[str, tuple[str, ...]] = {
@@ -69,7 +70,7 @@ class QuotaExceeded(ValueError):
 
 
 # KEYS: tenant, tenant counts, job, tenant jobs, queue, queued set, global counts, events, submit sequence.
-# ARGV: job id, tenant, name, priority, spec JSON, now, events maxlen.
+# ARGV: job id, tenant, name, priority, spec JSON, now, events maxlen, accepted datasets JSON.
 _SUBMIT = """
 local quota = redis.call('HMGET', KEYS[1], 'max_queued', 'disabled')
 if not quota[1] then return redis.error_reply('NO_TENANT') end
@@ -81,7 +82,7 @@ local id, now = ARGV[1], ARGV[6]
 local score = string.format('%d%014d', 9 - tonumber(ARGV[4]), redis.call('INCR', KEYS[9]))
 redis.call('HSET', KEYS[3], 'job_id', id, 'tenant', ARGV[2], 'name', ARGV[3], 'state', 'queued',
   'priority', ARGV[4], 'spec', ARGV[5], 'submitted_at', now, 'updated_at', now, 'queue_score', score,
-  'step', '0', 'total_steps', '0', 'metrics', '{}', 'attempt', '0', 'cancel_requested', '0')
+  'step', '0', 'total_steps', '0', 'metrics', '{}', 'attempt', '0', 'cancel_requested', '0', 'datasets', ARGV[8])
 redis.call('ZADD', KEYS[4], now, id)
 redis.call('ZADD', KEYS[5], score, id)
 redis.call('SADD', KEYS[6], id)
@@ -370,8 +371,12 @@ class JobStore:
 
     # ---- jobs ----
 
-    def submit(self, tenant: str, spec: JobSpec, now: Optional[float] = None) -> dict[str, Any]:
-        """Insert a validated job as `queued`, enforcing the tenant's max_queued in the same atomic step."""
+    def submit(self, tenant: str, spec: JobSpec, now: Optional[float] = None,
+               datasets: Optional[dict[str, AcceptedDataset]] = None) -> dict[str, Any]:
+        """Insert a validated job as `queued`, enforcing the tenant's max_queued in the same atomic step.
+
+        `datasets`: the accepted copies of the spec's datasets (the API always passes them); a job without them
+        (submitted here directly, by operator tools and tests) is read from the data root by path."""
         now = time.time() if now is None else now
         job_id = "job-" + secrets.token_hex(8)
         try:
@@ -380,7 +385,8 @@ class JobStore:
                     keys.tenant(tenant), keys.tenant_counts(tenant), keys.job(job_id), keys.tenant_jobs(tenant),
                     keys.QUEUE, keys.state_set("queued"), keys.COUNTS, keys.job_events(job_id), keys.SUBMIT_SEQ,
                 ],
-                args=[job_id, tenant, spec.name, spec.priority, spec.model_dump_json(), repr(now), keys.EVENTS_MAXLEN],
+                args=[job_id, tenant, spec.name, spec.priority, spec.model_dump_json(), repr(now), keys.EVENTS_MAXLEN,
+                      json.dumps({field: d.to_json() for field, d in (datasets or {}).items()})],
             )
         except redis.ResponseError as exc:
             reason = str(exc)
@@ -402,6 +408,10 @@ class JobStore:
             return None
         raw = self.r.hgetall(keys.job(job_id))
         return job_view(raw, with_spec) if raw else None
+
+    def accepted_datasets(self, job_id: str) -> dict[str, AcceptedDataset]:
+        raw = self.r.hget(keys.job(job_id), "datasets")
+        return {field: AcceptedDataset.from_json(d) for field, d in json.loads(raw or "{}").items()}
 
     def get_job_for(self, tenant: Optional[str], job_id: Any) -> dict[str, Any]:
         """The job if `tenant` owns it (tenant None = operator, any job). Unknown and foreign look the same."""

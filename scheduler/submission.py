@@ -7,9 +7,11 @@ cache (`HF_HUB_CACHE`, layout `models--<org>--<name>/snapshots/<revision>/`).
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+from lorafleet.scheduler.datasets import AcceptedDataset, accept
 from lorafleet.scheduler.spec import JobSpec, SpecError, is_inside, parse_spec, resolve_dataset
 
 _REVISION_RE = re.compile(r"^(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -66,3 +68,24 @@ def validate_submission(
         resolve_dataset(spec.validation_dataset, data_root, tenant, field="validation_dataset")
     resolve_base_model(spec.base_model, hub_cache, spec.base_model_revision, model_roots)
     return spec
+
+
+@dataclass(frozen=True)
+class Submission:
+    spec: JobSpec
+    datasets: dict[str, AcceptedDataset]  # spec field ("dataset", "validation_dataset") -> its accepted copy
+
+
+def accept_submission(
+    raw: object, tenant: str, data_root: Path, hub_cache: Path, model_roots: Sequence[Path], dataset_store: Path
+) -> Submission:
+    """validate_submission, then copy each dataset into the dataset store: the job trains on those bytes only."""
+    spec = validate_submission(raw, tenant, data_root, hub_cache, model_roots)
+    root = Path(data_root).resolve()
+    areas = [root / tenant, root / "shared"]
+    datasets = {}
+    for field in ("dataset", "validation_dataset"):
+        uri = getattr(spec, field)
+        if uri is not None:
+            datasets[field] = accept(uri, resolve_dataset(uri, data_root, tenant, field), areas, dataset_store, field)
+    return Submission(spec, datasets)

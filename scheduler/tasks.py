@@ -23,7 +23,7 @@ from lorafleet.scheduler import config, keys
 from lorafleet.scheduler.broker import TenantQueues
 from lorafleet.scheduler.client import make_celery
 from lorafleet.scheduler.store import JobStore
-from lorafleet.scheduler.submission import validate_submission
+from lorafleet.scheduler.submission import accept_submission
 
 app = make_celery(config.redis_url())
 app.conf.update(
@@ -78,8 +78,9 @@ def _public_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 @_public_errors
 def submit_job(self, token: str, spec: Any) -> dict:
     tenant = _caller(self, token)
-    job_spec = validate_submission(spec, tenant, config.data_root(), config.hf_hub_cache(), config.model_roots())
-    return store().submit(tenant, job_spec)
+    accepted = accept_submission(spec, tenant, config.data_root(), config.hf_hub_cache(), config.model_roots(),
+                                 config.dataset_store())
+    return store().submit(tenant, accepted.spec, datasets=accepted.datasets)
 
 
 @app.task(name="lorafleet.get_job", throws=TENANT_ERRORS, bind=True)

@@ -119,7 +119,7 @@ def test_a_job_whose_validation_set_cannot_be_read_fails_alone(store, make_tenan
         def __init__(self):
             self.jobs = {}
 
-        def add_job(self, job_id, spec, dataset, resume_from=None):
+        def add_job(self, job_id, spec, dataset, resume_from=None, dataset_name=None):
             self.jobs[job_id] = spec
 
         def remove_job(self, job_id):

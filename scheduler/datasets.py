@@ -1,0 +1,144 @@
+"""Datasets are accepted once, at submission, and executors train on exactly the bytes accepted.
+
+`accept` opens the tenant's file without following a symlink at its last step, checks that the file it opened (not
+the path, which the tenant may change afterwards) lies inside the tenant's areas and is a regular file, and streams
+it into the dataset store under the SHA-256 of its bytes, checking every record's size on the way. The job records
+that digest; an executor opens only `<dataset store>/<sha256>.jsonl` and checks the digest again before training,
+so a dataset swapped for a symlink, or rewritten in place at the same size, after acceptance changes nothing.
+
+The dataset store (`LORAFLEET_DATASET_DIR`) belongs to the operator: tenants must not be able to write it, and every
+executor host must see it under the same path (a shared file system, like the data root).
+
+Limits (environment, read at call time): `LORAFLEET_MAX_RECORD_BYTES` (one JSONL line, default 1 MiB) and
+`LORAFLEET_MAX_DATASET_BYTES` (one file, default 1 GiB).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from lorafleet.scheduler.spec import SpecError, is_inside
+
+DEFAULT_MAX_RECORD_BYTES = 1 << 20
+DEFAULT_MAX_DATASET_BYTES = 1 << 30
+_CHUNK = 1 << 20
+
+
+def max_record_bytes() -> int:
+    return int(os.environ.get("LORAFLEET_MAX_RECORD_BYTES", DEFAULT_MAX_RECORD_BYTES))
+
+
+def max_dataset_bytes() -> int:
+    return int(os.environ.get("LORAFLEET_MAX_DATASET_BYTES", DEFAULT_MAX_DATASET_BYTES))
+
+
+@dataclass(frozen=True)
+class AcceptedDataset:
+    """One accepted dataset file, as the job records it."""
+
+    uri: str  # the tenant's own name for it: every message about the file uses this, never a server path
+    sha256: str
+    size: int  # bytes
+    records: int  # non-blank lines
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> "AcceptedDataset":
+        return cls(str(raw["uri"]), str(raw["sha256"]), int(raw["size"]), int(raw["records"]))
+
+
+class DatasetChanged(ValueError):
+    """The accepted copy no longer holds the accepted bytes (the dataset store was tampered with)."""
+
+
+def _open_checked(path: Path, areas: list[Path], uri: str, field: str) -> int:
+    """An fd of the regular file at `path`, which must really be inside `areas` once opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)  # no FIFO can block us
+    except OSError as exc:
+        raise SpecError(f"invalid job spec: {field}: cannot open {uri!r} ({exc.strerror})") from None
+    try:
+        opened = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        if not is_inside(opened, areas):
+            raise SpecError(f"invalid job spec: {field}: {uri!r} is outside your data areas")
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise SpecError(f"invalid job spec: {field}: {uri!r} is not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _copy_checked(fd: int, out, uri: str, field: str) -> tuple[str, int, int]:
+    """Stream fd to `out`, hashing and checking record sizes; (sha256, bytes, non-blank records)."""
+    digest, size, records = hashlib.sha256(), 0, 0
+    line_number, line_bytes, line_blank = 1, 0, True
+    record_limit, file_limit = max_record_bytes(), max_dataset_bytes()
+    with os.fdopen(fd, "rb", closefd=True) as source:
+        while chunk := source.read(_CHUNK):
+            size += len(chunk)
+            if size > file_limit:
+                raise SpecError(f"invalid job spec: {field}: {uri!r} is larger than the limit of {file_limit} bytes")
+            digest.update(chunk)
+            out.write(chunk)
+            parts = chunk.split(b"\n")
+            for i, part in enumerate(parts):
+                line_bytes += len(part)
+                line_blank = line_blank and not part.strip()
+                if line_bytes > record_limit:
+                    raise _record_too_long(uri, field, line_number, record_limit)
+                if i < len(parts) - 1:  # a newline ends this line
+                    records += not line_blank
+                    line_number, line_bytes, line_blank = line_number + 1, 0, True
+    records += not line_blank
+    if records == 0:
+        raise SpecError(f"invalid job spec: {field}: {uri!r} has no records (it is empty or only blank lines)")
+    return digest.hexdigest(), size, records
+
+
+def _record_too_long(uri: str, field: str, line: int, limit: int) -> SpecError:
+    return SpecError(f"invalid job spec: {field}: {uri!r} line {line} is longer than the limit of {limit} bytes "
+                     "(LORAFLEET_MAX_RECORD_BYTES)")
+
+
+def accept(uri: str, path: Path, areas: list[Path], store_dir: Path, field: str = "dataset") -> AcceptedDataset:
+    """Copy the tenant's file at `path` (resolved inside `areas`) into `store_dir`, content-addressed."""
+    store_dir.mkdir(parents=True, exist_ok=True)
+    fd = _open_checked(path, areas, uri, field)
+    with tempfile.NamedTemporaryFile(dir=store_dir, prefix=".accepting-", delete=False) as out:
+        try:
+            sha256, size, records = _copy_checked(fd, out, uri, field)
+        except BaseException:
+            out.close()
+            os.unlink(out.name)
+            raise
+    os.chmod(out.name, 0o440)
+    os.replace(out.name, accepted_path(store_dir, sha256))  # same bytes, same name: a second copy changes nothing
+    return AcceptedDataset(uri, sha256, size, records)
+
+
+def accepted_path(store_dir: Path, sha256: str) -> Path:
+    return Path(store_dir) / f"{sha256}.jsonl"
+
+
+def verified_path(store_dir: Path, accepted: AcceptedDataset) -> Path:
+    """The accepted copy, after checking it still holds the accepted bytes."""
+    path = accepted_path(store_dir, accepted.sha256)
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as source:
+            while chunk := source.read(_CHUNK):
+                digest.update(chunk)
+    except OSError as exc:
+        raise DatasetChanged(f"{accepted.uri}: the accepted copy cannot be read ({exc.strerror})") from None
+    if digest.hexdigest() != accepted.sha256:
+        raise DatasetChanged(f"{accepted.uri}: the accepted copy no longer matches what was accepted")
+    return path

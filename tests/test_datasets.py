@@ -1,0 +1,141 @@
+"""Hostile datasets: a job trains on exactly the bytes accepted at submission, and no record is too large to handle."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from lorafleet.executor.artifacts import ArtifactStore
+from lorafleet.executor.worker import Executor
+from lorafleet.scheduler.datasets import DatasetChanged, accept, accepted_path, verified_path
+from lorafleet.scheduler.spec import JobSpec, SpecError, resolve_dataset
+
+ROWS = [{"instruction": "Say hi.", "output": "Hi!"}, {"instruction": "Count to two.", "output": "1 2"}]
+
+
+def jsonl(rows) -> bytes:
+    return "".join(json.dumps(row) + "\n" for row in rows).encode()
+
+
+@pytest.fixture
+def areas(tmp_path):
+    root = tmp_path / "data"
+    for name in ("alice", "bob", "shared"):
+        (root / name).mkdir(parents=True)
+    return root
+
+
+def accept_file(root: Path, tenant: str, uri: str, store_dir: Path):
+    path = resolve_dataset(uri, root, tenant)
+    return accept(uri, path, [root.resolve() / tenant, root.resolve() / "shared"], store_dir)
+
+
+def test_accepted_bytes_survive_a_symlink_swap_and_a_same_size_rewrite(areas, tmp_path):
+    original = jsonl(ROWS)
+    (areas / "alice" / "train.jsonl").write_bytes(original)
+    (areas / "bob" / "secret.jsonl").write_bytes(jsonl([{"text": "bob's private data " * 3}]))
+    accepted = accept_file(areas, "alice", "alice/train.jsonl", tmp_path / "store")
+    assert accepted.records == 2 and accepted.size == len(original) and accepted.uri == "alice/train.jsonl"
+
+    (areas / "alice" / "train.jsonl").write_bytes(original.replace(b"Hi!", b"Yo!"))  # same size, other bytes
+    assert verified_path(tmp_path / "store", accepted).read_bytes() == original
+    (areas / "alice" / "train.jsonl").unlink()
+    (areas / "alice" / "train.jsonl").symlink_to(areas / "bob" / "secret.jsonl")
+    assert verified_path(tmp_path / "store", accepted).read_bytes() == original
+
+
+def test_a_file_that_is_a_symlink_when_opened_is_refused_even_inside_the_area(areas, tmp_path):
+    (areas / "alice" / "real.jsonl").write_bytes(jsonl(ROWS))
+    (areas / "alice" / "link.jsonl").symlink_to(areas / "alice" / "real.jsonl")
+    store_areas = [areas.resolve() / "alice"]
+    # the path was resolved earlier, and the tenant turned it into a link since: the open must not follow it
+    with pytest.raises(SpecError, match="cannot open 'alice/link.jsonl'"):
+        accept("alice/link.jsonl", areas / "alice" / "link.jsonl", store_areas, tmp_path / "store")
+
+
+def test_a_directory_swapped_for_a_link_to_another_area_is_caught_at_open(areas, tmp_path):
+    (areas / "bob" / "data").mkdir()
+    (areas / "bob" / "data" / "train.jsonl").write_bytes(jsonl(ROWS))
+    (areas / "alice" / "data").symlink_to(areas / "bob" / "data")
+    with pytest.raises(SpecError, match="outside your data areas"):
+        accept("alice/data/train.jsonl", areas / "alice" / "data" / "train.jsonl", [areas.resolve() / "alice"],
+               tmp_path / "store")
+    assert not list((tmp_path / "store").glob("*.jsonl"))
+
+
+def test_a_fifo_is_refused_without_blocking(areas, tmp_path):
+    os.mkfifo(areas / "alice" / "pipe.jsonl")
+    with pytest.raises(SpecError, match="not a regular file"):
+        accept("alice/pipe.jsonl", areas / "alice" / "pipe.jsonl", [areas.resolve() / "alice"], tmp_path / "store")
+
+
+def test_a_record_over_the_limit_is_refused_naming_the_tenants_uri_and_line(areas, tmp_path, monkeypatch):
+    monkeypatch.setenv("LORAFLEET_MAX_RECORD_BYTES", "1000")
+    rows = jsonl(ROWS) + jsonl([{"text": "x" * 5000}])
+    (areas / "alice" / "big.jsonl").write_bytes(rows)
+    with pytest.raises(SpecError) as excinfo:
+        accept_file(areas, "alice", "alice/big.jsonl", tmp_path / "store")
+    assert "'alice/big.jsonl' line 3 is longer than the limit of 1000 bytes" in str(excinfo.value)
+    assert str(areas) not in str(excinfo.value) and not list((tmp_path / "store").iterdir())
+
+
+def test_a_file_over_the_size_limit_and_an_empty_one_are_refused(areas, tmp_path, monkeypatch):
+    (areas / "alice" / "blank.jsonl").write_bytes(b"\n  \n\n")
+    with pytest.raises(SpecError, match="has no records"):
+        accept_file(areas, "alice", "alice/blank.jsonl", tmp_path / "store")
+    monkeypatch.setenv("LORAFLEET_MAX_DATASET_BYTES", "50")
+    (areas / "alice" / "train.jsonl").write_bytes(jsonl(ROWS))
+    with pytest.raises(SpecError, match="larger than the limit of 50 bytes"):
+        accept_file(areas, "alice", "alice/train.jsonl", tmp_path / "store")
+
+
+def test_a_tampered_accepted_copy_is_refused(areas, tmp_path):
+    (areas / "alice" / "train.jsonl").write_bytes(jsonl(ROWS))
+    accepted = accept_file(areas, "alice", "alice/train.jsonl", tmp_path / "store")
+    path = accepted_path(tmp_path / "store", accepted.sha256)
+    path.chmod(0o640)
+    path.write_bytes(path.read_bytes().replace(b"Hi!", b"Yo!"))
+    with pytest.raises(DatasetChanged, match="alice/train.jsonl"):
+        verified_path(tmp_path / "store", accepted)
+
+
+def test_errors_name_the_tenants_uri_and_a_long_path_component_is_a_spec_error(areas):
+    with pytest.raises(SpecError) as excinfo:
+        resolve_dataset("bob/secret.jsonl", areas, "alice")
+    assert str(areas) not in str(excinfo.value) and "(alice/... or shared/...)" in str(excinfo.value)
+    with pytest.raises(SpecError, match="cannot be read"):
+        resolve_dataset("alice/" + "a" * 300 + ".jsonl", areas, "alice")
+
+
+def test_through_the_api_the_executor_reads_only_the_accepted_copy(call, store, make_tenant, data_root,
+                                                                   base_model_dir, worker_env, tmp_path, monkeypatch):
+    alice, bob = make_tenant("alice"), make_tenant("bob")
+    original = (data_root / alice.dataset).read_bytes()
+    job = call("lorafleet.submit_job", alice.token, {"base_model": str(base_model_dir), "dataset": alice.dataset})
+    accepted = store.accepted_datasets(job["job_id"])["dataset"]
+    assert accepted.uri == alice.dataset and accepted.records == 2
+
+    target = data_root / alice.dataset  # the tenant swaps its file for a link to another tenant's after acceptance
+    target.unlink()
+    target.symlink_to(data_root / bob.dataset)
+
+    class Cohort:  # records what the executor hands the training loop
+        tokenizer = None
+        joined: dict = {}
+
+        def add_job(self, job_id, spec, dataset, resume_from=None, dataset_name=None):
+            self.joined[job_id] = (Path(dataset).read_bytes(), dataset_name)
+
+        def remove_job(self, job_id):
+            del self.joined[job_id]
+
+    monkeypatch.setenv("LORAFLEET_DATASET_DIR", worker_env["LORAFLEET_STATE_DIR"] + "/datasets")
+    executor = Executor(store, "exec-data", "cpu", ArtifactStore(str(tmp_path)))
+    executor.cohort = Cohort()
+    executor.compat_key = JobSpec.model_validate(job["spec"]).compatibility_key()  # its base is "loaded"
+    store.claim(job["job_id"], "exec-data")
+    executor.admit(store.get_job(job["job_id"]))
+    assert executor.cohort.joined[job["job_id"]] == (original, alice.dataset)
