@@ -52,6 +52,8 @@ class Lease:
     tenant: str
     attempt: int
     spec: JobSpec
+    resumed: bool = False  # joined from a checkpoint: earlier attempts trained it
+    trained_tokens: int = 0  # target tokens trained on in this attempt
 
 
 class Executor:
@@ -161,7 +163,7 @@ class Executor:
             for job in self.store.jobs_in_state(state):
                 if job.get("executor_id") == self.executor_id:
                     self.store.requeue(job["job_id"], state, "executor restarted", attempt=job["attempt"],
-                                       executor_id=self.executor_id)
+                                       executor_id=self.executor_id, executor_died=True)
 
     def admit(self, job: dict) -> None:
         job_id, attempt = job["job_id"], job["attempt"]
@@ -192,7 +194,7 @@ class Executor:
         if not self.store.transition(job_id, "scheduled", "running", attempt=attempt, executor_id=self.executor_id):
             self.cohort.remove_job(job_id)
             return
-        self.leases[job_id] = Lease(job_id, job["tenant"], attempt, spec)
+        self.leases[job_id] = Lease(job_id, job["tenant"], attempt, spec, resumed=resume_from is not None)
         log.info("job %s joined the cohort (%d jobs)%s", job_id, len(self.leases), " from checkpoint" if resume_from else "")
 
     def _load_base(self, spec: JobSpec) -> None:
@@ -257,6 +259,7 @@ class Executor:
                 if self.metrics:
                     self.metrics.job_failures.inc()
                 continue
+            lease.trained_tokens += result.tokens
             metrics = {"loss": result.loss, "lr": result.lr, "tokens": result.tokens,
                        "tokens_per_s": result.tokens / seconds, "grad_norm": result.grad_norm}
             if result.checkpoint_due and job_id in self.validation:
@@ -299,6 +302,13 @@ class Executor:
             self.store.append_event(lease.job_id, "checkpoint", uri=uri, step=self.cohort.jobs[lease.job_id].step)
 
     def finish(self, lease: Lease) -> None:
+        if lease.trained_tokens == 0 and not lease.resumed:  # an untrained adapter is no success
+            max_seq_len = lease.spec.hyperparameters.max_seq_len
+            self.store.transition(lease.job_id, "running", "failed", attempt=lease.attempt, error=(
+                f"job {lease.job_id} failed: nothing was trained: no example of {lease.spec.dataset} has a target "
+                f"token within max_seq_len={max_seq_len} (shorten the prompts or raise max_seq_len)"))
+            self._release(lease.job_id)
+            return
         try:
             local = self.cohort.checkpoint(lease.job_id, self.scratch / lease.job_id / "final")
             uri = self.artifacts.publish(local, lease.tenant, lease.job_id, "adapter")

@@ -55,6 +55,7 @@ class JobInfo(TypedDict, total=False):
     executor_id: Optional[str]
     attempt: int
     cancel_requested: bool
+    executor_losses: int  # executors that died holding it; at 3 the job is failed
     spec: dict[str, Any]  # in get_job / submit_job / cancel_job answers, not in list_jobs
 
 

@@ -65,6 +65,7 @@ JOB_FIELDS = (
     "executor_id",  # the executor that holds the job while scheduled/running
     "attempt",  # lease fencing token: +1 each time the job is scheduled; stale holders are refused
     "cancel_requested",  # "1" when cancelled while scheduled/running: the executor must drop it
+    "executor_losses",  # executors that died holding the job; at `store.MAX_EXECUTOR_LOSSES` it is failed
     "datasets",  # JSON: spec field -> the accepted copy (`datasets.AcceptedDataset`: uri, sha256, size, records)
 )
 

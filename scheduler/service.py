@@ -72,6 +72,25 @@ def _job_size(spec: JobSpec, tenant: str) -> tuple[float, int, int, int, int]:
     return estimate_gpu_seconds(tokens, shape.num_params()), tokens_per_step, job_bytes, activation_bytes, base_bytes
 
 
+def _plan_isolating(queued: list[QueuedJob], executors: list[ExecutorView], tenants: dict[str, TenantView], now: float,
+                    cfg: PlanConfig, suspects: set[str], isolated: set[str]) -> list:
+    """`plan`, except that a job whose executor died before (a suspect) runs alone: only on an executor with no
+    other job, which then takes no other job, so that if the job kills it again it takes no one else down and only
+    its own count of losses grows. `isolated`: executors already running a suspect."""
+    assignments, taken = [], set(isolated)
+    for job in (q for q in queued if q.job_id in suspects):
+        for executor in executors:
+            if executor.executor_id in taken or executor.running:
+                continue
+            alone = plan([job], [executor], tenants, now, cfg)
+            if alone:
+                assignments += alone
+                taken.add(executor.executor_id)
+                break
+    others = [q for q in queued if q.job_id not in suspects]
+    return assignments + plan(others, [e for e in executors if e.executor_id not in taken], tenants, now, cfg)
+
+
 class Scheduler:
     def __init__(self, store: JobStore, holder: str, plan_config: PlanConfig = PlanConfig(),
                  lock_ttl: float = 3.0, interval: float = 0.5, metrics: SchedulerMetrics | None = None):
@@ -124,7 +143,7 @@ class Scheduler:
         for job in holding:
             if job["executor_id"] not in alive_ids:
                 if self.store.requeue(job["job_id"], ("scheduled", "running"), "executor lost", fence=fence,
-                                      attempt=job["attempt"], executor_id=job["executor_id"]):
+                                      attempt=job["attempt"], executor_id=job["executor_id"], executor_died=True):
                     log.info("job %s requeued: executor %s is gone", job["job_id"], job["executor_id"])
                     if self.metrics:
                         self.metrics.requeued.labels(reason="executor_lost").inc()
@@ -171,7 +190,7 @@ class Scheduler:
 
         tenant_records = self.store.list_tenants()
         disabled = {t["name"] for t in tenant_records if t["disabled"]}
-        queued = []
+        queued, suspects = [], set()
         for job in self.store.list_queued():
             if job["tenant"] in disabled:  # stays queued, never starts, until the tenant is enabled again
                 continue
@@ -181,6 +200,8 @@ class Scheduler:
             except Exception as exc:  # its model or data vanished since submission: fail it with the reason
                 self.store.transition(job["job_id"], "queued", "failed", fence=fence, error=f"cannot size job: {exc}")
                 continue
+            if job["executor_losses"]:
+                suspects.add(job["job_id"])
             queued.append(QueuedJob(job["job_id"], job["tenant"], spec.compatibility_key(), spec.priority,
                                     job["submitted_at"], gpu_seconds, per_step, job_bytes, base_bytes,
                                     activation_bytes, spec.hyperparameters.max_seq_len, spec.dtype))
@@ -195,7 +216,8 @@ class Scheduler:
         cfg = PlanConfig(**{**self.plan_config.__dict__,
                             "memory_factors": {k: c.factor for k, c in self.calibrations.items()}})
         started = time.perf_counter()
-        assignments = plan(queued, executors, tenants, now, cfg)
+        isolated = {job["executor_id"] for job in holding if job["executor_losses"]}
+        assignments = _plan_isolating(queued, executors, tenants, now, cfg, suspects, isolated)
         if self.metrics:
             self.metrics.plan_duration.observe(time.perf_counter() - started)
         tenant_of = {job.job_id: job.tenant for job in queued}

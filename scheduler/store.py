@@ -53,6 +53,7 @@ JOB_ID_RE = re.compile(r"^job-[0-9a-f]{16}$")
 TENANT_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 RESERVED_TENANT_NAMES = ("shared",)  # the data root's area readable by every tenant
 MAX_LIST_LIMIT = 1000
+MAX_EXECUTOR_LOSSES = 3  # executors that died holding a job, before the job is failed
 MAX_TOKEN_CHARS = 128  # ours are 47; a longer one is refused before it is hashed
 _STREAM_ID_RE = re.compile(r"^\d{1,20}-\d{1,20}$")
 
@@ -223,6 +224,7 @@ def job_view(raw: dict[str, str], with_spec: bool = True) -> dict[str, Any]:
         "executor_id": raw.get("executor_id") or None,
         "attempt": int(raw.get("attempt", 0)),
         "cancel_requested": raw.get("cancel_requested") == "1",
+        "executor_losses": int(raw.get("executor_losses") or 0),
     }
     if with_spec:
         view["spec"] = json.loads(raw["spec"])
@@ -583,13 +585,24 @@ class JobStore:
         attempt: Optional[int] = None,
         fence: Optional[int] = None,
         executor_id: Optional[str] = None,
+        executor_died: bool = False,
     ) -> bool:
-        """Hand a job back to the queue (it resumes from its checkpoint_uri) and say why in its events."""
+        """Hand a job back to the queue (it resumes from its checkpoint_uri) and say why in its events.
+
+        `executor_died`: the process that held it is gone (killed, crashed, restarted). Such jobs are counted
+        (`executor_losses`); one lost `MAX_EXECUTOR_LOSSES` times is failed instead, so that a job whose data or
+        shape kills executors cannot take them down for ever (the scheduler runs a job lost before in a cohort of
+        its own, so innocent cohort members are not counted again)."""
         if not self.transition(job_id, from_states, "queued", attempt=attempt, fence=fence):
             return False
+        losses = self.r.hincrby(keys.job(job_id), "executor_losses", 1) if executor_died else 0
         job = self.get_job(job_id, with_spec=False)
         self.append_event(job_id, "requeued", reason=reason, executor_id=executor_id,
                           checkpoint_uri=job["checkpoint_uri"] if job else None)
+        if losses >= MAX_EXECUTOR_LOSSES:
+            self.transition(job_id, "queued", "failed", fence=fence, error=(
+                f"job {job_id} failed: the executor training it stopped {losses} times ({reason}); the last times it "
+                "ran in a cohort of its own, so it is this job's data or shape that takes executors down"))
         return True
 
     def set_result(self, job_id: str, adapter_uri: str, attempt: Optional[int] = None) -> bool:

@@ -174,3 +174,35 @@ def test_a_disabled_tenants_queued_jobs_never_start(env, store):
     store.set_disabled("acme", False)
     assert [a.job_id for a in scheduler.round()] == [job_id]
     assert store.get_job(job_id)["state"] == "scheduled"
+
+
+def test_a_job_that_keeps_killing_its_executor_runs_alone_then_fails_and_its_cohort_finishes(env, store):
+    _, _, models = env
+    poison, innocent = submit(store, models["llama"]), submit(store, models["llama"])
+    scheduler = Scheduler(store, "sched-test")
+    scheduler.lock.try_acquire()
+    beat = {"total_bytes": 64 * 2**30, "free_bytes": 64 * 2**30, "compat_key": ""}
+
+    def kill(executor_id):  # what the heartbeat's TTL does after a kill -9
+        store.r.delete(keys.executor(executor_id))
+
+    fleet.heartbeat(store.r, "exec-1", beat)
+    assert sorted(a.job_id for a in scheduler.round()) == sorted([poison, innocent])  # one cohort
+    kill("exec-1")
+    for name in ("exec-2", "exec-3"):
+        fleet.heartbeat(store.r, name, beat)
+    placed = {a.job_id: a.executor_id for a in scheduler.round()}
+    assert set(placed) == {poison, innocent} and placed[poison] != placed[innocent], "each runs alone now"
+    assert store.get_job(poison)["executor_losses"] == 1
+    assert store.transition(innocent, "scheduled", "running")
+    assert store.transition(innocent, "running", "succeeded", adapter_uri="file:///a")  # it was innocent
+
+    for loss in (2, 3):
+        kill(placed[poison])
+        fleet.heartbeat(store.r, f"exec-{loss + 2}", beat)
+        placed = {a.job_id: a.executor_id for a in scheduler.round()}
+        if loss == 2:
+            assert list(placed) == [poison]
+    job = store.get_job(poison)
+    assert job["state"] == "failed" and job["executor_losses"] == 3 and "stopped 3 times" in job["error"]
+    assert store.get_job(innocent)["state"] == "succeeded"

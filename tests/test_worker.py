@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers_models import build_tiny_model, single_torch_thread, write_jsonl  # noqa: F401
 from lorafleet.executor.artifacts import ArtifactStore
 from lorafleet.executor.worker import Executor, Lease
 from lorafleet.scheduler import fleet, keys
@@ -169,3 +170,27 @@ def test_an_executor_offers_bf16_only_where_the_gpu_computes_it_natively(store, 
     assert {e["executor_id"]: e["dtypes"] for e in fleet.executors(store.r)[0]}["exec-gpu"] == dtypes
     assert compute_dtype("auto", torch.device("cuda:0")) == auto
     assert compute_dtype("auto", torch.device("cpu")) == torch.float32
+
+
+def test_a_job_that_trains_on_no_target_token_fails_instead_of_succeeding(store, make_tenant, tmp_path, monkeypatch,
+                                                                         single_torch_thread):
+    """Every prompt is longer than max_seq_len, so no target token is left: the job must not 'succeed'."""
+    tenant = make_tenant()
+    model = build_tiny_model(tmp_path / "models" / "tiny", "llama")
+    long_prompts = [{"instruction": "please " * 40, "output": "ok"} for _ in range(4)]
+    write_jsonl(tenant.area / "long.jsonl", long_prompts)
+    monkeypatch.setenv("LORAFLEET_DATA_ROOT", str(tenant.area.parent))
+    monkeypatch.setenv("LORAFLEET_MODEL_ROOTS", str(tmp_path / "models"))
+    spec = parse_spec({"base_model": str(model), "dataset": f"{tenant.name}/long.jsonl",
+                       "hyperparameters": {"max_steps": 2, "batch_size": 2, "max_seq_len": 16}})
+    job_id = store.submit(tenant.name, spec)["job_id"]
+    store.claim(job_id, "exec-untrained")
+    executor = Executor(store, "exec-untrained", "cpu", ArtifactStore(str(tmp_path / "artifacts")))
+    executor.admit(store.get_job(job_id))
+    for _ in range(10):
+        if job_id not in executor.leases:
+            break
+        executor.train_step()
+    job = store.get_job(job_id)
+    assert job["state"] == "failed" and job["adapter_uri"] is None
+    assert "nothing was trained" in job["error"] and f"{tenant.name}/long.jsonl" in job["error"]
