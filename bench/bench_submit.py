@@ -36,20 +36,22 @@ def main() -> None:
         store = JobStore(server.client())
         store.ensure_schema()
         _, token = store.create_tenant("bench", max_queued=100_000)
+        credentials = store.issue_credentials("bench", token)  # the tenant's own broker user, as in production
         (tmp / "data" / "bench").mkdir(parents=True)
         (tmp / "data" / "bench" / "train.jsonl").write_text('{"text": "hello"}\n')
         (tmp / "model").mkdir()
         spec = {"base_model": str(tmp / "model"), "dataset": "bench/train.jsonl", "adapter": {"r": 8}}
-        env = {**os.environ, "REDIS_URL": server.url, "LORAFLEET_DATA_ROOT": str(tmp / "data"),
-               "LORAFLEET_STATE_DIR": str(tmp / "state")}
+        env = {**os.environ, "REDIS_URL": server.role_url("worker"), "LORAFLEET_DATA_ROOT": str(tmp / "data"),
+               "LORAFLEET_STATE_DIR": str(tmp / "state"), "LORAFLEET_MODEL_ROOTS": str(tmp)}
         worker = subprocess.Popen(
             [sys.executable, "-P", "-m", "celery", "-A", "lorafleet.scheduler.tasks", "worker", "--pool=solo",
              "--loglevel=WARNING", "--without-gossip", "--without-mingle"],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
-        app = make_celery(server.url, name="bench")
+        control = make_celery(server.url, name="bench-control")
+        app = make_celery(credentials.broker_url, name="bench", tenant="bench")
         try:
-            while not app.control.ping(timeout=0.5):
+            while not control.control.ping(timeout=0.5):
                 time.sleep(0.1)
             for _ in range(50):  # warm-up: imports, script loading, connections
                 app.send_task("lorafleet.submit_job", args=[token, spec]).get(timeout=30)
@@ -75,6 +77,7 @@ def main() -> None:
             worker.terminate()
             worker.wait(30)
             app.close()
+            control.close()
             server.stop()
 
     ms = 1000

@@ -33,8 +33,8 @@ def resolve_base_model(
             roots = [Path(root).resolve() for root in model_roots]
             if not is_inside(resolved, roots):
                 raise SpecError(
-                    f"invalid job spec: base_model: local models must be under {', '.join(map(str, roots))} "
-                    f"(the operator's LORAFLEET_MODEL_ROOTS), or be an id in the local model cache"
+                    f"invalid job spec: base_model: {base_model!r} is not under the operator's model roots "
+                    "(LORAFLEET_MODEL_ROOTS); use a path there, or an id in the local model cache"
                 )
         if not path.is_dir():
             raise SpecError(f"invalid job spec: base_model: no such local directory {base_model!r}")
@@ -53,7 +53,7 @@ def resolve_base_model(
         raise SpecError(
             f"invalid job spec: base_model: {base_model!r}"
             + (f" at revision {revision!r}" if revision else "")
-            + f" is not in the local model cache {hub_cache} (models are never downloaded; ask the operator)"
+            + " is not in the local model cache (models are never downloaded; ask the operator)"
         )
     return max(candidates, key=lambda p: p.stat().st_mtime)
 

@@ -139,3 +139,16 @@ def test_through_the_api_the_executor_reads_only_the_accepted_copy(call, store, 
     store.claim(job["job_id"], "exec-data")
     executor.admit(store.get_job(job["job_id"]))
     assert executor.cohort.joined[job["job_id"]] == (original, alice.dataset)
+
+
+def test_a_dataset_with_a_huge_line_is_refused_at_submission_and_another_tenant_is_unaffected(
+        call, store, make_tenant, data_root, base_model_dir):
+    hostile, other = make_tenant("hostile"), make_tenant("other")
+    with open(data_root / hostile.name / "poison.jsonl", "w") as f:
+        f.write(json.dumps({"text": "x" * (3 << 20)}) + "\n")  # 3 MB on one line: over the default 1 MiB
+    with pytest.raises(ValueError, match=f"'{hostile.name}/poison.jsonl' line 1 is longer than the limit"):
+        call("lorafleet.submit_job", hostile.token,
+             {"base_model": str(base_model_dir), "dataset": f"{hostile.name}/poison.jsonl"})
+    assert store.counts(hostile.name)["queued"] == 0  # nothing left behind
+    job = call("lorafleet.submit_job", other.token, {"base_model": str(base_model_dir), "dataset": other.dataset})
+    assert job["state"] == "queued"
