@@ -149,6 +149,7 @@ def make_tenant(fleet_env: Fleet, rows: int = 48) -> tuple[str, str]:
     area = fleet_env.root / "data" / name
     area.mkdir(parents=True)
     write_jsonl(area / "train.jsonl", alpaca_rows(rows, seed=7))
+    fleet_env.call("lorafleet.list_jobs", token)  # answered once the worker consumes the new tenant's queue (<= 1 s)
     return name, token
 
 
@@ -177,8 +178,7 @@ def test_two_tenants_two_bases_form_cohorts_and_adapters_load_in_peft(fleet_env)
     from transformers import AutoModelForCausalLM
 
     submitted = []
-    for _ in range(2):
-        tenant, token = make_tenant(fleet_env)
+    for tenant, token in [make_tenant(fleet_env) for _ in range(2)]:  # both ready before the first job is sent
         for family in ("llama", "qwen2"):
             spec = spec_for(fleet_env, tenant, family, max_steps=30, checkpoint_every=100)
             spec["validation_dataset"] = f"{tenant}/train.jsonl"
