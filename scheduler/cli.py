@@ -7,6 +7,7 @@ non-zero; tracebacks are left for real bugs.
 from __future__ import annotations
 
 import json
+import secrets
 import signal
 import sys
 import time
@@ -341,6 +342,21 @@ def simulate(num_jobs: int, num_tenants: int, num_executors: int, seed: int, loa
 
 
 # ---- tenants ----
+
+
+@main.command("roles")
+@json_option
+def roles_cmd(as_json: bool) -> None:
+    """Create (or give new passwords to) the worker, scheduler and executor users on REDIS_URL (the operator's), turn
+    the default user off, and print each role's URL: give each process its own. Old role passwords stop working."""
+    store = _store()
+    passwords = {role: secrets.token_urlsafe(24) for role in acl.ROLES if role != "operator"}
+    acl.apply_roles(store.r, passwords)
+    urls = {role: acl.url_for(store.server_url(), acl.username(role), password) for role, password in passwords.items()}
+    if as_json:
+        _print_json(urls)
+    else:
+        _table("service roles (shown once)", ("role", "REDIS_URL"), [[role, url] for role, url in urls.items()])
 
 
 @main.group()

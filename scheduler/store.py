@@ -350,9 +350,12 @@ class JobStore:
         acl.close_connections(self.r, name)
         if tenant["disabled"]:
             acl.revoke_tenant(self.r, name)
+        return acl.TenantCredentials(name, token, acl.url_for(self.server_url(), acl.tenant_username(name), password))
+
+    def server_url(self) -> str:
+        """This store's server, without credentials (what other users' URLs are built on)."""
         kwargs = self.r.connection_pool.connection_kwargs
-        base = f"redis://{kwargs.get('host', '127.0.0.1')}:{kwargs.get('port', 6379)}/{kwargs.get('db', 0)}"
-        return acl.TenantCredentials(name, token, acl.url_for(base, acl.tenant_username(name), password))
+        return f"redis://{kwargs.get('host', '127.0.0.1')}:{kwargs.get('port', 6379)}/{kwargs.get('db', 0)}"
 
     def authenticate(self, token: Any) -> str:
         """The tenant name for a token; PermissionError for a missing, unknown or disabled one."""

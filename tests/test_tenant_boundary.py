@@ -15,6 +15,7 @@ from celery import Celery
 
 from lorafleet.scheduler import acl, keys
 from lorafleet.scheduler.acl import TenantCredentials
+from lorafleet.scheduler.broker import check_message
 from lorafleet.scheduler.spec import parse_spec
 
 
@@ -220,3 +221,44 @@ def test_tenant_urls_name_their_tenant_and_patterns_do_not_overlap():
     assert f"~{keys.tenant_queue('ab')}*" in ab and not keys.tenant_queue("abc").startswith(keys.tenant_queue("ab"))
     assert keys.tenant_of_queue(keys.tenant_queue("a-b_c")) == "a-b_c" and keys.tenant_of_queue("celery") is None
     assert keys.tenant_result_prefix("ab").endswith(".")
+
+
+def test_an_accepted_message_carries_its_queue_as_routing_and_no_token_in_its_reprs():
+    message = envelope(argsrepr="('lft_secret',)", kwargsrepr="{}")
+    message["properties"]["delivery_info"] = {"exchange": "x", "routing_key": keys.tenant_queue("victim")}  # forged
+    checked = check_message(message, keys.tenant_queue("sender"))
+    assert checked["properties"]["delivery_info"]["routing_key"] == keys.tenant_queue("sender")
+    assert "lft_secret" not in json.dumps(checked["headers"])
+
+
+def test_operator_commands_with_a_tenants_broker_url_are_refused_in_one_line(tenant_pair, worker_env):
+    from click.testing import CliRunner
+
+    from lorafleet.scheduler.cli import main
+
+    credentials = tenant_pair[0]
+    result = CliRunner().invoke(main, ["jobs", "list", "--json"], env={**worker_env, "REDIS_URL": credentials.broker_url})
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert result.stderr.strip().startswith("Error: this Redis user may not do that"), result.stderr
+
+
+def test_lorafleet_roles_gives_each_service_a_new_user_of_its_own(tmp_path, worker_env):
+    from click.testing import CliRunner
+
+    from lorafleet.scheduler.cli import main
+    from lorafleet.scheduler.redis_server import start_redis_server
+
+    server = start_redis_server(tmp_path / "redis")  # its own: new passwords must not reach the suite's worker
+    try:
+        result = CliRunner().invoke(main, ["roles", "--json"], env={**worker_env, "REDIS_URL": server.url})
+        assert result.exit_code == 0, result.output
+        urls = json.loads(result.stdout)
+        assert set(urls) == {"worker", "scheduler", "executor"}
+        for role, url in urls.items():
+            client = redis.Redis.from_url(url)
+            assert client.hget(keys.tenant("nobody"), "name") is None
+            assert_refused(client, ("CONFIG", "GET", "dir"))
+            with pytest.raises(redis.exceptions.AuthenticationError):  # the old password is gone
+                redis.Redis.from_url(server.role_url(role)).ping()
+    finally:
+        server.stop()
