@@ -11,6 +11,7 @@
 | `LORAFLEET_DATASET_DIR` | `<state dir>/datasets` | accepted datasets, content-addressed (operator-only; every executor must see it) |
 | `LORAFLEET_MAX_RECORD_BYTES` | 1 MiB | longest dataset line accepted |
 | `LORAFLEET_MAX_DATASET_BYTES` | 1 GiB | largest dataset file accepted |
+| `LORAFLEET_MAX_RECORDS` | 5,000,000 | most records (non-blank lines) in one dataset file |
 | `HF_HUB_CACHE` | `$HF_HOME/hub` or `~/.cache/huggingface/hub` | local model cache searched for base model ids |
 """
 

@@ -9,8 +9,9 @@ so a dataset swapped for a symlink, or rewritten in place at the same size, afte
 The dataset store (`LORAFLEET_DATASET_DIR`) belongs to the operator: tenants must not be able to write it, and every
 executor host must see it under the same path (a shared file system, like the data root).
 
-Limits (environment, read at call time): `LORAFLEET_MAX_RECORD_BYTES` (one JSONL line, default 1 MiB) and
-`LORAFLEET_MAX_DATASET_BYTES` (one file, default 1 GiB).
+Limits (environment, read at call time): `LORAFLEET_MAX_RECORD_BYTES` (one JSONL line, default 1 MiB),
+`LORAFLEET_MAX_DATASET_BYTES` (one file, default 1 GiB) and `LORAFLEET_MAX_RECORDS` (non-blank lines of one file,
+default 5,000,000), which bound what one job's data costs an executor: its line index, 24 bytes a record.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from lorafleet.scheduler.spec import SpecError, is_inside
 
 DEFAULT_MAX_RECORD_BYTES = 1 << 20
 DEFAULT_MAX_DATASET_BYTES = 1 << 30
+DEFAULT_MAX_RECORDS = 5_000_000  # an executor indexes each record in 24 bytes: at most 120 MB per job
 _CHUNK = 1 << 20
 
 
@@ -36,6 +38,10 @@ def max_record_bytes() -> int:
 
 def max_dataset_bytes() -> int:
     return int(os.environ.get("LORAFLEET_MAX_DATASET_BYTES", DEFAULT_MAX_DATASET_BYTES))
+
+
+def max_records() -> int:
+    return int(os.environ.get("LORAFLEET_MAX_RECORDS", DEFAULT_MAX_RECORDS))
 
 
 @dataclass(frozen=True)
@@ -81,7 +87,7 @@ def _copy_checked(fd: int, out, uri: str, field: str) -> tuple[str, int, int]:
     """Stream fd to `out`, hashing and checking record sizes; (sha256, bytes, non-blank records)."""
     digest, size, records = hashlib.sha256(), 0, 0
     line_number, line_bytes, line_blank = 1, 0, True
-    record_limit, file_limit = max_record_bytes(), max_dataset_bytes()
+    record_limit, file_limit, record_count_limit = max_record_bytes(), max_dataset_bytes(), max_records()
     with os.fdopen(fd, "rb", closefd=True) as source:
         while chunk := source.read(_CHUNK):
             size += len(chunk)
@@ -98,6 +104,9 @@ def _copy_checked(fd: int, out, uri: str, field: str) -> tuple[str, int, int]:
                 if i < len(parts) - 1:  # a newline ends this line
                     records += not line_blank
                     line_number, line_bytes, line_blank = line_number + 1, 0, True
+            if records > record_count_limit:
+                raise SpecError(f"invalid job spec: {field}: {uri!r} has more than the limit of {record_count_limit} "
+                                "records (LORAFLEET_MAX_RECORDS)")
     records += not line_blank
     if records == 0:
         raise SpecError(f"invalid job spec: {field}: {uri!r} has no records (it is empty or only blank lines)")

@@ -82,10 +82,14 @@ def test_a_record_over_the_limit_is_refused_naming_the_tenants_uri_and_line(area
     assert str(areas) not in str(excinfo.value) and not list((tmp_path / "store").iterdir())
 
 
-def test_a_file_over_the_size_limit_and_an_empty_one_are_refused(areas, tmp_path, monkeypatch):
+def test_a_file_over_the_size_or_record_limit_and_an_empty_one_are_refused(areas, tmp_path, monkeypatch):
     (areas / "alice" / "blank.jsonl").write_bytes(b"\n  \n\n")
     with pytest.raises(SpecError, match="has no records"):
         accept_file(areas, "alice", "alice/blank.jsonl", tmp_path / "store")
+    monkeypatch.setenv("LORAFLEET_MAX_RECORDS", "1")
+    (areas / "alice" / "two.jsonl").write_bytes(jsonl(ROWS))
+    with pytest.raises(SpecError, match="more than the limit of 1 records"):
+        accept_file(areas, "alice", "alice/two.jsonl", tmp_path / "store")
     monkeypatch.setenv("LORAFLEET_MAX_DATASET_BYTES", "50")
     (areas / "alice" / "train.jsonl").write_bytes(jsonl(ROWS))
     with pytest.raises(SpecError, match="larger than the limit of 50 bytes"):
