@@ -260,6 +260,9 @@ class Executor:
                     self.metrics.job_failures.inc()
                 continue
             lease.trained_tokens += result.tokens
+            if self._untrained_after_an_epoch(lease):
+                self._fail_untrained(lease)
+                continue
             metrics = {"loss": result.loss, "lr": result.lr, "tokens": result.tokens,
                        "tokens_per_s": result.tokens / seconds, "grad_norm": result.grad_norm}
             if result.checkpoint_due and job_id in self.validation:
@@ -301,13 +304,21 @@ class Executor:
         if self.store.record_checkpoint(lease.job_id, uri, lease.attempt):
             self.store.append_event(lease.job_id, "checkpoint", uri=uri, step=self.cohort.jobs[lease.job_id].step)
 
+    def _untrained_after_an_epoch(self, lease: Lease) -> bool:
+        """A whole epoch gave no target token: no later one will either."""
+        job = self.cohort.jobs.get(lease.job_id)
+        return not lease.resumed and lease.trained_tokens == 0 and job is not None and job.data.epoch >= 1
+
+    def _fail_untrained(self, lease: Lease) -> None:
+        max_seq_len = lease.spec.hyperparameters.max_seq_len
+        self.store.transition(lease.job_id, "running", "failed", attempt=lease.attempt, error=(
+            f"job {lease.job_id} failed: nothing was trained: no example of {lease.spec.dataset} has a target "
+            f"token within max_seq_len={max_seq_len} (shorten the prompts or raise max_seq_len)"))
+        self._release(lease.job_id)
+
     def finish(self, lease: Lease) -> None:
         if lease.trained_tokens == 0 and not lease.resumed:  # an untrained adapter is no success
-            max_seq_len = lease.spec.hyperparameters.max_seq_len
-            self.store.transition(lease.job_id, "running", "failed", attempt=lease.attempt, error=(
-                f"job {lease.job_id} failed: nothing was trained: no example of {lease.spec.dataset} has a target "
-                f"token within max_seq_len={max_seq_len} (shorten the prompts or raise max_seq_len)"))
-            self._release(lease.job_id)
+            self._fail_untrained(lease)
             return
         try:
             local = self.cohort.checkpoint(lease.job_id, self.scratch / lease.job_id / "final")

@@ -181,16 +181,17 @@ def test_a_job_that_trains_on_no_target_token_fails_instead_of_succeeding(store,
     write_jsonl(tenant.area / "long.jsonl", long_prompts)
     monkeypatch.setenv("LORAFLEET_DATA_ROOT", str(tenant.area.parent))
     monkeypatch.setenv("LORAFLEET_MODEL_ROOTS", str(tmp_path / "models"))
-    spec = parse_spec({"base_model": str(model), "dataset": f"{tenant.name}/long.jsonl",
-                       "hyperparameters": {"max_steps": 2, "batch_size": 2, "max_seq_len": 16}})
+    spec = parse_spec({"base_model": str(model), "dataset": f"{tenant.name}/long.jsonl",  # 2 steps an epoch
+                       "hyperparameters": {"max_steps": 1000, "batch_size": 2, "max_seq_len": 16}})
     job_id = store.submit(tenant.name, spec)["job_id"]
     store.claim(job_id, "exec-untrained")
     executor = Executor(store, "exec-untrained", "cpu", ArtifactStore(str(tmp_path / "artifacts")))
     executor.admit(store.get_job(job_id))
-    for _ in range(10):
-        if job_id not in executor.leases:
-            break
+    steps = 0
+    while job_id in executor.leases and steps < 10:
         executor.train_step()
+        steps += 1
     job = store.get_job(job_id)
+    assert steps == 2, "failed after the first epoch, not after its 1000 steps"
     assert job["state"] == "failed" and job["adapter_uri"] is None
     assert "nothing was trained" in job["error"] and f"{tenant.name}/long.jsonl" in job["error"]
