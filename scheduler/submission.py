@@ -2,17 +2,25 @@
 
 Base models are never downloaded: `base_model` must be a local directory or an id already in the local Hugging Face
 cache (`HF_HUB_CACHE`, layout `models--<org>--<name>/snapshots/<revision>/`).
+
+Each accepted dataset is then read as the executor will read it (`formats`, with the base model's own tokenizer,
+at the job's `max_seq_len`), up to `SAMPLE_RECORDS` records: a bad record there is refused naming its line, and a
+dataset with no target token in them (every prompt longer than `max_seq_len`, say) is refused naming the cause.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from lorafleet.scheduler.datasets import AcceptedDataset, accept
+from lorafleet.scheduler.datasets import AcceptedDataset, accept, accepted_path
+from lorafleet.scheduler.formats import IGNORE_INDEX, DataError, Tokenizing, detect_format, parse_record, tokenise_record
 from lorafleet.scheduler.spec import JobSpec, SpecError, is_inside, parse_spec, resolve_dataset
+
+SAMPLE_RECORDS = 2000  # records of each dataset read and counted at submission
 
 _REVISION_RE = re.compile(r"^(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _MODEL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
@@ -74,18 +82,61 @@ def validate_submission(
 class Submission:
     spec: JobSpec
     datasets: dict[str, AcceptedDataset]  # spec field ("dataset", "validation_dataset") -> its accepted copy
+    target_tokens: dict[str, int]  # spec field -> target tokens in its first SAMPLE_RECORDS records, at max_seq_len
+
+
+@functools.lru_cache(maxsize=8)
+def tokenizing_for(model_dir: str) -> Tokenizing:
+    """The base model's own tokenizer, as the executor loads it (transformers, local files only; no torch)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return Tokenizing(AutoTokenizer.from_pretrained(model_dir, local_files_only=True))
+    except (OSError, ValueError, TypeError) as exc:
+        raise SpecError(f"invalid job spec: base_model: its tokenizer cannot be used: {exc}") from None
+
+
+def count_targets(path: Path, uri: str, field: str, fmt: str, tokenizing: Tokenizing, max_seq_len: int) -> int:
+    """Target tokens in the first SAMPLE_RECORDS records of `path`; SpecError naming the line of a bad record, or
+    the cause when there are none."""
+    targets = records = 0
+    with open(path, "rb") as source:
+        for line_number, line in enumerate(source, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = parse_record(line, first_line=line_number == 1)
+                fmt = detect_format(record) if fmt == "auto" else fmt
+                _, labels = tokenise_record(tokenizing, fmt, record, max_seq_len)
+            except DataError as exc:
+                raise SpecError(f"invalid job spec: {field}: {uri!r} line {line_number}: {exc}") from None
+            targets += sum(1 for label in labels if label != IGNORE_INDEX)
+            records += 1
+            if records == SAMPLE_RECORDS:
+                break
+    if targets == 0:
+        checked = f"in its first {records} records" if records == SAMPLE_RECORDS else "in any record"
+        raise SpecError(f"invalid job spec: {field}: {uri!r} has no target token within max_seq_len={max_seq_len} "
+                        f"{checked}: every prompt is longer than that (shorten them or raise max_seq_len)")
+    return targets
 
 
 def accept_submission(
     raw: object, tenant: str, data_root: Path, hub_cache: Path, model_roots: Sequence[Path], dataset_store: Path
 ) -> Submission:
-    """validate_submission, then copy each dataset into the dataset store: the job trains on those bytes only."""
+    """validate_submission, then copy each dataset into the dataset store (the job trains on those bytes only) and
+    read its first records as the executor will."""
     spec = validate_submission(raw, tenant, data_root, hub_cache, model_roots)
+    model_dir = resolve_base_model(spec.base_model, hub_cache, spec.base_model_revision, model_roots)
     root = Path(data_root).resolve()
     areas = [root / tenant, root / "shared"]
-    datasets = {}
+    datasets, target_tokens = {}, {}
     for field in ("dataset", "validation_dataset"):
         uri = getattr(spec, field)
-        if uri is not None:
-            datasets[field] = accept(uri, resolve_dataset(uri, data_root, tenant, field), areas, dataset_store, field)
-    return Submission(spec, datasets)
+        if uri is None:
+            continue
+        datasets[field] = accept(uri, resolve_dataset(uri, data_root, tenant, field), areas, dataset_store, field)
+        target_tokens[field] = count_targets(
+            accepted_path(dataset_store, datasets[field].sha256), uri, field, spec.dataset_format,
+            tokenizing_for(str(model_dir.resolve())), spec.hyperparameters.max_seq_len)
+    return Submission(spec, datasets, target_tokens)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers_models import build_tiny_model
 from lorafleet.scheduler.client import make_celery
 from lorafleet.scheduler.redis_server import start_redis_server
 from lorafleet.scheduler import keys
@@ -51,23 +53,19 @@ def data_root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def hf_cache(tmp_path_factory) -> Path:
-    """A local HF cache holding one model id, `test-org/tiny-model`, at one snapshot."""
-    cache = tmp_path_factory.mktemp("hf-hub")
-    snapshot = cache / "models--test-org--tiny-model" / "snapshots" / "0123abcd"
-    snapshot.mkdir(parents=True)
-    (snapshot / "config.json").write_text("{}")
-    (cache / "models--test-org--tiny-model" / "refs").mkdir()
-    (cache / "models--test-org--tiny-model" / "refs" / "main").write_text("0123abcd")
-    return cache
+def base_model_dir(tmp_path_factory) -> Path:
+    """A saved tiny random model with its tokenizer (submission reads datasets with it)."""
+    return build_tiny_model(tmp_path_factory.mktemp("base-model") / "tiny", "llama")
 
 
 @pytest.fixture(scope="session")
-def base_model_dir(tmp_path_factory) -> Path:
-    """Stands in for a saved base model: submission only checks the directory exists."""
-    path = tmp_path_factory.mktemp("base-model")
-    (path / "config.json").write_text("{}")
-    return path
+def hf_cache(tmp_path_factory, base_model_dir) -> Path:
+    """A local HF cache holding one model id, `test-org/tiny-model`, at one snapshot (the tiny model)."""
+    cache = tmp_path_factory.mktemp("hf-hub")
+    shutil.copytree(base_model_dir, cache / "models--test-org--tiny-model" / "snapshots" / "0123abcd")
+    (cache / "models--test-org--tiny-model" / "refs").mkdir()
+    (cache / "models--test-org--tiny-model" / "refs" / "main").write_text("0123abcd")
+    return cache
 
 
 @pytest.fixture(scope="session")
@@ -78,7 +76,7 @@ def worker_env(redis_url, data_root, hf_cache, base_model_dir, tmp_path_factory)
         LORAFLEET_DATA_ROOT=str(data_root),
         LORAFLEET_STATE_DIR=str(tmp_path_factory.mktemp("state")),
         HF_HUB_CACHE=str(hf_cache),
-        LORAFLEET_MODEL_ROOTS=str(base_model_dir.parent),
+        LORAFLEET_MODEL_ROOTS=str(base_model_dir.parent.parent),  # the session temp dir: the demo model is there too
     )
     return env
 

@@ -156,3 +156,25 @@ def test_a_dataset_with_a_huge_line_is_refused_at_submission_and_another_tenant_
     assert store.counts(hostile.name)["queued"] == 0  # nothing left behind
     job = call("lorafleet.submit_job", other.token, {"base_model": str(base_model_dir), "dataset": other.dataset})
     assert job["state"] == "queued"
+
+
+def test_submission_reads_the_dataset_as_the_executor_will(call, store, make_tenant, data_root, base_model_dir):
+    tenant = make_tenant("reader")
+    area = data_root / tenant.name
+    (area / "long.jsonl").write_text(json.dumps({"instruction": "please " * 40, "output": "ok"}) + "\n")
+    (area / "broken.jsonl").write_text(json.dumps(ROWS[0]) + "\n" + '{"instruction": "x", "output": \n')
+    (area / "chat.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+
+    def submit(dataset: str, **hp):
+        return call("lorafleet.submit_job", tenant.token, {"base_model": str(base_model_dir), "dataset": dataset,
+                                                             "hyperparameters": {"max_seq_len": 16, **hp}})
+
+    with pytest.raises(ValueError, match=f"'{tenant.name}/long.jsonl' has no target token within max_seq_len=16 in "
+                                         "any record"):
+        submit(f"{tenant.name}/long.jsonl")
+    with pytest.raises(ValueError, match=f"'{tenant.name}/broken.jsonl' line 2: invalid JSON"):
+        submit(f"{tenant.name}/broken.jsonl")
+    with pytest.raises(ValueError, match="line 1: no assistant message"):
+        submit(f"{tenant.name}/chat.jsonl")
+    assert store.counts(tenant.name)["queued"] == 0
+    assert submit(f"{tenant.name}/long.jsonl", max_seq_len=512)["state"] == "queued"  # room for the target now

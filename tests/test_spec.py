@@ -45,7 +45,7 @@ MALFORMED = [
     ("missing dataset file", lambda s, e: s.update(dataset="{me}/nope.jsonl".format(**e)), r"no such file"),
     ("validation traversal", lambda s, e: s.update(validation_dataset="../x.jsonl"), r"validation_dataset: '\.\.'"),
     ("missing local model", lambda s, e: s.update(base_model=s["base_model"] + "-gone"), r"base_model: no such local dir"),
-    ("model outside the model roots", lambda s, e: s.update(base_model="/usr/lib"), r"base_model: local models must be under"),
+    ("model outside the model roots", lambda s, e: s.update(base_model="/usr/lib"), r"base_model: '/usr/lib' is not under the operator's model roots"),
     ("model id not cached", lambda s, e: s.update(base_model="meta-llama/Llama-3-8B"),
      r"base_model: 'meta-llama/Llama-3-8B' is not in the local model cache"),
     ("cached model, unknown revision", lambda s, e: s.update(base_model="test-org/tiny-model",

@@ -1,0 +1,296 @@
+"""What a dataset record means: the JSONL formats, and how one record becomes tokens and labels.
+
+The one definition of a training example, used at submission (to check a dataset and count its target tokens) and
+by the executor (to train on it).
+
+Formats (one JSON object per line; blank lines are skipped; extra keys are ignored):
+
+- alpaca: `{"instruction": str, "input": str (optional, may be null or ""), "output": str}`, rendered with the
+  Alpaca prompt (`ALPACA_PROMPT` / `ALPACA_PROMPT_NO_INPUT`); the loss covers `output` + EOS.
+- chat: `{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}` with at least one assistant
+  turn; the loss covers every assistant turn. With a tokenizer chat template the conversation is rendered by
+  `apply_chat_template` (which supplies any BOS) and an assistant turn's target is what the template emits for it after
+  the generation prompt: its content and the template's own end-of-turn marker. For templates that re-render earlier
+  turns as a conversation grows, the target is the content, plus the EOS text when the template puts it right after.
+  Without a template the plain fallback format is `"System:\n{content}\n\n"`, `"User:\n{content}\n\n"` and
+  `"Assistant:\n"` + target `{content}<eos>`, turn after turn.
+- text: `{"text": str}`; the loss covers every token, and EOS is appended.
+
+Labels follow the Hugging Face convention: aligned with `input_ids`, -100 where there is no loss, and the logits at
+position t predict `labels[t + 1]` (shift inside the loss). `labels[0]` is always -100, since nothing predicts the
+first token, so `Example.num_targets` is exactly the number of tokens the loss averages over.
+
+Truncation keeps the first `max_seq_len` tokens. An example whose targets all fall beyond the cut still counts (it
+keeps its place in the epoch) but has `num_targets == 0`, and a whole micro-batch can have zero targets: the caller
+must skip its loss rather than divide by zero.
+"""
+
+from __future__ import annotations
+
+import json
+from array import array
+from dataclasses import dataclass
+from typing import Any
+
+IGNORE_INDEX = -100
+FORMATS = ("alpaca", "chat", "text")
+CHAT_ROLES = ("system", "user", "assistant")
+
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+FALLBACK_CHAT_HEADERS = {"system": "System:\n", "user": "User:\n", "assistant": "Assistant:\n"}
+
+
+class DataError(ValueError):
+    """Unusable training data; the message names the file and, for a bad record, its 1-based line number."""
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+
+    @property
+    def num_targets(self) -> int:
+        return sum(1 for label in self.labels if label != IGNORE_INDEX)
+
+
+def _json_type(value: object) -> str:
+    if value is None:
+        return "null"
+    return {bool: "boolean", int: "number", float: "number", str: "string", list: "array", dict: "object"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def detect_format(record: dict) -> str:
+    """'alpaca', 'chat' or 'text', from which of `instruction`, `messages`, `text` the record has."""
+    if not isinstance(record, dict):
+        raise DataError(f"expected a JSON object, got {_json_type(record)}")
+    found = [fmt for fmt, key in (("alpaca", "instruction"), ("chat", "messages"), ("text", "text")) if key in record]
+    if not found:
+        keys = ", ".join(repr(key) for key in list(record)[:8]) or "none"
+        raise DataError(f"unknown format: expected an 'instruction', 'messages' or 'text' key (keys: {keys})")
+    if len(found) > 1:
+        raise DataError(f"ambiguous format: the record fits {' and '.join(found)}")
+    return found[0]
+
+
+def _string_field(record: dict, key: str, optional: bool = False) -> str:
+    if key not in record or (optional and record[key] is None):
+        if optional:
+            return ""
+        raise DataError(f"missing '{key}'")
+    value = record[key]
+    if not isinstance(value, str):
+        raise DataError(f"'{key}' must be a string, got {_json_type(value)}")
+    return value
+
+
+def _chat_messages(record: dict) -> list[dict]:
+    if "messages" not in record:
+        raise DataError("missing 'messages'")
+    messages = record["messages"]
+    if not isinstance(messages, list):
+        raise DataError(f"'messages' must be an array, got {_json_type(messages)}")
+    if not messages:
+        raise DataError("'messages' is empty")
+    clean = []
+    for number, message in enumerate(messages, start=1):
+        if not isinstance(message, dict):
+            raise DataError(f"message {number} must be an object, got {_json_type(message)}")
+        for key in ("role", "content"):
+            if key not in message:
+                raise DataError(f"message {number}: missing '{key}'")
+        role = message["role"]
+        if role not in CHAT_ROLES:
+            shown = repr(role) if isinstance(role, str) else _json_type(role)
+            raise DataError(f"message {number}: unknown role {shown} (use system, user or assistant)")
+        content = message["content"]
+        if not isinstance(content, str):
+            raise DataError(f"message {number}: 'content' must be a string, got {_json_type(content)}")
+        clean.append({"role": role, "content": content})
+    if not any(message["role"] == "assistant" for message in clean):
+        raise DataError("no assistant message, so nothing to learn from")
+    return clean
+
+
+class Tokenizing:
+    """Renders one validated record as text with character ranges to learn, then tokenises the whole text at once.
+
+    Tokenising the whole text (not prompt and response apart) gives exactly the tokens inference sees: a
+    SentencePiece tokenizer, for one, would otherwise start every response with a word-boundary marker.
+    """
+
+    def __init__(self, tokenizer):
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has no EOS token")
+        if tokenizer.encode(tokenizer.eos_token, add_special_tokens=False) != [tokenizer.eos_token_id]:
+            raise ValueError(f"the tokenizer does not read its EOS text {tokenizer.eos_token!r} as the EOS token")
+        try:
+            tokenizer("a", add_special_tokens=False, return_offsets_mapping=True)
+        except NotImplementedError:
+            raise ValueError("the tokenizer cannot map tokens to characters; use a fast (tokenizers) one") from None
+        self.tokenizer = tokenizer
+        self.eos_text = tokenizer.eos_token
+        self.bos = self._bos_it_adds(tokenizer)
+        self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
+        self.max_token_chars = max((len(token) for token in tokenizer.get_vocab()), default=1)
+
+    @staticmethod
+    def _bos_it_adds(tokenizer) -> list[int]:
+        # Our own formats are tokenised without special tokens, so add BOS ourselves when the model expects it.
+        bos = tokenizer.bos_token_id
+        if bos is None:
+            return []
+        with_special = tokenizer("a")["input_ids"]
+        plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+        return [bos] if with_special[:1] == [bos] and plain[:1] != [bos] else []
+
+    def example(self, fmt: str, record: dict, max_seq_len: int) -> tuple[array, array]:
+        prefix, text, targets = getattr(self, fmt)(record)
+        encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        input_ids = array("i", prefix)
+        labels = array("i", [IGNORE_INDEX] * len(prefix))
+        for token, (start, end) in zip(encoding["input_ids"], encoding["offset_mapping"]):
+            if len(input_ids) == max_seq_len:
+                break
+            input_ids.append(token)
+            # A token straddling a boundary (a space before a word, say) is learned with the target it reaches into.
+            inside = any((start < stop and end > begin) or begin <= start == end < stop for begin, stop in targets)
+            labels.append(token if inside else IGNORE_INDEX)
+        if labels:
+            labels[0] = IGNORE_INDEX
+        return input_ids, labels
+
+    def alpaca(self, record: dict) -> tuple[list[int], str, list[tuple[int, int]]]:
+        instruction = _string_field(record, "instruction")
+        context = _string_field(record, "input", optional=True)
+        output = _string_field(record, "output")
+        if context:
+            prompt = ALPACA_PROMPT.format(instruction=instruction, input=context)
+        else:
+            prompt = ALPACA_PROMPT_NO_INPUT.format(instruction=instruction)
+        text = prompt + output + self.eos_text
+        return self.bos, text, [(len(prompt), len(text))]
+
+    def text(self, record: dict) -> tuple[list[int], str, list[tuple[int, int]]]:
+        text = _string_field(record, "text") + self.eos_text
+        return self.bos, text, [(0, len(text))]
+
+    def chat(self, record: dict) -> tuple[list[int], str, list[tuple[int, int]]]:
+        messages = _chat_messages(record)
+        if self.has_chat_template:
+            return [], *self._template_targets(messages)
+        text, targets = "", []
+        for message in messages:
+            text += FALLBACK_CHAT_HEADERS[message["role"]]
+            if message["role"] == "assistant":
+                targets.append((len(text), len(text) + len(message["content"]) + len(self.eos_text)))
+                text += message["content"] + self.eos_text
+            else:
+                text += message["content"] + "\n\n"
+        return self.bos, text, targets
+
+    def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        try:
+            return self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+        except Exception as exc:  # jinja templates raise whatever their authors chose (TemplateError, ValueError, ...)
+            raise DataError(f"the chat template rejects this conversation: {exc}") from None
+
+    def _template_targets(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+        # Render growing prefixes of the conversation: an assistant turn's target is what its rendering adds after the
+        # generation prompt (content and end-of-turn marker).
+        rendered = ""
+        targets = []
+        for count, message in enumerate(messages, start=1):
+            if message["role"] == "assistant":
+                prompt = self._render(messages[: count - 1], add_generation_prompt=True)
+                if not prompt.startswith(rendered):
+                    return self._located_targets(messages)
+                rendered = prompt
+            full = self._render(messages[:count], add_generation_prompt=False)
+            if not full.startswith(rendered):
+                return self._located_targets(messages)
+            if message["role"] == "assistant":
+                targets.append((len(rendered), len(full)))
+            rendered = full
+        return rendered, targets
+
+    def _located_targets(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+        # Some templates re-render earlier turns as the conversation grows (Mistral moves the system prompt to the
+        # last user turn; reasoning templates drop old thoughts). Then find the user and assistant contents, in order,
+        # in the full rendering; an assistant target is its content plus the EOS text if the template puts it next.
+        text = self._render(messages, add_generation_prompt=False)
+        targets = []
+        search_from = 0  # a reply is searched for only after the question it answers
+        for number, message in enumerate(messages, start=1):
+            if message["role"] == "system":
+                continue
+            content = message["content"].strip()  # templates often trim
+            start = text.find(content, search_from)
+            if start < 0:
+                raise DataError(f"cannot find message {number} in the chat template's rendering of the conversation")
+            end = start + len(content)
+            if message["role"] == "assistant":
+                if text.startswith(self.eos_text, end):
+                    end += len(self.eos_text)
+                targets.append((start, end))
+            search_from = end
+        return text, targets
+
+
+def cut_strings(value: Any, limit: int) -> Any:
+    """`value` with every string in it cut to `limit` characters."""
+    if isinstance(value, str):
+        return value[:limit]
+    if isinstance(value, dict):
+        return {key: cut_strings(item, limit) for key, item in value.items()}
+    if isinstance(value, list):
+        return [cut_strings(item, limit) for item in value]
+    return value
+
+
+def parse_record(raw: bytes, first_line: bool = False) -> dict:
+    """One JSONL line as a JSON object; DataError saying what is wrong with it."""
+    try:
+        text = raw.decode("utf-8-sig" if first_line else "utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"not valid UTF-8 (byte {exc.start + 1} of the line)") from None
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"invalid JSON: {exc.msg} (column {exc.colno})") from None
+    except ValueError as exc:  # e.g. an integer too long to convert
+        raise DataError(f"invalid JSON: {exc}") from None
+    except RecursionError:
+        raise DataError("invalid JSON: nested too deeply") from None
+    if not isinstance(record, dict):
+        raise DataError(f"expected a JSON object, got {_json_type(record)}")
+    try:
+        json.dumps(record, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise DataError("a string holds an unpaired surrogate such as \\ud800 (not valid Unicode)") from None
+    return record
+
+
+def tokenise_record(tokenizing: Tokenizing, fmt: str, record: dict, max_seq_len: int) -> tuple[array, array]:
+    """(input_ids, labels) of a record of a dataset in format `fmt`, truncated to `max_seq_len` tokens."""
+    try:
+        found = detect_format(record)
+    except DataError:
+        found = None  # let the format's own checks name the missing or ambiguous key
+    if found is not None and found != fmt:
+        raise DataError(f"record is in {found} format, but the dataset is {fmt}")
+    # No token is longer than the vocabulary's longest entry, so strings cut to max_seq_len of those keep all that
+    # truncation to max_seq_len tokens can use, and one record costs a bounded time to tokenise.
+    return tokenizing.example(fmt, cut_strings(record, max_seq_len * tokenizing.max_token_chars), max_seq_len)
