@@ -73,10 +73,17 @@ def child_env(stack: Stack, role: str) -> dict[str, str]:
     return env
 
 
+def private_log_dir() -> Path:
+    """<state dir>/logs, readable by the operator only: the logs hold every tenant's job details."""
+    path = config.state_dir() / "logs"
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(0o700)
+    return path
+
+
 def start_worker(stack: Stack, timeout: float = 60.0) -> Celery:
     """Start a Celery worker serving the lorafleet.* tasks; return a client app once it answers a ping."""
-    log_dir = config.state_dir() / "logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
+    log_dir = private_log_dir()
     log_path = log_dir / "worker.log"
     with open(log_path, "ab") as log:
         worker = subprocess.Popen(
@@ -96,8 +103,7 @@ def start_worker(stack: Stack, timeout: float = 60.0) -> Celery:
 def start_process(stack: Stack, name: str, args: list[str]) -> subprocess.Popen:
     """Start `lorafleet <args>` as a child of the stack with the Redis user of role `name` (scheduler, executor),
     logging to <state dir>/logs/<name>.log."""
-    log_dir = config.state_dir() / "logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
+    log_dir = private_log_dir()
     with open(log_dir / f"{name}.log", "ab") as log:
         process = subprocess.Popen(
             [sys.executable, "-P", "-m", "lorafleet.scheduler.cli", *args],

@@ -277,6 +277,32 @@ def test_killed_executor_jobs_resume_from_checkpoint_with_the_same_final_weights
         fleet_env.start_executor(victim)  # back to two executors for the tests after this one
 
 
+def test_a_job_whose_executors_keep_dying_is_failed_and_its_cohort_finishes(fleet_env):
+    """Real executors, killed with SIGKILL whenever they hold the 'poison' job (as a job whose data crashes them
+    would): after the first loss it runs alone, at the third it is failed; the job that shared its first cohort
+    resumes from its checkpoint and succeeds."""
+    tenant, token = make_tenant(fleet_env)
+    poison = fleet_env.submit(token, spec_for(fleet_env, tenant, max_steps=100_000, checkpoint_every=10))
+    innocent = fleet_env.submit(token, spec_for(fleet_env, tenant, max_steps=60, checkpoint_every=10))
+    together = wait_until(lambda: (a := fleet_env.get(token, poison), b := fleet_env.get(token, innocent))
+                          and a["state"] == b["state"] == "running" and (a, b), "both jobs to run")
+    assert together[0]["executor_id"] == together[1]["executor_id"], "one cohort"
+    for loss in (1, 2, 3):
+        holder = fleet_env.wait_state(token, poison, ("running",))["executor_id"]
+        fleet_env.processes[holder].send_signal(signal.SIGKILL)
+        fleet_env.processes[holder].wait(10)
+        fleet_env.start_executor(holder)  # back at once: it hands back what its killed process held
+        wait_until(lambda: fleet_env.get(token, poison)["executor_losses"] == loss, f"loss {loss} to be counted")
+        if loss == 1:
+            placed = wait_until(lambda: (a := fleet_env.get(token, poison), b := fleet_env.get(token, innocent))
+                                and a["executor_id"] and b["executor_id"] and (a, b), "both to be placed again")
+            assert placed[0]["executor_id"] != placed[1]["executor_id"], "each runs alone after the loss"
+    failed = fleet_env.wait_state(token, poison, ("failed",))
+    assert "stopped 3 times" in failed["error"]
+    done = fleet_env.wait_state(token, innocent, ("succeeded", "failed"), timeout=180)
+    assert done["state"] == "succeeded" and done["executor_losses"] == 1, done
+
+
 def test_standby_scheduler_takes_over_when_the_leader_dies(fleet_env):
     leader_holder = fleet_env.store.r.get(keys.SCHEDULER_LEADER)
     leader = next(name for name, p in fleet_env.processes.items()

@@ -107,7 +107,7 @@ def test_the_torch_free_control_plane_serves_a_tenant_that_has_only_celery(venvs
         fleet.heartbeat(store.r, "exec-install", {"total_bytes": 64 * 2**30, "free_bytes": 64 * 2**30})
 
         spec = {"base_model": str(model), "dataset": f"{name}/train.jsonl",
-                "hyperparameters": {"max_steps": 2, "batch_size": 1, "max_seq_len": 64}}
+                "hyperparameters": {"max_steps": 2, "batch_size": 1, "max_seq_len": 512}}
         answer = subprocess.run([str(tenant), "-P", "-c", TENANT_SCRIPT, created.stdout, json.dumps(spec)],
                                 env=env, capture_output=True, text=True, timeout=120)
         assert answer.returncode == 0, answer.stderr + "".join(p.read_text()[-2000:] for p in logs)
