@@ -17,6 +17,7 @@ from pathlib import Path
 
 from lorafleet.scheduler.client import make_celery
 from lorafleet.scheduler.redis_server import start_redis_server
+from lorafleet.scheduler.stack import write_demo_base_model
 from lorafleet.scheduler.store import JobStore
 
 
@@ -39,7 +40,7 @@ def main() -> None:
         credentials = store.issue_credentials("bench", token)  # the tenant's own broker user, as in production
         (tmp / "data" / "bench").mkdir(parents=True)
         (tmp / "data" / "bench" / "train.jsonl").write_text('{"text": "hello"}\n')
-        (tmp / "model").mkdir()
+        write_demo_base_model(tmp / "model")  # submission reads the dataset with the base model's tokenizer
         spec = {"base_model": str(tmp / "model"), "dataset": "bench/train.jsonl", "adapter": {"r": 8}}
         env = {**os.environ, "REDIS_URL": server.role_url("worker"), "LORAFLEET_DATA_ROOT": str(tmp / "data"),
                "LORAFLEET_STATE_DIR": str(tmp / "state"), "LORAFLEET_MODEL_ROOTS": str(tmp)}
