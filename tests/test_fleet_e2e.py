@@ -13,7 +13,6 @@ import secrets
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from helpers_models import alpaca_rows, build_tiny_model, single_torch_thread, write_jsonl  # noqa: F401
+from helpers_polling import wait_until
 from lorafleet.executor.cohort import Cohort
 from lorafleet.scheduler import fleet, keys
 from lorafleet.scheduler.client import make_celery
@@ -34,16 +34,6 @@ pytestmark = pytest.mark.slow
 
 HEARTBEAT_TTL = 3.0
 LOCK_TTL = 2.0
-
-
-def wait_until(predicate, what: str, timeout: float = 90.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 @dataclass

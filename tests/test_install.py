@@ -10,12 +10,12 @@ import os
 import secrets
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from helpers_models import alpaca_rows, build_tiny_model, write_jsonl
+from helpers_polling import wait_until
 from lorafleet.scheduler import fleet
 from lorafleet.scheduler.redis_server import start_redis_server
 from lorafleet.scheduler.store import JobStore
@@ -67,16 +67,6 @@ def start(cmd: list[str], env: dict, log: Path) -> subprocess.Popen:
         return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=log.parent)
 
 
-def wait_for(predicate, what: str, logs: list[Path], timeout: float = 60.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}:\n" + "\n".join(p.read_text()[-2000:] for p in logs))
-
-
 def test_the_torch_free_control_plane_serves_a_tenant_that_has_only_celery(venvs, tmp_path):
     base, tenant = venvs  # the tenant's venv has Celery and nothing of ours; it holds only its own credentials
     assert not importable(base, "torch") and importable(base, "lorafleet.scheduler")
@@ -116,8 +106,9 @@ def test_the_torch_free_control_plane_serves_a_tenant_that_has_only_celery(venvs
         assert reply["submitted"]["state"] == "queued" and reply["seen"]["tenant"] == name
 
         # The scheduler from the base venv plans it onto the (heartbeat-only) executor.
-        assigned = wait_for(lambda: store.get_job(job_id)["state"] == "scheduled" and store.get_job(job_id),
-                            "the scheduler to assign the job", logs)
+        assigned = wait_until(lambda: store.get_job(job_id)["state"] == "scheduled" and store.get_job(job_id),
+                              "the scheduler to assign the job", timeout=60,
+                              details=lambda: "\n".join(p.read_text()[-2000:] for p in logs))
         assert assigned["executor_id"] == "exec-install"
         version = subprocess.run([str(bin_dir / "lorafleet"), "--version"], capture_output=True, text=True, check=True)
         assert version.stdout.strip() == f"lorafleet {metadata.version('lorafleet')}"

@@ -13,6 +13,7 @@ import pytest
 import redis
 from celery import Celery
 
+from helpers_polling import wait_until
 from lorafleet.scheduler import acl, keys
 from lorafleet.scheduler.acl import TenantCredentials
 from lorafleet.scheduler.broker import check_message
@@ -188,15 +189,11 @@ def test_the_worker_survives_every_malformed_message_and_answers_the_next(store,
     for message in MALFORMED.values():
         store.r.lpush(queue, raw(message))
     assert call("lorafleet.list_jobs", tenant.token) == []  # answered after all of them: the worker lives on
-    deadline = time.monotonic() + 10
-    while sum(int(n) for n in store.r.hvals(keys.REJECTED_MESSAGES)) - before < len(MALFORMED):
-        assert time.monotonic() < deadline, store.r.hgetall(keys.REJECTED_MESSAGES)
-        time.sleep(0.05)
-    assert store.r.llen(queue) == 0  # gone from the queue ...
-    deadline = time.monotonic() + 10  # ... and not waiting to be redelivered (the last good call is acked just after
-    while store.r.hlen("unacked"):  # its result is sent)
-        assert time.monotonic() < deadline, store.r.hkeys("unacked")
-        time.sleep(0.05)
+    wait_until(lambda: sum(int(n) for n in store.r.hvals(keys.REJECTED_MESSAGES)) - before >= len(MALFORMED),
+               "every malformed message to be counted", timeout=10,
+               details=lambda: str(store.r.hgetall(keys.REJECTED_MESSAGES)))
+    assert store.r.llen(queue) == 0  # gone from the queue, and not waiting to be redelivered (the last good call
+    wait_until(lambda: store.r.hlen("unacked") == 0, "no unacked message", timeout=10)  # is acked after its answer)
     notes = [json.loads(n) for n in store.r.lrange(keys.DEAD_LETTERS, 0, len(MALFORMED) - 1)]
     assert {n["queue"] for n in notes} <= {queue, "(a tenant queue)"}
     assert {"not_json", "protocol", "unknown_task", "content_type", "scheduling", "workflow", "size",
