@@ -1,12 +1,15 @@
 """One active scheduler at a time: a Redis lock with a TTL and a fencing token.
 
-The holder renews the lock well inside its TTL. A standby polls `try_acquire`; when the leader dies its lock expires
-and the standby takes over within about one TTL. Each acquisition increments a fencing counter; the scheduler passes
+The holder renews the lock well inside its TTL, from a thread of its own (`keep_renewed`), so no planning round,
+however long, can let it lapse while the process lives. A standby polls `try_acquire`; when the leader dies (or is
+paused) its lock expires and the standby takes over within about one TTL. Each acquisition increments a fencing counter; the scheduler passes
 its token to every write it makes (`JobStore` checks it in Lua), so a paused ex-leader that wakes up after losing
 the lock cannot change anything.
 """
 
 from __future__ import annotations
+
+import threading
 
 import redis
 
@@ -61,3 +64,20 @@ class LeaderLock:
     def release(self) -> None:
         self._release(keys=[keys.SCHEDULER_LEADER], args=[self.holder])
         self.token = None
+
+    def keep_renewed(self, stopping: threading.Event) -> threading.Thread:
+        """Renew the lock every third of its TTL while it is held, until `stopping` is set; a failed renewal (the lock
+        was lost) clears the token, which the scheduler's next tick sees."""
+
+        def renew_until_stopped() -> None:
+            while not stopping.wait(self.ttl_ms / 3000):
+                if self.token is None:
+                    continue
+                try:
+                    self.renew()
+                except redis.ConnectionError:
+                    self.token = None  # cannot prove we still hold it: stop acting as leader
+
+        thread = threading.Thread(target=renew_until_stopped, name="leader-lock", daemon=True)
+        thread.start()
+        return thread

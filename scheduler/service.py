@@ -104,6 +104,7 @@ class Scheduler:
 
     def run(self) -> None:
         """Rounds until stopped. A Redis outage pauses the scheduler (retrying every 2 s) instead of ending it."""
+        renewal = self.lock.keep_renewed(self.stopping)
         while not self.stopping.is_set():
             try:
                 self.tick()
@@ -113,6 +114,7 @@ class Scheduler:
                 self.stopping.wait(2.0)
                 continue
             self.stopping.wait(self.interval)
+        renewal.join()
         if self.lock.token is not None:
             self.lock.release()
 
@@ -123,7 +125,7 @@ class Scheduler:
                 log.info("%s is now the leader (fencing token %d)", self.holder, self.lock.token)
                 self.calibrations = {key: MemoryCalibration(float(factor), 1)  # what the last leader learned
                                      for key, factor in self.store.r.hgetall(keys.MEMORY_FACTORS).items()}
-        elif not self.lock.renew():
+        elif not self.lock.renew():  # the renewal thread keeps it between ticks; this also notices a loss at once
             log.warning("%s lost the leader lock", self.holder)
         if self.metrics:
             self.metrics.is_leader.set(1 if self.lock.token is not None else 0)

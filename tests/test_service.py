@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import pytest
 
@@ -206,3 +207,22 @@ def test_a_job_that_keeps_killing_its_executor_runs_alone_then_fails_and_its_coh
     job = store.get_job(poison)
     assert job["state"] == "failed" and job["executor_losses"] == 3 and "stopped 3 times" in job["error"]
     assert store.get_job(innocent)["state"] == "succeeded"
+
+
+def test_a_round_longer_than_the_lock_ttl_does_not_lose_leadership(env, store, monkeypatch):
+    scheduler = Scheduler(store, "sched-slow", lock_ttl=0.3, interval=0.05)
+    tokens = []
+
+    def slow_round():  # a round of a huge queue: over three lock TTLs
+        tokens.append(scheduler.lock.token)
+        time.sleep(1.0)
+        if len(tokens) == 2:
+            scheduler.stopping.set()
+        return []
+
+    monkeypatch.setattr(scheduler, "round", slow_round)
+    scheduler.run()
+    assert len(tokens) == 2 and tokens[0] is not None
+    assert tokens[1] == tokens[0], "the lock was lost and taken again between the rounds"
+    assert int(store.r.get(keys.SCHEDULER_FENCE)) == tokens[0]
+    assert store.r.get(keys.SCHEDULER_LEADER) is None  # released on the way out
