@@ -87,9 +87,9 @@ def apply_roles(client: redis.Redis, passwords: dict[str, str]) -> None:
     save(client)
 
 
-def set_tenant_user(client: redis.Redis, tenant: str, password: str) -> None:
-    """Create the tenant's broker user, or replace its password (which disconnects nobody; see `revoke_tenant`)."""
-    _set_user(client, tenant_username(tenant), password, tenant_rules(tenant))
+def set_tenant_user(client: redis.Redis, tenant: str, password: str, enabled: bool = True) -> None:
+    """Create the tenant's broker user, or replace its password (which disconnects nobody: `close_connections`)."""
+    _set_user(client, tenant_username(tenant), password, tenant_rules(tenant), enabled)
     save(client)
 
 

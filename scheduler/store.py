@@ -346,10 +346,8 @@ class JobStore:
         tenant needs to submit. Needs the operator's connection (ACL SETUSER)."""
         tenant = self.get_tenant(name)
         password = secrets.token_urlsafe(24)
-        acl.set_tenant_user(self.r, name, password)
+        acl.set_tenant_user(self.r, name, password, enabled=not tenant["disabled"])  # a disabled one stays off
         acl.close_connections(self.r, name)
-        if tenant["disabled"]:
-            acl.revoke_tenant(self.r, name)
         return acl.TenantCredentials(name, token, acl.url_for(self.server_url(), acl.tenant_username(name), password))
 
     def server_url(self) -> str:

@@ -66,18 +66,6 @@ def resolve_base_model(
     return max(candidates, key=lambda p: p.stat().st_mtime)
 
 
-def validate_submission(
-    raw: object, tenant: str, data_root: Path, hub_cache: Path, model_roots: Sequence[Path] = ()
-) -> JobSpec:
-    """parse_spec, then check the datasets and the base model exist where this tenant may read them."""
-    spec = parse_spec(raw)
-    resolve_dataset(spec.dataset, data_root, tenant, field="dataset")
-    if spec.validation_dataset is not None:
-        resolve_dataset(spec.validation_dataset, data_root, tenant, field="validation_dataset")
-    resolve_base_model(spec.base_model, hub_cache, spec.base_model_revision, model_roots)
-    return spec
-
-
 @dataclass(frozen=True)
 class Submission:
     spec: JobSpec
@@ -124,18 +112,18 @@ def count_targets(path: Path, uri: str, field: str, fmt: str, tokenizing: Tokeni
 def accept_submission(
     raw: object, tenant: str, data_root: Path, hub_cache: Path, model_roots: Sequence[Path], dataset_store: Path
 ) -> Submission:
-    """validate_submission, then copy each dataset into the dataset store (the job trains on those bytes only) and
-    read its first records as the executor will."""
-    spec = validate_submission(raw, tenant, data_root, hub_cache, model_roots)
+    """parse_spec; check the datasets and the base model exist where this tenant may read them; then copy each dataset
+    into the dataset store (the job trains on those bytes only) and read its first records as the executor will."""
+    spec = parse_spec(raw)
+    fields = [field for field in ("dataset", "validation_dataset") if getattr(spec, field) is not None]
+    paths = {field: resolve_dataset(getattr(spec, field), data_root, tenant, field) for field in fields}
     model_dir = resolve_base_model(spec.base_model, hub_cache, spec.base_model_revision, model_roots)
     root = Path(data_root).resolve()
     areas = [root / tenant, root / "shared"]
     datasets, target_tokens = {}, {}
-    for field in ("dataset", "validation_dataset"):
+    for field, path in paths.items():
         uri = getattr(spec, field)
-        if uri is None:
-            continue
-        datasets[field] = accept(uri, resolve_dataset(uri, data_root, tenant, field), areas, dataset_store, field)
+        datasets[field] = accept(uri, path, areas, dataset_store, field)
         target_tokens[field] = count_targets(
             accepted_path(dataset_store, datasets[field].sha256), uri, field, spec.dataset_format,
             tokenizing_for(str(model_dir.resolve())), spec.hyperparameters.max_seq_len)
