@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import json
 import stat
-import time
 import uuid
 
 import pytest
@@ -209,9 +208,11 @@ def test_a_wrong_call_is_answered_with_an_error_and_tokens_never_reach_the_log(c
     with pytest.raises(LookupError) as excinfo:
         call("lorafleet.get_job", tenant.token, "x" * 100_000)
     assert len(str(excinfo.value)) < 200  # not echoed back
+    logged = "raised expected: PermissionError('invalid token')"
+    before = celery_app.worker_log.read_text().count(logged)
     with pytest.raises(PermissionError, match="invalid token"):
         call("lorafleet.list_jobs", "lft_" + "a" * 10_000)
-    time.sleep(0.2)
+    wait_until(lambda: celery_app.worker_log.read_text().count(logged) > before, "the worker to log the last call")
     assert tenant.token not in celery_app.worker_log.read_text()
 
 
