@@ -343,9 +343,10 @@ def peft_sequential(model_dir, batches: dict[str, int], vocab, warmup, steps, de
 def planner_gib(shape: str, quantization: str, batch: str, n: int, setting: str) -> float | None:
     """What the scheduler plans for a cohort of jobs 0..n-1 of `batch` under a memory setting, in GiB before
     calibration, each job sized by its longest sequence; None for checkpointing, which the model leaves out."""
-    from lorafleet.scheduler.policy import (
-        ModelShape, RunningJob, cohort_bytes, estimate_activation_bytes, estimate_base_bytes, estimate_job_bytes,
+    from lorafleet.scheduler.memory import (
+        ModelShape, cohort_bytes, estimate_activation_bytes, estimate_base_bytes, estimate_job_bytes,
     )
+    from lorafleet.scheduler.policy import RunningJob
 
     every, passes = MEMORY_SETTINGS[setting]
     if every:

@@ -365,12 +365,19 @@ class Cohort:
             job.adapter.train()
         return total / targets if targets else None
 
-    def checkpoint(self, job_id: str, directory) -> Path:
-        """Write the job's PEFT adapter and training state into `directory` (created if needed); return it."""
+    def export(self, job_id: str, directory) -> Path:
+        """Write the job's PEFT adapter, and nothing else, into `directory` (created if needed); return it. Its
+        config names the base as the job's spec does (what the tenant wrote), never this executor's path."""
         job = self.jobs[job_id]
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        save_peft_adapter(directory, job.adapter, self.base_model_path)
+        save_peft_adapter(directory, job.adapter, job.spec.base_model)
+        return directory
+
+    def checkpoint(self, job_id: str, directory) -> Path:
+        """`export`, plus the training state to resume from, into `directory`; return it."""
+        job = self.jobs[job_id]
+        directory = self.export(job_id, directory)
         save_training_state(
             directory,
             {

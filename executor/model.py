@@ -19,11 +19,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from transformers.masking_utils import AttentionMaskInterface
 from transformers.modeling_utils import AttentionInterface
 
+from lorafleet.scheduler.memory import auto_dtype, effective_dtype
 from lorafleet.executor.attention import varlen_packed_attention, varlen_supported
 
 PACKED_ATTENTION = "lorafleet_packed"
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def packed_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None, **kwargs):
@@ -84,13 +85,14 @@ def native_bf16(device: torch.device) -> bool:
     return torch.cuda.is_bf16_supported(including_emulation=False)
 
 
+def device_auto_dtype(device: torch.device) -> str:
+    """What `dtype: auto` computes in on this device (the rule is `memory.auto_dtype`, shared with the planner)."""
+    return auto_dtype(device.type, native_bf16(device))
+
+
 def compute_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """'auto' means bf16 on a GPU that computes it natively, else fp32 (and fp32 on the CPU)."""
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" and native_bf16(device) else torch.float32
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; expected 'auto' or one of {sorted(DTYPES)}")
-    return DTYPES[dtype]
+    """The torch dtype a job of JobSpec.dtype `dtype` computes in here (`memory.effective_dtype`)."""
+    return DTYPES[effective_dtype(dtype, device_auto_dtype(device))]
 
 
 def quantization_config(quantization: str, dtype: torch.dtype) -> BitsAndBytesConfig | None:

@@ -23,23 +23,19 @@ from pathlib import Path
 import redis
 import torch
 
-from lorafleet.executor.artifacts import ArtifactStore
 from lorafleet.executor.cohort import Cohort
 from lorafleet.executor.data import DataError, JobData
-from lorafleet.executor.model import compute_dtype, native_bf16
+from lorafleet.executor.model import device_auto_dtype, native_bf16
 from lorafleet.scheduler import config, fleet
-from lorafleet.scheduler.metrics import ExecutorMetrics, executor_metrics, serve
-from lorafleet.scheduler.policy import (
-    ModelShape,
-    PlanConfig,
-    estimate_activation_bytes,
-    pass_tokens,
-    peak_at_planned_passes,
-)
+from lorafleet.scheduler.artifacts import ArtifactStore
 from lorafleet.scheduler.datasets import AcceptedDataset, verified_path
+from lorafleet.scheduler.memory import JobPlan, ModelShape, effective_dtype, estimate_activation_bytes, pass_tokens
+from lorafleet.scheduler.metrics import ExecutorMetrics, executor_metrics, serve
+from lorafleet.scheduler.policy import PlanConfig
+from lorafleet.scheduler.records import ExecutorHeartbeat, JobRecord, JobState
 from lorafleet.scheduler.spec import JobSpec, resolve_dataset
 from lorafleet.scheduler.store import JobStore
-from lorafleet.scheduler.submission import resolve_base_model
+from lorafleet.scheduler.submission import plan_from_files
 
 log = logging.getLogger("lorafleet.executor")
 
@@ -52,6 +48,7 @@ class Lease:
     tenant: str
     attempt: int
     spec: JobSpec
+    plan: JobPlan
     resumed: bool = False  # joined from a checkpoint: earlier attempts trained it
     trained_tokens: int = 0  # target tokens trained on in this attempt
 
@@ -80,11 +77,12 @@ class Executor:
         self.cohort: Cohort | None = None
         self.compat_key: str | None = None
         self.base_bytes = 0
-        # Device memory peak of the last step, as if it ran in passes of max_pass_tokens: what the scheduler's
-        # memory model learns from (a GPU executor takes larger passes where its free memory allows).
-        self.step_peak_bytes = 0
-        self.activation_bytes_per_token = 0.0  # the scheduler's estimate for the loaded base; 0: unknown
+        # Measured device memory peak of the last step and the tokens of its largest pass (a GPU executor takes
+        # larger passes than planned where its free memory allows): raw, the scheduler applies its model to them.
+        self.step_peak_bytes, self.step_pass_tokens = 0, 0
+        self.activation_bytes_per_token = 0.0  # the memory model's estimate for the loaded base; 0: unknown
         self.leases: dict[str, Lease] = {}
+        self.synced_seq = 0  # the assignment sequence of the last completed `sync_assignments`
         self.validation: dict[str, JobData] = {}  # job id -> its validation set, evaluated at each checkpoint
         self.stopping = threading.Event()
         self.scratch = Path(tempfile.mkdtemp(prefix=f"lorafleet-{executor_id}-"))
@@ -122,92 +120,101 @@ class Executor:
             except Exception:  # Redis briefly away: the next beat retries; missing several declares us dead.
                 log.exception("heartbeat failed")
 
-    def send_heartbeat(self) -> None:
-        peak = self.step_peak_bytes if self.leases else _allocated_bytes(self.device)
-        fleet.heartbeat(
-            self.store.r,
-            self.executor_id,
-            {
-                "host": socket.gethostname(),
-                "device": self.device,
-                "dtypes": ",".join(_supported_dtypes(self.device)),
-                "pid": os.getpid(),
-                "total_bytes": self.total_bytes,
-                "free_bytes": max(0, self.total_bytes - peak),
-                "peak_bytes": peak,
-                "compat_key": self.compat_key,
-                "base_bytes": self.base_bytes,
-                "jobs": len(self.leases),
-                "metrics_port": self.metrics_port,
-                "max_pass_tokens": self.max_pass_tokens,
-            },
-            ttl=self.heartbeat_ttl,
+    def heartbeat(self) -> ExecutorHeartbeat:
+        synced_seq = self.synced_seq  # read before the leases: every job it covers is in them by now
+        leases = dict(self.leases)
+        return ExecutorHeartbeat(
+            executor_id=self.executor_id, host=socket.gethostname(), device=self.device,
+            dtypes=tuple(_supported_dtypes(self.device)), auto_dtype=device_auto_dtype(torch.device(self.device)),
+            pid=os.getpid(), total_bytes=self.total_bytes,
+            peak_bytes=self.step_peak_bytes if leases else _allocated_bytes(self.device),
+            pass_tokens=self.step_pass_tokens if leases else 0, compat_key=self.compat_key,
+            base_bytes=self.base_bytes, jobs={job_id: lease.attempt for job_id, lease in leases.items()},
+            synced_seq=synced_seq, metrics_port=self.metrics_port, max_pass_tokens=self.max_pass_tokens,
         )
+
+    def send_heartbeat(self) -> None:
+        fleet.heartbeat(self.store.r, self.heartbeat(), ttl=self.heartbeat_ttl)
 
     # ---- assignments ----
 
     def sync_assignments(self) -> None:
-        """Drop jobs whose lease is gone (cancelled, requeued); take in jobs newly scheduled here."""
+        """Read this executor's holding index (one small hash, not every job): drop the jobs it no longer gives us
+        (cancelled, requeued, moved on while we stalled), take in jobs newly scheduled here."""
+        seq, held = self.store.holding(self.executor_id)
         for job_id, lease in list(self.leases.items()):
-            job = self.store.get_job(job_id, with_spec=False)
-            if job is None or job["state"] not in ("scheduled", "running") or job["attempt"] != lease.attempt:
-                log.info("job %s left this executor (state %s)", job_id, job and job["state"])
+            if held.get(job_id) != lease.attempt:
+                log.info("job %s left this executor (its lease is gone)", job_id)
                 self._release(job_id)
-        for job in self.store.jobs_in_state("scheduled"):
-            if job.get("executor_id") == self.executor_id and job["job_id"] not in self.leases:
-                self.admit(job)
+        for record in self.store.jobs(job_id for job_id in sorted(held) if job_id not in self.leases):
+            if record.state == JobState.SCHEDULED and record.executor_id == self.executor_id:
+                self.admit(record)
+        self.synced_seq = seq
 
     def hand_back_orphans(self) -> None:
         """Jobs a previous process with this executor id held (it was restarted before its heartbeat expired)."""
-        for state in ("scheduled", "running"):
-            for job in self.store.jobs_in_state(state):
-                if job.get("executor_id") == self.executor_id:
-                    self.store.requeue(job["job_id"], state, "executor restarted", attempt=job["attempt"],
-                                       executor_id=self.executor_id, executor_died=True)
+        _, held = self.store.holding(self.executor_id)
+        for job_id, attempt in held.items():
+            self.store.requeue(job_id, (JobState.SCHEDULED, JobState.RUNNING), "executor restarted", attempt=attempt,
+                               executor_id=self.executor_id, executor_died=True)
 
-    def admit(self, job: dict) -> None:
-        job_id, attempt = job["job_id"], job["attempt"]
-        spec = JobSpec.model_validate(job["spec"])
-        if self.leases and spec.compatibility_key() != self.compat_key:  # not the job's fault: hand it back
-            log.warning("job %s needs base %s while this cohort runs %s; handing it back", job_id,
-                        spec.compatibility_key(), self.compat_key)
-            self.store.requeue(job_id, "scheduled", "wrong base for this executor", attempt=attempt,
+    def admit(self, job: JobRecord) -> None:
+        job_id, attempt, spec = job.job_id, job.attempt, job.spec
+        try:
+            plan = job.plan or plan_from_files(spec, job.tenant, config.data_root(), config.hf_hub_cache(),
+                                               config.model_roots())
+        except Exception as exc:
+            self.store.fail(job_id, JobState.SCHEDULED, f"job {job_id} failed: cannot start: {exc}", attempt=attempt,
+                            executor_id=self.executor_id)
+            return
+        if self.leases and plan.compat_key != self.compat_key:  # not the job's fault: hand it back
+            log.warning("job %s needs base %s while this cohort runs %s; handing it back", job_id, plan.compat_key,
+                        self.compat_key)
+            self.store.requeue(job_id, JobState.SCHEDULED, "wrong base for this executor", attempt=attempt,
                                executor_id=self.executor_id)
             return
         try:
-            if spec.compatibility_key() != self.compat_key:
-                self._load_base(spec)
-            accepted = self.store.accepted_datasets(job_id)
-            dataset = _dataset_path(accepted, spec, job["tenant"], "dataset")
-            resume_from = self.artifacts.fetch(job["checkpoint_uri"], self.scratch) if job.get("checkpoint_uri") else None
-            self.cohort.add_job(job_id, spec, dataset, resume_from=resume_from, dataset_name=spec.dataset)
-            if spec.validation_dataset is not None:
-                hp = spec.hyperparameters
-                path = _dataset_path(accepted, spec, job["tenant"], "validation_dataset")
-                self.validation[job_id] = JobData(path, spec.dataset_format, self.cohort.tokenizer, hp.max_seq_len,
-                                                  hp.batch_size, hp.seed, name=spec.validation_dataset)
+            resume_from = self._join(job, plan)
         except Exception as exc:  # a job that cannot start fails alone, with the reason
             log.warning("job %s cannot start: %s", job_id, exc)
             self._release(job_id)
-            self.store.transition(job_id, "scheduled", "failed", attempt=attempt, error=f"cannot start: {exc}")
+            self.store.fail(job_id, JobState.SCHEDULED, f"job {job_id} failed: cannot start: {exc}", attempt=attempt,
+                            executor_id=self.executor_id)
             return
-        if not self.store.transition(job_id, "scheduled", "running", attempt=attempt, executor_id=self.executor_id):
+        if not self.store.start(job_id, attempt, self.executor_id):
             self.cohort.remove_job(job_id)
+            self.validation.pop(job_id, None)
             return
-        self.leases[job_id] = Lease(job_id, job["tenant"], attempt, spec, resumed=resume_from is not None)
+        self.leases[job_id] = Lease(job_id, job.tenant, attempt, spec, plan, resumed=resume_from is not None)
         log.info("job %s joined the cohort (%d jobs)%s", job_id, len(self.leases), " from checkpoint" if resume_from else "")
 
-    def _load_base(self, spec: JobSpec) -> None:
+    def _join(self, job: JobRecord, plan: JobPlan) -> Path | None:
+        """Load the job's base if needed and add it to the cohort (from its checkpoint, if it has one)."""
+        spec = job.spec
+        if plan.compat_key != self.compat_key:
+            self._load_base(spec, plan)
+        accepted = self.store.accepted_datasets(job.job_id)
+        dataset = _dataset_path(accepted, spec, job.tenant, "dataset")
+        resume_from = self.artifacts.fetch(job.checkpoint_uri, self.scratch) if job.checkpoint_uri else None
+        self.cohort.add_job(job.job_id, spec, dataset, resume_from=resume_from, dataset_name=spec.dataset)
+        if spec.validation_dataset is not None:
+            hp = spec.hyperparameters
+            path = _dataset_path(accepted, spec, job.tenant, "validation_dataset")
+            self.validation[job.job_id] = JobData(path, spec.dataset_format, self.cohort.tokenizer, hp.max_seq_len,
+                                                  hp.batch_size, hp.seed, name=spec.validation_dataset)
+        return resume_from
+
+    def _load_base(self, spec: JobSpec, plan: JobPlan) -> None:
+        """Load the job's pinned base snapshot (`plan.base_snapshot`), never re-resolving its name."""
         self.cohort, self.compat_key, self.base_bytes = None, None, 0
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()
-        path = resolve_base_model(spec.base_model, config.hf_hub_cache(), spec.base_model_revision, config.model_roots())
-        self.cohort = Cohort(path, quantization=spec.quantization, dtype=spec.dtype, device=self.device,
+        self.cohort = Cohort(plan.base_snapshot, quantization=spec.quantization, dtype=spec.dtype, device=self.device,
                              activation_checkpointing=self.activation_checkpointing,
                              max_pass_tokens=self.max_pass_tokens)
-        self.compat_key = spec.compatibility_key()
+        self.compat_key = plan.compat_key
         self.base_bytes = sum(p.numel() * p.element_size() for p in self.cohort.model.parameters())
-        dtype = "float32" if compute_dtype(spec.dtype, torch.device(self.device)) == torch.float32 else "bfloat16"
+        dtype = effective_dtype(spec.dtype, device_auto_dtype(torch.device(self.device)))
         try:
             shape = ModelShape.from_config(self.cohort.model.config.to_dict())
             self.activation_bytes_per_token = estimate_activation_bytes(shape, 1, 1, dtype)
@@ -244,17 +251,15 @@ class Executor:
         seconds = time.perf_counter() - started
         peak = _peak_bytes(self.device)
         self.step_peak_bytes = peak
-        if self.max_pass_tokens is not None and self.cohort.max_pass_tokens > self.max_pass_tokens:
-            self.step_peak_bytes = peak_at_planned_passes(
-                peak, allocated_before, self.cohort.step_tokens, self.cohort.largest_pass_tokens, self.max_pass_tokens,
-                self.activation_bytes_per_token)
+        self.step_pass_tokens = self.cohort.largest_pass_tokens if self.max_pass_tokens is not None else 0
         total_tokens = sum(result.tokens for result in results.values()) or 1
         usage: dict[str, float] = {}
         for job_id, result in results.items():
             lease = self.leases[job_id]
             usage[lease.tenant] = usage.get(lease.tenant, 0.0) + seconds * result.tokens / total_tokens
             if result.error is not None:
-                self.store.transition(job_id, "running", "failed", attempt=lease.attempt, error=result.error)
+                self.store.fail(job_id, JobState.RUNNING, result.error, attempt=lease.attempt,
+                                executor_id=self.executor_id)
                 self._release(job_id)
                 if self.metrics:
                     self.metrics.job_failures.inc()
@@ -269,11 +274,12 @@ class Executor:
                 try:
                     metrics["eval_loss"] = self.cohort.evaluate(job_id, self.validation[job_id])
                 except DataError as exc:
-                    self.store.transition(job_id, "running", "failed", attempt=lease.attempt,
-                                          error=f"job {job_id} failed: validation data: {exc}")
+                    self.store.fail(job_id, JobState.RUNNING, f"job {job_id} failed: validation data: {exc}",
+                                    attempt=lease.attempt, executor_id=self.executor_id)
                     self._release(job_id)
                     continue
-            kept = self.store.record_progress(job_id, result.step, result.total_steps, metrics, attempt=lease.attempt)
+            kept = self.store.record_progress(job_id, result.step, result.total_steps, metrics, attempt=lease.attempt,
+                                              executor_id=self.executor_id)
             if not kept:
                 self._release(job_id)
             elif result.done:
@@ -292,17 +298,41 @@ class Executor:
             if utilization is not None:
                 self.metrics.gpu_utilization.set(utilization)
 
+    def _publish(self, lease: Lease, local: Path, name: str) -> str | None:
+        """Copy an artifact into this lease's own directory, if the lease still holds (a stale holder writes
+        nothing); its URI, or None."""
+        if not self.store.holds(lease.job_id, lease.attempt, self.executor_id):
+            log.warning("job %s: %s refused, not written: this executor no longer holds the job", lease.job_id, name)
+            return None
+        return self.artifacts.publish(local, lease.tenant, lease.job_id, lease.attempt, name)
+
     def save_checkpoint(self, lease: Lease) -> None:
-        """Publish a resumable checkpoint; a storage failure is reported and training goes on from the last one."""
+        """Publish a resumable checkpoint and point the job at it (only while the lease holds); a storage failure is
+        reported and training goes on from the last one."""
+        step = self.cohort.jobs[lease.job_id].step
         try:
             local = self.cohort.checkpoint(lease.job_id, self.scratch / lease.job_id / "checkpoint")
-            uri = self.artifacts.publish(local, lease.tenant, lease.job_id, f"checkpoint-{lease.attempt}")
+            uri = self._publish(lease, local, f"checkpoint-{step}")
         except OSError as exc:
             log.warning("job %s: checkpoint not saved: %s", lease.job_id, exc)
             self.store.append_event(lease.job_id, "error", message=f"checkpoint not saved: {exc}")
             return
-        if self.store.record_checkpoint(lease.job_id, uri, lease.attempt):
-            self.store.append_event(lease.job_id, "checkpoint", uri=uri, step=self.cohort.jobs[lease.job_id].step)
+        if uri is None:
+            return
+        evicted = self.store.record_checkpoint(lease.job_id, uri, lease.attempt, self.executor_id, step=step,
+                                               keep=config.keep_checkpoints())
+        if evicted is None:  # the lease moved on between the check and the pointer: nobody will read this copy
+            log.warning("job %s: checkpoint at step %d refused: this executor no longer holds the job", lease.job_id,
+                        step)
+            evicted = [uri]
+        for old in evicted:
+            self._delete_artifact(lease.job_id, old)
+
+    def _delete_artifact(self, job_id: str, uri: str) -> None:
+        try:
+            self.artifacts.delete(uri)
+        except (OSError, ValueError) as exc:  # left behind: `lorafleet jobs purge` removes the job's whole tree
+            log.warning("job %s: could not delete %s: %s", job_id, uri, exc)
 
     def _untrained_after_an_epoch(self, lease: Lease) -> bool:
         """A whole epoch gave no target token: no later one will either."""
@@ -311,9 +341,10 @@ class Executor:
 
     def _fail_untrained(self, lease: Lease) -> None:
         max_seq_len = lease.spec.hyperparameters.max_seq_len
-        self.store.transition(lease.job_id, "running", "failed", attempt=lease.attempt, error=(
+        self.store.fail(lease.job_id, JobState.RUNNING, (
             f"job {lease.job_id} failed: nothing was trained: no example of {lease.spec.dataset} has a target "
-            f"token within max_seq_len={max_seq_len} (shorten the prompts or raise max_seq_len)"))
+            f"token within max_seq_len={max_seq_len} (shorten the prompts or raise max_seq_len)"),
+            attempt=lease.attempt, executor_id=self.executor_id)
         self._release(lease.job_id)
 
     def finish(self, lease: Lease) -> None:
@@ -321,15 +352,19 @@ class Executor:
             self._fail_untrained(lease)
             return
         try:
-            local = self.cohort.checkpoint(lease.job_id, self.scratch / lease.job_id / "final")
-            uri = self.artifacts.publish(local, lease.tenant, lease.job_id, "adapter")
+            local = self.cohort.export(lease.job_id, self.scratch / lease.job_id / "final")
+            uri = self._publish(lease, local, "adapter")
         except OSError as exc:
             log.warning("job %s: adapter not published: %s", lease.job_id, exc)
-            self.store.transition(lease.job_id, "running", "failed", attempt=lease.attempt,
-                                  error=f"job {lease.job_id} failed: the trained adapter could not be stored: {exc}")
+            self.store.fail(lease.job_id, JobState.RUNNING,
+                            f"job {lease.job_id} failed: the trained adapter could not be stored: {exc}",
+                            attempt=lease.attempt, executor_id=self.executor_id)
         else:
-            self.store.set_result(lease.job_id, uri, attempt=lease.attempt)
-            log.info("job %s succeeded: %s", lease.job_id, uri)
+            if uri is not None and self.store.succeed(lease.job_id, uri, lease.attempt, self.executor_id):
+                log.info("job %s succeeded: %s", lease.job_id, uri)
+            elif uri is not None:
+                log.warning("job %s: result refused: this executor no longer holds the job", lease.job_id)
+                self._delete_artifact(lease.job_id, uri)
         self._release(lease.job_id)
 
     def recover_from_oom(self) -> None:
@@ -341,7 +376,7 @@ class Executor:
         log.warning("out of memory with %d jobs; handing them back, now offering %.1f GiB", len(self.leases),
                     self.total_bytes / 2**30)
         for job_id, lease in list(self.leases.items()):
-            self.store.requeue(job_id, ("scheduled", "running"), "out of memory", attempt=lease.attempt,
+            self.store.requeue(job_id, (JobState.SCHEDULED, JobState.RUNNING), "out of memory", attempt=lease.attempt,
                                executor_id=self.executor_id)
             self.leases.pop(job_id)
             self.validation.pop(job_id, None)
@@ -359,13 +394,13 @@ class Executor:
             self.save_checkpoint(lease)
         fleet.forget(self.store.r, self.executor_id)
         for job_id, lease in list(self.leases.items()):
-            self.store.requeue(job_id, ("scheduled", "running"), "executor drained", attempt=lease.attempt,
-                               executor_id=self.executor_id)
+            self.store.requeue(job_id, (JobState.SCHEDULED, JobState.RUNNING), "executor drained",
+                               attempt=lease.attempt, executor_id=self.executor_id)
             self._release(job_id)
-        for job in self.store.jobs_in_state("scheduled"):
-            if job.get("executor_id") == self.executor_id:
-                self.store.requeue(job["job_id"], "scheduled", "executor drained", attempt=job["attempt"],
-                                   executor_id=self.executor_id)
+        _, held = self.store.holding(self.executor_id)  # assigned here but not taken in yet
+        for job_id, attempt in held.items():
+            self.store.requeue(job_id, JobState.SCHEDULED, "executor drained", attempt=attempt,
+                               executor_id=self.executor_id)
         log.info("executor %s drained", self.executor_id)
 
 

@@ -6,6 +6,7 @@ non-zero; tracebacks are left for real bugs.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import secrets
 import signal
@@ -24,6 +25,7 @@ from rich.table import Table
 
 from lorafleet.scheduler import acl, config, fleet, keys, stack
 from lorafleet.scheduler.acl import TenantCredentials
+from lorafleet.scheduler.artifacts import ArtifactStore
 from lorafleet.scheduler.client import LorafleetClient
 from lorafleet.scheduler.redis_server import start_redis_server, write_private
 from lorafleet.scheduler.spec import JobSpec, parse_spec
@@ -291,13 +293,12 @@ def executors_list(as_json: bool) -> None:
     """Executors with a live heartbeat."""
     alive, _dead = fleet.executors(_store().r)
     if as_json:
-        _print_json(alive)
+        _print_json([dataclasses.asdict(beat) for beat in alive])
         return
     gib = 1024**3
     _table("executors", ("executor", "host", "device", "base", "jobs", "peak GiB", "total GiB", "pass tokens"),
-           [[e["executor_id"], e["host"], e["device"], e["compat_key"] or "-", str(e["jobs"]),
-             f"{e['peak_bytes'] / gib:.1f}", f"{e['total_bytes'] / gib:.1f}", str(e["max_pass_tokens"] or "-")]
-            for e in alive])
+           [[e.executor_id, e.host, e.device, e.compat_key or "-", str(len(e.jobs)), f"{e.peak_bytes / gib:.1f}",
+             f"{e.total_bytes / gib:.1f}", str(e.max_pass_tokens or "-")] for e in alive])
 
 
 @executors.command("drain")
@@ -487,6 +488,42 @@ def jobs_list(state: Optional[str], limit: int, tenant: Optional[str], token: Op
         raise click.ClickException("--tenant is for operators; a token already selects its tenant")
     found = api.list(state, limit, tenant) if tenant else api.list(state, limit)
     _show_jobs(found, as_json)
+
+
+@jobs.command("purge")
+@click.option("--older-than", "older_than", default="30d", show_default=True,
+              help="finished longer ago than this: a number with s, m, h or d")
+@click.option("--dry-run", is_flag=True, help="list what would be removed, remove nothing")
+@json_option
+def jobs_purge(older_than: str, dry_run: bool, as_json: bool) -> None:
+    """Operator: remove finished jobs (record, events, artifacts) that finished before --older-than ago."""
+    cutoff = time.time() - _seconds(older_than)
+    store = _store()
+    if dry_run:
+        found = [record.view(with_spec=False) for record in store.jobs(store.finished_before(cutoff))]
+    else:
+        artifacts = ArtifactStore(config.artifact_root())
+        found = []
+        while batch := store.purge(cutoff, lambda job: artifacts.delete_job(job.tenant, job.job_id)):
+            found += [record.view(with_spec=False) for record in batch]
+    if as_json:
+        _print_json({"dry_run": dry_run, "cutoff": cutoff, "jobs": found})
+        return
+    verb = "would remove" if dry_run else "removed"
+    console.print(f"{verb} {len(found)} jobs finished before {_time(cutoff)}")
+    if found:
+        _show_jobs(found, False, title=f"{verb}")
+
+
+def _seconds(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    number, unit = text[:-1], text[-1:]
+    try:
+        if unit not in units or float(number) < 0:
+            raise ValueError
+        return float(number) * units[unit]
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: use a number and a unit, e.g. 90s, 30m, 12h, 7d") from None
 
 
 @jobs.command("show")

@@ -5,10 +5,13 @@ plain Celery, its own broker URL and the two settings `lorafleet tenants create 
 
     from celery import Celery
 
-from lorafleet.scheduler import acl
     app = Celery(broker=BROKER_URL, backend=BROKER_URL)
     app.conf.update(CELERY_CONFIG)   # the tenant's queue and result prefix
-    job = app.send_task("lorafleet.submit_job", args=[TOKEN, spec]).get(timeout=30)
+    job = app.send_task("lorafleet.submit_job", args=[TOKEN, spec, REQUEST_ID], expires=30).get(timeout=30)
+
+`expires`: a call still queued when its caller has stopped waiting is dropped by the worker, not run hours later.
+`REQUEST_ID` (optional, any string of up to 128 letters, digits, '.', '_', ':' and '-'): retrying a submit with the
+same one returns the job the first made, so a timed-out submit can be retried safely.
 
 Errors arrive as the built-in exceptions the tasks raise: ValueError (bad spec, bad argument, quota),
 PermissionError (bad token), LookupError (no such job, or not yours).
@@ -52,16 +55,18 @@ class JobInfo(TypedDict, total=False):
     error: Optional[str]
     adapter_uri: Optional[str]
     checkpoint_uri: Optional[str]
+    checkpoints: list[str]  # the checkpoints kept, oldest first
     executor_id: Optional[str]
     attempt: int
     cancel_requested: bool
     executor_losses: int  # executors that died holding it; at 3 the job is failed
+    request_id: Optional[str]  # the idempotency key it was submitted with
     spec: dict[str, Any]  # in get_job / submit_job / cancel_job answers, not in list_jobs
 
 
 class JobEvent(TypedDict, total=False):
     id: str  # stream id; pass the last one seen as `after`
-    type: str  # "state" (with "from", "to"), "progress" (step, total_steps, loss, ...), or an executor's own type
+    type: str  # "state" (with "from", "to"), "requeued", "checkpoint", "error", "progress" (step, total_steps, loss, ...)
     ts: float
 
 
@@ -97,10 +102,11 @@ class LorafleetClient:
         self.timeout = timeout
 
     def _call(self, task: str, *args: Any) -> Any:
-        return self.app.send_task(task, args=[self.token, *args]).get(timeout=self.timeout)
+        return self.app.send_task(task, args=[self.token, *args], expires=self.timeout).get(timeout=self.timeout)
 
-    def submit(self, spec: dict[str, Any] | str) -> JobInfo:
-        return self._call("lorafleet.submit_job", spec)
+    def submit(self, spec: dict[str, Any] | str, request_id: Optional[str] = None) -> JobInfo:
+        """`request_id`: retrying with the same one returns the first job instead of making a second."""
+        return self._call("lorafleet.submit_job", spec, request_id)
 
     def get(self, job_id: str) -> JobInfo:
         return self._call("lorafleet.get_job", job_id)

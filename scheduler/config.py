@@ -12,6 +12,8 @@
 | `LORAFLEET_MAX_RECORD_BYTES` | 1 MiB | longest dataset line accepted |
 | `LORAFLEET_MAX_DATASET_BYTES` | 1 GiB | largest dataset file accepted |
 | `LORAFLEET_MAX_RECORDS` | 5,000,000 | most records (non-blank lines) in one dataset file |
+| `LORAFLEET_JOB_RETENTION_DAYS` | 30 | finished jobs older than this are expired by the scheduler, with their artifacts; 0 keeps them for ever |
+| `LORAFLEET_KEEP_CHECKPOINTS` | 2 | checkpoints kept per job (older ones are deleted when a newer one is recorded) |
 | `HF_HUB_CACHE` | `$HF_HOME/hub` or `~/.cache/huggingface/hub` | local model cache searched for base model ids |
 """
 
@@ -44,6 +46,25 @@ def artifact_root() -> str:
 
 def dataset_store() -> Path:
     return Path(os.environ.get("LORAFLEET_DATASET_DIR") or state_dir() / "datasets").absolute()
+
+
+def job_retention_seconds() -> float | None:
+    """How long finished jobs are kept (None: for ever)."""
+    raw = os.environ.get("LORAFLEET_JOB_RETENTION_DAYS", "30")
+    try:
+        days = float(raw)
+    except ValueError:
+        raise ConfigError(f"LORAFLEET_JOB_RETENTION_DAYS: not a number of days: {raw!r}") from None
+    if days < 0:
+        raise ConfigError(f"LORAFLEET_JOB_RETENTION_DAYS: must be >= 0, got {raw!r}")
+    return days * 86400 if days else None
+
+
+def keep_checkpoints() -> int:
+    raw = os.environ.get("LORAFLEET_KEEP_CHECKPOINTS", "2")
+    if not raw.isdigit() or int(raw) < 1:
+        raise ConfigError(f"LORAFLEET_KEEP_CHECKPOINTS: must be a whole number >= 1, got {raw!r}")
+    return int(raw)
 
 
 def embedded_redis_dir() -> Path:

@@ -8,39 +8,27 @@ executor id until the scheduler reaps it, which is how the scheduler learns that
 from __future__ import annotations
 
 import time
-from typing import Any
+from dataclasses import replace
 
 import redis
 
 from lorafleet.scheduler import keys
+from lorafleet.scheduler.records import ExecutorHeartbeat
 
 HEARTBEAT_TTL_SECONDS = 10.0
 
-_INT_FIELDS = ("pid", "total_bytes", "free_bytes", "peak_bytes", "base_bytes", "jobs", "metrics_port",
-               "max_pass_tokens")
 
-
-def heartbeat(client: redis.Redis, executor_id: str, info: dict[str, Any], ttl: float = HEARTBEAT_TTL_SECONDS) -> None:
-    fields = {name: "" if value is None else str(value) for name, value in info.items()}
-    fields["heartbeat_at"] = repr(time.time())
+def heartbeat(client: redis.Redis, beat: ExecutorHeartbeat, ttl: float = HEARTBEAT_TTL_SECONDS) -> None:
+    fields = replace(beat, heartbeat_at=time.time()).to_hash()
     pipe = client.pipeline(transaction=True)
-    pipe.sadd(keys.EXECUTORS, executor_id)
-    pipe.hset(keys.executor(executor_id), mapping=fields)
-    pipe.pexpire(keys.executor(executor_id), int(ttl * 1000))
+    pipe.sadd(keys.EXECUTORS, beat.executor_id)
+    pipe.hset(keys.executor(beat.executor_id), mapping=fields)
+    pipe.pexpire(keys.executor(beat.executor_id), int(ttl * 1000))
     pipe.execute()
 
 
-def _parse(executor_id: str, raw: dict[str, str]) -> dict[str, Any]:
-    view: dict[str, Any] = {"executor_id": executor_id, **raw}
-    for name in _INT_FIELDS:
-        view[name] = int(raw[name]) if raw.get(name) else 0
-    view["heartbeat_at"] = float(raw.get("heartbeat_at") or 0)
-    view["compat_key"] = raw.get("compat_key") or None
-    return view
-
-
-def executors(client: redis.Redis) -> tuple[list[dict[str, Any]], list[str]]:
-    """(alive executors with their last heartbeat, ids of registered executors whose heartbeat expired)."""
+def executors(client: redis.Redis) -> tuple[list[ExecutorHeartbeat], list[str]]:
+    """(alive executors' last heartbeats, ids of registered executors whose heartbeat expired)."""
     ids = sorted(client.smembers(keys.EXECUTORS))
     pipe = client.pipeline(transaction=False)
     for executor_id in ids:
@@ -48,7 +36,7 @@ def executors(client: redis.Redis) -> tuple[list[dict[str, Any]], list[str]]:
     alive, dead = [], []
     for executor_id, raw in zip(ids, pipe.execute()):
         if raw:
-            alive.append(_parse(executor_id, raw))
+            alive.append(ExecutorHeartbeat.from_hash(executor_id, raw))
         else:
             dead.append(executor_id)
     return alive, dead
@@ -62,7 +50,7 @@ def is_registered(client: redis.Redis, executor_id: str) -> bool:
 def forget(client: redis.Redis, executor_id: str) -> None:
     """Drop an executor from the registry (after its jobs were handed back)."""
     client.srem(keys.EXECUTORS, executor_id)
-    client.delete(keys.executor(executor_id), keys.executor_drain(executor_id))
+    client.delete(keys.executor(executor_id), keys.executor_drain(executor_id))  # not its holding: jobs' state
 
 
 def request_drain(client: redis.Redis, executor_id: str) -> bool:

@@ -8,21 +8,25 @@ State lives only in Redis (persisted with AOF), so a scheduler or worker restart
 | `lorafleet:tenants` | set | names of all tenants | `JobStore.create_tenant` |
 | `lorafleet:tenant:<name>` | hash | `name`, `token_sha256`, `weight`, `max_queued`, `max_running`, `disabled` (0/1), `created_at` | `JobStore` tenant admin |
 | `lorafleet:tokens` | hash | sha256(token) -> tenant name (tokens themselves are never stored) | `JobStore` tenant admin |
-| `lorafleet:tenant:<name>:jobs` | sorted set | the tenant's job ids, score = submit time (unix s) | `JobStore.submit` |
+| `lorafleet:tenant:<name>:jobs` | sorted set | the tenant's job ids, score = submit time (unix s) | `JobStore.submit`; `JobStore.purge` removes |
+| `lorafleet:tenant:<name>:requests` | hash | client request id -> job id: a second submit with the same id returns that job | `JobStore.submit` (Lua); `JobStore.purge` removes |
 | `lorafleet:tenant:<name>:counts` | hash | state -> number of the tenant's jobs in that state (quotas read it) | submit / transitions (Lua) |
 | `lorafleet:counts` | hash | state -> number of jobs in that state, all tenants | submit / transitions (Lua) |
-| `lorafleet:job:<id>` | hash | one job: see `JOB_FIELDS` | submit / transitions / progress (Lua) |
-| `lorafleet:job:<id>:events` | stream | the job's events (`type` = state, progress, error, ...), capped at ~`EVENTS_MAXLEN` | `JobStore.append_event` and Lua |
-| `lorafleet:state:<state>` | set | ids of jobs in that state | submit / transitions (Lua) |
+| `lorafleet:job:<id>` | hash | one job: see `JOB_FIELDS` (read and written as `records.JobRecord`) | submit / store verbs (Lua) |
+| `lorafleet:job:<id>:events` | stream | the job's events (`type` = state, requeued, checkpoint, error, progress); never trimmed: progress events are thinned as they are written (`store.progress_event_due`: about `PROGRESS_EVENTS` per job) | store verbs (Lua), `JobStore.append_event` |
+| `lorafleet:state:<state>` | set | ids of jobs in that state (`records.JobState`) | submit / transitions (Lua) |
+| `lorafleet:finished` | sorted set | ids of finished jobs, score = finished_at: what retention expires (`JobStore.purge`) | transitions (Lua) |
+| `lorafleet:assign_seq` | string (int) | assignment counter, +1 per move to scheduled (stored as the job's `assigned_seq`) | transitions (Lua) |
+| `lorafleet:executor:<id>:holding` | hash | job id -> attempt of every job scheduled on or running at that executor: what it reads to find its work | transitions (Lua) |
 | `lorafleet:queue` | sorted set | queued job ids, lowest score first; score = digits `(9 - priority)` then the 14-digit submit sequence number, so priority 9 first, then oldest first; a requeued job keeps its score | submit / transitions (Lua) |
 | `lorafleet:submit_seq` | string (int) | submit sequence counter (the queue's tie-break) | `JobStore.submit` (Lua) |
 | `lorafleet:scheduler:leader` | string, TTL | id of the scheduler holding the leader lock | `leader.LeaderLock` |
 | `lorafleet:scheduler:fence` | string (int) | fencing counter, +1 per leader acquisition; `JobStore.transition(fence=...)` checks it | `leader.LeaderLock` |
 | `lorafleet:executors` | set | ids of registered executors (alive or not yet reaped) | executors (`fleet.heartbeat`); the scheduler removes dead ones (`fleet.forget`) |
-| `lorafleet:executor:<id>` | hash, TTL | heartbeat: `host`, `device`, `dtypes` (compute dtypes the device runs natively, comma separated; bfloat16 jobs go only where it is listed), `pid`, `total_bytes`, `free_bytes`, `peak_bytes`, `compat_key` (loaded base), `base_bytes`, `jobs`, `metrics_port`, `max_pass_tokens` (empty: no passes), `heartbeat_at`; expires when heartbeats stop | the executor (`fleet.heartbeat`) |
+| `lorafleet:executor:<id>` | hash, TTL | heartbeat: the fields of `records.ExecutorHeartbeat` (raw measurements, the leases it holds, the assignment sequence it has seen); expires when heartbeats stop | the executor (`fleet.heartbeat`) |
 | `lorafleet:executor:<id>:drain` | string | "1": finish the current step, checkpoint every job, hand them back, exit | `lorafleet executors drain` |
 | `lorafleet:tenant_gpu_seconds` | hash | tenant -> `"<GPU seconds> <unix time>"`: GPU seconds used (each cohort step split by tokens), decayed with a 4 h half-life, as of that time | executors (`JobStore.add_gpu_seconds`) |
-| `lorafleet:memory_factors` | hash | compat key -> calibrated memory-model factor, learned from executors' reported peaks | scheduler (`service.Scheduler`) |
+| `lorafleet:memory_factors` | hash | compat key -> calibrated memory-model factor, learned from executors' measured peaks | scheduler (`service.Scheduler`) |
 | `lorafleet:worker_queue` | list | nothing: the submission worker's Celery default queue, which no one writes (tenants' queues are below) | — |
 | `lorafleet:dead_letters` | list, capped at `DEAD_LETTERS_MAXLEN` | submission messages the worker refused before any task ran: JSON `{queue, kind, reason, ts, task, id}` (never the body, which may hold a token) | the submission worker (`broker.dead_letter`) |
 | `lorafleet:rejected_messages` | hash | kind (`broker.Refused.kind`) -> number of refused submission messages (exported by the scheduler as `lorafleet_submission_rejected_messages`) | the submission worker (`broker.dead_letter`) |
@@ -41,12 +45,14 @@ Celery owns its other keys: `_kombu.*`, `unacked*`, `*.celery.pidbox` (remote co
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 1
-PREFIX = "lorafleet:"
-EVENTS_MAXLEN = 1000
+from lorafleet.scheduler.records import JobState, TERMINAL_STATES as _TERMINAL
 
-JOB_STATES = ("queued", "scheduled", "running", "succeeded", "failed", "cancelled")
-TERMINAL_STATES = ("succeeded", "failed", "cancelled")
+SCHEMA_VERSION = 2  # 1 -> 2: `JobStore.ensure_schema` migrates (holding and finished indexes, job plans)
+PREFIX = "lorafleet:"
+PROGRESS_EVENTS = 1000  # progress events per job, about: longer jobs record every n-th optimizer step
+
+JOB_STATES = tuple(state.value for state in JobState)
+TERMINAL_STATES = tuple(state.value for state in JobState if state in _TERMINAL)
 
 # Job hash fields. Numbers are stored as decimal strings; `spec` and `metrics` as JSON text.
 JOB_FIELDS = (
@@ -67,6 +73,10 @@ JOB_FIELDS = (
     "cancel_requested",  # "1" when cancelled while scheduled/running: the executor must drop it
     "executor_losses",  # executors that died holding the job; at `store.MAX_EXECUTOR_LOSSES` it is failed
     "datasets",  # JSON: spec field -> the accepted copy (`datasets.AcceptedDataset`: uri, sha256, size, records)
+    "plan",  # JSON `memory.JobPlan`: pinned base snapshot, sizes, token budget; decided at submission
+    "checkpoints",  # JSON list: the checkpoints kept, oldest first (`store.KEEP_CHECKPOINTS`)
+    "assigned_seq",  # ASSIGN_SEQ at its last move to scheduled
+    "request_id",  # the client's idempotency key, if it gave one
 )
 
 SCHEMA_VERSION_KEY = PREFIX + "schema_version"
@@ -75,6 +85,8 @@ TOKENS = PREFIX + "tokens"
 COUNTS = PREFIX + "counts"
 QUEUE = PREFIX + "queue"
 SUBMIT_SEQ = PREFIX + "submit_seq"
+ASSIGN_SEQ = PREFIX + "assign_seq"
+FINISHED = PREFIX + "finished"
 SCHEDULER_LEADER = PREFIX + "scheduler:leader"
 SCHEDULER_FENCE = PREFIX + "scheduler:fence"
 EXECUTORS = PREFIX + "executors"
@@ -116,6 +128,10 @@ def tenant_counts(name: str) -> str:
     return f"{PREFIX}tenant:{name}:counts"
 
 
+def tenant_requests(name: str) -> str:
+    return f"{PREFIX}tenant:{name}:requests"
+
+
 def job(job_id: str) -> str:
     return f"{PREFIX}job:{job_id}"
 
@@ -130,6 +146,10 @@ def state_set(state: str) -> str:
 
 def executor(executor_id: str) -> str:
     return f"{PREFIX}executor:{executor_id}"
+
+
+def holding(executor_id: str) -> str:
+    return f"{PREFIX}executor:{executor_id}:holding"
 
 
 def executor_drain(executor_id: str) -> str:

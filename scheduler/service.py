@@ -8,68 +8,43 @@ token, so a scheduler that lost the lock (paused, partitioned) cannot assign any
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
 import socket
 import threading
 import time
-from functools import lru_cache
-from pathlib import Path
+from typing import Optional
 
 import redis
 
 from lorafleet.scheduler import config, fleet, keys
+from lorafleet.scheduler.artifacts import ArtifactStore
 from lorafleet.scheduler.leader import LeaderLock
+from lorafleet.scheduler.memory import JobPlan, MemoryCalibration, calibrate, cohort_bytes
 from lorafleet.scheduler.metrics import SchedulerMetrics, scheduler_metrics, serve
-from lorafleet.scheduler.policy import (
-    ExecutorView,
-    MemoryCalibration,
-    ModelShape,
-    PlanConfig,
-    QueuedJob,
-    RunningJob,
-    TenantView,
-    calibrate,
-    cohort_bytes,
-    estimate_activation_bytes,
-    estimate_base_bytes,
-    estimate_gpu_seconds,
-    estimate_job_bytes,
-    plan,
-)
-from lorafleet.scheduler.spec import JobSpec, resolve_dataset
+from lorafleet.scheduler.policy import ExecutorView, PlanConfig, QueuedJob, RunningJob, TenantView, plan
+from lorafleet.scheduler.records import ExecutorHeartbeat, JobRecord, JobState
 from lorafleet.scheduler.store import JobStore, StaleFence
-from lorafleet.scheduler.submission import resolve_base_model
+from lorafleet.scheduler.submission import plan_from_files
 
 log = logging.getLogger("lorafleet.scheduler")
 
-BYTES_PER_TOKEN_GUESS = 4  # dataset bytes per token, to size a job before its data is tokenised
+PURGE_EVERY_SECONDS = 60.0  # how often the leader expires finished jobs past the retention time
 
 
-@lru_cache(maxsize=256)
-def _model_shape(model_dir: str) -> ModelShape:
-    return ModelShape.from_config(json.loads((Path(model_dir) / "config.json").read_text()))
+def _queued_job(record: JobRecord, plan: JobPlan) -> QueuedJob:
+    bf16 = plan.size("bfloat16")
+    return QueuedJob(record.job_id, record.tenant, plan.compat_key, record.priority, record.submitted_at or 0.0,
+                     plan.est_gpu_seconds, plan.tokens_per_step, bf16.job_bytes, bf16.base_bytes,
+                     bf16.activation_bytes, plan.max_seq_len, plan.dtype, sizes=plan.sizes)
 
 
-def _job_size(spec: JobSpec, tenant: str) -> tuple[float, int, int, int, int]:
-    """(GPU seconds the job needs, tokens per micro-batch, job bytes, of them activation bytes, base bytes) from its
-    spec and files."""
-    hp = spec.hyperparameters
-    model_dir = resolve_base_model(spec.base_model, config.hf_hub_cache(), spec.base_model_revision, config.model_roots())
-    shape = _model_shape(str(model_dir))
-    tokens_per_step = hp.batch_size * hp.max_seq_len
-    if hp.max_steps is not None:
-        tokens = hp.max_steps * hp.gradient_accumulation_steps * tokens_per_step
-    else:
-        size = resolve_dataset(spec.dataset, config.data_root(), tenant).stat().st_size
-        tokens = hp.epochs * min(size // BYTES_PER_TOKEN_GUESS + 1, 10**12)
-    dtype = spec.dtype
-    job_bytes = estimate_job_bytes(shape, spec.adapter.r, spec.adapter.target_modules, hp.batch_size, hp.max_seq_len, dtype)
-    activation_bytes = estimate_activation_bytes(shape, hp.batch_size, hp.max_seq_len, dtype)
-    base_bytes = estimate_base_bytes(shape.num_params(), spec.quantization, dtype)
-    return estimate_gpu_seconds(tokens, shape.num_params()), tokens_per_step, job_bytes, activation_bytes, base_bytes
+def _running_job(record: JobRecord, plan: JobPlan, auto_dtype: str) -> RunningJob:
+    size = plan.size(auto_dtype)
+    done = record.step / record.total_steps if record.total_steps else 0.0
+    return RunningJob(record.job_id, record.tenant, size.job_bytes, plan.tokens_per_step,
+                      plan.est_gpu_seconds * (1 - done), size.activation_bytes, plan.max_seq_len)
 
 
 def _plan_isolating(queued: list[QueuedJob], executors: list[ExecutorView], tenants: dict[str, TenantView], now: float,
@@ -92,15 +67,25 @@ def _plan_isolating(queued: list[QueuedJob], executors: list[ExecutorView], tena
 
 
 class Scheduler:
+    """Rounds that read only what changed: a queued job's planning record is built once from the plan stored at
+    submission and kept while the job stays queued; each round reads the queue's ids, the few held jobs, the
+    heartbeats and the tenants, in a handful of round trips, and claims all its assignments in one."""
+
     def __init__(self, store: JobStore, holder: str, plan_config: PlanConfig = PlanConfig(),
-                 lock_ttl: float = 3.0, interval: float = 0.5, metrics: SchedulerMetrics | None = None):
+                 lock_ttl: float = 3.0, interval: float = 0.5, metrics: SchedulerMetrics | None = None,
+                 artifacts: Optional[ArtifactStore] = None, retention_seconds: Optional[float] = None):
         self.store, self.holder, self.plan_config = store, holder, plan_config
         self.lock = LeaderLock(store.r, holder, lock_ttl)
         self.interval = interval
         self.metrics = metrics
+        self.artifacts, self.retention_seconds = artifacts, retention_seconds
         self.stopping = threading.Event()
         self.calibrations: dict[str, MemoryCalibration] = {}
         self.calibrated_beats: dict[str, float] = {}  # executor id -> heartbeat already folded into calibrations
+        self.queued: dict[str, QueuedJob] = {}  # queued job id -> its planning record (a queued job never changes)
+        self.suspects: set[str] = set()  # queued jobs whose executor died before (they run alone)
+        self.plans: dict[str, JobPlan] = {}  # held job id -> its plan (fixed at submission)
+        self.last_purge = 0.0
 
     def run(self) -> None:
         """Rounds until stopped. A Redis outage pauses the scheduler (retrying every 2 s) instead of ending it."""
@@ -137,116 +122,171 @@ class Scheduler:
                 self.lock.token = None
 
     def round(self) -> list:
-        now = time.time()
-        fence = self.lock.token
+        now, fence = time.time(), self.lock.token
         alive, dead = fleet.executors(self.store.r)
-        alive_ids = {e["executor_id"] for e in alive}
-        holding = self.store.jobs_in_state("scheduled") + self.store.jobs_in_state("running")
-        for job in holding:
-            if job["executor_id"] not in alive_ids:
-                if self.store.requeue(job["job_id"], ("scheduled", "running"), "executor lost", fence=fence,
-                                      attempt=job["attempt"], executor_id=job["executor_id"], executor_died=True):
-                    log.info("job %s requeued: executor %s is gone", job["job_id"], job["executor_id"])
-                    if self.metrics:
-                        self.metrics.requeued.labels(reason="executor_lost").inc()
+        beats = {beat.executor_id: beat for beat in alive}
+        holding = self._reconcile(beats, fence)
         for executor_id in dead:
             fleet.forget(self.store.r, executor_id)
+        executors, running_by_executor = self._executor_views(alive, holding)
+        tenant_records = self.store.list_tenants()
+        disabled = {t["name"] for t in tenant_records if t["disabled"]}
+        queued = [job for job in self._queued_jobs(fence) if job.tenant not in disabled]  # those wait, never start
+        usage = self.store.gpu_seconds(now)
+        tenants = {t["name"]: TenantView(t["name"], t["weight"], t["max_running"],
+                                         t["counts"]["scheduled"] + t["counts"]["running"], usage.get(t["name"], 0.0))
+                   for t in tenant_records}
+        cfg = PlanConfig(**{**self.plan_config.__dict__,
+                            "memory_factors": {k: c.factor for k, c in self.calibrations.items()}})
+        started = time.perf_counter()
+        isolated = {job.executor_id for job in holding if job.executor_losses}
+        assignments = _plan_isolating(queued, executors, tenants, now, cfg, self.suspects & {q.job_id for q in queued},
+                                      isolated)
+        if self.metrics:
+            self.metrics.plan_duration.observe(time.perf_counter() - started)
+        self._claim(assignments, fence)
+        self._purge_expired(now)
+        if self.metrics:
+            self._export(alive, running_by_executor, tenant_records)
+        return assignments
 
+    # ---- the parts of a round ----
+
+    def _reconcile(self, beats: dict[str, ExecutorHeartbeat], fence: int) -> list[JobRecord]:
+        """Requeue held jobs that no live executor holds: their executor's heartbeat expired (it died: a loss), or it
+        looked at its assignments after this one was made and does not hold it (a write was lost, or it dropped the
+        job). Returns the jobs still held."""
+        ids = sorted(self.store.r.sunion(keys.state_set(JobState.SCHEDULED), keys.state_set(JobState.RUNNING)))
+        held = []
+        for job in self.store.jobs(ids):
+            beat = beats.get(job.executor_id or "")
+            if beat is None:
+                reason, died = "executor lost", True
+            elif job.assigned_seq <= beat.synced_seq and beat.jobs.get(job.job_id) != job.attempt:
+                reason, died = "its executor does not hold it", False
+            else:
+                held.append(job)
+                continue
+            if self.store.requeue(job.job_id, (JobState.SCHEDULED, JobState.RUNNING), reason, fence=fence,
+                                  attempt=job.attempt, executor_id=job.executor_id, executor_died=died):
+                log.info("job %s requeued: %s (executor %s)", job.job_id, reason, job.executor_id)
+                if self.metrics:
+                    self.metrics.requeued.labels(reason="executor_lost" if died else "not_held").inc()
+        self.plans = {job.job_id: self.plans.get(job.job_id) or self._plan_of(job) for job in held}
+        return held
+
+    def _plan_of(self, job: JobRecord) -> Optional[JobPlan]:
+        """The job's stored plan; one written without (schema 1, operator tools) is sized from its files once."""
+        if job.plan is not None:
+            return job.plan
+        try:
+            plan = plan_from_files(job.spec, job.tenant, config.data_root(), config.hf_hub_cache(),
+                                   config.model_roots())
+        except Exception as exc:  # its model or data vanished: the caller decides
+            log.warning("job %s cannot be sized: %s", job.job_id, exc)
+            return None
+        self.store.set_plan(job.job_id, plan)
+        return plan
+
+    def _executor_views(self, alive: list[ExecutorHeartbeat], holding: list[JobRecord]
+                        ) -> tuple[list[ExecutorView], dict[str, list[RunningJob]]]:
+        """The planner's view of each live executor, and its cohort; calibrates the memory model from each new
+        heartbeat's measured peak against the model's prediction for what that executor ran."""
+        beats = {beat.executor_id: beat for beat in alive}
         running_by_executor: dict[str, list[RunningJob]] = {}
         on_device: dict[str, tuple[int, list[RunningJob]]] = {}  # executor -> (base bytes, its jobs in the peak)
         cohort_key: dict[str, str] = {}
         for job in holding:
-            if job["executor_id"] in alive_ids:
-                spec = JobSpec.model_validate(job["spec"])  # validated at submission; stored by us
-                try:
-                    gpu_seconds, per_step, job_bytes, activation_bytes, base_bytes = _job_size(spec, job["tenant"])
-                except Exception:  # its files vanished mid-run: the executor will fail it; plan around it meanwhile
-                    gpu_seconds, per_step, job_bytes, activation_bytes, base_bytes = 0.0, 0, 0, 0, 0
-                progress = job["progress"]
-                done = progress["step"] / progress["total_steps"] if progress["total_steps"] else 0.0
-                running = RunningJob(job["job_id"], job["tenant"], job_bytes, per_step, gpu_seconds * (1 - done),
-                                     activation_bytes, spec.hyperparameters.max_seq_len)
-                running_by_executor.setdefault(job["executor_id"], []).append(running)
-                # A job only scheduled may not have reached the executor yet: the cohort's key is still its key
-                # (the heartbeat's loaded base can lag behind), but its memory is not in the reported peak.
-                cohort_key[job["executor_id"]] = spec.compatibility_key()
-                if job["state"] == "running":
-                    on_device.setdefault(job["executor_id"], (base_bytes, []))[1].append(running)
-        executors = []
-        for e in alive:
-            passes = e["max_pass_tokens"] or None
-            base_bytes, jobs = on_device.get(e["executor_id"], (0, []))
-            predicted = base_bytes + cohort_bytes(jobs, passes)
-            fresh = self.calibrated_beats.get(e["executor_id"]) != e["heartbeat_at"]
-            if fresh and e["compat_key"] and e["peak_bytes"] and predicted:
-                self.calibrated_beats[e["executor_id"]] = e["heartbeat_at"]
-                current = self.calibrations.get(e["compat_key"], MemoryCalibration())
-                self.calibrations[e["compat_key"]] = calibrate(current, e["peak_bytes"], round(predicted))
-                self.store.r.hset(keys.MEMORY_FACTORS, e["compat_key"], self.calibrations[e["compat_key"]].factor)
-            executors.append(ExecutorView(
-                executor_id=e["executor_id"], total_bytes=e["total_bytes"], free_bytes=e["free_bytes"],
-                loaded_compat_key=cohort_key.get(e["executor_id"], e["compat_key"]), loaded_base_bytes=e["base_bytes"],
-                running=tuple(running_by_executor.get(e["executor_id"], ())), max_pass_tokens=passes,
-                dtypes=frozenset(e["dtypes"].split(",")) if e.get("dtypes") else None,
+            plan, beat = self.plans.get(job.job_id), beats[job.executor_id]
+            if plan is None:
+                continue  # its files vanished mid-run: the executor will fail it; plan around it meanwhile
+            running = _running_job(job, plan, beat.auto_dtype)
+            running_by_executor.setdefault(job.executor_id, []).append(running)
+            # A job only scheduled may not have reached the executor yet: the cohort's key is still its key
+            # (the heartbeat's loaded base can lag behind), but its memory is not in the measured peak.
+            cohort_key[job.executor_id] = plan.compat_key
+            if job.state == JobState.RUNNING and beat.jobs.get(job.job_id) == job.attempt:
+                on_device.setdefault(job.executor_id, (plan.size(beat.auto_dtype).base_bytes, []))[1].append(running)
+        views = []
+        for beat in alive:
+            self._calibrate(beat, *on_device.get(beat.executor_id, (0, [])))
+            views.append(ExecutorView(
+                executor_id=beat.executor_id, total_bytes=beat.total_bytes, free_bytes=beat.free_bytes,
+                loaded_compat_key=cohort_key.get(beat.executor_id, beat.compat_key), loaded_base_bytes=beat.base_bytes,
+                running=tuple(running_by_executor.get(beat.executor_id, ())), max_pass_tokens=beat.max_pass_tokens,
+                dtypes=frozenset(beat.dtypes) or None, auto_dtype=beat.auto_dtype, pass_tokens=beat.pass_tokens,
             ))
+        return views, running_by_executor
 
-        tenant_records = self.store.list_tenants()
-        disabled = {t["name"] for t in tenant_records if t["disabled"]}
-        queued, suspects = [], set()
-        for job in self.store.list_queued():
-            if job["tenant"] in disabled:  # stays queued, never starts, until the tenant is enabled again
-                continue
-            try:
-                spec = JobSpec.model_validate(job["spec"])
-                gpu_seconds, per_step, job_bytes, activation_bytes, base_bytes = _job_size(spec, job["tenant"])
-            except Exception as exc:  # its model or data vanished since submission: fail it with the reason
-                self.store.transition(job["job_id"], "queued", "failed", fence=fence, error=f"cannot size job: {exc}")
-                continue
-            if job["executor_losses"]:
-                suspects.add(job["job_id"])
-            queued.append(QueuedJob(job["job_id"], job["tenant"], spec.compatibility_key(), spec.priority,
-                                    job["submitted_at"], gpu_seconds, per_step, job_bytes, base_bytes,
-                                    activation_bytes, spec.hyperparameters.max_seq_len, spec.dtype))
+    def _calibrate(self, beat: ExecutorHeartbeat, base_bytes: int, jobs: list[RunningJob]) -> None:
+        """Fold a new measured peak into its base's calibration: the prediction is for the passes the step really
+        ran (`pass_tokens`), so the factor learns the model's error, not the executor's choice of pass size."""
+        predicted = base_bytes + cohort_bytes(jobs, beat.pass_tokens or None) if jobs else 0
+        if self.calibrated_beats.get(beat.executor_id) == beat.heartbeat_at or not (
+                beat.compat_key and beat.peak_bytes and predicted):
+            return
+        self.calibrated_beats[beat.executor_id] = beat.heartbeat_at
+        current = self.calibrations.get(beat.compat_key, MemoryCalibration())
+        self.calibrations[beat.compat_key] = calibrate(current, beat.peak_bytes, round(predicted))
+        self.store.r.hset(keys.MEMORY_FACTORS, beat.compat_key, self.calibrations[beat.compat_key].factor)
 
-        usage = self.store.gpu_seconds()
-        tenants = {}
-        for t in tenant_records:
-            counts = self.store.counts(t["name"])
-            tenants[t["name"]] = TenantView(t["name"], t["weight"], t["max_running"],
-                                            counts.get("scheduled", 0) + counts.get("running", 0),
-                                            usage.get(t["name"], 0.0))
-        cfg = PlanConfig(**{**self.plan_config.__dict__,
-                            "memory_factors": {k: c.factor for k, c in self.calibrations.items()}})
-        started = time.perf_counter()
-        isolated = {job["executor_id"] for job in holding if job["executor_losses"]}
-        assignments = _plan_isolating(queued, executors, tenants, now, cfg, suspects, isolated)
-        if self.metrics:
-            self.metrics.plan_duration.observe(time.perf_counter() - started)
-        tenant_of = {job.job_id: job.tenant for job in queued}
-        for a in assignments:
-            # The executor list was read before the queue: one that deregistered since (a drain hands its jobs back
-            # after deregistering) must not get them again.
-            if not fleet.is_registered(self.store.r, a.executor_id):
+    def _queued_jobs(self, fence: int) -> list[QueuedJob]:
+        """Queued jobs in queue order. Only jobs new to the queue since the last round are read (their records,
+        once); a job that left the queue leaves the cache."""
+        ids = self.store.queued_ids()
+        fresh = [job_id for job_id in ids if job_id not in self.queued]
+        present = set(ids)
+        for job_id in [job_id for job_id in self.queued if job_id not in present]:
+            del self.queued[job_id]
+            self.suspects.discard(job_id)
+        for record in self.store.jobs(fresh):
+            if record.state != JobState.QUEUED:
+                continue  # it moved on between the two reads
+            plan = self._plan_of(record)
+            if plan is None:
+                self.store.fail(record.job_id, JobState.QUEUED, fence=fence,
+                                error=f"job {record.job_id} failed: cannot size it: its base model or dataset is gone")
                 continue
-            attempt = self.store.claim(a.job_id, a.executor_id, fence=fence)
-            if attempt is not None:
-                log.info("job %s -> executor %s (attempt %d)", a.job_id, a.executor_id, attempt)
-                if self.metrics:
-                    self.metrics.assignments.labels(tenant=tenant_of[a.job_id]).inc()
-        if self.metrics:
-            self._export(alive, running_by_executor, tenants)
-        return assignments
+            self.queued[record.job_id] = _queued_job(record, plan)
+            if record.executor_losses:
+                self.suspects.add(record.job_id)
+        return [self.queued[job_id] for job_id in ids if job_id in self.queued]
 
-    def _export(self, alive, running_by_executor, tenants) -> None:
+    def _claim(self, assignments: list, fence: int) -> None:
+        """Claim every assignment in one round trip; a claim for an executor whose heartbeat is gone (it
+        deregistered since the round read it: a drain hands its jobs back after deregistering) is refused."""
+        attempts = self.store.claim_many([(a.job_id, a.executor_id) for a in assignments], fence=fence)
+        for a, attempt in zip(assignments, attempts):
+            if attempt is None:
+                continue
+            job = self.queued.pop(a.job_id, None)
+            log.info("job %s -> executor %s (attempt %d)", a.job_id, a.executor_id, attempt)
+            if self.metrics and job is not None:
+                self.metrics.assignments.labels(tenant=job.tenant).inc()
+
+    def _purge_expired(self, now: float) -> None:
+        """Expire finished jobs older than the retention time, with their artifacts, a batch at a time."""
+        if self.retention_seconds is None or now - self.last_purge < PURGE_EVERY_SECONDS:
+            return
+        self.last_purge = now
+        removed = self.store.purge(now - self.retention_seconds, self._delete_artifacts, limit=100)
+        if removed:
+            log.info("expired %d finished jobs (retention %.0f s)", len(removed), self.retention_seconds)
+
+    def _delete_artifacts(self, job: JobRecord) -> None:
+        if self.artifacts is not None:
+            self.artifacts.delete_job(job.tenant, job.job_id)
+
+    def _export(self, alive, running_by_executor, tenant_records) -> None:
         self.metrics.executors_alive.set(len(alive))
         for kind, count in self.store.r.hgetall(keys.REJECTED_MESSAGES).items():
             self.metrics.rejected_messages.labels(kind=kind).set(int(count))
-        for e in alive:
-            self.metrics.cohort_jobs.labels(executor=e["executor_id"]).set(len(running_by_executor.get(e["executor_id"], ())))
-        for name in tenants:
-            counts = self.store.counts(name)
-            for state in keys.JOB_STATES:
-                self.metrics.jobs.labels(tenant=name, state=state).set(counts.get(state, 0))
+        for beat in alive:
+            self.metrics.cohort_jobs.labels(executor=beat.executor_id).set(
+                len(running_by_executor.get(beat.executor_id, ())))
+        for tenant in tenant_records:
+            for state, count in tenant["counts"].items():
+                self.metrics.jobs.labels(tenant=tenant["name"], state=state).set(count)
 
 
 def main(metrics_port: int, interval: float, lock_ttl: float, packing: str) -> None:
@@ -259,7 +299,8 @@ def main(metrics_port: int, interval: float, lock_ttl: float, packing: str) -> N
     holder = f"{socket.gethostname()}-{os.getpid()}"
     log.info("scheduler %s: metrics on http://127.0.0.1:%d/metrics", holder, port)
     scheduler = Scheduler(store, holder, PlanConfig(packing=packing), lock_ttl=lock_ttl, interval=interval,
-                          metrics=metrics)
+                          metrics=metrics, artifacts=ArtifactStore(config.artifact_root()),
+                          retention_seconds=config.job_retention_seconds())
     signal.signal(signal.SIGTERM, lambda *_: scheduler.stopping.set())
     signal.signal(signal.SIGINT, lambda *_: scheduler.stopping.set())
     scheduler.run()

@@ -30,20 +30,16 @@ import time
 from dataclasses import dataclass, replace
 from typing import Optional
 
+from lorafleet.scheduler.memory import MemoryCalibration, ModelShape, calibrate, estimate_base_bytes, estimate_job_bytes
 from lorafleet.scheduler.policy import (
     Assignment,
     ExecutorView,
-    MemoryCalibration,
-    ModelShape,
     PlanConfig,
     QueuedJob,
     RunningJob,
     TenantView,
     USAGE_HALF_LIFE_SECONDS,
-    calibrate,
     decayed_usage,
-    estimate_base_bytes,
-    estimate_job_bytes,
     plan,
 )
 

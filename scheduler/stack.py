@@ -18,7 +18,7 @@ from typing import Optional
 
 from celery import Celery
 
-from lorafleet.scheduler import config
+from lorafleet.scheduler import config, keys
 from lorafleet.scheduler.acl import TenantCredentials
 from lorafleet.scheduler.client import LorafleetClient, make_celery
 from lorafleet.scheduler.redis_server import RedisServer, start_redis_server, write_private
@@ -120,7 +120,7 @@ def wait_for_jobs(stack: Stack, job_ids: list[str], on_update, timeout: float = 
     while True:
         jobs = [store.get_job(job_id, with_spec=False) for job_id in job_ids]
         on_update(jobs)
-        if all(job["state"] in ("succeeded", "failed", "cancelled") for job in jobs):
+        if all(job["state"] in keys.TERMINAL_STATES for job in jobs):
             return jobs
         for process in stack.processes:
             if process.poll() is not None:

@@ -1,23 +1,24 @@
 """The job store: jobs, tenants and per-job event streams in Redis (keys in `lorafleet.scheduler.keys`).
 
-Every change that touches more than one key runs as one Lua script, so a crash or a concurrent writer never leaves
-a half-made job, a wrong per-state count or a job in the queue index that is not queued.
+Jobs are read as `records.JobRecord` and changed only through the verbs below (`submit`, `claim`, `start`,
+`record_progress`, `record_checkpoint`, `succeed`, `fail`, `requeue`, `cancel`, `purge`), each one Lua script
+(`scripts`), so that a crash or a concurrent writer never leaves a half-made job, a wrong per-state count or an index
+(queue, per-state sets, each executor's holding, finished) that disagrees with a job's state.
 
-Job states and the only legal moves (`TRANSITIONS`):
+Job states and the only legal moves (`records.TRANSITIONS`):
 
     queued -> scheduled -> running -> succeeded | failed | cancelled
     queued -> cancelled | failed (it can never run);  scheduled -> failed | cancelled
     scheduled | running -> queued   (preempted or orphaned; keeps its checkpoint_uri)
 
 Cancellation: a queued job becomes `cancelled` at once. A scheduled or running job also becomes `cancelled` at once
-(so it stops counting against quotas) and gets `cancel_requested = 1`. The signal to the executor is the state: it
-drops every job whose state is no longer scheduled/running or whose attempt moved on (its `record_progress`,
-`record_checkpoint` and `set_result` are refused from then on); `is_cancel_requested` says why a held job went away.
+(so it stops counting against quotas) and gets `cancel_requested = 1`; it leaves its executor's holding index, which
+is how the executor learns to drop it, and every write of the old lease is refused from then on.
 
-Leases: each move to `scheduled` increments the job's `attempt`. An executor passes the attempt it was given to
-`transition` / `record_progress` / `set_result`; a stale attempt is refused, so an executor that lost its job (requeued
-while it was stalled) cannot overwrite the new holder's state. The leader scheduler passes its fencing token
-(`fence=`); a write with a stale token raises `StaleFence`.
+Leases: each move to `scheduled` increments the job's `attempt`. An executor passes the attempt it was given and
+its own id to every write about the job; a write whose lease is not the job's current one is refused, so an
+executor that lost its job (requeued while it was stalled) cannot change its state, metrics or artifact pointers.
+The leader scheduler passes its fencing token (`fence=`); a write with a stale token raises `StaleFence`.
 """
 
 from __future__ import annotations
@@ -28,33 +29,28 @@ import math
 import re
 import secrets
 import time
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import redis
 
-from lorafleet.scheduler import acl, keys
-from lorafleet.scheduler.policy import USAGE_HALF_LIFE_SECONDS, decayed_usage
+from lorafleet.scheduler import acl, keys, scripts
 from lorafleet.scheduler.datasets import AcceptedDataset
+from lorafleet.scheduler.memory import JobPlan
+from lorafleet.scheduler.policy import USAGE_HALF_LIFE_SECONDS, decayed_usage
+from lorafleet.scheduler.records import HOLDING_STATES, TRANSITIONS, JobRecord, JobState
 from lorafleet.scheduler.spec import JobSpec
-
-TRANSITIONS: dict[str, tuple[str, ...]] = {
-    "queued": ("scheduled", "cancelled", "failed"),
-    "scheduled": ("running", "queued", "failed", "cancelled"),
-    "running": ("succeeded", "failed", "cancelled", "queued"),
-    "succeeded": (),
-    "failed": (),
-    "cancelled": (),
-}
 
 # What a transition may set besides the state; identity, spec, lease counter and timestamps are the store's own.
 SETTABLE_FIELDS = {"error", "adapter_uri", "checkpoint_uri", "executor_id", "cancel_requested", "step", "total_steps"}
 
 JOB_ID_RE = re.compile(r"^job-[0-9a-f]{16}$")
+REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 TENANT_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 RESERVED_TENANT_NAMES = ("shared",)  # the data root's area readable by every tenant
 MAX_LIST_LIMIT = 1000
 MAX_EXECUTOR_LOSSES = 3  # executors that died holding a job, before the job is failed
 MAX_TOKEN_CHARS = 128  # ours are 47; a longer one is refused before it is hashed
+KEEP_CHECKPOINTS = 2  # checkpoints of a job kept; older ones are deleted when a newer one is recorded
 _STREAM_ID_RE = re.compile(r"^\d{1,20}-\d{1,20}$")
 
 
@@ -70,83 +66,12 @@ class QuotaExceeded(ValueError):
     """The tenant already has max_queued jobs waiting."""
 
 
-# KEYS: tenant, tenant counts, job, tenant jobs, queue, queued set, global counts, events, submit sequence.
-# ARGV: job id, tenant, name, priority, spec JSON, now, events maxlen, accepted datasets JSON.
-_SUBMIT = """
-local quota = redis.call('HMGET', KEYS[1], 'max_queued', 'disabled')
-if not quota[1] then return redis.error_reply('NO_TENANT') end
-if quota[2] == '1' then return redis.error_reply('DISABLED') end
-local queued = tonumber(redis.call('HGET', KEYS[2], 'queued') or '0')
-if queued >= tonumber(quota[1]) then return redis.error_reply('QUOTA ' .. queued .. ' ' .. quota[1]) end
-if redis.call('EXISTS', KEYS[3]) == 1 then return redis.error_reply('JOB_EXISTS') end
-local id, now = ARGV[1], ARGV[6]
-local score = string.format('%d%014d', 9 - tonumber(ARGV[4]), redis.call('INCR', KEYS[9]))
-redis.call('HSET', KEYS[3], 'job_id', id, 'tenant', ARGV[2], 'name', ARGV[3], 'state', 'queued',
-  'priority', ARGV[4], 'spec', ARGV[5], 'submitted_at', now, 'updated_at', now, 'queue_score', score,
-  'step', '0', 'total_steps', '0', 'metrics', '{}', 'attempt', '0', 'cancel_requested', '0', 'datasets', ARGV[8])
-redis.call('ZADD', KEYS[4], now, id)
-redis.call('ZADD', KEYS[5], score, id)
-redis.call('SADD', KEYS[6], id)
-redis.call('HINCRBY', KEYS[2], 'queued', 1)
-redis.call('HINCRBY', KEYS[7], 'queued', 1)
-redis.call('XADD', KEYS[8], 'MAXLEN', '~', ARGV[7], '*', 'type', 'state', 'ts', now,
-  'data', cjson.encode({['from'] = cjson.null, to = 'queued'}))
-return 1
-"""
+def progress_event_due(step: int, total_steps: int, events: int = keys.PROGRESS_EVENTS) -> bool:
+    """Whether optimizer step `step` of `total_steps` gets a progress event: every step of a short job, every n-th of
+    a long one (n = total_steps / events, rounded up) and always the last, so a job has about `events` of them."""
+    every = max(1, math.ceil(total_steps / events)) if total_steps > 0 else 1
+    return step % every == 0 or step >= total_steps
 
-# KEYS: job, global counts, queue, events, fence. ARGV: from_states (comma separated), to, now, fence or '',
-# attempt or '', key prefix, events maxlen, fields as JSON object.
-_TRANSITION = """
-local job = redis.call('HMGET', KEYS[1], 'state', 'attempt', 'tenant', 'job_id', 'queue_score')
-local cur = job[1]
-if not cur then return redis.error_reply('NO_JOB') end
-if ARGV[4] ~= '' and redis.call('GET', KEYS[5]) ~= ARGV[4] then return redis.error_reply('STALE_FENCE') end
-local allowed = false
-for s in string.gmatch(ARGV[1], '[^,]+') do if s == cur then allowed = true end end
-if not allowed or (ARGV[5] ~= '' and job[2] ~= ARGV[5]) then return {0, cur} end
-local to, now, prefix, id = ARGV[2], ARGV[3], ARGV[6], job[4]
-local fields = cjson.decode(ARGV[8])
-redis.call('HSET', KEYS[1], 'state', to, 'updated_at', now)
-for k, v in pairs(fields) do redis.call('HSET', KEYS[1], k, v) end
-if to == 'scheduled' then
-  redis.call('HINCRBY', KEYS[1], 'attempt', 1)
-  redis.call('HSET', KEYS[1], 'scheduled_at', now)
-elseif to == 'running' then
-  redis.call('HSET', KEYS[1], 'started_at', now)
-elseif to == 'queued' then
-  redis.call('HSET', KEYS[1], 'executor_id', '')
-elseif to == 'succeeded' or to == 'failed' or to == 'cancelled' then
-  redis.call('HSET', KEYS[1], 'finished_at', now)
-end
-if to == 'queued' then redis.call('ZADD', KEYS[3], job[5], id) else redis.call('ZREM', KEYS[3], id) end
-redis.call('SMOVE', prefix .. 'state:' .. cur, prefix .. 'state:' .. to, id)
-local tcounts = prefix .. 'tenant:' .. job[3] .. ':counts'
-redis.call('HINCRBY', tcounts, cur, -1)
-redis.call('HINCRBY', tcounts, to, 1)
-redis.call('HINCRBY', KEYS[2], cur, -1)
-redis.call('HINCRBY', KEYS[2], to, 1)
-fields['from'] = cur
-fields['to'] = to
-redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[7], '*', 'type', 'state', 'ts', now, 'data', cjson.encode(fields))
-return {1, cur}
-"""
-
-# KEYS: job, events. ARGV: step, total_steps, metrics JSON, now, attempt or '', events maxlen, event data JSON.
-_PROGRESS = """
-local job = redis.call('HMGET', KEYS[1], 'state', 'attempt')
-if job[1] ~= 'running' or (ARGV[5] ~= '' and job[2] ~= ARGV[5]) then return 0 end
-redis.call('HSET', KEYS[1], 'step', ARGV[1], 'total_steps', ARGV[2], 'metrics', ARGV[3], 'updated_at', ARGV[4])
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], '*', 'type', 'progress', 'ts', ARGV[4], 'data', ARGV[7])
-return 1
-"""
-
-# KEYS: job. ARGV: checkpoint uri, attempt, now.
-_CHECKPOINT = """
-local job = redis.call('HMGET', KEYS[1], 'state', 'attempt')
-if job[1] ~= 'running' or job[2] ~= ARGV[2] then return 0 end
-redis.call('HSET', KEYS[1], 'checkpoint_uri', ARGV[1], 'updated_at', ARGV[3])
-return 1
-"""
 
 # KEYS: usage hash (tenant -> "<gpu seconds> <as of unix time>"). ARGV: now, decay rate, then tenant, seconds pairs.
 _ADD_USAGE = """
@@ -191,6 +116,8 @@ return 1
 """
 
 
+
+
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
 
@@ -199,42 +126,18 @@ def new_token() -> str:
     return "lft_" + secrets.token_urlsafe(32)
 
 
-def _float(value: Optional[str]) -> Optional[float]:
-    return float(value) if value not in (None, "") else None
-
-
-def job_view(raw: dict[str, str], with_spec: bool = True) -> dict[str, Any]:
-    """The public, JSON-ready form of a job hash (what `lorafleet.get_job` returns)."""
-    view = {
-        "job_id": raw["job_id"],
-        "tenant": raw["tenant"],
-        "name": raw.get("name", ""),
-        "state": raw["state"],
-        "priority": int(raw.get("priority", 0)),
-        "submitted_at": _float(raw.get("submitted_at")),
-        "updated_at": _float(raw.get("updated_at")),
-        "scheduled_at": _float(raw.get("scheduled_at")),
-        "started_at": _float(raw.get("started_at")),
-        "finished_at": _float(raw.get("finished_at")),
-        "progress": {"step": int(raw.get("step", 0)), "total_steps": int(raw.get("total_steps", 0))},
-        "metrics": json.loads(raw.get("metrics") or "{}"),
-        "error": raw.get("error") or None,
-        "adapter_uri": raw.get("adapter_uri") or None,
-        "checkpoint_uri": raw.get("checkpoint_uri") or None,
-        "executor_id": raw.get("executor_id") or None,
-        "attempt": int(raw.get("attempt", 0)),
-        "cancel_requested": raw.get("cancel_requested") == "1",
-        "executor_losses": int(raw.get("executor_losses") or 0),
-    }
-    if with_spec:
-        view["spec"] = json.loads(raw["spec"])
-    return view
-
-
 def _check_limit(limit: Any) -> int:
     if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIST_LIMIT:
         raise ValueError(f"limit: must be an integer from 1 to {MAX_LIST_LIMIT}, got {limit!r}")
     return limit
+
+
+def _states(states: Iterable[str] | str) -> tuple[JobState, ...]:
+    return (JobState(states),) if isinstance(states, str) else tuple(JobState(s) for s in states)
+
+
+def _lease_args(attempt: Optional[int], executor_id: Optional[str]) -> list:
+    return ["" if attempt is None else attempt, executor_id or ""]
 
 
 class JobStore:
@@ -242,10 +145,11 @@ class JobStore:
         if not client.get_connection_kwargs().get("decode_responses"):
             raise ValueError("JobStore needs a Redis client with decode_responses=True")
         self.r = client
-        self._submit = client.register_script(_SUBMIT)
-        self._transition = client.register_script(_TRANSITION)
-        self._progress = client.register_script(_PROGRESS)
-        self._checkpoint = client.register_script(_CHECKPOINT)
+        self._submit = client.register_script(scripts.SUBMIT)
+        self._transition = client.register_script(scripts.TRANSITION)
+        self._progress = client.register_script(scripts.PROGRESS)
+        self._checkpoint = client.register_script(scripts.CHECKPOINT)
+        self._purge = client.register_script(scripts.PURGE)
         self._add_usage = client.register_script(_ADD_USAGE)
         self._create_tenant = client.register_script(_CREATE_TENANT)
         self._rotate_token = client.register_script(_ROTATE_TOKEN)
@@ -256,11 +160,33 @@ class JobStore:
         return cls(redis.Redis.from_url(url, decode_responses=True))
 
     def ensure_schema(self) -> None:
-        """Stamp an empty database with our schema version; refuse one written by a different version."""
+        """Stamp an empty database with our schema version, migrate one written by version 1, refuse any other."""
         self.r.setnx(keys.SCHEMA_VERSION_KEY, keys.SCHEMA_VERSION)
         found = int(self.r.get(keys.SCHEMA_VERSION_KEY))
+        if found == 1:
+            self._migrate_from_1()
+            self.r.set(keys.SCHEMA_VERSION_KEY, keys.SCHEMA_VERSION)
+            found = keys.SCHEMA_VERSION
         if found != keys.SCHEMA_VERSION:
             raise RuntimeError(f"Redis holds lorafleet schema version {found}, this code needs {keys.SCHEMA_VERSION}")
+
+    def _migrate_from_1(self) -> None:
+        """Version 1 had no holding or finished indexes and no job plans. Builds the indexes (idempotent, so two
+        processes starting at once do no harm); jobs without a plan are sized by the scheduler when it first sees
+        them (`service.Scheduler`), from the files, as version 1 did every round."""
+        for state in HOLDING_STATES:
+            for job_id in self.r.smembers(keys.state_set(state)):
+                executor_id, attempt = self.r.hmget(keys.job(job_id), "executor_id", "attempt")
+                if executor_id:
+                    self.r.hset(keys.holding(executor_id), job_id, attempt or "0")
+        for state in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED):
+            for job_id in self.r.smembers(keys.state_set(state)):
+                finished_at = self.r.hget(keys.job(job_id), "finished_at")
+                self.r.zadd(keys.FINISHED, {job_id: float(finished_at or 0)})
+        for state in JobState:
+            for job_id in self.r.smembers(keys.state_set(state)):
+                uri = self.r.hget(keys.job(job_id), "checkpoint_uri")
+                self.r.hsetnx(keys.job(job_id), "checkpoints", json.dumps([uri] if uri else []))
 
     # ---- tenants ----
 
@@ -286,18 +212,17 @@ class JobStore:
         raw = self.r.hgetall(keys.tenant(name))
         if not raw:
             raise LookupError(f"no tenant {name!r}")
-        return {
-            "name": raw["name"],
-            "weight": float(raw["weight"]),
-            "max_queued": int(raw["max_queued"]),
-            "max_running": int(raw["max_running"]),
-            "disabled": raw["disabled"] == "1",
-            "created_at": float(raw["created_at"]),
-            "counts": self.counts(name),
-        }
+        return _tenant_view(raw, self.r.hgetall(keys.tenant_counts(name)))
 
     def list_tenants(self) -> list[dict[str, Any]]:
-        return [self.get_tenant(name) for name in sorted(self.r.smembers(keys.TENANTS))]
+        """Every tenant with its per-state counts, in one round trip (what a scheduling round reads)."""
+        names = sorted(self.r.smembers(keys.TENANTS))
+        pipe = self.r.pipeline(transaction=False)
+        for name in names:
+            pipe.hgetall(keys.tenant(name))
+            pipe.hgetall(keys.tenant_counts(name))
+        found = pipe.execute()
+        return [_tenant_view(raw, counts) for raw, counts in zip(found[::2], found[1::2]) if raw]
 
     def set_quota(
         self,
@@ -369,27 +294,33 @@ class JobStore:
         return name
 
     def counts(self, tenant: Optional[str] = None) -> dict[str, int]:
-        raw = self.r.hgetall(keys.tenant_counts(tenant) if tenant else keys.COUNTS)
-        return {state: int(raw.get(state, 0)) for state in keys.JOB_STATES}
+        return _counts(self.r.hgetall(keys.tenant_counts(tenant) if tenant else keys.COUNTS))
 
     # ---- jobs ----
 
     def submit(self, tenant: str, spec: JobSpec, now: Optional[float] = None,
-               datasets: Optional[dict[str, AcceptedDataset]] = None) -> dict[str, Any]:
+               datasets: Optional[dict[str, AcceptedDataset]] = None, plan: Optional[JobPlan] = None,
+               request_id: Optional[str] = None) -> dict[str, Any]:
         """Insert a validated job as `queued`, enforcing the tenant's max_queued in the same atomic step.
 
-        `datasets`: the accepted copies of the spec's datasets (the API always passes them); a job without them
-        (submitted here directly, by operator tools and tests) is read from the data root by path."""
+        `datasets`: the accepted copies of the spec's datasets; `plan`: its size, decided at submission (the API
+        always passes both; a job without a plan, submitted here by operator tools and tests, is sized by the
+        scheduler when it first sees it). `request_id`: a client's idempotency key; a second submit with the same
+        key returns the first job (whatever its state) instead of making another."""
+        if request_id is not None and not (isinstance(request_id, str) and REQUEST_ID_RE.fullmatch(request_id)):
+            raise ValueError("request_id: use 1-128 letters, digits, '.', '_', ':' or '-'")
         now = time.time() if now is None else now
         job_id = "job-" + secrets.token_hex(8)
         try:
-            self._submit(
+            _, job_id = self._submit(
                 keys=[
                     keys.tenant(tenant), keys.tenant_counts(tenant), keys.job(job_id), keys.tenant_jobs(tenant),
-                    keys.QUEUE, keys.state_set("queued"), keys.COUNTS, keys.job_events(job_id), keys.SUBMIT_SEQ,
+                    keys.QUEUE, keys.state_set(JobState.QUEUED), keys.COUNTS, keys.job_events(job_id),
+                    keys.SUBMIT_SEQ, keys.tenant_requests(tenant),
                 ],
-                args=[job_id, tenant, spec.name, spec.priority, spec.model_dump_json(), repr(now), keys.EVENTS_MAXLEN,
-                      json.dumps({field: d.to_json() for field, d in (datasets or {}).items()})],
+                args=[job_id, tenant, spec.name, spec.priority, spec.model_dump_json(), repr(now),
+                      json.dumps({field: d.to_json() for field, d in (datasets or {}).items()}),
+                      plan.to_json() if plan else "", request_id or ""],
             )
         except redis.ResponseError as exc:
             reason = str(exc)
@@ -405,12 +336,24 @@ class JobStore:
             raise
         return self.get_job(job_id)
 
-    def get_job(self, job_id: str, with_spec: bool = True) -> Optional[dict[str, Any]]:
+    def job(self, job_id: str) -> Optional[JobRecord]:
         # Checked before any key is built from it: "<id>:events" would otherwise name another key.
         if not isinstance(job_id, str) or not JOB_ID_RE.fullmatch(job_id):
             return None
         raw = self.r.hgetall(keys.job(job_id))
-        return job_view(raw, with_spec) if raw else None
+        return JobRecord.from_hash(raw) if raw else None
+
+    def jobs(self, job_ids: Iterable[str]) -> list[JobRecord]:
+        """The records of those of `job_ids` that exist, in order (one round trip)."""
+        pipe = self.r.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hgetall(keys.job(job_id))
+        return [JobRecord.from_hash(raw) for raw in pipe.execute() if raw]
+
+    def get_job(self, job_id: str, with_spec: bool = True) -> Optional[dict[str, Any]]:
+        """The public view of a job (`JobRecord.view`), or None."""
+        record = self.job(job_id)
+        return record.view(with_spec) if record else None
 
     def accepted_datasets(self, job_id: str) -> dict[str, AcceptedDataset]:
         raw = self.r.hget(keys.job(job_id), "datasets")
@@ -435,7 +378,7 @@ class JobStore:
         for name in tenants:
             found += self._newest(name, state, limit)
         found.sort(key=lambda item: item[1], reverse=True)
-        return self._views([job_id for job_id, _ in found[:limit]], with_spec=False)
+        return [record.view(with_spec=False) for record in self.jobs(job_id for job_id, _ in found[:limit])]
 
     def _newest(self, tenant: str, state: Optional[str], limit: int, chunk: int = 500) -> list[tuple[str, float]]:
         """Up to `limit` (job id, submit time) of the tenant's newest jobs in `state` (any state if None)."""
@@ -454,19 +397,36 @@ class JobStore:
             start += chunk
         return found[:limit]
 
-    def list_queued(self, limit: Optional[int] = None) -> list[dict[str, Any]]:
-        """Queued jobs in scheduling order: priority 9 first, then oldest first. Includes each job's spec."""
-        ids = self.r.zrange(keys.QUEUE, 0, -1 if limit is None else limit - 1)
-        return self._views(ids, with_spec=True)
+    def queued_ids(self) -> list[str]:
+        """Queued job ids in scheduling order: priority 9 first, then oldest first."""
+        return self.r.zrange(keys.QUEUE, 0, -1)
 
-    def jobs_in_state(self, state: str) -> list[dict[str, Any]]:
-        return self._views(sorted(self.r.smembers(keys.state_set(state))), with_spec=True)
+    def list_queued(self, limit: Optional[int] = None) -> list[JobRecord]:
+        """Queued jobs in scheduling order, whole records."""
+        return self.jobs(self.r.zrange(keys.QUEUE, 0, -1 if limit is None else limit - 1))
 
-    def _views(self, job_ids: Iterable[str], with_spec: bool) -> list[dict[str, Any]]:
-        pipe = self.r.pipeline(transaction=False)
-        for job_id in job_ids:
-            pipe.hgetall(keys.job(job_id))
-        return [job_view(raw, with_spec) for raw in pipe.execute() if raw]
+    def jobs_in_state(self, state: str) -> list[JobRecord]:
+        return self.jobs(sorted(self.r.smembers(keys.state_set(JobState(state)))))
+
+    def holding(self, executor_id: str) -> tuple[int, dict[str, int]]:
+        """(the assignment sequence now, job id -> attempt of every job scheduled on or running at `executor_id`),
+        read together: every assignment up to that sequence number is in the map, or was taken away since."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.get(keys.ASSIGN_SEQ)
+        pipe.hgetall(keys.holding(executor_id))
+        seq, held = pipe.execute()
+        return int(seq or 0), {job_id: int(attempt) for job_id, attempt in held.items()}
+
+    def holds(self, job_id: str, attempt: int, executor_id: Optional[str] = None) -> bool:
+        """Whether the lease (`attempt`, `executor_id`) is the running job's current one."""
+        state, current, holder = self.r.hmget(keys.job(job_id), "state", "attempt", "executor_id")
+        return state == JobState.RUNNING and current == str(attempt) and (executor_id is None or holder == executor_id)
+
+    def set_plan(self, job_id: str, plan: JobPlan) -> None:
+        """Store the size of a job written without one (schema version 1, operator tools)."""
+        self.r.hset(keys.job(job_id), "plan", plan.to_json())
+
+    # ---- transitions ----
 
     def transition(
         self,
@@ -476,88 +436,177 @@ class JobStore:
         *,
         fence: Optional[int] = None,
         attempt: Optional[int] = None,
+        executor_id: Optional[str] = None,
         **fields: Any,
     ) -> bool:
-        """Atomically move a job from one of `from_states` to `to_state`, setting `fields` on it.
+        """Atomically move a job from one of `from_states` to `to_state`, setting `fields` on it; the primitive under
+        the verbs, which callers should prefer.
 
-        Returns False (and changes nothing) when the job is in none of `from_states` or `attempt` is stale — the
-        normal outcome of a race. Raises IllegalTransition for a move the state machine forbids, LookupError for an
-        unknown job, StaleFence when `fence` is not the current leader's token.
+        Returns False (and changes nothing) when the job is in none of `from_states`, or `attempt` / `executor_id`
+        (the lease, when given) is not the job's — the normal outcome of a race. Raises IllegalTransition for a
+        move the state machine forbids, LookupError for an unknown job, StaleFence when `fence` is not the current
+        leader's token. For a move to scheduled, `executor_id` is the field it sets (the new holder), not a check.
         """
-        from_states = (from_states,) if isinstance(from_states, str) else tuple(from_states)
-        for state in from_states:
-            if state not in TRANSITIONS:
-                raise IllegalTransition(f"unknown state {state!r}")
-            if to_state not in TRANSITIONS[state]:
-                raise IllegalTransition(f"illegal transition {state} -> {to_state}")
+        moved = self._move(job_id, from_states, to_state, fence=fence, attempt=attempt, executor_id=executor_id,
+                           fields=fields)
+        return moved is not None
+
+    def _move(self, job_id: str, from_states, to_state, *, fence=None, attempt=None, executor_id=None,
+              fields: Optional[dict] = None, must_exist: str = "", pipe=None) -> Optional[int]:
+        """`transition`; returns the job's attempt after the move, or None when it did not move."""
+        states, to = _states(from_states), JobState(to_state)
+        for state in states:
+            if to not in TRANSITIONS[state]:
+                raise IllegalTransition(f"illegal transition {state} -> {to}")
+        fields = dict(fields or {})
         not_settable = set(fields) - SETTABLE_FIELDS
         if not_settable:
             raise ValueError(f"transition cannot set {sorted(not_settable)}")
+        if to == JobState.SCHEDULED:
+            fields["executor_id"], executor_id = executor_id, None
+            if not fields["executor_id"]:
+                raise ValueError("a move to scheduled needs the executor_id it goes to")
+        args = [",".join(states), to.value, repr(time.time()), "" if fence is None else fence,
+                *_lease_args(attempt, executor_id), json.dumps({k: str(v) for k, v in fields.items()}), must_exist]
+        script_keys = [keys.job(job_id), keys.COUNTS, keys.QUEUE, keys.job_events(job_id), keys.SCHEDULER_FENCE,
+                       keys.FINISHED, keys.ASSIGN_SEQ]
+        if pipe is not None:
+            self._transition(keys=script_keys, args=args, client=pipe)
+            return None
         try:
-            done, _ = self._transition(
-                keys=[keys.job(job_id), keys.COUNTS, keys.QUEUE, keys.job_events(job_id), keys.SCHEDULER_FENCE],
-                args=[
-                    ",".join(from_states), to_state, repr(time.time()), "" if fence is None else fence,
-                    "" if attempt is None else attempt, keys.PREFIX, keys.EVENTS_MAXLEN,
-                    json.dumps({k: str(v) for k, v in fields.items()}),
-                ],
-            )
+            result = self._transition(keys=script_keys, args=args)
         except redis.ResponseError as exc:
-            if str(exc) == "NO_JOB":
-                raise LookupError(f"no job {job_id!r}") from None
-            if str(exc) == "STALE_FENCE":
-                raise StaleFence(f"fencing token {fence} is stale: this scheduler is no longer the leader") from None
-            raise
-        return bool(done)
+            raise _transition_error(exc, job_id, fence) from None
+        return int(result[2]) if result[0] else None
 
     def claim(self, job_id: str, executor_id: str, fence: Optional[int] = None) -> Optional[int]:
         """queued -> scheduled for `executor_id`; returns the new attempt (the executor's lease token) or None."""
-        if not self.transition(job_id, "queued", "scheduled", fence=fence, executor_id=executor_id):
-            return None
-        return int(self.r.hget(keys.job(job_id), "attempt"))
+        return self._move(job_id, JobState.QUEUED, JobState.SCHEDULED, fence=fence, executor_id=executor_id)
+
+    def claim_many(self, claims: list[tuple[str, str]], fence: Optional[int] = None) -> list[Optional[int]]:
+        """`claim` for each (job id, executor id), in one round trip, each only while that executor's heartbeat
+        exists (what the scheduler uses: one that deregistered since it was read gets nothing)."""
+        pipe = self.r.pipeline(transaction=False)
+        for job_id, executor_id in claims:
+            self._move(job_id, JobState.QUEUED, JobState.SCHEDULED, fence=fence, executor_id=executor_id,
+                       must_exist=keys.executor(executor_id), pipe=pipe)
+        results = pipe.execute(raise_on_error=False)
+        attempts = []
+        for (job_id, _), result in zip(claims, results):
+            if isinstance(result, redis.ResponseError):
+                raise _transition_error(result, job_id, fence)
+            attempts.append(int(result[2]) if result[0] else None)
+        return attempts
+
+    def start(self, job_id: str, attempt: int, executor_id: str) -> bool:
+        """scheduled -> running, by the lease holder."""
+        return self.transition(job_id, JobState.SCHEDULED, JobState.RUNNING, attempt=attempt, executor_id=executor_id)
+
+    def succeed(self, job_id: str, adapter_uri: str, attempt: int, executor_id: Optional[str] = None) -> bool:
+        """running -> succeeded with the published adapter's location; False: the lease is not the caller's."""
+        return self.transition(job_id, JobState.RUNNING, JobState.SUCCEEDED, attempt=attempt, executor_id=executor_id,
+                               adapter_uri=adapter_uri)
+
+    def fail(self, job_id: str, from_states: Iterable[str] | str, error: str, *, attempt: Optional[int] = None,
+             executor_id: Optional[str] = None, fence: Optional[int] = None) -> bool:
+        """Move a job to failed with the reason the tenant reads (an `error` event comes with it)."""
+        failed = self.transition(job_id, from_states, JobState.FAILED, attempt=attempt, executor_id=executor_id,
+                                 fence=fence, error=error)
+        if failed:
+            self.append_event(job_id, "error", message=error)
+        return failed
 
     def cancel(self, tenant: Optional[str], job_id: Any) -> dict[str, Any]:
         """Cancel a job the tenant owns (tenant None = operator). Cancelling a cancelled job is a no-op."""
         while True:
             job = self.get_job_for(tenant, job_id)
-            state = job["state"]
-            if state == "cancelled":
+            state = JobState(job["state"])
+            if state == JobState.CANCELLED:
                 return job
-            if state in keys.TERMINAL_STATES:
+            if state.terminal:
                 raise ValueError(f"job {job_id} already {state}; nothing to cancel")
-            fields = {} if state == "queued" else {"cancel_requested": 1}
-            if self.transition(job_id, state, "cancelled", **fields):
+            fields = {} if state == JobState.QUEUED else {"cancel_requested": 1}
+            if self.transition(job_id, state, JobState.CANCELLED, **fields):
                 return self.get_job(job_id)
 
     def is_cancel_requested(self, job_id: str) -> bool:
         return self.r.hget(keys.job(job_id), "cancel_requested") == "1"
 
-    def record_progress(
-        self,
-        job_id: str,
-        step: int,
-        total_steps: int,
-        metrics: Optional[dict[str, float]] = None,
-        attempt: Optional[int] = None,
-    ) -> bool:
-        """Store the latest step and metrics (loss, tokens_per_s, ...) and add a progress event.
+    def record_progress(self, job_id: str, step: int, total_steps: int, metrics: Optional[dict[str, float]] = None,
+                        attempt: Optional[int] = None, executor_id: Optional[str] = None) -> bool:
+        """Store the latest step and metrics (loss, tokens_per_s, ...); a progress event when `progress_event_due`.
 
-        Returns False when the job is no longer running (cancelled, requeued) or `attempt` is stale: drop the job.
+        Returns False when the job is no longer running (cancelled, requeued) or the lease is stale: drop the job.
         """
         metrics = dict(metrics or {})
-        data = json.dumps({"step": step, "total_steps": total_steps, **metrics})
         done = self._progress(
             keys=[keys.job(job_id), keys.job_events(job_id)],
-            args=[
-                int(step), int(total_steps), json.dumps(metrics), repr(time.time()),
-                "" if attempt is None else attempt, keys.EVENTS_MAXLEN, data,
-            ],
+            args=[*_lease_args(attempt, executor_id), int(step), int(total_steps), json.dumps(metrics),
+                  repr(time.time()), "1" if progress_event_due(step, total_steps) else "0",
+                  json.dumps({"step": step, "total_steps": total_steps, **metrics})],
         )
-        return bool(done)
+        return bool(done[0])
 
-    def record_checkpoint(self, job_id: str, checkpoint_uri: str, attempt: int) -> bool:
-        """Point the job at its newest checkpoint; refused (False) unless the caller still holds the running lease."""
-        return bool(self._checkpoint(keys=[keys.job(job_id)], args=[checkpoint_uri, attempt, repr(time.time())]))
+    def record_checkpoint(self, job_id: str, checkpoint_uri: str, attempt: int, executor_id: Optional[str] = None,
+                          step: int = 0, keep: int = KEEP_CHECKPOINTS) -> Optional[list[str]]:
+        """Point the job at its newest checkpoint, keeping the last `keep`. Returns the URIs no longer kept (the
+        caller deletes them), or None when refused: the caller no longer holds the running lease."""
+        result = self._checkpoint(keys=[keys.job(job_id), keys.job_events(job_id)],
+                                  args=[*_lease_args(attempt, executor_id), checkpoint_uri, repr(time.time()),
+                                        max(1, keep), step])
+        return list(result[1:]) if result[0] else None
+
+    def requeue(
+        self,
+        job_id: str,
+        from_states: Iterable[str] | str,
+        reason: str,
+        *,
+        attempt: Optional[int] = None,
+        fence: Optional[int] = None,
+        executor_id: Optional[str] = None,
+        executor_died: bool = False,
+    ) -> bool:
+        """Hand a job back to the queue (it resumes from its checkpoint_uri) and say why in its events.
+
+        `executor_id`, when given, must be the job's holder (a lease check like `attempt`). `executor_died`: the
+        process that held it is gone (killed, crashed, restarted). Such jobs are counted (`executor_losses`); one
+        lost `MAX_EXECUTOR_LOSSES` times is failed instead, so that a job whose data or shape kills executors
+        cannot take them down for ever (the scheduler runs a job lost before in a cohort of its own, so innocent
+        cohort members are not counted again)."""
+        if not self.transition(job_id, from_states, JobState.QUEUED, attempt=attempt, fence=fence,
+                               executor_id=executor_id):
+            return False
+        losses = self.r.hincrby(keys.job(job_id), "executor_losses", 1) if executor_died else 0
+        self.append_event(job_id, "requeued", reason=reason, executor_id=executor_id,
+                          checkpoint_uri=self.r.hget(keys.job(job_id), "checkpoint_uri") or None)
+        if losses >= MAX_EXECUTOR_LOSSES:
+            self.fail(job_id, JobState.QUEUED, fence=fence, error=(
+                f"job {job_id} failed: the executor training it stopped {losses} times ({reason}); the last times it "
+                "ran in a cohort of its own, so it is this job's data or shape that takes executors down"))
+        return True
+
+    # ---- retention ----
+
+    def finished_before(self, cutoff: float, limit: int = 1000) -> list[str]:
+        """Ids of jobs that finished before `cutoff` (unix s), oldest first."""
+        return self.r.zrangebyscore(keys.FINISHED, "-inf", f"({cutoff}", start=0, num=limit)
+
+    def purge(self, cutoff: float, delete_artifacts: Callable[[JobRecord], None], limit: int = 1000
+              ) -> list[JobRecord]:
+        """Remove up to `limit` jobs that finished before `cutoff`: their artifacts first (`delete_artifacts`),
+        then record, events and index entries. Returns the records removed."""
+        removed = []
+        for record in self.jobs(self.finished_before(cutoff, limit)):
+            if not record.state.terminal or (record.finished_at or 0) >= cutoff:
+                continue
+            delete_artifacts(record)
+            if self._purge(keys=[keys.job(record.job_id), keys.job_events(record.job_id), keys.FINISHED, keys.COUNTS],
+                           args=[record.job_id, repr(cutoff)]):
+                removed.append(record)
+        return removed
+
+    # ---- usage ----
 
     def add_gpu_seconds(self, usage: dict[str, float], now: Optional[float] = None) -> None:
         """Charge tenants for their share of cohort steps; older charges decay (fair share forgets slowly)."""
@@ -577,48 +626,11 @@ class JobStore:
             usage[tenant] = decayed_usage(float(value), float(at), now)
         return usage
 
-    def requeue(
-        self,
-        job_id: str,
-        from_states: Iterable[str] | str,
-        reason: str,
-        *,
-        attempt: Optional[int] = None,
-        fence: Optional[int] = None,
-        executor_id: Optional[str] = None,
-        executor_died: bool = False,
-    ) -> bool:
-        """Hand a job back to the queue (it resumes from its checkpoint_uri) and say why in its events.
-
-        `executor_died`: the process that held it is gone (killed, crashed, restarted). Such jobs are counted
-        (`executor_losses`); one lost `MAX_EXECUTOR_LOSSES` times is failed instead, so that a job whose data or
-        shape kills executors cannot take them down for ever (the scheduler runs a job lost before in a cohort of
-        its own, so innocent cohort members are not counted again)."""
-        if not self.transition(job_id, from_states, "queued", attempt=attempt, fence=fence):
-            return False
-        losses = self.r.hincrby(keys.job(job_id), "executor_losses", 1) if executor_died else 0
-        job = self.get_job(job_id, with_spec=False)
-        self.append_event(job_id, "requeued", reason=reason, executor_id=executor_id,
-                          checkpoint_uri=job["checkpoint_uri"] if job else None)
-        if losses >= MAX_EXECUTOR_LOSSES:
-            self.transition(job_id, "queued", "failed", fence=fence, error=(
-                f"job {job_id} failed: the executor training it stopped {losses} times ({reason}); the last times it "
-                "ran in a cohort of its own, so it is this job's data or shape that takes executors down"))
-        return True
-
-    def set_result(self, job_id: str, adapter_uri: str, attempt: Optional[int] = None) -> bool:
-        """running -> succeeded with the exported adapter's location."""
-        return self.transition(job_id, "running", "succeeded", attempt=attempt, adapter_uri=adapter_uri)
 
     # ---- events ----
 
     def append_event(self, job_id: str, type: str, **data: Any) -> str:
-        return self.r.xadd(
-            keys.job_events(job_id),
-            {"type": type, "ts": repr(time.time()), "data": json.dumps(data)},
-            maxlen=keys.EVENTS_MAXLEN,
-            approximate=True,
-        )
+        return self.r.xadd(keys.job_events(job_id), {"type": type, "ts": repr(time.time()), "data": json.dumps(data)})
 
     def events_for(self, tenant: Optional[str], job_id: Any, after: Optional[str] = None, limit: int = 100
                    ) -> list[dict[str, Any]]:
@@ -637,6 +649,32 @@ class JobStore:
             for event_id, fields in entries
         ]
 
+
+
+
+
+def _counts(raw: dict[str, str]) -> dict[str, int]:
+    return {state: int(raw.get(state, 0)) for state in keys.JOB_STATES}
+
+
+def _tenant_view(raw: dict[str, str], counts: dict[str, str]) -> dict[str, Any]:
+    return {
+        "name": raw["name"],
+        "weight": float(raw["weight"]),
+        "max_queued": int(raw["max_queued"]),
+        "max_running": int(raw["max_running"]),
+        "disabled": raw["disabled"] == "1",
+        "created_at": float(raw["created_at"]),
+        "counts": _counts(counts),
+    }
+
+
+def _transition_error(exc: redis.ResponseError, job_id: str, fence: Optional[int]) -> Exception:
+    if str(exc) == "NO_JOB":
+        return LookupError(f"no job {job_id!r}")
+    if str(exc) == "STALE_FENCE":
+        return StaleFence(f"fencing token {fence} is stale: this scheduler is no longer the leader")
+    return exc
 
 def _check_quota(weight: Any, max_queued: Any, max_running: Any) -> None:
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight <= 1000:

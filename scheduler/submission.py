@@ -11,16 +11,19 @@ dataset with no target token in them (every prompt longer than `max_seq_len`, sa
 from __future__ import annotations
 
 import functools
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 from lorafleet.scheduler.datasets import AcceptedDataset, accept, accepted_path
+from lorafleet.scheduler.memory import JobPlan, ModelShape, plan_job
 from lorafleet.scheduler.formats import IGNORE_INDEX, DataError, Tokenizing, detect_format, parse_record, tokenise_record
 from lorafleet.scheduler.spec import JobSpec, SpecError, is_inside, parse_spec, resolve_dataset
 
 SAMPLE_RECORDS = 2000  # records of each dataset read and counted at submission
+BYTES_PER_TOKEN_GUESS = 4  # dataset bytes per token, to size a job submitted without a token count
 
 _REVISION_RE = re.compile(r"^(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _MODEL_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
@@ -71,6 +74,39 @@ class Submission:
     spec: JobSpec
     datasets: dict[str, AcceptedDataset]  # spec field ("dataset", "validation_dataset") -> its accepted copy
     target_tokens: dict[str, int]  # spec field -> target tokens in its first SAMPLE_RECORDS records, at max_seq_len
+    plan: JobPlan  # its size for the memory model, with the base snapshot pinned
+
+
+@functools.lru_cache(maxsize=256)
+def model_shape(model_dir: str) -> ModelShape:
+    """The memory model's view of a base (SpecError when it cannot read the config)."""
+    try:
+        return ModelShape.from_config(json.loads((Path(model_dir) / "config.json").read_text()))
+    except (OSError, ValueError) as exc:
+        raise SpecError(f"invalid job spec: base_model: the memory model cannot size this base: {exc}") from None
+
+
+def plan_for(spec: JobSpec, model_dir: Path, dataset_tokens: int) -> JobPlan:
+    """The job's size, decided once: `model_dir` (resolved) is the pinned base snapshot; `dataset_tokens` the tokens
+    of one epoch of its dataset, used when it has no `max_steps`."""
+    hp = spec.hyperparameters
+    snapshot = str(Path(model_dir).resolve())
+    if hp.max_steps is not None:
+        tokens = hp.max_steps * hp.gradient_accumulation_steps * hp.batch_size * hp.max_seq_len
+    else:
+        tokens = hp.epochs * min(dataset_tokens, 10**12)
+    return plan_job("|".join((snapshot, spec.quantization, spec.dtype)), snapshot, model_shape(snapshot),
+                    spec.adapter.r, spec.adapter.target_modules, hp.batch_size, hp.max_seq_len, spec.quantization,
+                    spec.dtype, tokens)
+
+
+def plan_from_files(spec: JobSpec, tenant: str, data_root: Path, hub_cache: Path, model_roots: Sequence[Path]
+                    ) -> JobPlan:
+    """`plan_for` a job stored without a plan (schema version 1, operator tools): its base resolved now, its tokens
+    guessed from the dataset's size."""
+    model_dir = resolve_base_model(spec.base_model, hub_cache, spec.base_model_revision, model_roots)
+    size = resolve_dataset(spec.dataset, data_root, tenant).stat().st_size
+    return plan_for(spec, model_dir, size // BYTES_PER_TOKEN_GUESS + 1)
 
 
 @functools.lru_cache(maxsize=8)
@@ -84,10 +120,18 @@ def tokenizing_for(model_dir: str) -> Tokenizing:
         raise SpecError(f"invalid job spec: base_model: its tokenizer cannot be used: {exc}") from None
 
 
-def count_targets(path: Path, uri: str, field: str, fmt: str, tokenizing: Tokenizing, max_seq_len: int) -> int:
-    """Target tokens in the first SAMPLE_RECORDS records of `path`; SpecError naming the line of a bad record, or
-    the cause when there are none."""
-    targets = records = 0
+@dataclass(frozen=True)
+class SampleCount:
+    records: int  # records read (at most SAMPLE_RECORDS)
+    tokens: int  # their tokens at max_seq_len (`formats.tokenise_record`: prompt and target)
+    targets: int  # of them, target tokens (the ones the loss is taken on)
+
+
+def count_targets(path: Path, uri: str, field: str, fmt: str, tokenizing: Tokenizing, max_seq_len: int
+                  ) -> SampleCount:
+    """Tokens in the first SAMPLE_RECORDS records of `path`; SpecError naming the line of a bad record, or the cause
+    when there is no target token."""
+    targets = records = tokens = 0
     with open(path, "rb") as source:
         for line_number, line in enumerate(source, start=1):
             if not line.strip():
@@ -99,6 +143,7 @@ def count_targets(path: Path, uri: str, field: str, fmt: str, tokenizing: Tokeni
             except DataError as exc:
                 raise SpecError(f"invalid job spec: {field}: {uri!r} line {line_number}: {exc}") from None
             targets += sum(1 for label in labels if label != IGNORE_INDEX)
+            tokens += len(labels)
             records += 1
             if records == SAMPLE_RECORDS:
                 break
@@ -106,7 +151,7 @@ def count_targets(path: Path, uri: str, field: str, fmt: str, tokenizing: Tokeni
         checked = f"in its first {records} records" if records == SAMPLE_RECORDS else "in any record"
         raise SpecError(f"invalid job spec: {field}: {uri!r} has no target token within max_seq_len={max_seq_len} "
                         f"{checked}: every prompt is longer than that (shorten them or raise max_seq_len)")
-    return targets
+    return SampleCount(records, tokens, targets)
 
 
 def accept_submission(
@@ -120,11 +165,14 @@ def accept_submission(
     model_dir = resolve_base_model(spec.base_model, hub_cache, spec.base_model_revision, model_roots)
     root = Path(data_root).resolve()
     areas = [root / tenant, root / "shared"]
-    datasets, target_tokens = {}, {}
+    datasets, samples = {}, {}
     for field, path in paths.items():
         uri = getattr(spec, field)
         datasets[field] = accept(uri, path, areas, dataset_store, field)
-        target_tokens[field] = count_targets(
+        samples[field] = count_targets(
             accepted_path(dataset_store, datasets[field].sha256), uri, field, spec.dataset_format,
             tokenizing_for(str(model_dir.resolve())), spec.hyperparameters.max_seq_len)
-    return Submission(spec, datasets, target_tokens)
+    train = samples["dataset"]
+    epoch_tokens = train.tokens * datasets["dataset"].records // max(1, train.records)  # the sample, scaled
+    return Submission(spec, datasets, {field: count.targets for field, count in samples.items()},
+                      plan_for(spec, model_dir, epoch_tokens))

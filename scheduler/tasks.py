@@ -76,11 +76,12 @@ def _public_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 @app.task(name="lorafleet.submit_job", throws=TENANT_ERRORS, bind=True)
 @_public_errors
-def submit_job(self, token: str, spec: Any) -> dict:
+def submit_job(self, token: str, spec: Any, request_id: Optional[str] = None) -> dict:
     tenant = _caller(self, token)
     accepted = accept_submission(spec, tenant, config.data_root(), config.hf_hub_cache(), config.model_roots(),
                                  config.dataset_store())
-    return store().submit(tenant, accepted.spec, datasets=accepted.datasets)
+    return store().submit(tenant, accepted.spec, datasets=accepted.datasets, plan=accepted.plan,
+                          request_id=request_id)
 
 
 @app.task(name="lorafleet.get_job", throws=TENANT_ERRORS, bind=True)

@@ -51,7 +51,7 @@ def test_executor_progress_and_result_are_visible_to_the_tenant(call, store, mak
     job = call("lorafleet.get_job", alice.token, job_id)
     assert job["state"] == "running" and job["progress"] == {"step": 3, "total_steps": 5}
     assert job["metrics"] == {"loss": 2.5, "tokens_per_s": 1234.0} and job["executor_id"] == "executor-0"
-    assert store.set_result(job_id, "file:///artifacts/adapter", attempt=attempt)
+    assert store.succeed(job_id, "file:///artifacts/adapter", attempt)
     job = call("lorafleet.get_job", alice.token, job_id)
     assert job["state"] == "succeeded" and job["adapter_uri"] == "file:///artifacts/adapter"
     types = [(e["type"], e.get("to"), e.get("loss")) for e in call("lorafleet.job_events", alice.token, job_id)]

@@ -137,13 +137,15 @@ def test_control_plane_does_not_import_torch(worker_env):
 
 def test_executors_list_and_drain(lorafleet, store):
     from lorafleet.scheduler import fleet
+    from lorafleet.scheduler.records import ExecutorHeartbeat
 
     name = f"exec-cli-{secrets.token_hex(3)}"
-    fleet.heartbeat(store.r, name, {"host": "gpu-host", "device": "cuda:0", "total_bytes": 80 * 2**30,
-                                    "peak_bytes": 20 * 2**30, "compat_key": "/models/llama|none|auto", "jobs": 3,
-                                    "max_pass_tokens": 8192})
+    fleet.heartbeat(store.r, ExecutorHeartbeat(
+        name, host="gpu-host", device="cuda:0", total_bytes=80 * 2**30, peak_bytes=20 * 2**30,
+        compat_key="/models/llama|none|auto", jobs={"job-0000000000000001": 1, "job-0000000000000002": 1,
+                                                     "job-0000000000000003": 2}, max_pass_tokens=8192))
     listed = {e["executor_id"]: e for e in ok_json(lorafleet("executors", "list", "--json"))}
-    assert listed[name]["device"] == "cuda:0" and listed[name]["jobs"] == 3
+    assert listed[name]["device"] == "cuda:0" and len(listed[name]["jobs"]) == 3
     assert listed[name]["max_pass_tokens"] == 8192
     code, table, _ = lorafleet("executors", "list")
     assert code == 0 and name in table and "/models/llama" in table and "8192" in table

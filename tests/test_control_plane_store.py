@@ -12,7 +12,7 @@ import pytest
 from lorafleet.scheduler import keys
 from lorafleet.scheduler.redis_server import start_redis_server
 from lorafleet.scheduler.spec import parse_spec
-from lorafleet.scheduler.store import IllegalTransition, JobStore, QuotaExceeded, StaleFence
+from lorafleet.scheduler.store import IllegalTransition, JobStore, QuotaExceeded, StaleFence, progress_event_due
 
 
 def new_job(store, tenant, priority=5, **spec) -> str:
@@ -37,7 +37,7 @@ def test_illegal_transitions_are_refused(store, make_tenant):
     job = store.get_job(job_id)
     assert job["state"] == "failed" and job["error"] == "CUDA out of memory"
     with pytest.raises(LookupError):
-        store.transition("job-does-not-exist", "queued", "scheduled")
+        store.transition("job-does-not-exist", "queued", "cancelled")
     with pytest.raises(ValueError, match="cannot set"):
         store.transition(job_id, "queued", "scheduled", tenant="mallory")
 
@@ -58,17 +58,17 @@ def test_requeue_keeps_checkpoint_and_stale_lease_is_refused(store, make_tenant)
     store.transition(job_id, "scheduled", "running", attempt=first)
     assert store.record_progress(job_id, 10, 100, {"loss": 1.0}, attempt=first)
     assert store.transition(job_id, "running", "queued", checkpoint_uri="file:///ckpt/10")  # ex-1 went silent
-    assert job_id in [j["job_id"] for j in store.list_queued()]
+    assert job_id in [j.job_id for j in store.list_queued()]
     second = store.claim(job_id, "ex-2")
     assert second == first + 1
     store.transition(job_id, "scheduled", "running", attempt=second)
     # ex-1 wakes up: its progress and its result are both refused
     assert not store.record_progress(job_id, 11, 100, {"loss": 0.9}, attempt=first)
-    assert not store.set_result(job_id, "file:///stale", attempt=first)
+    assert not store.succeed(job_id, "file:///stale", first)
     job = store.get_job(job_id)
     assert job["checkpoint_uri"] == "file:///ckpt/10" and job["executor_id"] == "ex-2"
     assert job["state"] == "running" and job["progress"]["step"] == 10
-    assert store.set_result(job_id, "file:///adapter", attempt=second)
+    assert store.succeed(job_id, "file:///adapter", second)
     assert store.counts(alice.name)["succeeded"] == 1 and store.counts(alice.name)["running"] == 0
 
 
@@ -94,7 +94,7 @@ def test_cancel_queued_and_running(store, make_tenant):
     assert job["state"] == "cancelled" and job["cancel_requested"] and store.is_cancel_requested(running)
     assert not store.record_progress(running, 1, 10, {"loss": 1.0}, attempt=attempt)  # the executor's cue to drop it
     assert store.cancel(alice.name, running)["state"] == "cancelled"  # idempotent
-    assert queued not in [j["job_id"] for j in store.list_queued()]
+    assert queued not in [j.job_id for j in store.list_queued()]
     done = new_job(store, alice)
     store.transition(done, "queued", "cancelled")
     with pytest.raises(LookupError):
@@ -104,7 +104,7 @@ def test_cancel_queued_and_running(store, make_tenant):
 def test_queue_order_is_priority_then_age(store, make_tenant):
     alice = make_tenant("alice")
     low, high_old, high_new = new_job(store, alice, 1), new_job(store, alice, 9), new_job(store, alice, 9)
-    order = [j["job_id"] for j in store.list_queued() if j["tenant"] == alice.name]
+    order = [j.job_id for j in store.list_queued() if j.tenant == alice.name]
     assert order == [high_old, high_new, low]
 
 
@@ -129,18 +129,34 @@ def test_max_queued_holds_under_concurrent_submits(store, make_tenant):
     assert store.r.zcard(keys.tenant_jobs(alice.name)) == 5
 
 
-def test_events_page_and_stay_bounded(store, make_tenant):
+def test_events_page_and_a_long_job_keeps_its_state_events(store, make_tenant):
     alice = make_tenant("alice")
     job_id = new_job(store, alice)
-    for i in range(keys.EVENTS_MAXLEN + 500):
-        store.append_event(job_id, "log", i=i)
-    assert store.r.xlen(keys.job_events(job_id)) < keys.EVENTS_MAXLEN + 200
+    attempt = store.claim(job_id, "ex-1")
+    assert store.start(job_id, attempt, "ex-1")
+    total = 20 * keys.PROGRESS_EVENTS
+    for step in range(1, total + 1):
+        assert store.record_progress(job_id, step, total, {"loss": 1.0 / step}, attempt=attempt, executor_id="ex-1")
+    assert store.r.hget(keys.job(job_id), "step") == str(total), "every step is recorded on the job"
+    events = store.events(job_id, limit=1000) + store.events(job_id, after=store.events(job_id, limit=1000)[-1]["id"],
+                                                             limit=1000)
+    progress = [e for e in events if e["type"] == "progress"]
+    assert keys.PROGRESS_EVENTS // 2 <= len(progress) <= keys.PROGRESS_EVENTS + 1, "thinned, not trimmed"
+    assert progress[-1]["step"] == total
+    assert [(e["from"], e["to"]) for e in events if e["type"] == "state"] == [
+        (None, "queued"), ("queued", "scheduled"), ("scheduled", "running")], "the first events are still there"
     page = store.events(job_id, limit=10)
-    assert len(page) == 10 and [e["i"] for e in page] == sorted(e["i"] for e in page)
     following = store.events(job_id, after=page[-1]["id"], limit=5)
-    assert [e["i"] for e in following] == [page[-1]["i"] + k for k in range(1, 6)]
+    assert [e["id"] for e in store.events(job_id, limit=15)] == [e["id"] for e in page + following]
     with pytest.raises(ValueError, match="after"):
         store.events(job_id, after="not-an-id")
+
+
+def test_progress_events_are_due_about_progress_events_times_a_job():
+    assert all(progress_event_due(step, 10) for step in range(1, 11))
+    due = [step for step in range(1, 100_001) if progress_event_due(step, 100_000, events=1000)]
+    assert len(due) == 1000 and due[0] == 100 and due[-1] == 100_000
+    assert progress_event_due(7, 0), "unknown length: every step"
 
 
 def test_tenant_admin(store):
@@ -180,7 +196,7 @@ def test_redis_restart_loses_no_accepted_job(tmp_path, stop):
         store.ensure_schema()
         assert store.authenticate(token) == "alice"
         assert [store.get_job(j)["state"] for j in job_ids] == ["scheduled", "queued", "queued"]
-        assert [j["job_id"] for j in store.list_queued()] == job_ids[1:]
+        assert [j.job_id for j in store.list_queued()] == job_ids[1:]
         assert store.counts("alice")["queued"] == 2
         assert [e["to"] for e in store.events(job_ids[0])] == ["queued", "scheduled"]
     finally:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lorafleet.executor.artifacts import ArtifactStore
+from lorafleet.scheduler.artifacts import ArtifactStore
 from lorafleet.executor.worker import Executor
 from lorafleet.scheduler.datasets import DatasetChanged, accept, accepted_path, verified_path
 from lorafleet.scheduler.spec import JobSpec, SpecError, resolve_dataset
@@ -141,7 +141,7 @@ def test_through_the_api_the_executor_reads_only_the_accepted_copy(call, store, 
     executor.cohort = Cohort()
     executor.compat_key = JobSpec.model_validate(job["spec"]).compatibility_key()  # its base is "loaded"
     store.claim(job["job_id"], "exec-data")
-    executor.admit(store.get_job(job["job_id"]))
+    executor.admit(store.job(job["job_id"]))
     assert executor.cohort.joined[job["job_id"]] == (original, alice.dataset)
 
 

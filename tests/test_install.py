@@ -17,6 +17,7 @@ import pytest
 from helpers_models import alpaca_rows, build_tiny_model, write_jsonl
 from helpers_polling import wait_until
 from lorafleet.scheduler import fleet
+from lorafleet.scheduler.records import ExecutorHeartbeat
 from lorafleet.scheduler.redis_server import start_redis_server
 from lorafleet.scheduler.store import JobStore
 
@@ -94,7 +95,7 @@ def test_the_torch_free_control_plane_serves_a_tenant_that_has_only_celery(venvs
                                  capture_output=True, text=True, check=True)
         assert json.loads(created.stdout)["broker_url"].startswith("redis://tenant.")
         store = JobStore.from_url(server.url)
-        fleet.heartbeat(store.r, "exec-install", {"total_bytes": 64 * 2**30, "free_bytes": 64 * 2**30})
+        fleet.heartbeat(store.r, ExecutorHeartbeat("exec-install", total_bytes=64 * 2**30, auto_dtype="bfloat16"))
 
         spec = {"base_model": str(model), "dataset": f"{name}/train.jsonl",
                 "hyperparameters": {"max_steps": 2, "batch_size": 1, "max_seq_len": 512}}

@@ -5,24 +5,21 @@ from dataclasses import replace
 
 import pytest
 
-from lorafleet.scheduler.policy import (
-    ExecutorView,
+from lorafleet.scheduler.memory import (
+    JobSize,
     MemoryCalibration,
     ModelShape,
-    PlanConfig,
-    QueuedJob,
-    RunningJob,
-    TenantView,
+    auto_dtype,
     calibrate,
     cohort_bytes,
+    effective_dtype,
     estimate_activation_bytes,
     estimate_base_bytes,
     estimate_gpu_seconds,
     estimate_job_bytes,
     pass_tokens,
-    peak_at_planned_passes,
-    plan,
 )
+from lorafleet.scheduler.policy import ExecutorView, PlanConfig, QueuedJob, RunningJob, TenantView, plan
 from lorafleet.scheduler.spec import ALL_PROJECTIONS, JobSpec
 
 GiB = 1024**3
@@ -74,15 +71,16 @@ def test_model_shape_counts_llama_8b_params_and_reads_hf_config():
 def test_job_bytes_grow_with_rank_modules_and_tokens_and_match_spec_fields():
     spec = JobSpec(base_model="m", dataset="d.jsonl")
     default = estimate_job_bytes(LLAMA_8B, spec.adapter.r, spec.adapter.target_modules,
-                                 spec.hyperparameters.batch_size, spec.hyperparameters.max_seq_len, spec.dtype)
-    assert estimate_job_bytes(LLAMA_8B, 64, ALL_PROJECTIONS, 4, 512, "auto") > default
-    assert estimate_job_bytes(LLAMA_8B, 16, ("q_proj", "v_proj"), 4, 512, "auto") < default
-    assert estimate_job_bytes(LLAMA_8B, 16, ALL_PROJECTIONS, 8, 512, "auto") > 1.9 * default * 0.99
+                                 spec.hyperparameters.batch_size, spec.hyperparameters.max_seq_len,
+                                 effective_dtype(spec.dtype, "bfloat16"))
+    assert estimate_job_bytes(LLAMA_8B, 64, ALL_PROJECTIONS, 4, 512, "bfloat16") > default
+    assert estimate_job_bytes(LLAMA_8B, 16, ("q_proj", "v_proj"), 4, 512, "bfloat16") < default
+    assert estimate_job_bytes(LLAMA_8B, 16, ALL_PROJECTIONS, 8, 512, "bfloat16") > 1.9 * default * 0.99
     # r=16 on all projections of an 8B is 42M adapter params: 16 bytes each with Adam, ~0.67 GB
-    adapter_only = default - estimate_job_bytes(LLAMA_8B, 1, ALL_PROJECTIONS, 4, 512, "auto")
+    adapter_only = default - estimate_job_bytes(LLAMA_8B, 1, ALL_PROJECTIONS, 4, 512, "bfloat16")
     assert 0.6e9 < adapter_only < 0.7e9
     with pytest.raises(ValueError, match="target module 'c_attn'"):
-        estimate_job_bytes(LLAMA_8B, 16, ("c_attn",), 4, 512, "auto")
+        estimate_job_bytes(LLAMA_8B, 16, ("c_attn",), 4, 512, "bfloat16")
 
 
 def test_gpu_seconds_scale_with_tokens_and_parameters():
@@ -122,16 +120,61 @@ def test_a_cohort_in_passes_holds_one_pass_of_activations_not_every_jobs():
                                                                            "bfloat16")
 
 
-def test_an_executor_takes_larger_passes_where_memory_allows_and_reports_the_planned_peak():
+def test_an_executor_takes_larger_passes_where_memory_allows():
     assert pass_tokens(8192, 100 * 2**20, 2**20) == 8192, "never fewer tokens than the planner counted on"
     assert pass_tokens(8192, 20_000 * 2**20, 2**20) == 20_000
     assert pass_tokens(8192, -5.0, 2**20) == 8192 and pass_tokens(8192, 10 * GiB, 0) == 8192
-    # a 16,384-token step ran as one pass on top of 10 GiB: its activations scale to a pass of 8,192...
-    assert peak_at_planned_passes(50 * GiB, 10 * GiB, 16_384, 16_384, 8192, 2**20) == 30 * GiB
-    # ...unless the planner's own estimate for that pass is higher
-    assert peak_at_planned_passes(50 * GiB, 10 * GiB, 16_384, 16_384, 8192, 4 * 2**20) == 42 * GiB
-    assert peak_at_planned_passes(50 * GiB, 10 * GiB, 6_000, 6_000, 8192, 2**20) == 50 * GiB, "one planned pass anyway"
-    assert peak_at_planned_passes(50 * GiB, 10 * GiB, 30_000, 8100, 8192, 2**20) == 50 * GiB, "planned passes"
+
+
+def test_memory_borrowed_for_larger_passes_than_planned_is_not_counted_as_used():
+    """Executors report the raw peak and the pass it was measured in; the planner prices the pass it planned."""
+    per_token = 2**20
+    running = tuple(RunningJob(f"r{i}", "t1", GiB + 4096 * per_token, 4096, 0.0, 4096 * per_token, 512)
+                    for i in range(4))
+    base = 10 * GiB
+    planned = 8192
+    at_planned_peak = base + cohort_bytes(running, planned)
+    at_borrowed_peak = base + cohort_bytes(running, 16_384)
+    newcomer = QueuedJob("new", "t1", KEY_A, 5, 0.0, 1.0, 4096, GiB + 4096 * per_token, base, 4096 * per_token, 512)
+    total = int((at_planned_peak + cohort_bytes([newcomer], planned) + GiB) / 0.92)  # room for one more job
+    assert total < at_borrowed_peak / 0.92 + cohort_bytes([newcomer], planned), "borrowed, it would look full"
+
+    def view(peak: int, pass_tokens_: int) -> ExecutorView:
+        return ExecutorView("e", total, total - peak, KEY_A, base, running, max_pass_tokens=planned,
+                            pass_tokens=pass_tokens_)
+
+    tenants = [TenantView("t1")]
+    assert [a.job_id for a in plan([newcomer], [view(int(at_borrowed_peak), 16_384)], tenants, 0.0)] == ["new"]
+    assert plan([newcomer], [view(int(at_borrowed_peak), planned)], tenants, 0.0) == [], \
+        "measured at the planned pass, the same peak leaves no room"
+
+
+def test_one_dtype_rule_for_planner_and_executor():
+    assert auto_dtype("cuda", native_bf16=True) == "bfloat16"
+    assert auto_dtype("cuda", native_bf16=False) == "float32"
+    assert auto_dtype("cpu", native_bf16=True) == "float32", "a CPU runs bf16 only when asked"
+    assert effective_dtype("auto", "float32") == "float32" and effective_dtype("bfloat16", "float32") == "bfloat16"
+    with pytest.raises(ValueError, match="float16"):
+        effective_dtype("float16", "float32")
+
+
+def test_an_auto_job_is_priced_in_the_dtype_each_executor_will_run_it_in():
+    """dtype auto on an fp32 executor costs fp32 activations: the planner must not price it as bf16."""
+    sizes = {d: JobSize(estimate_job_bytes(LLAMA_8B, 16, ALL_PROJECTIONS, 4, 512, d),
+                        estimate_activation_bytes(LLAMA_8B, 4, 512, d), estimate_base_bytes(LLAMA_8B.num_params(),
+                                                                                             "none", d))
+             for d in ("bfloat16", "float32")}
+    bf16 = sizes["bfloat16"]
+    job_ = QueuedJob("auto-job", "t1", KEY_A, 5, 0.0, 1.0, 2048, bf16.job_bytes, bf16.base_bytes,
+                     bf16.activation_bytes, 512, "auto", sizes=sizes)
+    room_for_bf16 = int((bf16.base_bytes + bf16.job_bytes) / 0.92) + GiB
+    fp32_gpu = ExecutorView("fp32", room_for_bf16, room_for_bf16, dtypes=frozenset({"float32"}),
+                            auto_dtype="float32")
+    bf16_gpu = replace(fp32_gpu, executor_id="bf16", dtypes=frozenset({"bfloat16", "float32"}),
+                       auto_dtype="bfloat16")
+    tenants = [TenantView("t1")]
+    assert plan([job_], [fp32_gpu], tenants, 0.0) == [], "in fp32 it does not fit where it fits in bf16"
+    assert [a.executor_id for a in plan([job_], [bf16_gpu, fp32_gpu], tenants, 0.0)] == ["bf16"]
 
 
 def _llama_8b_job(i: int, base: int) -> QueuedJob:

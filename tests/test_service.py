@@ -12,17 +12,23 @@ import pytest
 from helpers_models import alpaca_rows, build_tiny_model, write_jsonl
 from lorafleet.scheduler import fleet, keys
 from lorafleet.scheduler.leader import LeaderLock
-from lorafleet.scheduler.policy import (
-    ModelShape,
-    PlanConfig,
-    estimate_activation_bytes,
-    estimate_base_bytes,
-    estimate_job_bytes,
-)
+from lorafleet.scheduler.memory import ModelShape, estimate_activation_bytes, estimate_base_bytes, estimate_job_bytes
+from lorafleet.scheduler.policy import PlanConfig
 from lorafleet.scheduler.redis_server import start_redis_server
+from lorafleet.scheduler.records import ExecutorHeartbeat
 from lorafleet.scheduler.service import Scheduler
 from lorafleet.scheduler.spec import parse_spec
 from lorafleet.scheduler.store import JobStore, StaleFence
+
+
+def beat(executor_id: str, total_bytes: int = 64 * 2**30, free_bytes: int | None = None, dtypes: str = "",
+         compat_key: str = "", **fields) -> ExecutorHeartbeat:
+    """A heartbeat as an executor with these old-style fields would send it."""
+    listed = tuple(d for d in dtypes.split(",") if d)
+    return ExecutorHeartbeat(executor_id, total_bytes=total_bytes,
+                             peak_bytes=0 if free_bytes is None else total_bytes - free_bytes, dtypes=listed,
+                             auto_dtype="bfloat16" if not listed or "bfloat16" in listed else "float32",
+                             compat_key=compat_key or None, **fields)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +62,7 @@ def submit(store, model_dir) -> str:
 
 def test_a_job_of_another_base_never_goes_to_an_executor_whose_cohort_is_still_loading(env, store):
     _, _, models = env
-    fleet.heartbeat(store.r, "exec-1", {"total_bytes": 64 * 2**30, "free_bytes": 64 * 2**30, "compat_key": ""})
+    fleet.heartbeat(store.r, beat("exec-1", **{"total_bytes": 64 * 2**30, "free_bytes": 64 * 2**30, "compat_key": ""}))
     scheduler = Scheduler(store, "sched-test")
     scheduler.lock.try_acquire()
     first = submit(store, models["llama"])
@@ -71,14 +77,14 @@ def test_a_job_of_another_base_never_goes_to_an_executor_whose_cohort_is_still_l
 
 def test_jobs_of_a_dead_executor_go_back_to_the_queue_with_their_checkpoint(env, store):
     _, _, models = env
-    fleet.heartbeat(store.r, "exec-doomed", {"total_bytes": 64 * 2**30, "free_bytes": 64 * 2**30})
+    fleet.heartbeat(store.r, beat("exec-doomed", **{"total_bytes": 64 * 2**30, "free_bytes": 64 * 2**30}))
     scheduler = Scheduler(store, "sched-test")
     scheduler.lock.try_acquire()
     job_id = submit(store, models["llama"])
     scheduler.round()
     attempt = store.get_job(job_id)["attempt"]
     assert store.transition(job_id, "scheduled", "running", attempt=attempt)
-    assert store.record_checkpoint(job_id, "file:///ckpt/1", attempt)
+    assert store.record_checkpoint(job_id, "file:///ckpt/1", attempt) is not None
     store.r.delete(keys.executor("exec-doomed"))  # its heartbeat expired
 
     scheduler.round()
@@ -89,7 +95,7 @@ def test_jobs_of_a_dead_executor_go_back_to_the_queue_with_their_checkpoint(env,
 
 def test_a_deposed_leader_cannot_assign(env, store):
     _, _, models = env
-    fleet.heartbeat(store.r, "exec-1", {"total_bytes": 64 * 2**30, "free_bytes": 64 * 2**30})
+    fleet.heartbeat(store.r, beat("exec-1", **{"total_bytes": 64 * 2**30, "free_bytes": 64 * 2**30}))
     old = Scheduler(store, "old-leader")
     old.lock.try_acquire()
     store.r.delete(keys.SCHEDULER_LEADER)  # its lock expired while it was paused
@@ -106,14 +112,14 @@ def test_an_executor_in_passes_is_planned_with_one_pass_of_activations(env, stor
     spec = parse_spec({"base_model": str(models["llama"]), "dataset": "acme/train.jsonl",
                        "hyperparameters": {"max_steps": 5, "batch_size": 1, "max_seq_len": 64}})
     hp, shape = spec.hyperparameters, ModelShape.from_config(json.loads((models["llama"] / "config.json").read_text()))
-    job = estimate_job_bytes(shape, spec.adapter.r, spec.adapter.target_modules, hp.batch_size, hp.max_seq_len,
-                             spec.dtype)
-    activations = estimate_activation_bytes(shape, hp.batch_size, hp.max_seq_len, spec.dtype)
-    base = estimate_base_bytes(shape.num_params(), spec.quantization, spec.dtype)
+    dtype = "bfloat16"  # what dtype auto computes in on the executor below
+    job = estimate_job_bytes(shape, spec.adapter.r, spec.adapter.target_modules, hp.batch_size, hp.max_seq_len, dtype)
+    activations = estimate_activation_bytes(shape, hp.batch_size, hp.max_seq_len, dtype)
+    base = estimate_base_bytes(shape.num_params(), spec.quantization, dtype)
     # room for the base, two jobs' adapter state and one pass of 64 tokens (one job's), not two jobs' activations
     total = math.ceil((base + 2 * job - activations / 2) / PlanConfig().memory_fraction)
-    fleet.heartbeat(store.r, "exec-1", {"total_bytes": total, "free_bytes": total, "compat_key": "",
-                                        "max_pass_tokens": max_pass_tokens})
+    fleet.heartbeat(store.r, beat("exec-1", **{"total_bytes": total, "free_bytes": total, "compat_key": "",
+                                        "max_pass_tokens": max_pass_tokens}))
     scheduler = Scheduler(store, "sched-test")
     scheduler.lock.try_acquire()
     jobs = [store.submit("acme", spec)["job_id"] for _ in range(2)]
@@ -123,7 +129,7 @@ def test_an_executor_in_passes_is_planned_with_one_pass_of_activations(env, stor
 
 def test_a_bf16_job_waits_for_an_executor_that_computes_bf16(env, store):
     _, _, models = env
-    fleet.heartbeat(store.r, "exec-old", {"total_bytes": 64 * 2**30, "free_bytes": 64 * 2**30, "dtypes": "float32"})
+    fleet.heartbeat(store.r, beat("exec-old", **{"total_bytes": 64 * 2**30, "free_bytes": 64 * 2**30, "dtypes": "float32"}))
     scheduler = Scheduler(store, "sched-test")
     scheduler.lock.try_acquire()
     spec = {"base_model": str(models["llama"]), "dataset": "acme/train.jsonl",
@@ -132,8 +138,8 @@ def test_a_bf16_job_waits_for_an_executor_that_computes_bf16(env, store):
     assert scheduler.round() == [] and store.get_job(bf16)["state"] == "queued"
     auto = store.submit("acme", parse_spec({**spec, "base_model": str(models["qwen2"])}))["job_id"]
     assert [a.job_id for a in scheduler.round()] == [auto], "auto runs in whatever the executor computes"
-    fleet.heartbeat(store.r, "exec-new", {"total_bytes": 64 * 2**30, "free_bytes": 64 * 2**30,
-                                          "dtypes": "bfloat16,float32"})
+    fleet.heartbeat(store.r, beat("exec-new", **{"total_bytes": 64 * 2**30, "free_bytes": 64 * 2**30,
+                                          "dtypes": "bfloat16,float32"}))
     assert [(a.job_id, a.executor_id) for a in scheduler.round()] == [(bf16, "exec-new")]
 
 
@@ -141,7 +147,7 @@ def test_a_round_does_not_assign_to_an_executor_that_deregistered_after_it_was_r
     """A drain deregisters and then hands its jobs back; a round that read the executors before and the queue after
     must not give them to the drained executor again."""
     _, _, models = env
-    fleet.heartbeat(store.r, "exec-draining", {"total_bytes": 64 * 2**30, "free_bytes": 64 * 2**30})
+    fleet.heartbeat(store.r, beat("exec-draining", **{"total_bytes": 64 * 2**30, "free_bytes": 64 * 2**30}))
     job_id = submit(store, models["llama"])
     read_executors = fleet.executors
 
@@ -156,7 +162,7 @@ def test_a_round_does_not_assign_to_an_executor_that_deregistered_after_it_was_r
     scheduler.round()
     assert store.get_job(job_id)["state"] == "queued", "not claimed for an executor that is gone"
     monkeypatch.setattr(fleet, "executors", read_executors)
-    fleet.heartbeat(store.r, "exec-live", {"total_bytes": 64 * 2**30, "free_bytes": 64 * 2**30})
+    fleet.heartbeat(store.r, beat("exec-live", **{"total_bytes": 64 * 2**30, "free_bytes": 64 * 2**30}))
     scheduler.round()
     job = store.get_job(job_id)
     assert job["state"] == "scheduled" and job["executor_id"] == "exec-live" and job["attempt"] == 1
@@ -166,7 +172,7 @@ def test_a_disabled_tenants_queued_jobs_never_start(env, store):
     _, _, models = env
     job_id = submit(store, models["llama"])
     store.set_disabled("acme")
-    fleet.heartbeat(store.r, "exec-1", {"total_bytes": 64 * 2**30, "free_bytes": 64 * 2**30, "compat_key": ""})
+    fleet.heartbeat(store.r, beat("exec-1", **{"total_bytes": 64 * 2**30, "free_bytes": 64 * 2**30, "compat_key": ""}))
     scheduler = Scheduler(store, "sched-test")
     scheduler.lock.try_acquire()
     for _ in range(3):
@@ -182,16 +188,15 @@ def test_a_job_that_keeps_killing_its_executor_runs_alone_then_fails_and_its_coh
     poison, innocent = submit(store, models["llama"]), submit(store, models["llama"])
     scheduler = Scheduler(store, "sched-test")
     scheduler.lock.try_acquire()
-    beat = {"total_bytes": 64 * 2**30, "free_bytes": 64 * 2**30, "compat_key": ""}
 
     def kill(executor_id):  # what the heartbeat's TTL does after a kill -9
         store.r.delete(keys.executor(executor_id))
 
-    fleet.heartbeat(store.r, "exec-1", beat)
+    fleet.heartbeat(store.r, beat("exec-1"))
     assert sorted(a.job_id for a in scheduler.round()) == sorted([poison, innocent])  # one cohort
     kill("exec-1")
     for name in ("exec-2", "exec-3"):
-        fleet.heartbeat(store.r, name, beat)
+        fleet.heartbeat(store.r, beat(name))
     placed = {a.job_id: a.executor_id for a in scheduler.round()}
     assert set(placed) == {poison, innocent} and placed[poison] != placed[innocent], "each runs alone now"
     assert store.get_job(poison)["executor_losses"] == 1
@@ -200,7 +205,7 @@ def test_a_job_that_keeps_killing_its_executor_runs_alone_then_fails_and_its_coh
 
     for loss in (2, 3):
         kill(placed[poison])
-        fleet.heartbeat(store.r, f"exec-{loss + 2}", beat)
+        fleet.heartbeat(store.r, beat(f"exec-{loss + 2}"))
         placed = {a.job_id: a.executor_id for a in scheduler.round()}
         if loss == 2:
             assert list(placed) == [poison]

@@ -6,17 +6,30 @@ import pytest
 import torch
 
 from helpers_models import build_tiny_model, single_torch_thread, write_jsonl  # noqa: F401
-from lorafleet.executor.artifacts import ArtifactStore
+from lorafleet.scheduler.artifacts import ArtifactStore
 from lorafleet.executor.worker import Executor, Lease
 from lorafleet.scheduler import fleet, keys
+from lorafleet.scheduler.memory import ModelShape, plan_job
+from lorafleet.scheduler.records import ExecutorHeartbeat
 from lorafleet.scheduler.spec import parse_spec
 
 
 SPEC = parse_spec({"base_model": "/models/none", "dataset": "train.jsonl"})
 
 
+def plan_of(spec):
+    """A plan as submission makes it, for a base that needs no files here."""
+    hp = spec.hyperparameters
+    return plan_job("|".join((spec.base_model, spec.quantization, spec.dtype)), spec.base_model,
+                    ModelShape(64, 128, 2, 4, 2, 360), spec.adapter.r, spec.adapter.target_modules, hp.batch_size,
+                    hp.max_seq_len, spec.quantization, spec.dtype, 1000)
+
+
+PLAN = plan_of(SPEC)
+
+
 def running_job(store, tenant, executor_id: str) -> tuple[str, int]:
-    job_id = store.submit(tenant.name, SPEC)["job_id"]
+    job_id = store.submit(tenant.name, SPEC, plan=PLAN)["job_id"]
     attempt = store.claim(job_id, executor_id)
     assert store.transition(job_id, "scheduled", "running", attempt=attempt)
     return job_id, attempt
@@ -39,7 +52,7 @@ def test_an_executor_drops_jobs_whose_lease_moved_on(store, make_tenant, tmp_pat
     tenant = make_tenant()
     job_id, attempt = running_job(store, tenant, "exec-stale")
     executor = Executor(store, "exec-stale", "cpu", ArtifactStore(str(tmp_path)))
-    executor.leases[job_id] = Lease(job_id, tenant.name, attempt, SPEC)
+    executor.leases[job_id] = Lease(job_id, tenant.name, attempt, SPEC, PLAN)
 
     assert store.transition(job_id, "running", "queued")  # the scheduler declared us dead meanwhile
     store.claim(job_id, "exec-new")
@@ -47,17 +60,17 @@ def test_an_executor_drops_jobs_whose_lease_moved_on(store, make_tenant, tmp_pat
 
     assert job_id not in executor.leases
     assert not store.record_progress(job_id, 5, 10, {"loss": 1.0}, attempt=attempt), "stale writes are refused"
-    assert not store.record_checkpoint(job_id, "file:///stale", attempt)
+    assert store.record_checkpoint(job_id, "file:///stale", attempt) is None
 
 
 def test_heartbeats_expire_and_drain_requests_need_a_live_executor(store):
-    fleet.heartbeat(store.r, "exec-beat", {"device": "cpu", "total_bytes": 10}, ttl=0.2)
+    fleet.heartbeat(store.r, ExecutorHeartbeat("exec-beat", device="cpu", total_bytes=10), ttl=0.2)
     alive, _ = fleet.executors(store.r)
-    assert any(e["executor_id"] == "exec-beat" and e["total_bytes"] == 10 for e in alive)
+    assert any(e.executor_id == "exec-beat" and e.total_bytes == 10 for e in alive)
     assert fleet.request_drain(store.r, "exec-beat") and fleet.drain_requested(store.r, "exec-beat")
     store.r.delete(keys.executor("exec-beat"))  # what the TTL does 0.2 s later
     alive, dead = fleet.executors(store.r)
-    assert "exec-beat" in dead and not any(e["executor_id"] == "exec-beat" for e in alive)
+    assert "exec-beat" in dead and not any(e.executor_id == "exec-beat" for e in alive)
     assert not fleet.request_drain(store.r, "exec-beat")
     fleet.forget(store.r, "exec-beat")
     assert "exec-beat" not in fleet.executors(store.r)[1]
@@ -67,13 +80,13 @@ def test_a_job_for_another_base_is_handed_back_not_failed(store, make_tenant, tm
     tenant = make_tenant()
     running, attempt = running_job(store, tenant, "exec-busy")
     executor = Executor(store, "exec-busy", "cpu", ArtifactStore(str(tmp_path)))
-    executor.compat_key = SPEC.compatibility_key()
-    executor.leases[running] = Lease(running, tenant.name, attempt, SPEC)
+    executor.compat_key = PLAN.compat_key
+    executor.leases[running] = Lease(running, tenant.name, attempt, SPEC, PLAN)
     other = parse_spec({"base_model": "/models/other", "dataset": "train.jsonl"})
-    job_id = store.submit(tenant.name, other)["job_id"]
+    job_id = store.submit(tenant.name, other, plan=plan_of(other))["job_id"]
     store.claim(job_id, "exec-busy")
 
-    executor.admit(store.get_job(job_id))
+    executor.admit(store.job(job_id))
 
     assert store.get_job(job_id)["state"] == "queued"
     assert job_id not in executor.leases
@@ -85,8 +98,8 @@ def test_out_of_memory_hands_every_job_back_from_its_checkpoint_and_offers_less(
     jobs = []
     for _ in range(2):
         job_id, attempt = running_job(store, tenant, "exec-oom")
-        assert store.record_checkpoint(job_id, f"file:///ckpt/{job_id}", attempt)
-        executor.leases[job_id] = Lease(job_id, tenant.name, attempt, SPEC)
+        assert store.record_checkpoint(job_id, f"file:///ckpt/{job_id}", attempt) is not None
+        executor.leases[job_id] = Lease(job_id, tenant.name, attempt, SPEC, PLAN)
         jobs.append(job_id)
 
     class CohortOutOfMemory:  # stands in for a cohort whose step runs out of device memory
@@ -102,8 +115,8 @@ def test_out_of_memory_hands_every_job_back_from_its_checkpoint_and_offers_less(
         assert any(e["type"] == "requeued" and e["reason"] == "out of memory" for e in store.events(job_id))
     assert executor.leases == {} and executor.cohort is None
     assert executor.total_bytes < 100 * 2**30
-    heartbeat = next(e for e in fleet.executors(store.r)[0] if e["executor_id"] == "exec-oom")
-    assert heartbeat["total_bytes"] == executor.total_bytes
+    heartbeat = next(e for e in fleet.executors(store.r)[0] if e.executor_id == "exec-oom")
+    assert heartbeat.total_bytes == executor.total_bytes
 
 
 def test_a_job_whose_validation_set_cannot_be_read_fails_alone(store, make_tenant, tmp_path, monkeypatch):
@@ -111,7 +124,7 @@ def test_a_job_whose_validation_set_cannot_be_read_fails_alone(store, make_tenan
     tenant = make_tenant()
     spec = parse_spec({"base_model": "/models/none", "dataset": f"{tenant.name}/train.jsonl",
                        "validation_dataset": f"{tenant.name}/missing.jsonl"})
-    job_id = store.submit(tenant.name, spec)["job_id"]
+    job_id = store.submit(tenant.name, spec, plan=plan_of(spec))["job_id"]
     store.claim(job_id, "exec-val")
 
     class Cohort:  # stands in for a loaded cohort: records what joined
@@ -127,9 +140,9 @@ def test_a_job_whose_validation_set_cannot_be_read_fails_alone(store, make_tenan
             del self.jobs[job_id]
 
     executor = Executor(store, "exec-val", "cpu", ArtifactStore(str(tmp_path)))
-    executor.cohort, executor.compat_key = Cohort(), spec.compatibility_key()
+    executor.cohort, executor.compat_key = Cohort(), plan_of(spec).compat_key
     monkeypatch.setenv("LORAFLEET_DATA_ROOT", str(tenant.area.parent))
-    executor.admit(store.get_job(job_id))
+    executor.admit(store.job(job_id))
 
     job = store.get_job(job_id)
     assert job["state"] == "failed" and "validation_dataset" in job["error"]
@@ -153,13 +166,13 @@ def test_gpu_seconds_accumulate_and_decay_with_the_half_life(store, make_tenant)
 def test_the_heartbeat_says_whether_the_executor_runs_in_passes(store, tmp_path):
     Executor(store, "exec-passes", "cpu", ArtifactStore(str(tmp_path)), max_pass_tokens=4096).send_heartbeat()
     Executor(store, "exec-whole", "cpu", ArtifactStore(str(tmp_path))).send_heartbeat()
-    alive = {e["executor_id"]: e for e in fleet.executors(store.r)[0]}
-    assert alive["exec-passes"]["max_pass_tokens"] == 4096
-    assert alive["exec-whole"]["max_pass_tokens"] == 0, "no passes: the field is empty"
+    alive = {e.executor_id: e for e in fleet.executors(store.r)[0]}
+    assert alive["exec-passes"].max_pass_tokens == 4096
+    assert alive["exec-whole"].max_pass_tokens is None, "no passes"
 
 
-@pytest.mark.parametrize("native, dtypes, auto", [(True, "bfloat16,float32", torch.bfloat16),
-                                                  (False, "float32", torch.float32)])
+@pytest.mark.parametrize("native, dtypes, auto", [(True, ("bfloat16", "float32"), torch.bfloat16),
+                                                  (False, ("float32",), torch.float32)])
 def test_an_executor_offers_bf16_only_where_the_gpu_computes_it_natively(store, tmp_path, monkeypatch, native, dtypes,
                                                                           auto):
     from lorafleet.executor.model import compute_dtype
@@ -167,7 +180,8 @@ def test_an_executor_offers_bf16_only_where_the_gpu_computes_it_natively(store, 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native or including_emulation)
     executor = Executor(store, "exec-gpu", "cuda:0", ArtifactStore(str(tmp_path)), memory_bytes=2**30)
     executor.send_heartbeat()
-    assert {e["executor_id"]: e["dtypes"] for e in fleet.executors(store.r)[0]}["exec-gpu"] == dtypes
+    beat = {e.executor_id: e for e in fleet.executors(store.r)[0]}["exec-gpu"]
+    assert beat.dtypes == dtypes and beat.auto_dtype == ("bfloat16" if native else "float32")
     assert compute_dtype("auto", torch.device("cuda:0")) == auto
     assert compute_dtype("auto", torch.device("cpu")) == torch.float32
 
@@ -186,7 +200,7 @@ def test_a_job_that_trains_on_no_target_token_fails_instead_of_succeeding(store,
     job_id = store.submit(tenant.name, spec)["job_id"]
     store.claim(job_id, "exec-untrained")
     executor = Executor(store, "exec-untrained", "cpu", ArtifactStore(str(tmp_path / "artifacts")))
-    executor.admit(store.get_job(job_id))
+    executor.admit(store.job(job_id))
     steps = 0
     while job_id in executor.leases and steps < 10:
         executor.train_step()

@@ -1,0 +1,304 @@
+"""The memory model: bytes a base and a cohort take on a device, from the model's shape and each job's spec.
+
+    executor = base weights + sum over its cohort of (adapter/optimizer state + activations of one micro-batch)
+
+Each term is estimated here, then multiplied by a per-compatibility-key calibration factor that the scheduler learns
+from the raw peaks executors measure (`calibrate`). An executor that runs its steps in passes holds the activations of
+one pass, not of every job at once (`cohort_bytes`).
+
+"Tokens" everywhere in lorafleet means positions of a micro-batch: every token of a packed sequence, prompt and
+target, padding excluded (`formats.tokenise_record` makes them; the cohort trains on them; usage and tokens/s
+count them). Target tokens, the ones the loss is taken on, are always called target tokens.
+
+The planner (`policy`), the scheduler, the executor, submission
+and the simulator all size jobs with this module and no other, and with one rule for the compute dtype
+(`effective_dtype`). Pure: no Redis, no torch, no files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from typing import Mapping, Optional, Sequence
+
+COMPUTE_DTYPES = ("bfloat16", "float32")
+
+
+def auto_dtype(device_type: str, native_bf16: bool) -> str:
+    """What a job's `dtype: auto` computes in on a device: bf16 on a GPU that computes it natively (Ampere on), else
+    fp32 (a CPU runs bf16 only when asked: natively, but slowly)."""
+    return "bfloat16" if device_type == "cuda" and native_bf16 else "float32"
+
+
+def effective_dtype(job_dtype: str, device_auto_dtype: str) -> str:
+    """The dtype a job of `job_dtype` (JobSpec.dtype) computes in on a device whose `auto_dtype` is given."""
+    if job_dtype == "auto":
+        return device_auto_dtype
+    if job_dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"unknown dtype {job_dtype!r}; expected 'auto' or one of {COMPUTE_DTYPES}")
+    return job_dtype
+
+
+def possible_dtypes(job_dtype: str) -> tuple[str, ...]:
+    """Every dtype the job may compute in, over all devices: what it is sized for at submission."""
+    return COMPUTE_DTYPES if job_dtype == "auto" else (effective_dtype(job_dtype, "float32"),)
+
+
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2}  # effective compute dtypes (see `effective_dtype`)
+# Storage per parameter of the frozen base. nf4: 4-bit codes + one fp32 absmax per 64-value block (bitsandbytes
+# default); int8: 1 byte + one fp32 scale per row, negligible for real widths.
+_QUANT_BYTES_PER_PARAM = {"nf4": 0.5 + 4 / 64, "int8": 1.0}
+# Trainable adapter parameter: fp32 weight + fp32 grad + Adam's two fp32 moments.
+_ADAPTER_STATE_BYTES_PER_PARAM = 16
+# Activations kept for the backward of one transformer layer, per token, in units of hidden_size * 2-byte elements
+# (Korthikanti et al. 2022, "Reducing Activation Recomputation", 34*s*b*h per layer with flash attention).
+_ACTIVATION_ELEMENTS_PER_TOKEN_PER_HIDDEN = 17
+
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The few numbers of a decoder-only base model that its memory footprint depends on."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_attention_heads: int
+    num_kv_heads: int
+    vocab_size: int
+
+    def __post_init__(self):
+        for name in ("hidden_size", "intermediate_size", "num_layers", "num_attention_heads", "num_kv_heads",
+                     "vocab_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"ModelShape.{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError("ModelShape.hidden_size must be a multiple of num_attention_heads")
+
+    @classmethod
+    def from_config(cls, config: Mapping) -> "ModelShape":
+        """From a Hugging Face `config.json` dict (Llama/Mistral/Qwen2/Gemma naming)."""
+        try:
+            heads = config["num_attention_heads"]
+            return cls(
+                hidden_size=config["hidden_size"],
+                intermediate_size=config["intermediate_size"],
+                num_layers=config["num_hidden_layers"],
+                num_attention_heads=heads,
+                num_kv_heads=config.get("num_key_value_heads") or heads,
+                vocab_size=config["vocab_size"],
+            )
+        except KeyError as exc:
+            raise ValueError(f"model config lacks {exc.args[0]!r}") from None
+
+    def projection_dims(self) -> dict[str, tuple[int, int]]:
+        """(in_features, out_features) of each projection LoRA can target."""
+        h, kv = self.hidden_size, self.hidden_size // self.num_attention_heads * self.num_kv_heads
+        i = self.intermediate_size
+        return {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+    def num_params(self) -> int:
+        per_layer = sum(d_in * d_out for d_in, d_out in self.projection_dims().values()) + 2 * self.hidden_size
+        return self.num_layers * per_layer + 2 * self.vocab_size * self.hidden_size + self.hidden_size
+
+
+def estimate_base_bytes(params: int, quantization: str, dtype: str) -> int:
+    """Bytes of the frozen base weights on the device, in an effective compute dtype (`effective_dtype`)."""
+    if not isinstance(params, int) or params < 1:
+        raise ValueError(f"params must be a positive integer, got {params!r}")
+    if dtype not in _DTYPE_BYTES:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPE_BYTES)}")
+    if quantization == "none":
+        return params * _DTYPE_BYTES[dtype]
+    if quantization not in _QUANT_BYTES_PER_PARAM:
+        raise ValueError(f"unknown quantization {quantization!r}; expected 'none', 'nf4' or 'int8'")
+    return math.ceil(params * _QUANT_BYTES_PER_PARAM[quantization])
+
+
+def estimate_job_bytes(
+    shape: ModelShape,
+    r: int,
+    target_modules: Sequence[str],
+    batch_size: int,
+    max_seq_len: int,
+    dtype: str,
+) -> int:
+    """Bytes one job adds to a cohort: adapter weights, grads and Adam state, plus activations of one micro-batch."""
+    if dtype not in _DTYPE_BYTES:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPE_BYTES)}")
+    for name, value in (("r", r), ("batch_size", batch_size), ("max_seq_len", max_seq_len)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    dims = shape.projection_dims()
+    adapter_params = 0
+    for module in target_modules:
+        if module not in dims:
+            raise ValueError(f"cannot size target module {module!r}; the memory model knows {sorted(dims)}")
+        d_in, d_out = dims[module]
+        adapter_params += r * (d_in + d_out)
+    adapter_params *= shape.num_layers
+    return (adapter_params * _ADAPTER_STATE_BYTES_PER_PARAM
+            + estimate_activation_bytes(shape, batch_size, max_seq_len, dtype))
+
+
+def estimate_activation_bytes(shape: ModelShape, batch_size: int, max_seq_len: int, dtype: str) -> int:
+    """The activations part of `estimate_job_bytes`: what one micro-batch keeps for the backward."""
+    if dtype not in _DTYPE_BYTES:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPE_BYTES)}")
+    element = _DTYPE_BYTES[dtype]
+    per_token = (shape.num_layers * _ACTIVATION_ELEMENTS_PER_TOKEN_PER_HIDDEN * shape.hidden_size * element
+                 + shape.vocab_size * (element + 4))  # logits, plus their fp32 copy for the loss
+    return batch_size * max_seq_len * per_token
+
+
+def estimate_gpu_seconds(tokens: int, params: int, tokens_per_second_at_8b: float = 10_000.0) -> float:
+    """GPU time a job of `tokens` needs, for fair-share accounting: training FLOPs grow with parameters x tokens.
+
+    The default rate is an 8B base in a full cohort on one H100 (the developers' guide: 6.9k tok/s for one 4x512 job,
+    13.8k tok/s ceiling for the bare base); pass a measured one when the fleet has it.
+    """
+    if tokens < 0 or params < 1 or tokens_per_second_at_8b <= 0:
+        raise ValueError(f"need tokens >= 0, params >= 1 and a positive rate, got {tokens}, {params}, "
+                         f"{tokens_per_second_at_8b}")
+    return tokens * (params / 8e9) / tokens_per_second_at_8b
+
+
+@dataclass(frozen=True)
+class MemoryCalibration:
+    """observed / predicted device memory for one compatibility key; multiplies every estimate for that key."""
+
+    factor: float = 1.0
+    observations: int = 0
+
+
+def calibrate(model: MemoryCalibration, observed_peak: int, predicted: int, smoothing: float = 0.2
+              ) -> MemoryCalibration:
+    """Fold one reported peak into the calibration.
+
+    `predicted` is the uncalibrated estimate (base + cohort jobs) for the executor that reported `observed_peak`.
+    Under-estimates are corrected at once (an OOM costs far more than idle memory); over-estimates decay slowly
+    by exponential smoothing so one quiet step does not shrink the safety margin.
+    """
+    if predicted <= 0 or observed_peak <= 0:
+        raise ValueError(f"observed_peak and predicted must be positive, got {observed_peak} and {predicted}")
+    if not 0 < smoothing <= 1:
+        raise ValueError(f"smoothing must be in (0, 1], got {smoothing}")
+    ratio = observed_peak / predicted
+    if model.observations == 0 or ratio > model.factor:
+        factor = ratio
+    else:
+        factor = model.factor + smoothing * (ratio - model.factor)
+    return MemoryCalibration(factor=factor, observations=model.observations + 1)
+
+
+def cohort_bytes(jobs: Sequence, max_pass_tokens: Optional[int]) -> float:
+    """Bytes a cohort of `jobs` adds to its base (uncalibrated).
+
+    Without passes a step holds every job's micro-batch activations at once: the sum of the jobs' bytes. An executor
+    started with `--max-pass-tokens N` runs the forward + backward in passes of whole sequences of at most N tokens
+    (a longer sequence is a pass of its own), so it holds one pass's activations: bytes per token x
+    min(the cohort's tokens, max(N, its longest sequence)), next to every job's adapter state.
+    """
+    return _CohortMemory().add_all(jobs).bytes(max_pass_tokens)
+
+
+class _CohortMemory:
+    """The sums `cohort_bytes` needs, kept as jobs join so the planner prices a join in O(1)."""
+
+    __slots__ = ("state", "activations", "tokens", "per_token", "longest")
+
+    def __init__(self):
+        self.state, self.activations, self.tokens, self.per_token, self.longest = 0, 0, 0, 0.0, 0
+
+    def add_all(self, jobs) -> "_CohortMemory":
+        for job in jobs:
+            self.add(job)
+        return self
+
+    def add(self, job) -> None:
+        self.state += job.job_bytes - job.activation_bytes
+        self.activations += job.activation_bytes
+        self.tokens += job.tokens_per_step
+        if job.tokens_per_step:
+            self.per_token = max(self.per_token, job.activation_bytes / job.tokens_per_step)
+        self.longest = max(self.longest, job.max_seq_len)
+
+    def with_job(self, job) -> "_CohortMemory":
+        joined = _CohortMemory()
+        joined.state, joined.activations, joined.tokens, joined.per_token, joined.longest = (
+            self.state, self.activations, self.tokens, self.per_token, self.longest)
+        joined.add(job)
+        return joined
+
+    def bytes(self, max_pass_tokens: Optional[int]) -> float:
+        if max_pass_tokens is None:
+            return self.state + self.activations
+        held_tokens = min(self.tokens, max(max_pass_tokens, self.longest))
+        return self.state + min(self.activations, self.per_token * held_tokens)
+
+
+def pass_tokens(planned: int, free_bytes: float, bytes_per_token: float) -> int:
+    """Tokens per pass for an executor the planner counts on passes of `planned` tokens: the most whose activations
+    fit in `free_bytes` (its usable memory less what is allocated before the step), never fewer than `planned`.
+    Fewer, larger passes are faster: each pass pays the step's host time again."""
+    if bytes_per_token <= 0 or free_bytes <= 0:
+        return planned
+    return max(planned, int(free_bytes // bytes_per_token))
+
+
+@dataclass(frozen=True)
+class JobSize:
+    """A job's bytes in one compute dtype, uncalibrated: what it adds to a cohort, and its base."""
+
+    job_bytes: int  # adapter state + one micro-batch's activations
+    activation_bytes: int  # the activations part of job_bytes
+    base_bytes: int  # the frozen base it needs
+
+
+def size_job(shape: ModelShape, r: int, target_modules: Sequence[str], batch_size: int, max_seq_len: int,
+             quantization: str, dtype: str) -> JobSize:
+    return JobSize(
+        estimate_job_bytes(shape, r, target_modules, batch_size, max_seq_len, dtype),
+        estimate_activation_bytes(shape, batch_size, max_seq_len, dtype),
+        estimate_base_bytes(shape.num_params(), quantization, dtype),
+    )
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    """Everything the planner needs to know of a job, decided once at submission and stored with it (job field
+    `plan`), so that no round re-reads its spec, its base model or its data."""
+
+    compat_key: str
+    base_snapshot: str  # the resolved base model directory, pinned: submission, planning and training see one base
+    params: int  # parameters of the base
+    tokens_per_step: int  # batch_size * max_seq_len: the tokens of one micro-batch
+    max_seq_len: int
+    tokens: int  # tokens of the whole run: its step budget's micro-batches, or its dataset's tokens x epochs
+    est_gpu_seconds: float
+    dtype: str  # JobSpec.dtype ("auto" or a compute dtype)
+    sizes: Mapping[str, JobSize]  # effective compute dtype -> its size; one entry per `possible_dtypes(dtype)`
+
+    def size(self, device_auto_dtype: str) -> JobSize:
+        return self.sizes[effective_dtype(self.dtype, device_auto_dtype)]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "JobPlan":
+        raw = json.loads(text)
+        raw["sizes"] = {dtype: JobSize(**size) for dtype, size in raw["sizes"].items()}
+        return cls(**raw)
+
+
+def plan_job(compat_key: str, base_snapshot: str, shape: ModelShape, r: int, target_modules: Sequence[str],
+             batch_size: int, max_seq_len: int, quantization: str, dtype: str, tokens: int) -> JobPlan:
+    """Size a job for every dtype it may compute in."""
+    sizes = {d: size_job(shape, r, target_modules, batch_size, max_seq_len, quantization, d)
+             for d in possible_dtypes(dtype)}
+    params = shape.num_params()
+    return JobPlan(compat_key, base_snapshot, params, batch_size * max_seq_len, max_seq_len, tokens,
+                   estimate_gpu_seconds(tokens, params), dtype, sizes)

@@ -1,0 +1,192 @@
+"""The typed records every process reads and writes: a job's state and record, an executor's heartbeat.
+
+Redis holds them as hashes of strings (`keys`); these classes are the only code that turns one into the other, so a
+field is named, typed and defaulted once. `JobRecord.view()` is the public JSON form the task API returns.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from functools import cached_property
+from typing import Any, Mapping, Optional
+
+from lorafleet.scheduler.memory import JobPlan
+
+
+class JobState(str, Enum):
+    """A job's state. A `str`, so `JobState.RUNNING == "running"` and it goes into JSON and Lua as its value."""
+
+    QUEUED = "queued"
+    SCHEDULED = "scheduled"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL_STATES
+
+    @property
+    def holding(self) -> bool:
+        """An executor holds the job (its lease) in this state."""
+        return self in HOLDING_STATES
+
+
+TERMINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
+HOLDING_STATES = frozenset({JobState.SCHEDULED, JobState.RUNNING})
+
+# The only legal moves; the store refuses every other.
+TRANSITIONS: dict[JobState, tuple[JobState, ...]] = {
+    JobState.QUEUED: (JobState.SCHEDULED, JobState.CANCELLED, JobState.FAILED),
+    JobState.SCHEDULED: (JobState.RUNNING, JobState.QUEUED, JobState.FAILED, JobState.CANCELLED),
+    JobState.RUNNING: (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.QUEUED),
+    JobState.SUCCEEDED: (),
+    JobState.FAILED: (),
+    JobState.CANCELLED: (),
+}
+
+
+def _float(value: Optional[str]) -> Optional[float]:
+    return float(value) if value not in (None, "") else None
+
+
+def _int(value: Optional[str]) -> int:
+    return int(value) if value not in (None, "") else 0
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """One job as stored in `lorafleet:job:<id>` (hash fields of the same names; see `keys.JOB_FIELDS`)."""
+
+    job_id: str
+    tenant: str
+    name: str
+    state: JobState
+    priority: int
+    queue_score: str
+    spec_json: str  # the validated spec (field `spec`)
+    submitted_at: Optional[float]
+    updated_at: Optional[float]
+    scheduled_at: Optional[float]
+    started_at: Optional[float]
+    finished_at: Optional[float]
+    step: int
+    total_steps: int
+    metrics: Mapping[str, Any]
+    error: Optional[str]
+    adapter_uri: Optional[str]
+    checkpoint_uri: Optional[str]
+    checkpoints: tuple[str, ...]  # the recorded checkpoints still kept, oldest first (the last is checkpoint_uri)
+    executor_id: Optional[str]
+    attempt: int  # the lease: +1 each time the job is scheduled
+    assigned_seq: int  # `keys.ASSIGN_SEQ` when it was last scheduled (reconciliation compares heartbeats with it)
+    cancel_requested: bool
+    executor_losses: int
+    datasets_json: str  # field `datasets`: spec field -> accepted copy
+    plan_json: str  # field `plan`: decided at submission ('' for a job written by schema version 1, not sized yet)
+    request_id: Optional[str]  # the client's idempotency key
+
+    @classmethod
+    def from_hash(cls, raw: Mapping[str, str]) -> "JobRecord":
+        return cls(
+            job_id=raw["job_id"], tenant=raw["tenant"], name=raw.get("name", ""), state=JobState(raw["state"]),
+            priority=_int(raw.get("priority")), queue_score=raw.get("queue_score", ""), spec_json=raw["spec"],
+            submitted_at=_float(raw.get("submitted_at")), updated_at=_float(raw.get("updated_at")),
+            scheduled_at=_float(raw.get("scheduled_at")), started_at=_float(raw.get("started_at")),
+            finished_at=_float(raw.get("finished_at")), step=_int(raw.get("step")),
+            total_steps=_int(raw.get("total_steps")), metrics=json.loads(raw.get("metrics") or "{}"),
+            error=raw.get("error") or None, adapter_uri=raw.get("adapter_uri") or None,
+            checkpoint_uri=raw.get("checkpoint_uri") or None,
+            checkpoints=tuple(json.loads(raw.get("checkpoints") or "[]")),
+            executor_id=raw.get("executor_id") or None, attempt=_int(raw.get("attempt")),
+            assigned_seq=_int(raw.get("assigned_seq")), cancel_requested=raw.get("cancel_requested") == "1",
+            executor_losses=_int(raw.get("executor_losses")), datasets_json=raw.get("datasets") or "{}",
+            plan_json=raw.get("plan") or "",
+            request_id=raw.get("request_id") or None,
+        )
+
+    @cached_property
+    def plan(self) -> Optional[JobPlan]:
+        return JobPlan.from_json(self.plan_json) if self.plan_json else None
+
+    @cached_property
+    def spec(self):
+        from lorafleet.scheduler.spec import JobSpec  # pydantic: only where a spec is really read
+
+        return JobSpec.model_validate_json(self.spec_json)
+
+    def view(self, with_spec: bool = True) -> dict[str, Any]:
+        """The public, JSON-ready form (what `lorafleet.get_job` returns)."""
+        view = {
+            "job_id": self.job_id, "tenant": self.tenant, "name": self.name, "state": self.state.value,
+            "priority": self.priority, "submitted_at": self.submitted_at, "updated_at": self.updated_at,
+            "scheduled_at": self.scheduled_at, "started_at": self.started_at, "finished_at": self.finished_at,
+            "progress": {"step": self.step, "total_steps": self.total_steps}, "metrics": dict(self.metrics),
+            "error": self.error, "adapter_uri": self.adapter_uri, "checkpoint_uri": self.checkpoint_uri,
+            "checkpoints": list(self.checkpoints), "executor_id": self.executor_id, "attempt": self.attempt,
+            "cancel_requested": self.cancel_requested, "executor_losses": self.executor_losses,
+            "request_id": self.request_id,
+        }
+        if with_spec:
+            view["spec"] = json.loads(self.spec_json)
+        return view
+
+
+@dataclass(frozen=True)
+class ExecutorHeartbeat:
+    """What an executor says of itself every few seconds (`lorafleet:executor:<id>`). Raw measurements only: the
+    scheduler's memory model is applied by the scheduler, never by the executor."""
+
+    executor_id: str
+    host: str = ""
+    device: str = ""
+    dtypes: tuple[str, ...] = ()  # compute dtypes the device runs natively: bfloat16 jobs go only where listed
+    auto_dtype: str = "float32"  # what `dtype: auto` computes in here (`memory.auto_dtype`)
+    pid: int = 0
+    total_bytes: int = 0  # device memory it offers
+    peak_bytes: int = 0  # measured peak of its last step (or allocated bytes when idle)
+    pass_tokens: int = 0  # tokens of the largest pass of that step (0: not in passes)
+    compat_key: Optional[str] = None  # the loaded base
+    base_bytes: int = 0  # measured bytes of the loaded base
+    jobs: Mapping[str, int] = field(default_factory=dict)  # job id -> attempt, the leases it holds
+    synced_seq: int = 0  # the `keys.ASSIGN_SEQ` its last completed look at its assignments saw
+    metrics_port: int = 0
+    max_pass_tokens: Optional[int] = None  # runs steps in passes of at most this many tokens (planned)
+    heartbeat_at: float = 0.0
+
+    @property
+    def free_bytes(self) -> int:
+        return max(0, self.total_bytes - self.peak_bytes)
+
+    def to_hash(self) -> dict[str, str]:
+        return {
+            "host": self.host, "device": self.device, "dtypes": ",".join(self.dtypes), "auto_dtype": self.auto_dtype,
+            "pid": str(self.pid), "total_bytes": str(self.total_bytes), "peak_bytes": str(self.peak_bytes),
+            "pass_tokens": str(self.pass_tokens), "compat_key": self.compat_key or "",
+            "base_bytes": str(self.base_bytes), "jobs": json.dumps(dict(self.jobs), sort_keys=True),
+            "synced_seq": str(self.synced_seq), "metrics_port": str(self.metrics_port),
+            "max_pass_tokens": "" if self.max_pass_tokens is None else str(self.max_pass_tokens),
+            "heartbeat_at": repr(self.heartbeat_at or time.time()),
+        }
+
+    @classmethod
+    def from_hash(cls, executor_id: str, raw: Mapping[str, str]) -> "ExecutorHeartbeat":
+        return cls(
+            executor_id=executor_id, host=raw.get("host", ""), device=raw.get("device", ""),
+            dtypes=tuple(d for d in raw.get("dtypes", "").split(",") if d),
+            auto_dtype=raw.get("auto_dtype") or "float32", pid=_int(raw.get("pid")),
+            total_bytes=_int(raw.get("total_bytes")), peak_bytes=_int(raw.get("peak_bytes")),
+            pass_tokens=_int(raw.get("pass_tokens")), compat_key=raw.get("compat_key") or None,
+            base_bytes=_int(raw.get("base_bytes")),
+            jobs={job: int(attempt) for job, attempt in json.loads(raw.get("jobs") or "{}").items()},
+            synced_seq=_int(raw.get("synced_seq")), metrics_port=_int(raw.get("metrics_port")),
+            max_pass_tokens=_int(raw.get("max_pass_tokens")) or None,
+            heartbeat_at=_float(raw.get("heartbeat_at")) or 0.0,
+        )
