@@ -139,7 +139,7 @@ def test_through_the_api_the_executor_reads_only_the_accepted_copy(call, store, 
     monkeypatch.setenv("LORAFLEET_DATASET_DIR", worker_env["LORAFLEET_STATE_DIR"] + "/datasets")
     executor = Executor(store, "exec-data", "cpu", ArtifactStore(str(tmp_path)))
     executor.cohort = Cohort()
-    executor.compat_key = JobSpec.model_validate(job["spec"]).compatibility_key()  # its base is "loaded"
+    executor.compat_key = store.job(job["job_id"]).plan.compat_key  # its base is "loaded"
     store.claim(job["job_id"], "exec-data")
     executor.admit(store.job(job["job_id"]))
     assert executor.cohort.joined[job["job_id"]] == (original, alice.dataset)

@@ -192,11 +192,16 @@ def test_two_tenants_two_bases_form_cohorts_and_adapters_load_in_peft(fleet_env)
         peft_model = PeftModel.from_pretrained(base, job["adapter_uri"])
         lora_b = [p for n, p in peft_model.named_parameters() if "lora_B" in n]
         assert lora_b and any(p.abs().sum() > 0 for p in lora_b), "a trained adapter has non-zero B"
+        exported = Path(job["adapter_uri"])
+        assert sorted(f.name for f in exported.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"], \
+            "the published adapter holds what PEFT and vLLM load, not the training state"
+        config = json.loads((exported / "adapter_config.json").read_text())
+        assert config["base_model_name_or_path"] == job["spec"]["base_model"], "the base as the tenant named it"
 
     alive = fleet.executors(fleet_env.store.r)[0]
-    passes = {e["executor_id"]: e["max_pass_tokens"] for e in alive}
+    passes = {e.executor_id: e.max_pass_tokens for e in alive}
     assert passes.get("exec-a") == 8192 and passes.get("exec-b") == 48, "passes of 8192 unless told otherwise"
-    executor_metrics = [e["metrics_port"] for e in alive]
+    executor_metrics = [e.metrics_port for e in alive]
     assert sum(metric_value(scrape(port), "lorafleet_tokens_trained_total") for port in executor_metrics) > 0
     scheduler_text = "".join(scrape(port) for port in fleet_env.scheduler_ports)
     assert "lorafleet_jobs{" in scheduler_text and metric_value(scheduler_text, "lorafleet_scheduler_leader") == 1
@@ -219,7 +224,7 @@ def test_a_job_submitted_while_a_cohort_runs_joins_it_and_cancel_stops_it(fleet_
     cancelled = fleet_env.call("lorafleet.cancel_job", token, long_job)
     assert cancelled["state"] == "cancelled"
     wait_until(lambda: fleet.executors(fleet_env.store.r)[0] and next(
-        e for e in fleet.executors(fleet_env.store.r)[0] if e["executor_id"] == executor_id)["jobs"] == 0,
+        e for e in fleet.executors(fleet_env.store.r)[0] if e.executor_id == executor_id).jobs == {},
         "the executor to drop the cancelled job", timeout=30)
     final = fleet_env.get(token, long_job)
     assert final["state"] == "cancelled" and final["progress"]["step"] < 3000
