@@ -11,7 +11,7 @@ import pytest
 from lorafleet.scheduler.artifacts import ArtifactStore
 from lorafleet.executor.worker import Executor
 from lorafleet.scheduler.datasets import DatasetChanged, accept, accepted_path, verified_path
-from lorafleet.scheduler.spec import JobSpec, SpecError, resolve_dataset
+from lorafleet.scheduler.spec import SpecError, resolve_dataset
 
 ROWS = [{"instruction": "Say hi.", "output": "Hi!"}, {"instruction": "Count to two.", "output": "1 2"}]
 
