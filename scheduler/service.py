@@ -1,9 +1,15 @@
 """The scheduler process: `lorafleet scheduler`. Leader election, then planning rounds.
 
-Each round reads a snapshot from Redis (queued jobs, live executors and their cohorts, tenants), hands it to the pure
-`policy.plan`, and writes the assignments back with the leader's fencing token. Before planning it sends jobs of
-executors whose heartbeat expired back to the queue with their latest checkpoint. Every write carries the fencing
-token, so a scheduler that lost the lock (paused, partitioned) cannot assign anything once a standby took over.
+A round, in a handful of Redis round trips whatever the queue's length:
+1. reconcile: read the held (scheduled/running) jobs and the heartbeats; requeue each job whose executor's heartbeat
+   expired (a loss, counted) or whose executor looked at its assignments after this one was made and does not hold
+   it (a lost write, or a job it dropped);
+2. calibrate the memory model from each new heartbeat's raw peak;
+3. read the queue's ids; only jobs new to the queue are read, once, and turned into planning records from the plan
+   stored at submission (no spec, model or dataset is read again);
+4. hand the snapshot to the pure `policy.plan`, and claim every assignment in one pipelined round trip.
+Every write carries the leader's fencing token, so a scheduler that lost the lock (paused, partitioned) cannot change
+anything once a standby took over; the lock is renewed by a thread of its own, so no round is too long to keep it.
 """
 
 from __future__ import annotations

@@ -10,8 +10,9 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from lorafleet.scheduler import stack
+from lorafleet.scheduler import keys, stack
 from lorafleet.scheduler.cli import main
+from lorafleet.scheduler.spec import parse_spec
 
 
 @pytest.fixture
@@ -154,3 +155,20 @@ def test_executors_list_and_drain(lorafleet, store):
     assert fleet.drain_requested(store.r, name)
     fleet.forget(store.r, name)
     one_error_line(lorafleet("executors", "drain", name), "no live executor")
+
+
+def test_jobs_purge_removes_only_jobs_finished_before_the_cutoff(lorafleet, store, make_tenant):
+    alice = make_tenant("alice")
+    spec = parse_spec({"base_model": "/models/none", "dataset": alice.dataset})
+    old, waiting = (store.submit(alice.name, spec)["job_id"] for _ in range(2))
+    store.cancel(alice.name, old)
+    store.r.zadd(keys.FINISHED, {old: 1000.0})
+    store.r.hset(keys.job(old), "finished_at", "1000.0")
+
+    dry = ok_json(lorafleet("jobs", "purge", "--older-than", "1d", "--dry-run", "--json"))
+    assert old in [j["job_id"] for j in dry["jobs"]] and store.job(old) is not None
+    done = ok_json(lorafleet("jobs", "purge", "--older-than", "1d", "--json"))
+    assert old in [j["job_id"] for j in done["jobs"]] and waiting not in [j["job_id"] for j in done["jobs"]]
+    assert store.job(old) is None and store.job(waiting).state == "queued"
+    code, _, err = lorafleet("jobs", "purge", "--older-than", "soon")
+    assert code != 0 and "90s, 30m, 12h, 7d" in err

@@ -256,3 +256,18 @@ def test_a_submit_nobody_waits_for_any_more_is_not_run(tenant_app, store, make_t
     wait_until(lambda: result.state == "REVOKED", "the worker to drop the expired call", timeout=30)
     assert store.r.hget(keys.tenant_requests(alice.name), "late-1") is None
     assert store.counts(alice.name)["queued"] == 0
+
+
+def test_the_leader_expires_finished_jobs_past_the_retention_time(store, make_tenant, tmp_path):
+    tenant = make_tenant()
+    spec = parse_spec({"base_model": "/models/none", "dataset": tenant.dataset})
+    old = store.submit(tenant.name, spec, plan=plan_of(spec))["job_id"]
+    store.cancel(tenant.name, old)
+    store.r.zadd(keys.FINISHED, {old: time.time() - 7200})
+    store.r.hset(keys.job(old), "finished_at", repr(time.time() - 7200))
+    (tmp_path / "artifacts" / tenant.name / old).mkdir(parents=True)
+    scheduler = Scheduler(store, "sched-retention", artifacts=ArtifactStore(str(tmp_path / "artifacts")),
+                          retention_seconds=3600)
+    scheduler.lock.try_acquire()
+    scheduler.round()
+    assert store.job(old) is None and not (tmp_path / "artifacts" / tenant.name / old).exists()
