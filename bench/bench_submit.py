@@ -1,6 +1,10 @@
-"""Control-plane benchmark: submit round-trip latency and submissions/s through one Celery worker (--pool=solo).
+"""Control-plane benchmark: submit round-trip latency and accepted submissions/s through real Celery workers.
 
-Starts a throwaway redis-server and worker, like the tests. Run: python -P bench/bench_submit.py [--n 1000]
+Starts a throwaway redis-server and `--workers` worker processes (`--pool=solo` each, the documented setting: one
+process per core), like the tests. Each submission is the whole operation a tenant sees: a task through the
+tenant's own queue, the spec checked, the dataset accepted and read with the base's tokenizer, the job stored, the
+answer back. Sequential: one call at a time (latency); burst: `--n` calls in flight at once (throughput).
+Run: python -P bench/bench_submit.py [--n 1000] [--workers 2] [--out bench/results/x.json]
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ def percentile(values: list[float], q: float) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--n", type=int, default=1000, help="submissions per measurement")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes, --pool=solo each")
+    parser.add_argument("--out", type=Path, help="write the report here as JSON")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -44,15 +50,15 @@ def main() -> None:
         spec = {"base_model": str(tmp / "model"), "dataset": "bench/train.jsonl", "adapter": {"r": 8}}
         env = {**os.environ, "REDIS_URL": server.role_url("worker"), "LORAFLEET_DATA_ROOT": str(tmp / "data"),
                "LORAFLEET_STATE_DIR": str(tmp / "state"), "LORAFLEET_MODEL_ROOTS": str(tmp)}
-        worker = subprocess.Popen(
+        workers = [subprocess.Popen(
             [sys.executable, "-P", "-m", "celery", "-A", "lorafleet.scheduler.tasks", "worker", "--pool=solo",
-             "--loglevel=WARNING", "--without-gossip", "--without-mingle"],
+             "--loglevel=WARNING", "--without-gossip", "--without-mingle", "-n", f"bench-{i}@%h"],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
+        ) for i in range(args.workers)]
         control = make_celery(server.url, name="bench-control")
         app = make_celery(credentials.broker_url, name="bench", tenant="bench")
         try:
-            while not control.control.ping(timeout=0.5):
+            while len(control.control.ping(timeout=0.5)) < args.workers:
                 time.sleep(0.1)
             for _ in range(50):  # warm-up: imports, script loading, connections
                 app.send_task("lorafleet.submit_job", args=[token, spec]).get(timeout=30)
@@ -70,22 +76,30 @@ def main() -> None:
                 get_latencies.append(time.perf_counter() - start)
 
             start = time.perf_counter()
-            pending = [app.send_task("lorafleet.submit_job", args=[token, spec]) for _ in range(args.n)]
+            pending = [app.send_task("lorafleet.submit_job", args=[token, spec, f"burst-{i}"]) for i in range(args.n)]
             for result in pending:
-                result.get(timeout=120)
+                result.get(timeout=300)
             burst_seconds = time.perf_counter() - start
+            accepted = store.counts("bench")["queued"]
         finally:
-            worker.terminate()
-            worker.wait(30)
+            for worker in workers:
+                worker.terminate()
+            for worker in workers:
+                worker.wait(30)
             app.close()
             control.close()
             server.stop()
 
     ms = 1000
     report = {
+        "date": time.strftime("%Y-%m-%d"),
+        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
+        "command": " ".join(sys.argv),
         "n": args.n,
+        "workers": args.workers,
+        "jobs_accepted": accepted,
         "submit_round_trip_ms": {"p50": percentile(latencies, 0.5) * ms, "p95": percentile(latencies, 0.95) * ms,
-                                 "mean": statistics.mean(latencies) * ms},
+                                 "p99": percentile(latencies, 0.99) * ms, "mean": statistics.mean(latencies) * ms},
         "get_job_round_trip_ms": {"p50": percentile(get_latencies, 0.5) * ms,
                                   "p95": percentile(get_latencies, 0.95) * ms},
         "sequential_submissions_per_s": args.n / sum(latencies),
@@ -93,6 +107,8 @@ def main() -> None:
         "cpu_count": os.cpu_count(),
     }
     print(json.dumps(report, indent=2))
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":
