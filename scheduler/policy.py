@@ -12,6 +12,7 @@ import bisect
 import heapq
 import math
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Mapping, Optional, Sequence
 
 from lorafleet.scheduler.memory import JobSize, _CohortMemory, cohort_bytes, effective_dtype
@@ -27,6 +28,9 @@ def decayed_usage(value: float, at: float, now: float, half_life: float = USAGE_
 
 
 # --------------------------------------------------------------------------------------------------- plan inputs
+
+
+_SHAPE_CLASSES: dict[tuple, int] = {}  # (key, dtype, need signature) -> `QueuedJob.shape_class`
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,23 @@ class QueuedJob:
     dtype: str = "auto"  # JobSpec.dtype; "auto" runs anywhere (each executor picks what its device computes natively)
     # effective dtype -> size (`memory.JobPlan.sizes`): the size on each kind of executor; None: the fields above
     sizes: Optional[Mapping[str, JobSize]] = None
+
+    @cached_property
+    def need_signature(self) -> tuple:
+        """The parts of this job's size that what it needs of any slot grows with (`_Slot.need`, `_Slot.room`), in
+        each dtype it may compute in: adapter state, activations, activations per token, base; its tokens, its
+        longest sequence. Computed once per job (the scheduler keeps a queued job's record across rounds)."""
+        sizes = [self.sizes[dtype] for dtype in sorted(self.sizes)] if self.sizes else [self]
+        parts = []
+        for size in sizes:
+            per_token = size.activation_bytes / self.tokens_per_step if self.tokens_per_step else 0.0
+            parts += [size.job_bytes - size.activation_bytes, size.activation_bytes, per_token, size.base_bytes]
+        return (*parts, self.tokens_per_step, self.max_seq_len)
+
+    @cached_property
+    def shape_class(self) -> int:
+        """One small id for every job of this key, dtype and need signature: they need the same of every slot."""
+        return _SHAPE_CLASSES.setdefault((self.compat_key, self.dtype, self.need_signature), len(_SHAPE_CLASSES))
 
     def on(self, device_auto_dtype: str) -> "QueuedJob":
         """This job as sized on a device whose `dtype: auto` computes in `device_auto_dtype`."""
@@ -338,26 +359,28 @@ def plan(
             heap.append((share_used(name), name, 0))
     heapq.heapify(heap)
 
-    # Room only shrinks within a round, so a job that needs at least what a failed job of its key needed at most
-    # fails too. A job needs exactly its bytes everywhere without passes; in passes at least its adapter state and
-    # at most its bytes.
-    smallest_failure: dict[str, float] = {}
-    any_passes = any(s.passes is not None for s in slots)
+    # Room only shrinks within a round, and what a job needs of a slot grows with each part of its size
+    # (`QueuedJob.need_signature`), so a job no smaller in any part than one of its key and dtype that fit nowhere fits
+    # nowhere either: skipped without trying the slots. With equal jobs a full fleet costs one try per key.
+    failures: dict[tuple[str, str], list[tuple]] = {}
+    failed_classes: set[int] = set()  # `shape_class` of every failure: the common case is one int lookup
     while heap:
         _, name, cursor = heapq.heappop(heap)
         jobs = by_tenant[name]
         while cursor < len(jobs):
             job = jobs[cursor]
             cursor += 1
-            factor = factors.get(job.compat_key, 1.0)
-            sizes = job.sizes.values() if job.sizes else (job,)  # over every dtype it may compute in
-            least = min(s.job_bytes - s.activation_bytes if any_passes else s.job_bytes for s in sizes) * factor
-            if least >= smallest_failure.get(job.compat_key, math.inf):
+            if job.shape_class in failed_classes:
+                continue
+            signature, kind = job.need_signature, (job.compat_key, job.dtype)
+            if any(all(mine >= theirs for mine, theirs in zip(signature, other)) for other in failures.get(kind, ())):
+                failed_classes.add(job.shape_class)
                 continue
             slot = place(job)
             if slot is None:
-                smallest_failure[job.compat_key] = min(max(s.job_bytes for s in sizes) * factor,
-                                                       smallest_failure.get(job.compat_key, math.inf))
+                failed_classes.add(job.shape_class)
+                if len(failures.setdefault(kind, [])) < 4:  # a few shapes per key: bounded for adversarial queues
+                    failures[kind].append(signature)
                 continue
             commit(job, slot)
             if cursor < len(jobs) and not at_quota(name):

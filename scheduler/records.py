@@ -140,6 +140,33 @@ class JobRecord:
 
 
 @dataclass(frozen=True)
+class JobSummary:
+    """The few fields of a job that a scheduling round needs, read alone (`JobStore.summaries`) rather than the whole
+    record: a round reads them for every held job, and once for every job new to the queue."""
+
+    job_id: str
+    tenant: str
+    state: JobState
+    priority: int
+    submitted_at: float
+    attempt: int
+    executor_id: Optional[str]
+    assigned_seq: int
+    step: int
+    total_steps: int
+    executor_losses: int
+
+    FIELDS = ("tenant", "state", "priority", "submitted_at", "attempt", "executor_id", "assigned_seq", "step",
+              "total_steps", "executor_losses")
+
+    @classmethod
+    def from_fields(cls, job_id: str, values: list[Optional[str]]) -> "JobSummary":
+        tenant, state, priority, submitted_at, attempt, executor_id, assigned_seq, step, total_steps, losses = values
+        return cls(job_id, tenant or "", JobState(state), _int(priority), _float(submitted_at) or 0.0, _int(attempt),
+                   executor_id or None, _int(assigned_seq), _int(step), _int(total_steps), _int(losses))
+
+
+@dataclass(frozen=True)
 class ExecutorHeartbeat:
     """What an executor says of itself every few seconds (`lorafleet:executor:<id>`). Raw measurements only: the
     scheduler's memory model is applied by the scheduler, never by the executor."""

@@ -30,23 +30,24 @@ from lorafleet.scheduler.leader import LeaderLock
 from lorafleet.scheduler.memory import JobPlan, MemoryCalibration, calibrate, cohort_bytes
 from lorafleet.scheduler.metrics import SchedulerMetrics, scheduler_metrics, serve
 from lorafleet.scheduler.policy import ExecutorView, PlanConfig, QueuedJob, RunningJob, TenantView, plan
-from lorafleet.scheduler.records import ExecutorHeartbeat, JobRecord, JobState
+from lorafleet.scheduler.records import ExecutorHeartbeat, JobSummary, JobRecord, JobState
 from lorafleet.scheduler.store import JobStore, StaleFence
 from lorafleet.scheduler.submission import plan_from_files
 
 log = logging.getLogger("lorafleet.scheduler")
 
 PURGE_EVERY_SECONDS = 60.0  # how often the leader expires finished jobs past the retention time
+REREAD_HELD_EVERY = 10  # rounds between full re-reads of the held jobs (their progress only weighs fair share)
 
 
-def _queued_job(record: JobRecord, plan: JobPlan) -> QueuedJob:
+def _queued_job(record: JobRecord | JobSummary, plan: JobPlan) -> QueuedJob:
     bf16 = plan.size("bfloat16")
     return QueuedJob(record.job_id, record.tenant, plan.compat_key, record.priority, record.submitted_at or 0.0,
                      plan.est_gpu_seconds, plan.tokens_per_step, bf16.job_bytes, bf16.base_bytes,
                      bf16.activation_bytes, plan.max_seq_len, plan.dtype, sizes=plan.sizes)
 
 
-def _running_job(record: JobRecord, plan: JobPlan, auto_dtype: str) -> RunningJob:
+def _running_job(record: JobRecord | JobSummary, plan: JobPlan, auto_dtype: str) -> RunningJob:
     size = plan.size(auto_dtype)
     done = record.step / record.total_steps if record.total_steps else 0.0
     return RunningJob(record.job_id, record.tenant, size.job_bytes, plan.tokens_per_step,
@@ -90,7 +91,9 @@ class Scheduler:
         self.calibrated_beats: dict[str, float] = {}  # executor id -> heartbeat already folded into calibrations
         self.queued: dict[str, QueuedJob] = {}  # queued job id -> its planning record (a queued job never changes)
         self.suspects: set[str] = set()  # queued jobs whose executor died before (they run alone)
-        self.plans: dict[str, JobPlan] = {}  # held job id -> its plan (fixed at submission)
+        self.plans: dict[str, Optional[JobPlan]] = {}  # queued or held job id -> its plan (fixed at submission)
+        self.held: dict[str, JobSummary] = {}  # held job id -> its summary as last read
+        self.rounds = 0
         self.last_purge = 0.0
 
     def run(self) -> None:
@@ -138,6 +141,8 @@ class Scheduler:
         tenant_records = self.store.list_tenants()
         disabled = {t["name"] for t in tenant_records if t["disabled"]}
         queued = [job for job in self._queued_jobs(fence) if job.tenant not in disabled]  # those wait, never start
+        kept = {job.job_id for job in holding} | set(self.queued)
+        self.plans = {job_id: plan for job_id, plan in self.plans.items() if job_id in kept}
         usage = self.store.gpu_seconds(now)
         tenants = {t["name"]: TenantView(t["name"], t["weight"], t["max_running"],
                                          t["counts"]["scheduled"] + t["counts"]["running"], usage.get(t["name"], 0.0))
@@ -158,13 +163,12 @@ class Scheduler:
 
     # ---- the parts of a round ----
 
-    def _reconcile(self, beats: dict[str, ExecutorHeartbeat], fence: int) -> list[JobRecord]:
-        """Requeue held jobs that no live executor holds: their executor's heartbeat expired (it died: a loss), or it
-        looked at its assignments after this one was made and does not hold it (a write was lost, or it dropped the
-        job). Returns the jobs still held."""
-        ids = sorted(self.store.r.sunion(keys.state_set(JobState.SCHEDULED), keys.state_set(JobState.RUNNING)))
+    def _reconcile(self, beats: dict[str, ExecutorHeartbeat], fence: int) -> list[JobSummary]:
+        """Requeue held jobs that no live executor holds: their executor's heartbeat expired (it died: a loss, counted),
+        or it looked at its assignments after this one was made and does not hold it (a write was lost, or it dropped
+        the job). Returns the jobs still held."""
         held = []
-        for job in self.store.jobs(ids):
+        for job in self._held_jobs():
             beat = beats.get(job.executor_id or "")
             if beat is None:
                 reason, died = "executor lost", True
@@ -178,13 +182,29 @@ class Scheduler:
                 log.info("job %s requeued: %s (executor %s)", job.job_id, reason, job.executor_id)
                 if self.metrics:
                     self.metrics.requeued.labels(reason="executor_lost" if died else "not_held").inc()
-        self.plans = {job.job_id: self.plans.get(job.job_id) or self._plan_of(job) for job in held}
+        unknown = [job.job_id for job in held if job.job_id not in self.plans]
+        for job_id, stored in self.store.plans(unknown).items():
+            self.plans[job_id] = stored or self._size_from_files(job_id)
         return held
 
-    def _plan_of(self, job: JobRecord) -> Optional[JobPlan]:
-        """The job's stored plan; one written without (schema 1, operator tools) is sized from its files once."""
-        if job.plan is not None:
-            return job.plan
+    def _held_jobs(self) -> list[JobSummary]:
+        """Summaries of every held job. A held job's lease fields do not change until it leaves the held set (a
+        new lease passes through this scheduler's `_claim`, which forgets it), so only jobs new to the set are read;
+        all are read again every REREAD_HELD_EVERY rounds, for their progress and after a Redis restart."""
+        self.rounds += 1
+        if self.rounds % REREAD_HELD_EVERY == 0:
+            self.held = {}
+        ids = self.store.held_ids()
+        for job in self.store.summaries(job_id for job_id in ids if job_id not in self.held):
+            self.held[job.job_id] = job
+        self.held = {job_id: self.held[job_id] for job_id in ids if job_id in self.held}
+        return [job for job in self.held.values() if job.state.holding]
+
+    def _size_from_files(self, job_id: str) -> Optional[JobPlan]:
+        """The plan of a job stored without one (schema 1, operator tools), sized from its files once and stored."""
+        job = self.store.job(job_id)
+        if job is None:
+            return None
         try:
             plan = plan_from_files(job.spec, job.tenant, config.data_root(), config.hf_hub_cache(),
                                    config.model_roots())
@@ -194,7 +214,7 @@ class Scheduler:
         self.store.set_plan(job.job_id, plan)
         return plan
 
-    def _executor_views(self, alive: list[ExecutorHeartbeat], holding: list[JobRecord]
+    def _executor_views(self, alive: list[ExecutorHeartbeat], holding: list[JobSummary]
                         ) -> tuple[list[ExecutorView], dict[str, list[RunningJob]]]:
         """The planner's view of each live executor, and its cohort; calibrates the memory model from each new
         heartbeat's measured peak against the model's prediction for what that executor ran."""
@@ -211,7 +231,7 @@ class Scheduler:
             # A job only scheduled may not have reached the executor yet: the cohort's key is still its key
             # (the heartbeat's loaded base can lag behind), but its memory is not in the measured peak.
             cohort_key[job.executor_id] = plan.compat_key
-            if job.state == JobState.RUNNING and beat.jobs.get(job.job_id) == job.attempt:
+            if beat.jobs.get(job.job_id) == job.attempt:  # the executor holds it: it is in the measured peak
                 on_device.setdefault(job.executor_id, (plan.size(beat.auto_dtype).base_bytes, []))[1].append(running)
         views = []
         for beat in alive:
@@ -237,25 +257,27 @@ class Scheduler:
         self.store.r.hset(keys.MEMORY_FACTORS, beat.compat_key, self.calibrations[beat.compat_key].factor)
 
     def _queued_jobs(self, fence: int) -> list[QueuedJob]:
-        """Queued jobs in queue order. Only jobs new to the queue since the last round are read (their records,
-        once); a job that left the queue leaves the cache."""
+        """Queued jobs in queue order. Only jobs new to the queue since the last round are read (a summary and the
+        plan, once); a job that left the queue leaves the cache."""
         ids = self.store.queued_ids()
-        fresh = [job_id for job_id in ids if job_id not in self.queued]
         present = set(ids)
         for job_id in [job_id for job_id in self.queued if job_id not in present]:
             del self.queued[job_id]
             self.suspects.discard(job_id)
-        for record in self.store.jobs(fresh):
-            if record.state != JobState.QUEUED:
+        fresh = [job_id for job_id in ids if job_id not in self.queued]
+        plans = self.store.plans(fresh)
+        for job in self.store.summaries(fresh):
+            if job.state != JobState.QUEUED:
                 continue  # it moved on between the two reads
-            plan = self._plan_of(record)
+            plan = plans.get(job.job_id) or self._size_from_files(job.job_id)
             if plan is None:
-                self.store.fail(record.job_id, JobState.QUEUED, fence=fence,
-                                error=f"job {record.job_id} failed: cannot size it: its base model or dataset is gone")
+                self.store.fail(job.job_id, JobState.QUEUED, fence=fence,
+                                error=f"job {job.job_id} failed: cannot size it: its base model or dataset is gone")
                 continue
-            self.queued[record.job_id] = _queued_job(record, plan)
-            if record.executor_losses:
-                self.suspects.add(record.job_id)
+            self.queued[job.job_id] = _queued_job(job, plan)
+            self.plans[job.job_id] = plan
+            if job.executor_losses:
+                self.suspects.add(job.job_id)
         return [self.queued[job_id] for job_id in ids if job_id in self.queued]
 
     def _claim(self, assignments: list, fence: int) -> None:
@@ -263,6 +285,7 @@ class Scheduler:
         deregistered since the round read it: a drain hands its jobs back after deregistering) is refused."""
         attempts = self.store.claim_many([(a.job_id, a.executor_id) for a in assignments], fence=fence)
         for a, attempt in zip(assignments, attempts):
+            self.held.pop(a.job_id, None)
             if attempt is None:
                 continue
             job = self.queued.pop(a.job_id, None)

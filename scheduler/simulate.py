@@ -1,21 +1,50 @@
 """Discrete-event simulation of a fleet driven by `policy.plan` (or a FIFO one-job-per-GPU baseline).
 
-Everything here is a model; docs/SCHEDULING.md states its assumptions. The parts that matter:
+docs/SCHEDULING.md states its assumptions. What is shared with the service, not modelled (the service's code called;
+where that code needs Redis or torch, its rule restated here and tests/test_simulate.py compares the two):
 
-Cohort step time on one GPU, for a cohort of n jobs with T tokens per step in total, base with P parameters:
-    t = (A * sqrt(P / 8e9) + B * (P / 8e9) * q * T) / speed + C * n
-A = 0.126 s fixed per-step cost, B = 8.33e-5 s/token, C = 2 ms per adapter (its optimizer step and kernel
-segment), q = 1.3 for nf4 / 1.15 for int8 dequantisation, speed = GPU class relative to an H100. A and B are
-solved from the developers' guide numbers for an 8B base on one H100: 4x512 tokens with PEFT alone = 6.9k tok/s,
-and a compute-bound ceiling of 13.8k tok/s for the bare base, less 15% for the LoRA matmuls (1/B = 12k tok/s). So a
-step's time grows sublinearly in tokens: one 2048-token job gets 6.9k tok/s, a 8192-token cohort 10.9k tok/s.
+- Sizing: every job is a `memory.plan_job` of a real spec (base shape, r, target modules, batch size, max_seq_len,
+  quantization, dtype "auto" / "bfloat16" / "float32", tokens), as `submission.plan_for` makes it, with the compat key
+  `snapshot|quantization|dtype`. It is stored as JSON in a `records.JobRecord` and turned into the planner's
+  `QueuedJob` / `RunningJob` by the service's own `service._queued_job` / `service._running_job`. So fair share
+  charges the service's `est_gpu_seconds` (`memory.estimate_gpu_seconds`), and auto, bfloat16 and float32 jobs of one
+  base are three keys that never share a cohort, as in the service.
+- Executors: each simulated executor says what it is in a real `records.ExecutorHeartbeat` (device dtypes,
+  `auto_dtype` by `memory.auto_dtype`, the memory it offers, its raw measured peak, the tokens of its largest pass,
+  `max_pass_tokens`), and the planner's `ExecutorView` is built from it field by field as `Scheduler._executor_views`
+  builds it. Jobs are priced in the dtype they compute in there (`memory.effective_dtype`): an "auto" job is fp32 on
+  an fp32-only GPU.
+- Passes: an executor started with `--max-pass-tokens N` (the default, 8192) sizes each step's passes as the worker
+  does (`memory.pass_tokens` over its memory left after base and adapter state, by the uncalibrated estimate) and
+  splits the cohort's sequences into passes by the rule of `executor.cohort.split_passes` (mirrored over lengths here:
+  that module needs torch).
+- Calibration: the scheduler folds every new heartbeat into its compat key's `MemoryCalibration` by the rule of
+  `Scheduler._calibrate`: prediction = base bytes + `memory.cohort_bytes(jobs, the pass size the step ran)`, observed
+  = the executor's raw peak, through `memory.calibrate`.
+- Out of memory: a step whose true peak exceeds the GPU hands every job back to the queue from its last checkpoint
+  (`checkpoint_every` = 100 steps), drops the cohort and offers 85% of the memory from then on (`worker.OOM_SHRINK`),
+  as `Worker.recover_from_oom` does.
+
+Modelled (the rest of this docstring):
+
+Cohort step time on one GPU, for a cohort of n jobs with T tokens per step in total, in p passes, base with P
+parameters, computing in dtype d:
+    t = (A * sqrt(P / 8e9) * p + B * (P / 8e9) * q * T) / speed[d] + C * n
+A = 0.126 s fixed per-pass cost (every pass pays the step's host time again), B = 8.33e-5 s/token, C = 2 ms per
+adapter (its optimizer step and kernel segment), q = 1.3 for nf4 / 1.15 for int8 dequantisation, speed[d] = the GPU
+class in that dtype relative to an H100 in bf16. A and B are solved from the developers' guide numbers for an 8B base
+on one H100: 4x512 tokens with PEFT alone = 6.9k tok/s, and a compute-bound ceiling of 13.8k tok/s for the bare base,
+less 15% for the LoRA matmuls (1/B = 12k tok/s). So a step's time grows sublinearly in tokens: one 2048-token job
+gets 6.9k tok/s, a 8192-token cohort 10.9k tok/s. fp32 (lorafleet leaves TF32 off) runs at a quarter of a class's
+bf16 speed (the A10 and A6000 peak ratio; an H100's is lower); the V100 class computes in fp32 only.
 Loading a base: 5 s + bytes / 2 GB/s. Every job does one optimizer step per cohort step (fluid: between events the
-cohort does not change, so each job's remaining steps fall linearly). A cohort step's GPU time is split between
-its jobs by their tokens; that is the "GPU share" fairness is measured on.
+cohort does not change, so each job's remaining steps fall linearly); every sequence is max_seq_len long (the size
+the planner assumes). A cohort step's GPU time is split between its jobs by their tokens; that is the "GPU share"
+fairness is measured on. An executor's heartbeat right after its cohort changed reports the step it runs with that
+cohort (the next round, 30 s on, reads it; only the slowest V100 steps take longer than that).
 
-Memory: each base has a true footprint factor (1.00-1.20) over the planner's estimate, unknown to the planner. An
-executor reports its true usage; the planner calibrates from it (`policy.calibrate`). A cohort whose true memory
-exceeds the device evicts its newest jobs back to the queue (counted as OOMs).
+Memory: each base has a true footprint factor (1.05-1.20) over the estimate, unknown to the planner and the
+executors: true bytes of a step = factor x (base + `cohort_bytes(cohort, its largest pass)`).
 """
 
 from __future__ import annotations
@@ -27,10 +56,23 @@ import random
 import statistics
 import sys
 import time
-from dataclasses import dataclass, replace
-from typing import Optional
+from dataclasses import dataclass, fields, replace
+from typing import Iterable, Optional, Sequence
 
-from lorafleet.scheduler.memory import MemoryCalibration, ModelShape, calibrate, estimate_base_bytes, estimate_job_bytes
+from lorafleet.scheduler.memory import (
+    JobPlan,
+    MemoryCalibration,
+    ModelShape,
+    auto_dtype,
+    calibrate,
+    cohort_bytes,
+    effective_dtype,
+    estimate_activation_bytes,
+    estimate_base_bytes,
+    estimate_job_bytes,
+    pass_tokens,
+    plan_job,
+)
 from lorafleet.scheduler.policy import (
     Assignment,
     ExecutorView,
@@ -42,66 +84,144 @@ from lorafleet.scheduler.policy import (
     decayed_usage,
     plan,
 )
+from lorafleet.scheduler.records import ExecutorHeartbeat, JobRecord, JobState
+from lorafleet.scheduler.service import _queued_job, _running_job
 
 GiB = 1024**3
 STEP_FIXED_S = 0.126
 STEP_PER_TOKEN_S = 8.33e-5
 STEP_PER_ADAPTER_S = 0.002
 QUANT_COMPUTE_FACTOR = {"none": 1.0, "nf4": 1.3, "int8": 1.15}
+FP32_OF_BF16_SPEED = 0.25  # fp32 (no TF32) throughput / bf16 throughput on a GPU that has both
 LOAD_FIXED_S = 5.0
 LOAD_BYTES_PER_S = 2e9
+DEFAULT_MAX_PASS_TOKENS = 8192  # `lorafleet executor --max-pass-tokens` default
+PASSES_SHARE = 0.8  # executors started with the default; the rest with --max-pass-tokens 0 (one pass)
+CHECKPOINT_EVERY = 100  # JobSpec hyperparameters.checkpoint_every default: a job handed back resumes from there
+OOM_SHRINK = 0.85  # executor.worker.OOM_SHRINK (that module needs torch): memory offered after an out-of-memory step
+DTYPES = ("auto", "bfloat16", "float32")
+DTYPE_MIX = (0.85, 0.10, 0.05)
 STRATEGIES = ("optimal-fit", "fast-fit", "trivial", "fifo")
+_EXECUTOR_MEMORY_FRACTION = PlanConfig().memory_fraction  # what `Worker.pass_size` fills with its passes
+_RUNNING_FIELDS = [f.name for f in fields(RunningJob)]
+_REMAINING = _RUNNING_FIELDS.index("remaining_gpu_seconds")
 
 
 @dataclass(frozen=True)
 class SimBase:
-    key: str
+    name: str
     shape: ModelShape
     quantization: str
-    true_memory_factor: float
+    true_memory_factor: float  # true bytes / the memory model's estimate, for everything on a device
     max_tokens_per_step: int  # jobs on this base use micro-batches up to this size
+
+    @property
+    def snapshot(self) -> str:
+        """The resolved base directory a plan pins (`JobPlan.base_snapshot`)."""
+        return f"/models/{self.name}"
+
+    def compat_key(self, dtype: str) -> str:
+        """The key `submission.plan_for` gives a job of this base and `JobSpec.dtype`."""
+        return "|".join((self.snapshot, self.quantization, dtype))
 
     @property
     def params(self) -> int:
         return self.shape.num_params()
 
-    @property
-    def est_base_bytes(self) -> int:
-        return estimate_base_bytes(self.params, self.quantization, "bfloat16")
+    def base_bytes(self, dtype: str) -> int:
+        """The estimate of the base's bytes computing in effective `dtype`."""
+        return estimate_base_bytes(self.params, self.quantization, dtype)
 
 
 @dataclass(frozen=True)
 class GpuClass:
     name: str
     total_bytes: int
-    speed: float  # compute relative to an H100
+    bf16_speed: Optional[float]  # compute in bf16 relative to an H100 in bf16; None: no native bf16 (pre-Ampere)
+    fp32_speed: float  # the same in fp32
+
+    @property
+    def dtypes(self) -> tuple[str, ...]:
+        """What its executor's heartbeat lists (`worker._supported_dtypes`)."""
+        return ("bfloat16", "float32") if self.bf16_speed is not None else ("float32",)
+
+    @property
+    def auto_dtype(self) -> str:
+        return auto_dtype("cuda", self.bf16_speed is not None)
+
+    def speed(self, dtype: str) -> float:
+        speed = self.bf16_speed if dtype == "bfloat16" else self.fp32_speed
+        if speed is None:
+            raise ValueError(f"{self.name} does not compute in {dtype}")
+        return speed
+
+
+@dataclass(frozen=True)
+class Machine:
+    """One executor: its GPU and how it was started."""
+
+    executor_id: str
+    gpu: GpuClass
+    max_pass_tokens: Optional[int]  # `--max-pass-tokens`; None: 0, one pass
 
 
 BASES = (
-    SimBase("qwen2-1.5b||none|bfloat16", ModelShape(1536, 8960, 28, 12, 2, 151936), "none", 1.10, 8192),
-    SimBase("llama3-8b||none|bfloat16", ModelShape(4096, 14336, 32, 32, 8, 128256), "none", 1.15, 4096),
-    SimBase("llama3-8b||nf4|bfloat16", ModelShape(4096, 14336, 32, 32, 8, 128256), "nf4", 1.20, 4096),
-    SimBase("mistral-7b||none|bfloat16", ModelShape(4096, 14336, 32, 32, 8, 32768), "none", 1.05, 4096),
-    SimBase("llama3-70b||nf4|bfloat16", ModelShape(8192, 28672, 80, 64, 8, 128256), "nf4", 1.10, 1024),
+    SimBase("qwen2-1.5b", ModelShape(1536, 8960, 28, 12, 2, 151936), "none", 1.10, 8192),
+    SimBase("llama3-8b", ModelShape(4096, 14336, 32, 32, 8, 128256), "none", 1.15, 4096),
+    SimBase("llama3-8b", ModelShape(4096, 14336, 32, 32, 8, 128256), "nf4", 1.20, 4096),
+    SimBase("mistral-7b", ModelShape(4096, 14336, 32, 32, 8, 32768), "none", 1.05, 4096),
+    SimBase("llama3-70b", ModelShape(8192, 28672, 80, 64, 8, 128256), "nf4", 1.10, 1024),
 )
 BASE_POPULARITY = (0.30, 0.30, 0.15, 0.20, 0.05)
-GPU_CLASSES = (GpuClass("24GB", 24 * GiB, 0.30), GpuClass("48GB", 48 * GiB, 0.50), GpuClass("80GB", 80 * GiB, 1.0))
-GPU_MIX = (0.3, 0.3, 0.4)
+GPU_CLASSES = (
+    GpuClass("A10-24GB", 24 * GiB, 0.30, 0.30 * FP32_OF_BF16_SPEED),
+    GpuClass("V100-32GB", 32 * GiB, None, 0.04),  # fp32 only: 15.7 TFLOP/s, 0.4x an A6000's fp32
+    GpuClass("A6000-48GB", 48 * GiB, 0.50, 0.50 * FP32_OF_BF16_SPEED),
+    GpuClass("H100-80GB", 80 * GiB, 1.0, 1.0 * FP32_OF_BF16_SPEED),
+)
+GPU_MIX = (0.2, 0.1, 0.3, 0.4)
 
 
-def step_seconds(base: SimBase, gpu: GpuClass, total_tokens: int, num_jobs: int) -> float:
+def step_seconds(base: SimBase, gpu: GpuClass, total_tokens: int, num_jobs: int, dtype: str = "bfloat16",
+                 passes: int = 1) -> float:
     scale = base.params / 8e9
-    compute = STEP_FIXED_S * math.sqrt(scale) + STEP_PER_TOKEN_S * scale * QUANT_COMPUTE_FACTOR[base.quantization] \
-        * total_tokens
-    return compute / gpu.speed + STEP_PER_ADAPTER_S * num_jobs
+    compute = STEP_FIXED_S * math.sqrt(scale) * passes \
+        + STEP_PER_TOKEN_S * scale * QUANT_COMPUTE_FACTOR[base.quantization] * total_tokens
+    return compute / gpu.speed(dtype) + STEP_PER_ADAPTER_S * num_jobs
 
 
-def saturated_tokens_per_second(base: SimBase, gpu: GpuClass) -> float:
-    return gpu.speed / (STEP_PER_TOKEN_S * base.params / 8e9 * QUANT_COMPUTE_FACTOR[base.quantization])
+def saturated_tokens_per_second(base: SimBase, gpu: GpuClass, dtype: str = "bfloat16") -> float:
+    return gpu.speed(dtype) / (STEP_PER_TOKEN_S * base.params / 8e9 * QUANT_COMPUTE_FACTOR[base.quantization])
 
 
-def load_seconds(base: SimBase) -> float:
-    return LOAD_FIXED_S + base.est_base_bytes * base.true_memory_factor / LOAD_BYTES_PER_S
+def load_seconds(base: SimBase, dtype: str = "bfloat16") -> float:
+    return LOAD_FIXED_S + base.base_bytes(dtype) * base.true_memory_factor / LOAD_BYTES_PER_S
+
+
+def split_pass_tokens(lengths: Sequence[int], max_tokens: Optional[int]) -> list[int]:
+    """Tokens of each pass `executor.cohort.split_passes` makes of sequences of these lengths, in this order (the
+    same rule over lengths: consecutive groups of whole sequences of at most `max_tokens`, each closed once it
+    reaches an equal share; None: one group)."""
+    total = sum(lengths)
+    share = -(-total // -(-total // max_tokens)) if max_tokens is not None and total else None
+    passes, size = [], 0
+    for length in lengths:
+        if not length:
+            continue
+        if share is not None and size and (size + length > max_tokens or size >= share):
+            passes.append(size)
+            size = 0
+        size += length
+    if size:
+        passes.append(size)
+    return passes
+
+
+def predicted_peak(base_bytes: int, jobs: Sequence[RunningJob], pass_tokens: int) -> float:
+    """The uncalibrated prediction a heartbeat's measured peak is compared with: base + the cohort in the passes the
+    step really ran. The rule of `Scheduler._calibrate` (which computes it inline), through the same
+    `memory.cohort_bytes`."""
+    return base_bytes + cohort_bytes(jobs, pass_tokens or None) if jobs else 0
 
 
 # --------------------------------------------------------------------------------------------------- workload
@@ -109,17 +229,64 @@ def load_seconds(base: SimBase) -> float:
 
 @dataclass(frozen=True)
 class SimJob:
-    job: QueuedJob
+    job: QueuedJob  # `service._queued_job(record, record.plan)`: what the planner sees while it waits
+    record: JobRecord  # as the store holds it (its plan as JSON)
+    plan: JobPlan  # record.plan
     base: SimBase
-    true_bytes: int
-    steps: int
+    batch_size: int
+    steps: int  # micro-batches (= optimizer steps: no gradient accumulation), its spec's max_steps
+
+
+def job_plan(base: SimBase, r: int, target_modules: Sequence[str], batch_size: int, max_seq_len: int, dtype: str,
+             max_steps: int) -> JobPlan:
+    """`submission.plan_for` of a spec with these fields and `max_steps` (no gradient accumulation), for a base whose
+    config.json has `base.shape` at `base.snapshot` (tests/test_simulate.py checks it against plan_for)."""
+    return plan_job(base.compat_key(dtype), base.snapshot, base.shape, r, target_modules, batch_size, max_seq_len,
+                    base.quantization, dtype, max_steps * batch_size * max_seq_len)
+
+
+def job_spec(base: SimBase, r: int, target_modules: Sequence[str], batch_size: int, max_seq_len: int, dtype: str,
+             max_steps: int, priority: int, tenant: str, job_id: str) -> dict:
+    """The JobSpec (as JSON) of a simulated job."""
+    return {"base_model": base.snapshot, "dataset": f"{tenant}/{job_id}.jsonl", "quantization": base.quantization,
+            "dtype": dtype, "adapter": {"r": r, "target_modules": list(target_modules)},
+            "hyperparameters": {"batch_size": batch_size, "max_seq_len": max_seq_len, "max_steps": max_steps},
+            "priority": priority}
+
+
+def make_job(job_id: str, tenant: str, base: SimBase, dtype: str, r: int, target_modules: Sequence[str],
+             batch_size: int, max_seq_len: int, steps: int, priority: int, submitted_at: float) -> SimJob:
+    """A queued job as the store holds it (its plan as JSON in its record) and as the scheduler reads it."""
+    spec = job_spec(base, r, target_modules, batch_size, max_seq_len, dtype, steps, priority, tenant, job_id)
+    record = JobRecord.from_hash({
+        "job_id": job_id, "tenant": tenant, "name": "adapter", "state": JobState.QUEUED.value,
+        "priority": str(priority), "spec": json.dumps(spec, sort_keys=True), "submitted_at": repr(submitted_at),
+        "total_steps": str(steps),
+        "plan": job_plan(base, r, target_modules, batch_size, max_seq_len, dtype, steps).to_json(),
+    })
+    return SimJob(_queued_job(record, record.plan), record, record.plan, base, batch_size, steps)
+
+
+def _fits_some_gpu(base: SimBase, classes: Iterable[GpuClass], dtype: str, r: int, modules: Sequence[str],
+                   batch: int, seq: int) -> bool:
+    """Whether one job alone fits some GPU class that computes its dtype, with room to spare."""
+    for gpu in classes:
+        if dtype != "auto" and dtype not in gpu.dtypes:
+            continue
+        computes = effective_dtype(dtype, gpu.auto_dtype)
+        need = base.base_bytes(computes) + estimate_job_bytes(base.shape, r, modules, batch, seq, computes)
+        if need * base.true_memory_factor < 0.85 * gpu.total_bytes:
+            return True
+    return False
 
 
 def make_workload(num_jobs: int, num_tenants: int, num_executors: int, seed: int, load: float
-                  ) -> tuple[list[SimJob], dict[str, TenantView], list[tuple[str, GpuClass]]]:
+                  ) -> tuple[list[SimJob], dict[str, TenantView], list[Machine]]:
     """Skewed tenants (Zipf job counts, weights 1/2/4), log-normal job sizes, per-tenant bursts of arrivals."""
     rng = random.Random(seed)
-    gpus = [(f"gpu{i:03d}", rng.choices(GPU_CLASSES, GPU_MIX)[0]) for i in range(num_executors)]
+    machines = [Machine(f"gpu{i:03d}", rng.choices(GPU_CLASSES, GPU_MIX)[0],
+                        DEFAULT_MAX_PASS_TOKENS if rng.random() < PASSES_SHARE else None)
+                for i in range(num_executors)]
     tenants = {f"t{i:03d}": TenantView(f"t{i:03d}", weight=rng.choice((1.0, 1.0, 1.0, 2.0, 4.0)))
                for i in range(num_tenants)}
     names = list(tenants)
@@ -129,34 +296,33 @@ def make_workload(num_jobs: int, num_tenants: int, num_executors: int, seed: int
     for index, owner in enumerate(owners):
         per_tenant.setdefault(owner, []).append(index)
 
-    largest = max(gpu.total_bytes for _, gpu in gpus)
-    fastest = max(GPU_CLASSES, key=lambda g: g.speed)
-    bases = [b for b in BASES if (b.est_base_bytes + estimate_job_bytes(b.shape, 8, ("q_proj",), 1, 512, "bfloat16"))
-             * b.true_memory_factor < 0.85 * largest]
+    classes = [g for g in GPU_CLASSES if any(m.gpu is g for m in machines)]
+    bases = [b for b in BASES if _fits_some_gpu(b, classes, "auto", 8, ("q_proj",), 1, 512)]
     popularity = [p for b, p in zip(BASES, BASE_POPULARITY) if b in bases]
     favourite = {name: rng.choices(bases, popularity)[0] for name in names}
     specs = []
     for index, owner in enumerate(owners):
         base = favourite[owner] if rng.random() < 0.8 else rng.choices(bases, popularity)[0]
         while True:  # a tenant's spec that fits no GPU would be refused at submission; draw again
+            dtype = rng.choices(DTYPES, DTYPE_MIX)[0]
             seq = rng.choice((512, 512, 1024, 2048))
             batch = max(1, min(rng.choice((1, 2, 4, 4, 8)), base.max_tokens_per_step // seq))
             seq = min(seq, base.max_tokens_per_step)
             r = rng.choice((8, 16, 16, 32, 64))
             modules = rng.choice((("q_proj", "v_proj"), ("q_proj", "k_proj", "v_proj", "o_proj"),
                                   ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")))
-            job_bytes = estimate_job_bytes(base.shape, r, modules, batch, seq, "bfloat16")
-            if (job_bytes + base.est_base_bytes) * base.true_memory_factor < 0.85 * largest:
+            if _fits_some_gpu(base, classes, dtype, r, modules, batch, seq):
                 break
         # bigger bases get smaller datasets, as in practice; sizes stay log-normal (a few huge jobs)
         median = 1.5e6 * math.sqrt(8e9 / base.params)
         tokens = int(min(30 * median, max(5e4, rng.lognormvariate(math.log(median), 1.2))))
         priority = rng.choices((2, 5, 8), (0.15, 0.7, 0.15))[0]
-        specs.append((owner, base, batch * seq, job_bytes, tokens, priority))
+        specs.append((owner, base, dtype, r, modules, batch, seq, max(1, math.ceil(tokens / (batch * seq))),
+                      priority))
 
     # arrival span chosen so the offered work is `load` times what the fleet can do at a 8192-token cohort size
-    fleet_rate = sum(8192 / step_seconds(BASES[1], gpu, 8192, 4) for _, gpu in gpus)
-    span = sum(s[4] for s in specs) / (fleet_rate * load)
+    fleet_rate = sum(8192 / step_seconds(BASES[1], m.gpu, 8192, 4, m.gpu.auto_dtype) for m in machines)
+    span = sum(s[7] * s[5] * s[6] for s in specs) / (fleet_rate * load)
     arrivals = [0.0] * num_jobs
     for owner, indices in per_tenant.items():
         cursor = 0
@@ -167,16 +333,154 @@ def make_workload(num_jobs: int, num_tenants: int, num_executors: int, seed: int
                 arrivals[index] = start + offset * rng.expovariate(1 / 20)
             cursor += len(burst)
 
-    jobs = []
-    for index, (owner, base, tokens_per_step, job_bytes, tokens, priority) in enumerate(specs):
-        # the service would measure tokens per GPU-second per base; here: an 8k-token cohort on the fastest GPU
-        gpu_seconds = tokens * step_seconds(base, fastest, 8192, 4) / 8192
-        job = QueuedJob(f"j{index:05d}", owner, base.key, priority, arrivals[index], gpu_seconds, tokens_per_step,
-                        job_bytes, base.est_base_bytes)
-        jobs.append(SimJob(job, base, int(job_bytes * base.true_memory_factor),
-                           max(1, math.ceil(tokens / tokens_per_step))))
+    jobs = [make_job(f"j{index:05d}", owner, base, dtype, r, modules, batch, seq, steps, priority, arrivals[index])
+            for index, (owner, base, dtype, r, modules, batch, seq, steps, priority) in enumerate(specs)]
     jobs.sort(key=lambda j: (j.job.submitted_at, j.job.job_id))
-    return jobs, tenants, gpus
+    return jobs, tenants, machines
+
+
+# --------------------------------------------------------------------------------------------------- executors
+
+
+class _Executor:
+    """A simulated `lorafleet executor`: its cohort, the step it runs with it, and the heartbeat it sends."""
+
+    def __init__(self, machine: Machine):
+        self.machine = machine
+        self.executor_id = machine.executor_id
+        self.gpu = machine.gpu
+        self.offered = machine.gpu.total_bytes  # the total_bytes it offers (less after an out-of-memory step)
+        self.key: Optional[str] = None  # compat key of the loaded base
+        self.base: Optional[SimBase] = None
+        self.dtype: Optional[str] = None  # what the loaded base computes in here
+        self.ready_at = 0.0
+        self.updated_at = 0.0
+        self.cohort: dict[str, float] = {}  # job id -> remaining steps
+        self.running: dict[str, RunningJob] = {}  # job id -> `service._running_job` of its record at step 0
+        self.running_fields: dict[str, list] = {}  # job id -> that RunningJob's fields, in order
+        self.attempts: dict[str, int] = {}
+        self.tokens, self.passes, self.step_s = 0, 0, 0.0  # of the step it runs with its cohort
+        self.version = 0
+        self.beat = ExecutorHeartbeat(self.executor_id, device="cuda", dtypes=self.gpu.dtypes,
+                                      auto_dtype=self.gpu.auto_dtype, total_bytes=self.offered,
+                                      max_pass_tokens=machine.max_pass_tokens)
+
+    def true_base_bytes(self) -> int:
+        return int(self.base.base_bytes(self.dtype) * self.base.true_memory_factor) if self.base else 0
+
+    def load(self, sim_job: SimJob, now: float) -> None:
+        self.base, self.key = sim_job.base, sim_job.job.compat_key
+        self.dtype = effective_dtype(sim_job.plan.dtype, self.gpu.auto_dtype)
+        self.ready_at = now + load_seconds(self.base, self.dtype)
+
+    def join(self, sim_job: SimJob, remaining_steps: float, attempt: int) -> None:
+        record = replace(sim_job.record, state=JobState.RUNNING, executor_id=self.executor_id, attempt=attempt,
+                         step=0)
+        running = _running_job(record, sim_job.plan, self.gpu.auto_dtype)
+        self.running[sim_job.job.job_id] = running
+        self.running_fields[sim_job.job.job_id] = [getattr(running, name) for name in _RUNNING_FIELDS]
+        self.cohort[sim_job.job.job_id] = remaining_steps
+        self.attempts[sim_job.job.job_id] = attempt
+
+    def leave(self, job_id: str) -> None:
+        del self.cohort[job_id], self.running[job_id], self.running_fields[job_id], self.attempts[job_id]
+
+    def running_now(self, steps: dict[str, int]) -> list[RunningJob]:
+        """`service._running_job` of each job's record as it stands: its `step` = steps done, as the executor reports
+        them (the rule `remaining = est_gpu_seconds x (1 - step / total_steps)` applied to the cached step-0 view)."""
+        result = []
+        for job_id, remaining in self.cohort.items():
+            values, total = list(self.running_fields[job_id]), steps[job_id]
+            step = int(total - max(0.0, remaining))
+            values[_REMAINING] *= 1 - step / total
+            result.append(RunningJob(*values))  # dataclasses.replace, without its cost (it is called very often)
+        return result
+
+    def measure(self, by_id: dict[str, SimJob], now: float) -> bool:
+        """Run a step with the cohort as it is now, as the worker does (`Worker.pass_size`, then the cohort's passes):
+        its time, and a heartbeat with its raw peak. False: the step ran out of memory (nothing is reported)."""
+        jobs = [self.running[j] for j in self.cohort]
+        if not jobs:
+            self.tokens, self.passes, self.step_s = 0, 0, 0.0
+            self._send(now, self.true_base_bytes(), 0)
+            return True
+        base, factor = self.base, self.base.true_memory_factor
+        base_estimate = base.base_bytes(self.dtype)
+        self.tokens = sum(j.tokens_per_step for j in jobs)
+        planned = self.machine.max_pass_tokens
+        if planned is None:
+            parts, largest = [self.tokens], None
+        else:
+            allocated = factor * (base_estimate + sum(j.job_bytes - j.activation_bytes for j in jobs))
+            size = pass_tokens(planned, self.offered * _EXECUTOR_MEMORY_FRACTION - allocated,
+                               estimate_activation_bytes(base.shape, 1, 1, self.dtype))
+            lengths = [by_id[j].plan.max_seq_len for j in self.cohort for _ in range(by_id[j].batch_size)]
+            parts = split_pass_tokens(lengths, size)
+            largest = max(parts)
+        self.passes = len(parts)
+        self.step_s = step_seconds(base, self.gpu, self.tokens, len(jobs), self.dtype, self.passes)
+        peak = factor * (base_estimate + cohort_bytes(jobs, largest))
+        if peak > self.gpu.total_bytes:
+            return False
+        self._send(now, int(peak), largest or 0)
+        return True
+
+    def recover_from_oom(self, now: float) -> dict[str, float]:
+        """`Worker.recover_from_oom`: offer less memory, drop the cohort and its base; the jobs (id -> remaining steps)
+        go back to the queue."""
+        handed_back = dict(self.cohort)
+        self.offered = int(self.offered * OOM_SHRINK)
+        self.cohort, self.running, self.running_fields, self.attempts = {}, {}, {}, {}
+        self.base = self.key = self.dtype = None
+        self.tokens, self.passes, self.step_s = 0, 0, 0.0
+        self._send(now, 0, 0)
+        return handed_back
+
+    def _send(self, now: float, peak: int, largest_pass: int) -> None:
+        self.beat = ExecutorHeartbeat(
+            self.executor_id, device="cuda", dtypes=self.gpu.dtypes, auto_dtype=self.gpu.auto_dtype,
+            total_bytes=self.offered, peak_bytes=peak, pass_tokens=largest_pass if self.cohort else 0,
+            compat_key=self.key, base_bytes=self.true_base_bytes(), jobs=dict(self.attempts),
+            max_pass_tokens=self.machine.max_pass_tokens, heartbeat_at=max(now, self.beat.heartbeat_at + 1e-6))
+
+
+class _SimScheduler:
+    """What `service.Scheduler` does with heartbeats, without Redis: the planner's `ExecutorView`s, built as
+    `Scheduler._executor_views` builds them, and calibration, folded in as `Scheduler._calibrate` does."""
+
+    def __init__(self):
+        self.calibrations: dict[str, MemoryCalibration] = {}
+        self.calibrated_beats: dict[str, float] = {}
+
+    def factors(self) -> dict[str, float]:
+        return {key: c.factor for key, c in self.calibrations.items()}
+
+    def views(self, executors: Iterable[_Executor], by_id: dict[str, SimJob], steps: dict[str, int]
+              ) -> list[ExecutorView]:
+        views = []
+        for executor in executors:
+            beat = executor.beat
+            running = tuple(executor.running_now(steps))
+            on_device = [job for job in running if beat.jobs.get(job.job_id) == executor.attempts[job.job_id]]
+            base_bytes = by_id[on_device[0].job_id].plan.size(beat.auto_dtype).base_bytes if on_device else 0
+            self.calibrate(beat, base_bytes, on_device)
+            views.append(ExecutorView(
+                executor_id=beat.executor_id, total_bytes=beat.total_bytes, free_bytes=beat.free_bytes,
+                loaded_compat_key=executor.key if running else beat.compat_key, loaded_base_bytes=beat.base_bytes,
+                running=running, max_pass_tokens=beat.max_pass_tokens, dtypes=frozenset(beat.dtypes) or None,
+                auto_dtype=beat.auto_dtype, pass_tokens=beat.pass_tokens,
+            ))
+        return views
+
+    def calibrate(self, beat: ExecutorHeartbeat, base_bytes: int, jobs: Sequence[RunningJob]) -> None:
+        if self.calibrated_beats.get(beat.executor_id) == beat.heartbeat_at:
+            return  # checked first only because it is cheaper; the service computes the prediction first
+        predicted = predicted_peak(base_bytes, jobs, beat.pass_tokens)
+        if not (beat.compat_key and beat.peak_bytes and predicted):
+            return
+        self.calibrated_beats[beat.executor_id] = beat.heartbeat_at
+        current = self.calibrations.get(beat.compat_key, MemoryCalibration())
+        self.calibrations[beat.compat_key] = calibrate(current, beat.peak_bytes, round(predicted))
 
 
 # --------------------------------------------------------------------------------------------------- baseline
@@ -190,8 +494,14 @@ def plan_fifo(queued, executors, config: PlanConfig):
         if not idle:
             break
         factor = config.memory_factors.get(job.compat_key, 1.0)
-        need = (job.job_bytes + job.base_bytes) * factor
-        fits = [e for e in idle if e.total_bytes * config.memory_fraction >= need]
+        fits = []
+        for executor in idle:
+            if job.dtype != "auto" and executor.dtypes is not None and job.dtype not in executor.dtypes:
+                continue
+            sized = job.on(executor.auto_dtype)
+            need = (sized.base_bytes + cohort_bytes([sized], executor.max_pass_tokens)) * factor
+            if executor.total_bytes * config.memory_fraction >= need:
+                fits.append(executor)
         if not fits:
             continue
         chosen = next((e for e in fits if e.loaded_compat_key == job.compat_key), fits[0])
@@ -201,23 +511,6 @@ def plan_fifo(queued, executors, config: PlanConfig):
 
 
 # --------------------------------------------------------------------------------------------------- engine
-
-
-class _Executor:
-    def __init__(self, executor_id: str, gpu: GpuClass):
-        self.executor_id = executor_id
-        self.gpu = gpu
-        self.base: Optional[SimBase] = None
-        self.ready_at = 0.0
-        self.updated_at = 0.0
-        self.cohort: dict[str, float] = {}  # job_id -> remaining steps
-        self.version = 0
-
-    def true_used(self, jobs: dict[str, SimJob]) -> int:
-        if self.base is None:
-            return 0
-        return int(self.base.est_base_bytes * self.base.true_memory_factor) + sum(
-            jobs[j].true_bytes for j in self.cohort)
 
 
 class _DecayingUsage:
@@ -244,7 +537,7 @@ def _jain(values: list[float]) -> float:
     return total * total / (len(values) * squares) if squares else 1.0
 
 
-def simulate(jobs: list[SimJob], tenants: dict[str, TenantView], gpus: list[tuple[str, GpuClass]], strategy: str,
+def simulate(jobs: list[SimJob], tenants: dict[str, TenantView], machines: list[Machine], strategy: str,
              plan_interval_s: float = 30.0, fairness_window_s: float = 3600.0,
              usage_half_life_s: float = USAGE_HALF_LIFE_SECONDS) -> dict:
     """Run one strategy ("fifo" or a `PlanConfig.packing`) over a workload; return its metrics."""
@@ -253,11 +546,14 @@ def simulate(jobs: list[SimJob], tenants: dict[str, TenantView], gpus: list[tupl
     config = PlanConfig(packing="optimal-fit" if strategy == "fifo" else strategy)
     planner = plan_fifo if strategy == "fifo" else None
     by_id = {j.job.job_id: j for j in jobs}
-    executors = {eid: _Executor(eid, gpu) for eid, gpu in gpus}
-    calibration: dict[str, MemoryCalibration] = {}
+    steps_of = {job_id: j.steps for job_id, j in by_id.items()}
+    executors = {m.executor_id: _Executor(m) for m in machines}
+    scheduler = _SimScheduler()
     usage = _DecayingUsage(usage_half_life_s)
     queued: dict[str, QueuedJob] = {}
     running_count: dict[str, int] = {name: 0 for name in tenants}
+    attempts: dict[str, int] = {job_id: 0 for job_id in by_id}
+    checkpointed: dict[str, int] = {job_id: 0 for job_id in by_id}  # steps of its last checkpoint
     started: dict[str, float] = {}
     finished: dict[str, float] = {}
     window_gpu: dict[int, dict[str, float]] = {}
@@ -267,7 +563,7 @@ def simulate(jobs: list[SimJob], tenants: dict[str, TenantView], gpus: list[tupl
     busy_seconds = 0.0
     compute_seconds = 0.0  # busy time weighted by achieved / saturated throughput
     tokens_done = 0.0
-    loads = reloads = ooms = 0
+    loads = reloads = oom_steps = oom_jobs = steps_lost = 0
     plan_times: list[float] = []
     plan_queue_sizes: list[int] = []
 
@@ -293,29 +589,41 @@ def simulate(jobs: list[SimJob], tenants: dict[str, TenantView], gpus: list[tupl
         executor.updated_at = now
         if not executor.cohort or now <= start:
             return
-        members = [by_id[j] for j in executor.cohort]
-        total_tokens = sum(m.job.tokens_per_step for m in members)
-        step = step_seconds(executor.base, executor.gpu, total_tokens, len(members))
+        step = executor.step_s
         steps = (now - start) / step
-        for member in members:
-            executor.cohort[member.job.job_id] -= steps
-            share = member.job.tokens_per_step / total_tokens
-            usage.add(member.job.tenant, (now - start) * share, now)
-            attribute(member.job.tenant, start, now, share)
-        rate = total_tokens / step
+        for job_id in executor.cohort:
+            executor.cohort[job_id] -= steps
+            share = executor.running[job_id].tokens_per_step / executor.tokens
+            tenant = by_id[job_id].job.tenant
+            usage.add(tenant, (now - start) * share, now)
+            attribute(tenant, start, now, share)
+        rate = executor.tokens / step
         tokens_done += rate * (now - start)
         offered = max(0.0, min(now, last_arrival) - max(start, first_arrival))  # utilisation counts this window
         busy_seconds += offered
-        compute_seconds += offered * rate / saturated_tokens_per_second(executor.base, executor.gpu)
+        compute_seconds += offered * rate / saturated_tokens_per_second(executor.base, executor.gpu, executor.dtype)
 
     def schedule_completion(executor: _Executor, now: float) -> None:
         executor.version += 1
         if not executor.cohort:
             return
-        total_tokens = sum(by_id[j].job.tokens_per_step for j in executor.cohort)
-        step = step_seconds(executor.base, executor.gpu, total_tokens, len(executor.cohort))
-        at = max(now, executor.ready_at) + max(0.0, min(executor.cohort.values())) * step
+        at = max(now, executor.ready_at) + max(0.0, min(executor.cohort.values())) * executor.step_s
         push(at, "tick", (executor.executor_id, executor.version))
+
+    def step_changed_cohort(executor: _Executor, now: float) -> None:
+        """The executor steps with its new cohort; out of memory, every job goes back from its last checkpoint."""
+        nonlocal oom_steps, oom_jobs, steps_lost
+        if not executor.measure(by_id, now):
+            oom_steps += 1
+            for job_id, remaining in executor.recover_from_oom(now).items():
+                done = by_id[job_id].steps - max(0.0, remaining)
+                checkpointed[job_id] = max(checkpointed[job_id], int(done) // CHECKPOINT_EVERY * CHECKPOINT_EVERY)
+                steps_lost += int(done) - checkpointed[job_id]
+                queued[job_id] = by_id[job_id].job
+                running_count[by_id[job_id].job.tenant] -= 1
+                oom_jobs += 1
+            request_plan(now)
+        schedule_completion(executor, now)
 
     plan_pending = False
     last_plan = -math.inf
@@ -326,73 +634,45 @@ def simulate(jobs: list[SimJob], tenants: dict[str, TenantView], gpus: list[tupl
             plan_pending = True
             push(max(now, last_plan + plan_interval_s), "plan", None)
 
-    def views(now: float) -> list[ExecutorView]:
-        result = []
-        for executor in executors.values():
-            running = []
-            for job_id, remaining in executor.cohort.items():
-                job = by_id[job_id].job
-                running.append(RunningJob(job_id, job.tenant, job.job_bytes, job.tokens_per_step,
-                                          max(0.0, remaining) / by_id[job_id].steps * job.est_gpu_seconds))
-            base = executor.base
-            result.append(ExecutorView(
-                executor.executor_id, executor.gpu.total_bytes,
-                executor.gpu.total_bytes - executor.true_used(by_id),
-                base.key if base else None,
-                int(base.est_base_bytes * base.true_memory_factor) if base else 0,
-                tuple(running)))
-        return result
-
     def run_plan(now: float) -> None:
-        nonlocal loads, reloads, ooms, last_plan
+        nonlocal loads, reloads, last_plan
         last_plan = now
         tenant_views = {name: replace(view, running=running_count[name], gpu_seconds=usage.get(name, now))
                         for name, view in tenants.items()}
-        config_now = replace(config, memory_factors={k: c.factor for k, c in calibration.items()})
+        views = scheduler.views(executors.values(), by_id, steps_of)
+        config_now = replace(config, memory_factors=scheduler.factors())
         queue = list(queued.values())
         began = time.perf_counter()
         if planner is not None:
-            decisions = planner(queue, views(now), config_now)
+            decisions = planner(queue, views, config_now)
         else:
-            decisions = plan(queue, views(now), tenant_views, now, config_now)
+            decisions = plan(queue, views, tenant_views, now, config_now)
         plan_times.append(time.perf_counter() - began)
         plan_queue_sizes.append(len(queue))
         window = int(now // fairness_window_s)
         waiting = {job.tenant for job in queue}
         window_backlogged[window] = window_backlogged[window] & waiting if window in window_backlogged else waiting
 
-        touched: dict[str, list[str]] = {}
+        touched: list[_Executor] = []
         for decision in decisions:
             sim_job = by_id[decision.job_id]
             executor = executors[decision.executor_id]
             advance(executor, now)
-            if not executor.cohort and (executor.base is None or executor.base.key != sim_job.base.key):
+            if not executor.cohort and executor.key != sim_job.job.compat_key:
                 loads += 1
-                reloads += executor.base is not None
-                executor.base = sim_job.base
-                executor.ready_at = now + load_seconds(sim_job.base)
-            elif executor.base.key != sim_job.base.key:
+                reloads += executor.key is not None
+                executor.load(sim_job, now)
+            elif executor.key != sim_job.job.compat_key:
                 raise AssertionError(f"plan put {decision.job_id} into a cohort of another base")
-            executor.cohort[decision.job_id] = float(sim_job.steps)  # evicted jobs had not stepped yet
+            attempts[decision.job_id] += 1
+            executor.join(sim_job, float(sim_job.steps - checkpointed[decision.job_id]), attempts[decision.job_id])
             del queued[decision.job_id]
             running_count[sim_job.job.tenant] += 1
             started.setdefault(decision.job_id, now)
-            touched.setdefault(decision.executor_id, []).append(decision.job_id)
-        for executor_id, joined in touched.items():
-            executor = executors[executor_id]
-            while executor.true_used(by_id) > executor.gpu.total_bytes and joined:
-                evicted = joined.pop()
-                del executor.cohort[evicted]
-                queued[evicted] = by_id[evicted].job
-                running_count[by_id[evicted].job.tenant] -= 1
-                ooms += 1
-                request_plan(now)
-            if executor.cohort:
-                predicted = executor.base.est_base_bytes + sum(by_id[j].job.job_bytes for j in executor.cohort)
-                key = executor.base.key
-                calibration[key] = calibrate(calibration.get(key, MemoryCalibration()),
-                                             executor.true_used(by_id), predicted)
-            schedule_completion(executor, now)
+            if executor not in touched:
+                touched.append(executor)
+        for executor in touched:
+            step_changed_cohort(executor, now)
 
     for sim_job in jobs:
         push(sim_job.job.submitted_at, "arrive", sim_job.job.job_id)
@@ -412,10 +692,10 @@ def simulate(jobs: list[SimJob], tenants: dict[str, TenantView], gpus: list[tupl
                 continue
             advance(executor, now)
             for job_id in [j for j, remaining in executor.cohort.items() if remaining <= 1e-6]:
-                del executor.cohort[job_id]
+                executor.leave(job_id)
                 finished[job_id] = now
                 running_count[by_id[job_id].job.tenant] -= 1
-            schedule_completion(executor, now)
+            step_changed_cohort(executor, now)
             request_plan(now)
         if not events and queued:
             raise RuntimeError(f"{len(queued)} jobs can never be placed (e.g. {next(iter(queued))})")
@@ -430,6 +710,7 @@ def simulate(jobs: list[SimJob], tenants: dict[str, TenantView], gpus: list[tupl
         if len(shares) >= 2:
             jains.append(_jain(shares))
     fleet_seconds = (last_arrival - first_arrival) * len(executors)
+    true_factor = {j.job.compat_key: j.base.true_memory_factor for j in jobs}
     return {
         "strategy": strategy,
         "jobs_completed": len(finished),
@@ -444,9 +725,13 @@ def simulate(jobs: list[SimJob], tenants: dict[str, TenantView], gpus: list[tupl
         "jain_backlogged": statistics.fmean(jains) if jains else 1.0,
         "base_loads": loads,
         "base_reloads": reloads,
-        "oom_evictions": ooms,
-        "calibration_error_max": max((abs(calibration[b.key].factor - b.true_memory_factor) / b.true_memory_factor
-                                      for b in {j.base for j in jobs} if b.key in calibration), default=0.0),
+        "oom_steps": oom_steps,
+        "oom_evictions": oom_jobs,
+        "oom_steps_lost": steps_lost,
+        "executors_shrunk": sum(1 for e in executors.values() if e.offered < e.gpu.total_bytes),
+        "calibration_error_max": max((abs(c.factor - true_factor[key]) / true_factor[key]
+                                      for key, c in scheduler.calibrations.items()), default=0.0),
+        "calibration_factors": {key: c.factor for key, c in sorted(scheduler.calibrations.items())},
         "plan_rounds": len(plan_times),
         "plan_ms_median": 1000 * statistics.median(plan_times),
         "plan_ms_p95": 1000 * _percentile(plan_times, 0.95),
@@ -457,40 +742,49 @@ def simulate(jobs: list[SimJob], tenants: dict[str, TenantView], gpus: list[tupl
 def measure_decision_time(num_queued: int = 10_000, num_executors: int = 100, num_tenants: int = 200,
                           rounds: int = 50, seed: int = 0, packing: str = "optimal-fit") -> dict:
     """Time `plan` with `num_queued` jobs waiting while cohorts finish between rounds (the first round is an idle
-    fleet: the most assignments one round ever makes)."""
+    fleet: the most assignments one round ever makes). Executors and their views as in `simulate`."""
     rng = random.Random(seed)
-    sim_jobs, tenants, gpus = make_workload(num_queued, num_tenants, num_executors, seed, load=1.0)
+    sim_jobs, tenants, machines = make_workload(num_queued, num_tenants, num_executors, seed, load=1.0)
     by_id = {j.job.job_id: j for j in sim_jobs}
+    steps_of = {job_id: j.steps for job_id, j in by_id.items()}
     config = PlanConfig(packing=packing)
     queued = {j.job.job_id: j.job for j in sim_jobs}
     now = max(j.job.submitted_at for j in sim_jobs)
-    cohorts: dict[str, list[str]] = {eid: [] for eid, _ in gpus}
-    loaded: dict[str, Optional[SimBase]] = {eid: None for eid, _ in gpus}
+    executors = {m.executor_id: _Executor(m) for m in machines}
+    scheduler = _SimScheduler()
     durations = []
     assigned = 0
+
+    def step(executor: _Executor) -> None:
+        if not executor.measure(by_id, now):
+            for job_id in executor.recover_from_oom(now):
+                queued[job_id] = by_id[job_id].job
+
     for _ in range(rounds):
-        executor_views = []
-        for eid, gpu in gpus:
-            base = loaded[eid]
-            members = [by_id[j] for j in cohorts[eid]]
-            used = (int(base.est_base_bytes * base.true_memory_factor) if base else 0) + sum(
-                m.true_bytes for m in members)
-            executor_views.append(ExecutorView(
-                eid, gpu.total_bytes, gpu.total_bytes - used, base.key if base else None,
-                int(base.est_base_bytes * base.true_memory_factor) if base else 0,
-                tuple(RunningJob(m.job.job_id, m.job.tenant, m.job.job_bytes, m.job.tokens_per_step,
-                                 m.job.est_gpu_seconds) for m in members)))
+        views = scheduler.views(executors.values(), by_id, steps_of)
+        config_now = replace(config, memory_factors=scheduler.factors())
         queue = list(queued.values())
         began = time.perf_counter()
-        decisions = plan(queue, executor_views, tenants, now, config)
+        decisions = plan(queue, views, tenants, now, config_now)
         durations.append(time.perf_counter() - began)
+        touched = []
         for decision in decisions:
-            cohorts[decision.executor_id].append(decision.job_id)
-            loaded[decision.executor_id] = by_id[decision.job_id].base
+            executor, sim_job = executors[decision.executor_id], by_id[decision.job_id]
+            if not executor.cohort and executor.key != sim_job.job.compat_key:
+                executor.load(sim_job, now)
+            executor.join(sim_job, float(sim_job.steps), 1)
             del queued[decision.job_id]
+            if executor not in touched:
+                touched.append(executor)
+        for executor in touched:
+            step(executor)
         assigned += len(decisions)
-        for eid in cohorts:  # between rounds about a tenth of running jobs finish
-            cohorts[eid] = [j for j in cohorts[eid] if rng.random() > 0.1]
+        for executor in executors.values():  # between rounds about a tenth of running jobs finish
+            done = [j for j in executor.cohort if rng.random() <= 0.1]
+            for job_id in done:
+                executor.leave(job_id)
+            if done:
+                step(executor)
         now += 30.0
     return {
         "queued": num_queued,
@@ -512,11 +806,16 @@ def run_simulation(num_jobs: int = 10_000, num_tenants: int = 200, num_executors
         raise ValueError("num_jobs, num_tenants and num_executors must be positive")
     if load <= 0:
         raise ValueError(f"load must be positive, got {load}")
-    jobs, tenants, gpus = make_workload(num_jobs, num_tenants, num_executors, seed, load)
+    for strategy in strategies:
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
+    jobs, tenants, machines = make_workload(num_jobs, num_tenants, num_executors, seed, load)
     result = {
         "workload": {"jobs": num_jobs, "tenants": num_tenants, "executors": num_executors, "seed": seed,
-                     "load": load, "gpus": {g.name: sum(1 for _, x in gpus if x is g) for g in GPU_CLASSES}},
-        "strategies": {s: simulate(jobs, tenants, gpus, s, plan_interval_s=plan_interval_s) for s in strategies},
+                     "load": load, "gpus": {g.name: sum(1 for m in machines if m.gpu is g) for g in GPU_CLASSES},
+                     "executors_in_passes": sum(1 for m in machines if m.max_pass_tokens is not None),
+                     "dtypes": {d: sum(1 for j in jobs if j.plan.dtype == d) for d in DTYPES}},
+        "strategies": {s: simulate(jobs, tenants, machines, s, plan_interval_s=plan_interval_s) for s in strategies},
     }
     if decision_rounds:
         result["decision_time"] = measure_decision_time(num_jobs, num_executors, num_tenants, decision_rounds, seed)

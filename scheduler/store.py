@@ -37,7 +37,7 @@ from lorafleet.scheduler import acl, keys, scripts
 from lorafleet.scheduler.datasets import AcceptedDataset
 from lorafleet.scheduler.memory import JobPlan
 from lorafleet.scheduler.policy import USAGE_HALF_LIFE_SECONDS, decayed_usage
-from lorafleet.scheduler.records import HOLDING_STATES, TRANSITIONS, JobRecord, JobState
+from lorafleet.scheduler.records import HOLDING_STATES, TRANSITIONS, JobRecord, JobState, JobSummary
 from lorafleet.scheduler.spec import JobSpec
 
 # What a transition may set besides the state; identity, spec, lease counter and timestamps are the store's own.
@@ -407,6 +407,26 @@ class JobStore:
 
     def jobs_in_state(self, state: str) -> list[JobRecord]:
         return self.jobs(sorted(self.r.smembers(keys.state_set(JobState(state)))))
+
+    def held_ids(self) -> list[str]:
+        """Ids of every scheduled or running job."""
+        return sorted(self.r.sunion(keys.state_set(JobState.SCHEDULED), keys.state_set(JobState.RUNNING)))
+
+    def summaries(self, job_ids: Iterable[str]) -> list[JobSummary]:
+        """`JobSummary` of each of `job_ids` that exists, in order (one round trip)."""
+        job_ids = list(job_ids)
+        pipe = self.r.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hmget(keys.job(job_id), JobSummary.FIELDS)
+        return [JobSummary.from_fields(job_id, values) for job_id, values in zip(job_ids, pipe.execute())
+                if values[1] is not None]
+
+    def plans(self, job_ids: list[str]) -> dict[str, Optional[JobPlan]]:
+        """The stored plans of `job_ids` (None: a job without one)."""
+        pipe = self.r.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hget(keys.job(job_id), "plan")
+        return {job_id: JobPlan.from_json(raw) if raw else None for job_id, raw in zip(job_ids, pipe.execute())}
 
     def holding(self, executor_id: str) -> tuple[int, dict[str, int]]:
         """(the assignment sequence now, job id -> attempt of every job scheduled on or running at `executor_id`),
