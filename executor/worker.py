@@ -26,7 +26,7 @@ import torch
 from lorafleet.executor.cohort import Cohort
 from lorafleet.executor.data import DataError, JobData
 from lorafleet.executor.model import device_auto_dtype, native_bf16
-from lorafleet.scheduler import config, fleet
+from lorafleet.scheduler import config, fleet, keys
 from lorafleet.scheduler.artifacts import ArtifactStore
 from lorafleet.scheduler.datasets import AcceptedDataset, verified_path
 from lorafleet.scheduler.memory import JobPlan, ModelShape, effective_dtype, estimate_activation_bytes, pass_tokens
@@ -40,6 +40,7 @@ from lorafleet.scheduler.submission import plan_from_files
 log = logging.getLogger("lorafleet.executor")
 
 OOM_SHRINK = 0.85  # after an out-of-memory step, offer this share of the memory offered before
+FACTOR_READ_SECONDS = 10.0  # how often the executor re-reads its base's calibrated memory factor
 
 
 @dataclass
@@ -81,6 +82,7 @@ class Executor:
         # larger passes than planned where its free memory allows): raw, the scheduler applies its model to them.
         self.step_peak_bytes, self.step_pass_tokens = 0, 0
         self.activation_bytes_per_token = 0.0  # the memory model's estimate for the loaded base; 0: unknown
+        self.memory_factor, self.factor_read_at = 1.0, -FACTOR_READ_SECONDS  # its calibration, as last read
         self.leases: dict[str, Lease] = {}
         self.synced_seq = 0  # the assignment sequence of the last completed `sync_assignments`
         self.validation: dict[str, JobData] = {}  # job id -> its validation set, evaluated at each checkpoint
@@ -232,11 +234,25 @@ class Executor:
 
     def pass_size(self, allocated: int) -> int | None:
         """This step's largest pass: the planned max_pass_tokens, or on a GPU as many tokens as the memory left
-        after `allocated` holds by the scheduler's estimate (a few percent high for Llama shapes, run J7)."""
+        after `allocated` holds by the memory model's estimate, calibrated as the scheduler calibrates it (so a base
+        the model underestimates does not run out of memory in a larger pass than planned)."""
         if self.max_pass_tokens is None or not self.device.startswith("cuda"):
             return self.max_pass_tokens
         free = self.total_bytes * PlanConfig().memory_fraction - allocated
-        return pass_tokens(self.max_pass_tokens, free, self.activation_bytes_per_token)
+        return pass_tokens(self.max_pass_tokens, free, self.activation_bytes_per_token * self._memory_factor())
+
+    def _memory_factor(self) -> float:
+        """The scheduler's calibrated factor for the loaded base (1 until it has learned one; never below 1), read
+        at most every FACTOR_READ_SECONDS."""
+        now = time.monotonic()
+        if now - self.factor_read_at >= FACTOR_READ_SECONDS:
+            self.factor_read_at = now
+            try:
+                factor = self.store.r.hget(keys.MEMORY_FACTORS, self.compat_key or "")
+            except redis.RedisError:
+                factor = None
+            self.memory_factor = max(1.0, float(factor)) if factor else 1.0
+        return self.memory_factor
 
     def train_step(self) -> None:
         _reset_peak(self.device)

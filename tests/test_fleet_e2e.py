@@ -272,35 +272,6 @@ def test_killed_executor_jobs_resume_from_checkpoint_with_the_same_final_weights
         fleet_env.start_executor(victim)  # back to two executors for the tests after this one
 
 
-def test_an_executor_paused_past_its_lease_writes_nothing_after_it_wakes(fleet_env):
-    """SIGSTOP mid-run until the job has moved to the other executor and succeeded there, then SIGCONT: the woken
-    executor's step, progress, checkpoint and result are all refused, and the published adapter stays the other's."""
-    tenant, token = make_tenant(fleet_env)
-    job_id = fleet_env.submit(token, spec_for(fleet_env, tenant, max_steps=300, checkpoint_every=5))
-    first = fleet_env.wait_state(token, job_id, ("running",))
-    paused = first["executor_id"]
-    wait_until(lambda: fleet_env.get(token, job_id)["checkpoint_uri"], "a first checkpoint")
-    fleet_env.processes[paused].send_signal(signal.SIGSTOP)
-    try:
-        done = fleet_env.wait_state(token, job_id, ("succeeded", "failed"), timeout=180)
-        assert done["state"] == "succeeded" and done["executor_id"] != paused and done["attempt"] == 2, done
-        published = {p.name: p.read_bytes() for p in Path(done["adapter_uri"]).iterdir()}
-    finally:
-        fleet_env.processes[paused].send_signal(signal.SIGCONT)
-    wait_until(lambda: paused in [e.executor_id for e in fleet.executors(fleet_env.store.r)[0]],
-               "the woken executor to heartbeat again")
-    wait_until(lambda: not next(e for e in fleet.executors(fleet_env.store.r)[0] if e.executor_id == paused).jobs,
-               "the woken executor to drop the job", timeout=30)
-    after = fleet_env.get(token, job_id)
-    assert {k: after[k] for k in ("state", "attempt", "adapter_uri", "checkpoint_uri", "checkpoints", "progress",
-                                  "metrics")} == {k: done[k] for k in ("state", "attempt", "adapter_uri",
-                                                                       "checkpoint_uri", "checkpoints", "progress",
-                                                                       "metrics")}
-    assert {p.name: p.read_bytes() for p in Path(after["adapter_uri"]).iterdir()} == published
-    stale = Path(done["adapter_uri"]).parent.parent / f"attempt-{first['attempt']}"
-    assert not list(stale.glob("adapter-*")), "the paused lease published no adapter"
-
-
 def test_a_job_whose_executors_keep_dying_is_failed_and_its_cohort_finishes(fleet_env):
     """Real executors, killed with SIGKILL whenever they hold the 'poison' job (as a job whose data crashes them
     would): after the first loss it runs alone, at the third it is failed; the job that shared its first cohort
@@ -367,3 +338,32 @@ def test_draining_executor_hands_its_jobs_back_and_exits_cleanly(fleet_env, how)
     resumed_from = [e for e in events if e["type"] == "state" and e.get("to") == "queued" and e.get("from") == "running"]
     assert resumed_from, "the drain handed the job back through the queue"
     fleet_env.start_executor(name)
+
+
+def test_an_executor_paused_past_its_lease_writes_nothing_after_it_wakes(fleet_env):
+    """SIGSTOP mid-run until the job has moved to the other executor and succeeded there, then SIGCONT: the woken
+    executor's step, progress, checkpoint and result are all refused, and the published adapter stays the other's."""
+    tenant, token = make_tenant(fleet_env)
+    job_id = fleet_env.submit(token, spec_for(fleet_env, tenant, max_steps=300, checkpoint_every=5))
+    first = fleet_env.wait_state(token, job_id, ("running",))
+    paused = first["executor_id"]
+    wait_until(lambda: fleet_env.get(token, job_id)["checkpoint_uri"], "a first checkpoint")
+    fleet_env.processes[paused].send_signal(signal.SIGSTOP)
+    try:
+        done = fleet_env.wait_state(token, job_id, ("succeeded", "failed"), timeout=180)
+        assert done["state"] == "succeeded" and done["executor_id"] != paused and done["attempt"] == 2, done
+        published = {p.name: p.read_bytes() for p in Path(done["adapter_uri"]).iterdir()}
+    finally:
+        fleet_env.processes[paused].send_signal(signal.SIGCONT)
+    wait_until(lambda: paused in [e.executor_id for e in fleet.executors(fleet_env.store.r)[0]],
+               "the woken executor to heartbeat again")
+    wait_until(lambda: not next(e for e in fleet.executors(fleet_env.store.r)[0] if e.executor_id == paused).jobs,
+               "the woken executor to drop the job", timeout=30)
+    after = fleet_env.get(token, job_id)
+    assert {k: after[k] for k in ("state", "attempt", "adapter_uri", "checkpoint_uri", "checkpoints", "progress",
+                                  "metrics")} == {k: done[k] for k in ("state", "attempt", "adapter_uri",
+                                                                       "checkpoint_uri", "checkpoints", "progress",
+                                                                       "metrics")}
+    assert {p.name: p.read_bytes() for p in Path(after["adapter_uri"]).iterdir()} == published
+    stale = Path(done["adapter_uri"]).parent.parent / f"attempt-{first['attempt']}"
+    assert not list(stale.glob("adapter-*")), "the paused lease published no adapter"

@@ -209,3 +209,18 @@ def test_a_job_that_trains_on_no_target_token_fails_instead_of_succeeding(store,
     assert steps == 2, "failed after the first epoch, not after its 1000 steps"
     assert job["state"] == "failed" and job["adapter_uri"] is None
     assert "nothing was trained" in job["error"] and f"{tenant.name}/long.jsonl" in job["error"]
+
+
+def test_larger_passes_than_planned_are_sized_with_the_calibrated_memory_model(store, tmp_path):
+    """A base the model underestimates (factor 2) gets passes half as large: they must fit what is really free."""
+    executor = Executor(store, "exec-passes-gpu", "cuda:0", ArtifactStore(str(tmp_path)), memory_bytes=100 * 2**30,
+                        max_pass_tokens=1024)
+    executor.compat_key, executor.activation_bytes_per_token = "/models/under|none|auto", float(2**20)
+    uncalibrated = executor.pass_size(allocated=10 * 2**30)
+    assert uncalibrated > 1024, "free memory allows more than the planned pass"
+    store.r.hset(keys.MEMORY_FACTORS, executor.compat_key, 2.0)
+    executor.factor_read_at = -1e9  # as if the last read were long ago
+    assert executor.pass_size(allocated=10 * 2**30) == uncalibrated // 2
+    store.r.hset(keys.MEMORY_FACTORS, executor.compat_key, 0.5)
+    executor.factor_read_at = -1e9
+    assert executor.pass_size(allocated=10 * 2**30) == uncalibrated, "an overestimate never enlarges the pass"
