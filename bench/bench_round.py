@@ -5,7 +5,9 @@
 
 What is timed: only `scheduler.round()` (time.perf_counter around it): reading heartbeats, reconciling held jobs,
 reading tenants, the queue and new queued records, planning, and claiming in one pipeline. Setup (submitting jobs,
-executors picking up their jobs and heartbeating, jobs finishing) is done between rounds and not timed.
+executors picking up their jobs and heartbeating, jobs finishing) is done between rounds and not timed. The scheduler
+is `Scheduler(store, "bench")`: no Prometheus metrics (`lorafleet scheduler` exports some after each round) and no
+retention purge.
 
 For each queue size a fresh server (`start_redis_server`, temp dir) gets `--tenants` tenants and `--executors`
 executors (H200-like: 141 GiB, bf16); jobs are Llama-8B-shaped LoRA jobs (r=16, all 7 projections, batch 4 x 512) on
@@ -35,6 +37,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import datetime
+import hashlib
 import io
 import json
 import os
@@ -49,6 +52,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
+
+import redis
 
 from lorafleet.scheduler import fleet, keys
 from lorafleet.scheduler.memory import JobPlan, ModelShape, plan_job
@@ -335,7 +340,7 @@ def log(message: str) -> None:
 
 def git(*argv: str) -> str:
     try:
-        return subprocess.run(["git", *argv], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+        return subprocess.run(["git", *argv], cwd=REPO, capture_output=True, text=True, check=True).stdout.rstrip()
     except (OSError, subprocess.CalledProcessError):
         return ""
 
@@ -343,8 +348,14 @@ def git(*argv: str) -> str:
 def machine() -> dict:
     server = redis_server_binary()
     version = subprocess.run([server, "--version"], capture_output=True, text=True).stdout.strip()
+    try:
+        import hiredis  # redis-py parses replies with it when installed: much faster on large replies
+        parser = f"hiredis {hiredis.__version__}"
+    except ImportError:
+        parser = "pure Python"
     return {"nproc": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor(),
-            "python": platform.python_version(), "redis_server": version}
+            "python": platform.python_version(), "redis_server": version, "redis_py": redis.__version__,
+            "reply_parser": parser}
 
 
 def ms(seconds: Optional[float]) -> str:
@@ -395,6 +406,7 @@ def main() -> None:
     sizes = [int(q) for q in args.queued.split(",")]
     load_before = os.getloadavg()
     commit, changes = git("rev-parse", "--short", "HEAD"), git("status", "--porcelain").splitlines()  # as imported
+    scheduler_diff = git("diff", "HEAD", "--", "scheduler")
 
     results = []
     for queued in sizes:
@@ -406,6 +418,8 @@ def main() -> None:
     report = {
         "benchmark": "bench_round", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": commit, "worktree_changes": changes,
+        "scheduler_diff_vs_head_sha256": hashlib.sha256(scheduler_diff.encode()).hexdigest()[:12] if scheduler_diff
+        else None,
         "machine": {**machine(), "loadavg_1_5_15_before": load_before, "loadavg_1_5_15_after": os.getloadavg()},
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "config": {"executors": args.executors, "tenants": args.tenants, "rounds": args.rounds, "churn": args.churn,

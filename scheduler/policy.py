@@ -63,6 +63,13 @@ class QueuedJob:
         return (*parts, self.tokens_per_step, self.max_seq_len)
 
     @cached_property
+    def least_added(self) -> tuple[int, int]:
+        """The least this job can add to a cohort of its key, over the dtypes it may compute in: (on an executor in
+        passes: its adapter state; on one without: its bytes)."""
+        sizes = self.sizes.values() if self.sizes else (self,)
+        return (min(s.job_bytes - s.activation_bytes for s in sizes), min(s.job_bytes for s in sizes))
+
+    @cached_property
     def shape_class(self) -> int:
         """One small id for every job of this key, dtype and need signature: they need the same of every slot."""
         return _SHAPE_CLASSES.setdefault((self.compat_key, self.dtype, self.need_signature), len(_SHAPE_CLASSES))
@@ -205,6 +212,24 @@ class _Slot:
         self.tokens += job.tokens_per_step
 
 
+def _fleet_full(queued: Sequence[QueuedJob], slots: list["_Slot"], config: PlanConfig) -> bool:
+    """Whether no queued job can go anywhere: no executor is idle, and no cohort with a free place has room for the
+    least any queued job of its key adds there (`QueuedJob.least_added`, calibrated). The common case under load,
+    answered in one pass over the queue, before any sorting."""
+    open_cohorts = [s for s in slots if s.key is None or s.jobs < config.max_cohort_jobs]
+    if any(s.key is None for s in open_cohorts):
+        return False
+    least: dict[str, list[float]] = {s.key: [math.inf, math.inf] for s in open_cohorts}
+    for job in queued:
+        if job.compat_key in least:
+            in_passes, whole = job.least_added
+            best = least[job.compat_key]
+            best[0], best[1] = min(best[0], in_passes), min(best[1], whole)
+    factors = config.memory_factors
+    return all(s.room(s.key, 0) < least[s.key][0 if s.passes is not None else 1] * factors.get(s.key, 1.0)
+               for s in open_cohorts)
+
+
 def plan(
     queued: Sequence[QueuedJob],
     executors: Sequence[ExecutorView],
@@ -240,10 +265,8 @@ def plan(
              if e.alive]
     if config.packing == "fast-fit":
         slots.sort(key=lambda s: (s.view.total_bytes, s.view.executor_id))
-    if not queued or not slots:
+    if not queued or not slots or _fleet_full(queued, slots, config):
         return []
-    if not any(s.key is None or s.jobs < config.max_cohort_jobs and s.room(s.key, 0) > 0 for s in slots):
-        return []  # the whole fleet is full: the common case under load, answered before any sorting
     order = {id(s): i for i, s in enumerate(slots)}
     idle_by_loaded: dict[Optional[str], list[_Slot]] = {}
     cohorts: dict[str, list[_Slot]] = {}

@@ -59,6 +59,8 @@ def _plan_isolating(queued: list[QueuedJob], executors: list[ExecutorView], tena
     """`plan`, except that a job whose executor died before (a suspect) runs alone: only on an executor with no
     other job, which then takes no other job, so that if the job kills it again it takes no one else down and only
     its own count of losses grows. `isolated`: executors already running a suspect."""
+    if not suspects:
+        return plan(queued, executors, tenants, now, cfg)
     assignments, taken = [], set(isolated)
     for job in (q for q in queued if q.job_id in suspects):
         for executor in executors:
@@ -91,7 +93,7 @@ class Scheduler:
         self.calibrated_beats: dict[str, float] = {}  # executor id -> heartbeat already folded into calibrations
         self.queued: dict[str, QueuedJob] = {}  # queued job id -> its planning record (a queued job never changes)
         self.suspects: set[str] = set()  # queued jobs whose executor died before (they run alone)
-        self.plans: dict[str, Optional[JobPlan]] = {}  # queued or held job id -> its plan (fixed at submission)
+        self.plans: dict[str, Optional[JobPlan]] = {}  # held job id -> its plan (fixed at submission)
         self.held: dict[str, JobSummary] = {}  # held job id -> its summary as last read
         self.rounds = 0
         self.last_purge = 0.0
@@ -140,9 +142,9 @@ class Scheduler:
         executors, running_by_executor = self._executor_views(alive, holding)
         tenant_records = self.store.list_tenants()
         disabled = {t["name"] for t in tenant_records if t["disabled"]}
-        queued = [job for job in self._queued_jobs(fence) if job.tenant not in disabled]  # those wait, never start
-        kept = {job.job_id for job in holding} | set(self.queued)
-        self.plans = {job_id: plan for job_id, plan in self.plans.items() if job_id in kept}
+        queued = self._queued_jobs(fence)
+        if disabled:  # their jobs wait, never start
+            queued = [job for job in queued if job.tenant not in disabled]
         usage = self.store.gpu_seconds(now)
         tenants = {t["name"]: TenantView(t["name"], t["weight"], t["max_running"],
                                          t["counts"]["scheduled"] + t["counts"]["running"], usage.get(t["name"], 0.0))
@@ -151,8 +153,9 @@ class Scheduler:
                             "memory_factors": {k: c.factor for k, c in self.calibrations.items()}})
         started = time.perf_counter()
         isolated = {job.executor_id for job in holding if job.executor_losses}
-        assignments = _plan_isolating(queued, executors, tenants, now, cfg, self.suspects & {q.job_id for q in queued},
-                                      isolated)
+        suspects = {job_id for job_id in self.suspects
+                    if job_id in self.queued and self.queued[job_id].tenant not in disabled}
+        assignments = _plan_isolating(queued, executors, tenants, now, cfg, suspects, isolated)
         if self.metrics:
             self.metrics.plan_duration.observe(time.perf_counter() - started)
         self._claim(assignments, fence)
@@ -182,6 +185,7 @@ class Scheduler:
                 log.info("job %s requeued: %s (executor %s)", job.job_id, reason, job.executor_id)
                 if self.metrics:
                     self.metrics.requeued.labels(reason="executor_lost" if died else "not_held").inc()
+        self.plans = {job.job_id: self.plans[job.job_id] for job in held if job.job_id in self.plans}
         unknown = [job.job_id for job in held if job.job_id not in self.plans]
         for job_id, stored in self.store.plans(unknown).items():
             self.plans[job_id] = stored or self._size_from_files(job_id)
@@ -275,7 +279,6 @@ class Scheduler:
                                 error=f"job {job.job_id} failed: cannot size it: its base model or dataset is gone")
                 continue
             self.queued[job.job_id] = _queued_job(job, plan)
-            self.plans[job.job_id] = plan
             if job.executor_losses:
                 self.suspects.add(job.job_id)
         return [self.queued[job_id] for job_id in ids if job_id in self.queued]

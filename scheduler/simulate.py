@@ -15,7 +15,8 @@ where that code needs Redis or torch, its rule restated here and tests/test_simu
   builds it. Jobs are priced in the dtype they compute in there (`memory.effective_dtype`): an "auto" job is fp32 on
   an fp32-only GPU.
 - Passes: an executor started with `--max-pass-tokens N` (the default, 8192) sizes each step's passes as the worker
-  does (`memory.pass_tokens` over its memory left after base and adapter state, by the uncalibrated estimate) and
+  does (`memory.pass_tokens` over its memory left after base and adapter state, by the estimate times the factor
+  the scheduler has learned for the base so far, as `Executor.pass_size` reads it) and
   splits the cohort's sequences into passes by the rule of `executor.cohort.split_passes` (mirrored over lengths here:
   that module needs torch).
 - Calibration: the scheduler folds every new heartbeat into its compat key's `MemoryCalibration` by the rule of
@@ -396,7 +397,7 @@ class _Executor:
             result.append(RunningJob(*values))  # dataclasses.replace, without its cost (it is called very often)
         return result
 
-    def measure(self, by_id: dict[str, SimJob], now: float) -> bool:
+    def measure(self, by_id: dict[str, SimJob], now: float, learned_factor: float = 1.0) -> bool:
         """Run a step with the cohort as it is now, as the worker does (`Worker.pass_size`, then the cohort's passes):
         its time, and a heartbeat with its raw peak. False: the step ran out of memory (nothing is reported)."""
         jobs = [self.running[j] for j in self.cohort]
@@ -413,7 +414,7 @@ class _Executor:
         else:
             allocated = factor * (base_estimate + sum(j.job_bytes - j.activation_bytes for j in jobs))
             size = pass_tokens(planned, self.offered * _EXECUTOR_MEMORY_FRACTION - allocated,
-                               estimate_activation_bytes(base.shape, 1, 1, self.dtype))
+                               estimate_activation_bytes(base.shape, 1, 1, self.dtype) * max(1.0, learned_factor))
             lengths = [by_id[j].plan.max_seq_len for j in self.cohort for _ in range(by_id[j].batch_size)]
             parts = split_pass_tokens(lengths, size)
             largest = max(parts)
@@ -613,7 +614,7 @@ def simulate(jobs: list[SimJob], tenants: dict[str, TenantView], machines: list[
     def step_changed_cohort(executor: _Executor, now: float) -> None:
         """The executor steps with its new cohort; out of memory, every job goes back from its last checkpoint."""
         nonlocal oom_steps, oom_jobs, steps_lost
-        if not executor.measure(by_id, now):
+        if not executor.measure(by_id, now, scheduler.factors().get(executor.key, 1.0)):
             oom_steps += 1
             for job_id, remaining in executor.recover_from_oom(now).items():
                 done = by_id[job_id].steps - max(0.0, remaining)
@@ -756,7 +757,7 @@ def measure_decision_time(num_queued: int = 10_000, num_executors: int = 100, nu
     assigned = 0
 
     def step(executor: _Executor) -> None:
-        if not executor.measure(by_id, now):
+        if not executor.measure(by_id, now, scheduler.factors().get(executor.key, 1.0)):
             for job_id in executor.recover_from_oom(now):
                 queued[job_id] = by_id[job_id].job
 

@@ -226,8 +226,9 @@ def test_small_simulation_completes_every_job_under_every_strategy(small_run):
         assert metrics["calibration_error_max"] < 1e-6, name
         assert len(metrics["calibration_factors"]) > len(BASES), name  # one per base and dtype
         # The model changed: OOMs no longer come from the planner's first guess (0 here) but from executors that
-        # enlarge their passes by the uncalibrated estimate (`Worker.pass_size`) on a base whose true footprint is
-        # over 1/0.92 of it; each one then offers 85% of its memory and does not run out again.
+        # enlarge their passes (`Executor.pass_size`) before the scheduler has learned the factor of a base whose
+        # true footprint is over 1/0.92 of the estimate; each then offers 85% of its memory and does not run out
+        # again.
         assert metrics["oom_steps"] == metrics["executors_shrunk"] <= small_run["workload"]["executors"], name
         assert 0 < metrics["gpu_utilisation"] <= metrics["gpu_busy"] <= 1
 
