@@ -401,13 +401,6 @@ class JobStore:
         """Queued job ids in scheduling order: priority 9 first, then oldest first."""
         return self.r.zrange(keys.QUEUE, 0, -1)
 
-    def list_queued(self, limit: Optional[int] = None) -> list[JobRecord]:
-        """Queued jobs in scheduling order, whole records."""
-        return self.jobs(self.r.zrange(keys.QUEUE, 0, -1 if limit is None else limit - 1))
-
-    def jobs_in_state(self, state: str) -> list[JobRecord]:
-        return self.jobs(sorted(self.r.smembers(keys.state_set(JobState(state)))))
-
     def held_ids(self) -> list[str]:
         """Ids of every scheduled or running job."""
         return sorted(self.r.sunion(keys.state_set(JobState.SCHEDULED), keys.state_set(JobState.RUNNING)))

@@ -58,7 +58,7 @@ def test_requeue_keeps_checkpoint_and_stale_lease_is_refused(store, make_tenant)
     store.transition(job_id, "scheduled", "running", attempt=first)
     assert store.record_progress(job_id, 10, 100, {"loss": 1.0}, attempt=first)
     assert store.transition(job_id, "running", "queued", checkpoint_uri="file:///ckpt/10")  # ex-1 went silent
-    assert job_id in [j.job_id for j in store.list_queued()]
+    assert job_id in store.queued_ids()
     second = store.claim(job_id, "ex-2")
     assert second == first + 1
     store.transition(job_id, "scheduled", "running", attempt=second)
@@ -94,7 +94,7 @@ def test_cancel_queued_and_running(store, make_tenant):
     assert job["state"] == "cancelled" and job["cancel_requested"] and store.is_cancel_requested(running)
     assert not store.record_progress(running, 1, 10, {"loss": 1.0}, attempt=attempt)  # the executor's cue to drop it
     assert store.cancel(alice.name, running)["state"] == "cancelled"  # idempotent
-    assert queued not in [j.job_id for j in store.list_queued()]
+    assert queued not in store.queued_ids()
     done = new_job(store, alice)
     store.transition(done, "queued", "cancelled")
     with pytest.raises(LookupError):
@@ -104,7 +104,7 @@ def test_cancel_queued_and_running(store, make_tenant):
 def test_queue_order_is_priority_then_age(store, make_tenant):
     alice = make_tenant("alice")
     low, high_old, high_new = new_job(store, alice, 1), new_job(store, alice, 9), new_job(store, alice, 9)
-    order = [j.job_id for j in store.list_queued() if j.tenant == alice.name]
+    order = [j.job_id for j in store.summaries(store.queued_ids()) if j.tenant == alice.name]
     assert order == [high_old, high_new, low]
 
 
@@ -196,7 +196,7 @@ def test_redis_restart_loses_no_accepted_job(tmp_path, stop):
         store.ensure_schema()
         assert store.authenticate(token) == "alice"
         assert [store.get_job(j)["state"] for j in job_ids] == ["scheduled", "queued", "queued"]
-        assert [j.job_id for j in store.list_queued()] == job_ids[1:]
+        assert store.queued_ids() == job_ids[1:]
         assert store.counts("alice")["queued"] == 2
         assert [e["to"] for e in store.events(job_ids[0])] == ["queued", "scheduled"]
     finally:
