@@ -7,6 +7,7 @@ State lives only in Redis (persisted with AOF), so a scheduler or worker restart
 | `lorafleet:schema_version` | string | data model version (`SCHEMA_VERSION`) | `JobStore.ensure_schema` |
 | `lorafleet:tenants` | set | names of all tenants | `JobStore.create_tenant` |
 | `lorafleet:tenant:<name>` | hash | `name`, `token_sha256`, `weight`, `max_queued`, `max_running`, `disabled` (0/1), `created_at` | `JobStore` tenant admin |
+| `lorafleet:tenants_version` | string (int) | +1 per change of a tenant's record (create, quota, disable): the scheduler re-reads tenants only then | `JobStore` tenant admin (Lua) |
 | `lorafleet:tokens` | hash | sha256(token) -> tenant name (tokens themselves are never stored) | `JobStore` tenant admin |
 | `lorafleet:tenant:<name>:jobs` | sorted set | the tenant's job ids, score = submit time (unix s) | `JobStore.submit`; `JobStore.purge` removes |
 | `lorafleet:tenant:<name>:requests` | hash | client request id -> job id: a second submit with the same id returns that job | `JobStore.submit` (Lua); `JobStore.purge` removes |
@@ -82,6 +83,7 @@ JOB_FIELDS = (
 SCHEMA_VERSION_KEY = PREFIX + "schema_version"
 TENANTS = PREFIX + "tenants"
 TOKENS = PREFIX + "tokens"
+TENANTS_VERSION = PREFIX + "tenants_version"
 COUNTS = PREFIX + "counts"
 QUEUE = PREFIX + "queue"
 SUBMIT_SEQ = PREFIX + "submit_seq"

@@ -95,6 +95,8 @@ class Scheduler:
         self.suspects: set[str] = set()  # queued jobs whose executor died before (they run alone)
         self.plans: dict[str, Optional[JobPlan]] = {}  # held job id -> its plan (fixed at submission)
         self.held: dict[str, JobSummary] = {}  # held job id -> its summary as last read
+        self.tenant_records: list[dict] = []  # as of `tenants_version`
+        self.tenants_version: Optional[int] = None
         self.rounds = 0
         self.last_purge = 0.0
 
@@ -140,7 +142,7 @@ class Scheduler:
         for executor_id in dead:
             fleet.forget(self.store.r, executor_id)
         executors, running_by_executor = self._executor_views(alive, holding)
-        tenant_records = self.store.list_tenants()
+        tenant_records = self._tenants()
         disabled = {t["name"] for t in tenant_records if t["disabled"]}
         queued = self._queued_jobs(fence)
         if disabled:  # their jobs wait, never start
@@ -191,6 +193,16 @@ class Scheduler:
             self.plans[job_id] = stored or self._size_from_files(job_id)
         return held
 
+    def _tenants(self) -> list[dict]:
+        """Every tenant with its counts now; the records themselves are read again only after an admin changed
+        one (`keys.TENANTS_VERSION`)."""
+        version = self.store.tenants_version()
+        if version != self.tenants_version:
+            self.tenant_records, self.tenants_version = self.store.list_tenants(), version
+            return self.tenant_records
+        counts = self.store.tenant_counts([t["name"] for t in self.tenant_records])
+        return [{**t, "counts": counts[t["name"]]} for t in self.tenant_records]
+
     def _held_jobs(self) -> list[JobSummary]:
         """Summaries of every held job. A held job's lease fields do not change until it leaves the held set (a
         new lease passes through this scheduler's `_claim`, which forgets it), so only jobs new to the set are read;
@@ -237,28 +249,31 @@ class Scheduler:
             cohort_key[job.executor_id] = plan.compat_key
             if beat.jobs.get(job.job_id) == job.attempt:  # the executor holds it: it is in the measured peak
                 on_device.setdefault(job.executor_id, (plan.size(beat.auto_dtype).base_bytes, []))[1].append(running)
-        views = []
+        views, learned = [], {}
         for beat in alive:
-            self._calibrate(beat, *on_device.get(beat.executor_id, (0, [])))
+            if self._calibrate(beat, *on_device.get(beat.executor_id, (0, []))):
+                learned[beat.compat_key] = self.calibrations[beat.compat_key].factor
             views.append(ExecutorView(
                 executor_id=beat.executor_id, total_bytes=beat.total_bytes, free_bytes=beat.free_bytes,
                 loaded_compat_key=cohort_key.get(beat.executor_id, beat.compat_key), loaded_base_bytes=beat.base_bytes,
                 running=tuple(running_by_executor.get(beat.executor_id, ())), max_pass_tokens=beat.max_pass_tokens,
                 dtypes=frozenset(beat.dtypes) or None, auto_dtype=beat.auto_dtype, pass_tokens=beat.pass_tokens,
             ))
+        if learned:  # for the next leader, in one write
+            self.store.r.hset(keys.MEMORY_FACTORS, mapping=learned)
         return views, running_by_executor
 
-    def _calibrate(self, beat: ExecutorHeartbeat, base_bytes: int, jobs: list[RunningJob]) -> None:
+    def _calibrate(self, beat: ExecutorHeartbeat, base_bytes: int, jobs: list[RunningJob]) -> bool:
         """Fold a new measured peak into its base's calibration: the prediction is for the passes the step really
         ran (`pass_tokens`), so the factor learns the model's error, not the executor's choice of pass size."""
         predicted = base_bytes + cohort_bytes(jobs, beat.pass_tokens or None) if jobs else 0
         if self.calibrated_beats.get(beat.executor_id) == beat.heartbeat_at or not (
                 beat.compat_key and beat.peak_bytes and predicted):
-            return
+            return False
         self.calibrated_beats[beat.executor_id] = beat.heartbeat_at
         current = self.calibrations.get(beat.compat_key, MemoryCalibration())
         self.calibrations[beat.compat_key] = calibrate(current, beat.peak_bytes, round(predicted))
-        self.store.r.hset(keys.MEMORY_FACTORS, beat.compat_key, self.calibrations[beat.compat_key].factor)
+        return True
 
     def _queued_jobs(self, fence: int) -> list[QueuedJob]:
         """Queued jobs in queue order. Only jobs new to the queue since the last round are read (a summary and the

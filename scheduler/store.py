@@ -89,13 +89,14 @@ end
 return 1
 """
 
-# KEYS: tenant, tenants set, tokens. ARGV: name, token hash, weight, max_queued, max_running, now.
+# KEYS: tenant, tenants set, tokens, tenants version. ARGV: name, token hash, weight, max_queued, max_running, now.
 _CREATE_TENANT = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], 'name', ARGV[1], 'token_sha256', ARGV[2], 'weight', ARGV[3], 'max_queued', ARGV[4],
   'max_running', ARGV[5], 'disabled', '0', 'created_at', ARGV[6])
 redis.call('SADD', KEYS[2], ARGV[1])
 redis.call('HSET', KEYS[3], ARGV[2], ARGV[1])
+redis.call('INCR', KEYS[4])
 return 1
 """
 
@@ -109,9 +110,11 @@ redis.call('HSET', KEYS[1], 'token_sha256', ARGV[2])
 return 1
 """
 
-_UPDATE_IF_EXISTS = """
+# KEYS: tenant, tenants version. ARGV: field, value, ... (a tenant's quota or disabled flag)
+_UPDATE_TENANT = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 redis.call('HSET', KEYS[1], unpack(ARGV))
+redis.call('INCR', KEYS[2])
 return 1
 """
 
@@ -153,7 +156,7 @@ class JobStore:
         self._add_usage = client.register_script(_ADD_USAGE)
         self._create_tenant = client.register_script(_CREATE_TENANT)
         self._rotate_token = client.register_script(_ROTATE_TOKEN)
-        self._update_if_exists = client.register_script(_UPDATE_IF_EXISTS)
+        self._update_tenant = client.register_script(_UPDATE_TENANT)
 
     @classmethod
     def from_url(cls, url: str) -> "JobStore":
@@ -201,7 +204,7 @@ class JobStore:
         _check_quota(weight, max_queued, max_running)
         token = new_token()
         created = self._create_tenant(
-            keys=[keys.tenant(name), keys.TENANTS, keys.TOKENS],
+            keys=[keys.tenant(name), keys.TENANTS, keys.TOKENS, keys.TENANTS_VERSION],
             args=[name, hash_token(token), weight, max_queued, max_running, time.time()],
         )
         if not created:
@@ -237,9 +240,20 @@ class JobStore:
         max_running = current["max_running"] if max_running is None else max_running
         _check_quota(weight, max_queued, max_running)
         args = ["weight", weight, "max_queued", max_queued, "max_running", max_running]
-        if not self._update_if_exists(keys=[keys.tenant(name)], args=args):
+        if not self._update_tenant(keys=[keys.tenant(name), keys.TENANTS_VERSION], args=args):
             raise LookupError(f"no tenant {name!r}")
         return self.get_tenant(name)
+
+    def tenants_version(self) -> int:
+        """+1 on every change of a tenant's record other than its token: whether `list_tenants` must be read again."""
+        return int(self.r.get(keys.TENANTS_VERSION) or 0)
+
+    def tenant_counts(self, names: list[str]) -> dict[str, dict[str, int]]:
+        """Per-state job counts of each of `names`, in one round trip."""
+        pipe = self.r.pipeline(transaction=False)
+        for name in names:
+            pipe.hgetall(keys.tenant_counts(name))
+        return {name: _counts(raw) for name, raw in zip(names, pipe.execute())}
 
     def rotate_token(self, name: str) -> str:
         token = new_token()
@@ -250,7 +264,7 @@ class JobStore:
     def set_disabled(self, name: str, disabled: bool = True) -> dict[str, Any]:
         """A disabled tenant's token and broker user are refused at once (its open connections closed); its queued
         jobs stay queued but never start, its running ones run on (cancel them separately)."""
-        if not self._update_if_exists(keys=[keys.tenant(name)], args=["disabled", int(disabled)]):
+        if not self._update_tenant(keys=[keys.tenant(name), keys.TENANTS_VERSION], args=["disabled", int(disabled)]):
             raise LookupError(f"no tenant {name!r}")
         if disabled:
             acl.revoke_tenant(self.r, name)
