@@ -157,7 +157,7 @@ class _NoRedis:
     def register_script(self, script):
         return lambda *args, **kwargs: None
 
-    def hset(self, *args):
+    def hset(self, *args, **kwargs):
         pass
 
 
