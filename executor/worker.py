@@ -29,7 +29,7 @@ from lorafleet.executor.model import device_auto_dtype, native_bf16
 from lorafleet.scheduler import config, fleet, keys
 from lorafleet.scheduler.artifacts import ArtifactStore
 from lorafleet.scheduler.datasets import AcceptedDataset, verified_path
-from lorafleet.scheduler.memory import JobPlan, ModelShape, effective_dtype, estimate_activation_bytes, pass_tokens
+from lorafleet.scheduler.memory import JobPlan, pass_tokens
 from lorafleet.scheduler.metrics import ExecutorMetrics, executor_metrics, serve
 from lorafleet.scheduler.policy import PlanConfig
 from lorafleet.scheduler.records import ExecutorHeartbeat, JobRecord, JobState
@@ -216,12 +216,10 @@ class Executor:
                              max_pass_tokens=self.max_pass_tokens)
         self.compat_key = plan.compat_key
         self.base_bytes = sum(p.numel() * p.element_size() for p in self.cohort.model.parameters())
-        dtype = effective_dtype(spec.dtype, device_auto_dtype(torch.device(self.device)))
-        try:
-            shape = ModelShape.from_config(self.cohort.model.config.to_dict())
-            self.activation_bytes_per_token = estimate_activation_bytes(shape, 1, 1, dtype)
-        except ValueError:  # a config the memory model cannot read: passes keep their planned size
-            self.activation_bytes_per_token = 0.0
+        # The memory model's bytes per token for this base, in the dtype it computes in here: from the job's plan,
+        # which sized it at submission (activations of one micro-batch / its tokens).
+        size = plan.size(device_auto_dtype(torch.device(self.device)))
+        self.activation_bytes_per_token = size.activation_bytes / plan.tokens_per_step
         self.send_heartbeat()
 
     def _release(self, job_id: str) -> None:

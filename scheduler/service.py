@@ -141,7 +141,7 @@ class Scheduler:
         holding = self._reconcile(beats, fence)
         for executor_id in dead:
             fleet.forget(self.store.r, executor_id)
-        executors, running_by_executor = self._executor_views(alive, holding)
+        executors, running_by_executor = self._executor_views(beats, holding)
         tenant_records = self._tenants()
         disabled = {t["name"] for t in tenant_records if t["disabled"]}
         queued = self._queued_jobs(fence)
@@ -230,11 +230,10 @@ class Scheduler:
         self.store.set_plan(job.job_id, plan)
         return plan
 
-    def _executor_views(self, alive: list[ExecutorHeartbeat], holding: list[JobSummary]
+    def _executor_views(self, beats: dict[str, ExecutorHeartbeat], holding: list[JobSummary]
                         ) -> tuple[list[ExecutorView], dict[str, list[RunningJob]]]:
-        """The planner's view of each live executor, and its cohort; calibrates the memory model from each new
-        heartbeat's measured peak against the model's prediction for what that executor ran."""
-        beats = {beat.executor_id: beat for beat in alive}
+        """The planner's view of each live executor (`beats`: id -> its heartbeat), and its cohort; calibrates the
+        memory model from each new heartbeat's measured peak against the model's prediction for what it ran."""
         running_by_executor: dict[str, list[RunningJob]] = {}
         on_device: dict[str, tuple[int, list[RunningJob]]] = {}  # executor -> (base bytes, its jobs in the peak)
         cohort_key: dict[str, str] = {}
@@ -250,7 +249,7 @@ class Scheduler:
             if beat.jobs.get(job.job_id) == job.attempt:  # the executor holds it: it is in the measured peak
                 on_device.setdefault(job.executor_id, (plan.size(beat.auto_dtype).base_bytes, []))[1].append(running)
         views, learned = [], {}
-        for beat in alive:
+        for beat in beats.values():
             if self._calibrate(beat, *on_device.get(beat.executor_id, (0, []))):
                 learned[beat.compat_key] = self.calibrations[beat.compat_key].factor
             views.append(ExecutorView(

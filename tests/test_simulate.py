@@ -182,7 +182,7 @@ def test_executor_views_and_calibration_are_the_schedulers():
     holding = [replace(jobs[job_id].record, state="running", executor_id=e.executor_id, attempt=1,
                        step=int(steps[job_id] - remaining))
                for e in executors for job_id, remaining in e.cohort.items()]
-    real_views, _ = real._executor_views([e.beat for e in executors], holding)
+    real_views, _ = real._executor_views({e.beat.executor_id: e.beat for e in executors}, holding)
     assert views == real_views
     assert simulated.calibrations == real.calibrations and len(real.calibrations) == 2
     assert simulated.calibrated_beats == real.calibrated_beats
