@@ -18,6 +18,7 @@ from urllib.parse import unquote, urlparse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 MAX_SPEC_BYTES = 64 * 1024
+MAX_METADATA_PAIRS, MAX_METADATA_KEY_CHARS, MAX_METADATA_VALUE_CHARS = 16, 64, 512
 
 ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -99,6 +100,11 @@ class JobSpec(_Strict):
     )
     hyperparameters: Hyperparameters = Hyperparameters()
     priority: int = Field(5, ge=0, le=9, description="0 lowest, 9 highest")
+    metadata: dict[str, str] = Field(
+        default_factory=dict, max_length=MAX_METADATA_PAIRS,
+        description="the tenant's own labels, kept with the job (OpenAI's limits: 16 pairs, keys up to 64 characters, "
+                    "values up to 512)",
+    )
 
     @field_validator("name")
     @classmethod
@@ -112,6 +118,16 @@ class JobSpec(_Strict):
     def _printable(cls, value: Optional[str]) -> Optional[str]:
         if value is not None and (not value.isprintable() or "\x00" in value):
             raise ValueError("must be printable text")
+        return value
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata(cls, value: dict[str, str]) -> dict[str, str]:
+        for key, text in value.items():
+            if not 1 <= len(key) <= MAX_METADATA_KEY_CHARS:
+                raise ValueError(f"key {key[:70]!r}: use 1-{MAX_METADATA_KEY_CHARS} characters")
+            if len(text) > MAX_METADATA_VALUE_CHARS:
+                raise ValueError(f"value of {key!r}: at most {MAX_METADATA_VALUE_CHARS} characters")
         return value
 
     def compatibility_key(self) -> str:
@@ -136,6 +152,14 @@ def _first_error(exc: ValidationError) -> str:
 
 def parse_spec(raw: object) -> JobSpec:
     """Validate a spec given as a dict, JSON text or bytes; raise SpecError naming the field."""
+    try:
+        return JobSpec.model_validate(spec_object(raw))
+    except ValidationError as exc:
+        raise SpecError(_first_error(exc)) from None
+
+
+def spec_object(raw: object) -> dict:
+    """The spec given as a dict, JSON text or bytes, as a dict within MAX_SPEC_BYTES (not validated yet)."""
     if isinstance(raw, (bytes, bytearray)):
         if len(raw) > MAX_SPEC_BYTES:
             raise SpecError(f"invalid job spec: spec is {len(raw)} bytes, the limit is {MAX_SPEC_BYTES}")
@@ -155,10 +179,7 @@ def parse_spec(raw: object) -> JobSpec:
     size = len(json.dumps(raw, default=str).encode("utf-8", "surrogatepass"))
     if size > MAX_SPEC_BYTES:
         raise SpecError(f"invalid job spec: spec is {size} bytes, the limit is {MAX_SPEC_BYTES}")
-    try:
-        return JobSpec.model_validate(raw)
-    except ValidationError as exc:
-        raise SpecError(_first_error(exc)) from None
+    return raw
 
 
 def is_inside(path: Path, areas: list[Path]) -> bool:

@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+from lorafleet.scheduler import auto
 from lorafleet.scheduler.datasets import AcceptedDataset, accept, accepted_path
 from lorafleet.scheduler.memory import JobPlan, ModelShape, plan_job
 from lorafleet.scheduler.formats import IGNORE_INDEX, DataError, Tokenizing, detect_format, parse_record, tokenise_record
-from lorafleet.scheduler.spec import JobSpec, SpecError, is_inside, parse_spec, resolve_dataset
+from lorafleet.scheduler.spec import JobSpec, SpecError, is_inside, parse_spec, resolve_dataset, spec_object
 
 SAMPLE_RECORDS = 2000  # records of each dataset read and counted at submission
 BYTES_PER_TOKEN_GUESS = 4  # dataset bytes per token, to size a job submitted without a token count
@@ -158,7 +159,9 @@ def accept_submission(
     raw: object, tenant: str, data_root: Path, hub_cache: Path, model_roots: Sequence[Path], dataset_store: Path
 ) -> Submission:
     """parse_spec; check the datasets and the base model exist where this tenant may read them; then copy each dataset
-    into the dataset store (the job trains on those bytes only) and read its first records as the executor will."""
+    into the dataset store (the job trains on those bytes only) and read its first records as the executor will.
+    Hyperparameters given as "auto" are chosen then, from what was read (`auto.resolve`), and stored in the spec."""
+    raw, auto_fields = auto.take_auto(spec_object(raw))
     spec = parse_spec(raw)
     fields = [field for field in ("dataset", "validation_dataset") if getattr(spec, field) is not None]
     paths = {field: resolve_dataset(getattr(spec, field), data_root, tenant, field) for field in fields}
@@ -173,6 +176,8 @@ def accept_submission(
             accepted_path(dataset_store, datasets[field].sha256), uri, field, spec.dataset_format,
             tokenizing_for(str(model_dir.resolve())), spec.hyperparameters.max_seq_len)
     train = samples["dataset"]
+    spec = auto.resolve(spec, auto_fields, model_shape(str(model_dir.resolve())),
+                        auto.DatasetSample(datasets["dataset"].records, train.records, train.tokens))
     epoch_tokens = train.tokens * datasets["dataset"].records // max(1, train.records)  # the sample, scaled
     return Submission(spec, datasets, {field: count.targets for field, count in samples.items()},
                       plan_for(spec, model_dir, epoch_tokens))
