@@ -22,7 +22,7 @@ import redis
 
 from lorafleet.scheduler import keys
 
-ROLES = ("operator", "worker", "scheduler", "executor")
+ROLES = ("operator", "worker", "scheduler", "executor", "gateway")
 TENANT_USER_PREFIX = "tenant."
 
 # Everything a service may not run: admin commands (CONFIG, MODULE, DEBUG, SAVE, MONITOR, ACL, ...), the dangerous
@@ -36,6 +36,7 @@ ROLE_RULES: dict[str, tuple[str, ...]] = {
     + _SERVICE_COMMANDS,
     "scheduler": _STORE_KEYS + _SERVICE_COMMANDS + ("-@pubsub",),
     "executor": _STORE_KEYS + _SERVICE_COMMANDS + ("-@pubsub",),
+    "gateway": _STORE_KEYS + _SERVICE_COMMANDS + ("-@pubsub",),  # the HTTP API: the store only, no broker
 }
 
 # What Celery's client runs to publish a task (kombu declares the queue: LLEN of each priority sub-queue, SADD of

@@ -282,6 +282,21 @@ def executor(device: str, executor_id: Optional[str], metrics_port: int, memory_
                 max_pass_tokens or None)
 
 
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on")
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--ssl-keyfile", type=click.Path(exists=True, dir_okay=False), default=None, help="TLS private key")
+@click.option("--ssl-certfile", type=click.Path(exists=True, dir_okay=False), default=None, help="TLS certificate")
+@click.option("--root-path", default="", help="path prefix a reverse proxy serves the gateway under")
+def gateway(host: str, port: int, ssl_keyfile: Optional[str], ssl_certfile: Optional[str], root_path: str) -> None:
+    """The tenants' HTTP API (OpenAI-compatible fine-tuning: files and jobs), on this deployment's store."""
+    from lorafleet.gateway import app  # here, so that the control plane never imports the gateway's web stack
+
+    if bool(ssl_keyfile) != bool(ssl_certfile):
+        raise click.UsageError("--ssl-keyfile and --ssl-certfile go together")
+    app.serve(host, port, ssl_keyfile, ssl_certfile, root_path)
+
+
 @main.group()
 def executors() -> None:
     """List executors and drain them."""

@@ -411,6 +411,19 @@ class JobStore:
             start += chunk
         return found[:limit]
 
+    def tenant_jobs_after(self, tenant: str, after: Optional[str], limit: int) -> tuple[list[JobRecord], bool]:
+        """A page of the tenant's jobs, newest first, starting after the job `after` (None: from the newest), and
+        whether more follow. LookupError when `after` is not one of the tenant's jobs."""
+        _check_limit(limit)
+        start = 0
+        if after is not None:
+            rank = self.r.zrevrank(keys.tenant_jobs(tenant), after) if isinstance(after, str) else None
+            if rank is None:
+                raise LookupError("after: no such job of yours")
+            start = rank + 1
+        ids = self.r.zrevrange(keys.tenant_jobs(tenant), start, start + limit)
+        return self.jobs(ids[:limit]), len(ids) > limit
+
     def queued_ids(self) -> list[str]:
         """Queued job ids in scheduling order: priority 9 first, then oldest first."""
         return self.r.zrange(keys.QUEUE, 0, -1)

@@ -155,6 +155,15 @@ def count_targets(path: Path, uri: str, field: str, fmt: str, tokenizing: Tokeni
     return SampleCount(records, tokens, targets)
 
 
+def _check_target_modules(spec: JobSpec, shape: ModelShape) -> None:
+    """Refuse target modules the base has no projection of (the memory model could not size them either)."""
+    known = shape.projection_dims()
+    unknown = [name for name in spec.adapter.target_modules if name not in known]
+    if unknown:
+        raise SpecError(f"invalid job spec: adapter.target_modules: this base has no {', '.join(unknown)}; "
+                        f"use some of {', '.join(sorted(known))}")
+
+
 def accept_submission(
     raw: object, tenant: str, data_root: Path, hub_cache: Path, model_roots: Sequence[Path], dataset_store: Path
 ) -> Submission:
@@ -176,6 +185,7 @@ def accept_submission(
             accepted_path(dataset_store, datasets[field].sha256), uri, field, spec.dataset_format,
             tokenizing_for(str(model_dir.resolve())), spec.hyperparameters.max_seq_len)
     train = samples["dataset"]
+    _check_target_modules(spec, model_shape(str(model_dir.resolve())))
     spec = auto.resolve(spec, auto_fields, model_shape(str(model_dir.resolve())),
                         auto.DatasetSample(datasets["dataset"].records, train.records, train.tokens))
     epoch_tokens = train.tokens * datasets["dataset"].records // max(1, train.records)  # the sample, scaled

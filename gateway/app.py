@@ -1,0 +1,169 @@
+"""`lorafleet gateway`: the tenants' HTTP API, shaped like OpenAI's fine-tuning API so that the `openai` client works
+with `base_url=` pointing here.
+
+The bearer token is the tenant's token (`JobStore.authenticate`); the gateway holds the store's credentials
+(REDIS_URL and the rest of `scheduler.config`), tenants never do. Jobs go through the same `accept_submission` and
+`JobStore.submit` as the Celery API. Routes are grouped per resource (`_job_routes`, `_file_routes`): pause/resume
+and a web page are later additions of their own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any, Optional
+
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from lorafleet.gateway import errors
+from lorafleet.gateway.errors import ApiError
+from lorafleet.gateway.jobs import checkpoint_views, event_view, job_view, spec_from_request
+from lorafleet.gateway.models import (
+    CheckpointList, CreateJobRequest, ErrorResponse, EventList, FineTuningJob, JobList,
+)
+from lorafleet.scheduler import config
+from lorafleet.scheduler.records import JobRecord
+from lorafleet.scheduler.store import MAX_LIST_LIMIT, JobStore
+from lorafleet.scheduler.submission import accept_submission
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": description} for status, description in (
+        (400, "invalid request: `error.param` names the field"), (401, "missing or invalid token"),
+        (404, "no such object of yours"), (409, "not in a state that allows this"),
+    )
+}
+Limit = Annotated[int, Query(ge=1, le=MAX_LIST_LIMIT)]
+
+
+@dataclass
+class Gateway:
+    """What the routes share: the store, opened with the gateway's own credentials."""
+
+    store: JobStore
+
+    def record_for(self, tenant: str, job_id: str) -> JobRecord:
+        """The tenant's job; 404 for an unknown id and for another tenant's, alike."""
+        self.store.get_job_for(tenant, job_id)  # raises LookupError with the one message for both
+        record = self.store.job(job_id)
+        if record is None:
+            raise LookupError(f"no job {job_id!r}")
+        return record
+
+    def result_files(self, record: JobRecord) -> list[str]:
+        return []
+
+    def checkpoint_file(self, record: JobRecord, uri: str) -> Optional[str]:
+        return None
+
+
+_bearer = HTTPBearer(auto_error=False, description="your tenant token")
+
+
+def _gateway(request: Request) -> Gateway:
+    return request.app.state.gateway
+
+
+def _tenant(request: Request,
+            credentials: Annotated[Optional[HTTPAuthorizationCredentials], Depends(_bearer)]) -> str:
+    """The caller's tenant: the one whose token is the bearer token (401 otherwise)."""
+    if credentials is None:
+        raise ApiError(401, "missing token: send 'Authorization: Bearer <your tenant token>'", code="invalid_api_key")
+    return _refusals(_gateway(request).store.authenticate, credentials.credentials)
+
+
+def _refusals(fn, *args, **kwargs):
+    """`fn(...)`, with the scheduler's refusals answered in OpenAI's shape (`errors.from_exception`)."""
+    try:
+        return fn(*args, **kwargs)
+    except (ValueError, PermissionError, LookupError) as exc:
+        raise errors.from_exception(exc) from None
+
+
+Tenant = Annotated[str, Depends(_tenant)]
+State = Annotated[Gateway, Depends(_gateway)]
+
+
+def _job_routes() -> APIRouter:
+    router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"], responses=ERROR_RESPONSES)
+
+    @router.post("", response_model=FineTuningJob)
+    def create_job(body: CreateJobRequest, tenant: Tenant, gateway: State) -> FineTuningJob:
+        """Validate and queue a job, exactly as the Celery task `lorafleet.submit_job` does."""
+        raw = spec_from_request(body)
+        accepted = _refusals(accept_submission, raw, tenant, config.data_root(), config.hf_hub_cache(),
+                             config.model_roots(), config.dataset_store())
+        job = _refusals(gateway.store.submit, tenant, accepted.spec, datasets=accepted.datasets, plan=accepted.plan)
+        record = gateway.store.job(job["job_id"])
+        return job_view(record, gateway.result_files(record))
+
+    @router.get("", response_model=JobList)
+    def list_jobs(tenant: Tenant, gateway: State, after: Optional[str] = None, limit: Limit = 20) -> JobList:
+        """The tenant's jobs, newest first; `after` = the last id of the previous page."""
+        try:
+            records, has_more = gateway.store.tenant_jobs_after(tenant, after, limit)
+        except LookupError as exc:
+            raise ApiError(400, str(exc), param="after") from None
+        return JobList(data=[job_view(r, gateway.result_files(r)) for r in records], has_more=has_more)
+
+    @router.get("/{job_id}", response_model=FineTuningJob)
+    def retrieve_job(job_id: str, tenant: Tenant, gateway: State) -> FineTuningJob:
+        record = _refusals(gateway.record_for, tenant, job_id)
+        return job_view(record, gateway.result_files(record))
+
+    @router.post("/{job_id}/cancel", response_model=FineTuningJob)
+    def cancel_job(job_id: str, tenant: Tenant, gateway: State) -> FineTuningJob:
+        """Cancel a job that has not finished (409 for one that succeeded or failed; cancelling twice is fine)."""
+        _refusals(gateway.record_for, tenant, job_id)
+        try:
+            gateway.store.cancel(tenant, job_id)
+        except LookupError as exc:
+            raise errors.from_exception(exc) from None
+        except ValueError as exc:
+            raise ApiError(409, str(exc), code="invalid_state") from None
+        record = gateway.store.job(job_id)
+        return job_view(record, gateway.result_files(record))
+
+    @router.get("/{job_id}/events", response_model=EventList)
+    def list_events(job_id: str, tenant: Tenant, gateway: State, after: Optional[str] = None,
+                    limit: Limit = 20) -> EventList:
+        """The job's events, oldest first; `after` = the last id of the previous page."""
+        found = _refusals(gateway.store.events_for, tenant, job_id, after, min(limit + 1, MAX_LIST_LIMIT))
+        return EventList(data=[event_view(event) for event in found[:limit]], has_more=len(found) > limit)
+
+    @router.get("/{job_id}/checkpoints", response_model=CheckpointList)
+    def list_checkpoints(job_id: str, tenant: Tenant, gateway: State, after: Optional[str] = None,
+                         limit: Limit = 10) -> CheckpointList:
+        """The checkpoints the job keeps, newest first, each downloadable as one file (`file_id`)."""
+        record = _refusals(gateway.record_for, tenant, job_id)
+        events = gateway.store.events(job_id, None, MAX_LIST_LIMIT)
+        views = checkpoint_views(record, events, lambda uri: gateway.checkpoint_file(record, uri))
+        ids = [view.id for view in views]
+        start = ids.index(after) + 1 if after in ids else 0
+        page = views[start:start + limit]
+        return CheckpointList(data=page, has_more=start + limit < len(views),
+                              first_id=page[0].id if page else None, last_id=page[-1].id if page else None)
+
+    return router
+
+
+def create_app(store: Optional[JobStore] = None, root_path: str = "") -> FastAPI:
+    """The gateway's ASGI app, on `store` (default: the configured REDIS_URL)."""
+    app = FastAPI(title="lorafleet gateway", version="1", root_path=root_path,
+                  description="OpenAI-compatible fine-tuning API of a lorafleet deployment (see the README's "
+                              "compatibility table).")
+    if store is None:
+        store = JobStore.from_url(config.redis_url())
+        store.ensure_schema()
+    app.state.gateway = Gateway(store)
+    errors.install(app)
+    app.include_router(_job_routes())
+    return app
+
+
+def serve(host: str, port: int, ssl_keyfile: Optional[str] = None, ssl_certfile: Optional[str] = None,
+          root_path: str = "") -> None:
+    """Run the gateway under uvicorn until stopped (TLS when given a key and certificate)."""
+    import uvicorn
+
+    uvicorn.run(create_app(root_path=root_path), host=host, port=port, ssl_keyfile=ssl_keyfile,
+                ssl_certfile=ssl_certfile, proxy_headers=True, log_level="info")

@@ -1,0 +1,169 @@
+"""Fine-tuning jobs between OpenAI's shapes and lorafleet's: a create request becomes the raw spec the Celery API
+takes (`spec_from_request`, validated by the same `accept_submission`), and a job record becomes OpenAI's job,
+event and checkpoint objects (`job_view`, `event_view`, `checkpoint_views`)."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import PurePosixPath
+from typing import Any, Callable, Optional
+
+from lorafleet.gateway.errors import ApiError
+from lorafleet.gateway.models import (
+    Checkpoint, CreateJobRequest, FineTuningJob, Hyperparameters, HyperparametersRequest, JobError, JobEvent, Method,
+    Supervised,
+)
+from lorafleet.scheduler.auto import AUTO, base_learning_rate
+from lorafleet.scheduler.records import JobRecord, JobState
+
+# Internal states as OpenAI names them: a scheduled job is still waiting for its executor to start it.
+STATUS = {
+    JobState.QUEUED: "queued", JobState.SCHEDULED: "queued", JobState.RUNNING: "running",
+    JobState.SUCCEEDED: "succeeded", JobState.FAILED: "failed", JobState.CANCELLED: "cancelled",
+}
+_LORAFLEET_TO_SPEC = {  # LorafleetOptions field -> (spec section or None for top level, spec field)
+    "adapter_type": ("adapter", "type"), "r": ("adapter", "r"), "lora_alpha": ("adapter", "lora_alpha"),
+    "lora_dropout": ("adapter", "lora_dropout"), "target_modules": ("adapter", "target_modules"),
+    "quantization": (None, "quantization"), "dtype": (None, "dtype"), "priority": (None, "priority"),
+    "max_seq_len": ("hyperparameters", "max_seq_len"), "max_steps": ("hyperparameters", "max_steps"),
+    "checkpoint_every": ("hyperparameters", "checkpoint_every"),
+}
+_CHECKPOINT_STEP_RE = re.compile(r"checkpoint-(\d+)-")
+
+
+def _hyperparameters_of(request: CreateJobRequest) -> HyperparametersRequest:
+    if request.method is not None and request.hyperparameters is not None:
+        raise ApiError(400, "hyperparameters: give them in method.supervised.hyperparameters only (the top-level "
+                       "field is OpenAI's deprecated form)", param="hyperparameters")
+    if request.method is not None:
+        return request.method.supervised.hyperparameters
+    return request.hyperparameters or HyperparametersRequest()
+
+
+def spec_from_request(request: CreateJobRequest) -> dict[str, Any]:
+    """The raw job spec (as a Celery tenant would write it) for an OpenAI create request; "auto" values are kept
+    for submission to choose (`scheduler.auto`)."""
+    raw: dict[str, Any] = {"base_model": request.model, "dataset": request.training_file, "adapter": {},
+                           "hyperparameters": {}}
+    for field, value in (("validation_dataset", request.validation_file), ("name", request.suffix),
+                         ("metadata", request.metadata)):
+        if value is not None:
+            raw[field] = value
+    for option, value in (request.lorafleet.model_dump(exclude_none=True) if request.lorafleet else {}).items():
+        section, field = _LORAFLEET_TO_SPEC[option]
+        (raw[section] if section else raw)[field] = value
+    hp = _hyperparameters_of(request)
+    raw["hyperparameters"].update(epochs=hp.n_epochs, batch_size=hp.batch_size)
+    if hp.learning_rate_multiplier == AUTO:
+        raw["hyperparameters"]["learning_rate"] = AUTO
+    else:
+        adapter_type = raw["adapter"].get("type", "lora")
+        raw["hyperparameters"]["learning_rate"] = hp.learning_rate_multiplier * _learning_rate_base(adapter_type)
+    if request.seed is not None:
+        raw["hyperparameters"]["seed"] = request.seed
+    return raw
+
+
+def _learning_rate_base(adapter_type: str) -> float:
+    try:
+        return base_learning_rate(adapter_type)
+    except ValueError as exc:
+        raise ApiError(400, str(exc), param="lorafleet.adapter_type") from None
+
+
+def fine_tuned_model(record: JobRecord) -> str:
+    """`ft:<base name>:<tenant>:<adapter name>:<job id>`, OpenAI's pattern with the tenant as the organisation."""
+    base_name = PurePosixPath(record.spec.base_model.rstrip("/")).name or record.spec.base_model
+    return f"ft:{base_name}:{record.tenant}:{record.spec.name}:{record.job_id}"
+
+
+def _estimated_finish(record: JobRecord) -> Optional[int]:
+    """When a running job ends at the pace of its steps so far."""
+    if record.state != JobState.RUNNING or not record.started_at or not record.updated_at or record.step < 1:
+        return None
+    elapsed = max(0.0, record.updated_at - record.started_at)
+    return int(record.started_at + elapsed * max(record.total_steps, record.step) / record.step)
+
+
+def chosen_hyperparameters(record: JobRecord) -> Hyperparameters:
+    hp = record.spec.hyperparameters
+    return Hyperparameters(n_epochs=hp.epochs, batch_size=hp.batch_size,
+                           learning_rate_multiplier=round(hp.learning_rate / base_learning_rate(
+                               record.spec.adapter.type), 9))
+
+
+def job_view(record: JobRecord, result_files: list[str]) -> FineTuningJob:
+    spec = record.spec
+    hyperparameters = chosen_hyperparameters(record)
+    error = None
+    if record.state == JobState.FAILED:
+        error = JobError(code="job_failed", message=record.error or "the job failed", param=None)
+    return FineTuningJob(
+        id=record.job_id, created_at=int(record.submitted_at or 0),
+        finished_at=int(record.finished_at) if record.finished_at else None, model=spec.base_model,
+        fine_tuned_model=fine_tuned_model(record) if record.state == JobState.SUCCEEDED else None,
+        organization_id=record.tenant, status=STATUS[record.state], training_file=spec.dataset,
+        validation_file=spec.validation_dataset, hyperparameters=hyperparameters,
+        method=Method(supervised=Supervised(hyperparameters=hyperparameters)), result_files=result_files,
+        estimated_finish=_estimated_finish(record), error=error, seed=spec.hyperparameters.seed,
+        metadata=dict(spec.metadata) or None, suffix=spec.name,
+        lorafleet={"state": record.state.value, "step": record.step, "total_steps": record.total_steps,
+                   "metrics": dict(record.metrics), "priority": spec.priority,
+                   "adapter": spec.adapter.model_dump(), "quantization": spec.quantization,
+                   "max_seq_len": spec.hyperparameters.max_seq_len, "max_steps": spec.hyperparameters.max_steps},
+    )
+
+
+def _event_message(event: dict[str, Any]) -> str:
+    kind = event["type"]
+    if kind == "state":
+        to = event.get("to")
+        status = STATUS.get(JobState(to), to) if to in JobState._value2member_map_ else to
+        return f"Job {status}" + (f": {event['error']}" if event.get("error") else "")
+    if kind == "progress":
+        loss = event.get("loss")
+        return f"Step {event.get('step')}/{event.get('total_steps')}" + (
+            f": training loss={loss:.4f}" if isinstance(loss, (int, float)) and math.isfinite(loss) else "")
+    if kind == "checkpoint":
+        return f"Checkpoint saved at step {event.get('step')}"
+    if kind == "requeued":
+        return f"Job back in the queue: {event.get('reason')}"
+    if kind == "error":
+        return str(event.get("message"))
+    return kind
+
+
+def event_view(event: dict[str, Any]) -> JobEvent:
+    """One stored event as OpenAI's event object; server paths and executor ids are left out of its data."""
+    private = {"id", "type", "ts", "executor_id"}
+    data = {key: value for key, value in event.items() if key not in private and not key.endswith("_uri")}
+    level = "error" if event["type"] == "error" or (event["type"] == "state" and event.get("to") == "failed") else (
+        "warn" if event["type"] == "requeued" else "info")
+    return JobEvent(id=event["id"], created_at=int(event["ts"]), level=level, message=_event_message(event),
+                    type="metrics" if event["type"] == "progress" else "message", data={"kind": event["type"], **data})
+
+
+def checkpoint_step(uri: str) -> int:
+    """The step in a checkpoint's name (`artifacts`: `checkpoint-<step>-<nonce>`)."""
+    found = _CHECKPOINT_STEP_RE.search(PurePosixPath(uri).name)
+    return int(found.group(1)) if found else 0
+
+
+def checkpoint_views(record: JobRecord, events: list[dict[str, Any]],
+                     file_of: Callable[[str], Optional[str]]) -> list[Checkpoint]:
+    """The job's kept checkpoints, newest first (as OpenAI lists them), each with the metrics of the last progress
+    event at or before its step and `file_of(uri)`: a downloadable file id."""
+    saved_at = {event.get("checkpoint_uri"): event["ts"] for event in events if event["type"] == "checkpoint"}
+    progress = [event for event in events if event["type"] == "progress"]
+    views = []
+    for uri in reversed(record.checkpoints):
+        step = checkpoint_step(uri)
+        before = [event for event in progress if event.get("step", 0) <= step]
+        metrics = {key: float(value) for key, value in (before[-1] if before else {}).items()
+                   if key not in ("id", "type", "ts") and isinstance(value, (int, float))}
+        views.append(Checkpoint(
+            id=f"ftckpt-{record.job_id.removeprefix('job-')}-{step}", created_at=int(saved_at.get(uri, 0)),
+            fine_tuned_model_checkpoint=f"{fine_tuned_model(record)}:ckpt-step-{step}",
+            fine_tuning_job_id=record.job_id, step_number=step, metrics=metrics, file_id=file_of(uri)))
+    return views

@@ -1,0 +1,163 @@
+"""The request and response bodies of the gateway, in OpenAI's fine-tuning API shapes (what `/openapi.json` shows).
+
+Requests are parsed here only as far as their shape goes (types, unknown fields); every bound is the internal
+`JobSpec`'s (`lorafleet.scheduler.spec`), checked once, on the path the Celery API takes too.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Auto = Literal["auto"]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class HyperparametersRequest(_Request):
+    """Each a value or "auto" (the default): the service chooses from the dataset (`scheduler.auto`)."""
+
+    n_epochs: Union[Auto, int] = "auto"
+    batch_size: Union[Auto, int] = "auto"
+    learning_rate_multiplier: Union[Auto, float] = Field(
+        "auto", description="times the adapter type's base learning rate (LoRA 2e-4, NOLA 1e-3)")
+
+
+class SupervisedRequest(_Request):
+    hyperparameters: HyperparametersRequest = HyperparametersRequest()
+
+
+class MethodRequest(_Request):
+    type: Literal["supervised"] = "supervised"
+    supervised: SupervisedRequest = SupervisedRequest()
+
+
+class LorafleetOptions(_Request):
+    """lorafleet's own settings, beyond OpenAI's fields (each optional; the spec's defaults otherwise)."""
+
+    adapter_type: Optional[str] = Field(None, description="'lora' (default) or 'nola'")
+    r: Optional[int] = None
+    lora_alpha: Optional[float] = None
+    lora_dropout: Optional[float] = None
+    target_modules: Optional[list[str]] = None
+    quantization: Optional[str] = Field(None, description="'none' (default), 'nf4' or 'int8' for the frozen base")
+    dtype: Optional[str] = Field(None, description="'auto' (default), 'bfloat16' or 'float32'")
+    priority: Optional[int] = Field(None, description="0 lowest, 9 highest (default 5)")
+    max_seq_len: Optional[int] = None
+    max_steps: Optional[int] = Field(None, description="stop after this many optimizer steps")
+    checkpoint_every: Optional[int] = Field(None, description="optimizer steps between checkpoints")
+
+
+class CreateJobRequest(_Request):
+    model: str = Field(..., description="the base model: a local directory or an id in the operator's model cache")
+    training_file: str = Field(..., description="a file id from POST /v1/files (purpose fine-tune)")
+    validation_file: Optional[str] = None
+    suffix: Optional[str] = Field(None, description="the adapter's name, part of fine_tuned_model")
+    seed: Optional[int] = None
+    metadata: Optional[dict[str, str]] = None
+    method: Optional[MethodRequest] = None
+    hyperparameters: Optional[HyperparametersRequest] = Field(None, description="deprecated: use method")
+    lorafleet: Optional[LorafleetOptions] = None
+
+
+class Hyperparameters(BaseModel):
+    """The values a job trains with (an "auto" asked for is shown as the value chosen)."""
+
+    n_epochs: int
+    batch_size: int
+    learning_rate_multiplier: float
+
+
+class Supervised(BaseModel):
+    hyperparameters: Hyperparameters
+
+
+class Method(BaseModel):
+    type: Literal["supervised"] = "supervised"
+    supervised: Supervised
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+    param: Optional[str] = None
+
+
+class FineTuningJob(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    created_at: int
+    finished_at: Optional[int] = None
+    model: str
+    fine_tuned_model: Optional[str] = None
+    organization_id: str
+    status: Literal["validating_files", "queued", "running", "paused", "succeeded", "failed", "cancelled"]
+    training_file: str
+    validation_file: Optional[str] = None
+    hyperparameters: Hyperparameters
+    method: Method
+    result_files: list[str] = []
+    trained_tokens: Optional[int] = None
+    estimated_finish: Optional[int] = None
+    error: Optional[JobError] = None
+    seed: int
+    metadata: Optional[dict[str, str]] = None
+    suffix: Optional[str] = None
+    integrations: list[Any] = []
+    lorafleet: dict[str, Any] = Field(default_factory=dict, description="lorafleet's own view: step, total_steps, "
+                                      "metrics, priority, adapter settings")
+
+
+class JobEvent(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
+    created_at: int
+    level: Literal["info", "warn", "error"]
+    message: str
+    type: Literal["message", "metrics"]
+    data: dict[str, Any] = {}
+
+
+class Checkpoint(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
+    created_at: int
+    fine_tuned_model_checkpoint: str
+    fine_tuning_job_id: str
+    step_number: int
+    metrics: dict[str, float] = {}
+    file_id: Optional[str] = Field(None, description="lorafleet: the checkpoint's PEFT adapter, packed as one file")
+
+
+class JobList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[FineTuningJob]
+    has_more: bool
+
+
+class EventList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[JobEvent]
+    has_more: bool
+
+
+class CheckpointList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Checkpoint]
+    has_more: bool
+    first_id: Optional[str] = None
+    last_id: Optional[str] = None
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: Optional[str] = None
+    code: Optional[str] = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody

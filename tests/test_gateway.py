@@ -1,0 +1,167 @@
+"""The HTTP gateway, as a tenant meets it: a real `lorafleet gateway` process (uvicorn) on a real Valkey, called with
+the real `openai` client (`base_url` = the gateway, `api_key` = the tenant's token). Errors are checked as the client
+raises them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import openai
+import pytest
+
+from helpers_polling import wait_until
+from lorafleet.scheduler.redis_server import free_port
+
+AUTO_METHOD = {"type": "supervised", "supervised": {"hyperparameters": {
+    "n_epochs": "auto", "batch_size": "auto", "learning_rate_multiplier": "auto"}}}
+SMALL = {"max_seq_len": 256, "r": 4, "target_modules": ["q_proj", "v_proj"]}
+
+
+@pytest.fixture(scope="module")
+def gateway(redis_server, worker_env, tmp_path_factory):
+    """The base URL of a `lorafleet gateway` subprocess using the gateway role's own Redis user."""
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("gateway") / "gateway.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-P", "-m", "lorafleet.scheduler.cli", "gateway", "--port", str(port)],
+            env={**worker_env, "REDIS_URL": redis_server.role_url("gateway")}, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        if process.poll() is not None:
+            raise AssertionError(f"the gateway exited:\n{log_path.read_text()}")
+        try:
+            return urllib.request.urlopen(url + "/openapi.json", timeout=1).status == 200
+        except OSError:
+            return False
+
+    try:
+        wait_until(up, "the gateway to answer", timeout=60)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(20)
+        assert "Traceback" not in log_path.read_text(), log_path.read_text()[-4000:]
+
+
+def client(gateway: str, token: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gateway + "/v1", api_key=token, max_retries=0, timeout=60)
+
+
+def create(api: openai.OpenAI, training_file: str, **fields):
+    fields.setdefault("extra_body", {"lorafleet": SMALL})
+    return api.fine_tuning.jobs.create(model="test-org/tiny-model", training_file=training_file, **fields)
+
+
+def test_a_job_created_with_the_openai_client_shows_the_values_chosen_for_auto(gateway, make_tenant):
+    tenant = make_tenant()
+    api = client(gateway, tenant.token)
+    job = create(api, tenant.dataset, method=AUTO_METHOD, suffix="support-bot", seed=7,
+                 metadata={"team": "search"})
+    assert job.object == "fine_tuning.job" and job.id.startswith("job-")
+    assert job.status == "queued" and job.organization_id == tenant.name and job.model == "test-org/tiny-model"
+    hp = job.method.supervised.hyperparameters
+    assert (hp.n_epochs, hp.batch_size, hp.learning_rate_multiplier) == (25, 1, 1.0), \
+        "auto: two records get the most epochs (25), one record per step, the base learning rate"
+    assert job.hyperparameters.n_epochs == 25 and job.seed == 7 and job.metadata == {"team": "search"}
+    assert job.suffix == "support-bot" and job.fine_tuned_model is None and job.error is None
+    assert api.fine_tuning.jobs.retrieve(job.id).model_dump() == job.model_dump()
+
+
+def test_a_learning_rate_multiplier_scales_the_adapter_types_base(gateway, make_tenant):
+    tenant = make_tenant()
+    job = create(client(gateway, tenant.token), tenant.dataset,
+                 hyperparameters={"n_epochs": 2, "batch_size": 2, "learning_rate_multiplier": 0.5},
+                 extra_body={"lorafleet": {**SMALL, "adapter_type": "nola"}})
+    assert (job.hyperparameters.n_epochs, job.hyperparameters.batch_size) == (2, 2)
+    assert job.hyperparameters.learning_rate_multiplier == 0.5
+    assert job.lorafleet["adapter"]["type"] == "nola"  # type: ignore[attr-defined]
+
+
+def test_jobs_are_listed_newest_first_a_page_at_a_time(gateway, make_tenant):
+    tenant = make_tenant()
+    api = client(gateway, tenant.token)
+    created = [create(api, tenant.dataset).id for _ in range(3)]
+    first = api.fine_tuning.jobs.list(limit=2)
+    assert [job.id for job in first.data] == created[::-1][:2] and first.has_more
+    second = api.fine_tuning.jobs.list(limit=2, after=first.data[-1].id)
+    assert [job.id for job in second.data] == created[:1] and not second.has_more
+    assert [job.id for job in api.fine_tuning.jobs.list(limit=2)] == created[::-1], "the client pages on its own"
+
+
+def test_a_cancelled_job_says_so_and_its_events_follow_it(gateway, make_tenant):
+    tenant = make_tenant()
+    api = client(gateway, tenant.token)
+    job = create(api, tenant.dataset)
+    assert api.fine_tuning.jobs.cancel(job.id).status == "cancelled"
+    assert api.fine_tuning.jobs.cancel(job.id).status == "cancelled", "cancelling twice changes nothing"
+    events = api.fine_tuning.jobs.list_events(job.id, limit=1)
+    assert events.has_more and events.data[0].message == "Job queued"
+    rest = api.fine_tuning.jobs.list_events(job.id, after=events.data[0].id)
+    assert [event.message for event in rest.data] == ["Job cancelled"] and not rest.has_more
+    assert all(event.object == "fine_tuning.job.event" for event in events.data + rest.data)
+
+
+def test_a_bad_token_is_refused_as_openai_refuses_one(gateway):
+    with pytest.raises(openai.AuthenticationError) as refused:
+        client(gateway, "lft_not-a-token").fine_tuning.jobs.list()
+    assert refused.value.status_code == 401 and refused.value.code == "invalid_api_key"
+
+
+def test_a_job_of_another_tenant_is_not_found_like_an_unknown_one(gateway, make_tenant):
+    owner, other = make_tenant(), make_tenant()
+    job = create(client(gateway, owner.token), owner.dataset)
+    unknown = "job-" + "0" * 16
+    answers = {}
+    for job_id in (job.id, unknown):
+        for call in ("retrieve", "cancel", "list_events"):
+            with pytest.raises(openai.NotFoundError) as refused:
+                getattr(client(gateway, other.token).fine_tuning.jobs, call)(job_id)
+            answers.setdefault(call, []).append(refused.value.body | {"message": refused.value.message.replace(
+                job_id, "<id>")})
+    assert all(foreign == missing for foreign, missing in answers.values()), answers
+    assert client(gateway, owner.token).fine_tuning.jobs.retrieve(job.id).status == "queued", "untouched"
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"extra_body": {"lorafleet": {**SMALL, "r": 0}}}, "lorafleet.r"),
+    ({"hyperparameters": {"n_epochs": 0}}, "hyperparameters.n_epochs"),
+    ({"hyperparameters": {"n_epochs": "many"}}, "hyperparameters.n_epochs"),
+    ({"suffix": "no spaces allowed"}, "suffix"),
+    ({"metadata": {f"k{i}": "v" for i in range(17)}}, "metadata"),
+    ({"metadata": {"k": "v" * 513}}, "metadata"),
+    ({"extra_body": {"lorafleet": {**SMALL, "target_modules": ["q_proj", "no_such_proj"]}}}, "lorafleet"),
+    ({"extra_body": {"lorafleet": {**SMALL, "unknown_option": 1}}}, "lorafleet.unknown_option"),
+    ({"model": "no-org/no-model"}, "model"),
+    ({"training_file": "elsewhere/train.jsonl"}, "training_file"),
+])
+def test_a_bad_request_is_refused_naming_its_field(gateway, make_tenant, fields, param):
+    tenant = make_tenant()
+    fields = {"training_file": tenant.dataset, **fields}
+    model = fields.pop("model", "test-org/tiny-model")
+    with pytest.raises(openai.BadRequestError) as refused:
+        client(gateway, tenant.token).fine_tuning.jobs.create(model=model, **fields)
+    assert refused.value.param is not None and refused.value.param.startswith(param), refused.value.body
+    assert refused.value.status_code == 400
+
+
+def test_a_tenant_over_its_queue_quota_gets_429(gateway, make_tenant):
+    tenant = make_tenant(max_queued=1)
+    api = client(gateway, tenant.token)
+    create(api, tenant.dataset)
+    with pytest.raises(openai.RateLimitError) as refused:
+        create(api, tenant.dataset)
+    assert "max_queued is 1" in refused.value.message
+    assert refused.value.response.headers["x-should-retry"] == "false", "the client does not retry a full quota"
+
+
+def test_the_openapi_schema_is_served_with_the_job_object(gateway):
+    schema = json.loads(urllib.request.urlopen(gateway + "/openapi.json", timeout=5).read())
+    assert {"/v1/fine_tuning/jobs", "/v1/fine_tuning/jobs/{job_id}/checkpoints"} <= set(schema["paths"])
+    assert "FineTuningJob" in schema["components"]["schemas"]
