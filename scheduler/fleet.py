@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
+from typing import Mapping, Optional
 
 import redis
 
@@ -27,18 +28,35 @@ def heartbeat(client: redis.Redis, beat: ExecutorHeartbeat, ttl: float = HEARTBE
     pipe.execute()
 
 
-def executors(client: redis.Redis) -> tuple[list[ExecutorHeartbeat], list[str]]:
-    """(alive executors' last heartbeats, ids of registered executors whose heartbeat expired)."""
+def executors(client: redis.Redis, known: Optional[Mapping[str, ExecutorHeartbeat]] = None
+              ) -> tuple[list[ExecutorHeartbeat], list[str]]:
+    """(alive executors' last heartbeats, ids of registered executors whose heartbeat expired). With `known` (the
+    heartbeats as last read), only the time of each is read, and the whole heartbeat only where it is newer."""
     ids = sorted(client.smembers(keys.EXECUTORS))
     pipe = client.pipeline(transaction=False)
-    for executor_id in ids:
-        pipe.hgetall(keys.executor(executor_id))
-    alive, dead = [], []
-    for executor_id, raw in zip(ids, pipe.execute()):
-        if raw:
-            alive.append(ExecutorHeartbeat.from_hash(executor_id, raw))
+    if known is not None:
+        for executor_id in ids:
+            pipe.hget(keys.executor(executor_id), "heartbeat_at")
+    times = pipe.execute() if known is not None else [""] * len(ids)
+    unchanged: dict[str, ExecutorHeartbeat] = {}
+    expired = set()
+    for executor_id, at in zip(ids, times):
+        last = (known or {}).get(executor_id)
+        if at is None:
+            expired.add(executor_id)
+        elif last is not None and at == repr(last.heartbeat_at):
+            unchanged[executor_id] = last
         else:
+            pipe.hgetall(keys.executor(executor_id))
+    fresh = iter(pipe.execute())
+    alive, dead = [], []
+    for executor_id in ids:
+        raw = None if executor_id in expired or executor_id in unchanged else next(fresh)
+        beat = unchanged.get(executor_id) or (ExecutorHeartbeat.from_hash(executor_id, raw) if raw else None)
+        if beat is None:
             dead.append(executor_id)
+        else:
+            alive.append(beat)
     return alive, dead
 
 

@@ -21,6 +21,9 @@ State lives only in Redis (persisted with AOF), so a scheduler or worker restart
 | `lorafleet:executor:<id>:holding` | hash | job id -> attempt of every job scheduled on or running at that executor: what it reads to find its work | transitions (Lua) |
 | `lorafleet:queue` | sorted set | queued job ids, lowest score first; score = digits `(9 - priority)` then the 14-digit submit sequence number, so priority 9 first, then oldest first; a requeued job keeps its score | submit / transitions (Lua) |
 | `lorafleet:submit_seq` | string (int) | submit sequence counter (the queue's tie-break) | `JobStore.submit` (Lua) |
+| `lorafleet:queue_version` | string (int) | +1 per job entering or leaving the queue | submit / transitions (Lua) |
+| `lorafleet:queue_changes` | sorted set | job id -> the `queue_version` of its last entry into or exit from the queue: what a round reads instead of the whole queue (`JobStore.queue_changes`) | submit / transitions (Lua); trimmed by the leader as it reads |
+| `lorafleet:queue_changes_trimmed` | string (int) | the version `queue_changes` is trimmed through: a reader behind it reads the whole queue | the leader (`JobStore.queue_changes`) |
 | `lorafleet:scheduler:leader` | string, TTL | id of the scheduler holding the leader lock | `leader.LeaderLock` |
 | `lorafleet:scheduler:fence` | string (int) | fencing counter, +1 per leader acquisition; `JobStore.transition(fence=...)` checks it | `leader.LeaderLock` |
 | `lorafleet:executors` | set | ids of registered executors (alive or not yet reaped) | executors (`fleet.heartbeat`); the scheduler removes dead ones (`fleet.forget`) |
@@ -87,6 +90,9 @@ TENANTS_VERSION = PREFIX + "tenants_version"
 COUNTS = PREFIX + "counts"
 QUEUE = PREFIX + "queue"
 SUBMIT_SEQ = PREFIX + "submit_seq"
+QUEUE_VERSION = PREFIX + "queue_version"
+QUEUE_CHANGES = PREFIX + "queue_changes"
+QUEUE_CHANGES_TRIMMED = PREFIX + "queue_changes_trimmed"
 ASSIGN_SEQ = PREFIX + "assign_seq"
 FINISHED = PREFIX + "finished"
 SCHEDULER_LEADER = PREFIX + "scheduler:leader"

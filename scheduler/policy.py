@@ -11,9 +11,10 @@ from __future__ import annotations
 import bisect
 import heapq
 import math
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from functools import cached_property
-from typing import Mapping, Optional, Sequence
+from typing import Iterable, Iterator, Mapping, Optional, Sequence
 
 from lorafleet.scheduler.memory import JobSize, _CohortMemory, cohort_bytes, effective_dtype
 
@@ -151,6 +152,87 @@ class Assignment:
     compat_key: str
 
 
+# --------------------------------------------------------------------------------------------------- the backlog
+
+
+def plan_order(job: QueuedJob, aging_seconds: float) -> tuple:
+    """A job's place in its tenant's turn: priority raised one level per `aging_seconds` waited, then oldest first.
+    priority + (now - submitted) / aging orders the same for every `now`, so this is its `now`-free part."""
+    return (job.submitted_at / aging_seconds - job.priority, job.submitted_at, job.job_id)
+
+
+class _TenantBacklog:
+    """One tenant's queued jobs, in the two orders `plan` walks them, and what it sums over them."""
+
+    __slots__ = ("in_turn", "by_age", "keys", "classes", "least")
+
+    def __init__(self):
+        self.in_turn: list[tuple] = []  # (*plan_order, job): the order the tenant's turns take its jobs
+        self.by_age: list[tuple] = []  # (submitted_at, job_id, job): oldest first, for reservations
+        self.keys: Counter[str] = Counter()  # compat key -> its jobs (a base's demand)
+        self.classes: Counter[int] = Counter()  # `QueuedJob.shape_class` -> its jobs
+        self.least: dict[str, Counter[tuple[int, int]]] = {}  # compat key -> `QueuedJob.least_added` -> its jobs
+
+    def add(self, job: QueuedJob, order: tuple) -> None:
+        bisect.insort(self.in_turn, (*order, job))
+        bisect.insort(self.by_age, (job.submitted_at, job.job_id, job))
+        self.keys[job.compat_key] += 1
+        self.classes[job.shape_class] += 1
+        if job.compat_key not in self.least:
+            self.least[job.compat_key] = Counter()
+        self.least[job.compat_key][job.least_added] += 1
+
+    def remove(self, job: QueuedJob, order: tuple) -> None:
+        del self.in_turn[bisect.bisect_left(self.in_turn, order)]
+        del self.by_age[bisect.bisect_left(self.by_age, (job.submitted_at, job.job_id))]
+        for counter, item in ((self.keys, job.compat_key), (self.classes, job.shape_class),
+                              (self.least[job.compat_key], job.least_added)):
+            counter[item] -= 1
+            if not counter[item]:
+                del counter[item]
+
+
+class Backlog:
+    """The queued jobs in the form `plan` reads them: each tenant's jobs already in turn order and oldest first, and
+    what a round sums over them (demand per base, the least a job of each key adds, the shapes a tenant has).
+
+    The scheduler keeps one between rounds and adds or removes only the jobs that entered or left the queue, so a
+    round costs what changed, not the queue's length; `plan` also takes a plain list and builds one. The same jobs
+    give the same backlog whatever order they were added and removed in."""
+
+    def __init__(self, jobs: Iterable[QueuedJob] = (), aging_seconds: float = 900.0):
+        self.aging_seconds = aging_seconds
+        self.jobs: dict[str, QueuedJob] = {}
+        self.tenants: dict[str, _TenantBacklog] = {}
+        for job in jobs:
+            self.add(job)
+
+    def add(self, job: QueuedJob) -> None:
+        if job.job_id in self.jobs:
+            raise ValueError(f"queued jobs have duplicate job_id {job.job_id!r}")
+        self.jobs[job.job_id] = job
+        self.tenants.setdefault(job.tenant, _TenantBacklog()).add(job, plan_order(job, self.aging_seconds))
+
+    def discard(self, job_id: str) -> Optional[QueuedJob]:
+        """Remove a job; returns it, or None when it was not here."""
+        job = self.jobs.pop(job_id, None)
+        if job is not None:
+            tenant = self.tenants[job.tenant]
+            tenant.remove(job, plan_order(job, self.aging_seconds))
+            if not tenant.in_turn:
+                del self.tenants[job.tenant]
+        return job
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    def __contains__(self, job_id: str) -> bool:
+        return job_id in self.jobs
+
+    def __iter__(self) -> Iterator[QueuedJob]:
+        return iter(self.jobs.values())
+
+
 # --------------------------------------------------------------------------------------------------- plan
 
 
@@ -212,32 +294,35 @@ class _Slot:
         self.tokens += job.tokens_per_step
 
 
-def _fleet_full(queued: Sequence[QueuedJob], slots: list["_Slot"], config: PlanConfig) -> bool:
+def _fleet_full(tenants: list[_TenantBacklog], slots: list["_Slot"], config: PlanConfig) -> bool:
     """Whether no queued job can go anywhere: no executor is idle, and no cohort with a free place has room for the
     least any queued job of its key adds there (`QueuedJob.least_added`, calibrated). The common case under load,
-    answered in one pass over the queue, before any sorting."""
+    answered from the backlog's per-tenant sums (one entry per distinct job shape), before any sorting."""
     open_cohorts = [s for s in slots if s.key is None or s.jobs < config.max_cohort_jobs]
     if any(s.key is None for s in open_cohorts):
         return False
     least: dict[str, list[float]] = {s.key: [math.inf, math.inf] for s in open_cohorts}
-    for job in queued:
-        if job.compat_key in least:
-            in_passes, whole = job.least_added
-            best = least[job.compat_key]
-            best[0], best[1] = min(best[0], in_passes), min(best[1], whole)
+    for tenant in tenants:
+        for key, shapes in tenant.least.items():
+            if key in least:
+                best = least[key]
+                for in_passes, whole in shapes:
+                    best[0], best[1] = min(best[0], in_passes), min(best[1], whole)
     factors = config.memory_factors
     return all(s.room(s.key, 0) < least[s.key][0 if s.passes is not None else 1] * factors.get(s.key, 1.0)
                for s in open_cohorts)
 
 
 def plan(
-    queued: Sequence[QueuedJob],
+    queued: Backlog | Sequence[QueuedJob],
     executors: Sequence[ExecutorView],
     tenants: Mapping[str, TenantView] | Sequence[TenantView],
     now: float,
     config: PlanConfig = PlanConfig(),
+    skip_tenants: frozenset[str] | set[str] = frozenset(),
 ) -> list[Assignment]:
-    """Decide which queued jobs start where in this round.
+    """Decide which queued jobs start where in this round. `queued`: a `Backlog` (kept between rounds) or a list;
+    `skip_tenants`: tenants whose queued jobs wait this round (disabled).
 
     Tenants take turns by weighted fair share: the next job comes from the tenant with the least (GPU seconds used +
     seconds its running and just-assigned jobs still need) / weight, skipping tenants at their `max_running` quota.
@@ -255,31 +340,57 @@ def plan(
     for name, view in tenant_views.items():
         if view.weight <= 0:
             raise ValueError(f"tenant {name!r}: weight must be positive, got {view.weight}")
-    if len({j.job_id for j in queued}) != len(queued):
-        raise ValueError("queued jobs have duplicate job_id")
     if len({e.executor_id for e in executors}) != len(executors):
         raise ValueError("executors have duplicate executor_id")
+    backlog = queued if isinstance(queued, Backlog) and queued.aging_seconds == config.aging_seconds \
+        else Backlog(queued, config.aging_seconds)
+    waiting = {name: tenant for name, tenant in backlog.tenants.items() if name not in skip_tenants}
 
-    factors = config.memory_factors
-    slots = [_Slot(e, config.memory_fraction, factors) for e in sorted(executors, key=lambda e: e.executor_id)
-             if e.alive]
+    slots = [_Slot(e, config.memory_fraction, config.memory_factors)
+             for e in sorted(executors, key=lambda e: e.executor_id) if e.alive]
     if config.packing == "fast-fit":
         slots.sort(key=lambda s: (s.view.total_bytes, s.view.executor_id))
-    if not queued or not slots or _fleet_full(queued, slots, config):
+    if not waiting or not slots or _fleet_full(list(waiting.values()), slots, config):
         return []
-    order = {id(s): i for i, s in enumerate(slots)}
-    idle_by_loaded: dict[Optional[str], list[_Slot]] = {}
-    cohorts: dict[str, list[_Slot]] = {}
-    for slot in slots:
-        if slot.key is None:
-            idle_by_loaded.setdefault(slot.view.loaded_compat_key, []).append(slot)
-        else:
-            cohorts.setdefault(slot.key, []).append(slot)
+    demand: Counter[str] = Counter()
+    for tenant in waiting.values():
+        demand.update(tenant.keys)
+    return _Round(slots, tenant_views, demand, config).run(waiting, now)
 
-    def first_or_best(candidates, job, factor, best_fit):
+
+class _Round:
+    """One round's placements: the slots as they fill, each tenant's share as it grows, the assignments so far."""
+
+    def __init__(self, slots: list[_Slot], tenant_views: dict[str, TenantView], demand: Mapping[str, int],
+                 config: PlanConfig):
+        self.slots, self.tenant_views, self.demand, self.config = slots, tenant_views, demand, config
+        self.factors = config.memory_factors
+        self.order = {id(s): i for i, s in enumerate(slots)}
+        self.idle_by_loaded: dict[Optional[str], list[_Slot]] = {}
+        self.cohorts: dict[str, list[_Slot]] = {}
+        for slot in slots:
+            if slot.key is None:
+                self.idle_by_loaded.setdefault(slot.view.loaded_compat_key, []).append(slot)
+            else:
+                self.cohorts.setdefault(slot.key, []).append(slot)
+        self.assignments: list[Assignment] = []
+        self.running_now = {name: view.running for name, view in tenant_views.items()}
+        self.charged: dict[str, float] = {}  # tenant -> seconds of work its running and newly placed jobs still need
+        for slot in slots:
+            for job in slot.view.running:
+                self.charged[job.tenant] = self.charged.get(job.tenant, 0.0) + job.remaining_gpu_seconds
+
+    def run(self, waiting: dict[str, _TenantBacklog], now: float) -> list[Assignment]:
+        placed_early = self._reserve_overdue(waiting, now)
+        self._fair_share_turns(waiting, placed_early)
+        return self.assignments
+
+    # ---- where a job goes ----
+
+    def _first_or_best(self, candidates, job: QueuedJob, factor: float, best_fit: bool) -> Optional[_Slot]:
         best, best_left = None, None
         for slot in candidates:
-            if slot.reserved or slot.jobs >= config.max_cohort_jobs or not slot.runs(job):
+            if slot.reserved or slot.jobs >= self.config.max_cohort_jobs or not slot.runs(job):
                 continue
             sized = job.on(slot.view.auto_dtype)
             left = slot.room(job.compat_key, sized.base_bytes * factor) - slot.need(sized, factor)
@@ -291,122 +402,120 @@ def plan(
                 best, best_left = slot, left
         return best
 
-    demand: dict[str, int] = {}
-    for job in queued:
-        demand[job.compat_key] = demand.get(job.compat_key, 0) + 1
-
-    def place(job: QueuedJob) -> Optional[_Slot]:
-        key = job.compat_key
-        factor = factors.get(key, 1.0)
+    def place(self, job: QueuedJob) -> Optional[_Slot]:
+        key, config = job.compat_key, self.config
+        factor = self.factors.get(key, 1.0)
         if config.packing == "trivial":
-            candidates = (s for s in slots if s.key is None or s.key == key)
-            return first_or_best(candidates, job, factor, best_fit=False)
+            candidates = (s for s in self.slots if s.key is None or s.key == key)
+            return self._first_or_best(candidates, job, factor, best_fit=False)
         best_fit = config.packing == "optimal-fit"
-        mine = cohorts.get(key, ())
+        mine = self.cohorts.get(key, ())
         target = config.target_cohort_tokens
-        other_bases = sorted((loaded for loaded in idle_by_loaded if loaded not in (None, key)),
-                             key=lambda loaded: (demand.get(loaded, 0) > 0, loaded))
+        idle = self.idle_by_loaded
+        other_bases = sorted((loaded for loaded in idle if loaded not in (None, key)),
+                             key=lambda loaded: (self.demand.get(loaded, 0) > 0, loaded))
         classes = (
-            idle_by_loaded.get(key, ()),
+            idle.get(key, ()),
             (s for s in mine if s.tokens < target),
-            idle_by_loaded.get(None, ()),
-            [s for loaded in other_bases for s in idle_by_loaded[loaded]],
+            idle.get(None, ()),
+            [s for loaded in other_bases for s in idle[loaded]],
             (s for s in mine if s.tokens >= target),
         )
         for candidates in classes:
-            slot = first_or_best(candidates, job, factor, best_fit)
+            slot = self._first_or_best(candidates, job, factor, best_fit)
             if slot is not None:
                 return slot
         return None
 
-    assignments: list[Assignment] = []
-    running_now = {name: view.running for name, view in tenant_views.items()}
-    charged: dict[str, float] = {}  # tenant -> seconds of work its running and newly placed jobs still need
-    for slot in slots:
-        for job in slot.view.running:
-            charged[job.tenant] = charged.get(job.tenant, 0.0) + job.remaining_gpu_seconds
-
-    def at_quota(name: str) -> bool:
-        view = tenant_views.get(name)
-        return view is not None and view.max_running is not None and running_now.get(name, 0) >= view.max_running
-
-    def commit(job: QueuedJob, slot: _Slot) -> None:
+    def commit(self, job: QueuedJob, slot: _Slot) -> None:
         key = job.compat_key
-        factor = factors.get(key, 1.0)
         if slot.key is None:
-            idle_by_loaded[slot.view.loaded_compat_key].remove(slot)
-            bisect.insort(cohorts.setdefault(key, []), slot, key=lambda s: order[id(s)])
+            self.idle_by_loaded[slot.view.loaded_compat_key].remove(slot)
+            bisect.insort(self.cohorts.setdefault(key, []), slot, key=lambda s: self.order[id(s)])
         sized = job.on(slot.view.auto_dtype)
+        factor = self.factors.get(key, 1.0)
         slot.take(sized, factor, sized.base_bytes * factor)
-        assignments.append(Assignment(job.job_id, slot.view.executor_id, key))
-        running_now[job.tenant] = running_now.get(job.tenant, 0) + 1
-        charged[job.tenant] = charged.get(job.tenant, 0.0) + job.est_gpu_seconds
+        self.assignments.append(Assignment(job.job_id, slot.view.executor_id, key))
+        self.running_now[job.tenant] = self.running_now.get(job.tenant, 0) + 1
+        self.charged[job.tenant] = self.charged.get(job.tenant, 0.0) + job.est_gpu_seconds
 
-    def share_used(name: str) -> float:
-        view = tenant_views.get(name) or TenantView(name=name)
-        return (view.gpu_seconds + charged.get(name, 0.0)) / view.weight
+    # ---- whose turn ----
 
-    # A few overdue jobs (waited reserve_after_seconds) go before the fair-share loop, in fair-share order and then
-    # oldest first; one that fits nowhere holds back the executor where it would fit once drained, so small jobs
-    # backfilling every gap cannot starve a big one. Under overload every job is overdue and this stays fair.
-    overdue = [j for j in queued if now - j.submitted_at >= config.reserve_after_seconds]
-    usage_now = {j.tenant: share_used(j.tenant) for j in overdue}
-    placed_early = set()
-    for job in heapq.nsmallest(config.max_reservations, overdue,
-                               key=lambda j: (usage_now[j.tenant], j.submitted_at, j.job_id)):
-        if at_quota(job.tenant):
-            continue
-        slot = place(job)
-        if slot is not None:
-            commit(job, slot)
-            placed_early.add(job.job_id)
-            continue
-        factor = factors.get(job.compat_key, 1.0)
-        could_fit = [s for s in slots if not s.reserved and s.runs(job) and s.usable - s.foreign
-                     >= (job.on(s.view.auto_dtype).base_bytes + cohort_bytes([job.on(s.view.auto_dtype)], s.passes))
-                     * factor]
-        if could_fit:
-            min(could_fit, key=lambda s: (s.key != job.compat_key, -s.view.total_bytes, s.view.executor_id)
-                ).reserved = True
+    def at_quota(self, name: str) -> bool:
+        view = self.tenant_views.get(name)
+        return view is not None and view.max_running is not None and self.running_now.get(name, 0) >= view.max_running
 
-    by_tenant: dict[str, list[QueuedJob]] = {}
-    for job in queued:
-        if job.job_id not in placed_early:
-            by_tenant.setdefault(job.tenant, []).append(job)
-    # priority + (now - submitted) / aging orders the same for every `now`, so sort by its `now`-free part
-    aging = config.aging_seconds
-    heap = []
-    for name, jobs in by_tenant.items():
-        jobs.sort(key=lambda j: (j.submitted_at / aging - j.priority, j.submitted_at, j.job_id))
-        if not at_quota(name):
-            heap.append((share_used(name), name, 0))
-    heapq.heapify(heap)
+    def share_used(self, name: str) -> float:
+        view = self.tenant_views.get(name) or TenantView(name=name)
+        return (view.gpu_seconds + self.charged.get(name, 0.0)) / view.weight
 
-    # Room only shrinks within a round, and what a job needs of a slot grows with each part of its size
-    # (`QueuedJob.need_signature`), so a job no smaller in any part than one of its key and dtype that fit nowhere fits
-    # nowhere either: skipped without trying the slots. With equal jobs a full fleet costs one try per key.
-    failures: dict[tuple[str, str], list[tuple]] = {}
-    failed_classes: set[int] = set()  # `shape_class` of every failure: the common case is one int lookup
-    while heap:
-        _, name, cursor = heapq.heappop(heap)
-        jobs = by_tenant[name]
-        while cursor < len(jobs):
-            job = jobs[cursor]
-            cursor += 1
-            if job.shape_class in failed_classes:
+    def _reserve_overdue(self, waiting: dict[str, _TenantBacklog], now: float) -> set[str]:
+        """A few overdue jobs (waited reserve_after_seconds) go before the fair-share turns, in fair-share order and
+        then oldest first; one that fits nowhere holds back the executor where it would fit once drained, so small
+        jobs backfilling every gap cannot starve a big one. Under overload every job is overdue and this stays fair.
+        Only each tenant's oldest `max_reservations` can be among the first `max_reservations` (a tenant's jobs
+        share its usage), so only those are looked at."""
+        config, reservations = self.config, self.config.max_reservations
+        overdue = []
+        for name, tenant in waiting.items():
+            for submitted_at, _, job in tenant.by_age[:reservations]:
+                if now - submitted_at < config.reserve_after_seconds:
+                    break
+                overdue.append(job)
+        usage_now = {job.tenant: self.share_used(job.tenant) for job in overdue}
+        placed = set()
+        for job in heapq.nsmallest(reservations, overdue,
+                                   key=lambda j: (usage_now[j.tenant], j.submitted_at, j.job_id)):
+            if self.at_quota(job.tenant):
                 continue
-            signature, kind = job.need_signature, (job.compat_key, job.dtype)
-            if any(all(mine >= theirs for mine, theirs in zip(signature, other)) for other in failures.get(kind, ())):
-                failed_classes.add(job.shape_class)
+            slot = self.place(job)
+            if slot is not None:
+                self.commit(job, slot)
+                placed.add(job.job_id)
                 continue
-            slot = place(job)
-            if slot is None:
-                failed_classes.add(job.shape_class)
-                if len(failures.setdefault(kind, [])) < 4:  # a few shapes per key: bounded for adversarial queues
-                    failures[kind].append(signature)
+            factor = self.factors.get(job.compat_key, 1.0)
+            could_fit = [s for s in self.slots if not s.reserved and s.runs(job) and s.usable - s.foreign
+                         >= (job.on(s.view.auto_dtype).base_bytes
+                             + cohort_bytes([job.on(s.view.auto_dtype)], s.passes)) * factor]
+            if could_fit:
+                min(could_fit, key=lambda s: (s.key != job.compat_key, -s.view.total_bytes, s.view.executor_id)
+                    ).reserved = True
+        return placed
+
+    def _fair_share_turns(self, waiting: dict[str, _TenantBacklog], placed_early: set[str]) -> None:
+        """Tenants take turns, least share used first, each turn placing the tenant's next job that fits.
+
+        Room only shrinks within a round, and what a job needs of a slot grows with each part of its size
+        (`QueuedJob.need_signature`), so a job no smaller in any part than one of its key and dtype that fit nowhere
+        fits nowhere either: skipped without trying the slots. With equal jobs a full fleet costs one try per key,
+        and a tenant all of whose shapes failed is passed over without walking its jobs."""
+        heap = [(self.share_used(name), name, 0) for name in waiting if not self.at_quota(name)]
+        heapq.heapify(heap)
+        failures: dict[tuple[str, str], list[tuple]] = {}
+        failed_classes: set[int] = set()  # `shape_class` of every failure: the common case is one int lookup
+        while heap:
+            _, name, cursor = heapq.heappop(heap)
+            tenant = waiting[name]
+            if failed_classes.issuperset(tenant.classes):
                 continue
-            commit(job, slot)
-            if cursor < len(jobs) and not at_quota(name):
-                heapq.heappush(heap, (share_used(name), name, cursor))
-            break
-    return assignments
+            jobs = tenant.in_turn
+            while cursor < len(jobs):
+                job = jobs[cursor][-1]
+                cursor += 1
+                if job.shape_class in failed_classes or job.job_id in placed_early:
+                    continue
+                signature, kind = job.need_signature, (job.compat_key, job.dtype)
+                if any(all(mine >= theirs for mine, theirs in zip(signature, other))
+                       for other in failures.get(kind, ())):
+                    failed_classes.add(job.shape_class)
+                    continue
+                slot = self.place(job)
+                if slot is None:
+                    failed_classes.add(job.shape_class)
+                    if len(failures.setdefault(kind, [])) < 4:  # a few shapes per key: bounded for adversarial queues
+                        failures[kind].append(signature)
+                    continue
+                self.commit(job, slot)
+                if cursor < len(jobs) and not self.at_quota(name):
+                    heapq.heappush(heap, (self.share_used(name), name, cursor))
+                break

@@ -20,7 +20,8 @@ def _lua(source: str) -> str:
     return Template(source).substitute(names, PREFIX=keys.PREFIX)
 
 
-# KEYS: tenant, tenant counts, job, tenant jobs, queue, queued set, global counts, events, submit sequence, requests.
+# KEYS: tenant, tenant counts, job, tenant jobs, queue, queued set, global counts, events, submit sequence, requests,
+#       queue changes, queue version.
 # ARGV: job id, tenant, name, priority, spec JSON, now, datasets JSON, plan JSON, request id or ''.
 # Returns {1, id} for a new job, {0, id} for the job an earlier submit with this request id made.
 SUBMIT = _lua("""
@@ -43,6 +44,7 @@ redis.call('HSET', KEYS[3], 'job_id', id, 'tenant', ARGV[2], 'name', ARGV[3], 's
 if ARGV[9] ~= '' then redis.call('HSET', KEYS[10], ARGV[9], id) end
 redis.call('ZADD', KEYS[4], now, id)
 redis.call('ZADD', KEYS[5], score, id)
+redis.call('ZADD', KEYS[11], redis.call('INCR', KEYS[12]), id)
 redis.call('SADD', KEYS[6], id)
 redis.call('HINCRBY', KEYS[2], $QUEUED, 1)
 redis.call('HINCRBY', KEYS[7], $QUEUED, 1)
@@ -51,7 +53,7 @@ redis.call('XADD', KEYS[8], '*', 'type', 'state', 'ts', now,
 return {1, id}
 """)
 
-# KEYS: job, global counts, queue, events, fence, finished, assignment sequence.
+# KEYS: job, global counts, queue, events, fence, finished, assignment sequence, queue changes, queue version.
 # ARGV: from_states (comma separated), to, now, fence or '', attempt or '', executor or '', fields JSON,
 #       a key that must exist or '' (a claim: the executor's heartbeat).
 # Returns {1, from, attempt} when moved, {0, current state} when the job is elsewhere or the lease is not the caller's.
@@ -87,6 +89,7 @@ elseif to == $SUCCEEDED or to == $FAILED or to == $CANCELLED then
   redis.call('ZADD', KEYS[6], now, id)
 end
 if to == $QUEUED then redis.call('ZADD', KEYS[3], job[5], id) else redis.call('ZREM', KEYS[3], id) end
+if to == $QUEUED or cur == $QUEUED then redis.call('ZADD', KEYS[8], redis.call('INCR', KEYS[9]), id) end
 redis.call('SMOVE', '$PREFIX' .. 'state:' .. cur, '$PREFIX' .. 'state:' .. to, id)
 local tcounts = '$PREFIX' .. 'tenant:' .. job[3] .. ':counts'
 redis.call('HINCRBY', tcounts, cur, -1)
@@ -142,4 +145,21 @@ redis.call('HINCRBY', tenant .. ':counts', job[1], -1)
 redis.call('ZREM', tenant .. ':jobs', ARGV[1])
 if job[4] and job[4] ~= '' then redis.call('HDEL', tenant .. ':requests', job[4]) end
 return 1
+""")
+
+# KEYS: queue changes, queue, queue version, changes trimmed through. ARGV: the version the caller has read through.
+# Returns {version now, id, '1' if it is queued now else '0', ...} for every job whose place in the queue changed
+# since, and trims what it returned (only the leader reads it); {-1} when changes after ARGV[1] were trimmed by
+# another reader: read the whole queue instead (`JobStore.queue_snapshot`).
+QUEUE_CHANGES = _lua("""
+if tonumber(redis.call('GET', KEYS[4]) or '0') > tonumber(ARGV[1]) then return {-1} end
+local now = redis.call('GET', KEYS[3]) or '0'
+local out = {now}
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[1], now)) do
+  out[#out + 1] = id
+  out[#out + 1] = redis.call('ZSCORE', KEYS[2], id) and '1' or '0'
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('SET', KEYS[4], now)
+return out
 """)

@@ -20,6 +20,8 @@ import signal
 import socket
 import threading
 import time
+import zlib
+from collections import Counter
 from typing import Optional
 
 import redis
@@ -29,7 +31,7 @@ from lorafleet.scheduler.artifacts import ArtifactStore
 from lorafleet.scheduler.leader import LeaderLock
 from lorafleet.scheduler.memory import JobPlan, MemoryCalibration, calibrate, cohort_bytes
 from lorafleet.scheduler.metrics import SchedulerMetrics, scheduler_metrics, serve
-from lorafleet.scheduler.policy import ExecutorView, PlanConfig, QueuedJob, RunningJob, TenantView, plan
+from lorafleet.scheduler.policy import Backlog, ExecutorView, PlanConfig, QueuedJob, RunningJob, TenantView, plan
 from lorafleet.scheduler.records import ExecutorHeartbeat, JobSummary, JobRecord, JobState
 from lorafleet.scheduler.store import JobStore, StaleFence
 from lorafleet.scheduler.submission import plan_from_files
@@ -37,7 +39,13 @@ from lorafleet.scheduler.submission import plan_from_files
 log = logging.getLogger("lorafleet.scheduler")
 
 PURGE_EVERY_SECONDS = 60.0  # how often the leader expires finished jobs past the retention time
+EXPORT_EVERY_SECONDS = 1.0  # how often the leader exports per-tenant job counts (a scrape is every 15 s or so)
 REREAD_HELD_EVERY = 10  # rounds between full re-reads of the held jobs (their progress only weighs fair share)
+
+
+def _reread_turn(job_id: str) -> int:
+    """The round (modulo REREAD_HELD_EVERY) in which a held job's summary is read again."""
+    return zlib.crc32(job_id.encode()) % REREAD_HELD_EVERY
 
 
 def _queued_job(record: JobRecord | JobSummary, plan: JobPlan) -> QueuedJob:
@@ -54,15 +62,16 @@ def _running_job(record: JobRecord | JobSummary, plan: JobPlan, auto_dtype: str)
                       plan.est_gpu_seconds * (1 - done), size.activation_bytes, plan.max_seq_len)
 
 
-def _plan_isolating(queued: list[QueuedJob], executors: list[ExecutorView], tenants: dict[str, TenantView], now: float,
-                    cfg: PlanConfig, suspects: set[str], isolated: set[str]) -> list:
-    """`plan`, except that a job whose executor died before (a suspect) runs alone: only on an executor with no
-    other job, which then takes no other job, so that if the job kills it again it takes no one else down and only
-    its own count of losses grows. `isolated`: executors already running a suspect."""
-    if not suspects:
-        return plan(queued, executors, tenants, now, cfg)
+def _plan_isolating(backlog: Backlog, suspects: list[QueuedJob], executors: list[ExecutorView],
+                    tenants: dict[str, TenantView], now: float, cfg: PlanConfig, isolated: set[str],
+                    disabled: set[str]) -> list:
+    """`plan`, except that a job whose executor died before (a suspect, kept out of the backlog) runs alone: only
+    on an executor with no other job, which then takes no other job, so that if the job kills it again it takes no
+    one else down and only its own count of losses grows. `isolated`: executors already running a suspect."""
     assignments, taken = [], set(isolated)
-    for job in (q for q in queued if q.job_id in suspects):
+    for job in sorted(suspects, key=lambda q: (-q.priority, q.submitted_at, q.job_id)):  # queue order
+        if job.tenant in disabled:
+            continue
         for executor in executors:
             if executor.executor_id in taken or executor.running:
                 continue
@@ -71,8 +80,8 @@ def _plan_isolating(queued: list[QueuedJob], executors: list[ExecutorView], tena
                 assignments += alone
                 taken.add(executor.executor_id)
                 break
-    others = [q for q in queued if q.job_id not in suspects]
-    return assignments + plan(others, [e for e in executors if e.executor_id not in taken], tenants, now, cfg)
+    free = [e for e in executors if e.executor_id not in taken]
+    return assignments + plan(backlog, free, tenants, now, cfg, skip_tenants=disabled)
 
 
 class Scheduler:
@@ -91,14 +100,20 @@ class Scheduler:
         self.stopping = threading.Event()
         self.calibrations: dict[str, MemoryCalibration] = {}
         self.calibrated_beats: dict[str, float] = {}  # executor id -> heartbeat already folded into calibrations
-        self.queued: dict[str, QueuedJob] = {}  # queued job id -> its planning record (a queued job never changes)
-        self.suspects: set[str] = set()  # queued jobs whose executor died before (they run alone)
+        # Queued jobs' planning records (a queued job never changes), kept in step with the queue's change index
+        # (`JobStore.queue_changes`) from `queue_version` on; None: read the whole queue next round.
+        self.backlog = Backlog(aging_seconds=plan_config.aging_seconds)
+        self.suspects: dict[str, QueuedJob] = {}  # queued jobs whose executor died before (they run alone)
+        self.queue_version: Optional[int] = None
         self.plans: dict[str, Optional[JobPlan]] = {}  # held job id -> its plan (fixed at submission)
         self.held: dict[str, JobSummary] = {}  # held job id -> its summary as last read
+        self.running: dict[str, tuple[JobSummary, str, RunningJob]] = {}  # held job id -> its planning record, and
+        # the summary and executor dtype it was made from
+        self.beats: dict[str, ExecutorHeartbeat] = {}  # executor id -> its heartbeat as last read
         self.tenant_records: list[dict] = []  # as of `tenants_version`
         self.tenants_version: Optional[int] = None
         self.rounds = 0
-        self.last_purge = 0.0
+        self.last_purge = self.last_export = 0.0
 
     def run(self) -> None:
         """Rounds until stopped. A Redis outage pauses the scheduler (retrying every 2 s) instead of ending it."""
@@ -121,6 +136,7 @@ class Scheduler:
         if self.lock.token is None:
             if self.lock.try_acquire() is not None:
                 log.info("%s is now the leader (fencing token %d)", self.holder, self.lock.token)
+                self.queue_version = None  # another leader consumed the queue's changes meanwhile
                 self.calibrations = {key: MemoryCalibration(float(factor), 1)  # what the last leader learned
                                      for key, factor in self.store.r.hgetall(keys.MEMORY_FACTORS).items()}
         elif not self.lock.renew():  # the renewal thread keeps it between ticks; this also notices a loss at once
@@ -136,33 +152,32 @@ class Scheduler:
 
     def round(self) -> list:
         now, fence = time.time(), self.lock.token
-        alive, dead = fleet.executors(self.store.r)
-        beats = {beat.executor_id: beat for beat in alive}
+        alive, dead = fleet.executors(self.store.r, known=self.beats)
+        self.beats = beats = {beat.executor_id: beat for beat in alive}
         holding = self._reconcile(beats, fence)
         for executor_id in dead:
             fleet.forget(self.store.r, executor_id)
         executors, running_by_executor = self._executor_views(beats, holding)
         tenant_records = self._tenants()
-        disabled = {t["name"] for t in tenant_records if t["disabled"]}
-        queued = self._queued_jobs(fence)
-        if disabled:  # their jobs wait, never start
-            queued = [job for job in queued if job.tenant not in disabled]
+        disabled = {t["name"] for t in tenant_records if t["disabled"]}  # their jobs wait, never start
+        self._sync_backlog(fence)
         usage = self.store.gpu_seconds(now)
-        tenants = {t["name"]: TenantView(t["name"], t["weight"], t["max_running"],
-                                         t["counts"]["scheduled"] + t["counts"]["running"], usage.get(t["name"], 0.0))
+        held_by_tenant = Counter(job.tenant for job in holding)  # what max_running counts: scheduled and running
+        tenants = {t["name"]: TenantView(t["name"], t["weight"], t["max_running"], held_by_tenant[t["name"]],
+                                         usage.get(t["name"], 0.0))
                    for t in tenant_records}
         cfg = PlanConfig(**{**self.plan_config.__dict__,
                             "memory_factors": {k: c.factor for k, c in self.calibrations.items()}})
         started = time.perf_counter()
         isolated = {job.executor_id for job in holding if job.executor_losses}
-        suspects = {job_id for job_id in self.suspects
-                    if job_id in self.queued and self.queued[job_id].tenant not in disabled}
-        assignments = _plan_isolating(queued, executors, tenants, now, cfg, suspects, isolated)
+        assignments = _plan_isolating(self.backlog, list(self.suspects.values()), executors, tenants, now, cfg,
+                                      isolated, disabled)
         if self.metrics:
             self.metrics.plan_duration.observe(time.perf_counter() - started)
         self._claim(assignments, fence)
         self._purge_expired(now)
-        if self.metrics:
+        if self.metrics and now - self.last_export >= EXPORT_EVERY_SECONDS:
+            self.last_export = now
             self._export(alive, running_by_executor, tenant_records)
         return assignments
 
@@ -188,30 +203,30 @@ class Scheduler:
                 if self.metrics:
                     self.metrics.requeued.labels(reason="executor_lost" if died else "not_held").inc()
         self.plans = {job.job_id: self.plans[job.job_id] for job in held if job.job_id in self.plans}
+        self.running = {job.job_id: self.running[job.job_id] for job in held if job.job_id in self.running}
         unknown = [job.job_id for job in held if job.job_id not in self.plans]
         for job_id, stored in self.store.plans(unknown).items():
             self.plans[job_id] = stored or self._size_from_files(job_id)
         return held
 
     def _tenants(self) -> list[dict]:
-        """Every tenant with its counts now; the records themselves are read again only after an admin changed
-        one (`keys.TENANTS_VERSION`)."""
+        """Every tenant's record (weight, quotas, disabled), read again only after an admin changed one
+        (`keys.TENANTS_VERSION`). Its counts are as of that read: a round counts held jobs itself."""
         version = self.store.tenants_version()
         if version != self.tenants_version:
             self.tenant_records, self.tenants_version = self.store.list_tenants(), version
-            return self.tenant_records
-        counts = self.store.tenant_counts([t["name"] for t in self.tenant_records])
-        return [{**t, "counts": counts[t["name"]]} for t in self.tenant_records]
+        return self.tenant_records
 
     def _held_jobs(self) -> list[JobSummary]:
         """Summaries of every held job. A held job's lease fields do not change until it leaves the held set (a
-        new lease passes through this scheduler's `_claim`, which forgets it), so only jobs new to the set are read;
-        all are read again every REREAD_HELD_EVERY rounds, for their progress and after a Redis restart."""
+        new lease passes through this scheduler's `_claim`, which forgets it), so only jobs new to the set are read,
+        and a tenth of the others in turn (each every REREAD_HELD_EVERY rounds, for its progress and after a Redis
+        restart), so that no round reads them all."""
         self.rounds += 1
-        if self.rounds % REREAD_HELD_EVERY == 0:
-            self.held = {}
+        turn = self.rounds % REREAD_HELD_EVERY
         ids = self.store.held_ids()
-        for job in self.store.summaries(job_id for job_id in ids if job_id not in self.held):
+        stale = [job_id for job_id in ids if job_id not in self.held or _reread_turn(job_id) == turn]
+        for job in self.store.summaries(stale):
             self.held[job.job_id] = job
         self.held = {job_id: self.held[job_id] for job_id in ids if job_id in self.held}
         return [job for job in self.held.values() if job.state.holding]
@@ -241,7 +256,7 @@ class Scheduler:
             plan, beat = self.plans.get(job.job_id), beats[job.executor_id]
             if plan is None:
                 continue  # its files vanished mid-run: the executor will fail it; plan around it meanwhile
-            running = _running_job(job, plan, beat.auto_dtype)
+            running = self._running_job(job, plan, beat.auto_dtype)
             running_by_executor.setdefault(job.executor_id, []).append(running)
             # A job only scheduled may not have reached the executor yet: the cohort's key is still its key
             # (the heartbeat's loaded base can lag behind), but its memory is not in the measured peak.
@@ -262,6 +277,13 @@ class Scheduler:
             self.store.r.hset(keys.MEMORY_FACTORS, mapping=learned)
         return views, running_by_executor
 
+    def _running_job(self, job: JobSummary, plan: JobPlan, auto_dtype: str) -> RunningJob:
+        """`_running_job`, made again only when the job's summary was re-read or it moved to another device kind."""
+        made = self.running.get(job.job_id)
+        if made is None or made[0] is not job or made[1] != auto_dtype:
+            made = self.running[job.job_id] = (job, auto_dtype, _running_job(job, plan, auto_dtype))
+        return made[2]
+
     def _calibrate(self, beat: ExecutorHeartbeat, base_bytes: int, jobs: list[RunningJob]) -> bool:
         """Fold a new measured peak into its base's calibration: the prediction is for the passes the step really
         ran (`pass_tokens`), so the factor learns the model's error, not the executor's choice of pass size."""
@@ -274,28 +296,38 @@ class Scheduler:
         self.calibrations[beat.compat_key] = calibrate(current, beat.peak_bytes, round(predicted))
         return True
 
-    def _queued_jobs(self, fence: int) -> list[QueuedJob]:
-        """Queued jobs in queue order. Only jobs new to the queue since the last round are read (a summary and the
-        plan, once); a job that left the queue leaves the cache."""
-        ids = self.store.queued_ids()
-        present = set(ids)
-        for job_id in [job_id for job_id in self.queued if job_id not in present]:
-            del self.queued[job_id]
-            self.suspects.discard(job_id)
-        fresh = [job_id for job_id in ids if job_id not in self.queued]
-        plans = self.store.plans(fresh)
-        for job in self.store.summaries(fresh):
+    def _sync_backlog(self, fence: int) -> None:
+        """Bring the backlog in step with the queue: only jobs that entered or left it since the last round are
+        read (the queue's change index), or, on a new leader's first round, the whole queue's ids once. A job new
+        to the queue is read once (its summary and stored plan) and turned into its planning record."""
+        changes = None if self.queue_version is None else self.store.queue_changes(self.queue_version)
+        if changes is None:
+            self.queue_version, ids = self.store.queue_snapshot()
+            queued = set(ids)
+            left = [job_id for job_id in [*self.backlog.jobs, *self.suspects] if job_id not in queued]
+            entered = [job_id for job_id in ids if job_id not in self.backlog and job_id not in self.suspects]
+        else:
+            self.queue_version, changed = changes
+            left = [job_id for job_id, queued in changed.items() if not queued]
+            entered = [job_id for job_id, queued in changed.items() if queued]
+        for job_id in [*left, *entered]:  # one that left and came back (a requeue) is read again
+            self.backlog.discard(job_id)
+            self.suspects.pop(job_id, None)
+        self._read_queued(entered, fence)
+
+    def _read_queued(self, job_ids: list[str], fence: int) -> None:
+        for job, stored in self.store.summaries_and_plans(job_ids):
             if job.state != JobState.QUEUED:
-                continue  # it moved on between the two reads
-            plan = plans.get(job.job_id) or self._size_from_files(job.job_id)
+                continue  # it moved on since the queue was read
+            plan = stored or self._size_from_files(job.job_id)
             if plan is None:
                 self.store.fail(job.job_id, JobState.QUEUED, fence=fence,
                                 error=f"job {job.job_id} failed: cannot size it: its base model or dataset is gone")
                 continue
-            self.queued[job.job_id] = _queued_job(job, plan)
             if job.executor_losses:
-                self.suspects.add(job.job_id)
-        return [self.queued[job_id] for job_id in ids if job_id in self.queued]
+                self.suspects[job.job_id] = _queued_job(job, plan)
+            else:
+                self.backlog.add(_queued_job(job, plan))
 
     def _claim(self, assignments: list, fence: int) -> None:
         """Claim every assignment in one round trip; a claim for an executor whose heartbeat is gone (it
@@ -305,7 +337,7 @@ class Scheduler:
             self.held.pop(a.job_id, None)
             if attempt is None:
                 continue
-            job = self.queued.pop(a.job_id, None)
+            job = self.backlog.discard(a.job_id) or self.suspects.pop(a.job_id, None)
             log.info("job %s -> executor %s (attempt %d)", a.job_id, a.executor_id, attempt)
             if self.metrics and job is not None:
                 self.metrics.assignments.labels(tenant=job.tenant).inc()
@@ -324,15 +356,17 @@ class Scheduler:
             self.artifacts.delete_job(job.tenant, job.job_id)
 
     def _export(self, alive, running_by_executor, tenant_records) -> None:
+        """Gauges for Prometheus: at most every EXPORT_EVERY_SECONDS (the per-tenant counts cost a read each)."""
         self.metrics.executors_alive.set(len(alive))
         for kind, count in self.store.r.hgetall(keys.REJECTED_MESSAGES).items():
             self.metrics.rejected_messages.labels(kind=kind).set(int(count))
         for beat in alive:
             self.metrics.cohort_jobs.labels(executor=beat.executor_id).set(
                 len(running_by_executor.get(beat.executor_id, ())))
-        for tenant in tenant_records:
-            for state, count in tenant["counts"].items():
-                self.metrics.jobs.labels(tenant=tenant["name"], state=state).set(count)
+        counts = self.store.tenant_counts([t["name"] for t in tenant_records])
+        for name, by_state in counts.items():
+            for state, count in by_state.items():
+                self.metrics.jobs.labels(tenant=name, state=state).set(count)
 
 
 def main(metrics_port: int, interval: float, lock_ttl: float, packing: str) -> None:

@@ -23,6 +23,7 @@ The leader scheduler passes its fencing token (`fence=`); a write with a stale t
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -139,6 +140,19 @@ def _states(states: Iterable[str] | str) -> tuple[JobState, ...]:
     return (JobState(states),) if isinstance(states, str) else tuple(JobState(s) for s in states)
 
 
+@functools.lru_cache(maxsize=4096)
+def _parsed_plan(text: str) -> JobPlan:
+    """Jobs of one shape on one dataset store the same plan text: each text is parsed once (plans are frozen)."""
+    return JobPlan.from_json(text)
+
+
+def submit_keys(tenant: str, job_id: str) -> list[str]:
+    """The keys of `scripts.SUBMIT`, in its order."""
+    return [keys.tenant(tenant), keys.tenant_counts(tenant), keys.job(job_id), keys.tenant_jobs(tenant), keys.QUEUE,
+            keys.state_set(JobState.QUEUED), keys.COUNTS, keys.job_events(job_id), keys.SUBMIT_SEQ,
+            keys.tenant_requests(tenant), keys.QUEUE_CHANGES, keys.QUEUE_VERSION]
+
+
 def _lease_args(attempt: Optional[int], executor_id: Optional[str]) -> list:
     return ["" if attempt is None else attempt, executor_id or ""]
 
@@ -153,6 +167,7 @@ class JobStore:
         self._progress = client.register_script(scripts.PROGRESS)
         self._checkpoint = client.register_script(scripts.CHECKPOINT)
         self._purge = client.register_script(scripts.PURGE)
+        self._queue_changes = client.register_script(scripts.QUEUE_CHANGES)
         self._add_usage = client.register_script(_ADD_USAGE)
         self._create_tenant = client.register_script(_CREATE_TENANT)
         self._rotate_token = client.register_script(_ROTATE_TOKEN)
@@ -327,11 +342,7 @@ class JobStore:
         job_id = "job-" + secrets.token_hex(8)
         try:
             _, job_id = self._submit(
-                keys=[
-                    keys.tenant(tenant), keys.tenant_counts(tenant), keys.job(job_id), keys.tenant_jobs(tenant),
-                    keys.QUEUE, keys.state_set(JobState.QUEUED), keys.COUNTS, keys.job_events(job_id),
-                    keys.SUBMIT_SEQ, keys.tenant_requests(tenant),
-                ],
+                keys=submit_keys(tenant, job_id),
                 args=[job_id, tenant, spec.name, spec.priority, spec.model_dump_json(), repr(now),
                       json.dumps({field: d.to_json() for field, d in (datasets or {}).items()}),
                       plan.to_json() if plan else "", request_id or ""],
@@ -428,6 +439,24 @@ class JobStore:
         """Queued job ids in scheduling order: priority 9 first, then oldest first."""
         return self.r.zrange(keys.QUEUE, 0, -1)
 
+    def queue_snapshot(self) -> tuple[int, list[str]]:
+        """(the queue's version, its job ids), read together: `queue_changes(version)` then says what changed."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.get(keys.QUEUE_VERSION)
+        pipe.zrange(keys.QUEUE, 0, -1)
+        version, ids = pipe.execute()
+        return int(version or 0), ids
+
+    def queue_changes(self, since: int) -> Optional[tuple[int, dict[str, bool]]]:
+        """(the queue's version now, job id -> whether it is queued now, for every job that entered or left the
+        queue after version `since`), or None when those changes are no longer kept (read `queue_snapshot`). Trims
+        what it returns: only the leader calls it."""
+        result = self._queue_changes(keys=[keys.QUEUE_CHANGES, keys.QUEUE, keys.QUEUE_VERSION,
+                                           keys.QUEUE_CHANGES_TRIMMED], args=[since])
+        if int(result[0]) < 0:
+            return None
+        return int(result[0]), {job_id: queued == "1" for job_id, queued in zip(result[1::2], result[2::2])}
+
     def held_ids(self) -> list[str]:
         """Ids of every scheduled or running job."""
         return sorted(self.r.sunion(keys.state_set(JobState.SCHEDULED), keys.state_set(JobState.RUNNING)))
@@ -446,7 +475,15 @@ class JobStore:
         pipe = self.r.pipeline(transaction=False)
         for job_id in job_ids:
             pipe.hget(keys.job(job_id), "plan")
-        return {job_id: JobPlan.from_json(raw) if raw else None for job_id, raw in zip(job_ids, pipe.execute())}
+        return {job_id: _parsed_plan(raw) if raw else None for job_id, raw in zip(job_ids, pipe.execute())}
+
+    def summaries_and_plans(self, job_ids: list[str]) -> list[tuple[JobSummary, Optional[JobPlan]]]:
+        """`summaries` with each job's stored plan, in one read per job (a new leader reads every queued job's)."""
+        pipe = self.r.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hmget(keys.job(job_id), (*JobSummary.FIELDS, "plan"))
+        return [(JobSummary.from_fields(job_id, values[:-1]), _parsed_plan(values[-1]) if values[-1] else None)
+                for job_id, values in zip(job_ids, pipe.execute()) if values[1] is not None]
 
     def holding(self, executor_id: str) -> tuple[int, dict[str, int]]:
         """(the assignment sequence now, job id -> attempt of every job scheduled on or running at `executor_id`),
@@ -509,7 +546,7 @@ class JobStore:
         args = [",".join(states), to.value, repr(time.time()), "" if fence is None else fence,
                 *_lease_args(attempt, executor_id), json.dumps({k: str(v) for k, v in fields.items()}), must_exist]
         script_keys = [keys.job(job_id), keys.COUNTS, keys.QUEUE, keys.job_events(job_id), keys.SCHEDULER_FENCE,
-                       keys.FINISHED, keys.ASSIGN_SEQ]
+                       keys.FINISHED, keys.ASSIGN_SEQ, keys.QUEUE_CHANGES, keys.QUEUE_VERSION]
         if pipe is not None:
             self._transition(keys=script_keys, args=args, client=pipe)
             return None

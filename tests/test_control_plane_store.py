@@ -42,6 +42,24 @@ def test_illegal_transitions_are_refused(store, make_tenant):
         store.transition(job_id, "queued", "scheduled", tenant="mallory")
 
 
+def test_the_queue_change_index_names_each_job_that_entered_or_left_the_queue(store, make_tenant):
+    alice = make_tenant("alice")
+    version, ids = store.queue_snapshot()
+    stays, claimed, cancelled = (new_job(store, alice) for _ in range(3))
+    version, changed = store.queue_changes(version)
+    assert changed == {stays: True, claimed: True, cancelled: True}
+    attempt = store.claim(claimed, "ex-1")
+    store.cancel(alice.name, cancelled)
+    version, changed = store.queue_changes(version)
+    assert changed == {claimed: False, cancelled: False}, "the jobs that left, and only those"
+    store.requeue(claimed, "scheduled", "executor lost", attempt=attempt, executor_id="ex-1")
+    assert store.queue_changes(version) == (version + 1, {claimed: True}), "a requeued job enters again"
+    assert store.queue_changes(version - 1) is None, "a reader behind what was trimmed must read the whole queue"
+    version, ids = store.queue_snapshot()
+    assert {stays, claimed} <= set(ids) and cancelled not in ids
+    assert store.queue_changes(version) == (version, {})
+
+
 def test_lost_race_changes_nothing(store, make_tenant):
     alice = make_tenant("alice")
     job_id = new_job(store, alice)

@@ -21,7 +21,7 @@ from lorafleet.scheduler.records import ExecutorHeartbeat, JobState
 from lorafleet.scheduler.redis_server import start_redis_server
 from lorafleet.scheduler.service import Scheduler
 from lorafleet.scheduler.spec import JobSpec, parse_spec
-from lorafleet.scheduler.store import JobStore
+from lorafleet.scheduler.store import JobStore, submit_keys
 from lorafleet.scheduler.submission import plan_for
 
 SMALL = ModelShape(64, 128, 2, 4, 2, 360)
@@ -130,9 +130,7 @@ def test_a_round_with_10k_queued_reads_no_spec_no_file_and_no_record_twice(store
     pipe = store.r.pipeline(transaction=False)
     for _ in range(10_000):  # submit's own script, pipelined: the test needs the queue, not 10k round trips
         job_id = "job-" + secrets.token_hex(8)
-        store._submit(keys=[keys.tenant(tenant.name), keys.tenant_counts(tenant.name), keys.job(job_id),
-                            keys.tenant_jobs(tenant.name), keys.QUEUE, keys.state_set("queued"), keys.COUNTS,
-                            keys.job_events(job_id), keys.SUBMIT_SEQ, keys.tenant_requests(tenant.name)],
+        store._submit(keys=submit_keys(tenant.name, job_id),
                       args=[job_id, tenant.name, spec.name, 5, spec.model_dump_json(), repr(time.time()), "{}",
                             plan.to_json(), ""], client=pipe)
     pipe.execute()
@@ -150,9 +148,12 @@ def test_a_round_with_10k_queued_reads_no_spec_no_file_and_no_record_twice(store
     monkeypatch.setattr(service, "plan_from_files", counting("files", service.plan_from_files))
     monkeypatch.setattr("builtins.open", counting("files", open))
 
-    def record_reads() -> int:
+    def calls(*commands: str) -> int:
         stats = store.r.info("commandstats")
-        return sum(int(stats.get(f"cmdstat_{command}", {}).get("calls", 0)) for command in ("hgetall", "hmget"))
+        return sum(int(stats.get(f"cmdstat_{command}", {}).get("calls", 0)) for command in commands)
+
+    def record_reads() -> int:
+        return calls("hgetall", "hmget")
 
     # Other tests' jobs and tenants share this Redis: their queued and held jobs are read too, the tenants twice.
     others = len(store.queued_ids()) - 10_000 + len(store.held_ids()) + 2 * len(store.r.smembers(keys.TENANTS)) + 10
@@ -161,11 +162,37 @@ def test_a_round_with_10k_queued_reads_no_spec_no_file_and_no_record_twice(store
     before = record_reads()
     assert scheduler.round() == []
     first = record_reads() - before
+    queue_reads = calls("zrange")
     assert scheduler.round() == []
     second = record_reads() - first - before
+    assert calls("zrange") == queue_reads, "the next round reads the queue's changes, not the queue"
     assert 10_000 <= first <= 10_000 + others, "the first round reads each queued job's summary once"
     assert second <= others, "the next reads none of them again"
     assert reads == {"spec": 0, "files": 0}
+
+
+def test_no_round_rereads_every_held_job_but_each_is_reread_within_ten_rounds(store, make_tenant):
+    """Held jobs' summaries are re-read for their progress a tenth at a time, so no round pays for all of them."""
+    tenant = make_tenant(max_queued=500)
+    spec = parse_spec({"base_model": "/models/none", "dataset": tenant.dataset})
+    held = [store.submit(tenant.name, spec, plan=plan_of(spec))["job_id"] for _ in range(300)]
+    attempts = {job_id: store.claim(job_id, "exec-held") for job_id in held}
+    fleet.heartbeat(store.r, ExecutorHeartbeat("exec-held", total_bytes=2**20, jobs=attempts,
+                                               synced_seq=store.holding("exec-held")[0]), ttl=60)
+    scheduler = Scheduler(store, "sched-held")
+    scheduler.lock.try_acquire()
+    scheduler._held_jobs()
+    first_read = {job_id: scheduler.held[job_id] for job_id in held}
+    reads = []
+    for _ in range(service.REREAD_HELD_EVERY):
+        before = {job_id: scheduler.held[job_id] for job_id in held}
+        scheduler._held_jobs()
+        reads.append(sum(scheduler.held[job_id] is not before[job_id] for job_id in held))
+    assert max(reads) < len(held) / 4, f"a round re-read {max(reads)} of {len(held)} held jobs"
+    assert all(scheduler.held[job_id] is not first_read[job_id] for job_id in held), "each re-read in ten rounds"
+    for job_id in held:  # so that later tests' rounds do not see them
+        store.cancel(tenant.name, job_id)
+    store.r.delete(keys.executor("exec-held"))
 
 
 # ---- schema migration ----
@@ -196,7 +223,7 @@ def test_data_written_by_schema_1_is_migrated_and_its_jobs_sized_once(store, mak
     assert store.job(queued).plan is None
     scheduler = Scheduler(store, "sched-migrate")
     scheduler.lock.try_acquire()
-    scheduler._queued_jobs(scheduler.lock.token)
+    scheduler._sync_backlog(scheduler.lock.token)
     plan = store.job(queued).plan
     assert plan is not None and plan.base_snapshot == str(base_model_dir.resolve()), "sized once, and stored"
     store.r.set(keys.SCHEMA_VERSION_KEY, 99)

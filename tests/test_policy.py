@@ -19,7 +19,9 @@ from lorafleet.scheduler.memory import (
     estimate_job_bytes,
     pass_tokens,
 )
-from lorafleet.scheduler.policy import ExecutorView, PlanConfig, QueuedJob, RunningJob, TenantView, plan
+from lorafleet.scheduler.policy import (
+    Backlog, ExecutorView, PlanConfig, QueuedJob, RunningJob, TenantView, plan,
+)
 from lorafleet.scheduler.spec import ALL_PROJECTIONS, JobSpec
 
 GiB = 1024**3
@@ -365,6 +367,27 @@ def test_same_inputs_same_plan_whatever_their_order():
         for items in (queue, fleet, tenants):
             shuffled.shuffle(items)
         assert plan(queue, fleet, tenants, 2000.0) == first
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_backlog_kept_job_by_job_plans_like_the_same_jobs_as_a_list(seed):
+    """The scheduler keeps its backlog between rounds, adding and removing jobs as the queue changes: whatever the
+    order of those changes, it plans exactly as the list of the jobs left (reservations included: old jobs)."""
+    rng = random.Random(seed)
+    queue, fleet, tenants = _random_world(rng)
+    queue = [replace(j, submitted_at=rng.uniform(0, 8000)) for j in queue]
+    gone = [replace(j, job_id=f"{j.job_id}-gone") for j in rng.sample(queue, 100)]
+    backlog = Backlog()
+    for j in rng.sample(queue + gone, len(queue) + len(gone)):
+        backlog.add(j)
+    for j in rng.sample(gone, len(gone)):
+        assert backlog.discard(j.job_id) is j
+    assert backlog.discard("never-queued") is None and len(backlog) == len(queue)
+    for now in (100.0, 5000.0, 9000.0):
+        assert plan(backlog, fleet, tenants, now) == plan(queue, fleet, tenants, now)
+    skipped = {"t1", "t4"}
+    assert plan(backlog, fleet, tenants, 9000.0, skip_tenants=skipped) == \
+        plan([j for j in queue if j.tenant not in skipped], fleet, tenants, 9000.0)
 
 
 def test_quota_caps_a_tenants_running_jobs():
