@@ -150,6 +150,16 @@ def checkpoint_step(uri: str) -> int:
     return int(found.group(1)) if found else 0
 
 
+def _checkpoint_metrics(progress: dict[str, Any], step: int) -> dict[str, float]:
+    """A progress event's numbers under OpenAI's checkpoint metric names (`train_loss`, `valid_loss`) and ours."""
+    numbers = {key: float(value) for key, value in progress.items()
+               if key not in ("id", "type", "ts") and isinstance(value, (int, float))}
+    for ours, theirs in (("loss", "train_loss"), ("eval_loss", "valid_loss")):
+        if ours in numbers:
+            numbers[theirs] = numbers[ours]
+    return {**numbers, "step": float(step)}
+
+
 def checkpoint_views(record: JobRecord, events: list[dict[str, Any]],
                      file_of: Callable[[str], Optional[str]]) -> list[Checkpoint]:
     """The job's kept checkpoints, newest first (as OpenAI lists them), each with the metrics of the last progress
@@ -160,8 +170,7 @@ def checkpoint_views(record: JobRecord, events: list[dict[str, Any]],
     for uri in reversed(record.checkpoints):
         step = checkpoint_step(uri)
         before = [event for event in progress if event.get("step", 0) <= step]
-        metrics = {key: float(value) for key, value in (before[-1] if before else {}).items()
-                   if key not in ("id", "type", "ts") and isinstance(value, (int, float))}
+        metrics = _checkpoint_metrics(before[-1] if before else {}, step)
         views.append(Checkpoint(
             id=f"ftckpt-{record.job_id.removeprefix('job-')}-{step}", created_at=int(saved_at.get(uri, 0)),
             fine_tuned_model_checkpoint=f"{fine_tuned_model(record)}:ckpt-step-{step}",

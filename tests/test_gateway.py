@@ -11,14 +11,17 @@ import subprocess
 import sys
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import openai
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
+from helpers_models import alpaca_rows, build_tiny_model, write_jsonl
 from helpers_polling import wait_until
-from lorafleet.scheduler.redis_server import free_port
+from lorafleet.scheduler import keys
+from lorafleet.scheduler.redis_server import free_port, start_redis_server
 from lorafleet.scheduler.store import JobStore
 
 AUTO_METHOD = {"type": "supervised", "supervised": {"hyperparameters": {
@@ -196,3 +199,75 @@ def test_no_request_the_schema_allows_or_breaks_makes_the_gateway_fail(gateway, 
 
         never_a_server_error()
     assert len(statuses) >= 5 * len(operations) and {200, 400} <= set(statuses), sorted(set(statuses))
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    """A whole deployment on its own Valkey: scheduler, one CPU executor and the gateway, each a `lorafleet`
+    process with its role's Redis user (no Celery worker: tenants come in over HTTP only)."""
+    root = tmp_path_factory.mktemp("gateway-fleet")
+    redis = start_redis_server(root / "redis")
+    model = build_tiny_model(root / "models" / "tiny", "llama")
+    env = {**os.environ, "LORAFLEET_STATE_DIR": str(root / "state"), "LORAFLEET_DATA_ROOT": str(root / "data"),
+           "LORAFLEET_ARTIFACT_DIR": str(root / "artifacts"), "HF_HUB_CACHE": str(root / "hub"),
+           "LORAFLEET_MODEL_ROOTS": str(root / "models"), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    store = JobStore.from_url(redis.url)
+    store.ensure_schema()
+    port = free_port()
+    processes = []
+    for role, args in (("scheduler", ["--metrics-port", "0", "--interval", "0.2"]),
+                       ("executor", ["--device", "cpu", "--id", "gw-exec"]), ("gateway", ["--port", str(port)])):
+        log = open(root / f"{role}.log", "ab")
+        processes.append(subprocess.Popen([sys.executable, "-P", "-m", "lorafleet.scheduler.cli", role, *args],
+                                          env={**env, "REDIS_URL": redis.role_url(role)}, stdout=log,
+                                          stderr=subprocess.STDOUT, cwd=root))
+    url = f"http://127.0.0.1:{port}"
+
+    def logs() -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(root.glob("*.log")))
+
+    def gateway_up() -> bool:
+        try:
+            return urllib.request.urlopen(url + "/openapi.json", timeout=1).status == 200
+        except OSError:
+            return False
+
+    try:
+        wait_until(gateway_up, "the gateway", timeout=60, details=logs)
+        wait_until(lambda: store.r.exists(keys.executor("gw-exec")), "the executor to register", details=logs)
+        yield SimpleNamespace(url=url, store=store, root=root, model=model, logs=logs)
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        redis.stop()
+
+
+@pytest.mark.slow
+def test_a_job_created_over_http_trains_to_the_end(fleet):
+    name = f"e2e-{secrets.token_hex(3)}"
+    _, token = fleet.store.create_tenant(name)
+    (fleet.root / "data" / name).mkdir(parents=True)
+    write_jsonl(fleet.root / "data" / name / "train.jsonl", alpaca_rows(24, seed=5))
+    api = client(fleet.url, token)
+    job = api.fine_tuning.jobs.create(
+        model=str(fleet.model), training_file=f"{name}/train.jsonl", suffix="e2e", seed=3,
+        hyperparameters={"batch_size": 2, "learning_rate_multiplier": 5},
+        extra_body={"lorafleet": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"],
+                                  "max_seq_len": 256, "max_steps": 8, "checkpoint_every": 4}})
+    done = wait_until(lambda: (found := api.fine_tuning.jobs.retrieve(job.id)).status in (
+        "succeeded", "failed", "cancelled") and found, "the job to finish", timeout=240, details=fleet.logs)
+    assert done.status == "succeeded", (done.error, fleet.logs())
+    assert done.fine_tuned_model == f"ft:tiny:{name}:e2e:{job.id}" and done.finished_at >= done.created_at
+    assert done.lorafleet["step"] == 8  # type: ignore[attr-defined]
+    metrics = [event for event in api.fine_tuning.jobs.list_events(job.id, limit=100).data if event.type == "metrics"]
+    assert [event.data["step"] for event in metrics] == list(range(1, 9))
+    assert all(event.data["loss"] > 0 for event in metrics)
+    checkpoints = api.fine_tuning.jobs.checkpoints.list(job.id).data
+    assert [c.step_number for c in checkpoints] == [4], "checkpoint_every 4 of 8 steps: the end is the adapter"
+    assert all(c.metrics.train_loss > 0 and c.metrics.step == 4 and c.fine_tuning_job_id == job.id
+               for c in checkpoints)
