@@ -115,6 +115,19 @@ def test_a_cancelled_job_says_so_and_its_events_follow_it(gateway, make_tenant):
     assert all(event.object == "fine_tuning.job.event" for event in events.data + rest.data)
 
 
+def test_a_finished_job_cannot_be_cancelled_and_shows_its_error(gateway, make_tenant, store):
+    tenant = make_tenant()
+    api = client(gateway, tenant.token)
+    job = create(api, tenant.dataset)
+    assert store.fail(job.id, "queued", "no executor can hold this job")
+    failed = api.fine_tuning.jobs.retrieve(job.id)
+    assert failed.status == "failed" and failed.error.message == "no executor can hold this job"
+    assert failed.error.code == "job_failed" and failed.finished_at is not None
+    with pytest.raises(openai.ConflictError) as refused:
+        api.fine_tuning.jobs.cancel(job.id)
+    assert "already failed" in refused.value.message
+
+
 def test_a_bad_token_is_refused_as_openai_refuses_one(gateway):
     with pytest.raises(openai.AuthenticationError) as refused:
         client(gateway, "lft_not-a-token").fine_tuning.jobs.list()
