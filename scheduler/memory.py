@@ -225,10 +225,14 @@ class _CohortMemory:
             self.per_token = max(self.per_token, job.activation_bytes / job.tokens_per_step)
         self.longest = max(self.longest, job.max_seq_len)
 
-    def with_job(self, job) -> "_CohortMemory":
-        joined = _CohortMemory()
-        joined.state, joined.activations, joined.tokens, joined.per_token, joined.longest = (
+    def copy(self) -> "_CohortMemory":
+        copied = _CohortMemory()
+        copied.state, copied.activations, copied.tokens, copied.per_token, copied.longest = (
             self.state, self.activations, self.tokens, self.per_token, self.longest)
+        return copied
+
+    def with_job(self, job) -> "_CohortMemory":
+        joined = self.copy()
         joined.add(job)
         return joined
 

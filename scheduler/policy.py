@@ -112,6 +112,11 @@ class ExecutorView:
     auto_dtype: str = "bfloat16"  # what `dtype: auto` computes in there (`memory.auto_dtype`)
     pass_tokens: int = 0  # tokens of the largest pass of its last step (0: not measured), as `peak` was measured
 
+    @cached_property
+    def cohort_memory(self) -> _CohortMemory:
+        """Its cohort's memory sums, made once per view (the scheduler keeps a view while nothing in it changed)."""
+        return _CohortMemory().add_all(self.running)
+
 
 @dataclass(frozen=True)
 class TenantView:
@@ -246,7 +251,7 @@ class _Slot:
         self.usable = int(view.total_bytes * memory_fraction)
         self.key = view.loaded_compat_key if view.running else None  # None: idle, may take any key
         self.passes = view.max_pass_tokens
-        self.cohort = _CohortMemory().add_all(view.running)
+        self.cohort = view.cohort_memory.copy()
         reported_used = view.total_bytes - view.free_bytes
         modelled_cohort = self.cohort.bytes(self.passes)
         # The peak was measured in passes of `view.pass_tokens` (an executor borrows free memory for larger passes

@@ -22,6 +22,7 @@ import threading
 import time
 import zlib
 from collections import Counter
+from dataclasses import dataclass
 from typing import Optional
 
 import redis
@@ -84,6 +85,16 @@ def _plan_isolating(backlog: Backlog, suspects: list[QueuedJob], executors: list
     return assignments + plan(backlog, free, tenants, now, cfg, skip_tenants=disabled)
 
 
+@dataclass(frozen=True)
+class _MadeView:
+    """An executor's view for the planner, with what it was made from (`Scheduler._executor_view`)."""
+
+    beat: ExecutorHeartbeat
+    held: list[JobSummary]
+    view: ExecutorView
+    on_device: tuple[int, list[RunningJob]]  # (base bytes, its jobs in the measured peak): for calibration
+
+
 class Scheduler:
     """Rounds that read only what changed: a queued job's planning record is built once from the plan stored at
     submission and kept while the job stays queued; each round reads the queue's ids, the few held jobs, the
@@ -107,8 +118,7 @@ class Scheduler:
         self.queue_version: Optional[int] = None
         self.plans: dict[str, Optional[JobPlan]] = {}  # held job id -> its plan (fixed at submission)
         self.held: dict[str, JobSummary] = {}  # held job id -> its summary as last read
-        self.running: dict[str, tuple[JobSummary, str, RunningJob]] = {}  # held job id -> its planning record, and
-        # the summary and executor dtype it was made from
+        self.views: dict[str, _MadeView] = {}  # executor id -> its view as last made
         self.beats: dict[str, ExecutorHeartbeat] = {}  # executor id -> its heartbeat as last read
         self.tenant_records: list[dict] = []  # as of `tenants_version`
         self.tenants_version: Optional[int] = None
@@ -203,7 +213,6 @@ class Scheduler:
                 if self.metrics:
                     self.metrics.requeued.labels(reason="executor_lost" if died else "not_held").inc()
         self.plans = {job.job_id: self.plans[job.job_id] for job in held if job.job_id in self.plans}
-        self.running = {job.job_id: self.running[job.job_id] for job in held if job.job_id in self.running}
         unknown = [job.job_id for job in held if job.job_id not in self.plans]
         for job_id, stored in self.store.plans(unknown).items():
             self.plans[job_id] = stored or self._size_from_files(job_id)
@@ -249,40 +258,49 @@ class Scheduler:
                         ) -> tuple[list[ExecutorView], dict[str, list[RunningJob]]]:
         """The planner's view of each live executor (`beats`: id -> its heartbeat), and its cohort; calibrates the
         memory model from each new heartbeat's measured peak against the model's prediction for what it ran."""
-        running_by_executor: dict[str, list[RunningJob]] = {}
-        on_device: dict[str, tuple[int, list[RunningJob]]] = {}  # executor -> (base bytes, its jobs in the peak)
-        cohort_key: dict[str, str] = {}
+        held_by: dict[str, list[JobSummary]] = {}
         for job in holding:
-            plan, beat = self.plans.get(job.job_id), beats[job.executor_id]
-            if plan is None:
-                continue  # its files vanished mid-run: the executor will fail it; plan around it meanwhile
-            running = self._running_job(job, plan, beat.auto_dtype)
-            running_by_executor.setdefault(job.executor_id, []).append(running)
-            # A job only scheduled may not have reached the executor yet: the cohort's key is still its key
-            # (the heartbeat's loaded base can lag behind), but its memory is not in the measured peak.
-            cohort_key[job.executor_id] = plan.compat_key
-            if beat.jobs.get(job.job_id) == job.attempt:  # the executor holds it: it is in the measured peak
-                on_device.setdefault(job.executor_id, (plan.size(beat.auto_dtype).base_bytes, []))[1].append(running)
-        views, learned = [], {}
+            held_by.setdefault(job.executor_id, []).append(job)
+        views, running_by_executor, learned = [], {}, {}
         for beat in beats.values():
-            if self._calibrate(beat, *on_device.get(beat.executor_id, (0, []))):
+            made = self._executor_view(beat, held_by.get(beat.executor_id, []))
+            if self._calibrate(beat, *made.on_device):
                 learned[beat.compat_key] = self.calibrations[beat.compat_key].factor
-            views.append(ExecutorView(
-                executor_id=beat.executor_id, total_bytes=beat.total_bytes, free_bytes=beat.free_bytes,
-                loaded_compat_key=cohort_key.get(beat.executor_id, beat.compat_key), loaded_base_bytes=beat.base_bytes,
-                running=tuple(running_by_executor.get(beat.executor_id, ())), max_pass_tokens=beat.max_pass_tokens,
-                dtypes=frozenset(beat.dtypes) or None, auto_dtype=beat.auto_dtype, pass_tokens=beat.pass_tokens,
-            ))
+            views.append(made.view)
+            if made.view.running:
+                running_by_executor[beat.executor_id] = list(made.view.running)
+        self.views = {beat.executor_id: self.views[beat.executor_id] for beat in beats.values()}
         if learned:  # for the next leader, in one write
             self.store.r.hset(keys.MEMORY_FACTORS, mapping=learned)
         return views, running_by_executor
 
-    def _running_job(self, job: JobSummary, plan: JobPlan, auto_dtype: str) -> RunningJob:
-        """`_running_job`, made again only when the job's summary was re-read or it moved to another device kind."""
-        made = self.running.get(job.job_id)
-        if made is None or made[0] is not job or made[1] != auto_dtype:
-            made = self.running[job.job_id] = (job, auto_dtype, _running_job(job, plan, auto_dtype))
-        return made[2]
+    def _executor_view(self, beat: ExecutorHeartbeat, held: list[JobSummary]) -> "_MadeView":
+        """One executor's view, made again only when its heartbeat or one of its held jobs' summaries was read anew
+        (the planner then also keeps the cohort's memory sums it made from the view)."""
+        made = self.views.get(beat.executor_id)
+        if made is not None and made.beat is beat and len(made.held) == len(held) and all(
+                a is b for a, b in zip(made.held, held)):
+            return made
+        running, in_peak, base_bytes, cohort_key = [], [], 0, None
+        for job in held:
+            plan = self.plans.get(job.job_id)
+            if plan is None:
+                continue  # its files vanished mid-run: the executor will fail it; plan around it meanwhile
+            running.append(_running_job(job, plan, beat.auto_dtype))
+            # A job only scheduled may not have reached the executor yet: the cohort's key is still its key
+            # (the heartbeat's loaded base can lag behind), but its memory is not in the measured peak.
+            cohort_key = plan.compat_key
+            if beat.jobs.get(job.job_id) == job.attempt:  # the executor holds it: it is in the measured peak
+                base_bytes = plan.size(beat.auto_dtype).base_bytes
+                in_peak.append(running[-1])
+        view = ExecutorView(
+            executor_id=beat.executor_id, total_bytes=beat.total_bytes, free_bytes=beat.free_bytes,
+            loaded_compat_key=cohort_key or beat.compat_key, loaded_base_bytes=beat.base_bytes,
+            running=tuple(running), max_pass_tokens=beat.max_pass_tokens,
+            dtypes=frozenset(beat.dtypes) or None, auto_dtype=beat.auto_dtype, pass_tokens=beat.pass_tokens,
+        )
+        made = self.views[beat.executor_id] = _MadeView(beat, held, view, (base_bytes, in_peak))
+        return made
 
     def _calibrate(self, beat: ExecutorHeartbeat, base_bytes: int, jobs: list[RunningJob]) -> bool:
         """Fold a new measured peak into its base's calibration: the prediction is for the passes the step really
