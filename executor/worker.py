@@ -142,16 +142,29 @@ class Executor:
 
     def sync_assignments(self) -> None:
         """Read this executor's holding index (one small hash, not every job): drop the jobs it no longer gives us
-        (cancelled, requeued, moved on while we stalled), take in jobs newly scheduled here."""
+        (cancelled, requeued, moved on while we stalled), pause those whose tenant asked, take in jobs newly
+        scheduled here. Called between steps, so a job leaves at a step boundary."""
         seq, held = self.store.holding(self.executor_id)
         for job_id, lease in list(self.leases.items()):
             if held.get(job_id) != lease.attempt:
                 log.info("job %s left this executor (its lease is gone)", job_id)
                 self._release(job_id)
+        for job_id in self.store.pause_requests(self.executor_id) & set(self.leases):
+            self.pause(self.leases[job_id])
         for record in self.store.jobs(job_id for job_id in sorted(held) if job_id not in self.leases):
             if record.state == JobState.SCHEDULED and record.executor_id == self.executor_id:
                 self.admit(record)
         self.synced_seq = seq
+
+    def pause(self, lease: Lease) -> None:
+        """Checkpoint the job (its optimizer state and data position with it) and leave it paused: a resume puts it
+        back in the queue, and whichever executor takes it goes on from this checkpoint as if never stopped."""
+        self.save_checkpoint(lease)
+        if self.store.paused_at_checkpoint(lease.job_id, lease.attempt, self.executor_id):
+            log.info("job %s paused at step %d", lease.job_id, self.cohort.jobs[lease.job_id].step)
+        else:
+            log.warning("job %s: pause refused: this executor no longer holds the job", lease.job_id)
+        self._release(lease.job_id)
 
     def hand_back_orphans(self) -> None:
         """Jobs a previous process with this executor id held (it was restarted before its heartbeat expired)."""

@@ -28,6 +28,7 @@ State lives only in Redis (persisted with AOF), so a scheduler or worker restart
 | `lorafleet:scheduler:fence` | string (int) | fencing counter, +1 per leader acquisition; `JobStore.transition(fence=...)` checks it | `leader.LeaderLock` |
 | `lorafleet:executors` | set | ids of registered executors (alive or not yet reaped) | executors (`fleet.heartbeat`); the scheduler removes dead ones (`fleet.forget`) |
 | `lorafleet:executor:<id>` | hash, TTL | heartbeat: the fields of `records.ExecutorHeartbeat` (raw measurements, the leases it holds, the assignment sequence it has seen); expires when heartbeats stop | the executor (`fleet.heartbeat`) |
+| `lorafleet:executor:<id>:pause` | set | ids of jobs running there whose tenant asked for a pause: the executor checkpoints each at its next step boundary and moves it to `paused` | `JobStore.pause` (Lua); transitions (Lua) remove a job leaving the executor |
 | `lorafleet:executor:<id>:drain` | string | "1": finish the current step, checkpoint every job, hand them back, exit | `lorafleet executors drain` |
 | `lorafleet:tenant_gpu_seconds` | hash | tenant -> `"<GPU seconds> <unix time>"`: GPU seconds used (each cohort step split by tokens), decayed with a 4 h half-life, as of that time | executors (`JobStore.add_gpu_seconds`) |
 | `lorafleet:memory_factors` | hash | compat key -> calibrated memory-model factor, learned from executors' measured peaks | scheduler (`service.Scheduler`) |
@@ -75,6 +76,7 @@ JOB_FIELDS = (
     "executor_id",  # the executor that holds the job while scheduled/running
     "attempt",  # lease fencing token: +1 each time the job is scheduled; stale holders are refused
     "cancel_requested",  # "1" when cancelled while scheduled/running: the executor must drop it
+    "pause_requested",  # "1" when a pause was asked while running: its executor checkpoints and pauses it
     "executor_losses",  # executors that died holding the job; at `store.MAX_EXECUTOR_LOSSES` it is failed
     "datasets",  # JSON: spec field -> the accepted copy (`datasets.AcceptedDataset`: uri, sha256, size, records)
     "plan",  # JSON `memory.JobPlan`: pinned base snapshot, sizes, token budget; decided at submission
@@ -158,6 +160,10 @@ def executor(executor_id: str) -> str:
 
 def holding(executor_id: str) -> str:
     return f"{PREFIX}executor:{executor_id}:holding"
+
+
+def executor_pauses(executor_id: str) -> str:
+    return f"{PREFIX}executor:{executor_id}:pause"
 
 
 def executor_drain(executor_id: str) -> str:

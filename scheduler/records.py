@@ -25,6 +25,7 @@ class JobState(str, Enum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    PAUSED = "paused"  # left its cohort at a step boundary with a checkpoint (optimizer state kept); resume queues it
 
     def __str__(self) -> str:
         return self.value
@@ -44,9 +45,10 @@ HOLDING_STATES = frozenset({JobState.SCHEDULED, JobState.RUNNING})
 
 # The only legal moves; the store refuses every other.
 TRANSITIONS: dict[JobState, tuple[JobState, ...]] = {
-    JobState.QUEUED: (JobState.SCHEDULED, JobState.CANCELLED, JobState.FAILED),
-    JobState.SCHEDULED: (JobState.RUNNING, JobState.QUEUED, JobState.FAILED, JobState.CANCELLED),
-    JobState.RUNNING: (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.QUEUED),
+    JobState.QUEUED: (JobState.SCHEDULED, JobState.CANCELLED, JobState.FAILED, JobState.PAUSED),
+    JobState.SCHEDULED: (JobState.RUNNING, JobState.QUEUED, JobState.FAILED, JobState.CANCELLED, JobState.PAUSED),
+    JobState.RUNNING: (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.QUEUED, JobState.PAUSED),
+    JobState.PAUSED: (JobState.QUEUED, JobState.CANCELLED),
     JobState.SUCCEEDED: (),
     JobState.FAILED: (),
     JobState.CANCELLED: (),
@@ -88,6 +90,7 @@ class JobRecord:
     attempt: int  # the lease: +1 each time the job is scheduled
     assigned_seq: int  # `keys.ASSIGN_SEQ` when it was last scheduled (reconciliation compares heartbeats with it)
     cancel_requested: bool
+    pause_requested: bool  # asked while running: its executor pauses it at its next step boundary
     executor_losses: int
     datasets_json: str  # field `datasets`: spec field -> accepted copy
     plan_json: str  # field `plan`: decided at submission ('' for a job written by schema version 1, not sized yet)
@@ -107,6 +110,7 @@ class JobRecord:
             checkpoints=tuple(json.loads(raw.get("checkpoints") or "[]")),
             executor_id=raw.get("executor_id") or None, attempt=_int(raw.get("attempt")),
             assigned_seq=_int(raw.get("assigned_seq")), cancel_requested=raw.get("cancel_requested") == "1",
+            pause_requested=raw.get("pause_requested") == "1",
             executor_losses=_int(raw.get("executor_losses")), datasets_json=raw.get("datasets") or "{}",
             plan_json=raw.get("plan") or "",
             request_id=raw.get("request_id") or None,
@@ -131,7 +135,8 @@ class JobRecord:
             "progress": {"step": self.step, "total_steps": self.total_steps}, "metrics": dict(self.metrics),
             "error": self.error, "adapter_uri": self.adapter_uri, "checkpoint_uri": self.checkpoint_uri,
             "checkpoints": list(self.checkpoints), "executor_id": self.executor_id, "attempt": self.attempt,
-            "cancel_requested": self.cancel_requested, "executor_losses": self.executor_losses,
+            "cancel_requested": self.cancel_requested,
+            "pause_requested": self.pause_requested, "executor_losses": self.executor_losses,
             "request_id": self.request_id,
         }
         if with_spec:

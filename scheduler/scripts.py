@@ -58,7 +58,8 @@ return {1, id}
 #       a key that must exist or '' (a claim: the executor's heartbeat).
 # Returns {1, from, attempt} when moved, {0, current state} when the job is elsewhere or the lease is not the caller's.
 TRANSITION = _lua("""
-local job = redis.call('HMGET', KEYS[1], 'state', 'attempt', 'tenant', 'job_id', 'queue_score', 'executor_id')
+local job = redis.call('HMGET', KEYS[1], 'state', 'attempt', 'tenant', 'job_id', 'queue_score', 'executor_id',
+  'pause_requested')
 local cur = job[1]
 if not cur then return redis.error_reply('NO_JOB') end
 if ARGV[4] ~= '' and redis.call('GET', KEYS[5]) ~= ARGV[4] then return redis.error_reply('STALE_FENCE') end
@@ -69,12 +70,16 @@ if not allowed or (ARGV[5] ~= '' and job[2] ~= ARGV[5]) or (ARGV[6] ~= '' and jo
 end
 if ARGV[8] ~= '' and redis.call('EXISTS', ARGV[8]) == 0 then return {0, cur} end
 local to, now, id, holder = ARGV[2], ARGV[3], job[4], job[6]
+-- A pause asked for ends paused, whoever hands the job back (a drain, a lost executor): it never runs on unasked.
+if to == $QUEUED and job[7] == '1' then to = $PAUSED end
 local fields = cjson.decode(ARGV[7])
 redis.call('HSET', KEYS[1], 'state', to, 'updated_at', now)
 for k, v in pairs(fields) do redis.call('HSET', KEYS[1], k, v) end
 if (cur == $SCHEDULED or cur == $RUNNING) and to ~= $RUNNING and holder and holder ~= '' then
   redis.call('HDEL', '$PREFIX' .. 'executor:' .. holder .. ':holding', id)
+  redis.call('SREM', '$PREFIX' .. 'executor:' .. holder .. ':pause', id)
 end
+if to == $PAUSED then redis.call('HSET', KEYS[1], 'pause_requested', '0', 'executor_id', '') end
 local attempt = tonumber(job[2] or '0')
 if to == $SCHEDULED then
   attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
@@ -162,4 +167,16 @@ end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 redis.call('SET', KEYS[4], now)
 return out
+""")
+
+# KEYS: job, events. ARGV: now.
+# Asks the running job's executor to pause it: {1} when asked (or asked before), {0, state} when it is not running.
+REQUEST_PAUSE = _lua("""
+local job = redis.call('HMGET', KEYS[1], 'state', 'executor_id', 'pause_requested', 'job_id')
+if job[1] ~= $RUNNING then return {0, job[1] or ''} end
+if job[3] == '1' then return {1} end
+redis.call('HSET', KEYS[1], 'pause_requested', '1', 'updated_at', ARGV[1])
+redis.call('SADD', '$PREFIX' .. 'executor:' .. job[2] .. ':pause', job[4])
+redis.call('XADD', KEYS[2], '*', 'type', 'pause_requested', 'ts', ARGV[1], 'data', '{}')
+return {1}
 """)

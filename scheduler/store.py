@@ -168,6 +168,7 @@ class JobStore:
         self._checkpoint = client.register_script(scripts.CHECKPOINT)
         self._purge = client.register_script(scripts.PURGE)
         self._queue_changes = client.register_script(scripts.QUEUE_CHANGES)
+        self._request_pause = client.register_script(scripts.REQUEST_PAUSE)
         self._add_usage = client.register_script(_ADD_USAGE)
         self._create_tenant = client.register_script(_CREATE_TENANT)
         self._rotate_token = client.register_script(_ROTATE_TOKEN)
@@ -602,9 +603,44 @@ class JobStore:
                 return job
             if state.terminal:
                 raise ValueError(f"job {job_id} already {state}; nothing to cancel")
-            fields = {} if state == JobState.QUEUED else {"cancel_requested": 1}
+            fields = {} if state in (JobState.QUEUED, JobState.PAUSED) else {"cancel_requested": 1}
             if self.transition(job_id, state, JobState.CANCELLED, **fields):
                 return self.get_job(job_id)
+
+    def pause(self, tenant: Optional[str], job_id: Any) -> dict[str, Any]:
+        """Pause a job the tenant owns: a queued or scheduled job at once; a running one is asked to pause, and its
+        executor checkpoints it at its next step boundary (optimizer state kept) and moves it to `paused`."""
+        while True:
+            job = self.get_job_for(tenant, job_id)
+            state = JobState(job["state"])
+            if state == JobState.PAUSED or (state == JobState.RUNNING and job["pause_requested"]):
+                return job
+            if state.terminal:
+                raise IllegalTransition(f"job {job_id} already {state}; it cannot be paused")
+            if state == JobState.RUNNING:
+                if self._request_pause(keys=[keys.job(job_id), keys.job_events(job_id)], args=[repr(time.time())])[0]:
+                    return self.get_job(job_id)
+            elif self.transition(job_id, state, JobState.PAUSED):
+                return self.get_job(job_id)
+
+    def resume(self, tenant: Optional[str], job_id: Any) -> dict[str, Any]:
+        """Put a paused job back in the queue, at its old place; it resumes from its checkpoint on any executor."""
+        job = self.get_job_for(tenant, job_id)
+        if job["state"] == JobState.RUNNING and job["pause_requested"]:
+            raise IllegalTransition(f"job {job_id} is being paused; resume it once it is paused")
+        if job["state"] != JobState.PAUSED:
+            raise IllegalTransition(f"job {job_id} is {job['state']}, not paused; only a paused job can be resumed")
+        if not self.transition(job_id, JobState.PAUSED, JobState.QUEUED):
+            raise IllegalTransition(f"job {job_id} changed state meanwhile; look at it again")
+        return self.get_job(job_id)
+
+    def pause_requests(self, executor_id: str) -> set[str]:
+        """Jobs running at `executor_id` whose tenant asked for a pause."""
+        return self.r.smembers(keys.executor_pauses(executor_id))
+
+    def paused_at_checkpoint(self, job_id: str, attempt: int, executor_id: str) -> bool:
+        """running -> paused, by the lease holder once the job's checkpoint is recorded."""
+        return self.transition(job_id, JobState.RUNNING, JobState.PAUSED, attempt=attempt, executor_id=executor_id)
 
     def is_cancel_requested(self, job_id: str) -> bool:
         return self.r.hget(keys.job(job_id), "cancel_requested") == "1"
