@@ -30,6 +30,8 @@ TASK_NAMES = (
     "lorafleet.get_job",
     "lorafleet.list_jobs",
     "lorafleet.cancel_job",
+    "lorafleet.pause_job",
+    "lorafleet.resume_job",
     "lorafleet.job_events",
 )
 

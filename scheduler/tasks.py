@@ -105,6 +105,20 @@ def cancel_job(self, token: str, job_id: str) -> dict:
     return store().cancel(tenant, job_id)
 
 
+@app.task(name="lorafleet.pause_job", throws=TENANT_ERRORS, bind=True)
+@_public_errors
+def pause_job(self, token: str, job_id: str) -> dict:
+    tenant = _caller(self, token)
+    return store().pause(tenant, job_id)
+
+
+@app.task(name="lorafleet.resume_job", throws=TENANT_ERRORS, bind=True)
+@_public_errors
+def resume_job(self, token: str, job_id: str) -> dict:
+    tenant = _caller(self, token)
+    return store().resume(tenant, job_id)
+
+
 @app.task(name="lorafleet.job_events", throws=TENANT_ERRORS, bind=True)
 @_public_errors
 def job_events(self, token: str, job_id: str, after: Optional[str] = None, limit: int = 100) -> list:

@@ -83,8 +83,13 @@ def test_a_tenant_submits_gets_lists_cancels_and_reads_events_with_only_its_own_
         job = call("lorafleet.submit_job", spec)
         assert call("lorafleet.get_job", job["job_id"])["state"] == "queued"
         assert [j["job_id"] for j in call("lorafleet.list_jobs")] == [job["job_id"]]
+        assert call("lorafleet.pause_job", job["job_id"])["state"] == "paused"
+        assert call("lorafleet.resume_job", job["job_id"])["state"] == "queued"
+        with pytest.raises(ValueError, match="not paused"):
+            call("lorafleet.resume_job", job["job_id"])
         assert call("lorafleet.cancel_job", job["job_id"])["state"] == "cancelled"
-        assert [e["to"] for e in call("lorafleet.job_events", job["job_id"])] == ["queued", "cancelled"]
+        assert [e["to"] for e in call("lorafleet.job_events", job["job_id"])] == [
+            "queued", "paused", "queued", "cancelled"]
     finally:
         app.close()
 
