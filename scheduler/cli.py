@@ -363,8 +363,9 @@ def simulate(num_jobs: int, num_tenants: int, num_executors: int, seed: int, loa
 @main.command("roles")
 @json_option
 def roles_cmd(as_json: bool) -> None:
-    """Create (or give new passwords to) the worker, scheduler and executor users on REDIS_URL (the operator's), turn
-    the default user off, and print each role's URL: give each process its own. Old role passwords stop working."""
+    """Create (or give new passwords to) the worker, scheduler, executor and gateway users on REDIS_URL (the
+    operator's), turn the default user off, and print each role's URL: give each process its own. Old role passwords
+    stop working."""
     store = _store()
     passwords = {role: secrets.token_urlsafe(24) for role in acl.ROLES if role != "operator"}
     acl.apply_roles(store.r, passwords)

@@ -260,7 +260,7 @@ def test_lorafleet_roles_gives_each_service_a_new_user_of_its_own(tmp_path, work
         result = CliRunner().invoke(main, ["roles", "--json"], env={**worker_env, "REDIS_URL": server.url})
         assert result.exit_code == 0, result.output
         urls = json.loads(result.stdout)
-        assert set(urls) == {"worker", "scheduler", "executor"}
+        assert set(urls) == {"worker", "scheduler", "executor", "gateway"}
         for role, url in urls.items():
             client = redis.Redis.from_url(url)
             assert client.hget(keys.tenant("nobody"), "name") is None
