@@ -123,6 +123,17 @@ def _job_routes() -> APIRouter:
         record = gateway.store.job(job_id)
         return job_view(record, gateway.result_files(record))
 
+    @router.post("/{job_id}/pause", response_model=FineTuningJob)
+    def pause_job(job_id: str, tenant: Tenant, gateway: State) -> FineTuningJob:
+        """Pause a job: a queued one at once; a running one leaves its cohort after its current step with a
+        checkpoint (status stays `running` until then). 409 for a finished job."""
+        return _change_state(gateway, tenant, job_id, gateway.store.pause)
+
+    @router.post("/{job_id}/resume", response_model=FineTuningJob)
+    def resume_job(job_id: str, tenant: Tenant, gateway: State) -> FineTuningJob:
+        """Queue a paused job again; it goes on from its checkpoint as if never paused. 409 if not paused."""
+        return _change_state(gateway, tenant, job_id, gateway.store.resume)
+
     @router.get("/{job_id}/events", response_model=EventList)
     def list_events(job_id: str, tenant: Tenant, gateway: State, after: Optional[str] = None,
                     limit: Limit = 20) -> EventList:
@@ -144,6 +155,19 @@ def _job_routes() -> APIRouter:
                               first_id=page[0].id if page else None, last_id=page[-1].id if page else None)
 
     return router
+
+
+def _change_state(gateway: Gateway, tenant: str, job_id: str, verb) -> FineTuningJob:
+    """`verb(tenant, job_id)` (a store verb: pause, resume), its refusals as 404 or 409."""
+    _refusals(gateway.record_for, tenant, job_id)
+    try:
+        verb(tenant, job_id)
+    except LookupError as exc:
+        raise errors.from_exception(exc) from None
+    except ValueError as exc:
+        raise ApiError(409, str(exc), code="invalid_state") from None
+    record = gateway.store.job(job_id)
+    return job_view(record, gateway.result_files(record))
 
 
 def create_app(store: Optional[JobStore] = None, root_path: str = "") -> FastAPI:

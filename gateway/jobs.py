@@ -21,6 +21,7 @@ from lorafleet.scheduler.records import JobRecord, JobState
 STATUS = {
     JobState.QUEUED: "queued", JobState.SCHEDULED: "queued", JobState.RUNNING: "running",
     JobState.SUCCEEDED: "succeeded", JobState.FAILED: "failed", JobState.CANCELLED: "cancelled",
+    JobState.PAUSED: "paused",
 }
 _LORAFLEET_TO_SPEC = {  # LorafleetOptions field -> (spec section or None for top level, spec field)
     "adapter_type": ("adapter", "type"), "r": ("adapter", "r"), "lora_alpha": ("adapter", "lora_alpha"),
@@ -131,6 +132,8 @@ def _event_message(event: dict[str, Any]) -> str:
         return f"Job back in the queue: {event.get('reason')}"
     if kind == "error":
         return str(event.get("message"))
+    if kind == "pause_requested":
+        return "Pause requested: the job pauses after its current step, with a checkpoint"
     return kind
 
 

@@ -115,6 +115,22 @@ def test_a_cancelled_job_says_so_and_its_events_follow_it(gateway, make_tenant):
     assert all(event.object == "fine_tuning.job.event" for event in events.data + rest.data)
 
 
+def test_a_job_paused_and_resumed_with_the_openai_client_goes_back_to_the_queue(gateway, make_tenant):
+    tenant, other = make_tenant(), make_tenant()
+    api = client(gateway, tenant.token)
+    job = create(api, tenant.dataset)
+    assert api.fine_tuning.jobs.pause(job.id).status == "paused"
+    assert api.fine_tuning.jobs.retrieve(job.id).status == "paused"
+    with pytest.raises(openai.NotFoundError):
+        client(gateway, other.token).fine_tuning.jobs.resume(job.id)
+    assert api.fine_tuning.jobs.resume(job.id).status == "queued"
+    with pytest.raises(openai.ConflictError) as refused:
+        api.fine_tuning.jobs.resume(job.id)
+    assert "not paused" in refused.value.message
+    assert [e.message for e in api.fine_tuning.jobs.list_events(job.id).data] == [
+        "Job queued", "Job paused", "Job queued"]
+
+
 def test_a_finished_job_cannot_be_cancelled_and_shows_its_error(gateway, make_tenant, store):
     tenant = make_tenant()
     api = client(gateway, tenant.token)
