@@ -113,15 +113,7 @@ def _job_routes() -> APIRouter:
     @router.post("/{job_id}/cancel", response_model=FineTuningJob)
     def cancel_job(job_id: str, tenant: Tenant, gateway: State) -> FineTuningJob:
         """Cancel a job that has not finished (409 for one that succeeded or failed; cancelling twice is fine)."""
-        _refusals(gateway.record_for, tenant, job_id)
-        try:
-            gateway.store.cancel(tenant, job_id)
-        except LookupError as exc:
-            raise errors.from_exception(exc) from None
-        except ValueError as exc:
-            raise ApiError(409, str(exc), code="invalid_state") from None
-        record = gateway.store.job(job_id)
-        return job_view(record, gateway.result_files(record))
+        return _change_state(gateway, tenant, job_id, gateway.store.cancel)
 
     @router.post("/{job_id}/pause", response_model=FineTuningJob)
     def pause_job(job_id: str, tenant: Tenant, gateway: State) -> FineTuningJob:
@@ -158,7 +150,7 @@ def _job_routes() -> APIRouter:
 
 
 def _change_state(gateway: Gateway, tenant: str, job_id: str, verb) -> FineTuningJob:
-    """`verb(tenant, job_id)` (a store verb: pause, resume), its refusals as 404 or 409."""
+    """`verb(tenant, job_id)` (a store verb: cancel, pause, resume), its refusals as 404 or 409."""
     _refusals(gateway.record_for, tenant, job_id)
     try:
         verb(tenant, job_id)
