@@ -74,6 +74,7 @@ class Job:
     micro_batches: int = 0
     accumulated: int = 0
     window_targets: int = 0  # target tokens in the micro-batches of the window under way
+    trained_tokens: int = 0  # target tokens trained on since the job began, across resumes (OpenAI's trained_tokens)
     done: bool = False
     error: str | None = None
 
@@ -255,6 +256,7 @@ class Cohort:
             self.jobs[job_id].micro_batches += 1
             self.jobs[job_id].accumulated += 1
             self.jobs[job_id].window_targets += targets[job_id]
+            self.jobs[job_id].trained_tokens += targets[job_id]
         stepping = [job_id for job_id in finished if self.jobs[job_id].window_full]
         norms = [self.jobs[job_id].optimizer.grad_norm() for job_id in stepping]
         losses = [loss_sums[job_id] / max(1, targets[job_id]) for job_id in finished]
@@ -386,6 +388,7 @@ class Cohort:
                 "micro_batches": job.micro_batches,
                 "accumulated": job.accumulated,
                 "window_targets": job.window_targets,
+                "trained_tokens": job.trained_tokens,
                 "adapter": job.adapter.state_dict(),
                 "adapter_rng": job.adapter.rng_state(),
                 # Copies: on the kernel path a job's grads are views into buffers shared by the whole cohort, and
@@ -401,6 +404,7 @@ class Cohort:
         job.step, job.micro_batches, job.accumulated = state["step"], state["micro_batches"], state["accumulated"]
         # Checkpoints written before this field count their window as having targets: they always stepped it.
         job.window_targets = state.get("window_targets", 1)
+        job.trained_tokens = state.get("trained_tokens", 0)  # not counted by checkpoints older than this field
         job.done = job.step >= job.total_steps
         job.adapter.load_state_dict(state["adapter"])
         job.adapter.load_rng_state(state["adapter_rng"])

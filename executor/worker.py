@@ -296,6 +296,7 @@ class Executor:
                 self._fail_untrained(lease)
                 continue
             metrics = {"loss": result.loss, "lr": result.lr, "tokens": result.tokens,
+                       "trained_tokens": self.cohort.jobs[job_id].trained_tokens,
                        "tokens_per_s": result.tokens / seconds, "grad_norm": result.grad_norm}
             if result.checkpoint_due and job_id in self.validation:
                 try:

@@ -94,6 +94,12 @@ def chosen_hyperparameters(record: JobRecord) -> Hyperparameters:
                                record.spec.adapter.type), 9))
 
 
+def _trained_tokens(record: JobRecord) -> Optional[int]:
+    """Target tokens trained on so far, across resumes (the executor's count, kept in its checkpoints)."""
+    tokens = record.metrics.get("trained_tokens")
+    return int(tokens) if isinstance(tokens, (int, float)) else None
+
+
 def job_view(record: JobRecord, result_files: list[str]) -> FineTuningJob:
     spec = record.spec
     hyperparameters = chosen_hyperparameters(record)
@@ -108,6 +114,7 @@ def job_view(record: JobRecord, result_files: list[str]) -> FineTuningJob:
         validation_file=spec.validation_dataset, hyperparameters=hyperparameters,
         method=Method(supervised=Supervised(hyperparameters=hyperparameters)), result_files=result_files,
         estimated_finish=_estimated_finish(record), error=error, seed=spec.hyperparameters.seed,
+        trained_tokens=_trained_tokens(record),
         metadata=dict(spec.metadata) or None, suffix=spec.name,
         lorafleet={"state": record.state.value, "step": record.step, "total_steps": record.total_steps,
                    "metrics": dict(record.metrics), "priority": spec.priority,

@@ -37,6 +37,7 @@ def test_a_paused_job_resumed_on_another_executor_ends_as_if_never_paused(store,
     done, reference = store.job(paused), store.job(straight)
     assert done.state == JobState.SUCCEEDED and done.step == reference.step == 6
     assert files_of(done.adapter_uri) == files_of(reference.adapter_uri), "bit for bit the uninterrupted result"
+    assert done.metrics["trained_tokens"] == reference.metrics["trained_tokens"] > 0, "counted across the pause"
     types = [e["type"] for e in store.events(paused, limit=1000)]
     assert "pause_requested" in types and types.count("checkpoint") >= 1
 
