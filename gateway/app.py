@@ -21,6 +21,7 @@ from lorafleet.gateway.jobs import checkpoint_views, event_view, job_view, spec_
 from lorafleet.gateway.models import (
     CheckpointList, CreateJobRequest, ErrorResponse, EventList, FineTuningJob, JobList,
 )
+from lorafleet.gateway.page import page_routes
 from lorafleet.scheduler import config
 from lorafleet.scheduler.records import JobRecord
 from lorafleet.scheduler.store import MAX_LIST_LIMIT, JobStore
@@ -173,6 +174,7 @@ def create_app(store: Optional[JobStore] = None, root_path: str = "") -> FastAPI
     app.state.gateway = Gateway(store)
     errors.install(app)
     app.include_router(_job_routes())
+    app.include_router(page_routes())  # the tenants' web page at /ui/
     return app
 
 
