@@ -127,6 +127,8 @@ def _event_message(event: dict[str, Any]) -> str:
     kind = event["type"]
     if kind == "state":
         to = event.get("to")
+        if to == JobState.SCHEDULED:
+            return "Job assigned to an executor"
         status = STATUS.get(JobState(to), to) if to in JobState._value2member_map_ else to
         return f"Job {status}" + (f": {event['error']}" if event.get("error") else "")
     if kind == "progress":

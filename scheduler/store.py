@@ -655,7 +655,9 @@ class JobStore:
         done = self._progress(
             keys=[keys.job(job_id), keys.job_events(job_id)],
             args=[*_lease_args(attempt, executor_id), int(step), int(total_steps), json.dumps(metrics),
-                  repr(time.time()), "1" if progress_event_due(step, total_steps) else "0",
+                  repr(time.time()),
+                  # a validation loss is measured only at checkpoints: its event is never thinned away
+                  "1" if progress_event_due(step, total_steps) or "eval_loss" in metrics else "0",
                   json.dumps({"step": step, "total_steps": total_steps, **metrics})],
         )
         return bool(done[0])

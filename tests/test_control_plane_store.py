@@ -177,6 +177,19 @@ def test_progress_events_are_due_about_progress_events_times_a_job():
     assert progress_event_due(7, 0), "unknown length: every step"
 
 
+def test_a_long_jobs_validation_losses_are_all_kept_as_events(store, make_tenant):
+    """Progress events of a long job are thinned, but a step with a validation loss (a checkpoint) always has one."""
+    job_id = new_job(store, make_tenant())
+    attempt = store.claim(job_id, "ex-eval")
+    store.start(job_id, attempt, "ex-eval")
+    for step in range(1, 301):
+        metrics = {"loss": 1.0, **({"eval_loss": 2.0} if step % 7 == 0 else {})}
+        store.record_progress(job_id, step, 100_000, metrics, attempt=attempt, executor_id="ex-eval")
+    evaluated = [e["step"] for e in store.events(job_id, limit=1000) if "eval_loss" in e]
+    assert evaluated == list(range(7, 301, 7))
+    store.cancel(None, job_id)
+
+
 def test_tenant_admin(store):
     tenant, token = store.create_tenant("carol-" + secrets.token_hex(4), weight=2.5)
     assert store.authenticate(token) == tenant["name"] and tenant["weight"] == 2.5
