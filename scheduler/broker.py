@@ -38,7 +38,10 @@ from lorafleet.scheduler.client import TASK_NAMES
 
 log = logging.getLogger("lorafleet.broker")
 
-MAX_MESSAGE_BYTES = 256 * 1024  # a spec is at most 64 KiB; the rest of a call is a few hundred bytes
+MAX_MESSAGE_BYTES = 2 << 20  # a spec is at most 64 KiB; an upload part (`files.MAX_PART_BYTES`) 1.4 MiB as base64
+# Results kept shorter than Celery's `result_expires`: a downloaded chunk is fetched at once, and a tenant cannot
+# delete its results (its broker user may only read them), so an hour of a large download would pile up in Redis.
+SHORT_LIVED_RESULTS = {"lorafleet.read_file": 120}  # task -> seconds
 SYNC_SECONDS = 1.0
 REDACTED = "'(redacted)'"
 
@@ -179,6 +182,7 @@ class GuardedTransport(kombu_redis.Transport):
 
 
 _result_prefix: contextvars.ContextVar[str] = contextvars.ContextVar("lorafleet_result_prefix", default="")
+_result_seconds: contextvars.ContextVar[Optional[int]] = contextvars.ContextVar("lorafleet_result_s", default=None)
 
 
 def _prefix_for(request: Any) -> str:
@@ -192,13 +196,18 @@ class TenantResultBackend(RedisBackend):
 
     def store_result(self, task_id, result, state, traceback=None, request=None, **kwargs):
         reset = _result_prefix.set(_prefix_for(request))
+        reset_seconds = _result_seconds.set(SHORT_LIVED_RESULTS.get(getattr(request, "task", None)))
         try:
             return super().store_result(task_id, result, state, traceback=traceback, request=request, **kwargs)
         finally:
             _result_prefix.reset(reset)
+            _result_seconds.reset(reset_seconds)
 
     def get_key_for_task(self, task_id, key=""):
         return self.key_t(_result_prefix.get()) + super().get_key_for_task(task_id, key)
+
+    def _set_with_state(self, key, value, state):
+        return self.set(key, value, expires=_result_seconds.get())  # None: Celery's result_expires
 
 
 class TenantQueues(bootsteps.StartStopStep):

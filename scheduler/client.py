@@ -33,6 +33,14 @@ TASK_NAMES = (
     "lorafleet.pause_job",
     "lorafleet.resume_job",
     "lorafleet.job_events",
+    "lorafleet.upload_begin",
+    "lorafleet.upload_part",
+    "lorafleet.upload_complete",
+    "lorafleet.upload_cancel",
+    "lorafleet.list_files",
+    "lorafleet.get_file",
+    "lorafleet.delete_file",
+    "lorafleet.read_file",
 )
 
 

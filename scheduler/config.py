@@ -12,6 +12,8 @@
 | `LORAFLEET_MAX_RECORD_BYTES` | 1 MiB | longest dataset line accepted |
 | `LORAFLEET_MAX_DATASET_BYTES` | 1 GiB | largest dataset file accepted |
 | `LORAFLEET_MAX_RECORDS` | 5,000,000 | most records (non-blank lines) in one dataset file |
+| `LORAFLEET_FILE_QUOTA_BYTES` | 10 GiB | bytes of uploaded files one tenant may keep (`files.FileStore`; one file is capped by `LORAFLEET_MAX_DATASET_BYTES`) |
+| `LORAFLEET_FILE_QUOTA_COUNT` | 100 | uploaded files one tenant may keep |
 | `LORAFLEET_JOB_RETENTION_DAYS` | 30 | finished jobs older than this are expired by the scheduler, with their artifacts; 0 keeps them for ever |
 | `LORAFLEET_KEEP_CHECKPOINTS` | 2 | checkpoints kept per job (older ones are deleted when a newer one is recorded) |
 | `HF_HUB_CACHE` | `$HF_HOME/hub` or `~/.cache/huggingface/hub` | local model cache searched for base model ids |
@@ -65,6 +67,21 @@ def keep_checkpoints() -> int:
     if not raw.isdigit() or int(raw) < 1:
         raise ConfigError(f"LORAFLEET_KEEP_CHECKPOINTS: must be a whole number >= 1, got {raw!r}")
     return int(raw)
+
+
+def _whole_number(name: str, default: int) -> int:
+    raw = os.environ.get(name, str(default))
+    if not raw.isdigit():
+        raise ConfigError(f"{name}: must be a whole number, got {raw!r}")
+    return int(raw)
+
+
+def file_quota_bytes() -> int:
+    return _whole_number("LORAFLEET_FILE_QUOTA_BYTES", 10 << 30)
+
+
+def file_quota_count() -> int:
+    return _whole_number("LORAFLEET_FILE_QUOTA_COUNT", 100)
 
 
 def embedded_redis_dir() -> Path:

@@ -35,6 +35,16 @@ State lives only in Redis (persisted with AOF), so a scheduler or worker restart
 | `lorafleet:worker_queue` | list | nothing: the submission worker's Celery default queue, which no one writes (tenants' queues are below) | — |
 | `lorafleet:dead_letters` | list, capped at `DEAD_LETTERS_MAXLEN` | submission messages the worker refused before any task ran: JSON `{queue, kind, reason, ts, task, id}` (never the body, which may hold a token) | the submission worker (`broker.dead_letter`) |
 | `lorafleet:rejected_messages` | hash | kind (`broker.Refused.kind`) -> number of refused submission messages (exported by the scheduler as `lorafleet_submission_rejected_messages`) | the submission worker (`broker.dead_letter`) |
+| `lorafleet:file:<id>` | hash | one tenant file (`files.FileRecord` fields, plus `seq` and `blob`, the name of its bytes in the dataset store) | `files.FileStore` (Lua) |
+| `lorafleet:tenant:<name>:files` | sorted set | the tenant's file ids, score = `file_seq` at creation (newest last) | `files.FileStore` (Lua) |
+| `lorafleet:tenant:<name>:file_usage` | hash | `bytes`, `count` of the tenant's uploaded files: what its file quota is checked against | `files.FileStore` (Lua) |
+| `lorafleet:tenant:<name>:file_digests` | hash | blob name (`<sha256>.jsonl` / `.tar`) -> the tenant's file with those bytes: a second upload returns it | `files.FileStore` (Lua) |
+| `lorafleet:tenant:<name>:artifact_files` | hash | artifact URI (an adapter or checkpoint) -> the tenant's file packed from it | `files.FileStore.file_for_artifact` |
+| `lorafleet:tenant:<name>:uploads` | sorted set | the tenant's open chunked uploads, score = when each expires (at most `files.MAX_OPEN_UPLOADS`) | `files.FileStore` (Lua) |
+| `lorafleet:upload:<id>` | hash, TTL | one chunked upload: `tenant`, `filename`, `purpose`, `bytes` declared, `reserved`, `written`; its bytes are `<dataset store>/.uploads/<id>.part` | `files.FileStore` (Lua) |
+| `lorafleet:file_seq` | string (int) | file counter (the order of tenants' file lists) | `files.FileStore` (Lua) |
+| `lorafleet:file_blob_refs` | hash | blob name -> number of files, of all tenants, with those bytes | `files.FileStore` (Lua) |
+| `lorafleet:file_orphans` | sorted set | blob names no file names any more, score = since when: `FileStore.collect_garbage` removes them once no unfinished job trains on them | `files.FileStore` (Lua) |
 
 Tenant-facing keys are outside `lorafleet:*`, which no tenant credential can touch. Each tenant's broker user
 (`acl.tenant_username`) reaches only these, and only with the commands Celery's client needs to publish and fetch:
@@ -106,6 +116,9 @@ WORKER_QUEUE = PREFIX + "worker_queue"
 DEAD_LETTERS = PREFIX + "dead_letters"
 DEAD_LETTERS_MAXLEN = 1000
 REJECTED_MESSAGES = PREFIX + "rejected_messages"
+FILE_SEQ = PREFIX + "file_seq"
+FILE_BLOB_REFS = PREFIX + "file_blob_refs"
+FILE_ORPHANS = PREFIX + "file_orphans"
 TENANT_KEY_PREFIX = "lorafleet-tenant."
 
 
@@ -168,3 +181,31 @@ def executor_pauses(executor_id: str) -> str:
 
 def executor_drain(executor_id: str) -> str:
     return f"{PREFIX}executor:{executor_id}:drain"
+
+
+def file(file_id: str) -> str:
+    return f"{PREFIX}file:{file_id}"
+
+
+def tenant_files(name: str) -> str:
+    return f"{PREFIX}tenant:{name}:files"
+
+
+def tenant_file_usage(name: str) -> str:
+    return f"{PREFIX}tenant:{name}:file_usage"
+
+
+def tenant_file_digests(name: str) -> str:
+    return f"{PREFIX}tenant:{name}:file_digests"
+
+
+def tenant_artifact_files(name: str) -> str:
+    return f"{PREFIX}tenant:{name}:artifact_files"
+
+
+def tenant_uploads(name: str) -> str:
+    return f"{PREFIX}tenant:{name}:uploads"
+
+
+def upload(upload_id: str) -> str:
+    return f"{PREFIX}upload:{upload_id}"

@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 
 from lorafleet.scheduler import auto
 from lorafleet.scheduler.datasets import AcceptedDataset, accept, accepted_path
+from lorafleet.scheduler.files import FileStore, accepted_file, is_file_id
 from lorafleet.scheduler.memory import JobPlan, ModelShape, plan_job
 from lorafleet.scheduler.formats import IGNORE_INDEX, DataError, Tokenizing, detect_format, parse_record, tokenise_record
 from lorafleet.scheduler.spec import JobSpec, SpecError, is_inside, parse_spec, resolve_dataset, spec_object
@@ -165,7 +166,8 @@ def _check_target_modules(spec: JobSpec, shape: ModelShape) -> None:
 
 
 def accept_submission(
-    raw: object, tenant: str, data_root: Path, hub_cache: Path, model_roots: Sequence[Path], dataset_store: Path
+    raw: object, tenant: str, data_root: Path, hub_cache: Path, model_roots: Sequence[Path], dataset_store: Path,
+    files: Optional[FileStore] = None,
 ) -> Submission:
     """parse_spec; check the datasets and the base model exist where this tenant may read them; then copy each dataset
     into the dataset store (the job trains on those bytes only) and read its first records as the executor will.
@@ -173,14 +175,16 @@ def accept_submission(
     raw, auto_fields = auto.take_auto(spec_object(raw))
     spec = parse_spec(raw)
     fields = [field for field in ("dataset", "validation_dataset") if getattr(spec, field) is not None]
-    paths = {field: resolve_dataset(getattr(spec, field), data_root, tenant, field) for field in fields}
+    paths = {field: resolve_dataset(getattr(spec, field), data_root, tenant, field) for field in fields
+             if not is_file_id(getattr(spec, field))}  # an uploaded file's id: `files` has its accepted bytes
     model_dir = resolve_base_model(spec.base_model, hub_cache, spec.base_model_revision, model_roots)
     root = Path(data_root).resolve()
     areas = [root / tenant, root / "shared"]
     datasets, samples = {}, {}
-    for field, path in paths.items():
+    for field in fields:
         uri = getattr(spec, field)
-        datasets[field] = accept(uri, path, areas, dataset_store, field)
+        datasets[field] = (accept(uri, paths[field], areas, dataset_store, field) if field in paths
+                           else accepted_file(files, tenant, uri, field))
         samples[field] = count_targets(
             accepted_path(dataset_store, datasets[field].sha256), uri, field, spec.dataset_format,
             tokenizing_for(str(model_dir.resolve())), spec.hyperparameters.max_seq_len)

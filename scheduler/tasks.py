@@ -16,12 +16,15 @@ answer for both, so job ids of other tenants cannot be probed).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import functools
 from typing import Any, Callable, Optional
 
 from lorafleet.scheduler import config, keys
 from lorafleet.scheduler.broker import TenantQueues
 from lorafleet.scheduler.client import make_celery
+from lorafleet.scheduler.files import MAX_PART_BYTES, FileError, FileLimits, FileStore
 from lorafleet.scheduler.store import JobStore
 from lorafleet.scheduler.submission import accept_submission
 
@@ -38,6 +41,7 @@ app.steps["consumer"].add(TenantQueues)
 TENANT_ERRORS = (ValueError, PermissionError, LookupError)
 
 _store: Optional[JobStore] = None
+_file_store: Optional[FileStore] = None
 
 
 def store() -> JobStore:
@@ -46,6 +50,13 @@ def store() -> JobStore:
         _store = JobStore.from_url(config.redis_url())
         _store.ensure_schema()
     return _store
+
+
+def file_store() -> FileStore:
+    global _file_store
+    if _file_store is None:
+        _file_store = FileStore(store().r, config.dataset_store(), FileLimits.from_env())
+    return _file_store
 
 
 def _caller(task: Any, token: Any) -> str:
@@ -79,7 +90,7 @@ def _public_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 def submit_job(self, token: str, spec: Any, request_id: Optional[str] = None) -> dict:
     tenant = _caller(self, token)
     accepted = accept_submission(spec, tenant, config.data_root(), config.hf_hub_cache(), config.model_roots(),
-                                 config.dataset_store())
+                                 config.dataset_store(), file_store())
     return store().submit(tenant, accepted.spec, datasets=accepted.datasets, plan=accepted.plan,
                           request_id=request_id)
 
@@ -124,3 +135,74 @@ def resume_job(self, token: str, job_id: str) -> dict:
 def job_events(self, token: str, job_id: str, after: Optional[str] = None, limit: int = 100) -> list:
     tenant = _caller(self, token)
     return store().events_for(tenant, job_id, after, limit)
+
+
+# ---- files (`files.FileStore`): a dataset uploaded in parts, then named as `dataset: "file-..."` in a spec ----
+
+@app.task(name="lorafleet.upload_begin", throws=TENANT_ERRORS, bind=True)
+@_public_errors
+def upload_begin(self, token: str, filename: str, purpose: str, size: int) -> dict:
+    """Open an upload of `size` bytes; send them with upload_part, at most `part_bytes` a part."""
+    tenant = _caller(self, token)
+    return {"upload_id": file_store().begin_upload(tenant, filename, purpose, size), "part_bytes": MAX_PART_BYTES}
+
+
+@app.task(name="lorafleet.upload_part", throws=TENANT_ERRORS, bind=True)
+@_public_errors
+def upload_part(self, token: str, upload_id: str, data: str, offset: Optional[int] = None) -> dict:
+    """`data`: base64 of the next part. With `offset`, a part that does not start there is refused (safe retries)."""
+    tenant = _caller(self, token)
+    return {"received": file_store().add_part(tenant, upload_id, _base64_part(data), offset)}
+
+
+@app.task(name="lorafleet.upload_complete", throws=TENANT_ERRORS, bind=True)
+@_public_errors
+def upload_complete(self, token: str, upload_id: str) -> dict:
+    tenant = _caller(self, token)
+    return file_store().complete_upload(tenant, upload_id).to_json()
+
+
+@app.task(name="lorafleet.upload_cancel", throws=TENANT_ERRORS, bind=True)
+@_public_errors
+def upload_cancel(self, token: str, upload_id: str) -> None:
+    tenant = _caller(self, token)
+    file_store().cancel_upload(tenant, upload_id)
+
+
+@app.task(name="lorafleet.list_files", throws=TENANT_ERRORS, bind=True)
+@_public_errors
+def list_files(self, token: str, after: Optional[str] = None, limit: int = 100, purpose: Optional[str] = None
+               ) -> list:
+    tenant = _caller(self, token)
+    return [record.to_json() for record in file_store().list(tenant, after, limit, purpose)]
+
+
+@app.task(name="lorafleet.get_file", throws=TENANT_ERRORS, bind=True)
+@_public_errors
+def get_file(self, token: str, file_id: str) -> dict:
+    tenant = _caller(self, token)
+    return file_store().get(tenant, file_id).to_json()
+
+
+@app.task(name="lorafleet.delete_file", throws=TENANT_ERRORS, bind=True)
+@_public_errors
+def delete_file(self, token: str, file_id: str) -> dict:
+    tenant = _caller(self, token)
+    return file_store().delete(tenant, file_id).to_json()
+
+
+@app.task(name="lorafleet.read_file", throws=TENANT_ERRORS, bind=True)
+@_public_errors
+def read_file(self, token: str, file_id: str, offset: int = 0, length: int = MAX_PART_BYTES) -> str:
+    """base64 of at most `length` bytes of the file from `offset`; "" past its end."""
+    tenant = _caller(self, token)
+    return base64.b64encode(file_store().read_chunk(tenant, file_id, offset, length)).decode("ascii")
+
+
+def _base64_part(data: Any) -> bytes:
+    if not isinstance(data, str) or len(data) > (MAX_PART_BYTES + 2) // 3 * 4:
+        raise FileError(f"base64 of 1 to {MAX_PART_BYTES} bytes", param="data")
+    try:
+        return base64.b64decode(data, validate=True)
+    except binascii.Error:
+        raise FileError("not base64", param="data") from None

@@ -15,7 +15,7 @@ from celery import Celery
 from helpers_polling import wait_until
 from lorafleet.scheduler import acl, keys
 from lorafleet.scheduler.acl import TenantCredentials
-from lorafleet.scheduler.broker import check_message
+from lorafleet.scheduler.broker import MAX_MESSAGE_BYTES, check_message
 from lorafleet.scheduler.spec import parse_spec
 
 
@@ -180,7 +180,7 @@ MALFORMED = {
     "pickle": {**envelope(), "content-type": "application/x-python-serialize"},
     "eta": envelope(eta="2999-01-01T00:00:00"),
     "callbacks": envelope(body=[["lft_x"], {}, {"callbacks": [{"task": "lorafleet.cancel_job"}]}]),
-    "oversized": envelope(body=[["lft_x", "a" * 400_000], {}, {}]),
+    "oversized": envelope(body=[["lft_x", "a" * MAX_MESSAGE_BYTES], {}, {}]),
     "bad task id": envelope(id="../../etc"),
 }
 
