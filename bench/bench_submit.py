@@ -3,7 +3,10 @@
 Starts a throwaway redis-server and `--workers` worker processes (`--pool=solo` each, the documented setting: one
 process per core), like the tests. Each submission is the whole operation a tenant sees: a task through the
 tenant's own queue, the spec checked, the dataset accepted and read with the base's tokenizer, the job stored, the
-answer back. Sequential: one call at a time (latency); burst: `--n` calls in flight at once (throughput).
+answer back. Sequential: one call at a time (latency); burst: `--n` calls in flight at once (throughput), the
+client sharing the cores with the workers and Valkey; drain: `--n` calls queued for a tenant whose queue no worker
+consumed yet, then the workers alone (the client idle) until the last is stored: what the workers and Valkey do on
+these cores when the tenants' clients run elsewhere.
 Run: python -P bench/bench_submit.py [--n 1000] [--workers 2] [--out bench/results/x.json]
 """
 
@@ -19,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from lorafleet.scheduler import keys
 from lorafleet.scheduler.client import make_celery
 from lorafleet.scheduler.redis_server import start_redis_server
 from lorafleet.scheduler.stack import write_demo_base_model
@@ -28,6 +32,43 @@ from lorafleet.scheduler.store import JobStore
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_now(pids: dict[str, list[int]]) -> dict[str, float]:
+    """CPU seconds so far of this process (the client) and of each named group of processes."""
+    times = {name: sum(cpu_seconds(pid) for pid in group) for name, group in pids.items()}
+    return {"client": cpu_seconds(os.getpid()), **times}
+
+
+def measure_drain(server, store: JobStore, pids: dict[str, list[int]], spec: dict, n: int) -> dict:
+    """Accepted/s and CPU ms per submission of the workers emptying a queue that was filled before they saw it."""
+    _, token = store.create_tenant("drain", max_queued=100_000)
+    store.issue_credentials("drain", token)
+    store.set_disabled("drain")  # its queue is not consumed while it fills
+    sender = make_celery(server.url, name="bench-drain", tenant="drain")  # the operator's user: the tenant's is off
+    try:
+        spec = {**spec, "dataset": "drain/train.jsonl"}
+        pending = [sender.send_task("lorafleet.submit_job", args=[token, spec, f"drain-{i}"]) for i in range(n)]
+        cpu_before = cpu_now(pids)
+        store.set_disabled("drain", False)  # the workers start consuming it within broker.SYNC_SECONDS
+        deadline = time.monotonic() + 300
+        while store.counts("drain")["queued"] < n and time.monotonic() < deadline:
+            time.sleep(0.05)
+        cpu_after = cpu_now(pids)
+        for result in pending:
+            result.get(timeout=30)  # each one accepted
+    finally:
+        sender.close()
+    submitted = [at for _, at in store.r.zrange(keys.tenant_jobs("drain"), 0, -1, withscores=True)]  # by time
+    return {"drain_submissions_per_s": (len(submitted) - 1) / (submitted[-1] - submitted[0]),
+            "drain_cpu_ms_per_submission": {name: (cpu_after[name] - cpu_before[name]) * 1000 / n
+                                            for name in pids}}
 
 
 def main() -> None:
@@ -44,8 +85,9 @@ def main() -> None:
         store.ensure_schema()
         _, token = store.create_tenant("bench", max_queued=100_000)
         credentials = store.issue_credentials("bench", token)  # the tenant's own broker user, as in production
-        (tmp / "data" / "bench").mkdir(parents=True)
-        (tmp / "data" / "bench" / "train.jsonl").write_text('{"text": "hello"}\n')
+        for tenant in ("bench", "drain"):
+            (tmp / "data" / tenant).mkdir(parents=True)
+            (tmp / "data" / tenant / "train.jsonl").write_text('{"text": "hello"}\n')
         write_demo_base_model(tmp / "model")  # submission reads the dataset with the base model's tokenizer
         spec = {"base_model": str(tmp / "model"), "dataset": "bench/train.jsonl", "adapter": {"r": 8}}
         env = {**os.environ, "REDIS_URL": server.role_url("worker"), "LORAFLEET_DATA_ROOT": str(tmp / "data"),
@@ -75,12 +117,16 @@ def main() -> None:
                 app.send_task("lorafleet.get_job", args=[token, job_id]).get(timeout=30)
                 get_latencies.append(time.perf_counter() - start)
 
+            pids = {"workers": [worker.pid for worker in workers], "valkey": [server.process.pid]}
+            cpu_before = cpu_now(pids)
             start = time.perf_counter()
             pending = [app.send_task("lorafleet.submit_job", args=[token, spec, f"burst-{i}"]) for i in range(args.n)]
             for result in pending:
                 result.get(timeout=300)
             burst_seconds = time.perf_counter() - start
+            cpu_after = cpu_now(pids)
             accepted = store.counts("bench")["queued"]
+            drain = measure_drain(server, store, pids, spec, args.n)
         finally:
             for worker in workers:
                 worker.terminate()
@@ -104,7 +150,11 @@ def main() -> None:
                                   "p95": percentile(get_latencies, 0.95) * ms},
         "sequential_submissions_per_s": args.n / sum(latencies),
         "burst_submissions_per_s": args.n / burst_seconds,
+        # CPU time per submission in the burst, by process: what the 2 cores are spent on
+        "burst_cpu_ms_per_submission": {name: (cpu_after[name] - cpu_before[name]) * ms / args.n for name in cpu_after},
+        **drain,
         "cpu_count": os.cpu_count(),
+        "load_average_at_end": os.getloadavg()[0],  # other work on the machine skews every figure above
     }
     print(json.dumps(report, indent=2))
     if args.out:

@@ -3,8 +3,8 @@ with `base_url=` pointing here.
 
 The bearer token is the tenant's token (`JobStore.authenticate`); the gateway holds the store's credentials
 (REDIS_URL and the rest of `scheduler.config`), tenants never do. Jobs go through the same `accept_submission` and
-`JobStore.submit` as the Celery API. Routes are grouped per resource (`_job_routes`, `_file_routes`): pause/resume
-and a web page are later additions of their own.
+`JobStore.submit` as the Celery API. Routes are grouped per resource (`_job_routes`, `files_api.file_routes`):
+pause/resume and a web page are later additions of their own.
 """
 
 from __future__ import annotations
@@ -23,7 +23,10 @@ from lorafleet.gateway.models import (
 )
 from lorafleet.gateway.page import page_routes
 from lorafleet.scheduler import config
-from lorafleet.scheduler.records import JobRecord
+from lorafleet.scheduler.artifacts import ArtifactStore
+from lorafleet.scheduler.files import FileLimits, FileStore
+from lorafleet.scheduler.records import JobRecord, JobState
+from lorafleet.scheduler.results import JobResults
 from lorafleet.scheduler.store import MAX_LIST_LIMIT, JobStore
 from lorafleet.scheduler.submission import accept_submission
 
@@ -38,23 +41,30 @@ Limit = Annotated[int, Query(ge=1, le=MAX_LIST_LIMIT)]
 
 @dataclass
 class Gateway:
-    """What the routes share: the store, opened with the gateway's own credentials."""
+    """What the routes share: the stores, opened with the gateway's own credentials."""
 
     store: JobStore
+    files: FileStore
+    results: JobResults
 
     def record_for(self, tenant: str, job_id: str) -> JobRecord:
         """The tenant's job; 404 for an unknown id and for another tenant's, alike."""
-        self.store.get_job_for(tenant, job_id)  # raises LookupError with the one message for both
-        record = self.store.job(job_id)
-        if record is None:
-            raise LookupError(f"no job {job_id!r}")
-        return record
+        return self.results.record_for(tenant, job_id)
 
     def result_files(self, record: JobRecord) -> list[str]:
-        return []
+        """A succeeded job's adapter as one file (packed on the first ask, `scheduler.results`); [] before."""
+        if record.state != JobState.SUCCEEDED:
+            return []
+        try:
+            return [self.results.adapter_file(record).file_id]
+        except LookupError:  # its adapter is no longer stored
+            return []
 
     def checkpoint_file(self, record: JobRecord, uri: str) -> Optional[str]:
-        return None
+        try:
+            return self.results.checkpoint_file(record, uri).file_id
+        except LookupError:  # rotated out or removed meanwhile
+            return None
 
 
 _bearer = HTTPBearer(auto_error=False, description="your tenant token")
@@ -92,7 +102,7 @@ def _job_routes() -> APIRouter:
         """Validate and queue a job, exactly as the Celery task `lorafleet.submit_job` does."""
         raw = spec_from_request(body)
         accepted = _refusals(accept_submission, raw, tenant, config.data_root(), config.hf_hub_cache(),
-                             config.model_roots(), config.dataset_store())
+                             config.model_roots(), config.dataset_store(), gateway.files)
         job = _refusals(gateway.store.submit, tenant, accepted.spec, datasets=accepted.datasets, plan=accepted.plan)
         record = gateway.store.job(job["job_id"])
         return job_view(record, gateway.result_files(record))
@@ -171,9 +181,13 @@ def create_app(store: Optional[JobStore] = None, root_path: str = "") -> FastAPI
     if store is None:
         store = JobStore.from_url(config.redis_url())
         store.ensure_schema()
-    app.state.gateway = Gateway(store)
+    files = FileStore(store.r, config.dataset_store(), FileLimits.from_env())
+    app.state.gateway = Gateway(store, files, JobResults(store, files, ArtifactStore(config.artifact_root())))
     errors.install(app)
     app.include_router(_job_routes())
+    from lorafleet.gateway.files_api import file_routes  # here: it takes this module's dependencies (Tenant, State)
+
+    app.include_router(file_routes())
     app.include_router(page_routes())  # the tenants' web page at /ui/
     return app
 

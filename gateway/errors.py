@@ -2,9 +2,10 @@
 exception classes (BadRequestError with `.param`, AuthenticationError, NotFoundError, ...).
 
 Every refusal the scheduler package raises is mapped here, once: SpecError and other ValueErrors are 400s naming the
-field in `param` (the spec's messages start with the field), PermissionError 401, LookupError 404 (an unknown id and
-another tenant's id get the same answer), the store's QuotaExceeded 429. A 4xx that is not worth retrying says so in
-`x-should-retry: false`, which the `openai` client honours.
+field in `param` (the spec's messages start with the field; a FileError names it in `.param`), PermissionError 401,
+LookupError 404 (an unknown id and another tenant's id get the same answer), the store's QuotaExceeded 429, a file
+over the size cap (FileTooLarge) 413. A 4xx that is not worth retrying says so in `x-should-retry: false`, which the
+`openai` client honours.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from lorafleet.scheduler.files import FileError, FileTooLarge
 from lorafleet.scheduler.store import QuotaExceeded
 
 # The internal spec's field paths and the names a tenant used in its request (`jobs.spec_from_request`).
@@ -88,6 +90,10 @@ def from_exception(exc: Exception) -> ApiError:
         return ApiError(404, exc.args[0] if exc.args else "not found", code="not_found")
     if isinstance(exc, QuotaExceeded):
         return ApiError(429, str(exc), code="quota_exceeded", type="insufficient_quota")
+    if isinstance(exc, FileTooLarge):
+        return ApiError(413, str(exc), param=exc.param, code="file_too_large")
+    if isinstance(exc, FileError):
+        return ApiError(400, str(exc), param=exc.param, code="invalid_value")
     if isinstance(exc, ValueError):
         return ApiError(400, str(exc), param=param_of(str(exc)), code="invalid_value")
     raise TypeError(f"not a refusal: {exc!r}")

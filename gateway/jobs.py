@@ -5,7 +5,6 @@ event and checkpoint objects (`job_view`, `event_view`, `checkpoint_views`)."""
 from __future__ import annotations
 
 import math
-import re
 from pathlib import PurePosixPath
 from typing import Any, Callable, Optional
 
@@ -16,6 +15,7 @@ from lorafleet.gateway.models import (
 )
 from lorafleet.scheduler.auto import AUTO, base_learning_rate
 from lorafleet.scheduler.records import JobRecord, JobState
+from lorafleet.scheduler.results import checkpoint_step
 
 # Internal states as OpenAI names them: a scheduled job is still waiting for its executor to start it.
 STATUS = {
@@ -30,7 +30,6 @@ _LORAFLEET_TO_SPEC = {  # LorafleetOptions field -> (spec section or None for to
     "max_seq_len": ("hyperparameters", "max_seq_len"), "max_steps": ("hyperparameters", "max_steps"),
     "checkpoint_every": ("hyperparameters", "checkpoint_every"),
 }
-_CHECKPOINT_STEP_RE = re.compile(r"checkpoint-(\d+)-")
 
 
 def _hyperparameters_of(request: CreateJobRequest) -> HyperparametersRequest:
@@ -154,12 +153,6 @@ def event_view(event: dict[str, Any]) -> JobEvent:
         "warn" if event["type"] == "requeued" else "info")
     return JobEvent(id=event["id"], created_at=int(event["ts"]), level=level, message=_event_message(event),
                     type="metrics" if event["type"] == "progress" else "message", data={"kind": event["type"], **data})
-
-
-def checkpoint_step(uri: str) -> int:
-    """The step in a checkpoint's name (`artifacts`: `checkpoint-<step>-<nonce>`)."""
-    found = _CHECKPOINT_STEP_RE.search(PurePosixPath(uri).name)
-    return int(found.group(1)) if found else 0
 
 
 def _checkpoint_metrics(progress: dict[str, Any], step: int) -> dict[str, float]:

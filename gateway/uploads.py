@@ -16,6 +16,7 @@ from typing import AsyncIterator, Callable, Iterator, Optional, TypeVar
 
 import anyio.from_thread
 import anyio.to_thread
+from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
@@ -99,11 +100,14 @@ class MultipartStream:
             chunk = b""
         except ClientDisconnect:
             raise ApiError(400, "file: the client went away before the body ended", param="file") from None
-        if chunk:
-            self._parser.write(chunk)
-        else:
-            self._parser.finalize()
-            self._ended = True
+        try:
+            if chunk:
+                self._parser.write(chunk)
+            else:
+                self._parser.finalize()
+                self._ended = True
+        except MultipartParseError as exc:
+            raise ApiError(400, f"file: not a multipart/form-data body: {exc}", param="file") from None
 
     async def until_file(self) -> str:
         """Read up to the file part's first bytes; its filename."""

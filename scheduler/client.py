@@ -41,6 +41,8 @@ TASK_NAMES = (
     "lorafleet.get_file",
     "lorafleet.delete_file",
     "lorafleet.read_file",
+    "lorafleet.job_result_file",
+    "lorafleet.checkpoint_files",
 )
 
 

@@ -12,6 +12,13 @@ executor host must see it under the same path (a shared file system, like the da
 Limits (environment, read at call time): `LORAFLEET_MAX_RECORD_BYTES` (one JSONL line, default 1 MiB),
 `LORAFLEET_MAX_DATASET_BYTES` (one file, default 1 GiB) and `LORAFLEET_MAX_RECORDS` (non-blank lines of one file,
 default 5,000,000), which bound what one job's data costs an executor: its line index, 24 bytes a record.
+
+A tenant submitting many jobs on one file pays for its copy once: a worker remembers each file it accepted by the
+identity of the file it opened (device, inode, size, mtime and ctime, in nanoseconds) and, while that identity is
+unchanged and the accepted copy is still in the store, answers the same digest without reading the file again. Any
+write to the file changes its ctime (which, unlike the mtime, the tenant cannot set back), so a changed file is read
+and copied again. A file changed within `SETTLED_SECONDS` before acceptance is never remembered: its timestamps may
+not yet tell one write from the next (the coarse file-system clock), the "racy clean" case git's index also skips.
 """
 
 from __future__ import annotations
@@ -20,6 +27,8 @@ import hashlib
 import os
 import stat
 import tempfile
+import time
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +39,8 @@ DEFAULT_MAX_RECORD_BYTES = 1 << 20
 DEFAULT_MAX_DATASET_BYTES = 1 << 30
 DEFAULT_MAX_RECORDS = 5_000_000  # an executor indexes each record in 24 bytes: at most 120 MB per job
 _CHUNK = 1 << 20
+SETTLED_SECONDS = 2.0  # a file changed more recently than this before acceptance is not remembered
+_REMEMBERED_FILES = 4096
 
 
 def max_record_bytes() -> int:
@@ -119,9 +130,16 @@ def _record_too_long(uri: str, field: str, line: int, limit: int) -> SpecError:
 
 
 def accept(uri: str, path: Path, areas: list[Path], store_dir: Path, field: str = "dataset") -> AcceptedDataset:
-    """Copy the tenant's file at `path` (resolved inside `areas`) into `store_dir`, content-addressed."""
+    """Copy the tenant's file at `path` (resolved inside `areas`) into `store_dir`, content-addressed; a file this
+    worker accepted before, unchanged since, is not read again (see the module's docstring)."""
     store_dir.mkdir(parents=True, exist_ok=True)
     fd = _open_checked(path, areas, uri, field)
+    identity = _FileIdentity.of(fd, store_dir)
+    known = _accepted_files.get(identity)
+    if known is not None and accepted_path(store_dir, known[0]).exists():
+        os.close(fd)
+        _accepted_files.move_to_end(identity)
+        return AcceptedDataset(uri, *known)
     with tempfile.NamedTemporaryFile(dir=store_dir, prefix=".accepting-", delete=False) as out:
         try:
             sha256, size, records = _copy_checked(fd, out, uri, field)
@@ -131,7 +149,40 @@ def accept(uri: str, path: Path, areas: list[Path], store_dir: Path, field: str 
             raise
     os.chmod(out.name, 0o440)
     os.replace(out.name, accepted_path(store_dir, sha256))  # same bytes, same name: a second copy changes nothing
+    if identity.settled():
+        _remember(identity, (sha256, size, records))
     return AcceptedDataset(uri, sha256, size, records)
+
+
+@dataclass(frozen=True)
+class _FileIdentity:
+    """What tells one version of an opened file from another, with the limits and store it was accepted under."""
+
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int  # changed by every write and by setting the mtime back: what makes this key safe
+    limits: tuple[int, int, int]
+    store_dir: str
+
+    @classmethod
+    def of(cls, fd: int, store_dir: Path) -> "_FileIdentity":
+        st = os.fstat(fd)
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns,
+                   (max_record_bytes(), max_dataset_bytes(), max_records()), str(store_dir))
+
+    def settled(self) -> bool:
+        return time.time_ns() - max(self.mtime_ns, self.ctime_ns) > SETTLED_SECONDS * 1e9
+
+
+_accepted_files: OrderedDict[_FileIdentity, tuple[str, int, int]] = OrderedDict()  # -> (sha256, size, records)
+
+
+def _remember(identity: _FileIdentity, accepted: tuple[str, int, int]) -> None:
+    _accepted_files[identity] = accepted
+    while len(_accepted_files) > _REMEMBERED_FILES:
+        _accepted_files.popitem(last=False)
 
 
 def accepted_path(store_dir: Path, sha256: str) -> Path:

@@ -29,6 +29,7 @@ import redis
 
 from lorafleet.scheduler import config, fleet, keys
 from lorafleet.scheduler.artifacts import ArtifactStore
+from lorafleet.scheduler.files import FileLimits, FileStore
 from lorafleet.scheduler.leader import LeaderLock
 from lorafleet.scheduler.memory import JobPlan, MemoryCalibration, calibrate, cohort_bytes
 from lorafleet.scheduler.metrics import SchedulerMetrics, scheduler_metrics, serve
@@ -102,12 +103,14 @@ class Scheduler:
 
     def __init__(self, store: JobStore, holder: str, plan_config: PlanConfig = PlanConfig(),
                  lock_ttl: float = 3.0, interval: float = 0.5, metrics: SchedulerMetrics | None = None,
-                 artifacts: Optional[ArtifactStore] = None, retention_seconds: Optional[float] = None):
+                 artifacts: Optional[ArtifactStore] = None, retention_seconds: Optional[float] = None,
+                 files: Optional[FileStore] = None):
         self.store, self.holder, self.plan_config = store, holder, plan_config
         self.lock = LeaderLock(store.r, holder, lock_ttl)
         self.interval = interval
         self.metrics = metrics
         self.artifacts, self.retention_seconds = artifacts, retention_seconds
+        self.files = files  # whose deleted files' bytes the purge removes
         self.stopping = threading.Event()
         self.calibrations: dict[str, MemoryCalibration] = {}
         self.calibrated_beats: dict[str, float] = {}  # executor id -> heartbeat already folded into calibrations
@@ -361,10 +364,15 @@ class Scheduler:
                 self.metrics.assignments.labels(tenant=job.tenant).inc()
 
     def _purge_expired(self, now: float) -> None:
-        """Expire finished jobs older than the retention time, with their artifacts, a batch at a time."""
-        if self.retention_seconds is None or now - self.last_purge < PURGE_EVERY_SECONDS:
+        """Expire finished jobs older than the retention time, with their artifacts, a batch at a time; remove the
+        bytes of deleted files and abandoned uploads (`FileStore.collect_garbage`)."""
+        if now - self.last_purge < PURGE_EVERY_SECONDS:
             return
         self.last_purge = now
+        if self.files is not None:
+            self.files.collect_garbage(now)
+        if self.retention_seconds is None:
+            return
         removed = self.store.purge(now - self.retention_seconds, self._delete_artifacts, limit=100)
         if removed:
             log.info("expired %d finished jobs (retention %.0f s)", len(removed), self.retention_seconds)
@@ -398,7 +406,8 @@ def main(metrics_port: int, interval: float, lock_ttl: float, packing: str) -> N
     log.info("scheduler %s: metrics on http://127.0.0.1:%d/metrics", holder, port)
     scheduler = Scheduler(store, holder, PlanConfig(packing=packing), lock_ttl=lock_ttl, interval=interval,
                           metrics=metrics, artifacts=ArtifactStore(config.artifact_root()),
-                          retention_seconds=config.job_retention_seconds())
+                          retention_seconds=config.job_retention_seconds(),
+                          files=FileStore(store.r, config.dataset_store(), FileLimits.from_env()))
     signal.signal(signal.SIGTERM, lambda *_: scheduler.stopping.set())
     signal.signal(signal.SIGINT, lambda *_: scheduler.stopping.set())
     scheduler.run()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -165,6 +166,26 @@ def _check_target_modules(spec: JobSpec, shape: ModelShape) -> None:
                         f"use some of {', '.join(sorted(known))}")
 
 
+_sample_counts: OrderedDict[tuple[str, str, str, int], SampleCount] = OrderedDict()
+_REMEMBERED_COUNTS = 4096
+
+
+def sample_count(dataset_store: Path, accepted: AcceptedDataset, field: str, fmt: str, model_dir: str,
+                 max_seq_len: int) -> SampleCount:
+    """`count_targets` of an accepted copy, remembered by what decides it: the copy's bytes (its digest), the
+    format, the base snapshot (whose tokenizer `tokenizing_for` also keeps) and max_seq_len. A refusal is not
+    remembered: the next submission reads the records again and names the same line."""
+    key = (accepted.sha256, fmt, model_dir, max_seq_len)
+    count = _sample_counts.get(key)
+    if count is None:
+        count = count_targets(accepted_path(dataset_store, accepted.sha256), accepted.uri, field, fmt,
+                              tokenizing_for(model_dir), max_seq_len)
+        _sample_counts[key] = count
+        if len(_sample_counts) > _REMEMBERED_COUNTS:
+            _sample_counts.popitem(last=False)
+    return count
+
+
 def accept_submission(
     raw: object, tenant: str, data_root: Path, hub_cache: Path, model_roots: Sequence[Path], dataset_store: Path,
     files: Optional[FileStore] = None,
@@ -185,9 +206,8 @@ def accept_submission(
         uri = getattr(spec, field)
         datasets[field] = (accept(uri, paths[field], areas, dataset_store, field) if field in paths
                            else accepted_file(files, tenant, uri, field))
-        samples[field] = count_targets(
-            accepted_path(dataset_store, datasets[field].sha256), uri, field, spec.dataset_format,
-            tokenizing_for(str(model_dir.resolve())), spec.hyperparameters.max_seq_len)
+        samples[field] = sample_count(dataset_store, datasets[field], field, spec.dataset_format,
+                                      str(model_dir.resolve()), spec.hyperparameters.max_seq_len)
     train = samples["dataset"]
     _check_target_modules(spec, model_shape(str(model_dir.resolve())))
     spec = auto.resolve(spec, auto_fields, model_shape(str(model_dir.resolve())),

@@ -22,9 +22,11 @@ import functools
 from typing import Any, Callable, Optional
 
 from lorafleet.scheduler import config, keys
+from lorafleet.scheduler.artifacts import ArtifactStore
 from lorafleet.scheduler.broker import TenantQueues
 from lorafleet.scheduler.client import make_celery
 from lorafleet.scheduler.files import MAX_PART_BYTES, FileError, FileLimits, FileStore
+from lorafleet.scheduler.results import JobResults
 from lorafleet.scheduler.store import JobStore
 from lorafleet.scheduler.submission import accept_submission
 
@@ -34,6 +36,9 @@ app.conf.update(
     result_backend="lorafleet.scheduler.broker:TenantResultBackend+" + config.redis_url(),
     task_default_queue=keys.WORKER_QUEUE,  # never written: tenants' queues are added as tenants appear
     worker_prefetch_multiplier=1,
+    # The worker's "succeeded" log line shows this much of the answer: Celery renders it for every task, logged or
+    # not, and rendering a whole job (its default, 1,024 characters) cost 0.3-0.45 ms a call (docs/BENCHMARKS.md S1).
+    task_annotations={"*": {"resultrepr_maxsize": 80}},
 )
 app.steps["consumer"].add(TenantQueues)
 
@@ -42,6 +47,7 @@ TENANT_ERRORS = (ValueError, PermissionError, LookupError)
 
 _store: Optional[JobStore] = None
 _file_store: Optional[FileStore] = None
+_job_results: Optional[JobResults] = None
 
 
 def store() -> JobStore:
@@ -57,6 +63,13 @@ def file_store() -> FileStore:
     if _file_store is None:
         _file_store = FileStore(store().r, config.dataset_store(), FileLimits.from_env())
     return _file_store
+
+
+def job_results() -> JobResults:
+    global _job_results
+    if _job_results is None:
+        _job_results = JobResults(store(), file_store(), ArtifactStore(config.artifact_root()))
+    return _job_results
 
 
 def _caller(task: Any, token: Any) -> str:
@@ -197,6 +210,26 @@ def read_file(self, token: str, file_id: str, offset: int = 0, length: int = MAX
     """base64 of at most `length` bytes of the file from `offset`; "" past its end."""
     tenant = _caller(self, token)
     return base64.b64encode(file_store().read_chunk(tenant, file_id, offset, length)).decode("ascii")
+
+
+# ---- results (`results.JobResults`): a job's adapter and checkpoints as files, read with read_file ----
+
+@app.task(name="lorafleet.job_result_file", throws=TENANT_ERRORS, bind=True)
+@_public_errors
+def job_result_file(self, token: str, job_id: str) -> dict:
+    """The succeeded job's PEFT adapter, packed as one tar file (on the first ask); ValueError before it succeeded."""
+    tenant = _caller(self, token)
+    results = job_results()
+    return results.adapter_file(results.record_for(tenant, job_id)).to_json()
+
+
+@app.task(name="lorafleet.checkpoint_files", throws=TENANT_ERRORS, bind=True)
+@_public_errors
+def checkpoint_files(self, token: str, job_id: str) -> list:
+    """The job's kept checkpoints, newest first: `[{"step", "file"}]`, each packed as one tar file."""
+    tenant = _caller(self, token)
+    results = job_results()
+    return [checkpoint.to_json() for checkpoint in results.checkpoint_files(results.record_for(tenant, job_id))]
 
 
 def _base64_part(data: Any) -> bytes:

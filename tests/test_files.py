@@ -21,6 +21,7 @@ from lorafleet.scheduler.files import (
     MAX_PART_BYTES, ORPHAN_GRACE_SECONDS, RESULT_PURPOSE, FileError, FileLimits, FileQuotaExceeded, FileStore,
     FileTooLarge,
 )
+from lorafleet.scheduler.service import Scheduler
 from lorafleet.scheduler.spec import SpecError, parse_spec
 from lorafleet.scheduler.store import QuotaExceeded
 
@@ -215,6 +216,19 @@ def test_a_deleted_files_bytes_stay_while_an_unfinished_job_trains_on_them(files
     assert files.collect_garbage(now=_later(2)) == [path.name] and not path.exists()
 
 
+def test_the_schedulers_purge_removes_the_bytes_of_deleted_files(files, store):
+    tenant = tenant_name()
+    record = files.upload(tenant, "a.jsonl", "fine-tune", [alpaca_lines(3, width=17)])
+    path = accepted_path(files.dir, record.sha256)
+    files.delete(tenant, record.file_id)
+    scheduler = Scheduler(store, "sched-files", files=files)  # no job retention: files are collected all the same
+
+    scheduler._purge_expired(time.time())
+    assert path.exists(), "within the grace period"
+    scheduler._purge_expired(_later())
+    assert not path.exists()
+
+
 def _later(periods: int = 1) -> float:
     return time.time() + periods * (ORPHAN_GRACE_SECONDS + 1)
 
@@ -363,3 +377,45 @@ def test_a_downloaded_chunk_is_kept_only_briefly_in_the_result_backend(tenant_cl
 
     (key,) = set(store.r.scan_iter(prefix + "*")) - before
     assert 0 < store.r.ttl(key) <= broker.SHORT_LIVED_RESULTS["lorafleet.read_file"]
+
+
+def test_a_succeeded_jobs_adapter_reads_back_through_the_worker_in_chunks(tenant_client, store, make_tenant,
+                                                                         call, base_model_dir, tmp_path):
+    tenant, tenant_call = tenant_client
+    job = tenant_call("lorafleet.submit_job", {"base_model": str(base_model_dir), "dataset": tenant.dataset})
+    with pytest.raises(ValueError, match="only a succeeded job has a result file"):
+        tenant_call("lorafleet.job_result_file", job["job_id"])
+    published = {}
+    for name, size in (("checkpoint-3-ab12cd34", 700 * KIB), ("adapter-ef56ab78", 1500 * KIB)):
+        (tmp_path / name).mkdir()
+        published[name] = {"adapter_config.json": b'{"r": 4}', "adapter_model.safetensors": secrets.token_bytes(size)}
+        for filename, data in published[name].items():
+            (tmp_path / name / filename).write_bytes(data)
+    attempt = store.claim(job["job_id"], "files-exec")
+    assert store.start(job["job_id"], attempt, "files-exec")
+    assert store.record_checkpoint(job["job_id"], str(tmp_path / "checkpoint-3-ab12cd34"), attempt, "files-exec",
+                                   step=3) is not None
+    assert store.succeed(job["job_id"], str(tmp_path / "adapter-ef56ab78"), attempt, "files-exec")
+
+    record = tenant_call("lorafleet.job_result_file", job["job_id"])
+    assert tenant_call("lorafleet.job_result_file", job["job_id"]) == record, "packed once"
+    assert (record["kind"], record["purpose"], record["filename"]) == (
+        "adapter", RESULT_PURPOSE, f"{job['job_id']}-adapter.tar")
+    data = b""
+    while chunk := base64.b64decode(tenant_call("lorafleet.read_file", record["file_id"], len(data))):
+        data += chunk
+    assert len(data) == record["bytes"] > MAX_PART_BYTES and hashlib.sha256(data).hexdigest() == record["sha256"]
+    assert _untar(data) == published["adapter-ef56ab78"]
+
+    (checkpoint,) = tenant_call("lorafleet.checkpoint_files", job["job_id"])
+    assert checkpoint["step"] == 3 and checkpoint["file"]["kind"] == "checkpoint"
+    first = base64.b64decode(tenant_call("lorafleet.read_file", checkpoint["file"]["file_id"], 0))
+    assert _untar(first) == published["checkpoint-3-ab12cd34"]
+    for task in ("lorafleet.job_result_file", "lorafleet.checkpoint_files"):
+        with pytest.raises(LookupError, match="no job"):
+            call(task, make_tenant("stranger").token, job["job_id"])
+
+
+def _untar(data: bytes) -> dict[str, bytes]:
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        return {member.name: tar.extractfile(member).read() for member in tar.getmembers() if member.isfile()}

@@ -4,14 +4,17 @@ raises them."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import secrets
 import subprocess
 import sys
+import tarfile
 import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Optional
 
 import openai
 import pytest
@@ -24,6 +27,8 @@ from lorafleet.scheduler import keys
 from lorafleet.scheduler.redis_server import free_port, start_redis_server
 from lorafleet.scheduler.store import JobStore
 
+# Small file limits, so that the file tests reach them quickly (test_gateway_files.py).
+FILE_LIMITS = {"LORAFLEET_MAX_DATASET_BYTES": str(64 * 1024), "LORAFLEET_FILE_QUOTA_COUNT": "5"}
 AUTO_METHOD = {"type": "supervised", "supervised": {"hyperparameters": {
     "n_epochs": "auto", "batch_size": "auto", "learning_rate_multiplier": "auto"}}}
 SMALL = {"max_seq_len": 256, "r": 4, "target_modules": ["q_proj", "v_proj"]}
@@ -37,7 +42,8 @@ def gateway(redis_server, worker_env, tmp_path_factory):
     with open(log_path, "w") as log:
         process = subprocess.Popen(
             [sys.executable, "-P", "-m", "lorafleet.scheduler.cli", "gateway", "--port", str(port)],
-            env={**worker_env, "REDIS_URL": redis_server.role_url("gateway")}, stdout=log, stderr=subprocess.STDOUT)
+            env={**worker_env, **FILE_LIMITS, "REDIS_URL": redis_server.role_url("gateway")}, stdout=log,
+            stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
 
     def up() -> bool:
@@ -280,11 +286,11 @@ def fleet(tmp_path_factory):
 def test_a_job_created_over_http_trains_to_the_end(fleet):
     name = f"e2e-{secrets.token_hex(3)}"
     _, token = fleet.store.create_tenant(name)
-    (fleet.root / "data" / name).mkdir(parents=True)
-    write_jsonl(fleet.root / "data" / name / "train.jsonl", alpaca_rows(24, seed=5))
     api = client(fleet.url, token)
+    with open(write_jsonl(fleet.root / f"{name}-train.jsonl", alpaca_rows(24, seed=5)), "rb") as source:
+        training_file = api.files.create(file=source, purpose="fine-tune")
     job = api.fine_tuning.jobs.create(
-        model=str(fleet.model), training_file=f"{name}/train.jsonl", suffix="e2e", seed=3,
+        model=str(fleet.model), training_file=training_file.id, suffix="e2e", seed=3,
         hyperparameters={"batch_size": 2, "learning_rate_multiplier": 5},
         extra_body={"lorafleet": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"],
                                   "max_seq_len": 256, "max_steps": 8, "checkpoint_every": 4}})
@@ -300,3 +306,25 @@ def test_a_job_created_over_http_trains_to_the_end(fleet):
     assert [c.step_number for c in checkpoints] == [4], "checkpoint_every 4 of 8 steps: the end is the adapter"
     assert all(c.metrics.train_loss > 0 and c.metrics.step == 4 and c.fine_tuning_job_id == job.id
                for c in checkpoints)
+    with tarfile.open(fileobj=io.BytesIO(api.files.content(checkpoints[0].file_id).content)) as tar:
+        assert {"adapter_config.json", "adapter_model.safetensors"} <= set(tar.getnames())
+
+    downloaded = fleet.root / f"{job.id}-downloaded"
+    with tarfile.open(fileobj=io.BytesIO(api.files.content(done.result_files[0]).content)) as tar:
+        tar.extractall(downloaded, filter="data")
+    logits = adapter_logits(fleet.model, downloaded)
+    assert logits.equal(adapter_logits(fleet.model, Path(fleet.store.job(job.id).adapter_uri))), "the published one"
+    assert not logits.equal(adapter_logits(fleet.model, None)), "a trained adapter changes the base's logits"
+
+
+def adapter_logits(base: Path, adapter: Optional[Path]):
+    """The logits of the tiny base (with `adapter` loaded by PEFT) on a fixed input."""
+    import torch  # here: only the slow test loads a model
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter)
+    with torch.no_grad():
+        return model.eval()(torch.arange(3, 19).unsqueeze(0)).logits

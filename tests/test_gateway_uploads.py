@@ -58,6 +58,7 @@ def test_a_large_file_part_arrives_in_chunks_with_its_bytes_intact(server):
     ({"files": {"file": ("a.jsonl", b"{}")}}, "purpose"),
     ({"data": {"purpose": "fine-tune"}}, "file"),
     ({"content": b"not a form", "headers": {"content-type": "text/plain"}}, "file"),
+    ({"content": b"xx--b\r\n\r\n", "headers": {"content-type": "multipart/form-data; boundary=b"}}, "file"),
     ({"data": {"purpose": "x" * 5000}, "files": {"file": ("a.jsonl", b"{}")}}, "purpose"),
 ])
 def test_a_malformed_form_is_refused_naming_the_field(server, send, param):

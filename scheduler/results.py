@@ -1,0 +1,102 @@
+"""A job's results as files of its tenant: the finished adapter and each kept checkpoint, packed once per artifact URI
+as a deterministic tar (`FileStore.file_for_artifact`) and then downloaded like any file (`GET /v1/files/{id}/content`,
+`lorafleet.read_file`). One implementation for the gateway (a job's `result_files`, a checkpoint's `file_id`) and the
+Celery tasks (`lorafleet.job_result_file`, `lorafleet.checkpoint_files`).
+
+    results = JobResults(job_store, file_store, ArtifactStore(config.artifact_root()))
+    record = results.record_for(tenant, job_id)   # LookupError for an unknown job and another tenant's, alike
+    results.adapter_file(record)        # FileRecord; ValueError when the job has not succeeded
+    results.checkpoint_files(record)    # [CheckpointFile(step, file)], newest first
+
+A result is packed on first ask, not when the executor publishes it: most are never downloaded, and the executor
+holds no file store. Packing reads the whole adapter once (megabytes for a LoRA adapter); every later ask is two
+Redis reads. An artifact whose directory is gone (expired, or removed by hand) is a LookupError, never an empty tar.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from lorafleet.scheduler.artifacts import ArtifactStore
+from lorafleet.scheduler.files import FileRecord, FileStore
+from lorafleet.scheduler.records import JobRecord, JobState
+from lorafleet.scheduler.store import JobStore
+
+_CHECKPOINT_STEP_RE = re.compile(r"checkpoint-(\d+)-")  # the executor publishes `checkpoint-<step>` (+ a nonce)
+
+
+def checkpoint_step(uri: str) -> int:
+    """The step in a checkpoint's name (`artifacts`: `checkpoint-<step>-<nonce>`)."""
+    found = _CHECKPOINT_STEP_RE.search(PurePosixPath(uri).name)
+    return int(found.group(1)) if found else 0
+
+
+@dataclass(frozen=True)
+class CheckpointFile:
+    step: int
+    file: FileRecord
+
+    def to_json(self) -> dict[str, Any]:
+        return {"step": self.step, "file": self.file.to_json()}
+
+
+class JobResults:
+    def __init__(self, store: JobStore, files: FileStore, artifacts: ArtifactStore):
+        self.store, self.files, self.artifacts = store, files, artifacts
+
+    def record_for(self, tenant: str, job_id: Any) -> JobRecord:
+        """The tenant's job; LookupError, with one message, for an unknown id and for another tenant's."""
+        self.store.get_job_for(tenant, job_id)
+        record = self.store.job(job_id)
+        if record is None:  # purged between the two reads
+            raise LookupError(f"no job {job_id!r}")
+        return record
+
+    def adapter_file(self, record: JobRecord) -> FileRecord:
+        """The job's finished PEFT adapter as one file. ValueError when the job has not succeeded."""
+        if record.state != JobState.SUCCEEDED or not record.adapter_uri:
+            raise ValueError(f"job_id: job {record.job_id!r} is {record.state.value}: only a succeeded job has a "
+                             "result file")
+        return self._pack(record, "adapter", record.adapter_uri, f"{record.job_id}-adapter.tar")
+
+    def checkpoint_file(self, record: JobRecord, uri: str) -> FileRecord:
+        """One of the job's kept checkpoints (an URI of `record.checkpoints`) as one file."""
+        if uri not in record.checkpoints:
+            raise LookupError(f"job {record.job_id!r} keeps no such checkpoint")
+        return self._pack(record, "checkpoint", uri, f"{record.job_id}-checkpoint-{checkpoint_step(uri)}.tar")
+
+    def checkpoint_files(self, record: JobRecord) -> list[CheckpointFile]:
+        """The job's kept checkpoints, newest first, each as one file (one whose directory is gone is left out)."""
+        found = []
+        for uri in reversed(record.checkpoints):
+            try:
+                found.append(CheckpointFile(checkpoint_step(uri), self.checkpoint_file(record, uri)))
+            except LookupError:
+                continue
+        return found
+
+    def _pack(self, record: JobRecord, kind: str, uri: str, filename: str) -> FileRecord:
+        scratch: list[Path] = []  # where a remote artifact is copied to be packed; removed once packed
+
+        def fetch(artifact_uri: str) -> Path:
+            scratch.append(Path(tempfile.mkdtemp(prefix="lorafleet-result-")))
+            try:
+                directory = self.artifacts.fetch(artifact_uri, scratch[-1])  # a local one: its own path
+            except FileNotFoundError:
+                directory = None
+            if directory is None or not directory.is_dir():
+                raise LookupError(f"the {kind} of job {record.job_id!r} is no longer stored")
+            return directory
+
+        try:
+            return self.files.file_for_artifact(record.tenant, kind, uri, fetch, filename)
+        except FileNotFoundError:  # removed while packed (a checkpoint rotated out)
+            raise LookupError(f"the {kind} of job {record.job_id!r} is no longer stored") from None
+        finally:
+            for directory in scratch:
+                shutil.rmtree(directory, ignore_errors=True)
