@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from lorafleet.scheduler.formats import DataError, RecordLines
 from lorafleet.scheduler.spec import SpecError, is_inside
 
 DEFAULT_MAX_RECORD_BYTES = 1 << 20
@@ -63,13 +64,15 @@ class AcceptedDataset:
     sha256: str
     size: int  # bytes
     records: int  # non-blank lines
+    format: str = ""  # of every record: alpaca, chat or text ('' in jobs accepted before it was recorded)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> "AcceptedDataset":
-        return cls(str(raw["uri"]), str(raw["sha256"]), int(raw["size"]), int(raw["records"]))
+        return cls(str(raw["uri"]), str(raw["sha256"]), int(raw["size"]), int(raw["records"]),
+                   str(raw.get("format", "")))
 
 
 class DatasetChanged(ValueError):
@@ -94,39 +97,26 @@ def _open_checked(path: Path, areas: list[Path], uri: str, field: str) -> int:
     return fd
 
 
-def _copy_checked(fd: int, out, uri: str, field: str) -> tuple[str, int, int]:
-    """Stream fd to `out`, hashing and checking record sizes; (sha256, bytes, non-blank records)."""
-    digest, size, records = hashlib.sha256(), 0, 0
-    line_number, line_bytes, line_blank = 1, 0, True
-    record_limit, file_limit, record_count_limit = max_record_bytes(), max_dataset_bytes(), max_records()
-    with os.fdopen(fd, "rb", closefd=True) as source:
-        while chunk := source.read(_CHUNK):
-            size += len(chunk)
-            if size > file_limit:
-                raise SpecError(f"invalid job spec: {field}: {uri!r} is larger than the limit of {file_limit} bytes")
-            digest.update(chunk)
-            out.write(chunk)
-            parts = chunk.split(b"\n")
-            for i, part in enumerate(parts):
-                line_bytes += len(part)
-                line_blank = line_blank and not part.strip()
-                if line_bytes > record_limit:
-                    raise _record_too_long(uri, field, line_number, record_limit)
-                if i < len(parts) - 1:  # a newline ends this line
-                    records += not line_blank
-                    line_number, line_bytes, line_blank = line_number + 1, 0, True
-            if records > record_count_limit:
-                raise SpecError(f"invalid job spec: {field}: {uri!r} has more than the limit of {record_count_limit} "
-                                "records (LORAFLEET_MAX_RECORDS)")
-    records += not line_blank
-    if records == 0:
-        raise SpecError(f"invalid job spec: {field}: {uri!r} has no records (it is empty or only blank lines)")
-    return digest.hexdigest(), size, records
-
-
-def _record_too_long(uri: str, field: str, line: int, limit: int) -> SpecError:
-    return SpecError(f"invalid job spec: {field}: {uri!r} line {line} is longer than the limit of {limit} bytes "
-                     "(LORAFLEET_MAX_RECORD_BYTES)")
+def _copy_checked(fd: int, out, uri: str, field: str) -> tuple[str, int, int, str]:
+    """Stream fd to `out`, hashing it and checking every record (`formats.RecordLines`: complete in its format, one
+    format, within the limits), so a bad line anywhere is refused now, not when an executor reaches it;
+    (sha256, bytes, non-blank records, format)."""
+    digest, size, file_limit = hashlib.sha256(), 0, max_dataset_bytes()
+    lines = RecordLines(max_record_bytes(), max_records())
+    try:
+        with os.fdopen(fd, "rb", closefd=True) as source:
+            while chunk := source.read(_CHUNK):
+                size += len(chunk)
+                if size > file_limit:
+                    raise SpecError(f"invalid job spec: {field}: {uri!r} is larger than the limit of {file_limit} "
+                                    "bytes")
+                digest.update(chunk)
+                out.write(chunk)
+                lines.feed(chunk)
+        records, fmt = lines.finish()
+    except DataError as exc:
+        raise SpecError(f"invalid job spec: {field}: {uri!r} {exc}") from None
+    return digest.hexdigest(), size, records, fmt
 
 
 def accept(uri: str, path: Path, areas: list[Path], store_dir: Path, field: str = "dataset") -> AcceptedDataset:
@@ -142,7 +132,7 @@ def accept(uri: str, path: Path, areas: list[Path], store_dir: Path, field: str 
         return AcceptedDataset(uri, *known)
     with tempfile.NamedTemporaryFile(dir=store_dir, prefix=".accepting-", delete=False) as out:
         try:
-            sha256, size, records = _copy_checked(fd, out, uri, field)
+            sha256, size, records, fmt = _copy_checked(fd, out, uri, field)
         except BaseException:
             out.close()
             os.unlink(out.name)
@@ -150,8 +140,8 @@ def accept(uri: str, path: Path, areas: list[Path], store_dir: Path, field: str 
     os.chmod(out.name, 0o440)
     os.replace(out.name, accepted_path(store_dir, sha256))  # same bytes, same name: a second copy changes nothing
     if identity.settled():
-        _remember(identity, (sha256, size, records))
-    return AcceptedDataset(uri, sha256, size, records)
+        _remember(identity, (sha256, size, records, fmt))
+    return AcceptedDataset(uri, sha256, size, records, fmt)
 
 
 @dataclass(frozen=True)
@@ -176,10 +166,11 @@ class _FileIdentity:
         return time.time_ns() - max(self.mtime_ns, self.ctime_ns) > SETTLED_SECONDS * 1e9
 
 
-_accepted_files: OrderedDict[_FileIdentity, tuple[str, int, int]] = OrderedDict()  # -> (sha256, size, records)
+_accepted_files: OrderedDict[_FileIdentity, tuple[str, int, int, str]] = OrderedDict()  # -> (sha256, size,
+# records, format)
 
 
-def _remember(identity: _FileIdentity, accepted: tuple[str, int, int]) -> None:
+def _remember(identity: _FileIdentity, accepted: tuple[str, int, int, str]) -> None:
     _accepted_files[identity] = accepted
     while len(_accepted_files) > _REMEMBERED_FILES:
         _accepted_files.popitem(last=False)

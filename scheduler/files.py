@@ -23,8 +23,8 @@ id and another tenant's id get the same message, so ids cannot be probed).
 
 Decisions:
 - An upload is streamed to a temporary file in the dataset store, hashed and validated line by line as it arrives
-  (`formats.parse_record`, `detect_format`: one format for the whole file, `LORAFLEET_MAX_RECORD_BYTES` per line,
-  `LORAFLEET_MAX_RECORDS` lines), never held whole in memory. The stream stops as soon as it passes the size cap or
+  (`formats.parse_record`, `check_record`: every record complete in its format, one format for the whole file,
+  `LORAFLEET_MAX_RECORD_BYTES` per line, `LORAFLEET_MAX_RECORDS` lines), never held whole in memory. The stream stops as soon as it passes the size cap or
   what is left of the tenant's byte quota, and the temporary file is removed.
 - The quota is checked again, atomically with making the record (one Lua script), so two parallel uploads cannot
   both take the last slot. Only uploads count against it; results (`register_directory`) do not.
@@ -57,7 +57,7 @@ from lorafleet.scheduler import config, keys
 from lorafleet.scheduler.datasets import (
     AcceptedDataset, accepted_path, max_dataset_bytes, max_record_bytes, max_records,
 )
-from lorafleet.scheduler.formats import DataError, detect_format, parse_record
+from lorafleet.scheduler.formats import DataError, RecordLines
 from lorafleet.scheduler.records import JobState
 from lorafleet.scheduler.spec import SpecError
 from lorafleet.scheduler.store import MAX_LIST_LIMIT, QuotaExceeded
@@ -233,57 +233,6 @@ return {s[4], s[5], s[2]}
 """
 
 
-class _LineChecker:
-    """Validates a JSONL stream chunk by chunk: every non-blank line a record of one format, within the limits."""
-
-    def __init__(self) -> None:
-        self.line_number, self.records, self.format = 1, 0, None
-        self._line = bytearray()
-        self._record_limit, self._records_limit = max_record_bytes(), max_records()
-
-    def feed(self, chunk: bytes) -> None:
-        start = 0
-        while (end := chunk.find(b"\n", start)) != -1:
-            self._add(chunk[start:end])
-            self._end_line()
-            start = end + 1
-        self._add(chunk[start:])
-
-    def finish(self) -> tuple[int, str]:
-        """(records, format) once the stream ended."""
-        self._end_line()
-        if self.format is None:
-            raise FileError("no records (it is empty or only blank lines)")
-        return self.records, self.format
-
-    def _add(self, part: bytes) -> None:
-        self._line += part
-        if len(self._line) > self._record_limit:
-            raise FileError(f"line {self.line_number}: longer than the limit of {self._record_limit} bytes "
-                            "(LORAFLEET_MAX_RECORD_BYTES)")
-
-    def _end_line(self) -> None:
-        if self._line.strip():
-            self._check_record(bytes(self._line))
-        self._line.clear()
-        self.line_number += 1
-
-    def _check_record(self, line: bytes) -> None:
-        try:
-            fmt = detect_format(parse_record(line, first_line=self.line_number == 1))
-        except DataError as exc:
-            raise FileError(f"line {self.line_number}: {exc}") from None
-        if self.format is None:
-            self.format = fmt
-        elif fmt != self.format:
-            raise FileError(f"line {self.line_number}: the record is in {fmt} format, but the lines before are "
-                            f"{self.format}; one file holds one format")
-        self.records += 1
-        if self.records > self._records_limit:
-            raise FileError(f"line {self.line_number}: more than the limit of {self._records_limit} records "
-                            "(LORAFLEET_MAX_RECORDS)")
-
-
 class _HashingWriter:
     """A write-only file that hashes and counts what passes through to `out`."""
 
@@ -351,15 +300,18 @@ class FileStore:
     def _receive(chunks: Iterable[bytes], out: BinaryIO, path: Path, cap: tuple[int, type[FileError], str]
                  ) -> _Received:
         limit, error, message = cap
-        checker, digest, size = _LineChecker(), hashlib.sha256(), 0
-        for chunk in chunks:
-            size += len(chunk)
-            if size > limit:
-                raise error(message)
-            digest.update(chunk)
-            checker.feed(chunk)
-            out.write(chunk)
-        records, fmt = checker.finish()
+        lines, digest, size = RecordLines(max_record_bytes(), max_records()), hashlib.sha256(), 0
+        try:
+            for chunk in chunks:
+                size += len(chunk)
+                if size > limit:
+                    raise error(message)
+                digest.update(chunk)
+                lines.feed(chunk)
+                out.write(chunk)
+            records, fmt = lines.finish()
+        except DataError as exc:
+            raise FileError(str(exc)) from None
         return _Received(path, digest.hexdigest(), size, records, fmt)
 
     def _keep(self, tenant: str, filename: str, purpose: str, kind: str, received: _Received) -> FileRecord:
@@ -547,7 +499,7 @@ class FileStore:
             raise SpecError(f"invalid job spec: {field}: {exc.args[0]}") from None
         if record.kind != "dataset":
             raise SpecError(f"invalid job spec: {field}: {file_id!r} is a result file ({record.kind}), not a dataset")
-        return AcceptedDataset(file_id, record.sha256, record.bytes, record.records)
+        return AcceptedDataset(file_id, record.sha256, record.bytes, record.records, record.format)
 
     # ---- results ----
 

@@ -283,6 +283,71 @@ def parse_record(raw: bytes, first_line: bool = False) -> dict:
     return record
 
 
+def check_record(record: dict, fmt: str = "auto") -> str:
+    """The record's format, once its fields are what that format needs (DataError naming what is wrong): every
+    check `tokenise_record` makes except those that need the tokenizer, cheap enough for every line of a dataset."""
+    found = detect_format(record)
+    if fmt != "auto" and found != fmt:
+        raise DataError(f"the record is in {found} format, but the dataset is {fmt} (one file holds one format)")
+    if found == "alpaca":
+        for key, optional in (("instruction", False), ("input", True), ("output", False)):
+            _string_field(record, key, optional)
+    elif found == "text":
+        _string_field(record, "text")
+    else:
+        _chat_messages(record)
+    return found
+
+
+class RecordLines:
+    """Checks a JSONL stream chunk by chunk as it is copied: every non-blank line a complete record
+    (`check_record`), all of one format, at most `record_bytes` long and at most `max_records` of them. DataError
+    names the line. What submission checks of a whole dataset, and an upload of every line, without a tokenizer."""
+
+    def __init__(self, record_bytes: int, max_records: int, fmt: str = "auto"):
+        self.line_number, self.records, self.format = 1, 0, None if fmt == "auto" else fmt
+        self.record_bytes, self.max_records = record_bytes, max_records
+        self._line = bytearray()
+
+    def feed(self, chunk: bytes) -> None:
+        start = 0
+        while (end := chunk.find(b"\n", start)) != -1:
+            self._add(chunk[start:end])
+            self._end_line()
+            start = end + 1
+        self._add(chunk[start:])
+
+    def finish(self) -> tuple[int, str]:
+        """(records, format) once the stream ended."""
+        self._end_line()
+        if not self.records:
+            raise DataError("has no records (it is empty or only blank lines)")
+        return self.records, self.format
+
+    def _add(self, part: bytes) -> None:
+        self._line += part
+        if len(self._line) > self.record_bytes:
+            raise DataError(f"line {self.line_number} is longer than the limit of {self.record_bytes} bytes "
+                            "(LORAFLEET_MAX_RECORD_BYTES)")
+
+    def _end_line(self) -> None:
+        if self._line.strip():
+            self._check(bytes(self._line))
+        self._line.clear()
+        self.line_number += 1
+
+    def _check(self, line: bytes) -> None:
+        try:
+            fmt = check_record(parse_record(line, first_line=self.line_number == 1), self.format or "auto")
+        except DataError as exc:
+            raise DataError(f"line {self.line_number}: {exc}") from None
+        self.format = fmt
+        self.records += 1
+        if self.records > self.max_records:
+            raise DataError(f"line {self.line_number}: more than the limit of {self.max_records} records "
+                            "(LORAFLEET_MAX_RECORDS)")
+
+
 def tokenise_record(tokenizing: Tokenizing, fmt: str, record: dict, max_seq_len: int) -> tuple[array, array]:
     """(input_ids, labels) of a record of a dataset in format `fmt`, truncated to `max_seq_len` tokens."""
     try:

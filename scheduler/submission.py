@@ -186,6 +186,13 @@ def sample_count(dataset_store: Path, accepted: AcceptedDataset, field: str, fmt
     return count
 
 
+def _check_format(wanted: str, accepted: AcceptedDataset, field: str) -> None:
+    """An explicit dataset_format other than the format every record of the dataset is in would fail them all."""
+    if wanted != "auto" and accepted.format and accepted.format != wanted:
+        raise SpecError(f"invalid job spec: dataset_format: {wanted!r}, but {field} {accepted.uri!r} holds "
+                        f"{accepted.format} records (use {accepted.format!r} or 'auto')")
+
+
 def accept_submission(
     raw: object, tenant: str, data_root: Path, hub_cache: Path, model_roots: Sequence[Path], dataset_store: Path,
     files: Optional[FileStore] = None,
@@ -206,6 +213,7 @@ def accept_submission(
         uri = getattr(spec, field)
         datasets[field] = (accept(uri, paths[field], areas, dataset_store, field) if field in paths
                            else accepted_file(files, tenant, uri, field))
+        _check_format(spec.dataset_format, datasets[field], field)
         samples[field] = sample_count(dataset_store, datasets[field], field, spec.dataset_format,
                                       str(model_dir.resolve()), spec.hyperparameters.max_seq_len)
     train = samples["dataset"]

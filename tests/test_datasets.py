@@ -176,5 +176,26 @@ def test_submission_reads_the_dataset_as_the_executor_will(call, store, make_ten
         submit(f"{tenant.name}/broken.jsonl")
     with pytest.raises(ValueError, match="line 1: no assistant message"):
         submit(f"{tenant.name}/chat.jsonl")
+    with pytest.raises(ValueError, match=f"dataset_format: 'chat', but dataset '{tenant.name}/long.jsonl' holds "
+                                         "alpaca records"):
+        call("lorafleet.submit_job", tenant.token, {"base_model": str(base_model_dir), "dataset_format": "chat",
+                                                    "dataset": f"{tenant.name}/long.jsonl"})
     assert store.counts(tenant.name)["queued"] == 0
     assert submit(f"{tenant.name}/long.jsonl", max_seq_len=512)["state"] == "queued"  # room for the target now
+
+
+def test_a_bad_record_deep_in_a_dataset_is_refused_at_submission_naming_its_line(areas, tmp_path):
+    """Submission reads only the first records with the tokenizer, but checks every record's fields as it copies."""
+    rows = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(5000)]
+    deep = jsonl(rows) + jsonl([{"instruction": "no output here"}]) + jsonl(rows[:3])
+    (areas / "alice" / "deep.jsonl").write_bytes(deep)
+    with pytest.raises(SpecError, match="'alice/deep.jsonl' line 5001: missing 'output'"):
+        accept_file(areas, "alice", "alice/deep.jsonl", tmp_path / "store")
+    mixed = jsonl(rows[:2]) + jsonl([{"text": "plain"}])
+    (areas / "alice" / "mixed.jsonl").write_bytes(mixed)
+    with pytest.raises(SpecError, match="line 3: the record is in text format, but the dataset is alpaca"):
+        accept_file(areas, "alice", "alice/mixed.jsonl", tmp_path / "store")
+    assert not [p for p in (tmp_path / "store").iterdir() if p.suffix == ".jsonl"], "nothing refused is kept"
+    (areas / "alice" / "ok.jsonl").write_bytes(jsonl(rows[:2]))
+    accepted = accept_file(areas, "alice", "alice/ok.jsonl", tmp_path / "store")
+    assert accepted.format == "alpaca" and accepted.records == 2

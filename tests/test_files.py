@@ -83,7 +83,7 @@ def test_an_upload_is_validated_counted_and_stored_under_its_digest(files):
 @pytest.mark.parametrize("data, message", [
     (alpaca_lines(2) + b'{"instruction": "a", "output": \n', "line 3: invalid JSON"),
     (alpaca_lines(1) + b'{"prompt": "a"}\n', "line 2: unknown format"),
-    (alpaca_lines(1) + b'\n{"text": "a"}\n', "line 3: the record is in text format, but the lines before are alpaca"),
+    (alpaca_lines(1) + b'\n{"text": "a"}\n', "line 3: the record is in text format, but the dataset is alpaca"),
     (b'[1, 2]\n', "line 1: expected a JSON object, got array"),
     (alpaca_lines(1) + b'{"text": "\xff"}', "line 2: not valid UTF-8"),
     (b"\n \n", "no records"),
@@ -100,7 +100,7 @@ def test_a_bad_line_is_refused_naming_its_line_and_leaves_nothing(files, data, m
 def test_a_line_over_the_record_limit_is_refused_while_it_streams(files, monkeypatch):
     monkeypatch.setenv("LORAFLEET_MAX_RECORD_BYTES", "100")
     data = alpaca_lines(2) + b'{"text": "' + b"a" * 200 + b'"}\n'
-    with pytest.raises(FileError, match="line 3: longer than the limit of 100 bytes"):
+    with pytest.raises(FileError, match="line 3 is longer than the limit of 100 bytes"):
         files.upload(tenant_name(), "long.jsonl", "fine-tune", pieces(data))
 
 

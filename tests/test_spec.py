@@ -11,6 +11,7 @@ import jsonschema
 import pytest
 
 from lorafleet.scheduler import keys
+from lorafleet.scheduler.broker import MAX_MESSAGE_BYTES
 from lorafleet.scheduler.spec import JobSpec, SpecError, parse_spec
 
 TEN_MB = 10 * 1024 * 1024
@@ -53,7 +54,7 @@ MALFORMED = [
     ("revision escaping the cache", lambda s, e: s.update(base_model="test-org/tiny-model",
                                                            base_model_revision="../../../etc"),
      r"base_model_revision: '../../../etc' is not a branch, tag or commit name"),
-    ("10 MB spec", lambda s, e: s.update(name="a" * TEN_MB), r"message refused: the message is over the limit of 262144"),
+    ("10 MB spec", lambda s, e: s.update(name="a" * TEN_MB), rf"message refused: the message is over the limit of {MAX_MESSAGE_BYTES}"),
     ("100 KB spec", lambda s, e: s.update(name="a" * 100_000), r"spec is \d+ bytes, the limit is 65536"),
     ("nola settings on lora", lambda s, e: s.update(adapter={"type": "lora", "nola": {}}), r"adapter: .*nola"),
 ]
@@ -98,7 +99,7 @@ def test_spec_as_json_text_and_non_json(call, store, make_tenant, base_model_dir
         call("lorafleet.submit_job", me.token, [text])
     with pytest.raises(ValueError, match="larger than 65536"):  # within one message, over a spec's limit
         call("lorafleet.submit_job", me.token, " " * 100_000)
-    with pytest.raises(ValueError, match="message refused: the message is over the limit of 262144 bytes"):
+    with pytest.raises(ValueError, match=f"message refused: the message is over the limit of {MAX_MESSAGE_BYTES} bytes"):
         call("lorafleet.submit_job", me.token, " " * TEN_MB)
     assert store.counts(me.name)["queued"] == 1
 
