@@ -6,8 +6,9 @@ tenant's own queue, the spec checked, the dataset accepted and read with the bas
 answer back. Sequential: one call at a time (latency); burst: `--n` calls in flight at once (throughput), the
 client sharing the cores with the workers and Valkey; drain: `--n` calls queued for a tenant whose queue no worker
 consumed yet, then the workers alone (the client idle) until the last is stored: what the workers and Valkey do on
-these cores when the tenants' clients run elsewhere.
-Run: python -P bench/bench_submit.py [--n 1000] [--workers 2] [--out bench/results/x.json]
+these cores when the tenants' clients run elsewhere; batch (with `--batch B`): the same `--n` jobs as `--n / B`
+`lorafleet.submit_jobs` calls of B specs each, all in flight at once (a sweep submitted in one go).
+Run: python -P bench/bench_submit.py [--n 1000] [--workers 2] [--batch 50] [--out bench/results/x.json]
 """
 
 from __future__ import annotations
@@ -71,10 +72,29 @@ def measure_drain(server, store: JobStore, pids: dict[str, list[int]], spec: dic
                                             for name in pids}}
 
 
+def measure_batch(app, store: JobStore, pids: dict[str, list[int]], token: str, spec: dict, n: int, size: int
+                  ) -> dict:
+    """`n` jobs as `lorafleet.submit_jobs` calls of `size` specs, all in flight at once; accepted jobs/s."""
+    before, cpu_before = store.counts("bench")["queued"], cpu_now(pids)
+    start = time.perf_counter()
+    pending = [app.send_task("lorafleet.submit_jobs",
+                             args=[token, [spec] * size, [f"batch-{i}-{j}" for j in range(size)]])
+               for i in range(n // size)]
+    refused = sum(1 for result in pending for job in result.get(timeout=300) if "error" in job)
+    seconds = time.perf_counter() - start
+    cpu_after = cpu_now(pids)
+    accepted = store.counts("bench")["queued"] - before
+    return {"batch_size": size, "batch_jobs_accepted": accepted, "batch_jobs_refused": refused,
+            "batch_submissions_per_s": accepted / seconds,
+            "batch_cpu_ms_per_submission": {name: (cpu_after[name] - cpu_before[name]) * 1000 / max(1, accepted)
+                                            for name in cpu_after}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--n", type=int, default=1000, help="submissions per measurement")
     parser.add_argument("--workers", type=int, default=1, help="worker processes, --pool=solo each")
+    parser.add_argument("--batch", type=int, default=0, help="also submit --n jobs in submit_jobs calls of this many")
     parser.add_argument("--out", type=Path, help="write the report here as JSON")
     args = parser.parse_args()
 
@@ -127,6 +147,7 @@ def main() -> None:
             cpu_after = cpu_now(pids)
             accepted = store.counts("bench")["queued"]
             drain = measure_drain(server, store, pids, spec, args.n)
+            batch = measure_batch(app, store, pids, token, spec, args.n, args.batch) if args.batch else {}
         finally:
             for worker in workers:
                 worker.terminate()
@@ -153,6 +174,7 @@ def main() -> None:
         # CPU time per submission in the burst, by process: what the 2 cores are spent on
         "burst_cpu_ms_per_submission": {name: (cpu_after[name] - cpu_before[name]) * ms / args.n for name in cpu_after},
         **drain,
+        **batch,
         "cpu_count": os.cpu_count(),
         "load_average_at_end": os.getloadavg()[0],  # other work on the machine skews every figure above
     }

@@ -27,6 +27,7 @@ from lorafleet.scheduler import acl
 
 TASK_NAMES = (
     "lorafleet.submit_job",
+    "lorafleet.submit_jobs",
     "lorafleet.get_job",
     "lorafleet.list_jobs",
     "lorafleet.cancel_job",

@@ -23,11 +23,12 @@ def _lua(source: str) -> str:
 # KEYS: tenant, tenant counts, job, tenant jobs, queue, queued set, global counts, events, submit sequence, requests,
 #       queue changes, queue version.
 # ARGV: job id, tenant, name, priority, spec JSON, now, datasets JSON, plan JSON, request id or ''.
-# Returns {1, id} for a new job, {0, id} for the job an earlier submit with this request id made.
+# Returns {1, id, the job's hash} for a new job, {0, id, its hash} for the job an earlier submit with this request id
+# made (read here, so that a submission is one round trip).
 SUBMIT = _lua("""
 if ARGV[9] ~= '' then
   local earlier = redis.call('HGET', KEYS[10], ARGV[9])
-  if earlier then return {0, earlier} end
+  if earlier then return {0, earlier, redis.call('HGETALL', '$PREFIX' .. 'job:' .. earlier)} end
 end
 local quota = redis.call('HMGET', KEYS[1], 'max_queued', 'disabled')
 if not quota[1] then return redis.error_reply('NO_TENANT') end
@@ -50,7 +51,7 @@ redis.call('HINCRBY', KEYS[2], $QUEUED, 1)
 redis.call('HINCRBY', KEYS[7], $QUEUED, 1)
 redis.call('XADD', KEYS[8], '*', 'type', 'state', 'ts', now,
   'data', cjson.encode({['from'] = cjson.null, to = $QUEUED}))
-return {1, id}
+return {1, id, redis.call('HGETALL', KEYS[3])}
 """)
 
 # KEYS: job, global counts, queue, events, fence, finished, assignment sequence, queue changes, queue version.

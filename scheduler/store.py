@@ -342,7 +342,7 @@ class JobStore:
         now = time.time() if now is None else now
         job_id = "job-" + secrets.token_hex(8)
         try:
-            _, job_id = self._submit(
+            _, job_id, fields = self._submit(
                 keys=submit_keys(tenant, job_id),
                 args=[job_id, tenant, spec.name, spec.priority, spec.model_dump_json(), repr(now),
                       json.dumps({field: d.to_json() for field, d in (datasets or {}).items()}),
@@ -360,7 +360,7 @@ class JobStore:
             if reason == "NO_TENANT":
                 raise PermissionError(f"no tenant {tenant!r}") from None
             raise
-        return self.get_job(job_id)
+        return JobRecord.from_hash(dict(zip(fields[::2], fields[1::2]))).view()
 
     def job(self, job_id: str) -> Optional[JobRecord]:
         # Checked before any key is built from it: "<id>:events" would otherwise name another key.

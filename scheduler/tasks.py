@@ -44,6 +44,7 @@ app.steps["consumer"].add(TenantQueues)
 
 # Answers to a tenant's mistake: logged by the worker as one line, not as a crash with a traceback.
 TENANT_ERRORS = (ValueError, PermissionError, LookupError)
+MAX_BATCH = 100  # specs in one `lorafleet.submit_jobs` call, which must also fit the broker's message cap (2 MiB)
 
 _store: Optional[JobStore] = None
 _file_store: Optional[FileStore] = None
@@ -101,7 +102,30 @@ def _public_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 @app.task(name="lorafleet.submit_job", throws=TENANT_ERRORS, bind=True)
 @_public_errors
 def submit_job(self, token: str, spec: Any, request_id: Optional[str] = None) -> dict:
+    return _submit(_caller(self, token), spec, request_id)
+
+
+@app.task(name="lorafleet.submit_jobs", throws=TENANT_ERRORS, bind=True)
+@_public_errors
+def submit_jobs(self, token: str, specs: Any, request_ids: Any = None) -> list:
+    """Up to MAX_BATCH submissions in one call (a sweep), each accepted or refused on its own: in order, the job as
+    `submit_job` returns it, or `{"error": {"type": "ValueError" | "PermissionError" | "LookupError", "message"}}`."""
     tenant = _caller(self, token)
+    if not isinstance(specs, list) or not 1 <= len(specs) <= MAX_BATCH:
+        raise ValueError(f"specs: a list of 1 to {MAX_BATCH} job specs")
+    if request_ids is not None and not (isinstance(request_ids, list) and len(request_ids) == len(specs)):
+        raise ValueError("request_ids: a list as long as specs (null for a spec without one), or null")
+    results = []
+    for spec, request_id in zip(specs, request_ids or [None] * len(specs)):
+        try:
+            results.append(_submit(tenant, spec, request_id))
+        except TENANT_ERRORS as exc:
+            kind = next(t for t in TENANT_ERRORS if isinstance(exc, t))
+            results.append({"error": {"type": kind.__name__, "message": str(exc)}})
+    return results
+
+
+def _submit(tenant: str, spec: Any, request_id: Optional[str]) -> dict:
     accepted = accept_submission(spec, tenant, config.data_root(), config.hf_hub_cache(), config.model_roots(),
                                  config.dataset_store(), file_store())
     return store().submit(tenant, accepted.spec, datasets=accepted.datasets, plan=accepted.plan,

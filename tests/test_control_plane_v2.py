@@ -284,6 +284,23 @@ def test_a_retried_submit_with_the_same_request_id_returns_the_first_job(call, s
     assert call("lorafleet.submit_job", alice.token, spec_for(alice, base_model_dir))["job_id"] != first["job_id"]
 
 
+def test_a_batch_submit_accepts_or_refuses_each_spec_on_its_own_and_retries_return_the_same_jobs(
+        call, store, make_tenant, base_model_dir):
+    tenant = make_tenant("sweep")
+    good = spec_for(tenant, base_model_dir)
+    bad = {**good, "dataset": f"{tenant.name}/missing.jsonl"}
+    batch = [good, bad, {**good, "priority": 9}]
+    first = call("lorafleet.submit_jobs", tenant.token, batch, ["s-0", "s-1", "s-2"])
+    assert [r.get("state") for r in first] == ["queued", None, "queued"]
+    assert first[1]["error"]["type"] == "ValueError" and "dataset" in first[1]["error"]["message"]
+    assert first[2]["priority"] == 9
+    again = call("lorafleet.submit_jobs", tenant.token, batch, ["s-0", "s-1", "s-2"])
+    assert [r.get("job_id") for r in again] == [r.get("job_id") for r in first], "no job made twice"
+    assert store.counts(tenant.name)["queued"] == 2
+    with pytest.raises(ValueError, match="specs: a list of 1 to 100"):
+        call("lorafleet.submit_jobs", tenant.token, [good] * 101)
+
+
 def test_a_submit_nobody_waits_for_any_more_is_not_run(tenant_app, store, make_tenant, base_model_dir):
     alice = make_tenant("alice")
     app = tenant_app(alice.name)
