@@ -29,7 +29,7 @@ def test_lorafleet_redis_command(tmp_path):
         assert url_file.read_text() == info["url"]
         assert stat.S_IMODE(url_file.stat().st_mode) == 0o600
         assert stat.S_IMODE((data_dir / "credentials.json").stat().st_mode) == 0o600
-        assert set(info["role_urls"]) == {"worker", "scheduler", "executor"}
+        assert set(info["role_urls"]) == {"worker", "scheduler", "executor", "gateway"}
 
         client = redis.Redis.from_url(info["url"], decode_responses=True)
         assert client.config_get("appendonly")["appendonly"] == "yes"
