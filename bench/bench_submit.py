@@ -80,7 +80,7 @@ def measure_batch(app, store: JobStore, pids: dict[str, list[int]], token: str, 
     pending = [app.send_task("lorafleet.submit_jobs",
                              args=[token, [spec] * size, [f"batch-{i}-{j}" for j in range(size)]])
                for i in range(n // size)]
-    refused = sum(1 for result in pending for job in result.get(timeout=300) if "error" in job)
+    refused = sum(1 for result in pending for job in result.get(timeout=300) if "job_id" not in job)
     seconds = time.perf_counter() - start
     cpu_after = cpu_now(pids)
     accepted = store.counts("bench")["queued"] - before
