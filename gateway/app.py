@@ -23,6 +23,7 @@ from lorafleet.gateway.models import (
 )
 from lorafleet.gateway.page import page_routes
 from lorafleet.scheduler import config
+from lorafleet.scheduler.admission import check_some_executor_holds
 from lorafleet.scheduler.artifacts import ArtifactStore
 from lorafleet.scheduler.files import FileLimits, FileStore
 from lorafleet.scheduler.records import JobRecord, JobState
@@ -103,6 +104,7 @@ def _job_routes() -> APIRouter:
         raw = spec_from_request(body)
         accepted = _refusals(accept_submission, raw, tenant, config.data_root(), config.hf_hub_cache(),
                              config.model_roots(), config.dataset_store(), gateway.files)
+        _refusals(check_some_executor_holds, gateway.store.r, accepted.spec, accepted.plan)
         job = _refusals(gateway.store.submit, tenant, accepted.spec, datasets=accepted.datasets, plan=accepted.plan)
         record = gateway.store.job(job["job_id"])
         return job_view(record, gateway.result_files(record))

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Iterable, Iterator, Mapping, Optional, Sequence
 
-from lorafleet.scheduler.memory import JobSize, _CohortMemory, cohort_bytes, effective_dtype
+from lorafleet.scheduler.memory import JobPlan, JobSize, _CohortMemory, cohort_bytes, effective_dtype
 
 PACKINGS = ("optimal-fit", "fast-fit", "trivial")
 
@@ -74,6 +74,14 @@ class QueuedJob:
     def shape_class(self) -> int:
         """One small id for every job of this key, dtype and need signature: they need the same of every slot."""
         return _SHAPE_CLASSES.setdefault((self.compat_key, self.dtype, self.need_signature), len(_SHAPE_CLASSES))
+
+    @classmethod
+    def from_plan(cls, job_id: str, tenant: str, priority: int, submitted_at: float, plan: JobPlan) -> "QueuedJob":
+        """A job's planning record, from the plan decided at its submission."""
+        bf16 = plan.size("bfloat16")
+        return cls(job_id, tenant, plan.compat_key, priority, submitted_at, plan.est_gpu_seconds, plan.tokens_per_step,
+                   bf16.job_bytes, bf16.base_bytes, bf16.activation_bytes, plan.max_seq_len, plan.dtype,
+                   sizes=plan.sizes)
 
     def on(self, device_auto_dtype: str) -> "QueuedJob":
         """This job as sized on a device whose `dtype: auto` computes in `device_auto_dtype`."""

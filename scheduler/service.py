@@ -51,10 +51,7 @@ def _reread_turn(job_id: str) -> int:
 
 
 def _queued_job(record: JobRecord | JobSummary, plan: JobPlan) -> QueuedJob:
-    bf16 = plan.size("bfloat16")
-    return QueuedJob(record.job_id, record.tenant, plan.compat_key, record.priority, record.submitted_at or 0.0,
-                     plan.est_gpu_seconds, plan.tokens_per_step, bf16.job_bytes, bf16.base_bytes,
-                     bf16.activation_bytes, plan.max_seq_len, plan.dtype, sizes=plan.sizes)
+    return QueuedJob.from_plan(record.job_id, record.tenant, record.priority, record.submitted_at or 0.0, plan)
 
 
 def _running_job(record: JobRecord | JobSummary, plan: JobPlan, auto_dtype: str) -> RunningJob:

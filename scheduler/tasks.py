@@ -22,6 +22,7 @@ import functools
 from typing import Any, Callable, Optional
 
 from lorafleet.scheduler import config, keys
+from lorafleet.scheduler.admission import check_some_executor_holds
 from lorafleet.scheduler.artifacts import ArtifactStore
 from lorafleet.scheduler.broker import TenantQueues
 from lorafleet.scheduler.client import make_celery
@@ -128,6 +129,7 @@ def submit_jobs(self, token: str, specs: Any, request_ids: Any = None) -> list:
 def _submit(tenant: str, spec: Any, request_id: Optional[str]) -> dict:
     accepted = accept_submission(spec, tenant, config.data_root(), config.hf_hub_cache(), config.model_roots(),
                                  config.dataset_store(), file_store())
+    check_some_executor_holds(store().r, accepted.spec, accepted.plan)
     return store().submit(tenant, accepted.spec, datasets=accepted.datasets, plan=accepted.plan,
                           request_id=request_id)
 

@@ -54,6 +54,7 @@ def test_the_scheduler_requeues_a_job_the_executor_looked_past_without_holding(s
     assert any(e["type"] == "requeued" and "does not hold it" in e["reason"] for e in store.events(lost))
     assert store.job(fresh).state == JobState.SCHEDULED
     assert store.counts(tenant.name)["running"] == 0
+    store.r.delete(keys.executor("exec-r"))  # a 1 MiB executor: submissions of later tests must not see it
 
 
 def test_after_redis_loses_its_last_writes_the_job_runs_again_and_counts_are_right(tmp_path, monkeypatch,
@@ -169,6 +170,7 @@ def test_a_round_with_10k_queued_reads_no_spec_no_file_and_no_record_twice(store
     assert 10_000 <= first <= 10_000 + others, "the first round reads each queued job's summary once"
     assert second <= others, "the next reads none of them again"
     assert reads == {"spec": 0, "files": 0}
+    store.r.delete(keys.executor("exec-full"))  # a 1 MiB executor: submissions of later tests must not see it
 
 
 def test_no_round_rereads_every_held_job_but_each_is_reread_within_ten_rounds(store, make_tenant):

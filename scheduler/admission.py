@@ -1,0 +1,80 @@
+"""Whether any executor of the fleet could ever run a job: a job no executor class can hold is refused at submission,
+naming what to change, instead of waiting in the queue forever.
+
+An executor class is what the planner needs of a live executor's heartbeat to place a job on it when empty: its
+memory, the dtypes its device computes natively, what `dtype: auto` becomes there, its pass size. The job must fit
+one class alone, as `policy.plan` would place it (same memory model, same calibration factors, same dtype rule).
+With no executor alive there is nothing to judge by, and the job waits for one. The classes are read at most every
+CLASSES_SECONDS per process: a submission pays for the fleet's heartbeats once a second, not once per call.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import redis
+
+from lorafleet.scheduler import fleet, keys
+from lorafleet.scheduler.memory import JobPlan, cohort_bytes
+from lorafleet.scheduler.policy import ExecutorView, PlanConfig, QueuedJob, plan
+from lorafleet.scheduler.spec import JobSpec, SpecError
+
+CLASSES_SECONDS = 1.0
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class ExecutorClass:
+    total_bytes: int
+    dtypes: frozenset[str]
+    auto_dtype: str
+    max_pass_tokens: Optional[int]
+
+    def empty(self) -> ExecutorView:
+        """An idle executor of this class, as the planner sees one."""
+        return ExecutorView("class", self.total_bytes, self.total_bytes, max_pass_tokens=self.max_pass_tokens,
+                            dtypes=self.dtypes or None, auto_dtype=self.auto_dtype)
+
+
+_read: tuple[float, tuple[ExecutorClass, ...], dict[str, float]] = (-CLASSES_SECONDS, (), {})
+
+
+def fleet_classes(client: redis.Redis) -> tuple[tuple[ExecutorClass, ...], dict[str, float]]:
+    """(the classes of the live executors, the calibrated memory factors), as of at most CLASSES_SECONDS ago."""
+    global _read
+    now = time.monotonic()
+    if now - _read[0] >= CLASSES_SECONDS:
+        alive, _ = fleet.executors(client)
+        classes = {ExecutorClass(b.total_bytes, frozenset(b.dtypes), b.auto_dtype, b.max_pass_tokens) for b in alive}
+        factors = {key: float(factor) for key, factor in client.hgetall(keys.MEMORY_FACTORS).items()}
+        _read = (now, tuple(sorted(classes, key=lambda c: -c.total_bytes)), factors)
+    return _read[1], _read[2]
+
+
+def check_some_executor_holds(client: redis.Redis, spec: JobSpec, job_plan: JobPlan) -> None:
+    """SpecError naming the field to change when no live executor class could run the job even alone."""
+    classes, factors = fleet_classes(client)
+    if not classes:
+        return
+    job = QueuedJob.from_plan("admission", "admission", spec.priority, 0.0, job_plan)
+    config = PlanConfig(memory_factors=factors)
+    if any(plan([job], [c.empty()], {}, 0.0, config) for c in classes):
+        return
+    native = [c for c in classes if job.dtype == "auto" or not c.dtypes or job.dtype in c.dtypes]
+    if not native:
+        offered = sorted({dtype for c in classes for dtype in c.dtypes})
+        raise SpecError(f"invalid job spec: dtype: no executor of this deployment computes in {job.dtype} "
+                        f"(they offer {', '.join(offered)}); use 'auto'")
+    largest = native[0]
+    sized = job.on(largest.auto_dtype)
+    factor = factors.get(job.compat_key, 1.0)
+    need = (sized.base_bytes + cohort_bytes([sized], largest.max_pass_tokens)) * factor
+    usable = largest.total_bytes * config.memory_fraction
+    hp = spec.hyperparameters
+    raise SpecError(
+        f"invalid job spec: hyperparameters.batch_size: no executor of this deployment can hold this job, even "
+        f"alone: it needs about {need / GIB:.1f} GiB (its base and, at batch_size={hp.batch_size} x "
+        f"max_seq_len={hp.max_seq_len}, its adapter and activations) and the largest executor offers "
+        f"{usable / GIB:.1f} GiB; lower batch_size or max_seq_len, or quantize the base (quantization: nf4)")
