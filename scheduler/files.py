@@ -534,6 +534,21 @@ class FileStore:
         self.r.hset(keys.tenant_artifact_files(tenant), uri, record.file_id)
         return record
 
+    def forget_artifacts(self, tenant: str, uris: Iterable[str]) -> int:
+        """Delete the files packed from these artifact URIs (a purged job's adapter and checkpoints); how many."""
+        removed = 0
+        for uri in uris:
+            file_id = self.r.hget(keys.tenant_artifact_files(tenant), uri)
+            if file_id is None:
+                continue
+            try:
+                self.delete(tenant, file_id)
+                removed += 1
+            except LookupError:
+                pass  # the tenant deleted it already
+            self.r.hdel(keys.tenant_artifact_files(tenant), uri)
+        return removed
+
     # ---- deleting ----
 
     def delete(self, tenant: str, file_id: str) -> FileRecord:

@@ -375,8 +375,11 @@ class Scheduler:
             log.info("expired %d finished jobs (retention %.0f s)", len(removed), self.retention_seconds)
 
     def _delete_artifacts(self, job: JobRecord) -> None:
+        """A purged job's artifacts, and the files packed from them for download."""
         if self.artifacts is not None:
             self.artifacts.delete_job(job.tenant, job.job_id)
+        if self.files is not None:
+            self.files.forget_artifacts(job.tenant, [uri for uri in (job.adapter_uri, *job.checkpoints) if uri])
 
     def _export(self, alive, running_by_executor, tenant_records) -> None:
         """Gauges for Prometheus: at most every EXPORT_EVERY_SECONDS (the per-tenant counts cost a read each)."""

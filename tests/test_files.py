@@ -229,6 +229,22 @@ def test_the_schedulers_purge_removes_the_bytes_of_deleted_files(files, store):
     assert not path.exists()
 
 
+def test_a_purged_jobs_packed_adapter_file_goes_with_it(files, store, make_tenant, tmp_path):
+    tenant = make_tenant()
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    job_id = store.submit(tenant.name, parse_spec({"base_model": "/models/none", "dataset": tenant.dataset}))["job_id"]
+    attempt = store.claim(job_id, "exec-purge")
+    store.start(job_id, attempt, "exec-purge")
+    store.succeed(job_id, str(adapter), attempt, "exec-purge")
+    packed = files.file_for_artifact(tenant.name, "adapter", str(adapter), Path, f"{job_id}-adapter.tar")
+    scheduler = Scheduler(store, "sched-purge-files", files=files)
+    scheduler._delete_artifacts(store.job(job_id))  # what the leader's purge does with each job it expires
+    with pytest.raises(LookupError):
+        files.get(tenant.name, packed.file_id)
+
+
 def _later(periods: int = 1) -> float:
     return time.time() + periods * (ORPHAN_GRACE_SECONDS + 1)
 
