@@ -30,7 +30,7 @@ from lorafleet.scheduler import config, fleet, keys
 from lorafleet.scheduler.artifacts import ArtifactStore
 from lorafleet.scheduler.datasets import AcceptedDataset, verified_path
 from lorafleet.scheduler.memory import JobPlan, pass_tokens
-from lorafleet.scheduler.metrics import ExecutorMetrics, executor_metrics, serve
+from lorafleet.scheduler.metrics import ExecutorMetrics, Health, executor_metrics, serve
 from lorafleet.scheduler.policy import PlanConfig
 from lorafleet.scheduler.records import ExecutorHeartbeat, JobRecord, JobState
 from lorafleet.scheduler.spec import JobSpec, resolve_dataset
@@ -41,6 +41,7 @@ log = logging.getLogger("lorafleet.executor")
 
 OOM_SHRINK = 0.85  # after an out-of-memory step, offer this share of the memory offered before
 FACTOR_READ_SECONDS = 10.0  # how often the executor re-reads its base's calibrated memory factor
+STALL_SECONDS = 900.0  # /healthz fails when the loop did not come round for this long (loading a 70B base is slow)
 
 
 @dataclass
@@ -68,8 +69,10 @@ class Executor:
         metrics_port: int = 0,
         activation_checkpointing: int = 0,
         max_pass_tokens: int | None = None,
+        health: Health | None = None,
     ):
         self.store, self.executor_id, self.device, self.artifacts = store, executor_id, device, artifacts
+        self.health = health or Health(float("inf"))
         self.heartbeat_ttl, self.poll_seconds = heartbeat_ttl, poll_seconds
         self.metrics, self.metrics_port = metrics, metrics_port
         self.activation_checkpointing = activation_checkpointing
@@ -106,11 +109,14 @@ class Executor:
                     self.train_step()
                 else:
                     self.stopping.wait(self.poll_seconds)
+                self.health.tick()
             except redis.ConnectionError as exc:
                 # The cohort stays in memory; if the outage outlasts the heartbeat TTL the scheduler hands our jobs
                 # to others and our writes are refused once Redis is back (their leases moved on).
                 log.warning("Redis unreachable (%s); retrying in 2 s", exc)
+                self.health.tick(f"Redis unreachable: {exc}")
                 self.stopping.wait(2.0)
+        self.health.tick("draining")
         self.stopping.set()
         beats.join()  # no heartbeat may re-register this executor once drain() has deregistered it
         self.drain()
@@ -482,19 +488,19 @@ def _gpu_utilization(device: str) -> float | None:
 
 def main(device: str, executor_id: str | None, metrics_port: int, memory_bytes: int | None,
          heartbeat_ttl: float = fleet.HEARTBEAT_TTL_SECONDS, activation_checkpointing: int = 0,
-         max_pass_tokens: int | None = None) -> None:
+         max_pass_tokens: int | None = None, metrics_addr: str = "0.0.0.0") -> None:
     """Entry point of `lorafleet executor`."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     executor_id = executor_id or f"{socket.gethostname()}-{device.replace(':', '')}-{os.getpid()}"
+    metrics, health = executor_metrics(executor_id), Health(STALL_SECONDS)
+    port = serve(metrics.registry, metrics_port, metrics_addr, health)  # first: a taken port ends it at once
     store = JobStore.from_url(config.redis_url())
     store.ensure_schema()
-    metrics = executor_metrics(executor_id)
-    port = serve(metrics.registry, metrics_port)
-    log.info("metrics on http://127.0.0.1:%d/metrics", port)
+    log.info("metrics on http://%s:%d/metrics (and /healthz, /readyz)", metrics_addr, port)
     executor = Executor(
         store, executor_id, device, ArtifactStore(config.artifact_root()), memory_bytes=memory_bytes,
         heartbeat_ttl=heartbeat_ttl, metrics=metrics, metrics_port=port,
-        activation_checkpointing=activation_checkpointing, max_pass_tokens=max_pass_tokens,
+        activation_checkpointing=activation_checkpointing, max_pass_tokens=max_pass_tokens, health=health,
     )
     signal.signal(signal.SIGTERM, lambda *_: executor.stopping.set())
     signal.signal(signal.SIGINT, lambda *_: executor.stopping.set())

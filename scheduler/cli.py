@@ -27,6 +27,7 @@ from lorafleet.scheduler import acl, config, fleet, keys, stack
 from lorafleet.scheduler.acl import TenantCredentials
 from lorafleet.scheduler.artifacts import ArtifactStore
 from lorafleet.scheduler.client import LorafleetClient
+from lorafleet.scheduler.metrics import ServeError
 from lorafleet.scheduler.redis_server import start_redis_server, write_private
 from lorafleet.scheduler.spec import JobSpec, parse_spec
 from lorafleet.scheduler.store import JobStore, hash_token
@@ -181,8 +182,9 @@ def up(device: Optional[str], as_json: bool) -> None:
         if not as_json:
             console.print(f"redis: {'embedded, ' + str(config.embedded_redis_dir()) if running.redis else 'REDIS_URL'}")
         stack.start_worker(running)
-        stack.start_process(running, "scheduler", ["scheduler"])
-        stack.start_process(running, "executor", ["executor", "--device", device or _default_device()])
+        local = ["--metrics-port", "0", "--metrics-addr", "127.0.0.1"]  # a demo: any free port, this machine only
+        stack.start_process(running, "scheduler", ["scheduler", *local])
+        stack.start_process(running, "executor", ["executor", "--device", device or _default_device(), *local])
         jobs = stack.seed_demo(running)
         if not as_json:
             _show_jobs(jobs, False, title="submitted demo jobs")
@@ -245,23 +247,35 @@ def redis_cmd(data_dir: Optional[Path], port: int, as_json: bool) -> None:
         url_file.unlink(missing_ok=True)
 
 
+METRICS_ADDR = click.option(
+    "--metrics-addr", default="0.0.0.0", show_default=True,
+    help="address of the /metrics, /healthz and /readyz listener (0.0.0.0: every interface, for Prometheus)")
+
+
 @main.command()
-@click.option("--metrics-port", type=int, default=9464, show_default=True, help="/metrics port (0 = any free port)")
+@click.option("--metrics-port", type=int, default=9464, show_default=True,
+              help="/metrics, /healthz and /readyz port (0 = any free port)")
+@METRICS_ADDR
 @click.option("--interval", type=float, default=0.5, show_default=True, help="seconds between planning rounds")
 @click.option("--lock-ttl", type=float, default=3.0, show_default=True, help="leader lock TTL in seconds")
 @click.option("--packing", type=click.Choice(["optimal-fit", "fast-fit", "trivial"]), default="optimal-fit",
               show_default=True)
-def scheduler(metrics_port: int, interval: float, lock_ttl: float, packing: str) -> None:
+def scheduler(metrics_port: int, metrics_addr: str, interval: float, lock_ttl: float, packing: str) -> None:
     """The scheduler process: leader election, then cohort planning rounds. Run two for a hot standby."""
     from lorafleet.scheduler import service
 
-    service.main(metrics_port, interval, lock_ttl, packing)
+    try:
+        service.main(metrics_port, interval, lock_ttl, packing, metrics_addr)
+    except ServeError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @main.command()
 @click.option("--device", default="cpu", show_default=True, help="cuda:N or cpu")
 @click.option("--id", "executor_id", default=None, help="executor id (default: host-device-pid)")
-@click.option("--metrics-port", type=int, default=0, show_default=True, help="/metrics port (0 = any free port)")
+@click.option("--metrics-port", type=int, default=0, show_default=True,
+              help="/metrics, /healthz and /readyz port (0 = any free port; set one per GPU for a scrape config)")
+@METRICS_ADDR
 @click.option("--memory-bytes", type=int, default=None, help="memory the scheduler may plan with (default: device total)")
 @click.option("--heartbeat-ttl", type=float, default=10.0, show_default=True,
               help="seconds without a heartbeat before the scheduler declares this executor dead")
@@ -271,15 +285,19 @@ def scheduler(metrics_port: int, interval: float, lock_ttl: float, packing: str)
               help="run each step in passes, so that the scheduler can plan this executor's memory with one pass of N "
                    "tokens (same gradients); on a GPU, passes are as large as free memory allows, never under N; "
                    "0: always one pass")
-def executor(device: str, executor_id: Optional[str], metrics_port: int, memory_bytes: Optional[int],
-             heartbeat_ttl: float, activation_checkpointing: int, max_pass_tokens: int) -> None:
+def executor(device: str, executor_id: Optional[str], metrics_port: int, metrics_addr: str,
+             memory_bytes: Optional[int], heartbeat_ttl: float, activation_checkpointing: int,
+             max_pass_tokens: int) -> None:
     """An executor process: trains the cohort the scheduler assigns to this device."""
     try:
         from lorafleet.executor import worker
     except ImportError as exc:
         raise click.ClickException(f"the executor needs the 'executor' extra (pip install 'lorafleet[executor]'): {exc}")
-    worker.main(device, executor_id, metrics_port, memory_bytes, heartbeat_ttl, activation_checkpointing,
-                max_pass_tokens or None)
+    try:
+        worker.main(device, executor_id, metrics_port, memory_bytes, heartbeat_ttl, activation_checkpointing,
+                    max_pass_tokens or None, metrics_addr)
+    except ServeError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @main.command()

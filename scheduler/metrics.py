@@ -5,14 +5,19 @@ Labels are bounded: `tenant` (tenants are created by an operator), `state` (the 
 (one per GPU process). Job ids never become labels.
 
 Each process builds its own registry with `scheduler_metrics()` or `executor_metrics()` and serves it with
-`serve(registry, port)`; port 0 picks a free port (its number is returned and logged).
+`serve(registry, port, addr, health)`, next to `/healthz` (its main loop comes round) and `/readyz` (it can do its
+work); port 0 picks a free port (its number is returned and logged).
 """
 
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Optional
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 STEP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 PLAN_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
@@ -102,7 +107,60 @@ def executor_metrics(executor_id: str) -> ExecutorMetrics:
     )
 
 
-def serve(registry: CollectorRegistry, port: int, addr: str = "127.0.0.1") -> int:
-    """Serve /metrics on addr:port in a daemon thread; return the bound port (useful with port 0)."""
-    server, _thread = start_http_server(port, addr=addr, registry=registry)
+class ServeError(RuntimeError):
+    """The metrics and health listener could not start (its port is taken, say): the message says which and why."""
+
+
+class Health:
+    """What `/healthz` and `/readyz` answer. Live: the process's main loop came round within `stall_seconds` (it calls
+    `tick`). Ready: live, and `not_ready` is None (it holds the reason it cannot do its work yet, e.g. Redis down)."""
+
+    def __init__(self, stall_seconds: float):
+        self.stall_seconds = stall_seconds
+        self.last_tick = time.monotonic()
+        self.not_ready: Optional[str] = "starting"
+
+    def tick(self, not_ready: Optional[str] = None) -> None:
+        self.last_tick, self.not_ready = time.monotonic(), not_ready
+
+    def live(self) -> Optional[str]:
+        stalled = time.monotonic() - self.last_tick
+        return f"main loop stalled for {stalled:.0f} s" if stalled > self.stall_seconds else None
+
+    def ready(self) -> Optional[str]:
+        return self.live() or self.not_ready
+
+
+def serve(registry: CollectorRegistry, port: int, addr: str = "127.0.0.1", health: Optional[Health] = None) -> int:
+    """Serve /metrics, /healthz and /readyz on addr:port in a daemon thread; return the bound port (port 0: any free
+    one). ServeError naming the address when it cannot listen there."""
+    health = health or Health(float("inf"))
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (the http.server API)
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                return self._answer(200, generate_latest(registry), CONTENT_TYPE_LATEST)
+            if path in ("/healthz", "/readyz"):
+                problem = health.live() if path == "/healthz" else health.ready()
+                return self._answer(503 if problem else 200, (problem or "ok").encode() + b"\n", "text/plain")
+            return self._answer(404, b"not found: /metrics, /healthz or /readyz\n", "text/plain")
+
+        def _answer(self, status: int, body: bytes, content_type: str) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:  # scrapes every 15 s are not worth a log line each
+            pass
+
+    try:
+        server = ThreadingHTTPServer((addr, port), Handler)
+    except OSError as exc:
+        raise ServeError(f"cannot serve metrics and health on {addr}:{port}: {exc.strerror}; pass another "
+                         "--metrics-port (0: any free port) or --metrics-addr") from None
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
     return server.server_address[1]

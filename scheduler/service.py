@@ -32,7 +32,7 @@ from lorafleet.scheduler.artifacts import ArtifactStore
 from lorafleet.scheduler.files import FileLimits, FileStore
 from lorafleet.scheduler.leader import LeaderLock
 from lorafleet.scheduler.memory import JobPlan, MemoryCalibration, calibrate, cohort_bytes
-from lorafleet.scheduler.metrics import SchedulerMetrics, scheduler_metrics, serve
+from lorafleet.scheduler.metrics import Health, SchedulerMetrics, scheduler_metrics, serve
 from lorafleet.scheduler.policy import Backlog, ExecutorView, PlanConfig, QueuedJob, RunningJob, TenantView, plan
 from lorafleet.scheduler.records import ExecutorHeartbeat, JobSummary, JobRecord, JobState
 from lorafleet.scheduler.store import JobStore, StaleFence
@@ -41,6 +41,8 @@ from lorafleet.scheduler.submission import plan_from_files
 log = logging.getLogger("lorafleet.scheduler")
 
 PURGE_EVERY_SECONDS = 60.0  # how often the leader expires finished jobs past the retention time
+STALL_SECONDS = 120.0  # /healthz fails when no round came round for this long (a new leader's first round at 100k
+# queued takes about 10 s)
 EXPORT_EVERY_SECONDS = 1.0  # how often the leader exports per-tenant job counts (a scrape is every 15 s or so)
 REREAD_HELD_EVERY = 10  # rounds between full re-reads of the held jobs (their progress only weighs fair share)
 
@@ -101,13 +103,14 @@ class Scheduler:
     def __init__(self, store: JobStore, holder: str, plan_config: PlanConfig = PlanConfig(),
                  lock_ttl: float = 3.0, interval: float = 0.5, metrics: SchedulerMetrics | None = None,
                  artifacts: Optional[ArtifactStore] = None, retention_seconds: Optional[float] = None,
-                 files: Optional[FileStore] = None):
+                 files: Optional[FileStore] = None, health: Optional[Health] = None):
         self.store, self.holder, self.plan_config = store, holder, plan_config
         self.lock = LeaderLock(store.r, holder, lock_ttl)
         self.interval = interval
         self.metrics = metrics
         self.artifacts, self.retention_seconds = artifacts, retention_seconds
         self.files = files  # whose deleted files' bytes the purge removes
+        self.health = health or Health(float("inf"))
         self.stopping = threading.Event()
         self.calibrations: dict[str, MemoryCalibration] = {}
         self.calibrated_beats: dict[str, float] = {}  # executor id -> heartbeat already folded into calibrations
@@ -134,8 +137,10 @@ class Scheduler:
             except redis.ConnectionError as exc:
                 log.warning("Redis unreachable (%s); retrying in 2 s", exc)
                 self.lock.token = None
+                self.health.tick(f"Redis unreachable: {exc}")
                 self.stopping.wait(2.0)
                 continue
+            self.health.tick()  # ready as leader or as standby
             self.stopping.wait(self.interval)
         renewal.join()
         if self.lock.token is not None:
@@ -395,19 +400,19 @@ class Scheduler:
                 self.metrics.jobs.labels(tenant=name, state=state).set(count)
 
 
-def main(metrics_port: int, interval: float, lock_ttl: float, packing: str) -> None:
+def main(metrics_port: int, interval: float, lock_ttl: float, packing: str, metrics_addr: str = "0.0.0.0") -> None:
     """Entry point of `lorafleet scheduler`."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    metrics, health = scheduler_metrics(), Health(STALL_SECONDS)
+    port = serve(metrics.registry, metrics_port, metrics_addr, health)  # first: a taken port ends it at once
     store = JobStore.from_url(config.redis_url())
     store.ensure_schema()
-    metrics = scheduler_metrics()
-    port = serve(metrics.registry, metrics_port)
     holder = f"{socket.gethostname()}-{os.getpid()}"
-    log.info("scheduler %s: metrics on http://127.0.0.1:%d/metrics", holder, port)
+    log.info("scheduler %s: metrics on http://%s:%d/metrics (and /healthz, /readyz)", holder, metrics_addr, port)
     scheduler = Scheduler(store, holder, PlanConfig(packing=packing), lock_ttl=lock_ttl, interval=interval,
                           metrics=metrics, artifacts=ArtifactStore(config.artifact_root()),
                           retention_seconds=config.job_retention_seconds(),
-                          files=FileStore(store.r, config.dataset_store(), FileLimits.from_env()))
+                          files=FileStore(store.r, config.dataset_store(), FileLimits.from_env()), health=health)
     signal.signal(signal.SIGTERM, lambda *_: scheduler.stopping.set())
     signal.signal(signal.SIGINT, lambda *_: scheduler.stopping.set())
     scheduler.run()

@@ -1,0 +1,78 @@
+"""Every long-running process answers /healthz (its main loop comes round) and /readyz (it can do its work) next to
+/metrics, on the address and port its flags name; a taken port ends it at once with a message, not a traceback."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from helpers_polling import wait_until
+from lorafleet.scheduler.metrics import Health, ServeError, scheduler_metrics, serve
+from lorafleet.scheduler.redis_server import free_port
+
+
+def get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as answer:
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as refused:
+        return refused.code, refused.read().decode()
+
+
+def test_health_says_why_a_process_is_not_live_or_not_ready():
+    health = Health(stall_seconds=0.2)
+    port = serve(scheduler_metrics().registry, 0, "127.0.0.1", health)
+    base = f"http://127.0.0.1:{port}"
+    assert get(base + "/healthz") == (200, "ok\n")
+    assert get(base + "/readyz") == (503, "starting\n"), "not ready before its loop came round once"
+    health.tick("Redis unreachable: connection refused")
+    assert get(base + "/readyz") == (503, "Redis unreachable: connection refused\n")
+    health.tick()
+    assert get(base + "/readyz") == (200, "ok\n")
+    status, text = get(base + "/metrics")
+    assert status == 200 and "lorafleet_scheduler_leader" in text
+    time.sleep(0.3)
+    status, text = get(base + "/healthz")
+    assert status == 503 and text.startswith("main loop stalled for")
+    assert get(base + "/nothing")[0] == 404
+
+
+def test_a_taken_port_is_named_in_the_error():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ServeError, match=f"cannot serve metrics and health on 127.0.0.1:{port}: "):
+            serve(scheduler_metrics().registry, port, "127.0.0.1")
+
+
+def test_the_scheduler_process_serves_health_and_refuses_a_taken_port_cleanly(redis_server, worker_env, tmp_path):
+    env = {**worker_env, "REDIS_URL": redis_server.role_url("scheduler")}
+    port = free_port()
+    command = [sys.executable, "-P", "-m", "lorafleet.scheduler.cli", "scheduler", "--metrics-addr", "127.0.0.1"]
+    process = subprocess.Popen([*command, "--metrics-port", str(port)], env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: _answers(f"http://127.0.0.1:{port}/readyz"), "the scheduler to be ready", timeout=60)
+        assert get(f"http://127.0.0.1:{port}/healthz") == (200, "ok\n")
+        second = subprocess.run([*command, "--metrics-port", str(port)], env=env, capture_output=True, text=True,
+                                timeout=60)
+        assert second.returncode != 0
+        assert f"cannot serve metrics and health on 127.0.0.1:{port}" in second.stderr
+        assert "Traceback" not in second.stderr
+    finally:
+        process.terminate()
+        process.wait(20)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return get(url)[0] == 200
+    except OSError:
+        return False
