@@ -12,7 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Any, Optional
 
+import redis
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi.responses import PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from lorafleet.gateway import errors
@@ -191,7 +193,28 @@ def create_app(store: Optional[JobStore] = None, root_path: str = "") -> FastAPI
 
     app.include_router(file_routes())
     app.include_router(page_routes())  # the tenants' web page at /ui/
+    app.include_router(_health_routes())
     return app
+
+
+def _health_routes() -> APIRouter:
+    """/healthz: the server answers; /readyz: and it reaches the store (503 with the reason otherwise). For probes,
+    not tenants: left out of the API schema."""
+    router = APIRouter(include_in_schema=False)
+
+    @router.get("/healthz", response_class=PlainTextResponse)
+    def healthz() -> str:
+        return "ok\n"
+
+    @router.get("/readyz", response_class=PlainTextResponse)
+    def readyz(gateway: State) -> PlainTextResponse:
+        try:
+            gateway.store.r.ping()
+        except redis.RedisError as exc:
+            return PlainTextResponse(f"Redis unreachable: {exc}\n", status_code=503)
+        return PlainTextResponse("ok\n")
+
+    return router
 
 
 def serve(host: str, port: int, ssl_keyfile: Optional[str] = None, ssl_certfile: Optional[str] = None,

@@ -209,6 +209,14 @@ def test_the_openapi_schema_is_served_with_the_job_object(gateway):
     assert "FineTuningJob" in schema["components"]["schemas"]
 
 
+def test_the_gateway_answers_health_probes_without_a_token(gateway):
+    for path in ("/healthz", "/readyz"):
+        with urllib.request.urlopen(gateway + path, timeout=5) as answer:
+            assert answer.status == 200 and answer.read() == b"ok\n"
+    schema = json.loads(urllib.request.urlopen(gateway + "/openapi.json", timeout=5).read())
+    assert "/healthz" not in schema["paths"], "probes are not part of the tenants' API"
+
+
 @pytest.fixture(scope="module")
 def fuzz_token(redis_url) -> str:
     """A tenant with room for every job the schema tests create."""
