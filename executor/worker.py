@@ -491,7 +491,9 @@ def main(device: str, executor_id: str | None, metrics_port: int, memory_bytes: 
          max_pass_tokens: int | None = None, metrics_addr: str = "0.0.0.0") -> None:
     """Entry point of `lorafleet executor`."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    executor_id = executor_id or f"{socket.gethostname()}-{device.replace(':', '')}-{os.getpid()}"
+    # Stable across restarts, so its series and dashboards follow the GPU; a restarted process hands back what the
+    # previous one held (`hand_back_orphans`). Two executors on one device need --id each.
+    executor_id = executor_id or f"{socket.gethostname()}-{device.replace(':', '')}"
     metrics, health = executor_metrics(executor_id), Health(STALL_SECONDS)
     port = serve(metrics.registry, metrics_port, metrics_addr, health)  # first: a taken port ends it at once
     store = JobStore.from_url(config.redis_url())

@@ -272,7 +272,7 @@ def scheduler(metrics_port: int, metrics_addr: str, interval: float, lock_ttl: f
 
 @main.command()
 @click.option("--device", default="cpu", show_default=True, help="cuda:N or cpu")
-@click.option("--id", "executor_id", default=None, help="executor id (default: host-device-pid)")
+@click.option("--id", "executor_id", default=None, help="executor id (default: host-device, stable across restarts)")
 @click.option("--metrics-port", type=int, default=0, show_default=True,
               help="/metrics, /healthz and /readyz port (0 = any free port; set one per GPU for a scrape config)")
 @METRICS_ADDR

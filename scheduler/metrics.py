@@ -19,6 +19,9 @@ from typing import Optional
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+# `lorafleet_scheduler_requeued_total{reason}`: its executor died; its executor looked past it without holding it
+REQUEUED_EXECUTOR_LOST, REQUEUED_NOT_HELD = "executor_lost", "not_held"
+REQUEUE_REASONS = (REQUEUED_EXECUTOR_LOST, REQUEUED_NOT_HELD)  # all exported from 0
 STEP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 PLAN_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 
@@ -50,8 +53,10 @@ class ExecutorMetrics:
 
 
 def scheduler_metrics() -> SchedulerMetrics:
+    """The scheduler's metrics; labelled counters start at 0 for every label value they can take, so that
+    `increase()` sees their first increment (a series born at 1 looks like no change)."""
     registry = CollectorRegistry()
-    return SchedulerMetrics(
+    metrics = SchedulerMetrics(
         registry=registry,
         jobs=Gauge("lorafleet_jobs", "Jobs by tenant and state", ["tenant", "state"], registry=registry),
         executors_alive=Gauge("lorafleet_executors_alive", "Executors with a live heartbeat", registry=registry),
@@ -76,6 +81,9 @@ def scheduler_metrics() -> SchedulerMetrics:
             ["kind"], registry=registry,
         ),
     )
+    for reason in REQUEUE_REASONS:
+        metrics.requeued.labels(reason=reason)
+    return metrics
 
 
 def executor_metrics(executor_id: str) -> ExecutorMetrics:

@@ -32,7 +32,9 @@ from lorafleet.scheduler.artifacts import ArtifactStore
 from lorafleet.scheduler.files import FileLimits, FileStore
 from lorafleet.scheduler.leader import LeaderLock
 from lorafleet.scheduler.memory import JobPlan, MemoryCalibration, calibrate, cohort_bytes
-from lorafleet.scheduler.metrics import Health, SchedulerMetrics, scheduler_metrics, serve
+from lorafleet.scheduler.metrics import (
+    REQUEUED_EXECUTOR_LOST, REQUEUED_NOT_HELD, Health, SchedulerMetrics, scheduler_metrics, serve,
+)
 from lorafleet.scheduler.policy import Backlog, ExecutorView, PlanConfig, QueuedJob, RunningJob, TenantView, plan
 from lorafleet.scheduler.records import ExecutorHeartbeat, JobSummary, JobRecord, JobState
 from lorafleet.scheduler.store import JobStore, StaleFence
@@ -127,6 +129,7 @@ class Scheduler:
         self.tenants_version: Optional[int] = None
         self.rounds = 0
         self.last_purge = self.last_export = 0.0
+        self.exported_executors: set[str] = set()  # executors whose series the last export set
 
     def run(self) -> None:
         """Rounds until stopped. A Redis outage pauses the scheduler (retrying every 2 s) instead of ending it."""
@@ -216,7 +219,7 @@ class Scheduler:
                                   attempt=job.attempt, executor_id=job.executor_id, executor_died=died):
                 log.info("job %s requeued: %s (executor %s)", job.job_id, reason, job.executor_id)
                 if self.metrics:
-                    self.metrics.requeued.labels(reason="executor_lost" if died else "not_held").inc()
+                    self.metrics.requeued.labels(reason=REQUEUED_EXECUTOR_LOST if died else REQUEUED_NOT_HELD).inc()
         self.plans = {job.job_id: self.plans[job.job_id] for job in held if job.job_id in self.plans}
         unknown = [job.job_id for job in held if job.job_id not in self.plans]
         for job_id, stored in self.store.plans(unknown).items():
@@ -391,6 +394,9 @@ class Scheduler:
         self.metrics.executors_alive.set(len(alive))
         for kind, count in self.store.r.hgetall(keys.REJECTED_MESSAGES).items():
             self.metrics.rejected_messages.labels(kind=kind).set(int(count))
+        for gone in self.exported_executors - {beat.executor_id for beat in alive}:  # a dead executor's series go
+            self.metrics.cohort_jobs.remove(gone)
+        self.exported_executors = {beat.executor_id for beat in alive}
         for beat in alive:
             self.metrics.cohort_jobs.labels(executor=beat.executor_id).set(
                 len(running_by_executor.get(beat.executor_id, ())))

@@ -12,9 +12,15 @@ import urllib.request
 
 import pytest
 
+from prometheus_client import generate_latest
+
 from helpers_polling import wait_until
+from lorafleet.scheduler import fleet, keys
 from lorafleet.scheduler.metrics import Health, ServeError, scheduler_metrics, serve
-from lorafleet.scheduler.redis_server import free_port
+from lorafleet.scheduler.records import ExecutorHeartbeat
+from lorafleet.scheduler.redis_server import free_port, start_redis_server
+from lorafleet.scheduler.service import Scheduler
+from lorafleet.scheduler.store import JobStore
 
 
 def get(url: str) -> tuple[int, str]:
@@ -76,3 +82,31 @@ def _answers(url: str) -> bool:
         return get(url)[0] == 200
     except OSError:
         return False
+
+
+def test_a_dead_executors_series_go_and_requeue_reasons_start_at_zero(tmp_path):
+    """Labelled series a dashboard's increase() and absent() rely on: there from the start, gone with their subject.
+    On a Valkey of its own: its scheduler must not take other tests' queued jobs."""
+    server = start_redis_server(tmp_path / "redis")
+    try:
+        _series_follow_their_executor(JobStore(server.client()))
+    finally:
+        server.stop()
+
+
+def _series_follow_their_executor(store: JobStore) -> None:
+    store.ensure_schema()
+    metrics = scheduler_metrics()
+    text = generate_latest(metrics.registry).decode()
+    assert 'lorafleet_scheduler_requeued_total{reason="executor_lost"} 0.0' in text
+    assert 'lorafleet_scheduler_requeued_total{reason="not_held"} 0.0' in text
+    scheduler = Scheduler(store, "sched-series", metrics=metrics)
+    scheduler.lock.try_acquire()
+    fleet.heartbeat(store.r, ExecutorHeartbeat("exec-series", total_bytes=64 * 2**30), ttl=60)
+    scheduler.round()
+    assert 'lorafleet_cohort_jobs{executor="exec-series"}' in generate_latest(metrics.registry).decode()
+    store.r.delete(keys.executor("exec-series"))  # its heartbeat expired
+    scheduler.last_export = 0.0
+    scheduler.round()
+    assert 'executor="exec-series"' not in generate_latest(metrics.registry).decode()
+    scheduler.lock.release()
