@@ -159,14 +159,24 @@ class Scheduler:
                                      for key, factor in self.store.r.hgetall(keys.MEMORY_FACTORS).items()}
         elif not self.lock.renew():  # the renewal thread keeps it between ticks; this also notices a loss at once
             log.warning("%s lost the leader lock", self.holder)
-        if self.metrics:
-            self.metrics.is_leader.set(1 if self.lock.token is not None else 0)
         if self.lock.token is not None:
             try:
                 self.round()
             except StaleFence:
                 log.warning("%s: a newer leader exists; standing by", self.holder)
                 self.lock.token = None
+        if self.metrics:
+            self.metrics.is_leader.set(1 if self.lock.token is not None else 0)
+            if self.lock.token is None:
+                self._withdraw_fleet_gauges()
+
+    def _withdraw_fleet_gauges(self) -> None:
+        """A standby exports no fleet gauges: after a failover the deposed leader's would be stale, and a sum over
+        the schedulers would count every job twice. Only the leader's series are the fleet's."""
+        self.metrics.jobs.clear()
+        self.metrics.cohort_jobs.clear()
+        self.exported_executors = set()
+        self.last_export = 0.0  # export at once when leading again
 
     def round(self) -> list:
         now, fence = time.time(), self.lock.token

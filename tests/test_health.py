@@ -110,3 +110,24 @@ def _series_follow_their_executor(store: JobStore) -> None:
     scheduler.round()
     assert 'executor="exec-series"' not in generate_latest(metrics.registry).decode()
     scheduler.lock.release()
+
+
+def test_after_a_failover_only_the_new_leader_exports_the_fleets_job_counts(tmp_path):
+    """A dashboard sums lorafleet_jobs over the schedulers it scrapes: a deposed leader's stale series would count
+    every job twice."""
+    server = start_redis_server(tmp_path / "redis")
+    try:
+        store = JobStore(server.client())
+        store.ensure_schema()
+        store.create_tenant("acme")
+        first, second = (Scheduler(store, name, metrics=scheduler_metrics()) for name in ("sched-a", "sched-b"))
+        first.tick()
+        assert 'lorafleet_jobs{state="queued",tenant="acme"}' in generate_latest(first.metrics.registry).decode()
+        first.lock.release()  # its lease ran out (a pause, a partition)
+        second.tick()
+        first.tick()
+        assert "lorafleet_jobs{" not in generate_latest(first.metrics.registry).decode()
+        assert 'lorafleet_jobs{state="queued",tenant="acme"}' in generate_latest(second.metrics.registry).decode()
+        assert "lorafleet_scheduler_leader 0.0" in generate_latest(first.metrics.registry).decode()
+    finally:
+        server.stop()
