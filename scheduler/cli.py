@@ -90,11 +90,15 @@ def _job_row(job: dict) -> list[str]:
     ]
 
 
+ID_COLUMNS = ("job_id", "executor")  # kept whole on one line at any width: they are copied into other commands
+
+
 def _table(title: str, columns: tuple[str, ...], rows: list[list[str]]) -> None:
     table = Table(title=title)
-    for column in columns:  # ids stay whole so they can be copied; other cells wrap on a narrow terminal
-        table.add_column(column, no_wrap=column == "job_id", min_width=20 if column == "job_id" else None,
-                         overflow="fold")
+    for i, column in enumerate(columns):  # ids stay whole so they can be copied; other cells wrap when narrow
+        whole = column in ID_COLUMNS
+        table.add_column(column, no_wrap=whole, overflow="fold",
+                         min_width=max([len(column), *(len(row[i]) for row in rows)]) if whole else None)
     for row in rows:
         table.add_row(*row)
     console.print(table)

@@ -20,8 +20,8 @@ def lorafleet(worker_env, celery_app):
     """lorafleet(*args) -> (exit code, stdout, stderr), with the same configuration as the worker."""
     runner = CliRunner()
 
-    def run(*args: str):
-        env = {**worker_env, "COLUMNS": "200"}  # wide enough that table cells are not folded
+    def run(*args: str, columns: int = 200):
+        env = {**worker_env, "COLUMNS": str(columns)}  # 200: wide enough that no table cell is folded
         result = runner.invoke(main, [str(a) for a in args], env=env, catch_exceptions=False)
         return result.exit_code, result.stdout, result.stderr
 
@@ -140,7 +140,7 @@ def test_executors_list_and_drain(lorafleet, store):
     from lorafleet.scheduler import fleet
     from lorafleet.scheduler.records import ExecutorHeartbeat
 
-    name = f"exec-cli-{secrets.token_hex(3)}"
+    name = f"gpu-node-0042.cluster.internal-cuda7-{secrets.token_hex(3)}"  # a long id, as host-device ones are
     fleet.heartbeat(store.r, ExecutorHeartbeat(
         name, host="gpu-host", device="cuda:0", total_bytes=80 * 2**30, peak_bytes=20 * 2**30,
         compat_key="/models/llama|none|auto", jobs={"job-0000000000000001": 1, "job-0000000000000002": 1,
@@ -150,6 +150,8 @@ def test_executors_list_and_drain(lorafleet, store):
     assert listed[name]["max_pass_tokens"] == 8192
     code, table, _ = lorafleet("executors", "list")
     assert code == 0 and name in table and "/models/llama" in table and "8192" in table
+    code, narrow, _ = lorafleet("executors", "list", columns=80)
+    assert code == 0 and name in narrow, "on an 80-column terminal the id stays whole, to be copied"
 
     assert ok_json(lorafleet("executors", "drain", name, "--json")) == {"executor_id": name, "drain": True}
     assert fleet.drain_requested(store.r, name)
