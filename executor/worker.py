@@ -330,7 +330,7 @@ class Executor:
             self.metrics.memory_peak.set(peak)
             utilization = _gpu_utilization(self.device)
             if utilization is not None:
-                self.metrics.gpu_utilization.set(utilization)
+                self.metrics.gpu_utilization.labels(executor=self.executor_id).set(utilization)
 
     def _publish(self, lease: Lease, local: Path, name: str) -> str | None:
         """Copy an artifact into this lease's own directory, if the lease still holds (a stale holder writes

@@ -48,7 +48,7 @@ class ExecutorMetrics:
     step_duration: Histogram
     memory_allocated: Gauge
     memory_peak: Gauge
-    gpu_utilization: Gauge
+    gpu_utilization: Gauge  # labelled by executor; a series only once a value was measured
     job_failures: Counter
 
 
@@ -108,7 +108,9 @@ def executor_metrics(executor_id: str) -> ExecutorMetrics:
         ).labels(**label),
         memory_allocated=gauge("lorafleet_gpu_memory_allocated_bytes", "Accelerator memory allocated now"),
         memory_peak=gauge("lorafleet_gpu_memory_peak_bytes", "Peak accelerator memory since the last step"),
-        gpu_utilization=gauge("lorafleet_gpu_utilization_ratio", "GPU utilisation from NVML (absent without NVML)"),
+        # no series until measured: a CPU or a GPU without NVML shows no utilisation rather than a false 0
+        gpu_utilization=Gauge("lorafleet_gpu_utilization_ratio", "GPU utilisation from NVML (absent without NVML)",
+                              ["executor"], registry=registry),
         job_failures=Counter(
             "lorafleet_job_failures_total", "Jobs this executor failed", ["executor"], registry=registry
         ).labels(**label),

@@ -131,3 +131,12 @@ def test_after_a_failover_only_the_new_leader_exports_the_fleets_job_counts(tmp_
         assert "lorafleet_scheduler_leader 0.0" in generate_latest(first.metrics.registry).decode()
     finally:
         server.stop()
+
+
+def test_gpu_utilisation_is_absent_until_measured_not_a_false_zero():
+    from lorafleet.scheduler.metrics import executor_metrics
+
+    metrics = executor_metrics("exec-cpu")
+    assert "lorafleet_gpu_utilization_ratio{" not in generate_latest(metrics.registry).decode()
+    metrics.gpu_utilization.labels(executor="exec-cpu").set(0.75)
+    assert 'lorafleet_gpu_utilization_ratio{executor="exec-cpu"} 0.75' in generate_latest(metrics.registry).decode()
