@@ -2,9 +2,9 @@
 with `base_url=` pointing here.
 
 The bearer token is the tenant's token (`JobStore.authenticate`); the gateway holds the store's credentials
-(REDIS_URL and the rest of `scheduler.config`), tenants never do. Jobs go through the same `accept_submission` and
-`JobStore.submit` as the Celery API. Routes are grouped per resource (`_job_routes`, `files_api.file_routes`):
-pause/resume and a web page are later additions of their own.
+(REDIS_URL and the rest of `scheduler.config`), tenants never do. Jobs go through the same `admission.submit_job`
+as the Celery API. Routes are grouped per resource (`_job_routes`, `files_api.file_routes`, `page.page_routes`,
+`_health_routes`).
 """
 
 from __future__ import annotations
@@ -25,13 +25,12 @@ from lorafleet.gateway.models import (
 )
 from lorafleet.gateway.page import page_routes
 from lorafleet.scheduler import config
-from lorafleet.scheduler.admission import check_some_executor_holds
+from lorafleet.scheduler.admission import submit_job
 from lorafleet.scheduler.artifacts import ArtifactStore
 from lorafleet.scheduler.files import FileLimits, FileStore
 from lorafleet.scheduler.records import JobRecord, JobState
 from lorafleet.scheduler.results import JobResults
 from lorafleet.scheduler.store import MAX_LIST_LIMIT, JobStore
-from lorafleet.scheduler.submission import accept_submission
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": description} for status, description in (
@@ -103,11 +102,7 @@ def _job_routes() -> APIRouter:
     @router.post("", response_model=FineTuningJob)
     def create_job(body: CreateJobRequest, tenant: Tenant, gateway: State) -> FineTuningJob:
         """Validate and queue a job, exactly as the Celery task `lorafleet.submit_job` does."""
-        raw = spec_from_request(body)
-        accepted = _refusals(accept_submission, raw, tenant, config.data_root(), config.hf_hub_cache(),
-                             config.model_roots(), config.dataset_store(), gateway.files)
-        _refusals(check_some_executor_holds, gateway.store.r, accepted.spec, accepted.plan)
-        job = _refusals(gateway.store.submit, tenant, accepted.spec, datasets=accepted.datasets, plan=accepted.plan)
+        job = _refusals(submit_job, gateway.store, tenant, spec_from_request(body), gateway.files)
         record = gateway.store.job(job["job_id"])
         return job_view(record, gateway.result_files(record))
 

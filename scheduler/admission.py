@@ -16,10 +16,13 @@ from typing import Optional
 
 import redis
 
-from lorafleet.scheduler import fleet, keys
-from lorafleet.scheduler.memory import JobPlan, cohort_bytes
+from lorafleet.scheduler import config, fleet, keys
+from lorafleet.scheduler.files import FileStore
+from lorafleet.scheduler.memory import JobPlan
 from lorafleet.scheduler.policy import ExecutorView, PlanConfig, QueuedJob, plan
 from lorafleet.scheduler.spec import JobSpec, SpecError
+from lorafleet.scheduler.store import JobStore
+from lorafleet.scheduler.submission import accept_submission
 
 CLASSES_SECONDS = 1.0
 GIB = 2**30
@@ -62,15 +65,13 @@ def check_some_executor_holds(client: redis.Redis, spec: JobSpec, job_plan: JobP
     config = PlanConfig(memory_factors=factors)
     if any(plan([job], [c.empty()], {}, 0.0, config) for c in classes):
         return
-    native = [c for c in classes if job.dtype == "auto" or not c.dtypes or job.dtype in c.dtypes]
+    native = [c for c in classes if c.empty().runs(job)]
     if not native:
         offered = sorted({dtype for c in classes for dtype in c.dtypes})
         raise SpecError(f"invalid job spec: dtype: no executor of this deployment computes in {job.dtype} "
                         f"(they offer {', '.join(offered)}); use 'auto'")
     largest = native[0]
-    sized = job.on(largest.auto_dtype)
-    factor = factors.get(job.compat_key, 1.0)
-    need = (sized.base_bytes + cohort_bytes([sized], largest.max_pass_tokens)) * factor
+    need = job.bytes_alone(largest.auto_dtype, largest.max_pass_tokens) * factors.get(job.compat_key, 1.0)
     usable = largest.total_bytes * config.memory_fraction
     hp = spec.hyperparameters
     raise SpecError(
@@ -78,3 +79,13 @@ def check_some_executor_holds(client: redis.Redis, spec: JobSpec, job_plan: JobP
         f"alone: it needs about {need / GIB:.1f} GiB (its base and, at batch_size={hp.batch_size} x "
         f"max_seq_len={hp.max_seq_len}, its adapter and activations) and the largest executor offers "
         f"{usable / GIB:.1f} GiB; lower batch_size or max_seq_len, or quantize the base (quantization: nf4)")
+
+
+def submit_job(store: JobStore, tenant: str, raw: object, files: Optional[FileStore] = None,
+               request_id: Optional[str] = None) -> dict:
+    """The whole submission, as the Celery task and the gateway both make it: the spec, its data and base accepted
+    (`accept_submission`), some executor class able to hold it, then stored. Returns the job's public view."""
+    accepted = accept_submission(raw, tenant, config.data_root(), config.hf_hub_cache(), config.model_roots(),
+                                 config.dataset_store(), files)
+    check_some_executor_holds(store.r, accepted.spec, accepted.plan)
+    return store.submit(tenant, accepted.spec, datasets=accepted.datasets, plan=accepted.plan, request_id=request_id)

@@ -60,7 +60,7 @@ from lorafleet.scheduler.datasets import (
 from lorafleet.scheduler.formats import DataError, RecordLines
 from lorafleet.scheduler.records import JobState
 from lorafleet.scheduler.spec import SpecError
-from lorafleet.scheduler.store import MAX_LIST_LIMIT, QuotaExceeded
+from lorafleet.scheduler.store import MAX_LIST_LIMIT, QuotaExceeded, page_start
 
 FILE_ID_RE = re.compile(r"^file-[0-9a-f]{24}$")
 UPLOAD_ID_RE = re.compile(r"^upload-[0-9a-f]{24}$")
@@ -447,12 +447,7 @@ class FileStore:
             raise FileError(f"must be 1 to {MAX_LIST_LIMIT}", param="limit")
         if purpose is not None and purpose not in (*UPLOAD_PURPOSES, RESULT_PURPOSE):
             raise FileError(f"one of {', '.join((*UPLOAD_PURPOSES, RESULT_PURPOSE))}", param="purpose")
-        start = 0
-        if after is not None:
-            rank = self.r.zrevrank(keys.tenant_files(tenant), after) if isinstance(after, str) else None
-            if rank is None:
-                raise LookupError("after: no such file of yours")
-            start = rank + 1
+        start = page_start(self.r, keys.tenant_files(tenant), after, "file")
         found: list[FileRecord] = []
         while len(found) < limit:
             ids = self.r.zrevrange(keys.tenant_files(tenant), start, start + limit - 1)

@@ -14,7 +14,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from functools import cached_property
-from typing import Iterable, Iterator, Mapping, Optional, Sequence
+from typing import Iterable, Mapping, Optional, Sequence
 
 from lorafleet.scheduler.memory import JobPlan, JobSize, _CohortMemory, cohort_bytes, effective_dtype
 
@@ -83,6 +83,11 @@ class QueuedJob:
                    bf16.job_bytes, bf16.base_bytes, bf16.activation_bytes, plan.max_seq_len, plan.dtype,
                    sizes=plan.sizes)
 
+    def bytes_alone(self, device_auto_dtype: str, max_pass_tokens: Optional[int]) -> float:
+        """Uncalibrated bytes of this job alone on an idle executor of that kind: its base and a cohort of one."""
+        sized = self.on(device_auto_dtype)
+        return sized.base_bytes + cohort_bytes([sized], max_pass_tokens)
+
     def on(self, device_auto_dtype: str) -> "QueuedJob":
         """This job as sized on a device whose `dtype: auto` computes in `device_auto_dtype`."""
         if self.sizes is None:
@@ -119,6 +124,10 @@ class ExecutorView:
     dtypes: Optional[frozenset[str]] = None  # compute dtypes the device runs natively; None: not reported, any
     auto_dtype: str = "bfloat16"  # what `dtype: auto` computes in there (`memory.auto_dtype`)
     pass_tokens: int = 0  # tokens of the largest pass of its last step (0: not measured), as `peak` was measured
+
+    def runs(self, job: QueuedJob) -> bool:
+        """Whether this executor's device computes in the job's dtype."""
+        return job.dtype == "auto" or self.dtypes is None or job.dtype in self.dtypes
 
     @cached_property
     def cohort_memory(self) -> _CohortMemory:
@@ -242,9 +251,6 @@ class Backlog:
     def __contains__(self, job_id: str) -> bool:
         return job_id in self.jobs
 
-    def __iter__(self) -> Iterator[QueuedJob]:
-        return iter(self.jobs.values())
-
 
 # --------------------------------------------------------------------------------------------------- plan
 
@@ -287,8 +293,7 @@ class _Slot:
         return self.usable - self.used
 
     def runs(self, job: QueuedJob) -> bool:
-        """Whether this executor's device computes in the job's dtype."""
-        return job.dtype == "auto" or self.view.dtypes is None or job.dtype in self.view.dtypes
+        return self.view.runs(job)
 
     def need(self, job: QueuedJob, factor: float) -> float:
         """Calibrated bytes `job` would add to what `room` counts: with passes, less than its own estimate."""
@@ -488,8 +493,7 @@ class _Round:
                 continue
             factor = self.factors.get(job.compat_key, 1.0)
             could_fit = [s for s in self.slots if not s.reserved and s.runs(job) and s.usable - s.foreign
-                         >= (job.on(s.view.auto_dtype).base_bytes
-                             + cohort_bytes([job.on(s.view.auto_dtype)], s.passes)) * factor]
+                         >= job.bytes_alone(s.view.auto_dtype, s.passes) * factor]
             if could_fit:
                 min(could_fit, key=lambda s: (s.key != job.compat_key, -s.view.total_bytes, s.view.executor_id)
                     ).reserved = True

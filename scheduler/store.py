@@ -146,6 +146,17 @@ def _parsed_plan(text: str) -> JobPlan:
     return JobPlan.from_json(text)
 
 
+def page_start(client: redis.Redis, index: str, after: Any, what: str) -> int:
+    """Where a newest-first page of the sorted set `index` starts: just after its member `after` (None: at the
+    newest). LookupError when `after` is not one of the tenant's (`what`: job, file), the same for any other id."""
+    if after is None:
+        return 0
+    rank = client.zrevrank(index, after) if isinstance(after, str) else None
+    if rank is None:
+        raise LookupError(f"after: no such {what} of yours")
+    return rank + 1
+
+
 def submit_keys(tenant: str, job_id: str) -> list[str]:
     """The keys of `scripts.SUBMIT`, in its order."""
     return [keys.tenant(tenant), keys.tenant_counts(tenant), keys.job(job_id), keys.tenant_jobs(tenant), keys.QUEUE,
@@ -427,12 +438,7 @@ class JobStore:
         """A page of the tenant's jobs, newest first, starting after the job `after` (None: from the newest), and
         whether more follow. LookupError when `after` is not one of the tenant's jobs."""
         _check_limit(limit)
-        start = 0
-        if after is not None:
-            rank = self.r.zrevrank(keys.tenant_jobs(tenant), after) if isinstance(after, str) else None
-            if rank is None:
-                raise LookupError("after: no such job of yours")
-            start = rank + 1
+        start = page_start(self.r, keys.tenant_jobs(tenant), after, "job")
         ids = self.r.zrevrange(keys.tenant_jobs(tenant), start, start + limit)
         return self.jobs(ids[:limit]), len(ids) > limit
 

@@ -21,15 +21,13 @@ import binascii
 import functools
 from typing import Any, Callable, Optional
 
-from lorafleet.scheduler import config, keys
-from lorafleet.scheduler.admission import check_some_executor_holds
+from lorafleet.scheduler import admission, config, keys
 from lorafleet.scheduler.artifacts import ArtifactStore
 from lorafleet.scheduler.broker import TenantQueues
 from lorafleet.scheduler.client import make_celery
 from lorafleet.scheduler.files import MAX_PART_BYTES, FileError, FileLimits, FileStore
 from lorafleet.scheduler.results import JobResults
 from lorafleet.scheduler.store import JobStore
-from lorafleet.scheduler.submission import accept_submission
 
 app = make_celery(config.redis_url())
 app.conf.update(
@@ -127,11 +125,7 @@ def submit_jobs(self, token: str, specs: Any, request_ids: Any = None) -> list:
 
 
 def _submit(tenant: str, spec: Any, request_id: Optional[str]) -> dict:
-    accepted = accept_submission(spec, tenant, config.data_root(), config.hf_hub_cache(), config.model_roots(),
-                                 config.dataset_store(), file_store())
-    check_some_executor_holds(store().r, accepted.spec, accepted.plan)
-    return store().submit(tenant, accepted.spec, datasets=accepted.datasets, plan=accepted.plan,
-                          request_id=request_id)
+    return admission.submit_job(store(), tenant, spec, file_store(), request_id)
 
 
 @app.task(name="lorafleet.get_job", throws=TENANT_ERRORS, bind=True)
