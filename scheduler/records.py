@@ -171,6 +171,55 @@ class JobSummary:
                    executor_id or None, _int(assigned_seq), _int(step), _int(total_steps), _int(losses))
 
 
+class FailureReason(str, Enum):
+    """Why a job failed, as counted in `lorafleet:job_failures` and exported as `lorafleet_job_failures_total{reason}`
+    (the tenant reads the full message in the job's `error`)."""
+
+    SIZING = "sizing"  # the scheduler could not size it: its base model or dataset is gone
+    START = "start"  # its executor could not load it (base, dataset, checkpoint)
+    TRAINING = "training"  # a step failed for it alone (bad data at a step, non-finite loss)
+    VALIDATION = "validation"  # its validation data failed at a checkpoint
+    UNTRAINED = "untrained"  # a whole epoch had no target token
+    PUBLISH = "publish"  # the trained adapter could not be stored
+    EXECUTOR_LOST = "executor_lost"  # executors died holding it `store.MAX_EXECUTOR_LOSSES` times
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """An executor's last cohort step, measured: in its heartbeat (for `lorafleet top`) and in its metrics."""
+
+    seconds: float = 0.0  # wall time of the step
+    input_tokens: int = 0  # every token the step computed (prompts too)
+    trained_tokens: int = 0  # target tokens: what "tokens trained" counts everywhere
+    planned_tokens: int = 0  # the jobs' token budget: sum of batch_size * max_seq_len
+    mfu: Optional[float] = None  # model FLOPs utilisation: 4 * frozen params * input tokens / s / peak; None: no peak
+
+    @property
+    def packing_efficiency(self) -> Optional[float]:
+        """The share of the planned token budget the step filled (low: sequences far shorter than max_seq_len)."""
+        return self.input_tokens / self.planned_tokens if self.planned_tokens else None
+
+
+@dataclass(frozen=True)
+class GpuStats:
+    """What NVML measured of an executor's GPU; an executor without NVML (a CPU) has none."""
+
+    memory_total_bytes: int
+    memory_used_bytes: int
+    utilization: float  # 0..1
+    power_watts: Optional[float] = None
+    temperature_celsius: Optional[float] = None
+
+    @property
+    def memory_free_bytes(self) -> int:
+        return max(0, self.memory_total_bytes - self.memory_used_bytes)
+
+
+def _json_record(cls, text: Optional[str]):
+    """A StepStats or GpuStats from its heartbeat field (JSON of its fields), None when absent."""
+    return cls(**json.loads(text)) if text else None
+
+
 @dataclass(frozen=True)
 class ExecutorHeartbeat:
     """What an executor says of itself every few seconds (`lorafleet:executor:<id>`). Raw measurements only: the
@@ -192,6 +241,8 @@ class ExecutorHeartbeat:
     metrics_port: int = 0
     max_pass_tokens: Optional[int] = None  # runs steps in passes of at most this many tokens (planned)
     heartbeat_at: float = 0.0
+    last_step: Optional[StepStats] = None  # None until it ran a step
+    gpu: Optional[GpuStats] = None  # None where NVML cannot measure
 
     @property
     def free_bytes(self) -> int:
@@ -206,6 +257,8 @@ class ExecutorHeartbeat:
             "synced_seq": str(self.synced_seq), "metrics_port": str(self.metrics_port),
             "max_pass_tokens": "" if self.max_pass_tokens is None else str(self.max_pass_tokens),
             "heartbeat_at": repr(self.heartbeat_at or time.time()),
+            "last_step": json.dumps(self.last_step.__dict__) if self.last_step else "",
+            "gpu": json.dumps(self.gpu.__dict__) if self.gpu else "",
         }
 
     @classmethod
@@ -221,4 +274,5 @@ class ExecutorHeartbeat:
             synced_seq=_int(raw.get("synced_seq")), metrics_port=_int(raw.get("metrics_port")),
             max_pass_tokens=_int(raw.get("max_pass_tokens")) or None,
             heartbeat_at=_float(raw.get("heartbeat_at")) or 0.0,
+            last_step=_json_record(StepStats, raw.get("last_step")), gpu=_json_record(GpuStats, raw.get("gpu")),
         )
