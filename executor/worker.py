@@ -25,14 +25,16 @@ import torch
 
 from lorafleet.executor.cohort import Cohort
 from lorafleet.executor.data import DataError, JobData
+from lorafleet.executor.gpu import Nvml, device_peak_tflops, frozen_matmul_params, mfu
 from lorafleet.executor.model import device_auto_dtype, native_bf16
 from lorafleet.scheduler import config, fleet, keys
 from lorafleet.scheduler.artifacts import ArtifactStore
 from lorafleet.scheduler.datasets import AcceptedDataset, verified_path
 from lorafleet.scheduler.memory import JobPlan, pass_tokens
-from lorafleet.scheduler.metrics import ExecutorMetrics, Health, executor_metrics, serve
+from lorafleet.scheduler.logs import configure_logging
+from lorafleet.scheduler.metrics import ExecutorMetrics, Health, executor_metrics, executor_port, serve
 from lorafleet.scheduler.policy import PlanConfig
-from lorafleet.scheduler.records import ExecutorHeartbeat, JobRecord, JobState
+from lorafleet.scheduler.records import ExecutorHeartbeat, FailureReason, GpuStats, JobRecord, JobState, StepStats
 from lorafleet.scheduler.spec import JobSpec, resolve_dataset
 from lorafleet.scheduler.store import JobStore
 from lorafleet.scheduler.submission import plan_from_files
@@ -70,6 +72,7 @@ class Executor:
         activation_checkpointing: int = 0,
         max_pass_tokens: int | None = None,
         health: Health | None = None,
+        peak_tflops: float | None = None,
     ):
         self.store, self.executor_id, self.device, self.artifacts = store, executor_id, device, artifacts
         self.health = health or Health(float("inf"))
@@ -91,6 +94,11 @@ class Executor:
         self.validation: dict[str, JobData] = {}  # job id -> its validation set, evaluated at each checkpoint
         self.stopping = threading.Event()
         self.scratch = Path(tempfile.mkdtemp(prefix=f"lorafleet-{executor_id}-"))
+        self.nvml = Nvml(device)
+        self.peak_tflops = device_peak_tflops(device, peak_tflops)  # None: no MFU
+        self.matmul_params = 0  # of the loaded base: what MFU counts
+        self.last_step: StepStats | None = None
+        self.gpu_stats: GpuStats | None = None  # NVML's last reading, taken by the heartbeat thread
 
     # ---- the loop ----
 
@@ -124,6 +132,7 @@ class Executor:
     def _heartbeats(self) -> None:
         while not self.stopping.wait(self.heartbeat_ttl / 4):
             try:
+                self.read_gpu()
                 self.send_heartbeat()
             except Exception:  # Redis briefly away: the next beat retries; missing several declares us dead.
                 log.exception("heartbeat failed")
@@ -139,7 +148,14 @@ class Executor:
             pass_tokens=self.step_pass_tokens if leases else 0, compat_key=self.compat_key,
             base_bytes=self.base_bytes, jobs={job_id: lease.attempt for job_id, lease in leases.items()},
             synced_seq=synced_seq, metrics_port=self.metrics_port, max_pass_tokens=self.max_pass_tokens,
+            last_step=self.last_step if leases else None, gpu=self.gpu_stats,
         )
+
+    def read_gpu(self) -> None:
+        """NVML's readings, off the training loop (the heartbeat thread calls this)."""
+        self.gpu_stats = self.nvml.read()
+        if self.metrics:
+            self.metrics.record_gpu(self.gpu_stats)
 
     def send_heartbeat(self) -> None:
         fleet.heartbeat(self.store.r, self.heartbeat(), ttl=self.heartbeat_ttl)
@@ -185,7 +201,7 @@ class Executor:
             plan = job.plan or plan_from_files(spec, job.tenant, config.data_root(), config.hf_hub_cache(),
                                                config.model_roots())
         except Exception as exc:
-            self.store.fail(job_id, JobState.SCHEDULED, f"job {job_id} failed: cannot start: {exc}", attempt=attempt,
+            self.store.fail(job_id, JobState.SCHEDULED, f"job {job_id} failed: cannot start: {exc}", reason=FailureReason.START, attempt=attempt,
                             executor_id=self.executor_id)
             return
         if self.leases and plan.compat_key != self.compat_key:  # not the job's fault: hand it back
@@ -199,7 +215,7 @@ class Executor:
         except Exception as exc:  # a job that cannot start fails alone, with the reason
             log.warning("job %s cannot start: %s", job_id, exc)
             self._release(job_id)
-            self.store.fail(job_id, JobState.SCHEDULED, f"job {job_id} failed: cannot start: {exc}", attempt=attempt,
+            self.store.fail(job_id, JobState.SCHEDULED, f"job {job_id} failed: cannot start: {exc}", reason=FailureReason.START, attempt=attempt,
                             executor_id=self.executor_id)
             return
         if not self.store.start(job_id, attempt, self.executor_id):
@@ -235,6 +251,7 @@ class Executor:
                              max_pass_tokens=self.max_pass_tokens)
         self.compat_key = plan.compat_key
         self.base_bytes = sum(p.numel() * p.element_size() for p in self.cohort.model.parameters())
+        self.matmul_params = frozen_matmul_params(self.cohort.model.base_model.layers)
         # The memory model's bytes per token for this base, in the dtype it computes in here: from the job's plan,
         # which sized it at submission (activations of one micro-batch / its tokens).
         size = plan.size(device_auto_dtype(torch.device(self.device)))
@@ -242,7 +259,9 @@ class Executor:
         self.send_heartbeat()
 
     def _release(self, job_id: str) -> None:
-        self.leases.pop(job_id, None)
+        lease = self.leases.pop(job_id, None)
+        if lease is not None and self.metrics:
+            self.metrics.forget_job(job_id, lease.tenant)
         self.validation.pop(job_id, None)
         if self.cohort is not None and job_id in self.cohort.jobs:
             self.cohort.remove_job(job_id)
@@ -285,17 +304,16 @@ class Executor:
         peak = _peak_bytes(self.device)
         self.step_peak_bytes = peak
         self.step_pass_tokens = self.cohort.largest_pass_tokens if self.max_pass_tokens is not None else 0
-        total_tokens = sum(result.tokens for result in results.values()) or 1
-        usage: dict[str, float] = {}
+        tokens_by_tenant = self._measure_step(results, seconds)
+        trained = sum(tokens_by_tenant.values())
+        self.store.add_gpu_seconds({tenant: seconds * tokens / (trained or 1)
+                                    for tenant, tokens in tokens_by_tenant.items()})
         for job_id, result in results.items():
             lease = self.leases[job_id]
-            usage[lease.tenant] = usage.get(lease.tenant, 0.0) + seconds * result.tokens / total_tokens
             if result.error is not None:
-                self.store.fail(job_id, JobState.RUNNING, result.error, attempt=lease.attempt,
+                self.store.fail(job_id, JobState.RUNNING, result.error, reason=FailureReason.TRAINING, attempt=lease.attempt,
                                 executor_id=self.executor_id)
                 self._release(job_id)
-                if self.metrics:
-                    self.metrics.job_failures.inc()
                 continue
             lease.trained_tokens += result.tokens
             if self._untrained_after_an_epoch(lease):
@@ -309,28 +327,40 @@ class Executor:
                     metrics["eval_loss"] = self.cohort.evaluate(job_id, self.validation[job_id])
                 except DataError as exc:
                     self.store.fail(job_id, JobState.RUNNING, f"job {job_id} failed: validation data: {exc}",
+                                    reason=FailureReason.VALIDATION,
                                     attempt=lease.attempt, executor_id=self.executor_id)
                     self._release(job_id)
                     continue
             kept = self.store.record_progress(job_id, result.step, result.total_steps, metrics, attempt=lease.attempt,
                                               executor_id=self.executor_id)
+            if kept and self.metrics:
+                self.metrics.record_job(job_id, lease.tenant, result.loss, result.step, result.total_steps)
             if not kept:
                 self._release(job_id)
             elif result.done:
                 self.finish(lease)
             elif result.checkpoint_due:
                 self.save_checkpoint(lease)
-        self.store.add_gpu_seconds(usage)
         if self.metrics:
-            self.metrics.steps.inc()
-            self.metrics.step_duration.observe(seconds)
-            self.metrics.tokens_trained.inc(sum(result.tokens for result in results.values()))
             self.metrics.cohort_jobs.set(len(self.leases))
             self.metrics.memory_allocated.set(_allocated_bytes(self.device))
             self.metrics.memory_peak.set(peak)
-            utilization = _gpu_utilization(self.device)
-            if utilization is not None:
-                self.metrics.gpu_utilization.labels(executor=self.executor_id).set(utilization)
+
+    def _measure_step(self, results: dict, seconds: float) -> dict[str, int]:
+        """The step's `StepStats` (kept for the heartbeat) and its metrics; returns each tenant's tokens trained (a
+        step's GPU time is charged by them). Read before any job of the step leaves the cohort."""
+        tokens_by_tenant: dict[str, int] = {}
+        for job_id, result in results.items():
+            tenant = self.leases[job_id].tenant
+            tokens_by_tenant[tenant] = tokens_by_tenant.get(tenant, 0) + result.tokens
+        input_tokens = self.cohort.step_tokens
+        self.last_step = StepStats(
+            seconds=seconds, input_tokens=input_tokens, trained_tokens=sum(tokens_by_tenant.values()),
+            planned_tokens=sum(self.leases[job_id].plan.tokens_per_step for job_id in results),
+            mfu=mfu(self.matmul_params, input_tokens, seconds, self.peak_tflops))
+        if self.metrics:
+            self.metrics.record_step(self.last_step, tokens_by_tenant)
+        return tokens_by_tenant
 
     def _publish(self, lease: Lease, local: Path, name: str) -> str | None:
         """Copy an artifact into this lease's own directory, if the lease still holds (a stale holder writes
@@ -378,7 +408,7 @@ class Executor:
         self.store.fail(lease.job_id, JobState.RUNNING, (
             f"job {lease.job_id} failed: nothing was trained: no example of {lease.spec.dataset} has a target "
             f"token within max_seq_len={max_seq_len} (shorten the prompts or raise max_seq_len)"),
-            attempt=lease.attempt, executor_id=self.executor_id)
+            reason=FailureReason.UNTRAINED, attempt=lease.attempt, executor_id=self.executor_id)
         self._release(lease.job_id)
 
     def finish(self, lease: Lease) -> None:
@@ -392,7 +422,7 @@ class Executor:
             log.warning("job %s: adapter not published: %s", lease.job_id, exc)
             self.store.fail(lease.job_id, JobState.RUNNING,
                             f"job {lease.job_id} failed: the trained adapter could not be stored: {exc}",
-                            attempt=lease.attempt, executor_id=self.executor_id)
+                            reason=FailureReason.PUBLISH, attempt=lease.attempt, executor_id=self.executor_id)
         else:
             if uri is not None and self.store.succeed(lease.job_id, uri, lease.attempt, self.executor_id):
                 log.info("job %s succeeded: %s", lease.job_id, uri)
@@ -412,12 +442,18 @@ class Executor:
         for job_id, lease in list(self.leases.items()):
             self.store.requeue(job_id, (JobState.SCHEDULED, JobState.RUNNING), "out of memory", attempt=lease.attempt,
                                executor_id=self.executor_id)
-            self.leases.pop(job_id)
-            self.validation.pop(job_id, None)
+            self._release_without_cohort(job_id)
         self.cohort, self.compat_key, self.base_bytes = None, None, 0
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()
         self.send_heartbeat()
+
+    def _release_without_cohort(self, job_id: str) -> None:
+        """`_release` for a cohort about to be dropped whole (its state is not to be touched again)."""
+        lease = self.leases.pop(job_id)
+        self.validation.pop(job_id, None)
+        if self.metrics:
+            self.metrics.forget_job(job_id, lease.tenant)
 
     # ---- leaving ----
 
@@ -476,21 +512,12 @@ def _supported_dtypes(device: str) -> list[str]:
     return ["bfloat16", "float32"] if native_bf16(torch.device(device)) else ["float32"]
 
 
-def _gpu_utilization(device: str) -> float | None:
-    """0..1 from NVML, or None on a CPU or without NVML."""
-    if not device.startswith("cuda"):
-        return None
-    try:
-        return torch.cuda.utilization(torch.device(device)) / 100
-    except Exception:  # no NVML bindings or driver support: the gauge stays absent
-        return None
-
-
-def main(device: str, executor_id: str | None, metrics_port: int, memory_bytes: int | None,
+def main(device: str, executor_id: str | None, metrics_port: int | None, memory_bytes: int | None,
          heartbeat_ttl: float = fleet.HEARTBEAT_TTL_SECONDS, activation_checkpointing: int = 0,
-         max_pass_tokens: int | None = None, metrics_addr: str = "0.0.0.0") -> None:
-    """Entry point of `lorafleet executor`."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+         max_pass_tokens: int | None = None, metrics_addr: str = "0.0.0.0", peak_tflops: float | None = None) -> None:
+    """Entry point of `lorafleet executor`; metrics_port None: the device's default (`metrics.executor_port`)."""
+    configure_logging("executor")
+    metrics_port = executor_port(device) if metrics_port is None else metrics_port
     # Stable across restarts, so its series and dashboards follow the GPU; a restarted process hands back what the
     # previous one held (`hand_back_orphans`). Two executors on one device need --id each.
     executor_id = executor_id or f"{socket.gethostname()}-{device.replace(':', '')}"
@@ -503,6 +530,7 @@ def main(device: str, executor_id: str | None, metrics_port: int, memory_bytes: 
         store, executor_id, device, ArtifactStore(config.artifact_root()), memory_bytes=memory_bytes,
         heartbeat_ttl=heartbeat_ttl, metrics=metrics, metrics_port=port,
         activation_checkpointing=activation_checkpointing, max_pass_tokens=max_pass_tokens, health=health,
+        peak_tflops=peak_tflops,
     )
     signal.signal(signal.SIGTERM, lambda *_: executor.stopping.set())
     signal.signal(signal.SIGINT, lambda *_: executor.stopping.set())

@@ -19,6 +19,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from lorafleet.gateway import errors
 from lorafleet.gateway.errors import ApiError
+from lorafleet.gateway.observe import observe_requests
 from lorafleet.gateway.jobs import checkpoint_views, event_view, job_view, spec_from_request
 from lorafleet.gateway.models import (
     CheckpointList, CreateJobRequest, ErrorResponse, EventList, FineTuningJob, JobList,
@@ -28,6 +29,7 @@ from lorafleet.scheduler import config
 from lorafleet.scheduler.admission import submit_job
 from lorafleet.scheduler.artifacts import ArtifactStore
 from lorafleet.scheduler.files import FileLimits, FileStore
+from lorafleet.scheduler.logs import configure_logging
 from lorafleet.scheduler.records import JobRecord, JobState
 from lorafleet.scheduler.results import JobResults
 from lorafleet.scheduler.store import MAX_LIST_LIMIT, JobStore
@@ -189,6 +191,7 @@ def create_app(store: Optional[JobStore] = None, root_path: str = "") -> FastAPI
     app.include_router(file_routes())
     app.include_router(page_routes())  # the tenants' web page at /ui/
     app.include_router(_health_routes())
+    app.state.metrics = observe_requests(app)
     return app
 
 
@@ -217,5 +220,7 @@ def serve(host: str, port: int, ssl_keyfile: Optional[str] = None, ssl_certfile:
     """Run the gateway under uvicorn until stopped (TLS when given a key and certificate)."""
     import uvicorn
 
+    configure_logging("gateway")
     uvicorn.run(create_app(root_path=root_path), host=host, port=port, ssl_keyfile=ssl_keyfile,
-                ssl_certfile=ssl_certfile, proxy_headers=True, log_level="info")
+                ssl_certfile=ssl_certfile, proxy_headers=True, log_level="info",
+                log_config=None)  # its loggers go through ours (configure_logging: text or JSON)

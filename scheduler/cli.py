@@ -277,21 +277,24 @@ def scheduler(metrics_port: int, metrics_addr: str, interval: float, lock_ttl: f
 @main.command()
 @click.option("--device", default="cpu", show_default=True, help="cuda:N or cpu")
 @click.option("--id", "executor_id", default=None, help="executor id (default: host-device, stable across restarts)")
-@click.option("--metrics-port", type=int, default=0, show_default=True,
-              help="/metrics, /healthz and /readyz port (0 = any free port; set one per GPU for a scrape config)")
+@click.option("--metrics-port", type=int, default=None,
+              help="/metrics, /healthz and /readyz port  [default: 9465 + N for cuda:N, 9465 on a CPU; 0 = any free "
+                   "port]")
 @METRICS_ADDR
 @click.option("--memory-bytes", type=int, default=None, help="memory the scheduler may plan with (default: device total)")
 @click.option("--heartbeat-ttl", type=float, default=10.0, show_default=True,
               help="seconds without a heartbeat before the scheduler declares this executor dead")
 @click.option("--activation-checkpointing", type=click.IntRange(min=0), default=0, show_default=True,
               help="recompute every N-th decoder layer in the backward (0 off, 1 all): fits larger cohorts")
+@click.option("--peak-tflops", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="the device's dense bf16 peak, for the MFU metric (default: the data sheet's for known GPUs)")
 @click.option("--max-pass-tokens", type=click.IntRange(min=0), default=8192, show_default=True,
               help="run each step in passes, so that the scheduler can plan this executor's memory with one pass of N "
                    "tokens (same gradients); on a GPU, passes are as large as free memory allows, never under N; "
                    "0: always one pass")
-def executor(device: str, executor_id: Optional[str], metrics_port: int, metrics_addr: str,
+def executor(device: str, executor_id: Optional[str], metrics_port: Optional[int], metrics_addr: str,
              memory_bytes: Optional[int], heartbeat_ttl: float, activation_checkpointing: int,
-             max_pass_tokens: int) -> None:
+             peak_tflops: Optional[float], max_pass_tokens: int) -> None:
     """An executor process: trains the cohort the scheduler assigns to this device."""
     try:
         from lorafleet.executor import worker
@@ -299,7 +302,7 @@ def executor(device: str, executor_id: Optional[str], metrics_port: int, metrics
         raise click.ClickException(f"the executor needs the 'executor' extra (pip install 'lorafleet[executor]'): {exc}")
     try:
         worker.main(device, executor_id, metrics_port, memory_bytes, heartbeat_ttl, activation_checkpointing,
-                    max_pass_tokens or None, metrics_addr)
+                    max_pass_tokens or None, metrics_addr, peak_tflops)
     except ServeError as exc:
         raise click.ClickException(str(exc)) from None
 

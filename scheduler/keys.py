@@ -31,6 +31,8 @@ State lives only in Redis (persisted with AOF), so a scheduler or worker restart
 | `lorafleet:executor:<id>:pause` | set | ids of jobs running there whose tenant asked for a pause: the executor checkpoints each at its next step boundary and moves it to `paused` | `JobStore.pause` (Lua); transitions (Lua) remove a job leaving the executor |
 | `lorafleet:executor:<id>:drain` | string | "1": finish the current step, checkpoint every job, hand them back, exit | `lorafleet executors drain` |
 | `lorafleet:tenant_gpu_seconds` | hash | tenant -> `"<GPU seconds> <unix time>"`: GPU seconds used (each cohort step split by tokens), decayed with a 4 h half-life, as of that time | executors (`JobStore.add_gpu_seconds`) |
+| `lorafleet:tenant_gpu_seconds_total` | hash | tenant -> GPU seconds used, never decayed (exported by the leader as `lorafleet_tenant_gpu_seconds_total`) | executors (`JobStore.add_gpu_seconds`, same script) |
+| `lorafleet:job_failures` | hash | `records.FailureReason` -> jobs failed for it (exported by the leader as `lorafleet_job_failures_total`) | whoever fails a job (`JobStore.fail`) |
 | `lorafleet:memory_factors` | hash | compat key -> calibrated memory-model factor, learned from executors' measured peaks | scheduler (`service.Scheduler`) |
 | `lorafleet:worker_queue` | list | nothing: the submission worker's Celery default queue, which no one writes (tenants' queues are below) | — |
 | `lorafleet:dead_letters` | list, capped at `DEAD_LETTERS_MAXLEN` | submission messages the worker refused before any task ran: JSON `{queue, kind, reason, ts, task, id}` (never the body, which may hold a token) | the submission worker (`broker.dead_letter`) |
@@ -112,6 +114,8 @@ SCHEDULER_FENCE = PREFIX + "scheduler:fence"
 EXECUTORS = PREFIX + "executors"
 MEMORY_FACTORS = PREFIX + "memory_factors"
 TENANT_GPU_SECONDS = PREFIX + "tenant_gpu_seconds"
+TENANT_GPU_SECONDS_TOTAL = PREFIX + "tenant_gpu_seconds_total"
+JOB_FAILURES = PREFIX + "job_failures"
 WORKER_QUEUE = PREFIX + "worker_queue"
 DEAD_LETTERS = PREFIX + "dead_letters"
 DEAD_LETTERS_MAXLEN = 1000

@@ -1,29 +1,97 @@
 """Every Prometheus metric lorafleet exports, defined in one place.
 
-Naming follows Prometheus conventions: base units (`_seconds`, `_bytes`), `_total` for counters, `_ratio` for 0..1.
-Labels are bounded: `tenant` (tenants are created by an operator), `state` (the six job states), `executor`
-(one per GPU process). Job ids never become labels.
+Naming follows Prometheus conventions: base units (`_seconds`, `_bytes`, `_watts`, `_celsius`), `_total` for
+counters, `_ratio` for 0..1. Labels are bounded: `tenant` (tenants are created by an operator), `state` (the job
+states), `executor` (one per GPU process), `reason` and `resource` (enums here), `task` (the API's task names and
+routes). The one label with job ids, `job`, is on the per-running-job series of an executor: at most its cohort's
+size, each removed when its job leaves the executor.
 
-Each process builds its own registry with `scheduler_metrics()` or `executor_metrics()` and serves it with
-`serve(registry, port, addr, health)`, next to `/healthz` (its main loop comes round) and `/readyz` (it can do its
-work); port 0 picks a free port (its number is returned and logged).
+Each process builds its own registry (`scheduler_metrics()`, `executor_metrics()`, `api_metrics()`), which also
+carries `lorafleet_build_info` and the `process_*` metrics, and serves it with `serve(registry, port, addr, health)`,
+next to `/healthz` (its main loop comes round) and `/readyz` (it can do its work). Default ports (what a scrape
+config relies on; `DEFAULT_PORTS`): scheduler 9464, submission worker 9463, executor 9465 + N for cuda:N (a CPU
+executor 9465); the gateway serves /metrics on its own HTTP port. Port 0 picks a free port (logged).
+
+The scheduler's fleet series (jobs, executors, cohorts, tenants, failures) are exported by the leader alone: a
+standby exports none of them, so a plain `sum` over the schedulers is the fleet's, right after a failover too.
+Counters kept in Redis (`lorafleet:job_failures`, `lorafleet:tenant_gpu_seconds_total`) are exported by the leader
+from there (`RedisCounters`), so they do not restart with a scheduler.
 """
 
 from __future__ import annotations
 
+import platform
 import threading
 import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Optional
+from importlib.metadata import PackageNotFoundError, version
+from typing import Iterable, Mapping, Optional
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily
+
+from lorafleet.scheduler.records import FailureReason, GpuStats, StepStats
 
 # `lorafleet_scheduler_requeued_total{reason}`: its executor died; its executor looked past it without holding it
 REQUEUED_EXECUTOR_LOST, REQUEUED_NOT_HELD = "executor_lost", "not_held"
 REQUEUE_REASONS = (REQUEUED_EXECUTOR_LOST, REQUEUED_NOT_HELD)  # all exported from 0
+FAILURE_REASONS = tuple(reason.value for reason in FailureReason)  # all exported from 0
+QUOTA_RESOURCES = ("queued", "running")  # lorafleet_tenant_quota_used_ratio{resource}: count / the tenant's limit
+API_OUTCOMES = ("ok", "refused", "error")  # refused: the caller's error (4xx, TENANT_ERRORS); error: ours
 STEP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 PLAN_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
+QUEUE_WAIT_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600)
+API_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)
+SCHEDULER_PORT, WORKER_PORT, EXECUTOR_BASE_PORT = 9464, 9463, 9465
+DEFAULT_PORTS = {"scheduler": SCHEDULER_PORT, "worker": WORKER_PORT, "executor": EXECUTOR_BASE_PORT}
+
+
+def executor_port(device: str) -> int:
+    """The default metrics port of the executor on `device`: 9465 + N for cuda:N, 9465 for a CPU."""
+    index = device.partition(":")[2] if device.startswith("cuda") else ""
+    return EXECUTOR_BASE_PORT + (int(index) if index.isdigit() else 0)
+
+
+def _registry(component: str) -> CollectorRegistry:
+    """A process's registry, with `lorafleet_build_info{version,component}` = 1 and the `process_*` metrics."""
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    try:
+        release = version("lorafleet")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        release = "unknown"
+    Gauge("lorafleet_build_info", "lorafleet's version and the process's component (always 1)",
+          ["version", "component", "python"], registry=registry).labels(
+        version=release, component=component, python=platform.python_version()).set(1)
+    return registry
+
+
+class RedisCounters:
+    """Counters whose values live in Redis (they outlive any one process): the leader sets them from there as it
+    reads them, a standby withdraws them. Every label value in `initial` is exported from 0."""
+
+    def __init__(self, name: str, doc: str, label: str, registry: CollectorRegistry, initial: Iterable[str] = ()):
+        self.name, self.doc, self.label, self.initial = name, doc, label, tuple(initial)
+        self.values: Optional[dict[str, float]] = None  # None: not exported (a standby)
+        registry.register(self)
+
+    def set_all(self, values: Mapping[str, float]) -> None:
+        self.values = {**dict.fromkeys(self.initial, 0.0), **values}
+
+    def withdraw(self) -> None:
+        self.values = None
+
+    def describe(self):
+        return [CounterMetricFamily(self.name, self.doc, labels=[self.label])]
+
+    def collect(self):
+        family = CounterMetricFamily(self.name, self.doc, labels=[self.label])
+        for value, count in sorted((self.values or {}).items()):
+            family.add_metric([value], count)
+        yield family
 
 
 @dataclass
@@ -37,29 +105,29 @@ class SchedulerMetrics:
     requeued: Counter
     is_leader: Gauge
     rejected_messages: Gauge
+    queue_wait: Histogram
+    quota_used: Gauge
+    job_failures: RedisCounters
+    tenant_gpu_seconds: RedisCounters
 
-
-@dataclass
-class ExecutorMetrics:
-    registry: CollectorRegistry
-    cohort_jobs: Gauge
-    tokens_trained: Counter
-    steps: Counter
-    step_duration: Histogram
-    memory_allocated: Gauge
-    memory_peak: Gauge
-    gpu_utilization: Gauge  # labelled by executor; a series only once a value was measured
-    job_failures: Counter
+    def withdraw_fleet_series(self) -> None:
+        """What a standby does: export none of the fleet's series (the leader's are the fleet's)."""
+        for gauge in (self.jobs, self.cohort_jobs, self.quota_used):
+            gauge.clear()
+        self.executors_alive.set(0)
+        self.job_failures.withdraw()
+        self.tenant_gpu_seconds.withdraw()
 
 
 def scheduler_metrics() -> SchedulerMetrics:
     """The scheduler's metrics; labelled counters start at 0 for every label value they can take, so that
     `increase()` sees their first increment (a series born at 1 looks like no change)."""
-    registry = CollectorRegistry()
+    registry = _registry("scheduler")
     metrics = SchedulerMetrics(
         registry=registry,
         jobs=Gauge("lorafleet_jobs", "Jobs by tenant and state", ["tenant", "state"], registry=registry),
-        executors_alive=Gauge("lorafleet_executors_alive", "Executors with a live heartbeat", registry=registry),
+        executors_alive=Gauge("lorafleet_executors_alive", "Executors with a live heartbeat (0 on a standby)",
+                              registry=registry),
         cohort_jobs=Gauge(
             "lorafleet_cohort_jobs", "Jobs assigned to each executor's cohort", ["executor"], registry=registry
         ),
@@ -80,41 +148,157 @@ def scheduler_metrics() -> SchedulerMetrics:
             "Submission messages the workers refused before running them, by kind, since the store began",
             ["kind"], registry=registry,
         ),
+        queue_wait=Histogram(
+            "lorafleet_queue_wait_seconds", "Time a job waited in the queue before it was assigned (since it last "
+            "entered the queue)", ["tenant"], buckets=QUEUE_WAIT_BUCKETS, registry=registry,
+        ),
+        quota_used=Gauge(
+            "lorafleet_tenant_quota_used_ratio", "A tenant's queued or running jobs over its limit",
+            ["tenant", "resource"], registry=registry,
+        ),
+        job_failures=RedisCounters("lorafleet_job_failures", "Jobs failed, by reason (kept in Redis)", "reason",
+                                   registry, FAILURE_REASONS),
+        tenant_gpu_seconds=RedisCounters("lorafleet_tenant_gpu_seconds", "GPU seconds used by each tenant's jobs "
+                                         "(a step's time shared by its tokens; kept in Redis)", "tenant", registry),
     )
     for reason in REQUEUE_REASONS:
         metrics.requeued.labels(reason=reason)
     return metrics
 
 
+@dataclass
+class ExecutorMetrics:
+    registry: CollectorRegistry
+    executor_id: str
+    cohort_jobs: Gauge
+    tokens_trained: Counter  # labelled executor, tenant
+    steps: Counter
+    step_duration: Histogram
+    mfu: Gauge  # labelled executor; a series only where the peak is known
+    packing_efficiency: Gauge
+    memory_allocated: Gauge
+    memory_peak: Gauge
+    gpu: dict[str, Gauge]  # GpuStats field -> gauge labelled executor; series only once NVML measured them
+    job_loss: Gauge  # labelled executor, tenant, job: one series per running job
+    job_progress: Gauge
+
+    def record_step(self, step: StepStats, tokens_by_tenant: Mapping[str, int]) -> None:
+        self.steps.inc()
+        self.step_duration.observe(step.seconds)
+        for tenant, tokens in tokens_by_tenant.items():
+            self.tokens_trained.labels(executor=self.executor_id, tenant=tenant).inc(tokens)
+        if step.mfu is not None:
+            self.mfu.labels(executor=self.executor_id).set(step.mfu)
+        if step.packing_efficiency is not None:
+            self.packing_efficiency.set(step.packing_efficiency)
+
+    def record_gpu(self, gpu: Optional[GpuStats]) -> None:
+        if gpu is None:
+            return
+        for field, gauge in self.gpu.items():
+            value = getattr(gpu, field)
+            if value is not None:
+                gauge.labels(executor=self.executor_id).set(value)
+
+    def record_job(self, job_id: str, tenant: str, loss: Optional[float], step: int, total_steps: int) -> None:
+        labels = {"executor": self.executor_id, "tenant": tenant, "job": job_id}
+        if loss is not None:
+            self.job_loss.labels(**labels).set(loss)
+        self.job_progress.labels(**labels).set(step / total_steps if total_steps else 0.0)
+
+    def forget_job(self, job_id: str, tenant: str) -> None:
+        """The job left this executor: its series go (removing a series never set is no error)."""
+        for gauge in (self.job_loss, self.job_progress):
+            try:
+                gauge.remove(self.executor_id, tenant, job_id)
+            except KeyError:
+                pass
+
+
 def executor_metrics(executor_id: str) -> ExecutorMetrics:
-    registry = CollectorRegistry()
+    registry = _registry("executor")
     label = {"executor": executor_id}
 
     def gauge(name: str, doc: str) -> Gauge:
         return Gauge(name, doc, ["executor"], registry=registry).labels(**label)
 
+    def measured(name: str, doc: str) -> Gauge:  # no series until a value was measured: absent, not a false 0
+        return Gauge(name, doc, ["executor"], registry=registry)
+
+    per_job = ["executor", "tenant", "job"]
     return ExecutorMetrics(
         registry=registry,
+        executor_id=executor_id,
         cohort_jobs=gauge("lorafleet_executor_cohort_jobs", "Jobs training in this executor's cohort"),
-        tokens_trained=Counter(
-            "lorafleet_tokens_trained_total", "Tokens trained, all jobs", ["executor"], registry=registry
-        ).labels(**label),
-        steps=Counter("lorafleet_cohort_steps_total", "Cohort steps run", ["executor"], registry=registry).labels(
-            **label
-        ),
+        tokens_trained=Counter("lorafleet_tokens_trained", "Target tokens trained, by tenant",
+                               ["executor", "tenant"], registry=registry),
+        steps=Counter("lorafleet_cohort_steps", "Cohort steps run", ["executor"], registry=registry).labels(**label),
         step_duration=Histogram(
             "lorafleet_step_duration_seconds", "Wall time of one cohort step", ["executor"], buckets=STEP_BUCKETS,
             registry=registry,
         ).labels(**label),
-        memory_allocated=gauge("lorafleet_gpu_memory_allocated_bytes", "Accelerator memory allocated now"),
-        memory_peak=gauge("lorafleet_gpu_memory_peak_bytes", "Peak accelerator memory since the last step"),
-        # no series until measured: a CPU or a GPU without NVML shows no utilisation rather than a false 0
-        gpu_utilization=Gauge("lorafleet_gpu_utilization_ratio", "GPU utilisation from NVML (absent without NVML)",
-                              ["executor"], registry=registry),
-        job_failures=Counter(
-            "lorafleet_job_failures_total", "Jobs this executor failed", ["executor"], registry=registry
-        ).labels(**label),
+        mfu=measured("lorafleet_executor_mfu_ratio", "Model FLOPs utilisation of the last step: 4 x frozen "
+                     "parameters x tokens/s over the device's peak (absent where the peak is unknown)"),
+        packing_efficiency=gauge("lorafleet_packing_efficiency_ratio", "Share of the jobs' token budget "
+                                 "(batch_size x max_seq_len) the last step filled"),
+        memory_allocated=gauge("lorafleet_gpu_memory_allocated_bytes", "Device memory the allocator holds now"),
+        memory_peak=gauge("lorafleet_gpu_memory_peak_bytes", "Peak device memory of the last step"),
+        gpu={
+            "memory_total_bytes": measured("lorafleet_gpu_memory_total_bytes", "GPU memory, from NVML"),
+            "memory_used_bytes": measured("lorafleet_gpu_memory_used_bytes", "GPU memory used (all processes), "
+                                          "from NVML"),
+            "memory_free_bytes": measured("lorafleet_gpu_memory_free_bytes", "GPU memory free, from NVML"),
+            "utilization": measured("lorafleet_gpu_utilization_ratio", "GPU utilisation, from NVML"),
+            "power_watts": measured("lorafleet_gpu_power_watts", "GPU power draw, from NVML"),
+            "temperature_celsius": measured("lorafleet_gpu_temperature_celsius", "GPU temperature, from NVML"),
+        },
+        job_loss=Gauge("lorafleet_job_loss", "Training loss of each running job's last step", per_job,
+                       registry=registry),
+        job_progress=Gauge("lorafleet_job_progress_ratio", "Optimizer steps done over total, each running job",
+                           per_job, registry=registry),
     )
+
+
+@dataclass
+class ApiMetrics:
+    """The tenant API's requests: the Celery submission worker (api="celery", task = task name) and the gateway
+    (api="http", task = method and route template)."""
+
+    registry: CollectorRegistry
+    api: str
+    requests: Counter
+    duration: Histogram
+
+    def observe(self, task: str, outcome: str, seconds: float) -> None:
+        self.requests.labels(api=self.api, task=task, outcome=outcome).inc()
+        self.duration.labels(api=self.api, task=task).observe(seconds)
+
+
+def api_metrics(component: str, api: str, tasks: Iterable[str] = ()) -> ApiMetrics:
+    """Every (task, outcome) in `tasks` is exported from 0."""
+    registry = _registry(component)
+    metrics = ApiMetrics(
+        registry=registry, api=api,
+        requests=Counter("lorafleet_api_requests", "Tenant API requests, by task and outcome",
+                         ["api", "task", "outcome"], registry=registry),
+        duration=Histogram("lorafleet_api_request_duration_seconds", "Tenant API request time, by task",
+                           ["api", "task"], buckets=API_BUCKETS, registry=registry),
+    )
+    for task in tasks:
+        for outcome in API_OUTCOMES:
+            metrics.requests.labels(api=api, task=task, outcome=outcome)
+    return metrics
+
+
+def metric_names() -> set[str]:
+    """Every metric family lorafleet defines, as Prometheus names it in an exposition (counters with `_total`,
+    histograms as their base name); what the dashboards and alerts may use besides `up` and `process_*`."""
+    names = set()
+    for registry in (scheduler_metrics().registry, executor_metrics("x").registry,
+                     api_metrics("worker", "celery").registry):
+        for family in registry.collect():
+            names.add(family.name + "_total" if family.type == "counter" else family.name)
+    return names
 
 
 class ServeError(RuntimeError):

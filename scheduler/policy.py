@@ -50,6 +50,7 @@ class QueuedJob:
     dtype: str = "auto"  # JobSpec.dtype; "auto" runs anywhere (each executor picks what its device computes natively)
     # effective dtype -> size (`memory.JobPlan.sizes`): the size on each kind of executor; None: the fields above
     sizes: Optional[Mapping[str, JobSize]] = None
+    queued_at: float = 0.0  # when it last entered the queue: its queue wait is measured from here (not planning)
 
     @cached_property
     def need_signature(self) -> tuple:
@@ -76,12 +77,13 @@ class QueuedJob:
         return _SHAPE_CLASSES.setdefault((self.compat_key, self.dtype, self.need_signature), len(_SHAPE_CLASSES))
 
     @classmethod
-    def from_plan(cls, job_id: str, tenant: str, priority: int, submitted_at: float, plan: JobPlan) -> "QueuedJob":
+    def from_plan(cls, job_id: str, tenant: str, priority: int, submitted_at: float, plan: JobPlan,
+                  queued_at: float = 0.0) -> "QueuedJob":
         """A job's planning record, from the plan decided at its submission."""
         bf16 = plan.size("bfloat16")
         return cls(job_id, tenant, plan.compat_key, priority, submitted_at, plan.est_gpu_seconds, plan.tokens_per_step,
                    bf16.job_bytes, bf16.base_bytes, bf16.activation_bytes, plan.max_seq_len, plan.dtype,
-                   sizes=plan.sizes)
+                   sizes=plan.sizes, queued_at=queued_at)
 
     def bytes_alone(self, device_auto_dtype: str, max_pass_tokens: Optional[int]) -> float:
         """Uncalibrated bytes of this job alone on an idle executor of that kind: its base and a cohort of one."""

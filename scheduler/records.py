@@ -160,15 +160,17 @@ class JobSummary:
     step: int
     total_steps: int
     executor_losses: int
+    updated_at: float  # of a queued job: when it entered the queue (what its queue wait counts from)
 
     FIELDS = ("tenant", "state", "priority", "submitted_at", "attempt", "executor_id", "assigned_seq", "step",
-              "total_steps", "executor_losses")
+              "total_steps", "executor_losses", "updated_at")
 
     @classmethod
     def from_fields(cls, job_id: str, values: list[Optional[str]]) -> "JobSummary":
-        tenant, state, priority, submitted_at, attempt, executor_id, assigned_seq, step, total_steps, losses = values
+        tenant, state, priority, submitted_at, attempt, executor_id, assigned_seq, step, total_steps, losses, updated = values
         return cls(job_id, tenant or "", JobState(state), _int(priority), _float(submitted_at) or 0.0, _int(attempt),
-                   executor_id or None, _int(assigned_seq), _int(step), _int(total_steps), _int(losses))
+                   executor_id or None, _int(assigned_seq), _int(step), _int(total_steps), _int(losses),
+                   _float(updated) or 0.0)
 
 
 class FailureReason(str, Enum):

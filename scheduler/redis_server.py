@@ -73,7 +73,28 @@ def _credentials(data_dir: Path) -> dict[str, str]:
     return passwords
 
 
-def _write_acl_file(data_dir: Path, operator_password: str) -> Path:
+def server_args(data_dir: Path, acl_file: Path, port: int, bind: str = "127.0.0.1") -> list[str]:
+    """The server's command line (logging to stdout): ACL file, AOF, memory cap with noeviction, message size caps.
+    Also what deploy/docker/lorafleet_valkey.py runs in a container (bound to every interface there)."""
+    return [
+        redis_server_binary(),
+        "--bind", bind,
+        "--port", str(port),
+        "--protected-mode", "yes",
+        "--aclfile", str(acl_file),
+        "--dir", str(data_dir),
+        "--appendonly", "yes",
+        "--appendfsync", "everysec",
+        "--save", "",
+        "--maxmemory", os.environ.get("LORAFLEET_REDIS_MAXMEMORY", DEFAULT_MAXMEMORY),
+        "--maxmemory-policy", "noeviction",
+        "--proto-max-bulk-len", MAX_BULK_BYTES,
+        "--client-query-buffer-limit", MAX_QUERY_BUFFER,
+        "--daemonize", "no",
+    ]
+
+
+def write_acl_file(data_dir: Path, operator_password: str) -> Path:
     """The users the server starts with: the operator only (the service roles are added over the wire)."""
     path = data_dir / "users.acl"
     if not path.is_file():
@@ -129,27 +150,11 @@ def start_redis_server(data_dir: str | os.PathLike, port: int = 0, timeout: floa
     data_dir.mkdir(parents=True, exist_ok=True)
     _make_private(data_dir)
     passwords = _credentials(data_dir)
-    acl_file = _write_acl_file(data_dir, passwords["operator"])
+    acl_file = write_acl_file(data_dir, passwords["operator"])
     last_error = ""
     for _ in range(3 if port == 0 else 1):  # a free port can be taken between probing and binding it
         chosen = port or free_port()
-        args = [
-            redis_server_binary(),
-            "--bind", "127.0.0.1",
-            "--port", str(chosen),
-            "--protected-mode", "yes",
-            "--aclfile", str(acl_file),
-            "--dir", str(data_dir),
-            "--appendonly", "yes",
-            "--appendfsync", "everysec",
-            "--save", "",
-            "--maxmemory", os.environ.get("LORAFLEET_REDIS_MAXMEMORY", DEFAULT_MAXMEMORY),
-            "--maxmemory-policy", "noeviction",
-            "--proto-max-bulk-len", MAX_BULK_BYTES,
-            "--client-query-buffer-limit", MAX_QUERY_BUFFER,
-            "--daemonize", "no",
-            "--logfile", str(data_dir / "redis.log"),
-        ]
+        args = [*server_args(data_dir, acl_file, chosen), "--logfile", str(data_dir / "redis.log")]
         process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                    umask=0o077)
         server = RedisServer(process, chosen, passwords, data_dir)

@@ -32,11 +32,12 @@ from lorafleet.scheduler.artifacts import ArtifactStore
 from lorafleet.scheduler.files import FileLimits, FileStore
 from lorafleet.scheduler.leader import LeaderLock
 from lorafleet.scheduler.memory import JobPlan, MemoryCalibration, calibrate, cohort_bytes
+from lorafleet.scheduler.logs import configure_logging
 from lorafleet.scheduler.metrics import (
     REQUEUED_EXECUTOR_LOST, REQUEUED_NOT_HELD, Health, SchedulerMetrics, scheduler_metrics, serve,
 )
 from lorafleet.scheduler.policy import Backlog, ExecutorView, PlanConfig, QueuedJob, RunningJob, TenantView, plan
-from lorafleet.scheduler.records import ExecutorHeartbeat, JobSummary, JobRecord, JobState
+from lorafleet.scheduler.records import ExecutorHeartbeat, FailureReason, JobSummary, JobRecord, JobState
 from lorafleet.scheduler.store import JobStore, StaleFence
 from lorafleet.scheduler.submission import plan_from_files
 
@@ -55,7 +56,8 @@ def _reread_turn(job_id: str) -> int:
 
 
 def _queued_job(record: JobRecord | JobSummary, plan: JobPlan) -> QueuedJob:
-    return QueuedJob.from_plan(record.job_id, record.tenant, record.priority, record.submitted_at or 0.0, plan)
+    return QueuedJob.from_plan(record.job_id, record.tenant, record.priority, record.submitted_at or 0.0, plan,
+                               queued_at=record.updated_at or record.submitted_at or 0.0)
 
 
 def _running_job(record: JobRecord | JobSummary, plan: JobPlan, auto_dtype: str) -> RunningJob:
@@ -168,13 +170,12 @@ class Scheduler:
         if self.metrics:
             self.metrics.is_leader.set(1 if self.lock.token is not None else 0)
             if self.lock.token is None:
-                self._withdraw_fleet_gauges()
+                self._withdraw_fleet_series()
 
-    def _withdraw_fleet_gauges(self) -> None:
-        """A standby exports no fleet gauges: after a failover the deposed leader's would be stale, and a sum over
+    def _withdraw_fleet_series(self) -> None:
+        """A standby exports no fleet series: after a failover the deposed leader's would be stale, and a sum over
         the schedulers would count every job twice. Only the leader's series are the fleet's."""
-        self.metrics.jobs.clear()
-        self.metrics.cohort_jobs.clear()
+        self.metrics.withdraw_fleet_series()
         self.exported_executors = set()
         self.last_export = 0.0  # export at once when leading again
 
@@ -202,7 +203,7 @@ class Scheduler:
                                       isolated, disabled)
         if self.metrics:
             self.metrics.plan_duration.observe(time.perf_counter() - started)
-        self._claim(assignments, fence)
+        self._claim(assignments, fence, now)
         self._purge_expired(now)
         if self.metrics and now - self.last_export >= EXPORT_EVERY_SECONDS:
             self.last_export = now
@@ -357,7 +358,7 @@ class Scheduler:
                 continue  # it moved on since the queue was read
             plan = stored or self._size_from_files(job.job_id)
             if plan is None:
-                self.store.fail(job.job_id, JobState.QUEUED, fence=fence,
+                self.store.fail(job.job_id, JobState.QUEUED, fence=fence, reason=FailureReason.SIZING,
                                 error=f"job {job.job_id} failed: cannot size it: its base model or dataset is gone")
                 continue
             if job.executor_losses:
@@ -365,7 +366,7 @@ class Scheduler:
             else:
                 self.backlog.add(_queued_job(job, plan))
 
-    def _claim(self, assignments: list, fence: int) -> None:
+    def _claim(self, assignments: list, fence: int, now: float) -> None:
         """Claim every assignment in one round trip; a claim for an executor whose heartbeat is gone (it
         deregistered since the round read it: a drain hands its jobs back after deregistering) is refused."""
         attempts = self.store.claim_many([(a.job_id, a.executor_id) for a in assignments], fence=fence)
@@ -377,6 +378,8 @@ class Scheduler:
             log.info("job %s -> executor %s (attempt %d)", a.job_id, a.executor_id, attempt)
             if self.metrics and job is not None:
                 self.metrics.assignments.labels(tenant=job.tenant).inc()
+                if job.queued_at:
+                    self.metrics.queue_wait.labels(tenant=job.tenant).observe(max(0.0, now - job.queued_at))
 
     def _purge_expired(self, now: float) -> None:
         """Expire finished jobs older than the retention time, with their artifacts, a batch at a time; remove the
@@ -414,11 +417,20 @@ class Scheduler:
         for name, by_state in counts.items():
             for state, count in by_state.items():
                 self.metrics.jobs.labels(tenant=name, state=state).set(count)
+        for tenant in tenant_records:
+            by_state = counts.get(tenant["name"], {})
+            held = by_state.get(JobState.SCHEDULED.value, 0) + by_state.get(JobState.RUNNING.value, 0)
+            for resource, used, limit in (("queued", by_state.get(JobState.QUEUED.value, 0), tenant["max_queued"]),
+                                          ("running", held, tenant["max_running"])):
+                self.metrics.quota_used.labels(tenant=tenant["name"], resource=resource).set(
+                    used / limit if limit else 0.0)
+        self.metrics.job_failures.set_all(self.store.failure_counts())
+        self.metrics.tenant_gpu_seconds.set_all(self.store.gpu_seconds_total())
 
 
 def main(metrics_port: int, interval: float, lock_ttl: float, packing: str, metrics_addr: str = "0.0.0.0") -> None:
     """Entry point of `lorafleet scheduler`."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure_logging("scheduler")
     metrics, health = scheduler_metrics(), Health(STALL_SECONDS)
     port = serve(metrics.registry, metrics_port, metrics_addr, health)  # first: a taken port ends it at once
     store = JobStore.from_url(config.redis_url())

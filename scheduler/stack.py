@@ -89,7 +89,8 @@ def start_worker(stack: Stack, timeout: float = 60.0) -> Celery:
         worker = subprocess.Popen(
             [sys.executable, "-P", "-m", "celery", "-A", "lorafleet.scheduler.tasks", "worker", "--pool=solo",
              "--loglevel=INFO", "--without-gossip", "--without-mingle", "-n", f"lorafleet-{os.getpid()}@%h"],
-            env=child_env(stack, "worker"), stdout=log, stderr=subprocess.STDOUT,
+            env={**child_env(stack, "worker"), "LORAFLEET_METRICS_PORT": "0", "LORAFLEET_METRICS_ADDR": "127.0.0.1"},
+            stdout=log, stderr=subprocess.STDOUT,
         )
     stack.processes.append(worker)
     app = make_celery(stack.redis_url, name="lorafleet-up")

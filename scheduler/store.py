@@ -38,7 +38,7 @@ from lorafleet.scheduler import acl, keys, scripts
 from lorafleet.scheduler.datasets import AcceptedDataset
 from lorafleet.scheduler.memory import JobPlan
 from lorafleet.scheduler.policy import USAGE_HALF_LIFE_SECONDS, decayed_usage
-from lorafleet.scheduler.records import HOLDING_STATES, TRANSITIONS, JobRecord, JobState, JobSummary
+from lorafleet.scheduler.records import HOLDING_STATES, TRANSITIONS, FailureReason, JobRecord, JobState, JobSummary
 from lorafleet.scheduler.spec import JobSpec
 
 # What a transition may set besides the state; identity, spec, lease counter and timestamps are the store's own.
@@ -74,7 +74,8 @@ def progress_event_due(step: int, total_steps: int, events: int = keys.PROGRESS_
     return step % every == 0 or step >= total_steps
 
 
-# KEYS: usage hash (tenant -> "<gpu seconds> <as of unix time>"). ARGV: now, decay rate, then tenant, seconds pairs.
+# KEYS: usage hash (tenant -> "<gpu seconds> <as of unix time>"), totals hash (tenant -> seconds, never decayed).
+# ARGV: now, decay rate, then tenant, seconds pairs.
 _ADD_USAGE = """
 local now, rate = tonumber(ARGV[1]), tonumber(ARGV[2])
 for i = 3, #ARGV, 2 do
@@ -86,6 +87,7 @@ for i = 3, #ARGV, 2 do
   end
   value = value * math.exp(-rate * math.max(0, now - at)) + tonumber(ARGV[i + 1])
   redis.call('HSET', KEYS[1], ARGV[i], string.format('%.17g %.17g', value, now))
+  redis.call('HINCRBYFLOAT', KEYS[2], ARGV[i], ARGV[i + 1])
 end
 return 1
 """
@@ -591,13 +593,15 @@ class JobStore:
         return self.transition(job_id, JobState.RUNNING, JobState.SUCCEEDED, attempt=attempt, executor_id=executor_id,
                                adapter_uri=adapter_uri)
 
-    def fail(self, job_id: str, from_states: Iterable[str] | str, error: str, *, attempt: Optional[int] = None,
-             executor_id: Optional[str] = None, fence: Optional[int] = None) -> bool:
-        """Move a job to failed with the reason the tenant reads (an `error` event comes with it)."""
+    def fail(self, job_id: str, from_states: Iterable[str] | str, error: str, *, reason: FailureReason,
+             attempt: Optional[int] = None, executor_id: Optional[str] = None, fence: Optional[int] = None) -> bool:
+        """Move a job to failed with the message the tenant reads (an `error` event comes with it); `reason` is
+        counted (`keys.JOB_FAILURES`) for the metrics."""
         failed = self.transition(job_id, from_states, JobState.FAILED, attempt=attempt, executor_id=executor_id,
                                  fence=fence, error=error)
         if failed:
             self.append_event(job_id, "error", message=error)
+            self.r.hincrby(keys.JOB_FAILURES, FailureReason(reason).value, 1)
         return failed
 
     def cancel(self, tenant: Optional[str], job_id: Any) -> dict[str, Any]:
@@ -702,7 +706,7 @@ class JobStore:
         self.append_event(job_id, "requeued", reason=reason, executor_id=executor_id,
                           checkpoint_uri=self.r.hget(keys.job(job_id), "checkpoint_uri") or None)
         if losses >= MAX_EXECUTOR_LOSSES:
-            self.fail(job_id, JobState.QUEUED, fence=fence, error=(
+            self.fail(job_id, JobState.QUEUED, fence=fence, reason=FailureReason.EXECUTOR_LOST, error=(
                 f"job {job_id} failed: the executor training it stopped {losses} times ({reason}); the last times it "
                 "ran in a cohort of its own, so it is this job's data or shape that takes executors down"))
         return True
@@ -736,7 +740,7 @@ class JobStore:
             args = [repr(now), repr(math.log(2) / USAGE_HALF_LIFE_SECONDS)]
             for tenant, seconds in usage.items():
                 args += [tenant, repr(float(seconds))]
-            self._add_usage(keys=[keys.TENANT_GPU_SECONDS], args=args)
+            self._add_usage(keys=[keys.TENANT_GPU_SECONDS, keys.TENANT_GPU_SECONDS_TOTAL], args=args)
 
     def gpu_seconds(self, now: Optional[float] = None) -> dict[str, float]:
         """Tenant -> decayed GPU seconds used, as of `now`."""
@@ -747,6 +751,13 @@ class JobStore:
             usage[tenant] = decayed_usage(float(value), float(at), now)
         return usage
 
+    def gpu_seconds_total(self) -> dict[str, float]:
+        """Tenant -> GPU seconds used since the store began (not decayed): what the metrics export."""
+        return {tenant: float(value) for tenant, value in self.r.hgetall(keys.TENANT_GPU_SECONDS_TOTAL).items()}
+
+    def failure_counts(self) -> dict[str, int]:
+        """`FailureReason` value -> jobs failed for it since the store began."""
+        return {reason: int(count) for reason, count in self.r.hgetall(keys.JOB_FAILURES).items()}
 
     # ---- events ----
 

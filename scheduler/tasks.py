@@ -8,6 +8,10 @@ The worker consumes only the enabled tenants' own queues (`broker.TenantQueues`)
 parses it (`broker.GuardedTransport`), writes each result under that tenant's prefix (`broker.TenantResultBackend`),
 and refuses a token that is not the queue's tenant's: a stolen token is useless without that tenant's broker user.
 
+The worker serves /metrics (`lorafleet_api_requests_total`, `lorafleet_api_request_duration_seconds` by task and
+outcome), /healthz and /readyz on LORAFLEET_METRICS_ADDR:LORAFLEET_METRICS_PORT (default 0.0.0.0:9463; 0: any free
+port); run it with `--pool=solo` or `--pool=threads` (a prefork pool's children would each count alone).
+
 Only built-in exception types leave a task, because a tenant without lorafleet installed must be able to catch
 them after Celery's JSON transport: ValueError (invalid spec naming the field, bad argument, quota exceeded),
 PermissionError (missing, invalid or disabled token), LookupError (unknown job or another tenant's job: the same
@@ -19,13 +23,22 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
+import logging
+import os
+import threading
+import time
 from typing import Any, Callable, Optional
+
+import redis
+from celery import signals
 
 from lorafleet.scheduler import admission, config, keys
 from lorafleet.scheduler.artifacts import ArtifactStore
 from lorafleet.scheduler.broker import TenantQueues
 from lorafleet.scheduler.client import make_celery
 from lorafleet.scheduler.files import MAX_PART_BYTES, FileError, FileLimits, FileStore
+from lorafleet.scheduler.logs import formatter
+from lorafleet.scheduler.metrics import WORKER_PORT, Health, ServeError, api_metrics, serve
 from lorafleet.scheduler.results import JobResults
 from lorafleet.scheduler.store import JobStore
 
@@ -81,21 +94,36 @@ def _caller(task: Any, token: Any) -> str:
     return tenant
 
 
+API = api_metrics("worker", "celery")
+
+
 def _public_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Re-raise our ValueError/PermissionError/LookupError subclasses as the built-in type, message kept."""
+    """Re-raise our ValueError/PermissionError/LookupError subclasses as the built-in type, message kept; count and
+    time the call by task and outcome (`API`)."""
 
     @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    def wrapper(task: Any, *args: Any, **kwargs: Any) -> Any:
+        started, outcome = time.perf_counter(), "error"
         try:
-            return fn(*args, **kwargs)
-        except PermissionError as exc:
-            raise PermissionError(str(exc)) from None
-        except LookupError as exc:
-            raise LookupError(exc.args[0] if exc.args else str(exc)) from None
-        except ValueError as exc:
-            raise ValueError(str(exc)) from None
+            answer = fn(task, *args, **kwargs)
+            outcome = "ok"
+            return answer
+        except TENANT_ERRORS as exc:
+            outcome = "refused"
+            raise _public(exc) from None
+        finally:
+            API.observe(task.name, outcome, time.perf_counter() - started)
 
     return wrapper
+
+
+def _public(exc: Exception) -> Exception:
+    """The built-in type of a tenant error (a tenant has no lorafleet classes to unpickle), message kept."""
+    if isinstance(exc, PermissionError):
+        return PermissionError(str(exc))
+    if isinstance(exc, LookupError):
+        return LookupError(exc.args[0] if exc.args else str(exc))
+    return ValueError(str(exc))
 
 
 @app.task(name="lorafleet.submit_job", throws=TENANT_ERRORS, bind=True)
@@ -259,3 +287,41 @@ def _base64_part(data: Any) -> bytes:
         return base64.b64decode(data, validate=True)
     except binascii.Error:
         raise FileError("not base64", param="data") from None
+
+
+# ---- the worker process: its metrics and health listener, its log format ----
+
+HEALTH = Health(float("inf"))  # live while the process runs; ready while Redis answers (`_watch_redis`)
+
+
+@signals.worker_init.connect
+def _serve_metrics(**_: Any) -> None:
+    """Before the worker consumes: every task exported from 0, then the listener; a taken port ends the worker
+    with one line naming it."""
+    for name in sorted(name for name in app.tasks if name.startswith("lorafleet.")):
+        for outcome in ("ok", "refused", "error"):
+            API.requests.labels(api=API.api, task=name, outcome=outcome)
+    addr = os.environ.get("LORAFLEET_METRICS_ADDR", "0.0.0.0")
+    try:
+        port = serve(API.registry, int(os.environ.get("LORAFLEET_METRICS_PORT", WORKER_PORT)), addr, HEALTH)
+    except ServeError as exc:
+        raise SystemExit(f"lorafleet worker: {exc} (LORAFLEET_METRICS_PORT)") from None
+    logging.getLogger("lorafleet.worker").info("metrics on http://%s:%d/metrics (and /healthz, /readyz)", addr, port)
+    threading.Thread(target=_watch_redis, name="redis-health", daemon=True).start()
+
+
+def _watch_redis(every_seconds: float = 5.0) -> None:
+    while True:
+        try:
+            store().r.ping()
+            HEALTH.tick()
+        except redis.RedisError as exc:
+            HEALTH.tick(f"Redis unreachable: {exc}")
+        time.sleep(every_seconds)
+
+
+@signals.after_setup_logger.connect
+def _log_format(logger: logging.Logger, **_: Any) -> None:
+    """LORAFLEET_LOG_FORMAT=json: the worker's lines as JSON too (Celery sets up its own handlers)."""
+    for handler in logger.handlers:
+        handler.setFormatter(formatter("worker"))

@@ -90,7 +90,7 @@ def celery_app(redis_server, redis_url, worker_env, tmp_path_factory):
         worker = subprocess.Popen(
             [sys.executable, "-P", "-m", "celery", "-A", "lorafleet.scheduler.tasks", "worker", "--pool=solo",
              "--loglevel=INFO", "--without-gossip", "--without-mingle", "-n", f"test-{secrets.token_hex(3)}@%h"],
-            env={**worker_env, "REDIS_URL": redis_server.role_url("worker")}, stdout=log, stderr=subprocess.STDOUT,
+            env={**worker_env, "REDIS_URL": redis_server.role_url("worker"), "LORAFLEET_METRICS_PORT": "0"}, stdout=log, stderr=subprocess.STDOUT,
             cwd=tmp_path_factory.mktemp("worker-cwd"),
         )
     app = make_celery(redis_url, name="test-client")

@@ -62,7 +62,7 @@ class Fleet:
         # exec-b recomputes every layer in the backward and runs each step as passes of at most 48 tokens: results
         # must not depend on which executor trains a job.
         extra = ("--activation-checkpointing", "1", "--max-pass-tokens", "48") if name == "exec-b" else ()
-        process = self.start(name, "executor", "--device", "cpu", "--id", name,
+        process = self.start(name, "executor", "--device", "cpu", "--id", name, "--metrics-port", "0",
                              "--heartbeat-ttl", str(HEARTBEAT_TTL), *extra)
         wait_until(lambda: self.store.r.exists(keys.executor(name)), f"executor {name} to register")
         return process
@@ -110,7 +110,7 @@ def fleet_env(tmp_path_factory):
         running.processes["celery"] = subprocess.Popen(
             [sys.executable, "-P", "-m", "celery", "-A", "lorafleet.scheduler.tasks", "worker", "--pool=solo",
              "--without-gossip", "--without-mingle", "-n", f"fleet-{secrets.token_hex(3)}@%h"],
-            env={**env, "REDIS_URL": redis.role_url("worker")}, stdout=celery_log, stderr=subprocess.STDOUT, cwd=root,
+            env={**env, "REDIS_URL": redis.role_url("worker"), "LORAFLEET_METRICS_PORT": "0"}, stdout=celery_log, stderr=subprocess.STDOUT, cwd=root,
         )
         running.scheduler_ports = [free_port(), free_port()]
         for i, port in enumerate(running.scheduler_ports):

@@ -24,6 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from helpers_models import alpaca_rows, build_tiny_model, write_jsonl
 from helpers_polling import wait_until
 from lorafleet.scheduler import keys
+from lorafleet.scheduler.records import FailureReason
 from lorafleet.scheduler.redis_server import free_port, start_redis_server
 from lorafleet.scheduler.store import JobStore
 
@@ -141,7 +142,7 @@ def test_a_finished_job_cannot_be_cancelled_and_shows_its_error(gateway, make_te
     tenant = make_tenant()
     api = client(gateway, tenant.token)
     job = create(api, tenant.dataset)
-    assert store.fail(job.id, "queued", "no executor can hold this job")
+    assert store.fail(job.id, "queued", "no executor can hold this job", reason=FailureReason.SIZING)
     failed = api.fine_tuning.jobs.retrieve(job.id)
     assert failed.status == "failed" and failed.error.message == "no executor can hold this job"
     assert failed.error.code == "job_failed" and failed.finished_at is not None
@@ -259,7 +260,7 @@ def fleet(tmp_path_factory):
     port = free_port()
     processes = []
     for role, args in (("scheduler", ["--metrics-port", "0", "--interval", "0.2"]),
-                       ("executor", ["--device", "cpu", "--id", "gw-exec"]), ("gateway", ["--port", str(port)])):
+                       ("executor", ["--device", "cpu", "--id", "gw-exec", "--metrics-port", "0"]), ("gateway", ["--port", str(port)])):
         log = open(root / f"{role}.log", "ab")
         processes.append(subprocess.Popen([sys.executable, "-P", "-m", "lorafleet.scheduler.cli", role, *args],
                                           env={**env, "REDIS_URL": redis.role_url(role)}, stdout=log,

@@ -21,6 +21,7 @@ from selenium.webdriver.common.by import By
 
 from helpers_polling import wait_until
 from lorafleet.gateway.page import CONTENT_SECURITY_POLICY
+from lorafleet.scheduler.records import FailureReason
 from test_gateway import client, create, gateway  # noqa: F401  (gateway: the fixture, a real gateway process)
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -166,7 +167,7 @@ def test_a_wrong_token_shows_an_error_on_the_login_form(browser, gateway):
 def test_tenant_text_from_the_api_is_shown_as_text_never_run_as_html(browser, gateway, make_tenant, store):
     tenant = make_tenant()
     job = create(client(gateway, tenant.token), tenant.dataset, metadata={"title": HOSTILE})
-    assert store.fail(job.id, "queued", f"bad data: {HOSTILE}")
+    assert store.fail(job.id, "queued", f"bad data: {HOSTILE}", reason=FailureReason.TRAINING)
 
     open_page(browser, gateway)
     title = browser.title

@@ -133,10 +133,16 @@ def test_after_a_failover_only_the_new_leader_exports_the_fleets_job_counts(tmp_
         server.stop()
 
 
-def test_gpu_utilisation_is_absent_until_measured_not_a_false_zero():
+def test_gpu_readings_are_absent_until_measured_not_a_false_zero():
     from lorafleet.scheduler.metrics import executor_metrics
+    from lorafleet.scheduler.records import GpuStats
 
     metrics = executor_metrics("exec-cpu")
-    assert "lorafleet_gpu_utilization_ratio{" not in generate_latest(metrics.registry).decode()
-    metrics.gpu_utilization.labels(executor="exec-cpu").set(0.75)
-    assert 'lorafleet_gpu_utilization_ratio{executor="exec-cpu"} 0.75' in generate_latest(metrics.registry).decode()
+    metrics.record_gpu(None)  # a CPU: NVML measured nothing
+    text = generate_latest(metrics.registry).decode()
+    assert "lorafleet_gpu_utilization_ratio{" not in text and "lorafleet_gpu_power_watts{" not in text
+    metrics.record_gpu(GpuStats(memory_total_bytes=100, memory_used_bytes=40, utilization=0.75))
+    text = generate_latest(metrics.registry).decode()
+    assert 'lorafleet_gpu_utilization_ratio{executor="exec-cpu"} 0.75' in text
+    assert 'lorafleet_gpu_memory_free_bytes{executor="exec-cpu"} 60.0' in text
+    assert "lorafleet_gpu_power_watts{" not in text  # not reported by this GPU: still absent

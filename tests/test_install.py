@@ -86,7 +86,7 @@ def test_the_torch_free_control_plane_serves_a_tenant_that_has_only_celery(venvs
     processes = [
         start([str(base), "-P", "-m", "celery", "-A", "lorafleet.scheduler.tasks", "worker", "--pool=solo",
                "--without-gossip", "--without-mingle", "-n", "install@%h"],
-              {**env, "REDIS_URL": server.role_url("worker")}, logs[0]),
+              {**env, "REDIS_URL": server.role_url("worker"), "LORAFLEET_METRICS_PORT": "0"}, logs[0]),
         start([str(bin_dir / "lorafleet"), "scheduler", "--metrics-port", "0", "--interval", "0.2"],
               {**env, "REDIS_URL": server.role_url("scheduler")}, logs[1]),
     ]
