@@ -13,6 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from lorafleet.scheduler.metrics import API_OUTCOMES, ApiMetrics, api_metrics
 
 UNMATCHED = "unmatched"  # a request no route matched (404s of unknown paths): one series, not one per path
+PROBES = ("/metrics", "/healthz", "/readyz")  # Prometheus and the orchestrator, not the tenants' API: not counted
 
 
 def route_name(method: str, route) -> str:
@@ -27,13 +28,15 @@ def observe_requests(app: FastAPI) -> ApiMetrics:
     """Count and time every request of `app`; call after its routes are included (they are exported from 0)."""
     metrics = api_metrics("gateway", "http")
     for route in app.routes:
-        if isinstance(route, APIRoute):
+        if isinstance(route, APIRoute) and route.path not in PROBES:
             for method in sorted(route.methods):
                 for result in API_OUTCOMES:
                     metrics.requests.labels(api="http", task=route_name(method, route), outcome=result)
 
     @app.middleware("http")
     async def measure(request: Request, call_next) -> Response:
+        if request.url.path in PROBES:
+            return await call_next(request)
         started, status = time.perf_counter(), 500
         try:
             response = await call_next(request)

@@ -3,8 +3,8 @@
 Naming follows Prometheus conventions: base units (`_seconds`, `_bytes`, `_watts`, `_celsius`), `_total` for
 counters, `_ratio` for 0..1. Labels are bounded: `tenant` (tenants are created by an operator), `state` (the job
 states), `executor` (one per GPU process), `reason` and `resource` (enums here), `task` (the API's task names and
-routes). The one label with job ids, `job`, is on the per-running-job series of an executor: at most its cohort's
-size, each removed when its job leaves the executor.
+routes). The one label with job ids, `job_id` (not `job`, which Prometheus gives the scrape job), is on the
+per-running-job series of an executor: at most its cohort's size, each removed when its job leaves the executor.
 
 Each process builds its own registry (`scheduler_metrics()`, `executor_metrics()`, `api_metrics()`), which also
 carries `lorafleet_build_info` and the `process_*` metrics, and serves it with `serve(registry, port, addr, health)`,
@@ -179,7 +179,7 @@ class ExecutorMetrics:
     memory_allocated: Gauge
     memory_peak: Gauge
     gpu: dict[str, Gauge]  # GpuStats field -> gauge labelled executor; series only once NVML measured them
-    job_loss: Gauge  # labelled executor, tenant, job: one series per running job
+    job_loss: Gauge  # labelled executor, tenant, job_id: one series per running job
     job_progress: Gauge
 
     def record_step(self, step: StepStats, tokens_by_tenant: Mapping[str, int]) -> None:
@@ -190,7 +190,7 @@ class ExecutorMetrics:
         if step.mfu is not None:
             self.mfu.labels(executor=self.executor_id).set(step.mfu)
         if step.packing_efficiency is not None:
-            self.packing_efficiency.set(step.packing_efficiency)
+            self.packing_efficiency.labels(executor=self.executor_id).set(step.packing_efficiency)
 
     def record_gpu(self, gpu: Optional[GpuStats]) -> None:
         if gpu is None:
@@ -201,7 +201,7 @@ class ExecutorMetrics:
                 gauge.labels(executor=self.executor_id).set(value)
 
     def record_job(self, job_id: str, tenant: str, loss: Optional[float], step: int, total_steps: int) -> None:
-        labels = {"executor": self.executor_id, "tenant": tenant, "job": job_id}
+        labels = {"executor": self.executor_id, "tenant": tenant, "job_id": job_id}
         if loss is not None:
             self.job_loss.labels(**labels).set(loss)
         self.job_progress.labels(**labels).set(step / total_steps if total_steps else 0.0)
@@ -225,7 +225,7 @@ def executor_metrics(executor_id: str) -> ExecutorMetrics:
     def measured(name: str, doc: str) -> Gauge:  # no series until a value was measured: absent, not a false 0
         return Gauge(name, doc, ["executor"], registry=registry)
 
-    per_job = ["executor", "tenant", "job"]
+    per_job = ["executor", "tenant", "job_id"]
     return ExecutorMetrics(
         registry=registry,
         executor_id=executor_id,
@@ -239,8 +239,8 @@ def executor_metrics(executor_id: str) -> ExecutorMetrics:
         ).labels(**label),
         mfu=measured("lorafleet_executor_mfu_ratio", "Model FLOPs utilisation of the last step: 4 x frozen "
                      "parameters x tokens/s over the device's peak (absent where the peak is unknown)"),
-        packing_efficiency=gauge("lorafleet_packing_efficiency_ratio", "Share of the jobs' token budget "
-                                 "(batch_size x max_seq_len) the last step filled"),
+        packing_efficiency=measured("lorafleet_packing_efficiency_ratio", "Share of the jobs' token budget "
+                                    "(batch_size x max_seq_len) the last step filled"),
         memory_allocated=gauge("lorafleet_gpu_memory_allocated_bytes", "Device memory the allocator holds now"),
         memory_peak=gauge("lorafleet_gpu_memory_peak_bytes", "Peak device memory of the last step"),
         gpu={

@@ -15,7 +15,7 @@ from lorafleet.scheduler.records import GpuStats, StepStats
 
 BOUNDED_LABELS = {"tenant", "state", "executor", "reason", "resource", "kind", "api", "task", "outcome",
                   "version", "component", "python"}
-PER_JOB = {"lorafleet_job_loss", "lorafleet_job_progress_ratio"}  # the only families with a `job` label
+PER_JOB = {"lorafleet_job_loss", "lorafleet_job_progress_ratio"}  # the only families with a `job_id` label
 UNITS = {"memory": "_bytes", "duration": "_seconds", "wait": "_seconds", "power": "_watts",
          "temperature": "_celsius", "utilization": "_ratio", "mfu": "_ratio", "efficiency": "_ratio"}
 
@@ -50,9 +50,9 @@ def test_names_units_and_labels_follow_prometheus_conventions():
             if word in family.name and family.type != "counter":
                 assert family.name.endswith(unit), (family.name, unit)
         for sample in family.samples:
-            allowed = BOUNDED_LABELS | ({"job"} if family.name in PER_JOB else set())
+            allowed = BOUNDED_LABELS | ({"job_id"} if family.name in PER_JOB else set())
             assert set(sample.labels) - {"le"} <= allowed, (family.name, sample.labels)
-            assert "job_id" not in sample.labels
+            assert "job" not in sample.labels, "Prometheus's own label: it would be renamed exported_job"
 
 
 def test_every_family_served_is_one_the_module_lists():
@@ -80,7 +80,7 @@ def test_a_finished_jobs_series_are_removed():
     metrics.record_job("job-1", "a", 1.0, 1, 4)
     metrics.record_job("job-2", "b", None, 2, 4)
     metrics.forget_job("job-1", "a")
-    jobs = {s.labels["job"] for f in metrics.registry.collect() for s in f.samples if "job" in s.labels}
+    jobs = {s.labels["job_id"] for f in metrics.registry.collect() for s in f.samples if "job_id" in s.labels}
     assert jobs == {"job-2"}
     metrics.forget_job("job-never-seen", "a")  # no error
 
@@ -101,5 +101,7 @@ def test_executor_metrics_are_served_over_http():
     assert parsed["lorafleet_step_duration_seconds_count"].value == 1
     assert parsed["lorafleet_gpu_memory_peak_bytes"].value == 2**30
     assert parsed["lorafleet_packing_efficiency_ratio"].value == 2000 / 4096
+    assert executor_metrics("idle").registry.get_sample_value("lorafleet_packing_efficiency_ratio",
+                                                              {"executor": "idle"}) is None, "no step: absent"
     assert "lorafleet_executor_mfu_ratio" not in parsed  # no peak: absent, not 0
     assert "lorafleet_gpu_utilization_ratio" not in parsed  # never measured
