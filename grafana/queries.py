@@ -25,9 +25,8 @@ from dataclasses import dataclass
 # Prometheus job names (the scrape config's `job_name`s) the expressions select on.
 SCHEDULER_JOB, WORKER_JOB = "lorafleet-scheduler", "lorafleet-worker"
 EXECUTOR_JOB, GATEWAY_JOB = "lorafleet-executor", "lorafleet-gateway"
-# The per-job series carry the job id in an exported label named `job`, which Prometheus renames to `exported_job`
-# on scrape because `job` is the target's own label (the scrape job; honor_labels is off by default).
-JOB_ID = "exported_job"
+# The per-running-job series' label with the job id (not `job`: Prometheus gives that to the scrape job).
+JOB_ID = "job_id"
 
 # What `Query.render()` puts where Grafana would put a variable's value: every executor, tenant and job, and the
 # rate window Grafana computes from the datasource's scrape interval (`timeInterval`, 15s: 4 of them).
