@@ -598,6 +598,8 @@ def test_lorafleet_valkey_serves_role_users_with_aof_and_keeps_them_across_a_res
             redis.Redis(port=port).ping()  # the default user is off
     finally:
         stop(server)
+    private = {path.name: oct(path.stat().st_mode & 0o777) for path in tmp_path.rglob("*")}
+    assert private and all(mode in ("0o600", "0o700") for mode in private.values()), private  # the AOF holds tokens
     server = start_valkey(tmp_path, port, env)  # the users were saved to the ACL file on the volume
     try:
         for role in acl.ROLES:

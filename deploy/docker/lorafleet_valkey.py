@@ -50,6 +50,7 @@ def serve(data_dir: Path, port: int) -> None:
     data_dir.mkdir(parents=True, exist_ok=True)
     acl_file = write_acl_file(data_dir, password("operator"))  # kept when it exists: users added later live there
     args = server_args(data_dir, acl_file, port, bind="0.0.0.0")
+    os.umask(0o077)  # the AOF holds tokens in messages: files the server creates are its own only, as embedded
     os.execv(args[0], args)
 
 
