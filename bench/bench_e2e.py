@@ -14,12 +14,17 @@ words are the token ids), r=16 LoRA on all 7 projections, AdamW. One run measure
    every layer checkpointed;
 3. the frozen-base forward+backward vs the same with 8 adapters attached (same packed tokens), and a profile of one
    8-adapter step (top CUDA kernels);
-4. optionally the capacity probe: the largest 4x512 cohort whose step fits, in passes and with full checkpointing;
+4. optionally (--parts) where one whole step's time goes: its kernels by part (frozen GEMMs, LM head, attention,
+   LoRA kernels, elementwise, loss, optimizer, host gaps) against each part's ideal (bench/step_parts.py);
+5. optionally (--long-context N) one job of one N-token sequence, in the cohort and in every baseline;
+6. optionally the capacity probe: the largest 4x512 cohort whose step fits in passes (largest size first);
    for every cohort that ran in one pass or in passes, the scheduler's memory model (`scheduler/policy.py`, before
    calibration) next to the measured peak: what an executor's calibration factor would learn;
-5. PEFT (sdpa attention, bf16 base, fp32 adapters, AdamW, clip 1.0): each job of the largest cohort trained alone,
-   one after another, on exactly the tokens it has in the cohort. A cohort of N is compared with the sum of PEFT's
-   step times of its N jobs: the time PEFT needs to give all N jobs one step.
+7. the baselines (--baselines): each job of the largest cohort trained alone with PEFT (sdpa attention, bf16 base,
+   fp32 adapters, AdamW, clip 1.0), one after another, on exactly the tokens it has in the cohort: `peft` as the
+   bench always ran it, `tuned` with fused AdamW and bf16 autocast, `liger` tuned plus Liger kernels
+   (liger-kernel from PyPI). A cohort of N is compared with the sum of each baseline's step times of its N jobs (the
+   time it needs to give all N jobs one step) and the speedup is over the fastest baseline.
 
 Step times are medians over the timed steps after warm-up, synchronised; tokens are all input tokens of a step.
 MFU = 4·P·tokens/s ÷ measured peak, with P the parameters outside the embedding and the LM head (frozen base: forward
@@ -33,6 +38,7 @@ import gc
 import json
 import random
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -45,6 +51,9 @@ SHAPES = {
                num_key_value_heads=8, rope_theta=500000.0, vocab_size=VOCAB, tie_word_embeddings=False),
     "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                num_key_value_heads=8, rope_theta=500000.0, vocab_size=VOCAB, tie_word_embeddings=True),
+    # built quantized layer by layer in memory by bench_70b_nf4.py (its bf16 weights would not fit one GPU or disk)
+    "70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                num_key_value_heads=8, rope_theta=500000.0, vocab_size=VOCAB, tie_word_embeddings=False),
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=512, tie_word_embeddings=False),
 }
@@ -72,12 +81,12 @@ def matmul_peak_tflops(device) -> float | None:
     return 2 * 8192**3 * 10 / (start.elapsed_time(end) / 1000) / 1e12
 
 
-def build_base(shape: str, directory: Path, device) -> int:
+def build_base(shape: str, directory: Path, device, max_positions: int = 8192) -> int:
     """Random-init the shape on the device, save weights and a word-level tokenizer; return non-embedding params."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=8192, bos_token_id=None, eos_token_id=EOS_ID)
+    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=max_positions, bos_token_id=None,
+                         eos_token_id=EOS_ID)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
     with torch.device(device):
@@ -85,21 +94,34 @@ def build_base(shape: str, directory: Path, device) -> int:
     non_embedding = sum(p.numel() for n, p in model.model.layers.named_parameters()) + model.model.norm.weight.numel()
     model.save_pretrained(directory)
     del model
-    vocab = {"</s>": EOS_ID, **{f"t{i}": i for i in range(1, config.vocab_size)}}
+    save_tokenizer(directory, config.vocab_size)
+    return non_embedding
+
+
+def save_tokenizer(directory: Path, vocab_size: int) -> None:
+    """A word-level tokenizer whose words are the token ids ("t17" is token 17), EOS "</s>" = EOS_ID."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"</s>": EOS_ID, **{f"t{i}": i for i in range(1, vocab_size)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="</s>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="</s>").save_pretrained(directory)
-    return non_embedding
+
+
+def batch_lengths(batch: str, rng: random.Random | None = None) -> list[int]:
+    """Sequence lengths of a micro-batch of shape `batch` ("4x512", or "mixed": drawn from `rng`)."""
+    if batch == "mixed":
+        rng = rng or random.Random(0)
+        return [rng.randint(*MIXED_LENGTHS) for _ in range(4)]
+    count, length = (int(x) for x in batch.split("x"))
+    return [length] * count
 
 
 def job_sequences(batch: str, job: int, vocab: int) -> list[list[int]]:
     """One micro-batch of token sequences (each ending in EOS) for job `job` of batch shape `batch`."""
     rng = random.Random(f"{batch}/{job}")
-    if batch == "mixed":
-        lengths = [rng.randint(*MIXED_LENGTHS) for _ in range(4)]
-    else:
-        count, length = (int(x) for x in batch.split("x"))
-        lengths = [length] * count
+    lengths = batch_lengths(batch, rng)
     return [[rng.randrange(1, vocab) for _ in range(n - 1)] + [EOS_ID] for n in lengths]
 
 
@@ -127,7 +149,7 @@ def job_spec(model_dir: Path, batch: str, job: int, quantization: str = "none"):
             "adapter": {**ADAPTER, "target_modules": list(PROJECTIONS)},
             "hyperparameters": {
                 "batch_size": 4 if batch == "mixed" else int(batch.split("x")[0]),
-                "max_seq_len": 2048,
+                "max_seq_len": max(2048, max(batch_lengths(batch))),
                 "max_steps": 100_000,
                 "seed": job,
             },
@@ -275,8 +297,15 @@ def profile_step(cohort, model_dir, data_dir, batch, n, device) -> str:
     return "no memory setting fits"
 
 
-def peft_sequential(model_dir, batches: dict[str, int], vocab, warmup, steps, device, quantization="none") -> dict:
-    """batch shape -> per-job median step seconds and padded tokens, each job trained alone with PEFT in turn."""
+# The baselines, each job trained alone with PEFT (r=16 on all 7 projections, fp32 adapters, AdamW, clip 1.0):
+# - peft: as the bench ran it before (sdpa, bf16 base, PyTorch's default multi-tensor AdamW, no autocast);
+# - tuned: what a careful user adds: fused AdamW, bf16 autocast (the LoRA products in bf16 on fp32 master weights);
+# - liger: tuned, plus Liger kernels on the base (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy: no logits).
+# Liger patches transformers' Llama module globally, so it runs last.
+BASELINES = ("peft", "tuned", "liger")
+
+
+def peft_model(model_dir, variant: str, device, quantization: str):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -290,53 +319,99 @@ def peft_sequential(model_dir, batches: dict[str, int], vocab, warmup, steps, de
             model_dir, dtype=dtype, attn_implementation="sdpa", device_map={"": device},
             quantization_config=quantization_config(quantization, dtype),
         )
+    base.config.use_cache = False
+    if variant == "liger":
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        apply_liger_kernel_to_llama(model=base)
     config = LoraConfig(**ADAPTER, target_modules=list(PROJECTIONS), task_type="CAUSAL_LM")
     model = get_peft_model(base, config, adapter_name="init")
     model.train()
+    return model, config
+
+
+def padded_batch(sequences: list[list[int]], device):
+    """Right-padded ids, attention mask and labels (-100 on padding) of one micro-batch, as PEFT users feed it."""
+    longest = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), longest), EOS_ID, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, sequence in enumerate(sequences):
+        ids[row, : len(sequence)] = torch.tensor(sequence)
+        mask[row, : len(sequence)] = 1
+    labels = ids.masked_fill(mask == 0, -100)
+    return ids.to(device), mask.to(device), labels.to(device)
+
+
+def time_peft_job(model, config, name, sequences, variant, warmup, steps, device) -> tuple[float, float | None]:
+    """Median step seconds and peak GiB of one job trained alone (its own adapter and optimizer)."""
+    model.add_adapter(name, config)
+    model.set_adapter(name)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=2e-4, fused=variant != "peft" and device.type == "cuda")
+    ids, mask, labels = padded_batch(sequences, device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=variant != "peft" and device.type == "cuda")
+
+    def step():
+        with autocast:
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    try:
+        for _ in range(warmup):
+            step()
+        seconds = []
+        for _ in range(steps):
+            sync(device)
+            start = time.perf_counter()
+            step()
+            sync(device)
+            seconds.append(time.perf_counter() - start)
+        return statistics.median(seconds), peak_gib(device)
+    finally:
+        optimizer.zero_grad(set_to_none=True)
+        model.set_adapter("init")
+        model.delete_adapter(name)
+        del optimizer, params
+        release(device)
+
+
+def peft_sequential(model_dir, batches: dict[str, int], vocab, warmup, steps, device, quantization="none",
+                    variant="peft", long_batch: str | None = None) -> dict:
+    """batch shape -> per-job median step seconds and padded tokens, each job trained alone with PEFT in turn; and
+    for `long_batch` (one job), the step without and, if that runs out of memory, with gradient checkpointing."""
+    model, config = peft_model(model_dir, variant, device, quantization)
+    release(device)
     out = {}
     for batch, jobs in batches.items():
-        per_job, padded = [], []
+        per_job, padded, peaks = [], [], []
         for job in range(jobs):
-            name = f"{batch}-{job}"
-            model.add_adapter(name, config)
-            model.set_adapter(name)
-            params = [p for n, p in model.named_parameters() if p.requires_grad]
-            optimizer = torch.optim.AdamW(params, lr=2e-4)
             sequences = job_sequences(batch, job, vocab)
-            longest = max(len(s) for s in sequences)
-            ids = torch.full((len(sequences), longest), EOS_ID, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for row, sequence in enumerate(sequences):
-                ids[row, : len(sequence)] = torch.tensor(sequence)
-                mask[row, : len(sequence)] = 1
-            labels = ids.masked_fill(mask == 0, -100)
-            ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
-            padded.append(ids.numel())
-
-            def step():
-                loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                return loss.item()
-
-            for _ in range(warmup):
-                step()
-            seconds = []
-            for _ in range(steps):
-                sync(device)
-                start = time.perf_counter()
-                step()
-                sync(device)
-                seconds.append(time.perf_counter() - start)
-            per_job.append(statistics.median(seconds))
-            model.set_adapter("init")
-            model.delete_adapter(name)
-            del optimizer, params
-            release(device)
-        out[batch] = {"per_job_seconds": per_job, "padded_tokens_per_job": padded}
-    out["peak_gib"] = peak_gib(device)
+            seconds, peak = time_peft_job(model, config, f"{batch}-{job}", sequences, variant, warmup, steps, device)
+            per_job.append(seconds)
+            peaks.append(peak)
+            padded.append(len(sequences) * max(len(s) for s in sequences))
+        out[batch] = {"per_job_seconds": per_job, "padded_tokens_per_job": padded, "peak_gib": peaks[0] and max(peaks)}
+    if long_batch:
+        out["long"] = {"batch": long_batch}
+        sequences = job_sequences(long_batch, 0, vocab)
+        for checkpointing in (False, True):
+            if checkpointing:
+                model.base_model.model.gradient_checkpointing_enable({"use_reentrant": False})
+                model.base_model.model.enable_input_require_grads()
+            try:
+                seconds, peak = time_peft_job(model, config, long_batch, sequences, variant, 1, 2, device)
+            except torch.OutOfMemoryError:
+                out["long"]["oom" + ("_checkpointed" if checkpointing else "")] = True
+                release(device)
+                continue
+            out["long"].update(seconds=seconds, checkpointing=checkpointing, peak_gib=peak)
+            break
+    del model
+    release(device)
     return out
 
 
@@ -373,48 +448,161 @@ def planner_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def mfu_text(report: dict, tokens_per_s: float) -> str:
+    peak = report["peak_tflops"]
+    return f"{4 * report['non_embedding_params'] * tokens_per_s / (peak * 1e12):.0%}" if peak else "-"
+
+
+def baseline_seconds(report: dict, batch: str, jobs: int) -> dict[str, float]:
+    """Baseline name -> seconds to give jobs 0..jobs-1 of `batch` one step each, one after another."""
+    return {name: sum(result[batch]["per_job_seconds"][:jobs]) for name, result in report["baselines"].items()
+            if batch in result}
+
+
 def markdown_table(report: dict) -> str:
-    peak, params = report["peak_tflops"], report["non_embedding_params"]
-
-    def mfu(tokens_per_s):
-        return f"{4 * params * tokens_per_s / (peak * 1e12):.0%}" if peak else "-"
-
+    names = list(report["baselines"])
     lines = [
         "| jobs | per-job batch | tokens/step | memory | cohort step s | cohort tok/s | cohort MFU | cohort peak GiB "
-        "| PEFT seq. step s | PEFT tok/s | PEFT MFU | PEFT padding | speedup |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        + "".join(f"| {name} seq. step s " for name in names)
+        + "| best baseline | its tok/s | its MFU | PEFT padding | speedup over the best |",
+        "|---|---|---|---|---|---|---|---|" + "---|" * len(names) + "---|---|---|---|---|",
     ]
     for row in report["cohorts"]:
-        peft = report["peft"][row["batch"]]
         if row["seconds"] is None:
-            lines.append(f"| {row['jobs']} | {row['batch']} | {row['tokens']} | full | OOM | | | | | | | | |")
+            lines.append(f"| {row['jobs']} | {row['batch']} | {row['tokens']} | full | OOM |" + " |" * (7 + len(names)))
             continue
-        peft_seconds = sum(peft["per_job_seconds"][: row["jobs"]])
-        padded = peft["padded_tokens_per_job"][: row["jobs"]]
-        cohort_rate, peft_rate = row["tokens"] / row["seconds"], row["tokens"] / peft_seconds
-        peak_mem = f"{row['peak_gib']:.1f}" if row["peak_gib"] is not None else "-"
+        baselines = baseline_seconds(report, row["batch"], row["jobs"])
+        best = min(baselines, key=baselines.get)
+        padded = next(iter(report["baselines"].values()))[row["batch"]]["padded_tokens_per_job"][: row["jobs"]]
+        cohort_rate, best_rate = row["tokens"] / row["seconds"], row["tokens"] / baselines[best]
         lines.append(
             f"| {row['jobs']} | {row['batch']} | {row['tokens']} | {row['checkpointing']} "
-            f"| {row['seconds']:.3f} | {cohort_rate:,.0f} | {mfu(cohort_rate)} | {peak_mem} "
-            f"| {peft_seconds:.3f} | {peft_rate:,.0f} | {mfu(peft_rate)} | {1 - row['tokens'] / sum(padded):.0%} "
-            f"| {cohort_rate / peft_rate:.2f}x |"
+            f"| {row['seconds']:.3f} | {cohort_rate:,.0f} | {mfu_text(report, cohort_rate)} | {gib_text(row['peak_gib'])} "
+            + "".join(f"| {baselines[name]:.3f} " for name in names)
+            + f"| {best} | {best_rate:,.0f} | {mfu_text(report, best_rate)} | {1 - row['tokens'] / sum(padded):.0%} "
+            f"| {cohort_rate / best_rate:.2f}x |"
         )
     return "\n".join(lines)
+
+
+def gib_text(gib: float | None) -> str:
+    return "-" if gib is None else f"{gib:.1f}"
+
+
+def long_context_table(report: dict) -> str:
+    row = report["long_context"]
+    lines = ["| trainer | memory | step s | tok/s | MFU | peak GiB |", "|---|---|---|---|---|---|"]
+    if row["seconds"] is None:
+        lines.append("| lorafleet | every setting | OOM | | | |")
+    else:
+        rate = row["tokens"] / row["seconds"]
+        lines.append(f"| lorafleet | {row['checkpointing']} | {row['seconds']:.3f} | {rate:,.0f} "
+                     f"| {mfu_text(report, rate)} | {gib_text(row['peak_gib'])} |")
+    for name, result in report["baselines"].items():
+        long = result.get("long")
+        if not long:
+            continue
+        if "seconds" not in long:
+            lines.append(f"| {name} | none, gradient checkpointing | OOM | | | |")
+            continue
+        rate = row["tokens"] / long["seconds"]
+        memory = "gradient checkpointing (none: OOM)" if long["checkpointing"] else "none"
+        lines.append(f"| {name} | {memory} | {long['seconds']:.3f} | {rate:,.0f} | {mfu_text(report, rate)} "
+                     f"| {gib_text(long['peak_gib'])} |")
+    return "\n".join(lines)
+
+
+def copy_gbps(device) -> float | None:
+    """Device-to-device copy rate of 4 GiB, bytes read plus written: the memory-bound parts' ceiling."""
+    if device.type != "cuda":
+        return None
+    source = torch.randn(2**30, device=device)
+    target = torch.empty_like(source)
+    for _ in range(2):
+        target.copy_(source)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        target.copy_(source)
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * source.numel() * 4 * 10 / (start.elapsed_time(end) / 1000) / 1e9
+
+
+def step_parts(cohort, model_dir, data_dir, batch, n, device, shape, report, out: Path, name: str) -> dict:
+    """Per-part kernel time of one whole Cohort.step against each part's ideal (bench/step_parts.py), and the
+    unprofiled median step it is set against. The gzipped trace goes to OUT."""
+    import gzip
+
+    from torch.profiler import ProfilerActivity, profile
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from step_parts import ideal_seconds, kernel_parts, parts_table
+
+    for setting in MEMORY_SETTINGS:
+        measured = run_cohort(cohort, model_dir, data_dir, batch, n, 2, 5, setting, device)
+        if measured is not None:
+            break
+    else:
+        return {"error": "no memory setting fits"}
+    set_checkpointing(cohort, setting)
+    add_jobs(cohort, model_dir, data_dir, batch, n)
+    trace_path = out / f"trace_{name}_{n}x{batch}.json"
+    try:
+        for _ in range(2):
+            cohort.step()
+        sync(device)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            cohort.step()
+            sync(device)
+        prof.export_chrome_trace(str(trace_path))
+    finally:
+        for job_id in list(cohort.jobs):
+            cohort.jobs[job_id].optimizer.zero_grad()
+            cohort.remove_job(job_id)
+        release(device)
+    parts = kernel_parts(str(trace_path))
+    with open(trace_path, "rb") as source, gzip.open(f"{trace_path}.gz", "wb") as target:
+        target.write(source.read())
+    trace_path.unlink()
+    lengths = [length for job in range(n) for length in batch_lengths(batch)]
+    ideal = ideal_seconds(SHAPES[shape], lengths, n, ADAPTER["r"], report["peak_tflops"] or 1, report["copy_gbps"] or 1)
+    return {"jobs": n, "batch": batch, "checkpointing": setting, "wall_s": measured[0], "peak_gib": measured[1],
+            **parts, "ideal": ideal, "table": parts_table(parts, ideal, measured[0])}
+
+
+def capacity_probe(cohort, model_dir, data_dir, sizes: list[int], device) -> list[dict]:
+    """From the largest size down, one step of that many 4x512 jobs in passes, until one fits."""
+    rows = []
+    for n in sorted(sizes, reverse=True):
+        measured = run_cohort(cohort, model_dir, data_dir, "4x512", n, 0, 1, "passes", device)
+        rows.append({"jobs": n, "checkpointing": "passes", "fits": measured is not None,
+                     "seconds": measured and measured[0], "peak_gib": measured and measured[1]})
+        if measured is not None:
+            break
+    return rows
 
 
 def main() -> None:
     global PASS_TOKENS
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="1b")
+    parser.add_argument("--shape", choices=sorted(set(SHAPES) - {"70b"}), default="1b")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--quantization", choices=("none", "nf4"), default="none")
     parser.add_argument("--cohorts", default="1,4,8,16")
     parser.add_argument("--batches", default="1x512,4x512,mixed")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--baselines", default=",".join(BASELINES),
+                        help=f"PEFT baselines to run, of {','.join(BASELINES)} (liger needs liger-kernel)")
     parser.add_argument("--overhead", default="8x1x512,8x4x512", help="JOBSxBATCH list: base vs adapters steps (\"\" for none)")
+    parser.add_argument("--parts", default="", help="JOBSxBATCH: where one whole step's time goes, by part, "
+                        "against each part's ideal (bench/step_parts.py)")
     parser.add_argument("--profile-step", default="", help="JOBSxBATCH: profile one whole Cohort.step (host and GPU)")
-    parser.add_argument("--capacity", default="", help="4x512 cohort sizes to probe, e.g. 8,12,16,20")
+    parser.add_argument("--long-context", type=int, default=0, help="one job of one sequence this long, in the "
+                        "cohort and in every baseline (0: none)")
+    parser.add_argument("--capacity", default="", help="4x512 cohort sizes to probe in passes, largest first, until "
+                        "one fits, e.g. 160,128,96")
     parser.add_argument("--pass-tokens", type=int, default=PASS_TOKENS, help="tokens per pass of the `passes` setting")
     parser.add_argument("--lora-dropout", type=float, default=0.0,
                         help="every job's LoRA dropout, in the cohort (fused into the LoRA kernels) "
@@ -430,8 +618,13 @@ def main() -> None:
     device = torch.device(args.device)
     cohorts = [int(n) for n in args.cohorts.split(",")]
     batches = args.batches.split(",")
+    baselines = [name for name in args.baselines.split(",") if name]
+    if unknown := set(baselines) - set(BASELINES):
+        parser.error(f"--baselines: unknown {sorted(unknown)}; expected some of {','.join(BASELINES)}")
+    baselines.sort(key=BASELINES.index)  # liger patches transformers for good: last
     overheads = [(int(spec.split("x", 1)[0]), spec.split("x", 1)[1]) for spec in args.overhead.split(",") if spec]
     capacity = [int(n) for n in args.capacity.split(",") if n]
+    long_batch = f"1x{args.long_context}" if args.long_context else None
     vocab = SHAPES[args.shape]["vocab_size"]
     workdir, out = Path(args.workdir), Path(args.out)
     model_dir, data_dir = workdir / args.shape, workdir / "data"
@@ -452,18 +645,24 @@ def main() -> None:
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "cohorts": [],
+        "baselines": {},
     }
 
     def save():
         (out / f"e2e_{name}.json").write_text(json.dumps(report, indent=1))
 
     report["peak_tflops"] = matmul_peak_tflops(device)
-    log(f"bf16 matmul peak {report['peak_tflops']} TFLOP/s")
-    report["non_embedding_params"] = build_base(args.shape, model_dir, device)
+    report["copy_gbps"] = copy_gbps(device)
+    log(f"bf16 matmul peak {report['peak_tflops']} TFLOP/s, copy {report['copy_gbps']} GB/s")
+    report["non_embedding_params"] = build_base(args.shape, model_dir, device, max(8192, args.long_context))
     log(f"built and saved {args.shape}: {report['non_embedding_params'] / 1e9:.2f}B non-embedding params")
     wanted = {(batch, job) for batch in batches for job in range(max(cohorts))}
     wanted |= {("4x512", job) for job in range(max(capacity, default=0))}
     wanted |= {(batch, job) for jobs, batch in overheads for job in range(jobs)}
+    if args.parts:
+        wanted |= {(args.parts.split("x", 1)[1], job) for job in range(int(args.parts.split("x", 1)[0]))}
+    if long_batch:
+        wanted.add((long_batch, 0))
     for batch, job in wanted:
         write_job_data(data_dir, batch, job, vocab)
 
@@ -510,48 +709,72 @@ def main() -> None:
         save()
     set_checkpointing(cohort, "off")
 
+    if args.parts:
+        jobs, batch = int(args.parts.split("x", 1)[0]), args.parts.split("x", 1)[1]
+        report["parts"] = step_parts(cohort, model_dir, data_dir, batch, jobs, device, args.shape, report, out, name)
+        log(f"where the time goes, {args.parts}:\n{report['parts'].get('table', report['parts'])}")
+        save()
+        set_checkpointing(cohort, "off")
+
     if args.profile_step:
         jobs, batch = int(args.profile_step.split("x", 1)[0]), args.profile_step.split("x", 1)[1]
         (out / f"profile_step_{name}_{args.profile_step}.txt").write_text(
             profile_step(cohort, model_dir, data_dir, batch, jobs, device))
         log(f"profiled one step of {args.profile_step}")
 
-    report["capacity"] = []
-    for checkpointing in ("passes", "full"):
-        for n in capacity:
-            measured = run_cohort(cohort, model_dir, data_dir, "4x512", n, 1, 1, checkpointing, device)
-            report["capacity"].append(
-                {"jobs": n, "checkpointing": checkpointing, "fits": measured is not None,
-                 "seconds": measured and measured[0], "peak_gib": measured and measured[1]}
-            )
-            log(f"capacity {n} x 4x512 ckpt {checkpointing}: {measured}")
-            save()
-            if measured is None:
+    if long_batch:
+        for checkpointing in MEMORY_SETTINGS:
+            measured = run_cohort(cohort, model_dir, data_dir, long_batch, 1, 1, 2, checkpointing, device)
+            if measured is not None:
                 break
+        seconds, peak = measured if measured is not None else (None, None)
+        report["long_context"] = {"batch": long_batch, "tokens": args.long_context, "seconds": seconds,
+                                  "peak_gib": peak, "checkpointing": checkpointing}
+        log(f"long context {long_batch}: {report['long_context']}")
+        save()
+        set_checkpointing(cohort, "off")
+
+    report["capacity"] = capacity_probe(cohort, model_dir, data_dir, capacity, device)
+    log(f"capacity: {report['capacity']}")
+    save()
 
     del cohort
     release(device)
-    report["peft"] = peft_sequential(
-        model_dir, {b: max(cohorts) for b in batches}, vocab, args.warmup, args.steps, device, args.quantization
-    )
-    log("PEFT done")
-    save()
+    for baseline in baselines:
+        try:
+            report["baselines"][baseline] = peft_sequential(
+                model_dir, {b: max(cohorts) for b in batches}, vocab, args.warmup, args.steps, device,
+                args.quantization, baseline, long_batch,
+            )
+        except Exception as exc:  # a baseline that cannot run here (say, liger-kernel missing) is reported, not fatal
+            report.setdefault("baseline_errors", {})[baseline] = f"{type(exc).__name__}: {exc}"
+            release(device)
+        log(f"baseline {baseline} done: {report.get('baseline_errors', {}).get(baseline, 'ok')}")
+        save()
     measured = [dict(row) for row in report["cohorts"] if row["peak_gib"] is not None]
-    measured += [{**row, "batch": "4x512"} for row in report["capacity"] if row["fits"]]
+    measured += [{**row, "batch": "4x512"} for row in report["capacity"] if row["peak_gib"] is not None]
     report["planner"] = [
         {**row, "planned_gib": planned} for row in measured
         if (planned := planner_gib(args.shape, args.quantization, row["batch"], row["jobs"], row["checkpointing"]))
     ]
     save()
-    table = markdown_table(report)
+    table = markdown_table(report) if report["baselines"] else ""
+    if long_batch:
+        table += f"\n\nLong context, one job of {long_batch}:\n\n" + long_context_table(report)
+    if "table" in report.get("parts", {}):
+        parts = report["parts"]
+        table += (f"\n\nWhere the time goes, {parts['jobs']} x {parts['batch']} ({parts['checkpointing']}), one "
+                  f"profiled step against the unprofiled median:\n\n" + parts["table"])
     if report["planner"]:
         table += "\n\nThe scheduler's memory model against the measured peaks:\n\n" + planner_table(report["planner"])
     (out / f"e2e_{name}.md").write_text(table + "\n")
     print(f"\n{args.shape}, {report['device']}, torch {report['torch']}, peak {report['peak_tflops']} TFLOP/s, "
-          f"P_nonembed {report['non_embedding_params'] / 1e9:.2f}B\n")
+          f"copy {report['copy_gbps']} GB/s, P_nonembed {report['non_embedding_params'] / 1e9:.2f}B\n")
     print(table)
     print(f"\nbase vs adapters: {report['overhead']}\ncapacity: {report['capacity']}")
-    print("PEFT per-job step s:", {batch: report["peft"][batch]["per_job_seconds"] for batch in batches})
+    print("baseline errors:", report.get("baseline_errors"))
+    for baseline, result in report["baselines"].items():
+        print(f"{baseline} per-job step s:", {batch: result[batch]["per_job_seconds"] for batch in batches})
 
 
 if __name__ == "__main__":

@@ -1,0 +1,202 @@
+"""Where a cohort step's time goes: the kernels of one profiled step by part, each part against its ideal.
+
+`kernel_parts(trace)` reads a torch.profiler Chrome trace (`prof.export_chrome_trace`) and sums kernel time by part:
+
+| part | kernels |
+|---|---|
+| frozen GEMMs | cuBLAS/nvjet/CUTLASS matrix products outside the loss (forward and dX of every projection) |
+| LM head GEMMs | matrix products under `_ChunkedHeadLoss` (logits and the hidden-state gradient) |
+| attention | flash attention, forward and backward |
+| LoRA kernels | the Triton shrink / expand / dA / dH+dB kernels (kernels/triton_lora.py) |
+| fused elementwise | the Triton RMSNorm / SiLU·mul / rotary kernels (kernels/elementwise.py) |
+| loss elementwise | any other kernel under the loss (fp32 upcast, logsumexp, exp, scatter, casts) |
+| optimizer | fused AdamW, the gradient norms and clipping (`_foreach_*`, under `Optimizer.step`) |
+| other | the rest: PyTorch elementwise kernels, copies, fills |
+
+A kernel's part comes from its name, then from the CPU ops that enclosed its launch (the kernel's `External id`
+names its launching op; that op's enclosing ops on the same thread are found by time containment). GPU busy is the
+union of kernel intervals, so the step's wall time minus it is the host's share ("host gaps").
+
+`ideal_seconds(...)` gives each part's floor: FLOPs over the measured matmul peak for the GEMMs and attention, the
+fewest bytes over the measured copy bandwidth for the memory-bound parts (each counted in its function's comment).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+
+PARTS = ("frozen GEMMs", "LM head GEMMs", "attention", "LoRA kernels", "fused elementwise", "loss elementwise",
+         "optimizer", "other")
+GEMM = re.compile(r"nvjet|gemm|cutlass|xmma|cublas", re.IGNORECASE)
+LORA = re.compile(r"_shrink_kernel|_expand_kernel|_weight_grad_kernel|_grad_h_and_b_kernel")
+FUSED_ELEMENTWISE = re.compile(r"_rms_norm_|_silu_mul_|_rotary_kernel")
+OPTIMIZER_KERNEL = re.compile(r"adam|multi_tensor_apply", re.IGNORECASE)
+LOSS_OP = "_ChunkedHeadLoss"
+OPTIMIZER_OPS = ("Optimizer.step", "_foreach_", "clip_grad", "get_total_norm")
+DEVICE_CATEGORIES = {"kernel", "gpu_memcpy", "gpu_memset"}
+
+
+@dataclass
+class Op:
+    name: str
+    tid: object
+    start: float
+    end: float
+    context: str = ""  # "loss", "optimizer" or "" (from this op and the ops enclosing it)
+
+
+def op_context(names: list[str]) -> str:
+    """The part a stack of enclosing CPU op names (outermost first) puts its kernels in, if any."""
+    if any(LOSS_OP in name for name in names):
+        return "loss"
+    if any(marker in name for name in names for marker in OPTIMIZER_OPS):
+        return "optimizer"
+    return ""
+
+
+def cpu_ops_by_external_id(events: list[dict]) -> dict[int, Op]:
+    """External id -> its CPU op, with the context of its enclosing ops on the same thread."""
+    ops = [event for event in events if event.get("ph") == "X" and event.get("cat") in ("cpu_op", "user_annotation")]
+    by_thread = defaultdict(list)
+    for event in ops:
+        by_thread[(event.get("pid"), event.get("tid"))].append(event)
+    found = {}
+    for thread_events in by_thread.values():
+        thread_events.sort(key=lambda event: (event["ts"], -event.get("dur", 0)))
+        stack: list[tuple[float, str]] = []  # (end, name) of the ops enclosing the current one
+        for event in thread_events:
+            start, end = event["ts"], event["ts"] + event.get("dur", 0)
+            while stack and stack[-1][0] < end:
+                stack.pop()
+            stack.append((end, event["name"]))
+            external = event.get("args", {}).get("External id")
+            if external is not None:
+                found[external] = Op(event["name"], event.get("tid"), start, end, op_context([n for _, n in stack]))
+    return found
+
+
+def kernel_part(name: str, context: str) -> str:
+    if LORA.search(name):
+        return "LoRA kernels"
+    if FUSED_ELEMENTWISE.search(name):
+        return "fused elementwise"
+    if "flash" in name.lower() or "fmha" in name.lower():
+        return "attention"
+    if GEMM.search(name):
+        return "LM head GEMMs" if context == "loss" else "frozen GEMMs"
+    if context == "loss":
+        return "loss elementwise"
+    if context == "optimizer" or OPTIMIZER_KERNEL.search(name):
+        return "optimizer"
+    return "other"
+
+
+def busy_seconds(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of [start, end) intervals given in microseconds, in seconds."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end <= reach:
+            continue
+        total += end - max(start, reach)
+        reach = end
+    return total / 1e6
+
+
+def kernel_parts(trace: dict | str) -> dict:
+    """Seconds of kernel time per part, kernel counts per part, GPU busy seconds, and the top kernels of each part."""
+    if isinstance(trace, str):
+        with open(trace) as handle:
+            trace = json.load(handle)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    ops = cpu_ops_by_external_id(events)
+    seconds, counts = defaultdict(float), defaultdict(int)
+    top = defaultdict(lambda: defaultdict(float))
+    intervals = []
+    for event in events:
+        if event.get("ph") != "X" or event.get("cat") not in DEVICE_CATEGORIES:
+            continue
+        op = ops.get(event.get("args", {}).get("External id"))
+        part = kernel_part(event["name"], op.context if op else "")
+        duration = event.get("dur", 0)
+        seconds[part] += duration / 1e6
+        counts[part] += 1
+        top[part][event["name"][:80]] += duration / 1e6
+        intervals.append((event["ts"], event["ts"] + duration))
+    return {
+        "seconds": {part: seconds.get(part, 0.0) for part in PARTS},
+        "kernels": {part: counts.get(part, 0) for part in PARTS},
+        "gpu_busy_s": busy_seconds(intervals),
+        "top": {part: sorted(names.items(), key=lambda item: -item[1])[:4] for part, names in top.items()},
+    }
+
+
+def decoder_shape(config: dict) -> dict:
+    """Sizes the ideals need, from a Llama config dict (hidden, intermediate, layers, heads, kv heads, vocab)."""
+    d, heads = config["hidden_size"], config["num_attention_heads"]
+    d_kv = config["num_key_value_heads"] * (d // heads)
+    inter = config["intermediate_size"]
+    # (d_in, d_out) of every LoRA node per layer: q/k/v and gate/up share one node each (fused_decoder)
+    groups = [(d, d + 2 * d_kv), (d, d), (d, 2 * inter), (inter, d)]
+    projections = [(d, d), (d, d_kv), (d, d_kv), (d, d), (d, inter), (d, inter), (inter, d)]
+    return {"d": d, "d_kv": d_kv, "inter": inter, "layers": config["num_hidden_layers"], "vocab": config["vocab_size"],
+            "groups": groups, "projections": projections,
+            "linear_params": config["num_hidden_layers"] * sum(i * o for i, o in projections)}
+
+
+def ideal_seconds(config: dict, sequence_lengths: list[int], jobs: int, rank: int, peak_tflops: float,
+                  copy_gbps: float) -> dict:
+    """Each part's floor for one step of packed sequences (forward + backward, frozen base, `jobs` adapters)."""
+    shape = decoder_shape(config)
+    d, d_kv, inter, layers, vocab = (shape[key] for key in ("d", "d_kv", "inter", "layers", "vocab"))
+    tokens = sum(sequence_lengths)
+    flops_rate, bytes_rate = peak_tflops * 1e12, copy_gbps * 1e9
+    # forward 2·W·T and dX 2·W·T per projection, no weight gradient
+    frozen = 4 * shape["linear_params"] * tokens
+    # logits 2·T·V·d and the hidden-state gradient 2·T·V·d
+    head = 4 * tokens * vocab * d
+    # causal: forward QKᵀ and PV over half of each L×L, 2·L²·d; backward recomputes S and forms dP, dV, dQ, dK: 2.5x
+    attention = 3.5 * 2 * sum(length**2 for length in sequence_lengths) * d * layers
+    # bf16: the shrink and dA read x, the delta's add reads and writes the output, dH+dB read dY, dX is read and
+    # written by the input gradient's add: 4·d_in + 3·d_out elements per token and node
+    lora = 2 * tokens * layers * sum(4 * d_in + 3 * d_out for d_in, d_out in shape["groups"])
+    # two RMSNorms (forward x→y 2d, backward dy, x→dx 3d), SiLU·mul (forward 3I, backward 5I), rotary of q and k
+    # (forward and backward each read and write them)
+    elementwise = 2 * tokens * layers * (10 * d + 8 * inter + 4 * (d + d_kv))
+    # fp32 AdamW: read param, grad, m, v and write param, m, v (28 B); the norm reads the grad, clipping reads and
+    # writes it (12 B)
+    adapter_params = layers * rank * sum(i + o for i, o in shape["projections"])
+    optimizer = jobs * adapter_params * 40
+    return {
+        "frozen GEMMs": frozen / flops_rate,
+        "LM head GEMMs": head / flops_rate,
+        "attention": attention / flops_rate,
+        "LoRA kernels": lora / bytes_rate,
+        "fused elementwise": elementwise / bytes_rate,
+        "loss elementwise": 0.0,  # none once fused into the head GEMM (a fused linear cross-entropy)
+        "optimizer": optimizer / bytes_rate,
+        "other": 0.0,  # layout copies and unfused elementwise: none in an ideal step
+        "host gaps": 0.0,
+    }
+
+
+def parts_table(measured: dict, ideal: dict, wall_s: float) -> str:
+    """Markdown: each part's measured seconds, share of the step, ideal seconds and the distance to it."""
+    rows = dict(measured["seconds"])
+    rows["host gaps"] = max(0.0, wall_s - measured["gpu_busy_s"])
+    lines = ["| part | kernels | measured ms | share of step | ideal ms | basis of the ideal | over ideal ms |",
+             "|---|---|---|---|---|---|---|"]
+    basis = {"frozen GEMMs": "FLOPs / peak", "LM head GEMMs": "FLOPs / peak", "attention": "FLOPs / peak",
+             "LoRA kernels": "bytes / copy rate", "fused elementwise": "bytes / copy rate",
+             "loss elementwise": "0 (fused into the head GEMM)", "optimizer": "bytes / copy rate",
+             "other": "0 (avoidable)", "host gaps": "0"}
+    for part in (*PARTS, "host gaps"):
+        count = measured["kernels"].get(part, "")
+        lines.append(f"| {part} | {count} | {rows[part] * 1e3:.1f} | {rows[part] / wall_s:.1%} "
+                     f"| {ideal[part] * 1e3:.1f} | {basis[part]} | {(rows[part] - ideal[part]) * 1e3:+.1f} |")
+    ideal_total = sum(ideal.values())
+    lines.append(f"| **step** | {sum(measured['kernels'].values())} | {wall_s * 1e3:.1f} | 100% | {ideal_total * 1e3:.1f} "
+                 f"| sum of the parts | {(wall_s - ideal_total) * 1e3:+.1f} |")
+    return "\n".join(lines)

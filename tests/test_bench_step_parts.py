@@ -1,0 +1,81 @@
+"""bench/step_parts.py: kernels of a profiler trace sorted into the step's parts, and the parts' ideals."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from step_parts import busy_seconds, ideal_seconds, kernel_parts  # noqa: E402
+
+LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                num_key_value_heads=8, vocab_size=128256)
+
+
+def op(name, ts, dur, external=None, tid=1):
+    args = {} if external is None else {"External id": external}
+    return {"ph": "X", "cat": "cpu_op", "name": name, "ts": ts, "dur": dur, "pid": 1, "tid": tid, "args": args}
+
+
+def kernel(name, ts, dur, external):
+    return {"ph": "X", "cat": "kernel", "name": name, "ts": ts, "dur": dur, "pid": 0, "tid": 7,
+            "args": {"External id": external}}
+
+
+def test_a_gemm_under_the_loss_is_the_head_and_elsewhere_a_frozen_projection():
+    events = [
+        op("aten::mm", 0, 10, external=1),
+        op("_ChunkedHeadLoss", 20, 100, external=2),
+        op("aten::mm", 30, 10, external=3),
+        op("aten::exp", 50, 5, external=4),
+        kernel("nvjet_tst_128x256", 100, 40, 1),
+        kernel("nvjet_tst_128x256", 150, 30, 3),
+        kernel("vectorized_elementwise_kernel", 190, 5, 4),
+    ]
+    parts = kernel_parts({"traceEvents": events})
+    assert parts["seconds"]["frozen GEMMs"] == pytest.approx(40e-6)
+    assert parts["seconds"]["LM head GEMMs"] == pytest.approx(30e-6)
+    assert parts["seconds"]["loss elementwise"] == pytest.approx(5e-6)
+    assert parts["seconds"]["other"] == 0
+
+
+def test_backward_kernels_of_the_loss_count_as_loss_on_the_autograd_thread():
+    events = [
+        op("autograd::engine::evaluate_function: _ChunkedHeadLossBackward", 0, 50, tid=2),
+        op("aten::mul", 10, 5, external=9, tid=2),
+        kernel("vectorized_elementwise_kernel", 60, 8, 9),
+    ]
+    assert kernel_parts(events)["seconds"]["loss elementwise"] == pytest.approx(8e-6)
+
+
+def test_named_kernels_and_the_optimizer_go_to_their_parts():
+    events = [
+        op("Optimizer.step#AdamW.step", 0, 100),
+        op("aten::_fused_adamw_", 10, 20, external=5),
+        op("aten::_foreach_norm", 200, 5, external=6),
+        op("_SegmentedLora", 300, 5, external=7),
+        kernel("void at::native::fused_adamw_kernel", 400, 10, 5),
+        kernel("multi_tensor_apply_kernel", 420, 3, 6),
+        kernel("_shrink_kernel", 430, 4, 7),
+        kernel("_rms_norm_fwd_kernel", 440, 2, 0),
+        kernel("flash_fwd_kernel", 450, 6, 0),
+    ]
+    seconds = kernel_parts(events)["seconds"]
+    assert seconds["optimizer"] == pytest.approx(13e-6)
+    assert seconds["LoRA kernels"] == pytest.approx(4e-6)
+    assert seconds["fused elementwise"] == pytest.approx(2e-6)
+    assert seconds["attention"] == pytest.approx(6e-6)
+
+
+def test_busy_time_counts_overlapping_kernels_once():
+    assert busy_seconds([(0, 10), (5, 15), (20, 30), (21, 22)]) == pytest.approx(25e-6)
+
+
+def test_the_frozen_gemm_ideal_is_four_flops_per_weight_and_token():
+    ideal = ideal_seconds(LLAMA_8B, [512] * 32, jobs=8, rank=16, peak_tflops=1.0, copy_gbps=1.0)
+    weights = 32 * (4096 * (4096 + 1024 + 1024 + 4096) + 3 * 4096 * 14336)
+    assert ideal["frozen GEMMs"] == pytest.approx(4 * weights * 16384 / 1e12)
+    assert ideal["LM head GEMMs"] == pytest.approx(4 * 16384 * 128256 * 4096 / 1e12)
+    assert ideal["host gaps"] == 0
