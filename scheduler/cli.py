@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from lorafleet.scheduler import acl, config, fleet, keys, stack
+from lorafleet.scheduler import acl, config, fleet, keys, stack, top
 from lorafleet.scheduler.acl import TenantCredentials
 from lorafleet.scheduler.artifacts import ArtifactStore
 from lorafleet.scheduler.client import LorafleetClient
@@ -90,18 +90,8 @@ def _job_row(job: dict) -> list[str]:
     ]
 
 
-ID_COLUMNS = ("job_id", "executor")  # kept whole on one line at any width: they are copied into other commands
-
-
 def _table(title: str, columns: tuple[str, ...], rows: list[list[str]]) -> None:
-    table = Table(title=title)
-    for i, column in enumerate(columns):  # ids stay whole so they can be copied; other cells wrap when narrow
-        whole = column in ID_COLUMNS
-        table.add_column(column, no_wrap=whole, overflow="fold",
-                         min_width=max([len(column), *(len(row[i]) for row in rows)]) if whole else None)
-    for row in rows:
-        table.add_row(*row)
-    console.print(table)
+    console.print(top.table(title, columns, rows))  # ids stay whole so they can be copied; other cells fold
 
 
 def _show_jobs(jobs: list[dict], as_json: bool, title: str = "jobs") -> None:
@@ -178,17 +168,22 @@ def main() -> None:
 
 @main.command()
 @click.option("--device", default=None, help="executor device (default: cuda:0 when CUDA is available, else cpu)")
+@click.option("--metrics-port", type=int, default=0, show_default=True,
+              help="the scheduler's /metrics, /healthz and /readyz port on 127.0.0.1 (0 = any free port)")
 @json_option
-def up(device: Optional[str], as_json: bool) -> None:
+def up(device: Optional[str], metrics_port: int, as_json: bool) -> None:
     """Run the local demo stack: Redis, a worker, the scheduler, an executor, two demo tenants' jobs; then stop."""
     running = stack.start_redis()
     try:
         if not as_json:
             console.print(f"redis: {'embedded, ' + str(config.embedded_redis_dir()) if running.redis else 'REDIS_URL'}")
+        local = ["--metrics-addr", "127.0.0.1"]  # a demo: this machine only
+        scheduler = stack.start_process(running, "scheduler",
+                                        ["scheduler", "--metrics-port", str(metrics_port), *local])
+        stack.wait_for_leader(running, scheduler)
         stack.start_worker(running)
-        local = ["--metrics-port", "0", "--metrics-addr", "127.0.0.1"]  # a demo: any free port, this machine only
-        stack.start_process(running, "scheduler", ["scheduler", *local])
-        stack.start_process(running, "executor", ["executor", "--device", device or _default_device(), *local])
+        stack.start_process(running, "executor",
+                            ["executor", "--device", device or _default_device(), "--metrics-port", "0", *local])
         jobs = stack.seed_demo(running)
         if not as_json:
             _show_jobs(jobs, False, title="submitted demo jobs")
@@ -213,6 +208,8 @@ def up(device: Optional[str], as_json: bool) -> None:
                    [[j["job_id"], j["tenant"], j["state"], j["adapter_uri"] or j["error"] or ""] for j in final])
         if any(job["state"] != "succeeded" for job in final):
             raise click.ClickException("some demo jobs did not succeed; see the table above and the logs")
+    except stack.ChildExited as exc:  # e.g. the scheduler's port was taken: its own reason, on one line
+        raise click.ClickException(str(exc)) from None
     finally:
         running.stop()
 
@@ -352,6 +349,22 @@ def executors_drain(executor_id: str, as_json: bool) -> None:
         _print_json({"executor_id": executor_id, "drain": True})
     else:
         console.print(f"drain requested for {executor_id}")
+
+
+@main.command("top")
+@click.option("--interval", type=click.FloatRange(min=0.1), default=2.0, show_default=True,
+              help="seconds between refreshes")
+@click.option("--once", is_flag=True, help="print one frame and exit")
+@json_option
+def top_cmd(interval: float, once: bool, as_json: bool) -> None:
+    """Live fleet view (operator, from Redis): executors, GPU memory and use, cohorts, queue by tenant. q quits."""
+    store = _store()
+    if as_json:
+        _print_json(top.snapshot_json(top.read_snapshot(store)))
+    elif once or not console.is_terminal:
+        console.print(top.render(top.read_snapshot(store), console.width))
+    else:
+        top.run_live(lambda: top.read_snapshot(store), interval, console)
 
 
 @main.command()

@@ -32,6 +32,7 @@ class Stack:
     redis_url: str
     redis: Optional[RedisServer] = None  # None when REDIS_URL points at a Redis we do not own
     processes: list[subprocess.Popen] = field(default_factory=list)
+    logs: dict[int, Path] = field(default_factory=dict)  # pid -> the log file of that process
 
     def stop(self) -> None:
         """Stop processes newest first (workers finish their current task on SIGTERM), then Redis."""
@@ -46,6 +47,10 @@ class Stack:
         if self.redis is not None:
             self.redis.stop()
             config.redis_url_file().unlink(missing_ok=True)
+
+
+class ChildExited(RuntimeError):
+    """A process of the stack ended before the demo did; the message names it and the last line of its log."""
 
 
 def start_redis() -> Stack:
@@ -93,6 +98,7 @@ def start_worker(stack: Stack, timeout: float = 60.0) -> Celery:
             stdout=log, stderr=subprocess.STDOUT,
         )
     stack.processes.append(worker)
+    stack.logs[worker.pid] = log_path
     app = make_celery(stack.redis_url, name="lorafleet-up")
     deadline = time.monotonic() + timeout
     while not app.control.ping(timeout=0.5):
@@ -111,7 +117,30 @@ def start_process(stack: Stack, name: str, args: list[str]) -> subprocess.Popen:
             env=child_env(stack, name), stdout=log, stderr=subprocess.STDOUT,
         )
     stack.processes.append(process)
+    stack.logs[process.pid] = log_dir / f"{name}.log"
     return process
+
+
+def exit_message(stack: Stack, process: subprocess.Popen) -> str:
+    """'<name> exited with <code>: <its last log line>': a child's own `Error: ...` line says why (a taken port)."""
+    log = stack.logs[process.pid]
+    lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    last = lines[-1].removeprefix("Error: ") if lines else "no output"
+    return f"{log.stem} exited with {process.returncode}: {last} (log: {log})"
+
+
+def wait_for_leader(stack: Stack, scheduler: subprocess.Popen, timeout: float = 60.0) -> None:
+    """Wait until a scheduler holds the leader lock (ours, or one already serving REDIS_URL); ChildExited when ours
+    ends first (its port was taken, say), so that `up` stops at once with its reason."""
+    store = JobStore.from_url(stack.redis_url)
+    deadline = time.monotonic() + timeout
+    while not store.r.exists(keys.SCHEDULER_LEADER):
+        if scheduler.poll() is not None:
+            raise ChildExited(exit_message(stack, scheduler))
+        if time.monotonic() > deadline:
+            raise ChildExited(f"no scheduler took the leader lock within {timeout:.0f} s "
+                              f"(log: {stack.logs[scheduler.pid]})")
+        time.sleep(0.1)
 
 
 def wait_for_jobs(stack: Stack, job_ids: list[str], on_update, timeout: float = 900.0) -> list[dict]:
@@ -125,7 +154,7 @@ def wait_for_jobs(stack: Stack, job_ids: list[str], on_update, timeout: float = 
             return jobs
         for process in stack.processes:
             if process.poll() is not None:
-                raise RuntimeError(f"{process.args[4:]} exited with {process.returncode}; see {config.state_dir() / 'logs'}")
+                raise ChildExited(exit_message(stack, process))
         if time.monotonic() > deadline:
             raise TimeoutError(f"jobs not finished after {timeout:.0f} s")
         time.sleep(0.5)
