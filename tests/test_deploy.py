@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from urllib.parse import urlparse
@@ -32,6 +33,7 @@ import redis
 import yaml
 from prometheus_client import CollectorRegistry
 
+from helpers_polling import wait_until
 from lorafleet.scheduler import acl
 from lorafleet.scheduler.cli import main as cli
 from lorafleet.scheduler.metrics import SCHEDULER_PORT, WORKER_PORT, Health, executor_port, serve
@@ -205,6 +207,118 @@ def test_compose_grafana_provisioning_points_at_the_mounted_dashboards_and_prome
     prometheus_port = compose["services"]["prometheus"]["ports"][0].rsplit(":", 1)[1]
     prometheus_sources = [urlparse(source["url"]).netloc for source in sources if source["type"] == "prometheus"]
     assert f"prometheus:{prometheus_port}" in prometheus_sources
+
+
+# compose's services run as processes on this machine (no Docker here): each service's own command, environment and
+# health check, with what only a container changes rewritten (the program paths, Valkey's host, cuda:0 -> cpu, and
+# each instance's ports, renumbered consistently so that a health check still names the port its process listens on)
+
+
+def interpolate(value: str, variables: dict[str, str]) -> str:
+    """Compose's ${NAME}, ${NAME:-default} and ${NAME:?error} against `variables`."""
+    def one(match: re.Match) -> str:
+        name, operator, rest = match.group(1), match.group(2) or "", match.group(3) or ""
+        if variables.get(name):
+            return variables[name]
+        assert operator != ":?", f"{name} unset: {rest}"
+        return rest
+
+    return re.sub(r"\$\{([A-Z0-9_]+)(?:(:[-?])([^}]*))?\}", one, value)
+
+
+PROGRAMS = {"lorafleet": [sys.executable, "-P", "-m", "lorafleet.scheduler.cli"], "python": [sys.executable],
+            "lorafleet-valkey": [sys.executable, "-P", str(DEPLOY / "docker" / "lorafleet_valkey.py")],
+            "lorafleet-probe": [sys.executable, str(DEPLOY / "docker" / "probe.py")]}
+
+
+@dataclass
+class LocalService:
+    """One instance of a compose service as a local process."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    health_check: list[str]  # its compose health check's command, local
+
+    def healthy(self, path: str | None = None) -> bool:
+        """The health check passes (with `path`: lorafleet-probe asked for that path instead, e.g. /readyz)."""
+        command = self.health_check if path is None else [*self.health_check[:-1], path]
+        return subprocess.run(command, env=self.env, capture_output=True, timeout=30).returncode == 0
+
+    def metrics_port(self) -> str:
+        return self.health_check[-2]  # lorafleet-probe PORT /healthz
+
+
+def local_service(name: str, service: dict, instance: int, root: Path, variables: dict[str, str],
+                  valkey_port: int) -> LocalService:
+    ports = {str(port): str(free_port()) for port in (*PORTS.values(), 6379)}
+    ports["6379"] = str(valkey_port)
+    paths = {"/srv/lorafleet": str(root / "state"), "/var/lib/valkey": str(root / "valkey")}
+
+    def local(word: str) -> str:
+        word = interpolate(str(word), variables).replace("@valkey:", "@127.0.0.1:")
+        word = ports.get(word, word)
+        for container_path, local_path in paths.items():
+            word = word.replace(container_path, local_path)
+        return {"cuda:0": "cpu", "0.0.0.0": "127.0.0.1"}.get(word, word)
+
+    def program(command: list[str]) -> list[str]:
+        return [*PROGRAMS.get(command[0], command[:1]), *map(local, command[1:])]
+
+    env = {**os.environ, **{key: local(value) for key, value in service.get("environment", {}).items()}}
+    env["REDIS_URL"] = re.sub(r"@127\.0\.0\.1:\d+", f"@127.0.0.1:{valkey_port}", env.get("REDIS_URL", ""))
+    test = service.get("healthcheck", {}).get("test", ["CMD", "true"])
+    return LocalService(f"{name}-{instance}", program(service["command"]), env, program(test[1:]))
+
+
+def start(service: LocalService, logs: Path) -> subprocess.Popen:
+    with open(logs / f"{service.name}.log", "wb") as log:
+        return subprocess.Popen(service.argv, env=service.env, stdout=log, stderr=subprocess.STDOUT, cwd=logs)
+
+
+@pytest.mark.slow
+def test_compose_services_run_with_their_commands_and_pass_their_health_checks(compose, tmp_path):
+    """valkey, then the valkey-roles one-shot, then every lorafleet service (each replica) with its own command and
+    environment: each passes its own health check and becomes ready (/readyz: its role's Redis user works), and of
+    the two schedulers exactly one is the leader."""
+    variables, valkey_port, logs = role_passwords(), free_port(), tmp_path / "logs"
+    logs.mkdir()
+    local = {name: [local_service(name, service, i, tmp_path, variables, valkey_port)
+                    for i in range(service.get("deploy", {}).get("replicas", 1))]
+             for name, service in compose["services"].items() if name not in ("prometheus", "grafana")}
+    running: list[subprocess.Popen] = []
+    try:
+        (valkey,) = local["valkey"]
+        running.append(start(valkey, logs))
+        wait_until(valkey.healthy, "valkey's health check", timeout=30)
+        (roles,) = local["valkey-roles"]
+        assert subprocess.run(roles.argv, env=roles.env, capture_output=True, timeout=60).returncode == 0
+        instances = [instance for name, group in local.items() if compose_process(name) for instance in group]
+        processes = [start(instance, logs) for instance in instances]
+        running += processes
+        assert len([i for i in instances if i.name.startswith("scheduler-")]) == 2
+        for instance, process in zip(instances, processes):
+            log = logs / f"{instance.name}.log"
+            wait_until(lambda: instance.healthy("/readyz") or process.poll() is not None, f"{instance.name} ready",
+                       timeout=120, interval=0.5, details=lambda: log.read_text()[-2000:])
+            assert process.poll() is None, f"{instance.name} exited: {log.read_text()[-2000:]}"
+            assert instance.healthy(), instance.name
+        leaders = [scheduler_is_leader(instance) for instance in instances if instance.name.startswith("scheduler-")]
+        assert sorted(leaders) == [False, True]
+    finally:
+        for process in reversed(running):
+            process.send_signal(signal.SIGTERM)
+        for process in running:
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def scheduler_is_leader(instance: LocalService) -> bool:
+    with urllib.request.urlopen(f"http://127.0.0.1:{instance.metrics_port()}/metrics", timeout=5) as answer:
+        text = answer.read().decode()
+    return bool(re.search(r"^lorafleet_scheduler_leader(\{[^}]*\})? 1(\.0)?$", text, flags=re.M))
 
 
 # ---- scrape configs ----
@@ -703,8 +817,9 @@ def test_every_variable_the_deploy_files_set_is_in_the_config_table():
     assert variables_deploy_files_set() - set(config_table()) == set()
 
 
-def test_every_compose_env_file_variable_is_documented():
+def test_every_variable_compose_interpolates_is_in_the_env_file_example_and_documented():
     example = (DEPLOY / "compose.env.example").read_text()
     names = set(re.findall(r"^#? ?([A-Z][A-Z0-9_]+)=", example, flags=re.M))
+    assert set(re.findall(r"\$\{([A-Z0-9_]+)", (DEPLOY / "compose.yaml").read_text())) == names
     docs = (REPO / "docs" / "DEPLOY.md").read_text()
-    assert names and {name for name in names if f"`{name}`" not in docs} == set()
+    assert {name for name in names if f"`{name}`" not in docs} == set()
