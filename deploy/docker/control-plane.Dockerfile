@@ -29,7 +29,8 @@ COPY --chmod=755 deploy/docker/lorafleet_valkey.py /usr/local/bin/lorafleet-valk
 COPY --chmod=755 deploy/docker/probe.py /usr/local/bin/lorafleet-probe
 # A fixed uid shared with the executor image: both write the shared data volume. The directories exist in the image
 # owned by it, so that a named volume mounted there starts owned by it too.
-RUN useradd --system --uid 10001 --user-group --home-dir /home/lorafleet --create-home lorafleet \
+RUN groupadd --system --gid 10001 lorafleet \
+    && useradd --system --uid 10001 --gid 10001 --home-dir /home/lorafleet --create-home lorafleet \
     && install -d -o lorafleet -g lorafleet -m 0750 /srv/lorafleet \
     && install -d -o lorafleet -g lorafleet -m 0700 /var/lib/valkey
 USER 10001:10001

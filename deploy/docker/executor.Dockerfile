@@ -31,7 +31,8 @@ RUN pip install --no-cache-dir -r /tmp/executor-cuda.txt && rm /tmp/executor-cud
 COPY --from=wheel /wheels/ /tmp/wheels/
 RUN pip install --no-cache-dir --no-deps /tmp/wheels/*.whl && rm -rf /tmp/wheels
 COPY --chmod=755 deploy/docker/probe.py /usr/local/bin/lorafleet-probe
-RUN useradd --system --uid 10001 --user-group --home-dir /home/lorafleet --create-home lorafleet \
+RUN groupadd --system --gid 10001 lorafleet \
+    && useradd --system --uid 10001 --gid 10001 --home-dir /home/lorafleet --create-home lorafleet \
     && install -d -o lorafleet -g lorafleet -m 0750 /srv/lorafleet
 USER 10001:10001
 WORKDIR /home/lorafleet
