@@ -344,15 +344,19 @@ def test_prometheus_scrapes_every_compose_process_under_its_job_on_its_contract_
     assert scraped == {name for name in compose["services"] if compose_process(name)}
 
 
-def promtool() -> str:
-    path = shutil.which("promtool")
+def prometheus_tool(name: str) -> str:
+    """prometheus or promtool: a skip where Debian's prometheus package is missing, a failure in CI (.ci/run installs
+    it)."""
+    path = shutil.which(name)
     if path is None:
-        pytest.skip("promtool not installed (Debian: apt-get install prometheus)")
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} missing in CI: .ci/run installs Debian's prometheus package")
+        pytest.skip(f"{name} not installed (Debian: apt-get install prometheus)")
     return path
 
 
 def test_prometheus_config_and_its_rules_pass_promtool():
-    check = subprocess.run([promtool(), "check", "config", str(DEPLOY / "prometheus.yml")],
+    check = subprocess.run([prometheus_tool("promtool"), "check", "config", str(DEPLOY / "prometheus.yml")],
                            capture_output=True, text=True, timeout=60)
     assert check.returncode == 0, check.stdout + check.stderr
     assert "rules.yml" in check.stdout + check.stderr, "promtool did not check the rules file"
@@ -399,9 +403,7 @@ def active_targets(prometheus_port: int, expected: int, timeout: float = 30.0) -
 def test_kubernetes_scrape_config_names_each_job_after_its_component(tmp_path):
     """Debian's Prometheus has no Kubernetes discovery: the config's pod discovery is replaced by static targets with
     the labels discovery would give each workload's pod, and a real Prometheus applies the config's relabelling."""
-    prometheus = shutil.which("prometheus")
-    if prometheus is None:
-        pytest.skip("prometheus not installed (Debian: apt-get install prometheus)")
+    prometheus = prometheus_tool("prometheus")
     config = load_yaml(K8S / "prometheus.yml")
     (job,) = config["scrape_configs"]
     job.pop("kubernetes_sd_configs")
