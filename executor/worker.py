@@ -156,6 +156,7 @@ class Executor:
         self.gpu_stats = self.nvml.read()
         if self.metrics:
             self.metrics.record_gpu(self.gpu_stats)
+            self.metrics.memory_allocated.set(_allocated_bytes(self.device))  # an idle executor's too
 
     def send_heartbeat(self) -> None:
         fleet.heartbeat(self.store.r, self.heartbeat(), ttl=self.heartbeat_ttl)
@@ -344,7 +345,7 @@ class Executor:
         if self.metrics:
             self.metrics.cohort_jobs.set(len(self.leases))
             self.metrics.memory_allocated.set(_allocated_bytes(self.device))
-            self.metrics.memory_peak.set(peak)
+            self.metrics.memory_peak.labels(executor=self.executor_id).set(peak)
 
     def _measure_step(self, results: dict, seconds: float) -> dict[str, int]:
         """The step's `StepStats` (kept for the heartbeat) and its metrics; returns each tenant's tokens trained (a

@@ -10,7 +10,7 @@ from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from lorafleet.scheduler.metrics import API_OUTCOMES, ApiMetrics, api_metrics
+from lorafleet.scheduler.metrics import ApiMetrics, api_metrics
 
 UNMATCHED = "unmatched"  # a request no route matched (404s of unknown paths): one series, not one per path
 PROBES = ("/metrics", "/healthz", "/readyz")  # Prometheus and the orchestrator, not the tenants' API: not counted
@@ -30,8 +30,7 @@ def observe_requests(app: FastAPI) -> ApiMetrics:
     for route in app.routes:
         if isinstance(route, APIRoute) and route.path not in PROBES:
             for method in sorted(route.methods):
-                for result in API_OUTCOMES:
-                    metrics.requests.labels(api="http", task=route_name(method, route), outcome=result)
+                metrics.declare(route_name(method, route))
 
     @app.middleware("http")
     async def measure(request: Request, call_next) -> Response:

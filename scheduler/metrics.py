@@ -242,7 +242,8 @@ def executor_metrics(executor_id: str) -> ExecutorMetrics:
         packing_efficiency=measured("lorafleet_packing_efficiency_ratio", "Share of the jobs' token budget "
                                     "(batch_size x max_seq_len) the last step filled"),
         memory_allocated=gauge("lorafleet_gpu_memory_allocated_bytes", "Device memory the allocator holds now"),
-        memory_peak=gauge("lorafleet_gpu_memory_peak_bytes", "Peak device memory of the last step"),
+        memory_peak=measured("lorafleet_gpu_memory_peak_bytes", "Peak device memory of the last step (absent before "
+                             "one)"),
         gpu={
             "memory_total_bytes": measured("lorafleet_gpu_memory_total_bytes", "GPU memory, from NVML"),
             "memory_used_bytes": measured("lorafleet_gpu_memory_used_bytes", "GPU memory used (all processes), "
@@ -273,6 +274,12 @@ class ApiMetrics:
         self.requests.labels(api=self.api, task=task, outcome=outcome).inc()
         self.duration.labels(api=self.api, task=task).observe(seconds)
 
+    def declare(self, task: str) -> None:
+        """Export the task's series from 0, so that rate() and increase() see its first request."""
+        self.duration.labels(api=self.api, task=task)
+        for outcome in API_OUTCOMES:
+            self.requests.labels(api=self.api, task=task, outcome=outcome)
+
 
 def api_metrics(component: str, api: str, tasks: Iterable[str] = ()) -> ApiMetrics:
     """Every (task, outcome) in `tasks` is exported from 0."""
@@ -285,8 +292,7 @@ def api_metrics(component: str, api: str, tasks: Iterable[str] = ()) -> ApiMetri
                            ["api", "task"], buckets=API_BUCKETS, registry=registry),
     )
     for task in tasks:
-        for outcome in API_OUTCOMES:
-            metrics.requests.labels(api=api, task=task, outcome=outcome)
+        metrics.declare(task)
     return metrics
 
 

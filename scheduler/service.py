@@ -243,6 +243,10 @@ class Scheduler:
         version = self.store.tenants_version()
         if version != self.tenants_version:
             self.tenant_records, self.tenants_version = self.store.list_tenants(), version
+            if self.metrics:  # before any of a tenant's jobs is assigned: increase() sees its first assignment
+                for tenant in self.tenant_records:
+                    self.metrics.assignments.labels(tenant=tenant["name"])
+                    self.metrics.queue_wait.labels(tenant=tenant["name"])
         return self.tenant_records
 
     def _held_jobs(self) -> list[JobSummary]:

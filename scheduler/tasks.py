@@ -299,8 +299,7 @@ def _serve_metrics(**_: Any) -> None:
     """Before the worker consumes: every task exported from 0, then the listener; a taken port ends the worker
     with one line naming it."""
     for name in sorted(name for name in app.tasks if name.startswith("lorafleet.")):
-        for outcome in ("ok", "refused", "error"):
-            API.requests.labels(api=API.api, task=name, outcome=outcome)
+        API.declare(name)
     addr = os.environ.get("LORAFLEET_METRICS_ADDR", "0.0.0.0")
     try:
         port = serve(API.registry, int(os.environ.get("LORAFLEET_METRICS_PORT", WORKER_PORT)), addr, HEALTH)

@@ -92,7 +92,7 @@ def test_executor_default_ports_follow_the_device():
 def test_executor_metrics_are_served_over_http():
     metrics = executor_metrics("exec-http")
     metrics.record_step(StepStats(0.2, 2000, 1234, 4096, None), {"t": 1234})
-    metrics.memory_peak.set(2**30)
+    metrics.memory_peak.labels(executor="exec-http").set(2**30)
     port = serve(metrics.registry, 0)
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     parsed = {s.name: s for f in text_string_to_metric_families(text) for s in f.samples}
