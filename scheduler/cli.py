@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import secrets
 import signal
 import sys
@@ -27,6 +28,7 @@ from lorafleet.scheduler import acl, config, fleet, keys, stack, top
 from lorafleet.scheduler.acl import TenantCredentials
 from lorafleet.scheduler.artifacts import ArtifactStore
 from lorafleet.scheduler.client import LorafleetClient
+from lorafleet.scheduler.logs import FORMATS
 from lorafleet.scheduler.metrics import ServeError
 from lorafleet.scheduler.redis_server import start_redis_server, write_private
 from lorafleet.scheduler.spec import JobSpec, parse_spec
@@ -159,8 +161,13 @@ def _api(token: Optional[str]) -> LorafleetClient | _Operator:
 
 @click.group(cls=_Cli)
 @click.version_option(package_name="lorafleet", prog_name="lorafleet", message="%(prog)s %(version)s")
-def main() -> None:
+@click.option("--log-format", type=click.Choice(FORMATS), default=None,
+              help="log lines of the processes this starts: text or one JSON object per line  [default: "
+                   "LORAFLEET_LOG_FORMAT, else text]")
+def main(log_format: Optional[str]) -> None:
     """lorafleet: multi-tenant LoRA fine-tuning. See README.md."""
+    if log_format:  # through the environment: the processes `up` starts log alike
+        os.environ["LORAFLEET_LOG_FORMAT"] = log_format
 
 
 # ---- processes ----
