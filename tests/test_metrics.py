@@ -105,3 +105,13 @@ def test_executor_metrics_are_served_over_http():
                                                               {"executor": "idle"}) is None, "no step: absent"
     assert "lorafleet_executor_mfu_ratio" not in parsed  # no peak: absent, not 0
     assert "lorafleet_gpu_utilization_ratio" not in parsed  # never measured
+
+
+def test_the_observability_docs_list_every_metric_the_module_defines():
+    from pathlib import Path
+
+    text = (Path(__file__).parent.parent / "docs" / "OBSERVABILITY.md").read_text()
+    section = text.split("## Metrics", 1)[1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"^\| [^|]+ \| `(lorafleet_[a-z_]+)` \|", section, re.MULTILINE))
+    defined = {name for name in metric_names() if not name.startswith("process_")} - {"lorafleet_build_info"}
+    assert documented == defined, (sorted(defined - documented), sorted(documented - defined))
