@@ -88,7 +88,8 @@ class ExecutorStatus:
             return "draining"
         if not self.cohort:
             return "idle"
-        return "training" if self.heartbeat.last_step else "loading"  # jobs, no step yet: loading base or data
+        # A job is `running` once its executor took it into the cohort; before, it loads the base or the data.
+        return "training" if any(job.state == "running" for job in self.cohort) else "loading"
 
     @property
     def memory_used_bytes(self) -> int:
@@ -311,7 +312,9 @@ def render(snapshot: FleetSnapshot, width: int, footer: Optional[str] = None) ->
     idle = len(snapshot.tenants) - len(active)
     if active:
         parts.append(fitted_table("queue by tenant", QUEUE_COLUMNS, active, width))
-    parts.append(Text(f"{idle} tenants with no queued, running or paused job" if idle else "", style="dim"))
+    if idle:
+        parts.append(Text(f"{idle} tenant{'' if idle == 1 else 's'} with no queued, running or paused job",
+                          style="dim"))
     if footer:
         parts.append(Text(footer, style="dim"))
     return Group(*parts)

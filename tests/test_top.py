@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import secrets
 import shlex
 import shutil
@@ -192,14 +193,15 @@ def test_a_wider_terminal_shows_more_columns():
 
 
 class Tmux:
-    """One tmux server of its own (its own socket), running one command in a pane of a given size."""
+    """One tmux server of its own (its own socket), running one command in a pane of a given size. When the command
+    ends, the pane says so with its exit status (tmux's own dead-pane flag lags at times)."""
 
     def __init__(self, command: list[str], env: dict[str, str], width: int, height: int, cwd: Path):
         self.socket = f"lorafleet-top-{secrets.token_hex(4)}"
         # Without COLUMNS and LINES (pytest exports 80x24): the pane's own size is what is tested.
         line = shlex.join(["env", "-u", "COLUMNS", "-u", "LINES", *(f"{k}={v}" for k, v in env.items()), *command])
         self.tmux("-f", "/dev/null", "new-session", "-d", "-x", str(width), "-y", str(height), "-s", "top",
-                  "-c", str(cwd), line, ";", "set-option", "-w", "-t", "top", "remain-on-exit", "on")
+                  "-c", str(cwd), f'{line}; echo "command exited with $?"; exec sleep 600')
 
     def tmux(self, *args: str) -> str:
         return subprocess.run(["tmux", "-L", self.socket, *args], check=True, capture_output=True, text=True,
@@ -208,11 +210,10 @@ class Tmux:
     def screen(self) -> str:
         return self.tmux("capture-pane", "-p", "-t", "top")
 
-    def dead_status(self) -> str | None:
-        """The pane's exit status once its process ended, else None."""
-        dead, _, status = self.tmux("display-message", "-p", "-t", "top", "#{pane_dead} #{pane_dead_status}"
-                                    ).strip().partition(" ")
-        return status if dead == "1" else None
+    def exit_status(self) -> str | None:
+        """The command's exit status once it ended, else None."""
+        found = re.search(r"command exited with (\d+)", self.screen())
+        return found.group(1) if found else None
 
     def close(self) -> None:
         subprocess.run(["tmux", "-L", self.socket, "kill-server"], capture_output=True, timeout=30)
@@ -266,7 +267,7 @@ def test_live_view_at_80x24_shows_whole_ids_refreshes_and_quits_on_q(fleet_view,
     assert "draining" in line_with(screen, IDLE)
 
     session.tmux("send-keys", "-t", "top", "q")
-    assert wait_until(session.dead_status, "top to exit on q", timeout=10) == "0"
+    assert wait_until(session.exit_status, "top to exit on q", timeout=10) == "0"
 
 
 def test_live_view_at_160x40_uses_the_width(fleet_view, tmux_top):
@@ -278,7 +279,7 @@ def test_live_view_at_160x40_uses_the_width(fleet_view, tmux_top):
     assert "93%" in line_with(screen, TRAINING)
     assert max(len(line.rstrip()) for line in screen.splitlines()) <= 160
     session.tmux("send-keys", "-t", "top", "C-c")
-    assert wait_until(session.dead_status, "top to exit on Ctrl-C", timeout=10) == "0"
+    assert wait_until(session.exit_status, "top to exit on Ctrl-C", timeout=10) == "0"
 
 
 # ---- lorafleet up ----
