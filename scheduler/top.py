@@ -341,14 +341,14 @@ def _keypresses() -> Iterator[Callable[[float], str]]:
 
 def run_live(read: Callable[[], FleetSnapshot], interval: float, console: Console) -> None:
     """Redraw the fleet every `interval` seconds until `q` or Ctrl-C. Redis going away shows as a line and is
-    retried: the view is for watching an incident too."""
+    retried (the view is for watching an incident too); any other error ends it."""
     footer = f"every {interval:g} s; q quits"
     try:
         with _keypresses() as wait, Live(console=console, screen=True, auto_refresh=False) as live:
             while True:
                 try:
                     frame = render(read(), console.width, footer)
-                except redis.RedisError as exc:
+                except (redis.ConnectionError, redis.TimeoutError) as exc:
                     frame = Text(f"cannot read Redis: {' '.join(str(exc).split())}; retrying ({footer})")
                 live.update(frame, refresh=True)
                 if wait(interval).lower() == "q":

@@ -23,7 +23,7 @@ from helpers_polling import wait_until
 from lorafleet.scheduler import fleet, top
 from lorafleet.scheduler.leader import LeaderLock
 from lorafleet.scheduler.records import ExecutorHeartbeat, GpuStats, StepStats
-from lorafleet.scheduler.redis_server import start_redis_server
+from lorafleet.scheduler.redis_server import RedisServer, start_redis_server
 from lorafleet.scheduler.spec import parse_spec
 from lorafleet.scheduler.store import JobStore
 
@@ -38,8 +38,10 @@ class Fleet:
     """A fleet written through the store's own API on a server of its own: two tenants, two executors (one
     training a cohort of two jobs), a leader."""
 
-    def __init__(self, store: JobStore, url: str):
-        self.store, self.url = store, url
+    def __init__(self, server: RedisServer):
+        self.server, self.url = server, server.url
+        self.store = store = JobStore.from_url(server.url)
+        store.ensure_schema()
         suffix = secrets.token_hex(3)
         self.alice, self.bob = f"alice-{suffix}", f"bob-{suffix}"
         store.create_tenant(self.alice, max_running=3)
@@ -72,9 +74,7 @@ class Fleet:
 def fleet_view(tmp_path) -> Fleet:
     server = start_redis_server(tmp_path / "redis")  # its own: `lorafleet top` shows every executor of a server
     try:
-        store = JobStore.from_url(server.url)
-        store.ensure_schema()
-        yield Fleet(store, server.url)
+        yield Fleet(server)
     finally:
         server.stop()
 
@@ -280,6 +280,15 @@ def test_live_view_at_160x40_uses_the_width(fleet_view, tmux_top):
     assert max(len(line.rstrip()) for line in screen.splitlines()) <= 160
     session.tmux("send-keys", "-t", "top", "C-c")
     assert wait_until(session.exit_status, "top to exit on Ctrl-C", timeout=10) == "0"
+
+
+def test_live_view_says_redis_is_unreachable_and_still_quits_on_q(fleet_view, tmux_top):
+    session = tmux_top(80, 24)
+    _wait_for_screen(session, "queue by tenant")
+    fleet_view.server.stop()
+    _wait_for_screen(session, "cannot read Redis")
+    session.tmux("send-keys", "-t", "top", "q")
+    assert wait_until(session.exit_status, "top to exit on q", timeout=10) == "0"
 
 
 # ---- lorafleet up ----
