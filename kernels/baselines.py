@@ -64,7 +64,7 @@ def _tiles_rows_in_order(segments, n_rows: int) -> bool:
 
 
 def grouped_mm_wins(x, segments, lora_a) -> bool:
-    """True where torch._grouped_mm beat the Triton kernels (fwd+bwd, H100, docs/BENCHMARKS.md run I): bf16 at padded
+    """True where torch._grouped_mm beat the Triton kernels (fwd+bwd, H100, docs/BENCHMARKS-history.md run I): bf16 at padded
     rank >= 64 with 16 or more adapters, by 2-12%. Elsewhere Triton won or tied within 2% (4k rows at r=64 with up
     to 8 adapters: Triton 1-7% faster), by up to 2x. _grouped_mm also needs rows tiled in order without gaps."""
     return (

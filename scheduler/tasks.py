@@ -49,7 +49,7 @@ app.conf.update(
     task_default_queue=keys.WORKER_QUEUE,  # never written: tenants' queues are added as tenants appear
     worker_prefetch_multiplier=1,
     # The worker's "succeeded" log line shows this much of the answer: Celery renders it for every task, logged or
-    # not, and rendering a whole job (its default, 1,024 characters) cost 0.3-0.45 ms a call (docs/BENCHMARKS.md S1).
+    # not, and rendering a whole job (its default, 1,024 characters) cost 0.3-0.45 ms a call (docs/BENCHMARKS-history.md S1).
     task_annotations={"*": {"resultrepr_maxsize": 80}},
 )
 app.steps["consumer"].add(TenantQueues)
