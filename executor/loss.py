@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from lorafleet.executor.data import IGNORE_INDEX
+from lorafleet.kernels import cross_entropy_rows
 
 LOGIT_CHUNK_ELEMENTS = 2**28  # fp32 logits of one chunk: 1 GiB
 
@@ -29,18 +30,11 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         grad_rows = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None  # d loss_t / d hidden_t
         for start in range(0, hidden.shape[0], rows_per_chunk):
             end = start + rows_per_chunk
-            logits = (hidden[start:end] @ weight.T).float()
-            lse = logits.logsumexp(-1)
-            chunk_targets = targets[start:end]
-            valid = chunk_targets != IGNORE_INDEX
-            index = chunk_targets.clamp(min=0)[:, None]
-            losses[start:end] = torch.where(valid, lse - logits.gather(1, index).squeeze(1), 0.0)
+            logits = hidden[start:end] @ weight.T
+            # fp32 losses; with a gradient, the logits become softmax - onehot in place (one kernel on a GPU)
+            losses[start:end] = cross_entropy_rows(logits, targets[start:end], IGNORE_INDEX, grad_rows is not None)
             if grad_rows is not None:
-                probs = logits.sub_(lse[:, None]).exp_()
-                # minus the one-hot of each valid row's target, without a host sync (no boolean indexing)
-                probs.scatter_add_(1, index, -valid.to(probs.dtype)[:, None])
-                probs *= valid[:, None]
-                grad_rows[start:end] = probs.to(hidden.dtype) @ weight
+                grad_rows[start:end] = logits @ weight
         ctx.save_for_backward(grad_rows)
         return losses
 

@@ -18,6 +18,7 @@ from lorafleet.kernels.reference import (
     check_rms_norm_inputs,
     check_rotary_inputs,
     check_silu_mul_inputs,
+    cross_entropy_rows_reference,
     dropout_keep_reference,
     dropout_reference,
     lora_delta_reference,
@@ -27,7 +28,7 @@ from lorafleet.kernels.reference import (
 )
 
 try:
-    from lorafleet.kernels import elementwise
+    from lorafleet.kernels import cross_entropy, elementwise
     from lorafleet.kernels.baselines import grouped_mm_wins, lora_delta_grouped_mm
     from lorafleet.kernels.segmented import (
         lora_delta_multi_triton,
@@ -36,7 +37,7 @@ try:
         lora_linear_triton,
     )
 except ImportError:  # no triton: the reference serves every device
-    lora_delta_triton = lora_delta_multi_triton = lora_linear_triton = elementwise = None
+    lora_delta_triton = lora_delta_multi_triton = lora_linear_triton = elementwise = cross_entropy = None
 
 
 def triton_enabled(x: torch.Tensor) -> bool:
@@ -133,9 +134,19 @@ def rotary(x, cos, sin):
     return rotary_reference(x, cos, sin)
 
 
+def cross_entropy_rows(logits, targets, ignore_index, write_grad):
+    """fp32 cross-entropy of each row of logits [R, V] (0 where the target is ignore_index); with write_grad, logits
+    overwritten in place by softmax - onehot (the LM-head loss's gradient w.r.t. its logits)."""
+    if triton_enabled(logits):
+        return cross_entropy.cross_entropy_rows_triton(logits, targets, ignore_index, write_grad)
+    return cross_entropy_rows_reference(logits, targets, ignore_index, write_grad)
+
+
 __all__ = [
     "LoraDropout",
     "check_lora_inputs",
+    "cross_entropy_rows",
+    "cross_entropy_rows_reference",
     "dropout_keep_reference",
     "dropout_reference",
     "lora_delta",

@@ -186,3 +186,31 @@ def check_rotary_inputs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -
             raise ValueError(f"rotary: {name} must be a float tensor, got {table.dtype}")
         if table.requires_grad:
             raise ValueError(f"rotary: {name} must not require grad (only the gradient w.r.t. x is computed)")
+
+
+def cross_entropy_rows_reference(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+                                 write_grad: bool) -> torch.Tensor:
+    """Per-row cross-entropy of logits [R, V] against targets [R] in fp32 (`F.cross_entropy(logits.float())`), 0 where
+    the target is `ignore_index`. With `write_grad`, logits is overwritten in place with the loss's gradient w.r.t.
+    it, softmax - onehot (0 on ignored rows), rounded to logits' dtype once."""
+    check_cross_entropy_inputs(logits, targets)
+    upcast = logits.float()
+    lse = upcast.logsumexp(-1)
+    valid = targets != ignore_index
+    index = targets.clamp(min=0)[:, None]
+    losses = torch.where(valid, lse - upcast.gather(1, index).squeeze(1), 0.0)
+    if write_grad:
+        probs = upcast.sub_(lse[:, None]).exp_()  # in place: on the upcast copy, or on fp32 logits overwritten anyway
+        # minus the one-hot of each valid row's target, without a host sync (no boolean indexing)
+        probs.scatter_add_(1, index, -valid.to(probs.dtype)[:, None])
+        probs *= valid[:, None]
+        logits.copy_(probs)
+    return losses
+
+
+def check_cross_entropy_inputs(logits: torch.Tensor, targets: torch.Tensor) -> None:
+    if logits.dim() != 2 or logits.stride(1) != 1:
+        raise ValueError(f"logits must be [rows, vocab] with contiguous rows, got shape {tuple(logits.shape)} "
+                         f"strides {logits.stride()}")
+    if targets.shape != logits.shape[:1] or targets.dtype != torch.int64:
+        raise ValueError(f"targets must be int64 [{logits.shape[0]}], got {targets.dtype} {tuple(targets.shape)}")

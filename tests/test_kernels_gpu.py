@@ -176,3 +176,19 @@ def test_lora_linear_multi_qkv_matches_bases_plus_reference():
     want = [*want_outputs, *torch.autograd.grad(want_outputs, doubles, [g.double() for g in grads])]
     for index, (g, w) in enumerate(zip(got, want)):
         assert rel_error(g, w) < REL_TOL[dtype], (index, rel_error(g, w))
+
+
+def test_cross_entropy_kernel_matches_float64_at_the_llama3_vocabulary():
+    from lorafleet.kernels import cross_entropy_rows
+
+    generator = torch.Generator().manual_seed(4)
+    logits = (torch.randn(64, 128256, generator=generator) * 4).to(torch.bfloat16)
+    targets = torch.randint(0, 128256, (64,), generator=generator)
+    targets[::3] = -100
+    upcast = logits.double().requires_grad_()
+    want = torch.nn.functional.cross_entropy(upcast, targets, ignore_index=-100, reduction="none")
+    want.sum().backward()
+    grad = logits.cuda()
+    losses = cross_entropy_rows(grad, targets.cuda(), -100, True)
+    torch.testing.assert_close(losses.double().cpu(), want.detach(), rtol=1e-5, atol=1e-4)
+    assert rel_error(grad.double().cpu(), upcast.grad) < 1e-2
