@@ -102,9 +102,10 @@ def _job_routes() -> APIRouter:
     router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"], responses=ERROR_RESPONSES)
 
     @router.post("", response_model=FineTuningJob)
-    def create_job(body: CreateJobRequest, tenant: Tenant, gateway: State) -> FineTuningJob:
+    def create_job(body: CreateJobRequest, tenant: Tenant, gateway: State, request: Request) -> FineTuningJob:
         """Validate and queue a job, exactly as the Celery task `lorafleet.submit_job` does."""
-        job = _refusals(submit_job, gateway.store, tenant, spec_from_request(body), gateway.files)
+        job = _refusals(submit_job, gateway.store, tenant, spec_from_request(body), gateway.files,
+                        refused=request.app.state.metrics.refused)
         record = gateway.store.job(job["job_id"])
         return job_view(record, gateway.result_files(record))
 

@@ -143,6 +143,9 @@ def fleet_overview() -> dashboard.Dashboard:
               "heartbeat lapsed), not_held (its executor did not hold it).", q.REQUEUES_BY_REASON, as_bars=True),
         graph("Job failures by reason (last hour)", "Jobs that failed: sizing, start, training, validation, "
               "untrained, publish, executor_lost.", q.FAILURES_BY_REASON, as_bars=True),
+        graph("Submissions refused by reason (last hour)", "Jobs refused at submission, by the stage that refused "
+              "them: spec (the spec, its data or base), admission (no executor of the fleet could ever hold it), "
+              "quota (max_queued), tenant (disabled).", q.SUBMISSIONS_REFUSED_BY_REASON, as_bars=True),
         graph("Queue wait", "Time jobs waited in the queue before being assigned (p50, p95).",
               q.QUEUE_WAIT_P50, q.QUEUE_WAIT_P95),
         graph("Scheduling round p95", "Wall time of one planning round of the leader.", q.PLAN_ROUND_P95),
@@ -157,7 +160,8 @@ def executors_and_gpus() -> dashboard.Dashboard:
         graph("Tokens/s", "Target tokens trained per second.", q.TOKENS_PER_SECOND_BY_EXECUTOR),
         graph("MFU", "Model FLOPs utilisation of the last step (absent where the GPU's peak is unknown).", q.MFU,
               width=8),
-        graph("Packing efficiency", "Real tokens over the token slots the last step computed.",
+        graph("Packing efficiency", "Tokens the last step computed over its jobs' budget (batch_size x "
+              "max_seq_len): low when sequences are far shorter than max_seq_len.",
               q.PACKING_EFFICIENCY, width=8),
         graph("Steps/s", "Cohort steps per second.", q.STEPS_PER_SECOND, width=8),
         graph("Cohort size", "Jobs training on the executor, and jobs the scheduler assigned to it (they differ "

@@ -139,6 +139,8 @@ TOKENS_PER_SECOND_BY_TENANT = panel(
 REQUEUES_BY_REASON = panel(
     "requeues_by_reason", _last_hour("lorafleet_scheduler_requeued_total", "reason"), "{{reason}}")
 FAILURES_BY_REASON = panel("failures_by_reason", _last_hour("lorafleet_job_failures_total", "reason"), "{{reason}}")
+SUBMISSIONS_REFUSED_BY_REASON = panel(
+    "submissions_refused_by_reason", _last_hour("lorafleet_submissions_refused_total", "reason"), "{{reason}}")
 PLAN_ROUND_P95 = panel(
     "plan_round_p95", _quantile(0.95, "lorafleet_scheduler_plan_duration_seconds"), "plan round p95", "s")
 QUEUE_WAIT_P50 = panel("queue_wait_p50", _quantile(0.5, "lorafleet_queue_wait_seconds"), "p50", "s")

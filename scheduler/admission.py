@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import redis
 
@@ -20,8 +20,9 @@ from lorafleet.scheduler import config, fleet, keys
 from lorafleet.scheduler.files import FileStore
 from lorafleet.scheduler.memory import JobPlan
 from lorafleet.scheduler.policy import ExecutorView, PlanConfig, QueuedJob, plan
+from lorafleet.scheduler.records import SubmissionRefusal
 from lorafleet.scheduler.spec import JobSpec, SpecError
-from lorafleet.scheduler.store import JobStore
+from lorafleet.scheduler.store import JobStore, QuotaExceeded
 from lorafleet.scheduler.submission import accept_submission
 
 CLASSES_SECONDS = 1.0
@@ -82,10 +83,28 @@ def check_some_executor_holds(client: redis.Redis, spec: JobSpec, job_plan: JobP
 
 
 def submit_job(store: JobStore, tenant: str, raw: object, files: Optional[FileStore] = None,
-               request_id: Optional[str] = None) -> dict:
+               request_id: Optional[str] = None,
+               refused: Callable[[SubmissionRefusal], None] = lambda reason: None) -> dict:
     """The whole submission, as the Celery task and the gateway both make it: the spec, its data and base accepted
-    (`accept_submission`), some executor class able to hold it, then stored. Returns the job's public view."""
-    accepted = accept_submission(raw, tenant, config.data_root(), config.hf_hub_cache(), config.model_roots(),
-                                 config.dataset_store(), files)
-    check_some_executor_holds(store.r, accepted.spec, accepted.plan)
-    return store.submit(tenant, accepted.spec, datasets=accepted.datasets, plan=accepted.plan, request_id=request_id)
+    (`accept_submission`), some executor class able to hold it, then stored. Returns the job's public view; a
+    refusal raises, after telling `refused` which stage refused (for the metrics)."""
+    try:
+        accepted = accept_submission(raw, tenant, config.data_root(), config.hf_hub_cache(), config.model_roots(),
+                                     config.dataset_store(), files)
+    except (ValueError, LookupError, PermissionError):
+        refused(SubmissionRefusal.SPEC)
+        raise
+    try:
+        check_some_executor_holds(store.r, accepted.spec, accepted.plan)
+    except ValueError:
+        refused(SubmissionRefusal.ADMISSION)
+        raise
+    try:
+        return store.submit(tenant, accepted.spec, datasets=accepted.datasets, plan=accepted.plan,
+                            request_id=request_id)
+    except QuotaExceeded:
+        refused(SubmissionRefusal.QUOTA)
+        raise
+    except (PermissionError, LookupError):
+        refused(SubmissionRefusal.TENANT)
+        raise

@@ -33,12 +33,13 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily
 
-from lorafleet.scheduler.records import FailureReason, GpuStats, StepStats
+from lorafleet.scheduler.records import FailureReason, GpuStats, StepStats, SubmissionRefusal
 
 # `lorafleet_scheduler_requeued_total{reason}`: its executor died; its executor looked past it without holding it
 REQUEUED_EXECUTOR_LOST, REQUEUED_NOT_HELD = "executor_lost", "not_held"
 REQUEUE_REASONS = (REQUEUED_EXECUTOR_LOST, REQUEUED_NOT_HELD)  # all exported from 0
 FAILURE_REASONS = tuple(reason.value for reason in FailureReason)  # all exported from 0
+REFUSALS = tuple(reason.value for reason in SubmissionRefusal)  # all exported from 0
 QUOTA_RESOURCES = ("queued", "running")  # lorafleet_tenant_quota_used_ratio{resource}: count / the tenant's limit
 API_OUTCOMES = ("ok", "refused", "error")  # refused: the caller's error (4xx, TENANT_ERRORS); error: ours
 STEP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -269,6 +270,10 @@ class ApiMetrics:
     api: str
     requests: Counter
     duration: Histogram
+    submissions_refused: Counter  # labelled api, reason
+
+    def refused(self, reason: SubmissionRefusal) -> None:
+        self.submissions_refused.labels(api=self.api, reason=SubmissionRefusal(reason).value).inc()
 
     def observe(self, task: str, outcome: str, seconds: float) -> None:
         self.requests.labels(api=self.api, task=task, outcome=outcome).inc()
@@ -290,7 +295,11 @@ def api_metrics(component: str, api: str, tasks: Iterable[str] = ()) -> ApiMetri
                          ["api", "task", "outcome"], registry=registry),
         duration=Histogram("lorafleet_api_request_duration_seconds", "Tenant API request time, by task",
                            ["api", "task"], buckets=API_BUCKETS, registry=registry),
+        submissions_refused=Counter("lorafleet_submissions_refused", "Job submissions refused, by the stage that "
+                                    "refused them", ["api", "reason"], registry=registry),
     )
+    for reason in REFUSALS:
+        metrics.submissions_refused.labels(api=api, reason=reason)
     for task in tasks:
         metrics.declare(task)
     return metrics

@@ -186,6 +186,16 @@ class FailureReason(str, Enum):
     EXECUTOR_LOST = "executor_lost"  # executors died holding it `store.MAX_EXECUTOR_LOSSES` times
 
 
+class SubmissionRefusal(str, Enum):
+    """Why a submission was refused, by the stage that refused it (`lorafleet_submissions_refused_total{reason}`;
+    the tenant reads the full message)."""
+
+    SPEC = "spec"  # the spec, its dataset (a record, the format) or its base model
+    ADMISSION = "admission"  # no executor class of the fleet could ever hold the job
+    QUOTA = "quota"  # the tenant's max_queued
+    TENANT = "tenant"  # the tenant is disabled or gone
+
+
 @dataclass(frozen=True)
 class StepStats:
     """An executor's last cohort step, measured: in its heartbeat (for `lorafleet top`) and in its metrics."""

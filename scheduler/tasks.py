@@ -153,7 +153,7 @@ def submit_jobs(self, token: str, specs: Any, request_ids: Any = None) -> list:
 
 
 def _submit(tenant: str, spec: Any, request_id: Optional[str]) -> dict:
-    return admission.submit_job(store(), tenant, spec, file_store(), request_id)
+    return admission.submit_job(store(), tenant, spec, file_store(), request_id, refused=API.refused)
 
 
 @app.task(name="lorafleet.get_job", throws=TENANT_ERRORS, bind=True)

@@ -198,10 +198,18 @@ def test_a_tenant_over_its_queue_quota_gets_429(gateway, make_tenant):
     tenant = make_tenant(max_queued=1)
     api = client(gateway, tenant.token)
     create(api, tenant.dataset)
+    quota_refusals = refusals_counted(gateway, "quota")
     with pytest.raises(openai.RateLimitError) as refused:
         create(api, tenant.dataset)
     assert "max_queued is 1" in refused.value.message
     assert refused.value.response.headers["x-should-retry"] == "false", "the client does not retry a full quota"
+    assert refusals_counted(gateway, "quota") == quota_refusals + 1, "the gateway's /metrics counts it as quota"
+
+
+def refusals_counted(gateway: str, reason: str) -> float:
+    text = urllib.request.urlopen(gateway + "/metrics", timeout=5).read().decode()
+    line = f'lorafleet_submissions_refused_total{{api="http",reason="{reason}"}} '
+    return float(next(row for row in text.splitlines() if row.startswith(line)).split()[-1])
 
 
 def test_the_openapi_schema_is_served_with_the_job_object(gateway):

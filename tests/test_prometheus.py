@@ -47,6 +47,8 @@ def tenants(stack):
             "carol": failing_jobs(stack, "carol", tokens["carol"], 1)}
     with pytest.raises(LookupError):
         stack.call("lorafleet.get_job", tokens["bob"], jobs["alice"][0])  # another tenant's job: refused
+    with pytest.raises(ValueError):
+        stack.call("lorafleet.submit_job", tokens["bob"], {"name": "no base, no dataset"})  # refused: its spec
     wait_for(stack, "three jobs running and carol's failed", lambda: running_count(stack) == 3
              and stack.store.job(jobs["carol"][0]).state == JobState.FAILED, 120)
     return tokens, jobs
@@ -129,6 +131,8 @@ EXPECTED = {
     "requeues_by_reason": lambda stack, r: by(r, "reason") == {"executor_lost": 0.0, "not_held": 0.0},
     "failures_by_reason": lambda stack, r: 0.9 <= by(r, "reason")["start"] <= 1.5
     and sum(r.values()) == by(r, "reason")["start"],
+    "submissions_refused_by_reason": lambda stack, r: 0.9 <= by(r, "reason")["spec"] <= 1.5
+    and sum(r.values()) == by(r, "reason")["spec"] and set(by(r, "reason")) == {"spec", "admission", "quota", "tenant"},
     "plan_round_p95": lambda stack, r: 0 < r[()] < 1,
     "queue_wait_p50": lambda stack, r: 0 <= r[()] < 60,
     "queue_wait_p95": lambda stack, r: 0 <= r[()] < 60,
