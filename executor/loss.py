@@ -4,9 +4,10 @@ With a 128k vocabulary the fp32 logits of a 32k-token cohort are 16 GB. `token_l
 states by the (frozen) head a chunk of rows at a time and keeps, per row, only its loss and the gradient of that loss
 w.r.t. its hidden state, (softmax - onehot) · W, formed while the chunk's logits are at hand. The upstream gradient of
 a per-token loss is one number per row (the job's 1 / targets), so the backward is a row scaling of that saved
-[T, d] tensor: no second pass of logits. Logits are formed in the compute dtype and upcast to fp32 as the
-full-logits path (`F.cross_entropy(logits.float())`) does, so the two agree. Without a gradient (evaluation) only
-the losses are formed.
+[T, d] tensor: no second pass of logits. Logits are formed in the compute dtype; their loss and gradient are computed
+in fp32 by `kernels.cross_entropy_rows` (one Triton kernel per chunk on a GPU), as the full-logits path
+(`F.cross_entropy(logits.float())`) computes them, so the two agree. Without a gradient (evaluation) only the losses
+are formed.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from lorafleet import kernels
 from lorafleet.kernels import check_lora_inputs, lora_delta, lora_delta_reference
 
 triton_lora = pytest.importorskip("lorafleet.kernels.triton_lora")
-from lorafleet.kernels import elementwise  # noqa: E402 (the cohort tests run the fused decoder's kernels too)
+from lorafleet.kernels import cross_entropy, elementwise  # noqa: E402 (the cohort tests run the decoder's and loss's kernels too)
 from lorafleet.kernels.segmented import lora_delta_multi_triton, lora_delta_triton  # noqa: E402
 
 REL_TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
@@ -27,7 +27,7 @@ REL_TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 def interpreted_kernels():
     saved = {key: os.environ.get(key) for key in ("TRITON_INTERPRET", "LORAFLEET_TRITON")}
     os.environ["TRITON_INTERPRET"] = "1"
-    for module in (triton_lora, elementwise):
+    for module in (triton_lora, elementwise, cross_entropy):
         if not module.INTERPRETED:
             importlib.reload(module)
         assert module.INTERPRETED
@@ -38,8 +38,8 @@ def interpreted_kernels():
         else:
             os.environ[key] = value
     if saved["TRITON_INTERPRET"] != "1":
-        importlib.reload(triton_lora)
-        importlib.reload(elementwise)
+        for module in (triton_lora, elementwise, cross_entropy):
+            importlib.reload(module)
 
 
 def rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
