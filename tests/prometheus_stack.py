@@ -65,7 +65,8 @@ class Stack:
             stderr=subprocess.STDOUT, cwd=self.root)
 
     def lorafleet(self, name: str, *args: str) -> None:
-        self.ports[name] = port = free_port()
+        """Start `lorafleet <args>` as `name`; a restart keeps the name's port, as a service manager would."""
+        port = self.ports.setdefault(name, free_port())
         flag = ["--port", str(port)] if args[0] == "gateway" else ["--metrics-port", str(port)]
         self.start(name, [sys.executable, "-P", "-m", "lorafleet.scheduler.cli", *args, *flag], args[0])
 

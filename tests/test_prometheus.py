@@ -271,6 +271,23 @@ def test_an_executor_killed_mid_job_shows_down_and_its_jobs_requeued(stack, tena
         raise AssertionError(f"mismatched after the executor died: {mismatches(stack, after, names)}")
 
 
+def test_a_restarted_executor_is_one_executor_again(stack, tenants):
+    victim = next(name for name, process in stack.processes.items()
+                  if name.startswith("executor") and process.poll() is not None)
+    stack.start_executor(victim)  # the same id and port, as systemd or Kubernetes restarts it
+    after = {**EXPECTED,
+             "executors_scraped": lambda stack, r: r == {(): 2.0},
+             "gpu_memory_allocated": lambda stack, r: set(by(r, "executor")) == {"executor-a", "executor-b"},
+             "cohort_assigned": lambda stack, r: set(by(r, "executor")) == {"executor-a", "executor-b"}
+             and sum(r.values()) == running_count(stack) + len(stack.store.r.smembers("lorafleet:state:scheduled"))}
+    names = ["executor_down", "executors_scraped", "executors_alive", "gpu_memory_allocated", "cohort_assigned",
+             "running_jobs", "job_loss", "job_progress"]
+    try:
+        settled(stack, after, names, timeout=90)
+    except AssertionError:
+        raise AssertionError(f"mismatched after the restart: {mismatches(stack, after, names)}")
+
+
 def test_failed_jobs_are_counted_by_reason_and_raise_the_failure_rate_alert(stack, tenants):
     tokens, jobs = tenants
     for job_id in jobs["alice"] + jobs["bob"]:  # the survivor trains carol's next jobs, not the requeued long ones
