@@ -1,0 +1,167 @@
+"""The same cohort through the whole service against `Cohort.step` alone, and the time from submission to the first
+step, cold and warm (issue 16).
+
+    python3 -P bench/bench_service.py --shape 1b --jobs 8 --batch 4x512 --steps 30 --out OUT
+
+1. A random base of `--shape` (bench_e2e's builder) and one dataset per job (bench_e2e's sequences as text records).
+2. The service on this machine: embedded Valkey, the Celery submission worker, the scheduler and one executor on the
+   device (one pass a step, as the bench's "off" row), each its own process started as `lorafleet up` starts them.
+3. Cold: N jobs submitted through the tenant's Celery task with an empty Triton cache and no base loaded; warm: N more
+   once those finished (base loaded, kernels compiled). Time to first step = a job's first progress event minus the
+   moment its submission was sent; the service's step = the median gap between consecutive progress events of one
+   job while all N train (what the executor's loop takes per step: the step, its Redis writes, the joins it checks).
+4. The service stopped, the same N jobs in one `Cohort` in this process: its median step (bench_e2e.run_cohort).
+Results: OUT/service_<shape>.json and a table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import bench_e2e as e2e  # noqa: E402  (bench/ is a folder of scripts)
+
+TENANT = "bench"
+
+
+def prepare(root: Path, shape: str, jobs: int, batch: str, device: torch.device) -> tuple[Path, int]:
+    """The base under root/models and datasets root/data/bench/job-<i>.jsonl; the environment the service reads."""
+    os.environ.update(LORAFLEET_STATE_DIR=str(root / "state"), LORAFLEET_DATA_ROOT=str(root / "data"),
+                      LORAFLEET_MODEL_ROOTS=str(root / "models"), TRITON_CACHE_DIR=str(root / "triton"),
+                      HF_HUB_OFFLINE="1", LORAFLEET_METRICS_ADDR="127.0.0.1", LORAFLEET_METRICS_PORT="0")
+    model_dir = root / "models" / shape
+    params = e2e.build_base(shape, model_dir, device)
+    data = root / "data" / TENANT
+    data.mkdir(parents=True)
+    vocab = e2e.SHAPES[shape]["vocab_size"]
+    for job in range(jobs):
+        e2e.write_job_data(data, batch, job, vocab).rename(data / f"job-{job}.jsonl")
+    return model_dir, params
+
+
+def start_service(device: str):
+    from lorafleet.scheduler import fleet, stack
+
+    running = stack.start_redis()
+    stack.start_worker(running)
+    scheduler = stack.start_process(running, "scheduler", ["scheduler", "--metrics-port", "0", "--metrics-addr",
+                                                           "127.0.0.1", "--interval", "0.2"])
+    stack.wait_for_leader(running, scheduler)
+    stack.start_process(running, "executor", ["executor", "--device", device, "--metrics-port", "0",
+                                              "--metrics-addr", "127.0.0.1", "--max-pass-tokens", "0"])
+    from lorafleet.scheduler.store import JobStore
+
+    store = JobStore.from_url(running.redis_url)
+    deadline = time.monotonic() + 300
+    while not fleet.executors(store.r)[0]:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the executor did not register within 300 s")
+        time.sleep(0.5)
+    return running, store
+
+
+def submit_batch(token: str, redis_url: str, model_dir: Path, batch: str, jobs: int, steps: int
+                 ) -> list[tuple[str, float]]:
+    """N jobs through the tenant's own Celery queue; (job id, time its submission was sent)."""
+    from lorafleet.scheduler.client import make_celery
+
+    app = make_celery(redis_url, name="bench-service", tenant=TENANT)
+    spec = e2e.job_spec(model_dir, batch, 0).model_dump(mode="json")
+    submitted = []
+    try:
+        for job in range(jobs):
+            hp = {**spec["hyperparameters"], "max_steps": steps, "checkpoint_every": 100_000, "seed": job}
+            sent = time.time()
+            view = app.send_task("lorafleet.submit_job", args=[token, {
+                **spec, "name": f"bench-{job}", "dataset": f"{TENANT}/job-{job}.jsonl", "hyperparameters": hp,
+            }]).get(timeout=120)
+            submitted.append((view["job_id"], sent))
+    finally:
+        app.close()
+    return submitted
+
+
+def progress_times(store, job_id: str) -> dict[int, float]:
+    """Optimizer step -> when its progress event was written."""
+    events = store.events_for(None, job_id, limit=1000)  # every step's while a job has under 1,000 (PROGRESS_EVENTS)
+    return {event["step"]: event["ts"] for event in events if event["type"] == "progress"}
+
+
+def measure_batch(store, running, submitted: list[tuple[str, float]], steps: int) -> dict:
+    from lorafleet.scheduler import stack
+
+    finished = stack.wait_for_jobs(running, [job_id for job_id, _ in submitted], lambda jobs: None, timeout=3600)
+    failed = [job["error"] for job in finished if job["state"] != "succeeded"]
+    if failed:
+        raise RuntimeError(f"a job failed: {failed[0]}")
+    first_steps, gaps = [], []
+    for job_id, sent in submitted:
+        times = progress_times(store, job_id)
+        first_steps.append(times[min(times)] - sent)
+    times = progress_times(store, submitted[-1][0])  # the last to join: every step of it had all N jobs
+    ordered = [times[step] for step in sorted(times)]
+    gaps = [later - earlier for earlier, later in zip(ordered[2:], ordered[3:])]  # after two warm-up steps
+    return {"first_step_s": {"min": min(first_steps), "median": statistics.median(first_steps),
+                             "max": max(first_steps)},
+            "service_step_s": statistics.median(gaps), "steps_timed": len(gaps)}
+
+
+def bench_alone(model_dir: Path, data_dir: Path, batch: str, jobs: int, device: torch.device) -> tuple[float, float]:
+    """bench_e2e's cohort on the same jobs: its data files are named as bench_e2e names them."""
+    from lorafleet.executor.cohort import Cohort
+
+    for job in range(jobs):
+        (data_dir / f"{batch}-{job}.jsonl").write_bytes((data_dir / f"job-{job}.jsonl").read_bytes())
+    cohort = Cohort(model_dir, device=str(device))
+    return e2e.run_cohort(cohort, model_dir, data_dir, batch, jobs, warmup=3, steps=10, checkpointing="off",
+                          device=device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="tiny", choices=sorted(e2e.SHAPES))
+    parser.add_argument("--jobs", type=int, default=8)
+    parser.add_argument("--batch", default="4x512")
+    parser.add_argument("--steps", type=int, default=30, help="optimizer steps of each service job")
+    parser.add_argument("--out", type=Path, default=Path("."))
+    args = parser.parse_args()
+    device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    root = Path(tempfile.mkdtemp(prefix="bench-service-"))
+    model_dir, params = prepare(root, args.shape, args.jobs, args.batch, device)
+    running, store = start_service(str(device))
+    try:
+        _, token = store.create_tenant(TENANT, max_queued=1000, max_running=args.jobs)
+        time.sleep(2)  # the worker consumes a new tenant's queue within a second
+        cold = measure_batch(store, running, submit_batch(token, running.redis_url, model_dir, args.batch, args.jobs,
+                                                          args.steps), args.steps)
+        warm = measure_batch(store, running, submit_batch(token, running.redis_url, model_dir, args.batch, args.jobs,
+                                                          args.steps), args.steps)
+    finally:
+        running.stop()
+    alone_s, peak = bench_alone(model_dir, root / "data" / TENANT, args.batch, args.jobs, device)
+    report = {"shape": args.shape, "jobs": args.jobs, "batch": args.batch, "device": str(device),
+              "device_name": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
+              "non_embedding_params": params, "cold": cold, "warm": warm, "bench_step_s": alone_s,
+              "bench_peak_gib": peak, "service_over_bench": alone_s / warm["service_step_s"]}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"service_{args.shape}.json").write_text(json.dumps(report, indent=2))
+    print(f"| shape | jobs x batch | bench step s | service step s (warm) | service/bench speed | first step cold s "
+          f"(min/median/max) | first step warm s |\n|---|---|---|---|---|---|---|\n"
+          f"| {args.shape} | {args.jobs} x {args.batch} | {alone_s:.3f} | {warm['service_step_s']:.3f} | "
+          f"{report['service_over_bench']:.3f} | {cold['first_step_s']['min']:.1f} / "
+          f"{cold['first_step_s']['median']:.1f} / {cold['first_step_s']['max']:.1f} | "
+          f"{warm['first_step_s']['min']:.1f} / {warm['first_step_s']['median']:.1f} / "
+          f"{warm['first_step_s']['max']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
