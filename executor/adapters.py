@@ -15,6 +15,7 @@ import weakref
 import torch
 from torch import nn
 
+from lorafleet.executor.dora import row_norms
 from lorafleet.scheduler.spec import AdapterSpec
 
 
@@ -33,7 +34,7 @@ class Adapter(nn.Module):
         self.spec = spec
         self.layer_names = list(layer_shapes)
         self._index = {name: i for i, name in enumerate(self.layer_names)}
-        self.scale = spec.lora_alpha / spec.r
+        self.scale = spec.scale
         self.dropout = spec.lora_dropout
         # Its own stream, so a job's dropout masks do not depend on which other jobs share the step.
         self.seed = seed
@@ -49,8 +50,18 @@ class Adapter(nn.Module):
         which every layer's mask is hashed (`kernels.LoraDropout`)."""
         return torch.randint(0, 2**62, (1,), generator=self.dropout_rng, device=self.dropout_rng.device)
 
+    use_dora = False
+
     def factors(self, layer: str) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
+
+    def magnitudes(self) -> dict[str, torch.Tensor]:
+        """DoRA's magnitude vector of each layer (none for other kinds)."""
+        return {}
+
+    def param_groups(self, learning_rate: float) -> list[dict]:
+        """The optimizer's parameter groups: one at the job's learning rate, unless a variant says otherwise."""
+        return [{"params": list(self.parameters()), "lr": learning_rate}]
 
     @torch.no_grad()
     def lora_weights(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -69,19 +80,43 @@ class Adapter(nn.Module):
 
 
 class LoraAdapter(Adapter):
-    """Plain LoRA, initialised as PEFT does: A kaiming-uniform(a=sqrt(5)), B zeros (layers in model order)."""
+    """Plain LoRA, initialised as PEFT does: A kaiming-uniform(a=sqrt(5)), B zeros (layers in model order).
 
-    def __init__(self, spec: AdapterSpec, layer_shapes: dict[str, tuple[int, int]], seed: int):
+    With `use_dora` also DoRA's magnitude per output feature of each layer, initialised as PEFT does to the row norms
+    of the base weight (B = 0, so ||W + s·BA|| = ||W||): `base_weights` gives each layer's [d_out, d_in] weight.
+    """
+
+    def __init__(self, spec: AdapterSpec, layer_shapes: dict[str, tuple[int, int]], seed: int,
+                 base_weights: dict[str, torch.Tensor] | None = None):
         super().__init__(spec, layer_shapes, seed)
         init = torch.Generator().manual_seed(seed)
         self.lora_A = nn.ParameterList(
             [_kaiming_uniform(spec.r, d_in, init) for d_in, _ in layer_shapes.values()]
         )
         self.lora_B = nn.ParameterList([torch.zeros(d_out, spec.r) for _, d_out in layer_shapes.values()])
+        self.use_dora = spec.use_dora
+        if self.use_dora:
+            if base_weights is None:
+                raise ValueError("a DoRA adapter needs the base weights of its layers for its magnitudes")
+            self.magnitude = nn.ParameterList(
+                [row_norms(base_weights[name].detach().float()).cpu() for name in self.layer_names]
+            )
 
     def factors(self, layer: str) -> tuple[torch.Tensor, torch.Tensor]:
         i = self._index[layer]
         return self.lora_A[i], self.lora_B[i]
+
+    def magnitudes(self) -> dict[str, torch.Tensor]:
+        return dict(zip(self.layer_names, self.magnitude)) if self.use_dora else {}
+
+    def param_groups(self, learning_rate: float) -> list[dict]:
+        """LoRA+ (Hayou et al. 2024; PEFT's create_loraplus_optimizer): B at `loraplus_lr_ratio` x A's rate."""
+        ratio = self.spec.loraplus_lr_ratio
+        if ratio is None:
+            return super().param_groups(learning_rate)
+        # PEFT's grouping: B and every vector (DoRA's magnitudes) at the ratio
+        return [{"params": list(self.lora_A), "lr": learning_rate},
+                {"params": list(self.lora_B) + list(self.magnitudes().values()), "lr": learning_rate * ratio}]
 
 
 class _Bases(list):
@@ -139,6 +174,10 @@ class NolaAdapter(Adapter):
         return torch.einsum("k,kri->ri", alpha, basis_a), torch.einsum("k,kor->or", beta, basis_b)
 
 
-def build_adapter(spec: AdapterSpec, layer_shapes: dict[str, tuple[int, int]], seed: int) -> Adapter:
+def build_adapter(spec: AdapterSpec, layer_shapes: dict[str, tuple[int, int]], seed: int,
+                  base_weights: dict[str, torch.Tensor] | None = None) -> Adapter:
+    """`base_weights` (layer -> its [d_out, d_in] weight): needed by DoRA only (`AdapterSpec.use_dora`)."""
+    if spec.use_dora:
+        return LoraAdapter(spec, layer_shapes, seed, base_weights)
     kinds = {"lora": LoraAdapter, "nola": NolaAdapter}
     return kinds[spec.type](spec, layer_shapes, seed)

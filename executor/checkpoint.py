@@ -1,7 +1,7 @@
 """A job's checkpoint directory: a PEFT adapter anyone can load, plus the state to resume training exactly.
 
     adapter_config.json          PEFT LoraConfig (NOLA adapters are exported as the LoRA A/B they compute)
-    adapter_model.safetensors    base_model.model.<module>.lora_{A,B}.weight, fp32
+    adapter_model.safetensors    base_model.model.<module>.lora_{A,B}.weight, fp32 (DoRA: .lora_magnitude_vector too)
     training_state.pt            step counters, adapter parameters, optimizer + scheduler, data cursor, dropout RNG
 
 Each file is written under a temporary name and renamed, so a crash mid-write never leaves a torn file behind.
@@ -42,6 +42,8 @@ def save_peft_adapter(directory: Path, adapter: Adapter, base_model_path: str) -
         r=spec.r,
         lora_alpha=spec.lora_alpha,
         lora_dropout=spec.lora_dropout,
+        use_rslora=spec.use_rslora,  # LoRA+ (loraplus_lr_ratio) changes only training: nothing to export
+        use_dora=spec.use_dora,
         target_modules=list(spec.target_modules),
         task_type="CAUSAL_LM",
         bias="none",
@@ -51,6 +53,8 @@ def save_peft_adapter(directory: Path, adapter: Adapter, base_model_path: str) -
     for name, (a, b) in adapter.lora_weights().items():
         tensors[peft_key(name, "A")] = a.float().cpu().contiguous()
         tensors[peft_key(name, "B")] = b.float().cpu().contiguous()
+    for name, magnitude in adapter.magnitudes().items():
+        tensors[f"base_model.model.{name}.lora_magnitude_vector"] = magnitude.detach().float().cpu().contiguous()
     _replace(directory / ADAPTER_WEIGHTS, lambda path: save_file(tensors, str(path), metadata={"format": "pt"}))
     fields = {key: sorted(value) if isinstance(value, set) else value for key, value in config.to_dict().items()}
     _replace(directory / ADAPTER_CONFIG, lambda path: path.write_text(json.dumps(fields, indent=2, sort_keys=True)))

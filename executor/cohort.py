@@ -195,14 +195,15 @@ class Cohort:
                        name=dataset_name)
         layers = wrap_targets(self.model, spec.adapter.target_modules, self.routing)
         shapes = {name: (layer.in_features, layer.out_features) for name, layer in layers.items()}
-        adapter = build_adapter(spec.adapter, shapes, hp.seed).to(self.device)
+        base_weights = {name: layer.base_weight() for name, layer in layers.items()} if spec.adapter.use_dora else None
+        adapter = build_adapter(spec.adapter, shapes, hp.seed, base_weights).to(self.device)
         adapter.place_dropout_rng(self.device)
         if hp.max_steps is not None:
             micro_batch_limit = hp.max_steps * hp.gradient_accumulation_steps
         else:
             micro_batch_limit = data.steps_per_epoch * hp.epochs
         total_steps = math.ceil(micro_batch_limit / hp.gradient_accumulation_steps)
-        optimizer = JobOptimizer(list(adapter.parameters()), hp, total_steps)
+        optimizer = JobOptimizer(adapter.param_groups(hp.learning_rate), hp, total_steps)
         job = Job(job_id, spec, adapter, list(layers.values()), optimizer, data, micro_batch_limit, total_steps)
         if resume_from is not None:
             self._restore(job, load_training_state(resume_from, spec))

@@ -27,9 +27,11 @@ PACKED_ATTENTION = "lorafleet_packed"
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-def packed_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None, **kwargs):
-    """Causal attention within each packed sequence. query [1, H, T, D], key/value [1, H_kv, T, D] -> [1, T, H, D]."""
-    if varlen_supported(query, key, scaling, sliding_window):
+def packed_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None,
+                     softcap=None, **kwargs):
+    """Causal attention within each packed sequence. query [1, H, T, D], key/value [1, H_kv, T, D] -> [1, T, H, D].
+    `softcap`: Gemma 2's tanh cap on the attention scores."""
+    if softcap is None and varlen_supported(query, key, scaling, sliding_window):
         max_length = kwargs.get("max_length_q") or int(kwargs["cu_seq_lens_q"].diff().max())
         boundaries = kwargs["cu_seq_lens_q"]
         return varlen_packed_attention(query, key, value, boundaries, max_length, scaling, sliding_window), None
@@ -41,14 +43,30 @@ def packed_attention(module, query, key, value, attention_mask, dropout=0.0, sca
         if groups > 1:
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         length = q.shape[2]
-        if sliding_window is not None and length > sliding_window:
-            rows = torch.arange(length, device=q.device)
-            offset = rows[:, None] - rows[None, :]
-            window_mask = (offset >= 0) & (offset < sliding_window)
-            outputs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=window_mask, scale=scaling))
+        if softcap is not None:
+            mask = _causal_mask(length, sliding_window, q.device)
+            outputs.append(_softcapped_attention(q, k, v, scaling, softcap, mask))
+        elif sliding_window is not None and length > sliding_window:
+            mask = _causal_mask(length, sliding_window, q.device)
+            outputs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling))
         else:
             outputs.append(F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling))
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+
+
+def _causal_mask(length: int, sliding_window: int | None, device) -> torch.Tensor:
+    """[T, T] True where a row may attend: itself and earlier positions, within the window when there is one."""
+    rows = torch.arange(length, device=device)
+    offset = rows[:, None] - rows[None, :]
+    return (offset >= 0) & (offset < (sliding_window or length))
+
+
+def _softcapped_attention(q, k, v, scaling, softcap: float, mask: torch.Tensor) -> torch.Tensor:
+    """Attention with the scores capped as softcap * tanh(scores / softcap) (SDPA has no cap), as HF's eager does."""
+    scores = torch.matmul(q, k.transpose(2, 3)) * (scaling if scaling is not None else q.shape[-1] ** -0.5)
+    scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
 
 
 AttentionInterface.register(PACKED_ATTENTION, packed_attention)
@@ -68,6 +86,15 @@ def packing_kwargs(sequence_lengths: list[int], device) -> dict:
         "max_length_q": longest,
         "max_length_k": longest,
     }
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The decoder's repeated layers: `layers` in most families, `h` in GPT-2's."""
+    for name in ("layers", "h"):
+        layers = getattr(model.base_model, name, None)
+        if isinstance(layers, torch.nn.ModuleList):
+            return layers
+    raise ValueError(f"{type(model).__name__}: cannot find its decoder layers (expected 'layers' or 'h')")
 
 
 def resolve_device(device: str | torch.device) -> torch.device:

@@ -16,8 +16,10 @@ import zlib
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from lorafleet.executor.adapters import Adapter
+from lorafleet.executor.dora import dora_extra
 from lorafleet.kernels import LoraDropout, lora_delta, lora_linear, lora_linear_multi, triton_enabled
 
 
@@ -56,6 +58,26 @@ class MultiLoraLinear(nn.Module):
         jobs = [job for job in self.routing.segments if job in self.adapters]
         if not jobs:
             return self.base(x)
+        dora_jobs = [job for job in jobs if self.adapters[job].use_dora]
+        if dora_jobs:
+            return self._forward_dora(x, [job for job in jobs if job not in dora_jobs], dora_jobs)
+        return self._forward_lora(x, jobs)
+
+    def _forward_dora(self, x: torch.Tensor, lora_jobs: list[str], dora_jobs: list[str]) -> torch.Tensor:
+        """The LoRA jobs as always (kernels or reference), then DoRA's part on its jobs' rows (executor/dora.py)."""
+        y = self._forward_lora(x, lora_jobs) if lora_jobs else self.base(x)
+        adapters = [self.adapters[job] for job in dora_jobs]
+        factors = [(*adapter.factors(self.name), adapter.magnitudes()[self.name]) for adapter in adapters]
+        extra = dora_extra(x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1]), self.base_weight().to(x.dtype),
+                           self.base.bias, [self.routing.segments[job] for job in dora_jobs], factors,
+                           self._scales(adapters), self._dropout(dora_jobs, adapters))
+        return y + extra.view(y.shape)
+
+    def base_weight(self) -> torch.Tensor:
+        """The frozen weight as [d_out, d_in] (a view; Conv1D holds it transposed)."""
+        return self.base.weight.t() if isinstance(self.base, Conv1D) else self.base.weight
+
+    def _forward_lora(self, x: torch.Tensor, jobs: list[str]) -> torch.Tensor:
         if triton_enabled(x):
             return self._forward_kernels(x, jobs)
         # The base first, then the adapters, as PEFT builds its graph: autograd then sums x's gradients in the same
@@ -122,7 +144,8 @@ def shared_input_projections(layers: list[nn.Module], x: torch.Tensor) -> list[t
         not jobs
         or any(type(layer.base) is not nn.Linear or layer.routing is not routing for layer in layers)
         or any(len(layer.adapters.keys() & routing.segments.keys()) != len(jobs) for layer in layers)
-        or any(adapter is None or adapter.dropout > 0 for per_layer in adapters for adapter in per_layer)
+        or any(adapter is None or adapter.dropout > 0 or adapter.use_dora for per_layer in adapters
+               for adapter in per_layer)
     ):
         return [layer(x) for layer in layers]
     flat = x.reshape(-1, x.shape[-1])

@@ -29,11 +29,14 @@ class NonFiniteGradients(RuntimeError):
 
 
 class JobOptimizer:
-    def __init__(self, params: list[torch.nn.Parameter], hp: Hyperparameters, total_steps: int):
-        self.params = params
+    """`param_groups`: torch's groups, each with its own peak "lr" (the adapter's `param_groups`); the schedule scales
+    every group alike, and clipping takes the norm over all of them."""
+
+    def __init__(self, param_groups: list[dict], hp: Hyperparameters, total_steps: int):
+        self.params = params = [param for group in param_groups for param in group["params"]]
         self.max_grad_norm = hp.max_grad_norm
         self.optimizer = torch.optim.AdamW(
-            params,
+            param_groups,
             lr=hp.learning_rate,
             betas=(hp.adam_beta1, hp.adam_beta2),
             eps=hp.adam_epsilon,
@@ -48,6 +51,7 @@ class JobOptimizer:
 
     @property
     def lr(self) -> float:
+        """The job's learning rate now (the first group's: the one at the job's own rate)."""
         return self.optimizer.param_groups[0]["lr"]
 
     def grad_norm(self) -> torch.Tensor:

@@ -22,6 +22,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Mapping, Optional, Sequence
 
+from lorafleet.scheduler.spec import ALL_LINEAR
+
 COMPUTE_DTYPES = ("bfloat16", "float32")
 
 
@@ -57,9 +59,18 @@ _ACTIVATION_ELEMENTS_PER_TOKEN_PER_HIDDEN = 17
 
 
 
+# Families whose MLP is up and down without a gate (two matrices, not three).
+_UNGATED_MLP_FAMILIES = frozenset({"gpt2", "gpt_bigcode", "gpt_neox", "gptj", "opt", "phi", "falcon", "starcoder2"})
+
+
 @dataclass(frozen=True)
 class ModelShape:
-    """The few numbers of a decoder-only base model that its memory footprint depends on."""
+    """The few numbers of a decoder-only base model that its memory footprint depends on.
+
+    `modules` are the base's linear layers by name (what `target_modules` names), each with the summed
+    in + out features of all its instances: an adapter of rank r on it has r x that many parameters. Submission reads
+    them from the base's weights (`scheduler/base_modules.py`); left empty, they are Llama's seven projections.
+    """
 
     hidden_size: int
     intermediate_size: int
@@ -67,41 +78,95 @@ class ModelShape:
     num_attention_heads: int
     num_kv_heads: int
     vocab_size: int
+    head_dim: int = 0  # 0: hidden_size // num_attention_heads (Gemma and Qwen3 set their own)
+    num_experts: int = 0  # routed experts of each MoE layer; 0 for a dense MLP
+    expert_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE's always-on expert
+    mlp_matrices: int = 3  # gate, up, down; 2 for an ungated MLP (GPT-2)
+    tied_embeddings: bool = False  # the LM head is the token embedding
+    learned_positions: int = 0  # rows of a learned position embedding (GPT-2's wpe)
+    modules: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self):
         for name in ("hidden_size", "intermediate_size", "num_layers", "num_attention_heads", "num_kv_heads",
                      "vocab_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"ModelShape.{name} must be a positive integer, got {getattr(self, name)!r}")
-        if self.hidden_size % self.num_attention_heads:
+        if not self.head_dim and self.hidden_size % self.num_attention_heads:
             raise ValueError("ModelShape.hidden_size must be a multiple of num_attention_heads")
 
     @classmethod
     def from_config(cls, config: Mapping) -> "ModelShape":
-        """From a Hugging Face `config.json` dict (Llama/Mistral/Qwen2/Gemma naming)."""
+        """From a Hugging Face `config.json` dict of any decoder family: Llama's names, GPT-2's (`n_embd`,
+        `n_layer`, `n_head`, `n_inner`), a multimodal wrapper's `text_config`, MoE expert counts."""
+        config = config.get("text_config") or config
         try:
-            heads = config["num_attention_heads"]
+            hidden = _first(config, "hidden_size", "n_embd")
+            heads = _first(config, "num_attention_heads", "n_head")
+            experts = config.get("num_local_experts") or config.get("num_experts") or 0
+            intermediate = config.get("intermediate_size") or config.get("n_inner") or 4 * hidden
             return cls(
-                hidden_size=config["hidden_size"],
-                intermediate_size=config["intermediate_size"],
-                num_layers=config["num_hidden_layers"],
+                hidden_size=hidden,
+                intermediate_size=intermediate,
+                num_layers=_first(config, "num_hidden_layers", "n_layer"),
                 num_attention_heads=heads,
                 num_kv_heads=config.get("num_key_value_heads") or heads,
                 vocab_size=config["vocab_size"],
+                head_dim=_own_head_dim(config.get("head_dim"), hidden, heads),
+                num_experts=experts,
+                expert_intermediate_size=(config.get("moe_intermediate_size") or intermediate) if experts else 0,
+                shared_expert_intermediate_size=config.get("shared_expert_intermediate_size") or 0,
+                mlp_matrices=2 if config.get("model_type") in _UNGATED_MLP_FAMILIES else 3,
+                tied_embeddings=config.get("tie_word_embeddings", False),  # unset: counted untied, the larger
+                learned_positions=config.get("n_positions") or 0,
             )
         except KeyError as exc:
             raise ValueError(f"model config lacks {exc.args[0]!r}") from None
 
+    @property
+    def attention_width(self) -> int:
+        """Features of all query heads together (q_proj's output)."""
+        return (self.head_dim or self.hidden_size // self.num_attention_heads) * self.num_attention_heads
+
     def projection_dims(self) -> dict[str, tuple[int, int]]:
-        """(in_features, out_features) of each projection LoRA can target."""
-        h, kv = self.hidden_size, self.hidden_size // self.num_attention_heads * self.num_kv_heads
+        """(in_features, out_features) of each of Llama's projections, the default `target_modules`."""
+        h, q = self.hidden_size, self.attention_width
+        kv = q // self.num_attention_heads * self.num_kv_heads
         i = self.intermediate_size
-        return {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
                 "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
 
+    def module_widths(self) -> dict[str, int]:
+        """Linear layer name -> in + out features summed over every layer of that name in the model."""
+        if self.modules:
+            return dict(self.modules)
+        return {name: (d_in + d_out) * self.num_layers for name, (d_in, d_out) in self.projection_dims().items()}
+
     def num_params(self) -> int:
-        per_layer = sum(d_in * d_out for d_in, d_out in self.projection_dims().values()) + 2 * self.hidden_size
-        return self.num_layers * per_layer + 2 * self.vocab_size * self.hidden_size + self.hidden_size
+        """Weights of the base from its config (biases and norms inside a layer are left out: under 2%)."""
+        h, q = self.hidden_size, self.attention_width
+        kv = q // self.num_attention_heads * self.num_kv_heads
+        attention = 2 * h * q + 2 * h * kv
+        if self.num_experts:
+            mlp = (self.num_experts * (3 * h * self.expert_intermediate_size + h)
+                   + 3 * h * self.shared_expert_intermediate_size)
+        else:
+            mlp = self.mlp_matrices * h * self.intermediate_size
+        embeddings = (1 if self.tied_embeddings else 2) * self.vocab_size * h + self.learned_positions * h
+        return self.num_layers * (attention + mlp + 2 * h) + embeddings + h
+
+
+def _own_head_dim(head_dim, hidden: int, heads: int) -> int:
+    """A config's head_dim when it is not hidden / heads (Gemma's, Qwen3's), else 0: equal models, equal shapes."""
+    return 0 if not head_dim or head_dim * heads == hidden else head_dim
+
+
+def _first(config: Mapping, *names: str):
+    """The value of the first of `names` the config has (families name the same size differently)."""
+    for name in names:
+        if config.get(name) is not None:
+            return config[name]
+    raise KeyError(names[0])
 
 
 def estimate_base_bytes(params: int, quantization: str, dtype: str) -> int:
@@ -131,14 +196,14 @@ def estimate_job_bytes(
     for name, value in (("r", r), ("batch_size", batch_size), ("max_seq_len", max_seq_len)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    dims = shape.projection_dims()
+    widths = shape.module_widths()
+    if tuple(target_modules) == (ALL_LINEAR,):
+        target_modules = list(widths)
     adapter_params = 0
     for module in target_modules:
-        if module not in dims:
-            raise ValueError(f"cannot size target module {module!r}; the memory model knows {sorted(dims)}")
-        d_in, d_out = dims[module]
-        adapter_params += r * (d_in + d_out)
-    adapter_params *= shape.num_layers
+        if module not in widths:
+            raise ValueError(f"cannot size target module {module!r}; the memory model knows {sorted(widths)}")
+        adapter_params += r * widths[module]
     return (adapter_params * _ADAPTER_STATE_BYTES_PER_PARAM
             + estimate_activation_bytes(shape, batch_size, max_seq_len, dtype))
 

@@ -9,6 +9,7 @@ deployment configuration, not part of the spec.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -41,6 +42,13 @@ class AdapterSpec(_Strict):
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     target_modules: tuple[str, ...] = Field(ALL_PROJECTIONS, min_length=1, max_length=16)
     nola: Optional[NolaSettings] = None
+    use_rslora: bool = Field(False, description="rank-stabilised scale lora_alpha / sqrt(r) instead of lora_alpha / r "
+                             "(PEFT's use_rslora)")
+    loraplus_lr_ratio: Optional[float] = Field(
+        None, gt=0, le=1024, description="LoRA+: B trains at this multiple of the job's learning rate (lora only)"
+    )
+    use_dora: bool = Field(False, description="DoRA: a trained magnitude per output feature times the direction of "
+                           "W + scale·BA (lora only, unquantized bases; PEFT's use_dora)")
 
     @field_validator("target_modules")
     @classmethod
@@ -59,6 +67,19 @@ class AdapterSpec(_Strict):
         if self.type == "nola" and self.nola is None:
             object.__setattr__(self, "nola", NolaSettings())
         return self
+
+    @model_validator(mode="after")
+    def _variants(self) -> "AdapterSpec":
+        if self.loraplus_lr_ratio is not None and self.type != "lora":
+            raise ValueError(f"loraplus_lr_ratio applies to type 'lora' (B's own learning rate), not {self.type!r}")
+        if self.use_dora and self.type != "lora":
+            raise ValueError(f"use_dora applies to type 'lora', not {self.type!r}")
+        return self
+
+    @property
+    def scale(self) -> float:
+        """The factor of B·A in the layer's output, as PEFT computes it."""
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
 
 class Hyperparameters(_Strict):
@@ -129,6 +150,13 @@ class JobSpec(_Strict):
             if len(text) > MAX_METADATA_VALUE_CHARS:
                 raise ValueError(f"value of {key!r}: at most {MAX_METADATA_VALUE_CHARS} characters")
         return value
+
+    @model_validator(mode="after")
+    def _dora_unquantized(self) -> "JobSpec":
+        if self.adapter.use_dora and self.quantization != "none":
+            raise ValueError(f"adapter.use_dora: DoRA is not offered on a quantized base (quantization "
+                             f"{self.quantization!r}): its weight norm needs the full-precision base weights")
+        return self
 
     def compatibility_key(self) -> str:
         """Jobs with equal keys can share one frozen base in one cohort."""

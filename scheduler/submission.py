@@ -10,6 +10,7 @@ dataset with no target token in them (every prompt longer than `max_seq_len`, sa
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import re
@@ -19,11 +20,12 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from lorafleet.scheduler import auto
+from lorafleet.scheduler.base_modules import linear_widths, weight_shapes
 from lorafleet.scheduler.datasets import AcceptedDataset, accept, accepted_path
 from lorafleet.scheduler.files import FileStore, accepted_file, is_file_id
 from lorafleet.scheduler.memory import JobPlan, ModelShape, plan_job
 from lorafleet.scheduler.formats import IGNORE_INDEX, DataError, Tokenizing, detect_format, parse_record, tokenise_record
-from lorafleet.scheduler.spec import JobSpec, SpecError, is_inside, parse_spec, resolve_dataset, spec_object
+from lorafleet.scheduler.spec import ALL_LINEAR, JobSpec, SpecError, is_inside, parse_spec, resolve_dataset, spec_object
 
 SAMPLE_RECORDS = 2000  # records of each dataset read and counted at submission
 BYTES_PER_TOKEN_GUESS = 4  # dataset bytes per token, to size a job submitted without a token count
@@ -82,9 +84,12 @@ class Submission:
 
 @functools.lru_cache(maxsize=256)
 def model_shape(model_dir: str) -> ModelShape:
-    """The memory model's view of a base (SpecError when it cannot read the config)."""
+    """The memory model's view of a base: its config's sizes and its linear layers by name, from its safetensors
+    headers (`base_modules`; a base without safetensors files keeps Llama's names). SpecError when it cannot be read."""
     try:
-        return ModelShape.from_config(json.loads((Path(model_dir) / "config.json").read_text()))
+        shape = ModelShape.from_config(json.loads((Path(model_dir) / "config.json").read_text()))
+        widths = linear_widths(weight_shapes(Path(model_dir)))
+        return dataclasses.replace(shape, modules=tuple(sorted(widths.items()))) if widths else shape
     except (OSError, ValueError) as exc:
         raise SpecError(f"invalid job spec: base_model: the memory model cannot size this base: {exc}") from None
 
@@ -158,12 +163,12 @@ def count_targets(path: Path, uri: str, field: str, fmt: str, tokenizing: Tokeni
 
 
 def _check_target_modules(spec: JobSpec, shape: ModelShape) -> None:
-    """Refuse target modules the base has no projection of (the memory model could not size them either)."""
-    known = shape.projection_dims()
-    unknown = [name for name in spec.adapter.target_modules if name not in known]
+    """Refuse target modules that name no linear layer of the base (the memory model could not size them either)."""
+    known = shape.module_widths()
+    unknown = [name for name in spec.adapter.target_modules if name not in known and name != ALL_LINEAR]
     if unknown:
-        raise SpecError(f"invalid job spec: adapter.target_modules: this base has no {', '.join(unknown)}; "
-                        f"use some of {', '.join(sorted(known))}")
+        raise SpecError(f"invalid job spec: adapter.target_modules: this base has no linear layer named "
+                        f"{', '.join(unknown)}; its linear layers are {', '.join(sorted(known))} (or \"{ALL_LINEAR}\")")
 
 
 _sample_counts: OrderedDict[tuple[str, str, str, int], SampleCount] = OrderedDict()

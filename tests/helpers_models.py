@@ -14,14 +14,22 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma3TextConfig,
     GemmaConfig,
+    GPT2Config,
     LlamaConfig,
     MistralConfig,
+    Phi3Config,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen2MoeConfig,
+    Qwen3Config,
 )
 
 FAMILIES = ("llama", "mistral", "qwen2", "gemma")
+# Families whose projections carry other names or layouts than Llama's (fused qkv_proj, GPT-2's Conv1D, MoE experts).
+MORE_FAMILIES = ("qwen3", "gemma2", "gemma3", "phi3", "gpt2", "qwen2_moe")
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>"]
 
@@ -86,7 +94,26 @@ def tiny_config(family: str, vocab_size: int, hidden: int = 64, layers: int = 2)
         return Qwen2Config(**common, tie_word_embeddings=False)
     if family == "gemma":
         return GemmaConfig(**common, head_dim=hidden // 4)
-    raise ValueError(f"unknown model family {family!r}; expected one of {FAMILIES}")
+    return _more_config(family, common)
+
+
+def _more_config(family: str, common: dict):
+    hidden = common["hidden_size"]
+    if family == "qwen3":  # q/k norms; a head_dim of its own
+        return Qwen3Config(**common, head_dim=hidden // 2, tie_word_embeddings=False)
+    if family == "gemma2":  # soft-capped logits, sandwich norms, query_pre_attn_scalar
+        return Gemma2Config(**common, head_dim=hidden // 4)
+    if family == "gemma3":
+        return Gemma3TextConfig(**common, head_dim=hidden // 4)
+    if family == "phi3":  # fused qkv_proj and gate_up_proj
+        return Phi3Config(**common, tie_word_embeddings=False)
+    if family == "gpt2":  # Conv1D projections, learned positions, tied head
+        return GPT2Config(vocab_size=common["vocab_size"], n_embd=hidden, n_layer=common["num_hidden_layers"],
+                          n_head=4, n_positions=1024, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if family == "qwen2_moe":  # 4 experts, 2 a token, a shared expert
+        return Qwen2MoeConfig(**common, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=hidden,
+                              shared_expert_intermediate_size=hidden, tie_word_embeddings=False)
+    raise ValueError(f"unknown model family {family!r}; expected one of {FAMILIES + MORE_FAMILIES}")
 
 
 def build_tiny_model(directory: Path, family: str = "llama", seed: int = 0, hidden: int = 64, layers: int = 2) -> Path:
