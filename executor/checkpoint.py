@@ -18,7 +18,7 @@ from peft import LoraConfig
 from safetensors.torch import save_file
 
 from lorafleet.executor.adapters import Adapter
-from lorafleet.scheduler.spec import JobSpec
+from lorafleet.scheduler.spec import ALL_LINEAR, JobSpec
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -36,7 +36,8 @@ def _replace(path: Path, write) -> None:
     os.replace(partial, path)
 
 
-def save_peft_adapter(directory: Path, adapter: Adapter, base_model_path: str) -> None:
+def save_peft_adapter(directory: Path, adapter: Adapter, base_model_path: str, fan_in_fan_out: bool = False) -> None:
+    """`fan_in_fan_out`: the targets are transformers' Conv1D (GPT-2), whose weights PEFT must know are [in, out]."""
     spec = adapter.spec
     config = LoraConfig(
         r=spec.r,
@@ -44,7 +45,8 @@ def save_peft_adapter(directory: Path, adapter: Adapter, base_model_path: str) -
         lora_dropout=spec.lora_dropout,
         use_rslora=spec.use_rslora,  # LoRA+ (loraplus_lr_ratio) changes only training: nothing to export
         use_dora=spec.use_dora,
-        target_modules=list(spec.target_modules),
+        target_modules=ALL_LINEAR if spec.target_modules == (ALL_LINEAR,) else list(spec.target_modules),
+        fan_in_fan_out=fan_in_fan_out,
         task_type="CAUSAL_LM",
         bias="none",
         base_model_name_or_path=str(base_model_path),

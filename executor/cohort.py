@@ -41,8 +41,8 @@ from lorafleet.executor.data import IGNORE_INDEX, DataError, Example, JobData
 from lorafleet.executor.fused_decoder import fuse_decoder
 from lorafleet.executor.loss import chunked_head_loss_applies
 from lorafleet.executor.loss import token_losses as chunked_token_losses
-from lorafleet.executor.model import load_base, packing_kwargs
-from lorafleet.executor.multilora import MultiLoraLinear, RowRouting, wrap_targets
+from lorafleet.executor.model import decoder_layers, load_base, packing_kwargs
+from lorafleet.executor.multilora import MultiLoraLinear, RowRouting, is_conv1d, wrap_targets
 from lorafleet.executor.optim import JobOptimizer, NonFiniteGradients
 from lorafleet.scheduler.spec import JobSpec
 
@@ -171,7 +171,7 @@ class Cohort:
         self.routing = RowRouting()
         self.jobs: dict[str, Job] = {}
         # checkpointing every n-th decoder layer (1: all) fits larger cohorts for 1/n of a layer's recomputation
-        checkpoint_layers(self.model.base_model.layers, self.routing, activation_checkpointing)
+        checkpoint_layers(decoder_layers(self.model), self.routing, activation_checkpointing)
 
     def active_jobs(self) -> list[str]:
         return [job_id for job_id, job in self.jobs.items() if job.active]
@@ -374,7 +374,8 @@ class Cohort:
         job = self.jobs[job_id]
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        save_peft_adapter(directory, job.adapter, job.spec.base_model)
+        fan_in_fan_out = any(is_conv1d(layer.base) for layer in job.layers)
+        save_peft_adapter(directory, job.adapter, job.spec.base_model, fan_in_fan_out)
         return directory
 
     def checkpoint(self, job_id: str, directory) -> Path:

@@ -21,6 +21,7 @@ from transformers.pytorch_utils import Conv1D
 from lorafleet.executor.adapters import Adapter
 from lorafleet.executor.dora import dora_extra
 from lorafleet.kernels import LoraDropout, lora_delta, lora_linear, lora_linear_multi, triton_enabled
+from lorafleet.scheduler.spec import ALL_LINEAR
 
 
 class RowRouting:
@@ -48,8 +49,9 @@ class MultiLoraLinear(nn.Module):
         self.base = base
         self.name = name
         self.routing = routing
-        self.in_features = base.in_features
-        self.out_features = base.out_features
+        # transformers' Conv1D (GPT-2) holds its weight transposed, [in, out]; the LoRA factors are the same
+        self.in_features, self.out_features = (base.weight.shape if is_conv1d(base)
+                                               else (base.in_features, base.out_features))
         self.adapters: dict[str, Adapter] = {}
         # Which projection, for the dropout masks drawn in the kernels: the same seeds give each layer its own mask.
         self.dropout_stream = zlib.crc32(name.encode())
@@ -158,8 +160,13 @@ def shared_input_projections(layers: list[nn.Module], x: torch.Tensor) -> list[t
     return [y.view(*x.shape[:-1], y.shape[-1]) for y in outputs]
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    return isinstance(module, Conv1D)
+
+
 def _is_linear(module: nn.Module) -> bool:
-    if isinstance(module, nn.Linear):
+    """What PEFT calls a linear layer: nn.Linear, transformers' Conv1D, bitsandbytes' quantized linears."""
+    if isinstance(module, (nn.Linear, Conv1D)):
         return True
     try:
         import bitsandbytes as bnb
@@ -173,11 +180,23 @@ def matches(module_name: str, target: str) -> bool:
     return module_name == target or module_name.endswith("." + target)
 
 
+def all_linear_names(model: nn.Module) -> tuple[str, ...]:
+    """PEFT's `all-linear`: the names of every linear layer but the LM head (the output embedding)."""
+    head = model.get_output_embeddings()
+    wrapped = {id(module.base) for module in model.modules() if isinstance(module, MultiLoraLinear)}
+    return tuple(sorted({name.rpartition(".")[2] for name, module in model.named_modules()
+                         if module is not head and id(module) not in wrapped
+                         and (_is_linear(module) or isinstance(module, MultiLoraLinear))}))
+
+
 def wrap_targets(model: nn.Module, targets: tuple[str, ...], routing: RowRouting) -> dict[str, MultiLoraLinear]:
-    """Wrap (once) every linear layer that one of `targets` names; return name -> layer for all of them.
+    """Wrap (once) every linear layer that one of `targets` names (or every one but the LM head, for
+    `("all-linear",)`); return name -> layer for all of them.
 
     Raises ValueError when a target names no module or a module that is not a linear layer.
     """
+    if targets == (ALL_LINEAR,):
+        targets = all_linear_names(model)
     layers: dict[str, MultiLoraLinear] = {}
     found = set()
     for name, module in list(model.named_modules()):

@@ -22,6 +22,7 @@ MAX_SPEC_BYTES = 64 * 1024
 MAX_METADATA_PAIRS, MAX_METADATA_KEY_CHARS, MAX_METADATA_VALUE_CHARS = 16, 64, 512
 
 ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ALL_LINEAR = "all-linear"  # PEFT's name for every linear layer of the decoder but the LM head
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -40,7 +41,10 @@ class AdapterSpec(_Strict):
     r: int = Field(16, ge=1, le=256)
     lora_alpha: float = Field(32.0, gt=0, le=4096)
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    target_modules: tuple[str, ...] = Field(ALL_PROJECTIONS, min_length=1, max_length=16)
+    target_modules: tuple[str, ...] = Field(
+        ALL_PROJECTIONS, min_length=1, max_length=16,
+        description="names of the base's linear layers (checked against the base at submission), or \"all-linear\"",
+    )
     nola: Optional[NolaSettings] = None
     use_rslora: bool = Field(False, description="rank-stabilised scale lora_alpha / sqrt(r) instead of lora_alpha / r "
                              "(PEFT's use_rslora)")
@@ -50,9 +54,16 @@ class AdapterSpec(_Strict):
     use_dora: bool = Field(False, description="DoRA: a trained magnitude per output feature times the direction of "
                            "W + scale·BA (lora only, unquantized bases; PEFT's use_dora)")
 
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _all_linear(cls, value):
+        return (ALL_LINEAR,) if value == ALL_LINEAR else value  # PEFT writes it as a string
+
     @field_validator("target_modules")
     @classmethod
     def _known_modules(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if value == (ALL_LINEAR,):
+            return value
         for name in value:
             if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", name):
                 raise ValueError(f"not a module name: {name!r}")
