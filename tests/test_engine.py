@@ -89,11 +89,11 @@ OTHER_SPECS = {
 }
 
 
-def run_x(model_dir, datasets, x_spec, with_others: bool):
+def run_x(model_dir, datasets, x_spec, with_others: bool, others=OTHER_SPECS):
     cohort = Cohort(model_dir)
     cohort.add_job("x", make_spec(model_dir, **x_spec), datasets["x"])
     if with_others:
-        for job_id, spec in OTHER_SPECS.items():
+        for job_id, spec in others.items():
             cohort.add_job(job_id, make_spec(model_dir, **spec), datasets[job_id])
     return cohort, train(cohort)
 
@@ -142,17 +142,33 @@ def test_lora_init_is_peft_init_from_the_job_seed(llama, datasets):
     assert torch.equal(first, expected)
 
 
+# Bases whose projections carry other names than Llama's: y and z target theirs (x trains "all-linear").
+OTHER_TARGETS = {"phi3": (["qkv_proj"], ["down_proj", "o_proj"]), "gpt2": (["c_attn"], ["c_fc", "c_proj"])}
+
+
+def family_specs(family: str, x_spec: dict) -> tuple[dict, dict]:
+    """X's spec and the others' for a base of `family`."""
+    if family in FAMILIES:
+        return x_spec, OTHER_SPECS
+    x_spec = {**x_spec, "adapter": {**x_spec["adapter"], "target_modules": "all-linear"}}
+    others = {job_id: {**spec, "adapter": {**spec["adapter"], "target_modules": targets}}
+              for (job_id, spec), targets in zip(OTHER_SPECS.items(), OTHER_TARGETS.get(family, ()))}
+    return x_spec, others or OTHER_SPECS
+
+
 @pytest.mark.parametrize(
-    "family, adapter_type", [("llama", "lora"), ("llama", "nola"), ("mistral", "lora"), ("qwen2", "lora"), ("gemma", "nola")]
+    "family, adapter_type", [("llama", "lora"), ("llama", "nola"), ("mistral", "lora"), ("qwen2", "lora"), ("gemma", "nola"),
+                             ("qwen3", "lora"), ("gemma2", "lora"), ("gemma3", "nola"), ("phi3", "lora"), ("gpt2", "lora"),
+                             ("gpt2", "nola"), ("qwen2_moe", "lora")]
 )
 def test_cohort_invariance(llama, datasets, tmp_path, family, adapter_type):
     model_dir = llama if family == "llama" else build_tiny_model(tmp_path, family)
     adapter = {**X_SPEC["adapter"], "type": adapter_type}
     if adapter_type == "nola":
         adapter["nola"] = {"num_basis": 16, "basis_seed": 3}
-    x_spec = {**X_SPEC, "adapter": adapter}
+    x_spec, others = family_specs(family, {**X_SPEC, "adapter": adapter})
     alone, alone_history = run_x(model_dir, datasets, x_spec, with_others=False)
-    together, together_history = run_x(model_dir, datasets, x_spec, with_others=True)
+    together, together_history = run_x(model_dir, datasets, x_spec, with_others=True, others=others)
     assert set(together_history) == {"x", "y", "z"}
     assert len(alone_history["x"]) == 8 and alone_history["x"][-1].done  # 10 examples / 3 -> 4 a epoch, x2, /2 accum
     assert_same_losses(together_history["x"], alone_history["x"])
