@@ -5,8 +5,10 @@ kernels forward; SiLU and the gate·up product two; rotary slices, negates, conc
 are transposed to [1, H, T, D] and copied back for flash attention). `fuse_decoder` swaps, per module instance, the
 forward of:
 
-- RMSNorm (Llama, Mistral, Qwen2): `kernels.rms_norm`, one read and one write, only x and 1/rms saved;
-- the SiLU MLP (Llama, Mistral, Qwen2): `down(kernels.silu_mul(gate(x), up(x)))`, gate and up saved, no product;
+- RMSNorm (Llama, Mistral, Qwen2, Qwen3, Phi-3, Qwen2-MoE): `kernels.rms_norm`, one read and one write, only x and
+  1/rms saved;
+- the SiLU MLP (Llama, Mistral, Qwen2, Qwen3, Qwen2-MoE's shared expert): `down(kernels.silu_mul(gate(x), up(x)))`,
+  gate and up saved, no product;
 - LlamaAttention on a packed row: q/k/v stay [T, H, D] views of the projections, `kernels.rotary` writes the rotated
   q and k, varlen flash attention reads them as they are, and o_proj reads its output without a copy.
 
@@ -14,8 +16,8 @@ q/k/v, and gate/up, read the same input: `multilora.shared_input_projections` gi
 (one read of x for all their adapters' shrinks, one input gradient) when every job targets the whole group.
 
 The kernels compute HF's formulas (kernels/reference.py), in fp32 with one rounding; on the CPU the references run,
-so the CPU engine computes what HF's modules do. Modules of other classes (Gemma's (1 + w) norm, Qwen3's q/k norms,
-GELU MLPs, ...) keep HF's forward.
+so the CPU engine computes what HF's modules do. Modules of other classes (Gemma's (1 + w) norm, Phi-3's fused
+gate_up_proj MLP, GPT-2's LayerNorm and GELU MLP, attention other than Llama's, ...) keep HF's forward.
 """
 
 from __future__ import annotations
@@ -30,8 +32,9 @@ from lorafleet.executor.model import packed_attention
 from lorafleet.executor.multilora import shared_input_projections
 from lorafleet.kernels import rms_norm, rotary, silu_mul
 
-NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm"}
-MLPS = {"LlamaMLP", "MistralMLP", "Qwen2MLP"}
+# Classes whose forward is Llama's formula under another family's name (Qwen3's q/k norms are RMSNorms too).
+NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm", "Qwen2MoeRMSNorm"}
+MLPS = {"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "Qwen2MoeMLP"}
 ATTENTIONS = {"LlamaAttention"}
 
 

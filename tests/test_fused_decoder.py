@@ -18,7 +18,7 @@ LENGTHS = [5, 17, 1, 9]
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    return {family: build_tiny_model(tmp_path_factory.mktemp(family), family) for family in ("llama", "qwen2", "gemma")}
+    return {family: build_tiny_model(tmp_path_factory.mktemp(family), family) for family in FAMILIES}
 
 
 def forward_backward(model, seed=0):
@@ -32,7 +32,12 @@ def forward_backward(model, seed=0):
     return logits.detach(), embeds.grad
 
 
-@pytest.mark.parametrize("family, swapped", [("llama", 9), ("qwen2", 7), ("gemma", 0)])
+FAMILIES = ("llama", "qwen2", "gemma", "qwen3", "phi3", "qwen2_moe", "gpt2")
+
+
+# qwen3: 5 norms, 4 q/k norms, 2 MLPs; phi3: 5 norms (fused gate_up MLP); qwen2_moe: 5 norms, 2 shared-expert MLPs
+@pytest.mark.parametrize("family, swapped", [("llama", 9), ("qwen2", 7), ("gemma", 0), ("qwen3", 11), ("phi3", 5),
+                                             ("qwen2_moe", 7), ("gpt2", 0)])
 def test_fused_forwards_compute_what_hf_modules_compute(models, family, swapped):
     hf, _ = load_base(models[family])
     fused, _ = load_base(models[family])
