@@ -13,6 +13,7 @@ import logging
 from typing import Optional
 
 import torch
+from transformers.pytorch_utils import Conv1D
 
 from lorafleet.scheduler.records import GpuStats
 
@@ -38,10 +39,18 @@ def device_peak_tflops(device: str, given: Optional[float] = None) -> Optional[f
 
 
 def frozen_matmul_params(layers: torch.nn.Module) -> int:
-    """P: the weights of every linear map in the decoder layers (quantized ones counted by their shape)."""
-    return sum(module.in_features * module.out_features for module in layers.modules()
-               if isinstance(getattr(module, "in_features", None), int)
-               and isinstance(getattr(module, "out_features", None), int) and hasattr(module, "weight"))
+    """P: the weights of every linear map in the decoder layers (quantized ones counted by their shape, GPT-2's
+    Conv1D by its weight's)."""
+    return sum(_matmul_params(module) for module in layers.modules())
+
+
+def _matmul_params(module: torch.nn.Module) -> int:
+    if isinstance(module, Conv1D):
+        return module.weight.numel()
+    if (isinstance(getattr(module, "in_features", None), int) and isinstance(getattr(module, "out_features", None), int)
+            and hasattr(module, "weight")):
+        return module.in_features * module.out_features
+    return 0
 
 
 def mfu(params: int, input_tokens: int, seconds: float, peak: Optional[float]) -> Optional[float]:

@@ -26,7 +26,7 @@ import torch
 from lorafleet.executor.cohort import Cohort
 from lorafleet.executor.data import DataError, JobData
 from lorafleet.executor.gpu import Nvml, device_peak_tflops, frozen_matmul_params, mfu
-from lorafleet.executor.model import device_auto_dtype, native_bf16
+from lorafleet.executor.model import decoder_layers, device_auto_dtype, native_bf16
 from lorafleet.scheduler import config, fleet, keys
 from lorafleet.scheduler.artifacts import ArtifactStore
 from lorafleet.scheduler.datasets import AcceptedDataset, verified_path
@@ -252,7 +252,7 @@ class Executor:
                              max_pass_tokens=self.max_pass_tokens)
         self.compat_key = plan.compat_key
         self.base_bytes = sum(p.numel() * p.element_size() for p in self.cohort.model.parameters())
-        self.matmul_params = frozen_matmul_params(self.cohort.model.base_model.layers)
+        self.matmul_params = frozen_matmul_params(decoder_layers(self.cohort.model))
         # The memory model's bytes per token for this base, in the dtype it computes in here: from the job's plan,
         # which sized it at submission (activations of one micro-batch / its tokens).
         size = plan.size(device_auto_dtype(torch.device(self.device)))

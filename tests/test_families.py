@@ -30,6 +30,8 @@ from transformers import (
 )
 
 from lorafleet.executor.cohort import Cohort
+from lorafleet.executor.gpu import frozen_matmul_params
+from lorafleet.executor.model import decoder_layers
 from lorafleet.executor.multilora import all_linear_names
 from lorafleet.scheduler import datasets, submission
 from lorafleet.scheduler.base_modules import linear_widths, weight_shapes
@@ -183,3 +185,13 @@ def test_a_family_trains_in_a_cohort_and_its_adapter_loads_in_peft_with_equal_lo
             torch.testing.assert_close(cohort.logits(job_id, ids), want, rtol=1e-5, atol=1e-5)
             assert (want - plain).abs().max() > 1e-3, "the adapter changes the logits"
             base = peft.unload()
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_the_mfu_counts_every_matmul_weight_of_the_decoder_layers(bases, family):
+    """GPT-2's Conv1D too (it has no in_features); a MoE block's experts are no linear module and not counted."""
+    model = reference_model(bases(family))
+    layers = decoder_layers(model)
+    expected = sum(p.numel() for name, p in layers.named_parameters()
+                   if p.dim() == 2 and "experts." not in name and not name.endswith("mlp.gate.weight"))
+    assert frozen_matmul_params(layers) == expected > 0
