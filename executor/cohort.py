@@ -12,6 +12,14 @@ over the whole step, so the summed gradients are the one-pass gradients; only th
 at a time. That fits large cohorts without recomputing activations. (With dropout each pass draws its own seed per job,
 so the masks differ from one pass's: same distribution, other numbers.)
 
+DPO jobs (`method: dpo`) train on preference pairs beside SFT jobs in the same packed row: a pair is two sequences
+(chosen, rejected) kept in one pass, and its loss is sigmoid DPO, -log σ(β((π_c - ref_c) - (π_r - ref_r))), the
+log-probs summed over the answer tokens, averaged over the micro-batch's pairs. The reference is the frozen base
+itself: before each pass that holds DPO pairs, one no-grad forward of those pairs' rows with no adapter routed
+(`RowRouting.segments` empty) gives ref_c and ref_r, so a DPO job needs no second model in memory. Its cost is one
+extra forward (no backward, no activations kept) over the DPO jobs' tokens each step, about a third more compute
+for those tokens; the reference of a pair is computed again each epoch rather than stored.
+
 A job whose data fails, or whose loss or gradient norm is not finite, is failed alone: its adapter is detached before
 its weights change, and nothing of it can reach the other jobs (their rows never meet its rows: attention is per
 sequence, everything else is per row). A finished job reports done=True and stops drawing batches; the executor
@@ -28,7 +36,7 @@ checkpoints and removes it.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -44,7 +52,7 @@ from lorafleet.executor.loss import token_losses as chunked_token_losses
 from lorafleet.executor.model import decoder_layers, load_base, packing_kwargs
 from lorafleet.executor.multilora import MultiLoraLinear, RowRouting, is_conv1d, wrap_targets
 from lorafleet.executor.optim import JobOptimizer, NonFiniteGradients
-from lorafleet.scheduler.spec import JobSpec
+from lorafleet.scheduler.spec import JobSpec, check_method_format
 
 
 @dataclass
@@ -58,6 +66,24 @@ class StepResult:
     done: bool
     error: str | None = None
     checkpoint_due: bool = False  # the optimizer just reached a multiple of checkpoint_every, or the end
+    rewards: PreferenceRewards | None = None  # a DPO job's, over this micro-batch's pairs
+
+
+@dataclass
+class PreferenceRewards:
+    """A DPO micro-batch's implicit rewards β(π - ref), averaged over its pairs (TRL's rewards/* metrics)."""
+
+    chosen: float
+    rejected: float
+    accuracy: float  # the share of pairs whose chosen reward beats the rejected one
+
+    @property
+    def margin(self) -> float:
+        return self.chosen - self.rejected
+
+    def metrics(self) -> dict[str, float]:
+        return {"rewards_chosen": self.chosen, "rewards_rejected": self.rejected, "reward_margin": self.margin,
+                "reward_accuracy": self.accuracy}
 
 
 @dataclass
@@ -108,6 +134,9 @@ class PackedBatch:
     sequence_lengths: list[int]
     rows: dict[str, tuple[int, int]]  # job id -> its rows
     num_targets: dict[str, int]
+    job_sequences: dict[str, list[int]]  # job id -> the lengths of its sequences, in order (a pair: chosen, rejected)
+    references: dict[str, torch.Tensor] = field(default_factory=dict)  # DPO job -> its sequences' log-probs, base alone
+    rewards: dict[str, torch.Tensor] = field(default_factory=dict)  # DPO job -> [Σ chosen, Σ rejected, pairs right]
 
 
 def split_passes(batches: dict[str, list[Example]], max_tokens: int | None) -> list[dict[str, list[Example]]]:
@@ -134,19 +163,37 @@ def split_passes(batches: dict[str, list[Example]], max_tokens: int | None) -> l
 
 def pack(batches: dict[str, list[Example]], device) -> PackedBatch:
     """Lay every job's sequences back to back; targets are shifted within each sequence, never across two."""
-    ids, targets, lengths, rows, num_targets = [], [], [], {}, {}
+    ids, targets, lengths, rows, num_targets, job_sequences = [], [], [], {}, {}, {}
     for job_id, examples in batches.items():
         start = len(ids)
+        job_sequences[job_id] = []
         for example in examples:
-            if example.input_ids:
-                ids += example.input_ids
-                targets += example.labels[1:] + [IGNORE_INDEX]
-                lengths.append(len(example.input_ids))
+            for begin, end in example.sequences():
+                ids += example.input_ids[begin:end]
+                targets += example.labels[begin + 1:end] + [IGNORE_INDEX]
+                lengths.append(end - begin)
+                job_sequences[job_id].append(end - begin)
         rows[job_id] = (start, len(ids))
         num_targets[job_id] = sum(1 for t in targets[start:] if t != IGNORE_INDEX)
     return PackedBatch(
-        torch.tensor([ids], device=device), torch.tensor(targets, device=device), lengths, rows, num_targets
+        torch.tensor([ids], device=device), torch.tensor(targets, device=device), lengths, rows, num_targets,
+        job_sequences,
     )
+
+
+def sequence_logps(token_losses: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """Each sequence's log-probability of its targets: minus the sum of its rows' token losses (0 off target)."""
+    return -torch.stack([part.sum() for part in token_losses.split(lengths)])
+
+
+def dpo_losses(logps: torch.Tensor, references: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sigmoid DPO over pairs laid out (chosen, rejected, chosen, ...): the per-pair losses, and their rewards
+    [Σ chosen, Σ rejected, pairs whose chosen reward is higher] (no gradient)."""
+    log_ratios = (logps - references).view(-1, 2)
+    losses = -F.logsigmoid(beta * (log_ratios[:, 0] - log_ratios[:, 1]))
+    rewards = beta * log_ratios.detach()
+    right = (rewards[:, 0] > rewards[:, 1]).to(rewards.dtype)
+    return losses, torch.stack([rewards[:, 0].sum(), rewards[:, 1].sum(), right.sum()])
 
 
 class Cohort:
@@ -193,6 +240,7 @@ class Cohort:
         hp = spec.hyperparameters
         data = JobData(dataset_path, spec.dataset_format, self.tokenizer, hp.max_seq_len, hp.batch_size, hp.seed,
                        name=dataset_name)
+        check_method_format(spec.method, data.fmt, f"job {job_id!r}: {data.name}")
         layers = wrap_targets(self.model, spec.adapter.target_modules, self.routing)
         shapes = {name: (layer.in_features, layer.out_features) for name, layer in layers.items()}
         base_weights = {name: layer.base_weight() for name, layer in layers.items()} if spec.adapter.use_dora else None
@@ -228,7 +276,11 @@ class Cohort:
         if not batches:
             return results
         targets = {job_id: sum(example.num_targets for example in examples) for job_id, examples in batches.items()}
+        # SFT: the mean over target tokens; DPO: the mean over pairs
+        divisors = {job_id: len(examples) if self._is_dpo(job_id) else targets[job_id]
+                    for job_id, examples in batches.items()}
         loss_sums = {job_id: torch.zeros((), device=self.device) for job_id in batches}
+        reward_sums = {job_id: torch.zeros(3, device=self.device) for job_id in batches if self._is_dpo(job_id)}
         non_finite: dict[str, float] = {}
         self.step_tokens, self.largest_pass_tokens = 0, 0
         for part in split_passes(batches, self.max_pass_tokens):
@@ -238,7 +290,10 @@ class Cohort:
             part_tokens = sum(len(example.input_ids) for examples in part.values() for example in examples)
             self.step_tokens += part_tokens
             self.largest_pass_tokens = max(self.largest_pass_tokens, part_tokens)
-            sums = self._forward(pack(part, self.device))
+            batch = self._pack(part)
+            sums = self._forward(batch)
+            for job_id, rewards in batch.rewards.items():
+                reward_sums[job_id] += rewards
             finite = torch.isfinite(torch.stack(list(sums.values()))).tolist()
             live = {}
             for (job_id, loss_sum), ok in zip(sums.items(), finite):
@@ -247,7 +302,7 @@ class Cohort:
                 else:
                     non_finite[job_id] = loss_sum.item()
             if live:  # one backward for all; each job's loss reaches only its own adapter
-                job_losses = (loss_sum / max(1, targets[job_id]) for job_id, loss_sum in live.items())
+                job_losses = (loss_sum / max(1, divisors[job_id]) for job_id, loss_sum in live.items())
                 sum(loss / self.jobs[job_id].window_size for job_id, loss in zip(live, job_losses)).backward()
             for job_id, loss_sum in live.items():
                 loss_sums[job_id] += loss_sum.detach()
@@ -260,35 +315,71 @@ class Cohort:
             self.jobs[job_id].trained_tokens += targets[job_id]
         stepping = [job_id for job_id in finished if self.jobs[job_id].window_full]
         norms = [self.jobs[job_id].optimizer.grad_norm() for job_id in stepping]
-        losses = [loss_sums[job_id] / max(1, targets[job_id]) for job_id in finished]
-        numbers = torch.stack(losses + norms).tolist() if finished else []
+        losses = [loss_sums[job_id] / max(1, divisors[job_id]) for job_id in finished]
+        rewarded = [job_id for job_id in finished if job_id in reward_sums]  # DPO jobs: 3 numbers each
+        rewards = [reward_sums[job_id] / divisors[job_id] for job_id in rewarded]
+        numbers = torch.cat([torch.stack(losses + norms), *rewards]).tolist() if finished else []
         loss_values = dict(zip(finished, numbers))
         norm_values = dict(zip(stepping, zip(norms, numbers[len(finished):])))
+        reward_rows = numbers[len(finished) + len(norms):]
+        reward_values = {job_id: PreferenceRewards(*reward_rows[3 * i:3 * i + 3])
+                         for i, job_id in enumerate(rewarded)}
         for job_id in batches:
             job = self.jobs[job_id]
             if job_id in non_finite:
                 results[job_id] = self._fail(job, f"loss is {non_finite[job_id]} at step {job.step + 1}")
             else:
                 results[job_id] = self._after_backward(job, loss_values[job_id], targets[job_id], norm_values.get(job_id))
+                results[job_id].rewards = reward_values.get(job_id)
         return results
 
+    def _is_dpo(self, job_id: str) -> bool:
+        return self.jobs[job_id].spec.method == "dpo"
+
+    def _pack(self, batches: dict[str, list[Example]]) -> PackedBatch:
+        """`pack`, with the reference log-probs of the DPO jobs' sequences in it."""
+        batch = pack(batches, self.device)
+        pairs = {job_id: examples for job_id, examples in batches.items() if self._is_dpo(job_id)}
+        if pairs:
+            batch.references = self._reference_logps(pack(pairs, self.device))
+        return batch
+
+    @torch.no_grad()
+    def _reference_logps(self, batch: PackedBatch) -> dict[str, torch.Tensor]:
+        """Job id -> the log-probs of its sequences through the frozen base alone: the rows are routed to no adapter."""
+        self.routing.segments, self.routing.dropout_seeds = {}, None
+        token_losses = self._token_losses(batch)
+        return {job_id: sequence_logps(token_losses[start:end], batch.job_sequences[job_id])
+                for job_id, (start, end) in batch.rows.items()}
+
     def _forward(self, batch: PackedBatch) -> dict[str, torch.Tensor]:
-        """Job id -> the sum of its token losses over its rows of the packed row."""
+        """Job id -> the sum of its losses over its rows of the packed row: token losses (SFT) or pair losses (DPO,
+        whose rewards it puts in `batch.rewards`)."""
         self.routing.segments = batch.rows
         self.routing.dropout_seeds = self.dropout_seeds(batch)
         try:
-            kwargs = packing_kwargs(batch.sequence_lengths, self.device)
-            if chunked_head_loss_applies(self.model):
-                hidden = self.model.base_model(batch.input_ids, use_cache=False, **kwargs).last_hidden_state[0]
-                token_losses = chunked_token_losses(hidden, self.model.lm_head.weight, batch.targets)
-            else:
-                logits = self.model(batch.input_ids, use_cache=False, **kwargs).logits[0]
-                token_losses = F.cross_entropy(
-                    logits.float(), batch.targets, ignore_index=IGNORE_INDEX, reduction="none"
-                )
+            token_losses = self._token_losses(batch)
         finally:
             self.routing.segments, self.routing.dropout_seeds = {}, None
-        return {job_id: token_losses[start:end].sum() for job_id, (start, end) in batch.rows.items()}
+        sums = {}
+        for job_id, (start, end) in batch.rows.items():
+            if job_id not in batch.references:
+                sums[job_id] = token_losses[start:end].sum()
+                continue
+            logps = sequence_logps(token_losses[start:end], batch.job_sequences[job_id])
+            losses, batch.rewards[job_id] = dpo_losses(logps, batch.references[job_id],
+                                                       self.jobs[job_id].spec.hyperparameters.beta)
+            sums[job_id] = losses.sum()
+        return sums
+
+    def _token_losses(self, batch: PackedBatch) -> torch.Tensor:
+        """The loss of every row of the packed row [T] (0 off target), with the routing set by the caller."""
+        kwargs = packing_kwargs(batch.sequence_lengths, self.device)
+        if chunked_head_loss_applies(self.model):
+            hidden = self.model.base_model(batch.input_ids, use_cache=False, **kwargs).last_hidden_state[0]
+            return chunked_token_losses(hidden, self.model.lm_head.weight, batch.targets)
+        logits = self.model(batch.input_ids, use_cache=False, **kwargs).logits[0]
+        return F.cross_entropy(logits.float(), batch.targets, ignore_index=IGNORE_INDEX, reduction="none")
 
     def dropout_seeds(self, batch: PackedBatch) -> torch.Tensor | None:
         """One fresh seed per job for this forward's dropout masks, from the job's own generator (0 for jobs that
@@ -350,23 +441,24 @@ class Cohort:
 
     @torch.no_grad()
     def evaluate(self, job_id: str, data: JobData) -> float | None:
-        """Mean loss over the target tokens of one pass over `data` (a validation set), without dropout.
+        """Mean loss over the target tokens (DPO: over the pairs) of one pass over `data` (a validation set), without
+        dropout.
 
         None when the set has no target tokens. Raises DataError for a bad line, like training does.
         """
         job = self.jobs[job_id]
         job.adapter.eval()
-        total, targets = 0.0, 0
+        total, count = 0.0, 0  # count: target tokens (SFT) or pairs (DPO)
         try:
             for _ in range(data.steps_per_epoch):
                 examples, _epoch = data.next_batch()
                 for part in split_passes({job_id: examples}, self.max_pass_tokens):
-                    batch = pack(part, self.device)
+                    batch = self._pack(part)
                     total += self._forward(batch)[job_id].item()
-                    targets += batch.num_targets[job_id]
+                    count += len(part[job_id]) if self._is_dpo(job_id) else batch.num_targets[job_id]
         finally:
             job.adapter.train()
-        return total / targets if targets else None
+        return total / count if count else None
 
     def export(self, job_id: str, directory) -> Path:
         """Write the job's PEFT adapter, and nothing else, into `directory` (created if needed); return it. Its

@@ -24,7 +24,7 @@ from lorafleet.scheduler.formats import (  # noqa: F401 (re-exported: the execut
     Tokenizing,
     detect_format,
     parse_record,
-    tokenise_record,
+    tokenise_example,
 )
 
 # Tokenised examples are kept in memory (8 bytes a token: id and label) up to this many tokens per job; examples
@@ -67,7 +67,7 @@ class JobData:
         self.fmt = fmt
         if fmt == "auto":
             self.fmt = self._at_line(0, lambda: detect_format(self._record(0)))
-        self._cache: dict[int, tuple[array, array]] = {}
+        self._cache: dict[int, tuple[array, array, int]] = {}
         self._cached_tokens = 0
         self._example(0)
 
@@ -125,8 +125,8 @@ class JobData:
             raise DataError("the file changed since the job started (line is cut short)")
         return parse_record(raw, first_line=self._offsets[index] == 0)
 
-    def _tokenise(self, record: dict) -> tuple[array, array]:
-        return tokenise_record(self._tokenizing, self.fmt, record, self.max_seq_len)
+    def _tokenise(self, record: dict) -> tuple[array, array, int]:
+        return tokenise_example(self._tokenizing, self.fmt, record, self.max_seq_len)
 
     def _example(self, index: int, handle=None) -> Example:
         cached = self._cache.get(index)
@@ -135,8 +135,8 @@ class JobData:
             if self._cached_tokens + len(cached[0]) <= CACHE_TOKEN_BUDGET:
                 self._cache[index] = cached
                 self._cached_tokens += len(cached[0])
-        input_ids, labels = cached
-        return Example(input_ids=input_ids.tolist(), labels=labels.tolist())
+        input_ids, labels, chosen_length = cached
+        return Example(input_ids=input_ids.tolist(), labels=labels.tolist(), chosen_length=chosen_length)
 
     def _epoch_order(self, epoch: int) -> list[int]:
         if epoch != self._order_epoch:

@@ -36,6 +36,8 @@ SPEC_FIELD_TO_PARAM = {
     "hyperparameters.max_seq_len": "lorafleet.max_seq_len",
     "hyperparameters.max_steps": "lorafleet.max_steps",
     "hyperparameters.checkpoint_every": "lorafleet.checkpoint_every",
+    "hyperparameters.beta": "method.dpo.hyperparameters.beta",
+    "method": "method.type",
     "adapter.type": "lorafleet.adapter_type",
     "adapter.r": "lorafleet.r",
     "adapter.lora_alpha": "lorafleet.lora_alpha",

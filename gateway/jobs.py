@@ -10,8 +10,8 @@ from typing import Any, Callable, Optional
 
 from lorafleet.gateway.errors import ApiError
 from lorafleet.gateway.models import (
-    Checkpoint, CreateJobRequest, FineTuningJob, Hyperparameters, HyperparametersRequest, JobError, JobEvent, Method,
-    Supervised,
+    Checkpoint, CreateJobRequest, Dpo, DpoHyperparameters, DpoRequest, FineTuningJob, Hyperparameters,
+    HyperparametersRequest, JobError, JobEvent, Method, Supervised, SupervisedRequest,
 )
 from lorafleet.scheduler.auto import AUTO, base_learning_rate
 from lorafleet.scheduler.records import JobRecord, JobState
@@ -33,12 +33,19 @@ _LORAFLEET_TO_SPEC = {  # LorafleetOptions field -> (spec section or None for to
 
 
 def _hyperparameters_of(request: CreateJobRequest) -> HyperparametersRequest:
-    if request.method is not None and request.hyperparameters is not None:
-        raise ApiError(400, "hyperparameters: give them in method.supervised.hyperparameters only (the top-level "
+    method = request.method
+    if method is not None and request.hyperparameters is not None:
+        raise ApiError(400, f"hyperparameters: give them in method.{method.type}.hyperparameters only (the top-level "
                        "field is OpenAI's deprecated form)", param="hyperparameters")
-    if request.method is not None:
-        return request.method.supervised.hyperparameters
-    return request.hyperparameters or HyperparametersRequest()
+    if method is None:
+        return request.hyperparameters or HyperparametersRequest()
+    other = "dpo" if method.type == "supervised" else "supervised"
+    if getattr(method, other) is not None:
+        raise ApiError(400, f"method.{other}: settings for {other} in a {method.type} job (method.type is "
+                       f"{method.type!r})", param=f"method.{other}")
+    if method.type == "dpo":
+        return (method.dpo or DpoRequest()).hyperparameters
+    return (method.supervised or SupervisedRequest()).hyperparameters
 
 
 def spec_from_request(request: CreateJobRequest) -> dict[str, Any]:
@@ -62,6 +69,10 @@ def spec_from_request(request: CreateJobRequest) -> dict[str, Any]:
         raw["hyperparameters"]["learning_rate"] = hp.learning_rate_multiplier * _learning_rate_base(adapter_type)
     if request.seed is not None:
         raw["hyperparameters"]["seed"] = request.seed
+    if request.method is not None and request.method.type == "dpo":
+        raw["method"] = "dpo"
+        if hp.beta != AUTO:
+            raw["hyperparameters"]["beta"] = hp.beta
     return raw
 
 
@@ -111,7 +122,7 @@ def job_view(record: JobRecord, result_files: list[str]) -> FineTuningJob:
         fine_tuned_model=fine_tuned_model(record) if record.state == JobState.SUCCEEDED else None,
         organization_id=record.tenant, status=STATUS[record.state], training_file=spec.dataset,
         validation_file=spec.validation_dataset, hyperparameters=hyperparameters,
-        method=Method(supervised=Supervised(hyperparameters=hyperparameters)), result_files=result_files,
+        method=_method_view(record, hyperparameters), result_files=result_files,
         estimated_finish=_estimated_finish(record), error=error, seed=spec.hyperparameters.seed,
         trained_tokens=_trained_tokens(record),
         metadata=dict(spec.metadata) or None, suffix=spec.name,
@@ -120,6 +131,14 @@ def job_view(record: JobRecord, result_files: list[str]) -> FineTuningJob:
                    "adapter": spec.adapter.model_dump(), "quantization": spec.quantization,
                    "max_seq_len": spec.hyperparameters.max_seq_len, "max_steps": spec.hyperparameters.max_steps},
     )
+
+
+def _method_view(record: JobRecord, hyperparameters: Hyperparameters) -> Method:
+    if record.spec.method == "dpo":
+        beta = record.spec.hyperparameters.beta
+        dpo_hyperparameters = DpoHyperparameters(**hyperparameters.model_dump(), beta=beta)
+        return Method(type="dpo", dpo=Dpo(hyperparameters=dpo_hyperparameters))
+    return Method(supervised=Supervised(hyperparameters=hyperparameters))
 
 
 def _event_message(event: dict[str, Any]) -> str:

@@ -30,9 +30,20 @@ class SupervisedRequest(_Request):
     hyperparameters: HyperparametersRequest = HyperparametersRequest()
 
 
+class DpoHyperparametersRequest(HyperparametersRequest):
+    beta: Union[Auto, float] = Field("auto", description="DPO's beta (auto: 0.1)")
+
+
+class DpoRequest(_Request):
+    hyperparameters: DpoHyperparametersRequest = DpoHyperparametersRequest()
+
+
 class MethodRequest(_Request):
-    type: Literal["supervised"] = "supervised"
-    supervised: SupervisedRequest = SupervisedRequest()
+    """OpenAI's `method`: supervised, or dpo on preference pairs (the frozen base is the reference model)."""
+
+    type: Literal["supervised", "dpo"] = "supervised"
+    supervised: Optional[SupervisedRequest] = None
+    dpo: Optional[DpoRequest] = None
 
 
 class LorafleetOptions(_Request):
@@ -75,9 +86,18 @@ class Supervised(BaseModel):
     hyperparameters: Hyperparameters
 
 
+class DpoHyperparameters(Hyperparameters):
+    beta: float
+
+
+class Dpo(BaseModel):
+    hyperparameters: DpoHyperparameters
+
+
 class Method(BaseModel):
-    type: Literal["supervised"] = "supervised"
-    supervised: Supervised
+    type: Literal["supervised", "dpo"] = "supervised"
+    supervised: Optional[Supervised] = None
+    dpo: Optional[Dpo] = None
 
 
 class JobError(BaseModel):

@@ -113,7 +113,7 @@ class FileRecord:
     sha256: str
     created_at: int  # unix seconds
     records: int  # non-blank lines of a dataset; 0 for a result
-    format: str  # a dataset's: "alpaca", "chat" or "text"; a result's: "tar"
+    format: str  # a dataset's (`formats.FORMATS`): "alpaca", "chat", "text", "preference", ...; a result's: "tar"
     kind: str  # "dataset", "adapter" or "checkpoint"
 
     def to_openai(self) -> dict[str, Any]:

@@ -16,6 +16,15 @@ Formats (one JSON object per line; blank lines are skipped; extra keys are ignor
   `"Assistant:\n"` + target `{content}<eos>`, turn after turn.
 - text: `{"text": str}`; the loss covers every token, and EOS is appended.
 
+Preference pairs, for DPO jobs (`method: dpo`); each record is two sequences, the chosen and the rejected answer to
+one prompt, and the loss covers the answers only:
+
+- preference: `{"prompt": str, "chosen": str, "rejected": str}`: `prompt + chosen + EOS` and `prompt + rejected + EOS`,
+  each tokenised whole; the targets are the answer and its EOS.
+- chat_preference (OpenAI's DPO format): `{"input": {"messages": [...]}, "preferred_output": [assistant messages],
+  "non_preferred_output": [assistant messages]}`: the conversation followed by either output, rendered as a chat;
+  the targets are the output's assistant turns only (not the assistant turns of the input).
+
 Labels follow the Hugging Face convention: aligned with `input_ids`, -100 where there is no loss, and the logits at
 position t predict `labels[t + 1]` (shift inside the loss). `labels[0]` is always -100, since nothing predicts the
 first token, so `Example.num_targets` is exactly the number of tokens the loss averages over.
@@ -33,7 +42,12 @@ from dataclasses import dataclass
 from typing import Any
 
 IGNORE_INDEX = -100
-FORMATS = ("alpaca", "chat", "text")
+SFT_FORMATS = ("alpaca", "chat", "text")
+PREFERENCE_FORMATS = ("preference", "chat_preference")  # pairs: DPO jobs only
+FORMATS = SFT_FORMATS + PREFERENCE_FORMATS
+# The key that tells a record's format
+FORMAT_KEYS = {"alpaca": "instruction", "chat": "messages", "text": "text", "preference": "chosen",
+               "chat_preference": "preferred_output"}
 CHAT_ROLES = ("system", "user", "assistant")
 
 ALPACA_PROMPT = (
@@ -56,6 +70,15 @@ class DataError(ValueError):
 class Example:
     input_ids: list[int]
     labels: list[int]
+    # A preference pair when > 0: `input_ids` holds the chosen sequence's `chosen_length` tokens, then the rejected
+    # sequence's (two sequences packed back to back, attention within each)
+    chosen_length: int = 0
+
+    def sequences(self) -> list[tuple[int, int]]:
+        """(start, end) of each sequence in `input_ids`: one, or the chosen and the rejected of a pair."""
+        if self.chosen_length:
+            return [(0, self.chosen_length), (self.chosen_length, len(self.input_ids))]
+        return [(0, len(self.input_ids))] if self.input_ids else []
 
     @property
     def num_targets(self) -> int:
@@ -71,13 +94,14 @@ def _json_type(value: object) -> str:
 
 
 def detect_format(record: dict) -> str:
-    """'alpaca', 'chat' or 'text', from which of `instruction`, `messages`, `text` the record has."""
+    """The record's format (`FORMATS`), from which of the keys of `FORMAT_KEYS` it has."""
     if not isinstance(record, dict):
         raise DataError(f"expected a JSON object, got {_json_type(record)}")
-    found = [fmt for fmt, key in (("alpaca", "instruction"), ("chat", "messages"), ("text", "text")) if key in record]
+    found = [fmt for fmt, key in FORMAT_KEYS.items() if key in record]
     if not found:
         keys = ", ".join(repr(key) for key in list(record)[:8]) or "none"
-        raise DataError(f"unknown format: expected an 'instruction', 'messages' or 'text' key (keys: {keys})")
+        expected = ", ".join(repr(key) for key in FORMAT_KEYS.values())
+        raise DataError(f"unknown format: expected one of the keys {expected} (keys: {keys})")
     if len(found) > 1:
         raise DataError(f"ambiguous format: the record fits {' and '.join(found)}")
     return found[0]
@@ -97,29 +121,60 @@ def _string_field(record: dict, key: str, optional: bool = False) -> str:
 def _chat_messages(record: dict) -> list[dict]:
     if "messages" not in record:
         raise DataError("missing 'messages'")
-    messages = record["messages"]
-    if not isinstance(messages, list):
-        raise DataError(f"'messages' must be an array, got {_json_type(messages)}")
-    if not messages:
-        raise DataError("'messages' is empty")
-    clean = []
-    for number, message in enumerate(messages, start=1):
-        if not isinstance(message, dict):
-            raise DataError(f"message {number} must be an object, got {_json_type(message)}")
-        for key in ("role", "content"):
-            if key not in message:
-                raise DataError(f"message {number}: missing '{key}'")
-        role = message["role"]
-        if role not in CHAT_ROLES:
-            shown = repr(role) if isinstance(role, str) else _json_type(role)
-            raise DataError(f"message {number}: unknown role {shown} (use system, user or assistant)")
-        content = message["content"]
-        if not isinstance(content, str):
-            raise DataError(f"message {number}: 'content' must be a string, got {_json_type(content)}")
-        clean.append({"role": role, "content": content})
+    clean = _message_list(record["messages"], "messages")
     if not any(message["role"] == "assistant" for message in clean):
         raise DataError("no assistant message, so nothing to learn from")
     return clean
+
+
+def _message_list(messages: object, field: str, roles: tuple[str, ...] = CHAT_ROLES) -> list[dict]:
+    """A non-empty array of `{"role", "content"}` messages with roles among `roles`, as plain dicts; DataError naming
+    `field` and the message."""
+    if not isinstance(messages, list):
+        raise DataError(f"'{field}' must be an array, got {_json_type(messages)}")
+    if not messages:
+        raise DataError(f"'{field}' is empty")
+    where = "" if field == "messages" else f"{field}: "
+    clean = []
+    for number, message in enumerate(messages, start=1):
+        if not isinstance(message, dict):
+            raise DataError(f"{where}message {number} must be an object, got {_json_type(message)}")
+        for key in ("role", "content"):
+            if key not in message:
+                raise DataError(f"{where}message {number}: missing '{key}'")
+        role = message["role"]
+        if role not in roles:
+            shown = repr(role) if isinstance(role, str) else _json_type(role)
+            allowed = ", ".join(roles[:-1]) + " or " + roles[-1] if len(roles) > 1 else f"only {roles[0]}"
+            raise DataError(f"{where}message {number}: unknown role {shown} (use {allowed})")
+        content = message["content"]
+        if not isinstance(content, str):
+            raise DataError(f"{where}message {number}: 'content' must be a string, got {_json_type(content)}")
+        clean.append({"role": role, "content": content})
+    return clean
+
+
+def _preference_texts(record: dict) -> tuple[str, str, str]:
+    """(prompt, chosen, rejected) of a preference record."""
+    return tuple(_string_field(record, key) for key in ("prompt", "chosen", "rejected"))
+
+
+def _chat_preference(record: dict) -> tuple[list[dict], list[dict], list[dict]]:
+    """(conversation, preferred output, non-preferred output) of a chat_preference record."""
+    if "input" not in record:
+        raise DataError("missing 'input'")
+    conversation = record["input"]
+    if not isinstance(conversation, dict):
+        raise DataError(f"'input' must be an object with 'messages', got {_json_type(conversation)}")
+    if "messages" not in conversation:
+        raise DataError("input: missing 'messages'")
+    messages = _message_list(conversation["messages"], "input.messages")
+    outputs = []
+    for key in ("preferred_output", "non_preferred_output"):
+        if key not in record:
+            raise DataError(f"missing '{key}'")
+        outputs.append(_message_list(record[key], key, roles=("assistant",)))
+    return messages, outputs[0], outputs[1]
 
 
 class Tokenizing:
@@ -155,7 +210,18 @@ class Tokenizing:
         return [bos] if with_special[:1] == [bos] and plain[:1] != [bos] else []
 
     def example(self, fmt: str, record: dict, max_seq_len: int) -> tuple[array, array]:
-        prefix, text, targets = getattr(self, fmt)(record)
+        return self._tokens(*getattr(self, fmt)(record), max_seq_len)
+
+    def pair(self, fmt: str, record: dict, max_seq_len: int) -> tuple[array, array, int]:
+        """A preference record's chosen and rejected sequences back to back, each cut to `max_seq_len` tokens, and
+        the chosen one's length."""
+        chosen, rejected = getattr(self, fmt)(record)
+        chosen_ids, chosen_labels = self._tokens(*chosen, max_seq_len)
+        rejected_ids, rejected_labels = self._tokens(*rejected, max_seq_len)
+        return chosen_ids + rejected_ids, chosen_labels + rejected_labels, len(chosen_ids)
+
+    def _tokens(self, prefix: list[int], text: str, targets: list[tuple[int, int]], max_seq_len: int
+                ) -> tuple[array, array]:
         encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         input_ids = array("i", prefix)
         labels = array("i", [IGNORE_INDEX] * len(prefix))
@@ -185,8 +251,26 @@ class Tokenizing:
         text = _string_field(record, "text") + self.eos_text
         return self.bos, text, [(0, len(text))]
 
+    def preference(self, record: dict) -> list[tuple[list[int], str, list[tuple[int, int]]]]:
+        prompt, chosen, rejected = _preference_texts(record)
+        renderings = []
+        for answer in (chosen, rejected):
+            text = prompt + answer + self.eos_text
+            renderings.append((self.bos, text, [(len(prompt), len(text))]))
+        return renderings
+
+    def chat_preference(self, record: dict) -> list[tuple[list[int], str, list[tuple[int, int]]]]:
+        messages, preferred, non_preferred = _chat_preference(record)
+        renderings = []
+        for output in (preferred, non_preferred):
+            prefix, text, targets = self._conversation(messages + output)
+            renderings.append((prefix, text, targets[-len(output):]))  # the output's turns, not the input's
+        return renderings
+
     def chat(self, record: dict) -> tuple[list[int], str, list[tuple[int, int]]]:
-        messages = _chat_messages(record)
+        return self._conversation(_chat_messages(record))
+
+    def _conversation(self, messages: list[dict]) -> tuple[list[int], str, list[tuple[int, int]]]:
         if self.has_chat_template:
             return [], *self._template_targets(messages)
         text, targets = "", []
@@ -294,6 +378,10 @@ def check_record(record: dict, fmt: str = "auto") -> str:
             _string_field(record, key, optional)
     elif found == "text":
         _string_field(record, "text")
+    elif found == "preference":
+        _preference_texts(record)
+    elif found == "chat_preference":
+        _chat_preference(record)
     else:
         _chat_messages(record)
     return found
@@ -349,7 +437,13 @@ class RecordLines:
 
 
 def tokenise_record(tokenizing: Tokenizing, fmt: str, record: dict, max_seq_len: int) -> tuple[array, array]:
-    """(input_ids, labels) of a record of a dataset in format `fmt`, truncated to `max_seq_len` tokens."""
+    """(input_ids, labels) of a record of a dataset in format `fmt`, truncated to `max_seq_len` tokens (a preference
+    pair: both sequences back to back, each truncated)."""
+    return tokenise_example(tokenizing, fmt, record, max_seq_len)[:2]
+
+
+def tokenise_example(tokenizing: Tokenizing, fmt: str, record: dict, max_seq_len: int) -> tuple[array, array, int]:
+    """`tokenise_record`, and the length of a preference pair's chosen sequence (0 for the other formats)."""
     try:
         found = detect_format(record)
     except DataError:
@@ -358,4 +452,7 @@ def tokenise_record(tokenizing: Tokenizing, fmt: str, record: dict, max_seq_len:
         raise DataError(f"record is in {found} format, but the dataset is {fmt}")
     # No token is longer than the vocabulary's longest entry, so strings cut to max_seq_len of those keep all that
     # truncation to max_seq_len tokens can use, and one record costs a bounded time to tokenise.
-    return tokenizing.example(fmt, cut_strings(record, max_seq_len * tokenizing.max_token_chars), max_seq_len)
+    record = cut_strings(record, max_seq_len * tokenizing.max_token_chars)
+    if fmt in PREFERENCE_FORMATS:
+        return tokenizing.pair(fmt, record, max_seq_len)
+    return *tokenizing.example(fmt, record, max_seq_len), 0

@@ -18,6 +18,8 @@ from urllib.parse import unquote, urlparse
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from lorafleet.scheduler.formats import PREFERENCE_FORMATS
+
 MAX_SPEC_BYTES = 64 * 1024
 MAX_METADATA_PAIRS, MAX_METADATA_KEY_CHARS, MAX_METADATA_VALUE_CHARS = 16, 64, 512
 
@@ -114,6 +116,8 @@ class Hyperparameters(_Strict):
     lr_scheduler: Literal["constant", "linear", "cosine"] = "linear"
     seed: int = Field(0, ge=0, le=2**31 - 1)
     checkpoint_every: int = Field(100, ge=1, le=1_000_000, description="optimizer steps between checkpoints")
+    beta: float = Field(0.1, gt=0, le=100, description="DPO's beta: how far from the base the adapter may move (method "
+                        "dpo only)")
 
 
 class JobSpec(_Strict):
@@ -122,7 +126,11 @@ class JobSpec(_Strict):
     base_model_revision: Optional[str] = Field(None, max_length=128)
     dataset: str = Field(..., min_length=1, max_length=1024, description="file:// URI or path under the data root")
     validation_dataset: Optional[str] = Field(None, min_length=1, max_length=1024)
-    dataset_format: Literal["auto", "alpaca", "chat", "text"] = "auto"
+    method: Literal["sft", "dpo"] = Field(
+        "sft", description="sft: supervised, on alpaca, chat or text records; dpo: direct preference optimisation "
+        "(sigmoid loss, hyperparameters.beta) on preference or chat_preference pairs, the frozen base as reference"
+    )
+    dataset_format: Literal["auto", "alpaca", "chat", "text", "preference", "chat_preference"] = "auto"
     adapter: AdapterSpec = AdapterSpec()
     quantization: Literal["none", "nf4", "int8"] = "none"
     dtype: Literal["auto", "bfloat16", "float32"] = Field(
@@ -163,6 +171,12 @@ class JobSpec(_Strict):
         return value
 
     @model_validator(mode="after")
+    def _method_format(self) -> "JobSpec":
+        if self.dataset_format != "auto":
+            check_method_format(self.method, self.dataset_format, "dataset_format")
+        return self
+
+    @model_validator(mode="after")
     def _dora_unquantized(self) -> "JobSpec":
         if self.adapter.use_dora and self.quantization != "none":
             raise ValueError(f"adapter.use_dora: DoRA is not offered on a quantized base (quantization "
@@ -176,6 +190,16 @@ class JobSpec(_Strict):
 
 class SpecError(ValueError):
     """A spec that cannot be accepted; the message names the offending field."""
+
+
+
+def check_method_format(method: str, fmt: str, field: str) -> None:
+    """DPO trains on preference pairs only, SFT on anything else (ValueError naming `field`)."""
+    if method == "dpo" and fmt not in PREFERENCE_FORMATS:
+        raise ValueError(f"{field}: method 'dpo' trains on preference pairs ({' or '.join(PREFERENCE_FORMATS)} "
+                         f"records), not {fmt}")
+    if method == "sft" and fmt in PREFERENCE_FORMATS:
+        raise ValueError(f"{field}: {fmt} records are preference pairs: set method 'dpo' to train on them")
 
 
 def _first_error(exc: ValidationError) -> str:

@@ -25,7 +25,9 @@ from lorafleet.scheduler.datasets import AcceptedDataset, accept, accepted_path
 from lorafleet.scheduler.files import FileStore, accepted_file, is_file_id
 from lorafleet.scheduler.memory import JobPlan, ModelShape, plan_job
 from lorafleet.scheduler.formats import IGNORE_INDEX, DataError, Tokenizing, detect_format, parse_record, tokenise_record
-from lorafleet.scheduler.spec import ALL_LINEAR, JobSpec, SpecError, is_inside, parse_spec, resolve_dataset, spec_object
+from lorafleet.scheduler.spec import (
+    ALL_LINEAR, JobSpec, SpecError, check_method_format, is_inside, parse_spec, resolve_dataset, spec_object,
+)
 
 SAMPLE_RECORDS = 2000  # records of each dataset read and counted at submission
 BYTES_PER_TOKEN_GUESS = 4  # dataset bytes per token, to size a job submitted without a token count
@@ -105,7 +107,7 @@ def plan_for(spec: JobSpec, model_dir: Path, dataset_tokens: int) -> JobPlan:
         tokens = hp.epochs * min(dataset_tokens, 10**12)
     return plan_job("|".join((snapshot, spec.quantization, spec.dtype)), snapshot, model_shape(snapshot),
                     spec.adapter.r, spec.adapter.target_modules, hp.batch_size, hp.max_seq_len, spec.quantization,
-                    spec.dtype, tokens)
+                    spec.dtype, tokens, dora=spec.adapter.use_dora)
 
 
 def plan_from_files(spec: JobSpec, tenant: str, data_root: Path, hub_cache: Path, model_roots: Sequence[Path]
@@ -191,11 +193,18 @@ def sample_count(dataset_store: Path, accepted: AcceptedDataset, field: str, fmt
     return count
 
 
-def _check_format(wanted: str, accepted: AcceptedDataset, field: str) -> None:
-    """An explicit dataset_format other than the format every record of the dataset is in would fail them all."""
+def _check_format(spec: JobSpec, accepted: AcceptedDataset, field: str) -> None:
+    """An explicit dataset_format other than the format every record of the dataset is in would fail them all; so
+    would records the job's method does not train on."""
+    wanted = spec.dataset_format
     if wanted != "auto" and accepted.format and accepted.format != wanted:
         raise SpecError(f"invalid job spec: dataset_format: {wanted!r}, but {field} {accepted.uri!r} holds "
                         f"{accepted.format} records (use {accepted.format!r} or 'auto')")
+    if accepted.format:
+        try:
+            check_method_format(spec.method, accepted.format, field)
+        except ValueError as exc:
+            raise SpecError(f"invalid job spec: {exc}") from None
 
 
 def accept_submission(
@@ -218,7 +227,7 @@ def accept_submission(
         uri = getattr(spec, field)
         datasets[field] = (accept(uri, paths[field], areas, dataset_store, field) if field in paths
                            else accepted_file(files, tenant, uri, field))
-        _check_format(spec.dataset_format, datasets[field], field)
+        _check_format(spec, datasets[field], field)
         samples[field] = sample_count(dataset_store, datasets[field], field, spec.dataset_format,
                                       str(model_dir.resolve()), spec.hyperparameters.max_seq_len)
     train = samples["dataset"]
