@@ -53,6 +53,9 @@ _DTYPE_BYTES = {"float32": 4, "bfloat16": 2}  # effective compute dtypes (see `e
 _QUANT_BYTES_PER_PARAM = {"nf4": 0.5 + 4 / 64, "int8": 1.0}
 # Trainable adapter parameter: fp32 weight + fp32 grad + Adam's two fp32 moments.
 _ADAPTER_STATE_BYTES_PER_PARAM = 16
+# DoRA (AdapterSpec.use_dora) keeps, per token and output feature of each layer it targets, two more activations for
+# the backward: the base output and the LoRA output that its magnitudes scale (executor/dora.py).
+_DORA_ACTIVATIONS_PER_TOKEN_PER_OUT_FEATURE = 2
 # Activations kept for the backward of one transformer layer, per token, in units of hidden_size * 2-byte elements
 # (Korthikanti et al. 2022, "Reducing Activation Recomputation", 34*s*b*h per layer with flash attention).
 _ACTIVATION_ELEMENTS_PER_TOKEN_PER_HIDDEN = 17
@@ -189,8 +192,14 @@ def estimate_job_bytes(
     batch_size: int,
     max_seq_len: int,
     dtype: str,
+    dora: bool = False,
 ) -> int:
-    """Bytes one job adds to a cohort: adapter weights, grads and Adam state, plus activations of one micro-batch."""
+    """Bytes one job adds to a cohort: adapter weights, grads and Adam state, plus activations of one micro-batch.
+
+    `dora`: also DoRA's magnitudes (one parameter per output feature) and its activations. A module's output features
+    are taken as half its in + out width: exact for square projections, 5% under for Llama's seven together.
+    (The d_out x d_in weight norm each DoRA layer forms is freed before the next one: not counted.)
+    """
     if dtype not in _DTYPE_BYTES:
         raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPE_BYTES)}")
     for name, value in (("r", r), ("batch_size", batch_size), ("max_seq_len", max_seq_len)):
@@ -199,12 +208,17 @@ def estimate_job_bytes(
     widths = shape.module_widths()
     if tuple(target_modules) == (ALL_LINEAR,):
         target_modules = list(widths)
-    adapter_params = 0
+    adapter_params, out_features = 0, 0
     for module in target_modules:
         if module not in widths:
             raise ValueError(f"cannot size target module {module!r}; the memory model knows {sorted(widths)}")
         adapter_params += r * widths[module]
-    return (adapter_params * _ADAPTER_STATE_BYTES_PER_PARAM
+        out_features += widths[module] // 2
+    dora_bytes = 0
+    if dora:
+        dora_bytes = out_features * (_ADAPTER_STATE_BYTES_PER_PARAM + _DORA_ACTIVATIONS_PER_TOKEN_PER_OUT_FEATURE
+                                     * batch_size * max_seq_len * _DTYPE_BYTES[dtype])
+    return (adapter_params * _ADAPTER_STATE_BYTES_PER_PARAM + dora_bytes
             + estimate_activation_bytes(shape, batch_size, max_seq_len, dtype))
 
 
@@ -327,9 +341,9 @@ class JobSize:
 
 
 def size_job(shape: ModelShape, r: int, target_modules: Sequence[str], batch_size: int, max_seq_len: int,
-             quantization: str, dtype: str) -> JobSize:
+             quantization: str, dtype: str, dora: bool = False) -> JobSize:
     return JobSize(
-        estimate_job_bytes(shape, r, target_modules, batch_size, max_seq_len, dtype),
+        estimate_job_bytes(shape, r, target_modules, batch_size, max_seq_len, dtype, dora),
         estimate_activation_bytes(shape, batch_size, max_seq_len, dtype),
         estimate_base_bytes(shape.num_params(), quantization, dtype),
     )
@@ -364,9 +378,10 @@ class JobPlan:
 
 
 def plan_job(compat_key: str, base_snapshot: str, shape: ModelShape, r: int, target_modules: Sequence[str],
-             batch_size: int, max_seq_len: int, quantization: str, dtype: str, tokens: int) -> JobPlan:
-    """Size a job for every dtype it may compute in."""
-    sizes = {d: size_job(shape, r, target_modules, batch_size, max_seq_len, quantization, d)
+             batch_size: int, max_seq_len: int, quantization: str, dtype: str, tokens: int,
+             dora: bool = False) -> JobPlan:
+    """Size a job for every dtype it may compute in (`dora`: the adapter is DoRA, `estimate_job_bytes`)."""
+    sizes = {d: size_job(shape, r, target_modules, batch_size, max_seq_len, quantization, d, dora)
              for d in possible_dtypes(dtype)}
     params = shape.num_params()
     return JobPlan(compat_key, base_snapshot, params, batch_size * max_seq_len, max_seq_len, tokens,

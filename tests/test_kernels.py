@@ -465,3 +465,42 @@ def test_dropout_refuses_what_it_cannot_do():
     with pytest.raises(ValueError, match=r"in \[0, 1\)"):
         lora_delta_triton(x, [(0, 10), (10, 20)], lora_a, lora_b, scales,
                           dropout=kernels.LoraDropout(probs=(0.1, 1.0), seeds=torch.tensor([1, 2]), stream=0))
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_dora_jobs_beside_lora_jobs_on_the_triton_path_match_the_reference_path(monkeypatch, dropout):
+    """A DoRA job's rows run in PyTorch while the LoRA jobs' run in the kernels (and q/k/v-style shared projections
+    fall back to one node per layer): outputs and every gradient are the reference path's."""
+    from lorafleet.executor.adapters import build_adapter
+    from lorafleet.executor.multilora import MultiLoraLinear, RowRouting, shared_input_projections
+    from lorafleet.scheduler.spec import AdapterSpec
+
+    torch.manual_seed(0)
+    routing = RowRouting()
+    layers = [MultiLoraLinear(torch.nn.Linear(32, d_out).requires_grad_(False), f"proj{i}", routing)
+              for i, d_out in enumerate((24, 16))]
+    for job, (r, dora, seed) in {"a": (4, False, 1), "d": (8, True, 2), "e": (2, True, 3)}.items():
+        spec = AdapterSpec(r=r, lora_dropout=dropout, use_dora=dora)
+        adapter = build_adapter(spec, {layer.name: (32, layer.out_features) for layer in layers}, seed,
+                                {layer.name: layer.base.weight for layer in layers})
+        for i, layer in enumerate(layers):
+            torch.nn.init.normal_(adapter.lora_B[i])
+            layer.adapters[job] = adapter
+    routing.segments = {"a": (0, 5), "d": (7, 19), "e": (19, 23)}
+    routing.dropout_seeds = torch.tensor([11, 12, 13])
+    x = torch.randn(1, 24, 32)
+
+    def run(triton: bool):
+        monkeypatch.setenv("LORAFLEET_TRITON", "1" if triton else "0")
+        adapters = layers[0].adapters.values()
+        for adapter in adapters:
+            adapter.zero_grad()
+        inputs = x.clone().requires_grad_()
+        outputs = shared_input_projections(layers, inputs)
+        sum(y.sum() for y in outputs).backward()
+        return [*[y.detach() for y in outputs], inputs.grad, *[p.grad.clone() for a in adapters for p in a.parameters()]]
+
+    want, got = run(False), run(True)
+    assert len(want) == 2 + 1 + 2 * 2 + 2 * 3 * 2  # y of both layers, dx, (A, B) of "a", (A, B, m) of "d" and "e"
+    for w, g in zip(want, got):
+        assert rel_error(g, w.double()) < 1e-5

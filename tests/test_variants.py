@@ -22,10 +22,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, get_linear_schedule_with_warmup
 
 from lorafleet.executor.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from lorafleet.executor.cohort import Cohort
+from lorafleet.executor.cohort import Cohort, pack
 from lorafleet.executor.data import JobData
 from lorafleet.executor.model import load_base
-from lorafleet.scheduler.spec import SpecError, parse_spec
+from lorafleet.scheduler.memory import ModelShape, estimate_job_bytes
+from lorafleet.scheduler.spec import ALL_PROJECTIONS, SpecError, parse_spec
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 # Each variant's adapter fields; r=4, alpha=16 make rsLoRA's scale (8) differ from LoRA's (4).
@@ -251,3 +252,36 @@ def test_dora_exports_its_magnitudes(llama, datasets, tmp_path):
 def test_dora_is_refused_where_it_cannot_run_at_submission(spec, error):
     with pytest.raises(SpecError, match=error):
         parse_spec({"base_model": "m", "dataset": "d", **spec})
+
+
+def saved_for_backward_bytes(cohort: Cohort, job_id: str) -> tuple[int, int, dict]:
+    """The bytes autograd keeps for the backward of one forward of the job's next micro-batch (each storage once),
+    the batch's tokens, and the forward's losses (whose graph holds what was saved)."""
+    examples, _ = cohort.jobs[job_id].data.next_batch()
+    batch = pack({job_id: examples}, cohort.device)
+    saved = {}
+
+    def keep(tensor):
+        saved[(tensor.untyped_storage().data_ptr(), tensor.dtype)] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        losses = cohort._forward(batch)
+    return sum(saved.values()), batch.input_ids.shape[1], losses
+
+
+def test_the_memory_model_counts_what_dora_keeps_for_the_backward(llama, datasets):
+    """The bytes one forward of a DoRA job keeps for the backward over those of the same LoRA job, per token, against
+    the memory model's DoRA term (its magnitudes counted apart)."""
+    kept, tokens = {}, {}
+    for dora in (False, True):
+        cohort = Cohort(llama)
+        cohort.add_job("x", make_spec(llama, adapter={"r": 4, "use_dora": dora}, batch_size=4), datasets["x"])
+        kept[dora], tokens[dora], _ = saved_for_backward_bytes(cohort, "x")
+    assert tokens[True] == tokens[False]
+    measured_per_token = (kept[True] - kept[False]) / tokens[True]
+    shape = ModelShape.from_config(json.loads((llama / "config.json").read_text()))
+    size = {dora: estimate_job_bytes(shape, 4, ALL_PROJECTIONS, 1, 1, "float32", dora) for dora in (False, True)}
+    out_features = 2 * (64 + 32 + 32 + 64 + 128 + 128 + 64)  # q k v o gate up down, 2 layers
+    magnitudes = 16 * out_features  # fp32 weight, grad and Adam's two moments
+    assert size[True] - size[False] - magnitudes == pytest.approx(measured_per_token, rel=0.1)  # 8192 vs 8209 measured
