@@ -239,3 +239,23 @@ def test_a_bad_preference_record_is_refused_at_submission(llama, tmp_path, monke
         accept("good.jsonl")
     accepted = accept("good.jsonl", method="dpo", hyperparameters={"batch_size": 2, "beta": 0.25})
     assert accepted.spec.method == "dpo" and accepted.spec.hyperparameters.beta == 0.25
+
+
+def test_a_dpo_job_resumed_from_its_checkpoint_ends_as_an_uninterrupted_one(llama, data, tmp_path):
+    """Stopped half-way through an accumulation window in its second epoch, with dropout: the same losses, rewards
+    and weights as the run that never stopped."""
+    spec = make_spec(llama, "dpo", adapter={"r": 4, "lora_dropout": 0.1}, batch_size=1, epochs=2,
+                     gradient_accumulation_steps=2, beta=0.2, seed=4)
+    uninterrupted = Cohort(llama)
+    uninterrupted.add_job("dpo", spec, data["pairs"])
+    want = train(uninterrupted)["dpo"]
+    first = Cohort(llama)
+    first.add_job("dpo", spec, data["pairs"])
+    before = [first.step()["dpo"] for _ in range(5)]
+    first.checkpoint("dpo", tmp_path / "partial")
+    resumed = Cohort(llama)
+    resumed.add_job("dpo", spec, data["pairs"], resume_from=tmp_path / "partial")
+    after = train(resumed)["dpo"]
+    assert len(want) == 8 and [(r.loss, r.rewards) for r in before + after] == [(r.loss, r.rewards) for r in want]
+    for name, (a, b) in weights(uninterrupted, "dpo").items():
+        assert torch.equal(weights(resumed, "dpo")[name][0], a) and torch.equal(weights(resumed, "dpo")[name][1], b)
