@@ -195,3 +195,11 @@ def test_the_mfu_counts_every_matmul_weight_of_the_decoder_layers(bases, family)
     expected = sum(p.numel() for name, p in layers.named_parameters()
                    if p.dim() == 2 and "experts." not in name and not name.endswith("mlp.gate.weight"))
     assert frozen_matmul_params(layers) == expected > 0
+
+
+def test_a_sharded_base_lists_the_same_linear_layers_as_one_file(bases, tmp_path):
+    model_dir = bases("qwen3")
+    AutoModelForCausalLM.from_pretrained(model_dir).save_pretrained(tmp_path, max_shard_size="100KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file() and len(list(tmp_path.glob("*.safetensors"))) > 1
+    assert weight_shapes(tmp_path) == weight_shapes(model_dir)
+    assert weight_shapes(tmp_path / "nowhere") == {}
