@@ -174,10 +174,57 @@ class NolaAdapter(Adapter):
         return torch.einsum("k,kri->ri", alpha, basis_a), torch.einsum("k,kor->or", beta, basis_b)
 
 
+def _peft_vera_init(rows: int, cols: int, generator: torch.Generator) -> torch.Tensor:
+    """PEFT's VeRA projection init: U(±sqrt(6 / cols)) (kaiming-uniform, gain sqrt(2), fan-in = cols)."""
+    bound = math.sqrt(3.0) * math.sqrt(2) / math.sqrt(cols)
+    return torch.empty(rows, cols).uniform_(-bound, bound, generator=generator)
+
+
+_SHARED_PROJECTIONS: "weakref.WeakValueDictionary[tuple, _Bases]" = weakref.WeakValueDictionary()
+
+
+def shared_projections(spec: AdapterSpec, layer_shapes: dict[str, tuple[int, int]], device: torch.device) -> _Bases:
+    """VeRA's frozen (A [r, max d_in], B [max d_out, r]) from `vera.projection_prng_key`, drawn as PEFT draws them,
+    one copy per device for every job that agrees on the key, r and the largest shapes (like `shared_bases`)."""
+    d_in = max(d for d, _ in layer_shapes.values())
+    d_out = max(d for _, d in layer_shapes.values())
+    key = (spec.vera.projection_prng_key, spec.r, d_in, d_out, str(device))
+    projections = _SHARED_PROJECTIONS.get(key)
+    if projections is None:
+        generator = torch.Generator().manual_seed(spec.vera.projection_prng_key)
+        vera_a = _peft_vera_init(spec.r, d_in, generator)
+        vera_b = _peft_vera_init(d_out, spec.r, generator)
+        projections = _Bases([vera_a.to(device), vera_b.to(device)])
+        _SHARED_PROJECTIONS[key] = projections
+    return projections
+
+
+class VeraAdapter(Adapter):
+    """VeRA (Kopiczko et al. 2024): frozen random A and B shared by every layer (sliced to each layer's shape) and by
+    every job with the same key, scaled by trained vectors: A_eff = diag(d) A, B_eff = diag(b) B. d starts at
+    `vera.d_initial`, b at zero (the adapter starts as the identity), as PEFT's VeraConfig does."""
+
+    def __init__(self, spec: AdapterSpec, layer_shapes: dict[str, tuple[int, int]], seed: int):
+        super().__init__(spec, layer_shapes, seed)
+        self.layer_shapes = dict(layer_shapes)
+        self.projections = shared_projections(spec, self.layer_shapes, torch.device("cpu"))
+        self.lambda_d = nn.ParameterList([torch.full((spec.r,), spec.vera.d_initial) for _ in layer_shapes])
+        self.lambda_b = nn.ParameterList([torch.zeros(d_out) for _, d_out in layer_shapes.values()])
+
+    def factors(self, layer: str) -> tuple[torch.Tensor, torch.Tensor]:
+        i = self._index[layer]
+        lambda_d, lambda_b = self.lambda_d[i], self.lambda_b[i]
+        if self.projections[0].device != lambda_d.device:  # the adapter moved (cohort.to(device)): follow it
+            self.projections = shared_projections(self.spec, self.layer_shapes, lambda_d.device)
+        d_in, d_out = self.layer_shapes[layer]
+        vera_a, vera_b = self.projections
+        return lambda_d[:, None] * vera_a[:, :d_in], lambda_b[:, None] * vera_b[:d_out]
+
+
 def build_adapter(spec: AdapterSpec, layer_shapes: dict[str, tuple[int, int]], seed: int,
                   base_weights: dict[str, torch.Tensor] | None = None) -> Adapter:
     """`base_weights` (layer -> its [d_out, d_in] weight): needed by DoRA only (`AdapterSpec.use_dora`)."""
     if spec.use_dora:
         return LoraAdapter(spec, layer_shapes, seed, base_weights)
-    kinds = {"lora": LoraAdapter, "nola": NolaAdapter}
+    kinds = {"lora": LoraAdapter, "nola": NolaAdapter, "vera": VeraAdapter}
     return kinds[spec.type](spec, layer_shapes, seed)

@@ -1,6 +1,6 @@
 """A job's checkpoint directory: a PEFT adapter anyone can load, plus the state to resume training exactly.
 
-    adapter_config.json          PEFT LoraConfig (NOLA adapters are exported as the LoRA A/B they compute)
+    adapter_config.json          PEFT LoraConfig (NOLA adapters are exported as the LoRA A/B they compute), or VeraConfig
     adapter_model.safetensors    base_model.model.<module>.lora_{A,B}.weight, fp32 (DoRA: .lora_magnitude_vector too)
     training_state.pt            step counters, adapter parameters, optimizer + scheduler, data cursor, dropout RNG
 
@@ -14,10 +14,10 @@ import os
 from pathlib import Path
 
 import torch
-from peft import LoraConfig
+from peft import LoraConfig, VeraConfig
 from safetensors.torch import save_file
 
-from lorafleet.executor.adapters import Adapter
+from lorafleet.executor.adapters import Adapter, VeraAdapter
 from lorafleet.scheduler.spec import ALL_LINEAR, JobSpec
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -39,27 +39,53 @@ def _replace(path: Path, write) -> None:
 def save_peft_adapter(directory: Path, adapter: Adapter, base_model_path: str, fan_in_fan_out: bool = False) -> None:
     """`fan_in_fan_out`: the targets are transformers' Conv1D (GPT-2), whose weights PEFT must know are [in, out]."""
     spec = adapter.spec
-    config = LoraConfig(
+    common = dict(
         r=spec.r,
-        lora_alpha=spec.lora_alpha,
-        lora_dropout=spec.lora_dropout,
-        use_rslora=spec.use_rslora,  # LoRA+ (loraplus_lr_ratio) changes only training: nothing to export
-        use_dora=spec.use_dora,
         target_modules=ALL_LINEAR if spec.target_modules == (ALL_LINEAR,) else list(spec.target_modules),
         fan_in_fan_out=fan_in_fan_out,
         task_type="CAUSAL_LM",
         bias="none",
         base_model_name_or_path=str(base_model_path),
     )
-    tensors = {}
-    for name, (a, b) in adapter.lora_weights().items():
-        tensors[peft_key(name, "A")] = a.float().cpu().contiguous()
-        tensors[peft_key(name, "B")] = b.float().cpu().contiguous()
-    for name, magnitude in adapter.magnitudes().items():
-        tensors[f"base_model.model.{name}.lora_magnitude_vector"] = magnitude.detach().float().cpu().contiguous()
+    if isinstance(adapter, VeraAdapter):
+        config, tensors = _vera_export(adapter, common)
+    else:
+        config, tensors = _lora_export(adapter, common)
+    tensors = {key: tensor.detach().float().cpu().contiguous() for key, tensor in tensors.items()}
     _replace(directory / ADAPTER_WEIGHTS, lambda path: save_file(tensors, str(path), metadata={"format": "pt"}))
     fields = {key: sorted(value) if isinstance(value, set) else value for key, value in config.to_dict().items()}
     _replace(directory / ADAPTER_CONFIG, lambda path: path.write_text(json.dumps(fields, indent=2, sort_keys=True)))
+
+
+def _lora_export(adapter: Adapter, common: dict) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """LoRA, rsLoRA and DoRA as PEFT's LoraConfig; NOLA as the LoRA factors it computes."""
+    spec = adapter.spec
+    config = LoraConfig(
+        lora_alpha=spec.lora_alpha,
+        lora_dropout=spec.lora_dropout,
+        use_rslora=spec.use_rslora,  # LoRA+ (loraplus_lr_ratio) changes only training: nothing to export
+        use_dora=spec.use_dora,
+        **common,
+    )
+    tensors = {}
+    for name, (a, b) in adapter.lora_weights().items():
+        tensors[peft_key(name, "A")], tensors[peft_key(name, "B")] = a, b
+    for name, magnitude in adapter.magnitudes().items():
+        tensors[f"base_model.model.{name}.lora_magnitude_vector"] = magnitude
+    return config, tensors
+
+
+def _vera_export(adapter: VeraAdapter, common: dict) -> tuple[VeraConfig, dict[str, torch.Tensor]]:
+    """PEFT's VeraConfig with the shared projections saved (`save_projection`), so loading needs no PRNG replay."""
+    spec = adapter.spec
+    config = VeraConfig(projection_prng_key=spec.vera.projection_prng_key, d_initial=spec.vera.d_initial,
+                        vera_dropout=spec.lora_dropout, save_projection=True, **common)
+    vera_a, vera_b = adapter.projections
+    tensors = {"base_model.vera_A": vera_a, "base_model.vera_B": vera_b}
+    for name, lambda_d, lambda_b in zip(adapter.layer_names, adapter.lambda_d, adapter.lambda_b):
+        tensors[f"base_model.model.{name}.vera_lambda_d"] = lambda_d
+        tensors[f"base_model.model.{name}.vera_lambda_b"] = lambda_b
+    return config, tensors
 
 
 def save_training_state(directory: Path, state: dict) -> None:

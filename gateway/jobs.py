@@ -26,6 +26,8 @@ STATUS = {
 _LORAFLEET_TO_SPEC = {  # LorafleetOptions field -> (spec section or None for top level, spec field)
     "adapter_type": ("adapter", "type"), "r": ("adapter", "r"), "lora_alpha": ("adapter", "lora_alpha"),
     "lora_dropout": ("adapter", "lora_dropout"), "target_modules": ("adapter", "target_modules"),
+    "use_rslora": ("adapter", "use_rslora"), "loraplus_lr_ratio": ("adapter", "loraplus_lr_ratio"),
+    "use_dora": ("adapter", "use_dora"),
     "quantization": (None, "quantization"), "dtype": (None, "dtype"), "priority": (None, "priority"),
     "max_seq_len": ("hyperparameters", "max_seq_len"), "max_steps": ("hyperparameters", "max_steps"),
     "checkpoint_every": ("hyperparameters", "checkpoint_every"),

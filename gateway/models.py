@@ -49,11 +49,14 @@ class MethodRequest(_Request):
 class LorafleetOptions(_Request):
     """lorafleet's own settings, beyond OpenAI's fields (each optional; the spec's defaults otherwise)."""
 
-    adapter_type: Optional[str] = Field(None, description="'lora' (default) or 'nola'")
+    adapter_type: Optional[str] = Field(None, description="'lora' (default), 'nola' or 'vera'")
     r: Optional[int] = None
     lora_alpha: Optional[float] = None
     lora_dropout: Optional[float] = None
     target_modules: Optional[list[str]] = None
+    use_rslora: Optional[bool] = Field(None, description="scale lora_alpha / sqrt(r) (PEFT's use_rslora)")
+    loraplus_lr_ratio: Optional[float] = Field(None, description="LoRA+: B's learning rate over the job's")
+    use_dora: Optional[bool] = Field(None, description="DoRA magnitudes (PEFT's use_dora); not on a quantized base")
     quantization: Optional[str] = Field(None, description="'none' (default), 'nf4' or 'int8' for the frozen base")
     dtype: Optional[str] = Field(None, description="'auto' (default), 'bfloat16' or 'float32'")
     priority: Optional[int] = Field(None, description="0 lowest, 9 highest (default 5)")

@@ -37,7 +37,8 @@ JOB_BYTES_BUDGET = 8 << 30  # what one auto-sized job may add to a cohort: sever
 
 # Learning rates that train each adapter type well at the default rank (LoRA's usual 2e-4; NOLA trains only the
 # mixing coefficients of fixed random bases, which take larger steps).
-_BASE_LEARNING_RATE = {"lora": 2e-4, "nola": 1e-3}
+# VeRA trains only scaling vectors: its paper's instruction-tuning runs use rates about 20x LoRA's (4e-3)
+_BASE_LEARNING_RATE = {"lora": 2e-4, "nola": 1e-3, "vera": 4e-3}
 
 
 @dataclass(frozen=True)

@@ -38,8 +38,13 @@ class NolaSettings(_Strict):
     basis_seed: int = Field(0, ge=0, le=2**31 - 1, description="seed that generates the fixed random bases")
 
 
+class VeraSettings(_Strict):
+    projection_prng_key: int = Field(0, ge=0, le=2**31 - 1, description="seed of the shared frozen random A and B")
+    d_initial: float = Field(0.1, gt=0, le=10, description="initial value of every d vector")
+
+
 class AdapterSpec(_Strict):
-    type: Literal["lora", "nola"] = "lora"
+    type: Literal["lora", "nola", "vera"] = "lora"
     r: int = Field(16, ge=1, le=256)
     lora_alpha: float = Field(32.0, gt=0, le=4096)
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
@@ -48,6 +53,7 @@ class AdapterSpec(_Strict):
         description="names of the base's linear layers (checked against the base at submission), or \"all-linear\"",
     )
     nola: Optional[NolaSettings] = None
+    vera: Optional[VeraSettings] = None
     use_rslora: bool = Field(False, description="rank-stabilised scale lora_alpha / sqrt(r) instead of lora_alpha / r "
                              "(PEFT's use_rslora)")
     loraplus_lr_ratio: Optional[float] = Field(
@@ -87,11 +93,19 @@ class AdapterSpec(_Strict):
             raise ValueError(f"loraplus_lr_ratio applies to type 'lora' (B's own learning rate), not {self.type!r}")
         if self.use_dora and self.type != "lora":
             raise ValueError(f"use_dora applies to type 'lora', not {self.type!r}")
+        if self.use_rslora and self.type == "vera":
+            raise ValueError("use_rslora does not apply to type 'vera' (VeRA has no alpha / r scale)")
+        if self.type != "vera" and self.vera is not None:
+            raise ValueError("'vera' settings are only allowed with type 'vera'")
+        if self.type == "vera" and self.vera is None:
+            object.__setattr__(self, "vera", VeraSettings())
         return self
 
     @property
     def scale(self) -> float:
-        """The factor of B·A in the layer's output, as PEFT computes it."""
+        """The factor of B·A in the layer's output, as PEFT computes it (VeRA's vectors are its only scale)."""
+        if self.type == "vera":
+            return 1.0
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
 

@@ -345,3 +345,15 @@ def adapter_logits(base: Path, adapter: Optional[Path]):
         model = PeftModel.from_pretrained(model, adapter)
     with torch.no_grad():
         return model.eval()(torch.arange(3, 19).unsqueeze(0)).logits
+
+
+def test_lora_variants_are_lorafleet_options(gateway, make_tenant):
+    tenant = make_tenant()
+    api = client(gateway, tenant.token)
+    variants = {"use_rslora": True, "loraplus_lr_ratio": 8.0, "use_dora": True}
+    job = create(api, tenant.dataset, extra_body={"lorafleet": {**SMALL, **variants}})
+    assert {key: job.lorafleet["adapter"][key] for key in variants} == variants  # type: ignore[attr-defined]
+    vera = create(api, tenant.dataset, extra_body={"lorafleet": {**SMALL, "adapter_type": "vera"}})
+    assert vera.lorafleet["adapter"]["type"] == "vera"  # type: ignore[attr-defined]
+    with pytest.raises(openai.BadRequestError, match="use_dora applies to type 'lora', not 'vera'"):
+        create(api, tenant.dataset, extra_body={"lorafleet": {**SMALL, "adapter_type": "vera", "use_dora": True}})

@@ -1,5 +1,5 @@
-"""LoRA variants in a cohort (fp32 on the CPU): rsLoRA's scale, LoRA+'s learning rate for B, DoRA's magnitudes, each
-checked against PEFT (its init, its training of the same variant, its loading of our export) and beside plain LoRA
+"""LoRA variants in a cohort (fp32 on the CPU): rsLoRA's scale, LoRA+'s learning rate for B, DoRA's magnitudes, VeRA's
+shared projections and vectors, each checked against PEFT (its init, its training of the same variant, its loading of our export) and beside plain LoRA
 jobs."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from helpers_models import (  # noqa: F401 (single_torch_thread is an autouse fi
     single_torch_thread,
     write_jsonl,
 )
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, VeraConfig, get_peft_model
 from peft.optimizers import create_loraplus_optimizer
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, get_linear_schedule_with_warmup
@@ -36,6 +36,7 @@ VARIANTS = {
     "rslora+loraplus": {"use_rslora": True, "loraplus_lr_ratio": 4.0},
     "dora": {"use_dora": True},
     "dora+rslora+loraplus": {"use_dora": True, "use_rslora": True, "loraplus_lr_ratio": 4.0},
+    "vera": {"type": "vera", "vera": {"projection_prng_key": 5, "d_initial": 0.5}},
 }
 
 
@@ -73,15 +74,32 @@ def train(cohort: Cohort) -> dict[str, list]:
 
 
 def weights(cohort: Cohort, job_id: str) -> dict[str, tuple[torch.Tensor, ...]]:
-    """Layer -> (A, B), and DoRA's magnitude after them."""
+    """Layer -> its trained tensors in the order of `peft_factors`."""
     adapter = cohort.jobs[job_id].adapter
+    if adapter.spec.type == "vera":
+        return {name: (d.detach().clone(), b.detach().clone())
+                for name, d, b in zip(adapter.layer_names, adapter.lambda_d, adapter.lambda_b)}
     magnitudes = adapter.magnitudes()
     return {name: (*pair, *([magnitudes[name].detach().clone()] if magnitudes else []))
             for name, pair in adapter.lora_weights().items()}
 
 
-def peft_config(spec) -> LoraConfig:
+def peft_factors(spec) -> list[str]:
+    """PEFT's names of a layer's trained tensors."""
+    if spec.adapter.type == "vera":
+        return ["vera_lambda_d", "vera_lambda_b"]
+    return ["lora_A", "lora_B"] + (["lora_magnitude_vector"] if spec.adapter.use_dora else [])
+
+
+def peft_parameter(spec, layer: str, factor: str) -> str:
+    return f"base_model.model.{layer}.{factor}.default" + ("" if spec.adapter.type == "vera" else ".weight")
+
+
+def peft_config(spec) -> LoraConfig | VeraConfig:
     adapter = spec.adapter
+    if adapter.type == "vera":
+        return VeraConfig(r=adapter.r, target_modules=list(adapter.target_modules),
+                          projection_prng_key=adapter.vera.projection_prng_key, d_initial=adapter.vera.d_initial)
     return LoraConfig(r=adapter.r, lora_alpha=adapter.lora_alpha, target_modules=list(adapter.target_modules),
                       use_rslora=adapter.use_rslora, use_dora=adapter.use_dora)
 
@@ -103,8 +121,8 @@ def peft_reference_run(model_dir, spec, dataset, initial):
     hp = spec.hyperparameters
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa"),
                            peft_config(spec))
-    model.load_state_dict({f"base_model.model.{name}.lora_{f}.default.weight": t
-                           for name, pair in initial.items() for f, t in zip("AB", pair)}, strict=False)
+    model.load_state_dict({peft_parameter(spec, name, f): t for name, tensors in initial.items()
+                           for f, t in zip(peft_factors(spec), tensors)}, strict=False)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = peft_optimizer(model, spec)
     data = JobData(dataset, "auto", load_base(model_dir)[1], hp.max_seq_len, hp.batch_size, hp.seed)
@@ -126,9 +144,7 @@ def peft_reference_run(model_dir, spec, dataset, initial):
             scheduler.step()
             optimizer.zero_grad()
     state = model.state_dict()
-    factors = ["lora_A", "lora_B"] + (["lora_magnitude_vector"] if spec.adapter.use_dora else [])
-    return losses, {name: tuple(state[f"base_model.model.{name}.{f}.default.weight"] for f in factors)
-                    for name in initial}
+    return losses, {name: tuple(state[peft_parameter(spec, name, f)] for f in peft_factors(spec)) for name in initial}
 
 
 def assert_same_weights(got, want, rtol):
@@ -203,7 +219,10 @@ def test_a_variant_exports_to_peft_with_the_same_logits(llama, datasets, tmp_pat
     directory = cohort.export("x", tmp_path / "export")
     config = json.loads((directory / ADAPTER_CONFIG).read_text())
     spec = cohort.jobs["x"].spec.adapter
-    assert (config["use_rslora"], config["use_dora"]) == (spec.use_rslora, spec.use_dora)
+    if spec.type == "vera":
+        assert config["peft_type"] == "VERA" and config["projection_prng_key"] == 5 and config["save_projection"]
+    else:
+        assert (config["use_rslora"], config["use_dora"]) == (spec.use_rslora, spec.use_dora)
     base = AutoModelForCausalLM.from_pretrained(llama, attn_implementation="sdpa")
     peft_model = PeftModel.from_pretrained(base, directory).eval()
     sequence = cohort.tokenizer("the quick brown fox jumps over the lazy dog")["input_ids"]
@@ -285,3 +304,32 @@ def test_the_memory_model_counts_what_dora_keeps_for_the_backward(llama, dataset
     out_features = 2 * (64 + 32 + 32 + 64 + 128 + 128 + 64)  # q k v o gate up down, 2 layers
     magnitudes = 16 * out_features  # fp32 weight, grad and Adam's two moments
     assert size[True] - size[False] - magnitudes == pytest.approx(measured_per_token, rel=0.1)  # 8192 vs 8209 measured
+
+
+def test_vera_starts_as_peft_starts_it_and_jobs_share_its_projections(llama, datasets):
+    cohort = Cohort(llama)
+    for job_id, seed in (("x", 1), ("y", 2)):
+        cohort.add_job(job_id, variant_spec(llama, "vera", **{"r": 8}) if job_id == "x" else
+                       make_spec(llama, adapter={"r": 8, "target_modules": TARGETS, **VARIANTS["vera"]}, seed=seed),
+                       datasets[job_id])
+    x, y = cohort.jobs["x"].adapter, cohort.jobs["y"].adapter
+    assert x.projections is y.projections, "one copy of the frozen projections for jobs with the same key and shapes"
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(llama), peft_config(cohort.jobs["x"].spec))
+    state = model.state_dict()
+    layer = "model.layers.0.self_attn.q_proj"
+    assert torch.equal(x.projections[0], state[f"base_model.model.{layer}.vera_A.default"])
+    assert torch.equal(x.projections[1], state[f"base_model.model.{layer}.vera_B.default"])
+    for name, tensors in weights(cohort, "x").items():
+        for factor, tensor in zip(peft_factors(cohort.jobs["x"].spec), tensors):
+            assert torch.equal(tensor, state[peft_parameter(cohort.jobs["x"].spec, name, factor)])
+    assert sum(p.numel() for p in x.parameters()) == 2 * (3 * 8 + 64 + 64 + 32)  # d (r) and b (d_out) per layer
+
+
+@pytest.mark.parametrize("adapter, error", [
+    ({"type": "vera", "use_rslora": True}, "use_rslora does not apply to type 'vera'"),
+    ({"type": "lora", "vera": {"projection_prng_key": 1}}, "'vera' settings are only allowed with type 'vera'"),
+    ({"type": "vera", "use_dora": True}, "use_dora applies to type 'lora', not 'vera'"),
+])
+def test_vera_refuses_what_it_cannot_do_at_submission(adapter, error):
+    with pytest.raises(SpecError, match=error):
+        parse_spec({"base_model": "m", "dataset": "d", "adapter": adapter})
