@@ -333,3 +333,23 @@ def test_vera_starts_as_peft_starts_it_and_jobs_share_its_projections(llama, dat
 def test_vera_refuses_what_it_cannot_do_at_submission(adapter, error):
     with pytest.raises(SpecError, match=error):
         parse_spec({"base_model": "m", "dataset": "d", "adapter": adapter})
+
+
+@pytest.mark.parametrize("variant", ["dora+rslora+loraplus", "vera"])
+def test_a_variant_job_resumed_from_its_checkpoint_ends_as_an_uninterrupted_run(llama, datasets, tmp_path, variant):
+    """DoRA's magnitudes, VeRA's vectors and LoRA+'s optimizer groups come back from the checkpoint (mid-window:
+    accumulation 2, stopped after 3 micro-batches)."""
+    spec = variant_spec(llama, variant, lora_dropout=0.1)
+    uninterrupted = Cohort(llama)
+    uninterrupted.add_job("x", spec, datasets["x"])
+    train(uninterrupted)
+    first = Cohort(llama)
+    first.add_job("x", spec, datasets["x"])
+    for _ in range(3):
+        first.step()
+    directory = first.checkpoint("x", tmp_path / "ckpt")
+    resumed = Cohort(llama)
+    resumed.add_job("x", spec, datasets["x"], resume_from=directory)
+    train(resumed)
+    got, want = weights(resumed, "x"), weights(uninterrupted, "x")
+    assert all(torch.equal(g, w) for name in want for g, w in zip(got[name], want[name]))
