@@ -100,6 +100,15 @@ def load_training_state(directory: Path, spec: JobSpec) -> dict:
     state = torch.load(path, map_location="cpu", weights_only=True)
     if state.get("format") != STATE_FORMAT:
         raise ValueError(f"cannot resume: {path} has state format {state.get('format')}, expected {STATE_FORMAT}")
-    if state["spec"] != spec.model_dump_json():
+    if _saved_spec(state["spec"]) != spec:
         raise ValueError(f"cannot resume: {path} was saved for a different job spec")
     return state
+
+
+def _saved_spec(text: str) -> JobSpec | None:
+    """The spec a state was saved for, read as a spec rather than compared as text: one saved before a field was
+    added to JobSpec lacks it, and holds its default (a job running through an upgrade resumes)."""
+    try:
+        return JobSpec.model_validate_json(text)
+    except ValueError:
+        return None

@@ -169,6 +169,22 @@ def test_resume_refuses_a_state_saved_for_another_spec(tmp_path, llama, dataset)
         cohort.add_job("other", make_spec(llama, max_steps=2), dataset, resume_from=tmp_path)
 
 
+def test_a_state_saved_before_a_spec_field_existed_resumes_with_its_default(tmp_path, llama, dataset):
+    """A job checkpointed by an older release (its saved spec lacks fields added since) resumes after the upgrade."""
+    spec = make_spec(llama, max_steps=4)
+    cohort = Cohort(llama)
+    cohort.add_job("job", spec, dataset)
+    cohort.step()
+    cohort.checkpoint("job", tmp_path / "ckpt")
+    state = torch.load(tmp_path / "ckpt" / TRAINING_STATE, weights_only=True)
+    older = json.loads(state["spec"])
+    for field in ("use_dora", "use_rslora"):  # added in a later release, at their defaults here
+        assert older["adapter"].pop(field) is False
+    torch.save({**state, "spec": json.dumps(older)}, tmp_path / "ckpt" / TRAINING_STATE)
+    cohort.add_job("resumed", spec, dataset, resume_from=tmp_path / "ckpt")
+    assert cohort.jobs["resumed"].step == 1
+
+
 @pytest.mark.parametrize("quantization", ["nf4", "int8"])
 def test_quantized_base_on_cpu_trains_and_exports(tmp_path, llama, dataset, quantization):
     """bitsandbytes 0.50 runs both 4-bit and 8-bit layers on the CPU, so QLoRA is tested here, not skipped."""
