@@ -36,7 +36,7 @@ from lorafleet.scheduler.metrics import ExecutorMetrics, Health, executor_metric
 from lorafleet.scheduler.policy import PlanConfig
 from lorafleet.scheduler.records import ExecutorHeartbeat, FailureReason, GpuStats, JobRecord, JobState, StepStats
 from lorafleet.scheduler.spec import JobSpec, resolve_dataset
-from lorafleet.scheduler.store import JobStore
+from lorafleet.scheduler.store import JobStore, ProgressUpdate
 from lorafleet.scheduler.submission import plan_from_files
 
 log = logging.getLogger("lorafleet.executor")
@@ -307,40 +307,18 @@ class Executor:
         self.step_pass_tokens = self.cohort.largest_pass_tokens if self.max_pass_tokens is not None else 0
         tokens_by_tenant = self._measure_step(results, seconds)
         trained = sum(tokens_by_tenant.values())
-        self.store.add_gpu_seconds({tenant: seconds * tokens / (trained or 1)
-                                    for tenant, tokens in tokens_by_tenant.items()})
-        for job_id, result in results.items():
-            lease = self.leases[job_id]
-            if result.error is not None:
-                self.store.fail(job_id, JobState.RUNNING, result.error, reason=FailureReason.TRAINING, attempt=lease.attempt,
-                                executor_id=self.executor_id)
-                self._release(job_id)
+        usage = {tenant: seconds * tokens / (trained or 1) for tenant, tokens in tokens_by_tenant.items()}
+        updates = [update for job_id, result in results.items()
+                   if (update := self._progress_of(job_id, result, seconds)) is not None]
+        kept = self.store.record_step(updates, self.executor_id, usage)  # one round trip for the whole step
+        for update, held in zip(updates, kept):
+            lease, result = self.leases[update.job_id], results[update.job_id]
+            if not held:
+                self._release(update.job_id)
                 continue
-            lease.trained_tokens += result.tokens
-            if self._untrained_after_an_epoch(lease):
-                self._fail_untrained(lease)
-                continue
-            metrics = {"loss": result.loss, "lr": result.lr, "tokens": result.tokens,
-                       "trained_tokens": self.cohort.jobs[job_id].trained_tokens,
-                       "tokens_per_s": result.tokens / seconds, "grad_norm": result.grad_norm}
-            if result.rewards is not None:  # a DPO job's
-                metrics.update(result.rewards.metrics())
-            if result.checkpoint_due and job_id in self.validation:
-                try:
-                    metrics["eval_loss"] = self.cohort.evaluate(job_id, self.validation[job_id])
-                except DataError as exc:
-                    self.store.fail(job_id, JobState.RUNNING, f"job {job_id} failed: validation data: {exc}",
-                                    reason=FailureReason.VALIDATION,
-                                    attempt=lease.attempt, executor_id=self.executor_id)
-                    self._release(job_id)
-                    continue
-            kept = self.store.record_progress(job_id, result.step, result.total_steps, metrics, attempt=lease.attempt,
-                                              executor_id=self.executor_id)
-            if kept and self.metrics:
-                self.metrics.record_job(job_id, lease.tenant, result.loss, result.step, result.total_steps)
-            if not kept:
-                self._release(job_id)
-            elif result.done:
+            if self.metrics:
+                self.metrics.record_job(update.job_id, lease.tenant, result.loss, result.step, result.total_steps)
+            if result.done:
                 self.finish(lease)
             elif result.checkpoint_due:
                 self.save_checkpoint(lease)
@@ -348,6 +326,33 @@ class Executor:
             self.metrics.cohort_jobs.set(len(self.leases))
             self.metrics.memory_allocated.set(_allocated_bytes(self.device))
             self.metrics.memory_peak.labels(executor=self.executor_id).set(peak)
+
+    def _progress_of(self, job_id: str, result, seconds: float) -> ProgressUpdate | None:
+        """What to record of a job's step; None when the step failed the job (failed and released here)."""
+        lease = self.leases[job_id]
+        if result.error is not None:
+            self.store.fail(job_id, JobState.RUNNING, result.error, reason=FailureReason.TRAINING,
+                            attempt=lease.attempt, executor_id=self.executor_id)
+            self._release(job_id)
+            return None
+        lease.trained_tokens += result.tokens
+        if self._untrained_after_an_epoch(lease):
+            self._fail_untrained(lease)
+            return None
+        metrics = {"loss": result.loss, "lr": result.lr, "tokens": result.tokens,
+                   "trained_tokens": self.cohort.jobs[job_id].trained_tokens,
+                   "tokens_per_s": result.tokens / seconds, "grad_norm": result.grad_norm}
+        if result.rewards is not None:  # a DPO job's
+            metrics.update(result.rewards.metrics())
+        if result.checkpoint_due and job_id in self.validation:
+            try:
+                metrics["eval_loss"] = self.cohort.evaluate(job_id, self.validation[job_id])
+            except DataError as exc:
+                self.store.fail(job_id, JobState.RUNNING, f"job {job_id} failed: validation data: {exc}",
+                                reason=FailureReason.VALIDATION, attempt=lease.attempt, executor_id=self.executor_id)
+                self._release(job_id)
+                return None
+        return ProgressUpdate(job_id, result.step, result.total_steps, metrics, lease.attempt)
 
     def _measure_step(self, results: dict, seconds: float) -> dict[str, int]:
         """The step's `StepStats` (kept for the heartbeat) and its metrics; returns each tenant's tokens trained (a

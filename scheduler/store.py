@@ -30,6 +30,7 @@ import math
 import re
 import secrets
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional
 
 import redis
@@ -168,6 +169,25 @@ def submit_keys(tenant: str, job_id: str) -> list[str]:
 
 def _lease_args(attempt: Optional[int], executor_id: Optional[str]) -> list:
     return ["" if attempt is None else attempt, executor_id or ""]
+
+
+def _usage_args(usage: dict[str, float], now: float) -> list:
+    """The usage script's arguments: now, the decay rate, then tenant, seconds pairs."""
+    args = [repr(now), repr(math.log(2) / USAGE_HALF_LIFE_SECONDS)]
+    for tenant, seconds in usage.items():
+        args += [tenant, repr(float(seconds))]
+    return args
+
+
+@dataclass(frozen=True)
+class ProgressUpdate:
+    """One job's step for `JobStore.record_step`."""
+
+    job_id: str
+    step: int
+    total_steps: int
+    metrics: dict
+    attempt: Optional[int] = None
 
 
 class JobStore:
@@ -661,16 +681,29 @@ class JobStore:
 
         Returns False when the job is no longer running (cancelled, requeued) or the lease is stale: drop the job.
         """
-        metrics = dict(metrics or {})
-        done = self._progress(
-            keys=[keys.job(job_id), keys.job_events(job_id)],
-            args=[*_lease_args(attempt, executor_id), int(step), int(total_steps), json.dumps(metrics),
-                  repr(time.time()),
-                  # a validation loss is measured only at checkpoints: its event is never thinned away
-                  "1" if progress_event_due(step, total_steps) or "eval_loss" in metrics else "0",
-                  json.dumps({"step": step, "total_steps": total_steps, **metrics})],
-        )
-        return bool(done[0])
+        return self.record_step([ProgressUpdate(job_id, step, total_steps, metrics or {}, attempt)], executor_id)[0]
+
+    def record_step(self, updates: list["ProgressUpdate"], executor_id: Optional[str] = None,
+                    usage: Optional[dict[str, float]] = None) -> list[bool]:
+        """`record_progress` of every job of a cohort step and the step's `add_gpu_seconds`, in one round trip (a
+        step's writes cost one network latency, not one per job); a bool per update, as `record_progress`."""
+        pipe = self.r.pipeline(transaction=False)
+        now = repr(time.time())
+        for update in updates:
+            metrics = dict(update.metrics)
+            self._progress(
+                keys=[keys.job(update.job_id), keys.job_events(update.job_id)],
+                args=[*_lease_args(update.attempt, executor_id), int(update.step), int(update.total_steps),
+                      json.dumps(metrics), now,
+                      # a validation loss is measured only at checkpoints: its event is never thinned away
+                      "1" if progress_event_due(update.step, update.total_steps) or "eval_loss" in metrics else "0",
+                      json.dumps({"step": update.step, "total_steps": update.total_steps, **metrics})],
+                client=pipe)
+        if usage:
+            self._add_usage(keys=[keys.TENANT_GPU_SECONDS, keys.TENANT_GPU_SECONDS_TOTAL],
+                            args=_usage_args(usage, time.time()), client=pipe)
+        replies = pipe.execute()
+        return [bool(reply[0]) for reply in replies[:len(updates)]]
 
     def record_checkpoint(self, job_id: str, checkpoint_uri: str, attempt: int, executor_id: Optional[str] = None,
                           step: int = 0, keep: int = KEEP_CHECKPOINTS) -> Optional[list[str]]:
@@ -736,11 +769,8 @@ class JobStore:
     def add_gpu_seconds(self, usage: dict[str, float], now: Optional[float] = None) -> None:
         """Charge tenants for their share of cohort steps; older charges decay (fair share forgets slowly)."""
         if usage:
-            now = time.time() if now is None else now
-            args = [repr(now), repr(math.log(2) / USAGE_HALF_LIFE_SECONDS)]
-            for tenant, seconds in usage.items():
-                args += [tenant, repr(float(seconds))]
-            self._add_usage(keys=[keys.TENANT_GPU_SECONDS, keys.TENANT_GPU_SECONDS_TOTAL], args=args)
+            self._add_usage(keys=[keys.TENANT_GPU_SECONDS, keys.TENANT_GPU_SECONDS_TOTAL],
+                            args=_usage_args(usage, time.time() if now is None else now))
 
     def gpu_seconds(self, now: Optional[float] = None) -> dict[str, float]:
         """Tenant -> decayed GPU seconds used, as of `now`."""

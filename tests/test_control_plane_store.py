@@ -12,7 +12,9 @@ import pytest
 from lorafleet.scheduler import keys
 from lorafleet.scheduler.redis_server import start_redis_server
 from lorafleet.scheduler.spec import parse_spec
-from lorafleet.scheduler.store import IllegalTransition, JobStore, QuotaExceeded, StaleFence, progress_event_due
+from lorafleet.scheduler.store import (
+    IllegalTransition, JobStore, ProgressUpdate, QuotaExceeded, StaleFence, progress_event_due,
+)
 
 
 def new_job(store, tenant, priority=5, **spec) -> str:
@@ -67,6 +69,24 @@ def test_lost_race_changes_nothing(store, make_tenant):
     assert store.claim(job_id, "ex-2") is None  # already scheduled
     assert store.get_job(job_id)["executor_id"] == "ex-1"
     assert store.counts(alice.name) == {**dict.fromkeys(keys.JOB_STATES, 0), "scheduled": 1}
+
+
+def test_a_steps_writes_in_one_round_trip_are_refused_job_by_job(store, make_tenant):
+    """`record_step`: each job's progress kept or refused on its own lease; the step's GPU time charged with them."""
+    alice = make_tenant("alice")
+    held, moved = new_job(store, alice), new_job(store, alice)
+    attempts = {}
+    for job_id in (held, moved):
+        attempts[job_id] = store.claim(job_id, "ex-step")
+        store.transition(job_id, "scheduled", "running", attempt=attempts[job_id])
+    assert store.transition(moved, "running", "queued")  # its lease went away before the step's writes
+    before = store.gpu_seconds_total().get(alice.name, 0.0)
+    kept = store.record_step([ProgressUpdate(held, 3, 10, {"loss": 2.0}, attempts[held]),
+                              ProgressUpdate(moved, 3, 10, {"loss": 2.0}, attempts[moved])], "ex-step",
+                             {alice.name: 1.5})
+    assert kept == [True, False]
+    assert store.get_job(held)["progress"]["step"] == 3 and store.get_job(moved)["progress"]["step"] == 0
+    assert store.gpu_seconds_total()[alice.name] == pytest.approx(before + 1.5)
 
 
 def test_requeue_keeps_checkpoint_and_stale_lease_is_refused(store, make_tenant):
