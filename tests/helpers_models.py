@@ -149,6 +149,12 @@ def alpaca_rows(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    """A tiny random Llama saved in a directory of its own, once per test module that imports this fixture."""
+    return build_tiny_model(tmp_path_factory.mktemp("llama"), "llama")
+
+
 @pytest.fixture(autouse=True, scope="module")
 def single_torch_thread():
     """Import into a test module to run it on one intra-op thread: tiny models are faster that way, and far faster

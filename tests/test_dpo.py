@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from helpers_models import alpaca_rows, build_tiny_model, single_torch_thread, write_jsonl  # noqa: F401 (autouse)
+from helpers_models import alpaca_rows, llama, single_torch_thread, write_jsonl  # noqa: F401 (fixtures)
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
@@ -32,11 +32,6 @@ CHAT_PAIRS = [
      "non_preferred_output": [{"role": "assistant", "content": "the quick brown fox"}]}
     for n, answer in (("two", "four"), ("one", "two"), ("four", "eight"))
 ]
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    return build_tiny_model(tmp_path_factory.mktemp("llama"), "llama")
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers_models import (  # noqa: F401 (single_torch_thread is an autouse fixture)
+from helpers_models import (  # noqa: F401 (fixtures: single_torch_thread is autouse, llama)
     FAMILIES,
     alpaca_rows,
     build_tiny_model,
+    llama,
     build_tokenizer,
     single_torch_thread,
     tiny_config,
@@ -25,11 +26,6 @@ from lorafleet.executor.data import Example, JobData
 from lorafleet.executor.model import load_base, packing_kwargs
 from lorafleet.executor.optim import lr_factor
 from lorafleet.scheduler.spec import parse_spec
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    return build_tiny_model(tmp_path_factory.mktemp("llama"), "llama")
 
 
 @pytest.fixture(scope="module")

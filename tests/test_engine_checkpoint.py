@@ -10,10 +10,11 @@ import warnings
 
 import pytest
 import torch
-from helpers_models import (  # noqa: F401 (single_torch_thread is an autouse fixture)
+from helpers_models import (  # noqa: F401 (fixtures: single_torch_thread is autouse, llama)
     FAMILIES,
     alpaca_rows,
     build_tiny_model,
+    llama,
     single_torch_thread,
     write_jsonl,
 )
@@ -25,11 +26,6 @@ from lorafleet.executor.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, TRAIN
 from lorafleet.executor.cohort import Cohort
 from lorafleet.executor.model import quantization_config
 from lorafleet.scheduler.spec import parse_spec
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    return build_tiny_model(tmp_path_factory.mktemp("llama"), "llama")
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from helpers_models import alpaca_rows, build_tiny_model, write_jsonl
+from helpers_models import alpaca_rows, llama, write_jsonl  # noqa: F401 (llama: a fixture)
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
@@ -15,11 +15,6 @@ from lorafleet.executor.cohort import Cohort
 from lorafleet.scheduler.spec import parse_spec
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    return build_tiny_model(tmp_path_factory.mktemp("llama"), "llama")
 
 
 @pytest.fixture(scope="module")

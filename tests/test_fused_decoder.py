@@ -3,11 +3,9 @@ with the PyTorch references (what the CPU engine runs) and with the Triton kerne
 
 from __future__ import annotations
 
-import importlib
-import os
-
 import pytest
 import torch
+from helpers_triton import interpreted
 from helpers_models import build_tiny_model, single_torch_thread  # noqa: F401 (autouse fixture)
 
 from lorafleet.executor.fused_decoder import fuse_decoder
@@ -50,19 +48,8 @@ def test_fused_forwards_compute_what_hf_modules_compute(models, family, swapped)
 
 @pytest.fixture
 def interpreted_kernels():
-    elementwise = pytest.importorskip("lorafleet.kernels.elementwise")
-    saved = {key: os.environ.get(key) for key in ("TRITON_INTERPRET", "LORAFLEET_TRITON")}
-    os.environ.update(TRITON_INTERPRET="1", LORAFLEET_TRITON="1")
-    if not elementwise.INTERPRETED:
-        importlib.reload(elementwise)
-    yield
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key)
-        else:
-            os.environ[key] = value
-    if saved["TRITON_INTERPRET"] != "1":
-        importlib.reload(elementwise)
+    with interpreted(pytest.importorskip("lorafleet.kernels.elementwise"), LORAFLEET_TRITON="1"):
+        yield
 
 
 def test_fused_forwards_on_the_triton_kernels(models, interpreted_kernels):

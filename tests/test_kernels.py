@@ -7,12 +7,10 @@ process, and puts things back afterwards.
 
 from __future__ import annotations
 
-import importlib
-import os
-
 import pytest
 import torch
 
+from helpers_triton import interpreted
 from lorafleet import kernels
 from lorafleet.kernels import check_lora_inputs, lora_delta, lora_delta_reference
 
@@ -25,21 +23,8 @@ REL_TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
 @pytest.fixture(scope="module", autouse=True)
 def interpreted_kernels():
-    saved = {key: os.environ.get(key) for key in ("TRITON_INTERPRET", "LORAFLEET_TRITON")}
-    os.environ["TRITON_INTERPRET"] = "1"
-    for module in (triton_lora, elementwise, cross_entropy):
-        if not module.INTERPRETED:
-            importlib.reload(module)
-        assert module.INTERPRETED
-    yield
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-    if saved["TRITON_INTERPRET"] != "1":
-        for module in (triton_lora, elementwise, cross_entropy):
-            importlib.reload(module)
+    with interpreted(triton_lora, elementwise, cross_entropy):
+        yield
 
 
 def rel_error(got: torch.Tensor, want: torch.Tensor) -> float:

@@ -1,15 +1,13 @@
 """The LM-head cross-entropy kernel (kernels/cross_entropy.py) under TRITON_INTERPRET=1 against a float64 evaluation
-of F.cross_entropy, and its dispatch; the fixture works as in test_kernels_elementwise.py."""
+of F.cross_entropy, and its dispatch."""
 
 from __future__ import annotations
-
-import importlib
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers_triton import interpreted
 from lorafleet.kernels import cross_entropy_rows, cross_entropy_rows_reference
 
 cross_entropy = pytest.importorskip("lorafleet.kernels.cross_entropy")
@@ -19,18 +17,8 @@ IGNORE = -100
 
 @pytest.fixture(scope="module", autouse=True)
 def interpreted_kernels():
-    saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    if not cross_entropy.INTERPRETED:
-        importlib.reload(cross_entropy)
-    assert cross_entropy.INTERPRETED
-    yield
-    if saved is None:
-        os.environ.pop("TRITON_INTERPRET")
-    else:
-        os.environ["TRITON_INTERPRET"] = saved
-    if saved != "1":
-        importlib.reload(cross_entropy)
+    with interpreted(cross_entropy):
+        yield
 
 
 def problem(rows, vocab, dtype, seed, scale=4.0):

@@ -1,14 +1,12 @@
 """Fused elementwise Triton kernels (RMSNorm, SiLU·mul, rotary) under TRITON_INTERPRET=1 against a float64 evaluation
-of the Hugging Face formulas, plus dispatch and input checks. The fixture works as in test_kernels.py."""
+of the Hugging Face formulas, plus dispatch and input checks."""
 
 from __future__ import annotations
-
-import importlib
-import os
 
 import pytest
 import torch
 
+from helpers_triton import interpreted
 from lorafleet.kernels import (
     rms_norm,
     rms_norm_reference,
@@ -28,18 +26,8 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 @pytest.fixture(scope="module", autouse=True)
 def interpreted_kernels():
-    saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    if not elementwise.INTERPRETED:
-        importlib.reload(elementwise)
-    assert elementwise.INTERPRETED
-    yield
-    if saved is None:
-        os.environ.pop("TRITON_INTERPRET")
-    else:
-        os.environ["TRITON_INTERPRET"] = saved
-    if saved != "1":
-        importlib.reload(elementwise)
+    with interpreted(elementwise):
+        yield
 
 
 def rel_error(got: torch.Tensor, want: torch.Tensor) -> float:

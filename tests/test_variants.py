@@ -10,9 +10,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers_models import (  # noqa: F401 (single_torch_thread is an autouse fixture)
+from helpers_models import (  # noqa: F401 (fixtures: single_torch_thread is autouse, llama)
     alpaca_rows,
-    build_tiny_model,
+    llama,
     single_torch_thread,
     write_jsonl,
 )
@@ -38,11 +38,6 @@ VARIANTS = {
     "dora+rslora+loraplus": {"use_dora": True, "use_rslora": True, "loraplus_lr_ratio": 4.0},
     "vera": {"type": "vera", "vera": {"projection_prng_key": 5, "d_initial": 0.5}},
 }
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    return build_tiny_model(tmp_path_factory.mktemp("llama"), "llama")
 
 
 @pytest.fixture(scope="module")

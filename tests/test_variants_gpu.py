@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from helpers_models import alpaca_rows, build_tiny_model, write_jsonl
+from helpers_models import alpaca_rows, llama, write_jsonl  # noqa: F401 (llama: a fixture)
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
@@ -22,11 +22,6 @@ ADAPTERS = {  # job -> (adapter, learning rate)
     "dora": ({"r": 8, "use_dora": True, "lora_dropout": 0.1}, 1e-2),
     "vera": ({"type": "vera", "r": 16}, 5e-2),
 }
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    return build_tiny_model(tmp_path_factory.mktemp("llama"), "llama")
 
 
 @pytest.fixture(scope="module")
