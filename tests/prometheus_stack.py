@@ -12,7 +12,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
@@ -218,8 +217,3 @@ def _ready(port: int) -> bool:
 def wait_for(stack: Stack, what: str, predicate, timeout: float = 60.0):
     """`wait_until`, showing the stack's logs when it times out."""
     return wait_until(predicate, what, timeout, stack.logs, interval=0.5)
-
-
-def sleep_scrapes(count: int = 3) -> None:
-    """Let Prometheus take a few more scrapes (every second) before a rate over them is read."""
-    time.sleep(count * 1.1)

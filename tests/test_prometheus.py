@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from prometheus_stack import REPO, RULES, prometheus_binaries, sleep_scrapes, start_stack, stop_stack, wait_for
+from prometheus_stack import REPO, RULES, prometheus_binaries, start_stack, stop_stack, wait_for
 from helpers_models import alpaca_rows, write_jsonl
 from lorafleet.scheduler.datasets import accepted_path
 from lorafleet.scheduler.records import JobState
@@ -220,7 +220,6 @@ def test_promtool_accepts_the_scrape_config_the_rules_and_every_processs_metrics
 
 
 def test_every_panel_and_alert_shows_the_fleet_while_jobs_train(stack, tenants):
-    sleep_scrapes(3)
     try:
         settled(stack, EXPECTED)
     except AssertionError:
