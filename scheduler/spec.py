@@ -26,6 +26,20 @@ MAX_METADATA_PAIRS, MAX_METADATA_KEY_CHARS, MAX_METADATA_VALUE_CHARS = 16, 64, 5
 ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ALL_LINEAR = "all-linear"  # PEFT's name for every linear layer of the decoder but the LM head
 
+# The training methods, each with what it trains on and its loss: the one place they are listed (the spec's
+# description, the README's table and the executor's dispatch all follow this).
+Method = Literal["sft", "dpo", "simpo"]
+METHODS: dict[str, str] = {
+    "sft": "supervised: the mean token loss of the targets, on alpaca, chat or text records",
+    "dpo": "direct preference optimisation: the sigmoid loss -log σ(β((log π_c - log ref_c) - (log π_r - log ref_r))) "
+           "on preference or chat_preference pairs, log-probs summed over each answer, the frozen base as reference",
+    "simpo": "SimPO, reference-free: -log σ(β(log π_c / |y_c| - log π_r / |y_r|) - γ) on preference or "
+             "chat_preference pairs, log-probs averaged over each answer's tokens (hyperparameters.beta, default 2.0, "
+             "and simpo_gamma γ); no reference forward, so cheaper than DPO",
+}
+PREFERENCE_METHODS = ("dpo", "simpo")  # trained on preference pairs
+DEFAULT_BETA = {"dpo": 0.1, "simpo": 2.0}  # TRL's DPOConfig and CPOConfig(loss_type="simpo") defaults
+
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -130,8 +144,12 @@ class Hyperparameters(_Strict):
     lr_scheduler: Literal["constant", "linear", "cosine"] = "linear"
     seed: int = Field(0, ge=0, le=2**31 - 1)
     checkpoint_every: int = Field(100, ge=1, le=1_000_000, description="optimizer steps between checkpoints")
-    beta: float = Field(0.1, gt=0, le=100, description="DPO's beta: how far from the base the adapter may move (method "
-                        "dpo only)")
+    beta: Optional[float] = Field(
+        None, gt=0, le=100, description="preference methods' beta (unset: the method's default, dpo 0.1, simpo "
+        "2.0): for dpo how far from the base the adapter may move, for simpo the scale of the average log-probs"
+    )
+    simpo_gamma: float = Field(0.5, ge=0, le=100, description="SimPO's target reward margin γ (TRL's simpo_gamma; "
+                               "method simpo only)")
 
 
 class JobSpec(_Strict):
@@ -140,10 +158,7 @@ class JobSpec(_Strict):
     base_model_revision: Optional[str] = Field(None, max_length=128)
     dataset: str = Field(..., min_length=1, max_length=1024, description="file:// URI or path under the data root")
     validation_dataset: Optional[str] = Field(None, min_length=1, max_length=1024)
-    method: Literal["sft", "dpo"] = Field(
-        "sft", description="sft: supervised, on alpaca, chat or text records; dpo: direct preference optimisation "
-        "(sigmoid loss, hyperparameters.beta) on preference or chat_preference pairs, the frozen base as reference"
-    )
+    method: Method = Field("sft", description="; ".join(f"{name}: {text}" for name, text in METHODS.items()))
     dataset_format: Literal["auto", "alpaca", "chat", "text", "preference", "chat_preference"] = "auto"
     adapter: AdapterSpec = AdapterSpec()
     quantization: Literal["none", "nf4", "int8"] = "none"
@@ -191,6 +206,14 @@ class JobSpec(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _method_beta(self) -> "JobSpec":
+        """An unset beta becomes the method's default (0.1 for sft, where it is unused, as it always was)."""
+        if self.hyperparameters.beta is None:
+            beta = DEFAULT_BETA.get(self.method, DEFAULT_BETA["dpo"])
+            object.__setattr__(self, "hyperparameters", self.hyperparameters.model_copy(update={"beta": beta}))
+        return self
+
+    @model_validator(mode="after")
     def _dora_unquantized(self) -> "JobSpec":
         if self.adapter.use_dora and self.quantization != "none":
             raise ValueError(f"adapter.use_dora: DoRA is not offered on a quantized base (quantization "
@@ -208,12 +231,13 @@ class SpecError(ValueError):
 
 
 def check_method_format(method: str, fmt: str, field: str) -> None:
-    """DPO trains on preference pairs only, SFT on anything else (ValueError naming `field`)."""
-    if method == "dpo" and fmt not in PREFERENCE_FORMATS:
-        raise ValueError(f"{field}: method 'dpo' trains on preference pairs ({' or '.join(PREFERENCE_FORMATS)} "
+    """DPO and SimPO train on preference pairs only, SFT on anything else (ValueError naming `field`)."""
+    if method in PREFERENCE_METHODS and fmt not in PREFERENCE_FORMATS:
+        raise ValueError(f"{field}: method {method!r} trains on preference pairs ({' or '.join(PREFERENCE_FORMATS)} "
                          f"records), not {fmt}")
     if method == "sft" and fmt in PREFERENCE_FORMATS:
-        raise ValueError(f"{field}: {fmt} records are preference pairs: set method 'dpo' to train on them")
+        raise ValueError(f"{field}: {fmt} records are preference pairs: set method 'dpo' (or 'simpo') to train on "
+                         "them")
 
 
 def _first_error(exc: ValidationError) -> str:
