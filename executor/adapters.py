@@ -114,9 +114,12 @@ class LoraAdapter(Adapter):
         ratio = self.spec.loraplus_lr_ratio
         if ratio is None:
             return super().param_groups(learning_rate)
-        # PEFT's grouping: B and every vector (DoRA's magnitudes) at the ratio
-        return [{"params": list(self.lora_A), "lr": learning_rate},
-                {"params": list(self.lora_B) + list(self.magnitudes().values()), "lr": learning_rate * ratio}]
+        # PEFT's grouping: B and every vector (DoRA's magnitudes) at the ratio; expert factors (executor/experts.py)
+        # are named lora_A / lora_B too
+        a_side = [p for name, p in self.named_parameters() if "lora_A" in name.split(".")]
+        return [{"params": a_side, "lr": learning_rate},
+                {"params": [p for name, p in self.named_parameters() if "lora_A" not in name.split(".")],
+                 "lr": learning_rate * ratio}]
 
 
 class _Bases(list):

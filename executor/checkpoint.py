@@ -1,7 +1,8 @@
 """A job's checkpoint directory: a PEFT adapter anyone can load, plus the state to resume training exactly.
 
     adapter_config.json          PEFT LoraConfig (NOLA adapters are exported as the LoRA A/B they compute), or VeraConfig
-    adapter_model.safetensors    base_model.model.<module>.lora_{A,B}.weight, fp32 (DoRA: .lora_magnitude_vector too)
+    adapter_model.safetensors    base_model.model.<module>.lora_{A,B}.weight, fp32 (DoRA: .lora_magnitude_vector too;
+                                 expert parameters: as PEFT's ParamWrapper names them, `expert_peft_keys`)
     training_state.pt            step counters, adapter parameters, optimizer + scheduler, data cursor, dropout RNG
 
 Each file is written under a temporary name and renamed, so a crash mid-write never leaves a torn file behind.
@@ -18,6 +19,7 @@ from peft import LoraConfig, VeraConfig
 from safetensors.torch import save_file
 
 from lorafleet.executor.adapters import Adapter, VeraAdapter
+from lorafleet.executor.experts import expert_factors_of
 from lorafleet.scheduler.spec import ALL_LINEAR, JobSpec
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -65,14 +67,38 @@ def _lora_export(adapter: Adapter, common: dict) -> tuple[LoraConfig, dict[str, 
         lora_dropout=spec.lora_dropout,
         use_rslora=spec.use_rslora,  # LoRA+ (loraplus_lr_ratio) changes only training: nothing to export
         use_dora=spec.use_dora,
+        target_parameters=list(spec.target_parameters) or None,  # a MoE base's expert parameters (executor/experts.py)
         **common,
     )
     tensors = {}
     for name, (a, b) in adapter.lora_weights().items():
         tensors[peft_key(name, "A")], tensors[peft_key(name, "B")] = a, b
+    experts = expert_factors_of(adapter)
+    if experts is not None:
+        weights = experts.peft_weights()
+        for name, key in expert_peft_keys(list(weights)).items():
+            tensors[key.format(factor="A")], tensors[key.format(factor="B")] = weights[name]
     for name, magnitude in adapter.magnitudes().items():
         tensors[f"base_model.model.{name}.lora_magnitude_vector"] = magnitude
     return config, tensors
+
+
+def expert_peft_keys(names: list[str]) -> dict[str, str]:
+    """Expert parameter key -> its factors' name in PEFT's file (with a `{factor}` field for A or B).
+
+    PEFT wraps a module once per targeted parameter, in the module's parameter order, each wrapper around the last:
+    the first parameter's factors sit deepest, under one `.base_layer` per parameter of that module targeted after it
+    (Qwen2-MoE with both: `experts.base_layer.lora_A` is gate_up_proj's, `experts.lora_A` down_proj's). `names` come
+    in model order, which is that order.
+    """
+    by_module: dict[str, list[str]] = {}
+    for name in names:
+        by_module.setdefault(name.rpartition(".")[0], []).append(name)
+    keys = {}
+    for module, params in by_module.items():
+        for i, name in enumerate(params):
+            keys[name] = f"base_model.model.{module}{'.base_layer' * (len(params) - 1 - i)}.lora_{{factor}}.weight"
+    return keys
 
 
 def _vera_export(adapter: VeraAdapter, common: dict) -> tuple[VeraConfig, dict[str, torch.Tensor]]:

@@ -50,6 +50,7 @@ from lorafleet.executor.activations import checkpoint_layers
 from lorafleet.executor.adapters import Adapter, build_adapter
 from lorafleet.executor.checkpoint import load_training_state, save_peft_adapter, save_training_state
 from lorafleet.executor.data import IGNORE_INDEX, DataError, Example, JobData
+from lorafleet.executor.experts import MultiLoraExperts, attach_expert_factors, wrap_expert_targets
 from lorafleet.executor.fused_decoder import fuse_decoder
 from lorafleet.executor.loss import chunked_head_loss_applies
 from lorafleet.executor.loss import token_losses as chunked_token_losses
@@ -96,7 +97,7 @@ class Job:
     job_id: str
     spec: JobSpec
     adapter: Adapter
-    layers: list[MultiLoraLinear]
+    layers: list[MultiLoraLinear | MultiLoraExperts]
     optimizer: JobOptimizer
     data: JobData
     micro_batch_limit: int
@@ -268,7 +269,10 @@ class Cohort:
         layers = wrap_targets(self.model, spec.adapter.target_modules, self.routing)
         shapes = {name: (layer.in_features, layer.out_features) for name, layer in layers.items()}
         base_weights = {name: layer.base_weight() for name, layer in layers.items()} if spec.adapter.use_dora else None
-        adapter = build_adapter(spec.adapter, shapes, hp.seed, base_weights).to(self.device)
+        expert_layers = wrap_expert_targets(self.model, spec.adapter.target_parameters, self.routing)
+        adapter = build_adapter(spec.adapter, shapes, hp.seed, base_weights)
+        attach_expert_factors(adapter, expert_layers, hp.seed)
+        adapter = adapter.to(self.device)
         adapter.place_dropout_rng(self.device)
         if hp.max_steps is not None:
             micro_batch_limit = hp.max_steps * hp.gradient_accumulation_steps
@@ -276,7 +280,8 @@ class Cohort:
             micro_batch_limit = data.steps_per_epoch * hp.epochs
         total_steps = math.ceil(micro_batch_limit / hp.gradient_accumulation_steps)
         optimizer = JobOptimizer(adapter.param_groups(hp.learning_rate), hp, total_steps)
-        job = Job(job_id, spec, adapter, list(layers.values()), optimizer, data, micro_batch_limit, total_steps)
+        job = Job(job_id, spec, adapter, [*layers.values(), *dict.fromkeys(expert_layers.values())], optimizer, data,
+                  micro_batch_limit, total_steps)
         if resume_from is not None:
             self._restore(job, load_training_state(resume_from, spec))
         for layer in job.layers:

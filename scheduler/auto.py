@@ -84,7 +84,8 @@ def auto_batch_size(spec: JobSpec, shape: ModelShape, sample: DatasetSample,
 
 def _job_bytes(spec: JobSpec, shape: ModelShape, batch_size: int) -> int:
     return max(estimate_job_bytes(shape, spec.adapter.r, spec.adapter.target_modules, batch_size,
-                                  spec.hyperparameters.max_seq_len, dtype, spec.adapter.use_dora)
+                                  spec.hyperparameters.max_seq_len, dtype, spec.adapter.use_dora,
+                                  spec.adapter.target_parameters)
                for dtype in possible_dtypes(spec.dtype))
 
 

@@ -22,6 +22,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Mapping, Optional, Sequence
 
+from lorafleet.scheduler.base_modules import name_matches
 from lorafleet.scheduler.spec import ALL_LINEAR
 
 COMPUTE_DTYPES = ("bfloat16", "float32")
@@ -89,6 +90,9 @@ class ModelShape:
     tied_embeddings: bool = False  # the LM head is the token embedding
     learned_positions: int = 0  # rows of a learned position embedding (GPT-2's wpe)
     modules: tuple[tuple[str, int], ...] = ()
+    # A MoE base's fused expert parameters by key (`model.layers.0.mlp.experts.gate_up_proj`, what
+    # `target_parameters` names), each with experts x (in + out) features: a LoRA of rank r on it has r x that many.
+    expert_parameters: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self):
         for name in ("hidden_size", "intermediate_size", "num_layers", "num_attention_heads", "num_kv_heads",
@@ -145,6 +149,18 @@ class ModelShape:
             return dict(self.modules)
         return {name: (d_in + d_out) * self.num_layers for name, (d_in, d_out) in self.projection_dims().items()}
 
+    def expert_parameter_widths(self, targets: Sequence[str]) -> int:
+        """Experts x (in + out) features summed over the expert parameters `targets` name (PEFT's matching);
+        ValueError for a target that names none."""
+        total = 0
+        for target in targets:
+            widths = [width for key, width in self.expert_parameters if name_matches(key, target)]
+            if not widths:
+                raise ValueError(f"cannot size target parameter {target!r}; the memory model knows "
+                                 f"{[key for key, _ in self.expert_parameters] or 'no expert parameters'}")
+            total += sum(widths)
+        return total
+
     def num_params(self) -> int:
         """Weights of the base from its config (biases and norms inside a layer are left out: under 2%)."""
         h, q = self.hidden_size, self.attention_width
@@ -193,8 +209,11 @@ def estimate_job_bytes(
     max_seq_len: int,
     dtype: str,
     dora: bool = False,
+    target_parameters: Sequence[str] = (),
 ) -> int:
     """Bytes one job adds to a cohort: adapter weights, grads and Adam state, plus activations of one micro-batch.
+
+    `target_parameters`: a MoE base's expert parameters the adapter also trains, r x (in + out) per expert each.
 
     `dora`: also DoRA's magnitudes (one parameter per output feature) and its activations. A module's output features
     are taken as half its in + out width: exact for square projections, 5% under for Llama's seven together.
@@ -214,6 +233,8 @@ def estimate_job_bytes(
             raise ValueError(f"cannot size target module {module!r}; the memory model knows {sorted(widths)}")
         adapter_params += r * widths[module]
         out_features += widths[module] // 2
+    # Two targets naming one parameter (PEFT adapts it once) are not expected: submission names each once.
+    adapter_params += r * shape.expert_parameter_widths(target_parameters)
     dora_bytes = 0
     if dora:
         dora_bytes = out_features * (_ADAPTER_STATE_BYTES_PER_PARAM + _DORA_ACTIVATIONS_PER_TOKEN_PER_OUT_FEATURE
@@ -341,9 +362,9 @@ class JobSize:
 
 
 def size_job(shape: ModelShape, r: int, target_modules: Sequence[str], batch_size: int, max_seq_len: int,
-             quantization: str, dtype: str, dora: bool = False) -> JobSize:
+             quantization: str, dtype: str, dora: bool = False, target_parameters: Sequence[str] = ()) -> JobSize:
     return JobSize(
-        estimate_job_bytes(shape, r, target_modules, batch_size, max_seq_len, dtype, dora),
+        estimate_job_bytes(shape, r, target_modules, batch_size, max_seq_len, dtype, dora, target_parameters),
         estimate_activation_bytes(shape, batch_size, max_seq_len, dtype),
         estimate_base_bytes(shape.num_params(), quantization, dtype),
     )
@@ -379,9 +400,10 @@ class JobPlan:
 
 def plan_job(compat_key: str, base_snapshot: str, shape: ModelShape, r: int, target_modules: Sequence[str],
              batch_size: int, max_seq_len: int, quantization: str, dtype: str, tokens: int,
-             dora: bool = False) -> JobPlan:
-    """Size a job for every dtype it may compute in (`dora`: the adapter is DoRA, `estimate_job_bytes`)."""
-    sizes = {d: size_job(shape, r, target_modules, batch_size, max_seq_len, quantization, d, dora)
+             dora: bool = False, target_parameters: Sequence[str] = ()) -> JobPlan:
+    """Size a job for every dtype it may compute in (`dora`: the adapter is DoRA; `target_parameters`: the expert
+    parameters it adapts; `estimate_job_bytes`)."""
+    sizes = {d: size_job(shape, r, target_modules, batch_size, max_seq_len, quantization, d, dora, target_parameters)
              for d in possible_dtypes(dtype)}
     params = shape.num_params()
     return JobPlan(compat_key, base_snapshot, params, batch_size * max_seq_len, max_seq_len, tokens,

@@ -63,8 +63,15 @@ class AdapterSpec(_Strict):
     lora_alpha: float = Field(32.0, gt=0, le=4096)
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     target_modules: tuple[str, ...] = Field(
-        ALL_PROJECTIONS, min_length=1, max_length=16,
-        description="names of the base's linear layers (checked against the base at submission), or \"all-linear\"",
+        ALL_PROJECTIONS, max_length=16,
+        description="names of the base's linear layers (checked against the base at submission), or \"all-linear\"; "
+                    "empty only beside target_parameters",
+    )
+    target_parameters: tuple[str, ...] = Field(
+        (), max_length=16,
+        description="a MoE base's fused expert parameters to adapt, per expert, as PEFT's target_parameters (e.g. "
+                    "\"mlp.experts.gate_up_proj\", \"mlp.experts.down_proj\"; a name matches a parameter whose key is it "
+                    "or ends with '.' + it; checked against the base at submission); lora only, without dropout or DoRA",
     )
     nola: Optional[NolaSettings] = None
     vera: Optional[VeraSettings] = None
@@ -92,6 +99,34 @@ class AdapterSpec(_Strict):
         if len(set(value)) != len(value):
             raise ValueError("duplicate module names")
         return value
+
+    @field_validator("target_parameters")
+    @classmethod
+    def _parameter_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for name in value:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+){0,15}", name) or len(name) > 256:
+                raise ValueError(f"not a parameter name: {name[:80]!r}")
+        if len(set(value)) != len(value):
+            raise ValueError("duplicate parameter names")
+        return value
+
+    @model_validator(mode="after")
+    def _expert_parameters(self) -> "AdapterSpec":
+        """What PEFT's ParamWrapper (target_parameters) supports, so that the export loads: plain LoRA, rsLoRA and
+        LoRA+, without dropout (it cannot factor x out of a weight delta) or DoRA."""
+        if not self.target_modules and not self.target_parameters:
+            raise ValueError("target_modules: name at least one module (or set target_parameters)")
+        if not self.target_parameters:
+            return self
+        if self.type != "lora":
+            raise ValueError(f"target_parameters applies to type 'lora' (PEFT adapts parameters with LoRA only), "
+                             f"not {self.type!r}")
+        if self.use_dora:
+            raise ValueError("target_parameters cannot be combined with use_dora (PEFT has no DoRA for parameters)")
+        if self.lora_dropout:
+            raise ValueError("target_parameters needs lora_dropout 0 (PEFT cannot apply dropout to a targeted "
+                             "parameter's input)")
+        return self
 
     @model_validator(mode="after")
     def _nola_settings(self) -> "AdapterSpec":
@@ -218,6 +253,13 @@ class JobSpec(_Strict):
         if self.adapter.use_dora and self.quantization != "none":
             raise ValueError(f"adapter.use_dora: DoRA is not offered on a quantized base (quantization "
                              f"{self.quantization!r}): its weight norm needs the full-precision base weights")
+        return self
+
+    @model_validator(mode="after")
+    def _expert_parameters_unquantized(self) -> "JobSpec":
+        if self.adapter.target_parameters and self.quantization != "none":
+            raise ValueError(f"adapter.target_parameters: not offered on a quantized base (quantization "
+                             f"{self.quantization!r}; its expert parameters are only tested unquantized)")
         return self
 
     def compatibility_key(self) -> str:

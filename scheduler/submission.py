@@ -20,7 +20,13 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from lorafleet.scheduler import auto
-from lorafleet.scheduler.base_modules import linear_widths, weight_shapes
+from lorafleet.scheduler.base_modules import (
+    expert_parameter_suffixes,
+    expert_parameters,
+    linear_widths,
+    name_matches,
+    weight_shapes,
+)
 from lorafleet.scheduler.datasets import AcceptedDataset, accept, accepted_path
 from lorafleet.scheduler.files import FileStore, accepted_file, is_file_id
 from lorafleet.scheduler.memory import JobPlan, ModelShape, plan_job
@@ -90,7 +96,10 @@ def model_shape(model_dir: str) -> ModelShape:
     headers (`base_modules`; a base without safetensors files keeps Llama's names). SpecError when it cannot be read."""
     try:
         shape = ModelShape.from_config(json.loads((Path(model_dir) / "config.json").read_text()))
-        widths = linear_widths(weight_shapes(Path(model_dir)))
+        shapes = weight_shapes(Path(model_dir))
+        widths = linear_widths(shapes)
+        experts = tuple((key, e * (d_in + d_out)) for key, (e, d_in, d_out) in expert_parameters(shapes).items())
+        shape = dataclasses.replace(shape, expert_parameters=experts)
         return dataclasses.replace(shape, modules=tuple(sorted(widths.items()))) if widths else shape
     except (OSError, ValueError) as exc:
         raise SpecError(f"invalid job spec: base_model: the memory model cannot size this base: {exc}") from None
@@ -107,7 +116,7 @@ def plan_for(spec: JobSpec, model_dir: Path, dataset_tokens: int) -> JobPlan:
         tokens = hp.epochs * min(dataset_tokens, 10**12)
     return plan_job("|".join((snapshot, spec.quantization, spec.dtype)), snapshot, model_shape(snapshot),
                     spec.adapter.r, spec.adapter.target_modules, hp.batch_size, hp.max_seq_len, spec.quantization,
-                    spec.dtype, tokens, dora=spec.adapter.use_dora)
+                    spec.dtype, tokens, dora=spec.adapter.use_dora, target_parameters=spec.adapter.target_parameters)
 
 
 def plan_from_files(spec: JobSpec, tenant: str, data_root: Path, hub_cache: Path, model_roots: Sequence[Path]
@@ -173,6 +182,20 @@ def _check_target_modules(spec: JobSpec, shape: ModelShape) -> None:
                         f"{', '.join(unknown)}; its linear layers are {', '.join(sorted(known))} (or \"{ALL_LINEAR}\")")
 
 
+def _check_target_parameters(spec: JobSpec, shape: ModelShape) -> None:
+    """Refuse target parameters that name no fused expert parameter of the base (PEFT's matching rule)."""
+    keys = [key for key, _ in shape.expert_parameters]
+    unknown = [t for t in spec.adapter.target_parameters if not any(name_matches(key, t) for key in keys)]
+    if not unknown:
+        return
+    if not keys:
+        raise SpecError(f"invalid job spec: adapter.target_parameters: this base has no expert parameters "
+                        f"(target_parameters adapts a MoE base's fused experts, e.g. Qwen2-MoE's or Mixtral's)")
+    raise SpecError(f"invalid job spec: adapter.target_parameters: this base has no expert parameter named "
+                    f"{', '.join(unknown)}; its 3-D expert parameters are "
+                    f"{', '.join(expert_parameter_suffixes(keys))}")
+
+
 _sample_counts: OrderedDict[tuple[str, str, str, int], SampleCount] = OrderedDict()
 _REMEMBERED_COUNTS = 4096
 
@@ -232,6 +255,7 @@ def accept_submission(
                                       str(model_dir.resolve()), spec.hyperparameters.max_seq_len)
     train = samples["dataset"]
     _check_target_modules(spec, model_shape(str(model_dir.resolve())))
+    _check_target_parameters(spec, model_shape(str(model_dir.resolve())))
     spec = auto.resolve(spec, auto_fields, model_shape(str(model_dir.resolve())),
                         auto.DatasetSample(datasets["dataset"].records, train.records, train.tokens))
     epoch_tokens = train.tokens * datasets["dataset"].records // max(1, train.records)  # the sample, scaled
