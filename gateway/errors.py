@@ -37,6 +37,7 @@ SPEC_FIELD_TO_PARAM = {
     "hyperparameters.max_steps": "lorafleet.max_steps",
     "hyperparameters.checkpoint_every": "lorafleet.checkpoint_every",
     "hyperparameters.beta": "method.dpo.hyperparameters.beta",
+    "hyperparameters.simpo_gamma": "lorafleet.simpo_gamma",
     "method": "method.type",
     "adapter.type": "lorafleet.adapter_type",
     "adapter.r": "lorafleet.r",

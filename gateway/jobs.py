@@ -11,10 +11,11 @@ from typing import Any, Callable, Optional
 from lorafleet.gateway.errors import ApiError
 from lorafleet.gateway.models import (
     Checkpoint, CreateJobRequest, Dpo, DpoHyperparameters, DpoRequest, FineTuningJob, Hyperparameters,
-    HyperparametersRequest, JobError, JobEvent, Method, Supervised, SupervisedRequest,
+    HyperparametersRequest, JobError, JobEvent, Method, MethodRequest, Supervised, SupervisedRequest,
 )
 from lorafleet.scheduler.auto import AUTO, base_learning_rate
 from lorafleet.scheduler.records import JobRecord, JobState
+from lorafleet.scheduler.spec import PREFERENCE_METHODS
 from lorafleet.scheduler.results import checkpoint_step
 
 # Internal states as OpenAI names them: a scheduled job is still waiting for its executor to start it.
@@ -30,8 +31,10 @@ _LORAFLEET_TO_SPEC = {  # LorafleetOptions field -> (spec section or None for to
     "use_dora": ("adapter", "use_dora"),
     "quantization": (None, "quantization"), "dtype": (None, "dtype"), "priority": (None, "priority"),
     "max_seq_len": ("hyperparameters", "max_seq_len"), "max_steps": ("hyperparameters", "max_steps"),
-    "checkpoint_every": ("hyperparameters", "checkpoint_every"),
+    "checkpoint_every": ("hyperparameters", "checkpoint_every"), "simpo_gamma": ("hyperparameters", "simpo_gamma"),
 }
+# Preference methods OpenAI's API has no type for: asked for as lorafleet.method beside method.type "dpo", shown so
+EXTENSION_METHODS = tuple(method for method in PREFERENCE_METHODS if method != "dpo")
 
 
 def _hyperparameters_of(request: CreateJobRequest) -> HyperparametersRequest:
@@ -59,7 +62,9 @@ def spec_from_request(request: CreateJobRequest) -> dict[str, Any]:
                          ("metadata", request.metadata)):
         if value is not None:
             raw[field] = value
-    for option, value in (request.lorafleet.model_dump(exclude_none=True) if request.lorafleet else {}).items():
+    options = request.lorafleet.model_dump(exclude_none=True) if request.lorafleet else {}
+    method = _method_of(request.method, options.pop("method", None))
+    for option, value in options.items():
         section, field = _LORAFLEET_TO_SPEC[option]
         (raw[section] if section else raw)[field] = value
     hp = _hyperparameters_of(request)
@@ -71,11 +76,26 @@ def spec_from_request(request: CreateJobRequest) -> dict[str, Any]:
         raw["hyperparameters"]["learning_rate"] = hp.learning_rate_multiplier * _learning_rate_base(adapter_type)
     if request.seed is not None:
         raw["hyperparameters"]["seed"] = request.seed
-    if request.method is not None and request.method.type == "dpo":
-        raw["method"] = "dpo"
+    if method != "sft":
+        raw["method"] = method
         if hp.beta != AUTO:
             raw["hyperparameters"]["beta"] = hp.beta
     return raw
+
+
+def _method_of(method: Optional[MethodRequest], extension: Optional[str]) -> str:
+    """The spec's method: OpenAI's type (supervised: sft, dpo), or lorafleet.method, a preference loss trained on
+    the pairs that method.type "dpo" names."""
+    openai_method = "dpo" if method is not None and method.type == "dpo" else "sft"
+    if extension is None:
+        return openai_method
+    if extension not in EXTENSION_METHODS:
+        raise ApiError(400, f"lorafleet.method: {extension!r} is not one of {', '.join(map(repr, EXTENSION_METHODS))} "
+                       "(supervised and dpo are OpenAI's method.type)", param="lorafleet.method")
+    if openai_method != "dpo":
+        raise ApiError(400, f"lorafleet.method: {extension!r} trains on preference pairs: give it with method.type "
+                       "'dpo'", param="lorafleet.method")
+    return extension
 
 
 def _learning_rate_base(adapter_type: str) -> float:
@@ -131,16 +151,25 @@ def job_view(record: JobRecord, result_files: list[str]) -> FineTuningJob:
         lorafleet={"state": record.state.value, "step": record.step, "total_steps": record.total_steps,
                    "metrics": dict(record.metrics), "priority": spec.priority,
                    "adapter": spec.adapter.model_dump(), "quantization": spec.quantization,
-                   "max_seq_len": spec.hyperparameters.max_seq_len, "max_steps": spec.hyperparameters.max_steps},
+                   "max_seq_len": spec.hyperparameters.max_seq_len, "max_steps": spec.hyperparameters.max_steps,
+                   **_method_extension_view(record)},
     )
 
 
 def _method_view(record: JobRecord, hyperparameters: Hyperparameters) -> Method:
-    if record.spec.method == "dpo":
+    """OpenAI's view: every preference method shows as dpo (its beta included); `lorafleet.method` says which."""
+    if record.spec.method in PREFERENCE_METHODS:
         beta = record.spec.hyperparameters.beta
         dpo_hyperparameters = DpoHyperparameters(**hyperparameters.model_dump(), beta=beta)
         return Method(type="dpo", dpo=Dpo(hyperparameters=dpo_hyperparameters))
     return Method(supervised=Supervised(hyperparameters=hyperparameters))
+
+
+def _method_extension_view(record: JobRecord) -> dict[str, Any]:
+    """The spec's method, and SimPO's gamma for a SimPO job, in the job's `lorafleet` object."""
+    if record.spec.method == "simpo":
+        return {"method": "simpo", "simpo_gamma": record.spec.hyperparameters.simpo_gamma}
+    return {"method": record.spec.method}
 
 
 def _event_message(event: dict[str, Any]) -> str:

@@ -53,7 +53,9 @@ class LorafleetOptions(_Request):
     r: Optional[int] = None
     lora_alpha: Optional[float] = None
     lora_dropout: Optional[float] = None
-    target_modules: Optional[list[str]] = None
+    target_modules: Optional[Union[str, list[str]]] = Field(
+        None, description="the base's linear layers to adapt, or \"all-linear\" (a string, as PEFT writes it, or in a "
+        "list)")
     use_rslora: Optional[bool] = Field(None, description="scale lora_alpha / sqrt(r) (PEFT's use_rslora)")
     loraplus_lr_ratio: Optional[float] = Field(None, description="LoRA+: B's learning rate over the job's")
     use_dora: Optional[bool] = Field(None, description="DoRA magnitudes (PEFT's use_dora); not on a quantized base")
@@ -63,6 +65,10 @@ class LorafleetOptions(_Request):
     max_seq_len: Optional[int] = None
     max_steps: Optional[int] = Field(None, description="stop after this many optimizer steps")
     checkpoint_every: Optional[int] = Field(None, description="optimizer steps between checkpoints")
+    method: Optional[str] = Field(
+        None, description="a preference loss OpenAI's API has no type for: 'simpo' (reference-free), given with "
+        "method.type 'dpo' (the same pairs; method.dpo.hyperparameters.beta is its beta, auto: 2.0)")
+    simpo_gamma: Optional[float] = Field(None, description="SimPO's target reward margin (default 0.5)")
 
 
 class CreateJobRequest(_Request):

@@ -86,7 +86,12 @@ class AdapterSpec(_Strict):
     @field_validator("target_modules", mode="before")
     @classmethod
     def _all_linear(cls, value):
-        return (ALL_LINEAR,) if value == ALL_LINEAR else value  # PEFT writes it as a string
+        if not isinstance(value, str):
+            return value
+        if value != ALL_LINEAR:  # PEFT would take it as a regular expression; we name modules
+            raise ValueError(f"a single string must be {ALL_LINEAR!r}; give module names as a list, e.g. "
+                             f"[{value[:64]!r}]")
+        return (ALL_LINEAR,)  # PEFT writes it as a string
 
     @field_validator("target_modules")
     @classmethod
