@@ -70,6 +70,11 @@ def _lora_export(adapter: Adapter, common: dict) -> tuple[LoraConfig, dict[str, 
         target_parameters=list(spec.target_parameters) or None,  # a MoE base's expert parameters (executor/experts.py)
         **common,
     )
+    return config, lora_tensors(adapter)
+
+
+def lora_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
+    """A LoRA-kind adapter's tensors (copies) under the names PEFT saves them with."""
     tensors = {}
     for name, (a, b) in adapter.lora_weights().items():
         tensors[peft_key(name, "A")], tensors[peft_key(name, "B")] = a, b
@@ -79,8 +84,8 @@ def _lora_export(adapter: Adapter, common: dict) -> tuple[LoraConfig, dict[str, 
         for name, key in expert_peft_keys(list(weights)).items():
             tensors[key.format(factor="A")], tensors[key.format(factor="B")] = weights[name]
     for name, magnitude in adapter.magnitudes().items():
-        tensors[f"base_model.model.{name}.lora_magnitude_vector"] = magnitude
-    return config, tensors
+        tensors[f"base_model.model.{name}.lora_magnitude_vector"] = magnitude.detach().clone()
+    return tensors
 
 
 def expert_peft_keys(names: list[str]) -> dict[str, str]:

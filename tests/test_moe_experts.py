@@ -22,10 +22,9 @@ from peft.optimizers import create_loraplus_optimizer
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, MixtralConfig
 
-from lorafleet.executor.checkpoint import ADAPTER_WEIGHTS, expert_peft_keys, peft_key
+from lorafleet.executor.checkpoint import ADAPTER_WEIGHTS, lora_tensors
 from lorafleet.executor.cohort import Cohort
 from lorafleet.executor.data import JobData
-from lorafleet.executor.experts import expert_factors_of
 from lorafleet.executor.model import load_base
 from lorafleet.scheduler import datasets, submission
 from lorafleet.scheduler.base_modules import expert_parameters, weight_shapes
@@ -91,20 +90,8 @@ def train(cohort: Cohort) -> dict[str, list]:
 
 
 def trained_tensors(cohort: Cohort, job_id: str) -> dict[str, torch.Tensor]:
-    """The job's factors under the names PEFT saves them with."""
-    return {key: tensor.detach().clone() for key, tensor in peft_named_factors(cohort.jobs[job_id].adapter).items()}
-
-
-def peft_named_factors(adapter) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for name, (a, b) in adapter.lora_weights().items():
-        tensors[peft_key(name, "A")], tensors[peft_key(name, "B")] = a, b
-    experts = expert_factors_of(adapter)
-    if experts is not None:
-        weights = experts.peft_weights()
-        for name, key in expert_peft_keys(list(weights)).items():
-            tensors[key.format(factor="A")], tensors[key.format(factor="B")] = weights[name]
-    return tensors
+    """The job's factors under the names PEFT saves them with (copies)."""
+    return lora_tensors(cohort.jobs[job_id].adapter)
 
 
 def as_peft_parameter(saved_key: str) -> str:
