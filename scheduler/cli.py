@@ -12,6 +12,7 @@ import os
 import secrets
 import signal
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -657,6 +658,48 @@ def jobs_watch(job_id: str, interval: float, token: Optional[str], as_json: bool
             time.sleep(interval)
     if not as_json:
         _show_job(job, False)
+
+
+@main.command()
+@click.argument("adapter")
+@click.option("--base", "base_dir", required=True, type=click.Path(path_type=Path),
+              help="the base model directory the adapter was trained on")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
+              help="the merged model's directory (new or empty)")
+@click.option("--device", default="cpu", show_default=True, help="where to merge: cpu or cuda:N")
+@token_option
+@json_option
+def merge(adapter: str, base_dir: Path, out_dir: Path, device: str, token: Optional[str], as_json: bool) -> None:
+    """Merge an adapter into its base: a full model for servers that take no adapter (vLLM refuses DoRA).
+
+    ADAPTER is an exported adapter's directory, or the id of a finished job, whose adapter is fetched from the
+    artifact store. Needs the 'executor' extra (torch, PEFT)."""
+    try:
+        from lorafleet.executor.merge import MergeError, merge_adapter  # torch: only in this command
+    except ImportError as exc:
+        raise click.ClickException(f"merge needs the 'executor' extra (pip install 'lorafleet[executor]'): {exc}")
+    with tempfile.TemporaryDirectory(prefix="lorafleet-merge-") as scratch:  # a fetched adapter's copy
+        try:
+            result = merge_adapter(_adapter_dir(adapter, token, Path(scratch)), base_dir, out_dir, device)
+        except MergeError as exc:
+            raise click.ClickException(_one_line(exc)) from None
+    if as_json:
+        _print_json(result.to_json())
+    else:
+        console.print(f"merged {result.adapter_type} adapter ({result.layers} layers) into {result.output} "
+                      f"({result.dtype})")
+
+
+def _adapter_dir(adapter: str, token: Optional[str], scratch: Path) -> Path:
+    """A path names the adapter's directory; anything else is a job id, whose exported adapter is fetched (into
+    `scratch` when the artifact store is not local)."""
+    if "/" in adapter or Path(adapter).exists():
+        return Path(adapter)
+    job = _api(token).get(adapter)
+    if not job.get("adapter_uri"):
+        raise click.ClickException(f"job {adapter} has no exported adapter (state {job['state']}); merge a "
+                                   "succeeded job's")
+    return ArtifactStore(config.artifact_root()).fetch(job["adapter_uri"], scratch)
 
 
 if __name__ == "__main__":
