@@ -155,6 +155,6 @@ def test_each_jobs_export_loads_in_peft_on_the_gpu_with_the_cohorts_logits(train
         # bf16 noise: the bare bases already differ (other kernels: fused decoder, varlen attention), and PEFT runs
         # the adapters in their fp32, the cohort in the compute dtype (tests/test_variants_gpu.py)
         base_noise = (base_logits(cohort, sequence) - plain).abs().max()
-        assert base_noise < 2e-2 * plain.abs().max(), (family, job_id)
+        assert base_noise < 5e-2 * plain.abs().max(), (family, job_id)  # the same base, to bf16 noise
         shift = (want - plain).abs().max()
         assert shift > 0 and (got - want).abs().max() < base_noise + 0.1 * shift, (family, job_id)
