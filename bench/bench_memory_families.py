@@ -17,7 +17,8 @@ Measured: `torch.cuda.max_memory_allocated` over the steps, the base included (w
 peak). Planned: what the scheduler predicts for that cohort before calibration, sized exactly as submission sizes each
 job (`memory.plan_job`, linear layers from the base's weights) and summed as the service's calibration does (base
 bytes + `memory.cohort_bytes`). The ratio measured / planned is the calibration factor the scheduler would learn; the
-issue asks for 0.9-1.1. Results go to OUT/memory_families.json (after each shape) and OUT/memory_families.md.
+issue asks for 0.9-1.1. Results go to OUT/memory_families.json (after each shape) and OUT/memory_families.md; a shape
+or cohort that fails (out of memory, say) is a row with its error, and the run goes on.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import random
 import sys
 import tempfile
 import time
+import traceback
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -246,8 +248,9 @@ def run_shape(name: str, shape: dict, args, device: torch.device, scratch: Path)
                "build_seconds": built}
         try:
             row.update(run_cohort(cohort, kind, args, scratch))
-        except torch.OutOfMemoryError as exc:
-            row.update(cohort=kind, error=f"out of memory: {str(exc).splitlines()[0]}")
+        except Exception as exc:  # out of memory, or a family's step failing: reported, and the run goes on
+            traceback.print_exc()
+            row.update(cohort=kind, error=error_text(exc))
         yield row
     del cohort, model
     release(device)
@@ -269,6 +272,11 @@ def markdown_table(rows: list[dict]) -> str:
                      f"| {gib(row['planned_bytes'])} ({gib(row['planned_base_bytes'])}) "
                      f"| {gib(row['peak_bytes'])} ({gib(row['base_allocated_bytes'])}) | {ratio} |")
     return "\n".join(lines)
+
+
+def error_text(exc: Exception) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
 
 
 def progress_line(row: dict) -> str:
@@ -308,9 +316,16 @@ def main(argv=None) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as scratch:  # tokenizers and data, not results
         for name in names:
             print(f"[{time.perf_counter() - start:6.1f} s] {name}: building", flush=True)
-            for row in run_shape(name, shapes[name], args, device, Path(scratch) / name):
-                rows.append(row)
-                print(f"[{time.perf_counter() - start:6.1f} s] {progress_line(row)}", flush=True)
+            try:
+                for row in run_shape(name, shapes[name], args, device, Path(scratch) / name):
+                    rows.append(row)
+                    print(f"[{time.perf_counter() - start:6.1f} s] {progress_line(row)}", flush=True)
+            except Exception as exc:  # the shape could not be built or loaded
+                traceback.print_exc()
+                rows.append({"shape": name, "family": shapes[name]["model_type"], "cohort": "-",
+                             "error": error_text(exc)})
+                print(f"[{time.perf_counter() - start:6.1f} s] {progress_line(rows[-1])}", flush=True)
+                release(device)
             (args.out / "memory_families.json").write_text(json.dumps(rows, indent=2))
     (args.out / "memory_families.md").write_text(markdown_table(rows) + "\n")
     print(markdown_table(rows))
