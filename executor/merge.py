@@ -5,7 +5,7 @@ each adapted layer's weight becomes W + ΔW (LoRA and rsLoRA: ΔW = scale · B A
 m · (W + ΔW) / ‖W + ΔW‖ per output feature), so the base's architecture computes the adapted model with no adapter.
 
 The adapter directory is what a job exports (`checkpoint.save_peft_adapter`: a PEFT adapter of any kind lorafleet
-trains), read by PEFT itself, which does the merge. The weights are merged in float32 and stored in the base's own
+trains, expert parameters' LoRA included), read by PEFT itself, which does the merge. The weights are merged in float32 and stored in the base's own
 dtype, so each merged weight is rounded once; that takes 4 bytes of memory per base parameter while merging.
 The output directory holds the model's safetensors and config, and the base's tokenizer files, if it has any.
 
@@ -125,7 +125,11 @@ def _layer_of(key: str) -> tuple[str, str | None]:
     """(module path in the base, adapter part) of a saved adapter tensor's key; part None for a tensor of no layer."""
     path = key.removeprefix("base_model.model.").removesuffix(".weight")
     module, _, part = path.rpartition(".")
-    return (module, part) if part in _LAYER_PARTS else (path, None)
+    if part not in _LAYER_PARTS:
+        return path, None
+    while module.endswith(".base_layer"):  # PEFT's second wrapper of one module (target_parameters: each parameter)
+        module = module.removesuffix(".base_layer")
+    return module, part
 
 
 def _linear_widths(module: torch.nn.Module) -> tuple[int, int] | None:

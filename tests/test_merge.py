@@ -108,6 +108,18 @@ def test_a_gpt2_base_merges_its_conv1d_layers(tmp_path):
         torch.testing.assert_close(merged_logits(tmp_path / f"merged-{job_id}"), want, rtol=1e-5, atol=1e-5)
 
 
+def test_a_moe_bases_expert_parameters_merge(tmp_path):
+    """target_parameters: PEFT wraps the experts module once per parameter (…experts.base_layer.lora_A)."""
+    moe = build_tiny_model(tmp_path / "moe", "qwen2_moe")
+    experts = {"r": 4, "lora_alpha": 16, "target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]}
+    adapter_dir = export_trained(moe, tmp_path, {"experts": experts}, target_modules=["q_proj"])["experts"]
+    result = merge_adapter(adapter_dir, moe, tmp_path / "merged")
+    assert result.layers == 2 * 2  # q_proj and the experts module, in each of 2 layers
+    want, plain = peft_and_plain_logits(moe, adapter_dir)
+    assert (want - plain).abs().max() > 1e-2
+    torch.testing.assert_close(merged_logits(tmp_path / "merged"), want, rtol=1e-5, atol=1e-5)
+
+
 def test_an_adapter_of_another_base_is_refused_naming_the_layer(llama_adapters, tmp_path):
     narrower = build_tiny_model(tmp_path / "narrow", "llama", hidden=32)
     with pytest.raises(MergeError, match=r"does not fit base .*narrow: layer model.layers.0.mlp.down_proj takes "
