@@ -24,6 +24,11 @@ SimPO jobs (`method: simpo`) train on the same pairs, reference-free: -log σ(β
 answer's log-prob averaged over its target tokens. No reference forward, so a SimPO job costs what an SFT job on the
 same tokens costs, about a quarter less compute than DPO on them.
 
+ORPO jobs (`method: orpo`), reference-free too: the chosen sequence's NLL (over its prompt and answer, as TRL's
+ORPOTrainer computes it: a mean over the micro-batch's chosen tokens) minus β log σ(log odds_c - log odds_r), the
+odds of each answer's average probability p being p / (1 - p). Their chosen sequences' prompt rows are targeted too
+(`Cohort._target_chosen_prompts`); the log-probs of the odds cover the answer rows only.
+
 A job whose data fails, or whose loss or gradient norm is not finite, is failed alone: its adapter is detached before
 its weights change, and nothing of it can reach the other jobs (their rows never meet its rows: attention is per
 sequence, everything else is per row). A finished job reports done=True and stops drawing batches; the executor
@@ -71,13 +76,13 @@ class StepResult:
     done: bool
     error: str | None = None
     checkpoint_due: bool = False  # the optimizer just reached a multiple of checkpoint_every, or the end
-    rewards: PreferenceRewards | None = None  # a preference (DPO, SimPO) job's, over this micro-batch's pairs
+    rewards: PreferenceRewards | None = None  # a preference (DPO, SimPO, ORPO) job's, over this micro-batch's pairs
 
 
 @dataclass
 class PreferenceRewards:
     """A preference micro-batch's implicit rewards, averaged over its pairs (TRL's rewards/* metrics): DPO's
-    β(log π - log ref), SimPO's β·log π / |y| (TRL's CPOTrainer's with loss_type simpo)."""
+    β(log π - log ref), SimPO's and ORPO's β·log π / |y| (TRL's CPOTrainer's with loss_type simpo, ORPOTrainer's)."""
 
     chosen: float
     rejected: float
@@ -143,6 +148,8 @@ class PackedBatch:
     job_sequences: dict[str, list[int]]  # job id -> the lengths of its sequences, in order (a pair: chosen, rejected)
     references: dict[str, torch.Tensor] = field(default_factory=dict)  # DPO job -> its sequences' log-probs, base alone
     rewards: dict[str, torch.Tensor] = field(default_factory=dict)  # pair job -> [Σ chosen, Σ rejected, pairs right]
+    answers: dict[str, torch.Tensor] = field(default_factory=dict)  # ORPO job -> which of its rows are answer targets
+    nll_weights: dict[str, float] = field(default_factory=dict)  # ORPO job -> pairs / chosen targets of its micro-batch
 
 
 def split_passes(batches: dict[str, list[Example]], max_tokens: int | None) -> list[dict[str, list[Example]]]:
@@ -192,9 +199,14 @@ def sequence_logps(token_losses: torch.Tensor, lengths: list[int]) -> torch.Tens
     return -torch.stack([part.sum() for part in token_losses.split(lengths)])
 
 
-def sequence_target_counts(targets: torch.Tensor, lengths: list[int]) -> torch.Tensor:
-    """Each sequence's number of target tokens (its rows whose target is not IGNORE_INDEX)."""
-    return torch.stack([(part != IGNORE_INDEX).sum() for part in targets.split(lengths)])
+def sequence_target_counts(is_target: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """Each sequence's number of target tokens, from a mask of the rows whose target counts."""
+    return torch.stack([part.sum() for part in is_target.split(lengths)])
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - e^x) for x < 0, without cancellation on either side of -log 2."""
+    return torch.where(x < -math.log(2), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
 
 
 def pair_rewards(rewards: torch.Tensor) -> torch.Tensor:
@@ -218,6 +230,17 @@ def simpo_losses(logps: torch.Tensor, target_counts: torch.Tensor, beta: float,
     log-probs, so no reference forward. An answer truncated to no target counts as average 0 rather than 0/0."""
     averages = (logps / target_counts.clamp(min=1)).view(-1, 2)
     losses = -F.logsigmoid(beta * (averages[:, 0] - averages[:, 1]) - gamma)
+    return losses, pair_rewards(beta * averages.detach())
+
+
+def orpo_losses(logps: torch.Tensor, target_counts: torch.Tensor, chosen_nll: torch.Tensor, beta: float,
+                nll_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """ORPO over pairs laid out as for `dpo_losses`: nll_weight · chosen_nll - β log σ(log odds_c - log odds_r), the
+    odds of an answer's average probability p = e^avg being p / (1 - p); the per-pair losses, and their rewards β·avg
+    (`pair_rewards`). `chosen_nll` [pairs]: each chosen sequence's summed token losses. Reference-free."""
+    averages = (logps / target_counts.clamp(min=1)).view(-1, 2)
+    log_odds = (averages[:, 0] - averages[:, 1]) - (log1mexp(averages[:, 0]) - log1mexp(averages[:, 1]))
+    losses = nll_weight * chosen_nll - beta * F.logsigmoid(log_odds)
     return losses, pair_rewards(beta * averages.detach())
 
 
@@ -305,7 +328,7 @@ class Cohort:
         if not batches:
             return results
         targets = {job_id: sum(example.num_targets for example in examples) for job_id, examples in batches.items()}
-        # SFT: the mean over target tokens; DPO, SimPO: the mean over pairs
+        # SFT: the mean over target tokens; DPO, SimPO, ORPO: the mean over pairs
         divisors = {job_id: len(examples) if self._is_preference(job_id) else targets[job_id]
                     for job_id, examples in batches.items()}
         loss_sums = {job_id: torch.zeros((), device=self.device) for job_id in batches}
@@ -320,7 +343,7 @@ class Cohort:
             part_tokens = sum(len(example.input_ids) for examples in part.values() for example in examples)
             self.step_tokens += part_tokens
             self.largest_pass_tokens = max(self.largest_pass_tokens, part_tokens)
-            batch = self._pack(part)
+            batch = self._pack(part, batches)
             sums = self._forward(batch)
             for job_id, rewards in batch.rewards.items():
                 reward_sums[job_id] += rewards
@@ -366,13 +389,32 @@ class Cohort:
     def _is_preference(self, job_id: str) -> bool:
         return self.jobs[job_id].spec.method in PREFERENCE_METHODS
 
-    def _pack(self, batches: dict[str, list[Example]]) -> PackedBatch:
-        """`pack`, with the reference log-probs of the DPO jobs' sequences in it (SimPO needs none)."""
+    def _pack(self, batches: dict[str, list[Example]], micro_batches: dict[str, list[Example]]) -> PackedBatch:
+        """`pack`, with the reference log-probs of the DPO jobs' sequences in it (SimPO and ORPO need none), and the
+        ORPO jobs' chosen prompts targeted; `micro_batches`: the jobs' whole micro-batches this is a pass of."""
         batch = pack(batches, self.device)
         pairs = {job_id: examples for job_id, examples in batches.items() if self.jobs[job_id].spec.method == "dpo"}
         if pairs:
             batch.references = self._reference_logps(pack(pairs, self.device))
+        for job_id, examples in batches.items():
+            if self.jobs[job_id].spec.method == "orpo":
+                self._target_chosen_prompts(batch, job_id, examples, micro_batches[job_id])
         return batch
+
+    def _target_chosen_prompts(self, batch: PackedBatch, job_id: str, examples: list[Example],
+                               micro_batch: list[Example]) -> None:
+        """ORPO's NLL covers each chosen sequence whole, its prompt included (TRL's ORPOTrainer): those rows get their
+        next token as target, the answer rows are kept in `batch.answers` for the odds' log-probs, and the NLL's
+        weight is the micro-batch's pairs over its chosen targets (a mean over those tokens, in a loss the step
+        divides by the pairs)."""
+        start, end = batch.rows[job_id]
+        batch.answers[job_id] = batch.targets[start:end] != IGNORE_INDEX
+        targets = []
+        for example in examples:
+            chosen = example.chosen_length
+            targets += example.input_ids[1:chosen] + [IGNORE_INDEX] + example.labels[chosen + 1:] + [IGNORE_INDEX]
+        batch.targets[start:end] = torch.tensor(targets, device=self.device)
+        batch.nll_weights[job_id] = len(micro_batch) / max(1, sum(example.chosen_length - 1 for example in micro_batch))
 
     @torch.no_grad()
     def _reference_logps(self, batch: PackedBatch) -> dict[str, torch.Tensor]:
@@ -404,12 +446,17 @@ class Cohort:
                      token_losses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A preference job's per-pair losses and rewards from its rows' token losses, by its method."""
         spec, (start, end) = self.jobs[job_id].spec, batch.rows[job_id]
-        lengths = batch.job_sequences[job_id]
+        hp, lengths = spec.hyperparameters, batch.job_sequences[job_id]
         logps = sequence_logps(token_losses, lengths)
         if spec.method == "dpo":
-            return dpo_losses(logps, batch.references[job_id], spec.hyperparameters.beta)
-        target_counts = sequence_target_counts(batch.targets[start:end], lengths)
-        return simpo_losses(logps, target_counts, spec.hyperparameters.beta, spec.hyperparameters.simpo_gamma)
+            return dpo_losses(logps, batch.references[job_id], hp.beta)
+        if spec.method == "simpo":
+            target_counts = sequence_target_counts(batch.targets[start:end] != IGNORE_INDEX, lengths)
+            return simpo_losses(logps, target_counts, hp.beta, hp.simpo_gamma)
+        answers = batch.answers[job_id]  # ORPO: logps so far covered its chosen prompts too
+        answer_logps = sequence_logps(token_losses * answers, lengths)
+        return orpo_losses(answer_logps, sequence_target_counts(answers, lengths), -logps[0::2], hp.beta,
+                           batch.nll_weights[job_id])
 
     def _token_losses(self, batch: PackedBatch) -> torch.Tensor:
         """The loss of every row of the packed row [T] (0 off target), with the routing set by the caller."""
@@ -480,19 +527,19 @@ class Cohort:
 
     @torch.no_grad()
     def evaluate(self, job_id: str, data: JobData) -> float | None:
-        """Mean loss over the target tokens (DPO, SimPO: over the pairs) of one pass over `data` (a validation set),
-        without dropout.
+        """Mean loss over the target tokens (DPO, SimPO, ORPO: over the pairs) of one pass over `data` (a validation
+        set), without dropout.
 
         None when the set has no target tokens. Raises DataError for a bad line, like training does.
         """
         job = self.jobs[job_id]
         job.adapter.eval()
-        total, count = 0.0, 0  # count: target tokens (SFT) or pairs (DPO, SimPO)
+        total, count = 0.0, 0  # count: target tokens (SFT) or pairs (DPO, SimPO, ORPO)
         try:
             for _ in range(data.steps_per_epoch):
                 examples, _epoch = data.next_batch()
                 for part in split_passes({job_id: examples}, self.max_pass_tokens):
-                    batch = self._pack(part)
+                    batch = self._pack(part, {job_id: examples})
                     total += self._forward(batch)[job_id].item()
                     count += len(part[job_id]) if self._is_preference(job_id) else batch.num_targets[job_id]
         finally:

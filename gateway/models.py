@@ -66,8 +66,8 @@ class LorafleetOptions(_Request):
     max_steps: Optional[int] = Field(None, description="stop after this many optimizer steps")
     checkpoint_every: Optional[int] = Field(None, description="optimizer steps between checkpoints")
     method: Optional[str] = Field(
-        None, description="a preference loss OpenAI's API has no type for: 'simpo' (reference-free), given with "
-        "method.type 'dpo' (the same pairs; method.dpo.hyperparameters.beta is its beta, auto: 2.0)")
+        None, description="a preference loss OpenAI's API has no type for: 'simpo' or 'orpo' (reference-free), given "
+        "with method.type 'dpo' (the same pairs; method.dpo.hyperparameters.beta is its beta, auto: 2.0 or 0.1)")
     simpo_gamma: Optional[float] = Field(None, description="SimPO's target reward margin (default 0.5)")
 
 

@@ -28,7 +28,7 @@ ALL_LINEAR = "all-linear"  # PEFT's name for every linear layer of the decoder b
 
 # The training methods, each with what it trains on and its loss: the one place they are listed (the spec's
 # description, the README's table and the executor's dispatch all follow this).
-Method = Literal["sft", "dpo", "simpo"]
+Method = Literal["sft", "dpo", "simpo", "orpo"]
 METHODS: dict[str, str] = {
     "sft": "supervised: the mean token loss of the targets, on alpaca, chat or text records",
     "dpo": "direct preference optimisation: the sigmoid loss -log σ(β((log π_c - log ref_c) - (log π_r - log ref_r))) "
@@ -36,9 +36,12 @@ METHODS: dict[str, str] = {
     "simpo": "SimPO, reference-free: -log σ(β(log π_c / |y_c| - log π_r / |y_r|) - γ) on preference or "
              "chat_preference pairs, log-probs averaged over each answer's tokens (hyperparameters.beta, default 2.0, "
              "and simpo_gamma γ); no reference forward, so cheaper than DPO",
+    "orpo": "ORPO, reference-free: the chosen sequence's NLL (prompt and answer, a mean over the micro-batch's chosen "
+            "tokens) - β log σ(log odds_c - log odds_r), odds p / (1 - p) of each answer's average probability p, on "
+            "preference or chat_preference pairs (hyperparameters.beta, default 0.1); no reference forward",
 }
-PREFERENCE_METHODS = ("dpo", "simpo")  # trained on preference pairs
-DEFAULT_BETA = {"dpo": 0.1, "simpo": 2.0}  # TRL's DPOConfig and CPOConfig(loss_type="simpo") defaults
+PREFERENCE_METHODS = ("dpo", "simpo", "orpo")  # trained on preference pairs
+DEFAULT_BETA = {"dpo": 0.1, "simpo": 2.0, "orpo": 0.1}  # TRL's DPOConfig, CPOConfig(loss_type="simpo"), ORPOConfig
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -186,7 +189,8 @@ class Hyperparameters(_Strict):
     checkpoint_every: int = Field(100, ge=1, le=1_000_000, description="optimizer steps between checkpoints")
     beta: Optional[float] = Field(
         None, gt=0, le=100, description="preference methods' beta (unset: the method's default, dpo 0.1, simpo "
-        "2.0): for dpo how far from the base the adapter may move, for simpo the scale of the average log-probs"
+        "2.0, orpo 0.1): for dpo how far from the base the adapter may move, for simpo the scale of the average "
+        "log-probs, for orpo the weight of the odds-ratio term"
     )
     simpo_gamma: float = Field(0.5, ge=0, le=100, description="SimPO's target reward margin γ (TRL's simpo_gamma; "
                                "method simpo only)")
@@ -278,13 +282,13 @@ class SpecError(ValueError):
 
 
 def check_method_format(method: str, fmt: str, field: str) -> None:
-    """DPO and SimPO train on preference pairs only, SFT on anything else (ValueError naming `field`)."""
+    """DPO, SimPO and ORPO train on preference pairs only, SFT on anything else (ValueError naming `field`)."""
     if method in PREFERENCE_METHODS and fmt not in PREFERENCE_FORMATS:
         raise ValueError(f"{field}: method {method!r} trains on preference pairs ({' or '.join(PREFERENCE_FORMATS)} "
                          f"records), not {fmt}")
     if method == "sft" and fmt in PREFERENCE_FORMATS:
-        raise ValueError(f"{field}: {fmt} records are preference pairs: set method 'dpo' (or 'simpo') to train on "
-                         "them")
+        raise ValueError(f"{field}: {fmt} records are preference pairs: set method 'dpo' (or 'simpo', 'orpo') to "
+                         "train on them")
 
 
 def _first_error(exc: ValidationError) -> str:

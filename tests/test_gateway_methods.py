@@ -1,6 +1,6 @@
-"""lorafleet's own training options through the HTTP gateway with the real `openai` client: SimPO asked for as
-`lorafleet.method` beside OpenAI's `method.type` "dpo" (OpenAI's API has no SimPO type), and `target_modules` given
-as PEFT's bare string "all-linear" or as a list."""
+"""lorafleet's own training options through the HTTP gateway with the real `openai` client: SimPO and ORPO asked for
+as `lorafleet.method` beside OpenAI's `method.type` "dpo" (OpenAI's API has no type for them), and `target_modules`
+given as PEFT's bare string "all-linear" or as a list."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def test_all_linear_is_accepted_as_a_bare_string_as_peft_writes_it_or_in_a_list(
     assert "a single string must be 'all-linear'; give module names as a list, e.g. ['q_proj']" in refused.value.message
 
 
-def test_a_simpo_job_is_a_dpo_method_with_lorafleet_method_simpo(gateway, make_tenant):  # noqa: F811
+def test_simpo_and_orpo_jobs_are_a_dpo_method_with_a_lorafleet_method(gateway, make_tenant):  # noqa: F811
     tenant = make_tenant()
     write_jsonl(tenant.area / "pairs.jsonl", PAIRS)
     api = client(gateway, tenant.token)
@@ -39,13 +39,17 @@ def test_a_simpo_job_is_a_dpo_method_with_lorafleet_method_simpo(gateway, make_t
     dpo = create(api, f"{tenant.name}/pairs.jsonl", method=dpo_method())
     assert dpo.lorafleet["method"] == "dpo" and "simpo_gamma" not in dpo.lorafleet  # type: ignore[attr-defined]
     assert dpo.method.dpo.hyperparameters.beta == 0.1
+    orpo = create(api, f"{tenant.name}/pairs.jsonl", method=dpo_method(),
+                  extra_body={"lorafleet": {**SMALL, "method": "orpo"}})
+    assert orpo.lorafleet["method"] == "orpo"  # type: ignore[attr-defined]
+    assert orpo.method.dpo.hyperparameters.beta == 0.1, "auto beta: ORPO's default"
 
 
 @pytest.mark.parametrize("method, options, dataset, param, message", [
     ({"type": "supervised"}, {"method": "simpo"}, "pairs", "lorafleet.method",
      "'simpo' trains on preference pairs: give it with method.type 'dpo'"),
     (None, {"method": "simpo"}, "pairs", "lorafleet.method", "give it with method.type 'dpo'"),
-    (dpo_method(), {"method": "orpo"}, "pairs", "lorafleet.method", "'orpo' is not one of 'simpo'"),
+    (dpo_method(), {"method": "kto"}, "pairs", "lorafleet.method", "'kto' is not one of 'simpo', 'orpo'"),
     (dpo_method(), {"method": "dpo"}, "pairs", "lorafleet.method", "supervised and dpo are OpenAI's method.type"),
     (dpo_method(), {"method": "simpo", "simpo_gamma": -1}, "pairs", "lorafleet.simpo_gamma",
      "greater than or equal to 0"),

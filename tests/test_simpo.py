@@ -163,8 +163,8 @@ def test_the_methods_beta_defaults_and_a_simpo_job_on_sft_records_is_refused(lla
         parse_spec({"base_model": "m", "dataset": "d", "method": "simpo", "dataset_format": "text"})
     with pytest.raises(SpecError, match="hyperparameters.simpo_gamma: Input should be greater than or equal to 0"):
         parse_spec({"base_model": "m", "dataset": "d", "method": "simpo", "hyperparameters": {"simpo_gamma": -1}})
-    with pytest.raises(SpecError, match="method: Input should be 'sft', 'dpo' or 'simpo'"):
-        parse_spec({"base_model": "m", "dataset": "d", "method": "orpo"})
+    with pytest.raises(SpecError, match="method: Input should be 'sft', 'dpo', 'simpo' or 'orpo'"):
+        parse_spec({"base_model": "m", "dataset": "d", "method": "kto"})
 
 
 def test_the_methods_are_listed_once_and_the_readme_table_names_each():
