@@ -11,8 +11,8 @@ projections, AdamW). For each variant V it times three cohorts of the same size 
 The variants: rsLoRA (only the scale differs), LoRA+ (only the optimizer's groups differ), DoRA (its rows go through
 the PyTorch path of executor/dora.py beside the Triton kernels of the other jobs), VeRA (shared frozen random
 matrices, per-job vectors, on the PyTorch path), DPO (pairs of 2 x 512 tokens, 2 pairs a micro-batch: the same 2,048
-tokens, plus the no-grad reference forward of the base over them) and, where the spec has it, SimPO (pairs, no
-reference forward). Step times are medians of --steps timed steps after --warmup, synchronised, host included.
+tokens, plus the no-grad reference forward of the base over them), SimPO and ORPO (pairs, no reference forward).
+Step times are medians of --steps timed steps after --warmup, synchronised, host included.
 Results go to OUT/variants_<shape>.json as they come, and a markdown table to stdout.
 """
 
@@ -50,7 +50,7 @@ ADAPTERS = {
     "dora": {"use_dora": True},
     "vera": {"type": "vera"},
 }
-METHODS = ("dpo", "simpo")  # preference methods: their jobs train on pairs
+METHODS = ("dpo", "simpo", "orpo")  # preference methods: their jobs train on pairs
 
 
 def write_pair_data(directory: Path, job: int, vocab: int) -> Path:
@@ -108,7 +108,7 @@ def time_cohort(cohort, model_dir, data_dir, variants: list[str], warmup, steps,
 
 
 def supported(variant: str) -> bool:
-    """Whether this checkout's spec has the variant (SimPO may not be there yet)."""
+    """Whether this checkout's spec has the variant (a method added later is skipped by older checkouts)."""
     from lorafleet.scheduler.spec import SpecError
 
     try:
@@ -134,7 +134,7 @@ def main() -> None:
     parser.add_argument("--shape", choices=("tiny", "1b", "8b"), default="1b")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--jobs", type=int, default=8)
-    parser.add_argument("--variants", default="rslora,loraplus,dora,vera,dpo,simpo")
+    parser.add_argument("--variants", default="rslora,loraplus,dora,vera,dpo,simpo,orpo")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--workdir", default="/tmp/lorafleet-variants")
