@@ -9,8 +9,8 @@ projections, AdamW). For each variant V it times three cohorts of the same size 
 - `one`: one job V, the others plain LoRA (what a tenant's choice costs the cohort it shares);
 - `all`: every job V.
 The variants: rsLoRA (only the scale differs), LoRA+ (only the optimizer's groups differ), DoRA (its rows go through
-the PyTorch path of executor/dora.py beside the Triton kernels of the other jobs), VeRA (shared frozen random
-matrices, per-job vectors, on the PyTorch path), DPO (pairs of 2 x 512 tokens, 2 pairs a micro-batch: the same 2,048
+the PyTorch path of executor/dora.py beside the Triton kernels of the other jobs), VeRA (each step its factors
+are formed from the shared frozen matrices and the job's vectors, then the same kernels), DPO (pairs of 2 x 512 tokens, 2 pairs a micro-batch: the same 2,048
 tokens, plus the no-grad reference forward of the base over them), SimPO and ORPO (pairs, no reference forward).
 Step times are medians of --steps timed steps after --warmup, synchronised, host included.
 Results go to OUT/variants_<shape>.json as they come, and a markdown table to stdout.
