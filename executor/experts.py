@@ -7,14 +7,15 @@ B_e [d_out, r], and the tokens its rows route to expert e use W_e + s·B_e A_e, 
 are held as PEFT holds them, so export is a rename: A [E·r, d_in] (expert e's rows e·r..e·r+r-1) and B [d_out, r·E]
 (expert e's columns e, e+E, e+2E, ...: PEFT's `B.view(d_out, r, E)[..., e]`).
 
-`MultiLoraExperts` replaces the experts module. The rows of jobs with an adapter here go through our own forward: their
-(token, expert) pairs sorted by expert, so that within an expert each job's pairs are one contiguous run; per expert
-one matmul with the frozen weight over all those pairs, plus per job one low-rank product over its run
-(x A_jeᵀ) B_jeᵀ s_j, before the activation for gate_up_proj and after it for down_proj. The other rows go through
-the base module's own forward (whichever experts implementation transformers picked), so a job without an adapter
-here computes what it computes alone. Cost: a Python loop over the experts hit (one frozen matmul each, as HF's
-eager path) and over the (expert, job) runs (two thin matmuls each), one host sync per layer for the run sizes; no
-Triton kernel. Gradients reach only a job's own factors: its factors only ever multiply its own rows.
+`MultiLoraExperts` replaces the experts module. The rows of each job with an adapter here go through our own forward,
+one job at a time: its (token, expert) pairs sorted by expert, then per fused parameter one grouped matmul over the
+experts with the frozen weight (as transformers' grouped_mm path) and, when the job targets it, two thin grouped
+matmuls with its factors, x A_eᵀ then (·) B_eᵀ·s, before the activation for gate_up_proj and after it for down_proj.
+The other rows go through the base module's own forward (whichever experts implementation transformers picked), so a
+job without an adapter here computes what it computes alone. Each job's numbers come from its own rows only, so a job
+computes the same alone or in any cohort, and gradients reach only its own factors. Cost: per adapted job and layer
+about six grouped matmuls instead of the base's two over its tokens (the thin ones carry r / d of the FLOPs), no host
+sync on the GPU; no Triton kernel.
 """
 
 from __future__ import annotations
@@ -193,54 +194,56 @@ class MultiLoraExperts(nn.Module):
     def _forward_adapted(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                          jobs: list[str], lengths: list[int]) -> torch.Tensor:
         """The experts over the rows of `jobs` (x: their rows back to back, `lengths` each), with their deltas."""
+        outputs, start = [], 0
+        for job, length in zip(jobs, lengths):
+            rows = slice(start, start + length)
+            outputs.append(self._forward_job(self.adapters[job], x[rows], top_k_index[rows], top_k_weights[rows]))
+            start += length
+        return torch.cat(outputs)
+
+    def _forward_job(self, adapter: nn.Module, x: torch.Tensor, top_k_index: torch.Tensor,
+                     top_k_weights: torch.Tensor) -> torch.Tensor:
+        """One job's rows through the experts with its deltas: its (row, k) pairs sorted by expert, one grouped
+        matmul over the experts for each frozen weight and each factor. A job's numbers are computed from its own
+        rows alone, so they do not depend on which other jobs share the step."""
         rows, top_k = top_k_index.shape
         experts = top_k_index.reshape(-1)  # one entry per (row, k) pair, row-major
-        job_of_pair = torch.repeat_interleave(torch.arange(len(jobs), device=x.device),
-                                              torch.tensor(lengths, device=x.device)).repeat_interleave(top_k)
-        # Stable: within an expert the pairs stay in row order, so each job's pairs are one contiguous run.
         order = torch.argsort(experts, stable=True)
-        row_of_pair = order // top_k
-        # One host sync: the size of every (expert, job) run (an index == E is a pair routed to no expert).
-        runs = torch.bincount(experts * len(jobs) + job_of_pair, minlength=(self.num_experts + 1) * len(jobs))
-        runs = runs.view(self.num_experts + 1, len(jobs)).tolist()
-        outputs, start = [], 0
-        for expert, job_runs in enumerate(runs[:self.num_experts]):
-            count = sum(job_runs)
-            if count:
-                pairs = row_of_pair[start:start + count]
-                outputs.append(self._expert(expert, x[pairs], list(zip(jobs, job_runs))))
-            start += count
-        unrouted = rows * top_k - start
-        if unrouted:
-            outputs.append(x.new_zeros(unrouted, x.shape[1]))
-        sorted_outputs = torch.cat(outputs)
-        per_pair = sorted_outputs.new_empty(sorted_outputs.shape).index_copy(0, order, sorted_outputs)
+        offsets = torch.bincount(experts, minlength=self.num_experts).cumsum(0).to(torch.int32)
+        pairs = x[order // top_k]
+        factors = expert_factors_of(adapter)
+        gate_up = self._projection(pairs, "gate_up_proj", offsets, factors, adapter.scale)
+        gate, up = gate_up.chunk(2, dim=-1)
+        down = self._projection(self.base.act_fn(gate) * up, "down_proj", offsets, factors, adapter.scale)
+        per_pair = down.new_empty(down.shape).index_copy(0, order, down)
         weighted = per_pair.view(rows, top_k, -1) * top_k_weights.unsqueeze(-1)
         return weighted.sum(dim=1).to(x.dtype)
 
-    def _expert(self, expert: int, x: torch.Tensor, job_runs: list[tuple[str, int]]) -> torch.Tensor:
-        """Expert `expert` over its pairs `x` (each job's pairs one run, in `job_runs` order)."""
-        gate_up = self._with_deltas(F.linear(x, self.base.gate_up_proj[expert]), x, "gate_up_proj", expert, job_runs)
-        gate, up = gate_up.chunk(2, dim=-1)
-        hidden = self.base.act_fn(gate) * up
-        return self._with_deltas(F.linear(hidden, self.base.down_proj[expert]), hidden, "down_proj", expert, job_runs)
-
-    def _with_deltas(self, y: torch.Tensor, x: torch.Tensor, parameter: str, expert: int,
-                     job_runs: list[tuple[str, int]]) -> torch.Tensor:
-        """`y` (the frozen expert's output over `x`) plus, on each job's run, that job's delta s·(x Aᵀ) Bᵀ."""
+    def _projection(self, pairs: torch.Tensor, parameter: str, offsets: torch.Tensor, factors: ExpertFactors | None,
+                    scale: float) -> torch.Tensor:
+        """`pairs` (sorted by expert, `offsets` the experts' ends) times the frozen expert weight, plus the job's
+        delta s·(x A_eᵀ) B_eᵀ when it targets this parameter."""
+        y = _grouped_linear(pairs, getattr(self.base, parameter), offsets)
         key = f"{self.name}.{parameter}"
-        parts, start, changed = [], 0, False
-        for job, count in job_runs:
-            if not count:
-                continue
-            part = y[start:start + count]
-            adapter = self.adapters[job]
-            factors = expert_factors_of(adapter)
-            if factors is not None and key in factors.shapes:
-                lora_a, lora_b = factors.factors(key)
-                a, b = lora_a[expert].to(x.dtype), lora_b[expert].to(x.dtype)
-                part = part + (x[start:start + count] @ a.t()) @ b.t() * adapter.scale
-                changed = True
-            parts.append(part)
-            start += count
-        return torch.cat(parts) if changed else y
+        if factors is None or key not in factors.shapes:
+            return y
+        lora_a, lora_b = factors.factors(key)
+        # r padded to a multiple of 8 with zeros (exact), for the grouped matmul's 16-byte alignment in bf16; B's
+        # per-expert view is strided (PEFT's layout), the grouped matmul needs its rows or columns dense
+        pad = -factors.r % 8
+        lora_a = F.pad(lora_a.to(pairs.dtype), (0, 0, 0, pad)).contiguous()
+        lora_b = F.pad(lora_b.to(pairs.dtype), (0, pad)).contiguous()
+        return y + _grouped_linear(_grouped_linear(pairs, lora_a, offsets), lora_b, offsets) * scale
+
+
+def _grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """x [S, d_in] sorted by expert, weight [E, d_out, d_in], offsets [E] (int32) each expert's end in x -> [S, d_out]:
+    rows of expert e times weight[e]ᵀ. torch's grouped matmul where it runs (bf16 on a GPU, any float on the CPU),
+    else a loop over the experts."""
+    if weight.device.type == "cpu" or weight.dtype == torch.bfloat16:
+        return F.grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
+    parts, start = [], 0
+    for expert, end in enumerate(offsets.tolist()):
+        parts.append(F.linear(x[start:end], weight[expert]))
+        start = end
+    return torch.cat(parts)
