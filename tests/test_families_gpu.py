@@ -113,6 +113,13 @@ def base_logits(cohort: Cohort, input_ids: list[int]) -> torch.Tensor:
     return cohort.model(torch.tensor([input_ids], device=cohort.device), use_cache=False, **kwargs).logits[0].float()
 
 
+def bf16_step(logits: torch.Tensor) -> torch.Tensor:
+    """One rounding step of bf16 at the largest logit: two logits computed in bf16 may differ by that much alone
+    (measured on the CPU in bf16: the exports' logits differ from PEFT's by 0.5-1 such step, the adapters moving them
+    by 0.2-2.9)."""
+    return torch.finfo(torch.bfloat16).eps * logits.abs().max()
+
+
 def sentence_ids(cohort: Cohort) -> list[int]:
     return cohort.tokenizer("the quick brown fox jumps over the lazy dog")["input_ids"]
 
@@ -141,7 +148,7 @@ def test_a_variant_job_trains_in_the_cohort_as_it_trains_alone(trained, data, fa
     ids = sentence_ids(cohort)
     together, by_itself = cohort.logits("variant", ids).float(), alone.logits("variant", ids).float()
     shift = (together - base_logits(cohort, ids)).abs().max()  # how far the adapter moves the logits
-    assert shift > 0 and (together - by_itself).abs().max() < 0.1 * shift, family
+    assert shift > 0 and (together - by_itself).abs().max() < bf16_step(together) + 0.1 * shift, family
 
 
 @pytest.mark.parametrize("family", ALL_FAMILIES)
@@ -157,4 +164,4 @@ def test_each_jobs_export_loads_in_peft_on_the_gpu_with_the_cohorts_logits(train
         base_noise = (base_logits(cohort, sequence) - plain).abs().max()
         assert base_noise < 5e-2 * plain.abs().max(), (family, job_id)  # the same base, to bf16 noise
         shift = (want - plain).abs().max()
-        assert shift > 0 and (got - want).abs().max() < base_noise + 0.1 * shift, (family, job_id)
+        assert shift > 0 and (got - want).abs().max() < base_noise + bf16_step(want) + 0.1 * shift, (family, job_id)
