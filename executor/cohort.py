@@ -426,7 +426,7 @@ class Cohort:
 
     def _forward(self, batch: PackedBatch) -> dict[str, torch.Tensor]:
         """Job id -> the sum of its losses over its rows of the packed row: token losses (SFT) or pair losses (DPO,
-        SimPO: `_pair_losses`, whose rewards it puts in `batch.rewards`)."""
+        SimPO, ORPO: `_pair_losses`, whose rewards it puts in `batch.rewards`)."""
         self.routing.segments = batch.rows
         self.routing.dropout_seeds = self.dropout_seeds(batch)
         try:
