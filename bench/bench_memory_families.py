@@ -135,7 +135,10 @@ def model_shape(model):
 
 
 def words(rng: random.Random, count: int, vocab: int) -> str:
-    return " ".join(f"t{rng.randrange(1, vocab)}" for _ in range(count))
+    """`count` random tokens as text, their ids of one digit fewer than the largest id's: each word and its space
+    are then no longer than the longest vocabulary entry, so a record cut to max_seq_len times that many characters
+    (`formats.tokenise_example`) keeps all its tokens (word-level tokens carry no space, as byte-level ones do)."""
+    return " ".join(f"t{rng.randrange(1, 10 ** (len(str(vocab - 1)) - 1))}" for _ in range(count))
 
 
 def write_data(directory: Path, job: int, method: str, batch: tuple[int, int], vocab: int) -> Path:
@@ -216,13 +219,15 @@ def run_cohort(cohort, kind: str, args, scratch: Path) -> dict:
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        step_tokens = cohort.step_tokens
     finally:
         for job_id in list(cohort.jobs):
             cohort.remove_job(job_id)
         release(device)
     dtype = "bfloat16" if next(model.parameters()).dtype == torch.bfloat16 else "float32"
     base_bytes, planned = planned_bytes(model_shape(model), specs, dtype)
-    return {"cohort": kind, "jobs": args.jobs, "batch": args.batch, "steps": args.steps, "seconds": seconds,
+    return {"cohort": kind, "jobs": args.jobs, "batch": args.batch, "step_tokens": step_tokens,
+            "steps": args.steps, "seconds": seconds,
             "planned_base_bytes": base_bytes, "planned_bytes": round(planned), "peak_bytes": peak,
             "ratio": peak / planned if peak else None}
 
@@ -261,14 +266,15 @@ def gib(value) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| shape | family | cohort | jobs x batch | planned GiB (base) | measured peak GiB (base) "
-             "| measured / planned |", "|---|---|---|---|---|---|---|"]
+    lines = ["| shape | family | cohort | jobs x batch | tokens/step | planned GiB (base) | measured peak GiB (base) "
+             "| measured / planned |", "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         if "error" in row:
-            lines.append(f"| {row['shape']} | {row['family']} | {row['cohort']} | | | {row['error']} | |")
+            lines.append(f"| {row['shape']} | {row['family']} | {row['cohort']} | | | | {row['error']} | |")
             continue
         ratio = "-" if row["ratio"] is None else f"{row['ratio']:.3f}"
         lines.append(f"| {row['shape']} | {row['family']} | {row['cohort']} | {row['jobs']} x {row['batch']} "
+                     f"| {row['step_tokens']:,} "
                      f"| {gib(row['planned_bytes'])} ({gib(row['planned_base_bytes'])}) "
                      f"| {gib(row['peak_bytes'])} ({gib(row['base_allocated_bytes'])}) | {ratio} |")
     return "\n".join(lines)

@@ -23,6 +23,7 @@ def test_the_bench_trains_both_cohorts_of_tiny_shapes_and_writes_its_table(tmp_p
                        "--out", str(tmp_path)])
     assert [(row["shape"], row["cohort"]) for row in rows] == [(s, c) for s in shapes for c in ("lora", "mixed")]
     assert all("error" not in row and row["planned_bytes"] > row["planned_base_bytes"] > 0 for row in rows)
+    assert all(row["step_tokens"] == 4 * 2 * 32 for row in rows)  # every job's micro-batch is its whole 2x32
     assert all(row["peak_bytes"] is None and row["ratio"] is None for row in rows)  # no CUDA peak on the CPU
     by_cohort = {(row["shape"], row["cohort"]): row["planned_bytes"] for row in rows}
     assert all(by_cohort[shape, "mixed"] > by_cohort[shape, "lora"] for shape in shapes)  # DoRA's magnitudes
