@@ -194,6 +194,20 @@ def test_an_experts_job_trains_the_same_beside_jobs_on_experts_and_jobs_not(base
         assert (got[key] - weights[key]).norm() <= 1e-5 * weights[key].norm().clamp_min(1e-12), key
 
 
+def test_an_experts_job_trains_the_same_with_its_decoder_layers_recomputed_in_backward(bases, data):
+    """Activation checkpointing recomputes the experts layer with the routing its forward saw."""
+    model_dir = bases("qwen2_moe")
+    runs = []
+    for every in (0, 1):
+        cohort = Cohort(model_dir, activation_checkpointing=every)
+        cohort.add_job("x", experts_spec(model_dir), data["x"])
+        cohort.add_job("plain", make_spec(model_dir, {"r": 2, "target_modules": ["v_proj"]}, max_steps=3), data["y"])
+        runs.append((train(cohort)["x"], trained_tensors(cohort, "x")))
+    (losses, weights), (recomputed_losses, recomputed) = runs
+    assert recomputed_losses == losses
+    assert all(torch.equal(recomputed[key], weights[key]) for key in weights)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_an_experts_adapter_loads_in_peft_with_the_same_logits_and_names(bases, data, family, tmp_path):
     model_dir = bases(family)
