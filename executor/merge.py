@@ -7,7 +7,8 @@ m · (W + ΔW) / ‖W + ΔW‖ per output feature), so the base's architecture c
 The adapter directory is what a job exports (`checkpoint.save_peft_adapter`: a PEFT adapter of any kind lorafleet
 trains, expert parameters' LoRA included), read by PEFT itself, which does the merge. The weights are merged in float32 and stored in the base's own
 dtype, so each merged weight is rounded once; that takes 4 bytes of memory per base parameter while merging.
-The output directory holds the model's safetensors and config, and the base's tokenizer files, if it has any.
+The output directory holds the model's safetensors and config, and the base's tokenizer files, if it has any; it
+appears whole or not at all (written under another name, then renamed).
 
     lorafleet merge ADAPTER_DIR --base BASE_DIR --out OUT_DIR      (scheduler/cli.py)
 """
@@ -61,11 +62,22 @@ def merge_adapter(adapter_dir, base_dir, out_dir, device: str = "cpu") -> MergeR
         merged = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False).merge_and_unload(safe_merge=True)
     except (ValueError, RuntimeError, KeyError) as exc:  # what PEFT raises for an adapter it cannot apply
         raise MergeError(f"adapter {adapter_dir} cannot be merged into base {base_dir}: {_one_line(exc)}") from None
-    merged.to(base_dtype).save_pretrained(out_dir)
+    _write_model(merged.to(base_dtype), base_dir, out_dir)
+    return MergeResult(str(out_dir), _adapter_type(adapter_config), layers, str(base_dtype).removeprefix("torch."))
+
+
+def _write_model(model: torch.nn.Module, base_dir: Path, out_dir: Path) -> None:
+    """Save the model and the base's tokenizer files next to `out_dir` and rename them into place: a merge that
+    fails part way leaves no half-written model under the name asked for."""
+    staging = out_dir.with_name(f".{out_dir.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
     for name in TOKENIZER_FILES:
         if (base_dir / name).is_file():
-            shutil.copy2(base_dir / name, out_dir / name)
-    return MergeResult(str(out_dir), _adapter_type(adapter_config), layers, str(base_dtype).removeprefix("torch."))
+            shutil.copy2(base_dir / name, staging / name)
+    if out_dir.exists():
+        out_dir.rmdir()  # empty (checked before the merge)
+    staging.rename(out_dir)
 
 
 def _read_adapter(adapter_dir: Path) -> dict:

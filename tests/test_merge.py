@@ -74,7 +74,9 @@ def test_a_merged_model_computes_the_logits_of_peft_with_the_adapter(llama, llam
 
 def test_the_merged_directory_is_a_plain_model_with_the_bases_tokenizer(llama, llama_adapters, tmp_path):
     out = tmp_path / "merged"
+    out.mkdir()  # an empty directory may be named
     merge_adapter(llama_adapters["dora"], llama, out)
+    assert [path.name for path in tmp_path.iterdir()] == ["merged"]  # written beside it, then renamed
     files = {path.name for path in out.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= files
     assert not any(name.startswith("adapter_") for name in files)
