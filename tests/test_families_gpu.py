@@ -138,7 +138,7 @@ def test_a_mixed_bf16_cohort_of_each_family_trains_on_the_gpu(trained, family):
 
 
 @pytest.mark.parametrize("family", ALL_FAMILIES)
-def test_a_variant_job_trains_in_the_cohort_as_it_trains_alone(trained, data, family, tmp_path):
+def test_a_variant_job_trains_in_the_cohort_as_it_trains_alone(trained, data, family):
     base, cohort, history = trained(family)
     alone = Cohort(base, device=DEVICE)
     add_job(alone, base, data, family, "variant")
