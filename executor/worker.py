@@ -342,7 +342,7 @@ class Executor:
         metrics = {"loss": result.loss, "lr": result.lr, "tokens": result.tokens,
                    "trained_tokens": self.cohort.jobs[job_id].trained_tokens,
                    "tokens_per_s": result.tokens / seconds, "grad_norm": result.grad_norm}
-        if result.rewards is not None:  # a DPO job's
+        if result.rewards is not None:  # a preference job's (DPO, SimPO, ORPO)
             metrics.update(result.rewards.metrics())
         if result.checkpoint_due and job_id in self.validation:
             try:
