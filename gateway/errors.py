@@ -44,6 +44,7 @@ SPEC_FIELD_TO_PARAM = {
     "adapter.lora_alpha": "lorafleet.lora_alpha",
     "adapter.lora_dropout": "lorafleet.lora_dropout",
     "adapter.target_modules": "lorafleet.target_modules",
+    "adapter.target_parameters": "lorafleet.target_parameters",
     "adapter.use_rslora": "lorafleet.use_rslora",
     "adapter.loraplus_lr_ratio": "lorafleet.loraplus_lr_ratio",
     "adapter.use_dora": "lorafleet.use_dora",

@@ -56,6 +56,9 @@ class LorafleetOptions(_Request):
     target_modules: Optional[Union[str, list[str]]] = Field(
         None, description="the base's linear layers to adapt, or \"all-linear\" (a string, as PEFT writes it, or in a "
         "list)")
+    target_parameters: Optional[list[str]] = Field(
+        None, description="a MoE base's fused expert parameters to adapt, e.g. [\"mlp.experts.gate_up_proj\", "
+        "\"mlp.experts.down_proj\"] (PEFT's target_parameters)")
     use_rslora: Optional[bool] = Field(None, description="scale lora_alpha / sqrt(r) (PEFT's use_rslora)")
     loraplus_lr_ratio: Optional[float] = Field(None, description="LoRA+: B's learning rate over the job's")
     use_dora: Optional[bool] = Field(None, description="DoRA magnitudes (PEFT's use_dora); not on a quantized base")

@@ -64,3 +64,13 @@ def test_a_lorafleet_method_that_does_not_fit_is_refused_naming_its_field(gatewa
         create(client(gateway, tenant.token), f"{tenant.name}/{dataset}.jsonl", **fields)
     assert refused.value.param == param, refused.value.body
     assert message in refused.value.message
+
+
+def test_target_parameters_reach_the_submission_check_and_a_refusal_names_the_field(gateway, make_tenant):  # noqa: F811
+    tenant = make_tenant()
+    api = client(gateway, tenant.token)
+    with pytest.raises(openai.BadRequestError) as refused:  # the gateway's test base is a dense Llama
+        create(api, tenant.dataset,
+               extra_body={"lorafleet": {**SMALL, "target_parameters": ["mlp.experts.gate_up_proj"]}})
+    assert refused.value.param == "lorafleet.target_parameters", refused.value.body
+    assert "this base has no expert parameters" in refused.value.message
