@@ -269,21 +269,24 @@ def base_vs_adapters(cohort, device, repeats: int) -> dict:
     return result
 
 
-def profile_step(cohort, model_dir, data_dir, batch, n, device) -> str:
-    """Host and GPU time of one whole Cohort.step (after two warm-up steps), by op: where the step's time goes."""
+def profile_step(cohort, model_dir, data_dir, batch, n, device, trace: Path | None = None) -> str:
+    """Host and GPU time of one whole Cohort.step (after three warm-up steps: a CUDA graph, if used, is captured by
+    then), by op: where the step's time goes. trace: where to write its gzipped Chrome trace too."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
     for setting in MEMORY_SETTINGS:
         set_checkpointing(cohort, setting)
         add_jobs(cohort, model_dir, data_dir, batch, n)
         try:
-            for _ in range(2):
+            for _ in range(3):
                 cohort.step()
             sync(device)
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 with record_function("cohort.step"):
                     cohort.step()
                 sync(device)
+            if trace is not None:
+                prof.export_chrome_trace(str(trace))
             events = prof.key_averages()
             return (f"memory setting {setting}\n" + events.table(sort_by="cpu_time_total", row_limit=40)
                     + "\n" + events.table(sort_by="self_cpu_time_total", row_limit=30))
@@ -607,6 +610,9 @@ def main() -> None:
     parser.add_argument("--lora-dropout", type=float, default=0.0,
                         help="every job's LoRA dropout, in the cohort (fused into the LoRA kernels) "
                         "and in the PEFT baseline alike")
+    parser.add_argument("--cuda-graphs", choices=("on", "off", "both"), default="on",
+                        help="the cohort's CUDA-graphed steps (executor/step_graph.py); both: every cohort row and "
+                        "--profile-step eagerly first, then graphed (the eager rows go to eager_cohorts)")
     parser.add_argument("--workdir", default="/tmp/lorafleet-e2e")
     parser.add_argument("--out", default=".")
     args = parser.parse_args()
@@ -668,22 +674,24 @@ def main() -> None:
 
     cohort = Cohort(model_dir, quantization=args.quantization, device=args.device)
     log("cohort loaded")
+    graph_modes = {"on": [True], "off": [False], "both": [False, True]}[args.cuda_graphs]
     for batch in batches:
         for n in cohorts:
-            for checkpointing in MEMORY_SETTINGS:
-                measured = run_cohort(
-                    cohort, model_dir, data_dir, batch, n, args.warmup, args.steps, checkpointing, device
-                )
-                if measured is not None:
-                    break
-            seconds, peak = measured if measured is not None else (None, None)
-            tokens = sum(len(s) for job in range(n) for s in job_sequences(batch, job, vocab))
-            report["cohorts"].append(
-                {"batch": batch, "jobs": n, "tokens": tokens, "seconds": seconds, "peak_gib": peak,
-                 "checkpointing": checkpointing}
-            )
-            log(f"cohort {n} x {batch}: {seconds} s/step, ckpt {checkpointing}, peak {peak} GiB")
-            save()
+            for graphs in graph_modes:
+                cohort.graphs.enabled = graphs
+                for checkpointing in MEMORY_SETTINGS:
+                    measured = run_cohort(
+                        cohort, model_dir, data_dir, batch, n, args.warmup, args.steps, checkpointing, device
+                    )
+                    if measured is not None:
+                        break
+                seconds, peak = measured if measured is not None else (None, None)
+                tokens = sum(len(s) for job in range(n) for s in job_sequences(batch, job, vocab))
+                rows = report["cohorts"] if graphs or args.cuda_graphs == "off" else report.setdefault("eager_cohorts", [])
+                rows.append({"batch": batch, "jobs": n, "tokens": tokens, "seconds": seconds, "peak_gib": peak,
+                             "checkpointing": checkpointing, "cuda_graphs": graphs})
+                log(f"cohort {n} x {batch} (graphs {graphs}): {seconds} s/step, ckpt {checkpointing}, peak {peak} GiB")
+                save()
 
     report["overhead"] = []
     for jobs, batch in overheads:
@@ -718,9 +726,14 @@ def main() -> None:
 
     if args.profile_step:
         jobs, batch = int(args.profile_step.split("x", 1)[0]), args.profile_step.split("x", 1)[1]
-        (out / f"profile_step_{name}_{args.profile_step}.txt").write_text(
-            profile_step(cohort, model_dir, data_dir, batch, jobs, device))
-        log(f"profiled one step of {args.profile_step}")
+        for graphs in graph_modes:
+            cohort.graphs.enabled = graphs
+            kind = "graphs" if graphs else "eager"
+            trace = out / f"trace_step_{name}_{args.profile_step}_{kind}.json.gz"
+            (out / f"profile_step_{name}_{args.profile_step}_{kind}.txt").write_text(
+                profile_step(cohort, model_dir, data_dir, batch, jobs, device, trace))
+            log(f"profiled one step of {args.profile_step} ({kind})")
+        cohort.graphs.enabled = graph_modes[-1]
 
     if long_batch:
         for checkpointing in MEMORY_SETTINGS:

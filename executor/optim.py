@@ -48,6 +48,7 @@ class JobOptimizer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_factor(step, hp.warmup_steps, total_steps, hp.lr_scheduler)
         )
+        self.launched = False  # launch_step queued this window's update; step() finishes it
 
     @property
     def lr(self) -> float:
@@ -59,17 +60,34 @@ class JobOptimizer:
         grads = [p.grad for p in self.params if p.grad is not None]
         return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.params[0].device)
 
+    def launch_step(self, norm: torch.Tensor, loss: torch.Tensor) -> None:
+        """With fused AdamW (on a GPU): clip and update now, before the host has read `norm`, so that the launches
+        overlap the step's GPU work; the kernels skip the update (weights, moments, step count) on the device when
+        `norm` or `loss` is not finite. step() then finishes the window. Elsewhere nothing: step() does it all."""
+        if not self.optimizer.defaults["fused"]:
+            return
+        if self.max_grad_norm is not None:
+            torch.nn.utils.clip_grads_with_norm_(self.params, self.max_grad_norm, norm)
+        self.optimizer.found_inf = (~(torch.isfinite(norm) & torch.isfinite(loss))).float()
+        try:
+            self.optimizer.step()
+        finally:
+            del self.optimizer.found_inf
+        self.launched = True
+
     def step(self, norm: torch.Tensor, norm_value: float) -> None:
-        """Clip by `norm` (grad_norm(), read by the caller as `norm_value`), step, advance the schedule, clear the grads.
+        """Clip by `norm` (grad_norm(), read by the caller as `norm_value`), step, advance the schedule, clear the grads
+        (after launch_step: only the last two).
 
         Raises NonFiniteGradients (and leaves the weights untouched) when the norm is NaN or inf.
         """
         if not math.isfinite(norm_value):
             self.zero_grad()
             raise NonFiniteGradients(f"gradient norm is {norm_value}")
-        if self.max_grad_norm is not None:
-            torch.nn.utils.clip_grads_with_norm_(self.params, self.max_grad_norm, norm)
-        self.optimizer.step()
+        if not self.launched:
+            if self.max_grad_norm is not None:
+                torch.nn.utils.clip_grads_with_norm_(self.params, self.max_grad_norm, norm)
+            self.optimizer.step()
         self.scheduler.step()
         self.zero_grad()
 
@@ -83,6 +101,7 @@ class JobOptimizer:
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
+        self.launched = False
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}

@@ -1,0 +1,229 @@
+"""A cohort step's forward and backward as one CUDA graph: the host launches it in one call instead of thousands.
+
+A small cohort step is host-bound: one 8B job of 512 tokens spends ~0.23 s in Python and kernel launches for ~0.04 s
+of GPU work (docs/BENCHMARKS.md). `StepGraphs` captures the whole forward and backward of a one-pass step (decoder,
+LoRA kernels, flash attention, chunked head loss, the adapters' gradients) with `torch.cuda.graph` and replays it on
+later steps with the same layout:
+
+- each job's rows are padded to a bucket (`bucket_rows`: fewer than 64 rows or 1/16 more) by one more sequence of
+  ignored targets inside the job's own segment, so segments, and with them every launch's grid, stay the same from
+  step to step while the sequence lengths inside move; padded rows get no loss, hence no gradient;
+- the token ids, targets, positions and sequence boundaries are copied into the graph's static buffers (one copy),
+  and so are the jobs' loss weights 1 / (targets · window) (a device tensor, not numbers baked into the graph);
+- the adapters' gradients live in buffers of the graph's own: the captured backward adds into them as a second
+  micro-batch of a window adds into the first's, so gradient accumulation replays too; before a replay each job's
+  `.grad` is pointed at its buffer (zeroed at a window's start, or holding what an eager step left);
+- the optimizer and the step's one host sync stay outside the graph.
+
+A layout is captured when a step repeats the previous step's layout (jobs, padded rows, number of sequences, longest
+sequence's power of two), so data whose layout changes every step keeps running eagerly rather than capturing every
+step. One graph is held at a time (its memory pool holds a step's activations); a new layout or a job leaving drops it.
+Steps the graph cannot express run eagerly: several passes, preference pairs, dropout, DoRA, adapters other than LoRA,
+MoE experts (their routing is data-dependent), checkpointed layers, quantized bases, CPU tensors. A capture that
+fails (some module syncs with the host) turns graphs off for the cohort, with a warning, and the step runs eagerly.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from lorafleet.executor.adapters import LoraAdapter
+from lorafleet.executor.model import decoder_layers, packing_kwargs
+
+
+def bucket_rows(rows: int) -> int:
+    """`rows` rounded up to a multiple of max(64, a power of two ≤ rows / 16): under 64 rows or 1/16 of padding."""
+    granularity = max(64, 1 << max(0, rows.bit_length() - 5))
+    return -(-rows // granularity) * granularity
+
+
+def length_bucket(longest: int) -> int:
+    """The attention's longest-sequence bound: the next power of two (flash attention sizes its grid by it)."""
+    return max(16, 1 << max(0, longest - 1).bit_length())
+
+
+@dataclass(frozen=True)
+class GraphLayout:
+    jobs: tuple[str, ...]
+    rows: tuple[int, ...]  # each job's padded rows, in order
+    sequences: int
+    max_length: int
+
+
+@dataclass
+class _GradBuffers:
+    """A job's parameters and their gradients' buffers: views of one flat tensor, zeroed by one kernel."""
+
+    params: list[torch.Tensor]
+    views: list[torch.Tensor]
+    flat: torch.Tensor
+
+    @classmethod
+    def of(cls, params: list[torch.Tensor]) -> _GradBuffers:
+        flat = torch.zeros(sum(param.numel() for param in params), dtype=params[0].dtype, device=params[0].device)
+        views = [chunk.view_as(param) for chunk, param in zip(flat.split([param.numel() for param in params]), params)]
+        return cls(params, views, flat)
+
+    def adopt(self) -> None:
+        """Point each parameter's .grad at its view, the view holding what .grad held (zero for None)."""
+        held = [param.grad for param in self.params]
+        if all(grad is view for grad, view in zip(held, self.views)):
+            return
+        if all(grad is None for grad in held):  # a new window: the usual case
+            self.flat.zero_()
+        else:
+            torch._foreach_zero_([view for grad, view in zip(held, self.views) if grad is not view])
+            carried = [(view, grad) for grad, view in zip(held, self.views) if grad is not None and grad is not view]
+            if carried:
+                torch._foreach_add_([view for view, _ in carried], [grad for _, grad in carried])
+        for param, view in zip(self.params, self.views):
+            param.grad = view
+
+
+@dataclass
+class _Captured:
+    layout: GraphLayout
+    graph: torch.cuda.CUDAGraph
+    tokens: torch.Tensor  # int64 [3T + sequences + 1]: ids, targets, positions, boundaries (the static inputs)
+    weights: torch.Tensor  # fp32 [jobs]: each job's loss weight
+    sums: dict[str, torch.Tensor]  # job id -> its loss sum, written by each replay
+    grads: dict[str, _GradBuffers]
+
+
+class StepGraphs:
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.captured: _Captured | None = None
+        self.last_layout: GraphLayout | None = None
+        self.replays = 0  # steps run through a graph, for tests and benchmarks
+
+    def use(self, cohort, passes: list[dict]) -> bool:
+        """Whether this step may run as a graph; when not, a graph held is dropped (its memory is the eager step's)."""
+        if self._applies(cohort, passes):
+            return True
+        self.drop()
+        self.last_layout = None
+        return False
+
+    def _applies(self, cohort, passes: list[dict]) -> bool:
+        """See the module's docstring for what a graph cannot express."""
+        if not self.enabled or cohort.device.type != "cuda" or cohort.quantization != "none" or len(passes) != 1:
+            return False
+        if any("forward" in vars(layer) for layer in decoder_layers(cohort.model)):  # checkpointed layers
+            return False
+        for job_id in passes[0]:
+            job = cohort.jobs[job_id]
+            adapter = job.adapter
+            if (job.spec.method != "sft" or type(adapter) is not LoraAdapter or adapter.use_dora
+                    or job.spec.adapter.target_parameters or (adapter.dropout > 0 and adapter.training)):
+                return False
+        return True
+
+    def run(self, cohort, examples: dict, weights: dict[str, float]) -> dict[str, torch.Tensor] | None:
+        """Forward and backward of the one pass `examples` (job id -> its micro-batch) through the graph, each job's
+        loss weighted by `weights`; returns job id -> its loss sum (the graph's buffers: read them before the next
+        step). None when the layout is new this step (the caller runs the step eagerly) or capture failed."""
+        from lorafleet.executor.cohort import pack  # the cohort module imports this one
+
+        batch = pack(examples, "cpu", pad_rows=bucket_rows)
+        layout = GraphLayout(tuple(batch.rows), tuple(end - start for start, end in batch.rows.values()),
+                             len(batch.sequence_lengths), length_bucket(max(batch.sequence_lengths)))
+        repeated, self.last_layout = layout == self.last_layout, layout
+        if self.captured is not None and self.captured.layout != layout:
+            self.drop()
+        if self.captured is None and not repeated:
+            return None
+        tokens = _static_inputs(batch)
+        weight_values = torch.tensor([weights[job_id] for job_id in layout.jobs], dtype=torch.float32)
+        if self.captured is None:
+            try:
+                self.captured = _capture(cohort, layout, tokens.to(cohort.device), weight_values.to(cohort.device))
+            except RuntimeError as exc:
+                self.enabled = False
+                warnings.warn(f"CUDA graph capture of the cohort step failed, running eagerly from now on: {exc}",
+                              RuntimeWarning, stacklevel=2)
+                return None
+        captured = self.captured
+        captured.tokens.copy_(tokens, non_blocking=True)
+        captured.weights.copy_(weight_values, non_blocking=True)
+        for buffers in captured.grads.values():
+            buffers.adopt()
+        captured.graph.replay()
+        self.replays += 1
+        return dict(captured.sums)
+
+    def forget(self, job_id: str) -> None:
+        """A job left the cohort: drop a graph that holds it."""
+        if self.captured is not None and job_id in self.captured.layout.jobs:
+            self.drop()
+
+    def drop(self) -> None:
+        """Forget the captured graph (a job left, or the layout changed); its memory goes back once unused."""
+        if self.captured is not None:
+            for buffers in self.captured.grads.values():
+                for param, view in zip(buffers.params, buffers.views):
+                    if param.grad is view:  # keep a pending gradient, as a tensor of its own
+                        param.grad = view.clone()
+            self.captured = None
+            torch.cuda.empty_cache()
+
+
+def _static_inputs(batch) -> torch.Tensor:
+    """One int64 host tensor holding the graph's inputs: ids, targets, positions, boundaries (see `_Captured`)."""
+    packing = packing_kwargs(batch.sequence_lengths, "cpu")
+    return torch.cat([batch.input_ids[0], batch.targets, packing["position_ids"][0], packing["cu_seq_lens_q"]])
+
+
+def _static_batch(batch_type, layout: GraphLayout, tokens: torch.Tensor):
+    """The PackedBatch whose tensors are views of the static inputs."""
+    n_rows = sum(layout.rows)
+    ids, targets, positions, boundaries = tokens.split([n_rows, n_rows, n_rows, layout.sequences + 1])
+    rows, start = {}, 0
+    for job_id, count in zip(layout.jobs, layout.rows):
+        rows[job_id] = (start, start + count)
+        start += count
+    packing = {"position_ids": positions.view(1, -1), "cu_seq_lens_q": boundaries, "cu_seq_lens_k": boundaries,
+               "max_length_q": layout.max_length, "max_length_k": layout.max_length}
+    return batch_type(ids.view(1, -1), targets, [], rows, {}, {}, packing=packing)
+
+
+def _capture(cohort, layout: GraphLayout, tokens: torch.Tensor, weights: torch.Tensor) -> _Captured:
+    from lorafleet.executor.cohort import PackedBatch
+
+    batch = _static_batch(PackedBatch, layout, tokens)
+    grads = {job_id: _GradBuffers.of([param for param in cohort.jobs[job_id].adapter.parameters()
+                                      if param.requires_grad]) for job_id in layout.jobs}
+
+    def forward_backward() -> dict[str, torch.Tensor]:
+        sums = cohort._forward(batch)
+        (torch.stack([sums[job_id] for job_id in layout.jobs]) * weights).sum().backward()
+        return sums
+
+    # Warm up on a side stream (Triton compiles, cuBLAS picks its workspace), its gradients thrown away.
+    pending = {job_id: [param.grad for param in buffers.params] for job_id, buffers in grads.items()}
+    for buffers in grads.values():
+        for param in buffers.params:
+            param.grad = None
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        forward_backward()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.empty_cache()  # the eager warm-up's cached activations: the graph's pool takes as much again
+    for job_id, buffers in grads.items():
+        for param, grad in zip(buffers.params, pending[job_id]):
+            param.grad = grad
+        buffers.adopt()
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            sums = forward_backward()
+    except RuntimeError:
+        for job_id, buffers in grads.items():
+            for param, grad in zip(buffers.params, pending[job_id]):
+                param.grad = grad
+        raise
+    return _Captured(layout, graph, tokens, weights, sums, grads)

@@ -1,0 +1,82 @@
+"""The CUDA-graphed step's host side (executor/step_graph.py), on the CPU: buckets, padded packing, when it applies."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers_models import alpaca_rows, llama, single_torch_thread, write_jsonl  # noqa: F401 (fixtures)
+
+from lorafleet.executor.cohort import Cohort, pack
+from lorafleet.executor.data import IGNORE_INDEX, Example
+from lorafleet.executor.step_graph import _GradBuffers, bucket_rows, length_bucket
+from lorafleet.scheduler.spec import parse_spec
+
+
+def test_a_bucket_holds_its_rows_with_less_than_64_rows_or_a_sixteenth_more():
+    for rows in [1, 63, 64, 65, 500, 512, 513, 2047, 2048, 2049, 5000, 16384, 16385, 100_000]:
+        padded = bucket_rows(rows)
+        assert rows <= padded < rows + max(64, rows / 16)
+        assert bucket_rows(padded) == padded  # a bucket is its own bucket: the layout repeats
+    assert bucket_rows(512) == 512 and bucket_rows(2048) == 2048 and bucket_rows(600) == 640
+    assert [length_bucket(n) for n in (1, 16, 17, 512, 513)] == [16, 16, 32, 512, 1024]
+
+
+def example(ids, labels):
+    return Example(input_ids=ids, labels=labels)
+
+
+def test_padding_rows_are_a_sequence_of_their_own_inside_the_job_and_teach_nothing():
+    batches = {"a": [example([1, 2, 3], [1, 2, 3]), example([4, 5], [IGNORE_INDEX, 5])],
+               "b": [example([6, 7, 8, 9], [6, 7, 8, 9])]}
+    plain = pack(batches, "cpu")
+    padded = pack(batches, "cpu", pad_rows=lambda rows: rows + 3)
+    assert padded.rows == {"a": (0, 8), "b": (8, 15)}
+    assert padded.sequence_lengths == [3, 2, 3, 4, 3]
+    assert padded.input_ids[0].tolist() == [1, 2, 3, 4, 5, 0, 0, 0, 6, 7, 8, 9, 0, 0, 0]
+    a, b = plain.targets.split([5, 4])
+    assert padded.targets.tolist() == a.tolist() + [IGNORE_INDEX] * 3 + b.tolist() + [IGNORE_INDEX] * 3
+    assert padded.num_targets == plain.num_targets and padded.job_sequences == plain.job_sequences
+
+
+def test_a_cpu_cohort_never_graphs_its_step(tmp_path, llama):
+    data = write_jsonl(tmp_path / "train.jsonl", alpaca_rows(4, seed=1))
+    spec = parse_spec({"base_model": str(llama), "dataset": "unused", "adapter": {"r": 4},
+                       "hyperparameters": {"batch_size": 4, "max_steps": 3}})
+    cohort = Cohort(llama)
+    cohort.add_job("a", spec, data)
+    for _ in range(3):
+        assert cohort.step()["a"].error is None
+    assert cohort.graphs.replays == 0 and cohort.graphs.captured is None
+
+
+@pytest.mark.parametrize("change", ["dropout", "dpo_free_passes"])
+def test_what_a_graph_cannot_express_runs_eagerly(tmp_path, llama, change):
+    data = write_jsonl(tmp_path / "train.jsonl", alpaca_rows(4, seed=1))
+    adapter = {"r": 4, "lora_dropout": 0.1 if change == "dropout" else 0.0}
+    spec = parse_spec({"base_model": str(llama), "dataset": "unused", "adapter": adapter,
+                       "hyperparameters": {"batch_size": 4, "max_steps": 3}})
+    cohort = Cohort(llama, max_pass_tokens=8 if change == "dpo_free_passes" else None)
+    cohort.add_job("a", spec, data)
+    cohort.device = torch.device("cuda")  # as if on a GPU: only the step's shape decides
+    passes = [{"a": []}, {"a": []}] if change == "dpo_free_passes" else [{"a": []}]
+    assert not cohort.graphs._applies(cohort, passes)
+    if change == "dropout":
+        cohort.jobs["a"].adapter.dropout = 0.0
+        assert cohort.graphs._applies(cohort, passes)
+
+
+def test_grad_buffers_take_over_pending_gradients_and_start_a_window_at_zero():
+    params = [torch.nn.Parameter(torch.ones(2, 3)), torch.nn.Parameter(torch.ones(4))]
+    buffers = _GradBuffers.of(params)
+    buffers.flat.fill_(7.0)  # what the last replay left
+    buffers.adopt()  # no .grad yet: a new window starts at zero
+    assert all(param.grad is view for param, view in zip(params, buffers.views))
+    assert buffers.flat.eq(0).all()
+    buffers.flat.fill_(1.5)
+    buffers.adopt()  # mid-window: what the graph wrote stays
+    assert buffers.flat.eq(1.5).all()
+    params[0].grad = torch.full((2, 3), 2.0)  # an eager micro-batch's gradient, the other parameter's still None
+    params[1].grad = None
+    buffers.adopt()
+    assert params[0].grad.eq(2.0).all() and params[1].grad.eq(0).all()
+    assert params[0].grad.data_ptr() == buffers.flat.data_ptr()
