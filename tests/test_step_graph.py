@@ -49,16 +49,16 @@ def test_a_cpu_cohort_never_graphs_its_step(tmp_path, llama):
     assert cohort.graphs.replays == 0 and cohort.graphs.captured is None
 
 
-@pytest.mark.parametrize("change", ["dropout", "dpo_free_passes"])
+@pytest.mark.parametrize("change", ["dropout", "passes"])
 def test_what_a_graph_cannot_express_runs_eagerly(tmp_path, llama, change):
     data = write_jsonl(tmp_path / "train.jsonl", alpaca_rows(4, seed=1))
     adapter = {"r": 4, "lora_dropout": 0.1 if change == "dropout" else 0.0}
     spec = parse_spec({"base_model": str(llama), "dataset": "unused", "adapter": adapter,
                        "hyperparameters": {"batch_size": 4, "max_steps": 3}})
-    cohort = Cohort(llama, max_pass_tokens=8 if change == "dpo_free_passes" else None)
+    cohort = Cohort(llama, max_pass_tokens=8 if change == "passes" else None)
     cohort.add_job("a", spec, data)
     cohort.device = torch.device("cuda")  # as if on a GPU: only the step's shape decides
-    passes = [{"a": []}, {"a": []}] if change == "dpo_free_passes" else [{"a": []}]
+    passes = [{"a": []}, {"a": []}] if change == "passes" else [{"a": []}]
     assert not cohort.graphs._applies(cohort, passes)
     if change == "dropout":
         cohort.jobs["a"].adapter.dropout = 0.0
