@@ -61,7 +61,7 @@ from lorafleet.executor.checkpoint import load_training_state, save_peft_adapter
 from lorafleet.executor.data import IGNORE_INDEX, DataError, Example, JobData
 from lorafleet.executor.experts import MultiLoraExperts, attach_expert_factors, wrap_expert_targets
 from lorafleet.executor.fused_decoder import fuse_decoder
-from lorafleet.executor.loss import chunked_head_loss_applies
+from lorafleet.executor.loss import chunked_head_loss_applies, logit_softcap
 from lorafleet.executor.loss import token_losses as chunked_token_losses
 from lorafleet.executor.model import decoder_layers, load_base, packing_kwargs
 from lorafleet.executor.multilora import MultiLoraLinear, RowRouting, is_conv1d, wrap_targets
@@ -502,7 +502,7 @@ class Cohort:
         kwargs = batch.packing or packing_kwargs(batch.sequence_lengths, self.device)
         if chunked_head_loss_applies(self.model):
             hidden = self.model.base_model(batch.input_ids, use_cache=False, **kwargs).last_hidden_state[0]
-            return chunked_token_losses(hidden, self.model.lm_head.weight, batch.targets)
+            return chunked_token_losses(hidden, self.model.lm_head.weight, batch.targets, logit_softcap(self.model))
         logits = self.model(batch.input_ids, use_cache=False, **kwargs).logits[0]
         return F.cross_entropy(logits.float(), batch.targets, ignore_index=IGNORE_INDEX, reduction="none")
 

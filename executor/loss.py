@@ -8,6 +8,10 @@ a per-token loss is one number per row (the job's 1 / targets), so the backward 
 in fp32 by `kernels.cross_entropy_rows` (one Triton kernel per chunk on a GPU), as the full-logits path
 (`F.cross_entropy(logits.float())`) computes them, so the two agree. Without a gradient (evaluation) only the losses
 are formed.
+
+Gemma-2 caps its logits, cap * tanh(logits / cap) (`final_logit_softcapping`), in the compute dtype as its model does;
+the chunk then takes the cap's derivative, 1 - tanh², into its gradient before the product with the head. So every
+family with a plain head takes this path, and the memory model counts no [T, vocab] logits for any of them.
 """
 
 from __future__ import annotations
@@ -26,15 +30,20 @@ def chunk_rows(vocab_size: int) -> int:
 
 class _ChunkedHeadLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, rows_per_chunk):
+    def forward(ctx, hidden, weight, targets, rows_per_chunk, softcap):
         losses = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         grad_rows = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None  # d loss_t / d hidden_t
         for start in range(0, hidden.shape[0], rows_per_chunk):
             end = start + rows_per_chunk
             logits = hidden[start:end] @ weight.T
+            capped = None if softcap is None else torch.tanh(logits / softcap)  # tanh(logits / cap), HF's order
+            if capped is not None:
+                logits = capped * softcap
             # fp32 losses; with a gradient, the logits become softmax - onehot in place (one kernel on a GPU)
             losses[start:end] = cross_entropy_rows(logits, targets[start:end], IGNORE_INDEX, grad_rows is not None)
             if grad_rows is not None:
+                if capped is not None:  # d(cap * tanh(z / cap)) / dz = 1 - tanh²
+                    logits = logits * (1 - capped * capped)
                 grad_rows[start:end] = logits @ weight
         ctx.save_for_backward(grad_rows)
         return losses
@@ -42,16 +51,20 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_losses):
         (grad_rows,) = ctx.saved_tensors
-        return (grad_rows.float() * grad_losses[:, None]).to(grad_rows.dtype), None, None, None
+        return (grad_rows.float() * grad_losses[:, None]).to(grad_rows.dtype), None, None, None, None
 
 
-def token_losses(hidden: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of each row of hidden [T, d] through the frozen head [vocab, d]: fp32 [T], 0 where ignored."""
+def token_losses(hidden: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor,
+                 softcap: float | None = None) -> torch.Tensor:
+    """Cross-entropy of each row of hidden [T, d] through the frozen head [vocab, d]: fp32 [T], 0 where ignored.
+    `softcap`: the logits are cap * tanh(logits / cap) (the model's `logit_softcap`)."""
     if head_weight.requires_grad:
         raise ValueError("chunked head loss needs a frozen LM head (it computes no weight gradient)")
     if hidden.shape[0] != targets.shape[0]:
         raise ValueError(f"{hidden.shape[0]} hidden rows but {targets.shape[0]} targets")
-    return _ChunkedHeadLoss.apply(hidden, head_weight, targets, chunk_rows(head_weight.shape[0]))
+    if softcap is not None and softcap <= 0:
+        raise ValueError(f"softcap must be positive, got {softcap}")
+    return _ChunkedHeadLoss.apply(hidden, head_weight, targets, chunk_rows(head_weight.shape[0]), softcap)
 
 
 def chunked_head_loss_applies(model) -> bool:
@@ -62,6 +75,10 @@ def chunked_head_loss_applies(model) -> bool:
         type(head) is torch.nn.Linear
         and head.bias is None
         and not head.weight.requires_grad
-        and not getattr(config, "final_logit_softcapping", None)
         and getattr(config, "logit_scale", None) in (None, 1.0)
     )
+
+
+def logit_softcap(model) -> float | None:
+    """The cap of the model's logits, cap * tanh(logits / cap) (Gemma-2's `final_logit_softcapping`), or None."""
+    return getattr(model.config, "final_logit_softcapping", None) or None
