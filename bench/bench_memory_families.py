@@ -184,7 +184,7 @@ def planned_bytes(shape, specs: list, dtype: str) -> tuple[int, float]:
         hp = spec.hyperparameters
         plan = plan_job("bench", "bench", shape, spec.adapter.r, spec.adapter.target_modules, hp.batch_size,
                         hp.max_seq_len, spec.quantization, spec.dtype, hp.max_steps * hp.batch_size * hp.max_seq_len,
-                        dora=spec.adapter.use_dora)
+                        dora=spec.adapter.use_dora, method=spec.method)
         size = plan.sizes[dtype]
         running.append(RunningJob(str(index), "bench", size.job_bytes, plan.tokens_per_step, 0.0,
                                   size.activation_bytes, plan.max_seq_len))

@@ -61,7 +61,8 @@ def dora_extra(
             rows = dropout_reference(rows, [(0, rows.shape[0])], LoraDropout((p,), dropout.seeds[j:j + 1], dropout.stream))
             base = F.linear(rows, weight)
         else:
-            base = y_parts[2 * i + 1] if bias is None else y_parts[2 * i + 1] - bias
+            # its own rows, not a view: saved for the backward, a view would keep the whole cohort's y alive
+            base = y_parts[2 * i + 1].clone() if bias is None else y_parts[2 * i + 1] - bias
         pieces.append(_job_extra(rows, base, weight, *factors[j], scales[j]).to(y.dtype))
     pieces.append(y.new_zeros(x_parts[-1].shape[0], y.shape[1]))
     return torch.cat(pieces)

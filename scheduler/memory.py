@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from typing import Mapping, Optional, Sequence
 
 from lorafleet.scheduler.base_modules import name_matches
-from lorafleet.scheduler.spec import ALL_LINEAR
+from lorafleet.scheduler.spec import ALL_LINEAR, PREFERENCE_METHODS
 
 COMPUTE_DTYPES = ("bfloat16", "float32")
 
@@ -54,13 +54,44 @@ _DTYPE_BYTES = {"float32": 4, "bfloat16": 2}  # effective compute dtypes (see `e
 _QUANT_BYTES_PER_PARAM = {"nf4": 0.5 + 4 / 64, "int8": 1.0}
 # Trainable adapter parameter: fp32 weight + fp32 grad + Adam's two fp32 moments.
 _ADAPTER_STATE_BYTES_PER_PARAM = 16
-# DoRA (AdapterSpec.use_dora) keeps, per token and output feature of each layer it targets, two more activations for
-# the backward: the base output and the LoRA output that its magnitudes scale (executor/dora.py).
+# DoRA (AdapterSpec.use_dora) keeps, per token of its job and output feature of each layer it targets, two more
+# activations for the backward: the base output and the LoRA output that its magnitudes scale (executor/dora.py).
 _DORA_ACTIVATIONS_PER_TOKEN_PER_OUT_FEATURE = 2
-# Activations kept for the backward of one transformer layer, per token, in units of hidden_size * 2-byte elements
-# (Korthikanti et al. 2022, "Reducing Activation Recomputation", 34*s*b*h per layer with flash attention).
-_ACTIVATION_ELEMENTS_PER_TOKEN_PER_HIDDEN = 17
 
+
+@dataclass(frozen=True)
+class LayerActivations:
+    """What one decoder layer keeps for the backward per token, in elements of the compute dtype
+
+        hidden x h + 2 (q + kv) + mlp x intermediate + qk_norm x (q + kv)
+
+    and in fp32 elements, whatever the compute dtype: fp32_hidden x h + fp32_qk_norm x (q + kv).
+
+    hidden: the two norms' inputs and the two normed tensors the projections read (Llama's fused RMSNorm keeps its
+    input in the compute dtype; Gemma's norms keep an fp32 copy: fp32_hidden). 2 (q + kv): attention's rotated q and
+    k, v, and its output, which o_proj reads (GPT-2 copies it once more: merged heads). mlp: gate and up (the fused
+    SiLU·mul keeps no product) and down's input; Hugging Face's unfused MLPs keep more (Phi-3 its gate_up, activation
+    and product; Gemma its GELU's input, output and product; GPT-2's tanh GELU four tensors of its input's width).
+    qk_norm: Qwen3's q and k norms keep their inputs (Gemma-3's in fp32). Counted from the tensors autograd saves
+    (tests/test_memory_families_cpu.py) and checked against H200 peaks (bench/bench_memory_families.py).
+    """
+
+    hidden: int = 4
+    mlp: int = 3
+    qk_norm: int = 0
+    fp32_hidden: int = 0
+    fp32_qk_norm: int = 0
+
+
+# By config model_type; a family not named here is taken for Llama's layer (the fused decoder,
+# executor/fused_decoder.py: Llama, Mistral, Qwen2, Qwen2-MoE's shared expert).
+_LAYER_ACTIVATIONS = {
+    "phi3": LayerActivations(mlp=4),
+    "qwen3": LayerActivations(qk_norm=1),
+    "gemma2": LayerActivations(hidden=2, fp32_hidden=4, mlp=4),
+    "gemma3_text": LayerActivations(hidden=2, fp32_hidden=4, mlp=4, fp32_qk_norm=1),
+    "gpt2": LayerActivations(hidden=5, mlp=5),
+}
 
 
 # Families whose MLP is up and down without a gate (two matrices, not three).
@@ -89,6 +120,8 @@ class ModelShape:
     mlp_matrices: int = 3  # gate, up, down; 2 for an ungated MLP (GPT-2)
     tied_embeddings: bool = False  # the LM head is the token embedding
     learned_positions: int = 0  # rows of a learned position embedding (GPT-2's wpe)
+    family: str = ""  # the config's model_type: what the layer keeps for the backward (`LayerActivations`)
+    experts_per_token: int = 0  # routed experts each token runs through (num_experts_per_tok)
     modules: tuple[tuple[str, int], ...] = ()
     # A MoE base's fused expert parameters by key (`model.layers.0.mlp.experts.gate_up_proj`, what
     # `target_parameters` names), each with experts x (in + out) features: a LoRA of rank r on it has r x that many.
@@ -106,7 +139,7 @@ class ModelShape:
     def from_config(cls, config: Mapping) -> "ModelShape":
         """From a Hugging Face `config.json` dict of any decoder family: Llama's names, GPT-2's (`n_embd`,
         `n_layer`, `n_head`, `n_inner`), a multimodal wrapper's `text_config`, MoE expert counts."""
-        config = config.get("text_config") or config
+        config = config.get("text_config") or config  # a multimodal wrapper's decoder (its model_type: gemma3_text)
         try:
             hidden = _first(config, "hidden_size", "n_embd")
             heads = _first(config, "num_attention_heads", "n_head")
@@ -126,6 +159,8 @@ class ModelShape:
                 mlp_matrices=2 if config.get("model_type") in _UNGATED_MLP_FAMILIES else 3,
                 tied_embeddings=config.get("tie_word_embeddings", False),  # unset: counted untied, the larger
                 learned_positions=config.get("n_positions") or 0,
+                family=config.get("model_type") or "",
+                experts_per_token=(config.get("num_experts_per_tok") or 0) if experts else 0,
             )
         except KeyError as exc:
             raise ValueError(f"model config lacks {exc.args[0]!r}") from None
@@ -244,13 +279,33 @@ def estimate_job_bytes(
 
 
 def estimate_activation_bytes(shape: ModelShape, batch_size: int, max_seq_len: int, dtype: str) -> int:
-    """The activations part of `estimate_job_bytes`: what one micro-batch keeps for the backward."""
+    """The activations part of `estimate_job_bytes`: what one micro-batch of batch_size sequences (pairs count two:
+    `micro_batch_sequences`) keeps for the backward, per token: every layer's (`layer_activation_bytes`), and the
+    head's: the final hidden state and the loss's gradient w.r.t. it. The chunked head loss (executor/loss.py) forms
+    logits a chunk at a time and keeps none (a chunk of at most 2**28 logits, freed at once: not counted)."""
     if dtype not in _DTYPE_BYTES:
         raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPE_BYTES)}")
-    element = _DTYPE_BYTES[dtype]
-    per_token = (shape.num_layers * _ACTIVATION_ELEMENTS_PER_TOKEN_PER_HIDDEN * shape.hidden_size * element
-                 + shape.vocab_size * (element + 4))  # logits, plus their fp32 copy for the loss
+    per_token = (shape.num_layers * layer_activation_bytes(shape, dtype)
+                 + 2 * shape.hidden_size * _DTYPE_BYTES[dtype] + 4)  # + the token's fp32 loss
     return batch_size * max_seq_len * per_token
+
+
+def layer_activation_bytes(shape: ModelShape, dtype: str) -> int:
+    """Bytes one decoder layer keeps for the backward per token (`LayerActivations`). A MoE layer keeps, besides its
+    shared expert's, the gate, up and down inputs of every routed expert a token runs through, its input copied once
+    per routed expert (grouped by expert), and its router's logits."""
+    kept = _LAYER_ACTIVATIONS.get(shape.family, LayerActivations())
+    h, q = shape.hidden_size, shape.attention_width
+    kv = q // shape.num_attention_heads * shape.num_kv_heads
+    if shape.num_experts:
+        mlp = (kept.mlp * (shape.experts_per_token * shape.expert_intermediate_size
+                           + shape.shared_expert_intermediate_size)
+               + shape.experts_per_token * h + shape.num_experts)
+    else:
+        mlp = kept.mlp * shape.intermediate_size
+    compute = kept.hidden * h + 2 * (q + kv) + mlp + kept.qk_norm * (q + kv)
+    fp32 = kept.fp32_hidden * h + kept.fp32_qk_norm * (q + kv)
+    return compute * _DTYPE_BYTES[dtype] + fp32 * 4
 
 
 def estimate_gpu_seconds(tokens: int, params: int, tokens_per_second_at_8b: float = 10_000.0) -> float:
@@ -378,7 +433,7 @@ class JobPlan:
     compat_key: str
     base_snapshot: str  # the resolved base model directory, pinned: submission, planning and training see one base
     params: int  # parameters of the base
-    tokens_per_step: int  # batch_size * max_seq_len: the tokens of one micro-batch
+    tokens_per_step: int  # micro_batch_sequences * max_seq_len: the tokens of one micro-batch
     max_seq_len: int
     tokens: int  # tokens of the whole run: its step budget's micro-batches, or its dataset's tokens x epochs
     est_gpu_seconds: float
@@ -398,13 +453,22 @@ class JobPlan:
         return cls(**raw)
 
 
+def micro_batch_sequences(method: str, batch_size: int) -> int:
+    """Sequences one micro-batch of `batch_size` examples packs: a preference pair (dpo, simpo, orpo) is two, its
+    chosen and its rejected answer each with the prompt. (DPO's reference forward runs them once more without a
+    gradient, before the step's forward: it keeps nothing.)"""
+    return 2 * batch_size if method in PREFERENCE_METHODS else batch_size
+
+
 def plan_job(compat_key: str, base_snapshot: str, shape: ModelShape, r: int, target_modules: Sequence[str],
              batch_size: int, max_seq_len: int, quantization: str, dtype: str, tokens: int,
-             dora: bool = False, target_parameters: Sequence[str] = ()) -> JobPlan:
+             dora: bool = False, target_parameters: Sequence[str] = (), method: str = "sft") -> JobPlan:
     """Size a job for every dtype it may compute in (`dora`: the adapter is DoRA; `target_parameters`: the expert
-    parameters it adapts; `estimate_job_bytes`)."""
-    sizes = {d: size_job(shape, r, target_modules, batch_size, max_seq_len, quantization, d, dora, target_parameters)
+    parameters it adapts; `method`: its JobSpec.method, a preference method's pairs two sequences each;
+    `estimate_job_bytes`)."""
+    sequences = micro_batch_sequences(method, batch_size)
+    sizes = {d: size_job(shape, r, target_modules, sequences, max_seq_len, quantization, d, dora, target_parameters)
              for d in possible_dtypes(dtype)}
     params = shape.num_params()
-    return JobPlan(compat_key, base_snapshot, params, batch_size * max_seq_len, max_seq_len, tokens,
+    return JobPlan(compat_key, base_snapshot, params, sequences * max_seq_len, max_seq_len, tokens,
                    estimate_gpu_seconds(tokens, params), dtype, sizes)

@@ -29,7 +29,7 @@ from lorafleet.scheduler.base_modules import (
 )
 from lorafleet.scheduler.datasets import AcceptedDataset, accept, accepted_path
 from lorafleet.scheduler.files import FileStore, accepted_file, is_file_id
-from lorafleet.scheduler.memory import JobPlan, ModelShape, plan_job
+from lorafleet.scheduler.memory import JobPlan, ModelShape, micro_batch_sequences, plan_job
 from lorafleet.scheduler.formats import IGNORE_INDEX, DataError, Tokenizing, detect_format, parse_record, tokenise_record
 from lorafleet.scheduler.spec import (
     ALL_LINEAR, JobSpec, SpecError, check_method_format, is_inside, parse_spec, resolve_dataset, spec_object,
@@ -111,12 +111,14 @@ def plan_for(spec: JobSpec, model_dir: Path, dataset_tokens: int) -> JobPlan:
     hp = spec.hyperparameters
     snapshot = str(Path(model_dir).resolve())
     if hp.max_steps is not None:
-        tokens = hp.max_steps * hp.gradient_accumulation_steps * hp.batch_size * hp.max_seq_len
+        sequences = micro_batch_sequences(spec.method, hp.batch_size)
+        tokens = hp.max_steps * hp.gradient_accumulation_steps * sequences * hp.max_seq_len
     else:
         tokens = hp.epochs * min(dataset_tokens, 10**12)
     return plan_job("|".join((snapshot, spec.quantization, spec.dtype)), snapshot, model_shape(snapshot),
                     spec.adapter.r, spec.adapter.target_modules, hp.batch_size, hp.max_seq_len, spec.quantization,
-                    spec.dtype, tokens, dora=spec.adapter.use_dora, target_parameters=spec.adapter.target_parameters)
+                    spec.dtype, tokens, dora=spec.adapter.use_dora, target_parameters=spec.adapter.target_parameters,
+                    method=spec.method)
 
 
 def plan_from_files(spec: JobSpec, tenant: str, data_root: Path, hub_cache: Path, model_roots: Sequence[Path]

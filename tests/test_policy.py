@@ -199,12 +199,12 @@ def test_an_executor_in_passes_takes_a_full_cohort_of_8b_jobs():
                            tuple(running), max_pass_tokens=passes)
         return len(plan(queue, [gpu], tenants, 100.0))
 
-    assert placed(None) == 5, "without passes every job's activations count"
+    assert placed(None) == 6, "without passes every job's activations count"
     assert placed(8192) == 16, "in passes only one pass's do: the cohort limit is what stops it"
     cohort = [RunningJob(f"r{i}", "t0", j.job_bytes, j.tokens_per_step, 10.0, j.activation_bytes, 512)
               for i, j in enumerate(queue[:10])]
     assert placed(8192, cohort) == 6
-    assert placed(None, cohort[:4]) == 1
+    assert placed(None, cohort[:4]) == 2
 
 
 def test_a_failed_small_job_does_not_hide_a_big_one_that_fits_a_cohort_in_passes():
