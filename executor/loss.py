@@ -36,14 +36,15 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         for start in range(0, hidden.shape[0], rows_per_chunk):
             end = start + rows_per_chunk
             logits = hidden[start:end] @ weight.T
-            capped = None if softcap is None else torch.tanh(logits / softcap)  # tanh(logits / cap), HF's order
-            if capped is not None:
-                logits = capped * softcap
+            tanh = None
+            if softcap is not None:  # HF's order: / cap, tanh, * cap; in place, two chunks of logits at a time
+                tanh = logits.div_(softcap).tanh_()
+                logits = tanh * softcap
             # fp32 losses; with a gradient, the logits become softmax - onehot in place (one kernel on a GPU)
             losses[start:end] = cross_entropy_rows(logits, targets[start:end], IGNORE_INDEX, grad_rows is not None)
             if grad_rows is not None:
-                if capped is not None:  # d(cap * tanh(z / cap)) / dz = 1 - tanh²
-                    logits = logits * (1 - capped * capped)
+                if tanh is not None:  # d(cap * tanh(z / cap)) / dz = 1 - tanh²
+                    logits.mul_(tanh.mul_(tanh).neg_().add_(1))
                 grad_rows[start:end] = logits @ weight
         ctx.save_for_backward(grad_rows)
         return losses
