@@ -122,6 +122,7 @@ class ModelShape:
     learned_positions: int = 0  # rows of a learned position embedding (GPT-2's wpe)
     family: str = ""  # the config's model_type: what the layer keeps for the backward (`LayerActivations`)
     experts_per_token: int = 0  # routed experts each token runs through (num_experts_per_tok)
+    attention_softcap: bool = False  # Gemma-2's capped attention scores: no flash attention, its scores are kept
     modules: tuple[tuple[str, int], ...] = ()
     # A MoE base's fused expert parameters by key (`model.layers.0.mlp.experts.gate_up_proj`, what
     # `target_parameters` names), each with experts x (in + out) features: a LoRA of rank r on it has r x that many.
@@ -161,6 +162,7 @@ class ModelShape:
                 learned_positions=config.get("n_positions") or 0,
                 family=config.get("model_type") or "",
                 experts_per_token=(config.get("num_experts_per_tok") or 0) if experts else 0,
+                attention_softcap=bool(config.get("attn_logit_softcapping")),
             )
         except KeyError as exc:
             raise ValueError(f"model config lacks {exc.args[0]!r}") from None
@@ -285,13 +287,14 @@ def estimate_activation_bytes(shape: ModelShape, batch_size: int, max_seq_len: i
     logits a chunk at a time and keeps none (a chunk of at most 2**28 logits, freed at once: not counted)."""
     if dtype not in _DTYPE_BYTES:
         raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPE_BYTES)}")
-    per_token = (shape.num_layers * layer_activation_bytes(shape, dtype)
+    per_token = (shape.num_layers * layer_activation_bytes(shape, dtype, max_seq_len)
                  + 2 * shape.hidden_size * _DTYPE_BYTES[dtype] + 4)  # + the token's fp32 loss
     return batch_size * max_seq_len * per_token
 
 
-def layer_activation_bytes(shape: ModelShape, dtype: str) -> int:
-    """Bytes one decoder layer keeps for the backward per token (`LayerActivations`). A MoE layer keeps, besides its
+def layer_activation_bytes(shape: ModelShape, dtype: str, max_seq_len: int) -> int:
+    """Bytes one decoder layer keeps for the backward per token of sequences of max_seq_len (`LayerActivations`,
+    `capped_scores_bytes`). A MoE layer keeps, besides its
     shared expert's, the gate, up and down inputs of every routed expert a token runs through, its input copied once
     per routed expert (grouped by expert), and its router's logits."""
     kept = _LAYER_ACTIVATIONS.get(shape.family, LayerActivations())
@@ -305,7 +308,21 @@ def layer_activation_bytes(shape: ModelShape, dtype: str) -> int:
         mlp = kept.mlp * shape.intermediate_size
     compute = kept.hidden * h + 2 * (q + kv) + mlp + kept.qk_norm * (q + kv)
     fp32 = kept.fp32_hidden * h + kept.fp32_qk_norm * (q + kv)
-    return compute * _DTYPE_BYTES[dtype] + fp32 * 4
+    return compute * _DTYPE_BYTES[dtype] + fp32 * 4 + capped_scores_bytes(shape, max_seq_len, dtype)
+
+
+def capped_scores_bytes(shape: ModelShape, max_seq_len: int, dtype: str) -> int:
+    """Per token, what attention with capped scores (Gemma-2; executor/model.py `_softcapped_attention`, no flash
+    attention) keeps besides flash's: each head's scores over its sequence (max_seq_len of them) as tanh's output and
+    as fp32 softmax, and that softmax in the compute dtype for the product with v (in fp32 the same tensor); k and v
+    repeated to every query head (grouped-query attention)."""
+    if not shape.attention_softcap:
+        return 0
+    element = _DTYPE_BYTES[dtype]
+    per_score = element + 4 + (element if element != 4 else 0)
+    q = shape.attention_width
+    kv = q // shape.num_attention_heads * shape.num_kv_heads
+    return shape.num_attention_heads * max_seq_len * per_score + 2 * (q - kv) * element
 
 
 def estimate_gpu_seconds(tokens: int, params: int, tokens_per_second_at_8b: float = 10_000.0) -> float:
