@@ -172,6 +172,11 @@ class ModelShape:
         """Features of all query heads together (q_proj's output)."""
         return (self.head_dim or self.hidden_size // self.num_attention_heads) * self.num_attention_heads
 
+    @property
+    def kv_width(self) -> int:
+        """Features of all key (or value) heads together (k_proj's output)."""
+        return self.attention_width // self.num_attention_heads * self.num_kv_heads
+
     def projection_dims(self) -> dict[str, tuple[int, int]]:
         """(in_features, out_features) of each of Llama's projections, the default `target_modules`."""
         h, q = self.hidden_size, self.attention_width
@@ -294,12 +299,11 @@ def estimate_activation_bytes(shape: ModelShape, batch_size: int, max_seq_len: i
 
 def layer_activation_bytes(shape: ModelShape, dtype: str, max_seq_len: int) -> int:
     """Bytes one decoder layer keeps for the backward per token of sequences of max_seq_len (`LayerActivations`,
-    `capped_scores_bytes`). A MoE layer keeps, besides its
-    shared expert's, the gate, up and down inputs of every routed expert a token runs through, its input copied once
-    per routed expert (grouped by expert), and its router's logits."""
+    `capped_scores_bytes`). A MoE layer keeps, besides its shared expert's, the gate, up and down inputs of every
+    routed expert a token runs through, its input copied once per routed expert (grouped by expert), and its router's
+    logits."""
     kept = _LAYER_ACTIVATIONS.get(shape.family, LayerActivations())
-    h, q = shape.hidden_size, shape.attention_width
-    kv = q // shape.num_attention_heads * shape.num_kv_heads
+    h, q, kv = shape.hidden_size, shape.attention_width, shape.kv_width
     if shape.num_experts:
         mlp = (kept.mlp * (shape.experts_per_token * shape.expert_intermediate_size
                            + shape.shared_expert_intermediate_size)
@@ -320,9 +324,8 @@ def capped_scores_bytes(shape: ModelShape, max_seq_len: int, dtype: str) -> int:
         return 0
     element = _DTYPE_BYTES[dtype]
     per_score = element + 4 + (element if element != 4 else 0)
-    q = shape.attention_width
-    kv = q // shape.num_attention_heads * shape.num_kv_heads
-    return shape.num_attention_heads * max_seq_len * per_score + 2 * (q - kv) * element
+    return (shape.num_attention_heads * max_seq_len * per_score
+            + 2 * (shape.attention_width - shape.kv_width) * element)
 
 
 def estimate_gpu_seconds(tokens: int, params: int, tokens_per_second_at_8b: float = 10_000.0) -> float:
