@@ -328,6 +328,38 @@ def capped_scores_bytes(shape: ModelShape, max_seq_len: int, dtype: str) -> int:
             + 2 * (shape.attention_width - shape.kv_width) * element)
 
 
+GALORE_PROJECTION_TYPES = ("std", "reverse_std", "left", "right", "full")
+
+
+def galore_projection_side(rows: int, cols: int, proj_type: str) -> str:
+    """Which side of a [rows, cols] gradient GaLore projects (galore-torch's rule): "left" (P = the top-r left
+    singular vectors, [rows, r]: the projected gradient is Pᵀ G, [r, cols]), "right" (P = the top-r right singular
+    vectors, [r, cols]: G Pᵀ, [rows, r]) or "both" ("full": Pₗᵀ G Pᵣᵀ, [r, r]). "std" keeps the projection matrix
+    the smaller one (right when rows >= cols, else left); "reverse_std" the other one."""
+    if proj_type == "std":
+        return "right" if rows >= cols else "left"
+    if proj_type == "reverse_std":
+        return "left" if rows >= cols else "right"
+    if proj_type in ("left", "right"):
+        return proj_type
+    if proj_type == "full":
+        return "both"
+    raise ValueError(f"unknown GaLore proj_type {proj_type!r}; expected one of {GALORE_PROJECTION_TYPES}")
+
+
+def galore_state_elements(rows: int, cols: int, rank: int, proj_type: str) -> tuple[int, int]:
+    """(elements of one Adam moment, elements of the projection matrices) GaLore keeps for a [rows, cols] weight:
+    the moments are the projected gradient's shape (`galore_projection_side`). A rank above a side is that side
+    (the SVD has no more vectors)."""
+    side = galore_projection_side(rows, cols, proj_type)
+    r = min(rank, rows, cols)
+    if side == "left":
+        return r * cols, rows * r
+    if side == "right":
+        return rows * r, r * cols
+    return r * r, rows * r + r * cols
+
+
 def estimate_gpu_seconds(tokens: int, params: int, tokens_per_second_at_8b: float = 10_000.0) -> float:
     """GPU time a job of `tokens` needs, for fair-share accounting: training FLOPs grow with parameters x tokens.
 
