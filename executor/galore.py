@@ -13,15 +13,30 @@ The moments are not re-projected when P changes (the paper's choice: the subspac
 enough). Parameters of a group without `galore=True`, and any that is not 2-D, take a plain AdamW step. Decoupled
 weight decay is torch's AdamW's (W *= 1 - lr * wd before the update), on every parameter.
 
-The moments and projections are kept in fp32 (fp64 for fp64 weights) whatever the weights' dtype; the state holds tensors and the step count
-only (no projector objects), so that `state_dict()` checkpoints it. Checked against galore-torch's GaLoreAdamW (tests/test_galore.py).
+The moments and projections are kept in fp32 (fp64 for fp64 weights) whatever the weights' dtype; the state holds
+tensors and the step count only (no projector objects), so that `state_dict()` checkpoints it. Checked against
+galore-torch's GaLoreAdamW and a float64 transcription of the paper's algorithm (tests/test_galore.py).
 """
 
 from __future__ import annotations
 
 import torch
 
+from lorafleet.scheduler.base_modules import name_matches
 from lorafleet.scheduler.memory import GALORE_PROJECTION_TYPES, galore_projection_side
+from lorafleet.scheduler.spec import ALL_LINEAR, ALL_PROJECTIONS
+
+
+def galore_param_groups(model: torch.nn.Module, target_modules) -> list[dict]:
+    """The model's trainable parameters in two groups: the weights of the Linear layers `target_modules` names
+    (PEFT's matching; "all-linear": Llama's seven projections) with `galore=True`, every other one (embeddings, head,
+    norms, biases) plain AdamW, as GaLore trains them."""
+    targets = ALL_PROJECTIONS if tuple(target_modules) == (ALL_LINEAR,) else tuple(target_modules)
+    projected = {id(module.weight) for name, module in model.named_modules()
+                 if isinstance(module, torch.nn.Linear) and any(name_matches(name, t) for t in targets)}
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if id(p) not in projected]},
+            {"params": [p for p in params if id(p) in projected], "galore": True}]
 
 
 def top_singular_vectors(grad: torch.Tensor, rank: int, side: str) -> dict[str, torch.Tensor]:

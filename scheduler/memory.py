@@ -360,6 +360,58 @@ def galore_state_elements(rows: int, cols: int, rank: int, proj_type: str) -> tu
     return r * r, rows * r + r * cols
 
 
+# Bytes per element of every optimizer state the executor keeps: Adam's moments and GaLore's projections are fp32.
+_OPTIMIZER_STATE_BYTES = 4
+# Full-size fp32 temporaries the GaLore optimizer forms while it steps one parameter (executor/galore.py): the
+# gradient's fp32 copy, the bias-corrected moments' quotient and the update (at a refresh, the SVD's factors), of the
+# largest parameter at most, since it steps them one at a time. Not yet measured on a GPU.
+_GALORE_STEP_TEMPORARIES = 4
+
+
+def galore_optimizer_bytes(shape: ModelShape, rank: int, proj_type: str, target_modules: Sequence[str]) -> int:
+    """The optimizer state of a GaLore job on `shape`: for each weight of the target modules (in every layer), fp32
+    moments of its projected gradient and its projections (`galore_state_elements`); AdamW's two fp32 moments for
+    every other parameter (embeddings, head, norms), as GaLore trains them."""
+    _check_galore_shape(shape)
+    dims = shape.projection_dims()
+    if tuple(target_modules) == (ALL_LINEAR,):
+        target_modules = list(dims)
+    projected_params, elements = 0, 0
+    for module in target_modules:
+        if module not in dims:
+            raise ValueError(f"cannot size GaLore target module {module!r}; the memory model knows {sorted(dims)}")
+        d_in, d_out = dims[module]
+        moment, projection = galore_state_elements(d_out, d_in, rank, proj_type)  # a Linear's weight: [out, in]
+        elements += shape.num_layers * (2 * moment + projection)
+        projected_params += shape.num_layers * d_in * d_out
+    elements += 2 * (shape.num_params() - projected_params)
+    return elements * _OPTIMIZER_STATE_BYTES
+
+
+def size_galore_job(shape: ModelShape, rank: int, proj_type: str, target_modules: Sequence[str], batch_size: int,
+                    max_seq_len: int, dtype: str) -> JobSize:
+    """A GaLore job's bytes: it trains every weight of its own copy of the base, so its `base_bytes` are the weights
+    in the compute dtype (never quantized, never shared: a one-job cohort), and its `job_bytes` their gradients in the
+    compute dtype, the optimizer state (`galore_optimizer_bytes`), the step's temporaries and one micro-batch's
+    activations (the base's: a Linear keeps its input for its weight's gradient as for a LoRA's)."""
+    if dtype not in _DTYPE_BYTES:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPE_BYTES)}")
+    params = shape.num_params()
+    matrices = [d_in * d_out for d_in, d_out in shape.projection_dims().values()]
+    largest = max(shape.vocab_size * shape.hidden_size, *matrices)
+    activations = estimate_activation_bytes(shape, batch_size, max_seq_len, dtype)
+    job_bytes = (params * _DTYPE_BYTES[dtype] + galore_optimizer_bytes(shape, rank, proj_type, target_modules)
+                 + _GALORE_STEP_TEMPORARIES * largest * 4 + activations)
+    return JobSize(job_bytes, activations, estimate_base_bytes(params, "none", dtype))
+
+
+def _check_galore_shape(shape: ModelShape) -> None:
+    """GaLore jobs are sized from Llama's seven projections (`ModelShape.projection_dims`): dense gated bases only."""
+    if shape.num_experts or shape.mlp_matrices != 3:
+        raise ValueError(f"GaLore jobs are sized for dense bases with gate, up and down projections; "
+                         f"{shape.family or 'this base'} has {'experts' if shape.num_experts else 'an ungated MLP'}")
+
+
 def estimate_gpu_seconds(tokens: int, params: int, tokens_per_second_at_8b: float = 10_000.0) -> float:
     """GPU time a job of `tokens` needs, for fair-share accounting: training FLOPs grow with parameters x tokens.
 

@@ -9,8 +9,17 @@ import warnings
 import pytest
 import torch
 
-from lorafleet.executor.galore import GaLoreAdamW
-from lorafleet.scheduler.memory import GALORE_PROJECTION_TYPES, galore_state_elements
+from helpers_models import single_torch_thread, tiny_config  # noqa: F401 (an autouse fixture)
+from transformers import AutoModelForCausalLM
+
+from lorafleet.executor.galore import GaLoreAdamW, galore_param_groups
+from lorafleet.scheduler.memory import (
+    GALORE_PROJECTION_TYPES,
+    ModelShape,
+    galore_optimizer_bytes,
+    galore_state_elements,
+    size_galore_job,
+)
 
 RANK, GAP, SCALE, LR = 4, 3, 0.25, 1e-2
 
@@ -174,3 +183,44 @@ def test_a_checkpointed_optimizer_resumes_to_the_same_weights():
 def test_an_unknown_projection_type_is_refused_by_name():
     with pytest.raises(ValueError, match="proj_type 'diagonal'"):
         GaLoreAdamW(tiny_model().parameters(), proj_type="diagonal")
+
+
+@pytest.mark.parametrize("proj_type, target_modules", [("std", ["all-linear"]), ("full", ["q_proj", "down_proj"]),
+                                                       ("reverse_std", ["k_proj", "up_proj"])])
+def test_the_memory_model_counts_the_optimizer_state_a_galore_job_keeps(proj_type, target_modules):
+    config = tiny_config("llama", vocab_size=96, hidden=64, layers=2)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    rank = 8
+    optimizer = GaLoreAdamW(galore_param_groups(model, target_modules), lr=LR, rank=rank, proj_type=proj_type)
+    ids = torch.randint(0, 96, (2, 16))
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    kept = sum(t.untyped_storage().nbytes() for state in optimizer.state.values() for t in state.values()
+               if isinstance(t, torch.Tensor))
+    assert len(optimizer.state) == len(list(model.parameters()))  # every parameter trained
+    assert kept == galore_optimizer_bytes(ModelShape.from_config(config.to_dict()), rank, proj_type, target_modules)
+
+
+LLAMA_1B = ModelShape(hidden_size=2048, intermediate_size=5461, num_layers=24, num_attention_heads=32,
+                      num_kv_heads=32, vocab_size=32000, family="llama")  # the paper's 1B (its Table 2)
+
+
+def test_a_galore_job_keeps_less_optimizer_state_than_adamw_on_the_1b_shape():
+    adamw = 2 * 4 * LLAMA_1B.num_params()
+    galore = galore_optimizer_bytes(LLAMA_1B, 512, "std", ["all-linear"])
+    assert galore < 0.6 * adamw  # rank 512 of 2048: a quarter of the projected weights' moments, plus projections
+
+
+def test_a_galore_jobs_weights_and_gradients_are_its_own():
+    size = size_galore_job(LLAMA_1B, 512, "std", ["all-linear"], batch_size=4, max_seq_len=512, dtype="bfloat16")
+    assert size.base_bytes == 2 * LLAMA_1B.num_params()  # its weights, in bf16: never quantized
+    assert size.job_bytes - size.activation_bytes > 2 * LLAMA_1B.num_params() + galore_optimizer_bytes(
+        LLAMA_1B, 512, "std", ["all-linear"])
+
+
+def test_a_galore_job_on_a_moe_base_is_refused_by_name():
+    moe = ModelShape(hidden_size=64, intermediate_size=128, num_layers=2, num_attention_heads=4, num_kv_heads=2,
+                     vocab_size=96, num_experts=4, expert_intermediate_size=32, family="qwen2_moe")
+    with pytest.raises(ValueError, match="qwen2_moe has experts"):
+        galore_optimizer_bytes(moe, 8, "std", ["all-linear"])
