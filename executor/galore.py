@@ -87,6 +87,17 @@ class GaLoreAdamW(torch.optim.Optimizer):
                         update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type)
         super().__init__(params, defaults)
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's, then the saved moments and projections again at their own precision: torch casts a floating
+        state tensor to its parameter's dtype, which would leave a bf16 model's fp32 state in bf16."""
+        super().load_state_dict(state_dict)
+        saved_ids = [index for group in state_dict["param_groups"] for index in group["params"]]
+        params = [param for group in self.param_groups for param in group["params"]]
+        for index, param in zip(saved_ids, params):
+            for key, value in state_dict["state"].get(index, {}).items():
+                if isinstance(value, torch.Tensor):
+                    self.state[param][key] = value.to(param.device, copy=True)
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None

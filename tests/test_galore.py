@@ -42,7 +42,7 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: int, 
     """Steps start..steps-1 of a batch sequence fixed by `seed`."""
     generator = torch.Generator().manual_seed(seed)
     for step in range(steps):
-        x = torch.randn(8, 16, generator=generator)
+        x = torch.randn(8, 16, generator=generator).to(next(model.parameters()).dtype)
         if step < start:
             continue
         model(x).pow(2).mean().backward()
@@ -164,8 +164,9 @@ def test_a_weight_keeps_projected_moments_the_memory_model_counts(proj_type):
         assert 2 * moment + projection < 2 * rows * cols  # the saving is real: less than AdamW's two moments
 
 
-def test_a_checkpointed_optimizer_resumes_to_the_same_weights():
-    straight, resumed = tiny_model(), tiny_model()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_checkpointed_optimizer_resumes_to_the_same_weights(dtype):
+    straight, resumed = tiny_model().to(dtype), tiny_model().to(dtype)
     options = dict(lr=LR, rank=RANK, update_proj_gap=GAP)
     straight_optimizer = GaLoreAdamW(param_groups(straight, galore=True), **options)
     train(straight, straight_optimizer, 2 * GAP)
@@ -175,6 +176,8 @@ def test_a_checkpointed_optimizer_resumes_to_the_same_weights():
     saved = copy.deepcopy(first_optimizer.state_dict())
     second_optimizer = GaLoreAdamW(param_groups(resumed, galore=True), **options)
     second_optimizer.load_state_dict(saved)
+    assert {t.dtype for state in second_optimizer.state.values() for t in state.values()
+            if isinstance(t, torch.Tensor)} == {torch.float32}  # not cast to the weights' dtype
     train(resumed, second_optimizer, 2 * GAP, start=GAP - 1)  # across the refresh at step GAP
     for straight_param, resumed_param in zip(straight.parameters(), resumed.parameters()):
         torch.testing.assert_close(straight_param, resumed_param, rtol=0, atol=0)
