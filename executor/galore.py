@@ -45,9 +45,9 @@ def top_singular_vectors(grad: torch.Tensor, rank: int, side: str) -> dict[str, 
     u, _, vh = torch.linalg.svd(grad, full_matrices=False)
     projections = {}
     if side in ("left", "both"):
-        projections["projection_left"] = u[:, :rank].contiguous()
+        projections["projection_left"] = u[:, :rank].clone()
     if side in ("right", "both"):
-        projections["projection_right"] = vh[:rank, :].contiguous()
+        projections["projection_right"] = vh[:rank, :].clone()
     return projections
 
 
