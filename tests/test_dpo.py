@@ -9,8 +9,7 @@ import math
 import pytest
 import torch
 from helpers_models import alpaca_rows, llama, single_torch_thread, write_jsonl  # noqa: F401 (fixtures)
-from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM
+from helpers_trl import trl_run
 
 from lorafleet.executor.cohort import Cohort
 from lorafleet.scheduler import datasets, submission
@@ -63,49 +62,11 @@ def weights(cohort: Cohort, job_id: str) -> dict[str, tuple[torch.Tensor, torch.
 
 
 def trl_dpo_run(model_dir, spec, dataset, initial, output_dir):
-    """TRL's DPOTrainer on a PEFT model holding `initial` (lora_dropout 0, fp32, no gradient checkpointing); its
-    reference is the base with the adapter disabled (ref_model=None). Returns its losses, logged metrics and final
-    LoRA weights."""
-    from datasets import Dataset
+    """TRL's DPOTrainer from `initial`; its reference is the base with the adapter disabled (ref_model=None)."""
     from trl import DPOConfig, DPOTrainer
 
-    hp = spec.hyperparameters
-    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa", dtype=torch.float32)
-    config = LoraConfig(r=spec.adapter.r, lora_alpha=spec.adapter.lora_alpha, lora_dropout=0.0,
-                        target_modules=list(spec.adapter.target_modules))
-    model = get_peft_model(model, config)
-    model.load_state_dict({f"base_model.model.{name}.lora_{f}.default.weight": t
-                           for name, pair in initial.items() for f, t in zip("AB", pair)}, strict=False)
-    losses = []
-
-    class RecordingDPOTrainer(DPOTrainer):  # the logged loss is rounded; keep the exact one
-        def compute_loss(self, *args, **kwargs):
-            loss = super().compute_loss(*args, **kwargs)
-            losses.append((loss[0] if isinstance(loss, tuple) else loss).item())
-            return loss
-
-    args = DPOConfig(
-        output_dir=str(output_dir), per_device_train_batch_size=hp.batch_size, max_steps=hp.max_steps,
-        learning_rate=hp.learning_rate, lr_scheduler_type="constant", warmup_steps=0, weight_decay=hp.weight_decay,
-        adam_beta1=hp.adam_beta1, adam_beta2=hp.adam_beta2, adam_epsilon=hp.adam_epsilon, optim="adamw_torch",
-        max_grad_norm=hp.max_grad_norm, beta=hp.beta, loss_type=["sigmoid"], max_length=None, bf16=False, fp16=False,
-        gradient_checkpointing=False, use_cpu=True, logging_steps=1, report_to="none", save_strategy="no",
-        seed=hp.seed, dataloader_num_workers=0, dataset_num_proc=None,
-    )
-    rows = [json.loads(line) for line in open(dataset)]
-    trainer = RecordingDPOTrainer(model=model, ref_model=None, args=args, train_dataset=Dataset.from_list(rows),
-                                  processing_class=load_tokenizer(model_dir))
-    trainer.train()
-    logged = [entry for entry in trainer.state.log_history if "rewards/margins" in entry]
-    state = model.state_dict()
-    final = {name: tuple(state[f"base_model.model.{name}.lora_{f}.default.weight"] for f in "AB") for name in initial}
-    return losses, logged, final, trainer.train_dataset
-
-
-def load_tokenizer(model_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model_dir)
+    return trl_run(DPOTrainer, DPOConfig, model_dir, spec, dataset, initial, output_dir,
+                   config={"loss_type": ["sigmoid"], "max_length": None}, trainer={"ref_model": None})
 
 
 def test_dpo_matches_trl_dpo_trainer_with_the_base_as_reference(llama, data, tmp_path):

@@ -3,56 +3,22 @@ answer, plus β times the odds-ratio term), cohort invariance beside SFT, SimPO 
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from helpers_models import llama, single_torch_thread, write_jsonl  # noqa: F401 (fixtures)
-from peft import LoraConfig, get_peft_model
-from test_dpo import PAIRS, data, load_tokenizer, make_spec, train, weights  # noqa: F401 (data: a fixture)
+from helpers_trl import trl_run
+from test_dpo import PAIRS, data, make_spec, train, weights  # noqa: F401 (data: a fixture)
 from test_simpo import targets_of
-from transformers import AutoModelForCausalLM
 
 from lorafleet.executor.cohort import Cohort
 
 
 def trl_orpo_run(model_dir, spec, dataset, initial, output_dir):
-    """TRL's ORPOTrainer on a PEFT model holding `initial` (lora_dropout 0, fp32). Returns its losses, logged
-    metrics, final LoRA weights and tokenised dataset."""
-    from datasets import Dataset
+    """TRL's ORPOTrainer from `initial`."""
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
-    hp = spec.hyperparameters
-    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa", dtype=torch.float32)
-    config = LoraConfig(r=spec.adapter.r, lora_alpha=spec.adapter.lora_alpha, lora_dropout=0.0,
-                        target_modules=list(spec.adapter.target_modules))
-    model = get_peft_model(model, config)
-    model.load_state_dict({f"base_model.model.{name}.lora_{f}.default.weight": t
-                           for name, pair in initial.items() for f, t in zip("AB", pair)}, strict=False)
-    losses = []
-
-    class RecordingORPOTrainer(ORPOTrainer):  # the logged loss is rounded; keep the exact one
-        def compute_loss(self, *args, **kwargs):
-            loss = super().compute_loss(*args, **kwargs)
-            losses.append((loss[0] if isinstance(loss, tuple) else loss).item())
-            return loss
-
-    args = ORPOConfig(
-        output_dir=str(output_dir), per_device_train_batch_size=hp.batch_size, max_steps=hp.max_steps,
-        learning_rate=hp.learning_rate, lr_scheduler_type="constant", warmup_steps=0, weight_decay=hp.weight_decay,
-        adam_beta1=hp.adam_beta1, adam_beta2=hp.adam_beta2, adam_epsilon=hp.adam_epsilon, optim="adamw_torch",
-        max_grad_norm=hp.max_grad_norm, beta=hp.beta, max_length=hp.max_seq_len, bf16=False, fp16=False,
-        gradient_checkpointing=False, use_cpu=True, logging_steps=1, report_to="none", save_strategy="no",
-        seed=hp.seed, dataloader_num_workers=0, dataset_num_proc=None,
-    )
-    rows = [json.loads(line) for line in open(dataset)]
-    trainer = RecordingORPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                                   processing_class=load_tokenizer(model_dir))
-    trainer.train()
-    logged = [entry for entry in trainer.state.log_history if "rewards/margins" in entry]
-    state = model.state_dict()
-    final = {name: tuple(state[f"base_model.model.{name}.lora_{f}.default.weight"] for f in "AB") for name in initial}
-    return losses, logged, final, trainer.train_dataset
+    return trl_run(ORPOTrainer, ORPOConfig, model_dir, spec, dataset, initial, output_dir,
+                   config={"max_length": spec.hyperparameters.max_seq_len})
 
 
 def test_orpo_matches_trl_orpo_trainer(llama, data, tmp_path):

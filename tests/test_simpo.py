@@ -3,7 +3,6 @@ term), cohort invariance beside SFT and DPO jobs, no reference forward, and the 
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -12,9 +11,8 @@ from typing import get_args
 import pytest
 import torch
 from helpers_models import llama, single_torch_thread  # noqa: F401 (fixtures)
-from peft import LoraConfig, get_peft_model
-from test_dpo import PAIRS, data, load_tokenizer, make_spec, train, weights  # noqa: F401 (data: a fixture)
-from transformers import AutoModelForCausalLM
+from helpers_trl import trl_run
+from test_dpo import PAIRS, data, make_spec, train, weights  # noqa: F401 (data: a fixture)
 
 from lorafleet.executor.cohort import Cohort
 from lorafleet.scheduler.spec import DEFAULT_BETA, METHODS, PREFERENCE_METHODS, Method, SpecError, parse_spec
@@ -23,43 +21,13 @@ README = Path(__file__).parent.parent / "README.md"
 
 
 def trl_simpo_run(model_dir, spec, dataset, initial, output_dir):
-    """TRL's CPOTrainer (loss_type simpo, cpo_alpha 0) on a PEFT model holding `initial` (lora_dropout 0, fp32).
-    Returns its losses, logged metrics, final LoRA weights and tokenised dataset."""
-    from datasets import Dataset
+    """TRL's CPOTrainer with loss_type simpo and cpo_alpha 0 (no NLL term), from `initial`."""
     from trl.experimental.cpo import CPOConfig, CPOTrainer
 
     hp = spec.hyperparameters
-    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa", dtype=torch.float32)
-    config = LoraConfig(r=spec.adapter.r, lora_alpha=spec.adapter.lora_alpha, lora_dropout=0.0,
-                        target_modules=list(spec.adapter.target_modules))
-    model = get_peft_model(model, config)
-    model.load_state_dict({f"base_model.model.{name}.lora_{f}.default.weight": t
-                           for name, pair in initial.items() for f, t in zip("AB", pair)}, strict=False)
-    losses = []
-
-    class RecordingCPOTrainer(CPOTrainer):  # the logged loss is rounded; keep the exact one
-        def compute_loss(self, *args, **kwargs):
-            loss = super().compute_loss(*args, **kwargs)
-            losses.append((loss[0] if isinstance(loss, tuple) else loss).item())
-            return loss
-
-    args = CPOConfig(
-        output_dir=str(output_dir), per_device_train_batch_size=hp.batch_size, max_steps=hp.max_steps,
-        learning_rate=hp.learning_rate, lr_scheduler_type="constant", warmup_steps=0, weight_decay=hp.weight_decay,
-        adam_beta1=hp.adam_beta1, adam_beta2=hp.adam_beta2, adam_epsilon=hp.adam_epsilon, optim="adamw_torch",
-        max_grad_norm=hp.max_grad_norm, beta=hp.beta, loss_type="simpo", simpo_gamma=hp.simpo_gamma, cpo_alpha=0.0,
-        max_length=hp.max_seq_len, bf16=False, fp16=False, gradient_checkpointing=False, use_cpu=True,
-        logging_steps=1, report_to="none", save_strategy="no", seed=hp.seed, dataloader_num_workers=0,
-        dataset_num_proc=None,
-    )
-    rows = [json.loads(line) for line in open(dataset)]
-    trainer = RecordingCPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                                  processing_class=load_tokenizer(model_dir))
-    trainer.train()
-    logged = [entry for entry in trainer.state.log_history if "rewards/margins" in entry]
-    state = model.state_dict()
-    final = {name: tuple(state[f"base_model.model.{name}.lora_{f}.default.weight"] for f in "AB") for name in initial}
-    return losses, logged, final, trainer.train_dataset
+    return trl_run(CPOTrainer, CPOConfig, model_dir, spec, dataset, initial, output_dir,
+                   config={"loss_type": "simpo", "simpo_gamma": hp.simpo_gamma, "cpo_alpha": 0.0,
+                           "max_length": hp.max_seq_len})
 
 
 def targets_of(labels: list[int]) -> int:
