@@ -192,32 +192,43 @@ def add_jobs(cohort, model_dir, data_dir, batch, n) -> None:
         cohort.add_job(f"{batch}-{job}", spec, data_dir / f"{batch}-{job}.jsonl")
 
 
+def timed_steps(cohort, warmup: int, steps: int, device) -> float:
+    """Median seconds of `steps` synchronised `Cohort.step` calls after `warmup` untimed ones (host time included);
+    raises when a job fails."""
+    for _ in range(warmup):
+        cohort.step()
+    seconds = []
+    for _ in range(steps):
+        sync(device)
+        start = time.perf_counter()
+        results = cohort.step()
+        sync(device)
+        seconds.append(time.perf_counter() - start)
+        failed = [result.error for result in results.values() if result.error]
+        if failed:
+            raise RuntimeError(failed[0])
+    return statistics.median(seconds)
+
+
+def remove_jobs(cohort, device) -> None:
+    """Detach every job (its pending gradients dropped) and give the memory back."""
+    for job_id in list(cohort.jobs):
+        cohort.jobs[job_id].optimizer.zero_grad()
+        cohort.remove_job(job_id)
+    release(device)
+
+
 def run_cohort(cohort, model_dir, data_dir, batch, n, warmup, steps, checkpointing, device):
     """Median step seconds and peak GiB of a cohort of jobs 0..n-1 of `batch`; None when it does not fit."""
     set_checkpointing(cohort, checkpointing)
     release(device)
     try:
         add_jobs(cohort, model_dir, data_dir, batch, n)
-        for _ in range(warmup):
-            cohort.step()
-        seconds = []
-        for _ in range(steps):
-            sync(device)
-            start = time.perf_counter()
-            results = cohort.step()
-            sync(device)
-            seconds.append(time.perf_counter() - start)
-            failed = [result.error for result in results.values() if result.error]
-            if failed:
-                raise RuntimeError(failed[0])
-        return statistics.median(seconds), peak_gib(device)
+        return timed_steps(cohort, warmup, steps, device), peak_gib(device)
     except torch.OutOfMemoryError:
         return None
     finally:
-        for job_id in list(cohort.jobs):
-            cohort.jobs[job_id].optimizer.zero_grad()
-            cohort.remove_job(job_id)
-        release(device)
+        remove_jobs(cohort, device)
 
 
 def base_vs_adapters(cohort, device, repeats: int) -> dict:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -30,14 +29,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_e2e import (  # noqa: E402  (bench scripts import each other from their folder)
-    EOS_ID,
     PROJECTIONS,
     SHAPES,
     build_base,
     matmul_peak_tflops,
     peak_gib,
     release,
-    sync,
+    remove_jobs,
+    timed_steps,
     write_job_data,
 )
 
@@ -87,24 +86,10 @@ def time_cohort(cohort, model_dir, data_dir, variants: list[str], warmup, steps,
         for job, variant in enumerate(variants):
             data = data_dir / (f"pairs-{job}.jsonl" if variant in METHODS else f"{BATCH}-{job}.jsonl")
             cohort.add_job(f"job-{job}", variant_spec(model_dir, variant, job), data)
-        for _ in range(warmup):
-            cohort.step()
-        seconds = []
-        for _ in range(steps):
-            sync(device)
-            start = time.perf_counter()
-            results = cohort.step()
-            sync(device)
-            seconds.append(time.perf_counter() - start)
-            failed = [result.error for result in results.values() if result.error]
-            if failed:
-                raise RuntimeError(failed[0])
-        return {"seconds": statistics.median(seconds), "peak_gib": peak_gib(device), "tokens": cohort.step_tokens}
+        seconds = timed_steps(cohort, warmup, steps, device)
+        return {"seconds": seconds, "peak_gib": peak_gib(device), "tokens": cohort.step_tokens}
     finally:
-        for job_id in list(cohort.jobs):
-            cohort.jobs[job_id].optimizer.zero_grad()
-            cohort.remove_job(job_id)
-        release(device)
+        remove_jobs(cohort, device)
 
 
 def supported(variant: str) -> bool:
