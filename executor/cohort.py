@@ -67,7 +67,7 @@ from lorafleet.executor.model import decoder_layers, load_base, packing_kwargs
 from lorafleet.executor.multilora import MultiLoraLinear, RowRouting, is_conv1d, wrap_targets
 from lorafleet.executor.optim import JobOptimizer, NonFiniteGradients
 from lorafleet.executor.step_graph import StepGraphs
-from lorafleet.scheduler.spec import PREFERENCE_METHODS, JobSpec, check_method_format
+from lorafleet.scheduler.spec import PREFERENCE_METHODS, Hyperparameters, JobSpec, check_method_format
 
 
 @dataclass
@@ -156,6 +156,16 @@ class PackedBatch:
     rewards: dict[str, torch.Tensor] = field(default_factory=dict)  # pair job -> [Σ chosen, Σ rejected, pairs right]
     answers: dict[str, torch.Tensor] = field(default_factory=dict)  # ORPO job -> which of its rows are answer targets
     nll_weights: dict[str, float] = field(default_factory=dict)  # ORPO job -> pairs / chosen targets of its micro-batch
+
+
+def run_length(hp: Hyperparameters, steps_per_epoch: int) -> tuple[int, int]:
+    """(micro-batches, optimizer steps) a job runs: max_steps windows, else its epochs over the data; the last
+    window may be shorter."""
+    if hp.max_steps is not None:
+        micro_batch_limit = hp.max_steps * hp.gradient_accumulation_steps
+    else:
+        micro_batch_limit = steps_per_epoch * hp.epochs
+    return micro_batch_limit, math.ceil(micro_batch_limit / hp.gradient_accumulation_steps)
 
 
 def split_passes(batches: dict[str, list[Example]], max_tokens: int | None) -> list[dict[str, list[Example]]]:
@@ -321,11 +331,7 @@ class Cohort:
         attach_expert_factors(adapter, expert_layers, hp.seed)
         adapter = adapter.to(self.device)
         adapter.place_dropout_rng(self.device)
-        if hp.max_steps is not None:
-            micro_batch_limit = hp.max_steps * hp.gradient_accumulation_steps
-        else:
-            micro_batch_limit = data.steps_per_epoch * hp.epochs
-        total_steps = math.ceil(micro_batch_limit / hp.gradient_accumulation_steps)
+        micro_batch_limit, total_steps = run_length(hp, data.steps_per_epoch)
         optimizer = JobOptimizer(adapter.param_groups(hp.learning_rate), hp, total_steps)
         job = Job(job_id, spec, adapter, [*layers.values(), *dict.fromkeys(expert_layers.values())], optimizer, data,
                   micro_batch_limit, total_steps)

@@ -30,12 +30,14 @@ class NonFiniteGradients(RuntimeError):
 
 class JobOptimizer:
     """`param_groups`: torch's groups, each with its own peak "lr" (the adapter's `param_groups`); the schedule scales
-    every group alike, and clipping takes the norm over all of them."""
+    every group alike, and clipping takes the norm over all of them. `optimizer`: one the caller built over
+    `param_groups` (a GaLore job's GaLoreAdamW); by default torch's AdamW with the job's settings."""
 
-    def __init__(self, param_groups: list[dict], hp: Hyperparameters, total_steps: int):
+    def __init__(self, param_groups: list[dict], hp: Hyperparameters, total_steps: int,
+                 optimizer: torch.optim.Optimizer | None = None):
         self.params = params = [param for group in param_groups for param in group["params"]]
         self.max_grad_norm = hp.max_grad_norm
-        self.optimizer = torch.optim.AdamW(
+        self.optimizer = optimizer or torch.optim.AdamW(
             param_groups,
             lr=hp.learning_rate,
             betas=(hp.adam_beta1, hp.adam_beta2),
@@ -64,7 +66,7 @@ class JobOptimizer:
         """With fused AdamW (on a GPU): clip and update now, before the host has read `norm`, so that the launches
         overlap the step's GPU work; the kernels skip the update (weights, moments, step count) on the device when
         `norm` or `loss` is not finite. step() then finishes the window. Elsewhere nothing: step() does it all."""
-        if not self.optimizer.defaults["fused"]:
+        if not self.optimizer.defaults.get("fused"):
             return
         if self.max_grad_norm is not None:
             torch.nn.utils.clip_grads_with_norm_(self.params, self.max_grad_norm, norm)
