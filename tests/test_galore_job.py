@@ -102,17 +102,20 @@ def test_the_loss_decreases_on_a_learnable_dataset(llama, tmp_path):
     assert losses[-1] < 0.5 * losses[0], losses
 
 
-def test_a_run_resumed_from_a_mid_run_checkpoint_ends_bitwise_equal(llama, dataset, tmp_path):
-    uninterrupted = GaloreJob(llama, SETTINGS, HP, dataset)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_run_resumed_from_a_mid_run_checkpoint_ends_bitwise_equal(llama, dataset, tmp_path, dtype):
+    uninterrupted = GaloreJob(llama, SETTINGS, HP, dataset, dtype=dtype)
     expected = [result.loss for result in run(uninterrupted)]
 
-    first = GaloreJob(llama, SETTINGS, HP, dataset)
+    first = GaloreJob(llama, SETTINGS, HP, dataset, dtype=dtype)
     # 7 micro-batches: mid-window (one micro-batch's gradients pending), and the projections refreshed at the third
     # step still in use by the fourth
     before = [result.loss for result in run(first, micro_batches=7)]
     first.checkpoint(tmp_path / "checkpoint")
-    resumed = GaloreJob(llama, SETTINGS, HP, dataset, resume_from=tmp_path / "checkpoint")
+    resumed = GaloreJob(llama, SETTINGS, HP, dataset, dtype=dtype, resume_from=tmp_path / "checkpoint")
     assert (resumed.steps_done, resumed.accumulated) == (3, 1)
+    assert resumed.model.dtype == getattr(torch, dtype)
+    assert {state["exp_avg"].dtype for state in resumed.optimizer.optimizer.state.values()} == {torch.float32}
     after = [result.loss for result in run(resumed)]
 
     assert before + after == expected
@@ -129,21 +132,23 @@ def test_a_checkpoint_does_not_resume_a_job_of_other_settings(llama, dataset, tm
         GaloreJob(llama, other, HP, dataset, resume_from=tmp_path / "checkpoint")
 
 
-def test_the_export_loads_with_from_pretrained_with_equal_logits(llama, dataset, tmp_path):
-    job = GaloreJob(llama, SETTINGS, HP, dataset)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_export_loads_with_from_pretrained_with_equal_logits(llama, dataset, tmp_path, dtype):
+    job = GaloreJob(llama, SETTINGS, HP, dataset, dtype=dtype)
     run(job, micro_batches=4)
     directory = job.export(tmp_path / "export")
 
     assert "lorafleet" not in (directory / "config.json").read_text()  # no attention of ours named in the config
     loaded = AutoModelForCausalLM.from_pretrained(directory)
+    assert loaded.dtype == getattr(torch, dtype)  # the weights as trained, not widened
     tokenizer = AutoTokenizer.from_pretrained(directory)
     input_ids = tokenizer("write a short poem about the sea")["input_ids"]
     assert input_ids == AutoTokenizer.from_pretrained(llama)("write a short poem about the sea")["input_ids"]
     with torch.no_grad():
         logits = loaded(torch.tensor([input_ids])).logits[0]
         base_logits = AutoModelForCausalLM.from_pretrained(llama)(torch.tensor([input_ids])).logits[0]
-    torch.testing.assert_close(logits, job.logits(input_ids), rtol=1e-5, atol=1e-5)
-    assert (logits - base_logits).abs().max() > 1e-3  # the export is the trained model, not the base
+    torch.testing.assert_close(logits.float(), job.logits(input_ids).float(), rtol=1e-5, atol=1e-5)
+    assert (logits.float() - base_logits).abs().max() > 1e-3  # the export is the trained model, not the base
 
 
 def test_a_bad_dataset_line_fails_the_job_with_an_error_naming_the_line(llama, tmp_path):
