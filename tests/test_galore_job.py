@@ -192,3 +192,16 @@ def test_a_non_finite_loss_or_gradient_fails_the_job_without_changing_its_weight
         assert param.grad is None, name
     for param, state in job.optimizer.optimizer.state.items():
         assert torch.equal(state["exp_avg"], moments[id(param)])
+
+
+def test_a_window_without_target_tokens_leaves_the_weights_alone_and_counts_toward_the_schedule(llama, dataset):
+    hp = Hyperparameters(batch_size=3, max_steps=2, learning_rate=1e-2, weight_decay=0.1, max_seq_len=8)
+    job = GaloreJob(llama, SETTINGS, hp, dataset)  # alpaca prompts are longer than 8 tokens: no answer token is left
+    before = weights(job.model)
+    results = run(job)
+
+    assert [(result.tokens, result.loss, result.grad_norm, result.step) for result in results] == [
+        (0, None, None, 1), (0, None, None, 2)]
+    assert results[-1].done and results[1].lr < results[0].lr  # the schedule went on
+    for name, param in job.model.named_parameters():
+        assert torch.equal(param, before[name]), name
