@@ -1,8 +1,9 @@
 """LoPA (low-rank prompt adaptation): one job's per-instance soft prompt, and the packed row with prompts prepended.
 
 What the paper (Jain et al., "Prompt Tuning Strikes Back: Customizing Foundation Models with Low-Rank Prompt
-Adaptation", NeurIPS 2024; the abstract is in ../shared/seeds, the formulation below is the paper's and its official
-code's) defines: every input x gets its own soft prompt of m virtual tokens,
+Adaptation", NeurIPS 2024; ../shared/seeds holds only its abstract, so the details below follow the authors' public
+code, jabhinav/Prompt-Tuning-Strikes-Back-with-LOPA: LatentPromptAttentionGenerator and LOPA.forward) defines: every
+input x gets its own soft prompt of m virtual tokens,
 
     Z(x) = Z_S ∘ g(u(x) v(x)ᵀ)                                    [m, d]
 
@@ -14,7 +15,8 @@ from an encoding e(x) [d_e] of the input by a frozen encoder, each through its o
     v(x) = reshape(W_v2 tanh(W_v1 e(x) + b_v1) + b_v2, [d, r])      W_v1 [h, d_e], W_v2 [d r, h]
 
 The prompt Z(x) is prepended to the input's token embeddings and the frozen foundation model runs as usual; only
-Z_S and the two heads train: m d + 2 (d_e h + h) + h (m + d) r + (m + d) r parameters (`lopa_parameter_count`).
+Z_S and the two heads train: m d + 2 (d_e h + h) + h (m + d) r + (m + d) r parameters (`lopa_parameter_count`),
+independent of the base's depth.
 
 Where this differs from the paper, and why:
 - The encoder. The paper encodes x with a separate frozen encoder model (CodeSage, CodeBERT, ...). lorafleet keeps no
@@ -40,7 +42,7 @@ from lorafleet.executor.data import IGNORE_INDEX
 
 def lopa_parameter_count(num_virtual_tokens: int, hidden_size: int, encoder_size: int, head_size: int,
                          rank: int) -> int:
-    """The paper's count: Z_S (m d) + the u head (d_e h + h + h m r + m r) + the v head (d_e h + h + h d r + d r)."""
+    """The generator's count: Z_S (m d), the u head (d_e h + h + h m r + m r), the v head (d_e h + h + h d r + d r)."""
     m, d, d_e, h, r = num_virtual_tokens, hidden_size, encoder_size, head_size, rank
     return m * d + 2 * (d_e * h + h) + h * (m + d) * r + (m + d) * r
 
@@ -104,7 +106,8 @@ class LopaPrompt(torch.nn.Module):
 
     def prompts(self, embeds: torch.Tensor, sequence_lengths: list[int], input_lengths: list[int]) -> torch.Tensor:
         """The soft prompts [n, m, d] of the packed sequences of embeds [T, d] (input rows pooled per sequence)."""
-        return self(pool_inputs(embeds, sequence_lengths, input_lengths).to(self.shared.dtype))
+        # pooled in the parameters' dtype (fp32 beside a bf16 base): a mean of bf16 rows would round each partial sum
+        return self(pool_inputs(embeds.to(self.shared.dtype), sequence_lengths, input_lengths))
 
 
 def lopa_prompts_reference(embeds, sequence_lengths, input_lengths, shared, u_head, v_head) -> torch.Tensor:

@@ -137,9 +137,35 @@ def test_bad_boundaries_are_named(lengths, inputs, problem):
         generator().prompts(torch.randn(sum(LENGTHS), D), lengths, inputs)
 
 
+def frozen_llama(directory, attention=PACKED_ATTENTION):
+    model = AutoModelForCausalLM.from_pretrained(directory, attn_implementation=attention, dtype=torch.float32)
+    return model.requires_grad_(False)
+
+
+def packed_logits(model, row) -> torch.Tensor:
+    kwargs = packing_kwargs(row.sequence_lengths, "cpu")
+    return model(inputs_embeds=row.embeds[None], use_cache=False, **kwargs).logits[0]
+
+
+def test_a_prompted_sequence_in_the_packed_row_gets_the_logits_it_gets_alone_in_plain_hf(llama):
+    model, plain = frozen_llama(llama), frozen_llama(llama, "sdpa")
+    torch.manual_seed(0)
+    lengths, inputs = [7, 9, 6], [3, 4, 2]
+    ids = torch.randint(10, model.config.vocab_size, (sum(lengths),))
+    lopa = LopaPrompt(4, model.config.hidden_size, rank=2, head_size=16, init_std=0.5)
+    embeds = model.get_input_embeddings()(ids)
+    with torch.no_grad():
+        prompts = lopa.prompts(embeds, lengths, inputs)
+        row = prepend_prompts(embeds, ids, lengths, prompts)
+        packed = packed_logits(model, row).split(row.sequence_lengths)
+        for i, sequence in enumerate(embeds.split(lengths)):
+            # prompt tuning as Hugging Face runs it: [Z, x] alone, default positions 0 .. m + L - 1, causal mask
+            alone = plain(inputs_embeds=torch.cat([prompts[i], sequence])[None], use_cache=False).logits[0]
+            torch.testing.assert_close(packed[i], alone, rtol=1e-5, atol=1e-5)
+
+
 def test_a_tiny_llama_fed_the_prompted_row_trains_the_prompt_and_leaves_the_base(llama):
-    model = AutoModelForCausalLM.from_pretrained(llama, attn_implementation=PACKED_ATTENTION, dtype=torch.float32)
-    model.requires_grad_(False)
+    model = frozen_llama(llama)
     base = {name: p.detach().clone() for name, p in model.named_parameters()}
     torch.manual_seed(0)
     lengths, inputs = [7, 9, 6], [3, 4, 2]
@@ -153,9 +179,7 @@ def test_a_tiny_llama_fed_the_prompted_row_trains_the_prompt_and_leaves_the_base
     losses = []
     for _ in range(8):
         row = prepend_prompts(embeds, targets, lengths, lopa.prompts(embeds, lengths, inputs))
-        logits = model(inputs_embeds=row.embeds[None], use_cache=False,
-                       **packing_kwargs(row.sequence_lengths, "cpu")).logits[0]
-        loss = F.cross_entropy(logits, row.targets, ignore_index=IGNORE_INDEX)
+        loss = F.cross_entropy(packed_logits(model, row), row.targets, ignore_index=IGNORE_INDEX)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
