@@ -101,6 +101,7 @@ class GaloreJob:
         self.accumulated = 0  # micro-batches in the window under way
         self.window_targets = 0  # their target tokens
         self.trained_tokens = 0
+        self.last_input_tokens = 0  # of the last forward (what a step's throughput counts)
         self.done = False
         self.error: str | None = None
         if resume_from is not None:
@@ -125,9 +126,9 @@ class GaloreJob:
         except DataError as exc:
             return self._fail(f"data error at step {self.steps_done + 1}: {exc}")
         tokens = sum(example.num_targets for example in examples)
-        loss = None
+        loss, self.last_input_tokens = None, 0
         if tokens:  # a micro-batch whose targets were all truncated away teaches nothing: no forward
-            loss_sum = self._loss_sum(examples)
+            loss_sum = self.loss_sum(examples)
             loss = loss_sum.item() / tokens
             if not math.isfinite(loss):
                 return self._fail(f"loss is {loss} at step {self.steps_done + 1}")
@@ -140,9 +141,10 @@ class GaloreJob:
             return self._result(loss, tokens)
         return self._end_window(loss, tokens)
 
-    def _loss_sum(self, examples: list[Example]) -> torch.Tensor:
+    def loss_sum(self, examples: list[Example]) -> torch.Tensor:
         """The cross-entropy summed over the micro-batch's target tokens, its sequences packed in one row."""
         batch = pack({"job": examples}, self.device)
+        self.last_input_tokens = batch.input_ids.numel()
         kwargs = packing_kwargs(batch.sequence_lengths, self.device)
         logits = self.model(batch.input_ids, use_cache=False, **kwargs).logits[0]
         return F.cross_entropy(logits.float(), batch.targets, ignore_index=IGNORE_INDEX, reduction="sum")

@@ -25,6 +25,7 @@ import torch
 
 from lorafleet.executor.cohort import Cohort
 from lorafleet.executor.data import DataError, JobData
+from lorafleet.executor.galore_cohort import GaloreCohort
 from lorafleet.executor.gpu import Nvml, device_peak_tflops, frozen_matmul_params, mfu
 from lorafleet.executor.model import decoder_layers, device_auto_dtype, native_bf16
 from lorafleet.scheduler import config, fleet, keys
@@ -81,7 +82,7 @@ class Executor:
         self.activation_checkpointing = activation_checkpointing
         self.max_pass_tokens = max_pass_tokens
         self.total_bytes = memory_bytes or _device_memory(device)
-        self.cohort: Cohort | None = None
+        self.cohort: Cohort | GaloreCohort | None = None  # a GaloreCohort runs one GaLore job alone
         self.compat_key: str | None = None
         self.base_bytes = 0
         # Measured device memory peak of the last step and the tokens of its largest pass (a GPU executor takes
@@ -235,6 +236,8 @@ class Executor:
         dataset = _dataset_path(accepted, spec, job.tenant, "dataset")
         resume_from = self.artifacts.fetch(job.checkpoint_uri, self.scratch) if job.checkpoint_uri else None
         self.cohort.add_job(job.job_id, spec, dataset, resume_from=resume_from, dataset_name=spec.dataset)
+        if isinstance(self.cohort, GaloreCohort):  # its model is the job's own, loaded as it joined
+            self._measure_base()
         if spec.validation_dataset is not None:
             hp = spec.hyperparameters
             path = _dataset_path(accepted, spec, job.tenant, "validation_dataset")
@@ -243,21 +246,34 @@ class Executor:
         return resume_from
 
     def _load_base(self, spec: JobSpec, plan: JobPlan) -> None:
-        """Load the job's pinned base snapshot (`plan.base_snapshot`), never re-resolving its name."""
-        self.cohort, self.compat_key, self.base_bytes = None, None, 0
-        if self.device.startswith("cuda"):
-            torch.cuda.empty_cache()
-        self.cohort = Cohort(plan.base_snapshot, quantization=spec.quantization, dtype=spec.dtype, device=self.device,
-                             activation_checkpointing=self.activation_checkpointing,
-                             max_pass_tokens=self.max_pass_tokens)
+        """Load the job's pinned base snapshot (`plan.base_snapshot`), never re-resolving its name; for a GaLore job,
+        the cohort that runs it alone (it loads its own copy of the base as it joins)."""
+        self._unload()
+        if spec.adapter.type == "galore":
+            self.cohort = GaloreCohort(plan.base_snapshot, dtype=spec.dtype, device=self.device,
+                                       max_pass_tokens=self.max_pass_tokens)
+        else:
+            self.cohort = Cohort(plan.base_snapshot, quantization=spec.quantization, dtype=spec.dtype,
+                                 device=self.device, activation_checkpointing=self.activation_checkpointing,
+                                 max_pass_tokens=self.max_pass_tokens)
         self.compat_key = plan.compat_key
-        self.base_bytes = sum(p.numel() * p.element_size() for p in self.cohort.model.parameters())
-        self.matmul_params = frozen_matmul_params(decoder_layers(self.cohort.model))
         # The memory model's bytes per token for this base, in the dtype it computes in here: from the job's plan,
         # which sized it at submission (activations of one micro-batch / its tokens).
         size = plan.size(device_auto_dtype(torch.device(self.device)))
         self.activation_bytes_per_token = size.activation_bytes / plan.tokens_per_step
+        if not isinstance(self.cohort, GaloreCohort):
+            self._measure_base()
+
+    def _measure_base(self) -> None:
+        """The loaded base's bytes and matmul parameters (what MFU counts), reported at once."""
+        self.base_bytes = sum(p.numel() * p.element_size() for p in self.cohort.model.parameters())
+        self.matmul_params = frozen_matmul_params(decoder_layers(self.cohort.model))
         self.send_heartbeat()
+
+    def _unload(self) -> None:
+        self.cohort, self.compat_key, self.base_bytes = None, None, 0
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
 
     def _release(self, job_id: str) -> None:
         lease = self.leases.pop(job_id, None)
@@ -266,6 +282,8 @@ class Executor:
         self.validation.pop(job_id, None)
         if self.cohort is not None and job_id in self.cohort.jobs:
             self.cohort.remove_job(job_id)
+        if isinstance(self.cohort, GaloreCohort) and not self.cohort.jobs:  # its model was its job's own: not kept
+            self._unload()
 
     # ---- one step ----
 
@@ -425,7 +443,7 @@ class Executor:
             return
         try:
             local = self.cohort.export(lease.job_id, self.scratch / lease.job_id / "final")
-            uri = self._publish(lease, local, "adapter")
+            uri = self._publish(lease, local, "model" if lease.spec.adapter.type == "galore" else "adapter")
         except OSError as exc:
             log.warning("job %s: adapter not published: %s", lease.job_id, exc)
             self.store.fail(lease.job_id, JobState.RUNNING,
@@ -451,9 +469,7 @@ class Executor:
             self.store.requeue(job_id, (JobState.SCHEDULED, JobState.RUNNING), "out of memory", attempt=lease.attempt,
                                executor_id=self.executor_id)
             self._release_without_cohort(job_id)
-        self.cohort, self.compat_key, self.base_bytes = None, None, 0
-        if self.device.startswith("cuda"):
-            torch.cuda.empty_cache()
+        self._unload()
         self.send_heartbeat()
 
     def _release_without_cohort(self, job_id: str) -> None:

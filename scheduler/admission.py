@@ -75,11 +75,14 @@ def check_some_executor_holds(client: redis.Redis, spec: JobSpec, job_plan: JobP
     need = job.bytes_alone(largest.auto_dtype, largest.max_pass_tokens) * factors.get(job.compat_key, 1.0)
     usable = largest.total_bytes * config.memory_fraction
     hp = spec.hyperparameters
+    remedy = ("lower batch_size or max_seq_len (a GaLore job trains a whole copy of its base: it cannot be quantized)"
+              if spec.adapter.type == "galore" else
+              "lower batch_size or max_seq_len, or quantize the base (quantization: nf4)")
     raise SpecError(
         f"invalid job spec: hyperparameters.batch_size: no executor of this deployment can hold this job, even "
         f"alone: it needs about {need / GIB:.1f} GiB (its base and, at batch_size={hp.batch_size} x "
         f"max_seq_len={hp.max_seq_len}, its adapter and activations) and the largest executor offers "
-        f"{usable / GIB:.1f} GiB; lower batch_size or max_seq_len, or quantize the base (quantization: nf4)")
+        f"{usable / GIB:.1f} GiB; {remedy}")
 
 
 def submit_job(store: JobStore, tenant: str, raw: object, files: Optional[FileStore] = None,

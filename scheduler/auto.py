@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from lorafleet.scheduler.memory import ModelShape, estimate_job_bytes, possible_dtypes
+from lorafleet.scheduler.memory import ModelShape, estimate_activation_bytes, estimate_job_bytes, possible_dtypes
 from lorafleet.scheduler.spec import JobSpec, SpecError
 
 AUTO = "auto"
@@ -38,7 +38,8 @@ JOB_BYTES_BUDGET = 8 << 30  # what one auto-sized job may add to a cohort: sever
 # Learning rates that train each adapter type well at the default rank (LoRA's usual 2e-4; NOLA trains only the
 # mixing coefficients of fixed random bases, which take larger steps).
 # VeRA trains only scaling vectors: its paper's instruction-tuning runs use rates about 20x LoRA's (4e-3)
-_BASE_LEARNING_RATE = {"lora": 2e-4, "nola": 1e-3, "vera": 4e-3}
+# GaLore trains the base's own weights (a full fine-tune): its paper's fine-tuning rates are about 1e-5.
+_BASE_LEARNING_RATE = {"lora": 2e-4, "nola": 1e-3, "vera": 4e-3, "galore": 1e-5}
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,9 @@ def auto_batch_size(spec: JobSpec, shape: ModelShape, sample: DatasetSample,
 
 
 def _job_bytes(spec: JobSpec, shape: ModelShape, batch_size: int) -> int:
+    if spec.adapter.type == "galore":  # alone on its executor: of its bytes only the activations grow with the batch
+        return max(estimate_activation_bytes(shape, batch_size, spec.hyperparameters.max_seq_len, dtype)
+                   for dtype in possible_dtypes(spec.dtype))
     return max(estimate_job_bytes(shape, spec.adapter.r, spec.adapter.target_modules, batch_size,
                                   spec.hyperparameters.max_seq_len, dtype, spec.adapter.use_dora,
                                   spec.adapter.target_parameters)

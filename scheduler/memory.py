@@ -576,3 +576,15 @@ def plan_job(compat_key: str, base_snapshot: str, shape: ModelShape, r: int, tar
     params = shape.num_params()
     return JobPlan(compat_key, base_snapshot, params, sequences * max_seq_len, max_seq_len, tokens,
                    estimate_gpu_seconds(tokens, params), dtype, sizes)
+
+
+def plan_galore_job(compat_key: str, base_snapshot: str, shape: ModelShape, rank: int, proj_type: str,
+                    target_modules: Sequence[str], batch_size: int, max_seq_len: int, dtype: str,
+                    tokens: int) -> JobPlan:
+    """`plan_job` for a GaLore job (`size_galore_job` in every dtype it may compute in); its `compat_key` is its
+    own, so that no other job joins its cohort. ValueError for a base the GaLore sizing does not know."""
+    sizes = {d: size_galore_job(shape, rank, proj_type, target_modules, batch_size, max_seq_len, d)
+             for d in possible_dtypes(dtype)}
+    params = shape.num_params()
+    return JobPlan(compat_key, base_snapshot, params, batch_size * max_seq_len, max_seq_len, tokens,
+                   estimate_gpu_seconds(tokens, params), dtype, sizes)

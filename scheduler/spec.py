@@ -60,8 +60,26 @@ class VeraSettings(_Strict):
     d_initial: float = Field(0.1, gt=0, le=10, description="initial value of every d vector")
 
 
+class GaloreSpecSettings(_Strict):
+    """GaLore's options, named and defaulted as galore-torch's (a full fine-tune: no adapter, the base's own weights
+    train, the target projections' gradients projected to `rank`)."""
+
+    rank: int = Field(128, ge=1, le=4096, description="rank of the gradient projection")
+    update_proj_gap: int = Field(200, ge=1, le=1_000_000, description="optimizer steps between projection refreshes")
+    scale: float = Field(0.25, gt=0, le=100, description="factor of the projected-back update")
+    proj_type: Literal["std", "reverse_std", "left", "right", "full"] = Field(
+        "std", description="which side of a gradient is projected (galore-torch's proj_type)")
+
+
+# Adapter fields that do not apply to a GaLore job (it trains the base's weights, no adapter).
+_NOT_GALORE_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_parameters", "nola", "vera", "use_rslora",
+                      "loraplus_lr_ratio", "use_dora")
+
+
 class AdapterSpec(_Strict):
-    type: Literal["lora", "nola", "vera"] = "lora"
+    type: Literal["lora", "nola", "vera", "galore"] = Field(
+        "lora", description="galore: full fine-tuning of the base's weights with GaLore's gradient low-rank "
+        "projection on target_modules (others train with AdamW); run alone, exported as a full model")
     r: int = Field(16, ge=1, le=256)
     lora_alpha: float = Field(32.0, gt=0, le=4096)
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
@@ -85,6 +103,7 @@ class AdapterSpec(_Strict):
     )
     use_dora: bool = Field(False, description="DoRA: a trained magnitude per output feature times the direction of "
                            "W + scale·BA (lora only, unquantized bases; PEFT's use_dora)")
+    galore: Optional[GaloreSpecSettings] = None
 
     @field_validator("target_modules", mode="before")
     @classmethod
@@ -156,6 +175,21 @@ class AdapterSpec(_Strict):
             raise ValueError("'vera' settings are only allowed with type 'vera'")
         if self.type == "vera" and self.vera is None:
             object.__setattr__(self, "vera", VeraSettings())
+        return self
+
+    @model_validator(mode="after")
+    def _galore_settings(self) -> "AdapterSpec":
+        if self.type != "galore":
+            if self.galore is not None:
+                raise ValueError("'galore' settings are only allowed with type 'galore'")
+            return self
+        given = [name for name in _NOT_GALORE_FIELDS
+                 if name in self.model_fields_set and getattr(self, name) != type(self).model_fields[name].default]
+        if given:
+            raise ValueError(f"type 'galore' trains the base's own weights, with no adapter: it takes no "
+                             f"{', '.join(given)} (its options are galore.rank, update_proj_gap, scale, proj_type)")
+        if self.galore is None:
+            object.__setattr__(self, "galore", GaloreSpecSettings())
         return self
 
     @property
@@ -269,6 +303,17 @@ class JobSpec(_Strict):
         if self.adapter.target_parameters and self.quantization != "none":
             raise ValueError(f"adapter.target_parameters: not offered on a quantized base (quantization "
                              f"{self.quantization!r}; its expert parameters are only tested unquantized)")
+        return self
+
+    @model_validator(mode="after")
+    def _galore_job(self) -> "JobSpec":
+        if self.adapter.type != "galore":
+            return self
+        if self.quantization != "none":
+            raise ValueError(f"adapter.type 'galore' trains every weight of the base: not offered on a quantized base "
+                             f"(quantization {self.quantization!r})")
+        if self.method != "sft":
+            raise ValueError(f"adapter.type 'galore' trains with method 'sft' only, not {self.method!r}")
         return self
 
     def compatibility_key(self) -> str:

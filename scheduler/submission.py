@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import json
 import re
+import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ from lorafleet.scheduler.base_modules import (
 )
 from lorafleet.scheduler.datasets import AcceptedDataset, accept, accepted_path
 from lorafleet.scheduler.files import FileStore, accepted_file, is_file_id
-from lorafleet.scheduler.memory import JobPlan, ModelShape, micro_batch_sequences, plan_job
+from lorafleet.scheduler.memory import JobPlan, ModelShape, micro_batch_sequences, plan_galore_job, plan_job
 from lorafleet.scheduler.formats import IGNORE_INDEX, DataError, Tokenizing, detect_format, parse_record, tokenise_record
 from lorafleet.scheduler.spec import (
     ALL_LINEAR, JobSpec, SpecError, check_method_format, is_inside, parse_spec, resolve_dataset, spec_object,
@@ -115,10 +116,24 @@ def plan_for(spec: JobSpec, model_dir: Path, dataset_tokens: int) -> JobPlan:
         tokens = hp.max_steps * hp.gradient_accumulation_steps * sequences * hp.max_seq_len
     else:
         tokens = hp.epochs * min(dataset_tokens, 10**12)
+    if spec.adapter.type == "galore":
+        return _plan_galore(spec, snapshot, tokens)
     return plan_job("|".join((snapshot, spec.quantization, spec.dtype)), snapshot, model_shape(snapshot),
                     spec.adapter.r, spec.adapter.target_modules, hp.batch_size, hp.max_seq_len, spec.quantization,
                     spec.dtype, tokens, dora=spec.adapter.use_dora, target_parameters=spec.adapter.target_parameters,
                     method=spec.method)
+
+
+def _plan_galore(spec: JobSpec, snapshot: str, tokens: int) -> JobPlan:
+    """A GaLore job trains its own copy of the base: it never shares a cohort, so its compatibility key is its own
+    (a fresh id, decided once with the rest of the plan)."""
+    galore, hp = spec.adapter.galore, spec.hyperparameters
+    key = "|".join((f"galore-{uuid.uuid4().hex}", snapshot, spec.dtype))
+    try:
+        return plan_galore_job(key, snapshot, model_shape(snapshot), galore.rank, galore.proj_type,
+                               spec.adapter.target_modules, hp.batch_size, hp.max_seq_len, spec.dtype, tokens)
+    except ValueError as exc:
+        raise SpecError(f"invalid job spec: adapter.type 'galore': {exc}") from None
 
 
 def plan_from_files(spec: JobSpec, tenant: str, data_root: Path, hub_cache: Path, model_roots: Sequence[Path]

@@ -1,0 +1,60 @@
+"""A GaLore job (issue 18) through the whole service on the CPU: submitted through the Celery task, planned alone,
+trained by an executor process to the end with checkpoints and validation, and published as a full model that
+`from_pretrained` loads. The fleet (real Redis, Celery worker, schedulers, two executors) is test_fleet_e2e's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers_models import single_torch_thread  # noqa: F401
+from test_fleet_e2e import fleet_env, make_tenant, spec_for  # noqa: F401  (the fleet fixture)
+
+pytestmark = pytest.mark.slow
+
+GALORE_TARGETS = ["q_proj", "v_proj", "gate_proj"]
+
+
+def galore_spec_for(fleet, tenant: str, **hyperparameters) -> dict:
+    spec = spec_for(fleet, tenant, **hyperparameters)
+    spec["adapter"] = {"type": "galore", "galore": {"rank": 4, "update_proj_gap": 2}, "target_modules": GALORE_TARGETS}
+    return spec
+
+
+def weights(directory) -> dict[str, torch.Tensor]:
+    return {name: tensor for path in Path(directory).glob("*.safetensors") for name, tensor in load_file(path).items()}
+
+
+def test_a_galore_job_trains_alone_to_the_end_and_its_published_model_loads(fleet_env):
+    from transformers import AutoModelForCausalLM
+
+    tenant, token = make_tenant(fleet_env)
+    spec = galore_spec_for(fleet_env, tenant, max_steps=6, checkpoint_every=3, learning_rate=1e-3)
+    spec["validation_dataset"] = f"{tenant}/train.jsonl"
+    galore_id = fleet_env.submit(token, spec)
+    lora_id = fleet_env.submit(token, spec_for(fleet_env, tenant, max_steps=6))  # the same base
+    galore = fleet_env.wait_state(token, galore_id, ("succeeded", "failed"), timeout=240)
+    lora = fleet_env.wait_state(token, lora_id, ("succeeded", "failed"), timeout=240)
+    assert (galore["state"], lora["state"]) == ("succeeded", "succeeded"), (galore["error"], lora["error"],
+                                                                            fleet_env.logs())
+    assert galore["progress"] == {"step": 6, "total_steps": 6}
+    assert 0 < galore["metrics"]["eval_loss"] < 20, "the final step reports the validation loss"
+    assert galore["checkpoint_uri"] and (Path(galore["checkpoint_uri"]) / "training_state.pt").is_file()
+    if galore["executor_id"] == lora["executor_id"]:
+        assert (galore["finished_at"] <= lora["started_at"] or lora["finished_at"] <= galore["started_at"]), \
+            "a GaLore job never shares its executor's cohort with another job"
+
+    published = Path(galore["adapter_uri"])
+    assert not (published / "training_state.pt").exists(), "the result is the model, not the training state"
+    model = AutoModelForCausalLM.from_pretrained(published)
+    trained, base = weights(published), weights(fleet_env.models["llama"])
+    assert trained.keys() == base.keys()
+    changed = {name for name in base if not torch.equal(trained[name], base[name])}
+    assert any(".q_proj." in name for name in changed), "the projected targets trained"
+    assert any("embed_tokens" in name for name in changed), "the other parameters trained too (AdamW)"
+    with torch.no_grad():
+        logits = model(torch.tensor([[1, 5, 9, 12]])).logits
+    assert torch.isfinite(logits).all()
