@@ -4,6 +4,7 @@ trained by an executor process to the end with checkpoints and validation, and p
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from helpers_models import single_torch_thread  # noqa: F401
+from helpers_polling import wait_until
+from lorafleet.scheduler import fleet
 from test_fleet_e2e import fleet_env, make_tenant, spec_for  # noqa: F401  (the fleet fixture)
 
 pytestmark = pytest.mark.slow
@@ -58,3 +61,50 @@ def test_a_galore_job_trains_alone_to_the_end_and_its_published_model_loads(flee
     with torch.no_grad():
         logits = model(torch.tensor([[1, 5, 9, 12]])).logits
     assert torch.isfinite(logits).all()
+
+
+def test_a_killed_galore_job_resumes_on_another_executor_with_the_weights_of_an_uninterrupted_run(fleet_env):
+    from lorafleet.executor.galore_cohort import galore_settings
+    from lorafleet.executor.galore_job import GaloreJob
+    from lorafleet.scheduler.spec import parse_spec
+
+    tenant, token = make_tenant(fleet_env)
+    spec = galore_spec_for(fleet_env, tenant, max_steps=60, checkpoint_every=5)
+    job_id = fleet_env.submit(token, spec)
+    victim = fleet_env.wait_state(token, job_id, ("running",))["executor_id"]
+    wait_until(lambda: fleet_env.get(token, job_id)["checkpoint_uri"], "a first checkpoint")
+    fleet_env.processes[victim].send_signal(signal.SIGKILL)
+    fleet_env.processes[victim].wait(10)
+    try:
+        done = fleet_env.wait_state(token, job_id, ("succeeded", "failed"), timeout=240)
+    finally:
+        fleet_env.start_executor(victim)  # back to two executors for the tests after this one
+    assert done["state"] == "succeeded", done["error"]
+    assert done["attempt"] == 2 and done["executor_id"] != victim
+
+    parsed = parse_spec(spec)
+    reference = GaloreJob(fleet_env.models["llama"], galore_settings(parsed), parsed.hyperparameters,
+                          fleet_env.root / "data" / tenant / "train.jsonl")
+    while reference.active:
+        reference.step()
+    want = {name: p.detach() for name, p in reference.model.state_dict().items()}
+    got = weights(done["adapter_uri"])
+    assert got and got.keys() <= want.keys()
+    for name, tensor in got.items():
+        rel = (tensor - want[name]).norm() / want[name].norm().clamp_min(1e-12)
+        assert rel < 1e-5, f"{name}: relative error {rel:.2e}"
+
+
+def test_a_cancelled_galore_job_leaves_its_executor_with_nothing_loaded(fleet_env):
+    tenant, token = make_tenant(fleet_env)
+    job_id = fleet_env.submit(token, galore_spec_for(fleet_env, tenant, max_steps=100_000, checkpoint_every=1000))
+    executor_id = fleet_env.wait_state(token, job_id, ("running",))["executor_id"]
+    wait_until(lambda: fleet_env.get(token, job_id)["progress"]["step"] >= 1, "a first step")
+    assert fleet_env.call("lorafleet.cancel_job", token, job_id)["state"] == "cancelled"
+
+    def executor():
+        return next(e for e in fleet.executors(fleet_env.store.r)[0] if e.executor_id == executor_id)
+
+    wait_until(lambda: executor().jobs == {} and executor().compat_key is None,
+               "the executor to drop the cancelled job and its model", timeout=30)
+    assert fleet_env.get(token, job_id)["progress"]["step"] < 100_000
