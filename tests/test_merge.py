@@ -143,6 +143,8 @@ def test_missing_or_incomplete_inputs_are_refused_in_one_line(llama, llama_adapt
         merge_adapter(partial, llama, tmp_path / "out")
     with pytest.raises(MergeError, match=r"base .*: no config.json there"):
         merge_adapter(llama_adapters["lora"], tmp_path, tmp_path / "out")
+    with pytest.raises(MergeError, match=r"is a whole model \(a GaLore job's result\), not an adapter"):
+        merge_adapter(llama, llama, tmp_path / "out")  # a model directory given as the adapter
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "file").write_text("x")
     with pytest.raises(MergeError, match=r"output .*taken: exists and is not an empty directory"):
