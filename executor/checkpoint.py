@@ -123,14 +123,20 @@ def save_training_state(directory: Path, state: dict) -> None:
     _replace(directory / TRAINING_STATE, lambda path: torch.save({"format": STATE_FORMAT, **state}, path))
 
 
-def load_training_state(directory: Path, spec: JobSpec) -> dict:
-    """Read a job's training state, refusing one saved for a different spec (it would not resume the same run)."""
+def read_training_state(directory) -> tuple[Path, dict]:
+    """The training state saved in `directory` and its path; raises when there is none or its format is another."""
     path = Path(directory) / TRAINING_STATE
     if not path.is_file():
         raise FileNotFoundError(f"cannot resume: no {TRAINING_STATE} in {directory}")
     state = torch.load(path, map_location="cpu", weights_only=True)
     if state.get("format") != STATE_FORMAT:
         raise ValueError(f"cannot resume: {path} has state format {state.get('format')}, expected {STATE_FORMAT}")
+    return path, state
+
+
+def load_training_state(directory: Path, spec: JobSpec) -> dict:
+    """Read a job's training state, refusing one saved for a different spec (it would not resume the same run)."""
+    path, state = read_training_state(directory)
     if _saved_spec(state["spec"]) != spec:
         raise ValueError(f"cannot resume: {path} was saved for a different job spec")
     return state

@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lorafleet.executor.checkpoint import STATE_FORMAT, TRAINING_STATE, save_training_state
+from lorafleet.executor.checkpoint import read_training_state, save_training_state
 from lorafleet.executor.cohort import StepResult, pack, run_length
 from lorafleet.executor.data import IGNORE_INDEX, DataError, Example, JobData
 from lorafleet.executor.galore import GaLoreAdamW, galore_param_groups
@@ -230,12 +230,7 @@ class GaloreJob:
 def load_galore_state(directory, identity: str) -> dict:
     """A GaLore job's training state, refusing one saved for other settings, hyperparameters or dtype (it would not
     resume the same run) or one of a LoRA job."""
-    path = Path(directory) / TRAINING_STATE
-    if not path.is_file():
-        raise FileNotFoundError(f"cannot resume: no {TRAINING_STATE} in {directory}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state.get("format") != STATE_FORMAT:
-        raise ValueError(f"cannot resume: {path} has state format {state.get('format')}, expected {STATE_FORMAT}")
+    path, state = read_training_state(directory)
     if "galore_job" not in state:
         raise ValueError(f"cannot resume: {path} is not a GaLore job's state")
     if state["galore_job"] != identity:
