@@ -267,12 +267,8 @@ def estimate_job_bytes(
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     widths = shape.module_widths()
-    if tuple(target_modules) == (ALL_LINEAR,):
-        target_modules = list(widths)
     adapter_params, out_features = 0, 0
-    for module in target_modules:
-        if module not in widths:
-            raise ValueError(f"cannot size target module {module!r}; the memory model knows {sorted(widths)}")
+    for module in _sized_targets(target_modules, widths, "target module"):
         adapter_params += r * widths[module]
         out_features += widths[module] // 2
     # Two targets naming one parameter (PEFT adapts it once) are not expected: submission names each once.
@@ -368,18 +364,25 @@ _OPTIMIZER_STATE_BYTES = 4
 _GALORE_STEP_TEMPORARIES = 4
 
 
+def _sized_targets(target_modules: Sequence[str], known: Mapping, what: str) -> list[str]:
+    """The module names `target_modules` means (PEFT's `all-linear`: every one the model knows); raises ValueError for
+    one the memory model cannot size."""
+    if tuple(target_modules) == (ALL_LINEAR,):
+        return list(known)
+    for module in target_modules:
+        if module not in known:
+            raise ValueError(f"cannot size {what} {module!r}; the memory model knows {sorted(known)}")
+    return list(target_modules)
+
+
 def galore_optimizer_bytes(shape: ModelShape, rank: int, proj_type: str, target_modules: Sequence[str]) -> int:
     """The optimizer state of a GaLore job on `shape`: for each weight of the target modules (in every layer), fp32
     moments of its projected gradient and its projections (`galore_state_elements`); AdamW's two fp32 moments for
     every other parameter (embeddings, head, norms), as GaLore trains them."""
     _check_galore_shape(shape)
     dims = shape.projection_dims()
-    if tuple(target_modules) == (ALL_LINEAR,):
-        target_modules = list(dims)
     projected_params, elements = 0, 0
-    for module in target_modules:
-        if module not in dims:
-            raise ValueError(f"cannot size GaLore target module {module!r}; the memory model knows {sorted(dims)}")
+    for module in _sized_targets(target_modules, dims, "GaLore target module"):
         d_in, d_out = dims[module]
         moment, projection = galore_state_elements(d_out, d_in, rank, proj_type)  # a Linear's weight: [out, in]
         elements += shape.num_layers * (2 * moment + projection)
