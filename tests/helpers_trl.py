@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -53,3 +54,20 @@ def trl_run(trainer_class, config_class, model_dir, spec, dataset, initial, outp
     state = model.state_dict()
     final = {name: tuple(state[f"base_model.model.{name}.lora_{f}.default.weight"] for f in "AB") for name in initial}
     return losses, logged, final, run.train_dataset
+
+
+def assert_rewards_match(history, logged) -> None:
+    """Each step's rewards (a StepResult's `rewards`) are the ones TRL logged for that step."""
+    for result, entry in zip(history, logged):
+        assert result.rewards.chosen == pytest.approx(entry["rewards/chosen"], rel=1e-4, abs=1e-6)
+        assert result.rewards.rejected == pytest.approx(entry["rewards/rejected"], rel=1e-4, abs=1e-6)
+        assert result.rewards.margin == pytest.approx(entry["rewards/margins"], rel=1e-4, abs=1e-6)
+        assert result.rewards.accuracy == pytest.approx(entry["rewards/accuracies"])
+
+
+def assert_weights_match(got, want, rel: float = 1e-4) -> None:
+    """Every LoRA factor (layer -> (A, B)) within `rel` of TRL's, relative to its norm."""
+    for name in want:
+        for g, w in zip(got[name], want[name]):
+            err = (g - w).norm() / w.norm()
+            assert err <= rel, f"{name}: relative error {err:.2e}"

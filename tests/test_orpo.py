@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers_models import llama, single_torch_thread, write_jsonl  # noqa: F401 (fixtures)
-from helpers_trl import trl_run
+from helpers_trl import assert_rewards_match, assert_weights_match, trl_run
 from test_dpo import PAIRS, data, make_spec, train, weights  # noqa: F401 (data: a fixture)
 from test_simpo import targets_of
 
@@ -39,17 +39,9 @@ def test_orpo_matches_trl_orpo_trainer(llama, data, tmp_path):
         assert example.num_targets == targets_of(row["chosen_labels"]) + targets_of(row["rejected_labels"])
     assert [r.loss for r in history] == pytest.approx(want_losses, rel=1e-5)
     assert history[-1].loss < history[0].loss - 0.05
-    for result, entry in zip(history, logged):
-        assert result.rewards.chosen == pytest.approx(entry["rewards/chosen"], rel=1e-4, abs=1e-6)
-        assert result.rewards.rejected == pytest.approx(entry["rewards/rejected"], rel=1e-4, abs=1e-6)
-        assert result.rewards.margin == pytest.approx(entry["rewards/margins"], rel=1e-4, abs=1e-6)
-        assert result.rewards.accuracy == pytest.approx(entry["rewards/accuracies"])
+    assert_rewards_match(history, logged)
     assert len(logged) == 3
-    got = weights(cohort, "orpo")
-    for name in want:
-        for g, w in zip(got[name], want[name]):
-            err = (g - w).norm() / w.norm()
-            assert err <= 1e-4, f"{name}: relative error {err:.2e}"
+    assert_weights_match(weights(cohort, "orpo"), want)
 
 
 def test_orpo_learns_its_chosen_prompts_but_its_odds_cover_only_the_answers(llama, data):

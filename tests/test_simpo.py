@@ -11,7 +11,7 @@ from typing import get_args
 import pytest
 import torch
 from helpers_models import llama, single_torch_thread  # noqa: F401 (fixtures)
-from helpers_trl import trl_run
+from helpers_trl import assert_rewards_match, assert_weights_match, trl_run
 from test_dpo import PAIRS, data, make_spec, train, weights  # noqa: F401 (data: a fixture)
 
 from lorafleet.executor.cohort import Cohort
@@ -56,17 +56,9 @@ def test_simpo_matches_trl_cpo_trainer_with_loss_type_simpo(llama, data, tmp_pat
     assert history[0].loss != pytest.approx(math.log1p(math.exp(0.3)))
     assert [r.loss for r in history] == pytest.approx(want_losses, rel=1e-5)
     assert history[-1].loss < history[0].loss - 0.05
-    for result, entry in zip(history, logged):
-        assert result.rewards.chosen == pytest.approx(entry["rewards/chosen"], rel=1e-4, abs=1e-6)
-        assert result.rewards.rejected == pytest.approx(entry["rewards/rejected"], rel=1e-4, abs=1e-6)
-        assert result.rewards.margin == pytest.approx(entry["rewards/margins"], rel=1e-4, abs=1e-6)
-        assert result.rewards.accuracy == pytest.approx(entry["rewards/accuracies"])
+    assert_rewards_match(history, logged)
     assert len(logged) == 3
-    got = weights(cohort, "simpo")
-    for name in want:
-        for g, w in zip(got[name], want[name]):
-            err = (g - w).norm() / w.norm()
-            assert err <= 1e-4, f"{name}: relative error {err:.2e}"
+    assert_weights_match(weights(cohort, "simpo"), want)
 
 
 def run_simpo(model_dir, data, with_others: bool, max_pass_tokens=None):
