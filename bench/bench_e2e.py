@@ -624,6 +624,9 @@ def main() -> None:
     parser.add_argument("--cuda-graphs", choices=("on", "off", "both"), default="on",
                         help="the cohort's CUDA-graphed steps (executor/step_graph.py); both: every cohort row and "
                         "--profile-step eagerly first, then graphed (the eager rows go to eager_cohorts)")
+    parser.add_argument("--attention", choices=("auto", "varlen"), default="auto",
+                        help="the cohort's attention: auto (cuDNN's dense kernel for rows of equal-length sequences, "
+                             "the varlen flash kernel otherwise) or varlen for every row (executor/attention.py)")
     parser.add_argument("--workdir", default="/tmp/lorafleet-e2e")
     parser.add_argument("--out", default=".")
     args = parser.parse_args()
@@ -650,6 +653,9 @@ def main() -> None:
     started = time.perf_counter()
     name = args.shape if args.quantization == "none" else f"{args.shape}_{args.quantization}"
     name += f"_dropout{args.lora_dropout}" if args.lora_dropout else ""
+    name += "_varlen" if args.attention == "varlen" else ""
+    from lorafleet.executor import attention
+    attention.DENSE_WHEN_UNIFORM = args.attention == "auto"
 
     def log(message):
         print(f"[{time.perf_counter() - started:7.1f}s] {message}", flush=True)
@@ -658,6 +664,7 @@ def main() -> None:
         "shape": args.shape,
         "quantization": args.quantization,
         "lora_dropout": args.lora_dropout,
+        "attention": args.attention,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

@@ -48,3 +48,32 @@ def test_a_graphed_step_trains_as_the_eager_step_within_bf16_noise(llama, tmp_pa
         got, want = updates[job_id], eager_updates[job_id]
         assert (got - want).norm() <= 0.05 * want.norm()
     assert losses["a"][-1] < losses["a"][0]  # it trains
+
+
+def test_rows_of_equal_length_train_on_the_dense_attention_graphed_as_on_varlen_eagerly(llama, tmp_path, monkeypatch):
+    """Sequences all cut to max_seq_len make every row a dense batch (cuDNN attention, executor/attention.py); the
+    graphed steps on it train as the eager varlen steps do."""
+    from lorafleet.executor import attention
+
+    words = ["alpha", "beta", "gamma", "delta", "omega", "sigma"]
+    rows = [{"text": " ".join(words[(i + j) % len(words)] for j in range(200))} for i in range(8)]
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
+    dense_calls = []
+    original = attention.dense_causal_attention
+    monkeypatch.setattr(attention, "dense_causal_attention", lambda *args: dense_calls.append(1) or original(*args))
+
+    def run(dense: bool, graphs: bool):
+        monkeypatch.setattr(attention, "DENSE_WHEN_UNIFORM", dense)
+        cohort = Cohort(llama, device="cuda", cuda_graphs=graphs)
+        cohort.add_job("a", spec(llama, {"r": 8}, max_seq_len=64), data)
+        start = torch.cat([p.detach().flatten().clone() for p in cohort.jobs["a"].adapter.parameters()])
+        losses = [cohort.step()["a"].loss for _ in range(6)]
+        end = torch.cat([p.detach().flatten() for p in cohort.jobs["a"].adapter.parameters()])
+        return cohort.graphs.replays, losses, end - start
+
+    _, varlen_losses, varlen_update = run(dense=False, graphs=False)
+    assert not dense_calls
+    replays, losses, update = run(dense=True, graphs=True)
+    assert dense_calls and replays == 5
+    assert losses == pytest.approx(varlen_losses, rel=1e-2)
+    assert (update - varlen_update).norm() <= 0.05 * varlen_update.norm()

@@ -171,3 +171,54 @@ def test_varlen_flash_attention_matches_per_sequence_reference(heads, kv_heads):
     for name, got, want in zip(("out", "dq", "dk", "dv"), *grads):
         error = ((got - want).norm() / want.norm()).item()
         assert error < 2e-2, f"{name}: relative error {error:.3g}"
+
+
+@pytest.mark.parametrize("lengths,bound,dense", [
+    ([512, 512, 512], 512, 512),      # equal lengths: a dense batch
+    ([512, 512, 512], 1024, None),    # a looser bound (a graph's bucket) cannot prove it
+    ([500, 512, 524], 524, None),     # same count and total, unequal lengths
+    ([512, 500, 12], 512, None),      # a graph's padding sequence
+    ([7], 7, 7),
+])
+def test_a_row_is_dense_only_when_its_counts_prove_every_length_equal(lengths, bound, dense):
+    from lorafleet.executor.attention import dense_length
+
+    assert dense_length(sum(lengths), len(lengths), bound) == dense
+    if dense is not None:
+        assert set(lengths) == {dense}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("heads,kv_heads,dim", [(32, 8, 128), (32, 8, 64), (8, 8, 128)])
+def test_dense_attention_of_equal_length_rows_matches_the_per_sequence_reference(monkeypatch, heads, kv_heads, dim):
+    """The cuDNN path for rows of equal-length sequences: as close to the fp32 loop as the varlen kernel is, and
+    really taken (a call that fell back to varlen would pass the closeness check for the wrong reason)."""
+    from lorafleet.executor import attention
+
+    lengths = [512] * 6
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    shapes = {"q": heads, "k": kv_heads, "v": kv_heads}
+    query, key, value = (torch.randn(1, h, sum(lengths), dim, device="cuda", dtype=torch.bfloat16,
+                                     generator=generator) for h in shapes.values())
+    kwargs = packing_kwargs(lengths, "cuda")
+    dense_calls = []
+    original = attention.dense_causal_attention
+    monkeypatch.setattr(attention, "dense_causal_attention",
+                        lambda *args: dense_calls.append(1) or original(*args))
+    results = {}
+    for mode in ("dense", "varlen", "reference"):
+        monkeypatch.setattr(attention, "DENSE_WHEN_UNIFORM", mode == "dense")
+        q, k, v = (t.clone().requires_grad_() for t in (query, key, value))
+        inputs = (q, k, v) if mode != "reference" else (q.float(), k.float(), v.float())
+        out, _ = packed_attention(None, *inputs, None, scaling=dim**-0.5, **kwargs)
+        out.float().square().sum().backward()
+        results[mode] = (out.float(), q.grad.float(), k.grad.float(), v.grad.float())
+        if mode == "dense":
+            assert dense_calls, "the equal-length row did not take the dense path"
+            assert original(q.detach()[0].transpose(0, 1), k.detach()[0].transpose(0, 1),
+                            v.detach()[0].transpose(0, 1), 512, dim**-0.5) is not None, "cuDNN refused the call"
+    for index, name in enumerate(("out", "dq", "dk", "dv")):
+        want = results["reference"][index]
+        errors = {mode: ((results[mode][index] - want).norm() / want.norm()).item() for mode in ("dense", "varlen")}
+        assert errors["dense"] < max(2 * errors["varlen"], 1e-2), f"{name}: relative errors {errors}"
