@@ -227,3 +227,29 @@ def test_a_galore_job_on_a_moe_base_is_refused_by_name():
                      vocab_size=96, num_experts=4, expert_intermediate_size=32, family="qwen2_moe")
     with pytest.raises(ValueError, match="qwen2_moe has experts"):
         galore_optimizer_bytes(moe, 8, "std", ["all-linear"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("shape,side", [((96, 160), "left"), ((160, 96), "right"), ((96, 160), "both")])
+def test_the_gpu_projections_span_the_svd_subspace(shape, side):
+    """On a GPU the projections come from the Gram matrix's eigenvectors: the same subspace as the SVD's (a
+    gradient with a clear gap after the rank-th singular value), orthonormal, in the SVD's shapes."""
+    from lorafleet.executor.galore import top_singular_vectors
+
+    rank = 12
+    generator = torch.Generator().manual_seed(0)
+    left = torch.linalg.qr(torch.randn(shape[0], shape[0], generator=generator))[0]
+    right = torch.linalg.qr(torch.randn(shape[1], shape[1], generator=generator))[0]
+    values = torch.cat([torch.linspace(10, 5, rank), torch.linspace(1, 0.01, min(shape) - rank)])
+    grad = left[:, :min(shape)] @ torch.diag(values) @ right[:min(shape)]
+    want = top_singular_vectors(grad, rank, side)
+    got = top_singular_vectors(grad.cuda(), rank, side)
+    assert set(got) == set(want)
+    for name, expected in want.items():
+        columns = got[name].cpu() if name == "projection_left" else got[name].cpu().T
+        reference = expected if name == "projection_left" else expected.T
+        assert columns.shape == reference.shape
+        assert torch.allclose(columns.T @ columns, torch.eye(rank), atol=1e-5)
+        cosines = torch.linalg.svdvals(reference.T @ columns)  # of the principal angles between the subspaces
+        assert cosines.min() > 1 - 1e-5
