@@ -1,0 +1,204 @@
+"""The executor's side of generation through the service: between training steps (and while idle) it answers the
+waiting requests for the base it has loaded (`scheduler/generation.py`), many adapters in one batch
+(`executor/generate.py`'s `Generator` on the cohort's own model, so serving costs no second copy of the base).
+
+Each gap takes a bounded amount of work (`ServingBudget`): `Generator.generate` runs until the batch's longest
+request is done, so the budget bounds how long training waits. Between steps: at most 16 requests whose max_tokens
+add up to 2048; a batch then costs about max(max_tokens) decode steps of at most 16 rows (a 256-token chat answer on
+an 8B base: a few seconds), and requests are taken oldest first, so none starves behind training. Idle (no job
+training): 64 requests and 16384 tokens a batch.
+
+Adapters are fetched from the artifact store (`ArtifactStore.fetch`: a local path as it is, a remote one copied under
+the executor's scratch directory) and kept loaded, the least recently used unloaded past `MAX_LOADED_ADAPTERS`.
+
+A bad request fails alone, with the reason in its result: an adapter that does not load, a prompt that with its
+max_tokens does not fit the base's context, a chat the template rejects; a batch that fails as a whole is run again
+one request at a time so that only the requests at fault fail.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections import OrderedDict
+from pathlib import Path
+from typing import Optional
+
+from lorafleet.scheduler.artifacts import ArtifactStore
+from lorafleet.scheduler.formats import FALLBACK_CHAT_HEADERS
+from lorafleet.scheduler.generation import (
+    GenerationRequest, GenerationResult, Generations, ServedBase, ServingBudget,
+)
+
+log = logging.getLogger("lorafleet.executor.serving")
+
+BETWEEN_STEPS = ServingBudget(max_requests=16, max_tokens=2048)
+IDLE = ServingBudget(max_requests=64, max_tokens=16384)
+MAX_LOADED_ADAPTERS = 64
+
+
+class RequestError(ValueError):
+    """A request that cannot be served; the message is its result's error."""
+
+
+def context_length(config) -> Optional[int]:
+    """The longest sequence the base takes (Llama's and most families' name, GPT-2's), None when it does not say."""
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+def eos_token_ids(tokenizer, model) -> tuple[int, ...]:
+    """The tokens that end a completion: the tokenizer's EOS and the model's generation config's (Llama 3 has two)."""
+    found = [tokenizer.eos_token_id]
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    found += configured if isinstance(configured, (list, tuple)) else [configured]
+    return tuple(dict.fromkeys(token for token in found if token is not None))
+
+
+def prompt_ids(tokenizer, request: GenerationRequest) -> list[int]:
+    """A completion's prompt as the tokenizer reads text (its BOS added as it adds it); a chat as the training formats
+    render one (`scheduler/formats.py`): the chat template with the generation prompt, else the plain fallback."""
+    if request.prompt is not None:
+        return tokenizer(request.prompt)["input_ids"]
+    messages = [message.model_dump() for message in request.messages]
+    if getattr(tokenizer, "chat_template", None):
+        try:
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as exc:  # jinja templates raise whatever their authors chose
+            raise RequestError(f"messages: the base's chat template rejects this conversation: {exc}") from None
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    text = "".join(FALLBACK_CHAT_HEADERS[m["role"]] + m["content"] + "\n\n" for m in messages)
+    return tokenizer(text + FALLBACK_CHAT_HEADERS["assistant"])["input_ids"]
+
+
+def cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
+    """The text before the first stop string it contains, and whether one was found."""
+    cuts = [found for stop in stops if (found := text.find(stop)) >= 0]
+    return (text[:min(cuts)], True) if cuts else (text, False)
+
+
+class GenerationServer:
+    """Answers generation requests on one executor; `serve` is called by its loop (`Executor.serve_generation`)."""
+
+    def __init__(self, generations: Generations, executor_id: str, artifacts: ArtifactStore, scratch: Path):
+        self.generations, self.executor_id, self.artifacts = generations, executor_id, artifacts
+        self.scratch = scratch / "adapters"
+        self.cohort = None  # the cohort the generator runs on: a new one (another base) starts afresh
+        self.generator = None
+        self.adapters: OrderedDict[str, Path] = OrderedDict()  # adapter URI -> its local directory, LRU last
+
+    def base_to_load(self, loaded: Optional[str]) -> Optional[ServedBase]:
+        """For an executor without jobs: the base of the longest-waiting requests that no executor serves, claimed
+        for this one (None: nothing to load; a base this executor has loaded already is served as it is)."""
+        for base in self.generations.bases_unserved():
+            if base.compat_key == loaded:
+                return None
+            if self.generations.claim_base(base.compat_key, self.executor_id):
+                return base
+        return None
+
+    def fail_base(self, base: ServedBase, error: str) -> None:
+        """Answer a batch of the base's waiting requests with why it cannot be served here."""
+        for request in self.generations.take_requests(base.compat_key, IDLE):
+            self.generations.answer(self._failed(request, error))
+
+    def serve(self, cohort, compat_key: str, training: bool) -> int:
+        """Answer the waiting requests for the loaded base, at most one budget's worth; how many were answered."""
+        self.generations.mark_serving(compat_key, self.executor_id)
+        requests = self.generations.take_requests(compat_key, BETWEEN_STEPS if training else IDLE)
+        if not requests:
+            return 0
+        try:
+            results = self._answers(cohort, requests)
+        except Exception as exc:  # a fault of this executor's, not of one request: they all learn it, training goes on
+            log.exception("generation failed on this executor")
+            results = {request.request_id: self._failed(request, f"generation failed on executor "
+                                                                  f"{self.executor_id}: {exc}") for request in requests}
+        for request in requests:
+            self.generations.answer(results[request.request_id])
+        return len(requests)
+
+    def _answers(self, cohort, requests: list[GenerationRequest]) -> dict[str, GenerationResult]:
+        generator = self._generator_for(cohort)
+        ready, results = [], {}
+        for request in requests:
+            try:
+                ready.append(self._prepare(generator, cohort, request))
+            except RequestError as exc:
+                results[request.request_id] = self._failed(request, str(exc))
+        results.update(self._generate(generator, cohort.tokenizer, ready))
+        self._unload_least_used(generator)
+        return results
+
+    def _generator_for(self, cohort):
+        from lorafleet.executor.generate import Generator  # the engine (executor/generate.py), loaded once used
+
+        if cohort is not self.cohort:
+            self.cohort, self.adapters = cohort, OrderedDict()
+            self.generator = Generator(cohort.model, cohort.routing,
+                                       eos_token_ids=eos_token_ids(cohort.tokenizer, cohort.model))
+        return self.generator
+
+    def _prepare(self, generator, cohort, request: GenerationRequest):
+        """The engine's request: the prompt's tokens, checked against the base's context, and its adapter loaded."""
+        from lorafleet.executor.generate import GenerationRequest as EngineRequest, Sampling
+
+        ids = prompt_ids(cohort.tokenizer, request)
+        sampling = request.sampling
+        limit = context_length(cohort.model.config)
+        if limit is not None and len(ids) + sampling.max_tokens > limit:
+            raise RequestError(f"the prompt is {len(ids)} tokens; with max_tokens {sampling.max_tokens} that is more "
+                               f"than the base's context of {limit} tokens")
+        adapter = self._adapter(generator, request.target.adapter_uri) if request.target.adapter_uri else None
+        return (request, EngineRequest(request.request_id, tuple(ids), adapter, Sampling(
+            max_tokens=sampling.max_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
+            seed=sampling.seed)))
+
+    def _adapter(self, generator, uri: str) -> str:
+        """The adapter's key in the generator (its URI), fetched and loaded on first use."""
+        if uri in self.adapters:
+            self.adapters.move_to_end(uri)
+            return uri
+        try:
+            local = self.artifacts.fetch(uri, self.scratch)
+            generator.load_adapter(uri, local)
+        except Exception as exc:  # missing files, another base's shapes, an adapter kind the engine lacks
+            log.warning("adapter %s does not load: %s", uri, exc)
+            raise RequestError(f"the model's adapter could not be loaded: {exc}") from None
+        self.adapters[uri] = local
+        return uri
+
+    def _unload_least_used(self, generator) -> None:
+        while len(self.adapters) > MAX_LOADED_ADAPTERS:
+            uri, local = self.adapters.popitem(last=False)
+            generator.unload_adapter(uri)
+            if self.scratch in local.parents:  # a copy of a remote artifact: ours to remove
+                shutil.rmtree(local, ignore_errors=True)
+
+    def _generate(self, generator, tokenizer, ready: list) -> dict[str, GenerationResult]:
+        """Results of the prepared requests, in one batch; if the batch fails, one request at a time, so that a
+        request the engine refuses fails alone."""
+        if not ready:
+            return {}
+        try:
+            completions = generator.generate([engine for _, engine in ready])
+        except Exception as exc:
+            if len(ready) == 1:
+                log.warning("generation failed for %s: %s", ready[0][0].request_id, exc)
+                return {ready[0][0].request_id: self._failed(ready[0][0], f"generation failed: {exc}")}
+            results = {}
+            for one in ready:
+                results.update(self._generate(generator, tokenizer, [one]))
+            return results
+        by_id = {completion.request_id: completion for completion in completions}
+        return {request.request_id: self._result(tokenizer, request, by_id[request.request_id]) for request, _ in ready}
+
+    def _result(self, tokenizer, request: GenerationRequest, completion) -> GenerationResult:
+        text = tokenizer.decode(list(completion.token_ids), skip_special_tokens=True)
+        text, stopped = cut_at_stop(text, request.sampling.stop)
+        return GenerationResult(
+            request_id=request.request_id, text=text, prompt_tokens=completion.prompt_tokens,
+            completion_tokens=len(completion.token_ids), finish_reason="stop" if stopped else completion.finish_reason,
+            executor_id=self.executor_id)
+
+    def _failed(self, request: GenerationRequest, error: str) -> GenerationResult:
+        return GenerationResult(request_id=request.request_id, error=error, executor_id=self.executor_id)

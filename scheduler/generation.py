@@ -1,0 +1,361 @@
+"""Text generation through the service: a tenant's request for a completion by one of its trained adapters (or a bare
+base), queued in Redis for an executor that has the base loaded, answered through a result key.
+
+    generations = Generations(store, config.hf_hub_cache(), config.model_roots())
+    request = generations.submit(tenant, "ft:tiny:acme:bot:job-0123456789abcdef", prompt="Hi", sampling=Sampling())
+    result = generations.wait_result(request)        # GenerationTimeout when no executor answered in time
+
+Model names (`resolve_model`): a SUCCEEDED job's `fine_tuned_model` (`ft:<base>:<tenant>:<name>:<job id>`, the
+adapter it published), that name with `:ckpt-step-N` (one of the checkpoints the job still keeps, whatever its
+state), or a base model as a job spec names it (a model id in the local cache or a directory under the model roots:
+the same bases a tenant may train on). Another tenant's job answers exactly as a name that does not exist. A GaLore
+job published a full model, which is not served yet (refused, naming why).
+
+The executor side (`executor/serving.py`) takes the requests of the base it has loaded between training steps
+(`take_requests`, bounded by a `ServingBudget`) and answers each (`answer`). An executor without jobs may load the base
+of requests that no executor serves (`bases_unserved`, `claim_base`). Keys: `keys.generation_*`.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from pathlib import Path, PurePosixPath
+from typing import Literal, Optional, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from lorafleet.scheduler import keys
+from lorafleet.scheduler.records import JobRecord, JobState
+from lorafleet.scheduler.results import checkpoint_step
+from lorafleet.scheduler.spec import SpecError
+from lorafleet.scheduler.store import JobStore
+from lorafleet.scheduler.submission import resolve_base_model
+
+MAX_PROMPT_CHARS = 100_000  # a prompt, or all of a conversation's contents together
+MAX_MESSAGES = 256
+MAX_COMPLETION_TOKENS = 2048  # one request's max_tokens: an executor answers between training steps
+MAX_STOP_STRINGS = 4  # OpenAI's limit
+MAX_STOP_CHARS = 256
+MAX_TIMEOUT_SECONDS = 600.0
+RESULT_TTL_SECONDS = 120  # an answer nobody collected is dropped after this
+SERVER_TTL_SECONDS = 10  # an executor serving a base says so again at least this often (`mark_serving`)
+REQUEST_ID_RE = re.compile(r"^gen-[0-9a-f]{24}$")
+_FINE_TUNED_RE = re.compile(r"^ft:.+:(?P<job_id>job-[0-9a-f]{16})(?::ckpt-step-(?P<step>\d{1,9}))?$")
+
+
+class GenerationTimeout(TimeoutError):
+    """No executor answered within the request's time."""
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ChatMessage(_Record):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class Sampling(_Record):
+    """How to draw the completion: greedy when temperature is 0."""
+
+    max_tokens: int = Field(16, ge=1, le=MAX_COMPLETION_TOKENS)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: Optional[int] = Field(None, ge=0, lt=2**63)
+    stop: tuple[str, ...] = Field((), max_length=MAX_STOP_STRINGS,
+                                  description="the text is cut before the first of these it contains")
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings(cls, stop: tuple[str, ...]) -> tuple[str, ...]:
+        if not all(1 <= len(text) <= MAX_STOP_CHARS for text in stop):
+            raise ValueError(f"each stop string must have 1 to {MAX_STOP_CHARS} characters")
+        return stop
+
+
+class ServedBase(_Record):
+    """A frozen base as an executor loads it: what a request needs of the cohort that answers it."""
+
+    compat_key: str  # `plan.compat_key` of the jobs trained on it: snapshot | quantization | dtype
+    base_snapshot: str  # the resolved directory
+    quantization: str = "none"
+    dtype: str = "auto"
+    base_name: str  # as the tenant named it (a job spec's base_model, or the model asked for): what errors show
+
+
+class ModelTarget(_Record):
+    """What a model name resolves to: a base, and an adapter on it (None: the bare base)."""
+
+    model: str
+    base: ServedBase
+    job_id: Optional[str] = None
+    adapter_uri: Optional[str] = None  # a PEFT adapter directory: the published adapter or a kept checkpoint
+
+
+class GenerationRequest(_Record):
+    """One request as queued (`keys.generation_queue`): exactly one of `prompt` and `messages`."""
+
+    request_id: str
+    tenant: str
+    target: ModelTarget
+    prompt: Optional[str] = None
+    messages: Optional[tuple[ChatMessage, ...]] = None
+    sampling: Sampling = Sampling()
+    submitted_at: float
+    deadline: float  # unix s: an executor that takes it later drops it (its caller stopped waiting)
+
+    @model_validator(mode="after")
+    def _one_input(self) -> "GenerationRequest":
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give either prompt or messages")
+        return self
+
+
+class GenerationResult(_Record):
+    """An answer (`keys.generation_result`): the text, or the error that failed this request alone."""
+
+    request_id: str
+    text: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0  # tokens generated (a stop string may cut the text shorter)
+    finish_reason: Optional[Literal["stop", "length"]] = None  # None with an error
+    error: Optional[str] = None
+    executor_id: str = ""
+
+    def usage(self) -> dict[str, int]:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+    def view(self, model: str) -> dict:
+        """The plain JSON the Celery task `lorafleet.generate` returns."""
+        return {"id": self.request_id, "model": model, "text": self.text, "finish_reason": self.finish_reason,
+                "usage": self.usage()}
+
+
+class ServingBudget(_Record):
+    """At most this much work taken at once: `max_requests` requests whose max_tokens add up to at most
+    `max_tokens` (always at least one request, whatever its max_tokens)."""
+
+    max_requests: int = Field(ge=1)
+    max_tokens: int = Field(ge=1)
+
+
+def fine_tuned_model_name(record: JobRecord) -> str:
+    """`ft:<base name>:<tenant>:<adapter name>:<job id>`, OpenAI's pattern with the tenant as the organisation."""
+    base_name = PurePosixPath(record.spec.base_model.rstrip("/")).name or record.spec.base_model
+    return f"ft:{base_name}:{record.tenant}:{record.spec.name}:{record.job_id}"
+
+
+def checkpoint_model_name(record: JobRecord, step: int) -> str:
+    """The name of the job's checkpoint at `step` (OpenAI's `fine_tuned_model_checkpoint`)."""
+    return f"{fine_tuned_model_name(record)}:ckpt-step-{step}"
+
+
+def parse_sampling(raw: object) -> Sampling:
+    """Sampling options from a caller's JSON object; ValueError naming the field (`max_tokens: ...`)."""
+    if not isinstance(raw, dict):
+        raise ValueError("sampling: an object of max_tokens, temperature, top_p, seed, stop")
+    try:
+        return Sampling.model_validate(raw)
+    except ValueError as exc:
+        raise ValueError(_first_error(exc)) from None
+
+
+def compat_key(base_snapshot: str, quantization: str, dtype: str) -> str:
+    """The cohort key of a base as loaded (`submission.plan_for` keys jobs the same way)."""
+    return "|".join((base_snapshot, quantization, dtype))
+
+
+def not_found(model: str) -> LookupError:
+    """The one answer for a name that does not exist and for another tenant's."""
+    return LookupError(f"model: the model {model!r} does not exist or you do not have access to it")
+
+
+def new_request_id() -> str:
+    return "gen-" + secrets.token_hex(12)
+
+
+# KEYS: the base's queue. ARGV: max requests, max tokens, now. Pops from the head while the budget allows (always at
+# least one), dropping requests whose deadline passed; returns the taken requests' JSON, oldest first.
+_TAKE = """
+local limit, budget, now = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local taken, tokens, popped = {}, 0, 0
+while #taken < limit and popped < 10 * limit do
+  local head = redis.call('LINDEX', KEYS[1], 0)
+  if not head then break end
+  local request = cjson.decode(head)
+  local cost = tonumber(request['sampling']['max_tokens'])
+  if #taken > 0 and tokens + cost > budget then break end
+  redis.call('LPOP', KEYS[1])
+  popped = popped + 1
+  if tonumber(request['deadline']) > now then
+    taken[#taken + 1] = head
+    tokens = tokens + cost
+  end
+end
+return taken
+"""
+
+
+class Generations:
+    """Generation requests and answers in Redis (any role's store: gateway, worker, executor)."""
+
+    def __init__(self, store: JobStore, hub_cache: Path, model_roots: Sequence[Path] = ()):
+        self.store, self.r = store, store.r
+        self.hub_cache, self.model_roots = Path(hub_cache), list(model_roots)
+        self._take = self.r.register_script(_TAKE)
+
+    # ---- the caller's side ----
+
+    def resolve_model(self, tenant: str, model: str) -> ModelTarget:
+        """What `model` names for `tenant`; LookupError (the same for another tenant's job) or ValueError."""
+        if not isinstance(model, str) or not model:
+            raise ValueError("model: give a model name: a fine-tuned model, a checkpoint or a base")
+        found = _FINE_TUNED_RE.fullmatch(model)
+        if model.startswith("ft:"):
+            if found is None:
+                raise not_found(model)
+            return self._adapter_target(tenant, model, found.group("job_id"), found.group("step"))
+        try:
+            snapshot = str(resolve_base_model(model, self.hub_cache, None, self.model_roots).resolve())
+        except SpecError:
+            raise not_found(model) from None
+        return ModelTarget(model=model, base=ServedBase(compat_key=compat_key(snapshot, "none", "auto"),
+                                                        base_snapshot=snapshot, base_name=model))
+
+    def _adapter_target(self, tenant: str, model: str, job_id: str, step: Optional[str]) -> ModelTarget:
+        record = self.store.job(job_id)
+        if record is None or record.tenant != tenant:
+            raise not_found(model)
+        expected = fine_tuned_model_name(record) if step is None else checkpoint_model_name(record, int(step))
+        if model != expected:
+            raise not_found(model)
+        if record.spec.adapter.type == "galore":
+            raise ValueError(f"model: {model!r} is a GaLore job's result, a whole model rather than an adapter; "
+                             "generation does not serve whole models yet (download it and serve it elsewhere)")
+        if step is None:
+            if record.state != JobState.SUCCEEDED or not record.adapter_uri:
+                raise LookupError(f"model: {model!r} is not ready: job {job_id} is {record.state.value}; its "
+                                  "fine-tuned model can be used once the job succeeded (or name one of its "
+                                  "checkpoints, '<model>:ckpt-step-N')")
+            adapter_uri = record.adapter_uri
+        else:
+            kept = {checkpoint_step(uri): uri for uri in record.checkpoints}
+            if int(step) not in kept:
+                steps = ", ".join(str(s) for s in sorted(kept)) or "none"
+                raise LookupError(f"model: job {job_id} keeps no checkpoint at step {int(step)} (kept: {steps})")
+            adapter_uri = kept[int(step)]
+        plan = record.plan
+        if plan is None:  # only a job not sized yet has none, and such a job has neither adapter nor checkpoint
+            raise LookupError(f"model: {model!r} is not ready: job {job_id} has not been sized yet")
+        spec = record.spec
+        base = ServedBase(compat_key=plan.compat_key, base_snapshot=plan.base_snapshot,
+                          quantization=spec.quantization, dtype=spec.dtype, base_name=spec.base_model)
+        return ModelTarget(model=model, base=base, job_id=job_id, adapter_uri=adapter_uri)
+
+    def submit(self, tenant: str, model: str, *, prompt: Optional[str] = None,
+               messages: Optional[Sequence[dict | ChatMessage]] = None, sampling: Sampling = Sampling(),
+               timeout: float = 60.0) -> GenerationRequest:
+        """Resolve `model`, check the request and queue it for the base's executors; the caller then waits with
+        `wait_result`. ValueError names the field at fault; LookupError: no such model of the tenant's."""
+        if not 0 < timeout <= MAX_TIMEOUT_SECONDS:
+            raise ValueError(f"timeout: must be more than 0 and at most {MAX_TIMEOUT_SECONDS:g} seconds")
+        _check_input(prompt, messages)
+        target = self.resolve_model(tenant, model)
+        now = time.time()
+        request = GenerationRequest(
+            request_id=new_request_id(), tenant=tenant, target=target, prompt=prompt,
+            messages=None if messages is None else tuple(ChatMessage.model_validate(m) for m in messages),
+            sampling=sampling, submitted_at=now, deadline=now + timeout)
+        queue = keys.generation_queue(target.base.compat_key)
+        pipe = self.r.pipeline(transaction=True)
+        pipe.rpush(queue, request.model_dump_json())
+        pipe.expire(queue, int(timeout) + 60)  # a queue nobody serves goes away after its last caller gave up
+        pipe.hset(keys.GENERATION_BASES, target.base.compat_key, target.base.model_dump_json())
+        pipe.execute()
+        return request
+
+    def wait_result(self, request: GenerationRequest, timeout: Optional[float] = None) -> GenerationResult:
+        """Block until the request is answered, at most until its deadline (or `timeout` seconds)."""
+        left = request.deadline - time.time() if timeout is None else timeout
+        reply = self.r.blpop([keys.generation_result(request.request_id)], timeout=max(0.01, left)) if left > 0 else None
+        if reply is None:
+            waited = request.deadline - request.submitted_at if timeout is None else timeout
+            raise GenerationTimeout(f"no executor serving base {request.target.base.base_name!r} answered within "
+                                    f"{waited:g} s")
+        return GenerationResult.model_validate_json(reply[1])
+
+    # ---- the executor's side ----
+
+    def take_requests(self, compat_key_: str, budget: ServingBudget) -> list[GenerationRequest]:
+        """The oldest waiting requests for a base, within `budget`; requests past their deadline are dropped."""
+        taken = self._take(keys=[keys.generation_queue(compat_key_)],
+                           args=[budget.max_requests, budget.max_tokens, repr(time.time())])
+        return [GenerationRequest.model_validate_json(raw) for raw in taken]
+
+    def answer(self, result: GenerationResult) -> None:
+        key = keys.generation_result(result.request_id)
+        pipe = self.r.pipeline(transaction=True)
+        pipe.rpush(key, result.model_dump_json())
+        pipe.expire(key, RESULT_TTL_SECONDS)
+        pipe.execute()
+
+    def mark_serving(self, compat_key_: str, executor_id: str) -> None:
+        """Say that this executor serves the base (`bases_unserved` leaves it to it)."""
+        self.r.set(keys.generation_server(compat_key_), executor_id, ex=SERVER_TTL_SECONDS)
+
+    def claim_base(self, compat_key_: str, executor_id: str) -> bool:
+        """Become the server of a base nobody serves (False: another executor was first)."""
+        return bool(self.r.set(keys.generation_server(compat_key_), executor_id, ex=SERVER_TTL_SECONDS * 6, nx=True))
+
+    def bases_unserved(self) -> list[ServedBase]:
+        """Bases with requests waiting and no executor serving them, the longest waiting first."""
+        bases = [ServedBase.model_validate_json(raw) for raw in self.r.hgetall(keys.GENERATION_BASES).values()]
+        pipe = self.r.pipeline(transaction=False)
+        for base in bases:
+            pipe.lindex(keys.generation_queue(base.compat_key), 0)
+            pipe.exists(keys.generation_server(base.compat_key))
+        replies = pipe.execute()
+        waiting = []
+        for base, head, served in zip(bases, replies[::2], replies[1::2]):
+            if head is not None and not served:
+                waiting.append((GenerationRequest.model_validate_json(head).submitted_at, base))
+            elif head is None:
+                self.r.hdel(keys.GENERATION_BASES, base.compat_key)  # nothing waits: a submit adds it again
+        return [base for _, base in sorted(waiting, key=lambda item: item[0])]
+
+
+def _check_input(prompt: Optional[str], messages: Optional[Sequence]) -> None:
+    if (prompt is None) == (messages is None):
+        raise ValueError("prompt: give either a prompt or chat messages")
+    if prompt is not None:
+        if not isinstance(prompt, str):
+            raise ValueError("prompt: must be a string")
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise ValueError(f"prompt: longer than {MAX_PROMPT_CHARS} characters")
+        return
+    if not isinstance(messages, (list, tuple)) or not 1 <= len(messages) <= MAX_MESSAGES:
+        raise ValueError(f"messages: a list of 1 to {MAX_MESSAGES} messages")
+    total = 0
+    for index, message in enumerate(messages):
+        try:
+            parsed = ChatMessage.model_validate(message)
+        except Exception as exc:
+            raise ValueError(f"messages.{index}: a message is {{'role': 'system' | 'user' | 'assistant', "
+                             f"'content': str}} ({_first_error(exc)})") from None
+        total += len(parsed.content)
+    if total > MAX_PROMPT_CHARS:
+        raise ValueError(f"messages: their contents are longer than {MAX_PROMPT_CHARS} characters")
+
+
+def _first_error(exc: Exception) -> str:
+    errors = getattr(exc, "errors", None)
+    if callable(errors) and errors():
+        first = errors()[0]
+        where = ".".join(str(part) for part in first.get("loc", ()))
+        message = first["msg"].removeprefix("Value error, ")
+        return f"{where}: {message}" if where else message
+    return str(exc)
