@@ -28,9 +28,11 @@ from lorafleet.executor.data import DataError, JobData
 from lorafleet.executor.galore_cohort import GaloreCohort
 from lorafleet.executor.gpu import Nvml, device_peak_tflops, frozen_matmul_params, mfu
 from lorafleet.executor.model import decoder_layers, device_auto_dtype, native_bf16
+from lorafleet.executor.serving import GenerationServer
 from lorafleet.scheduler import config, fleet, keys
 from lorafleet.scheduler.artifacts import ArtifactStore
 from lorafleet.scheduler.datasets import AcceptedDataset, verified_path
+from lorafleet.scheduler.generation import Generations, ServedBase
 from lorafleet.scheduler.memory import JobPlan, pass_tokens
 from lorafleet.scheduler.logs import configure_logging
 from lorafleet.scheduler.metrics import ExecutorMetrics, Health, executor_metrics, executor_port, serve
@@ -100,6 +102,8 @@ class Executor:
         self.matmul_params = 0  # of the loaded base: what MFU counts
         self.last_step: StepStats | None = None
         self.gpu_stats: GpuStats | None = None  # NVML's last reading, taken by the heartbeat thread
+        self.serving = GenerationServer(Generations(store, config.hf_hub_cache(), config.model_roots()),
+                                        executor_id, artifacts, self.scratch)
 
     # ---- the loop ----
 
@@ -116,7 +120,8 @@ class Executor:
                 self.sync_assignments()
                 if self.cohort is not None and self.cohort.active_jobs():
                     self.train_step()
-                else:
+                    self.serve_generation(training=True)
+                elif not self.serve_generation(training=False):
                     self.stopping.wait(self.poll_seconds)
                 self.health.tick()
             except redis.ConnectionError as exc:
@@ -284,6 +289,31 @@ class Executor:
             self.cohort.remove_job(job_id)
         if isinstance(self.cohort, GaloreCohort) and not self.cohort.jobs:  # its model was its job's own: not kept
             self._unload()
+
+    # ---- generation (executor/serving.py) ----
+
+    def serve_generation(self, training: bool) -> bool:
+        """Answer waiting generation requests for the loaded base; an executor without jobs first loads the base of
+        requests no executor serves. Whether any request was answered."""
+        if not self.leases and (wanted := self.serving.base_to_load(self.compat_key)) is not None:
+            self._load_base_to_serve(wanted)
+        if self.cohort is None or isinstance(self.cohort, GaloreCohort):  # a GaLore job's model is its own
+            return False
+        return self.serving.serve(self.cohort, self.compat_key, training) > 0
+
+    def _load_base_to_serve(self, base: ServedBase) -> None:
+        self._unload()
+        try:
+            self.cohort = Cohort(base.base_snapshot, quantization=base.quantization, dtype=base.dtype,
+                                 device=self.device, activation_checkpointing=self.activation_checkpointing,
+                                 max_pass_tokens=self.max_pass_tokens)
+        except Exception as exc:  # its requests are answered with the reason; the executor goes on
+            log.warning("cannot load base %s to serve generation: %s", base.base_name, exc)
+            self.serving.fail_base(base, f"the base {base.base_name!r} could not be loaded: {exc}")
+            return
+        self.compat_key = base.compat_key
+        self.activation_bytes_per_token = 0.0  # unknown until a job's plan sizes it: its passes run as planned
+        self._measure_base()
 
     # ---- one step ----
 

@@ -47,6 +47,10 @@ State lives only in Redis (persisted with AOF), so a scheduler or worker restart
 | `lorafleet:file_seq` | string (int) | file counter (the order of tenants' file lists) | `files.FileStore` (Lua) |
 | `lorafleet:file_blob_refs` | hash | blob name -> number of files, of all tenants, with those bytes | `files.FileStore` (Lua) |
 | `lorafleet:file_orphans` | sorted set | blob names no file names any more, score = since when: `FileStore.collect_garbage` removes them once no unfinished job trains on them | `files.FileStore` (Lua) |
+| `lorafleet:generation:queue:<compat key>` | list, TTL | generation requests waiting for an executor with that base loaded (`generation.GenerationRequest` JSON), oldest first; expires a minute after its last caller's deadline | `generation.Generations.submit` (RPUSH); executors pop (`take_requests`, Lua) |
+| `lorafleet:generation:bases` | hash | compat key -> `generation.ServedBase` JSON: the bases with requests waiting, what an idle executor loads to serve them | `Generations.submit`; `bases_unserved` removes a base whose queue is empty |
+| `lorafleet:generation:server:<compat key>` | string, TTL | the id of an executor serving that base (its loaded one): idle executors leave the base to it | executors (`Generations.mark_serving`, `claim_base`) |
+| `lorafleet:generation:result:<request id>` | list, TTL | the request's `generation.GenerationResult` JSON; expires after `generation.RESULT_TTL_SECONDS` | the executor that answered (`Generations.answer`); the caller pops it (BLPOP) |
 
 Tenant-facing keys are outside `lorafleet:*`, which no tenant credential can touch. Each tenant's broker user
 (`acl.tenant_username`) reaches only these, and only with the commands Celery's client needs to publish and fetch:
@@ -123,6 +127,7 @@ REJECTED_MESSAGES = PREFIX + "rejected_messages"
 FILE_SEQ = PREFIX + "file_seq"
 FILE_BLOB_REFS = PREFIX + "file_blob_refs"
 FILE_ORPHANS = PREFIX + "file_orphans"
+GENERATION_BASES = PREFIX + "generation:bases"
 TENANT_KEY_PREFIX = "lorafleet-tenant."
 
 
@@ -213,3 +218,15 @@ def tenant_uploads(name: str) -> str:
 
 def upload(upload_id: str) -> str:
     return f"{PREFIX}upload:{upload_id}"
+
+
+def generation_queue(compat_key: str) -> str:
+    return f"{PREFIX}generation:queue:{compat_key}"
+
+
+def generation_server(compat_key: str) -> str:
+    return f"{PREFIX}generation:server:{compat_key}"
+
+
+def generation_result(request_id: str) -> str:
+    return f"{PREFIX}generation:result:{request_id}"
