@@ -51,6 +51,8 @@ SPEC_FIELD_TO_PARAM = {
     "quantization": "lorafleet.quantization",
     "priority": "lorafleet.priority",
     "dtype": "lorafleet.dtype",
+    "eval_samples": "lorafleet.eval_samples",
+    "eval_max_tokens": "lorafleet.eval_max_tokens",
 }
 _SPEC_PREFIX = "invalid job spec: "
 _FIELD_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*):")

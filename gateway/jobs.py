@@ -13,6 +13,7 @@ from lorafleet.gateway.models import (
     Checkpoint, CreateJobRequest, Dpo, DpoHyperparameters, DpoRequest, FineTuningJob, Hyperparameters,
     HyperparametersRequest, JobError, JobEvent, Method, MethodRequest, Supervised, SupervisedRequest,
 )
+from lorafleet.scheduler import eval_samples
 from lorafleet.scheduler.auto import AUTO, base_learning_rate
 from lorafleet.scheduler.records import JobRecord, JobState
 from lorafleet.scheduler.spec import PREFERENCE_METHODS
@@ -33,6 +34,7 @@ _LORAFLEET_TO_SPEC = {  # LorafleetOptions field -> (spec section or None for to
     "quantization": (None, "quantization"), "dtype": (None, "dtype"), "priority": (None, "priority"),
     "max_seq_len": ("hyperparameters", "max_seq_len"), "max_steps": ("hyperparameters", "max_steps"),
     "checkpoint_every": ("hyperparameters", "checkpoint_every"), "simpo_gamma": ("hyperparameters", "simpo_gamma"),
+    "eval_samples": (None, "eval_samples"), "eval_max_tokens": (None, "eval_max_tokens"),
 }
 # Preference methods OpenAI's API has no type for: asked for as lorafleet.method beside method.type "dpo", shown so
 EXTENSION_METHODS = tuple(method for method in PREFERENCE_METHODS if method != "dpo")
@@ -153,6 +155,7 @@ def job_view(record: JobRecord, result_files: list[str]) -> FineTuningJob:
                    "metrics": dict(record.metrics), "priority": spec.priority,
                    "adapter": spec.adapter.model_dump(), "quantization": spec.quantization,
                    "max_seq_len": spec.hyperparameters.max_seq_len, "max_steps": spec.hyperparameters.max_steps,
+                   "eval_samples": list(spec.eval_samples), "eval_max_tokens": spec.eval_max_tokens,
                    **_method_extension_view(record)},
     )
 
@@ -193,6 +196,8 @@ def _event_message(event: dict[str, Any]) -> str:
         return str(event.get("message"))
     if kind == "pause_requested":
         return "Pause requested: the job pauses after its current step, with a checkpoint"
+    if kind == eval_samples.EVENT:
+        return eval_samples.describe(event)
     return kind
 
 
@@ -200,8 +205,9 @@ def event_view(event: dict[str, Any]) -> JobEvent:
     """One stored event as OpenAI's event object; server paths and executor ids are left out of its data."""
     private = {"id", "type", "ts", "executor_id"}
     data = {key: value for key, value in event.items() if key not in private and not key.endswith("_uri")}
+    warning = event["type"] == "requeued" or (event["type"] == eval_samples.EVENT and event.get("error"))
     level = "error" if event["type"] == "error" or (event["type"] == "state" and event.get("to") == "failed") else (
-        "warn" if event["type"] == "requeued" else "info")
+        "warn" if warning else "info")
     return JobEvent(id=event["id"], created_at=int(event["ts"]), level=level, message=_event_message(event),
                     type="metrics" if event["type"] == "progress" else "message", data={"kind": event["type"], **data})
 

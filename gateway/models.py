@@ -72,6 +72,11 @@ class LorafleetOptions(_Request):
         None, description="a preference loss OpenAI's API has no type for: 'simpo' or 'orpo' (reference-free), given "
         "with method.type 'dpo' (the same pairs; method.dpo.hyperparameters.beta is its beta, auto: 2.0 or 0.1)")
     simpo_gamma: Optional[float] = Field(None, description="SimPO's target reward margin (default 0.5)")
+    eval_samples: Optional[list[str]] = Field(
+        None, description="up to 8 prompts completed greedily with the job's adapter at each checkpoint (an "
+        "eval_samples event; chat datasets: each one user message)")
+    eval_max_tokens: Optional[int] = Field(None, description="most tokens generated for each of eval_samples "
+                                           "(default 64)")
 
 
 class CreateJobRequest(_Request):

@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from lorafleet.scheduler import acl, config, fleet, keys, stack, top
+from lorafleet.scheduler import acl, config, eval_samples, fleet, keys, stack, top
 from lorafleet.scheduler.acl import TenantCredentials
 from lorafleet.scheduler.artifacts import ArtifactStore
 from lorafleet.scheduler.client import LorafleetClient
@@ -613,7 +613,10 @@ def _show_events(events: list[dict], as_json: bool) -> None:
     rows = []
     for event in events:
         detail = {k: v for k, v in event.items() if k not in ("id", "type", "ts")}
-        rows.append([event["id"], _time(event["ts"]), event["type"], json.dumps(detail, sort_keys=True)])
+        text = json.dumps(detail, sort_keys=True)
+        if event["type"] == eval_samples.EVENT:  # prompt -> completion, a line each
+            text = eval_samples.describe(event)
+        rows.append([event["id"], _time(event["ts"]), event["type"], text])
     _table("events", ("id", "time", "type", "data"), rows)
 
 

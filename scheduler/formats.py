@@ -283,6 +283,21 @@ class Tokenizing:
                 text += message["content"] + "\n\n"
         return self.bos, text, targets
 
+    def prompt(self, fmt: str, text: str) -> list[int]:
+        """The tokens a record of `fmt` puts before its answer when `text` is its prompt: what a trained adapter is
+        asked to complete (a job's eval_samples). Alpaca: the instruction prompt without input; chat: one user
+        message and the generation prompt; text and preference: the text itself."""
+        if fmt == "alpaca":
+            prefix, rendered = self.bos, ALPACA_PROMPT_NO_INPUT.format(instruction=text)
+        elif fmt in ("chat", "chat_preference") and self.has_chat_template:
+            prefix, rendered = [], self._render([{"role": "user", "content": text}], add_generation_prompt=True)
+        elif fmt in ("chat", "chat_preference"):
+            prefix = self.bos
+            rendered = FALLBACK_CHAT_HEADERS["user"] + text + "\n\n" + FALLBACK_CHAT_HEADERS["assistant"]
+        else:
+            prefix, rendered = self.bos, text
+        return prefix + self.tokenizer(rendered, add_special_tokens=False)["input_ids"]
+
     def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
         try:
             return self.tokenizer.apply_chat_template(

@@ -22,6 +22,12 @@ from lorafleet.scheduler.formats import PREFERENCE_FORMATS
 
 MAX_SPEC_BYTES = 64 * 1024
 MAX_METADATA_PAIRS, MAX_METADATA_KEY_CHARS, MAX_METADATA_VALUE_CHARS = 16, 64, 512
+# Evaluation samples: greedy completions of the tenant's prompts with the job's adapter at each checkpoint
+MAX_EVAL_SAMPLES, MAX_EVAL_PROMPT_CHARS, MAX_EVAL_TOKENS = 8, 4000, 512
+NO_EVAL_SAMPLES = {  # adapter types the generation engine does not run, and why
+    "galore": "a whole model of its own, trained on an executor without the generation engine",
+    "lopa": "its soft prompts enter with the input, which the generation engine does not build",
+}
 
 ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ALL_LINEAR = "all-linear"  # PEFT's name for every linear layer of the decoder but the LM head
@@ -252,6 +258,35 @@ class JobSpec(_Strict):
         description="the tenant's own labels, kept with the job (OpenAI's limits: 16 pairs, keys up to 64 characters, "
                     "values up to 512)",
     )
+    eval_samples: tuple[str, ...] = Field(
+        (), max_length=MAX_EVAL_SAMPLES,
+        description=f"up to {MAX_EVAL_SAMPLES} prompts (each 1-{MAX_EVAL_PROMPT_CHARS} characters) completed greedily "
+                    "with the job's adapter at each checkpoint and at the end (an eval_samples event); rendered as "
+                    "the dataset's records render a prompt: alpaca an instruction without input, chat one user "
+                    "message through the chat template, text and preference the text itself; not for adapter types "
+                    "galore and lopa",
+    )
+    eval_max_tokens: int = Field(64, ge=1, le=MAX_EVAL_TOKENS, description="most tokens generated for each of "
+                                 "eval_samples")
+
+    @field_validator("eval_samples")
+    @classmethod
+    def _eval_prompts(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for number, prompt in enumerate(value):
+            if not prompt.strip():
+                raise ValueError(f"prompt {number}: empty")
+            if len(prompt) > MAX_EVAL_PROMPT_CHARS:
+                raise ValueError(f"prompt {number}: {len(prompt)} characters, at most {MAX_EVAL_PROMPT_CHARS}")
+            if "\x00" in prompt:
+                raise ValueError(f"prompt {number}: holds a NUL character")
+        return value
+
+    @model_validator(mode="after")
+    def _eval_samples_adapter(self) -> "JobSpec":
+        if self.eval_samples and self.adapter.type in NO_EVAL_SAMPLES:
+            raise ValueError(f"eval_samples: not offered for adapter.type {self.adapter.type!r} "
+                             f"({NO_EVAL_SAMPLES[self.adapter.type]})")
+        return self
 
     @field_validator("name")
     @classmethod

@@ -190,6 +190,21 @@ def count_targets(path: Path, uri: str, field: str, fmt: str, tokenizing: Tokeni
     return SampleCount(records, tokens, targets)
 
 
+def _check_eval_prompts(spec: JobSpec, tokenizing: Tokenizing, fmt: str) -> None:
+    """Each of eval_samples, rendered as the job's records render a prompt, fits in max_seq_len: the longest sequence
+    its adapter trains on."""
+    fmt = fmt or spec.dataset_format  # '' only for datasets accepted before formats were recorded
+    max_seq_len = spec.hyperparameters.max_seq_len
+    for number, text in enumerate(spec.eval_samples):
+        try:
+            tokens = len(tokenizing.prompt(fmt, text))
+        except DataError as exc:
+            raise SpecError(f"invalid job spec: eval_samples.{number}: {exc}") from None
+        if tokens > max_seq_len:
+            raise SpecError(f"invalid job spec: eval_samples.{number}: {tokens} tokens in the {fmt} prompt format, "
+                            f"more than hyperparameters.max_seq_len={max_seq_len}")
+
+
 def _check_target_modules(spec: JobSpec, shape: ModelShape) -> None:
     """Refuse target modules that name no linear layer of the base (the memory model could not size them either)."""
     known = shape.module_widths()
@@ -271,6 +286,7 @@ def accept_submission(
         samples[field] = sample_count(dataset_store, datasets[field], field, spec.dataset_format,
                                       str(model_dir.resolve()), spec.hyperparameters.max_seq_len)
     train = samples["dataset"]
+    _check_eval_prompts(spec, tokenizing_for(str(model_dir.resolve())), datasets["dataset"].format)
     _check_target_modules(spec, model_shape(str(model_dir.resolve())))
     _check_target_parameters(spec, model_shape(str(model_dir.resolve())))
     spec = auto.resolve(spec, auto_fields, model_shape(str(model_dir.resolve())),
