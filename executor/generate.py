@@ -1,0 +1,559 @@
+"""Many-adapter generation (S-LoRA): requests for many adapters decoded together on one shared frozen base.
+
+A `Generator` serves requests whose adapters are either PEFT directories it loaded (`load_adapter`) or the live
+adapters of jobs training in the cohort that owns the model (a job id: eval samples). Each forward runs the requests
+of every adapter at once: rows grouped by adapter, `RowRouting.segments` naming each adapter's rows, so the
+segmented LoRA kernels (`lora_delta` on the CPU) add each adapter's delta to its own rows only, as in training.
+
+The decode path is our own forward over the HF modules (gpt-fast style): embeddings; per layer norm, q/k/v through
+the multi-adapter layers, rotary, the new K/V written into the paged cache, attention, o_proj, MLP; the final norm
+and the LM head only on the rows whose next token is sampled. A request's prompt is prefilled packed with the other
+new prompts (varlen attention within each); then every running request decodes one token per step in one forward.
+Requests join as others finish (continuous batching), within the pages of one `UnifiedPool` that holds both the KV
+cache and the resident adapters (executor/kv_pool.py).
+
+Nothing here changes training: a live job's adapter runs in eval mode (no dropout) under no_grad, no global RNG is
+drawn (sampling uses each request's own generator), and the routing is restored afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import secrets
+from collections import deque
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from lorafleet.executor.attention import varlen_attention, varlen_supported
+from lorafleet.executor.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from lorafleet.executor.kv_pool import KvLayout, PoolFull, PoolUsage, UnifiedPool
+from lorafleet.executor.model import packed_attention
+from lorafleet.executor.multilora import MultiLoraLinear, RowRouting, shared_input_projections, wrap_targets
+from lorafleet.kernels import rotary
+
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+LOADED_PREFIX = "gen:"  # loaded adapters' keys in the layers' `adapters` dicts: job ids never start with it
+BLOCK_TOKENS = 16
+CPU_POOL_BYTES = 64 << 20
+GPU_POOL_SHARE = 0.4  # of the free GPU memory, when no pool size is given
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_tokens: int = 64
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    # a request's own generator: the same request gives the same tokens whatever it is batched with
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()  # besides the tokenizer's eos (the Generator is given eos ids)
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    prompt_ids: tuple[int, ...]
+    adapter: str | None  # a key the Generator can route to: a loaded adapter, or a live job's id; None: the base alone
+    sampling: Sampling = Sampling()
+
+
+@dataclass(frozen=True)
+class Completion:
+    request_id: str
+    token_ids: tuple[int, ...]  # generated, without the prompt, without the stop/eos token
+    finish_reason: str  # "stop" | "length"
+    prompt_tokens: int
+
+
+# Loading PEFT directories
+
+
+class ServedAdapter:
+    """What a MultiLoraLinear asks of an adapter, for a loaded one: its factors per layer (views into the pool) and
+    its scale; eval behaviour (no dropout), plain LoRA (no DoRA)."""
+
+    dropout = 0.0
+    training = False
+    use_dora = False
+
+    def __init__(self, scale: float, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]):
+        self.scale = scale
+        self._factors = factors
+
+    def factors(self, layer: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._factors[layer]
+
+
+@dataclass
+class HostAdapter:
+    """A loaded adapter's master copy in host memory: module name -> (A [r, d_in], B [d_out, r]), fp32."""
+
+    scale: float
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+    def shapes(self) -> list[tuple[int, ...]]:
+        return [tuple(t.shape) for pair in self.factors.values() for t in pair]
+
+
+def read_peft_adapter(directory: Path, layer_shapes) -> HostAdapter:
+    """A PEFT directory as `Cohort.export` writes it: LoRA (rsLoRA, NOLA's computed factors) or VeRA.
+
+    `layer_shapes(names)` gives module name -> (d_in, d_out) of the base (VeRA's shared projections are sliced to
+    each layer). Raises ValueError naming what is not served (DoRA, expert parameters, other PEFT types, a GaLore
+    job's full-model export)."""
+    directory = Path(directory)
+    config_path = directory / ADAPTER_CONFIG
+    if not config_path.is_file():
+        what = ("a full model (a GaLore job's export is one: serve it as a base)"
+                if (directory / "config.json").is_file() else "no adapter")
+        raise ValueError(f"{directory}: no {ADAPTER_CONFIG}, {what}; generation serves PEFT LoRA and VeRA adapters")
+    config = json.loads(config_path.read_text())
+    kind = config.get("peft_type")
+    tensors = load_file(str(directory / ADAPTER_WEIGHTS))
+    if kind == "LORA":
+        return _read_lora(directory, config, tensors)
+    if kind == "VERA":
+        return _read_vera(config, tensors, layer_shapes)
+    raise ValueError(f"{directory}: adapter type {kind!r} is not served; generation serves LORA and VERA adapters")
+
+
+def _read_lora(directory: Path, config: dict, tensors: dict[str, torch.Tensor]) -> HostAdapter:
+    if config.get("use_dora"):
+        raise ValueError(f"{directory}: adapter type DoRA is not served by generation (LoRA, rsLoRA, NOLA and VeRA "
+                         "are); merge it into its base with `lorafleet merge` and serve that")
+    if config.get("target_parameters"):
+        raise ValueError(f"{directory}: adapters of MoE expert parameters (target_parameters) are not served")
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise ValueError(f"{directory}: per-layer ranks or alphas (rank_pattern, alpha_pattern) are not served")
+    r, alpha = config["r"], config["lora_alpha"]
+    scale = alpha / (math.sqrt(r) if config.get("use_rslora") else r)
+    factors = {}
+    for key, a in tensors.items():
+        if key.endswith(".lora_A.weight"):
+            module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+            factors[module] = (a.float(), tensors[key.replace(".lora_A.", ".lora_B.")].float())
+    return HostAdapter(scale, factors)
+
+
+def _read_vera(config: dict, tensors: dict[str, torch.Tensor], layer_shapes) -> HostAdapter:
+    """VeRA as LoRA factors: A = diag(λ_d) A_shared[:, :d_in], B = diag(λ_b) B_shared[:d_out], scale 1."""
+    vera_a, vera_b = tensors["base_model.vera_A"].float(), tensors["base_model.vera_B"].float()
+    modules = [key.removeprefix("base_model.model.").removesuffix(".vera_lambda_d")
+               for key in tensors if key.endswith(".vera_lambda_d")]
+    shapes = layer_shapes(modules)
+    factors = {}
+    for module in modules:
+        d_in, d_out = shapes[module]
+        lambda_d = tensors[f"base_model.model.{module}.vera_lambda_d"].float()
+        lambda_b = tensors[f"base_model.model.{module}.vera_lambda_b"].float()
+        factors[module] = (lambda_d[:, None] * vera_a[:, :d_in], lambda_b[:, None] * vera_b[:d_out])
+    return HostAdapter(1.0, factors)
+
+
+# The forward
+
+
+@dataclass
+class ForwardRows:
+    """One forward's rows: what they hold, where their K/V go, and how they attend.
+
+    Prefill: `sequence_lengths` (each prompt attends causally within itself). Decode: one row per request,
+    `block_tables` [B, blocks] and `context_lengths` [B] (each row attends over its request's cache)."""
+
+    token_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    slot_pages: torch.Tensor  # [T] page of each row's K/V
+    slot_offsets: torch.Tensor  # [T] its place in the page
+    segments: dict[str, tuple[int, int]]  # routing key -> rows
+    logit_rows: torch.Tensor  # rows whose next token is sampled
+    sequence_lengths: list[int] | None = None
+    block_tables: torch.Tensor | None = None
+    context_lengths: torch.Tensor | None = None
+
+
+def prefill_attention(q, k, v, lengths: list[int], scaling: float, window: int | None) -> torch.Tensor:
+    """Causal attention within each packed prompt: q [T, H, D], k/v [T, H_kv, D] -> [T, H, D]."""
+    boundaries = torch.tensor([0, *lengths], device=q.device).cumsum(0)
+    if varlen_supported(q, k, scaling, window):
+        return varlen_attention(q, k, v, boundaries, max(lengths), scaling, window)
+    heads_first = [t.transpose(0, 1).unsqueeze(0) for t in (q, k, v)]
+    return packed_attention(None, *heads_first, None, scaling=scaling, sliding_window=window,
+                            cu_seq_lens_q=boundaries, max_length_q=max(lengths))[0][0]
+
+
+def decode_attention(q, kv_layer, block_tables, context_lengths, scaling: float, window: int | None) -> torch.Tensor:
+    """One query per request over its paged cache: q [B, H, D], kv_layer [pages, 2, block, H_kv, D] -> [B, H, D].
+
+    The blocks of each request are gathered into [B, H_kv, S, D] (S: the longest context's blocks), positions past
+    a request's context (or before its window) masked out."""
+    batch, blocks = block_tables.shape
+    gathered = kv_layer[block_tables]  # [B, blocks, 2, block, H_kv, D]
+    keys, values = (gathered[:, :, i].reshape(batch, -1, *gathered.shape[-2:]).transpose(1, 2) for i in (0, 1))
+    positions = torch.arange(keys.shape[2], device=q.device)
+    visible = positions[None, :] < context_lengths[:, None]
+    if window is not None:
+        visible &= positions[None, :] >= context_lengths[:, None] - window
+    out = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=visible[:, None, None, :],
+                                         scale=scaling, enable_gqa=keys.shape[1] != q.shape[1])
+    return out.squeeze(2)
+
+
+# Sampling
+
+
+def next_tokens(logits: torch.Tensor, samplings: list[Sampling], generators: list[torch.Generator | None]) -> list[int]:
+    """Each row's next token: greedy at temperature 0, else sampled from its nucleus with the request's generator."""
+    logits = logits.float()
+    tokens = logits.argmax(dim=-1)
+    for row, (sampling, generator) in enumerate(zip(samplings, generators)):
+        if sampling.temperature > 0:
+            tokens[row] = sample_token(logits[row], sampling, generator)
+    return tokens.tolist()
+
+
+def sample_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> torch.Tensor:
+    """A draw from softmax(logits / T) restricted to the smallest set of tokens whose probability reaches top_p."""
+    probs = torch.softmax(logits / sampling.temperature, dim=-1)
+    if sampling.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        before = sorted_probs.cumsum(0) - sorted_probs  # mass of the tokens ranked above each one
+        sorted_probs[before >= sampling.top_p] = 0  # the top token always stays (0 before it)
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator)[0]
+
+
+# Requests under way
+
+
+@dataclass
+class Running:
+    index: int  # in the caller's list
+    request: GenerationRequest
+    route: str | None  # its key in the layers' adapters dicts (and the routing), None for the base alone
+    pages: list[int]  # its block table
+    generator: torch.Generator | None
+    generated: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+
+    @property
+    def cached_tokens(self) -> int:
+        """Tokens whose K/V are in the cache: the prompt, and every generated token but the last."""
+        return len(self.request.prompt_ids) + max(0, len(self.generated) - 1)
+
+    def completion(self) -> Completion:
+        return Completion(self.request.request_id, tuple(self.generated), self.finish_reason,
+                          len(self.request.prompt_ids))
+
+
+class Generator:
+    """Serves `generate` on a cohort's model (shared, no second copy) or a plain HF base (see the module doc)."""
+
+    def __init__(self, model, routing: RowRouting, eos_token_ids: tuple[int, ...] = (), pool_bytes: int | None = None):
+        family = getattr(model.config, "model_type", type(model).__name__)
+        if family not in SUPPORTED_FAMILIES:
+            raise ValueError(f"generation supports the Llama-like decoders {SUPPORTED_FAMILIES}; "
+                             f"this model is {family!r}")
+        foreign = [m.name for m in model.modules() if isinstance(m, MultiLoraLinear) and m.routing is not routing]
+        if foreign:
+            raise ValueError(f"this model's multi-adapter layers ({foreign[0]}, ...) follow another RowRouting: "
+                             "pass the one they were wrapped with (a cohort's: cohort.routing)")
+        self.model, self.routing = model, routing
+        self.decoder = model.model
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.device = self.decoder.embed_tokens.weight.device
+        attention = self.decoder.layers[0].self_attn
+        layout = KvLayout(len(self.decoder.layers), BLOCK_TOKENS, model.config.num_key_value_heads,
+                          attention.head_dim)
+        dtype = self.decoder.embed_tokens.weight.dtype
+        page_bytes = layout.page_elements * dtype.itemsize
+        self.pool = UnifiedPool(self._pool_bytes(pool_bytes) // page_bytes, layout, dtype, self.device,
+                                on_evict=self._on_evict)
+        self._host: dict[str, HostAdapter] = {}  # loaded adapters, by key
+        self._layers: dict[str, MultiLoraLinear] = {}  # module name -> layer, for every layer a loaded adapter targets
+
+    def _pool_bytes(self, pool_bytes: int | None) -> int:
+        if pool_bytes is not None:
+            return pool_bytes
+        if self.device.type == "cuda":
+            return int(torch.cuda.mem_get_info(self.device)[0] * GPU_POOL_SHARE)
+        return CPU_POOL_BYTES
+
+    def pool_usage(self) -> PoolUsage:
+        return self.pool.usage()
+
+    # Adapters
+
+    def load_adapter(self, key: str, directory: Path) -> None:
+        """Read a PEFT LoRA/VeRA directory into host memory under `key` (replacing one of that key); it is copied
+        into the pool when a request needs it. Raises ValueError for what is not served, or a module the base lacks."""
+        host = read_peft_adapter(Path(directory), self._layer_shapes)
+        self._layer_shapes(list(host.factors))  # wraps the targets, refusing a module the base lacks
+        for name, (a, b) in host.factors.items():
+            d_in, d_out = self._layers[name].in_features, self._layers[name].out_features
+            if a.shape[1] != d_in or b.shape[0] != d_out or a.shape[0] != b.shape[1]:
+                raise ValueError(f"{directory}: {name} factors A {tuple(a.shape)} B {tuple(b.shape)} do not fit the "
+                                 f"base's [{d_out}, {d_in}] layer")
+        if key in self._host:
+            self.unload_adapter(key)
+        self._host[key] = host
+
+    def unload_adapter(self, key: str) -> None:
+        if key not in self._host:
+            raise KeyError(f"no adapter {key!r} is loaded")
+        if self.pool.resident(LOADED_PREFIX + key):
+            self.pool.evict(LOADED_PREFIX + key)
+        del self._host[key]
+
+    def has_adapter(self, key: str) -> bool:
+        return key in self._host or self._live_adapter(key) is not None
+
+    def _layer_shapes(self, names: list[str]) -> dict[str, tuple[int, int]]:
+        """Module name -> (d_in, d_out), wrapping each as a multi-adapter layer (once) on a plain base."""
+        missing = [name for name in names if name not in self._layers]
+        if missing:
+            try:
+                self._layers.update(wrap_targets(self.model, tuple(missing), self.routing))
+            except ValueError as exc:
+                raise ValueError(f"the adapter does not fit this base: {exc}") from None
+        return {name: (self._layers[name].in_features, self._layers[name].out_features) for name in names}
+
+    def _live_adapter(self, job_id: str):
+        """A training job's adapter, as the cohort put it in its layers; None when no layer holds that id."""
+        if job_id.startswith(LOADED_PREFIX):
+            return None
+        for module in self.model.modules():
+            if isinstance(module, MultiLoraLinear) and job_id in module.adapters:
+                return module.adapters[job_id]
+        return None
+
+    def _route(self, key: str | None) -> str | None:
+        """The routing key of an adapter key: a loaded adapter's, else a live job's id; ValueError when neither."""
+        if key is None:
+            return None
+        if key in self._host:
+            return LOADED_PREFIX + key
+        if self._live_adapter(key) is not None:
+            return key
+        raise ValueError(f"unknown adapter {key!r}: neither loaded (load_adapter) nor a job training on this base")
+
+    def _make_resident(self, route: str) -> None:
+        """Copy a loaded adapter into the pool (if not there) and hand its views to its layers."""
+        if self.pool.resident(route):
+            return
+        host = self._host[route.removeprefix(LOADED_PREFIX)]
+        tensors = [t for pair in host.factors.values() for t in pair]
+        views = self.pool.place_adapter(route, tensors)
+        factors = {name: (views[2 * i], views[2 * i + 1]) for i, name in enumerate(host.factors)}
+        served = ServedAdapter(host.scale, factors)
+        for name in host.factors:
+            self._layers[name].adapters[route] = served
+
+    def _on_evict(self, route: str) -> None:
+        for layer in self._layers.values():
+            layer.adapters.pop(route, None)
+
+    # Generation
+
+    def generate(self, requests: list[GenerationRequest]) -> list[Completion]:
+        """Complete every request (same order); requests join the running batch as pages allow."""
+        routes = [self._check(request) for request in requests]
+        waiting = deque(zip(range(len(requests)), requests, routes))
+        running: list[Running] = []
+        completions: list[Completion | None] = [None] * len(requests)
+        with self._serving(routes):
+            while waiting or running:
+                admitted = self._admit(waiting, running)
+                if admitted:
+                    self._prefill(admitted)
+                    running += admitted
+                else:
+                    self._decode(running)
+                for request in [request for request in running if request.finish_reason]:
+                    completions[request.index] = request.completion()
+                    self._retire(request)
+                    running.remove(request)
+        return completions
+
+    def _check(self, request: GenerationRequest) -> str | None:
+        """Its routing key; ValueError for a request that is malformed or could never fit the pool."""
+        sampling = request.sampling
+        if not request.prompt_ids:
+            raise ValueError(f"request {request.request_id!r}: empty prompt")
+        if sampling.max_tokens < 1 or sampling.temperature < 0 or not 0 < sampling.top_p <= 1:
+            raise ValueError(f"request {request.request_id!r}: sampling {sampling} (need max_tokens >= 1, "
+                             "temperature >= 0, 0 < top_p <= 1)")
+        route = self._route(request.adapter)
+        pages = self._kv_blocks(request)
+        if route is not None and route.startswith(LOADED_PREFIX):
+            pages += self.pool.adapter_pages(self._host[request.adapter].shapes(), self.pool.layout.page_elements)
+        if pages > self.pool.num_pages:
+            raise ValueError(f"request {request.request_id!r} can never fit: it needs {pages} pages of "
+                             f"{self.pool.page_bytes} bytes (KV for {len(request.prompt_ids)} + "
+                             f"{sampling.max_tokens} tokens and its adapter), the pool has {self.pool.num_pages}")
+        return route
+
+    def _kv_blocks(self, request: GenerationRequest) -> int:
+        """Blocks for the longest the request can get: every token but the last generated is cached."""
+        return self.pool.layout.blocks_for(len(request.prompt_ids) + request.sampling.max_tokens - 1)
+
+    @contextmanager
+    def _serving(self, routes: list[str | None]):
+        """Eval mode for the live jobs' adapters, no autograd, and the cohort's routing as it was afterwards."""
+        live = {route: self._live_adapter(route) for route in routes
+                if route is not None and not route.startswith(LOADED_PREFIX)}
+        modes = {route: adapter.training for route, adapter in live.items()}
+        saved = self.routing.segments, self.routing.dropout_seeds
+        try:
+            for adapter in live.values():
+                adapter.train(False)
+            self.routing.dropout_seeds = None
+            with torch.no_grad():
+                yield
+        finally:
+            for route, adapter in live.items():
+                adapter.train(modes[route])
+            self.routing.segments, self.routing.dropout_seeds = saved
+
+    def _admit(self, waiting: deque, running: list[Running]) -> list[Running]:
+        """Take waiting requests in order while the pool has pages for their adapter and whole KV (no preemption:
+        a running request never runs out of pages). With nothing running the first one always fits (`_check`)."""
+        admitted = []
+        while waiting:
+            index, request, route = waiting[0]
+            loaded = route is not None and route.startswith(LOADED_PREFIX)
+            try:
+                if loaded:
+                    self._make_resident(route)
+                    self.pool.pin(route)
+                try:
+                    pages = self.pool.allocate_blocks(self._kv_blocks(request))
+                except PoolFull:
+                    if loaded:
+                        self.pool.unpin(route)
+                    raise
+            except PoolFull:
+                if not running and not admitted:
+                    raise RuntimeError(f"request {request.request_id!r} found the pool full with nothing running")
+                break
+            waiting.popleft()
+            admitted.append(Running(index, request, route, pages, _request_generator(request.sampling, self.device)))
+        return admitted
+
+    def _retire(self, request: Running) -> None:
+        self.pool.free_blocks(request.pages)
+        if request.route is not None and request.route.startswith(LOADED_PREFIX):
+            self.pool.unpin(request.route)
+
+    def _prefill(self, requests: list[Running]) -> None:
+        """One packed forward over the new prompts (grouped by adapter); each samples its first token."""
+        requests = sorted(requests, key=_route_order)
+        block = self.pool.layout.block_tokens
+        ids, positions, pages, offsets, lengths = [], [], [], [], []
+        for request in requests:
+            prompt = request.request.prompt_ids
+            ids += prompt
+            positions += range(len(prompt))
+            pages += [request.pages[p // block] for p in range(len(prompt))]
+            offsets += [p % block for p in range(len(prompt))]
+            lengths.append(len(prompt))
+        last_rows = torch.tensor(lengths).cumsum(0) - 1
+        rows = ForwardRows(*self._tensors(ids, positions, pages, offsets), _segments(requests, lengths),
+                           last_rows.to(self.device), sequence_lengths=lengths)
+        self._sample(requests, self._forward(rows))
+
+    def _decode(self, requests: list[Running]) -> None:
+        """One forward with one row per running request: its last token in, its next token out."""
+        requests = sorted(requests, key=_route_order)
+        block = self.pool.layout.block_tokens
+        positions = [request.cached_tokens for request in requests]
+        widest = max(len(request.pages) for request in requests)
+        tables = [request.pages + request.pages[:1] * (widest - len(request.pages)) for request in requests]
+        rows = ForwardRows(
+            *self._tensors([request.generated[-1] for request in requests], positions,
+                           [request.pages[p // block] for request, p in zip(requests, positions)],
+                           [p % block for p in positions]),
+            _segments(requests, [1] * len(requests)),
+            torch.arange(len(requests), device=self.device),
+            block_tables=torch.tensor(tables, device=self.device),
+            context_lengths=torch.tensor(positions, device=self.device) + 1,
+        )
+        self._sample(requests, self._forward(rows))
+
+    def _tensors(self, *lists: list[int]) -> list[torch.Tensor]:
+        return [torch.tensor(values, dtype=torch.int64, device=self.device) for values in lists]
+
+    def _sample(self, requests: list[Running], logits: torch.Tensor) -> None:
+        """Append each request's next token, or finish it on a stop/eos token or at max_tokens."""
+        tokens = next_tokens(logits, [request.request.sampling for request in requests],
+                             [request.generator for request in requests])
+        for request, token in zip(requests, tokens):
+            sampling = request.request.sampling
+            if token in self.eos_token_ids or token in sampling.stop_token_ids:
+                request.finish_reason = "stop"
+                continue
+            request.generated.append(token)
+            if len(request.generated) >= sampling.max_tokens:
+                request.finish_reason = "length"
+
+    def _forward(self, rows: ForwardRows) -> torch.Tensor:
+        """Logits [len(logit_rows), vocab] of the rows' next tokens, their K/V written into the cache."""
+        self.routing.segments = rows.segments
+        try:
+            hidden = self.decoder.embed_tokens(rows.token_ids)
+            cos, sin = (t[0] for t in self.decoder.rotary_emb(hidden, rows.positions[None]))
+            kv = self.pool.kv_view()
+            for index, layer in enumerate(self.decoder.layers):
+                hidden = hidden + self._attention(layer.self_attn, layer.input_layernorm(hidden), cos, sin,
+                                                  kv[:, index], rows)
+                hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        finally:
+            self.routing.segments = {}
+        return self.model.lm_head(self.decoder.norm(hidden[rows.logit_rows]))
+
+    def _attention(self, attention, x, cos, sin, kv_layer, rows: ForwardRows) -> torch.Tensor:
+        """Llama's attention block over the paged cache: q/k/v (every adapter's rows at once), Qwen3's q/k norms,
+        rotary, K/V into the cache, attention, o_proj."""
+        length, head_dim = x.shape[0], attention.head_dim
+        q, k, v = shared_input_projections([attention.q_proj, attention.k_proj, attention.v_proj], x)
+        q, k, v = (t.view(length, -1, head_dim) for t in (q, k, v))
+        if hasattr(attention, "q_norm"):
+            q, k = attention.q_norm(q), attention.k_norm(k)
+        q, k = rotary(q, cos, sin), rotary(k, cos, sin)
+        kv_layer[rows.slot_pages, 0, rows.slot_offsets] = k
+        kv_layer[rows.slot_pages, 1, rows.slot_offsets] = v
+        window = getattr(attention, "sliding_window", None)
+        if rows.sequence_lengths is not None:
+            out = prefill_attention(q, k, v, rows.sequence_lengths, attention.scaling, window)
+        else:
+            out = decode_attention(q, kv_layer, rows.block_tables, rows.context_lengths, attention.scaling, window)
+        return attention.o_proj(out.reshape(length, -1))
+
+
+def _route_order(request: Running) -> str:
+    """Rows of one adapter next to each other (the base alone's first)."""
+    return request.route or ""
+
+
+def _segments(requests: list[Running], lengths: list[int]) -> dict[str, tuple[int, int]]:
+    """Routing key -> its rows, for requests sorted by route with `lengths` rows each."""
+    segments, start = {}, 0
+    for request, length in zip(requests, lengths):
+        if request.route is not None:
+            begin = segments.get(request.route, (start, start))[0]
+            segments[request.route] = (begin, start + length)
+        start += length
+    return segments
+
+
+def _request_generator(sampling: Sampling, device: torch.device) -> torch.Generator | None:
+    """The request's own stream (seeded: the same tokens whatever it is batched with); none when greedy. Unseeded
+    ones draw their seed from the OS, never from torch's global generator (training's)."""
+    if sampling.temperature == 0:
+        return None
+    seed = sampling.seed if sampling.seed is not None else secrets.randbits(63)
+    return torch.Generator(device=device).manual_seed(seed)
