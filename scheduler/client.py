@@ -44,6 +44,7 @@ TASK_NAMES = (
     "lorafleet.read_file",
     "lorafleet.job_result_file",
     "lorafleet.checkpoint_files",
+    "lorafleet.generate",
 )
 
 

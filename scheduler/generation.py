@@ -39,6 +39,7 @@ MAX_COMPLETION_TOKENS = 2048  # one request's max_tokens: an executor answers be
 MAX_STOP_STRINGS = 4  # OpenAI's limit
 MAX_STOP_CHARS = 256
 MAX_TIMEOUT_SECONDS = 600.0
+DEFAULT_TIMEOUT_SECONDS = 60.0
 RESULT_TTL_SECONDS = 120  # an answer nobody collected is dropped after this
 SERVER_TTL_SECONDS = 10  # an executor serving a base says so again at least this often (`mark_serving`)
 REQUEST_ID_RE = re.compile(r"^gen-[0-9a-f]{24}$")
@@ -141,6 +142,36 @@ class ServingBudget(_Record):
 
     max_requests: int = Field(ge=1)
     max_tokens: int = Field(ge=1)
+
+
+class GenerationCall(_Record):
+    """What a Celery tenant sends to `lorafleet.generate`: the model, a prompt or chat messages, sampling options."""
+
+    model: str
+    prompt: Optional[str] = None
+    messages: Optional[list[dict]] = None
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: Optional[int] = None
+    stop: Optional[str | list[str]] = None
+    timeout: float = Field(DEFAULT_TIMEOUT_SECONDS, description="seconds to wait for an executor's answer")
+
+    def sampling(self) -> Sampling:
+        stop = [self.stop] if isinstance(self.stop, str) else self.stop or []
+        return parse_sampling({"max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
+                               "seed": self.seed, "stop": stop})
+
+
+def parse_call(raw: object) -> GenerationCall:
+    """A `lorafleet.generate` request; ValueError naming the field."""
+    if not isinstance(raw, dict):
+        raise ValueError("request: an object with model, and prompt or messages (and max_tokens, temperature, "
+                         "top_p, seed, stop, timeout)")
+    try:
+        return GenerationCall.model_validate(raw)
+    except ValueError as exc:
+        raise ValueError(_first_error(exc)) from None
 
 
 def fine_tuned_model_name(record: JobRecord) -> str:
@@ -258,7 +289,7 @@ class Generations:
 
     def submit(self, tenant: str, model: str, *, prompt: Optional[str] = None,
                messages: Optional[Sequence[dict | ChatMessage]] = None, sampling: Sampling = Sampling(),
-               timeout: float = 60.0) -> GenerationRequest:
+               timeout: float = DEFAULT_TIMEOUT_SECONDS) -> GenerationRequest:
         """Resolve `model`, check the request and queue it for the base's executors; the caller then waits with
         `wait_result`. ValueError names the field at fault; LookupError: no such model of the tenant's."""
         if not 0 < timeout <= MAX_TIMEOUT_SECONDS:

@@ -37,6 +37,7 @@ from lorafleet.scheduler.artifacts import ArtifactStore
 from lorafleet.scheduler.broker import TenantQueues
 from lorafleet.scheduler.client import make_celery
 from lorafleet.scheduler.files import MAX_PART_BYTES, FileError, FileLimits, FileStore
+from lorafleet.scheduler.generation import Generations, GenerationTimeout, parse_call
 from lorafleet.scheduler.logs import formatter
 from lorafleet.scheduler.metrics import WORKER_PORT, Health, ServeError, api_metrics, serve
 from lorafleet.scheduler.results import JobResults
@@ -61,6 +62,7 @@ MAX_BATCH = 100  # specs in one `lorafleet.submit_jobs` call, which must also fi
 _store: Optional[JobStore] = None
 _file_store: Optional[FileStore] = None
 _job_results: Optional[JobResults] = None
+_generations: Optional[Generations] = None
 
 
 def store() -> JobStore:
@@ -83,6 +85,13 @@ def job_results() -> JobResults:
     if _job_results is None:
         _job_results = JobResults(store(), file_store(), ArtifactStore(config.artifact_root()))
     return _job_results
+
+
+def generations() -> Generations:
+    global _generations
+    if _generations is None:
+        _generations = Generations(store(), config.hf_hub_cache(), config.model_roots())
+    return _generations
 
 
 def _caller(task: Any, token: Any) -> str:
@@ -278,6 +287,27 @@ def checkpoint_files(self, token: str, job_id: str) -> list:
     tenant = _caller(self, token)
     results = job_results()
     return [checkpoint.to_json() for checkpoint in results.checkpoint_files(results.record_for(tenant, job_id))]
+
+
+# ---- generation (`generation.Generations`): a completion by one of the tenant's models, answered by an executor ----
+
+@app.task(name="lorafleet.generate", throws=TENANT_ERRORS + (TimeoutError,), bind=True)
+@_public_errors
+def generate(self, token: str, request: Any) -> dict:
+    """`request`: {"model", "prompt" or "messages", "max_tokens", "temperature", "top_p", "seed", "stop",
+    "timeout"}; returns {"id", "model", "text", "finish_reason", "usage"}. Waits (on Redis, no CPU) for the executor
+    serving the model's base: TimeoutError when none answered in `timeout` seconds."""
+    tenant = _caller(self, token)
+    call = parse_call(request)
+    pending = generations().submit(tenant, call.model, prompt=call.prompt, messages=call.messages,
+                                   sampling=call.sampling(), timeout=call.timeout)
+    try:
+        result = generations().wait_result(pending)
+    except GenerationTimeout as exc:
+        raise TimeoutError(str(exc)) from None  # the built-in type: a tenant has no lorafleet classes
+    if result.error is not None:
+        raise ValueError(f"model {call.model!r}: {result.error}")
+    return result.view(call.model)
 
 
 def _base64_part(data: Any) -> bytes:
