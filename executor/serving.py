@@ -118,7 +118,7 @@ class GenerationServer:
         return len(requests)
 
     def _answers(self, cohort, requests: list[GenerationRequest]) -> dict[str, GenerationResult]:
-        generator = self._generator_for(cohort)
+        generator = self.generator_for(cohort)
         ready, results = [], {}
         for request in requests:
             try:
@@ -129,13 +129,15 @@ class GenerationServer:
         self._unload_least_used(generator)
         return results
 
-    def _generator_for(self, cohort):
+    def generator_for(self, cohort):
+        """The cohort's one Generator (made at first use; a new cohort gets a new one): serving and the jobs'
+        eval samples (executor/eval_samples.py) share it, and its pool."""
         from lorafleet.executor.generate import Generator  # the engine (executor/generate.py), loaded once used
 
-        if cohort is not self.cohort:
-            self.cohort, self.adapters = cohort, OrderedDict()
-            self.generator = Generator(cohort.model, cohort.routing,
-                                       eos_token_ids=eos_token_ids(cohort.tokenizer, cohort.model))
+        if cohort is not self.cohort:  # made before it is kept: a base the engine refuses is refused again next time
+            generator = Generator(cohort.model, cohort.routing,
+                                  eos_token_ids=eos_token_ids(cohort.tokenizer, cohort.model))
+            self.cohort, self.adapters, self.generator = cohort, OrderedDict(), generator
         return self.generator
 
     def _prepare(self, generator, cohort, request: GenerationRequest):
