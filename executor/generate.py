@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import secrets
 from collections import deque
 from contextlib import contextmanager
@@ -42,6 +43,8 @@ LOADED_PREFIX = "gen:"  # loaded adapters' keys in the layers' `adapters` dicts:
 BLOCK_TOKENS = 16
 CPU_POOL_BYTES = 64 << 20
 GPU_POOL_SHARE = 0.4  # of the free GPU memory, when no pool size is given
+# prompt tokens one prefill forward takes at most (one longer prompt goes alone): bounds its activations
+MAX_PREFILL_TOKENS = 16384
 
 
 @dataclass(frozen=True)
@@ -206,25 +209,34 @@ def decode_attention(q, kv_layer, block_tables, context_lengths, scaling: float,
 # Sampling
 
 
-def next_tokens(logits: torch.Tensor, samplings: list[Sampling], generators: list[torch.Generator | None]) -> list[int]:
-    """Each row's next token: greedy at temperature 0, else sampled from its nucleus with the request's generator."""
+def next_tokens(logits: torch.Tensor, samplings: list[Sampling], uniforms: list[float | None]) -> list[int]:
+    """Each row's next token: greedy at temperature 0, else drawn from its nucleus by its uniform in [0, 1).
+
+    The rows are sampled together (one sort, one search), each by the number its request's own generator gave:
+    no per-request launches, and no draw depends on the other rows."""
     logits = logits.float()
     tokens = logits.argmax(dim=-1)
-    for row, (sampling, generator) in enumerate(zip(samplings, generators)):
-        if sampling.temperature > 0:
-            tokens[row] = sample_token(logits[row], sampling, generator)
+    rows = [row for row, sampling in enumerate(samplings) if sampling.temperature > 0]
+    if rows:
+        def column(values):
+            return torch.tensor(values, dtype=torch.float32, device=logits.device)[:, None]
+
+        index = torch.tensor(rows, device=logits.device)
+        temperature = column([samplings[row].temperature for row in rows])
+        top_p = column([samplings[row].top_p for row in rows])
+        tokens[index] = sample_nucleus(logits[index] / temperature, top_p, column([uniforms[row] for row in rows]))
     return tokens.tolist()
 
 
-def sample_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> torch.Tensor:
-    """A draw from softmax(logits / T) restricted to the smallest set of tokens whose probability reaches top_p."""
-    probs = torch.softmax(logits / sampling.temperature, dim=-1)
-    if sampling.top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        before = sorted_probs.cumsum(0) - sorted_probs  # mass of the tokens ranked above each one
-        sorted_probs[before >= sampling.top_p] = 0  # the top token always stays (0 before it)
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-    return torch.multinomial(probs, 1, generator=generator)[0]
+def sample_nucleus(logits: torch.Tensor, top_p: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Per row a draw from softmax(logits) restricted to the smallest set of top tokens whose mass reaches top_p,
+    by inverting its cumulative distribution at `uniform` ([R, 1] each)."""
+    sorted_probs, order = torch.softmax(logits, dim=-1).sort(dim=-1, descending=True)
+    before = sorted_probs.cumsum(dim=-1) - sorted_probs  # the mass ranked above each token
+    kept = sorted_probs.masked_fill(before >= top_p, 0)  # the top token always stays (nothing above it)
+    cumulative = kept.cumsum(dim=-1)
+    picked = torch.searchsorted(cumulative, uniform * cumulative[:, -1:], right=True)
+    return order.gather(1, picked.clamp(max=logits.shape[-1] - 1)).squeeze(1)
 
 
 # Requests under way
@@ -236,7 +248,7 @@ class Running:
     request: GenerationRequest
     route: str | None  # its key in the layers' adapters dicts (and the routing), None for the base alone
     pages: list[int]  # its block table
-    generator: torch.Generator | None
+    rng: random.Random  # its own stream of uniforms for sampling
     generated: list[int] = field(default_factory=list)
     finish_reason: str | None = None
 
@@ -253,7 +265,8 @@ class Running:
 class Generator:
     """Serves `generate` on a cohort's model (shared, no second copy) or a plain HF base (see the module doc)."""
 
-    def __init__(self, model, routing: RowRouting, eos_token_ids: tuple[int, ...] = (), pool_bytes: int | None = None):
+    def __init__(self, model, routing: RowRouting, eos_token_ids: tuple[int, ...] = (), pool_bytes: int | None = None,
+                 max_prefill_tokens: int = MAX_PREFILL_TOKENS):
         family = getattr(model.config, "model_type", type(model).__name__)
         if family not in SUPPORTED_FAMILIES:
             raise ValueError(f"generation supports the Llama-like decoders {SUPPORTED_FAMILIES}; "
@@ -265,6 +278,7 @@ class Generator:
         self.model, self.routing = model, routing
         self.decoder = model.model
         self.eos_token_ids = tuple(eos_token_ids)
+        self.max_prefill_tokens = max_prefill_tokens
         self.device = self.decoder.embed_tokens.weight.device
         attention = self.decoder.layers[0].self_attn
         layout = KvLayout(len(self.decoder.layers), BLOCK_TOKENS, model.config.num_key_value_heads,
@@ -421,10 +435,13 @@ class Generator:
 
     def _admit(self, waiting: deque, running: list[Running]) -> list[Running]:
         """Take waiting requests in order while the pool has pages for their adapter and whole KV (no preemption:
-        a running request never runs out of pages). With nothing running the first one always fits (`_check`)."""
-        admitted = []
+        a running request never runs out of pages) and the prefill stays within `max_prefill_tokens`. With nothing
+        running the first one always fits (`_check`)."""
+        admitted, prefill_tokens = [], 0
         while waiting:
             index, request, route = waiting[0]
+            if admitted and prefill_tokens + len(request.prompt_ids) > self.max_prefill_tokens:
+                break
             loaded = route is not None and route.startswith(LOADED_PREFIX)
             try:
                 if loaded:
@@ -441,7 +458,8 @@ class Generator:
                     raise RuntimeError(f"request {request.request_id!r} found the pool full with nothing running")
                 break
             waiting.popleft()
-            admitted.append(Running(index, request, route, pages, _request_generator(request.sampling, self.device)))
+            admitted.append(Running(index, request, route, pages, _request_rng(request.sampling)))
+            prefill_tokens += len(request.prompt_ids)
         return admitted
 
     def _retire(self, request: Running) -> None:
@@ -489,8 +507,10 @@ class Generator:
 
     def _sample(self, requests: list[Running], logits: torch.Tensor) -> None:
         """Append each request's next token, or finish it on a stop/eos token or at max_tokens."""
-        tokens = next_tokens(logits, [request.request.sampling for request in requests],
-                             [request.generator for request in requests])
+        samplings = [request.request.sampling for request in requests]
+        uniforms = [request.rng.random() if sampling.temperature > 0 else None
+                    for request, sampling in zip(requests, samplings)]
+        tokens = next_tokens(logits, samplings, uniforms)
         for request, token in zip(requests, tokens):
             sampling = request.request.sampling
             if token in self.eos_token_ids or token in sampling.stop_token_ids:
@@ -550,10 +570,7 @@ def _segments(requests: list[Running], lengths: list[int]) -> dict[str, tuple[in
     return segments
 
 
-def _request_generator(sampling: Sampling, device: torch.device) -> torch.Generator | None:
-    """The request's own stream (seeded: the same tokens whatever it is batched with); none when greedy. Unseeded
-    ones draw their seed from the OS, never from torch's global generator (training's)."""
-    if sampling.temperature == 0:
-        return None
-    seed = sampling.seed if sampling.seed is not None else secrets.randbits(63)
-    return torch.Generator(device=device).manual_seed(seed)
+def _request_rng(sampling: Sampling) -> random.Random:
+    """The request's own stream on the host (seeded: the same tokens whatever it is batched with). Unseeded ones
+    draw their seed from the OS, never from torch's global generator (training's)."""
+    return random.Random(sampling.seed if sampling.seed is not None else secrets.randbits(63))

@@ -117,9 +117,9 @@ def test_decode_logits_equal_the_full_forward(tmp_path, dataset, prompts, monkey
     seen = []  # (routes in row order, logits) of each forward
     real_next_tokens = generate_module.next_tokens
 
-    def recording(logits, samplings, generators):
+    def recording(logits, *args):
         seen.append(logits.clone())
-        return real_next_tokens(logits, samplings, generators)
+        return real_next_tokens(logits, *args)
 
     monkeypatch.setattr(generate_module, "next_tokens", recording)
     generator = Generator(cohort.model, cohort.routing)  # no eos: every request runs max_tokens steps
@@ -172,6 +172,16 @@ def test_sampling_follows_the_seed_and_stop_ids(tmp_path, prompts):
     assert narrow[0].token_ids == greedy[0].token_ids  # a nucleus of one token is greedy
 
 
+def test_nucleus_sampling_inverts_the_kept_distribution():
+    """probabilities 0.5, 0.3, 0.15, 0.05 with top_p 0.8 keep the first two (renormalised to 0.625, 0.375)."""
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()[[2, 0, 3, 1]].repeat(4, 1)  # shuffled: tokens 1, 3, 0, 2
+    uniforms = torch.tensor([[0.0], [0.6], [0.63], [0.99]])
+    picked = generate_module.sample_nucleus(logits, torch.full((4, 1), 0.8), uniforms)
+    assert picked.tolist() == [1, 1, 3, 3]
+    everything = generate_module.sample_nucleus(logits, torch.ones(4, 1), uniforms)
+    assert everything.tolist() == [1, 3, 3, 2]
+
+
 def test_generating_with_a_live_job_between_steps_leaves_training_bitwise_unchanged(tmp_path, dataset, prompts):
     """Dropout on (its RNG must not advance), LoRA and NOLA jobs: losses and weights after steps with generation in
     between are bitwise those without."""
@@ -211,7 +221,9 @@ def test_kv_and_adapters_share_one_pool_and_every_kv_page_comes_back(tmp_path, d
     results = {}
     for pool_pages in (1000, 12):
         model, _ = load_base(model_dir)
-        generator = Generator(model, RowRouting(), eos_token_ids=(EOS,), pool_bytes=pool_pages * page_bytes(model))
+        # the small pool's prefills also at most 8 tokens (one prompt) a forward
+        generator = Generator(model, RowRouting(), eos_token_ids=(EOS,), pool_bytes=pool_pages * page_bytes(model),
+                              max_prefill_tokens=1 << 20 if pool_pages == 1000 else 8)
         for job_id, directory in directories.items():
             generator.load_adapter(job_id, directory)
         results[pool_pages] = generator.generate(requests)
