@@ -32,7 +32,7 @@ def peft_key(module_name: str, factor: str) -> str:
     return f"base_model.model.{module_name}.lora_{factor}.weight"
 
 
-def _replace(path: Path, write) -> None:
+def replace_file(path: Path, write) -> None:
     partial = path.with_name(path.name + ".partial")
     write(partial)
     os.replace(partial, path)
@@ -54,9 +54,9 @@ def save_peft_adapter(directory: Path, adapter: Adapter, base_model_path: str, f
     else:
         config, tensors = _lora_export(adapter, common)
     tensors = {key: tensor.detach().float().cpu().contiguous() for key, tensor in tensors.items()}
-    _replace(directory / ADAPTER_WEIGHTS, lambda path: save_file(tensors, str(path), metadata={"format": "pt"}))
+    replace_file(directory / ADAPTER_WEIGHTS, lambda path: save_file(tensors, str(path), metadata={"format": "pt"}))
     fields = {key: sorted(value) if isinstance(value, set) else value for key, value in config.to_dict().items()}
-    _replace(directory / ADAPTER_CONFIG, lambda path: path.write_text(json.dumps(fields, indent=2, sort_keys=True)))
+    replace_file(directory / ADAPTER_CONFIG, lambda path: path.write_text(json.dumps(fields, indent=2, sort_keys=True)))
 
 
 def _lora_export(adapter: Adapter, common: dict) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
@@ -120,7 +120,7 @@ def _vera_export(adapter: VeraAdapter, common: dict) -> tuple[VeraConfig, dict[s
 
 
 def save_training_state(directory: Path, state: dict) -> None:
-    _replace(directory / TRAINING_STATE, lambda path: torch.save({"format": STATE_FORMAT, **state}, path))
+    replace_file(directory / TRAINING_STATE, lambda path: torch.save({"format": STATE_FORMAT, **state}, path))
 
 
 def read_training_state(directory) -> tuple[Path, dict]:

@@ -32,6 +32,12 @@ odds of each answer's average probability p being p / (1 - p). Their chosen sequ
 On a GPU a one-pass step of plain LoRA SFT jobs runs as a CUDA graph once its layout repeats (executor/step_graph.py):
 its forward and backward replayed by one launch instead of thousands, for the same numbers within bf16 rounding.
 
+LoPA jobs (`adapter.type: lopa`, executor/lopa.py) adapt no layer: a pass that holds one feeds the base token
+embeddings instead of ids, each LoPA sequence with its own m soft-prompt rows before it (positions restarting with
+the prompt, no target on it), every other job's rows unchanged; the layers' routing follows the rows to where they
+moved, and the prompt rows are dropped from the token losses, so everything after sees the pass's own rows
+(`Cohort._prompted_token_losses`). Such passes run eagerly.
+
 A job whose data fails, or whose loss or gradient norm is not finite, is failed alone: its adapter is detached before
 its weights change, and nothing of it can reach the other jobs (their rows never meet its rows: attention is per
 sequence, everything else is per row). A finished job reports done=True and stops drawing batches; the executor
@@ -63,6 +69,7 @@ from lorafleet.executor.experts import MultiLoraExperts, attach_expert_factors, 
 from lorafleet.executor.fused_decoder import fuse_decoder
 from lorafleet.executor.loss import chunked_head_loss_applies, logit_softcap
 from lorafleet.executor.loss import token_losses as chunked_token_losses
+from lorafleet.executor.lopa import LopaAdapter, input_length, lopa_logits, prompt_pass, save_lopa
 from lorafleet.executor.model import decoder_layers, load_base, packing_kwargs
 from lorafleet.executor.multilora import MultiLoraLinear, RowRouting, is_conv1d, wrap_targets
 from lorafleet.executor.optim import JobOptimizer, NonFiniteGradients
@@ -156,6 +163,7 @@ class PackedBatch:
     rewards: dict[str, torch.Tensor] = field(default_factory=dict)  # pair job -> [Σ chosen, Σ rejected, pairs right]
     answers: dict[str, torch.Tensor] = field(default_factory=dict)  # ORPO job -> which of its rows are answer targets
     nll_weights: dict[str, float] = field(default_factory=dict)  # ORPO job -> pairs / chosen targets of its micro-batch
+    input_lengths: dict[str, list[int]] = field(default_factory=dict)  # LoPA job -> its sequences' input rows
 
 
 def run_length(hp: Hyperparameters, steps_per_epoch: int) -> tuple[int, int]:
@@ -168,16 +176,20 @@ def run_length(hp: Hyperparameters, steps_per_epoch: int) -> tuple[int, int]:
     return micro_batch_limit, math.ceil(micro_batch_limit / hp.gradient_accumulation_steps)
 
 
-def split_passes(batches: dict[str, list[Example]], max_tokens: int | None) -> list[dict[str, list[Example]]]:
+def split_passes(batches: dict[str, list[Example]], max_tokens: int | None,
+                 prompt_rows: dict[str, int] | None = None) -> list[dict[str, list[Example]]]:
     """Consecutive groups of whole sequences of at most `max_tokens` tokens each (None: one group of everything),
     as even as whole sequences allow: as many groups as `max_tokens` needs, each closed once it reaches an equal
-    share, so no short last pass pays a whole pass's host time for a few tokens."""
-    total = sum(len(example.input_ids) for examples in batches.values() for example in examples)
+    share, so no short last pass pays a whole pass's host time for a few tokens. `prompt_rows`: job -> the rows
+    prepended to each of its sequences (a LoPA job's m), which count as its tokens."""
+    prompt_rows = prompt_rows or {}
+    total = sum(example_rows(example, prompt_rows.get(job_id, 0))
+                for job_id, examples in batches.items() for example in examples)
     share = -(-total // -(-total // max_tokens)) if max_tokens is not None and total else None
     passes, current, size = [], {}, 0
     for job_id, examples in batches.items():
         for example in examples:
-            length = len(example.input_ids)
+            length = example_rows(example, prompt_rows.get(job_id, 0))
             if not length:
                 continue
             if share is not None and current and (size + length > max_tokens or size >= share):
@@ -188,6 +200,11 @@ def split_passes(batches: dict[str, list[Example]], max_tokens: int | None) -> l
     if current:
         passes.append(current)
     return passes
+
+
+def example_rows(example: Example, prompt_rows: int = 0) -> int:
+    """The rows an example takes in the packed row: its tokens, and `prompt_rows` before each of its sequences."""
+    return len(example.input_ids) + prompt_rows * len(example.sequences())
 
 
 def pack(batches: dict[str, list[Example]], device, pad_rows=None) -> PackedBatch:
@@ -323,23 +340,35 @@ class Cohort:
         data = JobData(dataset_path, spec.dataset_format, self.tokenizer, hp.max_seq_len, hp.batch_size, hp.seed,
                        name=dataset_name)
         check_method_format(spec.method, data.fmt, f"job {job_id!r}: {data.name}")
-        layers = wrap_targets(self.model, spec.adapter.target_modules, self.routing)
-        shapes = {name: (layer.in_features, layer.out_features) for name, layer in layers.items()}
-        base_weights = {name: layer.base_weight() for name, layer in layers.items()} if spec.adapter.use_dora else None
-        expert_layers = wrap_expert_targets(self.model, spec.adapter.target_parameters, self.routing)
-        adapter = build_adapter(spec.adapter, shapes, hp.seed, base_weights)
-        attach_expert_factors(adapter, expert_layers, hp.seed)
+        if spec.adapter.type == "lopa":  # no layer of the base touched: its prompts enter with the input embeddings
+            adapter, layers = LopaAdapter(spec.adapter, self.model.get_input_embeddings().embedding_dim, hp.seed), []
+        else:
+            adapter, layers = self._layer_adapter(spec)
         adapter = adapter.to(self.device)
         adapter.place_dropout_rng(self.device)
         micro_batch_limit, total_steps = run_length(hp, data.steps_per_epoch)
         optimizer = JobOptimizer(adapter.param_groups(hp.learning_rate), hp, total_steps)
-        job = Job(job_id, spec, adapter, [*layers.values(), *dict.fromkeys(expert_layers.values())], optimizer, data,
-                  micro_batch_limit, total_steps)
+        job = Job(job_id, spec, adapter, layers, optimizer, data, micro_batch_limit, total_steps)
         if resume_from is not None:
             self._restore(job, load_training_state(resume_from, spec))
         for layer in job.layers:
             layer.adapters[job_id] = adapter
         self.jobs[job_id] = job
+
+    def _layer_adapter(self, spec: JobSpec) -> tuple[Adapter, list[MultiLoraLinear | MultiLoraExperts]]:
+        """A LoRA-kind job's adapter (PEFT's init from its seed) and the multi-adapter layers it targets, wrapped."""
+        layers = wrap_targets(self.model, spec.adapter.target_modules, self.routing)
+        shapes = {name: (layer.in_features, layer.out_features) for name, layer in layers.items()}
+        base_weights = {name: layer.base_weight() for name, layer in layers.items()} if spec.adapter.use_dora else None
+        expert_layers = wrap_expert_targets(self.model, spec.adapter.target_parameters, self.routing)
+        adapter = build_adapter(spec.adapter, shapes, spec.hyperparameters.seed, base_weights)
+        attach_expert_factors(adapter, expert_layers, spec.hyperparameters.seed)
+        return adapter, [*layers.values(), *dict.fromkeys(expert_layers.values())]
+
+    def prompt_rows(self) -> dict[str, int]:
+        """Job id -> the soft-prompt rows before each of its sequences, for the LoPA jobs (executor/lopa.py)."""
+        return {job_id: job.adapter.prompt.num_virtual_tokens for job_id, job in self.jobs.items()
+                if isinstance(job.adapter, LopaAdapter)}
 
     def remove_job(self, job_id: str) -> None:
         """Detach a job's adapter (done, cancelled or failed); the base and the other jobs are untouched."""
@@ -367,13 +396,15 @@ class Cohort:
                        for job_id in batches if self._is_preference(job_id)}
         non_finite: dict[str, float] = {}
         self.step_tokens, self.largest_pass_tokens = 0, 0
-        passes = split_passes(batches, self.max_pass_tokens)
+        prompt_rows = self.prompt_rows()
+        passes = split_passes(batches, self.max_pass_tokens, prompt_rows)
         graphed = self.graphs.use(self, passes)
         for part in passes:
             part = {job_id: examples for job_id, examples in part.items() if job_id not in non_finite}
             if not part:
                 continue
-            part_tokens = sum(len(example.input_ids) for examples in part.values() for example in examples)
+            part_tokens = sum(example_rows(example, prompt_rows.get(job_id, 0))
+                              for job_id, examples in part.items() for example in examples)
             self.step_tokens += part_tokens
             self.largest_pass_tokens = max(self.largest_pass_tokens, part_tokens)
             sums = self.graphs.run(self, part, {job_id: 1.0 / (max(1, divisors[job_id]) * self.jobs[job_id].window_size)
@@ -444,6 +475,9 @@ class Cohort:
         for job_id, examples in batches.items():
             if self.jobs[job_id].spec.method == "orpo":
                 self._target_chosen_prompts(batch, job_id, examples, micro_batches[job_id])
+            if isinstance(self.jobs[job_id].adapter, LopaAdapter):
+                batch.input_lengths[job_id] = [input_length(example.labels[begin:end])
+                                               for example in examples for begin, end in example.sequences()]
         return batch
 
     def _target_chosen_prompts(self, batch: PackedBatch, job_id: str, examples: list[Example],
@@ -505,12 +539,35 @@ class Cohort:
 
     def _token_losses(self, batch: PackedBatch) -> torch.Tensor:
         """The loss of every row of the packed row [T] (0 off target), with the routing set by the caller."""
+        if batch.input_lengths:
+            return self._prompted_token_losses(batch)
         kwargs = batch.packing or packing_kwargs(batch.sequence_lengths, self.device)
+        return self._model_token_losses({"input_ids": batch.input_ids}, batch.targets, kwargs)
+
+    def _prompted_token_losses(self, batch: PackedBatch) -> torch.Tensor:
+        """`_token_losses` of a pass with LoPA jobs: the base is fed the token embeddings with each LoPA sequence's
+        soft prompt prepended (`lopa.prompt_pass`: the other jobs' rows as they are), the routing follows every job's
+        rows to where they moved, and the prompt rows' losses (no target: 0) are left out, so the result is in the
+        batch's own rows. Eager only (a CUDA graph refuses LoPA jobs)."""
+        embeds = self.model.get_input_embeddings()(batch.input_ids[0])
+        prompts = {}
+        for job_id, lengths in batch.input_lengths.items():
+            start, end = batch.rows[job_id]
+            prompts[job_id] = self.jobs[job_id].adapter.prompt.prompts(embeds[start:end], batch.job_sequences[job_id],
+                                                                       lengths)
+        prompted = prompt_pass(embeds, batch.targets, batch.rows, batch.job_sequences, prompts)
+        self.routing.segments = {job_id: prompted.rows[job_id] for job_id in self.routing.segments}
+        kwargs = packing_kwargs(prompted.sequence_lengths, self.device)
+        losses = self._model_token_losses({"inputs_embeds": prompted.embeds[None]}, prompted.targets, kwargs)
+        return losses[~prompted.prompt_rows]
+
+    def _model_token_losses(self, inputs: dict, targets: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """Every row's loss [T] of the model run on `inputs` (input_ids or inputs_embeds, [1, T, ...])."""
         if chunked_head_loss_applies(self.model):
-            hidden = self.model.base_model(batch.input_ids, use_cache=False, **kwargs).last_hidden_state[0]
-            return chunked_token_losses(hidden, self.model.lm_head.weight, batch.targets, logit_softcap(self.model))
-        logits = self.model(batch.input_ids, use_cache=False, **kwargs).logits[0]
-        return F.cross_entropy(logits.float(), batch.targets, ignore_index=IGNORE_INDEX, reduction="none")
+            hidden = self.model.base_model(**inputs, use_cache=False, **kwargs).last_hidden_state[0]
+            return chunked_token_losses(hidden, self.model.lm_head.weight, targets, logit_softcap(self.model))
+        logits = self.model(**inputs, use_cache=False, **kwargs).logits[0]
+        return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="none")
 
     def dropout_seeds(self, batch: PackedBatch) -> torch.Tensor | None:
         """One fresh seed per job for this forward's dropout masks, from the job's own generator (0 for jobs that
@@ -558,9 +615,13 @@ class Cohort:
             layer.adapters.pop(job.job_id, None)
 
     @torch.no_grad()
-    def logits(self, job_id: str, input_ids: list[int]) -> torch.Tensor:
-        """Next-token logits [T, vocab] of one sequence through the base plus this job's adapter (no dropout)."""
+    def logits(self, job_id: str, input_ids: list[int], input_length: int | None = None) -> torch.Tensor:
+        """Next-token logits [T, vocab] of one sequence through the base plus this job's adapter (no dropout); a LoPA
+        job's with its soft prompt, computed from the first `input_length` tokens (default all: `lopa.lopa_logits`)."""
         job = self.jobs[job_id]
+        if isinstance(job.adapter, LopaAdapter):
+            kwargs = packing_kwargs([job.adapter.prompt.num_virtual_tokens + len(input_ids)], self.device)
+            return lopa_logits(self.model, job.adapter.prompt, input_ids, input_length, **kwargs)
         job.adapter.eval()
         self.routing.segments = {job_id: (0, len(input_ids))}
         try:
@@ -583,7 +644,7 @@ class Cohort:
         try:
             for _ in range(data.steps_per_epoch):
                 examples, _epoch = data.next_batch()
-                for part in split_passes({job_id: examples}, self.max_pass_tokens):
+                for part in split_passes({job_id: examples}, self.max_pass_tokens, self.prompt_rows()):
                     batch = self._pack(part, {job_id: examples})
                     total += self._forward(batch)[job_id].item()
                     count += len(part[job_id]) if self._is_preference(job_id) else batch.num_targets[job_id]
@@ -592,11 +653,15 @@ class Cohort:
         return total / count if count else None
 
     def export(self, job_id: str, directory) -> Path:
-        """Write the job's PEFT adapter, and nothing else, into `directory` (created if needed); return it. Its
-        config names the base as the job's spec does (what the tenant wrote), never this executor's path."""
+        """Write the job's PEFT adapter (a LoPA job's `lopa.save_lopa` export), and nothing else, into `directory`
+        (created if needed); return it. Its config names the base as the job's spec does (what the tenant wrote),
+        never this executor's path."""
         job = self.jobs[job_id]
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        if isinstance(job.adapter, LopaAdapter):  # no PEFT format holds a prompt generator: lorafleet's own
+            save_lopa(directory, job.adapter, job.spec.base_model)
+            return directory
         fan_in_fan_out = any(is_conv1d(layer.base) for layer in job.layers)
         save_peft_adapter(directory, job.adapter, job.spec.base_model, fan_in_fan_out)
         return directory

@@ -33,18 +33,22 @@ prompt tuning numbers them), and no prompt row is a target, so a job's loss is o
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
+from lorafleet.executor.adapters import Adapter
+from lorafleet.executor.checkpoint import replace_file
 from lorafleet.executor.data import IGNORE_INDEX
+from lorafleet.scheduler.memory import lopa_parameter_count  # noqa: F401 (the memory model's count, one definition)
+from lorafleet.scheduler.spec import AdapterSpec
 
-
-def lopa_parameter_count(num_virtual_tokens: int, hidden_size: int, encoder_size: int, head_size: int,
-                         rank: int) -> int:
-    """The generator's count: Z_S (m d), the u head (d_e h + h + h m r + m r), the v head (d_e h + h + h d r + d r)."""
-    m, d, d_e, h, r = num_virtual_tokens, hidden_size, encoder_size, head_size, rank
-    return m * d + 2 * (d_e * h + h) + h * (m + d) * r + (m + d) * r
+LOPA_CONFIG = "lopa_config.json"
+LOPA_WEIGHTS = "lopa_model.safetensors"
+LOPA_FORMAT = 1
 
 
 def check_lopa_inputs(embeds: torch.Tensor, sequence_lengths: list[int], input_lengths: list[int]) -> None:
@@ -168,3 +172,125 @@ def prepend_prompts(embeds: torch.Tensor, targets: torch.Tensor, sequence_length
         is_prompt += [torch.ones(m, dtype=torch.bool), torch.zeros(sequence.shape[0], dtype=torch.bool)]
     return PromptedRow(torch.cat(rows), torch.cat(row_targets), [m + length for length in sequence_lengths],
                        torch.cat(is_prompt).to(embeds.device))
+
+
+def input_length(labels) -> int:
+    """A sequence's input rows, the ones its prompt is computed from: those before its first target (labels are
+    aligned with the tokens, `formats`), or all of it when it has none (its targets truncated away)."""
+    for index, label in enumerate(labels):
+        if label != IGNORE_INDEX:
+            return index
+    return len(labels)
+
+
+class LopaAdapter(Adapter):
+    """A LoPA job's trainable part behind the interface the cohort drives (optimizer groups, checkpoint state, a
+    dropout stream it never draws from): its generator `prompt`. It adapts no layer (`layer_names` is empty): the
+    cohort feeds its prompts in with the input embeddings (`prompt_pass`)."""
+
+    def __init__(self, spec: AdapterSpec, hidden_size: int, seed: int):
+        super().__init__(spec, {}, seed)
+        settings = spec.lopa
+        with torch.random.fork_rng(devices=[]):  # the job's own init from its seed, whoever else is in the cohort
+            torch.manual_seed(seed)
+            self.prompt = LopaPrompt(settings.num_virtual_tokens, hidden_size, settings.rank, settings.head_size)
+
+
+@dataclass
+class PromptedPass:
+    """A cohort pass's packed row with every LoPA sequence's prompt rows prepended (`prompt_pass`)."""
+
+    embeds: torch.Tensor  # [T', d]: what the base is fed as inputs_embeds
+    targets: torch.Tensor  # [T'], IGNORE_INDEX on every prompt row
+    sequence_lengths: list[int]  # the model's packed sequences: a LoPA sequence's m + L, another's L
+    rows: dict[str, tuple[int, int]]  # each job's rows in this layout (the routing's segments)
+    prompt_rows: torch.Tensor  # [T'] bool: dropping these rows gives back the pass's own layout
+
+
+def prompt_pass(embeds: torch.Tensor, targets: torch.Tensor, rows: dict[str, tuple[int, int]],
+                job_sequences: dict[str, list[int]], prompts: dict[str, torch.Tensor]) -> PromptedPass:
+    """Lay out a pass's jobs in their order, each LoPA job's (those in `prompts`: [n, m, d]) through `prepend_prompts`,
+    every other job's rows unchanged, bit for bit. `rows` must cover embeds [T, d] back to back (an eager pass)."""
+    parts, part_targets, lengths, moved, is_prompt, start, covered = [], [], [], {}, [], 0, 0
+    for job_id, (begin, end) in rows.items():
+        if begin != covered or sum(job_sequences[job_id]) != end - begin:
+            raise ValueError(f"job {job_id}: rows {begin}..{end} are not the next {sum(job_sequences[job_id])} rows "
+                             f"after {covered} (a padded layout cannot take prompts)")
+        covered = end
+        rows_embeds, rows_targets, sequences = embeds[begin:end], targets[begin:end], job_sequences[job_id]
+        if job_id in prompts:
+            row = prepend_prompts(rows_embeds, rows_targets, sequences, prompts[job_id])
+            rows_embeds, rows_targets, sequences, prompt_rows = (row.embeds, row.targets, row.sequence_lengths,
+                                                                 row.prompt_rows)
+        else:
+            prompt_rows = torch.zeros(end - begin, dtype=torch.bool, device=embeds.device)
+        parts.append(rows_embeds)
+        part_targets.append(rows_targets)
+        lengths += sequences
+        is_prompt.append(prompt_rows)
+        moved[job_id] = (start, start + rows_embeds.shape[0])
+        start += rows_embeds.shape[0]
+    return PromptedPass(torch.cat(parts), torch.cat(part_targets), lengths, moved, torch.cat(is_prompt))
+
+
+def lopa_config(adapter: LopaAdapter, base_model: str) -> dict:
+    """What `load_lopa` needs to rebuild the generator, and what it is: the export's `LOPA_CONFIG`."""
+    prompt = adapter.prompt
+    return {
+        "format": LOPA_FORMAT,
+        "adapter_type": "lopa",
+        "base_model_name_or_path": base_model,
+        "num_virtual_tokens": prompt.num_virtual_tokens,
+        "hidden_size": prompt.shared.shape[1],
+        "encoder_size": prompt.u_head.dense.in_features,
+        "rank": prompt.u_head.rank,
+        "head_size": prompt.u_head.dense.out_features,
+        "encoder": "mean of the base's input embeddings (get_input_embeddings) over the input tokens, those before "
+                   "the first target",
+        "prompt": "Z = Z_S * sigmoid(u v^T), prepended to the input embeddings; positions 0 .. m + L - 1",
+    }
+
+
+def save_lopa(directory: Path, adapter: LopaAdapter, base_model: str) -> None:
+    """Write a LoPA job's export into `directory`: `LOPA_CONFIG` and `LOPA_WEIGHTS` (the generator's fp32 state:
+    shared [m, d], u_head.* and v_head.*, nn.Linear's names), each replaced whole."""
+    tensors = {key: tensor.detach().float().cpu().contiguous() for key, tensor in adapter.prompt.state_dict().items()}
+    replace_file(directory / LOPA_WEIGHTS, lambda path: save_file(tensors, str(path), metadata={"format": "pt"}))
+    config = json.dumps(lopa_config(adapter, base_model), indent=2, sort_keys=True)
+    replace_file(directory / LOPA_CONFIG, lambda path: path.write_text(config))
+
+
+def load_lopa(directory, device="cpu") -> LopaPrompt:
+    """The generator a LoPA job exported into `directory` (fp32, eval mode), for `lopa_logits` on a plain Hugging
+    Face base:
+
+        base = AutoModelForCausalLM.from_pretrained(BASE, dtype=torch.float32)
+        prompt = load_lopa("adapter/")
+        logits = lopa_logits(base, prompt, tokenizer(text)["input_ids"], input_length)
+    """
+    directory = Path(directory)
+    try:
+        config = json.loads((directory / LOPA_CONFIG).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{directory}: no {LOPA_CONFIG} (not a LoPA job's export)") from None
+    if config.get("format") != LOPA_FORMAT or config.get("adapter_type") != "lopa":
+        raise ValueError(f"{directory / LOPA_CONFIG}: format {config.get('format')!r} of "
+                         f"{config.get('adapter_type')!r}, expected {LOPA_FORMAT} of 'lopa'")
+    prompt = LopaPrompt(config["num_virtual_tokens"], config["hidden_size"], config["rank"], config["head_size"],
+                        config["encoder_size"])
+    prompt.load_state_dict(load_file(str(directory / LOPA_WEIGHTS)))
+    return prompt.to(device).eval()
+
+
+@torch.no_grad()
+def lopa_logits(model, prompt: LopaPrompt, input_ids: list[int], input_length: int | None = None,
+                **model_kwargs) -> torch.Tensor:
+    """Next-token logits [L, vocab] of one sequence x with its own soft prompt: the base run on [Z(x), x] with
+    inputs_embeds (positions 0 .. m + L - 1), the prompt's m rows dropped. `input_length`: x's input tokens, the ones
+    Z is computed from (a record's prompt, before its answer; default all of x). `model_kwargs`: passed to the model
+    (the cohort's packing inputs; none for a plain Hugging Face model)."""
+    ids = torch.tensor(input_ids, device=model.device)
+    embeds = model.get_input_embeddings()(ids)
+    prompts = prompt.prompts(embeds, [len(input_ids)], [len(input_ids) if input_length is None else input_length])
+    inputs = torch.cat([prompts[0].to(embeds.dtype), embeds])[None]
+    return model(inputs_embeds=inputs, use_cache=False, **model_kwargs).logits[0, prompt.num_virtual_tokens:]

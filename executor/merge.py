@@ -85,6 +85,9 @@ def _read_adapter(adapter_dir: Path) -> dict:
         raise MergeError(f"adapter {adapter_dir}: no such directory (expected a job's exported adapter: "
                          f"{ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
     missing = [name for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if not (adapter_dir / name).is_file()]
+    if missing and (adapter_dir / "lopa_config.json").is_file():
+        raise MergeError(f"adapter {adapter_dir}: is a LoPA job's soft-prompt generator, not a weight delta: there is "
+                         f"nothing to merge into the base; load it with lorafleet.executor.lopa.load_lopa")
     if missing and (adapter_dir / "config.json").is_file():
         raise MergeError(f"adapter {adapter_dir}: is a whole model (a GaLore job's result), not an adapter: it needs "
                          f"no merge; load it with from_pretrained")

@@ -20,7 +20,13 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from lorafleet.scheduler.memory import ModelShape, estimate_activation_bytes, estimate_job_bytes, possible_dtypes
+from lorafleet.scheduler.memory import (
+    ModelShape,
+    estimate_activation_bytes,
+    estimate_job_bytes,
+    possible_dtypes,
+    size_lopa_job,
+)
 from lorafleet.scheduler.spec import JobSpec, SpecError
 
 AUTO = "auto"
@@ -39,7 +45,8 @@ JOB_BYTES_BUDGET = 8 << 30  # what one auto-sized job may add to a cohort: sever
 # mixing coefficients of fixed random bases, which take larger steps).
 # VeRA trains only scaling vectors: its paper's instruction-tuning runs use rates about 20x LoRA's (4e-3)
 # GaLore trains the base's own weights (a full fine-tune): its paper's fine-tuning rates are about 1e-5.
-_BASE_LEARNING_RATE = {"lora": 2e-4, "nola": 1e-3, "vera": 4e-3, "galore": 1e-5}
+# LoPA trains a soft prompt and its generator, at prompt tuning's higher rates (the authors' scripts: 1e-3)
+_BASE_LEARNING_RATE = {"lora": 2e-4, "nola": 1e-3, "vera": 4e-3, "galore": 1e-5, "lopa": 1e-3}
 
 
 @dataclass(frozen=True)
@@ -86,6 +93,11 @@ def auto_batch_size(spec: JobSpec, shape: ModelShape, sample: DatasetSample,
 def _job_bytes(spec: JobSpec, shape: ModelShape, batch_size: int) -> int:
     if spec.adapter.type == "galore":  # alone on its executor: of its bytes only the activations grow with the batch
         return max(estimate_activation_bytes(shape, batch_size, spec.hyperparameters.max_seq_len, dtype)
+                   for dtype in possible_dtypes(spec.dtype))
+    if spec.adapter.type == "lopa":
+        lopa = spec.adapter.lopa
+        return max(size_lopa_job(shape, lopa.num_virtual_tokens, lopa.rank, lopa.head_size, batch_size,
+                                 spec.hyperparameters.max_seq_len, spec.quantization, dtype).job_bytes
                    for dtype in possible_dtypes(spec.dtype))
     return max(estimate_job_bytes(shape, spec.adapter.r, spec.adapter.target_modules, batch_size,
                                   spec.hyperparameters.max_seq_len, dtype, spec.adapter.use_dora,

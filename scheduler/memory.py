@@ -8,7 +8,9 @@ one pass, not of every job at once (`cohort_bytes`).
 
 "Tokens" everywhere in lorafleet means positions of a micro-batch: every token of a packed sequence, prompt and
 target, padding excluded (`formats.tokenise_record` makes them; the cohort trains on them; usage and tokens/s
-count them). Target tokens, the ones the loss is taken on, are always called target tokens.
+count them); a LoPA job's m soft-prompt rows before each sequence are positions the base runs on too, so they count
+(`plan_lopa_job`, the cohort's passes and step tokens). Target tokens, the ones the loss is taken on, are always
+called target tokens (never a prompt row).
 
 The planner (`policy`), the scheduler, the executor, submission
 and the simulator all size jobs with this module and no other, and with one rule for the compute dtype
@@ -415,6 +417,33 @@ def _check_galore_shape(shape: ModelShape) -> None:
                          f"{shape.family or 'this base'} has {'experts' if shape.num_experts else 'an ungated MLP'}")
 
 
+def lopa_parameter_count(num_virtual_tokens: int, hidden_size: int, encoder_size: int, head_size: int,
+                         rank: int) -> int:
+    """A LoPA generator's parameters (executor/lopa.py): Z_S (m d), the u head (d_e h + h + h m r + m r), the v head
+    (d_e h + h + h d r + d r)."""
+    m, d, d_e, h, r = num_virtual_tokens, hidden_size, encoder_size, head_size, rank
+    return m * d + 2 * (d_e * h + h) + h * (m + d) * r + (m + d) * r
+
+
+# What LoPA's generator keeps per sequence for its backward, in fp32 [m, d] tensors: u vᵀ, its sigmoid and the prompt.
+_LOPA_GENERATOR_ACTIVATIONS = 3
+
+
+def size_lopa_job(shape: ModelShape, num_virtual_tokens: int, rank: int, head_size: int, batch_size: int,
+                  max_seq_len: int, quantization: str, dtype: str) -> JobSize:
+    """A LoPA job's bytes: its generator's parameters with their grads and AdamW state (fp32, as an adapter's), and
+    one micro-batch's activations, each sequence m rows longer (its prompt goes through every layer of the base)
+    plus the generator's own. Its base is shared with the cohort's other jobs, quantized or not."""
+    if dtype not in _DTYPE_BYTES:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPE_BYTES)}")
+    m, d = num_virtual_tokens, shape.hidden_size
+    params = lopa_parameter_count(m, d, d, head_size, rank)
+    activations = (estimate_activation_bytes(shape, batch_size, max_seq_len + m, dtype)
+                   + batch_size * _LOPA_GENERATOR_ACTIVATIONS * m * d * 4)
+    return JobSize(params * _ADAPTER_STATE_BYTES_PER_PARAM + activations, activations,
+                   estimate_base_bytes(shape.num_params(), quantization, dtype))
+
+
 def estimate_gpu_seconds(tokens: int, params: int, tokens_per_second_at_8b: float = 10_000.0) -> float:
     """GPU time a job of `tokens` needs, for fair-share accounting: training FLOPs grow with parameters x tokens.
 
@@ -578,6 +607,19 @@ def plan_job(compat_key: str, base_snapshot: str, shape: ModelShape, r: int, tar
              for d in possible_dtypes(dtype)}
     params = shape.num_params()
     return JobPlan(compat_key, base_snapshot, params, sequences * max_seq_len, max_seq_len, tokens,
+                   estimate_gpu_seconds(tokens, params), dtype, sizes)
+
+
+def plan_lopa_job(compat_key: str, base_snapshot: str, shape: ModelShape, num_virtual_tokens: int, rank: int,
+                  head_size: int, batch_size: int, max_seq_len: int, quantization: str, dtype: str,
+                  tokens: int) -> JobPlan:
+    """`plan_job` for a LoPA job (`size_lopa_job`). Its sequences are m rows longer than max_seq_len in the packed
+    row, and its plan says so: tokens_per_step and max_seq_len count the prompt rows (what a pass holds), while
+    its target tokens are those of its data alone."""
+    sizes = {d: size_lopa_job(shape, num_virtual_tokens, rank, head_size, batch_size, max_seq_len, quantization, d)
+             for d in possible_dtypes(dtype)}
+    params, rows = shape.num_params(), max_seq_len + num_virtual_tokens
+    return JobPlan(compat_key, base_snapshot, params, batch_size * rows, rows, tokens,
                    estimate_gpu_seconds(tokens, params), dtype, sizes)
 
 

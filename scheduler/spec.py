@@ -82,10 +82,27 @@ _NOT_GALORE_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_parameters", "n
                       "loraplus_lr_ratio", "use_dora")
 
 
+class LopaSpecSettings(_Strict):
+    """LoPA's options (executor/lopa.py): a per-input soft prompt Z = Z_S ∘ sigmoid(u vᵀ) of num_virtual_tokens rows
+    prepended to each sequence; defaults as the authors' training script (10 virtual tokens, rank 1)."""
+
+    num_virtual_tokens: int = Field(10, ge=1, le=256, description="m: prompt rows prepended to every sequence")
+    rank: int = Field(1, ge=1, le=64, description="r: the rank of the instance-specific part u vᵀ")
+    head_size: int = Field(256, ge=1, le=8192, description="h: hidden width of the two heads that map the input's "
+                           "encoding to u and v")
+
+
+# Adapter fields that do not apply to a LoPA job (no layer of the base is adapted: its prompts enter at the input).
+_NOT_LOPA_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "target_parameters", "nola", "vera",
+                    "use_rslora", "loraplus_lr_ratio", "use_dora")
+
+
 class AdapterSpec(_Strict):
-    type: Literal["lora", "nola", "vera", "galore"] = Field(
+    type: Literal["lora", "nola", "vera", "galore", "lopa"] = Field(
         "lora", description="galore: full fine-tuning of the base's weights with GaLore's gradient low-rank "
-        "projection on target_modules (others train with AdamW); run alone, exported as a full model")
+        "projection on target_modules (others train with AdamW); run alone, exported as a full model. lopa: "
+        "low-rank prompt adaptation, a soft prompt per input prepended to each sequence (options in 'lopa'), "
+        "the base untouched; exported as lopa_config.json + lopa_model.safetensors")
     r: int = Field(16, ge=1, le=256)
     lora_alpha: float = Field(32.0, gt=0, le=4096)
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
@@ -110,6 +127,7 @@ class AdapterSpec(_Strict):
     use_dora: bool = Field(False, description="DoRA: a trained magnitude per output feature times the direction of "
                            "W + scale·BA (lora only, unquantized bases; PEFT's use_dora)")
     galore: Optional[GaloreSpecSettings] = None
+    lopa: Optional[LopaSpecSettings] = None
 
     @field_validator("target_modules", mode="before")
     @classmethod
@@ -196,6 +214,21 @@ class AdapterSpec(_Strict):
                              f"{', '.join(given)} (its options are galore.rank, update_proj_gap, scale, proj_type)")
         if self.galore is None:
             object.__setattr__(self, "galore", GaloreSpecSettings())
+        return self
+
+    @model_validator(mode="after")
+    def _lopa_settings(self) -> "AdapterSpec":
+        if self.type != "lopa":
+            if self.lopa is not None:
+                raise ValueError("'lopa' settings are only allowed with type 'lopa'")
+            return self
+        given = [name for name in _NOT_LOPA_FIELDS
+                 if name in self.model_fields_set and getattr(self, name) != type(self).model_fields[name].default]
+        if given:
+            raise ValueError(f"type 'lopa' adapts no layer of the base (its soft prompts enter with the input): it "
+                             f"takes no {', '.join(given)} (its options are lopa.num_virtual_tokens, rank, head_size)")
+        if self.lopa is None:
+            object.__setattr__(self, "lopa", LopaSpecSettings())
         return self
 
     @property
@@ -349,6 +382,13 @@ class JobSpec(_Strict):
                              f"(quantization {self.quantization!r})")
         if self.method != "sft":
             raise ValueError(f"adapter.type 'galore' trains with method 'sft' only, not {self.method!r}")
+        return self
+
+    @model_validator(mode="after")
+    def _lopa_job(self) -> "JobSpec":
+        if self.adapter.type == "lopa" and self.method != "sft":
+            raise ValueError(f"adapter.type 'lopa' trains with method 'sft' only, not {self.method!r} (a preference "
+                             f"pair's prompts and its reference forward are not built for LoPA)")
         return self
 
     def compatibility_key(self) -> str:

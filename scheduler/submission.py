@@ -30,7 +30,14 @@ from lorafleet.scheduler.base_modules import (
 )
 from lorafleet.scheduler.datasets import AcceptedDataset, accept, accepted_path
 from lorafleet.scheduler.files import FileStore, accepted_file, is_file_id
-from lorafleet.scheduler.memory import JobPlan, ModelShape, micro_batch_sequences, plan_galore_job, plan_job
+from lorafleet.scheduler.memory import (
+    JobPlan,
+    ModelShape,
+    micro_batch_sequences,
+    plan_galore_job,
+    plan_job,
+    plan_lopa_job,
+)
 from lorafleet.scheduler.formats import IGNORE_INDEX, DataError, Tokenizing, detect_format, parse_record, tokenise_record
 from lorafleet.scheduler.spec import (
     ALL_LINEAR, JobSpec, SpecError, check_method_format, is_inside, parse_spec, resolve_dataset, spec_object,
@@ -118,6 +125,11 @@ def plan_for(spec: JobSpec, model_dir: Path, dataset_tokens: int) -> JobPlan:
         tokens = hp.epochs * min(dataset_tokens, 10**12)
     if spec.adapter.type == "galore":
         return _plan_galore(spec, snapshot, tokens)
+    if spec.adapter.type == "lopa":  # its prompt rows are not in `tokens`: the run's are its data's
+        lopa = spec.adapter.lopa
+        return plan_lopa_job("|".join((snapshot, spec.quantization, spec.dtype)), snapshot, model_shape(snapshot),
+                             lopa.num_virtual_tokens, lopa.rank, lopa.head_size, hp.batch_size, hp.max_seq_len,
+                             spec.quantization, spec.dtype, tokens)
     return plan_job("|".join((snapshot, spec.quantization, spec.dtype)), snapshot, model_shape(snapshot),
                     spec.adapter.r, spec.adapter.target_modules, hp.batch_size, hp.max_seq_len, spec.quantization,
                     spec.dtype, tokens, dora=spec.adapter.use_dora, target_parameters=spec.adapter.target_parameters,
@@ -207,6 +219,8 @@ def _check_eval_prompts(spec: JobSpec, tokenizing: Tokenizing, fmt: str) -> None
 
 def _check_target_modules(spec: JobSpec, shape: ModelShape) -> None:
     """Refuse target modules that name no linear layer of the base (the memory model could not size them either)."""
+    if spec.adapter.type == "lopa":  # adapts no layer: its target_modules are the unused default
+        return
     known = shape.module_widths()
     unknown = [name for name in spec.adapter.target_modules if name not in known and name != ALL_LINEAR]
     if unknown:
