@@ -231,3 +231,35 @@ def test_loading_something_else_than_a_lopa_export_is_refused_by_name(tmp_path):
     (tmp_path / LOPA_CONFIG).write_text(json.dumps({"format": 9, "adapter_type": "lopa"}))
     with pytest.raises(ValueError, match="format 9"):
         load_lopa(tmp_path)
+
+
+def test_passes_and_checkpointed_layers_give_a_lopa_job_its_one_pass_gradient(llama, datasets):
+    def pending_gradients(**options) -> tuple[dict[str, torch.Tensor], Cohort]:
+        cohort = Cohort(llama, **options)
+        for job_id in ("p", "x"):  # windows of two: after one step the gradients are pending
+            cohort.add_job(job_id, make_spec(llama, **SPECS[job_id]), datasets[job_id])
+        spread(cohort.jobs["p"].adapter)
+        cohort.step()
+        return {name: p.grad.clone() for name, p in cohort.jobs["p"].adapter.named_parameters()}, cohort
+
+    one_pass, cohort = pending_gradients()
+    assert cohort.largest_pass_tokens == cohort.step_tokens
+    in_passes, cohort = pending_gradients(max_pass_tokens=100)
+    assert cohort.step_tokens > cohort.largest_pass_tokens, "the step ran in several passes"
+    checkpointed, _ = pending_gradients(activation_checkpointing=1)
+    for name, grad in one_pass.items():
+        torch.testing.assert_close(in_passes[name], grad, rtol=1e-5, atol=1e-7)  # summed in another order
+        torch.testing.assert_close(checkpointed[name], grad, rtol=1e-6, atol=1e-8)
+
+
+def test_a_validation_set_is_evaluated_with_the_jobs_prompts(llama, datasets):
+    cohort = cohort_of(llama, datasets, ["p", "x"])
+    spread(cohort.jobs["p"].adapter)
+    data = JobData(datasets["p"], "auto", cohort.tokenizer, 512, 9, 0)
+    examples, _ = JobData(datasets["p"], "auto", cohort.tokenizer, 512, 9, 0).next_batch()
+    base = AutoModelForCausalLM.from_pretrained(llama, dtype=torch.float64, attn_implementation="sdpa")
+    prompt = cohort.jobs["p"].adapter.prompt
+    params = [t.detach().double() for t in (prompt.shared, *head_tensors(prompt.u_head), *head_tensors(prompt.v_head))]
+    with torch.no_grad():
+        want = reference_loss(base, examples, params, prompt.num_virtual_tokens).item()
+    assert cohort.evaluate("p", data) == pytest.approx(want, rel=1e-5)
