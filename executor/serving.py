@@ -24,6 +24,8 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Optional
 
+from lorafleet.executor.generate import GenerationRequest as EngineRequest
+from lorafleet.executor.generate import Generator, Sampling
 from lorafleet.scheduler.artifacts import ArtifactStore
 from lorafleet.scheduler.formats import FALLBACK_CHAT_HEADERS
 from lorafleet.scheduler.generation import (
@@ -35,6 +37,10 @@ log = logging.getLogger("lorafleet.executor.serving")
 BETWEEN_STEPS = ServingBudget(max_requests=16, max_tokens=2048)
 IDLE = ServingBudget(max_requests=64, max_tokens=16384)
 MAX_LOADED_ADAPTERS = 64
+# The engine's page pool (KV cache and resident adapters) is allocated once per loaded base and stays: sized for the
+# KV of an idle batch (IDLE.max_tokens generated plus as many prompt tokens) and a quarter more for adapters, rather
+# than the engine's default share of free GPU memory, which training needs (the heartbeat's memory counts the pool).
+POOL_TOKENS = 2 * IDLE.max_tokens
 
 
 class RequestError(ValueError):
@@ -44,6 +50,19 @@ class RequestError(ValueError):
 def context_length(config) -> Optional[int]:
     """The longest sequence the base takes (Llama's and most families' name, GPT-2's), None when it does not say."""
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+def pool_bytes(model) -> Optional[int]:
+    """Bytes of the serving pool for this base (`POOL_TOKENS`); None where its attention shape is not Llama's (the
+    engine refuses such a base anyway)."""
+    config, decoder = model.config, getattr(model, "model", None)
+    try:
+        head_dim = decoder.layers[0].self_attn.head_dim
+        per_token = (2 * config.num_hidden_layers * config.num_key_value_heads * head_dim
+                     * decoder.embed_tokens.weight.dtype.itemsize)
+    except AttributeError:
+        return None
+    return per_token * POOL_TOKENS * 5 // 4
 
 
 def eos_token_ids(tokenizer, model) -> tuple[int, ...]:
@@ -140,10 +159,9 @@ class GenerationServer:
             self.cohort, self.adapters, self.generator = cohort, OrderedDict(), generator
         return self.generator
 
-    def _prepare(self, generator, cohort, request: GenerationRequest):
+    def _prepare(self, generator: Generator, cohort, request: GenerationRequest
+                 ) -> tuple[GenerationRequest, EngineRequest]:
         """The engine's request: the prompt's tokens, checked against the base's context, and its adapter loaded."""
-        from lorafleet.executor.generate import GenerationRequest as EngineRequest, Sampling
-
         ids = prompt_ids(cohort.tokenizer, request)
         sampling = request.sampling
         limit = context_length(cohort.model.config)

@@ -41,6 +41,7 @@ MAX_STOP_CHARS = 256
 MAX_TIMEOUT_SECONDS = 600.0
 DEFAULT_TIMEOUT_SECONDS = 60.0
 RESULT_TTL_SECONDS = 120  # an answer nobody collected is dropped after this
+WAIT_SLICE_SECONDS = 2.0  # one blocking read of a waiter
 SERVER_TTL_SECONDS = 10  # an executor serving a base says so again at least this often (`mark_serving`)
 REQUEST_ID_RE = re.compile(r"^gen-[0-9a-f]{24}$")
 _FINE_TUNED_RE = re.compile(r"^ft:.+:(?P<job_id>job-[0-9a-f]{16})(?::ckpt-step-(?P<step>\d{1,9}))?$")
@@ -311,13 +312,16 @@ class Generations:
 
     def wait_result(self, request: GenerationRequest, timeout: Optional[float] = None) -> GenerationResult:
         """Block until the request is answered, at most until its deadline (or `timeout` seconds)."""
-        left = request.deadline - time.time() if timeout is None else timeout
-        reply = self.r.blpop([keys.generation_result(request.request_id)], timeout=max(0.01, left)) if left > 0 else None
-        if reply is None:
-            waited = request.deadline - request.submitted_at if timeout is None else timeout
-            raise GenerationTimeout(f"no executor serving base {request.target.base.base_name!r} answered within "
-                                    f"{waited:g} s")
-        return GenerationResult.model_validate_json(reply[1])
+        until = request.deadline if timeout is None else time.time() + timeout
+        key = keys.generation_result(request.request_id)
+        while (left := until - time.time()) > 0:
+            # in slices: a blocking read longer than the client's socket timeout (redis-py's default: 5 s) fails
+            reply = self.r.blpop([key], timeout=max(0.01, min(left, WAIT_SLICE_SECONDS)))
+            if reply is not None:
+                return GenerationResult.model_validate_json(reply[1])
+        waited = request.deadline - request.submitted_at if timeout is None else timeout
+        raise GenerationTimeout(f"no executor serving base {request.target.base.base_name!r} answered within "
+                                f"{waited:g} s")
 
     # ---- the executor's side ----
 
