@@ -54,6 +54,7 @@ def test_a_lopa_job_gets_the_authors_defaults_and_keeps_them_through_a_round_tri
     ({}, {"method": "dpo", "dataset_format": "preference"}, "method 'sft' only, not 'dpo'"),
     ({}, {"method": "simpo"}, "method 'sft' only, not 'simpo'"),
     ({}, {"method": "orpo"}, "method 'sft' only, not 'orpo'"),
+    ({}, {"eval_samples": ["say hi"]}, "eval_samples"),
 ])
 def test_a_lopa_job_that_cannot_run_is_refused_naming_why(adapter, fields, named):
     with pytest.raises(SpecError, match=named):
