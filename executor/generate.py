@@ -289,6 +289,7 @@ class Generator:
                                 on_evict=self._on_evict)
         self._host: dict[str, HostAdapter] = {}  # loaded adapters, by key
         self._layers: dict[str, MultiLoraLinear] = {}  # module name -> layer, for every layer a loaded adapter targets
+        self._closed = False
 
     def _pool_bytes(self, pool_bytes: int | None) -> int:
         if pool_bytes is not None:
@@ -356,41 +357,61 @@ class Generator:
         raise ValueError(f"unknown adapter {key!r}: neither loaded (load_adapter) nor a job training on this base")
 
     def _make_resident(self, route: str) -> None:
-        """Copy a loaded adapter into the pool (if not there) and hand its views to its layers."""
-        if self.pool.resident(route):
-            return
+        """Copy a loaded adapter into the pool (if not there) and hand its views to its layers for this call."""
         host = self._host[route.removeprefix(LOADED_PREFIX)]
-        tensors = [t for pair in host.factors.values() for t in pair]
-        views = self.pool.place_adapter(route, tensors)
+        if self.pool.resident(route):
+            views = self.pool.adapters[route].views
+        else:
+            views = self.pool.place_adapter(route, [t for pair in host.factors.values() for t in pair])
         factors = {name: (views[2 * i], views[2 * i + 1]) for i, name in enumerate(host.factors)}
         served = ServedAdapter(host.scale, factors)
         for name in host.factors:
             self._layers[name].adapters[route] = served
 
     def _on_evict(self, route: str) -> None:
+        self._uninstall([route])
+
+    def _uninstall(self, routes) -> None:
+        """Take loaded adapters out of the layers: between calls the model holds no view of the pool, so a dropped
+        Generator's pool is freed, and a cohort's layers list its own jobs only."""
         for layer in self._layers.values():
-            layer.adapters.pop(route, None)
+            for route in routes:
+                layer.adapters.pop(route, None)
+
+    def close(self) -> None:
+        """Give the pool's memory back now (resident adapters evicted; loaded ones stay in host memory, and a later
+        `generate` needs a new Generator)."""
+        for route in list(self.pool.adapters):
+            self.pool.evict(route)
+        self.pool.buffer = self.pool.buffer.new_empty(0)
+        self._closed = True
 
     # Generation
 
     def generate(self, requests: list[GenerationRequest]) -> list[Completion]:
         """Complete every request (same order); requests join the running batch as pages allow."""
+        if self._closed:
+            raise RuntimeError("this Generator was closed (its pool given back): make a new one")
         routes = [self._check(request) for request in requests]
         waiting = deque(zip(range(len(requests)), requests, routes))
         running: list[Running] = []
         completions: list[Completion | None] = [None] * len(requests)
         with self._serving(routes):
-            while waiting or running:
-                admitted = self._admit(waiting, running)
-                if admitted:
-                    self._prefill(admitted)
+            try:
+                while waiting or running:
+                    admitted = self._admit(waiting, running)
                     running += admitted
-                else:
-                    self._decode(running)
-                for request in [request for request in running if request.finish_reason]:
-                    completions[request.index] = request.completion()
+                    if admitted:
+                        self._prefill(admitted)
+                    else:
+                        self._decode(running)
+                    for request in [request for request in running if request.finish_reason]:
+                        completions[request.index] = request.completion()
+                        self._retire(request)
+                        running.remove(request)
+            finally:  # a failed call (out of memory, say) leaves no page held
+                for request in running:
                     self._retire(request)
-                    running.remove(request)
         return completions
 
     def _check(self, request: GenerationRequest) -> str | None:
@@ -417,7 +438,8 @@ class Generator:
 
     @contextmanager
     def _serving(self, routes: list[str | None]):
-        """Eval mode for the live jobs' adapters, no autograd, and the cohort's routing as it was afterwards."""
+        """Eval mode for the live jobs' adapters, no autograd; afterwards the cohort's routing as it was and no loaded
+        adapter left in the layers."""
         live = {route: self._live_adapter(route) for route in routes
                 if route is not None and not route.startswith(LOADED_PREFIX)}
         modes = {route: adapter.training for route, adapter in live.items()}
@@ -431,6 +453,7 @@ class Generator:
         finally:
             for route, adapter in live.items():
                 adapter.train(modes[route])
+            self._uninstall([route for route in routes if route is not None and route.startswith(LOADED_PREFIX)])
             self.routing.segments, self.routing.dropout_seeds = saved
 
     def _admit(self, waiting: deque, running: list[Running]) -> list[Running]:

@@ -91,6 +91,7 @@ class UnifiedPool:
         self.layout = layout
         self.num_pages = num_pages
         self.buffer = torch.zeros(num_pages, layout.page_elements, dtype=dtype, device=device)
+        self.page_bytes = layout.page_elements * dtype.itemsize
         self.on_evict = on_evict
         self._free = bytearray(b"\x01") * num_pages  # 1: free (a bytes search finds runs of free pages in C)
         self._top = [-page for page in range(num_pages)]  # max-heap of pages for KV; stale entries skipped on pop
@@ -98,10 +99,6 @@ class UnifiedPool:
         self.kv_pages = 0
         self.adapters: OrderedDict[str, ResidentAdapter] = OrderedDict()  # least recently used first
         self.evictions = 0
-
-    @property
-    def page_bytes(self) -> int:
-        return self.buffer[0].numel() * self.buffer.element_size()
 
     def kv_view(self) -> torch.Tensor:
         """The pool as KV blocks: [pages, layers, 2 (K, V), block_tokens, kv_heads, head_dim]."""

@@ -235,6 +235,34 @@ def test_kv_and_adapters_share_one_pool_and_every_kv_page_comes_back(tmp_path, d
     assert small.pool.evictions > 0  # six adapters and their requests' KV never fit twelve pages at once
 
 
+def test_between_calls_the_model_holds_no_loaded_adapter_and_a_dropped_generator_frees_its_pool(tmp_path, dataset,
+                                                                                                 prompts):
+    import gc
+    import weakref
+
+    model_dir = build_tiny_model(tmp_path / "base", "llama")
+    cohort = cohort_with_jobs(model_dir, dataset, {"job": ADAPTERS["lora"]})
+    directory = cohort.export("job", tmp_path / "job")
+    generator = Generator(cohort.model, cohort.routing)
+    generator.load_adapter("exported", directory)
+    first = generator.generate(requests_for(prompts[:2], ["exported", "job"]))
+    layers = [m for m in cohort.model.modules() if hasattr(m, "adapters")]
+    assert {key for layer in layers for key in layer.adapters} == {"job"}
+    assert generator.pool_usage().resident_adapters == 1
+    assert generator.generate(requests_for(prompts[:2], ["exported", "job"])) == first  # resident, reinstalled
+    pool = weakref.ref(generator.pool.buffer)
+    del generator
+    gc.collect()
+    assert pool() is None
+    closed = Generator(cohort.model, cohort.routing)
+    closed.load_adapter("exported", directory)
+    closed.generate(requests_for(prompts[:1], ["exported"]))
+    closed.close()
+    assert closed.pool.buffer.numel() == 0 and closed.pool_usage().resident_adapters == 0
+    with pytest.raises(RuntimeError, match="closed"):
+        closed.generate(requests_for(prompts[:1], ["exported"]))
+
+
 def page_bytes(model) -> int:
     config = model.config
     head_dim = config.hidden_size // config.num_attention_heads
