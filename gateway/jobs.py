@@ -5,7 +5,6 @@ event and checkpoint objects (`job_view`, `event_view`, `checkpoint_views`)."""
 from __future__ import annotations
 
 import math
-from pathlib import PurePosixPath
 from typing import Any, Callable, Optional
 
 from lorafleet.gateway.errors import ApiError
@@ -15,6 +14,7 @@ from lorafleet.gateway.models import (
 )
 from lorafleet.scheduler import eval_samples
 from lorafleet.scheduler.auto import AUTO, base_learning_rate
+from lorafleet.scheduler.generation import checkpoint_model_name, fine_tuned_model_name
 from lorafleet.scheduler.records import JobRecord, JobState
 from lorafleet.scheduler.spec import PREFERENCE_METHODS
 from lorafleet.scheduler.results import checkpoint_step
@@ -108,12 +108,6 @@ def _learning_rate_base(adapter_type: str) -> float:
         raise ApiError(400, str(exc), param="lorafleet.adapter_type") from None
 
 
-def fine_tuned_model(record: JobRecord) -> str:
-    """`ft:<base name>:<tenant>:<adapter name>:<job id>`, OpenAI's pattern with the tenant as the organisation."""
-    base_name = PurePosixPath(record.spec.base_model.rstrip("/")).name or record.spec.base_model
-    return f"ft:{base_name}:{record.tenant}:{record.spec.name}:{record.job_id}"
-
-
 def _estimated_finish(record: JobRecord) -> Optional[int]:
     """When a running job ends at the pace of its steps so far."""
     if record.state != JobState.RUNNING or not record.started_at or not record.updated_at or record.step < 1:
@@ -144,7 +138,7 @@ def job_view(record: JobRecord, result_files: list[str]) -> FineTuningJob:
     return FineTuningJob(
         id=record.job_id, created_at=int(record.submitted_at or 0),
         finished_at=int(record.finished_at) if record.finished_at else None, model=spec.base_model,
-        fine_tuned_model=fine_tuned_model(record) if record.state == JobState.SUCCEEDED else None,
+        fine_tuned_model=fine_tuned_model_name(record) if record.state == JobState.SUCCEEDED else None,
         organization_id=record.tenant, status=STATUS[record.state], training_file=spec.dataset,
         validation_file=spec.validation_dataset, hyperparameters=hyperparameters,
         method=_method_view(record, hyperparameters), result_files=result_files,
@@ -235,6 +229,6 @@ def checkpoint_views(record: JobRecord, events: list[dict[str, Any]],
         metrics = _checkpoint_metrics(before[-1] if before else {}, step)
         views.append(Checkpoint(
             id=f"ftckpt-{record.job_id.removeprefix('job-')}-{step}", created_at=int(saved_at.get(uri, 0)),
-            fine_tuned_model_checkpoint=f"{fine_tuned_model(record)}:ckpt-step-{step}",
+            fine_tuned_model_checkpoint=checkpoint_model_name(record, step),
             fine_tuning_job_id=record.job_id, step_number=step, metrics=metrics, file_id=file_of(uri)))
     return views
