@@ -263,3 +263,24 @@ def test_a_validation_set_is_evaluated_with_the_jobs_prompts(llama, datasets):
     with torch.no_grad():
         want = reference_loss(base, examples, params, prompt.num_virtual_tokens).item()
     assert cohort.evaluate("p", data) == pytest.approx(want, rel=1e-5)
+
+
+@pytest.mark.parametrize("quantization, dtype", [("nf4", "float32"), ("none", "bfloat16")])
+def test_a_lopa_job_trains_beside_a_lora_job_on_a_quantized_or_bf16_base(llama, datasets, tmp_path, quantization,
+                                                                         dtype):
+    """bitsandbytes runs 4-bit layers on the CPU; the prompt (its generator in fp32) is cast to the compute dtype."""
+    cohort = Cohort(llama, quantization=quantization, dtype=dtype)
+    data = write_jsonl(tmp_path / "six.jsonl", alpaca_rows(6, seed=3))
+    for job_id, adapter in (("p", LOPA), ("x", {"r": 4, "target_modules": ["q_proj", "up_proj"]})):
+        spec = parse_spec({"base_model": str(llama), "dataset": "d", "adapter": adapter, "quantization": quantization,
+                           "dtype": dtype, "hyperparameters": {"batch_size": 6, "max_steps": 6,
+                                                               "learning_rate": 5e-2}})
+        cohort.add_job(job_id, spec, data)
+    spread(cohort.jobs["p"].adapter)
+    assert all(p.dtype == torch.float32 for p in cohort.jobs["p"].adapter.parameters())
+    history = train(cohort)
+    assert all(r.error is None for results in history.values() for r in results)
+    losses = [r.loss for r in history["p"]]  # one batch = the whole dataset, so losses are comparable
+    assert losses[-1] < losses[0], losses
+    exported = load_lopa(cohort.export("p", tmp_path / "export")).state_dict()
+    assert_bitwise(exported, cohort.jobs["p"].adapter.prompt.state_dict())
