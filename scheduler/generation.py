@@ -8,8 +8,9 @@ base), queued in Redis for an executor that has the base loaded, answered throug
 Model names (`resolve_model`): a SUCCEEDED job's `fine_tuned_model` (`ft:<base>:<tenant>:<name>:<job id>`, the
 adapter it published), that name with `:ckpt-step-N` (one of the checkpoints the job still keeps, whatever its
 state), or a base model as a job spec names it (a model id in the local cache or a directory under the model roots:
-the same bases a tenant may train on). Another tenant's job answers exactly as a name that does not exist. A GaLore
-job published a full model, which is not served yet (refused, naming why).
+the same bases a tenant may train on). Another tenant's job answers exactly as a name that does not exist. The
+results the engine does not run (`spec.NO_EVAL_SAMPLES`: a GaLore job's whole model, a LoPA job's soft prompts) are
+refused, naming why.
 
 The executor side (`executor/serving.py`) takes the requests of the base it has loaded between training steps
 (`take_requests`, bounded by a `ServingBudget`) and answers each (`answer`). An executor without jobs may load the base
@@ -29,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from lorafleet.scheduler import keys
 from lorafleet.scheduler.records import JobRecord, JobState
 from lorafleet.scheduler.results import checkpoint_step
-from lorafleet.scheduler.spec import SpecError
+from lorafleet.scheduler.spec import NO_EVAL_SAMPLES, SpecError
 from lorafleet.scheduler.store import JobStore
 from lorafleet.scheduler.submission import resolve_base_model
 
@@ -265,9 +266,10 @@ class Generations:
         expected = fine_tuned_model_name(record) if step is None else checkpoint_model_name(record, int(step))
         if model != expected:
             raise not_found(model)
-        if record.spec.adapter.type == "galore":
-            raise ValueError(f"model: {model!r} is a GaLore job's result, a whole model rather than an adapter; "
-                             "generation does not serve whole models yet (download it and serve it elsewhere)")
+        kind = record.spec.adapter.type
+        if kind in NO_EVAL_SAMPLES:
+            raise ValueError(f"model: {model!r} is a {kind} job's result ({NO_EVAL_SAMPLES[kind]}); generation does "
+                             "not serve it yet: download it and serve it elsewhere")
         if step is None:
             if record.state != JobState.SUCCEEDED or not record.adapter_uri:
                 raise LookupError(f"model: {model!r} is not ready: job {job_id} is {record.state.value}; its "

@@ -75,7 +75,7 @@ def test_a_checkpoint_model_names_a_kept_checkpoint_of_a_running_job(generations
 def test_a_galore_jobs_full_model_is_refused_saying_why(generations, store, make_tenant, base_model_dir):
     tenant = make_tenant()
     record = trained_job(store, tenant.name, base_model_dir, adapter_type="galore")
-    with pytest.raises(ValueError, match="GaLore job's result, a whole model"):
+    with pytest.raises(ValueError, match="is a galore job's result .*whole model.*generation does not serve it"):
         generations.resolve_model(tenant.name, fine_tuned_model_name(record))
 
 
