@@ -32,7 +32,7 @@ from lorafleet.scheduler.records import JobRecord, JobState
 from lorafleet.scheduler.results import checkpoint_step
 from lorafleet.scheduler.spec import NO_EVAL_SAMPLES, SpecError
 from lorafleet.scheduler.store import JobStore
-from lorafleet.scheduler.submission import resolve_base_model
+from lorafleet.scheduler.submission import compat_key, resolve_base_model
 
 MAX_PROMPT_CHARS = 100_000  # a prompt, or all of a conversation's contents together
 MAX_MESSAGES = 256
@@ -195,11 +195,6 @@ def parse_sampling(raw: object) -> Sampling:
         return Sampling.model_validate(raw)
     except ValueError as exc:
         raise ValueError(_first_error(exc)) from None
-
-
-def compat_key(base_snapshot: str, quantization: str, dtype: str) -> str:
-    """The cohort key of a base as loaded (`submission.plan_for` keys jobs the same way)."""
-    return "|".join((base_snapshot, quantization, dtype))
 
 
 def not_found(model: str) -> LookupError:

@@ -113,6 +113,11 @@ def model_shape(model_dir: str) -> ModelShape:
         raise SpecError(f"invalid job spec: base_model: the memory model cannot size this base: {exc}") from None
 
 
+def compat_key(base_snapshot: str, quantization: str, dtype: str) -> str:
+    """The cohort key of a base as loaded: jobs (and generation requests) of one key share an executor's base."""
+    return "|".join((base_snapshot, quantization, dtype))
+
+
 def plan_for(spec: JobSpec, model_dir: Path, dataset_tokens: int) -> JobPlan:
     """The job's size, decided once: `model_dir` (resolved) is the pinned base snapshot; `dataset_tokens` the tokens
     of one epoch of its dataset, used when it has no `max_steps`."""
@@ -127,10 +132,10 @@ def plan_for(spec: JobSpec, model_dir: Path, dataset_tokens: int) -> JobPlan:
         return _plan_galore(spec, snapshot, tokens)
     if spec.adapter.type == "lopa":  # its prompt rows are not in `tokens`: the run's are its data's
         lopa = spec.adapter.lopa
-        return plan_lopa_job("|".join((snapshot, spec.quantization, spec.dtype)), snapshot, model_shape(snapshot),
+        return plan_lopa_job(compat_key(snapshot, spec.quantization, spec.dtype), snapshot, model_shape(snapshot),
                              lopa.num_virtual_tokens, lopa.rank, lopa.head_size, hp.batch_size, hp.max_seq_len,
                              spec.quantization, spec.dtype, tokens)
-    return plan_job("|".join((snapshot, spec.quantization, spec.dtype)), snapshot, model_shape(snapshot),
+    return plan_job(compat_key(snapshot, spec.quantization, spec.dtype), snapshot, model_shape(snapshot),
                     spec.adapter.r, spec.adapter.target_modules, hp.batch_size, hp.max_seq_len, spec.quantization,
                     spec.dtype, tokens, dora=spec.adapter.use_dora, target_parameters=spec.adapter.target_parameters,
                     method=spec.method)
