@@ -569,12 +569,20 @@ class Generator:
         q, k = rotary(q, cos, sin), rotary(k, cos, sin)
         kv_layer[rows.slot_pages, 0, rows.slot_offsets] = k
         kv_layer[rows.slot_pages, 1, rows.slot_offsets] = v
-        window = getattr(attention, "sliding_window", None)
+        window = _sliding_window(attention)
         if rows.sequence_lengths is not None:
             out = prefill_attention(q, k, v, rows.sequence_lengths, attention.scaling, window)
         else:
             out = decode_attention(q, kv_layer, rows.block_tables, rows.context_lengths, attention.scaling, window)
         return attention.o_proj(out.reshape(length, -1))
+
+
+def _sliding_window(attention) -> int | None:
+    """Qwen2/Qwen3 name each layer's window on the module (None on full-attention layers); Mistral's forward reads
+    its config's."""
+    if hasattr(attention, "sliding_window"):
+        return attention.sliding_window
+    return getattr(attention.config, "sliding_window", None)
 
 
 def _route_order(request: Running) -> str:

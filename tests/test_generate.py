@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM
 import lorafleet.executor.generate as generate_module
 from lorafleet.executor.cohort import Cohort
 from lorafleet.executor.generate import GenerationRequest, Generator, Sampling
+from lorafleet.executor.kv_pool import PoolUsage
 from lorafleet.executor.model import load_base
 from lorafleet.executor.multilora import RowRouting
 from lorafleet.scheduler.spec import parse_spec
@@ -136,6 +137,28 @@ def test_decode_logits_equal_the_full_forward(tmp_path, dataset, prompts, monkey
         start = len(prompt_of[job_id]) - 1
         for step, logits in enumerate(seen):
             torch.testing.assert_close(logits[row], full[start + step], rtol=0, atol=1e-5)
+
+
+def test_mistral_sliding_window_is_kept_in_prefill_and_decode(tmp_path, prompts):
+    """A window of 5 over prompts of 5-11 tokens and 12 generated: greedy tokens are HF's own generate."""
+    from helpers_models import tiny_config
+
+    directory = tmp_path / "mistral"
+    config = tiny_config("mistral", len(build_tokenizer()))
+    config.sliding_window = 5
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(directory)
+    build_tokenizer().save_pretrained(directory)
+    model, _ = load_base(directory)
+    completions = Generator(model, RowRouting(), eos_token_ids=(EOS,)).generate(
+        requests_for(prompts, [None] * 4, Sampling(max_tokens=12)))
+    windowless = tmp_path / "windowless"
+    config.sliding_window = None
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(windowless)
+    for prompt, completion in zip(prompts, completions):
+        assert list(completion.token_ids) == peft_greedy(directory, None, prompt, 12)
+    assert [list(c.token_ids) for c in completions] != [peft_greedy(windowless, None, p, 12) for p in prompts]
 
 
 def test_a_request_gives_the_same_tokens_alone_and_among_seven_other_adapters(tmp_path, dataset, prompts):
@@ -267,6 +290,31 @@ def page_bytes(model) -> int:
     config = model.config
     head_dim = config.hidden_size // config.num_attention_heads
     return config.num_hidden_layers * 2 * generate_module.BLOCK_TOKENS * config.num_key_value_heads * head_dim * 4
+
+
+def test_the_pool_evicts_the_least_recently_used_unpinned_adapter_and_keeps_kv_off_adapter_runs():
+    from lorafleet.executor.kv_pool import KvLayout, PoolFull, UnifiedPool
+
+    evicted = []
+    pool = UnifiedPool(8, KvLayout(layers=1, block_tokens=4, kv_heads=1, head_dim=16), torch.float32,
+                       torch.device("cpu"), on_evict=evicted.append)  # pages of 128 elements
+    two_pages = [torch.ones(8, 16), torch.full((16, 8), 2.0)]  # 128 + 128 elements
+    views = pool.place_adapter("a", two_pages)
+    assert pool.adapters["a"].start == 0 and all(torch.equal(v, f) for v, f in zip(views, two_pages))
+    pool.place_adapter("b", two_pages)
+    pool.pin("a")  # a: in use (and most recently used); b: least recently used
+    kv = pool.allocate_blocks(4)
+    assert sorted(kv) == [4, 5, 6, 7]  # from the top, away from the adapters' runs
+    assert pool.usage() == PoolUsage(512, 8, 4, 4, 2)
+    more = pool.allocate_blocks(2)  # only by evicting b
+    assert evicted == ["b"] and pool.usage().free_pages == 0
+    with pytest.raises(PoolFull):
+        pool.allocate_blocks(1)  # a is pinned
+    pool.free_blocks(kv + more)
+    pool.unpin("a")
+    assert pool.usage() == PoolUsage(512, 8, 0, 2, 1)
+    pool.place_adapter("wide", [torch.zeros(6, 128)])  # a run of 6 pages: fits beside a
+    assert pool.adapters["wide"].start == 2 and evicted == ["b"]
 
 
 def test_a_request_that_can_never_fit_the_pool_is_refused(tmp_path, prompts):
