@@ -325,7 +325,7 @@ class Generator:
         del self._host[key]
 
     def has_adapter(self, key: str) -> bool:
-        return key in self._host or self._live_adapter(key) is not None
+        return key in self._host or key in self._live_adapters()
 
     def _layer_shapes(self, names: list[str]) -> dict[str, tuple[int, int]]:
         """Module name -> (d_in, d_out), wrapping each as a multi-adapter layer (once) on a plain base."""
@@ -337,22 +337,22 @@ class Generator:
                 raise ValueError(f"the adapter does not fit this base: {exc}") from None
         return {name: (self._layers[name].in_features, self._layers[name].out_features) for name in names}
 
-    def _live_adapter(self, job_id: str):
-        """A training job's adapter, as the cohort put it in its layers; None when no layer holds that id."""
-        if job_id.startswith(LOADED_PREFIX):
-            return None
+    def _live_adapters(self) -> dict:
+        """Job id -> adapter of the jobs training on this model, as the cohort put them in its layers (one scan)."""
+        live = {}
         for module in self.model.modules():
-            if isinstance(module, MultiLoraLinear) and job_id in module.adapters:
-                return module.adapters[job_id]
-        return None
+            if isinstance(module, MultiLoraLinear):
+                live.update({key: adapter for key, adapter in module.adapters.items()
+                             if not key.startswith(LOADED_PREFIX)})
+        return live
 
-    def _route(self, key: str | None) -> str | None:
+    def _route(self, key: str | None, live: dict) -> str | None:
         """The routing key of an adapter key: a loaded adapter's, else a live job's id; ValueError when neither."""
         if key is None:
             return None
         if key in self._host:
             return LOADED_PREFIX + key
-        if self._live_adapter(key) is not None:
+        if key in live:
             return key
         raise ValueError(f"unknown adapter {key!r}: neither loaded (load_adapter) nor a job training on this base")
 
@@ -392,11 +392,12 @@ class Generator:
         """Complete every request (same order); requests join the running batch as pages allow."""
         if self._closed:
             raise RuntimeError("this Generator was closed (its pool given back): make a new one")
-        routes = [self._check(request) for request in requests]
+        live = self._live_adapters()
+        routes = [self._check(request, live) for request in requests]
         waiting = deque(zip(range(len(requests)), requests, routes))
         running: list[Running] = []
         completions: list[Completion | None] = [None] * len(requests)
-        with self._serving(routes):
+        with self._serving(routes, live):
             try:
                 while waiting or running:
                     admitted = self._admit(waiting, running)
@@ -414,7 +415,7 @@ class Generator:
                     self._retire(request)
         return completions
 
-    def _check(self, request: GenerationRequest) -> str | None:
+    def _check(self, request: GenerationRequest, live: dict) -> str | None:
         """Its routing key; ValueError for a request that is malformed or could never fit the pool."""
         sampling = request.sampling
         if not request.prompt_ids:
@@ -422,7 +423,7 @@ class Generator:
         if sampling.max_tokens < 1 or sampling.temperature < 0 or not 0 < sampling.top_p <= 1:
             raise ValueError(f"request {request.request_id!r}: sampling {sampling} (need max_tokens >= 1, "
                              "temperature >= 0, 0 < top_p <= 1)")
-        route = self._route(request.adapter)
+        route = self._route(request.adapter, live)
         pages = self._kv_blocks(request)
         if route is not None and route.startswith(LOADED_PREFIX):
             pages += self.pool.adapter_pages(self._host[request.adapter].shapes(), self.pool.layout.page_elements)
@@ -437,11 +438,10 @@ class Generator:
         return self.pool.layout.blocks_for(len(request.prompt_ids) + request.sampling.max_tokens - 1)
 
     @contextmanager
-    def _serving(self, routes: list[str | None]):
+    def _serving(self, routes: list[str | None], live_adapters: dict):
         """Eval mode for the live jobs' adapters, no autograd; afterwards the cohort's routing as it was and no loaded
         adapter left in the layers."""
-        live = {route: self._live_adapter(route) for route in routes
-                if route is not None and not route.startswith(LOADED_PREFIX)}
+        live = {route: live_adapters[route] for route in routes if route in live_adapters}
         modes = {route: adapter.training for route, adapter in live.items()}
         saved = self.routing.segments, self.routing.dropout_seeds
         try:
@@ -512,8 +512,9 @@ class Generator:
         requests = sorted(requests, key=_route_order)
         block = self.pool.layout.block_tokens
         positions = [request.cached_tokens for request in requests]
-        widest = max(len(request.pages) for request in requests)
-        tables = [request.pages + request.pages[:1] * (widest - len(request.pages)) for request in requests]
+        used = [request.pages[:p // block + 1] for request, p in zip(requests, positions)]  # blocks of the context
+        widest = max(len(pages) for pages in used)
+        tables = [pages + pages[:1] * (widest - len(pages)) for pages in used]
         rows = ForwardRows(
             *self._tensors([request.generated[-1] for request in requests], positions,
                            [request.pages[p // block] for request, p in zip(requests, positions)],
