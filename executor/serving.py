@@ -148,13 +148,11 @@ class GenerationServer:
         self._unload_least_used(generator)
         return results
 
-    def generator_for(self, cohort):
+    def generator_for(self, cohort) -> Generator:
         """The cohort's one Generator (made at first use; a new cohort gets a new one): serving and the jobs'
         eval samples (executor/eval_samples.py) share it, and its pool."""
-        from lorafleet.executor.generate import Generator  # the engine (executor/generate.py), loaded once used
-
         if cohort is not self.cohort:  # made before it is kept: a base the engine refuses is refused again next time
-            generator = Generator(cohort.model, cohort.routing,
+            generator = Generator(cohort.model, cohort.routing, pool_bytes=pool_bytes(cohort.model),
                                   eos_token_ids=eos_token_ids(cohort.tokenizer, cohort.model))
             self.cohort, self.adapters, self.generator = cohort, OrderedDict(), generator
         return self.generator
