@@ -13,7 +13,14 @@ Requests join as others finish (continuous batching), within the pages of one `U
 cache and the resident adapters (executor/kv_pool.py).
 
 Nothing here changes training: a live job's adapter runs in eval mode (no dropout) under no_grad, no global RNG is
-drawn (sampling uses each request's own generator), and the routing is restored afterwards.
+drawn (sampling uses each request's own generator), and the routing is restored afterwards. A Generator serves one
+call at a time, between cohort steps (it sets the shared routing). Its pool is allocated once, at construction:
+beside a training cohort give it `pool_bytes` (the default takes GPU_POOL_SHARE of the free GPU memory).
+
+    generator = Generator(cohort.model, cohort.routing, eos_token_ids=(tokenizer.eos_token_id,), pool_bytes=4 << 30)
+    generator.load_adapter("tenant-a/v3", Path("/artifacts/.../adapter"))
+    completions = generator.generate([GenerationRequest("r1", prompt_ids, "tenant-a/v3", Sampling(max_tokens=32)),
+                                      GenerationRequest("r2", prompt_ids, "job-17", Sampling(temperature=0.7, seed=1))])
 """
 
 from __future__ import annotations
