@@ -427,6 +427,11 @@ class Generator:
         sampling = request.sampling
         if not request.prompt_ids:
             raise ValueError(f"request {request.request_id!r}: empty prompt")
+        vocabulary = self.decoder.embed_tokens.num_embeddings
+        outside = next((token for token in request.prompt_ids if not 0 <= token < vocabulary), None)
+        if outside is not None:  # on a GPU an embedding lookup out of range would take the whole process down
+            raise ValueError(f"request {request.request_id!r}: prompt token {outside} is outside the vocabulary "
+                             f"(0..{vocabulary - 1})")
         if sampling.max_tokens < 1 or sampling.temperature < 0 or not 0 < sampling.top_p <= 1:
             raise ValueError(f"request {request.request_id!r}: sampling {sampling} (need max_tokens >= 1, "
                              "temperature >= 0, 0 < top_p <= 1)")

@@ -358,6 +358,19 @@ def test_an_unknown_adapter_key_is_refused_before_anything_runs(tmp_path, prompt
     assert generator.pool_usage().kv_pages == 0
 
 
+def test_malformed_requests_are_refused_by_name_and_no_requests_give_no_completions(tmp_path, prompts):
+    model, _ = load_base(build_tiny_model(tmp_path / "base", "llama"))
+    generator = Generator(model, RowRouting())
+    vocabulary = model.config.vocab_size
+    with pytest.raises(ValueError, match=f"request 'r1': prompt token {vocabulary} is outside the vocabulary"):
+        generator.generate(requests_for([prompts[0], (1, vocabulary)], [None, None]))
+    with pytest.raises(ValueError, match="request 'r0': empty prompt"):
+        generator.generate(requests_for([()], [None]))
+    with pytest.raises(ValueError, match="request 'r0': sampling .*need max_tokens >= 1"):
+        generator.generate(requests_for([prompts[0]], [None], Sampling(max_tokens=0)))
+    assert generator.generate([]) == []
+
+
 def test_a_family_outside_the_llama_like_decoders_is_refused_by_name(tmp_path):
     model, _ = load_base(build_tiny_model(tmp_path / "base", "gemma"))
     with pytest.raises(ValueError, match="this model is 'gemma'"):
