@@ -228,6 +228,13 @@ return taken
 """
 
 
+# KEYS: the bases hash, the base's queue. ARGV: its compat key. Forgets the base only while its queue is empty.
+_FORGET_BASE = """
+if redis.call('LLEN', KEYS[2]) == 0 then redis.call('HDEL', KEYS[1], ARGV[1]) end
+return 1
+"""
+
+
 class Generations:
     """Generation requests and answers in Redis (any role's store: gateway, worker, executor)."""
 
@@ -235,6 +242,7 @@ class Generations:
         self.store, self.r = store, store.r
         self.hub_cache, self.model_roots = Path(hub_cache), list(model_roots)
         self._take = self.r.register_script(_TAKE)
+        self._forget_base = self.r.register_script(_FORGET_BASE)
 
     # ---- the caller's side ----
 
@@ -355,8 +363,9 @@ class Generations:
         for base, head, served in zip(bases, replies[::2], replies[1::2]):
             if head is not None and not served:
                 waiting.append((GenerationRequest.model_validate_json(head).submitted_at, base))
-            elif head is None:
-                self.r.hdel(keys.GENERATION_BASES, base.compat_key)  # nothing waits: a submit adds it again
+            elif head is None:  # nothing waits (a submit adds it again; the script checks, so none is lost)
+                self._forget_base(keys=[keys.GENERATION_BASES, keys.generation_queue(base.compat_key)],
+                                  args=[base.compat_key])
         return [base for _, base in sorted(waiting, key=lambda item: item[0])]
 
 
