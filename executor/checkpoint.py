@@ -5,6 +5,8 @@
                                  expert parameters: as PEFT's ParamWrapper names them, `expert_peft_keys`)
     training_state.pt            step counters, adapter parameters, optimizer + scheduler, data cursor, dropout RNG
 
+(A LoPA job's directory holds its own export instead of the PEFT adapter: executor/lopa.py's `save_lopa`.)
+
 Each file is written under a temporary name and renamed, so a crash mid-write never leaves a torn file behind.
 """
 

@@ -26,9 +26,14 @@ Where this differs from the paper, and why:
 - No dropout in the heads (the paper's code applies the encoder's hidden dropout before each head): the generator is
   then a pure function of its parameters and the input, so gradients are checkable and resumes are bitwise.
 
-The packed layout (what the cohort will feed the base with `inputs_embeds`): each sequence's m prompt rows sit right
+The packed layout (what the cohort feeds the base with `inputs_embeds`): each sequence's m prompt rows sit right
 before its own rows, the positions run 0 .. m + L - 1 over prompt and sequence together (one packed sequence, as
 prompt tuning numbers them), and no prompt row is a target, so a job's loss is over the same tokens as without LoPA.
+
+As a job (`adapter.type: lopa`): `LopaAdapter` holds the generator where the cohort expects an adapter; a pass lays
+out every job's rows with `prompt_pass` (a sequence's input rows: `input_length`, those before its first target);
+the export is `LOPA_CONFIG` + `LOPA_WEIGHTS` (`save_lopa`), which `load_lopa` and `lopa_logits` run on a plain
+Hugging Face base with the cohort's logits.
 """
 
 from __future__ import annotations
