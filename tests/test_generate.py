@@ -109,6 +109,19 @@ def test_greedy_tokens_of_every_adapter_are_pefts(tmp_path, dataset, prompts, fa
         assert got_loaded.finish_reason == ("length" if len(want) == 10 else "stop")
 
 
+def test_a_live_dora_job_generates_what_peft_does_with_its_export(tmp_path, dataset, prompts):
+    """DoRA exports are not loaded, but a DoRA job training in the cohort serves its eval samples (its layers run
+    DoRA's part as in training)."""
+    model_dir = build_tiny_model(tmp_path / "base", "llama")
+    cohort = cohort_with_jobs(model_dir, dataset, {"dora": {"r": 4, "use_dora": True,
+                                                            "target_modules": ["q_proj", "v_proj"]},
+                                                   "lora": ADAPTERS["lora"]})
+    directory = cohort.export("dora", tmp_path / "dora")
+    completions = Generator(cohort.model, cohort.routing, eos_token_ids=(EOS,)).generate(
+        requests_for(prompts[:2], ["dora", "lora"]))
+    assert list(completions[0].token_ids) == peft_greedy(model_dir, directory, prompts[0], 10)
+
+
 def test_decode_logits_equal_the_full_forward(tmp_path, dataset, prompts, monkeypatch):
     """Every step's logits (prefill and decode, paged cache, several adapters in the batch) equal HF's full forward
     of the prompt and the tokens so far, through PEFT, within 1e-5."""
