@@ -200,17 +200,19 @@ def decode_attention(q, kv_layer, block_tables, context_lengths, scaling: float,
     """One query per request over its paged cache: q [B, H, D], kv_layer [pages, 2, block, H_kv, D] -> [B, H, D].
 
     The blocks of each request are gathered into [B, H_kv, S, D] (S: the longest context's blocks), positions past
-    a request's context (or before its window) masked out."""
+    a request's context (or before its window) masked out. The query heads that share a K/V head (consecutive, as
+    HF's repeat_kv pairs them) attend as that head's rows of queries: K/V are never repeated per query head."""
     batch, blocks = block_tables.shape
+    kv_heads, head_dim = kv_layer.shape[-2:]
     gathered = kv_layer[block_tables]  # [B, blocks, 2, block, H_kv, D]
-    keys, values = (gathered[:, :, i].reshape(batch, -1, *gathered.shape[-2:]).transpose(1, 2) for i in (0, 1))
+    keys, values = (gathered[:, :, i].reshape(batch, -1, kv_heads, head_dim).transpose(1, 2) for i in (0, 1))
     positions = torch.arange(keys.shape[2], device=q.device)
     visible = positions[None, :] < context_lengths[:, None]
     if window is not None:
         visible &= positions[None, :] >= context_lengths[:, None] - window
-    out = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=visible[:, None, None, :],
-                                         scale=scaling, enable_gqa=keys.shape[1] != q.shape[1])
-    return out.squeeze(2)
+    grouped = q.reshape(batch, kv_heads, -1, head_dim)  # [B, H_kv, H / H_kv, D]
+    out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=visible[:, None, None, :], scale=scaling)
+    return out.reshape(q.shape)
 
 
 # Sampling
