@@ -24,8 +24,8 @@ from lorafleet.scheduler.generation import (
 )
 
 CHAT_DEFAULT_MAX_TOKENS = 256  # OpenAI's chat has no default cap; here a chat answer stops at this unless asked
-COMPLETION_RESPONSES = {**ERROR_RESPONSES, 504: {"model": ErrorResponse,
-                                                 "description": "no executor serving the model's base answered in time"}}
+COMPLETION_RESPONSES = {**ERROR_RESPONSES, 504: {
+    "model": ErrorResponse, "description": "no executor serving the model's base answered in time"}}
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 

@@ -44,7 +44,6 @@ DEFAULT_TIMEOUT_SECONDS = 60.0
 RESULT_TTL_SECONDS = 120  # an answer nobody collected is dropped after this
 WAIT_SLICE_SECONDS = 2.0  # one blocking read of a waiter
 SERVER_TTL_SECONDS = 10  # an executor serving a base says so again at least this often (`mark_serving`)
-REQUEST_ID_RE = re.compile(r"^gen-[0-9a-f]{24}$")
 _FINE_TUNED_RE = re.compile(r"^ft:.+:(?P<job_id>job-[0-9a-f]{16})(?::ckpt-step-(?P<step>\d{1,9}))?$")
 
 

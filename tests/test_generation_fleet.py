@@ -66,8 +66,9 @@ def local_greedy(model_dir: Path, adapter_dir: str | None, prompt_ids: list[int]
     if adapter_dir is not None:
         model = PeftModel.from_pretrained(model, adapter_dir)
     with torch.no_grad():
-        out = model.generate(torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
-                             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
+        ids = torch.tensor([prompt_ids])
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=0)
     new = out[0, len(prompt_ids):].tolist()
     eos = model.config.eos_token_id
     stopped = eos in new
@@ -83,7 +84,8 @@ def tokenizer_of(model_dir: Path):
 def expected_completion(model_dir: Path, adapter_dir: str | None, prompt_ids: list[int], max_tokens: int
                         ) -> tuple[str, str, int]:
     tokens, stopped = local_greedy(model_dir, adapter_dir, prompt_ids, max_tokens)
-    return tokenizer_of(model_dir).decode(tokens, skip_special_tokens=True), "stop" if stopped else "length", len(tokens)
+    text = tokenizer_of(model_dir).decode(tokens, skip_special_tokens=True)
+    return text, "stop" if stopped else "length", len(tokens)
 
 
 def fine_tuned_model(gateway: str, trained: dict) -> str:
@@ -143,8 +145,8 @@ def test_a_base_no_executor_has_loaded_is_loaded_by_an_idle_one_and_answers(flee
     qwen2 = fleet_env.models["qwen2"]
     prompt_ids = tokenizer_of(qwen2)(PROMPT)["input_ids"]
     text, reason, _ = expected_completion(qwen2, None, prompt_ids, 5)
-    answer = api(gateway, trained["token"]).completions.create(model=str(qwen2), prompt=PROMPT, max_tokens=5,
-                                                               temperature=0, extra_body={"lorafleet": {"timeout": 120}})
+    answer = api(gateway, trained["token"]).completions.create(
+        model=str(qwen2), prompt=PROMPT, max_tokens=5, temperature=0, extra_body={"lorafleet": {"timeout": 120}})
     assert answer.choices[0].text == text and answer.choices[0].finish_reason == reason
 
 
