@@ -46,3 +46,40 @@ def test_a_lopa_job_beside_a_lora_job_trains_to_the_end_and_publishes_its_export
         bare = base(torch.tensor([ids])).logits[0]
     assert torch.isfinite(logits).all() and logits.shape == bare.shape
     assert not torch.allclose(logits, bare, atol=1e-4), "the trained prompt moves the logits"
+
+
+def test_a_killed_lopa_job_resumes_on_another_executor_with_the_weights_of_an_uninterrupted_run(fleet_env):
+    import signal
+
+    from safetensors.torch import load_file
+
+    from helpers_polling import wait_until
+    from lorafleet.executor.cohort import Cohort
+    from lorafleet.executor.lopa import LOPA_WEIGHTS
+    from lorafleet.scheduler.spec import parse_spec
+
+    tenant, token = make_tenant(fleet_env)
+    spec = spec_for(fleet_env, tenant, max_steps=40, checkpoint_every=5, learning_rate=1e-2)
+    spec["adapter"] = {"type": "lopa", "lopa": {"num_virtual_tokens": 4, "rank": 2, "head_size": 16}}
+    job_id = fleet_env.submit(token, spec)
+    victim = fleet_env.wait_state(token, job_id, ("running",))["executor_id"]
+    wait_until(lambda: fleet_env.get(token, job_id)["checkpoint_uri"], "a first checkpoint")
+    fleet_env.processes[victim].send_signal(signal.SIGKILL)
+    fleet_env.processes[victim].wait(10)
+    try:
+        done = fleet_env.wait_state(token, job_id, ("succeeded", "failed"), timeout=240)
+    finally:
+        fleet_env.start_executor(victim)  # back to two executors for the tests after this one
+    assert done["state"] == "succeeded", done["error"]
+    assert done["attempt"] == 2 and done["executor_id"] != victim
+
+    reference = Cohort(fleet_env.models["llama"])
+    reference.add_job("job", parse_spec(spec), fleet_env.root / "data" / tenant / "train.jsonl")
+    while reference.active_jobs():
+        reference.step()
+    want = reference.jobs["job"].adapter.prompt.state_dict()
+    got = load_file(str(Path(done["adapter_uri"]) / LOPA_WEIGHTS))
+    assert got.keys() == want.keys()
+    for name, tensor in got.items():  # the executor's threads may sum in another order than this process's one
+        rel = (tensor - want[name]).norm() / want[name].norm().clamp_min(1e-12)
+        assert rel < 1e-5, f"{name}: relative error {rel:.2e}"
