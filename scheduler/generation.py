@@ -31,7 +31,7 @@ from lorafleet.scheduler import keys
 from lorafleet.scheduler.records import JobRecord, JobState
 from lorafleet.scheduler.results import checkpoint_step
 from lorafleet.scheduler.spec import NO_EVAL_SAMPLES, SpecError
-from lorafleet.scheduler.store import JobStore
+from lorafleet.scheduler.store import JobStore, QuotaExceeded
 from lorafleet.scheduler.submission import compat_key, resolve_base_model
 
 MAX_PROMPT_CHARS = 100_000  # a prompt, or all of a conversation's contents together
@@ -40,6 +40,7 @@ MAX_COMPLETION_TOKENS = 2048  # one request's max_tokens: an executor answers be
 MAX_STOP_STRINGS = 4  # OpenAI's limit
 MAX_STOP_CHARS = 256
 MAX_TIMEOUT_SECONDS = 600.0
+MAX_WAITING_PER_BASE = 1024  # requests a base's queue holds; more are refused (429) until executors catch up
 DEFAULT_TIMEOUT_SECONDS = 60.0
 RESULT_TTL_SECONDS = 120  # an answer nobody collected is dropped after this
 WAIT_SLICE_SECONDS = 2.0  # one blocking read of a waiter
@@ -205,6 +206,17 @@ def new_request_id() -> str:
     return "gen-" + secrets.token_hex(12)
 
 
+# KEYS: the base's queue, the bases hash. ARGV: the request's JSON, the queue's time to live (its caller's timeout and
+# a minute: a queue nobody serves goes away after its last caller gave up; never shortened), the base's compat key and
+# JSON, the most requests a base's queue holds. 0 when it is full.
+_SUBMIT = """
+if redis.call('LLEN', KEYS[1]) >= tonumber(ARGV[5]) then return 0 end
+redis.call('RPUSH', KEYS[1], ARGV[1])
+if redis.call('TTL', KEYS[1]) < tonumber(ARGV[2]) then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
+redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
+return 1
+"""
+
 # KEYS: the base's queue. ARGV: max requests, max tokens, now. Pops from the head while the budget allows (always at
 # least one), dropping requests whose deadline passed; returns the taken requests' JSON, oldest first.
 _TAKE = """
@@ -240,6 +252,7 @@ class Generations:
     def __init__(self, store: JobStore, hub_cache: Path, model_roots: Sequence[Path] = ()):
         self.store, self.r = store, store.r
         self.hub_cache, self.model_roots = Path(hub_cache), list(model_roots)
+        self._submit = self.r.register_script(_SUBMIT)
         self._take = self.r.register_script(_TAKE)
         self._forget_base = self.r.register_script(_FORGET_BASE)
 
@@ -306,12 +319,12 @@ class Generations:
             request_id=new_request_id(), tenant=tenant, target=target, prompt=prompt,
             messages=None if messages is None else tuple(ChatMessage.model_validate(m) for m in messages),
             sampling=sampling, submitted_at=now, deadline=now + timeout)
-        queue = keys.generation_queue(target.base.compat_key)
-        pipe = self.r.pipeline(transaction=True)
-        pipe.rpush(queue, request.model_dump_json())
-        pipe.expire(queue, int(timeout) + 60)  # a queue nobody serves goes away after its last caller gave up
-        pipe.hset(keys.GENERATION_BASES, target.base.compat_key, target.base.model_dump_json())
-        pipe.execute()
+        queued = self._submit(keys=[keys.generation_queue(target.base.compat_key), keys.GENERATION_BASES],
+                              args=[request.model_dump_json(), int(timeout) + 60, target.base.compat_key,
+                                    target.base.model_dump_json(), MAX_WAITING_PER_BASE])
+        if not queued:
+            raise QuotaExceeded(f"too many generation requests are waiting for base {target.base.base_name!r} "
+                                f"({MAX_WAITING_PER_BASE}); retry later")
         return request
 
     def wait_result(self, request: GenerationRequest, timeout: Optional[float] = None) -> GenerationResult:

@@ -148,3 +148,19 @@ def test_bad_chat_messages_are_refused_naming_the_message(generations, make_tena
                            messages=[{"role": "user", "content": "hi"}, {"role": "wizard", "content": "x"}])
     with pytest.raises(ValueError, match="^prompt: give either"):
         generations.submit(tenant.name, "test-org/tiny-model", prompt="a", messages=[{"role": "user", "content": "b"}])
+
+
+def test_a_full_queue_refuses_more_and_a_short_wait_never_shortens_a_long_ones_queue(generations, make_tenant,
+                                                                                    monkeypatch):
+    from lorafleet.scheduler import generation
+    from lorafleet.scheduler.store import QuotaExceeded
+
+    tenant = make_tenant()
+    first = generations.submit(tenant.name, "test-org/tiny-model", prompt="a", timeout=300)
+    queue = keys.generation_queue(first.target.base.compat_key)
+    generations.submit(tenant.name, "test-org/tiny-model", prompt="b", timeout=1)
+    assert generations.store.r.ttl(queue) > 300
+    monkeypatch.setattr(generation, "MAX_WAITING_PER_BASE", generations.store.r.llen(queue))
+    with pytest.raises(QuotaExceeded, match="too many generation requests are waiting for base 'test-org/tiny-model'"):
+        generations.submit(tenant.name, "test-org/tiny-model", prompt="c")
+    generations.store.r.delete(queue)
