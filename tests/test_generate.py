@@ -122,6 +122,31 @@ def test_a_live_dora_job_generates_what_peft_does_with_its_export(tmp_path, data
     assert list(completions[0].token_ids) == peft_greedy(model_dir, directory, prompts[0], 10)
 
 
+def test_on_the_triton_kernels_the_tokens_are_the_reference_paths(tmp_path, dataset, prompts, monkeypatch):
+    """The kernel path (Triton's interpreter on the CPU): pooled factors (views into the pages) and live ones go
+    through the segmented LoRA kernels, norms and rotary, and give the reference path's tokens."""
+    triton_lora = pytest.importorskip("lorafleet.kernels.triton_lora")
+    from helpers_triton import interpreted
+
+    from lorafleet.kernels import elementwise
+
+    model_dir = build_tiny_model(tmp_path / "base", "llama")
+    cohort = cohort_with_jobs(model_dir, dataset, {"a": ADAPTERS["rslora"], "b": ADAPTERS["nola"]})
+    generator = Generator(cohort.model, cohort.routing, eos_token_ids=(EOS,))
+    generator.load_adapter("exported", cohort.export("a", tmp_path / "a"))
+    requests = requests_for(prompts[:3], ["exported", "b", None], Sampling(max_tokens=4))
+    want = generator.generate(requests)
+    import lorafleet.kernels as kernels
+
+    calls = []
+    real = kernels.lora_linear_multi_triton
+    monkeypatch.setattr(kernels, "lora_linear_multi_triton", lambda *args, **kw: calls.append(1) or real(*args, **kw))
+    with interpreted(triton_lora, elementwise, LORAFLEET_TRITON="1"):
+        got = generator.generate(requests)
+    assert got == want
+    assert calls  # the segmented kernels ran
+
+
 def test_decode_logits_equal_the_full_forward(tmp_path, dataset, prompts, monkeypatch):
     """Every step's logits (prefill and decode, paged cache, several adapters in the batch) equal HF's full forward
     of the prompt and the tokens so far, through PEFT, within 1e-5."""
