@@ -440,7 +440,8 @@ class Generator:
         route = self._route(request.adapter, live)
         pages = self._kv_blocks(request)
         if route is not None and route.startswith(LOADED_PREFIX):
-            pages += self.pool.adapter_pages(self._host[request.adapter].shapes(), self.pool.layout.page_elements)
+            shapes = self._host[request.adapter].shapes()
+            pages += self.pool.pages_for_factors(shapes, self.pool.layout.page_elements)
         if pages > self.pool.num_pages:
             raise ValueError(f"request {request.request_id!r} can never fit: it needs {pages} pages of "
                              f"{self.pool.page_bytes} bytes (KV for {len(request.prompt_ids)} + "

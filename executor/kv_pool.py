@@ -97,6 +97,7 @@ class UnifiedPool:
         self._top = [-page for page in range(num_pages)]  # max-heap of pages for KV; stale entries skipped on pop
         heapq.heapify(self._top)
         self.kv_pages = 0
+        self.adapter_pages = 0
         self.adapters: OrderedDict[str, ResidentAdapter] = OrderedDict()  # least recently used first
         self.evictions = 0
 
@@ -107,11 +108,10 @@ class UnifiedPool:
                                 layout.head_dim)
 
     def free_pages(self) -> int:
-        return self.num_pages - self.kv_pages - sum(adapter.pages for adapter in self.adapters.values())
+        return self.num_pages - self.kv_pages - self.adapter_pages
 
     def usage(self) -> PoolUsage:
-        adapter_pages = sum(adapter.pages for adapter in self.adapters.values())
-        return PoolUsage(self.page_bytes, self.num_pages, self.kv_pages, adapter_pages, len(self.adapters))
+        return PoolUsage(self.page_bytes, self.num_pages, self.kv_pages, self.adapter_pages, len(self.adapters))
 
     # KV blocks
 
@@ -141,7 +141,7 @@ class UnifiedPool:
     # Adapters
 
     @staticmethod
-    def adapter_pages(shapes: list[tuple[int, ...]], page_elements: int) -> int:
+    def pages_for_factors(shapes: list[tuple[int, ...]], page_elements: int) -> int:
         """Pages a run holding factors of these shapes takes."""
         return -(-sum(_aligned(math.prod(shape)) for shape in shapes) // page_elements)
 
@@ -150,7 +150,7 @@ class UnifiedPool:
         the pool; the adapter is resident, most recently used, unpinned. PoolFull if no run can be had now."""
         if key in self.adapters:
             raise ValueError(f"adapter {key!r} is already in the pool")
-        count = self.adapter_pages([tuple(f.shape) for f in factors], self.layout.page_elements)
+        count = self.pages_for_factors([tuple(f.shape) for f in factors], self.layout.page_elements)
         start = self._find_run(count)
         while start is None:
             if not self._evict_one():
@@ -165,6 +165,7 @@ class UnifiedPool:
             views.append(view)
             offset += _aligned(factor.numel())
         self.adapters[key] = ResidentAdapter(start, count, views)
+        self.adapter_pages += count
         return views
 
     def _find_run(self, count: int) -> int | None:
@@ -188,6 +189,7 @@ class UnifiedPool:
         if adapter.pins:
             raise RuntimeError(f"adapter {key!r} is in use by {adapter.pins} running requests")
         del self.adapters[key]
+        self.adapter_pages -= adapter.pages
         self.evictions += 1
         for page in range(adapter.start, adapter.start + adapter.pages):
             self._release(page)
