@@ -23,7 +23,7 @@ def generations(store, hf_cache, base_model_dir) -> Generations:
 
 
 def trained_job(store, tenant: str, base_model_dir, *, state: str = "succeeded", checkpoints: tuple[int, ...] = (),
-                adapter_type: str = "lora"):
+                adapter_type: str = "lora", adapter_uri: str | None = None):
     """A job of `tenant` on the tiny base, moved through the store's verbs to `state` (with `checkpoints` kept)."""
     adapter = {"type": "galore", "target_modules": ["q_proj"]} if adapter_type == "galore" else {"r": 4}
     spec = parse_spec({"name": "bot", "base_model": str(base_model_dir), "dataset": f"{tenant}/train.jsonl",
@@ -35,7 +35,8 @@ def trained_job(store, tenant: str, base_model_dir, *, state: str = "succeeded",
         store.record_checkpoint(job_id, f"/artifacts/{tenant}/{job_id}/attempt-1/checkpoint-{step}-ab12", attempt,
                                 "exec-test", step=step)
     if state == "succeeded":
-        assert store.succeed(job_id, f"/artifacts/{tenant}/{job_id}/attempt-1/adapter-cd34", attempt, "exec-test")
+        adapter_uri = adapter_uri or f"/artifacts/{tenant}/{job_id}/attempt-1/adapter-cd34"
+        assert store.succeed(job_id, adapter_uri, attempt, "exec-test")
     return store.job(job_id)
 
 

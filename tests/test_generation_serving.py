@@ -1,0 +1,84 @@
+"""The executor's serving loop (executor/serving.py) on a real cohort and a real Valkey, in this process: requests
+served between training steps leave the training bitwise as it was, a gap takes at most its budget, and an adapter
+for modules the cohort's jobs do not train is served too."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers_models import alpaca_rows, single_torch_thread, write_jsonl  # noqa: F401
+from lorafleet.executor.cohort import Cohort
+from lorafleet.executor.serving import BETWEEN_STEPS, GenerationServer
+from lorafleet.scheduler import keys
+from lorafleet.scheduler.artifacts import ArtifactStore
+from lorafleet.scheduler.generation import Generations, Sampling, fine_tuned_model_name
+from lorafleet.scheduler.spec import parse_spec
+from test_generation_store import trained_job
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    return write_jsonl(tmp_path / "train.jsonl", alpaca_rows(16, seed=3))
+
+
+def spec(dataset, targets, max_steps: int):
+    return parse_spec({"base_model": "unused", "dataset": str(dataset), "adapter": {
+        "r": 4, "lora_alpha": 8, "target_modules": targets}, "hyperparameters": {
+        "max_steps": max_steps, "batch_size": 2, "max_seq_len": 128, "learning_rate": 1e-3, "seed": 1}})
+
+
+@pytest.fixture
+def donor_adapter(tmp_path, dataset, base_model_dir):
+    """A published adapter on every linear layer but the LM head: modules the trained job below does not touch."""
+    cohort = Cohort(base_model_dir)
+    cohort.add_job("donor", spec(dataset, "all-linear", 2), dataset)
+    while cohort.active_jobs():
+        cohort.step()
+    return cohort.export("donor", tmp_path / "donor")
+
+
+def train(cohort: Cohort, dataset, steps: int, between_steps=lambda: None) -> dict[str, torch.Tensor]:
+    cohort.add_job("job", spec(dataset, ["q_proj", "v_proj"], steps), dataset)
+    while cohort.active_jobs():
+        cohort.step()
+        between_steps()
+    return {name: tensor.clone() for name, tensor in cohort.jobs["job"].adapter.state_dict().items()}
+
+
+def test_serving_between_steps_leaves_training_bitwise_unchanged(store, make_tenant, tmp_path, dataset,
+                                                                donor_adapter, base_model_dir):
+    tenant = make_tenant()
+    record = trained_job(store, tenant.name, base_model_dir, adapter_uri=str(donor_adapter))
+    generations = Generations(store, tmp_path, [base_model_dir.parent.parent])
+    served = Cohort(base_model_dir)
+    server = GenerationServer(generations, "exec-serving", ArtifactStore(str(tmp_path)), tmp_path / "scratch")
+    answers = []
+
+    def serve() -> None:
+        requests = [generations.submit(tenant.name, fine_tuned_model_name(record), prompt=f"count to {n}",
+                                       sampling=Sampling(max_tokens=4, temperature=0)) for n in range(2)]
+        assert server.serve(served, record.plan.compat_key, training=True) == 2
+        answers.extend(generations.wait_result(request, timeout=5) for request in requests)
+
+    alone = train(Cohort(base_model_dir), dataset, 4)
+    with_serving = train(served, dataset, 4, serve)
+    assert alone.keys() == with_serving.keys()
+    for name in alone:
+        assert torch.equal(alone[name], with_serving[name]), name
+    assert len(answers) == 8 and all(a.error is None and a.completion_tokens >= 1 for a in answers)
+    assert len({a.text for a in answers[0::2]}) == 1, "the same greedy request gets the same answer at every gap"
+
+
+def test_a_gap_between_steps_takes_at_most_its_budget(store, make_tenant, tmp_path, hf_cache, base_model_dir):
+    tenant = make_tenant()
+    generations = Generations(store, hf_cache, [base_model_dir.parent.parent])
+    key = generations.resolve_model(tenant.name, "test-org/tiny-model").base.compat_key
+    store.r.delete(keys.generation_queue(key))  # what other tests left waiting for this base
+    requests = [generations.submit(tenant.name, "test-org/tiny-model", prompt=str(n), sampling=Sampling(max_tokens=2))
+                for n in range(BETWEEN_STEPS.max_requests + 3)]
+    server = GenerationServer(generations, "exec-budget", ArtifactStore(str(tmp_path)), tmp_path / "scratch")
+    cohort = Cohort(base_model_dir)
+    assert server.serve(cohort, key, training=True) == BETWEEN_STEPS.max_requests
+    assert server.serve(cohort, key, training=True) == 3
+    assert all(generations.wait_result(r, timeout=5).error is None for r in requests)
