@@ -284,3 +284,24 @@ def test_a_lopa_job_trains_beside_a_lora_job_on_a_quantized_or_bf16_base(llama, 
     assert losses[-1] < losses[0], losses
     exported = load_lopa(cohort.export("p", tmp_path / "export")).state_dict()
     assert_bitwise(exported, cohort.jobs["p"].adapter.prompt.state_dict())
+
+
+@pytest.mark.parametrize("family", ["gemma", "gemma2", "gemma3", "gpt2", "qwen2_moe", "phi3"])
+def test_a_lopa_job_on_another_family_exports_the_cohorts_logits(tmp_path, family):
+    """Families that scale their embeddings (Gemma: in the model, Gemma 3: in the embedding), add learned positions
+    (GPT-2) or route tokens to experts (Qwen2-MoE): the loader on the plain base agrees with the cohort."""
+    from helpers_models import build_tiny_model
+
+    model_dir = build_tiny_model(tmp_path / family, family)
+    data = write_jsonl(tmp_path / "train.jsonl", alpaca_rows(6, seed=3))
+    cohort = Cohort(model_dir)
+    cohort.add_job("x", make_spec(model_dir, {"r": 4, "target_modules": "all-linear"}, max_steps=3), data)
+    cohort.add_job("p", make_spec(model_dir, LOPA, max_steps=3), data)
+    spread(cohort.jobs["p"].adapter)
+    history = train(cohort)
+    assert [r.error for results in history.values() for r in results if r.error] == []
+    prompt = load_lopa(cohort.export("p", tmp_path / "export"))
+    attention = "eager" if family == "gemma2" else "sdpa"  # Gemma 2's soft-capped scores: eager only in HF
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=attention)
+    ids = cohort.tokenizer("question: what is two plus two? answer: four")["input_ids"]
+    torch.testing.assert_close(lopa_logits(base, prompt, ids, 6), cohort.logits("p", ids, 6), rtol=1e-5, atol=1e-5)
