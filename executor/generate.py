@@ -322,6 +322,9 @@ class Generator:
             if a.shape[1] != d_in or b.shape[0] != d_out or a.shape[0] != b.shape[1]:
                 raise ValueError(f"{directory}: {name} factors A {tuple(a.shape)} B {tuple(b.shape)} do not fit the "
                                  f"base's [{d_out}, {d_in}] layer")
+        pages = self.pool.pages_for_factors(host.shapes(), self.pool.layout.page_elements)
+        if pages > self.pool.num_pages:
+            raise ValueError(f"{directory}: the adapter takes {pages} pages, the pool has {self.pool.num_pages}")
         if key in self._host:
             self.unload_adapter(key)
         self._host[key] = host

@@ -365,6 +365,27 @@ def test_a_request_that_can_never_fit_the_pool_is_refused(tmp_path, prompts):
     with pytest.raises(ValueError, match="request 'too-long' can never fit: it needs 5 pages"):
         generator.generate([fits, too_long])
     assert generator.pool_usage().kv_pages == 0
+    huge = tmp_path / "huge"
+    write_lora(huge, model, rank=64)
+    with pytest.raises(ValueError, match="the adapter takes 8 pages, the pool has 4"):
+        generator.load_adapter("huge", huge)
+
+
+def write_lora(directory, model, rank: int) -> None:
+    """A PEFT LoRA directory on every q_proj of `model`, random factors."""
+    import json
+
+    from safetensors.torch import save_file
+
+    directory.mkdir()
+    tensors = {}
+    for name, module in model.named_modules():
+        if name.endswith("q_proj"):
+            tensors[f"base_model.model.{name}.lora_A.weight"] = torch.randn(rank, module.in_features)
+            tensors[f"base_model.model.{name}.lora_B.weight"] = torch.randn(module.out_features, rank)
+    save_file(tensors, str(directory / "adapter_model.safetensors"))
+    (directory / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": rank, "lora_alpha": rank, "target_modules": ["q_proj"]}))
 
 
 # Refusals
