@@ -1,6 +1,6 @@
 """What a LoRA variant or a preference method costs in a cohort (GPU): step time and peak memory against plain LoRA.
 
-    python -P bench/bench_variants.py --shape 1b [--jobs 8] [--variants rslora,loraplus,dora,vera,dpo] [--out DIR]
+    python -P bench/bench_variants.py --shape 1b [--jobs 8] [--variants rslora,loraplus,dora,vera,dpo,lopa] [--out DIR]
     python -P bench/bench_variants.py --shape tiny --device cpu --warmup 1 --steps 1   # smoke run of the whole script
 
 One random-init Llama base (bench_e2e's shapes), a cohort of --jobs jobs of 4x512 tokens each (r=16, all 7
@@ -11,7 +11,9 @@ projections, AdamW). For each variant V it times three cohorts of the same size 
 The variants: rsLoRA (only the scale differs), LoRA+ (only the optimizer's groups differ), DoRA (its rows go through
 the PyTorch path of executor/dora.py beside the Triton kernels of the other jobs), VeRA (each step its factors
 are formed from the shared frozen matrices and the job's vectors, then the same kernels), DPO (pairs of 2 x 512 tokens, 2 pairs a micro-batch: the same 2,048
-tokens, plus the no-grad reference forward of the base over them), SimPO and ORPO (pairs, no reference forward).
+tokens, plus the no-grad reference forward of the base over them), SimPO and ORPO (pairs, no reference forward),
+LoPA (no adapted layer: its soft prompts fed with the input embeddings, 10 rows more per sequence; a cohort holding
+one steps eagerly, without the CUDA graph).
 Step times are medians of --steps timed steps after --warmup, synchronised, host included.
 Results go to OUT/variants_<shape>.json as they come, and a markdown table to stdout.
 """
@@ -48,6 +50,7 @@ ADAPTERS = {
     "loraplus": {"loraplus_lr_ratio": 16.0},
     "dora": {"use_dora": True},
     "vera": {"type": "vera"},
+    "lopa": {"type": "lopa"},  # its defaults: 10 prompt rows before each sequence, rank 1, heads of 256
 }
 METHODS = ("dpo", "simpo", "orpo")  # preference methods: their jobs train on pairs
 
@@ -68,12 +71,14 @@ def variant_spec(model_dir: Path, variant: str, job: int):
     from lorafleet.scheduler.spec import parse_spec
 
     preference = variant in METHODS
+    adapter = ADAPTERS.get(variant, {})
+    if adapter.get("type") != "lopa":  # a LoPA job adapts no layer: it takes no LoRA options
+        adapter = {"r": 16, "lora_alpha": 32, "target_modules": list(PROJECTIONS), **adapter}
     return parse_spec({
         "base_model": str(model_dir),
         "dataset": "unused",
         "method": variant if preference else "sft",
-        "adapter": {"r": 16, "lora_alpha": 32, "target_modules": list(PROJECTIONS),
-                    **ADAPTERS.get(variant, {})},
+        "adapter": adapter,
         "hyperparameters": {"batch_size": PAIRS_PER_BATCH if preference else 4, "max_seq_len": 1024,
                             "max_steps": 100_000, "seed": job},
     })
@@ -119,7 +124,7 @@ def main() -> None:
     parser.add_argument("--shape", choices=("tiny", "1b", "8b"), default="1b")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--jobs", type=int, default=8)
-    parser.add_argument("--variants", default="rslora,loraplus,dora,vera,dpo,simpo,orpo")
+    parser.add_argument("--variants", default="rslora,loraplus,dora,vera,dpo,simpo,orpo,lopa")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--workdir", default="/tmp/lorafleet-variants")
