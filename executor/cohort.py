@@ -559,7 +559,7 @@ class Cohort:
         self.routing.segments = {job_id: prompted.rows[job_id] for job_id in self.routing.segments}
         kwargs = packing_kwargs(prompted.sequence_lengths, self.device)
         losses = self._model_token_losses({"inputs_embeds": prompted.embeds[None]}, prompted.targets, kwargs)
-        return losses[~prompted.prompt_rows]
+        return losses.index_select(0, prompted.kept)
 
     def _model_token_losses(self, inputs: dict, targets: torch.Tensor, kwargs: dict) -> torch.Tensor:
         """Every row's loss [T] of the model run on `inputs` (input_ids or inputs_embeds, [1, T, ...])."""

@@ -38,6 +38,7 @@ Hugging Face base with the cohort's logits.
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -209,33 +210,39 @@ class PromptedPass:
     targets: torch.Tensor  # [T'], IGNORE_INDEX on every prompt row
     sequence_lengths: list[int]  # the model's packed sequences: a LoPA sequence's m + L, another's L
     rows: dict[str, tuple[int, int]]  # each job's rows in this layout (the routing's segments)
-    prompt_rows: torch.Tensor  # [T'] bool: dropping these rows gives back the pass's own layout
+    # [T] int64: the rows that are not prompt rows, in order: selecting them gives back the pass's own layout (an
+    # index made on the host, so that dropping the prompt rows does not wait for the device as a mask would)
+    kept: torch.Tensor
 
 
 def prompt_pass(embeds: torch.Tensor, targets: torch.Tensor, rows: dict[str, tuple[int, int]],
                 job_sequences: dict[str, list[int]], prompts: dict[str, torch.Tensor]) -> PromptedPass:
     """Lay out a pass's jobs in their order, each LoPA job's (those in `prompts`: [n, m, d]) through `prepend_prompts`,
     every other job's rows unchanged, bit for bit. `rows` must cover embeds [T, d] back to back (an eager pass)."""
-    parts, part_targets, lengths, moved, is_prompt, start, covered = [], [], [], {}, [], 0, 0
+    parts, part_targets, lengths, moved, kept, start, covered = [], [], [], {}, [], 0, 0
     for job_id, (begin, end) in rows.items():
-        if begin != covered or sum(job_sequences[job_id]) != end - begin:
-            raise ValueError(f"job {job_id}: rows {begin}..{end} are not the next {sum(job_sequences[job_id])} rows "
-                             f"after {covered} (a padded layout cannot take prompts)")
+        sequences = job_sequences[job_id]
+        if begin != covered or sum(sequences) != end - begin:
+            raise ValueError(f"job {job_id}: rows {begin}..{end} are not the next {sum(sequences)} rows after "
+                             f"{covered} (a padded layout cannot take prompts)")
         covered = end
-        rows_embeds, rows_targets, sequences = embeds[begin:end], targets[begin:end], job_sequences[job_id]
         if job_id in prompts:
-            row = prepend_prompts(rows_embeds, rows_targets, sequences, prompts[job_id])
-            rows_embeds, rows_targets, sequences, prompt_rows = (row.embeds, row.targets, row.sequence_lengths,
-                                                                 row.prompt_rows)
+            row = prepend_prompts(embeds[begin:end], targets[begin:end], sequences, prompts[job_id])
+            m = prompts[job_id].shape[1]
+            kept += [torch.arange(first + m, first + length) for first, length in
+                     zip(itertools.accumulate(row.sequence_lengths, initial=start), row.sequence_lengths)]
+            parts.append(row.embeds)
+            part_targets.append(row.targets)
+            lengths += row.sequence_lengths
         else:
-            prompt_rows = torch.zeros(end - begin, dtype=torch.bool, device=embeds.device)
-        parts.append(rows_embeds)
-        part_targets.append(rows_targets)
-        lengths += sequences
-        is_prompt.append(prompt_rows)
-        moved[job_id] = (start, start + rows_embeds.shape[0])
-        start += rows_embeds.shape[0]
-    return PromptedPass(torch.cat(parts), torch.cat(part_targets), lengths, moved, torch.cat(is_prompt))
+            kept.append(torch.arange(start, start + end - begin))
+            parts.append(embeds[begin:end])
+            part_targets.append(targets[begin:end])
+            lengths += sequences
+        moved[job_id] = (start, start + parts[-1].shape[0])
+        start += parts[-1].shape[0]
+    return PromptedPass(torch.cat(parts), torch.cat(part_targets), lengths, moved,
+                        torch.cat(kept).to(embeds.device))
 
 
 def lopa_config(adapter: LopaAdapter, base_model: str) -> dict:
