@@ -142,20 +142,23 @@ def peft_row(model_dir, adapter_dirs, args, device, engine_tokens, log) -> dict:
         else:
             model.load_adapter(directory, adapter_name=name)
     model.eval()
+    # the engine runs without eos (every request makes --new-tokens tokens): so does PEFT, rather than banning the eos
+    # token with min_new_tokens, which would change which token wins
+    base.generation_config.eos_token_id = None
 
     def run(request):
         model.set_adapter(request.adapter)
         ids = torch.tensor([request.prompt_ids], device=device)
         with torch.no_grad():
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                 max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, pad_token_id=0)
+                                 max_new_tokens=args.new_tokens, pad_token_id=0)
         return tuple(out[0, ids.shape[1]:].tolist())
 
     run(sample[0])  # warm-up
     seconds, outputs = timed(device, lambda: [run(request) for request in sample])
     want = engine_tokens[adapters][:len(sample)]
     same = sum(got == expected for got, expected in zip(outputs, want))
-    generated = len(sample) * args.new_tokens
+    generated = sum(len(tokens) for tokens in outputs)
     log(f"peft: {len(sample)} requests one at a time: {generated / seconds:,.0f} tokens/s; "
         f"{same}/{len(sample)} token sequences equal to the engine's")
     del model, base
