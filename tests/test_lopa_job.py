@@ -37,7 +37,8 @@ def datasets(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     return {"p": write_jsonl(root / "p.jsonl", alpaca_rows(9, seed=5)),
             "x": write_jsonl(root / "x.jsonl", alpaca_rows(10, seed=1)),
-            "y": write_jsonl(root / "y.jsonl", alpaca_rows(7, seed=2))}
+            "y": write_jsonl(root / "y.jsonl", alpaca_rows(7, seed=2)),
+            "q": write_jsonl(root / "q.jsonl", alpaca_rows(5, seed=6))}
 
 
 def make_spec(model_dir, adapter, **hyperparameters):
@@ -51,7 +52,10 @@ def make_spec(model_dir, adapter, **hyperparameters):
 P_SPEC = dict(adapter=LOPA, epochs=2, gradient_accumulation_steps=2, warmup_steps=1, weight_decay=0.01, seed=4)
 X_SPEC = dict(adapter=LORA, epochs=2, gradient_accumulation_steps=2, lr_scheduler="cosine", seed=7)
 Y_SPEC = dict(adapter={"r": 8, "target_modules": ["q_proj", "v_proj"]}, batch_size=2, max_seq_len=24, seed=3)
-SPECS = {"p": P_SPEC, "x": X_SPEC, "y": Y_SPEC}
+# A second LoPA job, of other sizes, on other data
+Q_SPEC = dict(adapter={"type": "lopa", "lopa": {"num_virtual_tokens": 5, "rank": 1, "head_size": 4}}, batch_size=2,
+              max_seq_len=40, seed=8)
+SPECS = {"p": P_SPEC, "x": X_SPEC, "y": Y_SPEC, "q": Q_SPEC}
 
 
 def cohort_of(model_dir, datasets, job_ids) -> Cohort:
@@ -143,15 +147,16 @@ def test_a_lora_job_beside_a_lopa_job_trains_bitwise_as_alone(llama, datasets):
     assert all(r.error is None for results in together_history.values() for r in results)
 
 
-def test_a_lopa_job_beside_lora_jobs_trains_bitwise_as_alone(llama, datasets):
+def test_a_lopa_job_beside_lora_jobs_and_another_lopa_job_trains_bitwise_as_alone(llama, datasets):
     alone = cohort_of(llama, datasets, ["p"])
     alone_history = train(alone)
-    together = cohort_of(llama, datasets, ["x", "p", "y"])
+    together = cohort_of(llama, datasets, ["x", "q", "p", "y"])
     together_history = train(together)
     # 9 examples / 3 = 3 micro-batches an epoch, x2 epochs, in windows of 2: 3 optimizer steps
     assert len(alone_history["p"]) == 6 and alone_history["p"][-1].step == 3 and alone_history["p"][-1].done
     assert [r.loss for r in together_history["p"]] == [r.loss for r in alone_history["p"]]
     assert_bitwise(state(together, "p"), state(alone, "p"))
+    assert all(r.error is None for results in together_history.values() for r in results)
     first = make_spec(llama, **P_SPEC)
     initial = LopaAdapter(first.adapter, together.model.config.hidden_size, first.hyperparameters.seed)
     assert all(not torch.equal(p, q) for p, q in zip(together.jobs["p"].adapter.parameters(), initial.parameters()))
