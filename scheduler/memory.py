@@ -9,7 +9,8 @@ one pass, not of every job at once (`cohort_bytes`).
 "Tokens" everywhere in lorafleet means positions of a micro-batch: every token of a packed sequence, prompt and
 target, padding excluded (`formats.tokenise_record` makes them; the cohort trains on them; usage and tokens/s
 count them); a LoPA job's m soft-prompt rows before each sequence are positions the base runs on too, so they count
-(`plan_lopa_job`, the cohort's passes and step tokens). Target tokens, the ones the loss is taken on, are always
+in what a step and a pass hold (`plan_lopa_job`'s tokens_per_step and max_seq_len, the cohort's passes and step
+tokens), while its run's `JobPlan.tokens` (fair-share accounting) are its data's. Target tokens, the ones the loss is taken on, are always
 called target tokens (never a prompt row).
 
 The planner (`policy`), the scheduler, the executor, submission
