@@ -137,6 +137,9 @@ class UnifiedPool:
     def _release(self, page: int) -> None:
         self._free[page] = 1
         heapq.heappush(self._top, -page)
+        if len(self._top) > 2 * self.num_pages:  # pages taken by adapter runs stay in the heap: rebuild it
+            self._top = [-free for free in range(self.num_pages) if self._free[free]]
+            heapq.heapify(self._top)
 
     # Adapters
 

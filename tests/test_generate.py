@@ -353,6 +353,12 @@ def test_the_pool_evicts_the_least_recently_used_unpinned_adapter_and_keeps_kv_o
     assert pool.usage() == PoolUsage(512, 8, 0, 2, 1)
     pool.place_adapter("wide", [torch.zeros(6, 128)])  # a run of 6 pages: fits beside a
     assert pool.adapters["wide"].start == 2 and evicted == ["b"]
+    for _ in range(100):  # adapters coming and going leave the pool's free-page heap bounded
+        pool.evict("wide")
+        pool.place_adapter("wide", [torch.zeros(6, 128)])
+    assert len(pool._top) <= 2 * pool.num_pages
+    pool.evict("wide")
+    assert sorted(pool.allocate_blocks(6)) == list(range(2, 8))
 
 
 def test_a_request_that_can_never_fit_the_pool_is_refused(tmp_path, prompts):
