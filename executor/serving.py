@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Optional
@@ -31,6 +32,7 @@ from lorafleet.scheduler.formats import FALLBACK_CHAT_HEADERS
 from lorafleet.scheduler.generation import (
     GenerationRequest, GenerationResult, Generations, ServedBase, ServingBudget,
 )
+from lorafleet.scheduler.metrics import ExecutorMetrics
 
 log = logging.getLogger("lorafleet.executor.serving")
 
@@ -98,8 +100,10 @@ def cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
 class GenerationServer:
     """Answers generation requests on one executor; `serve` is called by its loop (`Executor.serve_generation`)."""
 
-    def __init__(self, generations: Generations, executor_id: str, artifacts: ArtifactStore, scratch: Path):
+    def __init__(self, generations: Generations, executor_id: str, artifacts: ArtifactStore, scratch: Path,
+                 metrics: Optional[ExecutorMetrics] = None):
         self.generations, self.executor_id, self.artifacts = generations, executor_id, artifacts
+        self.metrics = metrics
         self.scratch = scratch / "adapters"
         self.cohort = None  # the cohort the generator runs on: a new one (another base) starts afresh
         self.generator = None
@@ -126,6 +130,7 @@ class GenerationServer:
         requests = self.generations.take_requests(compat_key, BETWEEN_STEPS if training else IDLE)
         if not requests:
             return 0
+        started = time.perf_counter()
         try:
             results = self._answers(cohort, requests)
         except Exception as exc:  # a fault of this executor's, not of one request: they all learn it, training goes on
@@ -134,6 +139,10 @@ class GenerationServer:
                                                                   f"{self.executor_id}: {exc}") for request in requests}
         for request in requests:
             self.generations.answer(results[request.request_id])
+        if self.metrics:
+            failed = sum(1 for result in results.values() if result.error is not None)
+            self.metrics.record_generation(time.perf_counter() - started, len(requests) - failed, failed,
+                                           sum(result.completion_tokens for result in results.values()))
         return len(requests)
 
     def _answers(self, cohort, requests: list[GenerationRequest]) -> dict[str, GenerationResult]:

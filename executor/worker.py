@@ -103,7 +103,7 @@ class Executor:
         self.last_step: StepStats | None = None
         self.gpu_stats: GpuStats | None = None  # NVML's last reading, taken by the heartbeat thread
         self.serving = GenerationServer(Generations(store, config.hf_hub_cache(), config.model_roots()),
-                                        executor_id, artifacts, self.scratch)
+                                        executor_id, artifacts, self.scratch, metrics)
 
     # ---- the loop ----
 

@@ -182,6 +182,16 @@ class ExecutorMetrics:
     gpu: dict[str, Gauge]  # GpuStats field -> gauge labelled executor; series only once NVML measured them
     job_loss: Gauge  # labelled executor, tenant, job_id: one series per running job
     job_progress: Gauge
+    generation_requests: Counter  # labelled executor, outcome (answered, failed)
+    generation_tokens: Counter
+    generation_batch_duration: Histogram
+
+    def record_generation(self, seconds: float, answered: int, failed: int, tokens: int) -> None:
+        """One batch of generation requests (executor/serving.py): the time training waited for it."""
+        self.generation_batch_duration.observe(seconds)
+        self.generation_requests.labels(executor=self.executor_id, outcome="answered").inc(answered)
+        self.generation_requests.labels(executor=self.executor_id, outcome="failed").inc(failed)
+        self.generation_tokens.inc(tokens)
 
     def record_step(self, step: StepStats, tokens_by_tenant: Mapping[str, int]) -> None:
         self.steps.inc()
@@ -214,6 +224,18 @@ class ExecutorMetrics:
                 gauge.remove(self.executor_id, tenant, job_id)
             except KeyError:
                 pass
+
+
+GENERATION_OUTCOMES = ("answered", "failed")
+
+
+def _generation_requests(registry: CollectorRegistry, executor_id: str) -> Counter:
+    """Generation requests by outcome, each outcome exported from 0."""
+    counter = Counter("lorafleet_generation_requests", "Generation requests this executor answered, by outcome "
+                      "(answered, failed)", ["executor", "outcome"], registry=registry)
+    for outcome in GENERATION_OUTCOMES:
+        counter.labels(executor=executor_id, outcome=outcome)
+    return counter
 
 
 def executor_metrics(executor_id: str) -> ExecutorMetrics:
@@ -258,6 +280,12 @@ def executor_metrics(executor_id: str) -> ExecutorMetrics:
                        registry=registry),
         job_progress=Gauge("lorafleet_job_progress_ratio", "Optimizer steps done over total, each running job",
                            per_job, registry=registry),
+        generation_requests=_generation_requests(registry, executor_id),
+        generation_tokens=Counter("lorafleet_generation_tokens", "Tokens generated for generation requests",
+                                  ["executor"], registry=registry).labels(**label),
+        generation_batch_duration=Histogram(
+            "lorafleet_generation_batch_seconds", "Wall time of one batch of generation requests (between steps: "
+            "what training waited)", ["executor"], buckets=STEP_BUCKETS, registry=registry).labels(**label),
     )
 
 

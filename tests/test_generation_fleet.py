@@ -16,7 +16,8 @@ import torch
 from helpers_polling import wait_until
 from lorafleet.scheduler.generation import Generations, Sampling, fine_tuned_model_name
 from lorafleet.scheduler.redis_server import free_port
-from test_fleet_e2e import fleet_env, make_tenant, spec_for  # noqa: F401  (fleet_env: the fixture)
+from lorafleet.scheduler import fleet
+from test_fleet_e2e import fleet_env, make_tenant, metric_value, scrape, spec_for  # noqa: F401  (fleet_env: fixture)
 
 pytestmark = pytest.mark.slow
 
@@ -184,4 +185,9 @@ def test_bad_requests_in_a_batch_fail_alone(fleet_env, trained):
     assert too_long.error and "than the base's context of 1024 tokens" in too_long.error
     assert no_adapter.error and "adapter could not be loaded" in no_adapter.error
     assert fine.error is None and fine.completion_tokens >= 1
+    text = "".join(scrape(beat.metrics_port) for beat in fleet.executors(fleet_env.store.r)[0])
+    failed = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                 if line.startswith("lorafleet_generation_requests_total{") and 'outcome="failed"' in line)
+    assert failed >= 2, "the executors count the requests that failed alone"
+    assert metric_value(text, "lorafleet_generation_tokens_total") >= fine.completion_tokens
 
