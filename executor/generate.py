@@ -479,29 +479,41 @@ class Generator:
         a running request never runs out of pages) and the prefill stays within `max_prefill_tokens`. With nothing
         running the first one always fits (`_check`)."""
         admitted, prefill_tokens = [], 0
-        while waiting:
-            index, request, route = waiting[0]
-            if admitted and prefill_tokens + len(request.prompt_ids) > self.max_prefill_tokens:
-                break
-            loaded = route is not None and route.startswith(LOADED_PREFIX)
-            try:
-                if loaded:
-                    self._make_resident(route)
-                    self.pool.pin(route)
-                try:
-                    pages = self.pool.allocate_blocks(self._kv_blocks(request))
-                except PoolFull:
-                    if loaded:
-                        self.pool.unpin(route)
-                    raise
-            except PoolFull:
-                if not running and not admitted:
-                    raise RuntimeError(f"request {request.request_id!r} found the pool full with nothing running")
-                break
-            waiting.popleft()
-            admitted.append(Running(index, request, route, pages, _request_rng(request.sampling)))
-            prefill_tokens += len(request.prompt_ids)
+        try:
+            while waiting:
+                index, request, route = waiting[0]
+                if admitted and prefill_tokens + len(request.prompt_ids) > self.max_prefill_tokens:
+                    break
+                pages = self._reserve(route, request)
+                if pages is None:
+                    if not running and not admitted:
+                        raise RuntimeError(f"request {request.request_id!r} found the pool full with nothing running")
+                    break
+                waiting.popleft()
+                admitted.append(Running(index, request, route, pages, _request_rng(request.sampling)))
+                prefill_tokens += len(request.prompt_ids)
+        except BaseException:  # a copy that failed, say: what was taken for this round goes back
+            for running_request in admitted:
+                self._retire(running_request)
+            raise
         return admitted
+
+    def _reserve(self, route: str | None, request: GenerationRequest) -> list[int] | None:
+        """The request's adapter resident and pinned and its KV pages taken; None (nothing held) when the pool
+        cannot give them now."""
+        loaded = route is not None and route.startswith(LOADED_PREFIX)
+        try:
+            if loaded:
+                self._make_resident(route)
+                self.pool.pin(route)
+            try:
+                return self.pool.allocate_blocks(self._kv_blocks(request))
+            except PoolFull:
+                if loaded:
+                    self.pool.unpin(route)
+                raise
+        except PoolFull:
+            return None
 
     def _retire(self, request: Running) -> None:
         self.pool.free_blocks(request.pages)

@@ -361,6 +361,28 @@ def test_the_pool_evicts_the_least_recently_used_unpinned_adapter_and_keeps_kv_o
     assert sorted(pool.allocate_blocks(6)) == list(range(2, 8))
 
 
+def test_a_call_that_fails_midway_holds_no_page_and_leaves_the_routing_as_it_was(tmp_path, dataset, prompts,
+                                                                                monkeypatch):
+    model_dir = build_tiny_model(tmp_path / "base", "llama")
+    cohort = cohort_with_jobs(model_dir, dataset, {"job": ADAPTERS["lora"]})
+    generator = Generator(cohort.model, cohort.routing)
+    generator.load_adapter("exported", cohort.export("job", tmp_path / "job"))
+    requests = requests_for(prompts[:3], ["exported", "job", None])
+    want = generator.generate(requests)
+
+    def failing(*args):
+        raise RuntimeError("device lost")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(generate_module, "decode_attention", failing)
+        with pytest.raises(RuntimeError, match="device lost"):
+            generator.generate(requests)
+    assert generator.pool_usage().kv_pages == 0
+    assert all(not adapter.pins for adapter in generator.pool.adapters.values())
+    assert cohort.routing.segments == {} and cohort.jobs["job"].adapter.training
+    assert generator.generate(requests) == want
+
+
 def test_a_request_that_can_never_fit_the_pool_is_refused(tmp_path, prompts):
     model_dir = build_tiny_model(tmp_path / "base", "llama")
     model, _ = load_base(model_dir)
