@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_e2e import SHAPES, build_base, job_spec, sync, write_job_data  # noqa: E402
+from bench_e2e import SHAPES, build_base, job_spec, release, sync, write_job_data  # noqa: E402
 
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 TRAIN_BATCH = "1x512"
@@ -120,7 +120,9 @@ def engine_rows(model_dir, adapter_dirs, args, device, log) -> tuple[list[dict],
                               "evictions": generator.pool.evictions}})
         tokens[adapters] = [c.token_ids for c in completions]
         log(f"engine: {adapters} adapters, {len(requests)} requests: {generated / seconds:,.0f} tokens/s")
+    generator.close()
     del generator, model
+    release(device)
     return rows, tokens
 
 
@@ -162,6 +164,7 @@ def peft_row(model_dir, adapter_dirs, args, device, engine_tokens, log) -> dict:
     log(f"peft: {len(sample)} requests one at a time: {generated / seconds:,.0f} tokens/s; "
         f"{same}/{len(sample)} token sequences equal to the engine's")
     del model, base
+    release(device)
     return {"adapters": adapters, "sampled_requests": len(sample), "sample_seconds": seconds,
             "tokens_per_s": generated / seconds, "scaled_seconds_for_all": seconds * args.requests / len(sample),
             "same_tokens_as_engine": same,
