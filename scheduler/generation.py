@@ -363,8 +363,13 @@ class Generations:
         """Become the server of a base nobody serves (False: another executor was first)."""
         return bool(self.r.set(keys.generation_server(compat_key_), executor_id, ex=SERVER_TTL_SECONDS * 6, nx=True))
 
-    def bases_unserved(self) -> list[ServedBase]:
-        """Bases with requests waiting and no executor serving them, the longest waiting first."""
+    def waiting(self, compat_key_: str) -> int:
+        """Requests waiting for the base (some may be past their deadline: they are dropped as they are taken)."""
+        return self.r.llen(keys.generation_queue(compat_key_))
+
+    def bases_unserved(self) -> list[tuple[float, ServedBase]]:
+        """(since when its oldest request waits, the base) of each base with requests waiting and no executor
+        serving it, the longest waiting first."""
         bases = [ServedBase.model_validate_json(raw) for raw in self.r.hgetall(keys.GENERATION_BASES).values()]
         pipe = self.r.pipeline(transaction=False)
         for base in bases:
@@ -378,7 +383,7 @@ class Generations:
             elif head is None:  # nothing waits (a submit adds it again; the script checks, so none is lost)
                 self._forget_base(keys=[keys.GENERATION_BASES, keys.generation_queue(base.compat_key)],
                                   args=[base.compat_key])
-        return [base for _, base in sorted(waiting, key=lambda item: item[0])]
+        return sorted(waiting, key=lambda item: item[0])
 
 
 def _check_input(prompt: Optional[str], messages: Optional[Sequence]) -> None:

@@ -90,3 +90,26 @@ def test_a_gap_between_steps_takes_at_most_its_budget(store, make_tenant, tmp_pa
     assert server.serve(cohort, key, training=True) == BETWEEN_STEPS.max_requests
     assert server.serve(cohort, key, training=True) == 3
     assert all(generations.wait_result(r, timeout=5).error is None for r in requests)
+
+
+def test_an_idle_executor_leaves_its_busy_base_only_for_requests_that_waited(store, make_tenant, tmp_path, hf_cache,
+                                                                             base_model_dir, monkeypatch):
+    from lorafleet.executor import serving
+
+    tenant = make_tenant()
+    generations = Generations(store, hf_cache, [base_model_dir.parent.parent])
+    loaded = generations.resolve_model(tenant.name, "test-org/tiny-model").base.compat_key  # the cache's snapshot
+    other = generations.resolve_model(tenant.name, str(base_model_dir)).base.compat_key  # the same files elsewhere
+    assert loaded != other
+    store.r.delete(*(keys.generation_queue(k) for k in (loaded, other)), *(keys.generation_server(k) for k in (
+        loaded, other)))
+    server = GenerationServer(generations, "exec-switch", ArtifactStore(str(tmp_path)), tmp_path / "scratch")
+    generations.mark_serving(loaded, "exec-switch")  # as its loop says of the base it has loaded
+    generations.submit(tenant.name, str(base_model_dir), prompt="x")
+    generations.submit(tenant.name, "test-org/tiny-model", prompt="y")
+    assert server.base_to_load(loaded) is None, "its own base has requests: others' have not waited long enough"
+    monkeypatch.setattr(serving, "SWITCH_AFTER_SECONDS", 0.0)
+    assert server.base_to_load(loaded).compat_key == other
+    assert server.base_to_load(None) is None, "claimed: no second executor loads it"
+    store.r.delete(*(keys.generation_queue(k) for k in (loaded, other)), *(keys.generation_server(k) for k in (
+        loaded, other)))

@@ -125,9 +125,9 @@ def test_unserved_bases_are_listed_until_an_executor_claims_one(generations, mak
     request = generations.submit(tenant.name, "test-org/tiny-model", prompt="x")
     key = request.target.base.compat_key
     generations.store.r.delete(keys.generation_server(key))
-    assert key in [base.compat_key for base in generations.bases_unserved()]
+    assert key in [base.compat_key for _, base in generations.bases_unserved()]
     assert generations.claim_base(key, "exec-1") and not generations.claim_base(key, "exec-2")
-    assert key not in [base.compat_key for base in generations.bases_unserved()]
+    assert key not in [base.compat_key for _, base in generations.bases_unserved()]
     generations.store.r.delete(keys.generation_server(key), keys.generation_queue(key))
     assert generations.bases_unserved() == [] and not generations.store.r.hexists(keys.GENERATION_BASES, key), \
         "a base nothing waits for is forgotten"
