@@ -294,8 +294,7 @@ class Generator:
                           attention.head_dim)
         dtype = self.decoder.embed_tokens.weight.dtype
         page_bytes = layout.page_elements * dtype.itemsize
-        self.pool = UnifiedPool(self._pool_bytes(pool_bytes) // page_bytes, layout, dtype, self.device,
-                                on_evict=self._on_evict)
+        self.pool = UnifiedPool(self._pool_bytes(pool_bytes) // page_bytes, layout, dtype, self.device)
         self._host: dict[str, HostAdapter] = {}  # loaded adapters, by key
         self._layers: dict[str, MultiLoraLinear] = {}  # module name -> layer, for every layer a loaded adapter targets
         self._closed = False
@@ -379,9 +378,6 @@ class Generator:
         served = ServedAdapter(host.scale, factors)
         for name in host.factors:
             self._layers[name].adapters[route] = served
-
-    def _on_evict(self, route: str) -> None:
-        self._uninstall([route])
 
     def _uninstall(self, routes) -> None:
         """Take loaded adapters out of the layers: between calls the model holds no view of the pool, so a dropped

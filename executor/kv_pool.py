@@ -81,10 +81,11 @@ class ResidentAdapter:
 class UnifiedPool:
     """Pages for KV blocks (`allocate_blocks`/`free_blocks`) and adapters (`place_adapter`/`pin`/`unpin`/`evict`).
 
-    `on_evict(key)` is called when an adapter leaves the pool, so its owner drops the views of it it handed out.
+    An evicted adapter's views stay valid tensors over pages that may now hold KV: its owner must route no row to it
+    until it is placed again (a pinned adapter, one that running requests use, is never evicted).
     """
 
-    def __init__(self, num_pages: int, layout: KvLayout, dtype: torch.dtype, device: torch.device, on_evict=None):
+    def __init__(self, num_pages: int, layout: KvLayout, dtype: torch.dtype, device: torch.device):
         if num_pages < 1:
             raise ValueError(f"a pool of {num_pages} pages: it needs at least one page of "
                              f"{layout.page_elements} elements")
@@ -92,7 +93,6 @@ class UnifiedPool:
         self.num_pages = num_pages
         self.buffer = torch.zeros(num_pages, layout.page_elements, dtype=dtype, device=device)
         self.page_bytes = layout.page_elements * dtype.itemsize
-        self.on_evict = on_evict
         self._free = bytearray(b"\x01") * num_pages  # 1: free (a bytes search finds runs of free pages in C)
         self._top = [-page for page in range(num_pages)]  # max-heap of pages for KV; stale entries skipped on pop
         heapq.heapify(self._top)
@@ -196,8 +196,6 @@ class UnifiedPool:
         self.evictions += 1
         for page in range(adapter.start, adapter.start + adapter.pages):
             self._release(page)
-        if self.on_evict is not None:
-            self.on_evict(key)
 
     def _evict_one(self) -> bool:
         """Evict the least recently used unpinned adapter; False when there is none."""
