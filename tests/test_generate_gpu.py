@@ -64,3 +64,34 @@ def test_hundreds_of_adapters_decode_in_one_batch_and_return_every_page(cohort, 
     assert len({c.token_ids for c in completions}) == 1  # copies of one adapter, rows of one forward: the same tokens
     assert all(len(c.token_ids) == 8 or c.finish_reason == "stop" for c in completions)
     assert generator.pool_usage().kv_pages == 0 and generator.pool_usage().resident_adapters == 200
+
+
+def test_training_with_generation_between_graphed_steps_is_the_training_without(tmp_path):
+    """Plain LoRA jobs (their steps replayed as CUDA graphs) with a generate batch over their live adapters between
+    steps: the weights are those of the run without generation, bitwise where two runs without it agree bitwise."""
+    model_dir = build_tiny_model(tmp_path / "base", "llama", hidden=128)
+    dataset = write_jsonl(tmp_path / "x.jsonl", alpaca_rows(8, seed=1))
+    tokenizer = build_tokenizer()
+    prompts = [tuple(tokenizer(text)["input_ids"]) for text in PROMPTS]
+    jobs = {"a": ADAPTERS["lora"], "b": ADAPTERS["rslora"]}
+
+    def run(with_generation: bool) -> dict[str, torch.Tensor]:
+        cohort = Cohort(model_dir, device="cuda")
+        for seed, (job_id, adapter) in enumerate(jobs.items()):
+            cohort.add_job(job_id, make_spec(model_dir, adapter, seed=seed), dataset)
+        generator = Generator(cohort.model, cohort.routing, pool_bytes=64 << 20)
+        for _ in range(5):
+            cohort.step()
+            if with_generation:
+                generator.generate([GenerationRequest(f"r{i}", prompts[i], job_id, Sampling(max_tokens=4))
+                                    for i, job_id in enumerate(["a", "b", None])])
+        return {f"{job_id}.{name}": tensor.clone() for job_id in jobs
+                for name, tensor in cohort.jobs[job_id].adapter.state_dict().items()}
+
+    first, second, generated = run(False), run(False), run(True)
+    deterministic = all(torch.equal(first[name], second[name]) for name in first)
+    for name in first:
+        if deterministic:
+            assert torch.equal(generated[name], first[name]), name
+        else:
+            torch.testing.assert_close(generated[name], first[name], rtol=1e-3, atol=1e-5)
