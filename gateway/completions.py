@@ -147,7 +147,7 @@ def _chat_messages(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
             raise ApiError(400, f"messages.{index}.{extra[0]}: not supported by this server",
                            param=f"messages.{index}.{extra[0]}", code="unsupported_parameter")
         role, content = message.get("role"), message.get("content")
-        if role not in _ROLES:
+        if not isinstance(role, str) or role not in _ROLES:
             raise ApiError(400, f"messages.{index}.role: one of {', '.join(_ROLES)}, got {role!r}",
                            param=f"messages.{index}.role", code="invalid_value")
         if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
