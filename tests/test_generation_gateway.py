@@ -50,6 +50,9 @@ def test_a_chat_request_with_a_bad_message_is_refused_naming_the_message(gateway
             {"role": "user", "content": "hi"}, {"role": "tool", "content": "x", "tool_call_id": "1"}])
     assert refused.value.param == "messages.1.tool_call_id"
     with pytest.raises(openai.BadRequestError) as refused:
+        api.chat.completions.create(model="test-org/tiny-model", messages=[{"role": ["user"], "content": "hi"}])
+    assert refused.value.param == "messages.0.role"
+    with pytest.raises(openai.BadRequestError) as refused:
         api.completions.create(model="test-org/tiny-model", prompt=["a", "b"])
     assert refused.value.param == "prompt"
 
