@@ -144,11 +144,26 @@ class GenerationServer:
                                                                   f"{self.executor_id}: {exc}") for request in requests}
         for request in requests:
             self.generations.answer(results[request.request_id])
+        self._account(requests, results, time.perf_counter() - started)
+        return len(requests)
+
+    def _account(self, requests: list[GenerationRequest], results: dict[str, GenerationResult], seconds: float
+                 ) -> None:
+        """The batch's device time charged to its tenants by the tokens each one's requests computed (fair share
+        counts generation as it counts training), and the executor's metrics."""
+        tokens_by_tenant: dict[str, int] = {}
+        for request in requests:
+            result = results[request.request_id]
+            tokens_by_tenant[request.tenant] = (tokens_by_tenant.get(request.tenant, 0) + result.prompt_tokens
+                                                + result.completion_tokens)
+        total = sum(tokens_by_tenant.values())
+        if total:
+            self.generations.store.add_gpu_seconds(
+                {tenant: seconds * tokens / total for tenant, tokens in tokens_by_tenant.items()})
         if self.metrics:
             failed = sum(1 for result in results.values() if result.error is not None)
-            self.metrics.record_generation(time.perf_counter() - started, len(requests) - failed, failed,
+            self.metrics.record_generation(seconds, len(requests) - failed, failed,
                                            sum(result.completion_tokens for result in results.values()))
-        return len(requests)
 
     def _answers(self, cohort, requests: list[GenerationRequest]) -> dict[str, GenerationResult]:
         generator = self.generator_for(cohort)

@@ -90,6 +90,7 @@ def test_a_gap_between_steps_takes_at_most_its_budget(store, make_tenant, tmp_pa
     assert server.serve(cohort, key, training=True) == BETWEEN_STEPS.max_requests
     assert server.serve(cohort, key, training=True) == 3
     assert all(generations.wait_result(r, timeout=5).error is None for r in requests)
+    assert store.gpu_seconds_total()[tenant.name] > 0, "the tenant is charged for the device time it used"
 
 
 def test_an_idle_executor_leaves_its_busy_base_only_for_requests_that_waited(store, make_tenant, tmp_path, hf_cache,
