@@ -39,6 +39,7 @@ log = logging.getLogger("lorafleet.executor.serving")
 BETWEEN_STEPS = ServingBudget(max_requests=16, max_tokens=2048)
 IDLE = ServingBudget(max_requests=64, max_tokens=16384)
 MAX_LOADED_ADAPTERS = 64
+SWITCH_GRACE_SECONDS = 2.0  # an idle executor with a base loaded leaves an unserved base this long to one with none
 SWITCH_AFTER_SECONDS = 20.0  # an idle executor busy with its base's requests leaves them for others' waiting this long
 # The engine's page pool (KV cache and resident adapters) is allocated once per loaded base and stays: sized for the
 # KV of an idle batch (IDLE.max_tokens generated plus as many prompt tokens) and a quarter more for adapters, rather
@@ -112,13 +113,17 @@ class GenerationServer:
 
     def base_to_load(self, loaded: Optional[str]) -> Optional[ServedBase]:
         """For an executor without jobs: the base of the longest-waiting requests that no executor serves, claimed
-        for this one (None: nothing to load). While requests for its loaded base wait, it switches only for requests
-        that have waited `SWITCH_AFTER_SECONDS`: a base is not reloaded back and forth for every batch."""
-        busy = loaded is not None and self.generations.waiting(loaded) > 0
+        for this one (None: nothing to load). One with a base loaded leaves new requests to executors with none for
+        `SWITCH_GRACE_SECONDS`; while requests for its own base wait, it switches only for requests that have waited
+        `SWITCH_AFTER_SECONDS`: a base is not reloaded back and forth for every batch."""
+        if loaded is None:
+            patience = 0.0
+        else:
+            patience = SWITCH_AFTER_SECONDS if self.generations.waiting(loaded) else SWITCH_GRACE_SECONDS
         for waiting_since, base in self.generations.bases_unserved():
             if base.compat_key == loaded:
                 return None
-            if busy and time.time() - waiting_since < SWITCH_AFTER_SECONDS:
+            if time.time() - waiting_since < patience:  # the oldest first: none of the others waited longer
                 return None
             if self.generations.claim_base(base.compat_key, self.executor_id):
                 return base

@@ -93,7 +93,7 @@ def test_a_gap_between_steps_takes_at_most_its_budget(store, make_tenant, tmp_pa
     assert store.gpu_seconds_total()[tenant.name] > 0, "the tenant is charged for the device time it used"
 
 
-def test_an_idle_executor_leaves_its_busy_base_only_for_requests_that_waited(store, make_tenant, tmp_path, hf_cache,
+def test_an_idle_executor_leaves_its_base_only_for_requests_that_waited(store, make_tenant, tmp_path, hf_cache,
                                                                              base_model_dir, monkeypatch):
     from lorafleet.executor import serving
 
@@ -107,10 +107,14 @@ def test_an_idle_executor_leaves_its_busy_base_only_for_requests_that_waited(sto
     server = GenerationServer(generations, "exec-switch", ArtifactStore(str(tmp_path)), tmp_path / "scratch")
     generations.mark_serving(loaded, "exec-switch")  # as its loop says of the base it has loaded
     generations.submit(tenant.name, str(base_model_dir), prompt="x")
+    assert server.base_to_load(loaded) is None, "a new request is left a moment to executors with no base loaded"
+    monkeypatch.setattr(serving, "SWITCH_GRACE_SECONDS", 0.0)
     generations.submit(tenant.name, "test-org/tiny-model", prompt="y")
     assert server.base_to_load(loaded) is None, "its own base has requests: others' have not waited long enough"
     monkeypatch.setattr(serving, "SWITCH_AFTER_SECONDS", 0.0)
     assert server.base_to_load(loaded).compat_key == other
     assert server.base_to_load(None) is None, "claimed: no second executor loads it"
+    store.r.delete(keys.generation_server(other))
+    assert server.base_to_load(None).compat_key == other, "an executor with no base loaded takes it at once"
     store.r.delete(*(keys.generation_queue(k) for k in (loaded, other)), *(keys.generation_server(k) for k in (
         loaded, other)))
