@@ -182,6 +182,16 @@ class GenerationServer:
         self._unload_least_used(generator)
         return results
 
+    def release(self) -> None:
+        """Drop the generator, its pool and its adapters: the executor unloads the base, whose memory they hold."""
+        for local in self.adapters.values():
+            self._remove_copy(local)
+        self.cohort, self.generator, self.adapters = None, None, OrderedDict()
+
+    def _remove_copy(self, local: Path) -> None:
+        if self.scratch in local.parents:  # a copy of a remote artifact: ours to remove
+            shutil.rmtree(local, ignore_errors=True)
+
     def generator_for(self, cohort) -> Generator:
         """The cohort's one Generator (made at first use; a new cohort gets a new one): serving and the jobs'
         eval samples (executor/eval_samples.py) share it, and its pool."""
@@ -223,8 +233,7 @@ class GenerationServer:
         while len(self.adapters) > MAX_LOADED_ADAPTERS:
             uri, local = self.adapters.popitem(last=False)
             generator.unload_adapter(uri)
-            if self.scratch in local.parents:  # a copy of a remote artifact: ours to remove
-                shutil.rmtree(local, ignore_errors=True)
+            self._remove_copy(local)
 
     def _generate(self, generator, tokenizer, ready: list) -> dict[str, GenerationResult]:
         """Results of the prepared requests, in one batch; if the batch fails, one request at a time, so that a

@@ -277,6 +277,7 @@ class Executor:
 
     def _unload(self) -> None:
         self.cohort, self.compat_key, self.base_bytes = None, None, 0
+        self.serving.release()  # its generator holds the base's model and its page pool
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()
 

@@ -4,6 +4,9 @@ for modules the cohort's jobs do not train is served too."""
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -91,6 +94,11 @@ def test_a_gap_between_steps_takes_at_most_its_budget(store, make_tenant, tmp_pa
     assert server.serve(cohort, key, training=True) == 3
     assert all(generations.wait_result(r, timeout=5).error is None for r in requests)
     assert store.gpu_seconds_total()[tenant.name] > 0, "the tenant is charged for the device time it used"
+    model = weakref.ref(cohort.model)
+    server.release()  # what the executor does as it unloads the base
+    del cohort
+    gc.collect()
+    assert model() is None, "nothing of the server holds an unloaded base's model"
 
 
 def test_an_idle_executor_leaves_its_base_only_for_requests_that_waited(store, make_tenant, tmp_path, hf_cache,
