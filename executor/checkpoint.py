@@ -12,8 +12,10 @@ Each file is written under a temporary name and renamed, so a crash mid-write ne
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,8 +42,40 @@ def replace_file(path: Path, write) -> None:
     os.replace(partial, path)
 
 
+@dataclass
+class ExportFiles:
+    """An export's two files, as copies taken off the live adapter (tensors on the CPU, the config as text): written
+    later, on another thread, while the adapter trains on (executor/publisher.py)."""
+    tensors: dict[str, torch.Tensor]
+    config: str
+    weights_name: str = ADAPTER_WEIGHTS
+    config_name: str = ADAPTER_CONFIG
+
+    def write(self, directory: Path) -> None:
+        replace_file(directory / self.weights_name,
+                     lambda path: save_file(self.tensors, str(path), metadata={"format": "pt"}))
+        replace_file(directory / self.config_name, lambda path: path.write_text(self.config))
+
+
+def cpu_copy(state):
+    """A copy of a (nested) training state whose tensors are CPU copies: what it holds stays as it is now while the
+    live tensors train on."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return {key: cpu_copy(value) for key, value in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(cpu_copy(value) for value in state)
+    return copy.deepcopy(state)
+
+
 def save_peft_adapter(directory: Path, adapter: Adapter, base_model_path: str, fan_in_fan_out: bool = False) -> None:
-    """`fan_in_fan_out`: the targets are transformers' Conv1D (GPT-2), whose weights PEFT must know are [in, out]."""
+    peft_adapter_files(adapter, base_model_path, fan_in_fan_out).write(directory)
+
+
+def peft_adapter_files(adapter: Adapter, base_model_path: str, fan_in_fan_out: bool = False) -> ExportFiles:
+    """The PEFT export of `adapter`. `fan_in_fan_out`: the targets are transformers' Conv1D (GPT-2), whose weights PEFT
+    must know are [in, out]."""
     spec = adapter.spec
     common = dict(
         r=spec.r,
@@ -55,10 +89,9 @@ def save_peft_adapter(directory: Path, adapter: Adapter, base_model_path: str, f
         config, tensors = _vera_export(adapter, common)
     else:
         config, tensors = _lora_export(adapter, common)
-    tensors = {key: tensor.detach().float().cpu().contiguous() for key, tensor in tensors.items()}
-    replace_file(directory / ADAPTER_WEIGHTS, lambda path: save_file(tensors, str(path), metadata={"format": "pt"}))
+    tensors = {key: tensor.detach().float().to("cpu", copy=True).contiguous() for key, tensor in tensors.items()}
     fields = {key: sorted(value) if isinstance(value, set) else value for key, value in config.to_dict().items()}
-    replace_file(directory / ADAPTER_CONFIG, lambda path: path.write_text(json.dumps(fields, indent=2, sort_keys=True)))
+    return ExportFiles(tensors, json.dumps(fields, indent=2, sort_keys=True))
 
 
 def _lora_export(adapter: Adapter, common: dict) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
@@ -119,6 +152,24 @@ def _vera_export(adapter: VeraAdapter, common: dict) -> tuple[VeraConfig, dict[s
         tensors[f"base_model.model.{name}.vera_lambda_d"] = lambda_d
         tensors[f"base_model.model.{name}.vera_lambda_b"] = lambda_b
     return config, tensors
+
+
+@dataclass
+class JobSnapshot:
+    """A job's export (and, for a checkpoint, its training state) as copies taken at a step boundary, to be written
+    into `directory` by `write` (which returns it): taken on the training loop, written on the publisher's thread
+    while the cohort trains on. Files already written (a GaLore job's, written on the loop) are left as they are."""
+    directory: Path
+    export: ExportFiles | None = None
+    training_state: dict | None = None
+
+    def write(self) -> Path:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        if self.export is not None:
+            self.export.write(self.directory)
+        if self.training_state is not None:
+            save_training_state(self.directory, self.training_state)
+        return self.directory
 
 
 def save_training_state(directory: Path, state: dict) -> None:

@@ -63,13 +63,13 @@ import torch.nn.functional as F
 
 from lorafleet.executor.activations import checkpoint_layers
 from lorafleet.executor.adapters import Adapter, build_adapter
-from lorafleet.executor.checkpoint import load_training_state, save_peft_adapter, save_training_state
+from lorafleet.executor.checkpoint import JobSnapshot, cpu_copy, load_training_state, peft_adapter_files
 from lorafleet.executor.data import IGNORE_INDEX, DataError, Example, JobData
 from lorafleet.executor.experts import MultiLoraExperts, attach_expert_factors, wrap_expert_targets
 from lorafleet.executor.fused_decoder import fuse_decoder
 from lorafleet.executor.loss import chunked_head_loss_applies, logit_softcap
 from lorafleet.executor.loss import token_losses as chunked_token_losses
-from lorafleet.executor.lopa import LopaAdapter, input_length, lopa_logits, prompt_pass, save_lopa
+from lorafleet.executor.lopa import LopaAdapter, input_length, lopa_files, lopa_logits, prompt_pass
 from lorafleet.executor.model import decoder_layers, load_base, packing_kwargs
 from lorafleet.executor.multilora import MultiLoraLinear, RowRouting, is_conv1d, wrap_targets
 from lorafleet.executor.optim import JobOptimizer, NonFiniteGradients
@@ -656,39 +656,40 @@ class Cohort:
         """Write the job's PEFT adapter (a LoPA job's `lopa.save_lopa` export), and nothing else, into `directory`
         (created if needed); return it. Its config names the base as the job's spec does (what the tenant wrote),
         never this executor's path."""
-        job = self.jobs[job_id]
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        if isinstance(job.adapter, LopaAdapter):  # no PEFT format holds a prompt generator: lorafleet's own
-            save_lopa(directory, job.adapter, job.spec.base_model)
-            return directory
-        fan_in_fan_out = any(is_conv1d(layer.base) for layer in job.layers)
-        save_peft_adapter(directory, job.adapter, job.spec.base_model, fan_in_fan_out)
-        return directory
+        return self.snapshot(job_id, directory, training_state=False).write()
 
     def checkpoint(self, job_id: str, directory) -> Path:
         """`export`, plus the training state to resume from, into `directory`; return it."""
+        return self.snapshot(job_id, directory, training_state=True).write()
+
+    def snapshot(self, job_id: str, directory, training_state: bool) -> JobSnapshot:
+        """`export` (and with `training_state`, `checkpoint`) as CPU copies of the job's state now, written into
+        `directory` later by `JobSnapshot.write`, while the cohort steps on."""
         job = self.jobs[job_id]
-        directory = self.export(job_id, directory)
-        save_training_state(
-            directory,
-            {
-                "spec": job.spec.model_dump_json(),
-                "step": job.step,
-                "micro_batches": job.micro_batches,
-                "accumulated": job.accumulated,
-                "window_targets": job.window_targets,
-                "trained_tokens": job.trained_tokens,
-                "adapter": job.adapter.state_dict(),
-                "adapter_rng": job.adapter.rng_state(),
-                # Copies: on the kernel path a job's grads are views into buffers shared by the whole cohort, and
-                # saving a view writes its whole storage, other tenants' gradients included.
-                "pending_grads": [None if p.grad is None else p.grad.detach().clone() for p in job.adapter.parameters()],
-                "optimizer": job.optimizer.state_dict(),
-                "data": job.data.state_dict(),
-            },
-        )
-        return directory
+        if isinstance(job.adapter, LopaAdapter):  # no PEFT format holds a prompt generator: lorafleet's own
+            files = lopa_files(job.adapter, job.spec.base_model)
+        else:
+            fan_in_fan_out = any(is_conv1d(layer.base) for layer in job.layers)
+            files = peft_adapter_files(job.adapter, job.spec.base_model, fan_in_fan_out)
+        return JobSnapshot(Path(directory), files, self._training_state(job) if training_state else None)
+
+    def _training_state(self, job: Job) -> dict:
+        """What `_restore` resumes from, as CPU copies."""
+        return cpu_copy({
+            "spec": job.spec.model_dump_json(),
+            "step": job.step,
+            "micro_batches": job.micro_batches,
+            "accumulated": job.accumulated,
+            "window_targets": job.window_targets,
+            "trained_tokens": job.trained_tokens,
+            "adapter": job.adapter.state_dict(),
+            "adapter_rng": job.adapter.rng_state(),
+            # cpu_copy copies a view's own elements: on the kernel path a job's grads are views into buffers shared
+            # by the whole cohort, and saving a view would write its whole storage, other tenants' gradients included.
+            "pending_grads": [p.grad for p in job.adapter.parameters()],
+            "optimizer": job.optimizer.state_dict(),
+            "data": job.data.state_dict(),
+        })
 
     def _restore(self, job: Job, state: dict) -> None:
         job.step, job.micro_batches, job.accumulated = state["step"], state["micro_batches"], state["accumulated"]

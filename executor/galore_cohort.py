@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from lorafleet.executor.checkpoint import JobSnapshot
 from lorafleet.executor.cohort import StepResult
 from lorafleet.executor.data import JobData
 from lorafleet.executor.galore_job import GaloreJob, GaloreSettings
@@ -114,3 +115,9 @@ class GaloreCohort:
     def export(self, job_id: str, directory) -> Path:
         """The trained model as a full Hugging Face model directory (`GaloreJob.export`)."""
         return self.jobs[job_id].job.export(directory)
+
+    def snapshot(self, job_id: str, directory, training_state: bool) -> JobSnapshot:
+        """Written now, on the loop: a CPU copy of a whole model would cost what writing it costs, and the job runs
+        alone, so no other job waits for it (only the publishing is left to the publisher's thread)."""
+        written = self.checkpoint(job_id, directory) if training_state else self.export(job_id, directory)
+        return JobSnapshot(written)

@@ -44,10 +44,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from lorafleet.executor.adapters import Adapter
-from lorafleet.executor.checkpoint import replace_file
+from lorafleet.executor.checkpoint import ExportFiles
 from lorafleet.executor.data import IGNORE_INDEX
 from lorafleet.scheduler.memory import lopa_parameter_count  # noqa: F401 (the memory model's count, one definition)
 from lorafleet.scheduler.spec import AdapterSpec
@@ -266,10 +266,15 @@ def lopa_config(adapter: LopaAdapter, base_model: str) -> dict:
 def save_lopa(directory: Path, adapter: LopaAdapter, base_model: str) -> None:
     """Write a LoPA job's export into `directory`: `LOPA_CONFIG` and `LOPA_WEIGHTS` (the generator's fp32 state:
     shared [m, d], u_head.* and v_head.*, nn.Linear's names), each replaced whole."""
-    tensors = {key: tensor.detach().float().cpu().contiguous() for key, tensor in adapter.prompt.state_dict().items()}
-    replace_file(directory / LOPA_WEIGHTS, lambda path: save_file(tensors, str(path), metadata={"format": "pt"}))
+    lopa_files(adapter, base_model).write(directory)
+
+
+def lopa_files(adapter: LopaAdapter, base_model: str) -> ExportFiles:
+    """`save_lopa`'s files as copies (CPU tensors), to be written later."""
+    tensors = {key: tensor.detach().float().to("cpu", copy=True).contiguous()
+               for key, tensor in adapter.prompt.state_dict().items()}
     config = json.dumps(lopa_config(adapter, base_model), indent=2, sort_keys=True)
-    replace_file(directory / LOPA_CONFIG, lambda path: path.write_text(config))
+    return ExportFiles(tensors, config, weights_name=LOPA_WEIGHTS, config_name=LOPA_CONFIG)
 
 
 def load_lopa(directory, device="cpu") -> LopaPrompt:

@@ -10,6 +10,7 @@ Drain (SIGTERM, or `lorafleet executors drain ID`): checkpoint every job, hand i
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import signal
@@ -17,17 +18,20 @@ import socket
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import redis
 import torch
 
+from lorafleet.executor.checkpoint import JobSnapshot
 from lorafleet.executor.cohort import Cohort
 from lorafleet.executor.data import DataError, JobData
+from lorafleet.executor.eval_samples import record_eval_samples
 from lorafleet.executor.galore_cohort import GaloreCohort
 from lorafleet.executor.gpu import Nvml, device_peak_tflops, frozen_matmul_params, mfu
 from lorafleet.executor.model import decoder_layers, device_auto_dtype, native_bf16
+from lorafleet.executor.publisher import Publication, Publisher
 from lorafleet.executor.serving import GenerationServer
 from lorafleet.scheduler import config, fleet, keys
 from lorafleet.scheduler.artifacts import ArtifactStore
@@ -102,6 +106,8 @@ class Executor:
         self.matmul_params = 0  # of the loaded base: what MFU counts
         self.last_step: StepStats | None = None
         self.gpu_stats: GpuStats | None = None  # NVML's last reading, taken by the heartbeat thread
+        self.publisher = Publisher(store, artifacts, executor_id)
+        self.publication_ids = itertools.count()  # each snapshot's own scratch directory
         self.serving = GenerationServer(Generations(store, config.hf_hub_cache(), config.model_roots()),
                                         executor_id, artifacts, self.scratch, metrics)
 
@@ -146,13 +152,15 @@ class Executor:
     def heartbeat(self) -> ExecutorHeartbeat:
         synced_seq = self.synced_seq  # read before the leases: every job it covers is in them by now
         leases = dict(self.leases)
+        # A finished job is held until its result is recorded (executor/publisher.py); leases first: the newer attempt
+        held = {**self.publisher.held(), **{job_id: lease.attempt for job_id, lease in leases.items()}}
         return ExecutorHeartbeat(
             executor_id=self.executor_id, host=socket.gethostname(), device=self.device,
             dtypes=tuple(_supported_dtypes(self.device)), auto_dtype=device_auto_dtype(torch.device(self.device)),
             pid=os.getpid(), total_bytes=self.total_bytes,
             peak_bytes=self.step_peak_bytes if leases else _allocated_bytes(self.device),
             pass_tokens=self.step_pass_tokens if leases else 0, compat_key=self.compat_key,
-            base_bytes=self.base_bytes, jobs={job_id: lease.attempt for job_id, lease in leases.items()},
+            base_bytes=self.base_bytes, jobs=held,
             synced_seq=synced_seq, metrics_port=self.metrics_port, max_pass_tokens=self.max_pass_tokens,
             last_step=self.last_step if leases else None, gpu=self.gpu_stats,
         )
@@ -189,6 +197,7 @@ class Executor:
         """Checkpoint the job (its optimizer state and data position with it) and leave it paused: a resume puts it
         back in the queue, and whichever executor takes it goes on from this checkpoint as if never stopped."""
         self.save_checkpoint(lease)
+        self.publisher.wait()  # paused only once the checkpoint it resumes from is recorded
         if self.store.paused_at_checkpoint(lease.job_id, lease.attempt, self.executor_id):
             log.info("job %s paused at step %d", lease.job_id, self.cohort.jobs[lease.job_id].step)
         else:
@@ -360,6 +369,8 @@ class Executor:
         updates = [update for job_id, result in results.items()
                    if (update := self._progress_of(job_id, result, seconds)) is not None]
         kept = self.store.record_step(updates, self.executor_id, usage)  # one round trip for the whole step
+        self.eval_samples({update.job_id: update.step for update, held in zip(updates, kept)
+                           if held and results[update.job_id].checkpoint_due})
         for update, held in zip(updates, kept):
             lease, result = self.leases[update.job_id], results[update.job_id]
             if not held:
@@ -375,6 +386,13 @@ class Executor:
             self.metrics.cohort_jobs.set(len(self.leases))
             self.metrics.memory_allocated.set(_allocated_bytes(self.device))
             self.metrics.memory_peak.labels(executor=self.executor_id).set(peak)
+
+    def eval_samples(self, checkpointing: dict[str, int]) -> None:
+        """The eval_samples events of the jobs that checkpoint or finish this step (job id -> step), before their
+        checkpoints and adapters are written: one generate batch on the cohort's generator (executor/eval_samples.py)."""
+        steps = {job_id: step for job_id, step in checkpointing.items() if self.leases[job_id].spec.eval_samples}
+        if steps and not isinstance(self.cohort, GaloreCohort):  # a GaLore job has none (refused at submission)
+            record_eval_samples(self.store, self.serving.generator_for, self.cohort, steps)
 
     def _progress_of(self, job_id: str, result, seconds: float) -> ProgressUpdate | None:
         """What to record of a job's step; None when the step failed the job (failed and released here)."""
@@ -419,41 +437,24 @@ class Executor:
             self.metrics.record_step(self.last_step, tokens_by_tenant)
         return tokens_by_tenant
 
-    def _publish(self, lease: Lease, local: Path, name: str) -> str | None:
-        """Copy an artifact into this lease's own directory, if the lease still holds (a stale holder writes
-        nothing); its URI, or None."""
-        if not self.store.holds(lease.job_id, lease.attempt, self.executor_id):
-            log.warning("job %s: %s refused, not written: this executor no longer holds the job", lease.job_id, name)
-            return None
-        return self.artifacts.publish(local, lease.tenant, lease.job_id, lease.attempt, name)
-
     def save_checkpoint(self, lease: Lease) -> None:
-        """Publish a resumable checkpoint and point the job at it (only while the lease holds); a storage failure is
-        reported and training goes on from the last one."""
+        """Snapshot a resumable checkpoint now; the publisher writes and publishes it and points the job at it (only
+        while the lease holds). A storage failure is reported and training goes on from the last one."""
         step = self.cohort.jobs[lease.job_id].step
-        try:
-            local = self.cohort.checkpoint(lease.job_id, self.scratch / lease.job_id / "checkpoint")
-            uri = self._publish(lease, local, f"checkpoint-{step}")
-        except OSError as exc:
-            log.warning("job %s: checkpoint not saved: %s", lease.job_id, exc)
-            self.store.append_event(lease.job_id, "error", message=f"checkpoint not saved: {exc}")
-            return
-        if uri is None:
-            return
-        evicted = self.store.record_checkpoint(lease.job_id, uri, lease.attempt, self.executor_id, step=step,
-                                               keep=config.keep_checkpoints())
-        if evicted is None:  # the lease moved on between the check and the pointer: nobody will read this copy
-            log.warning("job %s: checkpoint at step %d refused: this executor no longer holds the job", lease.job_id,
-                        step)
-            evicted = [uri]
-        for old in evicted:
-            self._delete_artifact(lease.job_id, old)
+        self._publish_later(lease, f"checkpoint-{step}", step)
 
-    def _delete_artifact(self, job_id: str, uri: str) -> None:
+    def _publish_later(self, lease: Lease, name: str, step: int | None) -> None:
+        """Take the job's snapshot at this step boundary (with its training state for a checkpoint: `step` set) and
+        hand it to the publisher, off the training loop."""
+        directory = self.scratch / lease.job_id / f"{name}-{next(self.publication_ids)}"
+        publication = Publication(lease.job_id, lease.tenant, lease.attempt, name, JobSnapshot(directory), step,
+                                  config.keep_checkpoints())
         try:
-            self.artifacts.delete(uri)
-        except (OSError, ValueError) as exc:  # left behind: `lorafleet jobs purge` removes the job's whole tree
-            log.warning("job %s: could not delete %s: %s", job_id, uri, exc)
+            snapshot = self.cohort.snapshot(lease.job_id, directory, training_state=step is not None)
+        except OSError as exc:  # a GaLore job's model is written here, on the loop
+            self.publisher.storage_failed(publication, exc)
+            return
+        self.publisher.submit(replace(publication, snapshot=snapshot))
 
     def _untrained_after_an_epoch(self, lease: Lease) -> bool:
         """A whole epoch gave no target token: no later one will either."""
@@ -472,20 +473,8 @@ class Executor:
         if lease.trained_tokens == 0 and not lease.resumed:  # an untrained adapter is no success
             self._fail_untrained(lease)
             return
-        try:
-            local = self.cohort.export(lease.job_id, self.scratch / lease.job_id / "final")
-            uri = self._publish(lease, local, "model" if lease.spec.adapter.type == "galore" else "adapter")
-        except OSError as exc:
-            log.warning("job %s: adapter not published: %s", lease.job_id, exc)
-            self.store.fail(lease.job_id, JobState.RUNNING,
-                            f"job {lease.job_id} failed: the trained adapter could not be stored: {exc}",
-                            reason=FailureReason.PUBLISH, attempt=lease.attempt, executor_id=self.executor_id)
-        else:
-            if uri is not None and self.store.succeed(lease.job_id, uri, lease.attempt, self.executor_id):
-                log.info("job %s succeeded: %s", lease.job_id, uri)
-            elif uri is not None:
-                log.warning("job %s: result refused: this executor no longer holds the job", lease.job_id)
-                self._delete_artifact(lease.job_id, uri)
+        # The job leaves the cohort now; it is reported succeeded once the publisher has stored its result.
+        self._publish_later(lease, "model" if lease.spec.adapter.type == "galore" else "adapter", step=None)
         self._release(lease.job_id)
 
     def recover_from_oom(self) -> None:
@@ -517,6 +506,7 @@ class Executor:
         scheduler cannot give a handed-back job to this executor again (it claims only for live executors)."""
         for lease in self.leases.values():
             self.save_checkpoint(lease)
+        self.publisher.wait()  # every checkpoint (and finished job's result) recorded before the jobs go back
         fleet.forget(self.store.r, self.executor_id)
         for job_id, lease in list(self.leases.items()):
             self.store.requeue(job_id, (JobState.SCHEDULED, JobState.RUNNING), "executor drained",

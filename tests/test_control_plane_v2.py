@@ -89,6 +89,7 @@ def test_after_redis_loses_its_last_writes_the_job_runs_again_and_counts_are_rig
         store.r.connection_pool.disconnect()
         while job_id in executor.leases:
             executor.train_step()
+        executor.publisher.wait()  # the result is stored and recorded off the training loop
         assert store.job(job_id).state == JobState.SUCCEEDED
         server.kill()  # ... and the writes since are lost
         shutil.rmtree(tmp_path / "redis")
@@ -103,6 +104,7 @@ def test_after_redis_loses_its_last_writes_the_job_runs_again_and_counts_are_rig
             executor.sync_assignments()
             if executor.leases:
                 executor.train_step()
+                executor.publisher.wait()
             if store.job(job_id).state == JobState.SUCCEEDED:
                 break
         job = store.job(job_id)

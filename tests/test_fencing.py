@@ -58,11 +58,13 @@ def take_over(store, stalled, job_id, then_run, steps=100) -> None:
         if job_id not in then_run.leases:
             break
         then_run.train_step()
+    then_run.publisher.wait()
 
 
 def run_until_gone(executor, job_id, steps=20) -> None:
     for _ in range(steps):
         if job_id not in executor.leases:
+            executor.publisher.wait()  # its result is recorded (or refused) off the loop
             return
         executor.train_step()
     raise AssertionError(f"{job_id} still held by {executor.executor_id} after {steps} steps")
@@ -148,6 +150,7 @@ def test_a_stalled_executor_woken_while_publishing_a_checkpoint_changes_nothing(
     fired = stall_when_publishing(a, "checkpoint", b_checkpoints)
     a.train_step()
     a.train_step()  # step 2: checkpoint due; A stalls in the copy while B takes the job over
+    a.publisher.wait()
     assert fired and fired[0].startswith("checkpoint")
     job = store.job(job_id)
     assert job.state == JobState.RUNNING and job.executor_id == "exec-b" and job.attempt == first + 1
@@ -170,6 +173,7 @@ def test_old_checkpoints_are_deleted_and_the_last_n_kept(store, world, single_to
     attempt = start_on(store, a, job_id)
     for _ in range(8):
         a.train_step()
+    a.publisher.wait()
     job = store.job(job_id)
     assert len(job.checkpoints) == 2 and job.checkpoints[-1] == job.checkpoint_uri
     on_disk = sorted(p.name for p in attempt_dir(artifacts, tenant, job_id, attempt).glob("checkpoint-*"))
