@@ -54,8 +54,8 @@ class GaloreCohort:
     def __init__(self, base_model_path, dtype: str = "auto", device: str = "cpu",
                  max_pass_tokens: int | None = None):
         self.base_model_path, self.dtype, self.device = str(base_model_path), dtype, device
-        self.max_pass_tokens = max_pass_tokens  # set by the worker each step; the job's micro-batch is one pass
-        self.step_tokens, self.largest_pass_tokens = 0, 0  # input tokens of the last step (its one pass)
+        self.max_pass_tokens = max_pass_tokens  # set by the worker each step; the job's micro-batch runs in passes
+        self.step_tokens, self.largest_pass_tokens = 0, 0  # input tokens of the last step, and of its largest pass
         self.jobs: dict[str, GaloreMember] = {}
 
     @property
@@ -91,8 +91,9 @@ class GaloreCohort:
         del self.jobs[job_id]
 
     def step(self) -> dict[str, StepResult]:
-        results = {job_id: self.jobs[job_id].job.step() for job_id in self.active_jobs()}
-        self.step_tokens = self.largest_pass_tokens = sum(m.job.last_input_tokens for m in self.jobs.values())
+        results = {job_id: self.jobs[job_id].job.step(self.max_pass_tokens) for job_id in self.active_jobs()}
+        self.step_tokens = sum(m.job.last_input_tokens for m in self.jobs.values())
+        self.largest_pass_tokens = max((m.job.largest_pass_tokens for m in self.jobs.values()), default=0)
         return results
 
     @torch.no_grad()

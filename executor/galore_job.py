@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from lorafleet.executor.checkpoint import read_training_state, save_training_state
-from lorafleet.executor.cohort import StepResult, pack, run_length
+from lorafleet.executor.cohort import StepResult, pack, run_length, split_passes
 from lorafleet.executor.data import IGNORE_INDEX, DataError, Example, JobData
 from lorafleet.executor.galore import GaLoreAdamW, galore_param_groups
 from lorafleet.executor.model import load_base, packing_kwargs
@@ -101,7 +101,8 @@ class GaloreJob:
         self.accumulated = 0  # micro-batches in the window under way
         self.window_targets = 0  # their target tokens
         self.trained_tokens = 0
-        self.last_input_tokens = 0  # of the last forward (what a step's throughput counts)
+        self.last_input_tokens = 0  # of the last micro-batch, all its passes (what a step's throughput counts)
+        self.largest_pass_tokens = self.pass_input_tokens = 0  # of its largest pass; of the last forward
         self.done = False
         self.error: str | None = None
         if resume_from is not None:
@@ -117,8 +118,9 @@ class GaloreJob:
         accumulation = self.hp.gradient_accumulation_steps
         return min(accumulation, self.micro_batch_limit - (self.micro_batches - self.accumulated))
 
-    def step(self) -> StepResult:
-        """Train on the next micro-batch, and step the optimizer when its window is full."""
+    def step(self, max_pass_tokens: int | None = None) -> StepResult:
+        """Train on the next micro-batch, in passes of at most `max_pass_tokens` tokens (whole sequences; None: one
+        pass), and step the optimizer when its window is full."""
         if not self.active:
             raise RuntimeError(self.error or "the GaLore job is done")
         try:
@@ -126,13 +128,11 @@ class GaloreJob:
         except DataError as exc:
             return self._fail(f"data error at step {self.steps_done + 1}: {exc}")
         tokens = sum(example.num_targets for example in examples)
-        loss, self.last_input_tokens = None, 0
+        loss, self.last_input_tokens, self.largest_pass_tokens = None, 0, 0
         if tokens:  # a micro-batch whose targets were all truncated away teaches nothing: no forward
-            loss_sum = self.loss_sum(examples)
-            loss = loss_sum.item() / tokens
+            loss = self._train_passes(examples, tokens, max_pass_tokens) / tokens
             if not math.isfinite(loss):
                 return self._fail(f"loss is {loss} at step {self.steps_done + 1}")
-            (loss_sum / (tokens * self.window_size)).backward()
         self.micro_batches += 1
         self.accumulated += 1
         self.window_targets += tokens
@@ -141,10 +141,25 @@ class GaloreJob:
             return self._result(loss, tokens)
         return self._end_window(loss, tokens)
 
+    def _train_passes(self, examples: list[Example], tokens: int, max_pass_tokens: int | None) -> float:
+        """Forward and backward of the micro-batch's passes, each pass's loss divided as the whole micro-batch's, so
+        their gradients add up to one pass's. The summed loss; a pass whose loss is not finite stops it unstepped
+        (its caller fails the job and drops the window's gradients)."""
+        total = 0.0
+        for part in split_passes({"job": examples}, max_pass_tokens):
+            loss_sum = self.loss_sum(part["job"])
+            self.largest_pass_tokens = max(self.largest_pass_tokens, self.pass_input_tokens)
+            self.last_input_tokens += self.pass_input_tokens
+            total += loss_sum.item()
+            if not math.isfinite(total):
+                return total
+            (loss_sum / (tokens * self.window_size)).backward()
+        return total
+
     def loss_sum(self, examples: list[Example]) -> torch.Tensor:
         """The cross-entropy summed over the micro-batch's target tokens, its sequences packed in one row."""
         batch = pack({"job": examples}, self.device)
-        self.last_input_tokens = batch.input_ids.numel()
+        self.pass_input_tokens = batch.input_ids.numel()
         kwargs = packing_kwargs(batch.sequence_lengths, self.device)
         logits = self.model(batch.input_ids, use_cache=False, **kwargs).logits[0]
         return F.cross_entropy(logits.float(), batch.targets, ignore_index=IGNORE_INDEX, reduction="sum")

@@ -17,7 +17,7 @@ from lorafleet.scheduler.auto import AUTO, base_learning_rate
 from lorafleet.scheduler.generation import checkpoint_model_name, fine_tuned_model_name
 from lorafleet.scheduler.records import JobRecord, JobState
 from lorafleet.scheduler.spec import PREFERENCE_METHODS
-from lorafleet.scheduler.results import checkpoint_step
+from lorafleet.scheduler.results import checkpoint_step, result_kind
 
 # Internal states as OpenAI names them: a scheduled job is still waiting for its executor to start it.
 STATUS = {
@@ -30,7 +30,7 @@ _LORAFLEET_TO_SPEC = {  # LorafleetOptions field -> (spec section or None for to
     "lora_dropout": ("adapter", "lora_dropout"), "target_modules": ("adapter", "target_modules"),
     "target_parameters": ("adapter", "target_parameters"),
     "use_rslora": ("adapter", "use_rslora"), "loraplus_lr_ratio": ("adapter", "loraplus_lr_ratio"),
-    "use_dora": ("adapter", "use_dora"),
+    "use_dora": ("adapter", "use_dora"), "galore": ("adapter", "galore"),
     "quantization": (None, "quantization"), "dtype": (None, "dtype"), "priority": (None, "priority"),
     "max_seq_len": ("hyperparameters", "max_seq_len"), "max_steps": ("hyperparameters", "max_steps"),
     "checkpoint_every": ("hyperparameters", "checkpoint_every"), "simpo_gamma": ("hyperparameters", "simpo_gamma"),
@@ -147,7 +147,8 @@ def job_view(record: JobRecord, result_files: list[str]) -> FineTuningJob:
         metadata=dict(spec.metadata) or None, suffix=spec.name,
         lorafleet={"state": record.state.value, "step": record.step, "total_steps": record.total_steps,
                    "metrics": dict(record.metrics), "priority": spec.priority,
-                   "adapter": spec.adapter.model_dump(), "quantization": spec.quantization,
+                   "adapter": spec.adapter.model_dump(), "result": result_kind(spec.adapter.type),
+                   "quantization": spec.quantization,
                    "max_seq_len": spec.hyperparameters.max_seq_len, "max_steps": spec.hyperparameters.max_steps,
                    "eval_samples": list(spec.eval_samples), "eval_max_tokens": spec.eval_max_tokens,
                    **_method_extension_view(record)},

@@ -10,6 +10,8 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from lorafleet.scheduler.spec import GaloreSpecSettings
+
 Auto = Literal["auto"]
 
 
@@ -49,7 +51,11 @@ class MethodRequest(_Request):
 class LorafleetOptions(_Request):
     """lorafleet's own settings, beyond OpenAI's fields (each optional; the spec's defaults otherwise)."""
 
-    adapter_type: Optional[str] = Field(None, description="'lora' (default), 'nola' or 'vera'")
+    adapter_type: Optional[str] = Field(None, description="'lora' (default), 'nola', 'vera', or 'galore' (a full "
+                                        "fine-tune: its result is a whole model)")
+    galore: Optional[GaloreSpecSettings] = Field(
+        None, description="a 'galore' job's options: rank, update_proj_gap, scale, proj_type (galore-torch's names "
+        "and defaults)")
     r: Optional[int] = None
     lora_alpha: Optional[float] = None
     lora_dropout: Optional[float] = None

@@ -445,6 +445,12 @@ def size_lopa_job(shape: ModelShape, num_virtual_tokens: int, rank: int, head_si
                    estimate_base_bytes(shape.num_params(), quantization, dtype))
 
 
+# A full fine-tune's training FLOPs over an adapter's on the same base: its backward computes every weight's gradient
+# as well as the activations' (6 x params x tokens against 4 x params x tokens); GaLore's projection refreshes and the
+# optimizer step over every weight are left out (small next to the matmuls at every few hundred steps).
+FULL_FINE_TUNE_FLOPS = 1.5
+
+
 def estimate_gpu_seconds(tokens: int, params: int, tokens_per_second_at_8b: float = 10_000.0) -> float:
     """GPU time a job of `tokens` needs, for fair-share accounting: training FLOPs grow with parameters x tokens.
 
@@ -628,9 +634,10 @@ def plan_galore_job(compat_key: str, base_snapshot: str, shape: ModelShape, rank
                     target_modules: Sequence[str], batch_size: int, max_seq_len: int, dtype: str,
                     tokens: int) -> JobPlan:
     """`plan_job` for a GaLore job (`size_galore_job` in every dtype it may compute in); its `compat_key` is its
-    own, so that no other job joins its cohort. ValueError for a base the GaLore sizing does not know."""
+    own, so that no other job joins its cohort; its GPU time a full fine-tune's (`FULL_FINE_TUNE_FLOPS` times an
+    adapter's). ValueError for a base the GaLore sizing does not know."""
     sizes = {d: size_galore_job(shape, rank, proj_type, target_modules, batch_size, max_seq_len, d)
              for d in possible_dtypes(dtype)}
     params = shape.num_params()
     return JobPlan(compat_key, base_snapshot, params, batch_size * max_seq_len, max_seq_len, tokens,
-                   estimate_gpu_seconds(tokens, params), dtype, sizes)
+                   estimate_gpu_seconds(tokens, params) * FULL_FINE_TUNE_FLOPS, dtype, sizes)

@@ -30,6 +30,12 @@ from lorafleet.scheduler.store import JobStore
 _CHECKPOINT_STEP_RE = re.compile(r"checkpoint-(\d+)-")  # the executor publishes `checkpoint-<step>` (+ a nonce)
 
 
+def result_kind(adapter_type: str) -> str:
+    """What a finished job publishes: a GaLore job a whole model (a full fine-tune), any other an adapter. Its
+    artifact's and result file's name say so."""
+    return "model" if adapter_type == "galore" else "adapter"
+
+
 def checkpoint_step(uri: str) -> int:
     """The step in a checkpoint's name (`artifacts`: `checkpoint-<step>-<nonce>`)."""
     found = _CHECKPOINT_STEP_RE.search(PurePosixPath(uri).name)
@@ -62,7 +68,8 @@ class JobResults:
         if record.state != JobState.SUCCEEDED or not record.adapter_uri:
             raise ValueError(f"job_id: job {record.job_id!r} is {record.state.value}: only a succeeded job has a "
                              "result file")
-        return self._pack(record, "adapter", record.adapter_uri, f"{record.job_id}-adapter.tar")
+        return self._pack(record, "adapter", record.adapter_uri,
+                          f"{record.job_id}-{result_kind(record.spec.adapter.type)}.tar")
 
     def checkpoint_file(self, record: JobRecord, uri: str) -> FileRecord:
         """One of the job's kept checkpoints (an URI of `record.checkpoints`) as one file."""

@@ -74,3 +74,36 @@ def test_target_parameters_reach_the_submission_check_and_a_refusal_names_the_fi
                extra_body={"lorafleet": {**SMALL, "target_parameters": ["mlp.experts.gate_up_proj"]}})
     assert refused.value.param == "lorafleet.target_parameters", refused.value.body
     assert "this base has no expert parameters" in refused.value.message
+
+
+GALORE = {"adapter_type": "galore", "galore": {"rank": 8, "update_proj_gap": 50}, "max_seq_len": 256,
+          "target_modules": ["q_proj", "v_proj"]}
+
+
+def test_a_galore_job_is_created_through_the_openai_client_and_its_result_is_a_model(gateway, make_tenant):  # noqa: F811
+    tenant = make_tenant()
+    api = client(gateway, tenant.token)
+    job = create(api, tenant.dataset, extra_body={"lorafleet": GALORE})
+    adapter = job.lorafleet["adapter"]  # type: ignore[attr-defined]
+    assert adapter["type"] == "galore" and adapter["galore"] == {"rank": 8, "update_proj_gap": 50, "scale": 0.25,
+                                                                 "proj_type": "std"}
+    assert job.lorafleet["result"] == "model", "a full fine-tune publishes a whole model"  # type: ignore[attr-defined]
+    assert job.hyperparameters.learning_rate_multiplier == 1.0  # of GaLore's own base rate (auto)
+    assert api.fine_tuning.jobs.retrieve(job.id).model_dump() == job.model_dump()
+    lora = create(api, tenant.dataset)
+    assert lora.lorafleet["result"] == "adapter"  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("options, param, message", [
+    ({**GALORE, "galore": {"rank": 0}}, "lorafleet.galore.rank", "greater than or equal to 1"),
+    ({**GALORE, "galore": {"ranks": 8}}, "lorafleet.galore.ranks", "Extra inputs are not permitted"),
+    ({**GALORE, "r": 8}, "lorafleet.adapter_type", "type 'galore' trains the base's own weights, with no adapter"),
+    ({**GALORE, "adapter_type": "lora"}, "lorafleet.adapter_type", "'galore' settings are only allowed with type 'galore'"),
+])
+def test_galore_options_that_do_not_fit_are_refused_naming_the_field(gateway, make_tenant, options, param,  # noqa: F811
+                                                                     message):
+    tenant = make_tenant()
+    with pytest.raises(openai.BadRequestError) as refused:
+        create(client(gateway, tenant.token), tenant.dataset, extra_body={"lorafleet": options})
+    assert refused.value.param == param, refused.value.body
+    assert message in refused.value.message
