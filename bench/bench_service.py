@@ -8,8 +8,11 @@ step, cold and warm (issue 16).
    device (one pass a step, as the bench's "off" row), each its own process started as `lorafleet up` starts them.
 3. Cold: N jobs submitted through the tenant's Celery task with an empty Triton cache and no base loaded; warm: N more
    once those finished (base loaded, kernels compiled). Time to first step = a job's first progress event minus the
-   moment its submission was sent; the service's step = the median gap between consecutive progress events of one
-   job while all N train (what the executor's loop takes per step: the step, its Redis writes, the joins it checks).
+   moment its submission was sent; the service's step = the median gap between consecutive progress events of the
+   last job to join while all N train (what the executor's loop takes per step: the step, its Redis writes, the joins
+   it checks). Publish stall: each job checkpoints every `--checkpoint-every` steps and publishes its adapter at its
+   end (the jobs joined one after another, so they finish while others train); the stall of a publish is how much
+   longer than the median the last job's step right after it took (0 when publishing is off the training loop).
 4. The service stopped, the same N jobs in one `Cohort` in this process: its median step (bench_e2e.run_cohort).
 Results: OUT/service_<shape>.json and a table on stdout.
 """
@@ -69,8 +72,8 @@ def start_service(device: str):
     return running, store
 
 
-def submit_batch(token: str, redis_url: str, model_dir: Path, batch: str, jobs: int, steps: int
-                 ) -> list[tuple[str, float]]:
+def submit_batch(token: str, redis_url: str, model_dir: Path, batch: str, jobs: int, steps: int,
+                 checkpoint_every: int) -> list[tuple[str, float]]:
     """N jobs through the tenant's own Celery queue; (job id, time its submission was sent)."""
     from lorafleet.scheduler.client import make_celery
 
@@ -79,7 +82,7 @@ def submit_batch(token: str, redis_url: str, model_dir: Path, batch: str, jobs: 
     submitted = []
     try:
         for job in range(jobs):
-            hp = {**spec["hyperparameters"], "max_steps": steps, "checkpoint_every": 100_000, "seed": job}
+            hp = {**spec["hyperparameters"], "max_steps": steps, "checkpoint_every": checkpoint_every, "seed": job}
             sent = time.time()
             view = app.send_task("lorafleet.submit_job", args=[token, {
                 **spec, "name": f"bench-{job}", "dataset": f"{TENANT}/job-{job}.jsonl", "hyperparameters": hp,
@@ -96,23 +99,41 @@ def progress_times(store, job_id: str) -> dict[int, float]:
     return {event["step"]: event["ts"] for event in events if event["type"] == "progress"}
 
 
-def measure_batch(store, running, submitted: list[tuple[str, float]], steps: int) -> dict:
+def measure_batch(store, running, submitted: list[tuple[str, float]], steps: int, checkpoint_every: int) -> dict:
     from lorafleet.scheduler import stack
 
     finished = stack.wait_for_jobs(running, [job_id for job_id, _ in submitted], lambda jobs: None, timeout=3600)
     failed = [job["error"] for job in finished if job["state"] != "succeeded"]
     if failed:
         raise RuntimeError(f"a job failed: {failed[0]}")
-    first_steps, gaps = [], []
-    for job_id, sent in submitted:
-        times = progress_times(store, job_id)
-        first_steps.append(times[min(times)] - sent)
-    times = progress_times(store, submitted[-1][0])  # the last to join: every step of it had all N jobs
-    ordered = [times[step] for step in sorted(times)]
-    gaps = [later - earlier for earlier, later in zip(ordered[2:], ordered[3:])]  # after two warm-up steps
+    times = {job_id: progress_times(store, job_id) for job_id, _ in submitted}
+    first_steps = [times[job_id][min(times[job_id])] - sent for job_id, sent in submitted]
+    last = times[submitted[-1][0]]  # the last to join: its steps from the first after it joined had all N jobs
+    ordered = [last[step] for step in sorted(last)]
+    all_in = min(max(job_times.values()) for job_times in times.values())  # until the first job finished
+    gaps = [later - earlier for earlier, later in zip(ordered[2:], ordered[3:]) if later <= all_in]  # 2 warm-up
+    step_s = statistics.median(gaps)
+    stalls = publish_stalls(times, ordered, step_s, steps, checkpoint_every)
     return {"first_step_s": {"min": min(first_steps), "median": statistics.median(first_steps),
                              "max": max(first_steps)},
-            "service_step_s": statistics.median(gaps), "steps_timed": len(gaps)}
+            "service_step_s": step_s, "steps_timed": len(gaps),
+            "publish_stall_s": {"publishing_steps": len(stalls), "median": statistics.median(stalls) if stalls else 0.0,
+                                "max": max(stalls, default=0.0)}}
+
+
+def publish_stalls(times: dict[str, dict[int, float]], ordered: list[float], step_s: float, steps: int,
+                   checkpoint_every: int) -> list[float]:
+    """For each step of the last job after which some job published (a checkpoint, or its adapter at its end): how
+    much longer than `step_s` its next step took. A step's progress events are written together, before its
+    publishes, so the publishes of a step fall in the last job's gap that starts at that step's events."""
+    publishing = set()
+    for job_times in times.values():
+        for step, ts in job_times.items():
+            if step % checkpoint_every == 0 or step == steps:
+                later = [i for i, t in enumerate(ordered) if t <= ts + 1e-3]
+                if later and later[-1] + 1 < len(ordered):
+                    publishing.add(later[-1])
+    return [max(0.0, ordered[i + 1] - ordered[i] - step_s) for i in sorted(publishing)]
 
 
 def bench_alone(model_dir: Path, data_dir: Path, batch: str, jobs: int, device: torch.device) -> tuple[float, float]:
@@ -132,6 +153,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=8)
     parser.add_argument("--batch", default="4x512")
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps of each service job")
+    parser.add_argument("--checkpoint-every", type=int, default=10, help="optimizer steps between checkpoints")
     parser.add_argument("--out", type=Path, default=Path("."))
     args = parser.parse_args()
     device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
@@ -141,16 +163,15 @@ def main() -> None:
     try:
         _, token = store.create_tenant(TENANT, max_queued=1000, max_running=args.jobs)
         time.sleep(2)  # the worker consumes a new tenant's queue within a second
-        cold = measure_batch(store, running, submit_batch(token, running.redis_url, model_dir, args.batch, args.jobs,
-                                                          args.steps), args.steps)
-        warm = measure_batch(store, running, submit_batch(token, running.redis_url, model_dir, args.batch, args.jobs,
-                                                          args.steps), args.steps)
+        cold, warm = ({**measure_batch(store, running, submit_batch(token, running.redis_url, model_dir, args.batch,
+                                                                    args.jobs, args.steps, args.checkpoint_every),
+                                       args.steps, args.checkpoint_every), "batch": name} for name in ("cold", "warm"))
     finally:
         running.stop()
     alone_s, peak = bench_alone(model_dir, root / "data" / TENANT, args.batch, args.jobs, device)
     report = {"shape": args.shape, "jobs": args.jobs, "batch": args.batch, "device": str(device),
               "device_name": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
-              "non_embedding_params": params, "cold": cold, "warm": warm, "bench_step_s": alone_s,
+              "non_embedding_params": params, "checkpoint_every": args.checkpoint_every, "cold": cold, "warm": warm, "bench_step_s": alone_s,
               "bench_peak_gib": peak, "service_over_bench": alone_s / warm["service_step_s"]}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"service_{args.shape}.json").write_text(json.dumps(report, indent=2))
@@ -161,6 +182,10 @@ def main() -> None:
           f"{cold['first_step_s']['median']:.1f} / {cold['first_step_s']['max']:.1f} | "
           f"{warm['first_step_s']['min']:.1f} / {warm['first_step_s']['median']:.1f} / "
           f"{warm['first_step_s']['max']:.1f} |")
+    print("\n| batch | publishing steps | publish stall s (median / max) |\n|---|---|---|")
+    for batch in (cold, warm):
+        stall = batch["publish_stall_s"]
+        print(f"| {batch['batch']} | {stall['publishing_steps']} | {stall['median']:.3f} / {stall['max']:.3f} |")
 
 
 if __name__ == "__main__":
