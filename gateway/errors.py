@@ -48,6 +48,7 @@ SPEC_FIELD_TO_PARAM = {
     "adapter.use_rslora": "lorafleet.use_rslora",
     "adapter.loraplus_lr_ratio": "lorafleet.loraplus_lr_ratio",
     "adapter.use_dora": "lorafleet.use_dora",
+    "adapter.lopa": "lorafleet.lopa",
     "adapter.galore": "lorafleet.galore",
     "adapter": "lorafleet.adapter_type",  # the adapter as a whole: its type and the options given do not fit together
     "quantization": "lorafleet.quantization",

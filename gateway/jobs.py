@@ -28,7 +28,7 @@ STATUS = {
 _LORAFLEET_TO_SPEC = {  # LorafleetOptions field -> (spec section or None for top level, spec field)
     "adapter_type": ("adapter", "type"), "r": ("adapter", "r"), "lora_alpha": ("adapter", "lora_alpha"),
     "lora_dropout": ("adapter", "lora_dropout"), "target_modules": ("adapter", "target_modules"),
-    "target_parameters": ("adapter", "target_parameters"),
+    "target_parameters": ("adapter", "target_parameters"), "lopa": ("adapter", "lopa"),
     "use_rslora": ("adapter", "use_rslora"), "loraplus_lr_ratio": ("adapter", "loraplus_lr_ratio"),
     "use_dora": ("adapter", "use_dora"), "galore": ("adapter", "galore"),
     "quantization": (None, "quantization"), "dtype": (None, "dtype"), "priority": (None, "priority"),

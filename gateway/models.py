@@ -10,7 +10,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from lorafleet.scheduler.spec import GaloreSpecSettings
+from lorafleet.scheduler.spec import GaloreSpecSettings, LopaSpecSettings
 
 Auto = Literal["auto"]
 
@@ -56,6 +56,8 @@ class LorafleetOptions(_Request):
     galore: Optional[GaloreSpecSettings] = Field(
         None, description="a 'galore' job's options: rank, update_proj_gap, scale, proj_type (galore-torch's names "
         "and defaults)")
+    lopa: Optional[LopaSpecSettings] = Field(
+        None, description="a 'lopa' job's options: num_virtual_tokens, rank, head_size (defaults 10, 1, 256)")
     r: Optional[int] = None
     lora_alpha: Optional[float] = None
     lora_dropout: Optional[float] = None
