@@ -41,6 +41,7 @@ from lorafleet.scheduler.logs import configure_logging
 from lorafleet.scheduler.metrics import ExecutorMetrics, Health, executor_metrics, executor_port, serve
 from lorafleet.scheduler.policy import PlanConfig
 from lorafleet.scheduler.records import ExecutorHeartbeat, FailureReason, GpuStats, JobRecord, JobState, StepStats
+from lorafleet.scheduler.results import result_kind
 from lorafleet.scheduler.spec import JobSpec, resolve_dataset
 from lorafleet.scheduler.store import JobStore, ProgressUpdate
 from lorafleet.scheduler.submission import plan_from_files
@@ -464,7 +465,7 @@ class Executor:
             self._fail_untrained(lease)
             return
         # The job leaves the cohort now; it is reported succeeded once the publisher has stored its result.
-        self._publish_later(lease, "model" if lease.spec.adapter.type == "galore" else "adapter", step=None)
+        self._publish_later(lease, result_kind(lease.spec.adapter.type), step=None)
         self._release(lease.job_id)
 
     def recover_from_oom(self) -> None:
