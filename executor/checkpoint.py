@@ -59,13 +59,51 @@ class ExportFiles:
 
 def cpu_copy(state):
     """A copy of a (nested) training state whose tensors are CPU copies: what it holds stays as it is now while the
-    live tensors train on."""
+    live tensors train on.
+
+    The tensors of one device and dtype travel as one flat tensor, one copy: a job's state is hundreds of small
+    tensors (factors, moments, gradients), and a copy each from a GPU is a host sync each (on the H200 about a
+    second for a 1B cohort's eight checkpoints, run P10). Each is then cloned out of the flat copy, so that saving
+    one never writes the others (torch.save writes a view's whole storage)."""
+    leaves: list[torch.Tensor] = []
+    _tensor_leaves(state, leaves)
+    return _with_tensors(state, iter(_copied_to_cpu(leaves)))
+
+
+def _tensor_leaves(state, leaves: list[torch.Tensor]) -> None:
     if isinstance(state, torch.Tensor):
-        return state.detach().to("cpu", copy=True)
+        leaves.append(state.detach())
+    elif isinstance(state, dict):
+        for value in state.values():
+            _tensor_leaves(value, leaves)
+    elif isinstance(state, (list, tuple)):
+        for value in state:
+            _tensor_leaves(value, leaves)
+
+
+def _copied_to_cpu(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    copies: list[torch.Tensor | None] = [None] * len(tensors)
+    groups: dict[tuple, list[int]] = {}
+    for index, tensor in enumerate(tensors):
+        groups.setdefault((tensor.device, tensor.dtype), []).append(index)
+    for indices in groups.values():
+        flat = torch.cat([tensors[i].reshape(-1) for i in indices]).to("cpu")
+        offset = 0
+        for i in indices:
+            count = tensors[i].numel()
+            copies[i] = flat[offset:offset + count].view(tensors[i].shape).clone()
+            offset += count
+    return copies
+
+
+def _with_tensors(state, copies):
+    """`state` with each tensor replaced by the next of `copies` (the order `_tensor_leaves` walks it in)."""
+    if isinstance(state, torch.Tensor):
+        return next(copies)
     if isinstance(state, dict):
-        return {key: cpu_copy(value) for key, value in state.items()}
+        return {key: _with_tensors(value, copies) for key, value in state.items()}
     if isinstance(state, (list, tuple)):
-        return type(state)(cpu_copy(value) for value in state)
+        return type(state)(_with_tensors(value, copies) for value in state)
     return copy.deepcopy(state)
 
 

@@ -225,3 +225,24 @@ def test_bf16_compute_with_fp32_adapters_exports_within_bf16_noise(tmp_path, lla
     got = cohort.logits("job", sequence).float()
     # PEFT runs the LoRA path in the adapter's fp32, the cohort in the compute dtype (bf16)
     assert (got - want).abs().max() < 0.1 * (want - base_logits).abs().max()
+
+
+def test_a_cpu_copy_of_a_state_is_equal_independent_and_saves_only_its_own_elements(tmp_path):
+    from lorafleet.executor.checkpoint import cpu_copy
+
+    shared = torch.arange(40, dtype=torch.float32)
+    state = {"step": 3, "name": "job", "grads": [shared[:10].view(2, 5), shared[10:], None],
+             "moments": ({"exp_avg": torch.ones(3, dtype=torch.bfloat16)}, torch.tensor([7], dtype=torch.int64)),
+             "transposed": torch.arange(6.0).view(2, 3).t()}
+    copied = cpu_copy(state)
+    assert copied["step"] == 3 and copied["name"] == "job" and copied["grads"][2] is None
+    pairs = [(copied["grads"][0], state["grads"][0]), (copied["grads"][1], state["grads"][1]),
+             (copied["moments"][0]["exp_avg"], state["moments"][0]["exp_avg"]),
+             (copied["moments"][1], state["moments"][1]), (copied["transposed"], state["transposed"])]
+    for got, want in pairs:
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    shared.add_(1)  # the live tensors train on; the copy keeps what they were
+    assert copied["grads"][1][0].item() == 10
+    torch.save(copied["grads"][0], tmp_path / "one.pt")  # a view's whole storage would be all 40 elements
+    torch.save(torch.zeros(10), tmp_path / "ten.pt")
+    assert (tmp_path / "one.pt").stat().st_size == (tmp_path / "ten.pt").stat().st_size
