@@ -127,7 +127,7 @@ def peft_adapter_files(adapter: Adapter, base_model_path: str, fan_in_fan_out: b
         config, tensors = _vera_export(adapter, common)
     else:
         config, tensors = _lora_export(adapter, common)
-    tensors = {key: tensor.detach().float().to("cpu", copy=True).contiguous() for key, tensor in tensors.items()}
+    tensors = cpu_copy({key: tensor.detach().float() for key, tensor in tensors.items()})
     fields = {key: sorted(value) if isinstance(value, set) else value for key, value in config.to_dict().items()}
     return ExportFiles(tensors, json.dumps(fields, indent=2, sort_keys=True))
 
