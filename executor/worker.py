@@ -27,6 +27,7 @@ import torch
 from lorafleet.executor.checkpoint import JobSnapshot
 from lorafleet.executor.cohort import Cohort
 from lorafleet.executor.data import DataError, JobData
+from lorafleet.executor.eval_samples import record_eval_samples
 from lorafleet.executor.galore_cohort import GaloreCohort
 from lorafleet.executor.gpu import Nvml, device_peak_tflops, frozen_matmul_params, mfu
 from lorafleet.executor.model import decoder_layers, device_auto_dtype, native_bf16
@@ -369,6 +370,8 @@ class Executor:
         updates = [update for job_id, result in results.items()
                    if (update := self._progress_of(job_id, result, seconds)) is not None]
         kept = self.store.record_step(updates, self.executor_id, usage)  # one round trip for the whole step
+        self.eval_samples({update.job_id: update.step for update, held in zip(updates, kept)
+                           if held and results[update.job_id].checkpoint_due})
         for update, held in zip(updates, kept):
             lease, result = self.leases[update.job_id], results[update.job_id]
             if not held:
@@ -384,6 +387,13 @@ class Executor:
             self.metrics.cohort_jobs.set(len(self.leases))
             self.metrics.memory_allocated.set(_allocated_bytes(self.device))
             self.metrics.memory_peak.labels(executor=self.executor_id).set(peak)
+
+    def eval_samples(self, checkpointing: dict[str, int]) -> None:
+        """The eval_samples events of the jobs that checkpoint or finish this step (job id -> step), before their
+        checkpoints and adapters are written: one generate batch on the cohort's generator (executor/eval_samples.py)."""
+        steps = {job_id: step for job_id, step in checkpointing.items() if self.leases[job_id].spec.eval_samples}
+        if steps and not isinstance(self.cohort, GaloreCohort):  # a GaLore job has none (refused at submission)
+            record_eval_samples(self.store, self.serving.generator_for, self.cohort, steps)
 
     def _progress_of(self, job_id: str, result, seconds: float) -> ProgressUpdate | None:
         """What to record of a job's step; None when the step failed the job (failed and released here)."""
