@@ -165,14 +165,18 @@ function openJobs() {
 function openJob(id) {
   show("job-view");
   $("job-title").textContent = id;
-  for (const part of ["job-details", "chart", "downloads", "events"]) $(part).replaceChildren();
+  for (const part of ["job-details", "chart", "samples", "downloads", "events"]) $(part).replaceChildren();
   const seen = {events: [], after: null, status: null};
   poll(async () => {
     const job = await apiJson(jobPath(id));  // before the events: once finished, the events read next are all
     const fresh = await newEvents(id, seen);
     showJob(job);
+    $("samples-part").hidden = !(job.lorafleet?.eval_samples?.length || $("samples").childElementCount);
     if (fresh.length || seen.status === null) {
       for (const event of fresh) $("events").prepend(eventItem(event));
+      for (const event of fresh.filter(event => event.data?.kind === "eval_samples")) {
+        $("samples").prepend(samplesItem(event));
+      }
       $("chart").replaceChildren(lossChart(seen.events, job.lorafleet?.total_steps ?? 0));
     }
     if (seen.status !== job.status || fresh.some(event => event.data?.kind === "checkpoint")) {
@@ -214,6 +218,22 @@ function showJob(job) {
 function eventItem(event) {
   const level = ["info", "warn", "error"].includes(event.level) ? event.level : "info";
   return el("li", {"data-level": level}, el("time", {}, when(event.created_at)), " ", event.message);
+}
+
+// ---- samples: one block per checkpoint, each prompt and what the adapter completed it with ----
+
+function samplesItem(event) {
+  const data = event.data || {};
+  const heading = el("h3", {}, `Step ${data.step}`, " ", el("time", {}, when(event.created_at)));
+  if (data.error) {
+    return el("section", {class: "sample-set", "data-step": data.step}, heading,
+              el("p", {class: "error-text"}, `No samples: ${data.error}`));
+  }
+  const items = (data.samples || []).map(sample => el("li", {},
+    el("div", {class: "prompt"}, sample.prompt),
+    el("div", {class: "completion", "data-finish": sample.finish_reason === "length" ? "length" : "stop"},
+       sample.completion)));
+  return el("section", {class: "sample-set", "data-step": data.step}, heading, el("ol", {}, ...items));
 }
 
 // ---- downloads: the API wants the bearer header, so contents are fetched and handed over as a blob: URL ----
