@@ -312,6 +312,10 @@ class JobSpec(_Strict):
                 raise ValueError(f"prompt {number}: {len(prompt)} characters, at most {MAX_EVAL_PROMPT_CHARS}")
             if "\x00" in prompt:
                 raise ValueError(f"prompt {number}: holds a NUL character")
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"prompt {number}: not valid Unicode (a lone surrogate)") from None
         return value
 
     @model_validator(mode="after")

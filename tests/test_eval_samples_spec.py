@@ -38,6 +38,7 @@ def test_eval_samples_are_kept_in_order_with_a_default_length():
     ({"eval_samples": ["fine", "  "]}, "eval_samples: Value error, prompt 1: empty"),
     ({"eval_samples": ["x" * (MAX_EVAL_PROMPT_CHARS + 1)]}, f"prompt 0: {MAX_EVAL_PROMPT_CHARS + 1} characters"),
     ({"eval_samples": ["a\x00b"]}, "prompt 0: holds a NUL character"),
+    ({"eval_samples": ["ok", "a\udcffb"]}, "prompt 1: not valid Unicode"),
     ({"eval_samples": "one prompt"}, "eval_samples: Input should be a valid tuple"),
     ({"eval_samples": [{"role": "user", "content": "hi"}]}, "eval_samples.0: Input should be a valid string"),
     ({"eval_max_tokens": 0}, "eval_max_tokens: Input should be greater than or equal to 1"),
