@@ -112,6 +112,9 @@ def measure_batch(store, running, submitted: list[tuple[str, float]], steps: int
     ordered = [last[step] for step in sorted(last)]
     all_in = min(max(job_times.values()) for job_times in times.values())  # until the first job finished
     gaps = [later - earlier for earlier, later in zip(ordered[2:], ordered[3:]) if later <= all_in]  # 2 warm-up
+    if not gaps:
+        raise RuntimeError(f"the {len(submitted)} jobs never trained together past the last one's 2 warm-up steps "
+                           f"(it joined too late): raise --steps")
     step_s = statistics.median(gaps)
     stalls = publish_stalls(times, ordered, step_s, steps, checkpoint_every)
     return {"first_step_s": {"min": min(first_steps), "median": statistics.median(first_steps),

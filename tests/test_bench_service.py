@@ -16,7 +16,7 @@ BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_service.py"
 def test_the_service_bench_reports_its_ratio_first_steps_and_publish_stalls(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
     run = subprocess.run([sys.executable, "-P", str(BENCH), "--shape", "tiny", "--jobs", "2", "--batch", "2x64",
-                          "--steps", "8", "--checkpoint-every", "2", "--out", str(tmp_path)],
+                          "--steps", "24", "--checkpoint-every", "8", "--out", str(tmp_path)],
                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     report = json.loads((tmp_path / "service_tiny.json").read_text())
@@ -26,6 +26,6 @@ def test_the_service_bench_reports_its_ratio_first_steps_and_publish_stalls(tmp_
         assert 0 < measured["first_step_s"]["min"] <= measured["first_step_s"]["max"]
         assert measured["service_step_s"] > 0 and measured["steps_timed"] >= 1
         stall = measured["publish_stall_s"]
-        assert stall["publishing_steps"] >= 2, "checkpoints at steps 2, 4, 6 of the last job to join"
+        assert stall["publishing_steps"] >= 2, "checkpoints at steps 8 and 16 of the last job to join"
         assert 0 <= stall["median"] <= stall["max"]
     assert "publish stall s" in run.stdout
