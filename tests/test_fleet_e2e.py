@@ -83,6 +83,14 @@ class Fleet:
     def get(self, token: str, job_id: str) -> dict:
         return self.call("lorafleet.get_job", token, job_id)
 
+    def kill_holder_after_a_checkpoint(self, token: str, job_id: str) -> str:
+        """SIGKILL (no goodbye, as a crash) the executor running `job_id` once the job has a checkpoint; its id."""
+        victim = self.wait_state(token, job_id, ("running",))["executor_id"]
+        wait_until(lambda: self.get(token, job_id)["checkpoint_uri"], "a first checkpoint")
+        self.processes[victim].send_signal(signal.SIGKILL)
+        self.processes[victim].wait(10)
+        return victim
+
     def wait_state(self, token: str, job_id: str, states: tuple[str, ...], timeout: float = 120.0) -> dict:
         try:
             return wait_until(lambda: (job := self.get(token, job_id))["state"] in states and job,
@@ -247,11 +255,7 @@ def test_killed_executor_jobs_resume_from_checkpoint_with_the_same_final_weights
     tenant, token = make_tenant(fleet_env)
     spec = spec_for(fleet_env, tenant, max_steps=400, checkpoint_every=10)
     job_id = fleet_env.submit(token, spec)
-    first = fleet_env.wait_state(token, job_id, ("running",))
-    victim = first["executor_id"]
-    wait_until(lambda: fleet_env.get(token, job_id)["checkpoint_uri"], "a first checkpoint")
-    fleet_env.processes[victim].send_signal(signal.SIGKILL)
-    fleet_env.processes[victim].wait(10)
+    victim = fleet_env.kill_holder_after_a_checkpoint(token, job_id)
     if restart == "at once":
         fleet_env.start_executor(victim)
 

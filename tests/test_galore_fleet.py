@@ -4,7 +4,6 @@ trained by an executor process to the end with checkpoints and validation, and p
 
 from __future__ import annotations
 
-import signal
 from pathlib import Path
 
 import pytest
@@ -71,10 +70,7 @@ def test_a_killed_galore_job_resumes_on_another_executor_with_the_weights_of_an_
     tenant, token = make_tenant(fleet_env)
     spec = galore_spec_for(fleet_env, tenant, max_steps=60, checkpoint_every=5)
     job_id = fleet_env.submit(token, spec)
-    victim = fleet_env.wait_state(token, job_id, ("running",))["executor_id"]
-    wait_until(lambda: fleet_env.get(token, job_id)["checkpoint_uri"], "a first checkpoint")
-    fleet_env.processes[victim].send_signal(signal.SIGKILL)
-    fleet_env.processes[victim].wait(10)
+    victim = fleet_env.kill_holder_after_a_checkpoint(token, job_id)
     try:
         done = fleet_env.wait_state(token, job_id, ("succeeded", "failed"), timeout=240)
     finally:

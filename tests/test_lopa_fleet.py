@@ -49,11 +49,8 @@ def test_a_lopa_job_beside_a_lora_job_trains_to_the_end_and_publishes_its_export
 
 
 def test_a_killed_lopa_job_resumes_on_another_executor_with_the_weights_of_an_uninterrupted_run(fleet_env):
-    import signal
-
     from safetensors.torch import load_file
 
-    from helpers_polling import wait_until
     from lorafleet.executor.cohort import Cohort
     from lorafleet.executor.lopa import LOPA_WEIGHTS
     from lorafleet.scheduler.spec import parse_spec
@@ -62,10 +59,7 @@ def test_a_killed_lopa_job_resumes_on_another_executor_with_the_weights_of_an_un
     spec = spec_for(fleet_env, tenant, max_steps=40, checkpoint_every=5, learning_rate=1e-2)
     spec["adapter"] = {"type": "lopa", "lopa": {"num_virtual_tokens": 4, "rank": 2, "head_size": 16}}
     job_id = fleet_env.submit(token, spec)
-    victim = fleet_env.wait_state(token, job_id, ("running",))["executor_id"]
-    wait_until(lambda: fleet_env.get(token, job_id)["checkpoint_uri"], "a first checkpoint")
-    fleet_env.processes[victim].send_signal(signal.SIGKILL)
-    fleet_env.processes[victim].wait(10)
+    victim = fleet_env.kill_holder_after_a_checkpoint(token, job_id)
     try:
         done = fleet_env.wait_state(token, job_id, ("succeeded", "failed"), timeout=240)
     finally:
