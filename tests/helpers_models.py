@@ -163,3 +163,14 @@ def single_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def train_cohort(cohort, steps: int | None = None) -> dict[str, list]:
+    """Step a lorafleet Cohort until every job is done (or `steps` steps); return job id -> its StepResults."""
+    history: dict[str, list] = {}
+    count = 0
+    while cohort.active_jobs() and (steps is None or count < steps):
+        for job_id, result in cohort.step().items():
+            history.setdefault(job_id, []).append(result)
+        count += 1
+    return history

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from helpers_models import alpaca_rows, llama, single_torch_thread, write_jsonl  # noqa: F401 (fixtures)
+from helpers_models import alpaca_rows, llama, single_torch_thread, train_cohort, write_jsonl  # noqa: F401 (fixtures)
 from helpers_trl import assert_rewards_match, assert_weights_match, trl_run
 
 from lorafleet.executor.cohort import Cohort
@@ -49,14 +49,6 @@ def make_spec(model_dir, method="sft", adapter=None, **hyperparameters):
     return parse_spec(raw)
 
 
-def train(cohort: Cohort) -> dict[str, list]:
-    history: dict[str, list] = {}
-    while cohort.active_jobs():
-        for job_id, result in cohort.step().items():
-            history.setdefault(job_id, []).append(result)
-    return history
-
-
 def weights(cohort: Cohort, job_id: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     return cohort.jobs[job_id].adapter.lora_weights()
 
@@ -78,7 +70,7 @@ def test_dpo_matches_trl_dpo_trainer_with_the_base_as_reference(llama, data, tmp
     cohort.add_job("dpo", spec, data["pairs"])
     initial = weights(cohort, "dpo")
     examples = [cohort.jobs["dpo"].data._example(index) for index in range(len(PAIRS))]
-    history = train(cohort)["dpo"]
+    history = train_cohort(cohort)["dpo"]
     want_losses, logged, want, tokenised = trl_dpo_run(llama, spec, data["pairs"], initial, tmp_path / "trl")
 
     for example, row in zip(examples, tokenised):  # the same sequences and targets
@@ -107,7 +99,7 @@ def run_dpo(model_dir, data, with_others: bool, max_pass_tokens=None):
         nola = {"type": "nola", "r": 2, "target_modules": ["o_proj"], "nola": {"num_basis": 8}}
         cohort.add_job("chat-dpo", make_spec(model_dir, "dpo", adapter=nola, max_steps=2, beta=0.5, seed=5),
                        data["chat_pairs"])
-    return cohort, train(cohort)
+    return cohort, train_cohort(cohort)
 
 
 @pytest.mark.parametrize("max_pass_tokens", [None, 60])
@@ -196,14 +188,14 @@ def test_a_dpo_job_resumed_from_its_checkpoint_ends_as_an_uninterrupted_one(llam
                      gradient_accumulation_steps=2, beta=0.2, seed=4)
     uninterrupted = Cohort(llama)
     uninterrupted.add_job("dpo", spec, data["pairs"])
-    want = train(uninterrupted)["dpo"]
+    want = train_cohort(uninterrupted)["dpo"]
     first = Cohort(llama)
     first.add_job("dpo", spec, data["pairs"])
     before = [first.step()["dpo"] for _ in range(5)]
     first.checkpoint("dpo", tmp_path / "partial")
     resumed = Cohort(llama)
     resumed.add_job("dpo", spec, data["pairs"], resume_from=tmp_path / "partial")
-    after = train(resumed)["dpo"]
+    after = train_cohort(resumed)["dpo"]
     assert len(want) == 8 and [(r.loss, r.rewards) for r in before + after] == [(r.loss, r.rewards) for r in want]
     for name, (a, b) in weights(uninterrupted, "dpo").items():
         assert torch.equal(weights(resumed, "dpo")[name][0], a) and torch.equal(weights(resumed, "dpo")[name][1], b)

@@ -15,6 +15,7 @@ from helpers_models import (  # noqa: F401 (fixtures: single_torch_thread is aut
     llama,
     build_tokenizer,
     single_torch_thread,
+    train_cohort,
     tiny_config,
     write_jsonl,
 )
@@ -42,17 +43,6 @@ def make_spec(model_dir, adapter=None, **hyperparameters):
     raw = {"base_model": str(model_dir), "dataset": "unused", "adapter": adapter or {}}
     raw["hyperparameters"] = {"batch_size": 2, "learning_rate": 1e-2, "lr_scheduler": "constant", **hyperparameters}
     return parse_spec(raw)
-
-
-def train(cohort: Cohort, steps: int | None = None) -> dict[str, list]:
-    """Step until every job is done (or `steps` steps); return job id -> its StepResults."""
-    history: dict[str, list] = {}
-    count = 0
-    while cohort.active_jobs() and (steps is None or count < steps):
-        for job_id, result in cohort.step().items():
-            history.setdefault(job_id, []).append(result)
-        count += 1
-    return history
 
 
 def weights(cohort: Cohort, job_id: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -91,7 +81,7 @@ def run_x(model_dir, datasets, x_spec, with_others: bool, others=OTHER_SPECS):
     if with_others:
         for job_id, spec in others.items():
             cohort.add_job(job_id, make_spec(model_dir, **spec), datasets[job_id])
-    return cohort, train(cohort)
+    return cohort, train_cohort(cohort)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -201,7 +191,7 @@ def test_passes_give_the_one_pass_gradients(llama, datasets):
         forward, forwards[max_pass_tokens] = cohort._forward, []
         cohort._forward = lambda batch, forward=forward, seen=forwards[max_pass_tokens]: seen.append(
             batch.input_ids.shape[1]) or forward(batch)
-        runs[max_pass_tokens] = cohort, train(cohort)
+        runs[max_pass_tokens] = cohort, train_cohort(cohort)
     (one, one_history), (split, split_history) = runs[None], runs[120]
     steps = len(one_history["x"])
     assert len(forwards[None]) == steps and len(forwards[120]) > 2 * steps  # really several passes a step
@@ -221,7 +211,7 @@ def test_mixed_lora_and_nola_cohort_trains_every_job(llama, datasets):
     nola = {"type": "nola", "r": 4, "nola": {"num_basis": 8}, "target_modules": ["q_proj", "up_proj"]}
     cohort.add_job("nola", make_spec(llama, adapter=nola, batch_size=7, max_steps=5, learning_rate=0.1), datasets["y"])
     before = {job_id: weights(cohort, job_id) for job_id in cohort.jobs}
-    history = train(cohort)
+    history = train_cohort(cohort)
     for job_id in ("lora", "nola"):
         assert [r.step for r in history[job_id]] == [1, 2, 3, 4, 5] and history[job_id][-1].done
         assert history[job_id][-1].loss < history[job_id][0].loss
@@ -273,7 +263,7 @@ def test_matches_plain_peft_training(llama, datasets):
     cohort.add_job("x", spec, datasets["x"])
     cohort.add_job("other", make_spec(llama, adapter={"r": 2}, batch_size=4, seed=9), datasets["z"])
     initial = weights(cohort, "x")
-    history = train(cohort)
+    history = train_cohort(cohort)
     want_losses, want = peft_reference_run(llama, spec, datasets["x"], initial)
     assert [r.loss for r in history["x"]] == pytest.approx(want_losses, rel=1e-5)
     assert_same_weights(weights(cohort, "x"), want)  # measured: 2.4e-6
@@ -287,7 +277,7 @@ def test_a_last_partial_accumulation_window_is_the_mean_of_its_micro_batches(lla
     cohort = Cohort(llama)
     cohort.add_job("x", spec, datasets["x"])
     initial = weights(cohort, "x")
-    history = train(cohort)["x"]
+    history = train_cohort(cohort)["x"]
     assert [r.step for r in history] == [0, 0, 1, 1, 2] and history[-1].done
     want_losses, want = peft_reference_run(llama, spec, datasets["x"], initial)
     assert [r.loss for r in history] == pytest.approx(want_losses, rel=1e-5)
@@ -321,19 +311,19 @@ def test_nan_loss_fails_that_job_alone(llama, datasets):
     reference = Cohort(llama)
     for job_id in ("y", "z"):
         reference.add_job(job_id, make_spec(llama, **OTHER_SPECS[job_id]), datasets[job_id])
-    reference_history = train(reference)
+    reference_history = train_cohort(reference)
 
     cohort = Cohort(llama)
     cohort.add_job("bad", make_spec(llama, adapter={"r": 4}, max_steps=6), datasets["x"])
     for job_id in ("y", "z"):
         cohort.add_job(job_id, make_spec(llama, **OTHER_SPECS[job_id]), datasets[job_id])
-    train(cohort, steps=2)
+    train_cohort(cohort, steps=2)
     with torch.no_grad():
         cohort.jobs["bad"].adapter.lora_A[3][0, 0] = float("nan")  # e.g. a corrupted weight
     results = cohort.step()
     assert "bad" in results and "loss is nan at step 3" in results["bad"].error
     assert cohort.active_jobs() == ["y", "z"]
-    history = train(cohort)
+    history = train_cohort(cohort)
     assert "bad" not in history
     for job_id in ("y", "z"):
         assert_same_weights(weights(cohort, job_id), weights(reference, job_id))
@@ -344,7 +334,7 @@ def test_non_finite_gradients_fail_that_job_before_its_weights_change(llama, dat
     cohort = Cohort(llama)
     cohort.add_job("bad", make_spec(llama, adapter={"r": 4}), datasets["x"])
     cohort.add_job("good", make_spec(llama, adapter={"r": 4}, seed=1), datasets["y"])
-    train(cohort, steps=1)
+    train_cohort(cohort, steps=1)
     before = weights(cohort, "bad")
     cohort.jobs["bad"].adapter.lora_B[0].register_hook(lambda grad: grad * float("inf"))
     results = cohort.step()
@@ -362,7 +352,7 @@ def test_bad_data_line_mid_run_fails_that_job_with_the_line_number(llama, datase
     cohort = Cohort(llama)
     cohort.add_job("bad", make_spec(llama, batch_size=1, epochs=1), bad)
     cohort.add_job("good", make_spec(llama, max_steps=10), datasets["x"])
-    history = train(cohort)
+    history = train_cohort(cohort)
     errors = [r.error for r in history["bad"] if r.error]
     assert len(errors) == 1 and "bad.jsonl line 6" in errors[0] and "data error" in errors[0]
     assert history["good"][-1].step == 10 and history["good"][-1].done
@@ -371,18 +361,18 @@ def test_bad_data_line_mid_run_fails_that_job_with_the_line_number(llama, datase
 def test_jobs_join_and_leave_between_steps_without_rebuilding(llama, datasets):
     solo = Cohort(llama)
     solo.add_job("late", make_spec(llama, **OTHER_SPECS["y"]), datasets["y"])
-    solo_history = train(solo)
+    solo_history = train_cohort(solo)
 
     cohort = Cohort(llama)
     model, base_weights = cohort.model, [p.clone() for p in cohort.model.parameters()]
     cohort.add_job("early", make_spec(llama, adapter={"r": 4}, max_steps=20), datasets["x"])
-    train(cohort, steps=3)
+    train_cohort(cohort, steps=3)
     cohort.add_job("late", make_spec(llama, **OTHER_SPECS["y"]), datasets["y"])
-    train(cohort, steps=2)
+    train_cohort(cohort, steps=2)
     cohort.remove_job("early")
     layer = cohort.model.model.layers[0].self_attn.q_proj
     assert list(layer.adapters) == ["late"]
-    history = train(cohort)
+    history = train_cohort(cohort)
     assert cohort.model is model
     assert all(torch.equal(p, before) for p, before in zip(cohort.model.parameters(), base_weights, strict=True))
     assert len(history["late"]) + 2 == len(solo_history["late"])
@@ -392,7 +382,7 @@ def test_jobs_join_and_leave_between_steps_without_rebuilding(llama, datasets):
 def test_step_results_report_lr_schedule_tokens_and_done(llama, datasets):
     cohort = Cohort(llama)
     cohort.add_job("x", make_spec(llama, max_steps=4, warmup_steps=2, lr_scheduler="linear", learning_rate=0.1), datasets["x"])
-    history = train(cohort)["x"]
+    history = train_cohort(cohort)["x"]
     assert [r.lr for r in history] == pytest.approx([0.0, 0.05, 0.1, 0.05])
     assert [r.done for r in history] == [False, False, False, True]
     assert all(r.tokens > 0 and r.grad_norm > 0 for r in history)
@@ -425,7 +415,7 @@ def test_a_micro_batch_without_targets_reports_no_loss_and_changes_nothing(llama
     # alpaca prompts are longer than 8 tokens, so truncation leaves no response token to learn from
     cohort.add_job("cut", make_spec(llama, max_seq_len=8, max_steps=2), datasets["x"])
     before = weights(cohort, "cut")
-    history = train(cohort)["cut"]
+    history = train_cohort(cohort)["cut"]
     assert [(r.loss, r.tokens, r.step) for r in history] == [(None, 0, 1), (None, 0, 2)] and history[-1].done
     assert_same_weights(weights(cohort, "cut"), before, rtol=0)
 
@@ -474,7 +464,7 @@ def test_evaluate_is_the_mean_target_loss_over_the_validation_set(llama, dataset
     spec = make_spec(llama, {"r": 4, "lora_dropout": 0.5}, max_steps=3)
     cohort.add_job("x", spec, datasets["x"])
     cohort.add_job("y", make_spec(llama, {"r": 8}, max_steps=3), datasets["y"])
-    train(cohort)
+    train_cohort(cohort)
     validation = JobData(datasets["y"], "auto", cohort.tokenizer, 512, 3, seed=0)
     examples = [validation.next_batch()[0] for _ in range(validation.steps_per_epoch)]
     total, count = 0.0, 0

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers_models import alpaca_rows, llama, single_torch_thread, write_jsonl  # noqa: F401 (fixtures)
+from helpers_models import alpaca_rows, llama, single_torch_thread, train_cohort, write_jsonl  # noqa: F401 (fixtures)
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -63,16 +63,6 @@ def cohort_of(model_dir, datasets, job_ids) -> Cohort:
     for job_id in job_ids:
         cohort.add_job(job_id, make_spec(model_dir, **SPECS[job_id]), datasets[job_id])
     return cohort
-
-
-def train(cohort: Cohort, steps: int | None = None) -> dict[str, list]:
-    history: dict[str, list] = {}
-    count = 0
-    while cohort.active_jobs() and (steps is None or count < steps):
-        for job_id, result in cohort.step().items():
-            history.setdefault(job_id, []).append(result)
-        count += 1
-    return history
 
 
 def state(cohort: Cohort, job_id: str) -> dict[str, torch.Tensor]:
@@ -139,9 +129,9 @@ def test_a_lopa_jobs_gradient_equals_the_float64_reference(llama, datasets, tmp_
 
 def test_a_lora_job_beside_a_lopa_job_trains_bitwise_as_alone(llama, datasets):
     alone = cohort_of(llama, datasets, ["x"])
-    alone_history = train(alone)
+    alone_history = train_cohort(alone)
     together = cohort_of(llama, datasets, ["p", "x", "y"])
-    together_history = train(together)
+    together_history = train_cohort(together)
     assert [r.loss for r in together_history["x"]] == [r.loss for r in alone_history["x"]]
     assert_bitwise(state(together, "x"), state(alone, "x"))
     assert all(r.error is None for results in together_history.values() for r in results)
@@ -149,9 +139,9 @@ def test_a_lora_job_beside_a_lopa_job_trains_bitwise_as_alone(llama, datasets):
 
 def test_a_lopa_job_beside_lora_jobs_and_another_lopa_job_trains_bitwise_as_alone(llama, datasets):
     alone = cohort_of(llama, datasets, ["p"])
-    alone_history = train(alone)
+    alone_history = train_cohort(alone)
     together = cohort_of(llama, datasets, ["x", "q", "p", "y"])
-    together_history = train(together)
+    together_history = train_cohort(together)
     # 9 examples / 3 = 3 micro-batches an epoch, x2 epochs, in windows of 2: 3 optimizer steps
     assert len(alone_history["p"]) == 6 and alone_history["p"][-1].step == 3 and alone_history["p"][-1].done
     assert [r.loss for r in together_history["p"]] == [r.loss for r in alone_history["p"]]
@@ -172,11 +162,11 @@ def test_the_lopa_jobs_target_tokens_are_its_datas_and_its_prompt_rows_count_as_
 
 def test_a_lopa_job_whose_loss_is_nan_fails_alone(llama, datasets):
     alone = cohort_of(llama, datasets, ["x"])
-    alone_history = train(alone)
+    alone_history = train_cohort(alone)
     together = cohort_of(llama, datasets, ["p", "x"])
     with torch.no_grad():
         together.jobs["p"].adapter.prompt.shared.fill_(float("nan"))
-    history = train(together)
+    history = train_cohort(together)
     assert "loss is nan" in history["p"][0].error and len(history["p"]) == 1
     assert [r.loss for r in history["x"]] == [r.loss for r in alone_history["x"]]
     assert_bitwise(state(together, "x"), state(alone, "x"))
@@ -184,15 +174,15 @@ def test_a_lopa_job_whose_loss_is_nan_fails_alone(llama, datasets):
 
 def test_a_resumed_lopa_job_ends_bitwise_as_an_uninterrupted_one(llama, datasets, tmp_path):
     uninterrupted = cohort_of(llama, datasets, ["p", "x"])
-    train(uninterrupted)
+    train_cohort(uninterrupted)
     first = cohort_of(llama, datasets, ["p", "x"])
-    train(first, steps=3)  # mid-window: a pending gradient is part of the state
+    train_cohort(first, steps=3)  # mid-window: a pending gradient is part of the state
     assert first.jobs["p"].accumulated == 1
     directory = first.checkpoint("p", tmp_path / "ckpt")
     assert {path.name for path in directory.iterdir()} == {LOPA_CONFIG, LOPA_WEIGHTS, TRAINING_STATE}
     resumed = Cohort(llama)
     resumed.add_job("p", make_spec(llama, **P_SPEC), datasets["p"], resume_from=directory)
-    train(resumed)
+    train_cohort(resumed)
     assert resumed.jobs["p"].step == uninterrupted.jobs["p"].step == 3
     assert_bitwise(state(resumed, "p"), state(uninterrupted, "p"))
     assert_bitwise(resumed.jobs["p"].optimizer.optimizer.state_dict()["state"][0],
@@ -202,7 +192,7 @@ def test_a_resumed_lopa_job_ends_bitwise_as_an_uninterrupted_one(llama, datasets
 def test_the_export_on_a_plain_hf_base_gives_the_cohorts_logits(llama, datasets, tmp_path):
     cohort = cohort_of(llama, datasets, ["p", "x"])
     spread(cohort.jobs["p"].adapter)  # an instance part that matters (at the init it is ~0: every gate ~1/2)
-    train(cohort, steps=4)
+    train_cohort(cohort, steps=4)
     directory = cohort.export("p", tmp_path / "export")
     assert {path.name for path in directory.iterdir()} == {LOPA_CONFIG, LOPA_WEIGHTS}
     config = json.loads((directory / LOPA_CONFIG).read_text())
@@ -283,7 +273,7 @@ def test_a_lopa_job_trains_beside_a_lora_job_on_a_quantized_or_bf16_base(llama, 
         cohort.add_job(job_id, spec, data)
     spread(cohort.jobs["p"].adapter)
     assert all(p.dtype == torch.float32 for p in cohort.jobs["p"].adapter.parameters())
-    history = train(cohort)
+    history = train_cohort(cohort)
     assert all(r.error is None for results in history.values() for r in results)
     losses = [r.loss for r in history["p"]]  # one batch = the whole dataset, so losses are comparable
     assert losses[-1] < losses[0], losses
@@ -303,7 +293,7 @@ def test_a_lopa_job_on_another_family_exports_the_cohorts_logits(tmp_path, famil
     cohort.add_job("x", make_spec(model_dir, {"r": 4, "target_modules": "all-linear"}, max_steps=3), data)
     cohort.add_job("p", make_spec(model_dir, LOPA, max_steps=3), data)
     spread(cohort.jobs["p"].adapter)
-    history = train(cohort)
+    history = train_cohort(cohort)
     assert [r.error for results in history.values() for r in results if r.error] == []
     prompt = load_lopa(cohort.export("p", tmp_path / "export"))
     attention = "eager" if family == "gemma2" else "sdpa"  # Gemma 2's soft-capped scores: eager only in HF

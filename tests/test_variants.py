@@ -14,6 +14,7 @@ from helpers_models import (  # noqa: F401 (fixtures: single_torch_thread is aut
     alpaca_rows,
     llama,
     single_torch_thread,
+    train_cohort,
     write_jsonl,
 )
 from peft import LoraConfig, PeftModel, VeraConfig, get_peft_model
@@ -58,14 +59,6 @@ def variant_spec(model_dir, variant: str, **adapter):
                                          **adapter},
                      batch_size=3, epochs=2, gradient_accumulation_steps=2, warmup_steps=1, lr_scheduler="linear",
                      weight_decay=0.05, max_grad_norm=0.5, seed=2)
-
-
-def train(cohort: Cohort) -> dict[str, list]:
-    history: dict[str, list] = {}
-    while cohort.active_jobs():
-        for job_id, result in cohort.step().items():
-            history.setdefault(job_id, []).append(result)
-    return history
 
 
 def weights(cohort: Cohort, job_id: str) -> dict[str, tuple[torch.Tensor, ...]]:
@@ -169,7 +162,7 @@ def test_a_variant_trains_as_peft_trains_it(llama, datasets, variant):
     cohort.add_job("x", spec, datasets["x"])
     cohort.add_job("plain", make_spec(llama, adapter={"r": 2}, batch_size=4, seed=9), datasets["y"])
     initial = weights(cohort, "x")
-    history = train(cohort)
+    history = train_cohort(cohort)
     want_losses, want = peft_reference_run(llama, spec, datasets["x"], initial)
     assert [r.loss for r in history["x"]] == pytest.approx(want_losses, rel=1e-5)
     assert_same_weights(weights(cohort, "x"), want, rtol=1e-5)
@@ -198,7 +191,7 @@ def test_a_variant_job_trains_the_same_beside_plain_lora_jobs(llama, datasets, v
             cohort.add_job("dora", make_spec(llama, adapter={"r": 2, "use_dora": True, "lora_dropout": 0.3,
                                                              "target_modules": ["q_proj", "o_proj"]}, seed=6),
                            datasets["y"])
-        runs[with_others] = cohort, train(cohort)
+        runs[with_others] = cohort, train_cohort(cohort)
     (alone, alone_history), (together, together_history) = runs[False], runs[True]
     assert [r.loss for r in together_history["x"]] == [r.loss for r in alone_history["x"]]
     got, want = weights(together, "x"), weights(alone, "x")
@@ -210,7 +203,7 @@ def test_a_variant_exports_to_peft_with_the_same_logits(llama, datasets, tmp_pat
     cohort = Cohort(llama)
     cohort.add_job("x", make_spec(llama, adapter={"r": 4, "lora_alpha": 16, "target_modules": TARGETS,
                                                   **VARIANTS[variant]}, max_steps=3, learning_rate=0.1), datasets["x"])
-    train(cohort)
+    train_cohort(cohort)
     directory = cohort.export("x", tmp_path / "export")
     config = json.loads((directory / ADAPTER_CONFIG).read_text())
     spec = cohort.jobs["x"].spec.adapter
@@ -252,7 +245,7 @@ def test_dora_exports_its_magnitudes(llama, datasets, tmp_path):
     cohort = Cohort(llama)
     cohort.add_job("x", make_spec(llama, adapter={"r": 4, "use_dora": True, "target_modules": ["q_proj"]}, max_steps=2,
                                   learning_rate=0.1), datasets["x"])
-    train(cohort)
+    train_cohort(cohort)
     tensors = load_file(str(cohort.export("x", tmp_path / "export") / ADAPTER_WEIGHTS))
     key = "base_model.model.model.layers.1.self_attn.q_proj.lora_magnitude_vector"
     assert torch.equal(tensors[key], cohort.jobs["x"].adapter.magnitudes()["model.layers.1.self_attn.q_proj"])
@@ -337,7 +330,7 @@ def test_a_variant_job_resumed_from_its_checkpoint_ends_as_an_uninterrupted_run(
     spec = variant_spec(llama, variant, lora_dropout=0.1)
     uninterrupted = Cohort(llama)
     uninterrupted.add_job("x", spec, datasets["x"])
-    train(uninterrupted)
+    train_cohort(uninterrupted)
     first = Cohort(llama)
     first.add_job("x", spec, datasets["x"])
     for _ in range(3):
@@ -345,6 +338,6 @@ def test_a_variant_job_resumed_from_its_checkpoint_ends_as_an_uninterrupted_run(
     directory = first.checkpoint("x", tmp_path / "ckpt")
     resumed = Cohort(llama)
     resumed.add_job("x", spec, datasets["x"], resume_from=directory)
-    train(resumed)
+    train_cohort(resumed)
     got, want = weights(resumed, "x"), weights(uninterrupted, "x")
     assert all(torch.equal(g, w) for name in want for g, w in zip(got[name], want[name]))
