@@ -174,3 +174,20 @@ def train_cohort(cohort, steps: int | None = None) -> dict[str, list]:
             history.setdefault(job_id, []).append(result)
         count += 1
     return history
+
+
+def step_with_saved_bytes(cohort) -> tuple[dict, int]:
+    """One step of a lorafleet Cohort, and the bytes autograd saved for its backward: each storage a saved tensor
+    holds, once, the base's weights left out (they are not activations)."""
+    weights = {parameter.untyped_storage().data_ptr() for parameter in cohort.model.parameters()}
+    storages = {}
+
+    def count(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(count, lambda tensor: tensor):
+        results = cohort.step()
+    return results, sum(storages.values())

@@ -5,8 +5,12 @@ autograd saves per row of the step are those of a LoRA job's tokens (within 10%)
 from __future__ import annotations
 
 import pytest
-import torch
-from helpers_models import build_tiny_model, single_torch_thread, write_jsonl  # noqa: F401 (an autouse fixture)
+from helpers_models import (  # noqa: F401 (an autouse fixture)
+    build_tiny_model,
+    single_torch_thread,
+    step_with_saved_bytes,
+    write_jsonl,
+)
 
 from lorafleet.executor.cohort import Cohort
 from lorafleet.scheduler.spec import parse_spec
@@ -25,18 +29,9 @@ def saved_bytes(model_dir, kind: str, sequences: int, tmp_path) -> tuple[int, in
     spec = parse_spec({"base_model": str(model_dir), "dataset": "d", "adapter": ADAPTERS[kind],
                        "hyperparameters": {"batch_size": sequences, "max_seq_len": SEQUENCE, "max_steps": 1}})
     cohort.add_job("job", spec, data)
-    weights = {p.untyped_storage().data_ptr() for p in cohort.model.parameters()}
-    storages = {}
-
-    def count(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in weights:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(count, lambda tensor: tensor):
-        assert cohort.step()["job"].error is None
-    return sum(storages.values()), cohort.step_tokens
+    results, saved = step_with_saved_bytes(cohort)
+    assert results["job"].error is None
+    return saved, cohort.step_tokens
 
 
 def test_a_lopa_jobs_prompt_rows_are_kept_as_tokens_are(tmp_path):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers_models import single_torch_thread  # noqa: F401 (an autouse fixture)
+from helpers_models import single_torch_thread, step_with_saved_bytes  # noqa: F401 (an autouse fixture)
 from transformers import AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -51,19 +51,9 @@ def saved_bytes(shape: dict, jobs: list[tuple[str, bool]], sequences: int, scrat
     for job, (method, dora) in enumerate(jobs):
         spec = bench.job_spec(scratch, method, dora, (sequences, SEQUENCE), 5, seed=job)
         cohort.add_job(f"job-{job}", spec, bench.write_data(scratch, job, method, (sequences, SEQUENCE), VOCAB))
-    weights = {parameter.untyped_storage().data_ptr() for parameter in model.parameters()}
-    storages = {}
-
-    def count(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in weights:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(count, lambda tensor: tensor):
-        results = cohort.step()
+    results, saved = step_with_saved_bytes(cohort)
     assert not [result.error for result in results.values() if result.error]
-    return sum(storages.values()), cohort.step_tokens, cohort
+    return saved, cohort.step_tokens, cohort
 
 
 def per_token(shape: dict, jobs: list[tuple[str, bool]], tmp_path: Path) -> float:
