@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers_models import llama, single_torch_thread, write_jsonl  # noqa: F401 (fixtures)
+from helpers_models import llama, single_torch_thread, train_cohort, write_jsonl  # noqa: F401 (fixtures)
 from helpers_trl import assert_rewards_match, assert_weights_match, trl_run
-from test_dpo import PAIRS, data, make_spec, train, weights  # noqa: F401 (data: a fixture)
+from test_dpo import PAIRS, data, make_spec, weights  # noqa: F401 (data: a fixture)
 from test_simpo import targets_of
 
 from lorafleet.executor.cohort import Cohort
@@ -30,7 +30,7 @@ def test_orpo_matches_trl_orpo_trainer(llama, data, tmp_path):
     cohort.add_job("orpo", spec, data["pairs"])
     initial = weights(cohort, "orpo")
     examples = [cohort.jobs["orpo"].data._example(index) for index in range(len(PAIRS))]
-    history = train(cohort)["orpo"]
+    history = train_cohort(cohort)["orpo"]
     want_losses, logged, want, tokenised = trl_orpo_run(llama, spec, data["pairs"], initial, tmp_path / "trl")
 
     for example, row in zip(examples, tokenised):  # the same sequences and answer targets
@@ -69,7 +69,7 @@ def run_orpo(model_dir, data, with_others: bool, max_pass_tokens=None):
         nola = {"type": "nola", "r": 2, "target_modules": ["o_proj"], "nola": {"num_basis": 8}}
         cohort.add_job("chat-dpo", make_spec(model_dir, "dpo", adapter=nola, max_steps=2, beta=0.5, seed=5),
                        data["chat_pairs"])
-    return cohort, train(cohort)
+    return cohort, train_cohort(cohort)
 
 
 @pytest.mark.parametrize("max_pass_tokens", [None, 60])
@@ -108,5 +108,5 @@ def test_an_orpo_job_runs_no_reference_forward(llama, data, monkeypatch):
     cohort = Cohort(llama)
     cohort.add_job("orpo", make_spec(llama, "orpo", max_steps=2), data["pairs"])
     cohort.add_job("dpo", make_spec(llama, "dpo", max_steps=2), data["pairs"])
-    assert len(train(cohort)["orpo"]) == 2 and referenced == [{"dpo"}, {"dpo"}]
+    assert len(train_cohort(cohort)["orpo"]) == 2 and referenced == [{"dpo"}, {"dpo"}]
     assert cohort.jobs["orpo"].spec.hyperparameters.beta == 0.1  # TRL's ORPOConfig default

@@ -10,9 +10,9 @@ from typing import get_args
 
 import pytest
 import torch
-from helpers_models import llama, single_torch_thread  # noqa: F401 (fixtures)
+from helpers_models import llama, single_torch_thread, train_cohort  # noqa: F401 (fixtures)
 from helpers_trl import assert_rewards_match, assert_weights_match, trl_run
-from test_dpo import PAIRS, data, make_spec, train, weights  # noqa: F401 (data: a fixture)
+from test_dpo import PAIRS, data, make_spec, weights  # noqa: F401 (data: a fixture)
 
 from lorafleet.executor.cohort import Cohort
 from lorafleet.scheduler.spec import DEFAULT_BETA, METHODS, PREFERENCE_METHODS, Method, SpecError, parse_spec
@@ -45,7 +45,7 @@ def test_simpo_matches_trl_cpo_trainer_with_loss_type_simpo(llama, data, tmp_pat
     cohort.add_job("simpo", spec, data["pairs"])
     initial = weights(cohort, "simpo")
     examples = [cohort.jobs["simpo"].data._example(index) for index in range(len(PAIRS))]
-    history = train(cohort)["simpo"]
+    history = train_cohort(cohort)["simpo"]
     want_losses, logged, want, tokenised = trl_simpo_run(llama, spec, data["pairs"], initial, tmp_path / "trl")
 
     for example, row in zip(examples, tokenised):  # the same sequences and targets
@@ -72,7 +72,7 @@ def run_simpo(model_dir, data, with_others: bool, max_pass_tokens=None):
         nola = {"type": "nola", "r": 2, "target_modules": ["o_proj"], "nola": {"num_basis": 8}}
         cohort.add_job("chat-dpo", make_spec(model_dir, "dpo", adapter=nola, max_steps=2, beta=0.5, seed=5),
                        data["chat_pairs"])
-    return cohort, train(cohort)
+    return cohort, train_cohort(cohort)
 
 
 @pytest.mark.parametrize("max_pass_tokens", [None, 60])
@@ -105,7 +105,7 @@ def test_a_simpo_job_runs_no_reference_forward(llama, data, monkeypatch):
     cohort = Cohort(llama)
     cohort.add_job("simpo", make_spec(llama, "simpo", max_steps=2), data["pairs"])
     cohort.add_job("dpo", make_spec(llama, "dpo", max_steps=2), data["pairs"])
-    train(cohort)
+    train_cohort(cohort)
     assert referenced == [{"dpo"}, {"dpo"}]
 
 
