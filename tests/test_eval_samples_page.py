@@ -10,20 +10,20 @@ from helpers_polling import wait_until
 from lorafleet.scheduler import eval_samples
 from lorafleet.scheduler.eval_samples import EvalSample
 from test_gateway import SMALL, client, create, gateway  # noqa: F401  (gateway: the fixture)
-from test_gateway_page import HOSTILE, Executor, browser, csp_violations, log_in, open_page  # noqa: F401
+from test_gateway_page import HOSTILE, Executor, browser, csp_violations, log_in, open_page, text_of  # noqa: F401
 
 PROMPTS = ["What is two plus two?", "Name a colour."]
 
 
 def sample_sets(browser) -> list[tuple[str, list[tuple[str, str]]]]:
-    """(heading, [(prompt, completion), ...]) of each block of the Samples section, top first."""
-    sets = []
-    for block in browser.find_elements(By.CSS_SELECTOR, "#samples .sample-set"):
-        items = [(item.find_element(By.CSS_SELECTOR, ".prompt").text,
-                  item.find_element(By.CSS_SELECTOR, ".completion").get_attribute("textContent"))
-                 for item in block.find_elements(By.CSS_SELECTOR, "li")]
-        sets.append((block.find_element(By.CSS_SELECTOR, "h3").text, items))
-    return sets
+    """(heading, [(prompt, completion), ...]) of each block of the Samples section, top first, read in one call
+    (the page re-renders what it polls)."""
+    sets = browser.execute_script("""
+        return Array.from(document.querySelectorAll('#samples .sample-set'), block => [
+            block.querySelector('h3').innerText,
+            Array.from(block.querySelectorAll('li'), item => [item.querySelector('.prompt').innerText,
+                                                               item.querySelector('.completion').textContent])])""")
+    return [(heading, [tuple(item) for item in items]) for heading, items in sets]
 
 
 def test_the_job_page_shows_each_checkpoints_samples_newest_first_as_text(browser, gateway, make_tenant, store):
@@ -54,7 +54,7 @@ def test_the_job_page_shows_each_checkpoints_samples_newest_first_as_text(browse
     assert browser.execute_script("return document.querySelectorAll('main script, main img').length") == 0
 
     store.append_event(job.id, eval_samples.EVENT, **eval_samples.event_data(12, error="RuntimeError: no pages"))
-    wait_until(lambda: "No samples: RuntimeError: no pages" in browser.find_element(By.ID, "samples").text,
+    wait_until(lambda: "No samples: RuntimeError: no pages" in text_of(browser, "#samples"),
                "the failed samples' reason", timeout=15)
     assert csp_violations(browser) == []
 
@@ -67,5 +67,5 @@ def test_a_job_without_eval_samples_shows_no_samples_section(browser, gateway, m
     log_in(browser, tenant.token)
     wait_until(lambda: browser.find_elements(By.CSS_SELECTOR, "#jobs-view a"), "the job list", timeout=15)
     browser.get(f"{gateway}/ui/#/jobs/{job.id}")
-    wait_until(lambda: "2/12" in browser.find_element(By.ID, "job-details").text, "the job's details", timeout=15)
+    wait_until(lambda: "2/12" in text_of(browser, "#job-details"), "the job's details", timeout=15)
     assert not browser.find_element(By.ID, "samples-part").is_displayed()

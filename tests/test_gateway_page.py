@@ -70,12 +70,26 @@ def log_in(browser, token: str) -> None:
     browser.find_element(By.CSS_SELECTOR, "#login-form button").click()
 
 
-def shown(browser, css: str) -> list:
-    return [node for node in browser.find_elements(By.CSS_SELECTOR, css) if node.is_displayed()]
+def shown(browser, css: str) -> int:
+    """How many elements matching `css` are displayed."""
+    return browser.execute_script(
+        "return Array.from(document.querySelectorAll(arguments[0])).filter(n => n.checkVisibility()).length", css)
 
 
-def text_of(browser, element_id: str) -> str:
-    return browser.find_element(By.ID, element_id).text
+# The page re-renders what it polls (every second): an element found by one WebDriver call can be replaced before
+# the next call reads it (StaleElementReferenceException). So the tests read the page in one script call each.
+def texts(browser, css: str) -> list[str]:
+    """The rendered text of each element matching `css`, read in one call."""
+    return browser.execute_script("return Array.from(document.querySelectorAll(arguments[0]), n => n.innerText)", css)
+
+
+def text_of(browser, css: str) -> str:
+    """The rendered text of the first element matching `css`, '' when there is none."""
+    return next(iter(texts(browser, css)), "")
+
+
+def click(browser, css: str) -> None:
+    assert browser.execute_script("const n = document.querySelector(arguments[0]); n && n.click(); return !!n", css)
 
 
 def csp_violations(browser) -> list[str]:
@@ -108,8 +122,8 @@ class Executor:
 
 def chart_points(browser) -> tuple[int, int]:
     """(train, validation) points drawn in the job page's SVG chart."""
-    return (len(browser.find_elements(By.CSS_SELECTOR, "#chart svg circle.point.train")),
-            len(browser.find_elements(By.CSS_SELECTOR, "#chart svg circle.point.valid")))
+    return tuple(browser.execute_script("return [document.querySelectorAll('#chart svg circle.point.train').length, "
+                                        "document.querySelectorAll('#chart svg circle.point.valid').length]"))
 
 
 def test_a_running_jobs_loss_curve_grows_in_the_browser_as_its_executor_reports_steps(
@@ -122,10 +136,11 @@ def test_a_running_jobs_loss_curve_grows_in_the_browser_as_its_executor_reports_
 
     open_page(browser, gateway)
     log_in(browser, tenant.token)
-    link = wait_until(lambda: shown(browser, f'#jobs a[href="#/jobs/{job.id}"]'), "the job in the list", timeout=15)
-    row = browser.find_element(By.XPATH, f'//a[@href="#/jobs/{job.id}"]/ancestor::tr').text
+    link = f'#jobs a[href="#/jobs/{job.id}"]'
+    wait_until(lambda: shown(browser, link), "the job in the list", timeout=15)
+    row = browser.execute_script("return document.querySelector(arguments[0]).closest('tr').innerText", link)
     assert "running" in row and "support-bot" in row and "3/12" in row, row
-    link[0].click()
+    click(browser, link)
     wait_until(lambda: chart_points(browser) == (3, 1), "3 train and 1 validation points", timeout=15,
                details=lambda: str(chart_points(browser)))
 
@@ -133,9 +148,10 @@ def test_a_running_jobs_loss_curve_grows_in_the_browser_as_its_executor_reports_
     executor.checkpoint(6)
     wait_until(lambda: chart_points(browser) == (6, 2), "the curve to grow to 6 train and 2 validation points",
                timeout=15, details=lambda: str(chart_points(browser)))
-    assert len(browser.find_element(By.CSS_SELECTOR, "#chart polyline.train").get_attribute("points").split()) == 6
-    wait_until(lambda: "Checkpoint at step 6" in text_of(browser, "downloads"), "the checkpoint listed", timeout=15)
-    events = [item.text for item in browser.find_elements(By.CSS_SELECTOR, "#events li")]
+    points = browser.execute_script("return document.querySelector('#chart polyline.train').getAttribute('points')")
+    assert len(points.split()) == 6, points
+    wait_until(lambda: "Checkpoint at step 6" in text_of(browser, "#downloads"), "the checkpoint listed", timeout=15)
+    events = texts(browser, "#events li")
     assert any(f"Step 6/{TOTAL_STEPS}: training loss={3.0 * 0.85 ** 6:.4f}" in event for event in events), events
     assert any("Job running" in event for event in events) and any("Checkpoint saved at step 6" in e for e in events)
 
@@ -146,7 +162,7 @@ def test_a_running_jobs_loss_curve_grows_in_the_browser_as_its_executor_reports_
 
     executor.steps(range(7, TOTAL_STEPS + 1))
     executor.succeed()
-    wait_until(lambda: "succeeded" in browser.find_element(By.CSS_SELECTOR, "#job-details .status").text,
+    wait_until(lambda: "succeeded" in text_of(browser, "#job-details .status"),
                "the page to show the job succeeded", timeout=15)
     assert chart_points(browser) == (TOTAL_STEPS, 2)
     assert browser.get_cookies() == [] and tenant.token not in browser.current_url, "the token is in no cookie or URL"
@@ -157,8 +173,9 @@ def test_a_running_jobs_loss_curve_grows_in_the_browser_as_its_executor_reports_
 def test_a_wrong_token_shows_an_error_on_the_login_form(browser, gateway):
     open_page(browser, gateway)
     log_in(browser, "lft_not-a-token")
-    error = wait_until(lambda: shown(browser, "#error"), "an error message", timeout=15)[0]
-    assert "token was refused" in error.text and "invalid token" in error.text, error.text
+    wait_until(lambda: shown(browser, "#error"), "an error message", timeout=15)
+    error = text_of(browser, "#error")
+    assert "token was refused" in error and "invalid token" in error, error
     assert browser.find_element(By.ID, "login-view").is_displayed()
     assert not browser.find_element(By.ID, "jobs-view").is_displayed()
     assert browser.execute_script("return sessionStorage.getItem('lorafleet.token')") is None
@@ -173,11 +190,11 @@ def test_tenant_text_from_the_api_is_shown_as_text_never_run_as_html(browser, ga
     title = browser.title
     log_in(browser, tenant.token)
     wait_until(lambda: shown(browser, f'#jobs a[href="#/jobs/{job.id}"]'), "the job in the list", timeout=15)
-    assert f"title={HOSTILE}" in browser.find_element(By.CSS_SELECTOR, "#jobs .metadata").text
+    assert f"title={HOSTILE}" in text_of(browser, "#jobs .metadata")
     browser.get(f"{gateway}/ui/#/jobs/{job.id}")
     wait_until(lambda: shown(browser, "#job-details .error-text"), "the job's error", timeout=15)
-    assert browser.find_element(By.CSS_SELECTOR, "#job-details .error-text").text == f"bad data: {HOSTILE}"
-    wait_until(lambda: any(HOSTILE in item.text for item in browser.find_elements(By.CSS_SELECTOR, "#events li")),
+    assert text_of(browser, "#job-details .error-text") == f"bad data: {HOSTILE}"
+    wait_until(lambda: any(HOSTILE in item for item in texts(browser, "#events li")),
                "the error event, as text", timeout=15)
     assert browser.execute_script("return document.querySelectorAll('main script, main img').length") == 0
     assert browser.title == title != "pwned"
