@@ -292,6 +292,29 @@ def orpo_losses(logps: torch.Tensor, target_counts: torch.Tensor, chosen_nll: to
     return losses, pair_rewards(beta * averages.detach())
 
 
+@dataclass
+class _StepSums:
+    """What a step's passes add up per job, kept on the device until the step's one host sync."""
+
+    loss: dict[str, torch.Tensor]
+    rewards: dict[str, torch.Tensor]  # preference jobs: chosen, rejected reward and accuracy sums
+    non_finite: dict[str, float] = field(default_factory=dict)  # job id -> its non-finite loss
+
+    @classmethod
+    def zeros(cls, batches: dict, is_preference, device: torch.device) -> "_StepSums":
+        return cls({job_id: torch.zeros((), device=device) for job_id in batches},
+                   {job_id: torch.zeros(3, device=device) for job_id in batches if is_preference(job_id)})
+
+
+@dataclass
+class _SyncedStep:
+    """A step's numbers on the host: losses, (norm tensor, norm) of the jobs that stepped, preference rewards."""
+
+    losses: dict[str, float]
+    norms: dict[str, tuple[torch.Tensor, float]]
+    rewards: dict[str, PreferenceRewards]
+
+
 class Cohort:
     def __init__(
         self,
@@ -379,88 +402,110 @@ class Cohort:
 
     def step(self) -> dict[str, StepResult]:
         """One cohort step: each active job contributes one micro-batch; returns job id -> StepResult."""
-        results, batches = {}, {}
-        for job in [job for job in self.jobs.values() if job.active]:
-            try:
-                batches[job.job_id], _epoch = job.data.next_batch()
-            except DataError as exc:
-                results[job.job_id] = self._fail(job, f"data error at step {job.step + 1}: {exc}")
+        results, batches = self._next_batches()
         if not batches:
             return results
         targets = {job_id: sum(example.num_targets for example in examples) for job_id, examples in batches.items()}
         # SFT: the mean over target tokens; DPO, SimPO, ORPO: the mean over pairs
         divisors = {job_id: len(examples) if self._is_preference(job_id) else targets[job_id]
                     for job_id, examples in batches.items()}
-        loss_sums = {job_id: torch.zeros((), device=self.device) for job_id in batches}
-        reward_sums = {job_id: torch.zeros(3, device=self.device)
-                       for job_id in batches if self._is_preference(job_id)}
-        non_finite: dict[str, float] = {}
+        sums = _StepSums.zeros(batches, self._is_preference, self.device)
+        graphed = self._run_passes(batches, divisors, sums)
+        finished = [job_id for job_id in batches if job_id not in sums.non_finite]
+        for job_id in finished:
+            job = self.jobs[job_id]
+            job.micro_batches += 1
+            job.accumulated += 1
+            job.window_targets += targets[job_id]
+            job.trained_tokens += targets[job_id]
+        synced = self._step_optimizers_and_sync(finished, divisors, sums, graphed)
+        for job_id in batches:
+            job = self.jobs[job_id]
+            if job_id in sums.non_finite:
+                results[job_id] = self._fail(job, f"loss is {sums.non_finite[job_id]} at step {job.step + 1}")
+            else:
+                results[job_id] = self._after_backward(job, synced.losses[job_id], targets[job_id],
+                                                       synced.norms.get(job_id))
+                results[job_id].rewards = synced.rewards.get(job_id)
+        return results
+
+    def _next_batches(self) -> tuple[dict[str, StepResult], dict[str, list]]:
+        """Each active job's next micro-batch; a job whose data fails is failed here (its result returned)."""
+        results, batches = {}, {}
+        for job in [job for job in self.jobs.values() if job.active]:
+            try:
+                batches[job.job_id], _epoch = job.data.next_batch()
+            except DataError as exc:
+                results[job.job_id] = self._fail(job, f"data error at step {job.step + 1}: {exc}")
+        return results, batches
+
+    def _run_passes(self, batches: dict[str, list], divisors: dict[str, int], sums: "_StepSums") -> bool:
+        """Forward and backward of the step's passes (under `max_pass_tokens`), replayed from CUDA graphs while
+        they serve; True when every pass was replayed (a non-finite loss is then found at the step's sync)."""
         self.step_tokens, self.largest_pass_tokens = 0, 0
         prompt_rows = self.prompt_rows()
         passes = split_passes(batches, self.max_pass_tokens, prompt_rows)
         graphed = self.graphs.use(self, passes)
         for part in passes:
-            part = {job_id: examples for job_id, examples in part.items() if job_id not in non_finite}
+            part = {job_id: examples for job_id, examples in part.items() if job_id not in sums.non_finite}
             if not part:
                 continue
             part_tokens = sum(example_rows(example, prompt_rows.get(job_id, 0))
                               for job_id, examples in part.items() for example in examples)
             self.step_tokens += part_tokens
             self.largest_pass_tokens = max(self.largest_pass_tokens, part_tokens)
-            sums = self.graphs.run(self, part, {job_id: 1.0 / (max(1, divisors[job_id]) * self.jobs[job_id].window_size)
-                                                for job_id in part}) if graphed else None
-            if sums is not None:  # forward and backward replayed; a non-finite loss is found at the step's sync
-                for job_id, loss_sum in sums.items():
-                    loss_sums[job_id] += loss_sum.detach()
+            weights = {job_id: 1.0 / (max(1, divisors[job_id]) * self.jobs[job_id].window_size) for job_id in part}
+            replayed = self.graphs.run(self, part, weights) if graphed else None
+            if replayed is not None:
+                for job_id, loss_sum in replayed.items():
+                    sums.loss[job_id] += loss_sum.detach()
                 continue
             graphed = False
-            batch = self._pack(part, batches)
-            sums = self._forward(batch)
-            for job_id, rewards in batch.rewards.items():
-                reward_sums[job_id] += rewards
-            finite = torch.isfinite(torch.stack(list(sums.values()))).tolist()
-            live = {}
-            for (job_id, loss_sum), ok in zip(sums.items(), finite):
-                if ok:
-                    live[job_id] = loss_sum
-                else:
-                    non_finite[job_id] = loss_sum.item()
-            if live:  # one backward for all; each job's loss reaches only its own adapter
-                job_losses = (loss_sum / max(1, divisors[job_id]) for job_id, loss_sum in live.items())
-                sum(loss / self.jobs[job_id].window_size for job_id, loss in zip(live, job_losses)).backward()
-            for job_id, loss_sum in live.items():
-                loss_sums[job_id] += loss_sum.detach()
-        # One host sync for the step: every job's loss, and the gradient norm of every job whose window is full.
-        finished = [job_id for job_id in batches if job_id not in non_finite]
-        for job_id in finished:
-            self.jobs[job_id].micro_batches += 1
-            self.jobs[job_id].accumulated += 1
-            self.jobs[job_id].window_targets += targets[job_id]
-            self.jobs[job_id].trained_tokens += targets[job_id]
+            self._eager_pass(part, batches, divisors, sums)
+        return graphed
+
+    def _eager_pass(self, part: dict[str, list], batches: dict[str, list], divisors: dict[str, int],
+                    sums: "_StepSums") -> None:
+        """One packed forward and one backward for all of the pass's jobs whose loss is finite; each job's loss
+        reaches only its own adapter."""
+        batch = self._pack(part, batches)
+        pass_sums = self._forward(batch)
+        for job_id, rewards in batch.rewards.items():
+            sums.rewards[job_id] += rewards
+        finite = torch.isfinite(torch.stack(list(pass_sums.values()))).tolist()
+        live = {}
+        for (job_id, loss_sum), ok in zip(pass_sums.items(), finite):
+            if ok:
+                live[job_id] = loss_sum
+            else:
+                sums.non_finite[job_id] = loss_sum.item()
+        if live:
+            job_losses = (loss_sum / max(1, divisors[job_id]) for job_id, loss_sum in live.items())
+            sum(loss / self.jobs[job_id].window_size for job_id, loss in zip(live, job_losses)).backward()
+        for job_id, loss_sum in live.items():
+            sums.loss[job_id] += loss_sum.detach()
+
+    def _step_optimizers_and_sync(self, finished: list[str], divisors: dict[str, int], sums: "_StepSums",
+                                  graphed: bool) -> "_SyncedStep":
+        """Launch the update of every job whose window is full, then one host sync for the step: every job's loss,
+        those jobs' gradient norms, and the preference jobs' rewards."""
         stepping = [job_id for job_id in finished if self.jobs[job_id].window_full]
         norms = [self.jobs[job_id].optimizer.grad_norm() for job_id in stepping]
         for job_id, norm in zip(stepping, norms):  # on a GPU the updates queue behind the step's work before the sync
             if self.jobs[job_id].window_targets:
-                self.jobs[job_id].optimizer.launch_step(norm, loss_sums[job_id])
-        losses = [loss_sums[job_id] / max(1, divisors[job_id]) for job_id in finished]
-        rewarded = [job_id for job_id in finished if job_id in reward_sums]  # preference jobs: 3 numbers each
-        rewards = [reward_sums[job_id] / divisors[job_id] for job_id in rewarded]
+                self.jobs[job_id].optimizer.launch_step(norm, sums.loss[job_id])
+        losses = [sums.loss[job_id] / max(1, divisors[job_id]) for job_id in finished]
+        rewarded = [job_id for job_id in finished if job_id in sums.rewards]  # preference jobs: 3 numbers each
+        rewards = [sums.rewards[job_id] / divisors[job_id] for job_id in rewarded]
         numbers = torch.cat([torch.stack(losses + norms), *rewards]).tolist() if finished else []
         loss_values = dict(zip(finished, numbers))
         if graphed:  # its backward ran whatever the losses: a job whose loss is not finite fails here, unstepped
-            non_finite.update({job_id: loss for job_id, loss in loss_values.items() if not math.isfinite(loss)})
-        norm_values = dict(zip(stepping, zip(norms, numbers[len(finished):])))
+            sums.non_finite.update({job_id: loss for job_id, loss in loss_values.items() if not math.isfinite(loss)})
         reward_rows = numbers[len(finished) + len(norms):]
-        reward_values = {job_id: PreferenceRewards(*reward_rows[3 * i:3 * i + 3])
-                         for i, job_id in enumerate(rewarded)}
-        for job_id in batches:
-            job = self.jobs[job_id]
-            if job_id in non_finite:
-                results[job_id] = self._fail(job, f"loss is {non_finite[job_id]} at step {job.step + 1}")
-            else:
-                results[job_id] = self._after_backward(job, loss_values[job_id], targets[job_id], norm_values.get(job_id))
-                results[job_id].rewards = reward_values.get(job_id)
-        return results
+        return _SyncedStep(
+            losses=loss_values,
+            norms=dict(zip(stepping, zip(norms, numbers[len(finished):]))),
+            rewards={job_id: PreferenceRewards(*reward_rows[3 * i:3 * i + 3]) for i, job_id in enumerate(rewarded)})
 
     def _is_preference(self, job_id: str) -> bool:
         return self.jobs[job_id].spec.method in PREFERENCE_METHODS
