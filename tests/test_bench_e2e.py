@@ -1,0 +1,26 @@
+"""bench/bench_e2e.py end to end on the CPU with the tiny shape: the GPU runs are rare and costly, so the whole
+script (cohort rows, base vs adapters, the PEFT baseline, the report and its table) must not rot between them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_e2e.py"
+
+
+def test_the_e2e_bench_writes_a_row_per_cohort_and_a_baseline_to_compare_it_with(tmp_path):
+    out = tmp_path / "out"
+    subprocess.run([sys.executable, str(BENCH), "--shape", "tiny", "--device", "cpu", "--cohorts", "1,2",
+                    "--batches", "1x512", "--overhead", "2x1x512", "--baselines", "peft", "--warmup", "1",
+                    "--steps", "1", "--workdir", str(tmp_path / "work"), "--out", str(out)],
+                   check=True, capture_output=True, text=True, timeout=300)
+    report = json.loads((out / "e2e_tiny.json").read_text())
+    assert [(row["jobs"], row["tokens"]) for row in report["cohorts"]] == [(1, 512), (2, 1024)]
+    assert all(row["seconds"] > 0 and row["checkpointing"] == "off" for row in report["cohorts"])
+    assert [len(report["baselines"]["peft"]["1x512"]["per_job_seconds"])] == [2], "each job of the largest cohort"
+    assert report["overhead"][0]["jobs"] == 2 and report["overhead"][0]["adapters"] > 0
+    table = (out / "e2e_tiny.md").read_text().splitlines()
+    assert table[0].startswith("| jobs | per-job batch |") and len([line for line in table if line.startswith("| 2 |")]) == 1
