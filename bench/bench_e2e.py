@@ -597,8 +597,7 @@ def capacity_probe(cohort, model_dir, data_dir, sizes: list[int], device) -> lis
     return rows
 
 
-def main() -> None:
-    global PASS_TOKENS
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", choices=sorted(set(SHAPES) - {"70b"}), default="1b")
     parser.add_argument("--device", default="cuda")
@@ -609,7 +608,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--baselines", default=",".join(BASELINES),
                         help=f"PEFT baselines to run, of {','.join(BASELINES)} (liger needs liger-kernel)")
-    parser.add_argument("--overhead", default="8x1x512,8x4x512", help="JOBSxBATCH list: base vs adapters steps (\"\" for none)")
+    parser.add_argument("--overhead", default="8x1x512,8x4x512",
+                        help="JOBSxBATCH list: base vs adapters steps (\"\" for none)")
     parser.add_argument("--parts", default="", help="JOBSxBATCH: where one whole step's time goes, by part, "
                         "against each part's ideal (bench/step_parts.py)")
     parser.add_argument("--profile-step", default="", help="JOBSxBATCH: profile one whole Cohort.step (host and GPU)")
@@ -630,165 +630,195 @@ def main() -> None:
     parser.add_argument("--workdir", default="/tmp/lorafleet-e2e")
     parser.add_argument("--out", default=".")
     args = parser.parse_args()
-    PASS_TOKENS = args.pass_tokens
-    ADAPTER["lora_dropout"] = args.lora_dropout
-
-    from lorafleet.executor.cohort import Cohort
-
-    device = torch.device(args.device)
-    cohorts = [int(n) for n in args.cohorts.split(",")]
-    batches = args.batches.split(",")
-    baselines = [name for name in args.baselines.split(",") if name]
-    if unknown := set(baselines) - set(BASELINES):
+    if unknown := {name for name in args.baselines.split(",") if name} - set(BASELINES):
         parser.error(f"--baselines: unknown {sorted(unknown)}; expected some of {','.join(BASELINES)}")
-    baselines.sort(key=BASELINES.index)  # liger patches transformers for good: last
-    overheads = [(int(spec.split("x", 1)[0]), spec.split("x", 1)[1]) for spec in args.overhead.split(",") if spec]
-    capacity = [int(n) for n in args.capacity.split(",") if n]
-    long_batch = f"1x{args.long_context}" if args.long_context else None
-    vocab = SHAPES[args.shape]["vocab_size"]
-    workdir, out = Path(args.workdir), Path(args.out)
-    model_dir, data_dir = workdir / args.shape, workdir / "data"
-    data_dir.mkdir(parents=True, exist_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    name = args.shape if args.quantization == "none" else f"{args.shape}_{args.quantization}"
-    name += f"_dropout{args.lora_dropout}" if args.lora_dropout else ""
-    name += "_varlen" if args.attention == "varlen" else ""
-    from lorafleet.executor import attention
-    attention.DENSE_WHEN_UNIFORM = args.attention == "auto"
+    return args
 
-    def log(message):
-        print(f"[{time.perf_counter() - started:7.1f}s] {message}", flush=True)
 
-    report = {
-        "shape": args.shape,
-        "quantization": args.quantization,
-        "lora_dropout": args.lora_dropout,
-        "attention": args.attention,
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "torch": torch.__version__,
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "cohorts": [],
-        "baselines": {},
-    }
+def jobs_and_batch(spec: str) -> tuple[int, str]:
+    """'8x4x512' -> (8, '4x512')."""
+    jobs, batch = spec.split("x", 1)
+    return int(jobs), batch
 
-    def save():
-        (out / f"e2e_{name}.json").write_text(json.dumps(report, indent=1))
 
-    report["peak_tflops"] = matmul_peak_tflops(device)
-    report["copy_gbps"] = copy_gbps(device)
-    log(f"bf16 matmul peak {report['peak_tflops']} TFLOP/s, copy {report['copy_gbps']} GB/s")
-    report["non_embedding_params"] = build_base(args.shape, model_dir, device, max(8192, args.long_context))
-    log(f"built and saved {args.shape}: {report['non_embedding_params'] / 1e9:.2f}B non-embedding params")
-    wanted = {(batch, job) for batch in batches for job in range(max(cohorts))}
-    wanted |= {("4x512", job) for job in range(max(capacity, default=0))}
-    wanted |= {(batch, job) for jobs, batch in overheads for job in range(jobs)}
+class Run:
+    """One bench run: its parsed settings, where it writes, and the report every section adds to (saved as it
+    grows, so a run cut short keeps what it measured)."""
+
+    def __init__(self, args: argparse.Namespace):
+        global PASS_TOKENS
+        PASS_TOKENS = args.pass_tokens
+        ADAPTER["lora_dropout"] = args.lora_dropout
+        from lorafleet.executor import attention
+        attention.DENSE_WHEN_UNIFORM = args.attention == "auto"
+
+        self.args, self.device = args, torch.device(args.device)
+        self.cohorts = [int(n) for n in args.cohorts.split(",")]
+        self.batches = args.batches.split(",")
+        self.baselines = sorted((name for name in args.baselines.split(",") if name),
+                                key=BASELINES.index)  # liger patches transformers for good: last
+        self.overheads = [jobs_and_batch(spec) for spec in args.overhead.split(",") if spec]
+        self.capacity = [int(n) for n in args.capacity.split(",") if n]
+        self.long_batch = f"1x{args.long_context}" if args.long_context else None
+        self.graph_modes = {"on": [True], "off": [False], "both": [False, True]}[args.cuda_graphs]
+        self.vocab = SHAPES[args.shape]["vocab_size"]
+        workdir, self.out = Path(args.workdir), Path(args.out)
+        self.model_dir, self.data_dir = workdir / args.shape, workdir / "data"
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.name = args.shape if args.quantization == "none" else f"{args.shape}_{args.quantization}"
+        self.name += f"_dropout{args.lora_dropout}" if args.lora_dropout else ""
+        self.name += "_varlen" if args.attention == "varlen" else ""
+        self.started = time.perf_counter()
+        self.report = {
+            "shape": args.shape, "quantization": args.quantization, "lora_dropout": args.lora_dropout,
+            "attention": args.attention,
+            "device": torch.cuda.get_device_name() if self.device.type == "cuda" else "cpu",
+            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "cohorts": [], "baselines": {},
+        }
+
+    def log(self, message: str) -> None:
+        print(f"[{time.perf_counter() - self.started:7.1f}s] {message}", flush=True)
+
+    def save(self) -> None:
+        (self.out / f"e2e_{self.name}.json").write_text(json.dumps(self.report, indent=1))
+
+
+def prepare(run: Run) -> None:
+    """The device's measured peaks, the random-init base on disk, and every job's data the run will use."""
+    args, report = run.args, run.report
+    report["peak_tflops"] = matmul_peak_tflops(run.device)
+    report["copy_gbps"] = copy_gbps(run.device)
+    run.log(f"bf16 matmul peak {report['peak_tflops']} TFLOP/s, copy {report['copy_gbps']} GB/s")
+    report["non_embedding_params"] = build_base(args.shape, run.model_dir, run.device, max(8192, args.long_context))
+    run.log(f"built and saved {args.shape}: {report['non_embedding_params'] / 1e9:.2f}B non-embedding params")
+    wanted = {(batch, job) for batch in run.batches for job in range(max(run.cohorts))}
+    wanted |= {("4x512", job) for job in range(max(run.capacity, default=0))}
+    wanted |= {(batch, job) for jobs, batch in run.overheads for job in range(jobs)}
     if args.parts:
-        wanted |= {(args.parts.split("x", 1)[1], job) for job in range(int(args.parts.split("x", 1)[0]))}
-    if long_batch:
-        wanted.add((long_batch, 0))
+        jobs, batch = jobs_and_batch(args.parts)
+        wanted |= {(batch, job) for job in range(jobs)}
+    if run.long_batch:
+        wanted.add((run.long_batch, 0))
     for batch, job in wanted:
-        write_job_data(data_dir, batch, job, vocab)
+        write_job_data(run.data_dir, batch, job, run.vocab)
 
-    cohort = Cohort(model_dir, quantization=args.quantization, device=args.device)
-    log("cohort loaded")
-    graph_modes = {"on": [True], "off": [False], "both": [False, True]}[args.cuda_graphs]
-    for batch in batches:
-        for n in cohorts:
-            for graphs in graph_modes:
+
+def fitting_run(run: Run, cohort, batch: str, n: int, warmup: int, steps: int):
+    """(seconds, peak GiB, memory setting) of the first memory setting the cohort fits in; (None, None, last)."""
+    for checkpointing in MEMORY_SETTINGS:
+        measured = run_cohort(cohort, run.model_dir, run.data_dir, batch, n, warmup, steps, checkpointing, run.device)
+        if measured is not None:
+            return (*measured, checkpointing)
+    return None, None, checkpointing
+
+
+def measure_cohorts(run: Run, cohort) -> None:
+    """Step time and peak of every cohort size x batch, in the first memory setting that fits, per graph mode."""
+    for batch in run.batches:
+        for n in run.cohorts:
+            for graphs in run.graph_modes:
                 cohort.graphs.enabled = graphs
-                for checkpointing in MEMORY_SETTINGS:
-                    measured = run_cohort(
-                        cohort, model_dir, data_dir, batch, n, args.warmup, args.steps, checkpointing, device
-                    )
-                    if measured is not None:
-                        break
-                seconds, peak = measured if measured is not None else (None, None)
-                tokens = sum(len(s) for job in range(n) for s in job_sequences(batch, job, vocab))
-                rows = report["cohorts"] if graphs or args.cuda_graphs == "off" else report.setdefault("eager_cohorts", [])
+                seconds, peak, checkpointing = fitting_run(run, cohort, batch, n, run.args.warmup, run.args.steps)
+                tokens = sum(len(s) for job in range(n) for s in job_sequences(batch, job, run.vocab))
+                eager_row = not graphs and run.args.cuda_graphs != "off"
+                rows = run.report.setdefault("eager_cohorts", []) if eager_row else run.report["cohorts"]
                 rows.append({"batch": batch, "jobs": n, "tokens": tokens, "seconds": seconds, "peak_gib": peak,
                              "checkpointing": checkpointing, "cuda_graphs": graphs})
-                log(f"cohort {n} x {batch} (graphs {graphs}): {seconds} s/step, ckpt {checkpointing}, peak {peak} GiB")
-                save()
+                run.log(f"cohort {n} x {batch} (graphs {graphs}): {seconds} s/step, ckpt {checkpointing}, "
+                        f"peak {peak} GiB")
+                run.save()
 
-    report["overhead"] = []
-    for jobs, batch in overheads:
-        for checkpointing in MEMORY_SETTINGS:
-            set_checkpointing(cohort, checkpointing)
-            add_jobs(cohort, model_dir, data_dir, batch, jobs)
-            try:
-                overhead = base_vs_adapters(cohort, device, repeats=args.steps)
-            except torch.OutOfMemoryError:
-                overhead = None
-            finally:
-                for job_id in list(cohort.jobs):
-                    cohort.remove_job(job_id)
-                release(device)
-            if overhead is not None:
-                break
+
+def base_vs_adapters_fitting(run: Run, cohort, jobs: int, batch: str) -> tuple[dict | None, str]:
+    """base_vs_adapters in the first memory setting that fits: (its result or None, the setting)."""
+    for checkpointing in MEMORY_SETTINGS:
+        set_checkpointing(cohort, checkpointing)
+        add_jobs(cohort, run.model_dir, run.data_dir, batch, jobs)
+        try:
+            return base_vs_adapters(cohort, run.device, repeats=run.args.steps), checkpointing
+        except torch.OutOfMemoryError:
+            pass
+        finally:
+            for job_id in list(cohort.jobs):
+                cohort.remove_job(job_id)
+            release(run.device)
+    return None, checkpointing
+
+
+def measure_overheads(run: Run, cohort) -> None:
+    run.report["overhead"] = []
+    for jobs, batch in run.overheads:
+        overhead, checkpointing = base_vs_adapters_fitting(run, cohort, jobs, batch)
         if overhead is None:
             continue
         if "profile" in overhead:
-            (out / f"profile_{name}_{jobs}x{batch}.txt").write_text(overhead.pop("profile"))
-        report["overhead"].append({"jobs": jobs, "batch": batch, "checkpointing": checkpointing, **overhead})
-        log(f"base vs {jobs} adapters of {batch}: {report['overhead'][-1]}")
-        save()
+            (run.out / f"profile_{run.name}_{jobs}x{batch}.txt").write_text(overhead.pop("profile"))
+        run.report["overhead"].append({"jobs": jobs, "batch": batch, "checkpointing": checkpointing, **overhead})
+        run.log(f"base vs {jobs} adapters of {batch}: {run.report['overhead'][-1]}")
+        run.save()
     set_checkpointing(cohort, "off")
 
-    if args.parts:
-        jobs, batch = int(args.parts.split("x", 1)[0]), args.parts.split("x", 1)[1]
-        report["parts"] = step_parts(cohort, model_dir, data_dir, batch, jobs, device, args.shape, report, out, name)
-        log(f"where the time goes, {args.parts}:\n{report['parts'].get('table', report['parts'])}")
-        save()
-        set_checkpointing(cohort, "off")
 
-    if args.profile_step:
-        jobs, batch = int(args.profile_step.split("x", 1)[0]), args.profile_step.split("x", 1)[1]
-        for graphs in graph_modes:
-            cohort.graphs.enabled = graphs
-            kind = "graphs" if graphs else "eager"
-            trace = out / f"trace_step_{name}_{args.profile_step}_{kind}.json.gz"
-            (out / f"profile_step_{name}_{args.profile_step}_{kind}.txt").write_text(
-                profile_step(cohort, model_dir, data_dir, batch, jobs, device, trace))
-            log(f"profiled one step of {args.profile_step} ({kind})")
-        cohort.graphs.enabled = graph_modes[-1]
+def measure_parts(run: Run, cohort) -> None:
+    jobs, batch = jobs_and_batch(run.args.parts)
+    run.report["parts"] = step_parts(cohort, run.model_dir, run.data_dir, batch, jobs, run.device, run.args.shape,
+                                     run.report, run.out, run.name)
+    run.log(f"where the time goes, {run.args.parts}:\n{run.report['parts'].get('table', run.report['parts'])}")
+    run.save()
+    set_checkpointing(cohort, "off")
 
-    if long_batch:
-        for checkpointing in MEMORY_SETTINGS:
-            measured = run_cohort(cohort, model_dir, data_dir, long_batch, 1, 1, 2, checkpointing, device)
-            if measured is not None:
-                break
-        seconds, peak = measured if measured is not None else (None, None)
-        report["long_context"] = {"batch": long_batch, "tokens": args.long_context, "seconds": seconds,
+
+def profile_steps(run: Run, cohort) -> None:
+    spec = run.args.profile_step
+    jobs, batch = jobs_and_batch(spec)
+    for graphs in run.graph_modes:
+        cohort.graphs.enabled = graphs
+        kind = "graphs" if graphs else "eager"
+        trace = run.out / f"trace_step_{run.name}_{spec}_{kind}.json.gz"
+        (run.out / f"profile_step_{run.name}_{spec}_{kind}.txt").write_text(
+            profile_step(cohort, run.model_dir, run.data_dir, batch, jobs, run.device, trace))
+        run.log(f"profiled one step of {spec} ({kind})")
+    cohort.graphs.enabled = run.graph_modes[-1]
+
+
+def measure_long_context(run: Run, cohort) -> None:
+    seconds, peak, checkpointing = fitting_run(run, cohort, run.long_batch, 1, 1, 2)
+    run.report["long_context"] = {"batch": run.long_batch, "tokens": run.args.long_context, "seconds": seconds,
                                   "peak_gib": peak, "checkpointing": checkpointing}
-        log(f"long context {long_batch}: {report['long_context']}")
-        save()
-        set_checkpointing(cohort, "off")
+    run.log(f"long context {run.long_batch}: {run.report['long_context']}")
+    run.save()
+    set_checkpointing(cohort, "off")
 
-    report["capacity"] = capacity_probe(cohort, model_dir, data_dir, capacity, device)
-    log(f"capacity: {report['capacity']}")
-    save()
 
-    del cohort
-    release(device)
-    for baseline in baselines:
+def measure_baselines(run: Run) -> None:
+    """Each PEFT baseline on every job of the largest cohort, one after another (after the cohort is gone)."""
+    args = run.args
+    for baseline in run.baselines:
         try:
-            report["baselines"][baseline] = peft_sequential(
-                model_dir, {b: max(cohorts) for b in batches}, vocab, args.warmup, args.steps, device,
-                args.quantization, baseline, long_batch,
+            run.report["baselines"][baseline] = peft_sequential(
+                run.model_dir, {b: max(run.cohorts) for b in run.batches}, run.vocab, args.warmup, args.steps,
+                run.device, args.quantization, baseline, run.long_batch,
             )
         except Exception as exc:  # a baseline that cannot run here (say, liger-kernel missing) is reported, not fatal
-            report.setdefault("baseline_errors", {})[baseline] = f"{type(exc).__name__}: {exc}"
-            release(device)
-        log(f"baseline {baseline} done: {report.get('baseline_errors', {}).get(baseline, 'ok')}")
-        save()
+            run.report.setdefault("baseline_errors", {})[baseline] = f"{type(exc).__name__}: {exc}"
+            release(run.device)
+        run.log(f"baseline {baseline} done: {run.report.get('baseline_errors', {}).get(baseline, 'ok')}")
+        run.save()
+
+
+def planner_rows(run: Run) -> list[dict]:
+    """Every cohort that ran (rows and capacity probe) with the scheduler's planned GiB beside its measured peak."""
+    report = run.report
     measured = [dict(row) for row in report["cohorts"] if row["peak_gib"] is not None]
     measured += [{**row, "batch": "4x512"} for row in report["capacity"] if row["peak_gib"] is not None]
-    report["planner"] = [
-        {**row, "planned_gib": planned} for row in measured
-        if (planned := planner_gib(args.shape, args.quantization, row["batch"], row["jobs"], row["checkpointing"]))
-    ]
-    save()
+    return [{**row, "planned_gib": planned} for row in measured
+            if (planned := planner_gib(run.args.shape, run.args.quantization, row["batch"], row["jobs"],
+                                       row["checkpointing"]))]
+
+
+def summary_tables(report: dict, long_batch: str | None) -> str:
     table = markdown_table(report) if report["baselines"] else ""
     if long_batch:
         table += f"\n\nLong context, one job of {long_batch}:\n\n" + long_context_table(report)
@@ -798,14 +828,43 @@ def main() -> None:
                   f"profiled step against the unprofiled median:\n\n" + parts["table"])
     if report["planner"]:
         table += "\n\nThe scheduler's memory model against the measured peaks:\n\n" + planner_table(report["planner"])
-    (out / f"e2e_{name}.md").write_text(table + "\n")
-    print(f"\n{args.shape}, {report['device']}, torch {report['torch']}, peak {report['peak_tflops']} TFLOP/s, "
+    return table
+
+
+def main() -> None:
+    from lorafleet.executor.cohort import Cohort
+
+    run = Run(parse_args())
+    prepare(run)
+    cohort = Cohort(run.model_dir, quantization=run.args.quantization, device=run.args.device)
+    run.log("cohort loaded")
+    measure_cohorts(run, cohort)
+    measure_overheads(run, cohort)
+    if run.args.parts:
+        measure_parts(run, cohort)
+    if run.args.profile_step:
+        profile_steps(run, cohort)
+    if run.long_batch:
+        measure_long_context(run, cohort)
+    run.report["capacity"] = capacity_probe(cohort, run.model_dir, run.data_dir, run.capacity, run.device)
+    run.log(f"capacity: {run.report['capacity']}")
+    run.save()
+    del cohort
+    release(run.device)
+    measure_baselines(run)
+    run.report["planner"] = planner_rows(run)
+    run.save()
+
+    report = run.report
+    table = summary_tables(report, run.long_batch)
+    (run.out / f"e2e_{run.name}.md").write_text(table + "\n")
+    print(f"\n{run.args.shape}, {report['device']}, torch {report['torch']}, peak {report['peak_tflops']} TFLOP/s, "
           f"copy {report['copy_gbps']} GB/s, P_nonembed {report['non_embedding_params'] / 1e9:.2f}B\n")
     print(table)
     print(f"\nbase vs adapters: {report['overhead']}\ncapacity: {report['capacity']}")
     print("baseline errors:", report.get("baseline_errors"))
     for baseline, result in report["baselines"].items():
-        print(f"{baseline} per-job step s:", {batch: result[batch]["per_job_seconds"] for batch in batches})
+        print(f"{baseline} per-job step s:", {batch: result[batch]["per_job_seconds"] for batch in run.batches})
 
 
 if __name__ == "__main__":
