@@ -544,48 +544,91 @@ def simulate(jobs: list[SimJob], tenants: dict[str, TenantView], machines: list[
     """Run one strategy ("fifo" or a `PlanConfig.packing`) over a workload; return its metrics."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
-    config = PlanConfig(packing="optimal-fit" if strategy == "fifo" else strategy)
-    planner = plan_fifo if strategy == "fifo" else None
-    by_id = {j.job.job_id: j for j in jobs}
-    steps_of = {job_id: j.steps for job_id, j in by_id.items()}
-    executors = {m.executor_id: _Executor(m) for m in machines}
-    scheduler = _SimScheduler()
-    usage = _DecayingUsage(usage_half_life_s)
-    queued: dict[str, QueuedJob] = {}
-    running_count: dict[str, int] = {name: 0 for name in tenants}
-    attempts: dict[str, int] = {job_id: 0 for job_id in by_id}
-    checkpointed: dict[str, int] = {job_id: 0 for job_id in by_id}  # steps of its last checkpoint
-    started: dict[str, float] = {}
-    finished: dict[str, float] = {}
-    window_gpu: dict[int, dict[str, float]] = {}
-    window_backlogged: dict[int, set[str]] = {}
-    first_arrival = min(j.job.submitted_at for j in jobs)
-    last_arrival = max(j.job.submitted_at for j in jobs)
-    busy_seconds = 0.0
-    compute_seconds = 0.0  # busy time weighted by achieved / saturated throughput
-    tokens_done = 0.0
-    loads = reloads = oom_steps = oom_jobs = steps_lost = 0
-    plan_times: list[float] = []
-    plan_queue_sizes: list[int] = []
+    simulation = _Simulation(jobs, tenants, machines, strategy, plan_interval_s, fairness_window_s, usage_half_life_s)
+    simulation.run()
+    return simulation.metrics()
 
-    events: list = []
-    seq = 0
 
-    def push(at: float, kind: str, payload) -> None:
-        nonlocal seq
-        heapq.heappush(events, (at, seq, kind, payload))
-        seq += 1
+class _Simulation:
+    """One strategy over one workload: an event queue of arrivals, plan rounds and executors' cohort changes ("tick":
+    the first job of a cohort ends), with the fleet's state and the running sums the metrics are made of."""
 
-    def attribute(tenant: str, start: float, end: float, share: float) -> None:
+    def __init__(self, jobs: list[SimJob], tenants: dict[str, TenantView], machines: list[Machine], strategy: str,
+                 plan_interval_s: float, fairness_window_s: float, usage_half_life_s: float):
+        self.jobs, self.tenants, self.strategy = jobs, tenants, strategy
+        self.plan_interval_s, self.fairness_window_s = plan_interval_s, fairness_window_s
+        self.config = PlanConfig(packing="optimal-fit" if strategy == "fifo" else strategy)
+        self.planner = plan_fifo if strategy == "fifo" else None
+        self.by_id = {j.job.job_id: j for j in jobs}
+        self.steps_of = {job_id: j.steps for job_id, j in self.by_id.items()}
+        self.executors = {m.executor_id: _Executor(m) for m in machines}
+        self.scheduler = _SimScheduler()
+        self.usage = _DecayingUsage(usage_half_life_s)
+        self.queued: dict[str, QueuedJob] = {}
+        self.running_count: dict[str, int] = {name: 0 for name in tenants}
+        self.attempts: dict[str, int] = {job_id: 0 for job_id in self.by_id}
+        self.checkpointed: dict[str, int] = {job_id: 0 for job_id in self.by_id}  # steps of its last checkpoint
+        self.started: dict[str, float] = {}
+        self.finished: dict[str, float] = {}
+        self.window_gpu: dict[int, dict[str, float]] = {}  # fairness window -> tenant -> GPU seconds received
+        self.window_backlogged: dict[int, set[str]] = {}  # fairness window -> tenants waiting at every round in it
+        self.first_arrival = min(j.job.submitted_at for j in jobs)
+        self.last_arrival = max(j.job.submitted_at for j in jobs)
+        self.busy_seconds = 0.0
+        self.compute_seconds = 0.0  # busy time weighted by achieved / saturated throughput
+        self.tokens_done = 0.0
+        self.loads = self.reloads = self.oom_steps = self.oom_jobs = self.steps_lost = 0
+        self.plan_times: list[float] = []
+        self.plan_queue_sizes: list[int] = []
+        self.events: list = []
+        self.seq = 0
+        self.plan_pending = False
+        self.last_plan = -math.inf
+
+    def push(self, at: float, kind: str, payload) -> None:
+        heapq.heappush(self.events, (at, self.seq, kind, payload))
+        self.seq += 1
+
+    def run(self) -> None:
+        for sim_job in self.jobs:
+            self.push(sim_job.job.submitted_at, "arrive", sim_job.job.job_id)
+        while self.events:
+            now, _, kind, payload = heapq.heappop(self.events)
+            if kind == "arrive":
+                self.queued[payload] = self.by_id[payload].job
+                self.request_plan(now)
+            elif kind == "plan":
+                self.plan_pending = False
+                self.run_plan(now)
+            else:
+                self.tick(now, *payload)
+            if not self.events and self.queued:
+                raise RuntimeError(f"{len(self.queued)} jobs can never be placed (e.g. {next(iter(self.queued))})")
+
+    def tick(self, now: float, executor_id: str, version: int) -> None:
+        """The executor's earliest job is done (unless its cohort changed since the tick was set: a stale one)."""
+        executor = self.executors[executor_id]
+        if version != executor.version:
+            return
+        self.advance(executor, now)
+        for job_id in [j for j, remaining in executor.cohort.items() if remaining <= 1e-6]:
+            executor.leave(job_id)
+            self.finished[job_id] = now
+            self.running_count[self.by_id[job_id].job.tenant] -= 1
+        self.step_changed_cohort(executor, now)
+        self.request_plan(now)
+
+    def attribute(self, tenant: str, start: float, end: float, share: float) -> None:
+        """Credit `share` of the GPU over [start, end) to the tenant, split at fairness-window boundaries."""
         while start < end:
-            window = int(start // fairness_window_s)
-            cut = min(end, (window + 1) * fairness_window_s)
-            bucket = window_gpu.setdefault(window, {})
+            window = int(start // self.fairness_window_s)
+            cut = min(end, (window + 1) * self.fairness_window_s)
+            bucket = self.window_gpu.setdefault(window, {})
             bucket[tenant] = bucket.get(tenant, 0.0) + (cut - start) * share
             start = cut
 
-    def advance(executor: _Executor, now: float) -> None:
-        nonlocal busy_seconds, compute_seconds, tokens_done
+    def advance(self, executor: _Executor, now: float) -> None:
+        """Bring the executor's cohort up to `now`: remaining steps, usage, tokens and busy time."""
         start = max(executor.updated_at, executor.ready_at)
         executor.updated_at = now
         if not executor.cohort or now <= start:
@@ -595,149 +638,135 @@ def simulate(jobs: list[SimJob], tenants: dict[str, TenantView], machines: list[
         for job_id in executor.cohort:
             executor.cohort[job_id] -= steps
             share = executor.running[job_id].tokens_per_step / executor.tokens
-            tenant = by_id[job_id].job.tenant
-            usage.add(tenant, (now - start) * share, now)
-            attribute(tenant, start, now, share)
+            tenant = self.by_id[job_id].job.tenant
+            self.usage.add(tenant, (now - start) * share, now)
+            self.attribute(tenant, start, now, share)
         rate = executor.tokens / step
-        tokens_done += rate * (now - start)
-        offered = max(0.0, min(now, last_arrival) - max(start, first_arrival))  # utilisation counts this window
-        busy_seconds += offered
-        compute_seconds += offered * rate / saturated_tokens_per_second(executor.base, executor.gpu, executor.dtype)
+        self.tokens_done += rate * (now - start)
+        offered = max(0.0, min(now, self.last_arrival) - max(start, self.first_arrival))  # utilisation's window
+        self.busy_seconds += offered
+        self.compute_seconds += offered * rate / saturated_tokens_per_second(executor.base, executor.gpu,
+                                                                             executor.dtype)
 
-    def schedule_completion(executor: _Executor, now: float) -> None:
+    def schedule_completion(self, executor: _Executor, now: float) -> None:
         executor.version += 1
         if not executor.cohort:
             return
         at = max(now, executor.ready_at) + max(0.0, min(executor.cohort.values())) * executor.step_s
-        push(at, "tick", (executor.executor_id, executor.version))
+        self.push(at, "tick", (executor.executor_id, executor.version))
 
-    def step_changed_cohort(executor: _Executor, now: float) -> None:
+    def step_changed_cohort(self, executor: _Executor, now: float) -> None:
         """The executor steps with its new cohort; out of memory, every job goes back from its last checkpoint."""
-        nonlocal oom_steps, oom_jobs, steps_lost
-        if not executor.measure(by_id, now, scheduler.factors().get(executor.key, 1.0)):
-            oom_steps += 1
+        if not executor.measure(self.by_id, now, self.scheduler.factors().get(executor.key, 1.0)):
+            self.oom_steps += 1
             for job_id, remaining in executor.recover_from_oom(now).items():
-                done = by_id[job_id].steps - max(0.0, remaining)
-                checkpointed[job_id] = max(checkpointed[job_id], int(done) // CHECKPOINT_EVERY * CHECKPOINT_EVERY)
-                steps_lost += int(done) - checkpointed[job_id]
-                queued[job_id] = by_id[job_id].job
-                running_count[by_id[job_id].job.tenant] -= 1
-                oom_jobs += 1
-            request_plan(now)
-        schedule_completion(executor, now)
+                done = self.by_id[job_id].steps - max(0.0, remaining)
+                checkpoint = int(done) // CHECKPOINT_EVERY * CHECKPOINT_EVERY
+                self.checkpointed[job_id] = max(self.checkpointed[job_id], checkpoint)
+                self.steps_lost += int(done) - self.checkpointed[job_id]
+                self.queued[job_id] = self.by_id[job_id].job
+                self.running_count[self.by_id[job_id].job.tenant] -= 1
+                self.oom_jobs += 1
+            self.request_plan(now)
+        self.schedule_completion(executor, now)
 
-    plan_pending = False
-    last_plan = -math.inf
+    def request_plan(self, now: float) -> None:
+        """A plan round at the next interval, unless one is already set."""
+        if not self.plan_pending:
+            self.plan_pending = True
+            self.push(max(now, self.last_plan + self.plan_interval_s), "plan", None)
 
-    def request_plan(now: float) -> None:
-        nonlocal plan_pending
-        if not plan_pending:
-            plan_pending = True
-            push(max(now, last_plan + plan_interval_s), "plan", None)
-
-    def run_plan(now: float) -> None:
-        nonlocal loads, reloads, last_plan
-        last_plan = now
-        tenant_views = {name: replace(view, running=running_count[name], gpu_seconds=usage.get(name, now))
-                        for name, view in tenants.items()}
-        views = scheduler.views(executors.values(), by_id, steps_of)
-        config_now = replace(config, memory_factors=scheduler.factors())
-        queue = list(queued.values())
+    def run_plan(self, now: float) -> None:
+        """One plan round, timed, with the views the service would build; its decisions carried out."""
+        self.last_plan = now
+        tenant_views = {name: replace(view, running=self.running_count[name], gpu_seconds=self.usage.get(name, now))
+                        for name, view in self.tenants.items()}
+        views = self.scheduler.views(self.executors.values(), self.by_id, self.steps_of)
+        config_now = replace(self.config, memory_factors=self.scheduler.factors())
+        queue = list(self.queued.values())
         began = time.perf_counter()
-        if planner is not None:
-            decisions = planner(queue, views, config_now)
+        if self.planner is not None:
+            decisions = self.planner(queue, views, config_now)
         else:
             decisions = plan(queue, views, tenant_views, now, config_now)
-        plan_times.append(time.perf_counter() - began)
-        plan_queue_sizes.append(len(queue))
-        window = int(now // fairness_window_s)
+        self.plan_times.append(time.perf_counter() - began)
+        self.plan_queue_sizes.append(len(queue))
+        window = int(now // self.fairness_window_s)
         waiting = {job.tenant for job in queue}
-        window_backlogged[window] = window_backlogged[window] & waiting if window in window_backlogged else waiting
-
+        backlogged = self.window_backlogged
+        backlogged[window] = backlogged[window] & waiting if window in backlogged else waiting
         touched: list[_Executor] = []
         for decision in decisions:
-            sim_job = by_id[decision.job_id]
-            executor = executors[decision.executor_id]
-            advance(executor, now)
-            if not executor.cohort and executor.key != sim_job.job.compat_key:
-                loads += 1
-                reloads += executor.key is not None
-                executor.load(sim_job, now)
-            elif executor.key != sim_job.job.compat_key:
-                raise AssertionError(f"plan put {decision.job_id} into a cohort of another base")
-            attempts[decision.job_id] += 1
-            executor.join(sim_job, float(sim_job.steps - checkpointed[decision.job_id]), attempts[decision.job_id])
-            del queued[decision.job_id]
-            running_count[sim_job.job.tenant] += 1
-            started.setdefault(decision.job_id, now)
+            executor = self.assign(decision, now)
             if executor not in touched:
                 touched.append(executor)
         for executor in touched:
-            step_changed_cohort(executor, now)
+            self.step_changed_cohort(executor, now)
 
-    for sim_job in jobs:
-        push(sim_job.job.submitted_at, "arrive", sim_job.job.job_id)
-    now = 0.0
-    while events:
-        now, _, kind, payload = heapq.heappop(events)
-        if kind == "arrive":
-            queued[payload] = by_id[payload].job
-            request_plan(now)
-        elif kind == "plan":
-            plan_pending = False
-            run_plan(now)
-        else:
-            executor_id, version = payload
-            executor = executors[executor_id]
-            if version != executor.version:
-                continue
-            advance(executor, now)
-            for job_id in [j for j, remaining in executor.cohort.items() if remaining <= 1e-6]:
-                executor.leave(job_id)
-                finished[job_id] = now
-                running_count[by_id[job_id].job.tenant] -= 1
-            step_changed_cohort(executor, now)
-            request_plan(now)
-        if not events and queued:
-            raise RuntimeError(f"{len(queued)} jobs can never be placed (e.g. {next(iter(queued))})")
+    def assign(self, decision, now: float) -> _Executor:
+        """Put a planned job into its executor's cohort (loading the base into an empty executor first)."""
+        sim_job = self.by_id[decision.job_id]
+        executor = self.executors[decision.executor_id]
+        self.advance(executor, now)
+        if not executor.cohort and executor.key != sim_job.job.compat_key:
+            self.loads += 1
+            self.reloads += executor.key is not None
+            executor.load(sim_job, now)
+        elif executor.key != sim_job.job.compat_key:
+            raise AssertionError(f"plan put {decision.job_id} into a cohort of another base")
+        self.attempts[decision.job_id] += 1
+        remaining = float(sim_job.steps - self.checkpointed[decision.job_id])
+        executor.join(sim_job, remaining, self.attempts[decision.job_id])
+        del self.queued[decision.job_id]
+        self.running_count[sim_job.job.tenant] += 1
+        self.started.setdefault(decision.job_id, now)
+        return executor
 
-    makespan = max(finished.values()) - first_arrival
-    completion = [finished[j.job.job_id] - j.job.submitted_at for j in jobs]
-    waits = [started[j.job.job_id] - j.job.submitted_at for j in jobs]
-    jains = []
-    for window, backlogged in window_backlogged.items():
-        received = window_gpu.get(window, {})
-        shares = [received.get(name, 0.0) / tenants[name].weight for name in backlogged]
-        if len(shares) >= 2:
-            jains.append(_jain(shares))
-    fleet_seconds = (last_arrival - first_arrival) * len(executors)
-    true_factor = {j.job.compat_key: j.base.true_memory_factor for j in jobs}
-    return {
-        "strategy": strategy,
-        "jobs_completed": len(finished),
-        "makespan_hours": makespan / 3600,
-        "gpu_busy": busy_seconds / fleet_seconds,
-        "gpu_utilisation": compute_seconds / fleet_seconds,
-        "tokens_per_second": tokens_done / makespan,
-        "jct_mean_s": statistics.fmean(completion),
-        "jct_p95_s": _percentile(completion, 0.95),
-        "wait_mean_s": statistics.fmean(waits),
-        "wait_p95_s": _percentile(waits, 0.95),
-        "jain_backlogged": statistics.fmean(jains) if jains else 1.0,
-        "base_loads": loads,
-        "base_reloads": reloads,
-        "oom_steps": oom_steps,
-        "oom_evictions": oom_jobs,
-        "oom_steps_lost": steps_lost,
-        "executors_shrunk": sum(1 for e in executors.values() if e.offered < e.gpu.total_bytes),
-        "calibration_error_max": max((abs(c.factor - true_factor[key]) / true_factor[key]
-                                      for key, c in scheduler.calibrations.items()), default=0.0),
-        "calibration_factors": {key: c.factor for key, c in sorted(scheduler.calibrations.items())},
-        "plan_rounds": len(plan_times),
-        "plan_ms_median": 1000 * statistics.median(plan_times),
-        "plan_ms_p95": 1000 * _percentile(plan_times, 0.95),
-        "plan_max_queue": max(plan_queue_sizes),
-    }
+    def jain_backlogged(self) -> float:
+        """The mean over fairness windows of Jain's index of the weighted GPU shares of tenants backlogged all
+        window long (1.0 when no window had two)."""
+        jains = []
+        for window, backlogged in self.window_backlogged.items():
+            received = self.window_gpu.get(window, {})
+            shares = [received.get(name, 0.0) / self.tenants[name].weight for name in backlogged]
+            if len(shares) >= 2:
+                jains.append(_jain(shares))
+        return statistics.fmean(jains) if jains else 1.0
+
+    def metrics(self) -> dict:
+        jobs, finished = self.jobs, self.finished
+        makespan = max(finished.values()) - self.first_arrival
+        completion = [finished[j.job.job_id] - j.job.submitted_at for j in jobs]
+        waits = [self.started[j.job.job_id] - j.job.submitted_at for j in jobs]
+        fleet_seconds = (self.last_arrival - self.first_arrival) * len(self.executors)
+        true_factor = {j.job.compat_key: j.base.true_memory_factor for j in jobs}
+        calibrations = self.scheduler.calibrations
+        return {
+            "strategy": self.strategy,
+            "jobs_completed": len(finished),
+            "makespan_hours": makespan / 3600,
+            "gpu_busy": self.busy_seconds / fleet_seconds,
+            "gpu_utilisation": self.compute_seconds / fleet_seconds,
+            "tokens_per_second": self.tokens_done / makespan,
+            "jct_mean_s": statistics.fmean(completion),
+            "jct_p95_s": _percentile(completion, 0.95),
+            "wait_mean_s": statistics.fmean(waits),
+            "wait_p95_s": _percentile(waits, 0.95),
+            "jain_backlogged": self.jain_backlogged(),
+            "base_loads": self.loads,
+            "base_reloads": self.reloads,
+            "oom_steps": self.oom_steps,
+            "oom_evictions": self.oom_jobs,
+            "oom_steps_lost": self.steps_lost,
+            "executors_shrunk": sum(1 for e in self.executors.values() if e.offered < e.gpu.total_bytes),
+            "calibration_error_max": max((abs(c.factor - true_factor[key]) / true_factor[key]
+                                          for key, c in calibrations.items()), default=0.0),
+            "calibration_factors": {key: c.factor for key, c in sorted(calibrations.items())},
+            "plan_rounds": len(self.plan_times),
+            "plan_ms_median": 1000 * statistics.median(self.plan_times),
+            "plan_ms_p95": 1000 * _percentile(self.plan_times, 0.95),
+            "plan_max_queue": max(self.plan_queue_sizes),
+        }
 
 
 def measure_decision_time(num_queued: int = 10_000, num_executors: int = 100, num_tenants: int = 200,
