@@ -724,11 +724,11 @@ class _Simulation:
 
     def jain_backlogged(self) -> float:
         """The mean over fairness windows of Jain's index of the weighted GPU shares of tenants backlogged all
-        window long (1.0 when no window had two)."""
+        window long (1.0 when no window had two). Summed in name order: the same digits in every process."""
         jains = []
         for window, backlogged in self.window_backlogged.items():
             received = self.window_gpu.get(window, {})
-            shares = [received.get(name, 0.0) / self.tenants[name].weight for name in backlogged]
+            shares = [received.get(name, 0.0) / self.tenants[name].weight for name in sorted(backlogged)]
             if len(shares) >= 2:
                 jains.append(_jain(shares))
         return statistics.fmean(jains) if jains else 1.0
