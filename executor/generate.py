@@ -44,8 +44,9 @@ from lorafleet.executor.kv_pool import KvLayout, PoolFull, PoolUsage, UnifiedPoo
 from lorafleet.executor.model import packed_attention
 from lorafleet.executor.multilora import MultiLoraLinear, RowRouting, shared_input_projections, wrap_targets
 from lorafleet.kernels import rotary
+from lorafleet.scheduler.spec import GENERATION_FAMILIES
 
-SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_FAMILIES = GENERATION_FAMILIES  # defined once, in the spec: submission refuses eval_samples on others
 LOADED_PREFIX = "gen:"  # loaded adapters' keys in the layers' `adapters` dicts: job ids never start with it
 BLOCK_TOKENS = 16
 CPU_POOL_BYTES = 64 << 20

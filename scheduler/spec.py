@@ -28,6 +28,9 @@ NO_EVAL_SAMPLES = {  # adapter types the generation engine does not run, and why
     "galore": "a whole model of its own, trained on an executor without the generation engine",
     "lopa": "its soft prompts enter with the input, which the generation engine does not build",
 }
+# Bases (config model_type) the generation engine runs: the Llama-like decoders whose attention and rotary its own
+# forward implements (executor/generate.py reads this list; submission refuses eval_samples on other bases).
+GENERATION_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
 ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ALL_LINEAR = "all-linear"  # PEFT's name for every linear layer of the decoder but the LM head

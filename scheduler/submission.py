@@ -40,7 +40,8 @@ from lorafleet.scheduler.memory import (
 )
 from lorafleet.scheduler.formats import IGNORE_INDEX, DataError, Tokenizing, detect_format, parse_record, tokenise_record
 from lorafleet.scheduler.spec import (
-    ALL_LINEAR, JobSpec, SpecError, check_method_format, is_inside, parse_spec, resolve_dataset, spec_object,
+    ALL_LINEAR, GENERATION_FAMILIES, JobSpec, SpecError, check_method_format, is_inside, parse_spec, resolve_dataset,
+    spec_object,
 )
 
 SAMPLE_RECORDS = 2000  # records of each dataset read and counted at submission
@@ -222,6 +223,15 @@ def _check_eval_prompts(spec: JobSpec, tokenizing: Tokenizing, fmt: str) -> None
                             f"more than hyperparameters.max_seq_len={max_seq_len}")
 
 
+def _check_eval_base(spec: JobSpec, shape: ModelShape) -> None:
+    """eval_samples only on a base the generation engine runs: elsewhere every checkpoint would write an error event
+    instead of samples, so the job is refused at once, naming the field and the base's family."""
+    if spec.eval_samples and shape.family not in GENERATION_FAMILIES:
+        raise SpecError(f"invalid job spec: eval_samples: not offered on this base: its family "
+                        f"{shape.family or 'unknown'!r} is not one the generation engine runs "
+                        f"({', '.join(GENERATION_FAMILIES)}); leave eval_samples out")
+
+
 def _check_target_modules(spec: JobSpec, shape: ModelShape) -> None:
     """Refuse target modules that name no linear layer of the base (the memory model could not size them either)."""
     if spec.adapter.type == "lopa":  # adapts no layer: its target_modules are the unused default
@@ -306,6 +316,7 @@ def accept_submission(
                                       str(model_dir.resolve()), spec.hyperparameters.max_seq_len)
     train = samples["dataset"]
     _check_eval_prompts(spec, tokenizing_for(str(model_dir.resolve())), datasets["dataset"].format)
+    _check_eval_base(spec, model_shape(str(model_dir.resolve())))
     _check_target_modules(spec, model_shape(str(model_dir.resolve())))
     _check_target_parameters(spec, model_shape(str(model_dir.resolve())))
     spec = auto.resolve(spec, auto_fields, model_shape(str(model_dir.resolve())),
