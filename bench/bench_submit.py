@@ -90,6 +90,92 @@ def measure_batch(app, store: JobStore, pids: dict[str, list[int]], token: str, 
                                             for name in cpu_after}}
 
 
+def round_trips_s(app, task: str, args: list, n: int) -> list[float]:
+    """Seconds of each of n calls of `task`, one after another, each waited for."""
+    latencies = []
+    for _ in range(n):
+        start = time.perf_counter()
+        app.send_task(task, args=args).get(timeout=30)
+        latencies.append(time.perf_counter() - start)
+    return latencies
+
+
+def measure_burst(app, store: JobStore, pids: dict[str, list[int]], token: str, spec: dict, n: int) -> dict:
+    """n submissions sent at once, then waited for: submissions/s and CPU time per submission by process."""
+    cpu_before = cpu_now(pids)
+    start = time.perf_counter()
+    pending = [app.send_task("lorafleet.submit_job", args=[token, spec, f"burst-{i}"]) for i in range(n)]
+    for result in pending:
+        result.get(timeout=300)
+    seconds = time.perf_counter() - start
+    cpu_after = cpu_now(pids)
+    return {
+        "jobs_accepted": store.counts("bench")["queued"],
+        "burst_submissions_per_s": n / seconds,
+        # CPU time per submission in the burst, by process: what the 2 cores are spent on
+        "burst_cpu_ms_per_submission": {name: (cpu_after[name] - cpu_before[name]) * 1000 / n for name in cpu_after},
+    }
+
+
+def start_workers(count: int, env: dict[str, str]) -> list[subprocess.Popen]:
+    return [subprocess.Popen(
+        [sys.executable, "-P", "-m", "celery", "-A", "lorafleet.scheduler.tasks", "worker", "--pool=solo",
+         "--loglevel=WARNING", "--without-gossip", "--without-mingle", "-n", f"bench-{i}@%h"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    ) for i in range(count)]
+
+
+def prepare_tenant_files(tmp: Path) -> dict:
+    """The tenants' datasets and a demo base on disk; the spec every submission sends."""
+    for tenant in ("bench", "drain"):
+        (tmp / "data" / tenant).mkdir(parents=True)
+        (tmp / "data" / tenant / "train.jsonl").write_text('{"text": "hello"}\n')
+    write_demo_base_model(tmp / "model")  # submission reads the dataset with the base model's tokenizer
+    return {"base_model": str(tmp / "model"), "dataset": "bench/train.jsonl", "adapter": {"r": 8}}
+
+
+def measure(args: argparse.Namespace, tmp: Path) -> dict:
+    """Every measurement against a real Valkey and `args.workers` real Celery workers."""
+    server = start_redis_server(tmp / "redis")
+    store = JobStore(server.client())
+    store.ensure_schema()
+    _, token = store.create_tenant("bench", max_queued=100_000)
+    credentials = store.issue_credentials("bench", token)  # the tenant's own broker user, as in production
+    spec = prepare_tenant_files(tmp)
+    workers = start_workers(args.workers, {
+        **os.environ, "REDIS_URL": server.role_url("worker"), "LORAFLEET_DATA_ROOT": str(tmp / "data"),
+        "LORAFLEET_STATE_DIR": str(tmp / "state"), "LORAFLEET_MODEL_ROOTS": str(tmp)})
+    control = make_celery(server.url, name="bench-control")
+    app = make_celery(credentials.broker_url, name="bench", tenant="bench")
+    try:
+        while len(control.control.ping(timeout=0.5)) < args.workers:
+            time.sleep(0.1)
+        round_trips_s(app, "lorafleet.submit_job", [token, spec], 50)  # warm-up: imports, scripts, connections
+        submits = round_trips_s(app, "lorafleet.submit_job", [token, spec], args.n)
+        job_id = store.list_jobs("bench", limit=1)[0]["job_id"]
+        gets = round_trips_s(app, "lorafleet.get_job", [token, job_id], args.n)
+        pids = {"workers": [worker.pid for worker in workers], "valkey": [server.process.pid]}
+        burst = measure_burst(app, store, pids, token, spec, args.n)
+        drain = measure_drain(server, store, pids, spec, args.n)
+        batch = measure_batch(app, store, pids, token, spec, args.n, args.batch) if args.batch else {}
+    finally:
+        for worker in workers:
+            worker.terminate()
+        for worker in workers:
+            worker.wait(30)
+        app.close()
+        control.close()
+        server.stop()
+    ms = 1000
+    return {
+        "submit_round_trip_ms": {"p50": percentile(submits, 0.5) * ms, "p95": percentile(submits, 0.95) * ms,
+                                 "p99": percentile(submits, 0.99) * ms, "mean": statistics.mean(submits) * ms},
+        "get_job_round_trip_ms": {"p50": percentile(gets, 0.5) * ms, "p95": percentile(gets, 0.95) * ms},
+        "sequential_submissions_per_s": args.n / sum(submits),
+        **burst, **drain, **batch,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--n", type=int, default=1000, help="submissions per measurement")
@@ -97,84 +183,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=0, help="also submit --n jobs in submit_jobs calls of this many")
     parser.add_argument("--out", type=Path, help="write the report here as JSON")
     args = parser.parse_args()
-
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        server = start_redis_server(tmp / "redis")
-        store = JobStore(server.client())
-        store.ensure_schema()
-        _, token = store.create_tenant("bench", max_queued=100_000)
-        credentials = store.issue_credentials("bench", token)  # the tenant's own broker user, as in production
-        for tenant in ("bench", "drain"):
-            (tmp / "data" / tenant).mkdir(parents=True)
-            (tmp / "data" / tenant / "train.jsonl").write_text('{"text": "hello"}\n')
-        write_demo_base_model(tmp / "model")  # submission reads the dataset with the base model's tokenizer
-        spec = {"base_model": str(tmp / "model"), "dataset": "bench/train.jsonl", "adapter": {"r": 8}}
-        env = {**os.environ, "REDIS_URL": server.role_url("worker"), "LORAFLEET_DATA_ROOT": str(tmp / "data"),
-               "LORAFLEET_STATE_DIR": str(tmp / "state"), "LORAFLEET_MODEL_ROOTS": str(tmp)}
-        workers = [subprocess.Popen(
-            [sys.executable, "-P", "-m", "celery", "-A", "lorafleet.scheduler.tasks", "worker", "--pool=solo",
-             "--loglevel=WARNING", "--without-gossip", "--without-mingle", "-n", f"bench-{i}@%h"],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        ) for i in range(args.workers)]
-        control = make_celery(server.url, name="bench-control")
-        app = make_celery(credentials.broker_url, name="bench", tenant="bench")
-        try:
-            while len(control.control.ping(timeout=0.5)) < args.workers:
-                time.sleep(0.1)
-            for _ in range(50):  # warm-up: imports, script loading, connections
-                app.send_task("lorafleet.submit_job", args=[token, spec]).get(timeout=30)
-
-            latencies = []
-            for _ in range(args.n):
-                start = time.perf_counter()
-                app.send_task("lorafleet.submit_job", args=[token, spec]).get(timeout=30)
-                latencies.append(time.perf_counter() - start)
-            get_latencies = []
-            job_id = store.list_jobs("bench", limit=1)[0]["job_id"]
-            for _ in range(args.n):
-                start = time.perf_counter()
-                app.send_task("lorafleet.get_job", args=[token, job_id]).get(timeout=30)
-                get_latencies.append(time.perf_counter() - start)
-
-            pids = {"workers": [worker.pid for worker in workers], "valkey": [server.process.pid]}
-            cpu_before = cpu_now(pids)
-            start = time.perf_counter()
-            pending = [app.send_task("lorafleet.submit_job", args=[token, spec, f"burst-{i}"]) for i in range(args.n)]
-            for result in pending:
-                result.get(timeout=300)
-            burst_seconds = time.perf_counter() - start
-            cpu_after = cpu_now(pids)
-            accepted = store.counts("bench")["queued"]
-            drain = measure_drain(server, store, pids, spec, args.n)
-            batch = measure_batch(app, store, pids, token, spec, args.n, args.batch) if args.batch else {}
-        finally:
-            for worker in workers:
-                worker.terminate()
-            for worker in workers:
-                worker.wait(30)
-            app.close()
-            control.close()
-            server.stop()
-
-    ms = 1000
+        measured = measure(args, Path(tmp))
     report = {
         "date": time.strftime("%Y-%m-%d"),
         "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
         "command": " ".join(sys.argv),
         "n": args.n,
         "workers": args.workers,
-        "jobs_accepted": accepted,
-        "submit_round_trip_ms": {"p50": percentile(latencies, 0.5) * ms, "p95": percentile(latencies, 0.95) * ms,
-                                 "p99": percentile(latencies, 0.99) * ms, "mean": statistics.mean(latencies) * ms},
-        "get_job_round_trip_ms": {"p50": percentile(get_latencies, 0.5) * ms,
-                                  "p95": percentile(get_latencies, 0.95) * ms},
-        "sequential_submissions_per_s": args.n / sum(latencies),
-        "burst_submissions_per_s": args.n / burst_seconds,
-        # CPU time per submission in the burst, by process: what the 2 cores are spent on
-        "burst_cpu_ms_per_submission": {name: (cpu_after[name] - cpu_before[name]) * ms / args.n for name in cpu_after},
-        **drain,
-        **batch,
+        **measured,
         "cpu_count": os.cpu_count(),
         "load_average_at_end": os.getloadavg()[0],  # other work on the machine skews every figure above
     }
