@@ -32,19 +32,20 @@ from lorafleet.scheduler.formats import FALLBACK_CHAT_HEADERS
 from lorafleet.scheduler.generation import (
     GenerationRequest, GenerationResult, Generations, ServedBase, ServingBudget,
 )
+from lorafleet.scheduler.memory import GENERATION_POOL_TOKENS, ModelShape, generation_pool_bytes
 from lorafleet.scheduler.metrics import ExecutorMetrics
 
 log = logging.getLogger("lorafleet.executor.serving")
 
 BETWEEN_STEPS = ServingBudget(max_requests=16, max_tokens=2048)
-IDLE = ServingBudget(max_requests=64, max_tokens=16384)
+# The engine's page pool (KV cache and resident adapters) is allocated once per loaded base and stays, sized by the
+# memory model (`pool_bytes`), which the scheduler's plan reserves beside the cohort: the KV of an idle batch (its
+# max_tokens generated plus as many prompt tokens) and a quarter more for adapters, rather than the engine's default
+# share of free GPU memory, which training needs (the heartbeat reports the pool's bytes).
+IDLE = ServingBudget(max_requests=64, max_tokens=GENERATION_POOL_TOKENS // 2)
 MAX_LOADED_ADAPTERS = 64
 SWITCH_GRACE_SECONDS = 2.0  # an idle executor with a base loaded leaves an unserved base this long to one with none
 SWITCH_AFTER_SECONDS = 20.0  # an idle executor busy with its base's requests leaves them for others' waiting this long
-# The engine's page pool (KV cache and resident adapters) is allocated once per loaded base and stays: sized for the
-# KV of an idle batch (IDLE.max_tokens generated plus as many prompt tokens) and a quarter more for adapters, rather
-# than the engine's default share of free GPU memory, which training needs (the heartbeat's memory counts the pool).
-POOL_TOKENS = 2 * IDLE.max_tokens
 
 
 class RequestError(ValueError):
@@ -56,17 +57,11 @@ def context_length(config) -> Optional[int]:
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
-def pool_bytes(model) -> Optional[int]:
-    """Bytes of the serving pool for this base (`POOL_TOKENS`); None where its attention shape is not Llama's (the
-    engine refuses such a base anyway)."""
-    config, decoder = model.config, getattr(model, "model", None)
-    try:
-        head_dim = decoder.layers[0].self_attn.head_dim
-        per_token = (2 * config.num_hidden_layers * config.num_key_value_heads * head_dim
-                     * decoder.embed_tokens.weight.dtype.itemsize)
-    except AttributeError:
-        return None
-    return per_token * POOL_TOKENS * 5 // 4
+def pool_bytes(model) -> int:
+    """Bytes of the serving pool for this base: the memory model's `generation_pool_bytes`, the bytes the scheduler
+    reserved for it beside the cohort (`JobSize.pool_bytes`), its KV in the dtype the base computes in."""
+    dtype = str(model.get_input_embeddings().weight.dtype).removeprefix("torch.")
+    return generation_pool_bytes(ModelShape.from_config(model.config.to_dict()), dtype)
 
 
 def eos_token_ids(tokenizer, model) -> tuple[int, ...]:
@@ -181,6 +176,14 @@ class GenerationServer:
         results.update(self._generate(generator, cohort.tokenizer, ready))
         self._unload_least_used(generator)
         return results
+
+    def pool_allocated_bytes(self) -> int:
+        """Bytes of the generator's page pool now allocated (0 before its first use): what the heartbeat reports."""
+        generator = self.generator
+        if generator is None:
+            return 0
+        usage = generator.pool_usage()
+        return usage.page_bytes * usage.total_pages
 
     def release(self) -> None:
         """Drop the generator, its pool and its adapters: the executor unloads the base, whose memory they hold."""

@@ -161,7 +161,7 @@ class Executor:
             pid=os.getpid(), total_bytes=self.total_bytes,
             peak_bytes=self.step_peak_bytes if leases else _allocated_bytes(self.device),
             pass_tokens=self.step_pass_tokens if leases else 0, compat_key=self.compat_key,
-            base_bytes=self.base_bytes, jobs=held,
+            base_bytes=self.base_bytes, pool_bytes=self.serving.pool_allocated_bytes(), jobs=held,
             synced_seq=synced_seq, metrics_port=self.metrics_port, max_pass_tokens=self.max_pass_tokens,
             last_step=self.last_step if leases else None, gpu=self.gpu_stats,
         )

@@ -1,6 +1,7 @@
 """The memory model: bytes a base and a cohort take on a device, from the model's shape and each job's spec.
 
-    executor = base weights + sum over its cohort of (adapter/optimizer state + activations of one micro-batch)
+    executor = base weights + generation pool + sum over its cohort of (adapter/optimizer state + activations of one
+               micro-batch)
 
 Each term is estimated here, then multiplied by a per-compatibility-key calibration factor that the scheduler learns
 from the raw peaks executors measure (`calibrate`). An executor that runs its steps in passes holds the activations of
@@ -26,7 +27,7 @@ from dataclasses import asdict, dataclass
 from typing import Mapping, Optional, Sequence
 
 from lorafleet.scheduler.base_modules import name_matches
-from lorafleet.scheduler.spec import ALL_LINEAR, PREFERENCE_METHODS
+from lorafleet.scheduler.spec import ALL_LINEAR, GENERATION_FAMILIES, PREFERENCE_METHODS
 
 COMPUTE_DTYPES = ("bfloat16", "float32")
 
@@ -246,6 +247,26 @@ def estimate_base_bytes(params: int, quantization: str, dtype: str) -> int:
     return math.ceil(params * _QUANT_BYTES_PER_PARAM[quantization])
 
 
+# The generation pool (executor/generate.py's UnifiedPool: KV cache pages and resident adapters) that an executor
+# serving its base allocates once, beside the cohort, and keeps while the base is loaded: the KV of an idle serving
+# batch (executor/serving.py's IDLE budget: half these tokens generated, as many prompt tokens), and a quarter more
+# for the adapters resident in it. Every executor on a base the engine runs serves it (a GaLore job's does not).
+GENERATION_POOL_TOKENS = 2 * 16384
+
+
+def generation_pool_bytes(shape: ModelShape, dtype: str) -> int:
+    """Bytes of the generation pool beside a base of `shape` computing in `dtype` (its KV is kept in the compute
+    dtype, a quantized base's too): K and V of every layer for GENERATION_POOL_TOKENS tokens, and a quarter more. 0
+    for a base the engine does not run (`spec.GENERATION_FAMILIES`): it makes no pool. The executor sizes its pool
+    with this function (`serving.pool_bytes`) and the planner reserves the same bytes (`JobSize.pool_bytes`)."""
+    if dtype not in _DTYPE_BYTES:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPE_BYTES)}")
+    if shape.family not in GENERATION_FAMILIES:
+        return 0
+    kv_per_token = 2 * shape.num_layers * shape.kv_width * _DTYPE_BYTES[dtype]
+    return kv_per_token * GENERATION_POOL_TOKENS * 5 // 4
+
+
 def estimate_job_bytes(
     shape: ModelShape,
     r: int,
@@ -442,7 +463,7 @@ def size_lopa_job(shape: ModelShape, num_virtual_tokens: int, rank: int, head_si
     activations = (estimate_activation_bytes(shape, batch_size, max_seq_len + m, dtype)
                    + batch_size * _LOPA_GENERATOR_ACTIVATIONS * m * d * 4)
     return JobSize(params * _ADAPTER_STATE_BYTES_PER_PARAM + activations, activations,
-                   estimate_base_bytes(shape.num_params(), quantization, dtype))
+                   estimate_base_bytes(shape.num_params(), quantization, dtype), generation_pool_bytes(shape, dtype))
 
 
 # A full fine-tune's training FLOPs over an adapter's on the same base: its backward computes every weight's gradient
@@ -552,11 +573,15 @@ def pass_tokens(planned: int, free_bytes: float, bytes_per_token: float) -> int:
 
 @dataclass(frozen=True)
 class JobSize:
-    """A job's bytes in one compute dtype, uncalibrated: what it adds to a cohort, and its base."""
+    """A job's bytes in one compute dtype, uncalibrated: what it adds to a cohort, its base, and the generation pool
+    an executor serving that base holds beside the cohort."""
 
     job_bytes: int  # adapter state + one micro-batch's activations
     activation_bytes: int  # the activations part of job_bytes
     base_bytes: int  # the frozen base it needs
+    # `generation_pool_bytes` of its base: exact (the executor allocates what this says), so never calibrated; 0 where
+    # its cohort serves no generation (a GaLore job's) or for a plan stored before pools were planned
+    pool_bytes: int = 0
 
 
 def size_job(shape: ModelShape, r: int, target_modules: Sequence[str], batch_size: int, max_seq_len: int,
@@ -565,6 +590,7 @@ def size_job(shape: ModelShape, r: int, target_modules: Sequence[str], batch_siz
         estimate_job_bytes(shape, r, target_modules, batch_size, max_seq_len, dtype, dora, target_parameters),
         estimate_activation_bytes(shape, batch_size, max_seq_len, dtype),
         estimate_base_bytes(shape.num_params(), quantization, dtype),
+        generation_pool_bytes(shape, dtype),
     )
 
 

@@ -51,6 +51,7 @@ class QueuedJob:
     # effective dtype -> size (`memory.JobPlan.sizes`): the size on each kind of executor; None: the fields above
     sizes: Optional[Mapping[str, JobSize]] = None
     queued_at: float = 0.0  # when it last entered the queue: its queue wait is measured from here (not planning)
+    pool_bytes: int = 0  # the generation pool beside its base (`memory.JobSize.pool_bytes`): exact, never calibrated
 
     @cached_property
     def need_signature(self) -> tuple:
@@ -61,7 +62,8 @@ class QueuedJob:
         parts = []
         for size in sizes:
             per_token = size.activation_bytes / self.tokens_per_step if self.tokens_per_step else 0.0
-            parts += [size.job_bytes - size.activation_bytes, size.activation_bytes, per_token, size.base_bytes]
+            parts += [size.job_bytes - size.activation_bytes, size.activation_bytes, per_token, size.base_bytes,
+                      size.pool_bytes]
         return (*parts, self.tokens_per_step, self.max_seq_len)
 
     @cached_property
@@ -83,23 +85,27 @@ class QueuedJob:
         bf16 = plan.size("bfloat16")
         return cls(job_id, tenant, plan.compat_key, priority, submitted_at, plan.est_gpu_seconds, plan.tokens_per_step,
                    bf16.job_bytes, bf16.base_bytes, bf16.activation_bytes, plan.max_seq_len, plan.dtype,
-                   sizes=plan.sizes, queued_at=queued_at)
+                   sizes=plan.sizes, queued_at=queued_at, pool_bytes=bf16.pool_bytes)
 
     def bytes_alone(self, device_auto_dtype: str, max_pass_tokens: Optional[int]) -> float:
         """Uncalibrated bytes of this job alone on an idle executor of that kind: its base and a cohort of one."""
         sized = self.on(device_auto_dtype)
-        return sized.base_bytes + cohort_bytes([sized], max_pass_tokens)
+        return sized.base_bytes + sized.pool_bytes + cohort_bytes([sized], max_pass_tokens)
 
     def on(self, device_auto_dtype: str) -> "QueuedJob":
         """This job as sized on a device whose `dtype: auto` computes in `device_auto_dtype`."""
         if self.sizes is None:
             return self
         size = self.sizes[effective_dtype(self.dtype, device_auto_dtype)]
-        if (size.job_bytes, size.activation_bytes, size.base_bytes) == (self.job_bytes, self.activation_bytes,
-                                                                          self.base_bytes):
+        if (size.job_bytes, size.activation_bytes, size.base_bytes, size.pool_bytes) == (
+                self.job_bytes, self.activation_bytes, self.base_bytes, self.pool_bytes):
             return self
         return replace(self, job_bytes=size.job_bytes, activation_bytes=size.activation_bytes,
-                       base_bytes=size.base_bytes, sizes=None)
+                       base_bytes=size.base_bytes, pool_bytes=size.pool_bytes, sizes=None)
+
+    def fixed_bytes(self, factor: float) -> float:
+        """What a new cohort of this job holds whatever its jobs, calibrated: its base and the generation pool."""
+        return self.base_bytes * factor + self.pool_bytes
 
 
 @dataclass(frozen=True)
@@ -126,6 +132,10 @@ class ExecutorView:
     dtypes: Optional[frozenset[str]] = None  # compute dtypes the device runs natively; None: not reported, any
     auto_dtype: str = "bfloat16"  # what `dtype: auto` computes in there (`memory.auto_dtype`)
     pass_tokens: int = 0  # tokens of the largest pass of its last step (0: not measured), as `peak` was measured
+    # The generation pool beside its loaded base: reserved (the plan's, `memory.generation_pool_bytes`), counted as
+    # used whether or not made yet; and of it what the executor reports allocated (in its measured memory).
+    pool_bytes: int = 0
+    pool_allocated_bytes: int = 0
 
     def runs(self, job: QueuedJob) -> bool:
         """Whether this executor's device computes in the job's dtype."""
@@ -260,7 +270,7 @@ class Backlog:
 class _Slot:
     """One executor as the planner fills it during a round."""
 
-    __slots__ = ("view", "usable", "key", "used", "foreign", "jobs", "tokens", "reserved", "passes", "cohort")
+    __slots__ = ("view", "usable", "key", "used", "foreign", "jobs", "tokens", "reserved", "passes", "cohort", "pool")
 
     def __init__(self, view: ExecutorView, memory_fraction: float, factors: Mapping[str, float]):
         self.view = view
@@ -273,14 +283,15 @@ class _Slot:
         # The peak was measured in passes of `view.pass_tokens` (an executor borrows free memory for larger passes
         # than planned): what those larger passes took is not in use at the planned pass size.
         measured_cohort = self.cohort.bytes(view.pass_tokens) if view.pass_tokens and self.passes else modelled_cohort
+        self.pool = view.pool_bytes if view.loaded_compat_key is not None else 0
         if view.loaded_compat_key is None:
             self.used = reported_used
         else:
             factor = factors.get(view.loaded_compat_key, 1.0)
-            self.used = max(view.loaded_base_bytes + modelled_cohort * factor,
+            self.used = max(view.loaded_base_bytes + self.pool + modelled_cohort * factor,
                             reported_used - (measured_cohort - modelled_cohort) * factor)
-        # memory held by something other than our base and cohort (another process, fragmentation)
-        self.foreign = max(0, reported_used - view.loaded_base_bytes - measured_cohort)
+        # memory held by something other than our base, its generation pool and cohort (another process, fragments)
+        self.foreign = max(0, reported_used - view.loaded_base_bytes - view.pool_allocated_bytes - measured_cohort)
         self.jobs = len(view.running)
         self.tokens = self.cohort.tokens
         self.reserved = False
@@ -298,15 +309,20 @@ class _Slot:
         return self.view.runs(job)
 
     def need(self, job: QueuedJob, factor: float) -> float:
-        """Calibrated bytes `job` would add to what `room` counts: with passes, less than its own estimate."""
+        """Calibrated bytes `job` would add to what `room` counts: with passes, less than its own estimate; joining
+        a loaded base, also the part of its generation pool not yet counted there (a view made before the pool was
+        planned or made)."""
         if self._new_cohort(job.compat_key):
             return cohort_bytes([job], self.passes) * factor
-        return (self.cohort.with_job(job).bytes(self.passes) - self.cohort.bytes(self.passes)) * factor
+        joined = (self.cohort.with_job(job).bytes(self.passes) - self.cohort.bytes(self.passes)) * factor
+        return joined + max(0, job.pool_bytes - self.pool)
 
     def take(self, job: QueuedJob, factor: float, base_bytes: float) -> None:
+        """Place `job` here; `base_bytes`: what a new cohort holds besides its jobs (`QueuedJob.fixed_bytes`)."""
         added = self.need(job, factor)
         if self._new_cohort(job.compat_key):
-            self.used, self.cohort = self.foreign + base_bytes, _CohortMemory()
+            self.used, self.cohort, self.pool = self.foreign + base_bytes, _CohortMemory(), 0
+        self.pool = max(self.pool, job.pool_bytes)
         self.key = job.compat_key
         self.used += added
         self.cohort.add(job)
@@ -413,7 +429,7 @@ class _Round:
             if slot.reserved or slot.jobs >= self.config.max_cohort_jobs or not slot.runs(job):
                 continue
             sized = job.on(slot.view.auto_dtype)
-            left = slot.room(job.compat_key, sized.base_bytes * factor) - slot.need(sized, factor)
+            left = slot.room(job.compat_key, sized.fixed_bytes(factor)) - slot.need(sized, factor)
             if left < 0:
                 continue
             if not best_fit:
@@ -454,7 +470,7 @@ class _Round:
             bisect.insort(self.cohorts.setdefault(key, []), slot, key=lambda s: self.order[id(s)])
         sized = job.on(slot.view.auto_dtype)
         factor = self.factors.get(key, 1.0)
-        slot.take(sized, factor, sized.base_bytes * factor)
+        slot.take(sized, factor, sized.fixed_bytes(factor))
         self.assignments.append(Assignment(job.job_id, slot.view.executor_id, key))
         self.running_now[job.tenant] = self.running_now.get(job.tenant, 0) + 1
         self.charged[job.tenant] = self.charged.get(job.tenant, 0.0) + job.est_gpu_seconds

@@ -248,6 +248,7 @@ class ExecutorHeartbeat:
     pass_tokens: int = 0  # tokens of the largest pass of that step (0: not in passes)
     compat_key: Optional[str] = None  # the loaded base
     base_bytes: int = 0  # measured bytes of the loaded base
+    pool_bytes: int = 0  # bytes of its generation pool, allocated beside the base (in peak_bytes); 0: none made
     jobs: Mapping[str, int] = field(default_factory=dict)  # job id -> attempt, the leases it holds
     synced_seq: int = 0  # the `keys.ASSIGN_SEQ` its last completed look at its assignments saw
     metrics_port: int = 0
@@ -265,7 +266,8 @@ class ExecutorHeartbeat:
             "host": self.host, "device": self.device, "dtypes": ",".join(self.dtypes), "auto_dtype": self.auto_dtype,
             "pid": str(self.pid), "total_bytes": str(self.total_bytes), "peak_bytes": str(self.peak_bytes),
             "pass_tokens": str(self.pass_tokens), "compat_key": self.compat_key or "",
-            "base_bytes": str(self.base_bytes), "jobs": json.dumps(dict(self.jobs), sort_keys=True),
+            "base_bytes": str(self.base_bytes), "pool_bytes": str(self.pool_bytes),
+            "jobs": json.dumps(dict(self.jobs), sort_keys=True),
             "synced_seq": str(self.synced_seq), "metrics_port": str(self.metrics_port),
             "max_pass_tokens": "" if self.max_pass_tokens is None else str(self.max_pass_tokens),
             "heartbeat_at": repr(self.heartbeat_at or time.time()),
@@ -281,7 +283,7 @@ class ExecutorHeartbeat:
             auto_dtype=raw.get("auto_dtype") or "float32", pid=_int(raw.get("pid")),
             total_bytes=_int(raw.get("total_bytes")), peak_bytes=_int(raw.get("peak_bytes")),
             pass_tokens=_int(raw.get("pass_tokens")), compat_key=raw.get("compat_key") or None,
-            base_bytes=_int(raw.get("base_bytes")),
+            base_bytes=_int(raw.get("base_bytes")), pool_bytes=_int(raw.get("pool_bytes")),
             jobs={job: int(attempt) for job, attempt in json.loads(raw.get("jobs") or "{}").items()},
             synced_seq=_int(raw.get("synced_seq")), metrics_port=_int(raw.get("metrics_port")),
             max_pass_tokens=_int(raw.get("max_pass_tokens")) or None,

@@ -304,7 +304,7 @@ class Scheduler:
         if made is not None and made.beat is beat and len(made.held) == len(held) and all(
                 a is b for a, b in zip(made.held, held)):
             return made
-        running, in_peak, base_bytes, cohort_key = [], [], 0, None
+        running, in_peak, base_bytes, cohort_key, pool_bytes = [], [], 0, None, beat.pool_bytes
         for job in held:
             plan = self.plans.get(job.job_id)
             if plan is None:
@@ -313,6 +313,7 @@ class Scheduler:
             # A job only scheduled may not have reached the executor yet: the cohort's key is still its key
             # (the heartbeat's loaded base can lag behind), but its memory is not in the measured peak.
             cohort_key = plan.compat_key
+            pool_bytes = max(pool_bytes, plan.size(beat.auto_dtype).pool_bytes)
             if beat.jobs.get(job.job_id) == job.attempt:  # the executor holds it: it is in the measured peak
                 base_bytes = plan.size(beat.auto_dtype).base_bytes
                 in_peak.append(running[-1])
@@ -321,20 +322,23 @@ class Scheduler:
             loaded_compat_key=cohort_key or beat.compat_key, loaded_base_bytes=beat.base_bytes,
             running=tuple(running), max_pass_tokens=beat.max_pass_tokens,
             dtypes=frozenset(beat.dtypes) or None, auto_dtype=beat.auto_dtype, pass_tokens=beat.pass_tokens,
+            pool_bytes=pool_bytes, pool_allocated_bytes=beat.pool_bytes,
         )
         made = self.views[beat.executor_id] = _MadeView(beat, held, view, (base_bytes, in_peak))
         return made
 
     def _calibrate(self, beat: ExecutorHeartbeat, base_bytes: int, jobs: list[RunningJob]) -> bool:
         """Fold a new measured peak into its base's calibration: the prediction is for the passes the step really
-        ran (`pass_tokens`), so the factor learns the model's error, not the executor's choice of pass size."""
+        ran (`pass_tokens`), so the factor learns the model's error, not the executor's choice of pass size; the
+        generation pool, allocated exactly as planned, is taken out of the peak (the factor calibrates estimates)."""
         predicted = base_bytes + cohort_bytes(jobs, beat.pass_tokens or None) if jobs else 0
         if self.calibrated_beats.get(beat.executor_id) == beat.heartbeat_at or not (
                 beat.compat_key and beat.peak_bytes and predicted):
             return False
         self.calibrated_beats[beat.executor_id] = beat.heartbeat_at
         current = self.calibrations.get(beat.compat_key, MemoryCalibration())
-        self.calibrations[beat.compat_key] = calibrate(current, beat.peak_bytes, round(predicted))
+        self.calibrations[beat.compat_key] = calibrate(current, max(1, beat.peak_bytes - beat.pool_bytes),
+                                                       round(predicted))
         return True
 
     def _sync_backlog(self, fence: int) -> None:

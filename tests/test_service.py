@@ -12,7 +12,9 @@ import pytest
 from helpers_models import alpaca_rows, build_tiny_model, write_jsonl
 from lorafleet.scheduler import fleet, keys
 from lorafleet.scheduler.leader import LeaderLock
-from lorafleet.scheduler.memory import ModelShape, estimate_activation_bytes, estimate_base_bytes, estimate_job_bytes
+from lorafleet.scheduler.memory import (
+    ModelShape, estimate_activation_bytes, estimate_base_bytes, estimate_job_bytes, generation_pool_bytes,
+)
 from lorafleet.scheduler.policy import PlanConfig
 from lorafleet.scheduler.redis_server import start_redis_server
 from lorafleet.scheduler.records import ExecutorHeartbeat
@@ -115,8 +117,9 @@ def test_an_executor_in_passes_is_planned_with_one_pass_of_activations(env, stor
     dtype = "bfloat16"  # what dtype auto computes in on the executor below
     job = estimate_job_bytes(shape, spec.adapter.r, spec.adapter.target_modules, hp.batch_size, hp.max_seq_len, dtype)
     activations = estimate_activation_bytes(shape, hp.batch_size, hp.max_seq_len, dtype)
-    base = estimate_base_bytes(shape.num_params(), spec.quantization, dtype)
-    # room for the base, two jobs' adapter state and one pass of 64 tokens (one job's), not two jobs' activations
+    base = estimate_base_bytes(shape.num_params(), spec.quantization, dtype) + generation_pool_bytes(shape, dtype)
+    # room for the base and its generation pool, two jobs' adapter state and one pass of 64 tokens (one job's), not
+    # two jobs' activations
     total = math.ceil((base + 2 * job - activations / 2) / PlanConfig().memory_fraction)
     fleet.heartbeat(store.r, beat("exec-1", **{"total_bytes": total, "free_bytes": total, "compat_key": "",
                                         "max_pass_tokens": max_pass_tokens}))
