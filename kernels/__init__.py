@@ -2,6 +2,8 @@
 
 `lora_delta` is the one entry point the executor calls; it picks the Triton kernels on a GPU and the PyTorch
 reference elsewhere. `lora_delta_multi` serves projections that share their input (q/k/v, gate/up) with one shrink.
+`pooled_lora_delta` is generation's: adapters read in place from a page pool through a per-forward table
+(kernels/pooled.py).
 Setting LORAFLEET_TRITON=1 together with TRITON_INTERPRET=1 (before triton is first imported) runs the Triton kernels
 on CPU tensors through Triton's interpreter, which is how CI checks them.
 """
@@ -12,6 +14,12 @@ import os
 
 import torch
 
+from lorafleet.kernels.pooled import (
+    PooledLoraTable,
+    check_pooled_inputs,
+    pooled_lora_delta_torch,
+    pooled_lora_table,
+)
 from lorafleet.kernels.reference import (
     LoraDropout,
     check_lora_inputs,
@@ -22,6 +30,7 @@ from lorafleet.kernels.reference import (
     dropout_keep_reference,
     dropout_reference,
     lora_delta_reference,
+    pooled_lora_delta_reference,
     rms_norm_reference,
     rotary_reference,
     silu_mul_reference,
@@ -36,8 +45,10 @@ try:
         lora_linear_multi_triton,
         lora_linear_triton,
     )
+    from lorafleet.kernels.triton_pooled import pooled_lora_delta_triton
 except ImportError:  # no triton: the reference serves every device
     lora_delta_triton = lora_delta_multi_triton = lora_linear_triton = elementwise = cross_entropy = None
+    pooled_lora_delta_triton = None
 
 
 def triton_enabled(x: torch.Tensor) -> bool:
@@ -77,6 +88,17 @@ def lora_delta_multi(x, segments, lora_as, lora_bs, scales, outs=None):
         check_lora_inputs(x, segments, lora_a, lora_b, scales)
     deltas = [lora_delta_reference(x, segments, lora_a, lora_b, scales) for lora_a, lora_b in zip(lora_as, lora_bs)]
     return deltas if outs is None else [out.add_(delta) for out, delta in zip(outs, deltas)]
+
+
+def pooled_lora_delta(x: torch.Tensor, pool: torch.Tensor, table: PooledLoraTable, layer: int,
+                      out: torch.Tensor) -> torch.Tensor:
+    """Adds into out [T, d_out] in place, and returns it, layer `layer`'s deltas of the adapters of `table`, their
+    factors read from the flat `pool` (contract: `pooled_lora_delta_reference`). Forward only, for generation: no
+    autograd. Elsewhere (the CPU) a loop over the segments reading the same offsets."""
+    check_pooled_inputs(x, pool, table, layer, out)
+    if triton_enabled(x):
+        return pooled_lora_delta_triton(x, pool, table, layer, out)
+    return pooled_lora_delta_torch(x, pool, table, layer, out)
 
 
 def lora_linear(x, weight, bias, segments, lora_a, lora_b, scales, dropout=None):
@@ -155,6 +177,10 @@ __all__ = [
     "lora_delta_triton",
     "lora_linear",
     "lora_linear_multi",
+    "pooled_lora_delta",
+    "pooled_lora_delta_reference",
+    "pooled_lora_table",
+    "PooledLoraTable",
     "rms_norm",
     "rms_norm_reference",
     "rotary",

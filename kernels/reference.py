@@ -93,6 +93,33 @@ def lora_delta_reference(
     return torch.cat(pieces, dim=0)
 
 
+def pooled_lora_delta_reference(
+    x: torch.Tensor,
+    pool: torch.Tensor,
+    segments: Sequence[tuple[int, int]],
+    offsets: Sequence[tuple[int, int, int]],
+    scales: Sequence[float],
+    d_out: int,
+) -> torch.Tensor:
+    """`lora_delta_reference` with each adapter's factors read from one flat buffer instead of passed one by one.
+
+    pool: 1-D; offsets[j] = (a_j, b_j, r_j): A_j = pool[a_j : a_j + r_j d_in] viewed [r_j, d_in] and
+    B_j = pool[b_j : b_j + d_out r_j] viewed [d_out, r_j] (row-major, as `UnifiedPool.place_adapter` lays factors
+    out). r_j = 0: adapter j does not target this layer, its rows get no delta. Returns `delta` [T, d_out] with
+    `delta[s:e] = scale_j * x[s:e] @ A_jᵀ @ B_jᵀ` for segment j = (s, e); rows outside every segment get zeros.
+    """
+    d_in = x.shape[1]
+    delta = x.new_zeros(x.shape[0], d_out)
+    for (start, end), (a_at, b_at, rank), scale in zip(segments, offsets, scales):
+        if rank and end > start:
+            a = pool[a_at:a_at + rank * d_in].view(rank, d_in).to(x.dtype)
+            b = pool[b_at:b_at + d_out * rank].view(d_out, rank).to(x.dtype)
+            # the same expression as lora_delta_reference's, so that a loaded adapter's tokens do not depend on
+            # which of the two read its factors
+            delta[start:end] = (x[start:end] @ a.t()) @ b.t() * scale
+    return delta
+
+
 def check_lora_inputs(x, segments, lora_a, lora_b, scales) -> None:
     """Raise ValueError naming the problem when the arguments break the `lora_delta` contract."""
     if x.dim() != 2:
