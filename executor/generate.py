@@ -2,8 +2,10 @@
 
 A `Generator` serves requests whose adapters are either PEFT directories it loaded (`load_adapter`) or the live
 adapters of jobs training in the cohort that owns the model (a job id: eval samples). Each forward runs the requests
-of every adapter at once: rows grouped by adapter, `RowRouting.segments` naming each adapter's rows, so the
-segmented LoRA kernels (`lora_delta` on the CPU) add each adapter's delta to its own rows only, as in training.
+of every adapter at once: rows grouped by adapter, `RowRouting.segments` naming each adapter's rows. Live jobs'
+adapters go through the segmented LoRA kernels (`lora_delta` on the CPU) as in training; loaded adapters are read
+in place from the pool (S-LoRA's MBGMV, `pooled_lora_delta`) through one table per forward of where each adapter's
+factors lie (`PooledAdapters`), so nothing is stacked per step however many adapters run.
 
 The decode path is our own forward over the HF modules (gpt-fast style): embeddings; per layer norm, q/k/v through
 the multi-adapter layers, rotary, the new K/V written into the paged cache, attention, o_proj, MLP; the final norm
@@ -43,7 +45,7 @@ from lorafleet.executor.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from lorafleet.executor.kv_pool import KvLayout, PoolFull, PoolUsage, UnifiedPool
 from lorafleet.executor.model import packed_attention
 from lorafleet.executor.multilora import MultiLoraLinear, RowRouting, shared_input_projections, wrap_targets
-from lorafleet.kernels import rotary
+from lorafleet.kernels import PooledLoraTable, pooled_lora_delta, pooled_lora_table, rotary
 from lorafleet.scheduler.spec import GENERATION_FAMILIES
 
 SUPPORTED_FAMILIES = GENERATION_FAMILIES  # defined once, in the spec: submission refuses eval_samples on others
@@ -82,22 +84,6 @@ class Completion:
 
 
 # Loading PEFT directories
-
-
-class ServedAdapter:
-    """What a MultiLoraLinear asks of an adapter, for a loaded one: its factors per layer (views into the pool) and
-    its scale; eval behaviour (no dropout), plain LoRA (no DoRA)."""
-
-    dropout = 0.0
-    training = False
-    use_dora = False
-
-    def __init__(self, scale: float, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]):
-        self.scale = scale
-        self._factors = factors
-
-    def factors(self, layer: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._factors[layer]
 
 
 @dataclass
@@ -185,6 +171,21 @@ class ForwardRows:
     sequence_lengths: list[int] | None = None
     block_tables: torch.Tensor | None = None
     context_lengths: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class PooledAdapters:
+    """A forward's loaded adapters for `RowRouting.pooled`: each layer they target adds their deltas, read in place
+    from the pool's buffer through the forward's table (kernels/pooled.py)."""
+
+    pool: torch.Tensor  # the pool's buffer, flat
+    table: PooledLoraTable
+    layer_index: dict[str, int]  # module name -> its layer in the table
+
+    def __call__(self, layer: str, x: torch.Tensor, out: torch.Tensor) -> None:
+        index = self.layer_index.get(layer)
+        if index is not None:
+            pooled_lora_delta(x, self.pool, self.table, index, out)
 
 
 def prefill_attention(q, k, v, lengths: list[int], scaling: float, window: int | None) -> torch.Tensor:
@@ -298,6 +299,9 @@ class Generator:
         self.pool = UnifiedPool(self._pool_bytes(pool_bytes) // page_bytes, layout, dtype, self.device)
         self._host: dict[str, HostAdapter] = {}  # loaded adapters, by key
         self._layers: dict[str, MultiLoraLinear] = {}  # module name -> layer, for every layer a loaded adapter targets
+        # resident adapter's route -> int64 [layers, 3]: per layer of `_layers` (in order, as placed) where its A and
+        # B start in the pool's flat buffer and its rank (0s for a layer it does not target)
+        self._pool_offsets: dict[str, torch.Tensor] = {}
         self._closed = False
 
     def _pool_bytes(self, pool_bytes: int | None) -> int:
@@ -334,6 +338,7 @@ class Generator:
             raise KeyError(f"no adapter {key!r} is loaded")
         if self.pool.resident(LOADED_PREFIX + key):
             self.pool.evict(LOADED_PREFIX + key)
+        self._pool_offsets.pop(LOADED_PREFIX + key, None)
         del self._host[key]
 
     def has_adapter(self, key: str) -> bool:
@@ -369,23 +374,19 @@ class Generator:
         raise ValueError(f"unknown adapter {key!r}: neither loaded (load_adapter) nor a job training on this base")
 
     def _make_resident(self, route: str) -> None:
-        """Copy a loaded adapter into the pool (if not there) and hand its views to its layers for this call."""
-        host = self._host[route.removeprefix(LOADED_PREFIX)]
+        """Copy a loaded adapter into the pool if it is not there, and note where each of its factors lies."""
         if self.pool.resident(route):
-            views = self.pool.adapters[route].views
-        else:
-            views = self.pool.place_adapter(route, [t for pair in host.factors.values() for t in pair])
-        factors = {name: (views[2 * i], views[2 * i + 1]) for i, name in enumerate(host.factors)}
-        served = ServedAdapter(host.scale, factors)
-        for name in host.factors:
-            self._layers[name].adapters[route] = served
-
-    def _uninstall(self, routes) -> None:
-        """Take loaded adapters out of the layers: between calls the model holds no view of the pool, so a dropped
-        Generator's pool is freed, and a cohort's layers list its own jobs only."""
-        for layer in self._layers.values():
-            for route in routes:
-                layer.adapters.pop(route, None)
+            return
+        host = self._host[route.removeprefix(LOADED_PREFIX)]
+        views = self.pool.place_adapter(route, [t for pair in host.factors.values() for t in pair])
+        origin = self.pool.buffer.storage_offset()
+        layer_index = {name: i for i, name in enumerate(self._layers)}
+        offsets = torch.zeros(len(self._layers), 3, dtype=torch.int64)
+        for i, name in enumerate(host.factors):
+            a, b = views[2 * i], views[2 * i + 1]
+            offsets[layer_index[name]] = torch.tensor([a.storage_offset() - origin, b.storage_offset() - origin,
+                                                       a.shape[0]])
+        self._pool_offsets[route] = offsets
 
     def close(self) -> None:
         """Give the pool's memory back now (resident adapters evicted; loaded ones stay in host memory, and a later
@@ -454,8 +455,7 @@ class Generator:
 
     @contextmanager
     def _serving(self, routes: list[str | None], live_adapters: dict):
-        """Eval mode for the live jobs' adapters, no autograd; afterwards the cohort's routing as it was and no loaded
-        adapter left in the layers."""
+        """Eval mode for the live jobs' adapters, no autograd; afterwards the cohort's routing as it was."""
         live = {route: live_adapters[route] for route in routes if route in live_adapters}
         modes = {route: adapter.training for route, adapter in live.items()}
         saved = self.routing.segments, self.routing.dropout_seeds
@@ -468,7 +468,6 @@ class Generator:
         finally:
             for route, adapter in live.items():
                 adapter.train(modes[route])
-            self._uninstall([route for route in routes if route is not None and route.startswith(LOADED_PREFIX)])
             self.routing.segments, self.routing.dropout_seeds = saved
 
     def _admit(self, waiting: deque, running: list[Running]) -> list[Running]:
@@ -571,9 +570,29 @@ class Generator:
             if len(request.generated) >= sampling.max_tokens:
                 request.finish_reason = "length"
 
+    def _pooled_adapters(self, segments: dict[str, tuple[int, int]]) -> PooledAdapters | None:
+        """The table of where the forward's loaded adapters lie, for every layer at once: one stack of their placed
+        offsets and one copy to the device, instead of stacking their factors in every layer."""
+        routes = [route for route in segments if route.startswith(LOADED_PREFIX)]
+        if not routes:
+            return None
+        layers = len(self._layers)
+        # an adapter placed before later loads wrapped more layers targets none of those: rank 0 there
+        placed = [self._pool_offsets[route] for route in routes]
+        offsets = torch.stack([row if len(row) == layers else F.pad(row, (0, 0, 0, layers - len(row)))
+                               for row in placed], dim=1)
+        table = pooled_lora_table(
+            [segments[route] for route in routes],
+            [self._host[route.removeprefix(LOADED_PREFIX)].scale for route in routes], offsets,
+            [(layer.in_features, layer.out_features) for layer in self._layers.values()],
+            self.pool.buffer.numel(), self.device)
+        return PooledAdapters(self.pool.buffer.view(-1), table, {name: i for i, name in enumerate(self._layers)})
+
     def _forward(self, rows: ForwardRows) -> torch.Tensor:
         """Logits [len(logit_rows), vocab] of the rows' next tokens, their K/V written into the cache."""
         self.routing.segments = rows.segments
+        # between forwards the routing holds no view of the pool: a dropped Generator's pool is freed at once
+        self.routing.pooled = self._pooled_adapters(rows.segments)
         try:
             hidden = self.decoder.embed_tokens(rows.token_ids)
             cos, sin = (t[0] for t in self.decoder.rotary_emb(hidden, rows.positions[None]))
@@ -583,7 +602,7 @@ class Generator:
                                                   kv[:, index], rows)
                 hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         finally:
-            self.routing.segments = {}
+            self.routing.segments, self.routing.pooled = {}, None
         return self.model.lm_head(self.decoder.norm(hidden[rows.logit_rows]))
 
     def _attention(self, attention, x, cos, sin, kv_layer, rows: ForwardRows) -> torch.Tensor:

@@ -13,6 +13,7 @@ model's own state.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -26,11 +27,16 @@ from lorafleet.scheduler.spec import ALL_LINEAR
 
 class RowRouting:
     """Job id -> (start, end) rows of the flattened packed batch, for the forward under way; on the kernel path also
-    every job's dropout seed for it (int64, in the order of `segments`), drawn from the job's own generator."""
+    every job's dropout seed for it (int64, in the order of `segments`), drawn from the job's own generator.
+
+    `pooled`, set by generation for its forwards (executor/generate.py): pooled(layer name, x [T, d_in], y [T, d_out])
+    adds into y the deltas of the adapters it reads from its page pool (loaded adapters, which are in no layer's
+    `adapters`), for every layer after its jobs' deltas."""
 
     def __init__(self):
         self.segments: dict[str, tuple[int, int]] = {}
         self.dropout_seeds: torch.Tensor | None = None
+        self.pooled: Callable[[str, torch.Tensor, torch.Tensor], None] | None = None
 
     def seeds_of(self, jobs: list[str]) -> torch.Tensor:
         if self.dropout_seeds is None:
@@ -57,6 +63,9 @@ class MultiLoraLinear(nn.Module):
         self.dropout_stream = zlib.crc32(name.encode())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.add_pooled(x, self._forward_jobs(x))
+
+    def _forward_jobs(self, x: torch.Tensor) -> torch.Tensor:
         jobs = [job for job in self.routing.segments if job in self.adapters]
         if not jobs:
             return self.base(x)
@@ -64,6 +73,12 @@ class MultiLoraLinear(nn.Module):
         if dora_jobs:
             return self._forward_dora(x, [job for job in jobs if job not in dora_jobs], dora_jobs)
         return self._forward_lora(x, jobs)
+
+    def add_pooled(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y with the routing's pooled adapters' deltas added in place (none outside generation)."""
+        if self.routing.pooled is not None:
+            self.routing.pooled(self.name, x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1]))
+        return y
 
     def _forward_dora(self, x: torch.Tensor, lora_jobs: list[str], dora_jobs: list[str]) -> torch.Tensor:
         """The LoRA jobs as always (kernels or reference), then DoRA's part on its jobs' rows (executor/dora.py)."""
@@ -157,7 +172,7 @@ def shared_input_projections(layers: list[nn.Module], x: torch.Tensor) -> list[t
         [routing.segments[job] for job in jobs], [a for a, _ in factors], [b for _, b in factors],
         MultiLoraLinear._scales(adapters[0]),
     )
-    return [y.view(*x.shape[:-1], y.shape[-1]) for y in outputs]
+    return [layer.add_pooled(x, y.view(*x.shape[:-1], y.shape[-1])) for layer, y in zip(layers, outputs)]
 
 
 def is_conv1d(module: nn.Module) -> bool:

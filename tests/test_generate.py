@@ -123,12 +123,12 @@ def test_a_live_dora_job_generates_what_peft_does_with_its_export(tmp_path, data
 
 
 def test_on_the_triton_kernels_the_tokens_are_the_reference_paths(tmp_path, dataset, prompts, monkeypatch):
-    """The kernel path (Triton's interpreter on the CPU): pooled factors (views into the pages) and live ones go
-    through the segmented LoRA kernels, norms and rotary, and give the reference path's tokens."""
+    """The kernel path (Triton's interpreter on the CPU): loaded adapters read from the pool's pages by the pooled
+    kernels, live ones through the segmented LoRA kernels, norms and rotary, give the reference path's tokens."""
     triton_lora = pytest.importorskip("lorafleet.kernels.triton_lora")
     from helpers_triton import interpreted
 
-    from lorafleet.kernels import elementwise
+    from lorafleet.kernels import elementwise, triton_pooled
 
     model_dir = build_tiny_model(tmp_path / "base", "llama")
     cohort = cohort_with_jobs(model_dir, dataset, {"a": ADAPTERS["rslora"], "b": ADAPTERS["nola"]})
@@ -139,12 +139,16 @@ def test_on_the_triton_kernels_the_tokens_are_the_reference_paths(tmp_path, data
     import lorafleet.kernels as kernels
 
     calls = []
-    real = kernels.lora_linear_multi_triton
-    monkeypatch.setattr(kernels, "lora_linear_multi_triton", lambda *args, **kw: calls.append(1) or real(*args, **kw))
-    with interpreted(triton_lora, elementwise, LORAFLEET_TRITON="1"):
+    def spy(name):
+        real = getattr(kernels, name)
+        return lambda *args, **kw: calls.append(name) or real(*args, **kw)
+
+    for name in ("lora_linear_triton", "pooled_lora_delta_triton"):
+        monkeypatch.setattr(kernels, name, spy(name))
+    with interpreted(triton_lora, elementwise, triton_pooled, LORAFLEET_TRITON="1"):
         got = generator.generate(requests)
     assert got == want
-    assert calls  # the segmented kernels ran
+    assert set(calls) == {"lora_linear_triton", "pooled_lora_delta_triton"}  # both kinds of kernels ran
 
 
 def test_decode_logits_equal_the_full_forward(tmp_path, dataset, prompts, monkeypatch):
@@ -213,6 +217,23 @@ def test_a_request_gives_the_same_tokens_alone_and_among_seven_other_adapters(tm
         batched = generator.generate([*others[:3], GenerationRequest("x", prompts[0], "job3", sampling), *others[3:]])
         assert batched[3] == alone
         assert len({c.token_ids for c in batched}) > 1  # the others really ran on other adapters
+
+
+def test_an_adapter_placed_before_a_later_load_wrapped_more_layers_keeps_its_tokens(tmp_path, dataset, prompts):
+    """The pool's offset table has a row per wrapped layer: an adapter made resident before another load wrapped more
+    layers (all-linear after q/v) is read at the same layers as one loaded after it, and gives PEFT's tokens."""
+    model_dir = build_tiny_model(tmp_path / "base", "llama")
+    cohort = cohort_with_jobs(model_dir, dataset, {"lora": ADAPTERS["lora"], "rslora": ADAPTERS["rslora"]})
+    exports = {job_id: cohort.export(job_id, tmp_path / job_id) for job_id in ("lora", "rslora")}
+    model, _ = load_base(model_dir)
+    generator = Generator(model, RowRouting(), eos_token_ids=(EOS,))
+    generator.load_adapter("lora", exports["lora"])
+    first = generator.generate(requests_for(prompts[:1], ["lora"]))
+    generator.load_adapter("rslora", exports["rslora"])
+    both = generator.generate(requests_for(prompts[:2], ["lora", "rslora"]))
+    assert both[0] == first[0]
+    for completion, prompt, job_id in zip(both, prompts, ("lora", "rslora")):
+        assert list(completion.token_ids) == peft_greedy(model_dir, exports[job_id], prompt, 10), job_id
 
 
 def test_sampling_follows_the_seed_and_stop_ids(tmp_path, prompts):

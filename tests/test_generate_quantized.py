@@ -123,7 +123,7 @@ def test_on_the_triton_kernels_a_quantized_base_gives_the_reference_paths_tokens
     from helpers_triton import interpreted
 
     import lorafleet.kernels as kernels
-    from lorafleet.kernels import elementwise
+    from lorafleet.kernels import elementwise, triton_pooled
 
     model_dir, dataset, prompts = setup
     cohort = qlora_cohort(model_dir, dataset, "nf4")
@@ -134,7 +134,7 @@ def test_on_the_triton_kernels_a_quantized_base_gives_the_reference_paths_tokens
     calls = []
     real = kernels.lora_delta_triton
     monkeypatch.setattr(kernels, "lora_delta_triton", lambda *args, **kw: calls.append(1) or real(*args, **kw))
-    with interpreted(triton_lora, elementwise, LORAFLEET_TRITON="1"):
+    with interpreted(triton_lora, elementwise, triton_pooled, LORAFLEET_TRITON="1"):  # the export's: pooled kernels
         got = generator.generate(batch)
     assert got == want
     assert calls, "the segmented kernels ran"
