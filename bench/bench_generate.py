@@ -3,6 +3,7 @@
     python -P bench/bench_generate.py --shape 1b [--adapters 1,8,64,512] [--requests 512] [--out DIR]
     python -P bench/bench_generate.py --shape tiny --device cpu --requests 8 --adapters 1,4 --prompt 8 \\
         --new-tokens 4 --peft-sample 2 --train-jobs 2 --train-steps 2      # smoke run of the whole script
+    python -P bench/bench_generate.py --shape 1b --peft-sample 0 --train-jobs 0     # the engine's rates alone
 
 A random-init Llama of the shape (bench_e2e's shapes and builder, bf16 on the GPU) and N random rank-r LoRA adapters
 (PEFT directories as `Cohort.export` writes them, B nonzero) on --targets. One run measures, in order:
@@ -207,7 +208,7 @@ def training_row(model_dir, data_dir, args, device, log) -> dict:
 
 
 def markdown(report: dict) -> str:
-    peft = report["peft"]
+    peft = report.get("peft")  # None with --peft-sample 0
     lines = [f"# Many-adapter generation, {report['shape']} on {report['device']}", "",
              f"{report['requests']} requests, prompt {report['prompt']} tokens, {report['new_tokens']} new tokens "
              f"(greedy), rank-{report['rank']} LoRA on {', '.join(report['targets'])}.", "",
@@ -215,11 +216,13 @@ def markdown(report: dict) -> str:
              "(adapters / total) |", "|---|---|---|---|---|"]
     for row in report["engine"]:
         pool = row["pool"]
-        lines.append(f"| {row['adapters']} | {row['tokens_per_s']:,.0f} | {peft['tokens_per_s']:,.0f} | "
-                     f"{row['tokens_per_s'] / peft['tokens_per_s']:.1f}x | {pool['adapter_pages']} / "
+        versus_peft = (f"{peft['tokens_per_s']:,.0f} | {row['tokens_per_s'] / peft['tokens_per_s']:.1f}x" if peft
+                       else "not run | -")
+        lines.append(f"| {row['adapters']} | {row['tokens_per_s']:,.0f} | {versus_peft} | {pool['adapter_pages']} / "
                      f"{pool['total_pages']} |")
-    lines += ["", f"PEFT: {peft['method']} ({peft['sampled_requests']} requests timed over {peft['adapters']} "
-              f"adapters; {peft['same_tokens_as_engine']} of them gave the engine's tokens)."]
+    if peft:
+        lines += ["", f"PEFT: {peft['method']} ({peft['sampled_requests']} requests timed over {peft['adapters']} "
+                  f"adapters; {peft['same_tokens_as_engine']} of them gave the engine's tokens)."]
     train = report.get("training")
     if train:
         lines += ["", f"Training beside generation ({train['jobs']} jobs of {train['batch']}): step "
@@ -239,7 +242,7 @@ def parse_args(argv=None):
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--targets", default=",".join(ATTENTION_PROJECTIONS), help="projections the adapters target")
-    parser.add_argument("--peft-sample", type=int, default=16, help="requests PEFT runs (one at a time), scaled")
+    parser.add_argument("--peft-sample", type=int, default=16, help="requests PEFT runs (one at a time), scaled (0: skip PEFT)")
     parser.add_argument("--train-jobs", type=int, default=8, help="cohort jobs for the training part (0: skip it)")
     parser.add_argument("--train-steps", type=int, default=5)
     parser.add_argument("--train-requests", type=int, default=64, help="requests of each generate batch between steps")
@@ -275,7 +278,8 @@ def main(argv=None) -> dict:
                     for i in range(max(args.adapters))]
     log(f"built {args.shape} and {len(adapter_dirs)} adapters")
     report["engine"], engine_tokens = engine_rows(model_dir, adapter_dirs, args, device, log)
-    report["peft"] = peft_row(model_dir, adapter_dirs, args, device, engine_tokens, log)
+    if args.peft_sample:
+        report["peft"] = peft_row(model_dir, adapter_dirs, args, device, engine_tokens, log)
     if args.train_jobs:
         for job in range(args.train_jobs):
             write_job_data(data_dir, TRAIN_BATCH, job, SHAPES[args.shape]["vocab_size"])

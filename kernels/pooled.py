@@ -116,17 +116,18 @@ def check_pooled_inputs(x: torch.Tensor, pool: torch.Tensor, table: PooledLoraTa
 def pooled_lora_delta_torch(x: torch.Tensor, pool: torch.Tensor, table: PooledLoraTable, layer: int,
                             out: torch.Tensor) -> torch.Tensor:
     """The path without Triton (CPU): `lora_delta_reference` on views of the factors made from the offsets, added
-    into `out`. The same products as the loop of `pooled_lora_delta_reference`, bitwise, with its one split of x:
-    on the CPU a segment costs a few small matmuls (~14 us at 64 adapters), so every op per segment counts."""
+    into `out`: the same products as `pooled_lora_delta_reference`'s loop, bitwise, with one split of x for all the
+    segments (on the CPU each op per segment costs microseconds, thousands of times a step)."""
     d_in, d_out = table.layer_dims[layer]
-    targeting = [(segment, a_at, b_at, rank, scale) for segment, (a_at, b_at, rank), scale
-                 in zip(table.segments, table.offsets[layer].tolist(), table.scales) if rank]
-    if not targeting:
-        return out
     segments, lora_a, lora_b, scales = [], [], [], []
-    for segment, a_at, b_at, rank, scale in targeting:
-        segments.append(segment)
-        lora_a.append(pool.as_strided((rank, d_in), (d_in, 1), a_at).to(x.dtype))
-        lora_b.append(pool.as_strided((d_out, rank), (rank, 1), b_at).to(x.dtype))
-        scales.append(scale)
+    for segment, (a_at, b_at, rank), scale in zip(table.segments, table.offsets[layer].tolist(), table.scales):
+        if rank:  # one strided view per factor: the fewest ops, hundreds of segments per layer on the host
+            segments.append(segment)
+            lora_a.append(pool.as_strided((rank, d_in), (d_in, 1), a_at))
+            lora_b.append(pool.as_strided((d_out, rank), (rank, 1), b_at))
+            scales.append(scale)
+    if not segments:
+        return out
+    if pool.dtype != x.dtype:
+        lora_a, lora_b = [a.to(x.dtype) for a in lora_a], [b.to(x.dtype) for b in lora_b]
     return out.add_(lora_delta_reference(x, segments, lora_a, lora_b, scales))

@@ -26,3 +26,14 @@ def test_the_generation_bench_runs_on_a_tiny_shape_and_matches_peft(tmp_path):
     assert saved["peft"]["same_tokens_as_engine"] == 3  # fp32: PEFT's greedy tokens exactly
     assert saved["training"]["step_seconds_alone"] > 0 and saved["training"]["generate_seconds_between_steps"] > 0
     assert "| 3 |" in (tmp_path / "out" / "generate_tiny.md").read_text()
+
+
+def test_the_generation_bench_measures_the_engine_alone_with_peft_sample_0(tmp_path):
+    report = bench_generate.main([
+        "--shape", "tiny", "--device", "cpu", "--requests", "4", "--adapters", "2", "--prompt", "8",
+        "--new-tokens", "3", "--peft-sample", "0", "--train-jobs", "0", "--workdir", str(tmp_path / "work"),
+        "--out", str(tmp_path / "out"),
+    ])
+    assert "peft" not in report and "training" not in report
+    assert report["engine"][0]["generated_tokens"] == 4 * 3
+    assert "| 2 |" in (tmp_path / "out" / "generate_tiny.md").read_text()
