@@ -44,13 +44,13 @@ def setup(tmp_path_factory):
     return build_tiny_model(root / "llama", "llama"), write_jsonl(root / "train.jsonl", alpaca_rows(8, seed=2)), prompts
 
 
-def qlora_cohort(model_dir, dataset, quantization: str) -> Cohort:
+def qlora_cohort(model_dir, dataset, quantization: str, device: str = "cpu", dtype: str = "auto") -> Cohort:
     """A cohort on the quantized base with one LoRA job whose factors are moved off their init (B = 0 would make
     the adapter the base) by a fixed draw."""
-    cohort = Cohort(model_dir, quantization=quantization)
+    cohort = Cohort(model_dir, quantization=quantization, dtype=dtype, device=device)
     assert type(cohort.model.model.layers[0].mlp.up_proj).__name__ == LAYER_TYPES[quantization]
     spec = parse_spec({"base_model": str(model_dir), "dataset": "d", "quantization": quantization, "adapter": ADAPTER,
-                       "hyperparameters": {"batch_size": 2, "max_steps": 50}})
+                       "dtype": dtype, "hyperparameters": {"batch_size": 2, "max_steps": 50}})
     cohort.add_job("job", spec, dataset)
     draw = torch.Generator().manual_seed(7)
     with torch.no_grad():
