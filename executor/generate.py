@@ -32,6 +32,7 @@ import math
 import random
 import secrets
 from collections import deque
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -398,8 +399,11 @@ class Generator:
 
     # Generation
 
-    def generate(self, requests: list[GenerationRequest]) -> list[Completion]:
-        """Complete every request (same order); requests join the running batch as pages allow."""
+    def generate(self, requests: list[GenerationRequest],
+                 on_step: Callable[[dict[str, list[int]]], None] | None = None) -> list[Completion]:
+        """Complete every request (same order); requests join the running batch as pages allow. `on_step` is called
+        after each forward with request id -> tokens generated so far (read only) of the requests it advanced: a
+        streaming caller publishes their new text as they are generated."""
         if self._closed:
             raise RuntimeError("this Generator was closed (its pool given back): make a new one")
         live = self._live_adapters()
@@ -416,6 +420,8 @@ class Generator:
                         self._prefill(admitted)
                     else:
                         self._decode(running)
+                    if on_step is not None:
+                        on_step({request.request.request_id: request.generated for request in admitted or running})
                     for request in [request for request in running if request.finish_reason]:
                         completions[request.index] = request.completion()
                         self._retire(request)

@@ -14,6 +14,9 @@ the executor's scratch directory) and kept loaded, the least recently used unloa
 A bad request fails alone, with the reason in its result: an adapter that does not load, a prompt that with its
 max_tokens does not fit the base's context, a chat the template rejects; a batch that fails as a whole is run again
 one request at a time so that only the requests at fault fail.
+
+A streamed request's text is published as it is generated (executor/streaming.py); if its batch fails after some of
+it was sent, it fails too rather than run again.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import Optional
 
 from lorafleet.executor.generate import GenerationRequest as EngineRequest
 from lorafleet.executor.generate import Generator, Sampling
+from lorafleet.executor.streaming import StreamPublisher
 from lorafleet.scheduler.artifacts import ArtifactStore
 from lorafleet.scheduler.formats import FALLBACK_CHAT_HEADERS
 from lorafleet.scheduler.generation import (
@@ -127,7 +131,7 @@ class GenerationServer:
     def fail_base(self, base: ServedBase, error: str) -> None:
         """Answer a batch of the base's waiting requests with why it cannot be served here."""
         for request in self.generations.take_requests(base.compat_key, IDLE):
-            self.generations.answer(self._failed(request, error))
+            self.generations.deliver(request, self._failed(request, error))
 
     def serve(self, cohort, compat_key: str, training: bool) -> int:
         """Answer the waiting requests for the loaded base, at most one budget's worth; how many were answered."""
@@ -136,15 +140,16 @@ class GenerationServer:
         if not requests:
             return 0
         started = time.perf_counter()
+        streams = StreamPublisher(self.generations, cohort.tokenizer, requests)
         try:
-            results = self._answers(cohort, requests)
+            results = self._answers(cohort, requests, streams)
         except Exception as exc:  # a fault of this executor's, not of one request: they all learn it, training goes on
             log.exception("generation failed on this executor")
             results = {request.request_id: self._failed(request, f"generation failed on executor "
                                                                   f"{self.executor_id}: {exc}") for request in requests}
+        self._account(requests, results, time.perf_counter() - started)  # first: an answered caller sees it counted
         for request in requests:
-            self.generations.answer(results[request.request_id])
-        self._account(requests, results, time.perf_counter() - started)
+            streams.deliver(request, results[request.request_id])
         return len(requests)
 
     def _account(self, requests: list[GenerationRequest], results: dict[str, GenerationResult], seconds: float
@@ -165,7 +170,8 @@ class GenerationServer:
             self.metrics.record_generation(seconds, len(requests) - failed, failed,
                                            sum(result.completion_tokens for result in results.values()))
 
-    def _answers(self, cohort, requests: list[GenerationRequest]) -> dict[str, GenerationResult]:
+    def _answers(self, cohort, requests: list[GenerationRequest], streams: StreamPublisher
+                 ) -> dict[str, GenerationResult]:
         generator = self.generator_for(cohort)
         ready, results = [], {}
         for request in requests:
@@ -173,7 +179,7 @@ class GenerationServer:
                 ready.append(self._prepare(generator, cohort, request))
             except RequestError as exc:
                 results[request.request_id] = self._failed(request, str(exc))
-        results.update(self._generate(generator, cohort.tokenizer, ready))
+        results.update(self._generate(generator, cohort.tokenizer, ready, streams))
         self._unload_least_used(generator)
         return results
 
@@ -238,20 +244,23 @@ class GenerationServer:
             generator.unload_adapter(uri)
             self._remove_copy(local)
 
-    def _generate(self, generator, tokenizer, ready: list) -> dict[str, GenerationResult]:
+    def _generate(self, generator, tokenizer, ready: list, streams: StreamPublisher) -> dict[str, GenerationResult]:
         """Results of the prepared requests, in one batch; if the batch fails, one request at a time, so that a
-        request the engine refuses fails alone."""
+        request the engine refuses fails alone (a streamed one whose text was partly sent fails with the batch)."""
         if not ready:
             return {}
         try:
-            completions = generator.generate([engine for _, engine in ready])
+            completions = generator.generate([engine for _, engine in ready], on_step=streams)
         except Exception as exc:
             if len(ready) == 1:
                 log.warning("generation failed for %s: %s", ready[0][0].request_id, exc)
                 return {ready[0][0].request_id: self._failed(ready[0][0], f"generation failed: {exc}")}
             results = {}
-            for one in ready:
-                results.update(self._generate(generator, tokenizer, [one]))
+            for request, engine in ready:
+                if streams.may_run_again(request.request_id):
+                    results.update(self._generate(generator, tokenizer, [(request, engine)], streams))
+                else:
+                    results[request.request_id] = self._failed(request, f"generation failed: {exc}")
             return results
         by_id = {completion.request_id: completion for completion in completions}
         return {request.request_id: self._result(tokenizer, request, by_id[request.request_id]) for request, _ in ready}

@@ -2,17 +2,28 @@
 queue (`scheduler.generation`), answered by the executor that has the model's base loaded (`executor/serving.py`).
 
 `model` is one of the tenant's fine-tuned models (a succeeded job's `fine_tuned_model`), a kept checkpoint
-(`<fine_tuned_model>:ckpt-step-N`) or a base a job could name. One choice (`n` 1), no streaming, no log-probs: each
-is refused naming the field. A route waits for its answer in one of the server's worker threads (on Redis, no CPU),
-at most `lorafleet.timeout` seconds (default `generation.DEFAULT_TIMEOUT_SECONDS`): 504 naming the base after that.
+(`<fine_tuned_model>:ckpt-step-N`) or a base a job could name. One choice (`n` 1), no log-probs: each is refused
+naming the field. A route waits for its answer in one of the server's worker threads (on Redis, no CPU), at most
+`lorafleet.timeout` seconds (default `generation.DEFAULT_TIMEOUT_SECONDS`): 504 naming the base after that.
+
+`stream: true` answers in server-sent events as OpenAI does (`data: <chunk JSON>` lines, then `data: [DONE]`): the
+text as the executor generates it (`Generations.stream_events`), in `text_completion` chunks or `chat.completion.chunk`
+deltas (the role first), then a chunk with the finish reason, and with `stream_options.include_usage` a last chunk of
+no choices and the usage (every chunk then has `usage`, null but on that one). The response starts once the first
+event came, so a request that fails before any text (no executor in time, a prompt over the base's context) gets its
+status as when not streamed; a failure after that is an `error` event, which the `openai` client raises.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+import itertools
+import json
+from dataclasses import dataclass
+from typing import Any, Iterator, Literal, Optional, Union
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, field_serializer
 
 from lorafleet.gateway.app import ERROR_RESPONSES, Tenant
 from lorafleet.gateway.errors import ApiError, from_exception
@@ -20,12 +31,14 @@ from lorafleet.gateway.models import ErrorResponse
 from lorafleet.scheduler import config
 from lorafleet.scheduler.generation import (
     DEFAULT_TIMEOUT_SECONDS, MAX_TIMEOUT_SECONDS, GenerationRequest, GenerationResult, Generations,
-    GenerationTimeout, parse_sampling,
+    GenerationTimeout, StreamEvent, parse_sampling,
 )
 
 CHAT_DEFAULT_MAX_TOKENS = 256  # OpenAI's chat has no default cap; here a chat answer stops at this unless asked
 COMPLETION_RESPONSES = {**ERROR_RESPONSES, 504: {
     "model": ErrorResponse, "description": "no executor serving the model's base answered in time"}}
+STREAMED = {"text/event-stream": {"schema": {"type": "string", "description": (
+    "with stream=true: `data: <chunk JSON>` events, then `data: [DONE]`")}}}
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
@@ -34,6 +47,12 @@ class LorafleetGenerationOptions(BaseModel):
 
     timeout: float = Field(DEFAULT_TIMEOUT_SECONDS, gt=0, le=MAX_TIMEOUT_SECONDS,
                            description="seconds to wait for an executor's answer")
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: Optional[bool] = Field(False, description="a last chunk with the usage and no choices")
 
 
 class _GenerationBody(BaseModel):
@@ -49,6 +68,7 @@ class _GenerationBody(BaseModel):
     stop: Optional[Union[str, list[str]]] = None
     n: Optional[int] = 1
     stream: Optional[bool] = False
+    stream_options: Optional[StreamOptions] = Field(None, description="only with stream=true")
     user: Optional[str] = Field(None, description="accepted and ignored")
     lorafleet: Optional[LorafleetGenerationOptions] = None
 
@@ -108,6 +128,98 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
+class CompletionChunkChoice(BaseModel):
+    index: int = 0
+    text: str = ""
+    finish_reason: Optional[Literal["stop", "length"]] = None
+    logprobs: None = None
+
+
+class CompletionChunk(BaseModel):
+    """A streamed completion's chunk: OpenAI streams completions as `text_completion` objects."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChunkChoice]
+    usage: Optional[Usage] = None
+
+
+class ChatDelta(BaseModel):
+    role: Optional[Literal["assistant"]] = None
+    content: Optional[str] = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int = 0
+    delta: ChatDelta
+    finish_reason: Optional[Literal["stop", "length"]] = None
+    logprobs: None = None
+
+    @field_serializer("delta")
+    def _given_fields(self, delta: ChatDelta) -> dict:
+        """OpenAI's deltas hold only what they say: the role once, then content, then nothing (`{}`)."""
+        return delta.model_dump(exclude_none=True)
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Optional[Usage] = None
+
+
+@dataclass(frozen=True)
+class CompletionChunks:
+    """The chunks of one streamed completion."""
+
+    id: str
+    created: int
+    model: str
+
+    def opening(self) -> list[CompletionChunk]:
+        return []
+
+    def text(self, text: str) -> CompletionChunk:
+        return self._chunk([CompletionChunkChoice(text=text)])
+
+    def finish(self, reason: str) -> CompletionChunk:
+        return self._chunk([CompletionChunkChoice(finish_reason=reason)])
+
+    def usage(self, usage: Usage) -> CompletionChunk:
+        return self._chunk([], usage)
+
+    def _chunk(self, choices: list[CompletionChunkChoice], usage: Optional[Usage] = None) -> CompletionChunk:
+        return CompletionChunk(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)
+
+
+@dataclass(frozen=True)
+class ChatChunks:
+    """The chunks of one streamed chat completion: the role's delta first, as OpenAI sends it."""
+
+    id: str
+    created: int
+    model: str
+
+    def opening(self) -> list[ChatCompletionChunk]:
+        return [self._chunk([ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))])]
+
+    def text(self, text: str) -> ChatCompletionChunk:
+        return self._chunk([ChatChunkChoice(delta=ChatDelta(content=text))])
+
+    def finish(self, reason: str) -> ChatCompletionChunk:
+        return self._chunk([ChatChunkChoice(delta=ChatDelta(), finish_reason=reason)])
+
+    def usage(self, usage: Usage) -> ChatCompletionChunk:
+        return self._chunk([], usage)
+
+    def _chunk(self, choices: list[ChatChunkChoice], usage: Optional[Usage] = None) -> ChatCompletionChunk:
+        return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)
+
+
 def _generations(request: Request) -> Generations:
     """One per gateway, on its store (made on first use)."""
     state = request.app.state
@@ -123,9 +235,9 @@ def _refuse_unsupported(body: _GenerationBody) -> None:
     if body.n not in (None, 1):
         raise ApiError(400, "n: only one choice per request (n=1) is supported", param="n",
                        code="unsupported_parameter")
-    if body.stream:
-        raise ApiError(400, "stream: streaming is not supported; send stream=false (the default)", param="stream",
-                       code="unsupported_parameter")
+    if body.stream_options is not None and not body.stream:
+        raise ApiError(400, "stream_options: only allowed with stream=true", param="stream_options",
+                       code="invalid_value")
 
 
 def _sampling(body: _GenerationBody, max_tokens: int):
@@ -159,50 +271,118 @@ def _chat_messages(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
     return found
 
 
-def _complete(request: Request, tenant: str, body: _GenerationBody, max_tokens: int,
-              **given: Any) -> tuple[GenerationRequest, GenerationResult]:
-    """Queue the request and wait for its answer; every refusal in OpenAI's shape."""
+def _submit(request: Request, tenant: str, body: _GenerationBody, max_tokens: int, **given: Any
+            ) -> GenerationRequest:
+    """Queue the request; every refusal in OpenAI's shape."""
     _refuse_unsupported(body)
     sampling = _sampling(body, max_tokens)
-    generations = _generations(request)
     timeout = (body.lorafleet or LorafleetGenerationOptions()).timeout
     try:
-        pending = generations.submit(tenant, body.model, sampling=sampling, timeout=timeout, **given)
+        return _generations(request).submit(tenant, body.model, sampling=sampling, timeout=timeout,
+                                            stream=bool(body.stream), **given)
     except LookupError as exc:
         raise ApiError(404, str(exc).removeprefix("model: "), param="model", code="model_not_found") from None
     except ValueError as exc:
         raise from_exception(exc) from None
+
+
+def _timed_out(exc: GenerationTimeout) -> ApiError:
+    return ApiError(504, str(exc), code="timeout", type="timeout_error")
+
+
+def _failed(result: GenerationResult) -> ApiError:
+    """A request the executor could not serve (its prompt over the base's context, an adapter that does not load)."""
+    return ApiError(400, result.error, code="invalid_request")
+
+
+def _wait(request: Request, pending: GenerationRequest) -> GenerationResult:
     try:
-        result = generations.wait_result(pending)
+        result = _generations(request).wait_result(pending)
     except GenerationTimeout as exc:
-        raise ApiError(504, str(exc), code="timeout", type="timeout_error") from None
+        raise _timed_out(exc) from None
     if result.error is not None:
-        raise ApiError(400, result.error, code="invalid_request")
-    return pending, result
+        raise _failed(result)
+    return result
+
+
+def _stream(request: Request, pending: GenerationRequest, chunks: CompletionChunks | ChatChunks,
+            body: _GenerationBody) -> StreamingResponse:
+    """The streamed answer, begun once its first event came (a failure before any text keeps its status)."""
+    events = _generations(request).stream_events(pending)
+    try:
+        first = next(events)
+    except GenerationTimeout as exc:
+        raise _timed_out(exc) from None
+    if first.result is not None and first.result.error is not None:
+        raise _failed(first.result)
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    # no caching, and no buffering by a proxy in front (nginx's header): each chunk goes out as it comes
+    return StreamingResponse(_events(chunks, itertools.chain([first], events), include_usage),
+                             media_type="text/event-stream", headers={"cache-control": "no-cache",
+                                                                      "x-accel-buffering": "no"})
+
+
+def _events(chunks: CompletionChunks | ChatChunks, events: Iterator[StreamEvent], include_usage: bool
+            ) -> Iterator[str]:
+    """Server-sent events: the chunks of the text as it comes, the finish, the usage if asked, `[DONE]`; an error
+    (the executor failed or fell silent mid-answer) ends the stream as an `error` event instead."""
+    def data(chunk: BaseModel) -> str:
+        return f"data: {chunk.model_dump_json(exclude=None if include_usage else {'usage'})}\n\n"
+
+    yield from (data(chunk) for chunk in chunks.opening())
+    try:
+        for event in events:
+            if event.text:
+                yield data(chunks.text(event.text))
+            result = event.result
+            if result is not None and result.error is not None:  # the executor's batch failed after some text
+                yield _error_event(ApiError(500, result.error, code="generation_failed", type="server_error"))
+                return
+            if result is not None:
+                yield data(chunks.finish(result.finish_reason))
+                if include_usage:
+                    yield data(chunks.usage(Usage(**result.usage())))
+    except GenerationTimeout as exc:
+        yield _error_event(_timed_out(exc))
+        return
+    yield "data: [DONE]\n\n"
+
+
+def _error_event(error: ApiError) -> str:
+    """An error in the stream, in the shape the `openai` client raises as an APIError."""
+    return f"data: {json.dumps(error.body())}\n\n"
 
 
 def completion_routes() -> APIRouter:
     router = APIRouter(prefix="/v1", tags=["completions"], responses=COMPLETION_RESPONSES)
 
-    @router.post("/completions", response_model=Completion)
-    def create_completion(body: CompletionRequest, tenant: Tenant, request: Request) -> Completion:
+    @router.post("/completions", response_model=Completion, responses={200: {"content": STREAMED}})
+    def create_completion(body: CompletionRequest, tenant: Tenant, request: Request
+                          ) -> Union[Completion, StreamingResponse]:
         """Complete `prompt` with `model` (a fine-tuned model of yours, one of its checkpoints, or a base)."""
         if not isinstance(body.prompt, str):
             raise ApiError(400, "prompt: only a single string prompt is supported", param="prompt",
                            code="invalid_value")
-        pending, result = _complete(request, tenant, body, 16 if body.max_tokens is None else body.max_tokens,
-                                    prompt=body.prompt)
-        return Completion(id="cmpl-" + pending.request_id.removeprefix("gen-"), created=int(pending.submitted_at),
-                          model=body.model, usage=Usage(**result.usage()),
+        pending = _submit(request, tenant, body, 16 if body.max_tokens is None else body.max_tokens,
+                          prompt=body.prompt)
+        completion_id, created = "cmpl-" + pending.request_id.removeprefix("gen-"), int(pending.submitted_at)
+        if body.stream:
+            return _stream(request, pending, CompletionChunks(completion_id, created, body.model), body)
+        result = _wait(request, pending)
+        return Completion(id=completion_id, created=created, model=body.model, usage=Usage(**result.usage()),
                           choices=[CompletionChoice(text=result.text, finish_reason=result.finish_reason)])
 
-    @router.post("/chat/completions", response_model=ChatCompletion)
-    def create_chat_completion(body: ChatCompletionRequest, tenant: Tenant, request: Request) -> ChatCompletion:
+    @router.post("/chat/completions", response_model=ChatCompletion, responses={200: {"content": STREAMED}})
+    def create_chat_completion(body: ChatCompletionRequest, tenant: Tenant, request: Request
+                               ) -> Union[ChatCompletion, StreamingResponse]:
         """Answer the conversation in `messages` with `model`, rendered by the base's chat template."""
         max_tokens = body.max_completion_tokens or body.max_tokens or CHAT_DEFAULT_MAX_TOKENS
-        pending, result = _complete(request, tenant, body, max_tokens, messages=_chat_messages(body.messages))
-        return ChatCompletion(id="chatcmpl-" + pending.request_id.removeprefix("gen-"),
-                              created=int(pending.submitted_at), model=body.model, usage=Usage(**result.usage()),
+        pending = _submit(request, tenant, body, max_tokens, messages=_chat_messages(body.messages))
+        completion_id, created = "chatcmpl-" + pending.request_id.removeprefix("gen-"), int(pending.submitted_at)
+        if body.stream:
+            return _stream(request, pending, ChatChunks(completion_id, created, body.model), body)
+        result = _wait(request, pending)
+        return ChatCompletion(id=completion_id, created=created, model=body.model, usage=Usage(**result.usage()),
                               choices=[ChatChoice(message=ChatMessageView(content=result.text),
                                                   finish_reason=result.finish_reason)])
 

@@ -13,8 +13,13 @@ results the engine does not run (`spec.NO_EVAL_SAMPLES`: a GaLore job's whole mo
 refused, naming why.
 
 The executor side (`executor/serving.py`) takes the requests of the base it has loaded between training steps
-(`take_requests`, bounded by a `ServingBudget`) and answers each (`answer`). An executor without jobs may load the base
+(`take_requests`, bounded by a `ServingBudget`) and answers each (`deliver`). An executor without jobs may load the base
 of requests that no executor serves (`bases_unserved`, `claim_base`). Keys: `keys.generation_*`.
+
+Streaming (`submit(..., stream=True)`): the executor publishes the request's text as it is generated
+(`publish_text`, `StreamEvent`s on `keys.generation_stream`) and ends the stream with the result (`deliver`) instead
+of answering on the result key; the caller reads the events as they come (`stream_events`). The stream's key holds
+the tenant's name: a request id read with another tenant's name finds nothing.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import re
 import secrets
 import time
 from pathlib import Path, PurePosixPath
-from typing import Literal, Optional, Sequence
+from typing import Iterator, Literal, Optional, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -43,6 +48,7 @@ MAX_TIMEOUT_SECONDS = 600.0
 MAX_WAITING_PER_BASE = 1024  # requests a base's queue holds; more are refused (429) until executors catch up
 DEFAULT_TIMEOUT_SECONDS = 60.0
 RESULT_TTL_SECONDS = 120  # an answer nobody collected is dropped after this
+STREAM_TTL_SECONDS = 120  # a stream nobody reads is dropped this long after its last event
 WAIT_SLICE_SECONDS = 2.0  # one blocking read of a waiter
 SERVER_TTL_SECONDS = 10  # an executor serving a base says so again at least this often (`mark_serving`)
 _FINE_TUNED_RE = re.compile(r"^ft:.+:(?P<job_id>job-[0-9a-f]{16})(?::ckpt-step-(?P<step>\d{1,9}))?$")
@@ -109,6 +115,7 @@ class GenerationRequest(_Record):
     sampling: Sampling = Sampling()
     submitted_at: float
     deadline: float  # unix s: an executor that takes it later drops it (its caller stopped waiting)
+    stream: bool = False  # the text is published as it is generated (`keys.generation_stream`), ending with the result
 
     @model_validator(mode="after")
     def _one_input(self) -> "GenerationRequest":
@@ -136,6 +143,14 @@ class GenerationResult(_Record):
         """The plain JSON the Celery task `lorafleet.generate` returns."""
         return {"id": self.request_id, "model": model, "text": self.text, "finish_reason": self.finish_reason,
                 "usage": self.usage()}
+
+
+class StreamEvent(_Record):
+    """One event of a streamed request (`keys.generation_stream`): text generated since the last event, and on the
+    last event the result, whose `text` is the whole text (`text` then is the part of it not sent before)."""
+
+    text: str = ""
+    result: Optional[GenerationResult] = None
 
 
 class ServingBudget(_Record):
@@ -307,9 +322,10 @@ class Generations:
 
     def submit(self, tenant: str, model: str, *, prompt: Optional[str] = None,
                messages: Optional[Sequence[dict | ChatMessage]] = None, sampling: Sampling = Sampling(),
-               timeout: float = DEFAULT_TIMEOUT_SECONDS) -> GenerationRequest:
+               timeout: float = DEFAULT_TIMEOUT_SECONDS, stream: bool = False) -> GenerationRequest:
         """Resolve `model`, check the request and queue it for the base's executors; the caller then waits with
-        `wait_result`. ValueError names the field at fault; LookupError: no such model of the tenant's."""
+        `wait_result` (`stream_events` when `stream`). ValueError names the field at fault; LookupError: no such
+        model of the tenant's."""
         if not 0 < timeout <= MAX_TIMEOUT_SECONDS:
             raise ValueError(f"timeout: must be more than 0 and at most {MAX_TIMEOUT_SECONDS:g} seconds")
         _check_input(prompt, messages)
@@ -318,7 +334,7 @@ class Generations:
         request = GenerationRequest(
             request_id=new_request_id(), tenant=tenant, target=target, prompt=prompt,
             messages=None if messages is None else tuple(ChatMessage.model_validate(m) for m in messages),
-            sampling=sampling, submitted_at=now, deadline=now + timeout)
+            sampling=sampling, submitted_at=now, deadline=now + timeout, stream=stream)
         queued = self._submit(keys=[keys.generation_queue(target.base.compat_key), keys.GENERATION_BASES],
                               args=[request.model_dump_json(), int(timeout) + 60, target.base.compat_key,
                                     target.base.model_dump_json(), MAX_WAITING_PER_BASE])
@@ -340,6 +356,29 @@ class Generations:
         raise GenerationTimeout(f"no executor serving base {request.target.base.base_name!r} answered within "
                                 f"{waited:g} s")
 
+    def stream_events(self, request: GenerationRequest) -> Iterator[StreamEvent]:
+        """The events of a streamed request as they come, until the one with the result. GenerationTimeout when no
+        executor took it by its deadline, or when one that did fell silent for as long as the request's timeout (it
+        died mid-answer)."""
+        key = keys.generation_stream(request.tenant, request.request_id)
+        silence = request.deadline - request.submitted_at
+        until, last_id = request.deadline, "0-0"
+        while (left := until - time.time()) > 0:
+            # in slices, as `wait_result`: a blocking read longer than the client's socket timeout fails
+            reply = self.r.xread({key: last_id}, block=max(10, int(1000 * min(left, WAIT_SLICE_SECONDS))))
+            for last_id, fields in (reply[0][1] if reply else ()):
+                event = StreamEvent.model_validate_json(fields["event"])
+                yield event
+                if event.result is not None:
+                    self.r.delete(key)
+                    return
+            if reply:
+                until = time.time() + silence
+        base = request.target.base.base_name
+        if last_id == "0-0":
+            raise GenerationTimeout(f"no executor serving base {base!r} answered within {silence:g} s")
+        raise GenerationTimeout(f"the executor answering on base {base!r} fell silent for {silence:g} s mid-answer")
+
     # ---- the executor's side ----
 
     def take_requests(self, compat_key_: str, budget: ServingBudget) -> list[GenerationRequest]:
@@ -354,6 +393,29 @@ class Generations:
         pipe.rpush(key, result.model_dump_json())
         pipe.expire(key, RESULT_TTL_SECONDS)
         pipe.execute()
+
+    def publish_text(self, texts: Sequence[tuple[GenerationRequest, str]]) -> None:
+        """Append each streamed request's new text to its stream (one round trip for a decode step's requests)."""
+        pipe = self.r.pipeline(transaction=False)
+        for request, text in texts:
+            self._append(pipe, request, StreamEvent(text=text))
+        pipe.execute()
+
+    def deliver(self, request: GenerationRequest, result: GenerationResult, unsent: str = "") -> None:
+        """The request's answer: on its result key (`answer`), or for a streamed request as its stream's last event,
+        with `unsent`, the part of the result's text not published before."""
+        if not request.stream:
+            self.answer(result)
+            return
+        pipe = self.r.pipeline(transaction=False)
+        self._append(pipe, request, StreamEvent(text=unsent, result=result))
+        pipe.execute()
+
+    @staticmethod
+    def _append(pipe, request: GenerationRequest, event: StreamEvent) -> None:
+        key = keys.generation_stream(request.tenant, request.request_id)
+        pipe.xadd(key, {"event": event.model_dump_json()})
+        pipe.expire(key, STREAM_TTL_SECONDS)
 
     def mark_serving(self, compat_key_: str, executor_id: str) -> None:
         """Say that this executor serves the base (`bases_unserved` leaves it to it)."""
