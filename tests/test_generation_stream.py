@@ -7,16 +7,18 @@ from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 
 import openai
 import pytest
 
 from helpers_models import build_tokenizer
 from helpers_polling import wait_until
-from lorafleet.executor.serving import cut_at_stop
+from lorafleet.executor.cohort import Cohort
+from lorafleet.executor.generate import Generator
+from lorafleet.executor.serving import GenerationServer, cut_at_stop
 from lorafleet.executor.streaming import INCOMPLETE, IncrementalText
 from lorafleet.scheduler import keys
+from lorafleet.scheduler.artifacts import ArtifactStore
 from lorafleet.scheduler.generation import (
     GenerationResult, Generations, GenerationTimeout, Sampling, ServingBudget,
 )
@@ -62,6 +64,43 @@ def test_a_stop_string_is_never_shown_even_in_part(stops, cut):
         assert final.startswith(shown), f"{shown!r} was shown; the text is {final!r}"
     if stops == ("ENDX",):
         assert shown == final, "held-back text is shown once the text shows it is no stop string"
+
+
+# ---- the executor's serving loop on a real cohort and Valkey, a batch failing part-way ----
+
+
+@pytest.mark.parametrize("text_sent", [True, False])
+def test_a_failed_batch_fails_a_stream_it_sent_text_of_and_runs_the_others_again(
+        store, make_tenant, tmp_path, hf_cache, base_model_dir, monkeypatch, text_sent):
+    """A batch of a streamed and a plain request fails after its first forward (the streamed one's first text
+    published, or not yet): a stream with text sent ends in an error event (a second run could draw other text);
+    the others run again alone and are answered in full."""
+    tenant = make_tenant()
+    generations = Generations(store, hf_cache, [base_model_dir.parent.parent])
+    key = generations.resolve_model(tenant.name, "test-org/tiny-model").base.compat_key
+    store.r.delete(keys.generation_queue(key))  # what other tests left waiting for this base
+    streamed, plain = (generations.submit(tenant.name, "test-org/tiny-model", prompt=PROMPT, stream=stream,
+                                          sampling=Sampling(max_tokens=6, temperature=0)) for stream in (True, False))
+    real_generate = Generator.generate
+
+    def failing_with_two(generator, requests, on_step=None):
+        def first_step(generated):
+            if text_sent:
+                on_step(generated)
+            raise RuntimeError("device lost")
+        return real_generate(generator, requests, first_step if len(requests) == 2 else on_step)
+
+    monkeypatch.setattr(Generator, "generate", failing_with_two)
+    server = GenerationServer(generations, "exec-stream", ArtifactStore(str(tmp_path)), tmp_path / "scratch")
+    assert server.serve(Cohort(base_model_dir), key, training=False) == 2
+    answer = generations.wait_result(plain, timeout=5)
+    assert answer.error is None and answer.completion_tokens == 6
+    events = list(generations.stream_events(streamed))
+    texts, last = [event.text for event in events], events[-1].result
+    if text_sent:
+        assert texts[0] and last.error == "generation failed: device lost" and "".join(texts) != answer.text
+    else:
+        assert last.error is None and "".join(texts) == last.text == answer.text and len(events) > 2
 
 
 # ---- through the service: the gateway and a real executor ----
