@@ -418,6 +418,10 @@ def check_method_format(method: str, fmt: str, field: str) -> None:
                          "train on them")
 
 
+# A check across fields (a model validator: no location) names the field it refuses first in its message
+_NAMED_REFUSAL_RE = re.compile(r"^Value error, ([A-Za-z_][A-Za-z0-9_.]*: .*)$", re.DOTALL)
+
+
 def _first_error(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors()[:5]:
@@ -425,7 +429,8 @@ def _first_error(exc: ValidationError) -> str:
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown field"
-        parts.append(f"{field}: {msg}")
+        named = None if err["loc"] else _NAMED_REFUSAL_RE.match(msg)
+        parts.append(named.group(1) if named else f"{field}: {msg}")
     return "invalid job spec: " + "; ".join(parts)
 
 

@@ -69,3 +69,14 @@ def test_eval_samples_on_a_base_the_engine_does_not_run_are_refused_by_the_gatew
     job = api.fine_tuning.jobs.create(model=str(gemma_dir), training_file=tenant.dataset,
                                       extra_body={"lorafleet": SMALL})
     assert job.status == "queued"
+
+
+@pytest.mark.parametrize("adapter, kind", [({"adapter_type": "lopa"}, "lopa"), ({"adapter_type": "galore"}, "galore")])
+def test_eval_samples_of_an_adapter_type_the_engine_does_not_run_name_the_param(gateway, make_tenant, adapter, kind):
+    """The spec's own refusal (a check across fields) reaches the gateway naming lorafleet.eval_samples."""
+    tenant = make_tenant()
+    options = {"max_seq_len": 256, **adapter, "eval_samples": PROMPTS}
+    with pytest.raises(openai.BadRequestError) as refused:
+        create(client(gateway, tenant.token), tenant.dataset, extra_body={"lorafleet": options})
+    assert refused.value.param == "lorafleet.eval_samples", refused.value.body
+    assert f"eval_samples: not offered for adapter.type '{kind}'" in refused.value.message
