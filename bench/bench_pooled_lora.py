@@ -196,7 +196,8 @@ def main(argv=None) -> dict:
               "rows": args.rows, "rank": args.rank, "targets": list(args.targets),
               "layers": len(step_dims(args)), "dtype": str(dtype).removeprefix("torch."),
               "threads": torch.get_num_threads()}
-    report["rows_by_adapters"] = measure(args, device, dtype)
+    with torch.no_grad():  # as generation runs
+        report["rows_by_adapters"] = measure(args, device, dtype)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"pooled_lora_{args.shape}_{device.type}.json").write_text(json.dumps(report, indent=1))

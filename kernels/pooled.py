@@ -34,7 +34,9 @@ class PooledLoraTable:
     offsets: torch.Tensor  # int64 [layers, segments, 3] on the device: A's first element, B's first element, rank
     tiles: torch.Tensor  # int64 [tiles, 3] on the device: segment, first row, end row (at most TILE_ROWS rows)
     scale_values: torch.Tensor  # float64 [segments] on the device
-    rank: int  # the kernels' padded rank R: a power of two, at least 16 and at least every rank of the table
+    # the kernels' padded rank R: a power of two (tl.arange), at least 16 (tl.dot) and at least every rank of the
+    # table, as segmented.padded_rank pads (not imported: this module works without Triton)
+    rank: int
 
 
 def pooled_lora_table(segments: Sequence[tuple[int, int]], scales: Sequence[float], offsets: torch.Tensor,
