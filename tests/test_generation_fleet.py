@@ -185,9 +185,15 @@ def test_bad_requests_in_a_batch_fail_alone(fleet_env, trained):
     assert too_long.error and "than the base's context of 1024 tokens" in too_long.error
     assert no_adapter.error and "adapter could not be loaded" in no_adapter.error
     assert fine.error is None and fine.completion_tokens >= 1
-    text = "".join(scrape(beat.metrics_port) for beat in fleet.executors(fleet_env.store.r)[0])
-    failed = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                 if line.startswith("lorafleet_generation_requests_total{") and 'outcome="failed"' in line)
-    assert failed >= 2, "the executors count the requests that failed alone"
-    assert metric_value(text, "lorafleet_generation_tokens_total") >= fine.completion_tokens
+
+    def counted() -> tuple[float, float]:
+        """(failed requests, generated tokens) the executors' metrics count; they count after answering."""
+        text = "".join(scrape(beat.metrics_port) for beat in fleet.executors(fleet_env.store.r)[0])
+        failed = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                     if line.startswith("lorafleet_generation_requests_total{") and 'outcome="failed"' in line)
+        return failed, metric_value(text, "lorafleet_generation_tokens_total")
+
+    wait_until(lambda: counted()[0] >= 2 and counted()[1] >= fine.completion_tokens,
+               "the executors to count the requests that failed alone and the tokens generated", timeout=15,
+               details=lambda: f"(failed, tokens) = {counted()}")
 
