@@ -32,7 +32,7 @@ import math
 import random
 import secrets
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -400,10 +400,11 @@ class Generator:
     # Generation
 
     def generate(self, requests: list[GenerationRequest],
-                 on_step: Callable[[dict[str, list[int]]], None] | None = None) -> list[Completion]:
+                 on_step: Callable[[dict[str, list[int]]], Collection[str]] | None = None) -> list[Completion]:
         """Complete every request (same order); requests join the running batch as pages allow. `on_step` is called
-        after each forward with request id -> tokens generated so far (read only) of the requests it advanced: a
-        streaming caller publishes their new text as they are generated."""
+        after each forward with request id -> tokens generated so far (read only) of the requests it advanced, and
+        returns the ids of those to end now (finish_reason "stop"): a streaming caller publishes their new text as
+        they are generated, and ends a request whose text reached one of its stop strings."""
         if self._closed:
             raise RuntimeError("this Generator was closed (its pool given back): make a new one")
         live = self._live_adapters()
@@ -421,7 +422,11 @@ class Generator:
                     else:
                         self._decode(running)
                     if on_step is not None:
-                        on_step({request.request.request_id: request.generated for request in admitted or running})
+                        stepped = admitted or running
+                        ended = on_step({request.request.request_id: request.generated for request in stepped})
+                        for request in stepped:
+                            if request.request.request_id in ended and not request.finish_reason:
+                                request.finish_reason = "stop"
                     for request in [request for request in running if request.finish_reason]:
                         completions[request.index] = request.completion()
                         self._retire(request)

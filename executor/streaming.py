@@ -1,6 +1,7 @@
 """A streamed generation request's text as it is generated (executor/serving.py): after each forward the requests'
 new tokens become text that never splits a character and never shows part of a stop string, published to each
-request's stream (`Generations.publish_text`) in one round trip.
+request's stream (`Generations.publish_text`) in one round trip. A request whose text reached one of its stop strings
+(streamed or not) ends there: nothing after it would be shown, and its caller need not wait for max_tokens.
 
 Incremental detokenization: a token's text depends on its neighbours (a byte-level BPE token may be one byte of a
 multi-byte character; SentencePiece drops the leading space of a decode's first word). So each step decodes a short
@@ -38,7 +39,7 @@ class IncrementalText:
         self.tokenizer, self.stops = tokenizer, stops
         self.text = ""  # decoded so far
         self.sent = 0  # characters of `text` shown
-        self.stopped = False  # a stop string was found: nothing after it will ever be shown
+        self.stopped = False  # the text reached a stop string, and none begins before it: the request may end
         self._prefix = self._read = 0  # token offsets: the window's start, the end of the tokens decoded
 
     def add(self, tokens: list[int]) -> str:
@@ -66,45 +67,60 @@ class IncrementalText:
     def _shown_end(self) -> int:
         """Where the text that may be shown ends: before the first stop string, or before a tail that one begins
         with. Nothing before `sent` starts one (it would have been held back), so the search starts there."""
-        end = len(self.text)
+        end, first_stop = len(self.text), None
         for stop in self.stops:
             found = self.text.find(stop, self.sent)
             if found >= 0:
-                self.stopped = True
+                first_stop = found if first_stop is None else min(first_stop, found)
                 end = min(end, found)
             else:
                 end = min(end, len(self.text) - begun_length(self.text, stop))
+        # ended only when no other stop string may yet begin before this one: the cut is then final
+        self.stopped = first_stop is not None and first_stop == end
         return end
 
 
 class StreamPublisher:
     """The `on_step` of the `Generator.generate` calls of one batch: publishes the new text of its streamed
-    requests, and ends their streams with the text not sent yet."""
+    requests, ends the requests (streamed or not) whose text reached a stop string, and delivers the answers (a
+    stream's last event with the text not sent yet)."""
 
     def __init__(self, generations: Generations, tokenizer, requests: list[GenerationRequest]):
         self.generations, self.tokenizer = generations, tokenizer
-        self.requests = {request.request_id: request for request in requests if request.stream}
+        self.requests = {request.request_id: request for request in requests
+                         if request.stream or request.sampling.stop}
         self.texts = {request_id: IncrementalText(tokenizer, request.sampling.stop)
                       for request_id, request in self.requests.items()}
 
-    def __call__(self, generated: dict[str, list[int]]) -> None:
-        new_texts = [(self.requests[request_id], new) for request_id, tokens in generated.items()
-                     if request_id in self.texts and (new := self.texts[request_id].add(tokens))]
+    def __call__(self, generated: dict[str, list[int]]) -> set[str]:
+        """Publish the streamed requests' new text; the ids of the requests to end (a stop string reached)."""
+        new_texts, ended = [], set()
+        for request_id, tokens in generated.items():
+            if request_id not in self.texts:
+                continue
+            text, request = self.texts[request_id], self.requests[request_id]
+            new = text.add(tokens)
+            if new and request.stream:
+                new_texts.append((request, new))
+            if text.stopped:
+                ended.add(request_id)
         if new_texts:
             self.generations.publish_text(new_texts)
+        return ended
 
     def may_run_again(self, request_id: str) -> bool:
-        """Whether a request whose batch failed may run again: not once some of its text was sent (a second run
-        may draw other tokens); else its text starts afresh."""
+        """Whether a request whose batch failed may run again: not a streamed one some of whose text was sent (a
+        second run may draw other tokens); its text starts afresh."""
         if request_id in self.texts:
-            if self.texts[request_id].sent:
+            request = self.requests[request_id]
+            if request.stream and self.texts[request_id].sent:
                 return False
-            self.texts[request_id] = IncrementalText(self.tokenizer, self.requests[request_id].sampling.stop)
+            self.texts[request_id] = IncrementalText(self.tokenizer, request.sampling.stop)
         return True
 
     def deliver(self, request: GenerationRequest, result: GenerationResult) -> None:
         """The request's answer (`Generations.deliver`): a streamed one's last event carries the text not sent."""
-        streamed = self.texts.get(request.request_id)
+        streamed = self.texts.get(request.request_id) if request.stream else None
         sent = streamed.text[:streamed.sent] if streamed else ""
         if result.error is None and not result.text.startswith(sent):  # the windowed decode disagreed with the whole
             log.warning("request %s: streamed text %r is not the start of its text %r", request.request_id, sent,

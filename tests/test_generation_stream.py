@@ -32,9 +32,15 @@ CHAT = [{"role": "user", "content": "write a short poem"}]
 
 
 def shown_step_by_step(tokenizer, ids: list[int], stops: tuple[str, ...]) -> list[str]:
-    """The text an executor publishes after each of `ids` is generated."""
-    text = IncrementalText(tokenizer, stops)
-    return [text.add(ids[:count]) for count in range(1, len(ids) + 1)]
+    """The text an executor publishes after each of `ids` is generated, until it ends the request (a stop string)."""
+    text, shown = IncrementalText(tokenizer, stops), []
+    for count in range(1, len(ids) + 1):
+        shown.append(text.add(ids[:count]))
+        if text.stopped:
+            assert cut_at_stop(tokenizer.decode(ids[:count]), stops) == cut_at_stop(tokenizer.decode(ids), stops), \
+                "a request ends only once its cut text is final"
+            break
+    return shown
 
 
 def test_streamed_text_never_splits_a_character_and_adds_up_to_the_decoded_text():
@@ -51,19 +57,21 @@ def test_streamed_text_never_splits_a_character_and_adds_up_to_the_decoded_text(
     (("END",), "the fox jumps "),  # cut before the stop string
     (("ENDX",), "the fox jumps END over ENDING"),  # begins twice, never completes: everything, in the end
     (("fox jumps X", "jumps"), "the fox "),  # the first stop completes while a longer one might still begin earlier
+    (("fox jumps END", "jumps"), "the "),  # ... and does, after it
 ])
-def test_a_stop_string_is_never_shown_even_in_part(stops, cut):
+def test_a_stop_string_is_never_shown_even_in_part_and_ends_the_request_once_the_cut_is_final(stops, cut):
     tokenizer = build_tokenizer()
     text = "the fox jumps END over ENDING"
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     final, _ = cut_at_stop(tokenizer.decode(ids), stops)
     assert final == cut
-    shown = ""
-    for piece in shown_step_by_step(tokenizer, ids, stops):
+    shown, pieces = "", shown_step_by_step(tokenizer, ids, stops)
+    for piece in pieces:
         shown += piece
         assert final.startswith(shown), f"{shown!r} was shown; the text is {final!r}"
     if stops == ("ENDX",):
         assert shown == final, "held-back text is shown once the text shows it is no stop string"
+    assert (len(pieces) < len(ids)) == (stops != ("ENDX",)), "a request whose text reached a stop string ends there"
 
 
 # ---- the executor's serving loop on a real cohort and Valkey, a batch failing part-way ----
@@ -187,11 +195,17 @@ def test_a_stop_string_never_shows_in_the_stream_even_in_part(fleet, api):  # no
     assert len(stop) == 3 and stop in text and never not in text
     for stops, expected in (([stop], text[:text.find(stop)]), ([never], text)):
         shown = ""
-        for _, chunk in streamed(api.completions.create(model=model, prompt=PROMPT, max_tokens=24, temperature=0,
-                                                        stream=True, stop=stops)):
+        chunks = [chunk for _, chunk in streamed(api.completions.create(
+            model=model, prompt=PROMPT, max_tokens=24, temperature=0, stream=True, stop=stops,
+            stream_options={"include_usage": True}))]
+        for chunk in chunks[:-1]:
             shown += chunk.choices[0].text
             assert expected.startswith(shown), f"{shown!r} was shown; the text is {expected!r} (stop {stops})"
         assert shown == expected
+        ended_early = chunks[-1].usage.completion_tokens < 24
+        assert ended_early == (stops == [stop]), "generation ends where the text reaches a stop string"
+    plain = api.completions.create(model=model, prompt=PROMPT, max_tokens=24, temperature=0, stop=[stop])
+    assert plain.choices[0].text == text[:text.find(stop)] and plain.usage.completion_tokens < 24
 
 
 def test_a_bad_streamed_request_fails_with_an_error_naming_the_problem(fleet, api):  # noqa: F811
