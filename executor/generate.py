@@ -9,10 +9,12 @@ factors lie (`PooledAdapters`), so nothing is stacked per step however many adap
 
 The decode path is our own forward over the HF modules (gpt-fast style): embeddings; per layer norm, q/k/v through
 the multi-adapter layers, rotary, the new K/V written into the paged cache, attention, o_proj, MLP; the final norm
-and the LM head only on the rows whose next token is sampled. A request's prompt is prefilled packed with the other
-new prompts (varlen attention within each); then every running request decodes one token per step in one forward.
-Requests join as others finish (continuous batching), within the pages of one `UnifiedPool` that holds both the KV
-cache and the resident adapters (executor/kv_pool.py).
+and the LM head only on the rows whose next token is sampled. Each round is one forward over every running request
+(vLLM's mixed batches): a decoding request's last token, and the next chunk of each prompt being prefilled, within
+`max_prefill_tokens` prompt tokens a round; the base weights are read once for both, a long prompt is prefilled over
+several rounds (its later chunks attending to its cached earlier ones) while the others keep decoding, and it samples
+its first token after its last chunk. Requests join as others finish (continuous batching), within the pages of one
+`UnifiedPool` that holds both the KV cache and the resident adapters (executor/kv_pool.py).
 
 Nothing here changes training: a live job's adapter runs in eval mode (no dropout) under no_grad, no global RNG is
 drawn (sampling uses each request's own generator), and the routing is restored afterwards. A Generator serves one
@@ -54,7 +56,8 @@ LOADED_PREFIX = "gen:"  # loaded adapters' keys in the layers' `adapters` dicts:
 BLOCK_TOKENS = 16
 CPU_POOL_BYTES = 64 << 20
 GPU_POOL_SHARE = 0.4  # of the free GPU memory, when no pool size is given
-# prompt tokens one prefill forward takes at most (one longer prompt goes alone): bounds its activations
+# prompt tokens one forward takes at most (a longer prompt is prefilled in chunks over several rounds): bounds its
+# activations, and how long a round of new prompts holds up the running requests' next tokens
 MAX_PREFILL_TOKENS = 16384
 
 
@@ -156,12 +159,38 @@ def _read_vera(config: dict, tensors: dict[str, torch.Tensor], layer_shapes) -> 
 # The forward
 
 
+@dataclass(frozen=True)
+class PromptSpans:
+    """Spans that begin their prompt (a whole prompt or its first chunk): each attends causally within itself."""
+
+    rows: torch.Tensor  # their rows, span after span
+    lengths: list[int]
+
+
+@dataclass(frozen=True)
+class PagedRows:
+    """One-row spans (a decode step, or a one-token chunk): each attends over its request's cache up to itself."""
+
+    rows: torch.Tensor  # [B]
+    block_tables: torch.Tensor  # [B, blocks]
+    context_lengths: torch.Tensor  # [B] its request's cached tokens, its own included
+
+
+@dataclass(frozen=True)
+class ChunkSpan:
+    """A later chunk of a prompt: attends causally over its request's cache, its earlier chunks and itself."""
+
+    rows: slice
+    block_table: torch.Tensor  # [blocks] of its request, up to its last row
+    positions: torch.Tensor  # [rows]
+
+
 @dataclass
 class ForwardRows:
     """One forward's rows: what they hold, where their K/V go, and how they attend.
 
-    Prefill: `sequence_lengths` (each prompt attends causally within itself). Decode: one row per request,
-    `block_tables` [B, blocks] and `context_lengths` [B] (each row attends over its request's cache)."""
+    The rows are grouped by adapter (`segments`); a request's rows are one span of its sequence, prefill or decode,
+    and each kind of span attends its own way (`attend`)."""
 
     token_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [T]
@@ -169,9 +198,9 @@ class ForwardRows:
     slot_offsets: torch.Tensor  # [T] its place in the page
     segments: dict[str, tuple[int, int]]  # routing key -> rows
     logit_rows: torch.Tensor  # rows whose next token is sampled
-    sequence_lengths: list[int] | None = None
-    block_tables: torch.Tensor | None = None
-    context_lengths: torch.Tensor | None = None
+    prompts: PromptSpans | None = None
+    paged: PagedRows | None = None
+    chunks: list[ChunkSpan] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -199,23 +228,52 @@ def prefill_attention(q, k, v, lengths: list[int], scaling: float, window: int |
                             cu_seq_lens_q=boundaries, max_length_q=max(lengths))[0][0]
 
 
-def decode_attention(q, kv_layer, block_tables, context_lengths, scaling: float, window: int | None) -> torch.Tensor:
-    """One query per request over its paged cache: q [B, H, D], kv_layer [pages, 2, block, H_kv, D] -> [B, H, D].
+def paged_attention(q, kv_layer, block_tables, query_positions, scaling: float, window: int | None) -> torch.Tensor:
+    """Queries over their requests' paged caches: q [B, n, H, D] (n rows of each request), kv_layer [pages, 2,
+    block, H_kv, D], block_tables [B, blocks], query_positions [B, n] -> [B, n, H, D].
 
-    The blocks of each request are gathered into [B, H_kv, S, D] (S: the longest context's blocks), positions past
-    a request's context (or before its window) masked out. The query heads that share a K/V head (consecutive, as
-    HF's repeat_kv pairs them) attend as that head's rows of queries: K/V are never repeated per query head."""
-    batch, blocks = block_tables.shape
-    kv_heads, head_dim = kv_layer.shape[-2:]
+    The blocks of each request are gathered into [B, H_kv, S, D] (S: the widest table's blocks); a query sees the
+    cached positions up to its own (within the window when there is one). The query heads that share a K/V head
+    (consecutive, as HF's repeat_kv pairs them) attend as that head's rows of queries: K/V are never repeated per
+    query head."""
+    batch, rows, heads, head_dim = q.shape
+    kv_heads = kv_layer.shape[-2]
+    groups = heads // kv_heads
     gathered = kv_layer[block_tables]  # [B, blocks, 2, block, H_kv, D]
     keys, values = (gathered[:, :, i].reshape(batch, -1, kv_heads, head_dim).transpose(1, 2) for i in (0, 1))
-    positions = torch.arange(keys.shape[2], device=q.device)
-    visible = positions[None, :] < context_lengths[:, None]
+    cached = torch.arange(keys.shape[2], device=q.device)
+    visible = cached <= query_positions[..., None]  # [B, n, S]
     if window is not None:
-        visible &= positions[None, :] >= context_lengths[:, None] - window
-    grouped = q.reshape(batch, kv_heads, -1, head_dim)  # [B, H_kv, H / H_kv, D]
-    out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=visible[:, None, None, :], scale=scaling)
-    return out.reshape(q.shape)
+        visible &= cached > query_positions[..., None] - window
+    grouped = q.reshape(batch, rows, kv_heads, groups, head_dim).transpose(1, 2)  # [B, H_kv, n, H / H_kv, D]
+    mask = visible.repeat_interleave(groups, dim=1)[:, None]  # [B, 1, n * H / H_kv, S]
+    out = F.scaled_dot_product_attention(grouped.reshape(batch, kv_heads, rows * groups, head_dim), keys, values,
+                                         attn_mask=mask, scale=scaling)
+    return out.reshape(batch, kv_heads, rows, groups, head_dim).transpose(1, 2).reshape(q.shape)
+
+
+def decode_attention(q, kv_layer, block_tables, context_lengths, scaling: float, window: int | None) -> torch.Tensor:
+    """One query per request, its last cached position: q [B, H, D] -> [B, H, D]."""
+    positions = (context_lengths - 1)[:, None]
+    return paged_attention(q[:, None], kv_layer, block_tables, positions, scaling, window)[:, 0]
+
+
+def attend(q, k, v, kv_layer, rows: ForwardRows, scaling: float, window: int | None) -> torch.Tensor:
+    """Every row's attention, each kind of span its own way: q [T, H, D], k/v [T, H_kv, D] (already in the cache
+    too) -> [T, H, D]. A prompt's first rows attend within themselves, without reading the cache (flash varlen on
+    the GPU)."""
+    out = torch.empty_like(q)
+    if rows.prompts is not None:
+        index = rows.prompts.rows
+        out[index] = prefill_attention(q[index], k[index], v[index], rows.prompts.lengths, scaling, window)
+    if rows.paged is not None:
+        paged = rows.paged
+        out[paged.rows] = decode_attention(q[paged.rows], kv_layer, paged.block_tables, paged.context_lengths,
+                                           scaling, window)
+    for chunk in rows.chunks:
+        out[chunk.rows] = paged_attention(q[chunk.rows][None], kv_layer, chunk.block_table[None],
+                                          chunk.positions[None], scaling, window)[0]
+    return out
 
 
 # Sampling
@@ -263,15 +321,39 @@ class Running:
     rng: random.Random  # its own stream of uniforms for sampling
     generated: list[int] = field(default_factory=list)
     finish_reason: str | None = None
+    prefilled: int = 0  # prompt tokens whose K/V are cached: a long prompt is prefilled a chunk a round
 
     @property
     def cached_tokens(self) -> int:
-        """Tokens whose K/V are in the cache: the prompt, and every generated token but the last."""
-        return len(self.request.prompt_ids) + max(0, len(self.generated) - 1)
+        """Tokens whose K/V are in the cache (the position of its next row): the prompt's prefilled part, and every
+        generated token but the last."""
+        return self.prefilled + max(0, len(self.generated) - 1)
+
+    @property
+    def prompt_left(self) -> int:
+        return len(self.request.prompt_ids) - self.prefilled
 
     def completion(self) -> Completion:
         return Completion(self.request.request_id, tuple(self.generated), self.finish_reason,
                           len(self.request.prompt_ids))
+
+
+@dataclass(frozen=True)
+class Span:
+    """A request's rows in one forward: `tokens` of its sequence from position `start` on."""
+
+    request: Running
+    start: int
+    tokens: tuple[int, ...]
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.tokens)
+
+    @property
+    def samples(self) -> bool:
+        """Whether its last row's logits give the request's next token: a decode step, or its prompt's last chunk."""
+        return self.end >= len(self.request.request.prompt_ids)
 
 
 class Generator:
@@ -290,6 +372,8 @@ class Generator:
         self.model, self.routing = model, routing
         self.decoder = model.model
         self.eos_token_ids = tuple(eos_token_ids)
+        if max_prefill_tokens < 1:
+            raise ValueError(f"max_prefill_tokens must be at least 1, not {max_prefill_tokens}")
         self.max_prefill_tokens = max_prefill_tokens
         self.device = self.decoder.embed_tokens.weight.device
         attention = self.decoder.layers[0].self_attn
@@ -415,14 +499,9 @@ class Generator:
         with self._serving(routes, live):
             try:
                 while waiting or running:
-                    admitted = self._admit(waiting, running)
-                    running += admitted
-                    if admitted:
-                        self._prefill(admitted)
-                    else:
-                        self._decode(running)
+                    running += self._admit(waiting, running)
+                    stepped = self._step(self._round_spans(running))
                     if on_step is not None:
-                        stepped = admitted or running
                         ended = on_step({request.request.request_id: request.generated for request in stepped})
                         for request in stepped:
                             if request.request.request_id in ended and not request.finish_reason:
@@ -483,14 +562,14 @@ class Generator:
 
     def _admit(self, waiting: deque, running: list[Running]) -> list[Running]:
         """Take waiting requests in order while the pool has pages for their adapter and whole KV (no preemption:
-        a running request never runs out of pages) and the prefill stays within `max_prefill_tokens`. With nothing
-        running the first one always fits (`_check`)."""
-        admitted, prefill_tokens = [], 0
+        a running request never runs out of pages) and this round's `max_prefill_tokens`, after the prompts still
+        being prefilled, have tokens left for a first chunk. With nothing running the first one always fits
+        (`_check`)."""
+        admitted = []
+        budget = self.max_prefill_tokens - sum(request.prompt_left for request in running)
         try:
-            while waiting:
+            while waiting and budget > 0:
                 index, request, route = waiting[0]
-                if admitted and prefill_tokens + len(request.prompt_ids) > self.max_prefill_tokens:
-                    break
                 pages = self._reserve(route, request)
                 if pages is None:
                     if not running and not admitted:
@@ -498,7 +577,7 @@ class Generator:
                     break
                 waiting.popleft()
                 admitted.append(Running(index, request, route, pages, _request_rng(request.sampling)))
-                prefill_tokens += len(request.prompt_ids)
+                budget -= len(request.prompt_ids)
         except BaseException:  # a copy that failed, say: what was taken for this round goes back
             for running_request in admitted:
                 self._retire(running_request)
@@ -527,41 +606,78 @@ class Generator:
         if request.route is not None and request.route.startswith(LOADED_PREFIX):
             self.pool.unpin(request.route)
 
-    def _prefill(self, requests: list[Running]) -> None:
-        """One packed forward over the new prompts (grouped by adapter); each samples its first token."""
-        requests = sorted(requests, key=_route_order)
-        block = self.pool.layout.block_tokens
-        ids, positions, pages, offsets, lengths = [], [], [], [], []
-        for request in requests:
-            prompt = request.request.prompt_ids
-            ids += prompt
-            positions += range(len(prompt))
-            pages += [request.pages[p // block] for p in range(len(prompt))]
-            offsets += [p % block for p in range(len(prompt))]
-            lengths.append(len(prompt))
-        last_rows = torch.tensor(lengths).cumsum(0) - 1
-        rows = ForwardRows(*self._tensors(ids, positions, pages, offsets), _segments(requests, lengths),
-                           last_rows.to(self.device), sequence_lengths=lengths)
-        self._sample(requests, self._forward(rows))
+    def _round_spans(self, running: list[Running]) -> list[Span]:
+        """Each running request's rows this round: a decoding one's last token; a prefilling one's next chunk of its
+        prompt while the round's `max_prefill_tokens` last (the earliest admitted first)."""
+        spans, budget = [], self.max_prefill_tokens
+        for request in running:
+            start = request.cached_tokens
+            if request.prompt_left == 0:
+                spans.append(Span(request, start, (request.generated[-1],)))
+            elif budget > 0:
+                chunk = request.request.prompt_ids[start:start + budget]
+                spans.append(Span(request, start, chunk))
+                budget -= len(chunk)
+        return spans
 
-    def _decode(self, requests: list[Running]) -> None:
-        """One forward with one row per running request: its last token in, its next token out."""
-        requests = sorted(requests, key=_route_order)
+    def _step(self, spans: list[Span]) -> list[Running]:
+        """One forward over the round's spans; the requests it advanced (a decode step, or a prompt's last chunk)
+        sample their next token and are returned."""
+        spans = sorted(spans, key=lambda span: _route_order(span.request))
+        logits = self._forward(self._forward_rows(spans))
+        for span in spans:
+            span.request.prefilled = min(span.end, len(span.request.request.prompt_ids))
+        advanced = [span.request for span in spans if span.samples]
+        if advanced:
+            self._sample(advanced, logits)
+        return advanced
+
+    def _forward_rows(self, spans: list[Span]) -> ForwardRows:
+        """The spans (grouped by adapter) as one forward's rows; the last row of each span that samples gives its
+        logits."""
         block = self.pool.layout.block_tokens
-        positions = [request.cached_tokens for request in requests]
-        used = [request.pages[:p // block + 1] for request, p in zip(requests, positions)]  # blocks of the context
-        widest = max(len(pages) for pages in used)
-        tables = [pages + pages[:1] * (widest - len(pages)) for pages in used]
-        rows = ForwardRows(
-            *self._tensors([request.generated[-1] for request in requests], positions,
-                           [request.pages[p // block] for request, p in zip(requests, positions)],
-                           [p % block for p in positions]),
-            _segments(requests, [1] * len(requests)),
-            torch.arange(len(requests), device=self.device),
-            block_tables=torch.tensor(tables, device=self.device),
-            context_lengths=torch.tensor(positions, device=self.device) + 1,
-        )
-        self._sample(requests, self._forward(rows))
+        ids, places, firsts = [], [], []
+        for span in spans:
+            firsts.append(len(ids))
+            ids += span.tokens
+            places += range(span.start, span.end)
+        pages = [span.request.pages[p // block] for span in spans for p in range(span.start, span.end)]
+        logit_rows = [first + len(span.tokens) - 1 for span, first in zip(spans, firsts) if span.samples]
+        token_ids, positions, slot_pages, slot_offsets, logit_rows = self._tensors(
+            ids, places, pages, [p % block for p in places], logit_rows)
+        return ForwardRows(token_ids, positions, slot_pages, slot_offsets,
+                           _segments([span.request for span in spans], [len(span.tokens) for span in spans]),
+                           logit_rows, *self._attention_parts(spans, firsts))
+
+    def _attention_parts(self, spans: list[Span], firsts: list[int]):
+        """ForwardRows' prompts, paged rows and chunks: which rows attend how."""
+        prompt_rows, prompt_lengths, paged, paged_rows, chunks = [], [], [], [], []
+        for span, first in zip(spans, firsts):
+            rows = range(first, first + len(span.tokens))
+            if len(rows) == 1:
+                paged.append(span)
+                paged_rows.append(first)
+            elif span.start == 0:
+                prompt_rows += rows
+                prompt_lengths.append(len(rows))
+            else:
+                table, positions = self._tensors(self._context_pages(span), list(range(span.start, span.end)))
+                chunks.append(ChunkSpan(slice(rows.start, rows.stop), table, positions))
+        prompts = PromptSpans(*self._tensors(prompt_rows), prompt_lengths) if prompt_rows else None
+        return prompts, self._paged_rows(paged, paged_rows), chunks
+
+    def _paged_rows(self, spans: list[Span], rows: list[int]) -> PagedRows | None:
+        if not spans:
+            return None
+        tables = [self._context_pages(span) for span in spans]
+        widest = max(len(pages) for pages in tables)
+        tables = [pages + pages[:1] * (widest - len(pages)) for pages in tables]  # padding: masked out
+        rows, tables, context_lengths = self._tensors(rows, tables, [span.end for span in spans])
+        return PagedRows(rows, tables, context_lengths)
+
+    def _context_pages(self, span: Span) -> list[int]:
+        """The blocks of its request's cache up to the span's last row."""
+        return span.request.pages[:(span.end - 1) // self.pool.layout.block_tokens + 1]
 
     def _tensors(self, *lists: list[int]) -> list[torch.Tensor]:
         return [torch.tensor(values, dtype=torch.int64, device=self.device) for values in lists]
@@ -627,11 +743,7 @@ class Generator:
         q, k = rotary(q, cos, sin), rotary(k, cos, sin)
         kv_layer[rows.slot_pages, 0, rows.slot_offsets] = k
         kv_layer[rows.slot_pages, 1, rows.slot_offsets] = v
-        window = _sliding_window(attention)
-        if rows.sequence_lengths is not None:
-            out = prefill_attention(q, k, v, rows.sequence_lengths, attention.scaling, window)
-        else:
-            out = decode_attention(q, kv_layer, rows.block_tables, rows.context_lengths, attention.scaling, window)
+        out = attend(q, k, v, kv_layer, rows, attention.scaling, _sliding_window(attention))
         return attention.o_proj(out.reshape(length, -1))
 
 
