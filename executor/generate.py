@@ -59,6 +59,9 @@ GPU_POOL_SHARE = 0.4  # of the free GPU memory, when no pool size is given
 # prompt tokens one forward takes at most (a longer prompt is prefilled in chunks over several rounds): bounds its
 # activations, and how long a round of new prompts holds up the running requests' next tokens
 MAX_PREFILL_TOKENS = 16384
+# queries of a later chunk that attend at once: their mask (and scores) over the request's cache are [rows x query
+# heads per K/V head, its cached tokens], bounded here instead of by the whole chunk
+CHUNK_ATTENTION_ROWS = 512
 
 
 @dataclass(frozen=True)
@@ -163,7 +166,7 @@ def _read_vera(config: dict, tensors: dict[str, torch.Tensor], layer_shapes) -> 
 class PromptSpans:
     """Spans that begin their prompt (a whole prompt or its first chunk): each attends causally within itself."""
 
-    rows: torch.Tensor  # their rows, span after span
+    rows: slice | torch.Tensor  # their rows, span after span
     lengths: list[int]
 
 
@@ -171,14 +174,15 @@ class PromptSpans:
 class PagedRows:
     """One-row spans (a decode step, or a one-token chunk): each attends over its request's cache up to itself."""
 
-    rows: torch.Tensor  # [B]
+    rows: slice | torch.Tensor  # [B]
     block_tables: torch.Tensor  # [B, blocks]
     context_lengths: torch.Tensor  # [B] its request's cached tokens, its own included
 
 
 @dataclass(frozen=True)
 class ChunkSpan:
-    """A later chunk of a prompt: attends causally over its request's cache, its earlier chunks and itself."""
+    """A later chunk of a prompt (or a piece of one, CHUNK_ATTENTION_ROWS): attends causally over its request's
+    cache, its earlier chunks and itself."""
 
     rows: slice
     block_table: torch.Tensor  # [blocks] of its request, up to its last row
@@ -246,7 +250,8 @@ def paged_attention(q, kv_layer, block_tables, query_positions, scaling: float, 
     if window is not None:
         visible &= cached > query_positions[..., None] - window
     grouped = q.reshape(batch, rows, kv_heads, groups, head_dim).transpose(1, 2)  # [B, H_kv, n, H / H_kv, D]
-    mask = visible.repeat_interleave(groups, dim=1)[:, None]  # [B, 1, n * H / H_kv, S]
+    # [B, 1, n * H / H_kv, S]: a view (the mask broadcast over the group) for one query a request
+    mask = visible[:, :, None].expand(-1, -1, groups, -1).reshape(batch, 1, rows * groups, -1)
     out = F.scaled_dot_product_attention(grouped.reshape(batch, kv_heads, rows * groups, head_dim), keys, values,
                                          attn_mask=mask, scale=scaling)
     return out.reshape(batch, kv_heads, rows, groups, head_dim).transpose(1, 2).reshape(q.shape)
@@ -262,17 +267,22 @@ def attend(q, k, v, kv_layer, rows: ForwardRows, scaling: float, window: int | N
     """Every row's attention, each kind of span its own way: q [T, H, D], k/v [T, H_kv, D] (already in the cache
     too) -> [T, H, D]. A prompt's first rows attend within themselves, without reading the cache (flash varlen on
     the GPU)."""
-    out = torch.empty_like(q)
+    parts = []  # (rows, their attention)
     if rows.prompts is not None:
         index = rows.prompts.rows
-        out[index] = prefill_attention(q[index], k[index], v[index], rows.prompts.lengths, scaling, window)
+        parts.append((index, prefill_attention(q[index], k[index], v[index], rows.prompts.lengths, scaling, window)))
     if rows.paged is not None:
         paged = rows.paged
-        out[paged.rows] = decode_attention(q[paged.rows], kv_layer, paged.block_tables, paged.context_lengths,
-                                           scaling, window)
+        parts.append((paged.rows, decode_attention(q[paged.rows], kv_layer, paged.block_tables,
+                                                   paged.context_lengths, scaling, window)))
     for chunk in rows.chunks:
-        out[chunk.rows] = paged_attention(q[chunk.rows][None], kv_layer, chunk.block_table[None],
-                                          chunk.positions[None], scaling, window)[0]
+        parts.append((chunk.rows, paged_attention(q[chunk.rows][None], kv_layer, chunk.block_table[None],
+                                                  chunk.positions[None], scaling, window)[0]))
+    if len(parts) == 1:  # one kind of span (a round of decode steps alone, say): its rows are all, in order
+        return parts[0][1]
+    out = torch.empty_like(q)
+    for index, part in parts:
+        out[index] = part
     return out
 
 
@@ -338,17 +348,17 @@ class Running:
                           len(self.request.prompt_ids))
 
 
-@dataclass(frozen=True)
+@dataclass
 class Span:
     """A request's rows in one forward: `tokens` of its sequence from position `start` on."""
 
     request: Running
     start: int
     tokens: tuple[int, ...]
+    end: int = field(init=False)  # a field, not a property: read several times per row per round
 
-    @property
-    def end(self) -> int:
-        return self.start + len(self.tokens)
+    def __post_init__(self):
+        self.end = self.start + len(self.tokens)
 
     @property
     def samples(self) -> bool:
@@ -661,10 +671,19 @@ class Generator:
                 prompt_rows += rows
                 prompt_lengths.append(len(rows))
             else:
-                table, positions = self._tensors(self._context_pages(span), list(range(span.start, span.end)))
-                chunks.append(ChunkSpan(slice(rows.start, rows.stop), table, positions))
-        prompts = PromptSpans(*self._tensors(prompt_rows), prompt_lengths) if prompt_rows else None
+                chunks += self._chunk_pieces(span, rows)
+        prompts = PromptSpans(self._row_index(prompt_rows), prompt_lengths) if prompt_rows else None
         return prompts, self._paged_rows(paged, paged_rows), chunks
+
+    def _chunk_pieces(self, span: Span, rows: range) -> list[ChunkSpan]:
+        """A later chunk as pieces of at most CHUNK_ATTENTION_ROWS queries, each over the cache up to its last."""
+        pieces = []
+        for offset in range(0, len(rows), CHUNK_ATTENTION_ROWS):
+            piece = Span(span.request, span.start + offset, span.tokens[offset:offset + CHUNK_ATTENTION_ROWS])
+            table, positions = self._tensors(self._context_pages(piece), list(range(piece.start, piece.end)))
+            pieces.append(ChunkSpan(slice(rows.start + offset, rows.start + offset + len(piece.tokens)), table,
+                                    positions))
+        return pieces
 
     def _paged_rows(self, spans: list[Span], rows: list[int]) -> PagedRows | None:
         if not spans:
@@ -672,8 +691,15 @@ class Generator:
         tables = [self._context_pages(span) for span in spans]
         widest = max(len(pages) for pages in tables)
         tables = [pages + pages[:1] * (widest - len(pages)) for pages in tables]  # padding: masked out
-        rows, tables, context_lengths = self._tensors(rows, tables, [span.end for span in spans])
-        return PagedRows(rows, tables, context_lengths)
+        tables, context_lengths = self._tensors(tables, [span.end for span in spans])
+        return PagedRows(self._row_index(rows), tables, context_lengths)
+
+    def _row_index(self, rows: list[int]) -> slice | torch.Tensor:
+        """A part's rows: a slice when they are one run (as in a round of decode steps alone: no gather per layer),
+        else their indices."""
+        if rows[-1] - rows[0] == len(rows) - 1:
+            return slice(rows[0], rows[-1] + 1)
+        return self._tensors(rows)[0]
 
     def _context_pages(self, span: Span) -> list[int]:
         """The blocks of its request's cache up to the span's last row."""

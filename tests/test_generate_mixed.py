@@ -147,10 +147,13 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_the_running_requests_keep_de
     assert_no_page_held(generator)
 
 
-def test_logits_across_chunks_equal_the_full_forward(tmp_path, prompts, monkeypatch):
-    """Qwen3 (q/k norms), two live adapters, a prefill budget of 3 tokens: the logits of every sampled token (after
-    the last chunk of a prompt, and every decode step in forwards that also carry chunks) equal HF's full forward of
-    the prompt and the tokens so far, through PEFT, within 1e-5."""
+@pytest.mark.parametrize("piece_rows", [512, 2])
+def test_logits_across_chunks_equal_the_full_forward(tmp_path, prompts, monkeypatch, piece_rows):
+    """Qwen3 (q/k norms), two live adapters, a prefill budget of 3 tokens (chunks attending at once, or in pieces of
+    2 queries): the logits of every sampled token (after the last chunk of a prompt, and every decode step in
+    forwards that also carry chunks) equal HF's full forward of the prompt and the tokens so far, through PEFT,
+    within 1e-5."""
+    monkeypatch.setattr(generate_module, "CHUNK_ATTENTION_ROWS", piece_rows)
     model_dir = build_tiny_model(tmp_path / "base", "qwen3")
     dataset = write_jsonl(tmp_path / "x.jsonl", alpaca_rows(8, seed=1))
     cohort = cohort_with_jobs(model_dir, dataset, {"a": ADAPTERS["rslora"], "b": ADAPTERS["lora"]})
