@@ -4,6 +4,8 @@
     python -P bench/bench_generate.py --shape tiny --device cpu --requests 8 --adapters 1,4 --prompt 8 \\
         --new-tokens 4 --peft-sample 2 --train-jobs 2 --train-steps 2      # smoke run of the whole script
     python -P bench/bench_generate.py --shape 1b --peft-sample 0 --train-jobs 0     # the engine's rates alone
+    python -P bench/bench_generate.py --shape 1b --peft-sample 0 --train-jobs 0 --max-prefill-tokens 2048
+                                      # 16 prompts a round: requests join the running batch over 32 rounds
 
 A random-init Llama of the shape (bench_e2e's shapes and builder, bf16 on the GPU) and N random rank-r LoRA adapters
 (PEFT directories as `Cohort.export` writes them, B nonzero) on --targets. One run measures, in order:
@@ -97,12 +99,13 @@ def timed(device, work):
 
 def engine_rows(model_dir, adapter_dirs, args, device, log) -> tuple[list[dict], dict]:
     """Tokens/s of the engine for each adapter count; and the tokens of every request, by adapter count."""
-    from lorafleet.executor.generate import Generator
+    from lorafleet.executor.generate import MAX_PREFILL_TOKENS, Generator
     from lorafleet.executor.model import load_base
     from lorafleet.executor.multilora import RowRouting
 
     model, _ = load_base(model_dir, dtype=dtype_name(device), device=str(device))
-    generator = Generator(model, RowRouting(), eos_token_ids=())
+    generator = Generator(model, RowRouting(), eos_token_ids=(),
+                          max_prefill_tokens=args.max_prefill_tokens or MAX_PREFILL_TOKENS)
     for i, directory in enumerate(adapter_dirs):
         generator.load_adapter(f"a{i}", directory)
     vocab = model.config.vocab_size
@@ -211,7 +214,9 @@ def markdown(report: dict) -> str:
     peft = report.get("peft")  # None with --peft-sample 0
     lines = [f"# Many-adapter generation, {report['shape']} on {report['device']}", "",
              f"{report['requests']} requests, prompt {report['prompt']} tokens, {report['new_tokens']} new tokens "
-             f"(greedy), rank-{report['rank']} LoRA on {', '.join(report['targets'])}.", "",
+             f"(greedy), rank-{report['rank']} LoRA on {', '.join(report['targets'])}"
+             + (f", at most {report['max_prefill_tokens']} prompt tokens a round." if report.get("max_prefill_tokens")
+                else "."), "",
              "| adapters in the batch | engine tokens/s | PEFT tokens/s (one request at a time) | speedup | pool pages "
              "(adapters / total) |", "|---|---|---|---|---|"]
     for row in report["engine"]:
@@ -241,6 +246,9 @@ def parse_args(argv=None):
     parser.add_argument("--prompt", type=int, default=128, help="prompt tokens of each request")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--max-prefill-tokens", type=int, default=None,
+                        help="prompt tokens the engine takes a round (default: the engine's): below the batch's "
+                             "prompts, requests join the running batch over several rounds")
     parser.add_argument("--targets", default=",".join(ATTENTION_PROJECTIONS), help="projections the adapters target")
     parser.add_argument("--peft-sample", type=int, default=16, help="requests PEFT runs (one at a time), scaled (0: skip PEFT)")
     parser.add_argument("--train-jobs", type=int, default=8, help="cohort jobs for the training part (0: skip it)")
@@ -271,7 +279,7 @@ def main(argv=None) -> dict:
     report = {"shape": args.shape, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "requests": args.requests, "prompt": args.prompt, "new_tokens": args.new_tokens, "rank": args.rank,
-              "targets": list(args.targets)}
+              "targets": list(args.targets), "max_prefill_tokens": args.max_prefill_tokens}
     build_base(args.shape, model_dir, device)
     file_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     adapter_dirs = [write_adapter(workdir / "adapters" / f"a{i}", args.shape, args.targets, args.rank, i, file_dtype)
