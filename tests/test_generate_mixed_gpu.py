@@ -1,0 +1,63 @@
+"""The engine's mixed rounds on a CUDA device: bf16, the Triton LoRA kernels, flash varlen for prompts' first
+chunks and the paged path for later chunks beside decode rows. Skipped on CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers_models import alpaca_rows, build_tiny_model, build_tokenizer, write_jsonl
+from test_generate import ADAPTERS, PROMPTS, make_spec, randomize_adapter
+
+import lorafleet.executor.generate as generate_module
+from lorafleet.executor.cohort import Cohort
+from lorafleet.executor.generate import GenerationRequest, Generator, Sampling
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mixed-gpu")
+    model_dir = build_tiny_model(root / "base", "llama", hidden=128)
+    dataset = write_jsonl(root / "x.jsonl", alpaca_rows(8, seed=1))
+    cohort = Cohort(model_dir, device="cuda")
+    for seed, (job_id, adapter) in enumerate(ADAPTERS.items()):
+        cohort.add_job(job_id, make_spec(model_dir, adapter, seed=seed), dataset)
+        randomize_adapter(cohort.jobs[job_id].adapter, seed)
+    return cohort
+
+
+@pytest.mark.parametrize("budget", [5, 16])
+def test_logits_of_mixed_rounds_with_chunks_follow_the_cohorts_own_forward_in_bf16(cohort, monkeypatch, budget):
+    """Four adapter kinds, a long prompt among short ones, `budget` prompt tokens a round (chunks beside decode
+    rows): every sampled token's logits against the cohort's packed forward of the prompt and the tokens so far
+    (bf16 both: equal to bf16 rounding)."""
+    logits_seen, sampled_seen = [], []
+    real_next_tokens = generate_module.next_tokens
+
+    def recording(logits, *args):
+        logits_seen.append(logits.float().clone())
+        return real_next_tokens(logits, *args)
+
+    def on_step(generated):
+        sampled_seen.append([(request_id, len(tokens)) for request_id, tokens in generated.items()])
+        return ()
+
+    monkeypatch.setattr(generate_module, "next_tokens", recording)
+    tokenizer = build_tokenizer()
+    prompts = [tuple(tokenizer(text)["input_ids"]) for text in [*PROMPTS, " ".join(PROMPTS)]]  # the last: 46 tokens
+    jobs = list(ADAPTERS)
+    requests = [GenerationRequest(job_id, prompts[(i + 3) % len(prompts)], job_id, Sampling(max_tokens=6))
+                for i, job_id in enumerate(jobs)]
+    completions = Generator(cohort.model, cohort.routing, max_prefill_tokens=budget).generate(requests,
+                                                                                              on_step=on_step)
+    sampled_seen = [sampled for sampled in sampled_seen if sampled]
+    assert len(logits_seen) == len(sampled_seen)
+    for request, completion in zip(requests, completions):
+        full = cohort.logits(request.adapter, list(request.prompt_ids) + list(completion.token_ids)).float()
+        steps = [(logits[row], count) for logits, sampled in zip(logits_seen, sampled_seen)
+                 for row, (request_id, count) in enumerate(sampled) if request_id == request.request_id]
+        assert len(steps) == 6
+        for logits, count in steps:
+            want = full[len(request.prompt_ids) - 2 + count]
+            torch.testing.assert_close(logits, want, rtol=0, atol=0.03 * want.abs().max().item() + 1e-3)
