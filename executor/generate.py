@@ -72,6 +72,9 @@ class Sampling:
     # a request's own generator: the same request gives the same tokens whatever it is batched with
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()  # besides the tokenizer's eos (the Generator is given eos ids)
+    # the log-prob of each generated token and of the `logprobs` likeliest tokens at its position (None: none are
+    # computed, at no cost): the model's own distribution, log_softmax of its logits before temperature and top_p
+    logprobs: int | None = None
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,16 @@ class Completion:
     token_ids: tuple[int, ...]  # generated, without the prompt, without the stop/eos token
     finish_reason: str  # "stop" | "length"
     prompt_tokens: int
+    logprobs: tuple[TokenLogprobs, ...] | None = None  # one per generated token, with `Sampling.logprobs`
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """A generated token's log-prob and the likeliest tokens at its position (the most likely first)."""
+
+    logprob: float
+    top_ids: tuple[int, ...]
+    top_logprobs: tuple[float, ...]
 
 
 # Loading PEFT directories
@@ -319,6 +332,26 @@ def sample_nucleus(logits: torch.Tensor, top_p: torch.Tensor, uniform: torch.Ten
     return order.gather(1, picked.clamp(max=logits.shape[-1] - 1)).squeeze(1)
 
 
+def token_logprobs(logits: torch.Tensor, samplings: list[Sampling], tokens: list[int]) -> dict[int, TokenLogprobs]:
+    """Row -> its chosen token's log-prob and the top alternatives, for the rows whose sampling asks (the others cost
+    nothing). The model's own distribution (log_softmax of its fp32 logits), not the tempered or truncated one the
+    token was drawn from: OpenAI's log-probs are those of the model, whatever the sampling options."""
+    rows = [row for row, sampling in enumerate(samplings) if sampling.logprobs is not None]
+    if not rows:
+        return {}
+    index = torch.tensor(rows, device=logits.device)
+    logprobs = torch.log_softmax(logits[index].float(), dim=-1)
+    chosen = logprobs.gather(1, torch.tensor([tokens[row] for row in rows], device=logits.device)[:, None])
+    widest = min(max(samplings[row].logprobs for row in rows), logits.shape[-1])
+    top_values, top_ids = logprobs.topk(widest, dim=-1) if widest else (logprobs[:, :0], logprobs[:, :0].long())
+    chosen, top_values, top_ids = chosen[:, 0].tolist(), top_values.tolist(), top_ids.tolist()  # one copy to host
+    found = {}
+    for i, row in enumerate(rows):
+        k = samplings[row].logprobs
+        found[row] = TokenLogprobs(chosen[i], tuple(top_ids[i][:k]), tuple(top_values[i][:k]))
+    return found
+
+
 # Requests under way
 
 
@@ -332,6 +365,7 @@ class Running:
     generated: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     prefilled: int = 0  # prompt tokens whose K/V are cached: a long prompt is prefilled a chunk a round
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # of `generated`, when its sampling asks
 
     @property
     def cached_tokens(self) -> int:
@@ -344,8 +378,9 @@ class Running:
         return len(self.request.prompt_ids) - self.prefilled
 
     def completion(self) -> Completion:
+        asked = self.request.sampling.logprobs is not None
         return Completion(self.request.request_id, tuple(self.generated), self.finish_reason,
-                          len(self.request.prompt_ids))
+                          len(self.request.prompt_ids), tuple(self.logprobs) if asked else None)
 
 
 @dataclass
@@ -535,9 +570,10 @@ class Generator:
         if outside is not None:  # on a GPU an embedding lookup out of range would take the whole process down
             raise ValueError(f"request {request.request_id!r}: prompt token {outside} is outside the vocabulary "
                              f"(0..{vocabulary - 1})")
-        if sampling.max_tokens < 1 or sampling.temperature < 0 or not 0 < sampling.top_p <= 1:
+        if (sampling.max_tokens < 1 or sampling.temperature < 0 or not 0 < sampling.top_p <= 1
+                or (sampling.logprobs is not None and sampling.logprobs < 0)):
             raise ValueError(f"request {request.request_id!r}: sampling {sampling} (need max_tokens >= 1, "
-                             "temperature >= 0, 0 < top_p <= 1)")
+                             "temperature >= 0, 0 < top_p <= 1, logprobs None or >= 0)")
         route = self._route(request.adapter, live)
         pages = self._kv_blocks(request)
         if route is not None and route.startswith(LOADED_PREFIX):
@@ -714,12 +750,15 @@ class Generator:
         uniforms = [request.rng.random() if sampling.temperature > 0 else None
                     for request, sampling in zip(requests, samplings)]
         tokens = next_tokens(logits, samplings, uniforms)
-        for request, token in zip(requests, tokens):
+        logprobs = token_logprobs(logits, samplings, tokens)
+        for row, (request, token) in enumerate(zip(requests, tokens)):
             sampling = request.request.sampling
             if token in self.eos_token_ids or token in sampling.stop_token_ids:
                 request.finish_reason = "stop"
                 continue
             request.generated.append(token)
+            if row in logprobs:
+                request.logprobs.append(logprobs[row])
             if len(request.generated) >= sampling.max_tokens:
                 request.finish_reason = "length"
 

@@ -21,6 +21,7 @@ it was sent, it fails too rather than run again.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
 import time
@@ -29,12 +30,13 @@ from pathlib import Path
 from typing import Optional
 
 from lorafleet.executor.generate import GenerationRequest as EngineRequest
-from lorafleet.executor.generate import Generator, Sampling
+from lorafleet.executor.generate import Completion, Generator, Sampling
+from lorafleet.executor.logprobs import choice_logprobs
 from lorafleet.executor.streaming import StreamPublisher
 from lorafleet.scheduler.artifacts import ArtifactStore
 from lorafleet.scheduler.formats import FALLBACK_CHAT_HEADERS
 from lorafleet.scheduler.generation import (
-    GenerationRequest, GenerationResult, Generations, ServedBase, ServingBudget,
+    ChoiceResult, GenerationRequest, GenerationResult, Generations, ServedBase, ServingBudget,
 )
 from lorafleet.scheduler.memory import GENERATION_POOL_TOKENS, ModelShape, generation_pool_bytes
 from lorafleet.scheduler.metrics import ExecutorMetrics
@@ -90,6 +92,16 @@ def prompt_ids(tokenizer, request: GenerationRequest) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
     text = "".join(FALLBACK_CHAT_HEADERS[m["role"]] + m["content"] + "\n\n" for m in messages)
     return tokenizer(text + FALLBACK_CHAT_HEADERS["assistant"])["input_ids"]
+
+
+def choice_seed(seed: Optional[int], index: int) -> Optional[int]:
+    """The seed choice `index` of a request draws with: the request's own for the first (one choice, or the first of
+    n, gives the tokens a request of n=1 gives), a hash of it and the index for the others (no two requests' seeds
+    give one choice's: seed+1 would repeat another request's first choice); None stays None (the OS's)."""
+    if seed is None or index == 0:
+        return seed
+    digest = hashlib.sha256(f"{seed}/{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1  # below 2**63, as a request's seed
 
 
 def cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
@@ -159,8 +171,8 @@ class GenerationServer:
         tokens_by_tenant: dict[str, int] = {}
         for request in requests:
             result = results[request.request_id]
-            tokens_by_tenant[request.tenant] = (tokens_by_tenant.get(request.tenant, 0) + result.prompt_tokens
-                                                + result.completion_tokens)
+            computed = result.prompt_tokens * len(result.choices) + result.completion_tokens  # each choice prefills
+            tokens_by_tenant[request.tenant] = tokens_by_tenant.get(request.tenant, 0) + computed
         total = sum(tokens_by_tenant.values())
         if total:
             self.generations.store.add_gpu_seconds(
@@ -211,8 +223,9 @@ class GenerationServer:
         return self.generator
 
     def _prepare(self, generator: Generator, cohort, request: GenerationRequest
-                 ) -> tuple[GenerationRequest, EngineRequest]:
-        """The engine's request: the prompt's tokens, checked against the base's context, and its adapter loaded."""
+                 ) -> tuple[GenerationRequest, list[EngineRequest]]:
+        """The engine's requests, one per choice: the prompt's tokens, checked against the base's context, and its
+        adapter loaded."""
         ids = prompt_ids(cohort.tokenizer, request)
         sampling = request.sampling
         limit = context_length(cohort.model.config)
@@ -220,9 +233,10 @@ class GenerationServer:
             raise RequestError(f"the prompt is {len(ids)} tokens; with max_tokens {sampling.max_tokens} that is more "
                                f"than the base's context of {limit} tokens")
         adapter = self._adapter(generator, request.target.adapter_uri) if request.target.adapter_uri else None
-        return (request, EngineRequest(request.request_id, tuple(ids), adapter, Sampling(
+        return request, [EngineRequest(choice_id, tuple(ids), adapter, Sampling(
             max_tokens=sampling.max_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
-            seed=sampling.seed)))
+            seed=choice_seed(sampling.seed, index), logprobs=sampling.logprobs))
+            for index, choice_id in enumerate(request.choice_ids())]
 
     def _adapter(self, generator, uri: str) -> str:
         """The adapter's key in the generator (its URI), fetched and loaded on first use."""
@@ -250,28 +264,40 @@ class GenerationServer:
         if not ready:
             return {}
         try:
-            completions = generator.generate([engine for _, engine in ready], on_step=streams)
+            completions = generator.generate([engine for _, engines in ready for engine in engines], on_step=streams)
         except Exception as exc:
             if len(ready) == 1:
                 log.warning("generation failed for %s: %s", ready[0][0].request_id, exc)
                 return {ready[0][0].request_id: self._failed(ready[0][0], f"generation failed: {exc}")}
             results = {}
-            for request, engine in ready:
-                if streams.may_run_again(request.request_id):
-                    results.update(self._generate(generator, tokenizer, [(request, engine)], streams))
+            for request, engines in ready:
+                if streams.may_run_again(request):
+                    results.update(self._generate(generator, tokenizer, [(request, engines)], streams))
                 else:
                     results[request.request_id] = self._failed(request, f"generation failed: {exc}")
             return results
         by_id = {completion.request_id: completion for completion in completions}
-        return {request.request_id: self._result(tokenizer, request, by_id[request.request_id]) for request, _ in ready}
+        return {request.request_id: self._result(tokenizer, request, [by_id[engine.request_id] for engine in engines])
+                for request, engines in ready}
 
-    def _result(self, tokenizer, request: GenerationRequest, completion) -> GenerationResult:
-        text = tokenizer.decode(list(completion.token_ids), skip_special_tokens=True)
-        text, stopped = cut_at_stop(text, request.sampling.stop)
-        return GenerationResult(
-            request_id=request.request_id, text=text, prompt_tokens=completion.prompt_tokens,
-            completion_tokens=len(completion.token_ids), finish_reason="stop" if stopped else completion.finish_reason,
-            executor_id=self.executor_id)
+    def _result(self, tokenizer, request: GenerationRequest, completions: list[Completion]) -> GenerationResult:
+        """The answer of a request's choices (its engine requests' completions, by index)."""
+        choices = tuple(self._choice(tokenizer, request, index, completion)
+                        for index, completion in enumerate(completions))
+        return GenerationResult(request_id=request.request_id, prompt_tokens=completions[0].prompt_tokens,
+                                choices=choices, executor_id=self.executor_id)
+
+    @staticmethod
+    def _choice(tokenizer, request: GenerationRequest, index: int, completion: Completion) -> ChoiceResult:
+        """A choice's text, cut before a stop string, with its tokens' log-probs when asked (cut with it)."""
+        whole = tokenizer.decode(list(completion.token_ids), skip_special_tokens=True)
+        text, stopped = cut_at_stop(whole, request.sampling.stop)
+        logprobs = None
+        if completion.logprobs is not None:
+            logprobs = choice_logprobs(tokenizer, completion.token_ids, completion.logprobs,
+                                       len(text) if stopped else None)
+        return ChoiceResult(index=index, text=text, completion_tokens=len(completion.token_ids),
+                            finish_reason="stop" if stopped else completion.finish_reason, logprobs=logprobs)
 
     def _failed(self, request: GenerationRequest, error: str) -> GenerationResult:
         return GenerationResult(request_id=request.request_id, error=error, executor_id=self.executor_id)

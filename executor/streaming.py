@@ -82,47 +82,55 @@ class IncrementalText:
 
 class StreamPublisher:
     """The `on_step` of the `Generator.generate` calls of one batch: publishes the new text of its streamed
-    requests, ends the requests (streamed or not) whose text reached a stop string, and delivers the answers (a
-    stream's last event with the text not sent yet)."""
+    requests' choices (each choice is an engine request of its own: `GenerationRequest.choice_ids`), ends the choices
+    (streamed or not) whose text reached a stop string, and delivers the answers (a stream's last events with the
+    text not sent yet)."""
 
     def __init__(self, generations: Generations, tokenizer, requests: list[GenerationRequest]):
         self.generations, self.tokenizer = generations, tokenizer
-        self.requests = {request.request_id: request for request in requests
-                         if request.stream or request.sampling.stop}
-        self.texts = {request_id: IncrementalText(tokenizer, request.sampling.stop)
-                      for request_id, request in self.requests.items()}
+        self.choices: dict[str, tuple[GenerationRequest, int]] = {}  # engine request id -> (its request, its index)
+        self.texts: dict[str, IncrementalText] = {}
+        for request in requests:
+            if request.stream or request.sampling.stop:
+                for index, choice_id in enumerate(request.choice_ids()):
+                    self.choices[choice_id] = request, index
+                    self.texts[choice_id] = IncrementalText(tokenizer, request.sampling.stop)
 
     def __call__(self, generated: dict[str, list[int]]) -> set[str]:
-        """Publish the streamed requests' new text; the ids of the requests to end (a stop string reached)."""
+        """Publish the streamed choices' new text; the engine ids of the choices to end (a stop string reached)."""
         new_texts, ended = [], set()
-        for request_id, tokens in generated.items():
-            if request_id not in self.texts:
+        for choice_id, tokens in generated.items():
+            if choice_id not in self.texts:
                 continue
-            text, request = self.texts[request_id], self.requests[request_id]
+            text, (request, index) = self.texts[choice_id], self.choices[choice_id]
             new = text.add(tokens)
             if new and request.stream:
-                new_texts.append((request, new))
+                new_texts.append((request, index, new))
             if text.stopped:
-                ended.add(request_id)
+                ended.add(choice_id)
         if new_texts:
             self.generations.publish_text(new_texts)
         return ended
 
-    def may_run_again(self, request_id: str) -> bool:
+    def may_run_again(self, request: GenerationRequest) -> bool:
         """Whether a request whose batch failed may run again: not a streamed one some of whose text was sent (a
-        second run may draw other tokens); its text starts afresh."""
-        if request_id in self.texts:
-            request = self.requests[request_id]
-            if request.stream and self.texts[request_id].sent:
-                return False
-            self.texts[request_id] = IncrementalText(self.tokenizer, request.sampling.stop)
+        second run may draw other tokens); its choices' texts start afresh."""
+        choice_ids = [choice_id for choice_id in request.choice_ids() if choice_id in self.texts]
+        if request.stream and any(self.texts[choice_id].sent for choice_id in choice_ids):
+            return False
+        for choice_id in choice_ids:
+            self.texts[choice_id] = IncrementalText(self.tokenizer, request.sampling.stop)
         return True
 
     def deliver(self, request: GenerationRequest, result: GenerationResult) -> None:
-        """The request's answer (`Generations.deliver`): a streamed one's last event carries the text not sent."""
-        streamed = self.texts.get(request.request_id) if request.stream else None
-        sent = streamed.text[:streamed.sent] if streamed else ""
-        if result.error is None and not result.text.startswith(sent):  # the windowed decode disagreed with the whole
-            log.warning("request %s: streamed text %r is not the start of its text %r", request.request_id, sent,
-                        result.text)
-        self.generations.deliver(request, result, result.text[len(sent):])
+        """The request's answer (`Generations.deliver`): a streamed one's last events carry each choice's text not
+        sent."""
+        unsent = []
+        for choice, choice_id in zip(result.choices, request.choice_ids()):
+            streamed = self.texts.get(choice_id) if request.stream else None
+            sent = streamed.text[:streamed.sent] if streamed else ""
+            if not choice.text.startswith(sent):  # the windowed decode disagreed with the whole
+                log.warning("request %s: streamed text %r is not the start of its text %r", choice_id, sent,
+                            choice.text)
+            unsent.append(choice.text[len(sent):])
+        self.generations.deliver(request, result, unsent)

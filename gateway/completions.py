@@ -2,16 +2,20 @@
 queue (`scheduler.generation`), answered by the executor that has the model's base loaded (`executor/serving.py`).
 
 `model` is one of the tenant's fine-tuned models (a succeeded job's `fine_tuned_model`), a kept checkpoint
-(`<fine_tuned_model>:ckpt-step-N`) or a base a job could name. One choice (`n` 1), no log-probs: each is refused
-naming the field. A route waits for its answer in one of the server's worker threads (on Redis, no CPU), at most
-`lorafleet.timeout` seconds (default `generation.DEFAULT_TIMEOUT_SECONDS`): 504 naming the base after that.
+(`<fine_tuned_model>:ckpt-step-N`) or a base a job could name. `n` (1 to `generation.MAX_CHOICES`) choices, each its
+own sequence; per-token log-probs (`logprobs` 0-5 on completions, OpenAI's legacy object; `logprobs` and `top_logprobs`
+0-20 on chat, `logprobs.content`), not streamed (refused with `stream`, naming `logprobs`): the model's own
+distribution, before temperature and top_p, as OpenAI's. A route waits for its answer in one of the server's worker
+threads (on Redis, no CPU), at most `lorafleet.timeout` seconds (default `generation.DEFAULT_TIMEOUT_SECONDS`): 504
+naming the base after that.
 
 `stream: true` answers in server-sent events as OpenAI does (`data: <chunk JSON>` lines, then `data: [DONE]`): the
 text as the executor generates it (`Generations.stream_events`), in `text_completion` chunks or `chat.completion.chunk`
-deltas (the role first), then a chunk with the finish reason, and with `stream_options.include_usage` a last chunk of
-no choices and the usage (every chunk then has `usage`, null but on that one). The response starts once the first
-event came, so a request that fails before any text (no executor in time, a prompt over the base's context) gets its
-status as when not streamed; a failure after that is an `error` event, which the `openai` client raises.
+deltas (the role first), each choice's by its `index` (interleaved as they come), then a chunk per choice with its
+finish reason, and with `stream_options.include_usage` a last chunk of no choices and the usage (every chunk then has
+`usage`, null but on that one). The response starts once the first event came, so a request that fails before any
+text (no executor in time, a prompt over the base's context) gets its status as when not streamed; a failure after
+that is an `error` event, which the `openai` client raises.
 """
 
 from __future__ import annotations
@@ -30,10 +34,11 @@ from lorafleet.gateway.errors import ApiError, from_exception
 from lorafleet.gateway.models import ErrorResponse
 from lorafleet.scheduler import config
 from lorafleet.scheduler.generation import (
-    DEFAULT_TIMEOUT_SECONDS, MAX_TIMEOUT_SECONDS, GenerationRequest, GenerationResult, Generations,
-    GenerationTimeout, StreamEvent, parse_sampling,
+    DEFAULT_TIMEOUT_SECONDS, MAX_TIMEOUT_SECONDS, MAX_TOP_LOGPROBS, ChoiceResult, GenerationRequest, GenerationResult,
+    Generations, GenerationTimeout, StreamEvent, TokenLogprob, parse_sampling,
 )
 
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's legacy completions' limit (chat's: MAX_TOP_LOGPROBS)
 CHAT_DEFAULT_MAX_TOKENS = 256  # OpenAI's chat has no default cap; here a chat answer stops at this unless asked
 COMPLETION_RESPONSES = {**ERROR_RESPONSES, 504: {
     "model": ErrorResponse, "description": "no executor serving the model's base answered in time"}}
@@ -56,8 +61,8 @@ class StreamOptions(BaseModel):
 
 
 class _GenerationBody(BaseModel):
-    """The fields both routes take; any other field OpenAI defines (logprobs, echo, penalties, tools, ...) is
-    refused naming it (`_refuse_unsupported`)."""
+    """The fields both routes take; any other field OpenAI defines (echo, penalties, tools, ...) is refused naming
+    it (`_refuse_unsupported`)."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -66,7 +71,7 @@ class _GenerationBody(BaseModel):
     top_p: Optional[float] = 1.0
     seed: Optional[int] = None
     stop: Optional[Union[str, list[str]]] = None
-    n: Optional[int] = 1
+    n: Optional[int] = Field(1, description="choices, 1 to 8 (generation.MAX_CHOICES)")
     stream: Optional[bool] = False
     stream_options: Optional[StreamOptions] = Field(None, description="only with stream=true")
     user: Optional[str] = Field(None, description="accepted and ignored")
@@ -76,12 +81,30 @@ class _GenerationBody(BaseModel):
 class CompletionRequest(_GenerationBody):
     prompt: Any = Field(..., description="a string (lists of prompts or of token ids are not supported)")
     max_tokens: Optional[int] = 16
+    logprobs: Optional[int] = Field(None, description="each token's log-prob and this many likeliest (0 to 5)")
+
+    def top_logprobs_asked(self) -> Optional[int]:
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_COMPLETION_LOGPROBS:
+            raise ApiError(400, f"logprobs: 0 to {MAX_COMPLETION_LOGPROBS}, got {self.logprobs}", param="logprobs",
+                           code="invalid_value")
+        return self.logprobs
 
 
 class ChatCompletionRequest(_GenerationBody):
     messages: list[dict[str, Any]]
     max_tokens: Optional[int] = Field(None, description="deprecated by OpenAI: max_completion_tokens")
     max_completion_tokens: Optional[int] = None
+    logprobs: Optional[bool] = Field(False, description="each token's log-prob (`choices[].logprobs.content`)")
+    top_logprobs: Optional[int] = Field(None, description="with logprobs: this many likeliest per token (0 to 20)")
+
+    def top_logprobs_asked(self) -> Optional[int]:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ApiError(400, "top_logprobs: only allowed with logprobs=true", param="top_logprobs",
+                           code="invalid_value")
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ApiError(400, f"top_logprobs: 0 to {MAX_TOP_LOGPROBS}, got {self.top_logprobs}",
+                           param="top_logprobs", code="invalid_value")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class Usage(BaseModel):
@@ -90,11 +113,31 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy log-probs of a completion: per token its text, log-prob, likeliest tokens, where it starts."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+    @classmethod
+    def of(cls, entries: tuple[TokenLogprob, ...]) -> "CompletionLogprobs":
+        return cls(tokens=[entry.token for entry in entries], token_logprobs=[entry.logprob for entry in entries],
+                   top_logprobs=[{top.token: top.logprob for top in entry.top_logprobs} for entry in entries],
+                   text_offset=[entry.text_offset for entry in entries])
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     finish_reason: Literal["stop", "length"]
-    logprobs: None = None
+    logprobs: Optional[CompletionLogprobs] = None
+
+    @classmethod
+    def of(cls, choice: ChoiceResult) -> "CompletionChoice":
+        logprobs = None if choice.logprobs is None else CompletionLogprobs.of(choice.logprobs)
+        return cls(index=choice.index, text=choice.text, finish_reason=choice.finish_reason, logprobs=logprobs)
 
 
 class Completion(BaseModel):
@@ -112,11 +155,40 @@ class ChatMessageView(BaseModel):
     refusal: None = None
 
 
+class ChatTopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: Optional[list[int]]
+
+
+class ChatTokenLogprob(ChatTopLogprob):
+    top_logprobs: list[ChatTopLogprob]
+
+
+class ChatChoiceLogprobs(BaseModel):
+    content: Optional[list[ChatTokenLogprob]]
+    refusal: None = None
+
+    @classmethod
+    def of(cls, entries: tuple[TokenLogprob, ...]) -> "ChatChoiceLogprobs":
+        return cls(content=[ChatTokenLogprob(token=entry.token, logprob=entry.logprob, bytes=list(entry.bytes),
+                                             top_logprobs=[ChatTopLogprob(token=top.token, logprob=top.logprob,
+                                                                          bytes=list(top.bytes))
+                                                           for top in entry.top_logprobs])
+                            for entry in entries])
+
+
 class ChatChoice(BaseModel):
     index: int = 0
     message: ChatMessageView
     finish_reason: Literal["stop", "length"]
-    logprobs: None = None
+    logprobs: Optional[ChatChoiceLogprobs] = None
+
+    @classmethod
+    def of(cls, choice: ChoiceResult) -> "ChatChoice":
+        logprobs = None if choice.logprobs is None else ChatChoiceLogprobs.of(choice.logprobs)
+        return cls(index=choice.index, message=ChatMessageView(content=choice.text),
+                   finish_reason=choice.finish_reason, logprobs=logprobs)
 
 
 class ChatCompletion(BaseModel):
@@ -180,14 +252,14 @@ class CompletionChunks:
     created: int
     model: str
 
-    def opening(self) -> list[CompletionChunk]:
+    def opening(self, n: int) -> list[CompletionChunk]:
         return []
 
-    def text(self, text: str) -> CompletionChunk:
-        return self._chunk([CompletionChunkChoice(text=text)])
+    def text(self, index: int, text: str) -> CompletionChunk:
+        return self._chunk([CompletionChunkChoice(index=index, text=text)])
 
-    def finish(self, reason: str) -> CompletionChunk:
-        return self._chunk([CompletionChunkChoice(finish_reason=reason)])
+    def finish(self, index: int, reason: str) -> CompletionChunk:
+        return self._chunk([CompletionChunkChoice(index=index, finish_reason=reason)])
 
     def usage(self, usage: Usage) -> CompletionChunk:
         return self._chunk([], usage)
@@ -198,20 +270,21 @@ class CompletionChunks:
 
 @dataclass(frozen=True)
 class ChatChunks:
-    """The chunks of one streamed chat completion: the role's delta first, as OpenAI sends it."""
+    """The chunks of one streamed chat completion: each choice's role delta first, as OpenAI sends it."""
 
     id: str
     created: int
     model: str
 
-    def opening(self) -> list[ChatCompletionChunk]:
-        return [self._chunk([ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))])]
+    def opening(self, n: int) -> list[ChatCompletionChunk]:
+        return [self._chunk([ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))])
+                for index in range(n)]
 
-    def text(self, text: str) -> ChatCompletionChunk:
-        return self._chunk([ChatChunkChoice(delta=ChatDelta(content=text))])
+    def text(self, index: int, text: str) -> ChatCompletionChunk:
+        return self._chunk([ChatChunkChoice(index=index, delta=ChatDelta(content=text))])
 
-    def finish(self, reason: str) -> ChatCompletionChunk:
-        return self._chunk([ChatChunkChoice(delta=ChatDelta(), finish_reason=reason)])
+    def finish(self, index: int, reason: str) -> ChatCompletionChunk:
+        return self._chunk([ChatChunkChoice(index=index, delta=ChatDelta(), finish_reason=reason)])
 
     def usage(self, usage: Usage) -> ChatCompletionChunk:
         return self._chunk([], usage)
@@ -232,18 +305,20 @@ def _refuse_unsupported(body: _GenerationBody) -> None:
     for field, value in (body.model_extra or {}).items():
         if value is not None:
             raise ApiError(400, f"{field}: not supported by this server", param=field, code="unsupported_parameter")
-    if body.n not in (None, 1):
-        raise ApiError(400, "n: only one choice per request (n=1) is supported", param="n",
-                       code="unsupported_parameter")
     if body.stream_options is not None and not body.stream:
         raise ApiError(400, "stream_options: only allowed with stream=true", param="stream_options",
                        code="invalid_value")
 
 
-def _sampling(body: _GenerationBody, max_tokens: int):
+def _sampling(body: CompletionRequest | ChatCompletionRequest, max_tokens: int):
     stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
+    logprobs = body.top_logprobs_asked()
+    if logprobs is not None and body.stream:  # a chunk's text is not cut at token boundaries (stop strings held back)
+        raise ApiError(400, "logprobs: not available with stream=true", param="logprobs",
+                       code="unsupported_parameter")
     options = {"max_tokens": max_tokens, "temperature": 1.0 if body.temperature is None else body.temperature,
-               "top_p": 1.0 if body.top_p is None else body.top_p, "seed": body.seed, "stop": stop}
+               "top_p": 1.0 if body.top_p is None else body.top_p, "seed": body.seed, "stop": stop,
+               "n": 1 if body.n is None else body.n, "logprobs": logprobs}
     try:
         return parse_sampling(options)
     except ValueError as exc:
@@ -271,8 +346,8 @@ def _chat_messages(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
     return found
 
 
-def _submit(request: Request, tenant: str, body: _GenerationBody, max_tokens: int, **given: Any
-            ) -> GenerationRequest:
+def _submit(request: Request, tenant: str, body: CompletionRequest | ChatCompletionRequest, max_tokens: int,
+            **given: Any) -> GenerationRequest:
     """Queue the request; every refusal in OpenAI's shape."""
     _refuse_unsupported(body)
     sampling = _sampling(body, max_tokens)
@@ -317,29 +392,29 @@ def _stream(request: Request, pending: GenerationRequest, chunks: CompletionChun
         raise _failed(first.result)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     # no caching, and no buffering by a proxy in front (nginx's header): each chunk goes out as it comes
-    return StreamingResponse(_events(chunks, itertools.chain([first], events), include_usage),
+    return StreamingResponse(_events(chunks, itertools.chain([first], events), include_usage, pending.sampling.n),
                              media_type="text/event-stream", headers={"cache-control": "no-cache",
                                                                       "x-accel-buffering": "no"})
 
 
-def _events(chunks: CompletionChunks | ChatChunks, events: Iterator[StreamEvent], include_usage: bool
+def _events(chunks: CompletionChunks | ChatChunks, events: Iterator[StreamEvent], include_usage: bool, n: int
             ) -> Iterator[str]:
     """Server-sent events: the chunks of the text as it comes, the finish, the usage if asked, `[DONE]`; an error
     (the executor failed or fell silent mid-answer) ends the stream as an `error` event instead."""
     def data(chunk: BaseModel) -> str:
         return f"data: {chunk.model_dump_json(exclude=None if include_usage else {'usage'})}\n\n"
 
-    yield from (data(chunk) for chunk in chunks.opening())
+    yield from (data(chunk) for chunk in chunks.opening(n))
     try:
         for event in events:
             if event.text:
-                yield data(chunks.text(event.text))
+                yield data(chunks.text(event.index, event.text))
             result = event.result
             if result is not None and result.error is not None:  # the executor's batch failed after some text
                 yield _error_event(ApiError(500, result.error, code="generation_failed", type="server_error"))
                 return
             if result is not None:
-                yield data(chunks.finish(result.finish_reason))
+                yield from (data(chunks.finish(choice.index, choice.finish_reason)) for choice in result.choices)
                 if include_usage:
                     yield data(chunks.usage(Usage(**result.usage())))
     except GenerationTimeout as exc:
@@ -370,7 +445,7 @@ def completion_routes() -> APIRouter:
             return _stream(request, pending, CompletionChunks(completion_id, created, body.model), body)
         result = _wait(request, pending)
         return Completion(id=completion_id, created=created, model=body.model, usage=Usage(**result.usage()),
-                          choices=[CompletionChoice(text=result.text, finish_reason=result.finish_reason)])
+                          choices=[CompletionChoice.of(choice) for choice in result.choices])
 
     @router.post("/chat/completions", response_model=ChatCompletion, responses={200: {"content": STREAMED}})
     def create_chat_completion(body: ChatCompletionRequest, tenant: Tenant, request: Request
@@ -383,7 +458,6 @@ def completion_routes() -> APIRouter:
             return _stream(request, pending, ChatChunks(completion_id, created, body.model), body)
         result = _wait(request, pending)
         return ChatCompletion(id=completion_id, created=created, model=body.model, usage=Usage(**result.usage()),
-                              choices=[ChatChoice(message=ChatMessageView(content=result.text),
-                                                  finish_reason=result.finish_reason)])
+                              choices=[ChatChoice.of(choice) for choice in result.choices])
 
     return router

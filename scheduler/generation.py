@@ -44,6 +44,8 @@ MAX_MESSAGES = 256
 MAX_COMPLETION_TOKENS = 2048  # one request's max_tokens: an executor answers between training steps
 MAX_STOP_STRINGS = 4  # OpenAI's limit
 MAX_STOP_CHARS = 256
+MAX_CHOICES = 8  # `n`: each choice is its own sequence, generated (and prefilled) like a request of its own
+MAX_TOP_LOGPROBS = 20  # OpenAI's chat limit (its legacy completions allow 5: the gateway's route checks that)
 MAX_TIMEOUT_SECONDS = 600.0
 MAX_WAITING_PER_BASE = 1024  # requests a base's queue holds; more are refused (429) until executors catch up
 DEFAULT_TIMEOUT_SECONDS = 60.0
@@ -76,6 +78,10 @@ class Sampling(_Record):
     seed: Optional[int] = Field(None, ge=0, lt=2**63)
     stop: tuple[str, ...] = Field((), max_length=MAX_STOP_STRINGS,
                                   description="the text is cut before the first of these it contains")
+    n: int = Field(1, ge=1, le=MAX_CHOICES, description="choices, each its own sequence (with a seed, choice i draws "
+                                                        "from `choice_seed(seed, i)`)")
+    logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
+                                    description="each token's log-prob and this many likeliest; None: none")
 
     @field_validator("stop")
     @classmethod
@@ -123,32 +129,67 @@ class GenerationRequest(_Record):
             raise ValueError("give either prompt or messages")
         return self
 
+    def choice_ids(self) -> list[str]:
+        """The engine's request id of each choice, by index."""
+        return [f"{self.request_id}/{index}" for index in range(self.sampling.n)]
+
+
+class TopLogprob(_Record):
+    """A likely token at a position: its text, log-prob and UTF-8 bytes (a token may be part of a character)."""
+
+    token: str
+    logprob: float
+    bytes: tuple[int, ...]
+
+
+class TokenLogprob(TopLogprob):
+    """A generated token's log-prob, where its text starts in the choice's text, and the likeliest tokens there."""
+
+    text_offset: int
+    top_logprobs: tuple[TopLogprob, ...] = ()
+
+
+class ChoiceResult(_Record):
+    """One choice of an answer: its text, why it ended, its tokens' log-probs when asked (`Sampling.logprobs`)."""
+
+    index: int = 0
+    text: str = ""
+    completion_tokens: int = 0  # tokens generated (a stop string may cut the text shorter)
+    finish_reason: Literal["stop", "length"]
+    logprobs: Optional[tuple[TokenLogprob, ...]] = None  # the tokens of `text` (cut with it at a stop string)
+
 
 class GenerationResult(_Record):
-    """An answer (`keys.generation_result`): the text, or the error that failed this request alone."""
+    """An answer (`keys.generation_result`): its `Sampling.n` choices, or the error that failed this request alone."""
 
     request_id: str
-    text: str = ""
-    prompt_tokens: int = 0
-    completion_tokens: int = 0  # tokens generated (a stop string may cut the text shorter)
-    finish_reason: Optional[Literal["stop", "length"]] = None  # None with an error
+    prompt_tokens: int = 0  # once, however many choices (OpenAI's usage)
+    choices: tuple[ChoiceResult, ...] = ()  # by index; none with an error
     error: Optional[str] = None
     executor_id: str = ""
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(choice.completion_tokens for choice in self.choices)
 
     def usage(self) -> dict[str, int]:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
                 "total_tokens": self.prompt_tokens + self.completion_tokens}
 
     def view(self, model: str) -> dict:
-        """The plain JSON the Celery task `lorafleet.generate` returns."""
-        return {"id": self.request_id, "model": model, "text": self.text, "finish_reason": self.finish_reason,
-                "usage": self.usage()}
+        """The plain JSON the Celery task `lorafleet.generate` returns: the choices (`text` and `finish_reason` are
+        also given at the top, the first choice's, as before `n` was taken)."""
+        first = self.choices[0]
+        return {"id": self.request_id, "model": model, "text": first.text, "finish_reason": first.finish_reason,
+                "choices": [choice.model_dump(exclude_none=True) for choice in self.choices], "usage": self.usage()}
 
 
 class StreamEvent(_Record):
-    """One event of a streamed request (`keys.generation_stream`): text generated since the last event, and on the
-    last event the result, whose `text` is the whole text (`text` then is the part of it not sent before)."""
+    """One event of a streamed request (`keys.generation_stream`): text of choice `index` generated since its last
+    event; the last event holds the result alone, whose choices' texts are the whole texts (what was not sent of
+    them came in text events just before)."""
 
+    index: int = 0
     text: str = ""
     result: Optional[GenerationResult] = None
 
@@ -172,19 +213,21 @@ class GenerationCall(_Record):
     top_p: float = 1.0
     seed: Optional[int] = None
     stop: Optional[str | list[str]] = None
+    n: int = 1
+    logprobs: Optional[int] = Field(None, description="0 to MAX_TOP_LOGPROBS alternatives per token")
     timeout: float = Field(DEFAULT_TIMEOUT_SECONDS, description="seconds to wait for an executor's answer")
 
     def sampling(self) -> Sampling:
         stop = [self.stop] if isinstance(self.stop, str) else self.stop or []
         return parse_sampling({"max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
-                               "seed": self.seed, "stop": stop})
+                               "seed": self.seed, "stop": stop, "n": self.n, "logprobs": self.logprobs})
 
 
 def parse_call(raw: object) -> GenerationCall:
     """A `lorafleet.generate` request; ValueError naming the field."""
     if not isinstance(raw, dict):
         raise ValueError("request: an object with model, and prompt or messages (and max_tokens, temperature, "
-                         "top_p, seed, stop, timeout)")
+                         "top_p, seed, stop, n, logprobs, timeout)")
     try:
         return GenerationCall.model_validate(raw)
     except ValueError as exc:
@@ -205,7 +248,7 @@ def checkpoint_model_name(record: JobRecord, step: int) -> str:
 def parse_sampling(raw: object) -> Sampling:
     """Sampling options from a caller's JSON object; ValueError naming the field (`max_tokens: ...`)."""
     if not isinstance(raw, dict):
-        raise ValueError("sampling: an object of max_tokens, temperature, top_p, seed, stop")
+        raise ValueError("sampling: an object of max_tokens, temperature, top_p, seed, stop, n, logprobs")
     try:
         return Sampling.model_validate(raw)
     except ValueError as exc:
@@ -233,7 +276,8 @@ return 1
 """
 
 # KEYS: the base's queue. ARGV: max requests, max tokens, now. Pops from the head while the budget allows (always at
-# least one), dropping requests whose deadline passed; returns the taken requests' JSON, oldest first.
+# least one; a request costs max_tokens for each of its n choices), dropping requests whose deadline passed; returns
+# the taken requests' JSON, oldest first.
 _TAKE = """
 local limit, budget, now = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local taken, tokens, popped = {}, 0, 0
@@ -241,7 +285,7 @@ while #taken < limit and popped < 10 * limit do
   local head = redis.call('LINDEX', KEYS[1], 0)
   if not head then break end
   local request = cjson.decode(head)
-  local cost = tonumber(request['sampling']['max_tokens'])
+  local cost = tonumber(request['sampling']['max_tokens']) * tonumber(request['sampling']['n'])
   if #taken > 0 and tokens + cost > budget then break end
   redis.call('LPOP', KEYS[1])
   popped = popped + 1
@@ -394,21 +438,25 @@ class Generations:
         pipe.expire(key, RESULT_TTL_SECONDS)
         pipe.execute()
 
-    def publish_text(self, texts: Sequence[tuple[GenerationRequest, str]]) -> None:
-        """Append each streamed request's new text to its stream (one round trip for a decode step's requests)."""
+    def publish_text(self, texts: Sequence[tuple[GenerationRequest, int, str]]) -> None:
+        """Append each streamed request's new text of a choice (request, choice index, text) to its stream (one
+        round trip for a decode step's requests)."""
         pipe = self.r.pipeline(transaction=False)
-        for request, text in texts:
-            self._append(pipe, request, StreamEvent(text=text))
+        for request, index, text in texts:
+            self._append(pipe, request, StreamEvent(index=index, text=text))
         pipe.execute()
 
-    def deliver(self, request: GenerationRequest, result: GenerationResult, unsent: str = "") -> None:
+    def deliver(self, request: GenerationRequest, result: GenerationResult, unsent: Sequence[str] = ()) -> None:
         """The request's answer: on its result key (`answer`), or for a streamed request as its stream's last event,
-        with `unsent`, the part of the result's text not published before."""
+        after the text of each choice not published before (`unsent`, by choice index)."""
         if not request.stream:
             self.answer(result)
             return
         pipe = self.r.pipeline(transaction=False)
-        self._append(pipe, request, StreamEvent(text=unsent, result=result))
+        for index, text in enumerate(unsent):
+            if text:
+                self._append(pipe, request, StreamEvent(index=index, text=text))
+        self._append(pipe, request, StreamEvent(result=result))
         pipe.execute()
 
     @staticmethod

@@ -294,9 +294,10 @@ def checkpoint_files(self, token: str, job_id: str) -> list:
 @app.task(name="lorafleet.generate", throws=TENANT_ERRORS + (TimeoutError,), bind=True)
 @_public_errors
 def generate(self, token: str, request: Any) -> dict:
-    """`request`: {"model", "prompt" or "messages", "max_tokens", "temperature", "top_p", "seed", "stop",
-    "timeout"}; returns {"id", "model", "text", "finish_reason", "usage"}. Waits (on Redis, no CPU) for the executor
-    serving the model's base: TimeoutError when none answered in `timeout` seconds."""
+    """`request`: {"model", "prompt" or "messages", "max_tokens", "temperature", "top_p", "seed", "stop", "n",
+    "logprobs" (0-20 likeliest per token), "timeout"}; returns {"id", "model", "text", "finish_reason", "choices",
+    "usage"} (`GenerationResult.view`). Waits (on Redis, no CPU) for the executor serving the model's base:
+    TimeoutError when none answered in `timeout` seconds."""
     tenant = _caller(self, token)
     call = parse_call(request)
     pending = generations().submit(tenant, call.model, prompt=call.prompt, messages=call.messages,

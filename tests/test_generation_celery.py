@@ -23,7 +23,7 @@ def test_a_bad_request_is_a_value_error_naming_the_field(call, make_tenant):
     with pytest.raises(ValueError, match="^max_tokens: "):
         call("lorafleet.generate", tenant.token, {"model": "test-org/tiny-model", "prompt": "hi", "max_tokens": 0})
     with pytest.raises(ValueError, match="^n: "):
-        call("lorafleet.generate", tenant.token, {"model": "test-org/tiny-model", "prompt": "hi", "n": 2})
+        call("lorafleet.generate", tenant.token, {"model": "test-org/tiny-model", "prompt": "hi", "n": 9})
 
 
 def test_a_request_no_executor_answers_is_a_timeout_error_naming_the_base(call, make_tenant):

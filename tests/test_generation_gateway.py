@@ -28,9 +28,9 @@ def test_another_tenants_model_is_not_found_like_a_model_that_does_not_exist(gat
 
 
 @pytest.mark.parametrize("fields, param, words", [
-    ({"n": 2}, "n", "only one choice"),
+    ({"n": 9}, "n", "less than or equal to 8"),
     ({"stream_options": {"include_usage": True}}, "stream_options", "only allowed with stream=true"),
-    ({"logprobs": 2}, "logprobs", "not supported"),
+    ({"echo": True}, "echo", "not supported"),
     ({"max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
     ({"temperature": 5}, "temperature", "less than or equal to 2"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),

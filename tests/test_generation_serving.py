@@ -78,7 +78,8 @@ def test_serving_between_steps_leaves_training_bitwise_unchanged(store, make_ten
         tolerance = {"rtol": 0, "atol": 0} if device == "cpu" else {"rtol": 1e-5, "atol": 1e-7}
         torch.testing.assert_close(with_serving[name], alone[name], **tolerance)
     assert len(answers) == 12 and all(a.error is None and a.completion_tokens >= 1 for a in answers)
-    assert len({a.text for a in answers[0::2]}) == 1, "the same greedy request gets the same answer at every gap"
+    assert len({a.choices[0].text for a in answers[0::2]}) == 1, \
+        "the same greedy request gets the same answer at every gap"
 
 
 def test_a_gap_between_steps_takes_at_most_its_budget(store, make_tenant, tmp_path, hf_cache, base_model_dir):

@@ -10,7 +10,7 @@ import pytest
 
 from lorafleet.scheduler import keys
 from lorafleet.scheduler.generation import (
-    GenerationResult, Generations, GenerationTimeout, Sampling, ServingBudget, checkpoint_model_name,
+    ChoiceResult, GenerationResult, Generations, GenerationTimeout, Sampling, ServingBudget, checkpoint_model_name,
     fine_tuned_model_name, parse_sampling,
 )
 from lorafleet.scheduler.spec import parse_spec
@@ -111,9 +111,9 @@ def test_requests_are_taken_oldest_first_within_the_budget_and_late_ones_dropped
 def test_an_answer_reaches_its_waiter_and_a_silence_names_the_base_and_the_wait(generations, make_tenant):
     tenant = make_tenant()
     request = generations.submit(tenant.name, "test-org/tiny-model", prompt="hello", timeout=5)
-    generations.answer(GenerationResult(request_id=request.request_id, text=" world", prompt_tokens=2,
-                                        completion_tokens=1, finish_reason="length"))
-    assert generations.wait_result(request).text == " world"
+    generations.answer(GenerationResult(request_id=request.request_id, prompt_tokens=2, choices=(
+        ChoiceResult(text=" world", completion_tokens=1, finish_reason="length"),)))
+    assert generations.wait_result(request).choices[0].text == " world"
     assert generations.store.r.ttl(keys.generation_result(request.request_id)) == -2, "popped by its waiter"
     unanswered = generations.submit(tenant.name, "test-org/tiny-model", prompt="hello", timeout=0.3)
     with pytest.raises(GenerationTimeout, match="no executor serving base 'test-org/tiny-model' answered within 0.3 s"):
@@ -135,7 +135,8 @@ def test_unserved_bases_are_listed_until_an_executor_claims_one(generations, mak
 
 @pytest.mark.parametrize("raw, field", [
     ({"max_tokens": 0}, "max_tokens"), ({"temperature": 3}, "temperature"), ({"top_p": 0}, "top_p"),
-    ({"stop": ["a", "b", "c", "d", "e"]}, "stop"), ({"stop": [""]}, "stop"), ({"n": 2}, "n"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop"), ({"stop": [""]}, "stop"), ({"n": 9}, "n"),
+    ({"logprobs": 21}, "logprobs"),
 ])
 def test_bad_sampling_options_are_refused_naming_the_field(raw, field):
     with pytest.raises(ValueError, match=f"^{field}"):

@@ -106,9 +106,11 @@ def test_a_failed_batch_fails_a_stream_it_sent_text_of_and_runs_the_others_again
     events = list(generations.stream_events(streamed))
     texts, last = [event.text for event in events], events[-1].result
     if text_sent:
-        assert texts[0] and last.error == "generation failed: device lost" and "".join(texts) != answer.text
+        assert texts[0] and last.error == "generation failed: device lost" and "".join(texts) != (
+            answer.choices[0].text)
     else:
-        assert last.error is None and "".join(texts) == last.text == answer.text and len(events) > 2
+        assert last.error is None and "".join(texts) == last.choices[0].text == answer.choices[0].text
+        assert len(events) > 2
 
 
 # ---- through the service: the gateway and a real executor ----
@@ -217,9 +219,9 @@ def test_a_bad_streamed_request_fails_with_an_error_naming_the_problem(fleet, ap
         api.completions.create(model=model, prompt=PROMPT, max_tokens=4, stream_options={"include_usage": True})
     assert options_alone.value.param == "stream_options" and "only allowed with stream=true" in (
         options_alone.value.message)
-    with pytest.raises(openai.BadRequestError) as two_choices:
-        api.chat.completions.create(model=model, messages=CHAT, n=2, stream=True)
-    assert two_choices.value.param == "n"
+    with pytest.raises(openai.BadRequestError) as logprobs:
+        api.chat.completions.create(model=model, messages=CHAT, logprobs=True, stream=True)
+    assert logprobs.value.param == "logprobs"
     with pytest.raises(openai.NotFoundError):
         api.chat.completions.create(model="ft:tiny:nobody:bot:job-0123456789abcdef", messages=CHAT, stream=True)
 
@@ -237,7 +239,7 @@ def test_another_tenants_request_stream_is_not_readable(fleet):  # noqa: F811
         list(generations.stream_events(stranger))
     events = list(generations.stream_events(request))
     assert events[-1].result is not None and events[-1].result.completion_tokens == 6
-    assert "".join(event.text for event in events) == events[-1].result.text
+    assert "".join(event.text for event in events) == events[-1].result.choices[0].text
     assert not fleet.store.r.exists(keys.generation_stream(owner, request.request_id)), "read to its end: gone"
 
 
@@ -279,7 +281,7 @@ def test_an_executor_failure_mid_stream_is_raised_by_the_openai_client(executor_
     api, generations, compat_key = executor_stand_in
     reader, got = stream_in_background(api, timeout=30)
     request = take_one(generations, compat_key)
-    generations.publish_text([(request, "Hello")])
+    generations.publish_text([(request, 0, "Hello")])
     generations.deliver(request, GenerationResult(request_id=request.request_id, error="generation failed: boom"))
     reader.join(30)
     assert got["texts"] == ["Hello"]
@@ -290,7 +292,7 @@ def test_an_executor_failure_mid_stream_is_raised_by_the_openai_client(executor_
 def test_an_executor_silent_mid_stream_ends_it_with_a_timeout_error(executor_stand_in):
     api, generations, compat_key = executor_stand_in
     reader, got = stream_in_background(api, timeout=1.0)
-    generations.publish_text([(take_one(generations, compat_key), "Hel")])
+    generations.publish_text([(take_one(generations, compat_key), 0, "Hel")])
     reader.join(30)
     assert got["texts"] == ["Hel"]
     assert "fell silent for 1 s mid-answer" in got["error"].message and got["error"].code == "timeout"
