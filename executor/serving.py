@@ -17,6 +17,10 @@ one request at a time so that only the requests at fault fail.
 
 A streamed request's text is published as it is generated (executor/streaming.py); if its batch fails after some of
 it was sent, it fails too rather than run again.
+
+A request of `n` choices runs as `n` engine requests in the batch (`GenerationRequest.choice_ids`; with a seed, choice
+i draws from `choice_seed(seed, i)`), answered together as one result; log-probs asked for come from the engine's
+sampling step as token ids and become text, bytes and offsets in executor/logprobs.py.
 """
 
 from __future__ import annotations
