@@ -5,12 +5,15 @@ queue (`scheduler.generation`), answered by the executor that has the model's ba
 (`<fine_tuned_model>:ckpt-step-N`) or a base a job could name. `n` (1 to `generation.MAX_CHOICES`) choices, each its
 own sequence; per-token log-probs (`logprobs` 0-5 on completions, OpenAI's legacy object; `logprobs` and `top_logprobs`
 0-20 on chat, `logprobs.content`), not streamed (refused with `stream`, naming `logprobs`): the model's own
-distribution, before temperature and top_p, as OpenAI's. A route waits for its answer in one of the server's worker
-threads (on Redis, no CPU), at most `lorafleet.timeout` seconds (default `generation.DEFAULT_TIMEOUT_SECONDS`): 504
-naming the base after that.
+distribution, before temperature and top_p, as OpenAI's. A route waits for its answer on the event loop
+(`generation.GenerationWaits`, an asyncio Redis client: a waiting request holds none of the server's worker threads,
+which the other routes and the requests' own checks and submission run in), at most `lorafleet.timeout` seconds
+(default `generation.DEFAULT_TIMEOUT_SECONDS`): 504 naming the base after that. One tenant has at most
+`config.max_generations_per_tenant()` requests in progress in this gateway (`GenerationSlots`); more get 429, while
+the other tenants' are served as before. A model on a base the engine does not run is refused at once (400).
 
 `stream: true` answers in server-sent events as OpenAI does (`data: <chunk JSON>` lines, then `data: [DONE]`): the
-text as the executor generates it (`Generations.stream_events`), in `text_completion` chunks or `chat.completion.chunk`
+text as the executor generates it (`GenerationWaits.stream_events`), in `text_completion` chunks or `chat.completion.chunk`
 deltas (the role first), each choice's by its `index` (interleaved as they come), then a chunk per choice with its
 finish reason, and with `stream_options.include_usage` a last chunk of no choices and the usage (every chunk then has
 `usage`, null but on that one). The response starts once the first event came, so a request that fails before any
@@ -20,12 +23,15 @@ that is an `error` event, which the `openai` client raises.
 
 from __future__ import annotations
 
-import itertools
+import collections
 import json
 from dataclasses import dataclass
-from typing import Any, Iterator, Literal, Optional, Union
+from typing import Any, AsyncIterator, Callable, Literal, Optional, Union
 
+import redis
+import redis.asyncio
 from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_serializer
 
@@ -35,15 +41,18 @@ from lorafleet.gateway.models import ErrorResponse
 from lorafleet.scheduler import config
 from lorafleet.scheduler.generation import (
     DEFAULT_TIMEOUT_SECONDS, MAX_TIMEOUT_SECONDS, MAX_TOP_LOGPROBS, ChoiceResult, GenerationRequest, GenerationResult,
-    Generations, GenerationTimeout, StreamEvent, TokenLogprob, parse_sampling,
+    Generations, GenerationTimeout, GenerationWaits, StreamEvent, TokenLogprob, parse_sampling,
 )
 
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's legacy completions' limit (chat's: MAX_TOP_LOGPROBS)
 CHAT_DEFAULT_MAX_TOKENS = 256  # OpenAI's chat has no default cap; here a chat answer stops at this unless asked
-COMPLETION_RESPONSES = {**ERROR_RESPONSES, 504: {
-    "model": ErrorResponse, "description": "no executor serving the model's base answered in time"}}
+COMPLETION_RESPONSES = {**ERROR_RESPONSES, 429: {
+    "model": ErrorResponse, "description": "too many of your generation requests in progress, or waiting for the base"},
+    504: {"model": ErrorResponse, "description": "no executor serving the model's base answered in time"}}
 STREAMED = {"text/event-stream": {"schema": {"type": "string", "description": (
     "with stream=true: `data: <chunk JSON>` events, then `data: [DONE]`")}}}
+_CONNECTION_SETTINGS = {"host", "port", "path", "db", "username", "password", "decode_responses", "socket_timeout",
+                        "socket_connect_timeout", "client_name"}
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
@@ -301,6 +310,92 @@ def _generations(request: Request) -> Generations:
     return state.generations
 
 
+def _waits(request: Request) -> GenerationWaits:
+    """One per gateway, on an asyncio client of the store's server and user (made on first use, in the event loop
+    that uses it)."""
+    state = request.app.state
+    if getattr(state, "generation_waits", None) is None:
+        state.generation_waits = GenerationWaits(_async_redis(state.gateway.store.r))
+    return state.generation_waits
+
+
+def _async_redis(client: redis.Redis) -> redis.asyncio.Redis:
+    """An asyncio client with the connection settings of `client` (server, user, password, TLS or socket); only
+    those: its pool's other arguments are redis-py's own objects, made for the sync client."""
+    pool = client.connection_pool
+    connection_class = {redis.SSLConnection: redis.asyncio.SSLConnection,
+                        redis.UnixDomainSocketConnection: redis.asyncio.UnixDomainSocketConnection,
+                        }.get(pool.connection_class, redis.asyncio.Connection)
+    settings = {name: value for name, value in pool.connection_kwargs.items()
+                if name in _CONNECTION_SETTINGS or name.startswith("ssl_")}
+    return redis.asyncio.Redis(connection_pool=redis.asyncio.ConnectionPool(connection_class=connection_class,
+                                                                            **settings))
+
+
+class GenerationSlots:
+    """Each tenant's generation requests in progress in this gateway, at most `limit` at once: past it the tenant's
+    next one is refused (429) and the other tenants' go on. Taken and given back only on the event loop (the async
+    routes and their streams), so plain counts need no lock."""
+
+    def __init__(self, limit: int):
+        self.limit, self.in_progress = limit, collections.Counter()
+
+    def take(self, tenant: str) -> "_Slot":
+        if self.in_progress[tenant] >= self.limit:
+            raise ApiError(429, f"too many generation requests in progress: at most {self.limit} per tenant at once; "
+                                "retry once one of them ended", code="rate_limit_exceeded", type="requests",
+                           retry=True)
+        self.in_progress[tenant] += 1
+        return _Slot(self, tenant)
+
+    def give_back(self, tenant: str) -> None:
+        self.in_progress[tenant] -= 1
+        if not self.in_progress[tenant]:
+            del self.in_progress[tenant]
+
+
+@dataclass
+class _Slot:
+    """One request's place among its tenant's (`with`: given back at the end of the route, unless handed over to the
+    stream that goes on after it)."""
+
+    slots: GenerationSlots
+    tenant: str
+    held: bool = True
+    handed_over: bool = False
+
+    def __enter__(self) -> "_Slot":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if not self.handed_over:
+            self.give_back()
+
+    def hand_over(self) -> Callable[[], None]:
+        self.handed_over = True
+        return self.give_back
+
+    def give_back(self) -> None:
+        if self.held:
+            self.held = False
+            self.slots.give_back(self.tenant)
+
+
+class _HeldStream(StreamingResponse):
+    """A streamed answer that gives its slot back however it ends: sent to the end, failed, or cut by the client
+    (whose disconnect cancels the stream, maybe before its first chunk)."""
+
+    def __init__(self, content: AsyncIterator[str], give_back: Callable[[], None], **kwargs: Any):
+        super().__init__(content, **kwargs)
+        self._give_back = give_back
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._give_back()
+
+
 def _refuse_unsupported(body: _GenerationBody) -> None:
     for field, value in (body.model_extra or {}).items():
         if value is not None:
@@ -348,7 +443,8 @@ def _chat_messages(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
 
 def _submit(request: Request, tenant: str, body: CompletionRequest | ChatCompletionRequest, max_tokens: int,
             **given: Any) -> GenerationRequest:
-    """Queue the request; every refusal in OpenAI's shape."""
+    """Queue the request; every refusal in OpenAI's shape. Blocking (Redis, the model's files): run in a worker
+    thread, briefly."""
     _refuse_unsupported(body)
     sampling = _sampling(body, max_tokens)
     timeout = (body.lorafleet or LorafleetGenerationOptions()).timeout
@@ -370,9 +466,9 @@ def _failed(result: GenerationResult) -> ApiError:
     return ApiError(400, result.error, code="invalid_request")
 
 
-def _wait(request: Request, pending: GenerationRequest) -> GenerationResult:
+async def _wait(request: Request, pending: GenerationRequest) -> GenerationResult:
     try:
-        result = _generations(request).wait_result(pending)
+        result = await _waits(request).result(pending)
     except GenerationTimeout as exc:
         raise _timed_out(exc) from None
     if result.error is not None:
@@ -380,33 +476,41 @@ def _wait(request: Request, pending: GenerationRequest) -> GenerationResult:
     return result
 
 
-def _stream(request: Request, pending: GenerationRequest, chunks: CompletionChunks | ChatChunks,
-            body: _GenerationBody) -> StreamingResponse:
-    """The streamed answer, begun once its first event came (a failure before any text keeps its status)."""
-    events = _generations(request).stream_events(pending)
+async def _stream(request: Request, pending: GenerationRequest, chunks: CompletionChunks | ChatChunks,
+                  body: _GenerationBody, slot: _Slot) -> StreamingResponse:
+    """The streamed answer, begun once its first event came (a failure before any text keeps its status); it holds
+    the request's slot until it ends."""
+    events = _waits(request).stream_events(pending)
     try:
-        first = next(events)
+        first = await anext(events)
     except GenerationTimeout as exc:
         raise _timed_out(exc) from None
     if first.result is not None and first.result.error is not None:
         raise _failed(first.result)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     # no caching, and no buffering by a proxy in front (nginx's header): each chunk goes out as it comes
-    return StreamingResponse(_events(chunks, itertools.chain([first], events), include_usage, pending.sampling.n),
-                             media_type="text/event-stream", headers={"cache-control": "no-cache",
-                                                                      "x-accel-buffering": "no"})
+    return _HeldStream(_events(chunks, _starting_with(first, events), include_usage, pending.sampling.n),
+                       slot.hand_over(), media_type="text/event-stream",
+                       headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
 
 
-def _events(chunks: CompletionChunks | ChatChunks, events: Iterator[StreamEvent], include_usage: bool, n: int
-            ) -> Iterator[str]:
+async def _starting_with(first: StreamEvent, rest: AsyncIterator[StreamEvent]) -> AsyncIterator[StreamEvent]:
+    yield first
+    async for event in rest:
+        yield event
+
+
+async def _events(chunks: CompletionChunks | ChatChunks, events: AsyncIterator[StreamEvent], include_usage: bool,
+                  n: int) -> AsyncIterator[str]:
     """Server-sent events: the chunks of the text as it comes, the finish, the usage if asked, `[DONE]`; an error
     (the executor failed or fell silent mid-answer) ends the stream as an `error` event instead."""
     def data(chunk: BaseModel) -> str:
         return f"data: {chunk.model_dump_json(exclude=None if include_usage else {'usage'})}\n\n"
 
-    yield from (data(chunk) for chunk in chunks.opening(n))
+    for chunk in chunks.opening(n):
+        yield data(chunk)
     try:
-        for event in events:
+        async for event in events:
             if event.text:
                 yield data(chunks.text(event.index, event.text))
             result = event.result
@@ -414,7 +518,8 @@ def _events(chunks: CompletionChunks | ChatChunks, events: Iterator[StreamEvent]
                 yield _error_event(ApiError(500, result.error, code="generation_failed", type="server_error"))
                 return
             if result is not None:
-                yield from (data(chunks.finish(choice.index, choice.finish_reason)) for choice in result.choices)
+                for choice in result.choices:
+                    yield data(chunks.finish(choice.index, choice.finish_reason))
                 if include_usage:
                     yield data(chunks.usage(Usage(**result.usage())))
     except GenerationTimeout as exc:
@@ -430,33 +535,38 @@ def _error_event(error: ApiError) -> str:
 
 def completion_routes() -> APIRouter:
     router = APIRouter(prefix="/v1", tags=["completions"], responses=COMPLETION_RESPONSES)
+    slots = GenerationSlots(config.max_generations_per_tenant())
 
     @router.post("/completions", response_model=Completion, responses={200: {"content": STREAMED}})
-    def create_completion(body: CompletionRequest, tenant: Tenant, request: Request
-                          ) -> Union[Completion, StreamingResponse]:
+    async def create_completion(body: CompletionRequest, tenant: Tenant, request: Request
+                                ) -> Union[Completion, StreamingResponse]:
         """Complete `prompt` with `model` (a fine-tuned model of yours, one of its checkpoints, or a base)."""
         if not isinstance(body.prompt, str):
             raise ApiError(400, "prompt: only a single string prompt is supported", param="prompt",
                            code="invalid_value")
-        pending = _submit(request, tenant, body, 16 if body.max_tokens is None else body.max_tokens,
-                          prompt=body.prompt)
-        completion_id, created = "cmpl-" + pending.request_id.removeprefix("gen-"), int(pending.submitted_at)
-        if body.stream:
-            return _stream(request, pending, CompletionChunks(completion_id, created, body.model), body)
-        result = _wait(request, pending)
+        with slots.take(tenant) as slot:
+            pending = await run_in_threadpool(_submit, request, tenant, body,
+                                              16 if body.max_tokens is None else body.max_tokens, prompt=body.prompt)
+            completion_id, created = "cmpl-" + pending.request_id.removeprefix("gen-"), int(pending.submitted_at)
+            if body.stream:
+                return await _stream(request, pending, CompletionChunks(completion_id, created, body.model), body,
+                                     slot)
+            result = await _wait(request, pending)
         return Completion(id=completion_id, created=created, model=body.model, usage=Usage(**result.usage()),
                           choices=[CompletionChoice.of(choice) for choice in result.choices])
 
     @router.post("/chat/completions", response_model=ChatCompletion, responses={200: {"content": STREAMED}})
-    def create_chat_completion(body: ChatCompletionRequest, tenant: Tenant, request: Request
-                               ) -> Union[ChatCompletion, StreamingResponse]:
+    async def create_chat_completion(body: ChatCompletionRequest, tenant: Tenant, request: Request
+                                     ) -> Union[ChatCompletion, StreamingResponse]:
         """Answer the conversation in `messages` with `model`, rendered by the base's chat template."""
         max_tokens = body.max_completion_tokens or body.max_tokens or CHAT_DEFAULT_MAX_TOKENS
-        pending = _submit(request, tenant, body, max_tokens, messages=_chat_messages(body.messages))
-        completion_id, created = "chatcmpl-" + pending.request_id.removeprefix("gen-"), int(pending.submitted_at)
-        if body.stream:
-            return _stream(request, pending, ChatChunks(completion_id, created, body.model), body)
-        result = _wait(request, pending)
+        with slots.take(tenant) as slot:
+            pending = await run_in_threadpool(_submit, request, tenant, body, max_tokens,
+                                              messages=_chat_messages(body.messages))
+            completion_id, created = "chatcmpl-" + pending.request_id.removeprefix("gen-"), int(pending.submitted_at)
+            if body.stream:
+                return await _stream(request, pending, ChatChunks(completion_id, created, body.model), body, slot)
+            result = await _wait(request, pending)
         return ChatCompletion(id=completion_id, created=created, model=body.model, usage=Usage(**result.usage()),
                               choices=[ChatChoice.of(choice) for choice in result.choices])
 

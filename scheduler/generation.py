@@ -4,13 +4,15 @@ base), queued in Redis for an executor that has the base loaded, answered throug
     generations = Generations(store, config.hf_hub_cache(), config.model_roots())
     request = generations.submit(tenant, "ft:tiny:acme:bot:job-0123456789abcdef", prompt="Hi", sampling=Sampling())
     result = generations.wait_result(request)        # GenerationTimeout when no executor answered in time
+    result = await GenerationWaits(async_redis).result(request)  # the same, waiting on the event loop (the gateway)
 
 Model names (`resolve_model`): a SUCCEEDED job's `fine_tuned_model` (`ft:<base>:<tenant>:<name>:<job id>`, the
 adapter it published), that name with `:ckpt-step-N` (one of the checkpoints the job still keeps, whatever its
 state), or a base model as a job spec names it (a model id in the local cache or a directory under the model roots:
 the same bases a tenant may train on). Another tenant's job answers exactly as a name that does not exist. The
 results the engine does not run (`spec.NO_EVAL_SAMPLES`: a GaLore job's whole model, a LoPA job's soft prompts) are
-refused, naming why.
+refused, naming why, and so is a model on a base whose family the engine does not run (`spec.GENERATION_FAMILIES`):
+at submission, rather than having an idle executor load the base only to fail the request.
 
 The executor side (`executor/serving.py`) takes the requests of the base it has loaded between training steps
 (`take_requests`, bounded by a `ServingBudget`) and answers each (`deliver`). An executor without jobs may load the base
@@ -24,18 +26,21 @@ the tenant's name: a request id read with another tenant's name finds nothing.
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
 import time
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Iterator, Literal, Optional, Sequence
+from typing import AsyncIterator, Iterator, Literal, Optional, Sequence
 
+import redis.asyncio
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from lorafleet.scheduler import keys
 from lorafleet.scheduler.records import JobRecord, JobState
 from lorafleet.scheduler.results import checkpoint_step
-from lorafleet.scheduler.spec import NO_EVAL_SAMPLES, SpecError
+from lorafleet.scheduler.spec import GENERATION_FAMILIES, NO_EVAL_SAMPLES, SpecError
 from lorafleet.scheduler.store import JobStore, QuotaExceeded
 from lorafleet.scheduler.submission import compat_key, resolve_base_model
 
@@ -374,6 +379,7 @@ class Generations:
             raise ValueError(f"timeout: must be more than 0 and at most {MAX_TIMEOUT_SECONDS:g} seconds")
         _check_input(prompt, messages)
         target = self.resolve_model(tenant, model)
+        _check_engine_runs(target)
         now = time.time()
         request = GenerationRequest(
             request_id=new_request_id(), tenant=tenant, target=target, prompt=prompt,
@@ -392,36 +398,23 @@ class Generations:
         until = request.deadline if timeout is None else time.time() + timeout
         key = keys.generation_result(request.request_id)
         while (left := until - time.time()) > 0:
-            # in slices: a blocking read longer than the client's socket timeout (redis-py's default: 5 s) fails
-            reply = self.r.blpop([key], timeout=max(0.01, min(left, WAIT_SLICE_SECONDS)))
+            reply = self.r.blpop([key], timeout=_wait_slice(left))
             if reply is not None:
                 return GenerationResult.model_validate_json(reply[1])
-        waited = request.deadline - request.submitted_at if timeout is None else timeout
-        raise GenerationTimeout(f"no executor serving base {request.target.base.base_name!r} answered within "
-                                f"{waited:g} s")
+        raise _no_answer(request, request.deadline - request.submitted_at if timeout is None else timeout)
 
     def stream_events(self, request: GenerationRequest) -> Iterator[StreamEvent]:
         """The events of a streamed request as they come, until the one with the result. GenerationTimeout when no
         executor took it by its deadline, or when one that did fell silent for as long as the request's timeout (it
         died mid-answer)."""
-        key = keys.generation_stream(request.tenant, request.request_id)
-        silence = request.deadline - request.submitted_at
-        until, last_id = request.deadline, "0-0"
-        while (left := until - time.time()) > 0:
-            # in slices, as `wait_result`: a blocking read longer than the client's socket timeout fails
-            reply = self.r.xread({key: last_id}, block=max(10, int(1000 * min(left, WAIT_SLICE_SECONDS))))
-            for last_id, fields in (reply[0][1] if reply else ()):
-                event = StreamEvent.model_validate_json(fields["event"])
+        cursor = _StreamCursor.of(request)
+        while (block_ms := cursor.block_ms()) is not None:
+            for event in cursor.events(self.r.xread({cursor.key: cursor.last_id}, block=block_ms)):
                 yield event
                 if event.result is not None:
-                    self.r.delete(key)
+                    self.r.delete(cursor.key)
                     return
-            if reply:
-                until = time.time() + silence
-        base = request.target.base.base_name
-        if last_id == "0-0":
-            raise GenerationTimeout(f"no executor serving base {base!r} answered within {silence:g} s")
-        raise GenerationTimeout(f"the executor answering on base {base!r} fell silent for {silence:g} s mid-answer")
+        raise cursor.timeout()
 
     # ---- the executor's side ----
 
@@ -494,6 +487,99 @@ class Generations:
                 self._forget_base(keys=[keys.GENERATION_BASES, keys.generation_queue(base.compat_key)],
                                   args=[base.compat_key])
         return sorted(waiting, key=lambda item: item[0])
+
+
+class GenerationWaits:
+    """The caller's waits of `Generations` (`wait_result`, `stream_events`) on an asyncio Redis client, the same
+    server and user as the store's: a gateway request waiting for its answer is a coroutine on the event loop, not
+    one of the server's worker threads (a tenant with many requests waiting would hold them all)."""
+
+    def __init__(self, r: redis.asyncio.Redis):
+        self.r = r
+
+    async def result(self, request: GenerationRequest) -> GenerationResult:
+        """The request's answer, once it came; GenerationTimeout at its deadline."""
+        key = keys.generation_result(request.request_id)
+        while (left := request.deadline - time.time()) > 0:
+            reply = await self.r.blpop([key], timeout=_wait_slice(left))
+            if reply is not None:
+                return GenerationResult.model_validate_json(reply[1])
+        raise _no_answer(request, request.deadline - request.submitted_at)
+
+    async def stream_events(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
+        """As `Generations.stream_events`."""
+        cursor = _StreamCursor.of(request)
+        while (block_ms := cursor.block_ms()) is not None:
+            for event in cursor.events(await self.r.xread({cursor.key: cursor.last_id}, block=block_ms)):
+                yield event
+                if event.result is not None:
+                    await self.r.delete(cursor.key)
+                    return
+        raise cursor.timeout()
+
+
+def _wait_slice(left: float) -> float:
+    """One blocking read's seconds: reads in slices, as one longer than the client's socket timeout fails."""
+    return max(0.01, min(left, WAIT_SLICE_SECONDS))
+
+
+def _no_answer(request: GenerationRequest, waited: float) -> GenerationTimeout:
+    return GenerationTimeout(f"no executor serving base {request.target.base.base_name!r} answered within "
+                             f"{waited:g} s")
+
+
+@dataclass
+class _StreamCursor:
+    """A reader's place in a request's stream: the last event id read, and until when it waits for the next (the
+    request's deadline before the first event; after one, as long again as the request's timeout)."""
+
+    request: GenerationRequest
+    key: str
+    until: float
+    last_id: str = "0-0"
+
+    @classmethod
+    def of(cls, request: GenerationRequest) -> "_StreamCursor":
+        return cls(request, keys.generation_stream(request.tenant, request.request_id), request.deadline)
+
+    def block_ms(self) -> Optional[int]:
+        """The next read's XREAD BLOCK; None once the wait is over."""
+        left = self.until - time.time()
+        return max(10, int(1000 * _wait_slice(left))) if left > 0 else None
+
+    def events(self, reply) -> list[StreamEvent]:
+        """The events of an XREAD's reply (nothing when it timed out), moving past them."""
+        entries = reply[0][1] if reply else []
+        if entries:
+            self.last_id, self.until = entries[-1][0], time.time() + self.silence
+        return [StreamEvent.model_validate_json(fields["event"]) for _, fields in entries]
+
+    @property
+    def silence(self) -> float:
+        return self.request.deadline - self.request.submitted_at
+
+    def timeout(self) -> GenerationTimeout:
+        if self.last_id == "0-0":
+            return _no_answer(self.request, self.silence)
+        return GenerationTimeout(f"the executor answering on base {self.request.target.base.base_name!r} fell "
+                                 f"silent for {self.silence:g} s mid-answer")
+
+
+def _check_engine_runs(target: ModelTarget) -> None:
+    """Refuse a model on a base the generation engine does not run (ValueError naming the model and the family)."""
+    family = _base_family(target.base.base_snapshot)
+    if family not in GENERATION_FAMILIES:
+        raise ValueError(f"model: {target.model!r} runs on base {target.base.base_name!r}, of family "
+                         f"{family or 'unknown'!r}, which the generation engine does not run (it runs "
+                         f"{', '.join(GENERATION_FAMILIES)})")
+
+
+def _base_family(snapshot: str) -> str:
+    """The base's config `model_type` ('' when it has no readable one)."""
+    try:
+        return json.loads((Path(snapshot) / "config.json").read_text()).get("model_type") or ""
+    except (OSError, ValueError, AttributeError):
+        return ""
 
 
 def _check_input(prompt: Optional[str], messages: Optional[Sequence]) -> None:

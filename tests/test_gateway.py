@@ -4,6 +4,7 @@ raises them."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -38,12 +39,19 @@ SMALL = {"max_seq_len": 256, "r": 4, "target_modules": ["q_proj", "v_proj"]}
 @pytest.fixture(scope="module")
 def gateway(redis_server, worker_env, tmp_path_factory):
     """The base URL of a `lorafleet gateway` subprocess using the gateway role's own Redis user."""
+    with running_gateway(redis_server, worker_env, tmp_path_factory.mktemp("gateway")) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def running_gateway(redis_server, worker_env, log_dir: Path, **env: str):
+    """A `lorafleet gateway` subprocess (its settings: the session's, and `env`) until the block ends; its URL."""
     port = free_port()
-    log_path = tmp_path_factory.mktemp("gateway") / "gateway.log"
+    log_path = log_dir / "gateway.log"
     with open(log_path, "w") as log:
         process = subprocess.Popen(
             [sys.executable, "-P", "-m", "lorafleet.scheduler.cli", "gateway", "--port", str(port)],
-            env={**worker_env, **FILE_LIMITS, "REDIS_URL": redis_server.role_url("gateway")}, stdout=log,
+            env={**worker_env, **FILE_LIMITS, "REDIS_URL": redis_server.role_url("gateway"), **env}, stdout=log,
             stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
 
