@@ -5,26 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers_models import alpaca_rows, build_tiny_model, build_tokenizer, write_jsonl
-from test_generate import ADAPTERS, PROMPTS, make_spec, randomize_adapter
+from helpers_models import build_tokenizer
+from test_generate import ADAPTERS, PROMPTS
+from test_generate_gpu import cohort  # noqa: F401  (the fixture: a bf16 cohort of test_generate's adapter kinds)
 
 import lorafleet.executor.generate as generate_module
-from lorafleet.executor.cohort import Cohort
 from lorafleet.executor.generate import GenerationRequest, Generator, Sampling
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
-
-
-@pytest.fixture(scope="module")
-def cohort(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mixed-gpu")
-    model_dir = build_tiny_model(root / "base", "llama", hidden=128)
-    dataset = write_jsonl(root / "x.jsonl", alpaca_rows(8, seed=1))
-    cohort = Cohort(model_dir, device="cuda")
-    for seed, (job_id, adapter) in enumerate(ADAPTERS.items()):
-        cohort.add_job(job_id, make_spec(model_dir, adapter, seed=seed), dataset)
-        randomize_adapter(cohort.jobs[job_id].adapter, seed)
-    return cohort
 
 
 @pytest.mark.parametrize("budget", [5, 16])
