@@ -117,11 +117,12 @@ def measure_burst(app, store: JobStore, pids: dict[str, list[int]], token: str, 
     }
 
 
-def start_workers(count: int, env: dict[str, str]) -> list[subprocess.Popen]:
+def start_workers(count: int, env: dict[str, str], logs: Path) -> list[subprocess.Popen]:
+    """`count` Celery workers, each logging to logs/worker-<i>.log."""
     return [subprocess.Popen(
         [sys.executable, "-P", "-m", "celery", "-A", "lorafleet.scheduler.tasks", "worker", "--pool=solo",
          "--loglevel=WARNING", "--without-gossip", "--without-mingle", "-n", f"bench-{i}@%h"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=env, stdout=subprocess.DEVNULL, stderr=open(logs / f"worker-{i}.log", "wb"),
     ) for i in range(count)]
 
 
@@ -144,11 +145,15 @@ def measure(args: argparse.Namespace, tmp: Path) -> dict:
     spec = prepare_tenant_files(tmp)
     workers = start_workers(args.workers, {
         **os.environ, "REDIS_URL": server.role_url("worker"), "LORAFLEET_DATA_ROOT": str(tmp / "data"),
-        "LORAFLEET_STATE_DIR": str(tmp / "state"), "LORAFLEET_MODEL_ROOTS": str(tmp)})
+        "LORAFLEET_STATE_DIR": str(tmp / "state"), "LORAFLEET_MODEL_ROOTS": str(tmp),
+        "LORAFLEET_METRICS_PORT": "0"}, tmp)  # each worker's metrics on a free port: one fixed port fits one worker
     control = make_celery(server.url, name="bench-control")
     app = make_celery(credentials.broker_url, name="bench", tenant="bench")
     try:
         while len(control.control.ping(timeout=0.5)) < args.workers:
+            if exited := [i for i, worker in enumerate(workers) if worker.poll() is not None]:
+                log = (tmp / f"worker-{exited[0]}.log").read_text()[-2000:]
+                raise RuntimeError(f"Celery worker {exited[0]} exited before answering a ping; its log ends:\n{log}")
             time.sleep(0.1)
         round_trips_s(app, "lorafleet.submit_job", [token, spec], 50)  # warm-up: imports, scripts, connections
         submits = round_trips_s(app, "lorafleet.submit_job", [token, spec], args.n)
