@@ -9,8 +9,9 @@ as the Celery API. Routes are grouped per resource (`_job_routes`, `files_api.fi
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, AsyncIterator, Optional
 
 import redis
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
@@ -177,7 +178,7 @@ def _change_state(gateway: Gateway, tenant: str, job_id: str, verb) -> FineTunin
 
 def create_app(store: Optional[JobStore] = None, root_path: str = "") -> FastAPI:
     """The gateway's ASGI app, on `store` (default: the configured REDIS_URL)."""
-    app = FastAPI(title="lorafleet gateway", version="1", root_path=root_path,
+    app = FastAPI(title="lorafleet gateway", version="1", root_path=root_path, lifespan=_closing_generation_waits,
                   description="OpenAI-compatible fine-tuning API of a lorafleet deployment (see the README's "
                               "compatibility table).")
     if store is None:
@@ -197,6 +198,16 @@ def create_app(store: Optional[JobStore] = None, root_path: str = "") -> FastAPI
     app.include_router(_health_routes())
     app.state.metrics = observe_requests(app)
     return app
+
+
+@contextlib.asynccontextmanager
+async def _closing_generation_waits(app: FastAPI) -> AsyncIterator[None]:
+    """At shutdown, close the generation routes' asyncio Redis client (if one was made), in the event loop it ran
+    on: left to the garbage collector after the loop is gone, its connections end in "Unclosed connection" errors."""
+    yield
+    waits = getattr(app.state, "generation_waits", None)
+    if waits is not None:
+        await waits.r.aclose(close_connection_pool=True)  # its pool was made for it alone (`_async_redis`)
 
 
 def _health_routes() -> APIRouter:

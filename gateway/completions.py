@@ -10,7 +10,9 @@ distribution, before temperature and top_p, as OpenAI's. A route waits for its a
 which the other routes and the requests' own checks and submission run in), at most `lorafleet.timeout` seconds
 (default `generation.DEFAULT_TIMEOUT_SECONDS`): 504 naming the base after that. One tenant has at most
 `config.max_generations_per_tenant()` requests in progress in this gateway (`GenerationSlots`); more get 429, while
-the other tenants' are served as before. A model on a base the engine does not run is refused at once (400).
+the other tenants' are served as before; a client that disconnects ends its wait and frees its place at once
+(`_unless_disconnected`; its request may still be generated, its answer then expires unread). A model on a base the
+engine does not run is refused at once (400).
 
 `stream: true` answers in server-sent events as OpenAI does (`data: <chunk JSON>` lines, then `data: [DONE]`): the
 text as the executor generates it (`GenerationWaits.stream_events`), in `text_completion` chunks or `chat.completion.chunk`
@@ -23,10 +25,11 @@ that is an `error` event, which the `openai` client raises.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import json
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable, Literal, Optional, Union
+from typing import Any, AsyncIterator, Awaitable, Callable, Literal, Optional, TypeVar, Union
 
 import redis
 import redis.asyncio
@@ -54,6 +57,8 @@ STREAMED = {"text/event-stream": {"schema": {"type": "string", "description": (
 _CONNECTION_SETTINGS = {"host", "port", "path", "db", "username", "password", "decode_responses", "socket_timeout",
                         "socket_connect_timeout", "client_name"}
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+CLIENT_CLOSED = 499  # nginx's status for a request whose client left before the answer; no one reads it
+_Answer = TypeVar("_Answer")
 
 
 class LorafleetGenerationOptions(BaseModel):
@@ -383,7 +388,8 @@ class _Slot:
 
 class _HeldStream(StreamingResponse):
     """A streamed answer that gives its slot back however it ends: sent to the end, failed, or cut by the client
-    (whose disconnect cancels the stream, maybe before its first chunk)."""
+    (Starlette listens for the disconnect while it streams, and cancels the stream; before the stream began,
+    `_unless_disconnected` does)."""
 
     def __init__(self, content: AsyncIterator[str], give_back: Callable[[], None], **kwargs: Any):
         super().__init__(content, **kwargs)
@@ -466,9 +472,32 @@ def _failed(result: GenerationResult) -> ApiError:
     return ApiError(400, result.error, code="invalid_request")
 
 
+async def _unless_disconnected(request: Request, waiting: Awaitable[_Answer]) -> _Answer:
+    """`waiting`'s answer, or ApiError(499) as soon as the client closed its connection: the route then ends and
+    gives its slot back at once, not at the request's timeout (a tenant's abandoned requests would lock it out)."""
+    wait, gone = asyncio.ensure_future(waiting), asyncio.ensure_future(_client_gone(request))
+    try:
+        await asyncio.wait({wait, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if not wait.done():
+            raise ApiError(CLIENT_CLOSED, "the client closed the connection before the answer", code="client_closed")
+        return wait.result()
+    finally:  # stop the Redis read now; its request may still be generated (its answer then expires unread)
+        for task in (wait, gone):
+            task.cancel()
+        await asyncio.gather(wait, gone, return_exceptions=True)
+
+
+async def _client_gone(request: Request) -> None:
+    """Return once the client disconnected. The body is read, so the next ASGI message is the disconnect; awaited,
+    not polled (`request.is_disconnected()` never sees it through the metrics middleware, which passes messages on
+    in a task group its zero-time check cancels)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 async def _wait(request: Request, pending: GenerationRequest) -> GenerationResult:
     try:
-        result = await _waits(request).result(pending)
+        result = await _unless_disconnected(request, _waits(request).result(pending))
     except GenerationTimeout as exc:
         raise _timed_out(exc) from None
     if result.error is not None:
@@ -482,7 +511,7 @@ async def _stream(request: Request, pending: GenerationRequest, chunks: Completi
     the request's slot until it ends."""
     events = _waits(request).stream_events(pending)
     try:
-        first = await anext(events)
+        first = await _unless_disconnected(request, anext(events))
     except GenerationTimeout as exc:
         raise _timed_out(exc) from None
     if first.result is not None and first.result.error is not None:
