@@ -19,6 +19,8 @@ import pytest
 from helpers_polling import wait_until
 from test_gateway import FILE_LIMITS, client, running_gateway
 from test_generation_async import generations, queued_of  # noqa: F401 (generations: a fixture)
+from lorafleet.scheduler import keys
+from lorafleet.scheduler.generation import GenerationRequest
 from lorafleet.scheduler.redis_server import free_port
 
 CAP = 2
@@ -54,11 +56,25 @@ def hold_cap(gateway: str, tenant, generations, stream: bool, queued_before: int
     return held
 
 
-@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "not-streamed"])
+def read_first_chunk(held: list[http.client.HTTPConnection], generations, tenant) -> None:  # noqa: F811
+    """Stand in for the executor: a first text of each of the tenant's queued requests; each client reads it."""
+    queue = keys.generation_queue(generations.resolve_model(tenant.name, MODEL).base.compat_key)
+    queued = [GenerationRequest.model_validate_json(raw) for raw in generations.store.r.lrange(queue, 0, -1)]
+    generations.publish_text([(request, 0, "the") for request in queued if request.tenant == tenant.name])
+    for connection in held:
+        response = connection.getresponse()
+        assert response.status == 200 and response.readline().startswith(b"data: ")
+
+
+@pytest.mark.parametrize("stream, after_first_chunk", [(True, False), (True, True), (False, False)],
+                         ids=["streamed", "streamed-after-first-chunk", "not-streamed"])
 def test_a_client_that_disconnects_frees_its_place_among_its_tenants_requests_at_once(
-        gateway_of_cap_2, generations, make_tenant, stream):  # noqa: F811
+        gateway_of_cap_2, generations, make_tenant, stream, after_first_chunk):  # noqa: F811
     tenant = make_tenant()
-    for connection in hold_cap(gateway_of_cap_2, tenant, generations, stream, queued_before=0):
+    held = hold_cap(gateway_of_cap_2, tenant, generations, stream, queued_before=0)
+    if after_first_chunk:
+        read_first_chunk(held, generations, tenant)
+    for connection in held:
         connection.close()
     held_again = hold_cap(gateway_of_cap_2, tenant, generations, stream, queued_before=CAP)
     try:
