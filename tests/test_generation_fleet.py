@@ -193,7 +193,10 @@ def test_bad_requests_in_a_batch_fail_alone(fleet_env, trained):
                      if line.startswith("lorafleet_generation_requests_total{") and 'outcome="failed"' in line)
         return failed, metric_value(text, "lorafleet_generation_tokens_total")
 
-    wait_until(lambda: counted()[0] >= 2 and counted()[1] >= fine.completion_tokens,
-               "the executors to count the requests that failed alone and the tokens generated", timeout=15,
-               details=lambda: f"(failed, tokens) = {counted()}")
+    def counted_both() -> bool:
+        failed, tokens = counted()  # one scrape per poll: both numbers from the same reading
+        return failed >= 2 and tokens >= fine.completion_tokens
+
+    wait_until(counted_both, "the executors to count the requests that failed alone and the tokens generated",
+               timeout=15, details=lambda: f"(failed, tokens) = {counted()}")
 
