@@ -194,6 +194,9 @@ def create_app(store: Optional[JobStore] = None, root_path: str = "") -> FastAPI
     from lorafleet.gateway.completions import completion_routes  # the same: Tenant
 
     app.include_router(completion_routes())
+    from lorafleet.gateway.models_api import model_routes  # the same: Tenant
+
+    app.include_router(model_routes())
     app.include_router(page_routes())  # the tenants' web page at /ui/
     app.include_router(_health_routes())
     app.state.metrics = observe_requests(app)

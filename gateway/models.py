@@ -232,3 +232,18 @@ class FileDeleted(BaseModel):
     id: str
     object: Literal["file"] = "file"
     deleted: bool
+
+
+class Model(BaseModel):
+    """OpenAI's model object (`GET /v1/models`): a fine-tuned model of the tenant, or a base (`owned_by`
+    `lorafleet`)."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Model]

@@ -326,11 +326,8 @@ class Generations:
         """What `model` names for `tenant`; LookupError (the same for another tenant's job) or ValueError."""
         if not isinstance(model, str) or not model:
             raise ValueError("model: give a model name: a fine-tuned model, a checkpoint or a base")
-        found = _FINE_TUNED_RE.fullmatch(model)
         if model.startswith("ft:"):
-            if found is None:
-                raise not_found(model)
-            return self._adapter_target(tenant, model, found.group("job_id"), found.group("step"))
+            return self._adapter_target(model, *self.adapter_of(tenant, model))
         try:
             snapshot = str(resolve_base_model(model, self.hub_cache, None, self.model_roots).resolve())
         except SpecError:
@@ -338,36 +335,45 @@ class Generations:
         return ModelTarget(model=model, base=ServedBase(compat_key=compat_key(snapshot, "none", "auto"),
                                                         base_snapshot=snapshot, base_name=model))
 
-    def _adapter_target(self, tenant: str, model: str, job_id: str, step: Optional[str]) -> ModelTarget:
+    def adapter_of(self, tenant: str, model: str) -> tuple[JobRecord, str]:
+        """The tenant's job a fine-tuned model or checkpoint name (`ft:...`) names, and that adapter's URI (its
+        published adapter, or the kept checkpoint); LookupError (the same for another tenant's job), or saying why
+        it is not ready."""
+        found = _FINE_TUNED_RE.fullmatch(model)
+        if found is None:
+            raise not_found(model)
+        job_id, step = found.group("job_id"), found.group("step")
         record = self.store.job(job_id)
         if record is None or record.tenant != tenant:
             raise not_found(model)
         expected = fine_tuned_model_name(record) if step is None else checkpoint_model_name(record, int(step))
         if model != expected:
             raise not_found(model)
-        kind = record.spec.adapter.type
-        if kind in NO_EVAL_SAMPLES:
-            raise ValueError(f"model: {model!r} is a {kind} job's result ({NO_EVAL_SAMPLES[kind]}); generation does "
-                             "not serve it yet: download it and serve it elsewhere")
         if step is None:
             if record.state != JobState.SUCCEEDED or not record.adapter_uri:
                 raise LookupError(f"model: {model!r} is not ready: job {job_id} is {record.state.value}; its "
                                   "fine-tuned model can be used once the job succeeded (or name one of its "
                                   "checkpoints, '<model>:ckpt-step-N')")
-            adapter_uri = record.adapter_uri
-        else:
-            kept = {checkpoint_step(uri): uri for uri in record.checkpoints}
-            if int(step) not in kept:
-                steps = ", ".join(str(s) for s in sorted(kept)) or "none"
-                raise LookupError(f"model: job {job_id} keeps no checkpoint at step {int(step)} (kept: {steps})")
-            adapter_uri = kept[int(step)]
+            return record, record.adapter_uri
+        kept = {checkpoint_step(uri): uri for uri in record.checkpoints}
+        if int(step) not in kept:
+            steps = ", ".join(str(s) for s in sorted(kept)) or "none"
+            raise LookupError(f"model: job {job_id} keeps no checkpoint at step {int(step)} (kept: {steps})")
+        return record, kept[int(step)]
+
+    @staticmethod
+    def _adapter_target(model: str, record: JobRecord, adapter_uri: str) -> ModelTarget:
+        kind = record.spec.adapter.type
+        if kind in NO_EVAL_SAMPLES:
+            raise ValueError(f"model: {model!r} is a {kind} job's result ({NO_EVAL_SAMPLES[kind]}); generation does "
+                             "not serve it yet: download it and serve it elsewhere")
         plan = record.plan
         if plan is None:  # only a job not sized yet has none, and such a job has neither adapter nor checkpoint
-            raise LookupError(f"model: {model!r} is not ready: job {job_id} has not been sized yet")
+            raise LookupError(f"model: {model!r} is not ready: job {record.job_id} has not been sized yet")
         spec = record.spec
         base = ServedBase(compat_key=plan.compat_key, base_snapshot=plan.base_snapshot,
                           quantization=spec.quantization, dtype=spec.dtype, base_name=spec.base_model)
-        return ModelTarget(model=model, base=base, job_id=job_id, adapter_uri=adapter_uri)
+        return ModelTarget(model=model, base=base, job_id=record.job_id, adapter_uri=adapter_uri)
 
     def submit(self, tenant: str, model: str, *, prompt: Optional[str] = None,
                messages: Optional[Sequence[dict | ChatMessage]] = None, sampling: Sampling = Sampling(),

@@ -464,6 +464,10 @@ class JobStore:
         ids = self.r.zrevrange(keys.tenant_jobs(tenant), start, start + limit)
         return self.jobs(ids[:limit]), len(ids) > limit
 
+    def tenant_jobs_in(self, tenant: str, state: JobState) -> list[JobRecord]:
+        """Every job of the tenant in `state`, newest first."""
+        return self.jobs([job_id for job_id, _ in self._newest(tenant, state.value, limit=1 << 62)])
+
     def queued_ids(self) -> list[str]:
         """Queued job ids in scheduling order: priority 9 first, then oldest first."""
         return self.r.zrange(keys.QUEUE, 0, -1)
