@@ -189,6 +189,8 @@ def _event_message(event: dict[str, Any]) -> str:
         return f"Job back in the queue: {event.get('reason')}"
     if kind == "error":
         return str(event.get("message"))
+    if kind == "model_deleted":
+        return "Fine-tuned model deleted"
     if kind == "pause_requested":
         return "Pause requested: the job pauses after its current step, with a checkpoint"
     if kind == eval_samples.EVENT:

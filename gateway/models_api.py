@@ -1,5 +1,6 @@
 """`/v1/models`: OpenAI's models API on `scheduler.catalogue` — what `client.models.list()` and `.retrieve()` show a
-tenant: its fine-tuned models and the bases it may train on or generate with. A base's id may hold slashes (an
+tenant: its fine-tuned models and the bases it may train on or generate with; `.delete()` removes a fine-tuned model
+(`results.JobResults.delete_model`). A base's id may hold slashes (an
 `org/name` cache id, a path under the model roots): the `openai` client sends them escaped (`%2F`), which the
 route's path parameter takes as they are.
 """
@@ -8,9 +9,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from lorafleet.gateway.app import ERROR_RESPONSES, Tenant
+from lorafleet.gateway.app import ERROR_RESPONSES, State, Tenant
 from lorafleet.gateway.errors import ApiError
-from lorafleet.gateway.models import Model, ModelList
+from lorafleet.gateway.models import Model, ModelDeleted, ModelList
 from lorafleet.scheduler import config
 from lorafleet.scheduler.catalogue import ModelCatalogue, ModelEntry
 from lorafleet.scheduler.generation import Generations
@@ -33,6 +34,19 @@ def model_routes() -> APIRouter:
             return _view(_catalogue(request).model(tenant, model))
         except LookupError as exc:
             raise ApiError(404, str(exc).removeprefix("model: "), param="model", code="model_not_found") from None
+
+    @router.delete("/{model:path}", response_model=ModelDeleted)
+    def delete_model(model: str, tenant: Tenant, gateway: State, request: Request) -> ModelDeleted:
+        """Delete one of your fine-tuned models: its adapter and result file go, and the name answers 404 from then
+        on; the job, its events and its kept checkpoints stay. A checkpoint or a base is not deleted (400)."""
+        try:
+            job_id = _catalogue(request).job_to_delete(tenant, model)
+            gateway.results.delete_model(tenant, job_id)
+        except LookupError as exc:
+            raise ApiError(404, str(exc).removeprefix("model: "), param="model", code="model_not_found") from None
+        except ValueError as exc:
+            raise ApiError(400, str(exc).removeprefix("model: "), param="model", code="invalid_value") from None
+        return ModelDeleted(id=model, deleted=True)
 
     return router
 

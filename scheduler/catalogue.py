@@ -8,6 +8,7 @@ can be retrieved. Another tenant's model is answered as one that does not exist 
     catalogue = ModelCatalogue(Generations(store, config.hf_hub_cache(), config.model_roots()))
     catalogue.models(tenant)               # the tenant's fine-tuned models, newest first, then the bases by name
     catalogue.model(tenant, "ft:...")      # one of them; LookupError naming the model otherwise
+    catalogue.job_to_delete(tenant, "ft:...")   # whose model `results.JobResults.delete_model` deletes
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ class ModelCatalogue:
 
     def fine_tuned(self, tenant: str) -> list[ModelEntry]:
         records = self.store.tenant_jobs_in(tenant, JobState.SUCCEEDED)
-        return [_fine_tuned_entry(record) for record in records if record.adapter_uri]
+        return [_fine_tuned_entry(record) for record in records
+                if record.adapter_uri and record.model_deleted_at is None]
 
     def bases(self) -> list[ModelEntry]:
         found: dict[str, ModelEntry] = {}
@@ -73,6 +75,19 @@ class ModelCatalogue:
         if entry is None:
             raise not_found(model)
         return entry
+
+    def job_to_delete(self, tenant: str, model: str) -> str:
+        """The job whose fine-tuned model `model` is, for deleting it: LookupError as `model`; ValueError for a
+        checkpoint or a base, which are not deleted this way."""
+        entry = self.model(tenant, model)
+        if entry.owned_by == BASE_OWNER:
+            raise ValueError(f"model: {model!r} is a base model, the operator's: only your fine-tuned models can be "
+                             "deleted")
+        record, _ = self.generations.adapter_of(tenant, model)
+        if model != fine_tuned_model_name(record):
+            raise ValueError(f"model: {model!r} is a checkpoint: it goes when its job's checkpoints rotate or the job "
+                             "is purged; delete the fine-tuned model instead")
+        return record.job_id
 
     def _base_entry(self, name: str) -> ModelEntry | None:
         """The base a job spec may name `name`, None when it names none (or a directory outside the model roots)."""

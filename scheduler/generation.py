@@ -354,6 +354,9 @@ class Generations:
                 raise LookupError(f"model: {model!r} is not ready: job {job_id} is {record.state.value}; its "
                                   "fine-tuned model can be used once the job succeeded (or name one of its "
                                   "checkpoints, '<model>:ckpt-step-N')")
+            if record.model_deleted_at is not None:
+                raise LookupError(f"model: {model!r} was deleted (its job's kept checkpoints remain: "
+                                  "'<model>:ckpt-step-N')")
             return record, record.adapter_uri
         kept = {checkpoint_step(uri): uri for uri in record.checkpoints}
         if int(step) not in kept:

@@ -100,6 +100,7 @@ JOB_FIELDS = (
     "checkpoints",  # JSON list: the checkpoints kept, oldest first (`store.KEEP_CHECKPOINTS`)
     "assigned_seq",  # ASSIGN_SEQ at its last move to scheduled
     "request_id",  # the client's idempotency key, if it gave one
+    "model_deleted_at",  # unix seconds: its tenant deleted the fine-tuned model (`JobStore.delete_model`)
 )
 
 SCHEMA_VERSION_KEY = PREFIX + "schema_version"

@@ -95,6 +95,7 @@ class JobRecord:
     datasets_json: str  # field `datasets`: spec field -> accepted copy
     plan_json: str  # field `plan`: decided at submission ('' for a job written by schema version 1, not sized yet)
     request_id: Optional[str]  # the client's idempotency key
+    model_deleted_at: Optional[float] = None  # its tenant deleted the fine-tuned model: the adapter is gone
 
     @classmethod
     def from_hash(cls, raw: Mapping[str, str]) -> "JobRecord":
@@ -113,7 +114,7 @@ class JobRecord:
             pause_requested=raw.get("pause_requested") == "1",
             executor_losses=_int(raw.get("executor_losses")), datasets_json=raw.get("datasets") or "{}",
             plan_json=raw.get("plan") or "",
-            request_id=raw.get("request_id") or None,
+            request_id=raw.get("request_id") or None, model_deleted_at=_float(raw.get("model_deleted_at")),
         )
 
     @cached_property
@@ -137,7 +138,7 @@ class JobRecord:
             "checkpoints": list(self.checkpoints), "executor_id": self.executor_id, "attempt": self.attempt,
             "cancel_requested": self.cancel_requested,
             "pause_requested": self.pause_requested, "executor_losses": self.executor_losses,
-            "request_id": self.request_id,
+            "request_id": self.request_id, "model_deleted_at": self.model_deleted_at,
         }
         if with_spec:
             view["spec"] = json.loads(self.spec_json)

@@ -7,6 +7,7 @@ Celery tasks (`lorafleet.job_result_file`, `lorafleet.checkpoint_files`).
     record = results.record_for(tenant, job_id)   # LookupError for an unknown job and another tenant's, alike
     results.adapter_file(record)        # FileRecord; ValueError when the job has not succeeded
     results.checkpoint_files(record)    # [CheckpointFile(step, file)], newest first
+    results.delete_model(tenant, job_id)   # the fine-tuned model's adapter and its file gone; the job stays
 
 A result is packed on first ask, not when the executor publishes it: most are never downloaded, and the executor
 holds no file store. Packing reads the whole adapter once (megabytes for a LoRA adapter); every later ask is two
@@ -68,8 +69,19 @@ class JobResults:
         if record.state != JobState.SUCCEEDED or not record.adapter_uri:
             raise ValueError(f"job_id: job {record.job_id!r} is {record.state.value}: only a succeeded job has a "
                              "result file")
+        if record.model_deleted_at is not None:
+            raise LookupError(f"the fine-tuned model of job {record.job_id!r} was deleted")
         return self._pack(record, "adapter", record.adapter_uri,
                           f"{record.job_id}-{result_kind(record.spec.adapter.type)}.tar")
+
+    def delete_model(self, tenant: str, job_id: str) -> JobRecord:
+        """Delete the tenant's fine-tuned model of a succeeded job: marked deleted in the store first (no request
+        resolves it from then on: `Generations.adapter_of`), then its adapter's artifact and the file packed from it.
+        The job, its events and its kept checkpoints stay. LookupError / ValueError as `JobStore.delete_model`."""
+        record = self.store.delete_model(tenant, job_id)
+        self.files.forget_artifacts(tenant, [record.adapter_uri])
+        self.artifacts.delete(record.adapter_uri)
+        return record
 
     def checkpoint_file(self, record: JobRecord, uri: str) -> FileRecord:
         """One of the job's kept checkpoints (an URI of `record.checkpoints`) as one file."""

@@ -172,6 +172,18 @@ return out
 
 # KEYS: job, events. ARGV: now.
 # Asks the running job's executor to pause it: {1} when asked (or asked before), {0, state} when it is not running.
+# KEYS: job, its events. ARGV: tenant, now. Marks a succeeded job's fine-tuned model deleted, once: {1} when this call
+# did, {0, why} otherwise ('' no such job of the tenant, 'deleted' already, or the job's state).
+DELETE_MODEL = _lua("""
+local job = redis.call('HMGET', KEYS[1], 'tenant', 'state', 'model_deleted_at')
+if job[1] ~= ARGV[1] then return {0, ''} end
+if job[3] then return {0, 'deleted'} end
+if job[2] ~= $SUCCEEDED then return {0, job[2]} end
+redis.call('HSET', KEYS[1], 'model_deleted_at', ARGV[2], 'updated_at', ARGV[2])
+redis.call('XADD', KEYS[2], '*', 'type', 'model_deleted', 'ts', ARGV[2], 'data', '{}')
+return {1}
+""")
+
 REQUEST_PAUSE = _lua("""
 local job = redis.call('HMGET', KEYS[1], 'state', 'executor_id', 'pause_requested', 'job_id')
 if job[1] ~= $RUNNING then return {0, job[1] or ''} end

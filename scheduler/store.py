@@ -202,6 +202,7 @@ class JobStore:
         self._purge = client.register_script(scripts.PURGE)
         self._queue_changes = client.register_script(scripts.QUEUE_CHANGES)
         self._request_pause = client.register_script(scripts.REQUEST_PAUSE)
+        self._delete_model = client.register_script(scripts.DELETE_MODEL)
         self._add_usage = client.register_script(_ADD_USAGE)
         self._create_tenant = client.register_script(_CREATE_TENANT)
         self._rotate_token = client.register_script(_ROTATE_TOKEN)
@@ -667,6 +668,20 @@ class JobStore:
         if not self.transition(job_id, JobState.PAUSED, JobState.QUEUED):
             raise IllegalTransition(f"job {job_id} changed state meanwhile; look at it again")
         return self.get_job(job_id)
+
+    def delete_model(self, tenant: str, job_id: str) -> JobRecord:
+        """Mark the fine-tuned model of a succeeded job of the tenant deleted (an event `model_deleted`), once; the
+        record after. LookupError for an unknown job, another tenant's, or a model deleted already; ValueError for a
+        job that has not succeeded. Its files are the caller's to remove (`results.JobResults.delete_model`)."""
+        done = self._delete_model(keys=[keys.job(job_id), keys.job_events(job_id)], args=[tenant, repr(time.time())])
+        if not done[0]:
+            why = done[1]
+            if why == "":
+                raise LookupError(f"no job {job_id!r}")
+            if why == "deleted":
+                raise LookupError(f"the fine-tuned model of job {job_id} was deleted")
+            raise ValueError(f"job {job_id} is {why}: only a succeeded job has a fine-tuned model")
+        return self.job(job_id)
 
     def pause_requests(self, executor_id: str) -> set[str]:
         """Jobs running at `executor_id` whose tenant asked for a pause."""

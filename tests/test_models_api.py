@@ -3,11 +3,14 @@ are moved through the store's own verbs (tests/test_generation_store.py's `train
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import openai
 import pytest
 
 from test_gateway import client, gateway  # noqa: F401  (gateway: the fixture)
 from test_generation_store import trained_job
+from lorafleet.scheduler.artifacts import ArtifactStore
 from lorafleet.scheduler.catalogue import BASE_OWNER
 from lorafleet.scheduler.generation import checkpoint_model_name, fine_tuned_model_name
 
@@ -87,3 +90,62 @@ def test_a_name_no_path_can_hold_is_not_found(gateway, make_tenant):
     for name in ("/a\x00b", "org/\x00", "ft:\x00"):
         with pytest.raises(openai.NotFoundError):
             api.models.retrieve(name)
+
+
+def published_job(store, tenant, base_model_dir, artifact_root: Path):
+    """A succeeded job whose adapter is a real directory in the gateway's artifact store, with a kept checkpoint."""
+    running = trained_job(store, tenant.name, base_model_dir, state="running", checkpoints=(10,))
+    local = artifact_root.parent / f"adapter-{running.job_id}"
+    local.mkdir()
+    (local / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    uri = ArtifactStore(str(artifact_root)).publish(local, tenant.name, running.job_id, running.attempt, "adapter")
+    assert store.succeed(running.job_id, uri, running.attempt, "exec-test")
+    return store.job(running.job_id)
+
+
+def test_a_deleted_fine_tuned_model_is_gone_everywhere_and_its_job_and_checkpoints_stay(
+        gateway, store, make_tenant, base_model_dir, worker_env):
+    tenant = make_tenant()
+    record = published_job(store, tenant, base_model_dir, Path(worker_env["LORAFLEET_STATE_DIR"]) / "artifacts")
+    name = fine_tuned_model_name(record)
+    api = client(gateway, tenant.token)
+    result_file = api.fine_tuning.jobs.retrieve(record.job_id).result_files[0]
+    assert api.files.content(result_file).content  # packed and downloadable before
+
+    deleted = api.models.delete(name)
+    assert (deleted.id, deleted.deleted, deleted.object) == (name, True, "model")
+    assert not Path(record.adapter_uri).exists()
+    with pytest.raises(openai.NotFoundError) as gone:
+        api.models.retrieve(name)
+    assert "was deleted" in gone.value.message
+    with pytest.raises(openai.NotFoundError):
+        api.completions.create(model=name, prompt="hi", max_tokens=2)
+    with pytest.raises(openai.NotFoundError):
+        api.files.retrieve(result_file)
+    with pytest.raises(openai.NotFoundError):
+        api.models.delete(name)  # once
+    assert name not in [model.id for model in api.models.list().data]
+    job = api.fine_tuning.jobs.retrieve(record.job_id)
+    assert job.status == "succeeded" and job.fine_tuned_model == name and job.result_files == []
+    assert "Fine-tuned model deleted" in [event.message for event in api.fine_tuning.jobs.list_events(record.job_id)]
+    assert api.models.retrieve(checkpoint_model_name(record, 10)).owned_by == tenant.name
+
+
+def test_only_the_owner_deletes_and_only_a_fine_tuned_model(gateway, store, make_tenant, base_model_dir, worker_env):
+    owner, other = make_tenant(), make_tenant()
+    record = published_job(store, owner, base_model_dir, Path(worker_env["LORAFLEET_STATE_DIR"]) / "artifacts")
+    name = fine_tuned_model_name(record)
+    with pytest.raises(openai.NotFoundError) as foreign:
+        client(gateway, other.token).models.delete(name)
+    assert "does not exist or you do not have access to it" in foreign.value.message
+    api = client(gateway, owner.token)
+    assert api.models.retrieve(name).id == name and Path(record.adapter_uri).is_dir()
+    for model, words in ((CACHED_BASE, "is a base model"), (checkpoint_model_name(record, 10), "is a checkpoint")):
+        with pytest.raises(openai.BadRequestError) as refused:
+            api.models.delete(model)
+        assert words in refused.value.message and refused.value.param == "model"
+    running = trained_job(store, owner.name, base_model_dir, state="running")
+    with pytest.raises(openai.NotFoundError) as not_ready:
+        api.models.delete(fine_tuned_model_name(running))
+    assert "is not ready" in not_ready.value.message
+    assert api.models.retrieve(name).id == name  # none of the refusals touched it
