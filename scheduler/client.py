@@ -45,6 +45,8 @@ TASK_NAMES = (
     "lorafleet.job_result_file",
     "lorafleet.checkpoint_files",
     "lorafleet.generate",
+    "lorafleet.list_models",
+    "lorafleet.delete_model",
 )
 
 

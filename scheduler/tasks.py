@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import functools
 import logging
 import os
@@ -35,6 +36,7 @@ from celery import signals
 from lorafleet.scheduler import admission, config, keys
 from lorafleet.scheduler.artifacts import ArtifactStore
 from lorafleet.scheduler.broker import TenantQueues
+from lorafleet.scheduler.catalogue import ModelCatalogue
 from lorafleet.scheduler.client import make_celery
 from lorafleet.scheduler.files import MAX_PART_BYTES, FileError, FileLimits, FileStore
 from lorafleet.scheduler.generation import Generations, GenerationTimeout, parse_call
@@ -287,6 +289,26 @@ def checkpoint_files(self, token: str, job_id: str) -> list:
     tenant = _caller(self, token)
     results = job_results()
     return [checkpoint.to_json() for checkpoint in results.checkpoint_files(results.record_for(tenant, job_id))]
+
+
+# ---- models (`catalogue.ModelCatalogue`): the tenant's fine-tuned models and the bases, as `GET /v1/models` ----
+
+@app.task(name="lorafleet.list_models", throws=TENANT_ERRORS, bind=True)
+@_public_errors
+def list_models(self, token: str) -> list:
+    """`[{"id", "created", "owned_by"}]`: the tenant's fine-tuned models, newest first, then the bases."""
+    tenant = _caller(self, token)
+    return [dataclasses.asdict(entry) for entry in ModelCatalogue(generations()).models(tenant)]
+
+
+@app.task(name="lorafleet.delete_model", throws=TENANT_ERRORS, bind=True)
+@_public_errors
+def delete_model(self, token: str, model: str) -> dict:
+    """Delete one of the tenant's fine-tuned models (`results.JobResults.delete_model`): `{"id", "deleted": true}`;
+    LookupError as `generate` for a name that is not the tenant's, ValueError for a checkpoint or a base."""
+    tenant = _caller(self, token)
+    job_results().delete_model(tenant, ModelCatalogue(generations()).job_to_delete(tenant, model))
+    return {"id": model, "deleted": True}
 
 
 # ---- generation (`generation.Generations`): a completion by one of the tenant's models, answered by an executor ----

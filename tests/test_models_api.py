@@ -149,3 +149,21 @@ def test_only_the_owner_deletes_and_only_a_fine_tuned_model(gateway, store, make
         api.models.delete(fine_tuned_model_name(running))
     assert "is not ready" in not_ready.value.message
     assert api.models.retrieve(name).id == name  # none of the refusals touched it
+
+
+def test_celery_tenants_list_and_delete_their_models_as_the_gateway_does(call, store, make_tenant, base_model_dir,
+                                                                         worker_env):
+    owner, other = make_tenant(), make_tenant()
+    record = published_job(store, owner, base_model_dir, Path(worker_env["LORAFLEET_STATE_DIR"]) / "artifacts")
+    name = fine_tuned_model_name(record)
+    listed = call("lorafleet.list_models", owner.token)
+    assert {"id": name, "created": int(record.finished_at), "owned_by": owner.name} in listed
+    assert next(m for m in listed if m["id"] == CACHED_BASE)["owned_by"] == BASE_OWNER
+    assert name not in [model["id"] for model in call("lorafleet.list_models", other.token)]
+    with pytest.raises(LookupError):
+        call("lorafleet.delete_model", other.token, name)
+    with pytest.raises(ValueError, match="is a base model"):
+        call("lorafleet.delete_model", owner.token, CACHED_BASE)
+    assert call("lorafleet.delete_model", owner.token, name) == {"id": name, "deleted": True}
+    assert not Path(record.adapter_uri).exists()
+    assert name not in [model["id"] for model in call("lorafleet.list_models", owner.token)]
