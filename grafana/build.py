@@ -149,6 +149,8 @@ def fleet_overview() -> dashboard.Dashboard:
         graph("Queue wait", "Time jobs waited in the queue before being assigned (p50, p95).",
               q.QUEUE_WAIT_P50, q.QUEUE_WAIT_P95),
         graph("Scheduling round p95", "Wall time of one planning round of the leader.", q.PLAN_ROUND_P95),
+        graph("Generation requests waiting", "Requests for completions no executor has taken yet, by base "
+              "(LorafleetGenerationBacklog fires when a base's stays non-empty for 10 minutes).", q.GENERATION_QUEUED),
     ])
 
 
@@ -171,6 +173,12 @@ def executors_and_gpus() -> dashboard.Dashboard:
         graph("GPU utilisation", "Share of time a kernel ran (NVML).", q.GPU_UTILIZATION, width=8),
         graph("GPU power", "Power draw (NVML).", q.GPU_POWER, width=8),
         graph("GPU temperature", "Temperature (NVML).", q.GPU_TEMPERATURE, width=8),
+        graph("Generation requests", "Generation requests each executor answered or failed (between its "
+              "cohort's steps) per second.", q.GENERATION_REQUESTS),
+        graph("Generated tokens/s", "Tokens generated for generation requests.", q.GENERATION_TOKENS_PER_SECOND),
+        graph("Time spent generating", "Share of the executor's wall time in generation batches: what its cohort's "
+              "training waited for.", q.GENERATION_TIME_SHARE),
+        graph("Generation batch p95", "Wall time of one batch of generation requests.", q.GENERATION_BATCH_P95),
     ], [q.EXECUTOR_VARIABLE])
 
 

@@ -184,6 +184,25 @@ GPU_UTILIZATION = _executor_gauge("gpu_utilization", "lorafleet_gpu_utilization_
 GPU_POWER = _executor_gauge("gpu_power", "lorafleet_gpu_power_watts", "{{executor}}", "watt")
 GPU_TEMPERATURE = _executor_gauge("gpu_temperature", "lorafleet_gpu_temperature_celsius", "{{executor}}", "celsius")
 
+# Generation between training steps (executor/serving.py): requests answered, tokens generated, and the share of
+# the executor's wall time its generation batches took (training waited for them).
+GENERATION_REQUESTS = panel(
+    "generation_requests",
+    f"sum by (executor, outcome) ({_rate('lorafleet_generation_requests_total', EXECUTOR)})",
+    "{{executor}} {{outcome}}", "reqps")
+GENERATION_TOKENS_PER_SECOND = panel(
+    "generation_tokens_per_second", f"sum by (executor) ({_rate('lorafleet_generation_tokens_total', EXECUTOR)})",
+    "{{executor}}", TOKENS_PER_S)
+GENERATION_TIME_SHARE = panel(
+    "generation_time_share",
+    f"sum by (executor) ({_rate('lorafleet_generation_batch_seconds_sum', EXECUTOR)})", "{{executor}}",
+    "percentunit")
+GENERATION_BATCH_P95 = panel(
+    "generation_batch_p95", _quantile(0.95, "lorafleet_generation_batch_seconds", "executor", EXECUTOR),
+    "{{executor}} p95", "s")
+# Exported by the leader alone (a fleet series): requests no executor has taken yet, by base.
+GENERATION_QUEUED = panel("generation_queued", "sum by (base) (lorafleet_generation_queued)", "{{base}}")
+
 # --- tenants (`$tenant`) -------------------------------------------------------------------------------------------
 TENANT_JOBS_BY_STATE = panel(
     "tenant_jobs_by_state", f'sum by (tenant, state) (lorafleet_jobs{{{TENANT}, state=~"queued|running|paused"}})',
@@ -238,6 +257,7 @@ TENANT_JOB_STATES = panel(
 QUEUE_WAIT_ALERT_SECONDS = 1800  # p95 over 15 minutes above 30 minutes
 FAILURE_ALERT_RATIO, FAILURE_ALERT_MIN_COUNT = 0.2, 5  # failures / assignments over 15 minutes, at least 5 failures
 GPU_MEMORY_ALERT_RATIO = 0.95
+GENERATION_BACKLOG_MINUTES = 10  # a base's generation queue not empty at any evaluation for this long
 
 
 @dataclass(frozen=True)
@@ -327,6 +347,20 @@ ALERTS: tuple[Alert, ...] = (
                      "(the job does not fit or its base does not load), training/validation (bad data or a "
                      "diverging run), publish (the artifact store), executor_lost (executors dying). "
                      "`lorafleet jobs list --state failed` and a job's events carry the error."),
+    ),
+    Alert(
+        name="LorafleetGenerationBacklog",
+        query=Query("generation_backlog", "sum by (base) (lorafleet_generation_queued) > 0"),
+        hold=f"{GENERATION_BACKLOG_MINUTES}m", severity="warning",
+        summary="Generation requests for base {{ $labels.base }} have been queued without a break for "
+                f"{GENERATION_BACKLOG_MINUTES} minutes",
+        description=("The base's generation queue was not empty at any evaluation of the last "
+                     f"{GENERATION_BACKLOG_MINUTES} minutes: requests come faster than executors take them, or "
+                     "no executor serves the base (an executor serves requests for the base it has loaded, between "
+                     "its cohort's steps; an idle one loads the base of waiting requests). Requests that wait past "
+                     "their timeout fail with 504. The executors dashboard's generation panels show who answers "
+                     "and how much of their time it takes; `lorafleet executors list` shows which bases are loaded "
+                     "and whether any executor is idle."),
     ),
     Alert(
         name="LorafleetGpuMemoryNearFull",

@@ -479,6 +479,19 @@ class Generations:
         """Requests waiting for the base (some may be past their deadline: they are dropped as they are taken)."""
         return self.r.llen(keys.generation_queue(compat_key_))
 
+    def queued_by_base(self) -> dict[str, int]:
+        """Requests waiting, by base as requests named it (`ServedBase.base_name`; the quantizations of one base
+        summed): what the leader exports (`lorafleet_generation_queued`). Requests past their deadline count until
+        an executor drops them."""
+        bases = [ServedBase.model_validate_json(raw) for raw in self.r.hgetall(keys.GENERATION_BASES).values()]
+        pipe = self.r.pipeline(transaction=False)
+        for base in bases:
+            pipe.llen(keys.generation_queue(base.compat_key))
+        waiting: dict[str, int] = {}
+        for base, count in zip(bases, pipe.execute()):
+            waiting[base.base_name] = waiting.get(base.base_name, 0) + count
+        return waiting
+
     def bases_unserved(self) -> list[tuple[float, ServedBase]]:
         """(since when its oldest request waits, the base) of each base with requests waiting and no executor
         serving it, the longest waiting first."""

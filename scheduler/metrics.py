@@ -110,10 +110,11 @@ class SchedulerMetrics:
     quota_used: Gauge
     job_failures: RedisCounters
     tenant_gpu_seconds: RedisCounters
+    generation_queued: Gauge  # labelled base
 
     def withdraw_fleet_series(self) -> None:
         """What a standby does: export none of the fleet's series (the leader's are the fleet's)."""
-        for gauge in (self.jobs, self.cohort_jobs, self.quota_used):
+        for gauge in (self.jobs, self.cohort_jobs, self.quota_used, self.generation_queued):
             gauge.clear()
         self.executors_alive.set(0)
         self.job_failures.withdraw()
@@ -161,6 +162,8 @@ def scheduler_metrics() -> SchedulerMetrics:
                                    registry, FAILURE_REASONS),
         tenant_gpu_seconds=RedisCounters("lorafleet_tenant_gpu_seconds", "GPU seconds used by each tenant's jobs "
                                          "(a step's time shared by its tokens; kept in Redis)", "tenant", registry),
+        generation_queued=Gauge("lorafleet_generation_queued", "Generation requests waiting for an executor, by "
+                                 "base (as requests named it)", ["base"], registry=registry),
     )
     for reason in REQUEUE_REASONS:
         metrics.requeued.labels(reason=reason)

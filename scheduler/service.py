@@ -30,6 +30,7 @@ import redis
 from lorafleet.scheduler import config, fleet, keys
 from lorafleet.scheduler.artifacts import ArtifactStore
 from lorafleet.scheduler.files import FileLimits, FileStore
+from lorafleet.scheduler.generation import Generations
 from lorafleet.scheduler.leader import LeaderLock
 from lorafleet.scheduler.memory import JobPlan, MemoryCalibration, calibrate, cohort_bytes
 from lorafleet.scheduler.logs import configure_logging
@@ -132,6 +133,8 @@ class Scheduler:
         self.rounds = 0
         self.last_purge = self.last_export = 0.0
         self.exported_executors: set[str] = set()  # executors whose series the last export set
+        self.generations = Generations(store, config.hf_hub_cache(), config.model_roots())  # its queues, exported
+        self.exported_bases: set[str] = set()  # bases whose waiting requests the last export set
 
     def run(self) -> None:
         """Rounds until stopped. A Redis outage pauses the scheduler (retrying every 2 s) instead of ending it."""
@@ -176,7 +179,7 @@ class Scheduler:
         """A standby exports no fleet series: after a failover the deposed leader's would be stale, and a sum over
         the schedulers would count every job twice. Only the leader's series are the fleet's."""
         self.metrics.withdraw_fleet_series()
-        self.exported_executors = set()
+        self.exported_executors, self.exported_bases = set(), set()
         self.last_export = 0.0  # export at once when leading again
 
     def round(self) -> list:
@@ -434,6 +437,16 @@ class Scheduler:
                     used / limit if limit else 0.0)
         self.metrics.job_failures.set_all(self.store.failure_counts())
         self.metrics.tenant_gpu_seconds.set_all(self.store.gpu_seconds_total())
+        self._export_generation_queued()
+
+    def _export_generation_queued(self) -> None:
+        """Requests waiting per base; a base whose queue went away loses its series."""
+        waiting = self.generations.queued_by_base()
+        for gone in self.exported_bases - waiting.keys():
+            self.metrics.generation_queued.remove(gone)
+        self.exported_bases = set(waiting)
+        for base, count in waiting.items():
+            self.metrics.generation_queued.labels(base=base).set(count)
 
 
 def main(metrics_port: int, interval: float, lock_ttl: float, packing: str, metrics_addr: str = "0.0.0.0") -> None:

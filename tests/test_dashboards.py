@@ -410,6 +410,12 @@ ALERT_CASES = down_cases() + [
     case([series("lorafleet_jobs", "3x60", tenant="a", state="queued")], fires("LorafleetQueueStalled", "12m", {})),
     case([series("lorafleet_jobs", "3x60", tenant="a", state="queued"), series(ASSIGNMENTS, "0+1x60", tenant="a")],
          fires("LorafleetQueueStalled", "12m")),
+    # generation: a base whose queue is never empty fires after 10 minutes; one that empties between requests, or a
+    # queue that empties after 8 minutes, does not
+    case([series("lorafleet_generation_queued", "3x60", base="org/busy"),
+          series("lorafleet_generation_queued", " ".join(["2 0"] * 30), base="org/served"),
+          series("lorafleet_generation_queued", "5x32 0x28", base="org/caught-up")],
+         fires("LorafleetGenerationBacklog", "8m"), fires("LorafleetGenerationBacklog", "12m", {"base": "org/busy"})),
 ]
 
 

@@ -4,6 +4,7 @@ through their result key."""
 
 from __future__ import annotations
 
+import shutil
 import time
 
 import pytest
@@ -13,6 +14,8 @@ from lorafleet.scheduler.generation import (
     ChoiceResult, GenerationResult, Generations, GenerationTimeout, Sampling, ServingBudget, checkpoint_model_name,
     fine_tuned_model_name, parse_sampling,
 )
+from lorafleet.scheduler.metrics import scheduler_metrics
+from lorafleet.scheduler.service import Scheduler
 from lorafleet.scheduler.spec import parse_spec
 from lorafleet.scheduler.submission import plan_for
 
@@ -166,3 +169,24 @@ def test_a_full_queue_refuses_more_and_a_short_wait_never_shortens_a_long_ones_q
     with pytest.raises(QuotaExceeded, match="too many generation requests are waiting for base 'test-org/tiny-model'"):
         generations.submit(tenant.name, "test-org/tiny-model", prompt="c")
     generations.store.r.delete(queue)
+
+
+def test_the_leader_exports_the_requests_waiting_for_each_base_and_drops_a_base_gone(generations, store, make_tenant,
+                                                                                    base_model_dir, tmp_path):
+    base = tmp_path / "base"  # a base of this test alone (its own compat key): other tests' requests are not counted
+    shutil.copytree(base_model_dir, base)
+    tenant = make_tenant()
+    requests = [generations.submit(tenant.name, str(base), prompt=f"p{i}", timeout=30) for i in range(3)]
+    assert generations.queued_by_base()[str(base)] == 3
+    metrics = scheduler_metrics()
+    leader = Scheduler(store, "sched-generation-export", metrics=metrics)
+    leader._export_generation_queued()
+    assert metrics.registry.get_sample_value("lorafleet_generation_queued", {"base": str(base)}) == 3
+    compat = requests[0].target.base.compat_key
+    assert len(generations.take_requests(compat, ServingBudget(max_requests=2, max_tokens=10_000))) == 2
+    leader._export_generation_queued()
+    assert metrics.registry.get_sample_value("lorafleet_generation_queued", {"base": str(base)}) == 1
+    generations.take_requests(compat, ServingBudget(max_requests=2, max_tokens=10_000))
+    generations.bases_unserved()  # forgets a base whose queue is empty
+    leader._export_generation_queued()
+    assert metrics.registry.get_sample_value("lorafleet_generation_queued", {"base": str(base)}) is None

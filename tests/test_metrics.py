@@ -14,7 +14,7 @@ from lorafleet.scheduler.metrics import (
 from lorafleet.scheduler.records import GpuStats, StepStats
 
 BOUNDED_LABELS = {"tenant", "state", "executor", "reason", "resource", "kind", "api", "task", "outcome",
-                  "version", "component", "python"}
+                  "version", "component", "python", "base"}  # base: one the operator's cache or roots hold
 PER_JOB = {"lorafleet_job_loss", "lorafleet_job_progress_ratio"}  # the only families with a `job_id` label
 UNITS = {"memory": "_bytes", "duration": "_seconds", "wait": "_seconds", "power": "_watts",
          "temperature": "_celsius", "utilization": "_ratio", "mfu": "_ratio", "efficiency": "_ratio"}
@@ -31,6 +31,7 @@ def exercised():
     sched.quota_used.labels(tenant="a", resource="queued").set(0.5)
     sched.job_failures.set_all({"sizing": 1})
     sched.tenant_gpu_seconds.set_all({"a": 2.5})
+    sched.generation_queued.labels(base="org/model").set(2)
     execu.record_step(StepStats(0.5, 100, 80, 200, 0.4), {"a": 80})
     execu.record_gpu(GpuStats(2**30, 2**29, 0.5, 300.0, 60.0))
     execu.record_job("job-1", "a", 1.5, 3, 10)

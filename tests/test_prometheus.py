@@ -51,6 +51,9 @@ def tenants(stack):
         stack.call("lorafleet.submit_job", tokens["bob"], {"name": "no base, no dataset"})  # refused: its spec
     wait_for(stack, "three jobs running and carol's failed", lambda: running_count(stack) == 3
              and stack.store.job(jobs["carol"][0]).state == JobState.FAILED, 120)
+    answer = stack.call("lorafleet.generate", tokens["bob"], {  # answered by the executor with the base loaded
+        "model": str(stack.model), "prompt": "Hello", "max_tokens": 4, "temperature": 0, "timeout": 25})
+    assert answer["usage"]["completion_tokens"] > 0
     return tokens, jobs
 
 
@@ -172,10 +175,18 @@ EXPECTED = {
     "job_executor": lambda stack, r: len(r) == running_count(stack) and set(r.values()) == {1.0},
     "tenant_job_states": lambda stack, r: by(r, "state")["running"] == running_count(stack)
     and by(r, "state")["failed"] == 1,
+    # bob's one generation request, answered between training steps
+    "generation_requests": lambda stack, r: sum(v for (_, outcome), v in by(r, "executor", "outcome").items()
+                                                if outcome == "answered") > 0
+    and all(v == 0 for (_, outcome), v in by(r, "executor", "outcome").items() if outcome == "failed"),
+    "generation_tokens_per_second": lambda stack, r: sum(r.values()) > 0,
+    "generation_time_share": lambda stack, r: any(v > 0 for v in r.values()) and all(0 <= v <= 1 for v in r.values()),
+    "generation_batch_p95": _positive_where_stepped,
+    "generation_queued": lambda stack, r: all(v == 0 for v in r.values()),  # taken at once (or the base forgotten)
     # alerts: none fires on a healthy fleet with one failure
     "executor_down": _empty, "scheduler_down": _empty, "worker_down": _empty, "gateway_down": _empty,
     "no_leader": _empty, "queue_wait_high": _empty, "queue_stalled": _empty, "job_failure_rate_high": _empty,
-    "gpu_memory_near_full": _empty,
+    "gpu_memory_near_full": _empty, "generation_backlog": _empty,
     "firing_alerts": _empty,  # every rule holds its condition a minute or more before it fires: none in this test
 }
 
