@@ -77,11 +77,22 @@ class JobResults:
     def delete_model(self, tenant: str, job_id: str) -> JobRecord:
         """Delete the tenant's fine-tuned model of a succeeded job: marked deleted in the store first (no request
         resolves it from then on: `Generations.adapter_of`), then its adapter's artifact and the file packed from it.
-        The job, its events and its kept checkpoints stay. LookupError / ValueError as `JobStore.delete_model`."""
-        record = self.store.delete_model(tenant, job_id)
-        self.files.forget_artifacts(tenant, [record.adapter_uri])
-        self.artifacts.delete(record.adapter_uri)
+        The job, its events and its kept checkpoints stay. LookupError / ValueError as `JobStore.delete_model`; a
+        call for a model deleted already removes what an earlier call left (it failed between the two steps) before
+        its LookupError, so a retried delete always ends with the files gone."""
+        try:
+            record = self.store.delete_model(tenant, job_id)
+        except LookupError:
+            earlier = self.store.job(job_id)
+            if earlier is not None and earlier.tenant == tenant and earlier.model_deleted_at is not None:
+                self._remove_adapter(earlier)
+            raise
+        self._remove_adapter(record)
         return record
+
+    def _remove_adapter(self, record: JobRecord) -> None:
+        self.files.forget_artifacts(record.tenant, [record.adapter_uri])
+        self.artifacts.delete(record.adapter_uri)
 
     def checkpoint_file(self, record: JobRecord, uri: str) -> FileRecord:
         """One of the job's kept checkpoints (an URI of `record.checkpoints`) as one file."""

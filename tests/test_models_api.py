@@ -12,7 +12,9 @@ from test_gateway import client, gateway  # noqa: F401  (gateway: the fixture)
 from test_generation_store import trained_job
 from lorafleet.scheduler.artifacts import ArtifactStore
 from lorafleet.scheduler.catalogue import BASE_OWNER
+from lorafleet.scheduler.files import FileLimits, FileStore
 from lorafleet.scheduler.generation import checkpoint_model_name, fine_tuned_model_name
+from lorafleet.scheduler.results import JobResults
 
 CACHED_BASE = "test-org/tiny-model"  # tests/conftest.py's hf_cache
 
@@ -167,3 +169,20 @@ def test_celery_tenants_list_and_delete_their_models_as_the_gateway_does(call, s
     assert call("lorafleet.delete_model", owner.token, name) == {"id": name, "deleted": True}
     assert not Path(record.adapter_uri).exists()
     assert name not in [model["id"] for model in call("lorafleet.list_models", owner.token)]
+
+
+def test_a_delete_that_failed_after_marking_the_model_removes_its_files_when_retried(store, make_tenant,
+                                                                                     base_model_dir, tmp_path):
+    tenant = make_tenant()
+    root = tmp_path / "artifacts"
+    record = published_job(store, tenant, base_model_dir, root)
+    files = FileStore(store.r, tmp_path / "datasets", FileLimits.from_env())
+    results = JobResults(store, files, ArtifactStore(str(root)))
+    packed = results.adapter_file(record)
+    store.delete_model(tenant.name, record.job_id)  # a delete whose process died before it removed the files
+    assert Path(record.adapter_uri).is_dir()
+    with pytest.raises(LookupError, match="was deleted"):
+        results.delete_model(tenant.name, record.job_id)
+    assert not Path(record.adapter_uri).exists()
+    with pytest.raises(LookupError):
+        files.get(tenant.name, packed.file_id)
