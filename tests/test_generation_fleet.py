@@ -200,3 +200,19 @@ def test_bad_requests_in_a_batch_fail_alone(fleet_env, trained):
     wait_until(counted_both, "the executors to count the requests that failed alone and the tokens generated",
                timeout=15, details=lambda: f"(failed, tokens) = {counted()}")
 
+
+
+def test_a_deleted_model_answers_404_and_its_checkpoint_still_completes(fleet_env, gateway, trained):
+    """Last in this file: it deletes the shared job's fine-tuned model. A model an executor has answered with is
+    refused at the gateway once deleted; its kept checkpoint is still served by the executor."""
+    client, model = api(gateway, trained["token"]), fine_tuned_model(gateway, trained)
+    assert client.completions.create(model=model, prompt=PROMPT, max_tokens=2, temperature=0).choices
+    assert model in [listed.id for listed in client.models.list()]
+    assert client.models.delete(model).deleted
+    with pytest.raises(openai.NotFoundError) as gone:
+        client.completions.create(model=model, prompt=PROMPT, max_tokens=2, temperature=0)
+    assert "was deleted" in gone.value.message
+    assert not Path(trained["job"]["adapter_uri"]).exists()
+    assert model not in [listed.id for listed in client.models.list()]
+    assert client.completions.create(model=model + ":ckpt-step-4", prompt=PROMPT, max_tokens=2,
+                                     temperature=0).choices
