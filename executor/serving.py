@@ -9,7 +9,8 @@ an 8B base: a few seconds), and requests are taken oldest first, so none starves
 training): 64 requests and 16384 tokens a batch.
 
 Adapters are fetched from the artifact store (`ArtifactStore.fetch`: a local path as it is, a remote one copied under
-the executor's scratch directory) and kept loaded, the least recently used unloaded past `MAX_LOADED_ADAPTERS`.
+the executor's scratch directory) and kept loaded, the least recently used unloaded past `MAX_LOADED_ADAPTERS`. A
+whole model (a GaLore job's: `ServedBase.model_uri`) is fetched the same way and loaded as the base (`weights_of`).
 
 A bad request fails alone, with the reason in its result: an adapter that does not load, a prompt that with its
 max_tokens does not fit the base's context, a chat the template rejects; a batch that fails as a whole is run again
@@ -125,6 +126,7 @@ class GenerationServer:
         self.cohort = None  # the cohort the generator runs on: a new one (another base) starts afresh
         self.generator = None
         self.adapters: OrderedDict[str, Path] = OrderedDict()  # adapter URI -> its local directory, LRU last
+        self.model_copy: Optional[Path] = None  # a whole model fetched to serve as the base (`weights_of`)
 
     def base_to_load(self, loaded: Optional[str]) -> Optional[ServedBase]:
         """For an executor without jobs: the base of the longest-waiting requests that no executor serves, claimed
@@ -207,11 +209,20 @@ class GenerationServer:
         usage = generator.pool_usage()
         return usage.page_bytes * usage.total_pages
 
+    def weights_of(self, base: ServedBase) -> str:
+        """Where to load the base to serve from: its snapshot, or a whole model's artifact (a GaLore job's), fetched
+        (a remote one is copied, and removed with `release`)."""
+        if base.model_uri is None:
+            return base.base_snapshot
+        local = self.artifacts.fetch(base.model_uri, self.scratch)
+        self.model_copy = local
+        return str(local)
+
     def release(self) -> None:
         """Drop the generator, its pool and its adapters: the executor unloads the base, whose memory they hold."""
-        for local in self.adapters.values():
+        for local in [*self.adapters.values(), *([self.model_copy] if self.model_copy else [])]:
             self._remove_copy(local)
-        self.cohort, self.generator, self.adapters = None, None, OrderedDict()
+        self.cohort, self.generator, self.adapters, self.model_copy = None, None, OrderedDict(), None
 
     def _remove_copy(self, local: Path) -> None:
         if self.scratch in local.parents:  # a copy of a remote artifact: ours to remove

@@ -315,7 +315,7 @@ class Executor:
     def _load_base_to_serve(self, base: ServedBase) -> None:
         self._unload()
         try:
-            self.cohort = Cohort(base.base_snapshot, quantization=base.quantization, dtype=base.dtype,
+            self.cohort = Cohort(self.serving.weights_of(base), quantization=base.quantization, dtype=base.dtype,
                                  device=self.device, activation_checkpointing=self.activation_checkpointing,
                                  max_pass_tokens=self.max_pass_tokens)
         except Exception as exc:  # its requests are answered with the reason; the executor goes on

@@ -9,10 +9,11 @@ base), queued in Redis for an executor that has the base loaded, answered throug
 Model names (`resolve_model`): a SUCCEEDED job's `fine_tuned_model` (`ft:<base>:<tenant>:<name>:<job id>`, the
 adapter it published), that name with `:ckpt-step-N` (one of the checkpoints the job still keeps, whatever its
 state), or a base model as a job spec names it (a model id in the local cache or a directory under the model roots:
-the same bases a tenant may train on). Another tenant's job answers exactly as a name that does not exist. The
-results the engine does not run (`spec.NO_EVAL_SAMPLES`: a GaLore job's whole model, a LoPA job's soft prompts) are
-refused, naming why, and so is a model on a base whose family the engine does not run (`spec.GENERATION_FAMILIES`):
-at submission, rather than having an idle executor load the base only to fail the request.
+the same bases a tenant may train on). Another tenant's job answers exactly as a name that does not exist. A GaLore
+job's model owns all its weights: it is served as a base of its own (`ServedBase.model_uri`), which an executor without
+jobs loads. A LoPA job's soft prompts are refused, naming why (`spec.NO_EVAL_SAMPLES`: the engine does not build
+them), and so is a model on a base whose family the engine does not run (`spec.GENERATION_FAMILIES`): at submission,
+rather than having an idle executor load the base only to fail the request.
 
 The executor side (`executor/serving.py`) takes the requests of the base it has loaded between training steps
 (`take_requests`, bounded by a `ServingBudget`) and answers each (`deliver`). An executor without jobs may load the base
@@ -104,6 +105,9 @@ class ServedBase(_Record):
     quantization: str = "none"
     dtype: str = "auto"
     base_name: str  # as the tenant named it (a job spec's base_model, or the model asked for): what errors show
+    # The weights to load instead of base_snapshot's, an artifact URI: a GaLore job's whole model (its published model
+    # or a kept checkpoint), served as a base of its own; base_snapshot is then the base it was trained from.
+    model_uri: Optional[str] = None
 
 
 class ModelTarget(_Record):
@@ -367,6 +371,8 @@ class Generations:
     @staticmethod
     def _adapter_target(model: str, record: JobRecord, adapter_uri: str) -> ModelTarget:
         kind = record.spec.adapter.type
+        if kind == "galore":
+            return _whole_model_target(model, record, adapter_uri)
         if kind in NO_EVAL_SAMPLES:
             raise ValueError(f"model: {model!r} is a {kind} job's result ({NO_EVAL_SAMPLES[kind]}); generation does "
                              "not serve it yet: download it and serve it elsewhere")
@@ -585,6 +591,17 @@ class _StreamCursor:
             return _no_answer(self.request, self.silence)
         return GenerationTimeout(f"the executor answering on base {self.request.target.base.base_name!r} fell "
                                  f"silent for {self.silence:g} s mid-answer")
+
+
+def _whole_model_target(model: str, record: JobRecord, model_uri: str) -> ModelTarget:
+    """A GaLore job's model (or checkpoint), which owns all its weights: a base of its own (its own compat key, loaded
+    by an executor without jobs like any base nobody serves), of its job's base's family."""
+    plan, spec = record.plan, record.spec
+    if plan is None:
+        raise LookupError(f"model: {model!r} is not ready: job {record.job_id} has not been sized yet")
+    base = ServedBase(compat_key=compat_key(model_uri, "none", spec.dtype), base_snapshot=plan.base_snapshot,
+                      dtype=spec.dtype, base_name=model, model_uri=model_uri)
+    return ModelTarget(model=model, base=base, job_id=record.job_id)
 
 
 def _check_engine_runs(target: ModelTarget) -> None:

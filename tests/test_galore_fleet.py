@@ -1,6 +1,6 @@
 """A GaLore job (issue 18) through the whole service on the CPU: submitted through the Celery task, planned alone,
 trained by an executor process to the end with checkpoints and validation, and published as a full model that
-`from_pretrained` loads. The fleet (real Redis, Celery worker, schedulers, two executors) is test_fleet_e2e's."""
+`from_pretrained` loads and that the service's generation serves. The fleet (real Redis, Celery worker, schedulers, two executors) is test_fleet_e2e's."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ from safetensors.torch import load_file
 from helpers_models import single_torch_thread  # noqa: F401
 from helpers_polling import wait_until
 from lorafleet.scheduler import fleet
+from lorafleet.scheduler.generation import fine_tuned_model_name
 from test_fleet_e2e import fleet_env, make_tenant, spec_for  # noqa: F401  (the fleet fixture)
+from test_generation_fleet import PROMPT, expected_completion, tokenizer_of
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +32,7 @@ def weights(directory) -> dict[str, torch.Tensor]:
     return {name: tensor for path in Path(directory).glob("*.safetensors") for name, tensor in load_file(path).items()}
 
 
-def test_a_galore_job_trains_alone_to_the_end_and_its_published_model_loads(fleet_env):
+def test_a_galore_job_trains_alone_to_the_end_and_its_published_model_loads_and_is_served(fleet_env):
     from transformers import AutoModelForCausalLM
 
     tenant, token = make_tenant(fleet_env)
@@ -60,6 +62,16 @@ def test_a_galore_job_trains_alone_to_the_end_and_its_published_model_loads(flee
     with torch.no_grad():
         logits = model(torch.tensor([[1, 5, 9, 12]])).logits
     assert torch.isfinite(logits).all()
+
+    # its fine-tuned model answers completions (an idle executor loads it as a base of its own), as HF generates
+    name = fine_tuned_model_name(fleet_env.store.job(galore_id))
+    prompt_ids = tokenizer_of(published)(PROMPT)["input_ids"]
+    text, reason, _ = expected_completion(published, None, prompt_ids, 6)
+    base_text, _, _ = expected_completion(fleet_env.models["llama"], None, prompt_ids, 6)
+    assert text != base_text, "training changed the answer (else this could not tell the model from its base)"
+    answer = fleet_env.call("lorafleet.generate", token, {"model": name, "prompt": PROMPT, "max_tokens": 6,
+                                                          "temperature": 0, "timeout": 25})
+    assert (answer["text"], answer["finish_reason"]) == (text, reason)
 
 
 def test_a_killed_galore_job_resumes_on_another_executor_with_the_weights_of_an_uninterrupted_run(fleet_env):

@@ -76,11 +76,21 @@ def test_a_checkpoint_model_names_a_kept_checkpoint_of_a_running_job(generations
         generations.resolve_model(tenant.name, fine_tuned_model_name(record))
 
 
-def test_a_galore_jobs_full_model_is_refused_saying_why(generations, store, make_tenant, base_model_dir):
+def test_a_galore_jobs_model_and_checkpoint_are_bases_of_their_own_of_the_jobs_family(generations, store,
+                                                                                       make_tenant, base_model_dir):
     tenant = make_tenant()
-    record = trained_job(store, tenant.name, base_model_dir, adapter_type="galore")
-    with pytest.raises(ValueError, match="is a galore job's result .*whole model.*generation does not serve it"):
-        generations.resolve_model(tenant.name, fine_tuned_model_name(record))
+    record = trained_job(store, tenant.name, base_model_dir, adapter_type="galore", checkpoints=(10,))
+    model = generations.resolve_model(tenant.name, fine_tuned_model_name(record))
+    checkpoint = generations.resolve_model(tenant.name, checkpoint_model_name(record, 10))
+    assert model.adapter_uri is None and model.base.model_uri == record.adapter_uri
+    assert checkpoint.base.model_uri == record.checkpoints[0]
+    assert model.base.base_snapshot == record.plan.base_snapshot  # its family is checked on the job's base
+    keys_ = {model.base.compat_key, checkpoint.base.compat_key, record.plan.compat_key}
+    assert len(keys_) == 3, "each whole model is loaded on its own, never taken for the base it was trained from"
+    queued = generations.submit(tenant.name, fine_tuned_model_name(record), prompt="hi", timeout=5)
+    assert queued.target.base.model_uri == record.adapter_uri
+    generations.take_requests(model.base.compat_key, ServingBudget(max_requests=1, max_tokens=16))
+    generations.bases_unserved()  # forgets the base (the store is shared with the other tests)
 
 
 def test_a_base_model_resolves_as_a_job_spec_names_it_and_nothing_outside_the_roots(generations, make_tenant,
