@@ -10,6 +10,8 @@ as the Celery API. Routes are grouped per resource (`_job_routes`, `files_api.fi
 from __future__ import annotations
 
 import contextlib
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, AsyncIterator, Optional
 
@@ -42,6 +44,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     )
 }
 Limit = Annotated[int, Query(ge=1, le=MAX_LIST_LIMIT)]
+_METADATA_PARAM = re.compile(r"metadata\[([^\[\]]{1,64})\]")  # OpenAI's list filter: metadata[key]=value
 
 
 @dataclass
@@ -111,10 +114,14 @@ def _job_routes() -> APIRouter:
         return job_view(record, gateway.result_files(record))
 
     @router.get("", response_model=JobList)
-    def list_jobs(tenant: Tenant, gateway: State, after: Optional[str] = None, limit: Limit = 20) -> JobList:
-        """The tenant's jobs, newest first; `after` = the last id of the previous page."""
+    def list_jobs(tenant: Tenant, gateway: State, request: Request, after: Optional[str] = None,
+                  limit: Limit = 20) -> JobList:
+        """The tenant's jobs, newest first; `after` = the last id of the previous page; `metadata[k]=v` (any number)
+        lists only the jobs whose metadata has every such pair."""
+        wanted = metadata_filter(request.query_params)
+        keep = (lambda record: wanted.items() <= record.spec.metadata.items()) if wanted else None
         try:
-            records, has_more = gateway.store.tenant_jobs_after(tenant, after, limit)
+            records, has_more = gateway.store.tenant_jobs_after(tenant, after, limit, keep)
         except LookupError as exc:
             raise ApiError(400, str(exc), param="after") from None
         return JobList(data=[job_view(r, gateway.result_files(r)) for r in records], has_more=has_more)
@@ -140,6 +147,13 @@ def _job_routes() -> APIRouter:
         """Queue a paused job again; it goes on from its checkpoint as if never paused. 409 if not paused."""
         return _change_state(gateway, tenant, job_id, gateway.store.resume)
 
+    _add_history_routes(router)
+    return router
+
+
+def _add_history_routes(router: APIRouter) -> None:
+    """A job's events and checkpoints."""
+
     @router.get("/{job_id}/events", response_model=EventList)
     def list_events(job_id: str, tenant: Tenant, gateway: State, after: Optional[str] = None,
                     limit: Limit = 20) -> EventList:
@@ -160,7 +174,18 @@ def _job_routes() -> APIRouter:
         return CheckpointList(data=page, has_more=start + limit < len(views),
                               first_id=page[0].id if page else None, last_id=page[-1].id if page else None)
 
-    return router
+
+def metadata_filter(query: Mapping[str, str]) -> dict[str, str]:
+    """OpenAI's `metadata[k]=v` list filter, as {k: v}; 400 for a `metadata` parameter of any other shape (a filter
+    silently ignored would list every job)."""
+    wanted = {}
+    for name, value in query.items():
+        if name == "metadata" or name.startswith("metadata["):
+            found = _METADATA_PARAM.fullmatch(name)
+            if found is None:
+                raise ApiError(400, f"{name}: filter by metadata as metadata[key]=value", param="metadata")
+            wanted[found.group(1)] = value
+    return wanted
 
 
 def _change_state(gateway: Gateway, tenant: str, job_id: str, verb) -> FineTuningJob:

@@ -50,6 +50,7 @@ REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 TENANT_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 RESERVED_TENANT_NAMES = ("shared",)  # the data root's area readable by every tenant
 MAX_LIST_LIMIT = 1000
+FILTER_CHUNK = 256  # jobs read at a time when a list is filtered (`tenant_jobs_after(keep=...)`)
 MAX_EXECUTOR_LOSSES = 3  # executors that died holding a job, before the job is failed
 MAX_TOKEN_CHARS = 128  # ours are 47; a longer one is refused before it is hashed
 KEEP_CHECKPOINTS = 2  # checkpoints of a job kept; older ones are deleted when a newer one is recorded
@@ -457,13 +458,22 @@ class JobStore:
             start += chunk
         return found[:limit]
 
-    def tenant_jobs_after(self, tenant: str, after: Optional[str], limit: int) -> tuple[list[JobRecord], bool]:
+    def tenant_jobs_after(self, tenant: str, after: Optional[str], limit: int,
+                          keep: Optional[Callable[[JobRecord], bool]] = None) -> tuple[list[JobRecord], bool]:
         """A page of the tenant's jobs, newest first, starting after the job `after` (None: from the newest), and
-        whether more follow. LookupError when `after` is not one of the tenant's jobs."""
+        whether more follow; with `keep`, of the jobs it keeps only (read `FILTER_CHUNK` at a time until the page is
+        full). LookupError when `after` is not one of the tenant's jobs."""
         _check_limit(limit)
-        start = page_start(self.r, keys.tenant_jobs(tenant), after, "job")
-        ids = self.r.zrevrange(keys.tenant_jobs(tenant), start, start + limit)
-        return self.jobs(ids[:limit]), len(ids) > limit
+        index = keys.tenant_jobs(tenant)
+        start = page_start(self.r, index, after, "job")
+        if keep is None:
+            ids = self.r.zrevrange(index, start, start + limit)
+            return self.jobs(ids[:limit]), len(ids) > limit
+        kept: list[JobRecord] = []
+        while len(kept) <= limit and (ids := self.r.zrevrange(index, start, start + FILTER_CHUNK - 1)):
+            kept += [record for record in self.jobs(ids) if keep(record)]
+            start += len(ids)
+        return kept[:limit], len(kept) > limit
 
     def tenant_jobs_in(self, tenant: str, state: JobState) -> list[JobRecord]:
         """Every job of the tenant in `state`, newest first."""

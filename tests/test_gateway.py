@@ -365,3 +365,22 @@ def test_lora_variants_are_lorafleet_options(gateway, make_tenant):
     assert vera.lorafleet["adapter"]["type"] == "vera"  # type: ignore[attr-defined]
     with pytest.raises(openai.BadRequestError, match="use_dora applies to type 'lora', not 'vera'"):
         create(api, tenant.dataset, extra_body={"lorafleet": {**SMALL, "adapter_type": "vera", "use_dora": True}})
+
+
+def test_jobs_listed_by_metadata_are_exactly_those_with_every_pair_across_pages(gateway, make_tenant):
+    tenant = make_tenant(max_queued=20)
+    api = client(gateway, tenant.token)
+    training = api.files.create(file=("train.jsonl", (tenant.area / "train.jsonl").read_bytes()), purpose="fine-tune")
+    tags = [{"team": "search", "run": "a"}, {"team": "ads"}, {"team": "search", "run": "b"}, {},
+            {"team": "search", "run": "a", "seed": "2"}]
+    ids = [create(api, training.id, metadata=tag or None).id for tag in tags]
+    newest_first = ids[::-1]
+    search = [job.id for job in api.fine_tuning.jobs.list(metadata={"team": "search"}, limit=2)]  # auto-paged
+    assert search == [i for i, tag in zip(ids, tags) if tag.get("team") == "search"][::-1]
+    page = api.fine_tuning.jobs.list(metadata={"team": "search", "run": "a"}, limit=1)
+    assert [job.id for job in page.data] == [newest_first[0]] and page.has_more
+    assert [job.id for job in page.get_next_page().data] == [ids[0]]
+    assert [job.id for job in api.fine_tuning.jobs.list(metadata={"team": "nobody"})] == []
+    with pytest.raises(openai.BadRequestError) as refused:
+        api.fine_tuning.jobs.list(extra_query={"metadata": "team"})
+    assert refused.value.param == "metadata"
