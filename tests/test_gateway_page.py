@@ -21,6 +21,9 @@ from selenium.webdriver.common.by import By
 
 from helpers_polling import wait_until
 from lorafleet.gateway.page import CONTENT_SECURITY_POLICY
+from lorafleet.scheduler.generation import (
+    ChoiceResult, GenerationResult, Generations, ServingBudget, checkpoint_model_name, fine_tuned_model_name,
+)
 from lorafleet.scheduler.records import FailureReason
 from test_gateway import client, create, gateway  # noqa: F401  (gateway: the fixture, a real gateway process)
 
@@ -211,3 +214,50 @@ def test_the_page_is_served_with_a_content_security_policy_that_allows_only_its_
         assert ".innerHTML" not in response.read().decode(), "the script builds nodes from text, never HTML"
     schema = urllib.request.urlopen(gateway + "/openapi.json", timeout=5).read().decode()
     assert '"/ui/' not in schema, "the page is not part of the API's schema"
+
+
+def test_a_succeeded_jobs_model_completes_a_prompt_on_the_page_as_the_executor_streams_it(
+        browser, gateway, make_tenant, store, hf_cache, base_model_dir):
+    tenant = make_tenant()
+    job = create(client(gateway, tenant.token), tenant.dataset, suffix="try-bot")
+    executor = Executor(store, job.id)
+    executor.steps(range(1, 4))
+    executor.checkpoint(3)
+    executor.succeed()
+    record = store.job(job.id)
+    generations = Generations(store, hf_cache, [base_model_dir.parent.parent])
+
+    open_page(browser, gateway)
+    log_in(browser, tenant.token)
+    wait_until(lambda: shown(browser, "#jobs-view"), "the job list", timeout=15)
+    browser.get(f"{gateway}/ui/#/jobs/{job.id}")
+    wait_until(lambda: shown(browser, "#try-part"), "the try-it form", timeout=15)
+    options = browser.execute_script("return Array.from(document.querySelectorAll('#try-model option'), o => o.value)")
+    assert options == [fine_tuned_model_name(record), checkpoint_model_name(record, 3)]
+    browser.execute_script("document.getElementById('try-prompt').value = arguments[0]", "Say hi")
+    click(browser, "#try-form button")
+
+    def ours() -> list:  # the executor's side: take the page's request (other tests' expired ones are dropped)
+        return [r for r in generations.take_requests(record.plan.compat_key, ServingBudget(max_requests=8,
+                                                                                          max_tokens=4096))
+                if r.tenant == tenant.name]
+
+    request = wait_until(ours, "the page's request in the base's queue", timeout=15)[0]
+    assert (request.prompt, request.stream, request.sampling.max_tokens, request.target.model) == (
+        "Say hi", True, 64, fine_tuned_model_name(record))
+    generations.publish_text([(request, 0, "Hello ")])
+    wait_until(lambda: text_of(browser, "#try-output .completion") == "Hello ", "the first text", timeout=15)
+    assert "generating" in text_of(browser, "#try-output")
+    generations.deliver(request, GenerationResult(request_id=request.request_id, prompt_tokens=3, choices=(
+        ChoiceResult(text="Hello " + HOSTILE, completion_tokens=9, finish_reason="length"),)), unsent=[HOSTILE])
+    wait_until(lambda: "stopped at max tokens" in text_of(browser, "#try-output"), "the end of the answer",
+               timeout=15, details=lambda: text_of(browser, "#try-output"))
+    assert text_of(browser, "#try-output .completion") == "Hello " + HOSTILE
+    assert browser.execute_script("return document.querySelectorAll('main script, main img').length") == 0
+
+    click(browser, "#try-form button")  # a request the executor fails: its reason is shown
+    request = wait_until(ours, "the second request", timeout=15)[0]
+    generations.deliver(request, GenerationResult(request_id=request.request_id, error="the prompt is too long"))
+    wait_until(lambda: "the prompt is too long" in text_of(browser, "#try-output .error-text"), "the error shown",
+               timeout=15, details=lambda: text_of(browser, "#try-output"))
+    assert csp_violations(browser) == []

@@ -1,5 +1,6 @@
 // lorafleet's tenant page: log in with a tenant token, see the tenant's jobs, follow one job's loss curve and events
-// live, download its result files and checkpoints. It only calls the gateway's JSON API (../v1/ from this page).
+// live, download its result files and checkpoints, try its model on a prompt. It only calls the gateway's JSON API
+// (../v1/ from this page).
 //
 // Safety rules kept throughout: the token lives in sessionStorage and travels only in the Authorization header; every
 // value from the API enters the page as a text node or an attribute value (el/svg below), never as HTML; links the
@@ -56,9 +57,12 @@ class ApiError extends Error {
   constructor(status, message) { super(message); this.status = status; }
 }
 
-async function api(path) {
+async function api(path, body = undefined) {
+  const headers = {Authorization: `Bearer ${sessionStorage.getItem(TOKEN_KEY)}`};
+  if (body !== undefined) headers["Content-Type"] = "application/json";
   const response = await fetch(new URL(path, API), {
-    headers: {Authorization: `Bearer ${sessionStorage.getItem(TOKEN_KEY)}`}, credentials: "omit", cache: "no-store",
+    method: body === undefined ? "GET" : "POST", headers, credentials: "omit", cache: "no-store",
+    body: body === undefined ? undefined : JSON.stringify(body),
   });
   if (!response.ok) {
     let message = `${response.status} ${response.statusText}`;
@@ -165,7 +169,10 @@ function openJobs() {
 function openJob(id) {
   show("job-view");
   $("job-title").textContent = id;
-  for (const part of ["job-details", "chart", "samples", "downloads", "events"]) $(part).replaceChildren();
+  for (const part of ["job-details", "chart", "samples", "downloads", "events", "try-model", "try-output"]) {
+    $(part).replaceChildren();
+  }
+  $("try-part").hidden = true;
   const seen = {events: [], after: null, status: null};
   poll(async () => {
     const job = await apiJson(jobPath(id));  // before the events: once finished, the events read next are all
@@ -249,6 +256,7 @@ async function showDownloads(job) {
   }
   if (!items.length) items.push(el("li", {class: "note"}, "Nothing to download yet."));
   $("downloads").replaceChildren(...items);
+  showModels([job.fine_tuned_model, ...checkpoints.data.map(checkpoint => checkpoint.fine_tuned_model_checkpoint)]);
 }
 
 function downloadButton(fileId) {
@@ -272,6 +280,56 @@ async function download(fileId, button) {
     fail(error);
   } finally {
     button.disabled = false;
+  }
+}
+
+// ---- try it: a streamed completion (server-sent events read off the fetch body), shown as text as it comes ----
+
+function showModels(names) {
+  const models = names.filter(Boolean), chosen = $("try-model").value;
+  $("try-model").replaceChildren(...models.map(name => el("option", {value: name}, name)));
+  if (models.includes(chosen)) $("try-model").value = chosen;
+  $("try-part").hidden = models.length === 0;
+}
+
+async function tryModel(event) {
+  event.preventDefault();
+  const button = $("try-form").querySelector("button"), output = $("try-output");
+  const text = el("span", {class: "completion"}), status = el("span", {class: "note"}, " generating…");
+  output.replaceChildren(text, status);
+  button.disabled = true;
+  try {
+    const response = await api("completions", {
+      model: $("try-model").value, prompt: $("try-prompt").value, max_tokens: Number($("try-max-tokens").value),
+      temperature: 0, stream: true});
+    const finish = await readStream(response, chunk => text.append(chunk.choices?.[0]?.text ?? ""));
+    status.textContent = ` (${finish === "length" ? "stopped at max tokens" : "finished"})`;
+  } catch (error) {
+    if (error instanceof ApiError && error.status === 401) { fail(error); return; }
+    status.replaceChildren(el("span", {class: "error-text"}, ` ${error.message}`));
+  } finally {
+    button.disabled = false;
+  }
+}
+
+// Calls `onChunk` with each `data:` event's JSON until `[DONE]`; the last finish_reason. An `error` event throws.
+async function readStream(response, onChunk) {
+  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffered = "", finish = null;
+  for (;;) {
+    const {value, done} = await reader.read();
+    if (done) return finish;
+    buffered += value;
+    const events = buffered.split("\n\n");
+    buffered = events.pop();
+    for (const event of events) {
+      const data = event.split("\n").filter(line => line.startsWith("data: ")).map(line => line.slice(6)).join("\n");
+      if (!data || data === "[DONE]") continue;
+      const chunk = JSON.parse(data);
+      if (chunk.error) throw new ApiError(500, chunk.error.message || "the generation failed");
+      finish = chunk.choices?.[0]?.finish_reason ?? finish;
+      onChunk(chunk);
+    }
   }
 }
 
@@ -346,6 +404,7 @@ function legend(lines) {
 // ---- start ----
 
 $("login-form").addEventListener("submit", login);
+$("try-form").addEventListener("submit", tryModel);
 $("logout").addEventListener("click", logout);
 window.addEventListener("hashchange", route);
 route();
