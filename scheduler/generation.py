@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import AsyncIterator, Iterator, Literal, Optional, Sequence
 
+import redis
 import redis.asyncio
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -485,19 +486,6 @@ class Generations:
         """Requests waiting for the base (some may be past their deadline: they are dropped as they are taken)."""
         return self.r.llen(keys.generation_queue(compat_key_))
 
-    def queued_by_base(self) -> dict[str, int]:
-        """Requests waiting, by base as requests named it (`ServedBase.base_name`; the quantizations of one base
-        summed): what the leader exports (`lorafleet_generation_queued`). Requests past their deadline count until
-        an executor drops them."""
-        bases = [ServedBase.model_validate_json(raw) for raw in self.r.hgetall(keys.GENERATION_BASES).values()]
-        pipe = self.r.pipeline(transaction=False)
-        for base in bases:
-            pipe.llen(keys.generation_queue(base.compat_key))
-        waiting: dict[str, int] = {}
-        for base, count in zip(bases, pipe.execute()):
-            waiting[base.base_name] = waiting.get(base.base_name, 0) + count
-        return waiting
-
     def bases_unserved(self) -> list[tuple[float, ServedBase]]:
         """(since when its oldest request waits, the base) of each base with requests waiting and no executor
         serving it, the longest waiting first."""
@@ -591,6 +579,20 @@ class _StreamCursor:
             return _no_answer(self.request, self.silence)
         return GenerationTimeout(f"the executor answering on base {self.request.target.base.base_name!r} fell "
                                  f"silent for {self.silence:g} s mid-answer")
+
+
+def queued_by_base(r: redis.Redis) -> dict[str, int]:
+    """Requests waiting for an executor, by base as requests named it (`ServedBase.base_name`; the quantizations of
+    one base summed): what the leader exports (`lorafleet_generation_queued`) and `lorafleet top` shows. Requests past
+    their deadline count until an executor drops them."""
+    bases = [ServedBase.model_validate_json(raw) for raw in r.hgetall(keys.GENERATION_BASES).values()]
+    pipe = r.pipeline(transaction=False)
+    for base in bases:
+        pipe.llen(keys.generation_queue(base.compat_key))
+    waiting: dict[str, int] = {}
+    for base, count in zip(bases, pipe.execute()):
+        waiting[base.base_name] = waiting.get(base.base_name, 0) + count
+    return waiting
 
 
 def _whole_model_target(model: str, record: JobRecord, model_uri: str) -> ModelTarget:

@@ -30,7 +30,7 @@ import redis
 from lorafleet.scheduler import config, fleet, keys
 from lorafleet.scheduler.artifacts import ArtifactStore
 from lorafleet.scheduler.files import FileLimits, FileStore
-from lorafleet.scheduler.generation import Generations
+from lorafleet.scheduler.generation import queued_by_base
 from lorafleet.scheduler.leader import LeaderLock
 from lorafleet.scheduler.memory import JobPlan, MemoryCalibration, calibrate, cohort_bytes
 from lorafleet.scheduler.logs import configure_logging
@@ -133,7 +133,6 @@ class Scheduler:
         self.rounds = 0
         self.last_purge = self.last_export = 0.0
         self.exported_executors: set[str] = set()  # executors whose series the last export set
-        self.generations = Generations(store, config.hf_hub_cache(), config.model_roots())  # its queues, exported
         self.exported_bases: set[str] = set()  # bases whose waiting requests the last export set
 
     def run(self) -> None:
@@ -441,7 +440,7 @@ class Scheduler:
 
     def _export_generation_queued(self) -> None:
         """Requests waiting per base; a base whose queue went away loses its series."""
-        waiting = self.generations.queued_by_base()
+        waiting = queued_by_base(self.store.r)
         for gone in self.exported_bases - waiting.keys():
             self.metrics.generation_queued.remove(gone)
         self.exported_bases = set(waiting)

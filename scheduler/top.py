@@ -31,6 +31,7 @@ from rich.table import Table
 from rich.text import Text
 
 from lorafleet.scheduler import fleet, keys
+from lorafleet.scheduler.generation import queued_by_base
 from lorafleet.scheduler.records import ExecutorHeartbeat, JobRecord
 from lorafleet.scheduler.store import JobStore
 
@@ -137,6 +138,7 @@ class FleetSnapshot:
     executors: tuple[ExecutorStatus, ...]
     tenants: tuple[TenantQueue, ...]
     jobs: Mapping[str, int]  # state -> jobs in it, all tenants
+    generation_queued: Mapping[str, int] = dataclasses.field(default_factory=dict)  # base -> requests waiting
 
     @property
     def memory_used_bytes(self) -> int:
@@ -172,7 +174,7 @@ def read_snapshot(store: JobStore) -> FleetSnapshot:
                     t["counts"]["paused"], t["max_running"], t["max_queued"], t["weight"], t["disabled"])
         for t in store.list_tenants()
     )
-    return FleetSnapshot(time.time(), leader, executors, tenants, store.counts())
+    return FleetSnapshot(time.time(), leader, executors, tenants, store.counts(), queued_by_base(store.r))
 
 
 def snapshot_json(snapshot: FleetSnapshot) -> dict[str, Any]:
@@ -294,6 +296,7 @@ def _summary(snapshot: FleetSnapshot) -> Text:
         f"  memory: {_memory(snapshot.memory_used_bytes, snapshot.memory_total_bytes)}",
         f"  tok/s: {snapshot.tokens_per_s:,.0f}\n",
         f"jobs: {jobs}",
+        f"  generation: {sum(snapshot.generation_queued.values())} queued",
     )
 
 

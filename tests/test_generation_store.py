@@ -12,7 +12,7 @@ import pytest
 from lorafleet.scheduler import keys
 from lorafleet.scheduler.generation import (
     ChoiceResult, GenerationResult, Generations, GenerationTimeout, Sampling, ServingBudget, checkpoint_model_name,
-    fine_tuned_model_name, parse_sampling,
+    fine_tuned_model_name, parse_sampling, queued_by_base,
 )
 from lorafleet.scheduler.metrics import scheduler_metrics
 from lorafleet.scheduler.service import Scheduler
@@ -187,7 +187,7 @@ def test_the_leader_exports_the_requests_waiting_for_each_base_and_drops_a_base_
     shutil.copytree(base_model_dir, base)
     tenant = make_tenant()
     requests = [generations.submit(tenant.name, str(base), prompt=f"p{i}", timeout=30) for i in range(3)]
-    assert generations.queued_by_base()[str(base)] == 3
+    assert queued_by_base(store.r)[str(base)] == 3
     metrics = scheduler_metrics()
     leader = Scheduler(store, "sched-generation-export", metrics=metrics)
     leader._export_generation_queued()

@@ -21,6 +21,7 @@ from rich.console import Console
 
 from helpers_polling import wait_until
 from lorafleet.scheduler import fleet, top
+from lorafleet.scheduler.generation import Generations
 from lorafleet.scheduler.leader import LeaderLock
 from lorafleet.scheduler.records import ExecutorHeartbeat, GpuStats, StepStats
 from lorafleet.scheduler.redis_server import RedisServer, start_redis_server
@@ -123,6 +124,16 @@ def test_json_is_one_snapshot_of_the_store(fleet_view):
     assert snapshot["leader"] == fleet_view.leader
     assert snapshot["jobs"]["queued"] == 4 and snapshot["jobs"]["running"] == 2
     assert snapshot["totals"]["executors"] == 2
+
+
+def test_json_and_the_summary_count_the_generation_requests_waiting_by_base(fleet_view, hf_cache, base_model_dir):
+    generations = Generations(fleet_view.store, hf_cache, [base_model_dir.parent.parent])
+    for prompt in ("one", "two"):
+        generations.submit(fleet_view.alice, str(base_model_dir), prompt=prompt, timeout=60)
+    generations.submit(fleet_view.bob, "test-org/tiny-model", prompt="three", timeout=60)
+    snapshot = json.loads(lorafleet(fleet_view, "top", "--json").stdout)
+    assert snapshot["generation_queued"] == {str(base_model_dir): 2, "test-org/tiny-model": 1}
+    assert "generation: 3 queued" in lorafleet(fleet_view, "top", "--once").stdout
 
 
 def test_once_prints_one_frame_within_80_columns_with_ids_whole(fleet_view):
