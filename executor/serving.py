@@ -225,8 +225,8 @@ class GenerationServer:
         self.cohort, self.generator, self.adapters, self.model_copy = None, None, OrderedDict(), None
 
     def _remove_copy(self, local: Path) -> None:
-        if self.scratch in local.parents:  # a copy of a remote artifact: ours to remove
-            shutil.rmtree(local, ignore_errors=True)
+        if self.scratch in local.parents:  # a copy of a remote artifact (scratch/<fetch dir>/<name>): ours to remove
+            shutil.rmtree(local.parent if local.parent.parent == self.scratch else local, ignore_errors=True)
 
     def generator_for(self, cohort) -> Generator:
         """The cohort's one Generator (made at first use; a new cohort gets a new one): serving and the jobs'

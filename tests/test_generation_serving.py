@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from lorafleet.executor.cohort import Cohort
 from lorafleet.executor.serving import BETWEEN_STEPS, GenerationServer
 from lorafleet.scheduler import keys
 from lorafleet.scheduler.artifacts import ArtifactStore
-from lorafleet.scheduler.generation import Generations, Sampling, fine_tuned_model_name
+from lorafleet.scheduler.generation import Generations, Sampling, ServedBase, fine_tuned_model_name
 from lorafleet.scheduler.spec import parse_spec
 from test_generation_store import trained_job
 
@@ -127,3 +128,20 @@ def test_an_idle_executor_leaves_its_base_only_for_requests_that_waited(store, m
     assert server.base_to_load(None).compat_key == other, "an executor with no base loaded takes it at once"
     store.r.delete(*(keys.generation_queue(k) for k in (loaded, other)), *(keys.generation_server(k) for k in (
         loaded, other)))
+
+
+def test_a_whole_model_on_a_remote_store_is_loaded_from_a_copy_that_release_removes(store, tmp_path, base_model_dir):
+    artifacts = ArtifactStore("memory://lorafleet-serving-" + tmp_path.name)
+    uri = artifacts.publish(base_model_dir, "t", "job-0123456789abcdef", 1, "model")
+    server = GenerationServer(Generations(store, tmp_path, []), "exec-1", artifacts, tmp_path / "scratch")
+    base = ServedBase(compat_key=uri + "|none|auto", base_snapshot=str(base_model_dir), base_name="ft:x",
+                      model_uri=uri)
+    local = Path(server.weights_of(base))
+    assert (local / "config.json").read_bytes() == (base_model_dir / "config.json").read_bytes()
+    assert (tmp_path / "scratch") in local.parents
+    cohort = Cohort(local)  # what the executor loads
+    assert cohort.tokenizer is not None
+    server.release()
+    assert not local.exists() and list(server.scratch.iterdir()) == [], "no copy or empty folder left"
+    assert server.weights_of(ServedBase(compat_key="k", base_snapshot=str(base_model_dir), base_name="b")) == str(
+        base_model_dir), "a base is loaded from its snapshot, never copied"
