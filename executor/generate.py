@@ -529,11 +529,13 @@ class Generator:
     # Generation
 
     def generate(self, requests: list[GenerationRequest],
-                 on_step: Callable[[dict[str, list[int]]], Collection[str]] | None = None) -> list[Completion]:
+                 on_step: Callable[[dict[str, list[int]], dict[str, list[TokenLogprobs]]], Collection[str]]
+                 | None = None) -> list[Completion]:
         """Complete every request (same order); requests join the running batch as pages allow. `on_step` is called
         after each forward with request id -> tokens generated so far (read only) of the requests it advanced, and
-        returns the ids of those to end now (finish_reason "stop"): a streaming caller publishes their new text as
-        they are generated, and ends a request whose text reached one of its stop strings."""
+        request id -> their log-probs so far (of those whose sampling asks), and returns the ids of those to end now
+        (finish_reason "stop"): a streaming caller publishes their new text (and its tokens' log-probs) as they are
+        generated, and ends a request whose text reached one of its stop strings."""
         if self._closed:
             raise RuntimeError("this Generator was closed (its pool given back): make a new one")
         live = self._live_adapters()
@@ -547,7 +549,9 @@ class Generator:
                     running += self._admit(waiting, running)
                     stepped = self._step(self._round_spans(running))
                     if on_step is not None:
-                        ended = on_step({request.request.request_id: request.generated for request in stepped})
+                        ended = on_step({request.request.request_id: request.generated for request in stepped},
+                                        {request.request.request_id: request.logprobs for request in stepped
+                                         if request.request.sampling.logprobs is not None})
                         for request in stepped:
                             if request.request.request_id in ended and not request.finish_reason:
                                 request.finish_reason = "stop"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 
+from lorafleet.executor.generate import TokenLogprobs
 from lorafleet.scheduler.generation import GenerationRequest, GenerationResult, Generations
 
 log = logging.getLogger("lorafleet.executor.streaming")
@@ -96,7 +97,7 @@ class StreamPublisher:
                     self.choices[choice_id] = request, index
                     self.texts[choice_id] = IncrementalText(tokenizer, request.sampling.stop)
 
-    def __call__(self, generated: dict[str, list[int]]) -> set[str]:
+    def __call__(self, generated: dict[str, list[int]], logprobs: dict[str, list[TokenLogprobs]]) -> set[str]:
         """Publish the streamed choices' new text; the engine ids of the choices to end (a stop string reached)."""
         new_texts, ended = [], set()
         for choice_id, tokens in generated.items():

@@ -112,7 +112,7 @@ def test_requests_joining_a_running_batch_ride_its_decode_forwards(served, monke
                 GenerationRequest("B", prompt[::-1], "vera", Sampling(max_tokens=5)),
                 GenerationRequest("C", prompt[1:] + (40,), None, Sampling(max_tokens=5))]
     advanced = []
-    completions = generator.generate(requests, on_step=lambda generated: advanced.append(set(generated)) or ())
+    completions = generator.generate(requests, on_step=lambda generated, _: advanced.append(set(generated)) or ())
     assert len(forwards) == 20
     assert advanced[:4] == [{"A"}, {"A", "B"}, {"A", "B", "C"}, {"A", "B", "C"}]
     assert all("A" in step for step in advanced)  # a join never holds up A's next token
@@ -135,7 +135,7 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_the_running_requests_keep_de
     requests = [GenerationRequest("short", short, "rslora", Sampling(max_tokens=24)),
                 GenerationRequest("long", long, "lora", Sampling(max_tokens=8))]
     advanced = []
-    completions = generator.generate(requests, on_step=lambda generated: advanced.append(set(generated)) or ())
+    completions = generator.generate(requests, on_step=lambda generated, _: advanced.append(set(generated)) or ())
     first_round = 1 + math.ceil((len(long) - (budget - len(short))) / budget)
     assert [i + 1 for i, step in enumerate(advanced) if "long" in step][0] == first_round
     assert first_round > 2  # it really took several chunks
@@ -165,7 +165,7 @@ def test_logits_across_chunks_equal_the_full_forward(tmp_path, prompts, monkeypa
         logits_seen.append(logits.clone())
         return real_next_tokens(logits, *args)
 
-    def on_step(generated):  # rows of the logits: the requests that sampled, in this order
+    def on_step(generated, _logprobs):  # rows of the logits: the requests that sampled, in this order
         sampled_seen.append([(request_id, len(tokens)) for request_id, tokens in generated.items()])
         return ()
 

@@ -27,7 +27,7 @@ def test_logits_of_mixed_rounds_with_chunks_follow_the_cohorts_own_forward_in_bf
         logits_seen.append(logits.float().clone())
         return real_next_tokens(logits, *args)
 
-    def on_step(generated):
+    def on_step(generated, _logprobs):
         sampled_seen.append([(request_id, len(tokens)) for request_id, tokens in generated.items()])
         return ()
 

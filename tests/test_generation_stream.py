@@ -92,9 +92,9 @@ def test_a_failed_batch_fails_a_stream_it_sent_text_of_and_runs_the_others_again
     real_generate = Generator.generate
 
     def failing_with_two(generator, requests, on_step=None):
-        def first_step(generated):
+        def first_step(generated, logprobs):
             if text_sent:
-                on_step(generated)
+                on_step(generated, logprobs)
             raise RuntimeError("device lost")
         return real_generate(generator, requests, first_step if len(requests) == 2 else on_step)
 
