@@ -301,15 +301,20 @@ def host_overheads(n_rows=4096, n=8, rank=16) -> dict:
         "triton fwd+bwd": fwd_bwd(lambda: lora_delta_triton(x, segments, lora_a, lora_b, scales), x, grad,
                                   [*lora_a, *lora_b]),
     }
+    return host_microseconds_per_call(pieces)
+
+
+def host_microseconds_per_call(pieces: dict, calls: int = 50) -> dict:
+    """Each piece's host time per call: `calls` calls after 3 warm-up ones, the GPU drained before and after."""
     result = {}
     for name, fn in pieces.items():
         for _ in range(3):
             fn()
         torch.cuda.synchronize()
         started = time.perf_counter()
-        for _ in range(50):
+        for _ in range(calls):
             fn()
-        result[name] = (time.perf_counter() - started) / 50 * 1e6
+        result[name] = (time.perf_counter() - started) / calls * 1e6
         torch.cuda.synchronize()
         print(f"host us/call  {name:32s} {result[name]:8.1f}", flush=True)
     return result
