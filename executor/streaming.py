@@ -11,6 +11,13 @@ difference; it waits while it ends in U+FFFD, an unfinished character the next t
 Stop strings: the final text is cut before the first stop string it holds (`serving.cut_at_stop`). A stop string in
 the text, or a tail of the text that a stop string begins with (the next tokens may complete it), is held back. What
 was sent is thus always the start of the final text; the stream's last event carries the rest (`unsent`).
+
+Log-probs (a request with `Sampling.logprobs`): each text event carries the entries of the tokens whose text it
+makes whole, as OpenAI streams them: a token goes with the event that sends the last character of its text, so the
+tokens held back with their text (part of a character, a possible start of a stop string) go with a later one
+(`StreamedLogprobs`). The entries are the non-streamed answer's (executor/logprobs.py), their `text_offset` where the
+token starts in the choice's whole text (as OpenAI's); the last events carry the rest of the answer's, which is cut
+at a stop string with its text. Joined over the events, text and log-probs are thus the answer's.
 """
 
 from __future__ import annotations
@@ -18,7 +25,10 @@ from __future__ import annotations
 import logging
 
 from lorafleet.executor.generate import TokenLogprobs
-from lorafleet.scheduler.generation import GenerationRequest, GenerationResult, Generations
+from lorafleet.executor.logprobs import TokenSpans, token_entry
+from lorafleet.scheduler.generation import (
+    GenerationRequest, GenerationResult, Generations, StreamedText, TokenLogprob,
+)
 
 log = logging.getLogger("lorafleet.executor.streaming")
 
@@ -81,32 +91,68 @@ class IncrementalText:
         return end
 
 
+class StreamedLogprobs:
+    """One streamed choice's tokens' log-prob entries, each sent with the text that makes the token whole."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.spans = TokenSpans(tokenizer)
+        self.sent: list[TokenLogprob] = []
+
+    def add(self, tokens: list[int], logprobs: list[TokenLogprobs], shown: int) -> tuple[TokenLogprob, ...]:
+        """The entries not sent before of the tokens whose text lies within the first `shown` characters of the
+        choice's text (what was sent of it), given every token generated so far and their log-probs."""
+        for token_id in tokens[len(self.spans):]:
+            self.spans.add(token_id)
+        whole = self.spans.whole_within(shown, since=len(self.sent))
+        new = tuple(token_entry(self.tokenizer, tokens[index], logprobs[index], self.spans.start(index))
+                    for index in range(len(self.sent), whole))
+        self.sent += new
+        return new
+
+    def unsent(self, choice_id: str, final: tuple[TokenLogprob, ...]) -> tuple[TokenLogprob, ...]:
+        """The answer's entries (`final`) not sent: those after the ones sent, which are its first."""
+        if final[:len(self.sent)] != tuple(self.sent):  # cannot be: both are `TokenSpans`' offsets of the same tokens
+            log.warning("request %s: streamed log-probs are not the start of its log-probs", choice_id)
+        return final[len(self.sent):]
+
+
 class StreamPublisher:
     """The `on_step` of the `Generator.generate` calls of one batch: publishes the new text of its streamed
     requests' choices (each choice is an engine request of its own: `GenerationRequest.choice_ids`), ends the choices
     (streamed or not) whose text reached a stop string, and delivers the answers (a stream's last events with the
-    text not sent yet)."""
+    text, and the log-probs, not sent yet)."""
 
     def __init__(self, generations: Generations, tokenizer, requests: list[GenerationRequest]):
         self.generations, self.tokenizer = generations, tokenizer
         self.choices: dict[str, tuple[GenerationRequest, int]] = {}  # engine request id -> (its request, its index)
         self.texts: dict[str, IncrementalText] = {}
+        self.logprobs: dict[str, StreamedLogprobs] = {}  # of the streamed choices that ask
         for request in requests:
             if request.stream or request.sampling.stop:
                 for index, choice_id in enumerate(request.choice_ids()):
                     self.choices[choice_id] = request, index
-                    self.texts[choice_id] = IncrementalText(tokenizer, request.sampling.stop)
+                    self._start(request, choice_id)
+
+    def _start(self, request: GenerationRequest, choice_id: str) -> None:
+        self.texts[choice_id] = IncrementalText(self.tokenizer, request.sampling.stop)
+        if request.stream and request.sampling.logprobs is not None:
+            self.logprobs[choice_id] = StreamedLogprobs(self.tokenizer)
 
     def __call__(self, generated: dict[str, list[int]], logprobs: dict[str, list[TokenLogprobs]]) -> set[str]:
-        """Publish the streamed choices' new text; the engine ids of the choices to end (a stop string reached)."""
+        """Publish the streamed choices' new text (and its tokens' log-probs); the engine ids of the choices to end
+        (a stop string reached)."""
         new_texts, ended = [], set()
         for choice_id, tokens in generated.items():
             if choice_id not in self.texts:
                 continue
             text, (request, index) = self.texts[choice_id], self.choices[choice_id]
             new = text.add(tokens)
-            if new and request.stream:
-                new_texts.append((request, index, new))
+            entries = None
+            if choice_id in self.logprobs:
+                entries = self.logprobs[choice_id].add(tokens, logprobs[choice_id], text.sent)
+            if (new or entries) and request.stream:
+                new_texts.append(StreamedText(request, index, new, entries))
             if text.stopped:
                 ended.add(choice_id)
         if new_texts:
@@ -117,16 +163,20 @@ class StreamPublisher:
         """Whether a request whose batch failed may run again: not a streamed one some of whose text was sent (a
         second run may draw other tokens); its choices' texts start afresh."""
         choice_ids = [choice_id for choice_id in request.choice_ids() if choice_id in self.texts]
-        if request.stream and any(self.texts[choice_id].sent for choice_id in choice_ids):
+        if request.stream and any(self.texts[choice_id].sent or self._logprobs_sent(choice_id)
+                                  for choice_id in choice_ids):
             return False
         for choice_id in choice_ids:
-            self.texts[choice_id] = IncrementalText(self.tokenizer, request.sampling.stop)
+            self._start(request, choice_id)
         return True
+
+    def _logprobs_sent(self, choice_id: str) -> bool:
+        return choice_id in self.logprobs and bool(self.logprobs[choice_id].sent)
 
     def deliver(self, request: GenerationRequest, result: GenerationResult) -> None:
         """The request's answer (`Generations.deliver`): a streamed one's last events carry each choice's text not
-        sent."""
-        unsent = []
+        sent, and its log-probs not sent."""
+        unsent, unsent_logprobs = [], []
         for choice, choice_id in zip(result.choices, request.choice_ids()):
             streamed = self.texts.get(choice_id) if request.stream else None
             sent = streamed.text[:streamed.sent] if streamed else ""
@@ -134,4 +184,7 @@ class StreamPublisher:
                 log.warning("request %s: streamed text %r is not the start of its text %r", choice_id, sent,
                             choice.text)
             unsent.append(choice.text[len(sent):])
-        self.generations.deliver(request, result, unsent)
+            streamed_logprobs = self.logprobs.get(choice_id)
+            unsent_logprobs.append(streamed_logprobs.unsent(choice_id, choice.logprobs)
+                                   if streamed_logprobs and choice.logprobs is not None else None)
+        self.generations.deliver(request, result, unsent, unsent_logprobs)

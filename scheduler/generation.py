@@ -19,10 +19,11 @@ The executor side (`executor/serving.py`) takes the requests of the base it has 
 (`take_requests`, bounded by a `ServingBudget`) and answers each (`deliver`). An executor without jobs may load the base
 of requests that no executor serves (`bases_unserved`, `claim_base`). Keys: `keys.generation_*`.
 
-Streaming (`submit(..., stream=True)`): the executor publishes the request's text as it is generated
-(`publish_text`, `StreamEvent`s on `keys.generation_stream`) and ends the stream with the result (`deliver`) instead
-of answering on the result key; the caller reads the events as they come (`stream_events`). The stream's key holds
-the tenant's name: a request id read with another tenant's name finds nothing.
+Streaming (`submit(..., stream=True)`): the executor publishes the request's text as it is generated, with its
+tokens' log-probs when asked (`publish_text`, `StreamEvent`s on `keys.generation_stream`), and ends the stream with
+the result (`deliver`) instead of answering on the result key; the caller reads the events as they come
+(`stream_events`). The stream's key holds the tenant's name: a request id read with another tenant's name finds
+nothing.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import AsyncIterator, Iterator, Literal, Optional, Sequence
+from typing import AsyncIterator, Iterator, Literal, NamedTuple, Optional, Sequence
 
 import redis
 import redis.asyncio
@@ -196,12 +197,24 @@ class GenerationResult(_Record):
 
 class StreamEvent(_Record):
     """One event of a streamed request (`keys.generation_stream`): text of choice `index` generated since its last
-    event; the last event holds the result alone, whose choices' texts are the whole texts (what was not sent of
-    them came in text events just before)."""
+    event, and when the request asks (`Sampling.logprobs`) the log-probs of the tokens this text makes whole (their
+    offsets in the choice's whole text; joined over the events they are the result's, cut with it at a stop string);
+    the last event holds the result alone, whose choices' texts are the whole texts (what was not sent of them came
+    in text events just before)."""
 
     index: int = 0
     text: str = ""
+    logprobs: Optional[tuple[TokenLogprob, ...]] = None
     result: Optional[GenerationResult] = None
+
+
+class StreamedText(NamedTuple):
+    """New text of a streamed request's choice (`Generations.publish_text`), with its tokens' log-probs if asked."""
+
+    request: GenerationRequest
+    index: int
+    text: str
+    logprobs: Optional[tuple[TokenLogprob, ...]] = None
 
 
 class ServingBudget(_Record):
@@ -447,24 +460,27 @@ class Generations:
         pipe.expire(key, RESULT_TTL_SECONDS)
         pipe.execute()
 
-    def publish_text(self, texts: Sequence[tuple[GenerationRequest, int, str]]) -> None:
-        """Append each streamed request's new text of a choice (request, choice index, text) to its stream (one
-        round trip for a decode step's requests)."""
+    def publish_text(self, texts: Sequence[StreamedText]) -> None:
+        """Append each streamed request's new text of a choice (request, choice index, text, and its tokens'
+        log-probs when asked) to its stream (one round trip for a decode step's requests)."""
         pipe = self.r.pipeline(transaction=False)
-        for request, index, text in texts:
-            self._append(pipe, request, StreamEvent(index=index, text=text))
+        for new in (StreamedText(*text) for text in texts):  # a plain (request, index, text) asks no log-probs
+            self._append(pipe, new.request, StreamEvent(index=new.index, text=new.text, logprobs=new.logprobs))
         pipe.execute()
 
-    def deliver(self, request: GenerationRequest, result: GenerationResult, unsent: Sequence[str] = ()) -> None:
+    def deliver(self, request: GenerationRequest, result: GenerationResult, unsent: Sequence[str] = (),
+                unsent_logprobs: Sequence[Optional[tuple[TokenLogprob, ...]]] = ()) -> None:
         """The request's answer: on its result key (`answer`), or for a streamed request as its stream's last event,
-        after the text of each choice not published before (`unsent`, by choice index)."""
+        after the text of each choice not published before (`unsent`, by choice index) and its tokens' log-probs
+        not published before (`unsent_logprobs`, by choice index, when asked)."""
         if not request.stream:
             self.answer(result)
             return
         pipe = self.r.pipeline(transaction=False)
         for index, text in enumerate(unsent):
-            if text:
-                self._append(pipe, request, StreamEvent(index=index, text=text))
+            logprobs = unsent_logprobs[index] if index < len(unsent_logprobs) else None
+            if text or logprobs:
+                self._append(pipe, request, StreamEvent(index=index, text=text, logprobs=logprobs))
         self._append(pipe, request, StreamEvent(result=result))
         pipe.execute()
 
