@@ -147,10 +147,8 @@ def test_a_stop_string_cuts_the_logprobs_with_the_text(fleet, api):  # noqa: F81
 @pytest.mark.parametrize("route, fields, param", [
     ("completions", {"logprobs": 6}, "logprobs"),
     ("completions", {"logprobs": -1}, "logprobs"),
-    ("completions", {"logprobs": 2, "stream": True}, "logprobs"),
     ("chat", {"top_logprobs": 2}, "top_logprobs"),
     ("chat", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
-    ("chat", {"logprobs": True, "stream": True}, "logprobs"),
 ])
 def test_a_bad_logprobs_request_is_refused_naming_the_field(gateway, make_tenant, route, fields, param):  # noqa: F811
     api = client(gateway, make_tenant().token)

@@ -219,9 +219,6 @@ def test_a_bad_streamed_request_fails_with_an_error_naming_the_problem(fleet, ap
         api.completions.create(model=model, prompt=PROMPT, max_tokens=4, stream_options={"include_usage": True})
     assert options_alone.value.param == "stream_options" and "only allowed with stream=true" in (
         options_alone.value.message)
-    with pytest.raises(openai.BadRequestError) as logprobs:
-        api.chat.completions.create(model=model, messages=CHAT, logprobs=True, stream=True)
-    assert logprobs.value.param == "logprobs"
     with pytest.raises(openai.NotFoundError):
         api.chat.completions.create(model="ft:tiny:nobody:bot:job-0123456789abcdef", messages=CHAT, stream=True)
 
