@@ -52,6 +52,7 @@ State lives only in Redis (persisted with AOF), so a scheduler or worker restart
 | `lorafleet:generation:server:<compat key>` | string, TTL | the id of an executor serving that base (its loaded one): idle executors leave the base to it | executors (`Generations.mark_serving`, `claim_base`) |
 | `lorafleet:generation:result:<request id>` | list, TTL | the request's `generation.GenerationResult` JSON; expires after `generation.RESULT_TTL_SECONDS` | the executor that answered (`Generations.answer`); the caller pops it (BLPOP) |
 | `lorafleet:generation:stream:<tenant>:<request id>` | stream, TTL | a streamed request's `generation.StreamEvent` JSON (field `event`): its text as it is generated, the last one with the `GenerationResult`; expires `generation.STREAM_TTL_SECONDS` after its last event, deleted once the caller read the last | the executor answering it (`Generations.publish_text`, `deliver`); the caller reads it (XREAD BLOCK, `stream_events`) |
+| `lorafleet:generation:slots:<tenant>` | sorted set, TTL | the tenant's generation requests in progress in the whole service: slot id -> when its lease ends (the server's clock, ms), at most `config.max_generations_per_tenant()` unexpired; a holder renews its lease while its request runs; expires with its last lease | gateways (`generation_slots.GenerationSlots`, Lua: take, renew; ZREM gives back) |
 
 Tenant-facing keys are outside `lorafleet:*`, which no tenant credential can touch. Each tenant's broker user
 (`acl.tenant_username`) reaches only these, and only with the commands Celery's client needs to publish and fetch:
@@ -237,3 +238,7 @@ def generation_result(request_id: str) -> str:
 def generation_stream(tenant: str, request_id: str) -> str:
     """Scoped by the tenant as well as by the (unguessable) request id: another tenant's name reads nothing."""
     return f"{PREFIX}generation:stream:{tenant}:{request_id}"
+
+
+def generation_slots(tenant: str) -> str:
+    return f"{PREFIX}generation:slots:{tenant}"
