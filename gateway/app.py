@@ -230,12 +230,14 @@ def create_app(store: Optional[JobStore] = None, root_path: str = "") -> FastAPI
 
 @contextlib.asynccontextmanager
 async def _closing_generation_waits(app: FastAPI) -> AsyncIterator[None]:
-    """At shutdown, close the generation routes' asyncio Redis client (if one was made), in the event loop it ran
-    on: left to the garbage collector after the loop is gone, its connections end in "Unclosed connection" errors."""
+    """At shutdown, close the generation routes' asyncio Redis clients (the waits' and the slots', if made), in the
+    event loop they ran on: left to the garbage collector after the loop is gone, their connections end in
+    "Unclosed connection" errors."""
     yield
-    waits = getattr(app.state, "generation_waits", None)
-    if waits is not None:
-        await waits.r.aclose(close_connection_pool=True)  # its pool was made for it alone (`_async_redis`)
+    for user in ("generation_waits", "generation_slots"):
+        found = getattr(app.state, user, None)
+        if found is not None:
+            await found.r.aclose(close_connection_pool=True)  # its pool was made for it alone (`_async_redis`)
 
 
 def _health_routes() -> APIRouter:

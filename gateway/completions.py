@@ -12,8 +12,9 @@ A route waits for its answer on the event loop (`generation.GenerationWaits`, an
 request holds none of the server's worker threads,
 which the other routes and the requests' own checks and submission run in), at most `lorafleet.timeout` seconds
 (default `generation.DEFAULT_TIMEOUT_SECONDS`): 504 naming the base after that. One tenant has at most
-`config.max_generations_per_tenant()` requests in progress in this gateway (`GenerationSlots`); more get 429, while
-the other tenants' are served as before; a client that disconnects ends its wait and frees its place at once
+`config.max_generations_per_tenant()` requests in progress in the service, on all gateways together (a slot each in
+Redis, `generation_slots.GenerationSlots`, held until the request or its stream ends); more get 429, while the other
+tenants' are served as before; a client that disconnects ends its wait and frees its slot at once
 (`_unless_disconnected`; its request may still be generated, its answer then expires unread). A model on a base the
 engine does not run is refused at once (400).
 
@@ -29,7 +30,6 @@ that is an `error` event, which the `openai` client raises.
 from __future__ import annotations
 
 import asyncio
-import collections
 import json
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable, Literal, Optional, TypeVar, Union
@@ -49,6 +49,7 @@ from lorafleet.scheduler.generation import (
     DEFAULT_TIMEOUT_SECONDS, MAX_TIMEOUT_SECONDS, MAX_TOP_LOGPROBS, ChoiceResult, GenerationRequest, GenerationResult,
     Generations, GenerationTimeout, GenerationWaits, StreamEvent, TokenLogprob, parse_sampling,
 )
+from lorafleet.scheduler.generation_slots import AllSlotsTaken, GenerationSlots, Slot
 
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's legacy completions' limit (chat's: MAX_TOP_LOGPROBS)
 CHAT_DEFAULT_MAX_TOKENS = 256  # OpenAI's chat has no default cap; here a chat answer stops at this unless asked
@@ -342,53 +343,18 @@ def _async_redis(client: redis.Redis) -> redis.asyncio.Redis:
                                                                             **settings))
 
 
-class GenerationSlots:
-    """Each tenant's generation requests in progress in this gateway, at most `limit` at once: past it the tenant's
-    next one is refused (429) and the other tenants' go on. Taken and given back only on the event loop (the async
-    routes and their streams), so plain counts need no lock."""
-
-    def __init__(self, limit: int):
-        self.limit, self.in_progress = limit, collections.Counter()
-
-    def take(self, tenant: str) -> "_Slot":
-        if self.in_progress[tenant] >= self.limit:
-            raise ApiError(429, f"too many generation requests in progress: at most {self.limit} per tenant at once; "
-                                "retry once one of them ended", code="rate_limit_exceeded", type="requests",
-                           retry=True)
-        self.in_progress[tenant] += 1
-        return _Slot(self, tenant)
-
-    def give_back(self, tenant: str) -> None:
-        self.in_progress[tenant] -= 1
-        if not self.in_progress[tenant]:
-            del self.in_progress[tenant]
-
-
-@dataclass
-class _Slot:
-    """One request's place among its tenant's (`with`: given back at the end of the route, unless handed over to the
-    stream that goes on after it)."""
-
-    slots: GenerationSlots
-    tenant: str
-    held: bool = True
-    handed_over: bool = False
-
-    def __enter__(self) -> "_Slot":
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        if not self.handed_over:
-            self.give_back()
-
-    def hand_over(self) -> Callable[[], None]:
-        self.handed_over = True
-        return self.give_back
-
-    def give_back(self) -> None:
-        if self.held:
-            self.held = False
-            self.slots.give_back(self.tenant)
+async def _take_slot(request: Request, tenant: str, limit: int) -> Slot:
+    """A slot among the tenant's generation requests in progress in the service; 429 when it has `limit` already.
+    The slots have an asyncio client of their own (made on first use, as `_waits`'s): its connections only run short
+    commands. A wait cut by a disconnect drops its connection, which `_waits`'s pool would hand out next, and the
+    slot's give-back would first reconnect (some milliseconds, in which the client's next request was refused)."""
+    state = request.app.state
+    if getattr(state, "generation_slots", None) is None:
+        state.generation_slots = GenerationSlots(_async_redis(state.gateway.store.r), limit)
+    try:
+        return await state.generation_slots.hold(tenant)
+    except AllSlotsTaken as exc:
+        raise ApiError(429, str(exc), code="rate_limit_exceeded", type="requests", retry=True) from None
 
 
 class _HeldStream(StreamingResponse):
@@ -396,7 +362,7 @@ class _HeldStream(StreamingResponse):
     (Starlette listens for the disconnect while it streams, and cancels the stream; before the stream began,
     `_unless_disconnected` does)."""
 
-    def __init__(self, content: AsyncIterator[str], give_back: Callable[[], None], **kwargs: Any):
+    def __init__(self, content: AsyncIterator[str], give_back: Callable[[], Awaitable[None]], **kwargs: Any):
         super().__init__(content, **kwargs)
         self._give_back = give_back
 
@@ -404,7 +370,7 @@ class _HeldStream(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            self._give_back()
+            await self._give_back()
 
 
 def _refuse_unsupported(body: _GenerationBody) -> None:
@@ -508,7 +474,7 @@ async def _wait(request: Request, pending: GenerationRequest) -> GenerationResul
 
 
 async def _stream(request: Request, pending: GenerationRequest, chunks: CompletionChunks | ChatChunks,
-                  body: _GenerationBody, slot: _Slot) -> StreamingResponse:
+                  body: _GenerationBody, slot: Slot) -> StreamingResponse:
     """The streamed answer, begun once its first event came (a failure before any text keeps its status); it holds
     the request's slot until it ends."""
     events = _waits(request).stream_events(pending)
@@ -566,7 +532,7 @@ def _error_event(error: ApiError) -> str:
 
 def completion_routes() -> APIRouter:
     router = APIRouter(prefix="/v1", tags=["completions"], responses=COMPLETION_RESPONSES)
-    slots = GenerationSlots(config.max_generations_per_tenant())
+    limit = config.max_generations_per_tenant()  # read as the gateway starts: a bad setting stops it there
 
     @router.post("/completions", response_model=Completion, responses={200: {"content": STREAMED}})
     async def create_completion(body: CompletionRequest, tenant: Tenant, request: Request
@@ -575,7 +541,7 @@ def completion_routes() -> APIRouter:
         if not isinstance(body.prompt, str):
             raise ApiError(400, "prompt: only a single string prompt is supported", param="prompt",
                            code="invalid_value")
-        with slots.take(tenant) as slot:
+        async with await _take_slot(request, tenant, limit) as slot:
             pending = await run_in_threadpool(_submit, request, tenant, body,
                                               16 if body.max_tokens is None else body.max_tokens, prompt=body.prompt)
             completion_id, created = "cmpl-" + pending.request_id.removeprefix("gen-"), int(pending.submitted_at)
@@ -591,7 +557,7 @@ def completion_routes() -> APIRouter:
                                      ) -> Union[ChatCompletion, StreamingResponse]:
         """Answer the conversation in `messages` with `model`, rendered by the base's chat template."""
         max_tokens = body.max_completion_tokens or body.max_tokens or CHAT_DEFAULT_MAX_TOKENS
-        with slots.take(tenant) as slot:
+        async with await _take_slot(request, tenant, limit) as slot:
             pending = await run_in_threadpool(_submit, request, tenant, body, max_tokens,
                                               messages=_chat_messages(body.messages))
             completion_id, created = "chatcmpl-" + pending.request_id.removeprefix("gen-"), int(pending.submitted_at)

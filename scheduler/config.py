@@ -14,7 +14,7 @@
 | `LORAFLEET_MAX_RECORDS` | 5,000,000 | most records (non-blank lines) in one dataset file |
 | `LORAFLEET_FILE_QUOTA_BYTES` | 10 GiB | bytes of uploaded files one tenant may keep (`files.FileStore`; one file is capped by `LORAFLEET_MAX_DATASET_BYTES`) |
 | `LORAFLEET_FILE_QUOTA_COUNT` | 100 | uploaded files one tenant may keep |
-| `LORAFLEET_MAX_GENERATIONS_PER_TENANT` | 32 | generation requests (completions, streams) one tenant may have in progress in one gateway; more get 429 |
+| `LORAFLEET_MAX_GENERATIONS_PER_TENANT` | 32 | generation requests (completions, streams) one tenant may have in progress in the whole service, all gateways together (`generation_slots`: slots in Redis); more get 429. Give every gateway the same value |
 | `LORAFLEET_JOB_RETENTION_DAYS` | 30 | finished jobs older than this are expired by the scheduler, with their artifacts; 0 keeps them for ever |
 | `LORAFLEET_KEEP_CHECKPOINTS` | 2 | checkpoints kept per job (older ones are deleted when a newer one is recorded) |
 | `HF_HUB_CACHE` | `$HF_HOME/hub` or `~/.cache/huggingface/hub` | local model cache searched for base model ids |
@@ -86,7 +86,8 @@ def file_quota_count() -> int:
 
 
 def max_generations_per_tenant() -> int:
-    """The gateway's cap on one tenant's generation requests in progress at once (its other tenants' stay served)."""
+    """The cap on one tenant's generation requests in progress at once in the service, which every gateway checks
+    against the slots in Redis (its other tenants' stay served)."""
     limit = _whole_number("LORAFLEET_MAX_GENERATIONS_PER_TENANT", 32)
     if limit < 1:
         raise ConfigError(f"LORAFLEET_MAX_GENERATIONS_PER_TENANT: must be >= 1, got {limit}")
