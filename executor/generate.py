@@ -16,6 +16,17 @@ several rounds (its later chunks attending to its cached earlier ones) while the
 its first token after its last chunk. Requests join as others finish (continuous batching), within the pages of one
 `UnifiedPool` that holds both the KV cache and the resident adapters (executor/kv_pool.py).
 
+The choices of one request (a `prompt_group`: the same prompt and adapter) share their prompt's cache, prefilled once
+(vLLM's parallel sampling): the first choice admitted prefills the whole prompt; each other one holds references to its
+full prompt blocks but the last (the pool counts a page's holders), waits until they are cached, then computes only
+the rest of the prompt (at most one block, as a later chunk over the shared cache: that block's last row gives its
+first logits) into a block of its own, and decodes into blocks of its own. An n-choice request of a P-token prompt
+holds about P + n x (max_tokens + 1 block) tokens of pages instead of n x (P + max_tokens), and prefills P + (n - 1)
+x (at most one block) rows instead of n x P. Each choice still draws with its own generator, so its tokens are those
+it gets unshared up to floating-point rounding: not promised bitwise, as its last block and the shared blocks are
+computed in other forwards than its own prefill would be (other kernels, other batches); greedy tokens on the CPU
+tests equal PEFT's.
+
 Nothing here changes training: a live job's adapter runs in eval mode (no dropout) under no_grad, no global RNG is
 drawn (sampling uses each request's own generator), and the routing is restored afterwards. A Generator serves one
 call at a time, between cohort steps (it sets the shared routing). Its pool is allocated once, at construction:
@@ -83,6 +94,9 @@ class GenerationRequest:
     prompt_ids: tuple[int, ...]
     adapter: str | None  # a key the Generator can route to: a loaded adapter, or a live job's id; None: the base alone
     sampling: Sampling = Sampling()
+    # requests of one group (the choices of one request: serving names them by its id) have the same prompt and
+    # adapter, checked: they share the prompt's cached blocks, prefilled once (the module doc). None: shares nothing
+    prompt_group: str | None = None
 
 
 @dataclass(frozen=True)
@@ -366,6 +380,15 @@ class Running:
     finish_reason: str | None = None
     prefilled: int = 0  # prompt tokens whose K/V are cached: a long prompt is prefilled a chunk a round
     logprobs: list[TokenLogprobs] = field(default_factory=list)  # of `generated`, when its sampling asks
+    # a choice that shares another's full prompt blocks: the request that prefills them, and the prompt tokens they
+    # hold (its `prefilled` from admission on: it computes only the rest of the prompt)
+    prompt_source: Running | None = None
+    shared_tokens: int = 0
+
+    @property
+    def ready(self) -> bool:
+        """Whether its rows can run: a choice sharing another's prompt blocks waits until that one cached them."""
+        return self.prompt_source is None or self.prompt_source.prefilled >= self.shared_tokens
 
     @property
     def cached_tokens(self) -> int:
@@ -540,6 +563,7 @@ class Generator:
             raise RuntimeError("this Generator was closed (its pool given back): make a new one")
         live = self._live_adapters()
         routes = [self._check(request, live) for request in requests]
+        _check_prompt_groups(requests, routes)
         waiting = deque(zip(range(len(requests)), requests, routes))
         running: list[Running] = []
         completions: list[Completion | None] = [None] * len(requests)
@@ -614,42 +638,68 @@ class Generator:
         """Take waiting requests in order while the pool has pages for their adapter and whole KV (no preemption:
         a running request never runs out of pages) and this round's `max_prefill_tokens`, after the prompts still
         being prefilled, have tokens left for a first chunk. With nothing running the first one always fits
-        (`_check`)."""
+        (`_check`). A choice whose group has one running shares that one's full prompt blocks (`_prompt_donor`)."""
         admitted = []
         budget = self.max_prefill_tokens - sum(request.prompt_left for request in running)
         try:
             while waiting and budget > 0:
                 index, request, route = waiting[0]
-                pages = self._reserve(route, request)
+                donor = self._prompt_donor(request, running + admitted)
+                pages = self._reserve(route, request, donor)
                 if pages is None:
                     if not running and not admitted:
                         raise RuntimeError(f"request {request.request_id!r} found the pool full with nothing running")
                     break
                 waiting.popleft()
-                admitted.append(Running(index, request, route, pages, _request_rng(request.sampling)))
-                budget -= len(request.prompt_ids)
+                admitted.append(self._running(index, request, route, pages, donor))
+                budget -= admitted[-1].prompt_left
         except BaseException:  # a copy that failed, say: what was taken for this round goes back
             for running_request in admitted:
                 self._retire(running_request)
             raise
         return admitted
 
-    def _reserve(self, route: str | None, request: GenerationRequest) -> list[int] | None:
-        """The request's adapter resident and pinned and its KV pages taken; None (nothing held) when the pool
-        cannot give them now."""
+    def _prompt_donor(self, request: GenerationRequest, running: list[Running]) -> Running | None:
+        """A running request of the request's prompt group, whose full prompt blocks it shares; None when it has
+        none to share (no group, none of it running, or a prompt within one block): it prefills its own."""
+        if request.prompt_group is None or not self._shared_blocks(request):
+            return None
+        return next((other for other in running if other.request.prompt_group == request.prompt_group), None)
+
+    def _shared_blocks(self, request: GenerationRequest) -> int:
+        """The prompt's full blocks but the one holding its last token: that token's row gives a choice its first
+        logits, so each choice computes it (and the rest of its block) itself, into a block of its own."""
+        return (len(request.prompt_ids) - 1) // self.pool.layout.block_tokens
+
+    def _reserve(self, route: str | None, request: GenerationRequest, donor: Running | None) -> list[int] | None:
+        """The request's adapter resident and pinned and its KV pages held: the donor's shared prompt blocks (one
+        more holder each) and new pages for the rest; None (nothing held) when the pool cannot give them now."""
+        shared = donor.pages[:self._shared_blocks(request)] if donor is not None else []
         loaded = route is not None and route.startswith(LOADED_PREFIX)
         try:
             if loaded:
                 self._make_resident(route)
                 self.pool.pin(route)
             try:
-                return self.pool.allocate_blocks(self._kv_blocks(request))
+                own = self.pool.allocate_blocks(self._kv_blocks(request) - len(shared))
             except PoolFull:
                 if loaded:
                     self.pool.unpin(route)
                 raise
         except PoolFull:
             return None
+        self.pool.share_blocks(shared)
+        return shared + own
+
+    def _running(self, index: int, request: GenerationRequest, route: str | None, pages: list[int],
+                 donor: Running | None) -> Running:
+        """An admitted request; one sharing a donor's blocks starts its prompt after them, once they are cached by
+        the request that prefills them (the donor, or the one the donor shares from)."""
+        admitted = Running(index, request, route, pages, _request_rng(request.sampling))
+        if donor is not None:
+            admitted.prompt_source = donor.prompt_source or donor
+            admitted.shared_tokens = admitted.prefilled = self._shared_blocks(request) * self.pool.layout.block_tokens
+        return admitted
 
     def _retire(self, request: Running) -> None:
         self.pool.free_blocks(request.pages)
@@ -662,6 +712,8 @@ class Generator:
         spans, budget = [], self.max_prefill_tokens
         for request in running:
             start = request.cached_tokens
+            if not request.ready:
+                continue
             if request.prompt_left == 0:
                 spans.append(Span(request, start, (request.generated[-1],)))
             elif budget > 0:
@@ -838,6 +890,20 @@ def _segments(requests: list[Running], lengths: list[int]) -> dict[str, tuple[in
             segments[request.route] = (begin, start + length)
         start += length
     return segments
+
+
+def _check_prompt_groups(requests: list[GenerationRequest], routes: list[str | None]) -> None:
+    """The requests of a prompt group share its prompt's cache: ValueError for one whose prompt or adapter differs
+    from its group's first."""
+    firsts: dict[str, tuple[GenerationRequest, str | None]] = {}
+    for request, route in zip(requests, routes):
+        if request.prompt_group is None:
+            continue
+        first, first_route = firsts.setdefault(request.prompt_group, (request, route))
+        if request.prompt_ids != first.prompt_ids or route != first_route:
+            what = "prompt" if request.prompt_ids != first.prompt_ids else "adapter"
+            raise ValueError(f"request {request.request_id!r} is in prompt group {request.prompt_group!r} with "
+                             f"{first.request_id!r} but its {what} differs: a group shares one prompt's cache")
 
 
 def _request_rng(sampling: Sampling) -> random.Random:

@@ -6,10 +6,12 @@ ranks of every size). S-LoRA (Sheng et al. 2023) allocates both from one pool of
 as the load changes instead of being split ahead of time, and nothing fragments into unusable gaps.
 
 Here a page is one KV block: the K and V of `block_tokens` consecutive tokens of one request for every layer,
-`[layers, 2, block_tokens, kv_heads, head_dim]` elements. A request holds a list of pages (its block table). An
-adapter's factors are laid end to end over a contiguous run of pages, so each factor is a plain tensor view the LoRA
-kernels read as they are. Runs for adapters are taken from the bottom of the pool and KV pages from the top, so the
-KV churn of requests coming and going rarely breaks the runs adapters need.
+`[layers, 2, block_tokens, kv_heads, head_dim]` elements. A request holds a list of pages (its block table). A KV page
+may have several holders (the choices of one request share their prompt's full blocks, vLLM's parallel sampling): it
+counts its holders and is free again when the last one frees it. An adapter's factors are laid end to end over a
+contiguous run of pages, so each factor is a plain tensor view the LoRA kernels read as they are. Runs for adapters
+are taken from the bottom of the pool and KV pages from the top, so the KV churn of requests coming and going rarely
+breaks the runs adapters need.
 
 Adapters stay resident after their requests end and are evicted least recently used, only when pages are needed and
 no running request uses them (pinned ones never are). Their master copies stay in host memory (the Generator's), so
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -79,7 +81,8 @@ class ResidentAdapter:
 
 
 class UnifiedPool:
-    """Pages for KV blocks (`allocate_blocks`/`free_blocks`) and adapters (`place_adapter`/`pin`/`unpin`/`evict`).
+    """Pages for KV blocks (`allocate_blocks`/`share_blocks`/`free_blocks`) and adapters (`place_adapter`/`pin`/
+    `unpin`/`evict`).
 
     An evicted adapter's views stay valid tensors over pages that may now hold KV: its owner must route no row to it
     until it is placed again (a pinned adapter, one that running requests use, is never evicted).
@@ -96,7 +99,8 @@ class UnifiedPool:
         self._free = bytearray(b"\x01") * num_pages  # 1: free (a bytes search finds runs of free pages in C)
         self._top = [-page for page in range(num_pages)]  # max-heap of pages for KV; stale entries skipped on pop
         heapq.heapify(self._top)
-        self.kv_pages = 0
+        self.kv_pages = 0  # pages held as KV, each counted once however many hold it
+        self._kv_holders = [0] * num_pages  # per page: how many block tables hold it (0: not a KV page)
         self.adapter_pages = 0
         self.adapters: OrderedDict[str, ResidentAdapter] = OrderedDict()  # least recently used first
         self.evictions = 0
@@ -116,7 +120,8 @@ class UnifiedPool:
     # KV blocks
 
     def allocate_blocks(self, count: int) -> list[int]:
-        """`count` pages for KV, evicting unpinned adapters if needed; PoolFull if they cannot be had now."""
+        """`count` pages for KV, one holder each (the caller), evicting unpinned adapters if needed; PoolFull if they
+        cannot be had now."""
         while self.free_pages() < count:
             if not self._evict_one():
                 raise PoolFull(f"{count} KV pages wanted, {self.free_pages()} free")
@@ -125,14 +130,37 @@ class UnifiedPool:
             page = -heapq.heappop(self._top)
             if self._free[page]:
                 self._free[page] = 0
+                self._kv_holders[page] = 1
                 pages.append(page)
         self.kv_pages += count
         return pages
 
-    def free_blocks(self, pages: list[int]) -> None:
+    def share_blocks(self, pages: list[int]) -> None:
+        """One more holder of each of these KV pages (already held): they stay until every holder freed them.
+        Refuses, changing nothing, a page that is not held as KV (free, or an adapter's)."""
         for page in pages:
-            self._release(page)
-        self.kv_pages -= len(pages)
+            if not 0 <= page < self.num_pages or not self._kv_holders[page]:
+                raise ValueError(f"page {page} is not a held KV page: it cannot be shared")
+        for page in pages:
+            self._kv_holders[page] += 1
+
+    def free_blocks(self, pages: list[int]) -> None:
+        """One holder fewer for each of these KV pages; a page whose last holder freed it is free again. Refuses,
+        changing nothing, a page freed more times than it is held (a double free, or a page that is not KV)."""
+        for page, times in Counter(pages).items():
+            held = self._kv_holders[page] if 0 <= page < self.num_pages else 0
+            if times > held:
+                raise ValueError(f"KV page {page} freed {times} times but held by {held}: a double free, or not a "
+                                 "KV page")
+        for page in pages:
+            self._kv_holders[page] -= 1
+            if not self._kv_holders[page]:
+                self._release(page)
+                self.kv_pages -= 1
+
+    def kv_holders(self, page: int) -> int:
+        """How many block tables hold the page (0: free, or an adapter's)."""
+        return self._kv_holders[page]
 
     def _release(self, page: int) -> None:
         self._free[page] = 1

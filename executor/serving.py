@@ -20,8 +20,9 @@ A streamed request's text is published as it is generated (executor/streaming.py
 it was sent, it fails too rather than run again.
 
 A request of `n` choices runs as `n` engine requests in the batch (`GenerationRequest.choice_ids`; with a seed, choice
-i draws from `choice_seed(seed, i)`), answered together as one result; log-probs asked for come from the engine's
-sampling step as token ids and become text, bytes and offsets in executor/logprobs.py.
+i draws from `choice_seed(seed, i)`), one prompt group (its prompt's cache shared, prefilled once), answered together
+as one result; log-probs asked for come from the engine's sampling step as token ids and become text, bytes and
+offsets in executor/logprobs.py.
 """
 
 from __future__ import annotations
@@ -177,7 +178,7 @@ class GenerationServer:
         tokens_by_tenant: dict[str, int] = {}
         for request in requests:
             result = results[request.request_id]
-            computed = result.prompt_tokens * len(result.choices) + result.completion_tokens  # each choice prefills
+            computed = result.prompt_tokens + result.completion_tokens  # its choices share their prompt's prefill
             tokens_by_tenant[request.tenant] = tokens_by_tenant.get(request.tenant, 0) + computed
         total = sum(tokens_by_tenant.values())
         if total:
@@ -250,7 +251,7 @@ class GenerationServer:
         adapter = self._adapter(generator, request.target.adapter_uri) if request.target.adapter_uri else None
         return request, [EngineRequest(choice_id, tuple(ids), adapter, Sampling(
             max_tokens=sampling.max_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
-            seed=choice_seed(sampling.seed, index), logprobs=sampling.logprobs))
+            seed=choice_seed(sampling.seed, index), logprobs=sampling.logprobs), prompt_group=request.request_id)
             for index, choice_id in enumerate(request.choice_ids())]
 
     def _adapter(self, generator, uri: str) -> str:
