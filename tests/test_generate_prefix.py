@@ -75,12 +75,14 @@ def test_greedy_choices_sharing_a_prompt_each_get_pefts_tokens(served, prompts, 
     assert_every_kv_page_free(generator)
 
 
-def test_four_choices_hold_the_prompts_full_blocks_once(served, prompts, monkeypatch):  # noqa: F811
-    """n = 4, a 46-token prompt (2 full blocks and 14 tokens), 20 tokens each: the call's peak is one choice's
-    whole cache and each other's blocks past the 2 shared, 5 + 3 x 3 = 14 pages, where 4 unrelated requests hold
-    4 x 5 = 20. The tokens are the same either way."""
+@pytest.mark.parametrize(("n", "unshared_pages", "shared_pages"), [(4, 20, 14), (8, 40, 26)])
+def test_choices_hold_the_prompts_full_blocks_once(served, prompts, monkeypatch, n, unshared_pages,  # noqa: F811
+                                                   shared_pages):
+    """A 46-token prompt (2 full blocks and 14 tokens), 20 tokens each: the call's peak is one choice's whole cache
+    (5 pages) and each other's 3 past the 2 shared, 5 + (n - 1) x 3 pages, where n unrelated requests hold n x 5.
+    The tokens are the same either way."""
     model_dir, exports, _ = served
-    prompt, n, max_tokens = long_prompt(prompts, 46), 4, 20
+    prompt, max_tokens = long_prompt(prompts, 46), 20
     peaks, tokens = {}, {}
     for group in ("q", None):
         generator = loaded_generator(model_dir, exports)
@@ -91,8 +93,8 @@ def test_four_choices_hold_the_prompts_full_blocks_once(served, prompts, monkeyp
         peaks[group] = max(held)
         assert_every_kv_page_free(generator)
     whole, shared = blocks(len(prompt) + max_tokens - 1), (len(prompt) - 1) // BLOCK_TOKENS
-    assert peaks[None] == n * whole == 20
-    assert peaks["q"] == whole + (n - 1) * (whole - shared) == 14
+    assert peaks[None] == n * whole == unshared_pages
+    assert peaks["q"] == whole + (n - 1) * (whole - shared) == shared_pages
     assert tokens["q"] == tokens[None]
 
 
