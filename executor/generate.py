@@ -708,12 +708,13 @@ class Generator:
 
     def _round_spans(self, running: list[Running]) -> list[Span]:
         """Each running request's rows this round: a decoding one's last token; a prefilling one's next chunk of its
-        prompt while the round's `max_prefill_tokens` last (the earliest admitted first)."""
+        prompt while the round's `max_prefill_tokens` last (the earliest admitted first); none for a choice whose
+        shared prompt blocks are not cached yet."""
         spans, budget = [], self.max_prefill_tokens
         for request in running:
-            start = request.cached_tokens
             if not request.ready:
                 continue
+            start = request.cached_tokens
             if request.prompt_left == 0:
                 spans.append(Span(request, start, (request.generated[-1],)))
             elif budget > 0:
