@@ -15,11 +15,9 @@ from lorafleet.executor.generate import GenerationRequest, Generator, Sampling
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
-@pytest.mark.parametrize("budget", [5, 16])
-def test_logits_of_mixed_rounds_with_chunks_follow_the_cohorts_own_forward_in_bf16(cohort, monkeypatch, budget):
-    """Four adapter kinds, a long prompt among short ones, `budget` prompt tokens a round (chunks beside decode
-    rows): every sampled token's logits against the cohort's packed forward of the prompt and the tokens so far
-    (bf16 both: equal to bf16 rounding)."""
+def recorded_sampling(monkeypatch):
+    """(the logits of every sampled token, per round each request's tokens so far, the `on_step` hook that records
+    the rounds): the engine's `next_tokens` wrapped to record its logits."""
     logits_seen, sampled_seen = [], []
     real_next_tokens = generate_module.next_tokens
 
@@ -32,6 +30,15 @@ def test_logits_of_mixed_rounds_with_chunks_follow_the_cohorts_own_forward_in_bf
         return ()
 
     monkeypatch.setattr(generate_module, "next_tokens", recording)
+    return logits_seen, sampled_seen, on_step
+
+
+@pytest.mark.parametrize("budget", [5, 16])
+def test_logits_of_mixed_rounds_with_chunks_follow_the_cohorts_own_forward_in_bf16(cohort, monkeypatch, budget):
+    """Four adapter kinds, a long prompt among short ones, `budget` prompt tokens a round (chunks beside decode
+    rows): every sampled token's logits against the cohort's packed forward of the prompt and the tokens so far
+    (bf16 both: equal to bf16 rounding)."""
+    logits_seen, sampled_seen, on_step = recorded_sampling(monkeypatch)
     tokenizer = build_tokenizer()
     prompts = [tuple(tokenizer(text)["input_ids"]) for text in [*PROMPTS, " ".join(PROMPTS)]]  # the last: 46 tokens
     jobs = list(ADAPTERS)

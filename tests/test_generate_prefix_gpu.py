@@ -8,8 +8,8 @@ import torch
 from helpers_models import build_tokenizer
 from test_generate import PROMPTS
 from test_generate_gpu import cohort  # noqa: F401  (the fixture: a bf16 cohort of test_generate's adapter kinds)
+from test_generate_mixed_gpu import recorded_sampling
 
-import lorafleet.executor.generate as generate_module
 from lorafleet.executor.generate import GenerationRequest, Generator, Sampling
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -22,18 +22,7 @@ def test_each_choices_logits_follow_the_cohorts_own_forward_in_bf16(cohort, monk
     """Four choices of one prompt (on a block boundary at 32, a partial last block at 46), prefilled whole or in
     chunks of 5: every sampled token's logits of every choice against the cohort's packed forward of the prompt and
     its tokens so far (bf16 both: equal to bf16 rounding); no page is held afterwards."""
-    logits_seen, sampled_seen = [], []
-    real_next_tokens = generate_module.next_tokens
-
-    def recording(logits, *args):
-        logits_seen.append(logits.float().clone())
-        return real_next_tokens(logits, *args)
-
-    def on_step(generated, _logprobs):
-        sampled_seen.append([(request_id, len(tokens)) for request_id, tokens in generated.items()])
-        return ()
-
-    monkeypatch.setattr(generate_module, "next_tokens", recording)
+    logits_seen, sampled_seen, on_step = recorded_sampling(monkeypatch)
     long = tuple(build_tokenizer()(" ".join(PROMPTS))["input_ids"])  # 46 tokens
     prompt = (long * 2)[:length]
     requests = [GenerationRequest(f"q/{i}", prompt, "lora", Sampling(max_tokens=6), prompt_group="q")
