@@ -35,7 +35,7 @@ from lorafleet.scheduler.files import FileLimits, FileStore
 from lorafleet.scheduler.logs import configure_logging
 from lorafleet.scheduler.records import JobRecord, JobState
 from lorafleet.scheduler.results import JobResults
-from lorafleet.scheduler.store import MAX_LIST_LIMIT, JobStore
+from lorafleet.scheduler.store import MAX_LIST_LIMIT, JobStore, with_metadata
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": description} for status, description in (
@@ -119,7 +119,7 @@ def _job_routes() -> APIRouter:
         """The tenant's jobs, newest first; `after` = the last id of the previous page; `metadata[k]=v` (any number)
         lists only the jobs whose metadata has every such pair."""
         wanted = metadata_filter(request.query_params)
-        keep = (lambda record: wanted.items() <= record.spec.metadata.items()) if wanted else None
+        keep = with_metadata(wanted) if wanted else None
         try:
             records, has_more = gateway.store.tenant_jobs_after(tenant, after, limit, keep)
         except LookupError as exc:

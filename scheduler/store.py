@@ -31,6 +31,7 @@ import re
 import secrets
 import time
 from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any, Callable, Iterable, Optional
 
 import redis
@@ -148,6 +149,15 @@ def _states(states: Iterable[str] | str) -> tuple[JobState, ...]:
 def _parsed_plan(text: str) -> JobPlan:
     """Jobs of one shape on one dataset store the same plan text: each text is parsed once (plans are frozen)."""
     return JobPlan.from_json(text)
+
+
+def with_metadata(wanted: Any) -> Callable[[JobRecord], bool]:
+    """A `tenant_jobs_after` filter: the jobs whose spec's metadata has every pair of `wanted` (OpenAI's list filter
+    `metadata[k]=v`); ValueError unless `wanted` maps strings to strings."""
+    if not isinstance(wanted, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wanted.items()):
+        raise ValueError("metadata: an object of strings to strings, e.g. {\"team\": \"search\"}")
+    pairs = dict(wanted).items()
+    return lambda record: pairs <= record.spec.metadata.items()
 
 
 def page_start(client: redis.Redis, index: str, after: Any, what: str) -> int:
@@ -429,11 +439,18 @@ class JobStore:
             raise LookupError(f"no job {job_id!r}")
         return job
 
-    def list_jobs(self, tenant: Optional[str], state: Optional[str] = None, limit: int = 100) -> list[dict[str, Any]]:
-        """Newest first; tenant None = all tenants."""
+    def list_jobs(self, tenant: Optional[str], state: Optional[str] = None, limit: int = 100,
+                  metadata: Optional[Mapping[str, str]] = None) -> list[dict[str, Any]]:
+        """Newest first; tenant None = all tenants; with `metadata` (a tenant's jobs only), those whose metadata has
+        every pair of it."""
         _check_limit(limit)
         if state is not None and state not in keys.JOB_STATES:
             raise ValueError(f"state: must be one of {', '.join(keys.JOB_STATES)}, got {state!r}")
+        if metadata is not None and tenant is not None:
+            wanted = with_metadata(metadata)
+            records, _ = self.tenant_jobs_after(
+                tenant, None, limit, lambda record: (state is None or record.state.value == state) and wanted(record))
+            return [record.view(with_spec=False) for record in records]
         tenants = [tenant] if tenant is not None else sorted(self.r.smembers(keys.TENANTS))
         found: list[tuple[str, float]] = []
         for name in tenants:

@@ -176,9 +176,10 @@ def get_job(self, token: str, job_id: str) -> dict:
 
 @app.task(name="lorafleet.list_jobs", throws=TENANT_ERRORS, bind=True)
 @_public_errors
-def list_jobs(self, token: str, state: Optional[str] = None, limit: int = 100) -> list:
+def list_jobs(self, token: str, state: Optional[str] = None, limit: int = 100, metadata: Any = None) -> list:
+    """The tenant's jobs, newest first; `metadata` {key: value}: only those whose metadata has every pair."""
     tenant = _caller(self, token)
-    return store().list_jobs(tenant, state, limit)
+    return store().list_jobs(tenant, state, limit, metadata)
 
 
 @app.task(name="lorafleet.cancel_job", throws=TENANT_ERRORS, bind=True)

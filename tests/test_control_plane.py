@@ -151,3 +151,19 @@ def test_worker_refuses_pickle(celery_app, tenant_app, make_tenant):
         assert time.monotonic() < deadline, "the worker did not refuse a pickle message"
         time.sleep(0.1)
     assert tenant_app(alice.name).send_task("lorafleet.list_jobs", args=[alice.token]).get(timeout=30) == []
+
+
+def test_celery_tenants_list_jobs_by_metadata_as_the_gateway_filters_them(call, make_tenant, base_model_dir):
+    tenant = make_tenant()
+    tags = [{"team": "search", "run": "a"}, {"team": "ads"}, {}, {"team": "search", "run": "b"}]
+    ids = [call("lorafleet.submit_job", tenant.token, spec_for(tenant, base_model_dir, metadata=tag))["job_id"]
+           for tag in tags]
+    search = call("lorafleet.list_jobs", tenant.token, None, 100, {"team": "search"})
+    assert [job["job_id"] for job in search] == [ids[3], ids[0]]
+    assert [j["job_id"] for j in call("lorafleet.list_jobs", tenant.token, None, 1, {"team": "search"})] == [ids[3]]
+    assert call("lorafleet.list_jobs", tenant.token, "running", 100, {"team": "search"}) == []
+    call("lorafleet.cancel_job", tenant.token, ids[0])
+    cancelled = call("lorafleet.list_jobs", tenant.token, "cancelled", 100, {"run": "a"})
+    assert [job["job_id"] for job in cancelled] == [ids[0]]
+    with pytest.raises(ValueError, match="metadata: an object of strings to strings"):
+        call("lorafleet.list_jobs", tenant.token, None, 100, {"team": 3})
