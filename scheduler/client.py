@@ -127,8 +127,10 @@ class LorafleetClient:
     def get(self, job_id: str) -> JobInfo:
         return self._call("lorafleet.get_job", job_id)
 
-    def list(self, state: Optional[str] = None, limit: int = 100) -> list[JobInfo]:
-        return self._call("lorafleet.list_jobs", state, limit)
+    def list(self, state: Optional[str] = None, limit: int = 100,
+             metadata: Optional[dict[str, str]] = None) -> list[JobInfo]:
+        """Newest first; `metadata`: only the jobs whose metadata has every pair of it."""
+        return self._call("lorafleet.list_jobs", state, limit, metadata)
 
     def cancel(self, job_id: str) -> JobInfo:
         return self._call("lorafleet.cancel_job", job_id)
