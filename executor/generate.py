@@ -27,6 +27,10 @@ it gets unshared up to floating-point rounding: not promised bitwise, as its las
 computed in other forwards than its own prefill would be (other kernels, other batches); greedy tokens on the CPU
 tests equal PEFT's.
 
+A request may carry a soft prompt (a LoPA job's: `GenerationRequest.soft_prompt`, [m, hidden]): its first m prompt
+positions take those input embeddings instead of their (placeholder) tokens' and are cached like any position, so a
+LoPA request batches, chunks and shares its prompt as any other; it routes to no adapter (LoPA touches no layer).
+
 Nothing here changes training: a live job's adapter runs in eval mode (no dropout) under no_grad, no global RNG is
 drawn (sampling uses each request's own generator), and the routing is restored afterwards. A Generator serves one
 call at a time, between cohort steps (it sets the shared routing). Its pool is allocated once, at construction:
@@ -97,6 +101,9 @@ class GenerationRequest:
     # requests of one group (the choices of one request: serving names them by its id) have the same prompt and
     # adapter, checked: they share the prompt's cached blocks, prefilled once (the module doc). None: shares nothing
     prompt_group: str | None = None
+    # [m, hidden]: the input embeddings of the sequence's first m positions, in place of their token ids' (a LoPA
+    # job's soft prompt, computed from the prompt by its caller: `prompt_ids` then starts with m placeholder ids)
+    soft_prompt: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -232,6 +239,8 @@ class ForwardRows:
     prompts: PromptSpans | None = None
     paged: PagedRows | None = None
     chunks: list[ChunkSpan] = field(default_factory=list)
+    soft_rows: torch.Tensor | None = None  # rows whose input embeddings are `soft_embeddings`, not their tokens'
+    soft_embeddings: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -602,6 +611,12 @@ class Generator:
                 or (sampling.logprobs is not None and sampling.logprobs < 0)):
             raise ValueError(f"request {request.request_id!r}: sampling {sampling} (need max_tokens >= 1, "
                              "temperature >= 0, 0 < top_p <= 1, logprobs None or >= 0)")
+        soft = request.soft_prompt
+        if soft is not None and (soft.dim() != 2 or soft.shape[1] != self.decoder.embed_tokens.embedding_dim
+                                 or not 0 < soft.shape[0] < len(request.prompt_ids)):
+            raise ValueError(f"request {request.request_id!r}: soft prompt {tuple(soft.shape)} (need [m, "
+                             f"{self.decoder.embed_tokens.embedding_dim}] with 0 < m < its {len(request.prompt_ids)} "
+                             "prompt positions)")
         route = self._route(request.adapter, live)
         pages = self._kv_blocks(request)
         if route is not None and route.startswith(LOADED_PREFIX):
@@ -748,9 +763,24 @@ class Generator:
         logit_rows = [first + len(span.tokens) - 1 for span, first in zip(spans, firsts) if span.samples]
         token_ids, positions, slot_pages, slot_offsets, logit_rows = self._tensors(
             ids, places, pages, [p % block for p in places], logit_rows)
-        return ForwardRows(token_ids, positions, slot_pages, slot_offsets,
+        rows = ForwardRows(token_ids, positions, slot_pages, slot_offsets,
                            _segments([span.request for span in spans], [len(span.tokens) for span in spans]),
                            logit_rows, *self._attention_parts(spans, firsts))
+        rows.soft_rows, rows.soft_embeddings = self._soft_rows(spans, firsts)
+        return rows
+
+    def _soft_rows(self, spans: list[Span], firsts: list[int]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The rows of soft-prompt positions in this forward and their embeddings (None, None: none)."""
+        rows, embeddings = [], []
+        for span, first in zip(spans, firsts):
+            soft = span.request.request.soft_prompt
+            if soft is not None and span.start < soft.shape[0]:
+                end = min(span.end, soft.shape[0])
+                rows += range(first, first + end - span.start)
+                embeddings.append(soft[span.start:end])
+        if not rows:
+            return None, None
+        return self._tensors(rows)[0], torch.cat(embeddings).to(self.device)
 
     def _attention_parts(self, spans: list[Span], firsts: list[int]):
         """ForwardRows' prompts, paged rows and chunks: which rows attend how."""
@@ -844,6 +874,8 @@ class Generator:
         self.routing.pooled = self._pooled_adapters(rows.segments)
         try:
             hidden = self.decoder.embed_tokens(rows.token_ids)
+            if rows.soft_rows is not None:
+                hidden[rows.soft_rows] = rows.soft_embeddings.to(hidden.dtype)
             cos, sin = (t[0] for t in self.decoder.rotary_emb(hidden, rows.positions[None]))
             kv = self.pool.kv_view()
             for index, layer in enumerate(self.decoder.layers):

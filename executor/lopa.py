@@ -300,6 +300,13 @@ def load_lopa(directory, device="cpu") -> LopaPrompt:
 
 
 @torch.no_grad()
+def soft_prompt(prompt: LopaPrompt, embeds: torch.Tensor) -> torch.Tensor:
+    """[m, hidden]: the soft prompt of a sequence whose input rows (its prompt) embed to `embeds` [L, hidden], in
+    their dtype: what generation places before the prompt, computed once (the answer's tokens never change it)."""
+    return prompt.prompts(embeds, [len(embeds)], [len(embeds)])[0].to(embeds.dtype)
+
+
+@torch.no_grad()
 def lopa_logits(model, prompt: LopaPrompt, input_ids: list[int], input_length: int | None = None,
                 **model_kwargs) -> torch.Tensor:
     """Next-token logits [L, vocab] of one sequence x with its own soft prompt: the base run on [Z(x), x] with

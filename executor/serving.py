@@ -10,7 +10,9 @@ training): 64 requests and 16384 tokens a batch.
 
 Adapters are fetched from the artifact store (`ArtifactStore.fetch`: a local path as it is, a remote one copied under
 the executor's scratch directory) and kept loaded, the least recently used unloaded past `MAX_LOADED_ADAPTERS`. A
-whole model (a GaLore job's: `ServedBase.model_uri`) is fetched the same way and loaded as the base (`weights_of`).
+whole model (a GaLore job's: `ServedBase.model_uri`) is fetched the same way and loaded as the base (`weights_of`); a
+LoPA job's export is kept as its prompt generator, and each request's soft prompt, computed from its prompt's input
+embeddings (`lopa.soft_prompt`), goes before the prompt (`GenerationRequest.soft_prompt`).
 
 A bad request fails alone, with the reason in its result: an adapter that does not load, a prompt that with its
 max_tokens does not fit the base's context, a chat the template rejects; a batch that fails as a whole is run again
@@ -35,9 +37,12 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Optional
 
+import torch
+
 from lorafleet.executor.generate import GenerationRequest as EngineRequest
 from lorafleet.executor.generate import Completion, Generator, Sampling
 from lorafleet.executor.logprobs import choice_logprobs
+from lorafleet.executor.lopa import LOPA_CONFIG, LopaPrompt, load_lopa, soft_prompt
 from lorafleet.executor.streaming import StreamPublisher
 from lorafleet.scheduler.artifacts import ArtifactStore
 from lorafleet.scheduler.formats import FALLBACK_CHAT_HEADERS
@@ -128,6 +133,7 @@ class GenerationServer:
         self.generator = None
         self.adapters: OrderedDict[str, Path] = OrderedDict()  # adapter URI -> its local directory, LRU last
         self.model_copy: Optional[Path] = None  # a whole model fetched to serve as the base (`weights_of`)
+        self.soft_prompts: OrderedDict[str, tuple[Path, LopaPrompt]] = OrderedDict()  # LoPA exports, LRU last
 
     def base_to_load(self, loaded: Optional[str]) -> Optional[ServedBase]:
         """For an executor without jobs: the base of the longest-waiting requests that no executor serves, claimed
@@ -221,9 +227,11 @@ class GenerationServer:
 
     def release(self) -> None:
         """Drop the generator, its pool and its adapters: the executor unloads the base, whose memory they hold."""
-        for local in [*self.adapters.values(), *([self.model_copy] if self.model_copy else [])]:
+        prompts = [local for local, _ in self.soft_prompts.values()]
+        for local in [*self.adapters.values(), *prompts, *([self.model_copy] if self.model_copy else [])]:
             self._remove_copy(local)
         self.cohort, self.generator, self.adapters, self.model_copy = None, None, OrderedDict(), None
+        self.soft_prompts = OrderedDict()
 
     def _remove_copy(self, local: Path) -> None:
         if self.scratch in local.parents:  # a copy of a remote artifact (scratch/<fetch dir>/<name>): ours to remove
@@ -244,35 +252,56 @@ class GenerationServer:
         adapter loaded."""
         ids = prompt_ids(cohort.tokenizer, request)
         sampling = request.sampling
+        adapter, lopa = self._model_of(generator, request.target.adapter_uri) if request.target.adapter_uri else (
+            None, None)
+        soft = None if lopa is None else self._soft_prompt(cohort, lopa, ids)
+        virtual = 0 if soft is None else soft.shape[0]
         limit = context_length(cohort.model.config)
-        if limit is not None and len(ids) + sampling.max_tokens > limit:
-            raise RequestError(f"the prompt is {len(ids)} tokens; with max_tokens {sampling.max_tokens} that is more "
-                               f"than the base's context of {limit} tokens")
-        adapter = self._adapter(generator, request.target.adapter_uri) if request.target.adapter_uri else None
-        return request, [EngineRequest(choice_id, tuple(ids), adapter, Sampling(
+        if limit is not None and virtual + len(ids) + sampling.max_tokens > limit:
+            raise RequestError(f"the prompt is {len(ids)} tokens" + (f" after {virtual} soft-prompt positions" if virtual
+                                                                     else "")
+                               + f"; with max_tokens {sampling.max_tokens} that is more than the base's context of "
+                               f"{limit} tokens")
+        return request, [EngineRequest(choice_id, (0,) * virtual + tuple(ids), adapter, Sampling(
             max_tokens=sampling.max_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
-            seed=choice_seed(sampling.seed, index), logprobs=sampling.logprobs), prompt_group=request.request_id)
-            for index, choice_id in enumerate(request.choice_ids())]
+            seed=choice_seed(sampling.seed, index), logprobs=sampling.logprobs), prompt_group=request.request_id,
+            soft_prompt=soft) for index, choice_id in enumerate(request.choice_ids())]
 
-    def _adapter(self, generator, uri: str) -> str:
-        """The adapter's key in the generator (its URI), fetched and loaded on first use."""
+    def _model_of(self, generator, uri: str) -> tuple[Optional[str], Optional[LopaPrompt]]:
+        """(the adapter's key in the generator (its URI), None), or (None, the prompt generator) of a LoPA job's
+        export; fetched and loaded on first use."""
         if uri in self.adapters:
             self.adapters.move_to_end(uri)
-            return uri
+            return uri, None
+        if uri in self.soft_prompts:
+            self.soft_prompts.move_to_end(uri)
+            return None, self.soft_prompts[uri][1]
         try:
             local = self.artifacts.fetch(uri, self.scratch)
-            generator.load_adapter(uri, local)
+            if (local / LOPA_CONFIG).is_file():
+                self.soft_prompts[uri] = local, load_lopa(local)
+            else:
+                generator.load_adapter(uri, local)
+                self.adapters[uri] = local
         except Exception as exc:  # missing files, another base's shapes, an adapter kind the engine lacks
             log.warning("adapter %s does not load: %s", uri, exc)
             raise RequestError(f"the model's adapter could not be loaded: {exc}") from None
-        self.adapters[uri] = local
-        return uri
+        return self._model_of(generator, uri)
+
+    def _soft_prompt(self, cohort, lopa: LopaPrompt, ids: list[int]) -> torch.Tensor:
+        """A LoPA model's soft prompt for this prompt, computed once from its input embeddings."""
+        embedding = cohort.model.get_input_embeddings()
+        with torch.no_grad():
+            embeds = embedding(torch.tensor(ids, device=embedding.weight.device))
+        return soft_prompt(lopa.to(embeds.device), embeds)
 
     def _unload_least_used(self, generator) -> None:
         while len(self.adapters) > MAX_LOADED_ADAPTERS:
             uri, local = self.adapters.popitem(last=False)
             generator.unload_adapter(uri)
             self._remove_copy(local)
+        while len(self.soft_prompts) > MAX_LOADED_ADAPTERS:
+            self._remove_copy(self.soft_prompts.popitem(last=False)[1][0])
 
     def _generate(self, generator, tokenizer, ready: list, streams: StreamPublisher) -> dict[str, GenerationResult]:
         """Results of the prepared requests, in one batch; if the batch fails, one request at a time, so that a
@@ -293,15 +322,20 @@ class GenerationServer:
                     results[request.request_id] = self._failed(request, f"generation failed: {exc}")
             return results
         by_id = {completion.request_id: completion for completion in completions}
-        return {request.request_id: self._result(tokenizer, request, [by_id[engine.request_id] for engine in engines])
+        return {request.request_id: self._result(tokenizer, request, engines,
+                                                 [by_id[engine.request_id] for engine in engines])
                 for request, engines in ready}
 
-    def _result(self, tokenizer, request: GenerationRequest, completions: list[Completion]) -> GenerationResult:
-        """The answer of a request's choices (its engine requests' completions, by index)."""
+    def _result(self, tokenizer, request: GenerationRequest, engines: list[EngineRequest],
+                completions: list[Completion]) -> GenerationResult:
+        """The answer of a request's choices (its engine requests' completions, by index); its prompt's tokens
+        without a soft prompt's positions."""
         choices = tuple(self._choice(tokenizer, request, index, completion)
                         for index, completion in enumerate(completions))
-        return GenerationResult(request_id=request.request_id, prompt_tokens=completions[0].prompt_tokens,
-                                choices=choices, executor_id=self.executor_id)
+        soft = engines[0].soft_prompt
+        prompt_tokens = completions[0].prompt_tokens - (0 if soft is None else soft.shape[0])
+        return GenerationResult(request_id=request.request_id, prompt_tokens=prompt_tokens, choices=choices,
+                                executor_id=self.executor_id)
 
     @staticmethod
     def _choice(tokenizer, request: GenerationRequest, index: int, completion: Completion) -> ChoiceResult:

@@ -11,9 +11,9 @@ adapter it published), that name with `:ckpt-step-N` (one of the checkpoints the
 state), or a base model as a job spec names it (a model id in the local cache or a directory under the model roots:
 the same bases a tenant may train on). Another tenant's job answers exactly as a name that does not exist. A GaLore
 job's model owns all its weights: it is served as a base of its own (`ServedBase.model_uri`), which an executor without
-jobs loads. A LoPA job's soft prompts are refused, naming why (`spec.NO_EVAL_SAMPLES`: the engine does not build
-them), and so is a model on a base whose family the engine does not run (`spec.GENERATION_FAMILIES`): at submission,
-rather than having an idle executor load the base only to fail the request.
+jobs loads. A LoPA job's export is served like an adapter (the executor computes each prompt's soft prompt from it
+and places it before the prompt). A model on a base whose family the engine does not run (`spec.GENERATION_FAMILIES`)
+is refused at submission, rather than having an idle executor load the base only to fail the request.
 
 The executor side (`executor/serving.py`) takes the requests of the base it has loaded between training steps
 (`take_requests`, bounded by a `ServingBudget`) and answers each (`deliver`). An executor without jobs may load the base
@@ -43,7 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from lorafleet.scheduler import keys
 from lorafleet.scheduler.records import JobRecord, JobState
 from lorafleet.scheduler.results import checkpoint_step
-from lorafleet.scheduler.spec import GENERATION_FAMILIES, NO_EVAL_SAMPLES, SpecError
+from lorafleet.scheduler.spec import GENERATION_FAMILIES, SpecError
 from lorafleet.scheduler.store import JobStore, QuotaExceeded
 from lorafleet.scheduler.submission import compat_key, resolve_base_model
 
@@ -384,12 +384,8 @@ class Generations:
 
     @staticmethod
     def _adapter_target(model: str, record: JobRecord, adapter_uri: str) -> ModelTarget:
-        kind = record.spec.adapter.type
-        if kind == "galore":
+        if record.spec.adapter.type == "galore":
             return _whole_model_target(model, record, adapter_uri)
-        if kind in NO_EVAL_SAMPLES:
-            raise ValueError(f"model: {model!r} is a {kind} job's result ({NO_EVAL_SAMPLES[kind]}); generation does "
-                             "not serve it yet: download it and serve it elsewhere")
         plan = record.plan
         if plan is None:  # only a job not sized yet has none, and such a job has neither adapter nor checkpoint
             raise LookupError(f"model: {model!r} is not ready: job {record.job_id} has not been sized yet")

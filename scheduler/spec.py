@@ -26,7 +26,7 @@ MAX_METADATA_PAIRS, MAX_METADATA_KEY_CHARS, MAX_METADATA_VALUE_CHARS = 16, 64, 5
 MAX_EVAL_SAMPLES, MAX_EVAL_PROMPT_CHARS, MAX_EVAL_TOKENS = 8, 4000, 512
 NO_EVAL_SAMPLES = {  # adapter types the generation engine does not run, and why
     "galore": "a whole model of its own, trained on an executor without the generation engine",
-    "lopa": "its soft prompts enter with the input, which the generation engine does not build",
+    "lopa": "its live soft-prompt generator is not sampled at checkpoints (its exported model is served)",
 }
 # Bases (config model_type) the generation engine runs: the Llama-like decoders whose attention and rotary its own
 # forward implements (executor/generate.py reads this list; submission refuses eval_samples on other bases).

@@ -1,6 +1,7 @@
 """A LoPA job (issue 18) through the whole service on the CPU: submitted through the Celery task beside a LoRA job of
 the same base, trained by an executor process to the end with checkpoints and validation, and published as its own
-export (lopa_config.json + lopa_model.safetensors) that `load_lopa` loads on a plain Hugging Face base. The fleet
+export (lopa_config.json + lopa_model.safetensors) that `load_lopa` loads on a plain Hugging Face base and that the
+service's generation serves. The fleet
 (real Redis, Celery worker, schedulers, two executors) is test_fleet_e2e's."""
 
 from __future__ import annotations
@@ -11,12 +12,15 @@ import pytest
 import torch
 
 from helpers_models import single_torch_thread  # noqa: F401
+from lorafleet.scheduler.generation import fine_tuned_model_name
 from test_fleet_e2e import fleet_env, make_tenant, spec_for  # noqa: F401  (the fleet fixture)
+from test_generate_lopa import reference_greedy
+from test_generation_fleet import PROMPT, tokenizer_of
 
 pytestmark = pytest.mark.slow
 
 
-def test_a_lopa_job_beside_a_lora_job_trains_to_the_end_and_publishes_its_export(fleet_env):
+def test_a_lopa_job_beside_a_lora_job_trains_to_the_end_and_publishes_its_export_which_is_served(fleet_env):
     from transformers import AutoModelForCausalLM
 
     from lorafleet.executor.lopa import LOPA_CONFIG, LOPA_WEIGHTS, load_lopa, lopa_logits
@@ -46,6 +50,16 @@ def test_a_lopa_job_beside_a_lora_job_trains_to_the_end_and_publishes_its_export
         bare = base(torch.tensor([ids])).logits[0]
     assert torch.isfinite(logits).all() and logits.shape == bare.shape
     assert not torch.allclose(logits, bare, atol=1e-4), "the trained prompt moves the logits"
+
+    # its fine-tuned model answers completions: the executor places the prompt's soft prompt before it
+    name = fine_tuned_model_name(fleet_env.store.job(lopa_id))
+    base_dir = fleet_env.models["llama"]
+    prompt_ids = tokenizer_of(base_dir)(PROMPT)["input_ids"]
+    want = reference_greedy(base_dir, published, tuple(prompt_ids), 6)
+    answer = fleet_env.call("lorafleet.generate", token, {"model": name, "prompt": PROMPT, "max_tokens": 6,
+                                                          "temperature": 0, "timeout": 25})
+    assert answer["text"] == tokenizer_of(base_dir).decode(want, skip_special_tokens=True)
+    assert answer["usage"]["prompt_tokens"] == len(prompt_ids), "the soft prompt's positions are not prompt tokens"
 
 
 def test_a_killed_lopa_job_resumes_on_another_executor_with_the_weights_of_an_uninterrupted_run(fleet_env):
