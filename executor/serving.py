@@ -258,10 +258,9 @@ class GenerationServer:
         virtual = 0 if soft is None else soft.shape[0]
         limit = context_length(cohort.model.config)
         if limit is not None and virtual + len(ids) + sampling.max_tokens > limit:
-            raise RequestError(f"the prompt is {len(ids)} tokens" + (f" after {virtual} soft-prompt positions" if virtual
-                                                                     else "")
-                               + f"; with max_tokens {sampling.max_tokens} that is more than the base's context of "
-                               f"{limit} tokens")
+            after = f" after {virtual} soft-prompt positions" if virtual else ""
+            raise RequestError(f"the prompt is {len(ids)} tokens{after}; with max_tokens {sampling.max_tokens} that is "
+                               f"more than the base's context of {limit} tokens")
         return request, [EngineRequest(choice_id, (0,) * virtual + tuple(ids), adapter, Sampling(
             max_tokens=sampling.max_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
             seed=choice_seed(sampling.seed, index), logprobs=sampling.logprobs), prompt_group=request.request_id,
@@ -279,7 +278,7 @@ class GenerationServer:
         try:
             local = self.artifacts.fetch(uri, self.scratch)
             if (local / LOPA_CONFIG).is_file():
-                self.soft_prompts[uri] = local, load_lopa(local)
+                self.soft_prompts[uri] = local, load_lopa(local, generator.device)
             else:
                 generator.load_adapter(uri, local)
                 self.adapters[uri] = local
@@ -293,7 +292,7 @@ class GenerationServer:
         embedding = cohort.model.get_input_embeddings()
         with torch.no_grad():
             embeds = embedding(torch.tensor(ids, device=embedding.weight.device))
-        return soft_prompt(lopa.to(embeds.device), embeds)
+        return soft_prompt(lopa, embeds)
 
     def _unload_least_used(self, generator) -> None:
         while len(self.adapters) > MAX_LOADED_ADAPTERS:

@@ -1,8 +1,8 @@
 """The models a tenant can name, as OpenAI's models API lists them (`GET /v1/models`, `GET /v1/models/{model}`): its
 fine-tuned models (each SUCCEEDED job's `fine_tuned_model`, owned by the tenant) and the bases the operator offers
 (owned by `BASE_OWNER`): the models of the local cache (`HF_HUB_CACHE`, listed by id) and the model directories
-one or two levels under the model roots (`LORAFLEET_MODEL_ROOTS`: `<root>/name`, `<root>/org/name`; listed by path), the names a job spec or a completion may
-give. A kept checkpoint's name (`<fine_tuned_model>:ckpt-step-N`) is not listed, as OpenAI does not list them, but it
+one or two levels under the model roots (`LORAFLEET_MODEL_ROOTS`: `<root>/name`, `<root>/org/name`; listed by path),
+the names a job spec or a completion may give. A kept checkpoint's name (`<fine_tuned_model>:ckpt-step-N`) is not listed, as OpenAI does not list them, but it
 can be retrieved. Another tenant's model is answered as one that does not exist (`generation.not_found`).
 
     catalogue = ModelCatalogue(Generations(store, config.hf_hub_cache(), config.model_roots()))
@@ -68,7 +68,7 @@ class ModelCatalogue:
             raise not_found(str(model))
         if model.startswith("ft:"):
             record, adapter_uri = self.generations.adapter_of(tenant, model)
-            if adapter_uri == record.adapter_uri and model == fine_tuned_model_name(record):
+            if model == fine_tuned_model_name(record):  # else a kept checkpoint's name
                 return _fine_tuned_entry(record)
             return ModelEntry(id=model, created=self._saved_at(record, adapter_uri), owned_by=tenant)
         entry = self._base_entry(model)
@@ -79,10 +79,11 @@ class ModelCatalogue:
     def job_to_delete(self, tenant: str, model: str) -> str:
         """The job whose fine-tuned model `model` is, for deleting it: LookupError as `model`; ValueError for a
         checkpoint or a base, which are not deleted this way."""
-        entry = self.model(tenant, model)
-        if entry.owned_by == BASE_OWNER:
-            raise ValueError(f"model: {model!r} is a base model, the operator's: only your fine-tuned models can be "
-                             "deleted")
+        if not isinstance(model, str) or not model.startswith("ft:"):
+            if isinstance(model, str) and self._base_entry(model) is not None:
+                raise ValueError(f"model: {model!r} is a base model, the operator's: only your fine-tuned models can "
+                                 "be deleted")
+            raise not_found(str(model))
         record, _ = self.generations.adapter_of(tenant, model)
         if model != fine_tuned_model_name(record):
             raise ValueError(f"model: {model!r} is a checkpoint: it goes when its job's checkpoints rotate or the job "

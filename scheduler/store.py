@@ -446,7 +446,9 @@ class JobStore:
         _check_limit(limit)
         if state is not None and state not in keys.JOB_STATES:
             raise ValueError(f"state: must be one of {', '.join(keys.JOB_STATES)}, got {state!r}")
-        if metadata is not None and tenant is not None:
+        if metadata is not None:
+            if tenant is None:
+                raise ValueError("metadata: filters one tenant's jobs, give the tenant")
             wanted = with_metadata(metadata)
             records, _ = self.tenant_jobs_after(
                 tenant, None, limit, lambda record: (state is None or record.state.value == state) and wanted(record))
