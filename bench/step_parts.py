@@ -6,7 +6,7 @@
 |---|---|
 | frozen GEMMs | cuBLAS/nvjet/CUTLASS matrix products outside the loss (forward and dX of every projection) |
 | LM head GEMMs | matrix products under `_ChunkedHeadLoss` (logits and the hidden-state gradient) |
-| attention | flash attention, forward and backward |
+| attention | flash attention and cuDNN's fused attention (`sdpa` kernels), forward and backward |
 | LoRA kernels | the Triton shrink / expand / dA / dH+dB kernels (kernels/triton_lora.py) |
 | fused elementwise | the Triton RMSNorm / SiLU·mul / rotary kernels (kernels/elementwise.py) |
 | loss elementwise | any other kernel under the loss (fp32 upcast, logsumexp, exp, scatter, casts) |
@@ -83,7 +83,7 @@ def kernel_part(name: str, context: str) -> str:
         return "LoRA kernels"
     if FUSED_ELEMENTWISE.search(name):
         return "fused elementwise"
-    if "flash" in name.lower() or "fmha" in name.lower():
+    if any(marker in name.lower() for marker in ("flash", "fmha", "sdpa")):  # sdpa: cuDNN's fused attention
         return "attention"
     if GEMM.search(name):
         return "LM head GEMMs" if context == "loss" else "frozen GEMMs"
