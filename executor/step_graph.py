@@ -19,8 +19,10 @@ A layout is captured when a step repeats the previous step's layout (jobs, padde
 sequence's power of two), so data whose layout changes every step keeps running eagerly rather than capturing every
 step. One graph is held at a time (its memory pool holds a step's activations); a new layout or a job leaving drops it.
 Steps the graph cannot express run eagerly: several passes, preference pairs, dropout, DoRA, adapters other than LoRA,
-MoE experts (their routing is data-dependent), checkpointed layers, quantized bases, CPU tensors. A capture that
-fails (some module syncs with the host) turns graphs off for the cohort, with a warning, and the step runs eagerly.
+MoE experts (their routing is data-dependent), checkpointed layers, int8 bases (bitsandbytes' int8 matmul keeps
+host-side state per call), CPU tensors. An nf4 base is captured: its dequantization is stream-ordered kernels alone.
+A capture that fails (some module syncs with the host) turns graphs off for the cohort, with a warning, and the step
+runs eagerly.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ import torch
 
 from lorafleet.executor.adapters import LoraAdapter
 from lorafleet.executor.model import decoder_layers, packing_kwargs
+
+
+GRAPHED_QUANTIZATION = ("none", "nf4")
 
 
 def bucket_rows(rows: int) -> int:
@@ -110,7 +115,8 @@ class StepGraphs:
 
     def _applies(self, cohort, passes: list[dict]) -> bool:
         """See the module's docstring for what a graph cannot express."""
-        if not self.enabled or cohort.device.type != "cuda" or cohort.quantization != "none" or len(passes) != 1:
+        if (not self.enabled or cohort.device.type != "cuda" or cohort.quantization not in GRAPHED_QUANTIZATION
+                or len(passes) != 1):
             return False
         if any("forward" in vars(layer) for layer in decoder_layers(cohort.model)):  # checkpointed layers
             return False

@@ -12,17 +12,18 @@ from lorafleet.scheduler.spec import parse_spec
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
-def spec(model_dir, adapter, **hyperparameters):
+def spec(model_dir, adapter, quantization="none", **hyperparameters):
     # batch_size = the whole set: every step draws the same sequences in another order, so the layout repeats
     return parse_spec({"base_model": str(model_dir), "dataset": "unused", "adapter": adapter,
+                       "quantization": quantization,
                        "hyperparameters": {"batch_size": 8, "learning_rate": 2e-2, "max_steps": 6, **hyperparameters}})
 
 
-def train(model_dir, data, graphs: bool):
-    cohort = Cohort(model_dir, device="cuda", cuda_graphs=graphs)
-    cohort.add_job("a", spec(model_dir, {"r": 8}), data)
-    cohort.add_job("b", spec(model_dir, {"r": 16, "target_modules": ["q_proj", "v_proj", "down_proj"]}, seed=1,
-                             gradient_accumulation_steps=2, max_steps=3), data)
+def train(model_dir, data, graphs: bool, quantization: str = "none"):
+    cohort = Cohort(model_dir, quantization=quantization, device="cuda", cuda_graphs=graphs)
+    cohort.add_job("a", spec(model_dir, {"r": 8}, quantization), data)
+    cohort.add_job("b", spec(model_dir, {"r": 16, "target_modules": ["q_proj", "v_proj", "down_proj"]}, quantization,
+                             seed=1, gradient_accumulation_steps=2, max_steps=3), data)
     initial = {job_id: [p.detach().clone() for p in job.adapter.parameters()] for job_id, job in cohort.jobs.items()}
     losses = {"a": [], "b": []}
     while cohort.active_jobs():
@@ -35,10 +36,11 @@ def train(model_dir, data, graphs: bool):
     return cohort.graphs.replays, losses, updates
 
 
-def test_a_graphed_step_trains_as_the_eager_step_within_bf16_noise(llama, tmp_path):
+@pytest.mark.parametrize("quantization", ["none", "nf4"])
+def test_a_graphed_step_trains_as_the_eager_step_within_bf16_noise(llama, tmp_path, quantization):
     data = write_jsonl(tmp_path / "train.jsonl", alpaca_rows(8, seed=5))
-    eager_replays, eager_losses, eager_updates = train(llama, data, graphs=False)
-    replays, losses, updates = train(llama, data, graphs=True)
+    eager_replays, eager_losses, eager_updates = train(llama, data, graphs=False, quantization=quantization)
+    replays, losses, updates = train(llama, data, graphs=True, quantization=quantization)
     assert eager_replays == 0
     assert replays == 5  # step 1 eager, step 2 captures and replays, then every step replays
     for job_id in losses:
