@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -21,7 +22,14 @@ from transformers.pytorch_utils import Conv1D
 
 from lorafleet.executor.adapters import Adapter
 from lorafleet.executor.dora import dora_extra
-from lorafleet.kernels import LoraDropout, lora_delta, lora_linear, lora_linear_multi, triton_enabled
+from lorafleet.kernels import (
+    FrozenWeight,
+    LoraDropout,
+    lora_delta,
+    lora_linear,
+    lora_linear_multi,
+    triton_enabled,
+)
 from lorafleet.scheduler.spec import ALL_LINEAR
 
 
@@ -110,16 +118,19 @@ class MultiLoraLinear(nn.Module):
 
     def _forward_kernels(self, x: torch.Tensor, jobs: list[str]) -> torch.Tensor:
         """The Triton path: the kernels read the fp32 master weights and cast them themselves, draw the dropout masks
-        themselves, and share one tensor between the base output and the delta (with a plain linear base, between
-        the base dX and the LoRA dX too)."""
+        themselves, and share one tensor between the base output and the delta (with a plain linear or, training, an
+        nf4 base: `fused_base_weight`, between the base dX and the LoRA dX too); other bases (int8, Conv1D) give
+        their own output and the delta is added into it."""
         flat = x.reshape(-1, x.shape[-1])
         segments = [self.routing.segments[job] for job in jobs]
         adapters = [self.adapters[job] for job in jobs]
         lora_a, lora_b = self._factors(adapters)
         scales = self._scales(adapters)
         dropout = self._dropout(jobs, adapters)
-        if type(self.base) is nn.Linear:
-            y = lora_linear(flat, self.base.weight, self.base.bias, segments, lora_a, lora_b, scales, dropout=dropout)
+        weight = fused_base_weight(self.base, flat.dtype)
+        if weight is not None:
+            y = lora_linear(flat, weight, fused_base_bias(self.base, flat.dtype), segments, lora_a, lora_b, scales,
+                            dropout=dropout)
         else:
             y = self.base(flat)
             lora_delta(flat, segments, lora_a, lora_b, scales, out=y, dropout=dropout)
@@ -148,18 +159,21 @@ class MultiLoraLinear(nn.Module):
 def shared_input_projections(layers: list[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
     """The outputs of layers that all read `x` (q/k/v; gate/up), the same as `[layer(x) for layer in layers]`.
 
-    On the kernel path, when they are multi-adapter layers over plain linear bases serving the same jobs without
-    dropout (every job targets all of them: the usual all-projections LoRA), one `lora_linear_multi` node reads x
-    once for all their adapters and forms one input gradient; otherwise each layer runs on its own.
+    On the kernel path, when they are multi-adapter layers over bases the node takes (`fused_base_weight`: plain
+    linear, or nf4 while training) serving the same jobs without dropout (every job targets all of them: the usual
+    all-projections LoRA), one `lora_linear_multi` node reads x once for all their adapters and forms one input
+    gradient; otherwise each layer runs on its own.
     """
     if not triton_enabled(x) or not all(type(layer) is MultiLoraLinear for layer in layers):
         return [layer(x) for layer in layers]
     routing = layers[0].routing
     jobs = [job for job in routing.segments if job in layers[0].adapters]
     adapters = [[layer.adapters.get(job) for job in jobs] for layer in layers]
+    weights = [fused_base_weight(layer.base, x.dtype) for layer in layers]
     if (
         not jobs
-        or any(type(layer.base) is not nn.Linear or layer.routing is not routing for layer in layers)
+        or any(weight is None for weight in weights)
+        or any(layer.routing is not routing for layer in layers)
         or any(len(layer.adapters.keys() & routing.segments.keys()) != len(jobs) for layer in layers)
         or any(adapter is None or adapter.dropout > 0 or adapter.use_dora for per_layer in adapters
                for adapter in per_layer)
@@ -168,11 +182,65 @@ def shared_input_projections(layers: list[nn.Module], x: torch.Tensor) -> list[t
     flat = x.reshape(-1, x.shape[-1])
     factors = [layer._factors(per_layer) for layer, per_layer in zip(layers, adapters)]
     outputs = lora_linear_multi(
-        flat, [layer.base.weight for layer in layers], [layer.base.bias for layer in layers],
+        flat, weights, [fused_base_bias(layer.base, x.dtype) for layer in layers],
         [routing.segments[job] for job in jobs], [a for a, _ in factors], [b for _, b in factors],
         MultiLoraLinear._scales(adapters[0]),
     )
     return [layer.add_pooled(x, y.view(*x.shape[:-1], y.shape[-1])) for layer, y in zip(layers, outputs)]
+
+
+@dataclass(frozen=True)
+class Dequantized4bit:
+    """A bitsandbytes Linear4bit's frozen weight as the kernels' `DenseOnDemand`: each `dense()` dequantizes it into
+    the compute dtype as bitsandbytes' own layer does for a training-sized batch (`dequantize_4bit(weight, quant_state)`
+    then a cast: MatMul4Bit's backward verbatim; its forward's dequantize + F.linear, which on CUDA serves past 1536
+    rows, reads the same values), so the node's numbers are the layer's; nothing dequantized outlives the GEMM that
+    reads it."""
+
+    weight: nn.Parameter  # bitsandbytes' Params4bit: packed 4-bit data with its quant_state
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.weight.quant_state.shape)
+
+    def dense(self) -> torch.Tensor:
+        from bitsandbytes.functional import dequantize_4bit
+
+        return dequantize_4bit(self.weight.data, self.weight.quant_state).to(self.dtype)
+
+
+def fused_base_weight(base: nn.Module, dtype: torch.dtype) -> FrozenWeight | None:
+    """`base`'s frozen weight as the kernels' one-node layer (`lora_linear(_multi)`) takes it for an input of `dtype`,
+    or None where the base runs as its own module and the deltas are added into its output.
+
+    A plain nn.Linear gives its weight. A bitsandbytes Linear4bit (nf4) gives a `Dequantized4bit` while autograd
+    records (training: the node saves the separate output and input-gradient passes, and never keeps the dequantized
+    weight); under no_grad (generation) bitsandbytes' own inference kernels, which read the 4-bit weight without
+    materialising it, serve, as they do where the layer computes in another dtype or bitsandbytes repacked the weight
+    for its CPU kernel. Linear8bitLt (int8) keeps its own layer: its matmul splits outlier columns off and is no GEMM
+    of one dense weight. Conv1D (GPT-2) holds its weight transposed and keeps its own layer too."""
+    if type(base) is nn.Linear:
+        return base.weight
+    if not torch.is_grad_enabled() or not _is_linear4bit(base) or base.compute_dtype != dtype:
+        return None
+    quant_state = getattr(base.weight, "quant_state", None)
+    if quant_state is None or getattr(quant_state, "packing_format_for_cpu", False):
+        return None
+    return Dequantized4bit(base.weight, dtype)
+
+
+def fused_base_bias(base: nn.Module, dtype: torch.dtype) -> torch.Tensor | None:
+    """The bias the node adds (in the compute dtype, as Linear4bit casts its own; a no-op for a plain linear)."""
+    return None if base.bias is None else base.bias.to(dtype)
+
+
+def _is_linear4bit(module: nn.Module) -> bool:
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return False
+    return isinstance(module, bnb.nn.Linear4bit)
 
 
 def is_conv1d(module: nn.Module) -> bool:

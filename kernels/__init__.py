@@ -14,6 +14,7 @@ import os
 
 import torch
 
+from lorafleet.kernels.frozen import DenseOnDemand, FrozenWeight, dense
 from lorafleet.kernels.pooled import (
     PooledLoraTable,
     check_pooled_inputs,
@@ -101,8 +102,10 @@ def pooled_lora_delta(x: torch.Tensor, pool: torch.Tensor, table: PooledLoraTabl
     return pooled_lora_delta_torch(x, pool, table, layer, out)
 
 
-def lora_linear(x, weight, bias, segments, lora_a, lora_b, scales, dropout=None):
-    """A frozen linear layer plus its adapters' deltas, y = x Wᵀ + bias + lora_delta(x, ..., dropout), x [T, d_in].
+def lora_linear(x, weight: FrozenWeight, bias, segments, lora_a, lora_b, scales, dropout=None):
+    """A frozen linear layer plus its adapters' deltas, y = x Wᵀ + bias + lora_delta(x, ..., dropout), x [T, d_in];
+    W a tensor [d_out, d_in] or a `DenseOnDemand` (on the Triton path materialised for each GEMM and never kept for the
+    backward; the reference's F.linear keeps what it materialised, as autograd does).
 
     On the Triton path one autograd node forms the base output and the delta in one tensor, and the base dX and the
     LoRA dX in another, saving two passes over [T, d] tensors next to `F.linear(...) + lora_delta(...)`."""
@@ -110,13 +113,15 @@ def lora_linear(x, weight, bias, segments, lora_a, lora_b, scales, dropout=None)
         return lora_linear_triton(x, weight, bias, segments, lora_a, lora_b, scales, dropout=dropout)
     check_lora_inputs(x, segments, lora_a, lora_b, scales)
     dropped = x if dropout is None else dropout_reference(x, segments, dropout)
-    return torch.nn.functional.linear(x, weight, bias) + lora_delta_reference(dropped, segments, lora_a, lora_b, scales)
+    delta = lora_delta_reference(dropped, segments, lora_a, lora_b, scales)
+    return torch.nn.functional.linear(x, dense(weight), bias) + delta
 
 
 
 def lora_linear_multi(x, weights, biases, segments, lora_as, lora_bs, scales):
     """Frozen linear layers that read the same x (q/k/v; gate/up), each plus its adapters' deltas: outputs
-    [x W_pᵀ + biases[p] + lora_delta(x, segments, lora_as[p], lora_bs[p], scales) for each p].
+    [x W_pᵀ + biases[p] + lora_delta(x, segments, lora_as[p], lora_bs[p], scales) for each p]; each W_p a tensor or a
+    `DenseOnDemand`.
 
     On the Triton path one autograd node reads x once for every projection's shrink and forms one input gradient that
     the base GEMMs accumulate into and the LoRA dX is added into in place."""
@@ -126,7 +131,7 @@ def lora_linear_multi(x, weights, biases, segments, lora_as, lora_bs, scales):
     for weight, bias, lora_a, lora_b in zip(weights, biases, lora_as, lora_bs, strict=True):
         check_lora_inputs(x, segments, lora_a, lora_b, scales)
         delta = lora_delta_reference(x, segments, lora_a, lora_b, scales)
-        outputs.append(torch.nn.functional.linear(x, weight, bias) + delta)
+        outputs.append(torch.nn.functional.linear(x, dense(weight), bias) + delta)
     return outputs
 
 # The frozen Llama layer's elementwise ops (contracts and Hugging Face formulas in reference.py). The Triton versions
@@ -165,6 +170,8 @@ def cross_entropy_rows(logits, targets, ignore_index, write_grad):
 
 
 __all__ = [
+    "DenseOnDemand",
+    "FrozenWeight",
     "LoraDropout",
     "check_lora_inputs",
     "cross_entropy_rows",

@@ -12,7 +12,8 @@ through it; the masks are hashed from (seed, row, column) in the kernels, never 
 `lora_delta_multi` runs one shrink for several projections that read the same x (q/k/v, gate/up): their A's are
 concatenated along the rank, so x is read once, and each projection gets its own expand over its slice of h.
 `lora_linear(_multi)` make the frozen layers part of the node: without biases the expand writes each output (and the
-LoRA dX) and the base GEMMs add into it.
+LoRA dX) and the base GEMMs add into it. A base weight may be a `DenseOnDemand` (kernels/frozen.py, a 4-bit weight
+say): it is materialised for the forward GEMM and again for dX, and never saved for the backward.
 Ranks are zero-padded per projection to R = max(16, next power of two of the largest rank); padded rows of A and
 columns of B are zero, so they add nothing and their gradients are dropped when the stacks are sliced back.
 """
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 import triton
 
 from lorafleet.kernels import triton_lora
+from lorafleet.kernels.frozen import dense
 from lorafleet.kernels.reference import LoraDropout, check_lora_inputs, dropout_threshold
 
 
@@ -218,7 +220,8 @@ class _SegmentedLora(torch.autograd.Function):
 
     With the base layers' weights (n_bases = P) the node is the whole set of layers y_p = x W_pᵀ + bias_p + delta_p:
     the expand writes the LoRA dX and the GEMMs accumulate the base dX = sum_p dY_p W_p into it (addmm_), instead of
-    autograd adding 2P [T, d_in] tensors; without biases the outputs are formed the same way, delta first."""
+    autograd adding 2P [T, d_in] tensors; without biases the outputs are formed the same way, delta first. A weight
+    that is a `DenseOnDemand` is materialised in the forward and again in the backward, never saved."""
 
     @staticmethod
     def forward(ctx, plan, n_adapters, ranks, has_outs, n_bases, dropout, x, *tensors):
@@ -234,7 +237,7 @@ class _SegmentedLora(torch.autograd.Function):
         # write every output element once more (~25 ms a step on 8B at 16k tokens).
         delta_first = n_bases and all(bias is None for bias in biases)
         if n_bases and not delta_first:
-            outs = [F.linear(x, weight, bias) for weight, bias in zip(weights, biases)]
+            outs = [F.linear(x, dense(weight), bias) for weight, bias in zip(weights, biases)]
         else:
             outs = rest if has_outs else [None] * n_proj
         lora_as = [flat_a[p * n_adapters:(p + 1) * n_adapters] for p in range(n_proj)]
@@ -255,10 +258,12 @@ class _SegmentedLora(torch.autograd.Function):
                                   plan, plan.scales, out))
             offset += rank
         if delta_first:
-            deltas = [delta.addmm_(x, weight.t()) for delta, weight in zip(deltas, weights)]
+            deltas = [delta.addmm_(x, dense(weight).t()) for delta, weight in zip(deltas, weights)]
         if has_outs:
             ctx.mark_dirty(*outs)
-        ctx.save_for_backward(x, a_stack, h, *b_stacks, *weights)
+        # A weight materialised on demand is no tensor to save: it is kept as it is and materialised again for dX.
+        ctx.save_for_backward(x, a_stack, h, *b_stacks, *[w for w in weights if isinstance(w, torch.Tensor)])
+        ctx.on_demand = [None if isinstance(w, torch.Tensor) else w for w in weights]
         ctx.plan, ctx.ranks, ctx.has_outs, ctx.n_bases, ctx.dropout = plan, ranks, has_outs, n_bases, dropout
         ctx.leaf_shapes = [(t.shape[0] if i < n_leaves else t.shape[1], t.dtype) for i, t in enumerate(flat_a + flat_b)]
         return tuple(deltas)
@@ -268,7 +273,8 @@ class _SegmentedLora(torch.autograd.Function):
         plan, ranks, n_bases = ctx.plan, ctx.ranks, ctx.n_bases
         n_proj = len(ranks)
         x, a_stack, h, *rest = ctx.saved_tensors
-        b_stacks, weights = rest[:n_proj], rest[n_proj:]
+        b_stacks, saved_weights = rest[:n_proj], iter(rest[n_proj:])
+        weights = [next(saved_weights) if on_demand is None else on_demand for on_demand in ctx.on_demand]
         n_adapters = a_stack.shape[0]
         rank_cat = a_stack.shape[1]
         # dH[t] = scale_j * dY[t] @ B_j and dB_jᵀ = scale_j * h[rows_j]ᵀ @ dY[rows_j] from one read of each dY; dH is
@@ -289,7 +295,7 @@ class _SegmentedLora(torch.autograd.Function):
                              plan, None, None, ctx.dropout)
             for grad_delta, weight in zip(grad_deltas, weights):
                 if grad_delta is not None:
-                    grad_x.addmm_(grad_delta, weight)
+                    grad_x.addmm_(grad_delta, dense(weight))
         grad_weights = [grad_delta.t() @ x if ctx.needs_input_grad[first_base + p] and grad_delta is not None else None
                         for p, grad_delta in enumerate(grad_deltas[:n_bases])]
         grad_biases = [grad_delta.sum(0) if ctx.needs_input_grad[first_base + n_bases + p] and grad_delta is not None
@@ -402,16 +408,17 @@ def lora_linear_triton(x, weight, bias, segments, lora_a, lora_b, scales, dropou
 def lora_linear_multi_triton(x, weights, biases, segments, lora_as, lora_bs, scales, dropout=None):
     """Several such layers that read the same x (q/k/v, gate/up) as one autograd node: one shrink reads x for every
     projection's adapters, and the input gradient is one tensor that the base GEMMs accumulate into (addmm) and the
-    LoRA dX is added into in place. weights[p] [d_out_p, d_in], biases[p] [d_out_p] or None; returns the P outputs."""
+    LoRA dX is added into in place. weights[p] [d_out_p, d_in] (a tensor or a `DenseOnDemand`), biases[p] [d_out_p] or
+    None; returns the P outputs."""
     for weight, lora_a, lora_b in zip(weights, lora_as, lora_bs, strict=True):
         check_lora_inputs(x, segments, lora_a, lora_b, scales)
-        if weight.shape != (lora_b[0].shape[0] if lora_b else weight.shape[0], x.shape[1]):
+        if tuple(weight.shape) != (lora_b[0].shape[0] if lora_b else weight.shape[0], x.shape[1]):
             raise ValueError(f"weight must be [d_out, {x.shape[1]}] matching lora_b, got {tuple(weight.shape)}")
     if len(biases) != len(weights):
         raise ValueError(f"{len(weights)} weights but {len(biases)} biases (use None for a layer without one)")
     segments = tuple((int(s), int(e)) for s, e in segments)
     if not segments:
-        return [F.linear(x, weight, bias) for weight, bias in zip(weights, biases)]
+        return [F.linear(x, dense(weight), bias) for weight, bias in zip(weights, biases)]
     probs, dropout = _check_dropout(dropout, len(weights), segments, x)
     ranks = [padded_rank([a.shape[0] for a in lora_a]) for lora_a in lora_as]
     plan = _plan(segments, tuple(float(s) for s in scales), x.shape[0], x.device, padded_rank([sum(ranks)]), probs)
