@@ -160,8 +160,8 @@ class GenerationServer:
 
     def serve(self, cohort, compat_key: str, training: bool) -> int:
         """Answer the waiting requests for the loaded base, at most one budget's worth; how many were answered."""
-        self.generations.mark_serving(compat_key, self.executor_id)
-        requests = self.generations.take_requests(compat_key, BETWEEN_STEPS if training else IDLE)
+        requests = self.generations.take_requests(compat_key, BETWEEN_STEPS if training else IDLE,
+                                                  server=self.executor_id)
         if not requests:
             return 0
         started = time.perf_counter()

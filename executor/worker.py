@@ -44,7 +44,7 @@ from lorafleet.scheduler.policy import PlanConfig
 from lorafleet.scheduler.records import ExecutorHeartbeat, FailureReason, GpuStats, JobRecord, JobState, StepStats
 from lorafleet.scheduler.results import result_kind
 from lorafleet.scheduler.spec import JobSpec, resolve_dataset
-from lorafleet.scheduler.store import JobStore, ProgressUpdate
+from lorafleet.scheduler.store import ExecutorView, JobStore, ProgressUpdate
 from lorafleet.scheduler.submission import plan_from_files
 
 log = logging.getLogger("lorafleet.executor")
@@ -122,15 +122,8 @@ class Executor:
         log.info("executor %s on %s ready", self.executor_id, self.device)
         while not self.stopping.is_set():
             try:
-                if fleet.drain_requested(self.store.r, self.executor_id):
+                if not self.turn():
                     break
-                self.sync_assignments()
-                if self.cohort is not None and self.cohort.active_jobs():
-                    self.train_step()
-                    self.serve_generation(training=True)
-                elif not self.serve_generation(training=False):
-                    self.stopping.wait(self.poll_seconds)
-                self.health.tick()
             except redis.ConnectionError as exc:
                 # The cohort stays in memory; if the outage outlasts the heartbeat TTL the scheduler hands our jobs
                 # to others and our writes are refused once Redis is back (their leases moved on).
@@ -141,6 +134,20 @@ class Executor:
         self.stopping.set()
         beats.join()  # no heartbeat may re-register this executor once drain() has deregistered it
         self.drain()
+
+    def turn(self) -> bool:
+        """One turn of the loop: take in and let go of jobs, one training step, the generation requests waiting;
+        False once a drain is asked. A turn that trains with no request waiting costs three Redis round trips
+        (`executor_view`, `record_step`, `take_requests`): at a 0.2 s step, each one is ~0.1% of the step."""
+        if self.sync_assignments().drain:
+            return False
+        if self.cohort is not None and self.cohort.active_jobs():
+            self.train_step()
+            self.serve_generation(training=True)
+        elif not self.serve_generation(training=False):
+            self.stopping.wait(self.poll_seconds)
+        self.health.tick()
+        return True
 
     def _heartbeats(self) -> None:
         while not self.stopping.wait(self.heartbeat_ttl / 4):
@@ -178,21 +185,25 @@ class Executor:
 
     # ---- assignments ----
 
-    def sync_assignments(self) -> None:
-        """Read this executor's holding index (one small hash, not every job): drop the jobs it no longer gives us
-        (cancelled, requeued, moved on while we stalled), pause those whose tenant asked, take in jobs newly
-        scheduled here. Called between steps, so a job leaves at a step boundary."""
-        seq, held = self.store.holding(self.executor_id)
+    def sync_assignments(self) -> ExecutorView:
+        """Read this executor's holding index (one small hash, not every job), pause and drain requests in one round
+        trip: drop the jobs it no longer gives us (cancelled, requeued, moved on while we stalled), pause those whose
+        tenant asked, take in jobs newly scheduled here. Called between steps, so a job leaves at a step boundary.
+        Once a drain is asked, nothing is taken in: the caller drains (`drain`)."""
+        view = self.store.executor_view(self.executor_id)
+        if view.drain:
+            return view
         for job_id, lease in list(self.leases.items()):
-            if held.get(job_id) != lease.attempt:
+            if view.held.get(job_id) != lease.attempt:
                 log.info("job %s left this executor (its lease is gone)", job_id)
                 self._release(job_id)
-        for job_id in self.store.pause_requests(self.executor_id) & set(self.leases):
+        for job_id in view.pauses & set(self.leases):
             self.pause(self.leases[job_id])
-        for record in self.store.jobs(job_id for job_id in sorted(held) if job_id not in self.leases):
+        for record in self.store.jobs(job_id for job_id in sorted(view.held) if job_id not in self.leases):
             if record.state == JobState.SCHEDULED and record.executor_id == self.executor_id:
                 self.admit(record)
-        self.synced_seq = seq
+        self.synced_seq = view.seq
+        return view
 
     def pause(self, lease: Lease) -> None:
         """Checkpoint the job (its optimizer state and data position with it) and leave it paused: a resume puts it

@@ -298,11 +298,13 @@ redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
 return 1
 """
 
-# KEYS: the base's queue. ARGV: max requests, max tokens, now. Pops from the head while the budget allows (always at
-# least one; a request costs max_tokens for each of its n choices), dropping requests whose deadline passed; returns
+# KEYS: the base's queue, its server key. ARGV: max requests, max tokens, now, the executor taking them ('' for none:
+# else it is marked as the base's server for ARGV[5] seconds first). Pops from the head while the budget allows (always
+# at least one; a request costs max_tokens for each of its n choices), dropping requests whose deadline passed; returns
 # the taken requests' JSON, oldest first.
 _TAKE = """
 local limit, budget, now = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+if ARGV[4] ~= '' then redis.call('SET', KEYS[2], ARGV[4], 'EX', ARGV[5]) end
 local taken, tokens, popped = {}, 0, 0
 while #taken < limit and popped < 10 * limit do
   local head = redis.call('LINDEX', KEYS[1], 0)
@@ -443,10 +445,14 @@ class Generations:
 
     # ---- the executor's side ----
 
-    def take_requests(self, compat_key_: str, budget: ServingBudget) -> list[GenerationRequest]:
-        """The oldest waiting requests for a base, within `budget`; requests past their deadline are dropped."""
-        taken = self._take(keys=[keys.generation_queue(compat_key_)],
-                           args=[budget.max_requests, budget.max_tokens, repr(time.time())])
+    def take_requests(self, compat_key_: str, budget: ServingBudget,
+                      server: Optional[str] = None) -> list[GenerationRequest]:
+        """The oldest waiting requests for a base, within `budget`; requests past their deadline are dropped.
+        `server`: the executor taking them, marked as the base's server (as `mark_serving` does) by the same script:
+        an executor does both between every two training steps, in one round trip."""
+        taken = self._take(keys=[keys.generation_queue(compat_key_), keys.generation_server(compat_key_)],
+                           args=[budget.max_requests, budget.max_tokens, repr(time.time()), server or "",
+                                 SERVER_TTL_SECONDS])
         return [GenerationRequest.model_validate_json(raw) for raw in taken]
 
     def answer(self, result: GenerationResult) -> None:

@@ -201,6 +201,16 @@ class ProgressUpdate:
     attempt: Optional[int] = None
 
 
+@dataclass(frozen=True)
+class ExecutorView:
+    """What an executor reads between two steps, in one round trip (`JobStore.executor_view`)."""
+
+    seq: int  # the assignment sequence when read: every assignment up to it is in `held`, or was taken away since
+    held: dict[str, int]  # job id -> attempt of every job scheduled on or running at the executor
+    pauses: set[str]  # jobs whose tenant asked for a pause
+    drain: bool  # `lorafleet executors drain` asked the executor to hand its jobs back and exit
+
+
 class JobStore:
     def __init__(self, client: redis.Redis):
         if not client.get_connection_kwargs().get("decode_responses"):
@@ -556,6 +566,18 @@ class JobStore:
         pipe.hgetall(keys.holding(executor_id))
         seq, held = pipe.execute()
         return int(seq or 0), {job_id: int(attempt) for job_id, attempt in held.items()}
+
+    def executor_view(self, executor_id: str) -> ExecutorView:
+        """`holding`, the pause requests and the drain request of `executor_id`, read together: an executor's loop
+        reads them between every two steps, so one round trip instead of three."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.get(keys.ASSIGN_SEQ)
+        pipe.hgetall(keys.holding(executor_id))
+        pipe.smembers(keys.executor_pauses(executor_id))
+        pipe.get(keys.executor_drain(executor_id))
+        seq, held, pauses, drain = pipe.execute()
+        return ExecutorView(int(seq or 0), {job_id: int(attempt) for job_id, attempt in held.items()}, set(pauses),
+                            drain == "1")
 
     def holds(self, job_id: str, attempt: int, executor_id: Optional[str] = None) -> bool:
         """Whether the lease (`attempt`, `executor_id`) is the running job's current one."""

@@ -176,3 +176,33 @@ def test_an_executor_killed_while_publishing_leaves_a_job_that_resumes_from_its_
     assert f"/attempt-{first + 1}/adapter-" in done.adapter_uri
     stale = Path(artifacts.base) / tenant.name / job_id / f"attempt-{first}"
     assert not any(p.name.startswith("adapter-") for p in stale.iterdir()), "the killed copy is reachable by no name"
+
+
+def test_a_training_turn_of_the_executor_costs_three_redis_round_trips(store, world, single_torch_thread,
+                                                                        monkeypatch):
+    """Between two steps the loop reads its assignments, pauses and drain flag together (`executor_view`), writes the
+    step (`record_step`: redis-py's pipeline asks SCRIPT EXISTS first) and takes waiting generation requests while
+    marking itself the base's server (`take_requests(server=...)`): four round trips a turn, whatever the number of
+    jobs (seven before: the drain flag, holding and pauses read apart, the server marked apart)."""
+    import redis.connection
+
+    tenant, model, artifacts = world
+    executor = executor_with(store, artifacts, *(submit(store, tenant, model, max_steps=50) for _ in range(3)))
+    assert executor.turn()  # the first turn builds the cohort and reads the memory calibration
+    sent = []
+    original = redis.connection.AbstractConnection.send_packed_command
+    monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command",
+                        lambda self, command, *args, **kwargs: sent.append(command) or original(self, command, *args,
+                                                                                               **kwargs))
+    steps = {job_id: store.job(job_id).step for job_id in executor.leases}
+    sent.clear()
+    assert executor.turn()
+    turn = list(sent)
+    assert {job_id: store.job(job_id).step for job_id in executor.leases} == {j: s + 1 for j, s in steps.items()}
+    assert len(turn) == 4, [command[:80] for command in map(packed, turn)]
+    assert store.r.get(keys.generation_server(executor.compat_key)) == executor.executor_id
+
+
+def packed(command) -> bytes:
+    """What redis-py sent: bytes, or a list of byte chunks."""
+    return command if isinstance(command, bytes) else b"".join(bytes(chunk) for chunk in command)
