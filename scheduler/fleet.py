@@ -77,7 +77,3 @@ def request_drain(client: redis.Redis, executor_id: str) -> bool:
         return False
     client.set(keys.executor_drain(executor_id), "1")
     return True
-
-
-def drain_requested(client: redis.Redis, executor_id: str) -> bool:
-    return client.get(keys.executor_drain(executor_id)) == "1"

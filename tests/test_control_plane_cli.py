@@ -154,7 +154,7 @@ def test_executors_list_and_drain(lorafleet, store):
     assert code == 0 and name in narrow, "on an 80-column terminal the id stays whole, to be copied"
 
     assert ok_json(lorafleet("executors", "drain", name, "--json")) == {"executor_id": name, "drain": True}
-    assert fleet.drain_requested(store.r, name)
+    assert store.executor_view(name).drain
     fleet.forget(store.r, name)
     one_error_line(lorafleet("executors", "drain", name), "no live executor")
 

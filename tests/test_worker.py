@@ -67,7 +67,7 @@ def test_heartbeats_expire_and_drain_requests_need_a_live_executor(store):
     fleet.heartbeat(store.r, ExecutorHeartbeat("exec-beat", device="cpu", total_bytes=10), ttl=0.2)
     alive, _ = fleet.executors(store.r)
     assert any(e.executor_id == "exec-beat" and e.total_bytes == 10 for e in alive)
-    assert fleet.request_drain(store.r, "exec-beat") and fleet.drain_requested(store.r, "exec-beat")
+    assert fleet.request_drain(store.r, "exec-beat") and store.executor_view("exec-beat").drain
     store.r.delete(keys.executor("exec-beat"))  # what the TTL does 0.2 s later
     alive, dead = fleet.executors(store.r)
     assert "exec-beat" in dead and not any(e.executor_id == "exec-beat" for e in alive)
