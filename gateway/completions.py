@@ -52,6 +52,8 @@ from lorafleet.scheduler.generation import (
 from lorafleet.scheduler.generation_slots import AllSlotsTaken, GenerationSlots, Slot
 
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's legacy completions' limit (chat's: MAX_TOP_LOGPROBS)
+# Prompts one completion request may list: each is a generation request of its own, all under the request's one slot.
+MAX_PROMPTS = 8
 CHAT_DEFAULT_MAX_TOKENS = 256  # OpenAI's chat has no default cap; here a chat answer stops at this unless asked
 COMPLETION_RESPONSES = {**ERROR_RESPONSES, 429: {
     "model": ErrorResponse, "description": "too many of your generation requests in progress, or waiting for the base"},
@@ -97,7 +99,8 @@ class _GenerationBody(BaseModel):
 
 
 class CompletionRequest(_GenerationBody):
-    prompt: Any = Field(..., description="a string (lists of prompts or of token ids are not supported)")
+    prompt: Any = Field(..., description="a string, or a list of 1 to 8 strings answered unstreamed (choice i·n + j is "
+                                         "prompt i's choice j); token ids are not supported")
     max_tokens: Optional[int] = 16
     logprobs: Optional[int] = Field(None, description="each token's log-prob and this many likeliest (0 to 5)")
 
@@ -153,9 +156,11 @@ class CompletionChoice(BaseModel):
     logprobs: Optional[CompletionLogprobs] = None
 
     @classmethod
-    def of(cls, choice: ChoiceResult) -> "CompletionChoice":
+    def of(cls, choice: ChoiceResult, first_index: int = 0) -> "CompletionChoice":
+        """`first_index`: the index of the prompt's first choice, for a request listing several prompts."""
         logprobs = None if choice.logprobs is None else CompletionLogprobs.of(choice.logprobs)
-        return cls(index=choice.index, text=choice.text, finish_reason=choice.finish_reason, logprobs=logprobs)
+        return cls(index=first_index + choice.index, text=choice.text, finish_reason=choice.finish_reason,
+                   logprobs=logprobs)
 
 
 class Completion(BaseModel):
@@ -382,6 +387,23 @@ def _refuse_unsupported(body: _GenerationBody) -> None:
                        code="invalid_value")
 
 
+def _prompts(body: CompletionRequest) -> list[str]:
+    """The request's prompts: its string, or its list of strings (several only unstreamed); refusals name `prompt`."""
+    prompt = body.prompt
+    if isinstance(prompt, str):
+        return [prompt]
+    if not isinstance(prompt, list) or not prompt or not all(isinstance(item, str) for item in prompt):
+        raise ApiError(400, "prompt: a string or a list of strings (token ids are not supported)", param="prompt",
+                       code="invalid_value")
+    if len(prompt) > MAX_PROMPTS:
+        raise ApiError(400, f"prompt: at most {MAX_PROMPTS} prompts in one request, got {len(prompt)}",
+                       param="prompt", code="invalid_value")
+    if body.stream and len(prompt) > 1:
+        raise ApiError(400, "prompt: several prompts are answered unstreamed only (stream=false)", param="prompt",
+                       code="invalid_value")
+    return prompt
+
+
 def _sampling(body: CompletionRequest | ChatCompletionRequest, max_tokens: int):
     stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
     logprobs = body.top_logprobs_asked()
@@ -463,14 +485,17 @@ async def _client_gone(request: Request) -> None:
         pass
 
 
-async def _wait(request: Request, pending: GenerationRequest) -> GenerationResult:
+async def _wait(request: Request, pending: list[GenerationRequest]) -> list[GenerationResult]:
+    """Every pending request's answer (one watch of the connection for all); the first failure fails the call."""
+    waits = _waits(request)
     try:
-        result = await _unless_disconnected(request, _waits(request).result(pending))
+        results = await _unless_disconnected(request, asyncio.gather(*(waits.result(one) for one in pending)))
     except GenerationTimeout as exc:
         raise _timed_out(exc) from None
-    if result.error is not None:
-        raise _failed(result)
-    return result
+    for result in results:
+        if result.error is not None:
+            raise _failed(result)
+    return results
 
 
 async def _stream(request: Request, pending: GenerationRequest, chunks: CompletionChunks | ChatChunks,
@@ -537,20 +562,24 @@ def completion_routes() -> APIRouter:
     @router.post("/completions", response_model=Completion, responses={200: {"content": STREAMED}})
     async def create_completion(body: CompletionRequest, tenant: Tenant, request: Request
                                 ) -> Union[Completion, StreamingResponse]:
-        """Complete `prompt` with `model` (a fine-tuned model of yours, one of its checkpoints, or a base)."""
-        if not isinstance(body.prompt, str):
-            raise ApiError(400, "prompt: only a single string prompt is supported", param="prompt",
-                           code="invalid_value")
+        """Complete `prompt` with `model` (a fine-tuned model of yours, one of its checkpoints, or a base); a list of
+        prompts is answered as OpenAI does, prompt i's choice j at index i·n + j."""
+        prompts = _prompts(body)
+        max_tokens = 16 if body.max_tokens is None else body.max_tokens
         async with await _take_slot(request, tenant, limit) as slot:
-            pending = await run_in_threadpool(_submit, request, tenant, body,
-                                              16 if body.max_tokens is None else body.max_tokens, prompt=body.prompt)
-            completion_id, created = "cmpl-" + pending.request_id.removeprefix("gen-"), int(pending.submitted_at)
-            if body.stream:
-                return await _stream(request, pending, CompletionChunks(completion_id, created, body.model), body,
+            pending = [await run_in_threadpool(_submit, request, tenant, body, max_tokens, prompt=prompt)
+                       for prompt in prompts]
+            completion_id, created = "cmpl-" + pending[0].request_id.removeprefix("gen-"), int(pending[0].submitted_at)
+            if body.stream:  # one prompt (_prompts)
+                return await _stream(request, pending[0], CompletionChunks(completion_id, created, body.model), body,
                                      slot)
-            result = await _wait(request, pending)
-        return Completion(id=completion_id, created=created, model=body.model, usage=Usage(**result.usage()),
-                          choices=[CompletionChoice.of(choice) for choice in result.choices])
+            results = await _wait(request, pending)
+        n = pending[0].sampling.n
+        usage = [result.usage() for result in results]
+        return Completion(id=completion_id, created=created, model=body.model,
+                          usage=Usage(**{field: sum(counts[field] for counts in usage) for field in usage[0]}),
+                          choices=[CompletionChoice.of(choice, i * n) for i, result in enumerate(results)
+                                   for choice in result.choices])
 
     @router.post("/chat/completions", response_model=ChatCompletion, responses={200: {"content": STREAMED}})
     async def create_chat_completion(body: ChatCompletionRequest, tenant: Tenant, request: Request
@@ -563,7 +592,7 @@ def completion_routes() -> APIRouter:
             completion_id, created = "chatcmpl-" + pending.request_id.removeprefix("gen-"), int(pending.submitted_at)
             if body.stream:
                 return await _stream(request, pending, ChatChunks(completion_id, created, body.model), body, slot)
-            result = await _wait(request, pending)
+            result, = await _wait(request, [pending])
         return ChatCompletion(id=completion_id, created=created, model=body.model, usage=Usage(**result.usage()),
                               choices=[ChatChoice.of(choice) for choice in result.choices])
 

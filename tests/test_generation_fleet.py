@@ -109,6 +109,21 @@ def test_a_fine_tuned_model_completes_as_peft_generates_with_its_adapter(fleet_e
     assert text != base_text, "the adapter changes the answer (else this test could not tell adapter from base)"
 
 
+def test_a_list_of_prompts_answers_each_prompt_as_alone_indexed_prompt_by_prompt(fleet_env, gateway, trained):
+    """OpenAI's list prompt: prompt i's choice j at index i·n + j, usage summed over the prompts."""
+    llama = fleet_env.models["llama"]
+    prompts = [PROMPT, "once upon a time"]
+    ids = [tokenizer_of(llama)(prompt)["input_ids"] for prompt in prompts]
+    expected = [expected_completion(llama, trained["job"]["adapter_uri"], prompt_ids, 6) for prompt_ids in ids]
+    assert expected[0][0] != expected[1][0], "the prompts' answers differ (else the order could not be told)"
+    answer = api(gateway, trained["token"]).completions.create(
+        model=fine_tuned_model(gateway, trained), prompt=prompts, max_tokens=6, temperature=0, n=2)
+    assert [choice.index for choice in answer.choices] == [0, 1, 2, 3]
+    assert [choice.text for choice in answer.choices] == [expected[0][0]] * 2 + [expected[1][0]] * 2
+    assert answer.usage.prompt_tokens == len(ids[0]) + len(ids[1])
+    assert answer.usage.completion_tokens == 2 * (expected[0][2] + expected[1][2])
+
+
 def test_a_chat_completion_renders_the_bases_chat_template(fleet_env, gateway, trained):
     llama = fleet_env.models["llama"]
     prompt_ids = tokenizer_of(llama).apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True,
