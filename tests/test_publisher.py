@@ -178,7 +178,7 @@ def test_an_executor_killed_while_publishing_leaves_a_job_that_resumes_from_its_
     assert not any(p.name.startswith("adapter-") for p in stale.iterdir()), "the killed copy is reachable by no name"
 
 
-def test_a_training_turn_of_the_executor_costs_three_redis_round_trips(store, world, single_torch_thread,
+def test_a_training_turn_of_the_executor_costs_four_redis_round_trips(store, world, single_torch_thread,
                                                                         monkeypatch):
     """Between two steps the loop reads its assignments, pauses and drain flag together (`executor_view`), writes the
     step (`record_step`: redis-py's pipeline asks SCRIPT EXISTS first) and takes waiting generation requests while
