@@ -60,7 +60,7 @@ DEFAULT_TIMEOUT_SECONDS = 60.0
 RESULT_TTL_SECONDS = 120  # an answer nobody collected is dropped after this
 STREAM_TTL_SECONDS = 120  # a stream nobody reads is dropped this long after its last event
 WAIT_SLICE_SECONDS = 2.0  # one blocking read of a waiter
-SERVER_TTL_SECONDS = 10  # an executor serving a base says so again at least this often (`mark_serving`)
+SERVER_TTL_SECONDS = 10  # an executor serving a base says so again at least this often (`take_requests(server=...)`)
 _FINE_TUNED_RE = re.compile(r"^ft:.+:(?P<job_id>job-[0-9a-f]{16})(?::ckpt-step-(?P<step>\d{1,9}))?$")
 
 
@@ -448,8 +448,8 @@ class Generations:
     def take_requests(self, compat_key_: str, budget: ServingBudget,
                       server: Optional[str] = None) -> list[GenerationRequest]:
         """The oldest waiting requests for a base, within `budget`; requests past their deadline are dropped.
-        `server`: the executor taking them, marked as the base's server (as `mark_serving` does) by the same script:
-        an executor does both between every two training steps, in one round trip."""
+        `server`: the executor taking them, marked as the base's server (`bases_unserved` leaves the base to it) by the
+        same script: an executor does both between every two training steps, in one round trip."""
         taken = self._take(keys=[keys.generation_queue(compat_key_), keys.generation_server(compat_key_)],
                            args=[budget.max_requests, budget.max_tokens, repr(time.time()), server or "",
                                  SERVER_TTL_SECONDS])
@@ -491,10 +491,6 @@ class Generations:
         key = keys.generation_stream(request.tenant, request.request_id)
         pipe.xadd(key, {"event": event.model_dump_json()})
         pipe.expire(key, STREAM_TTL_SECONDS)
-
-    def mark_serving(self, compat_key_: str, executor_id: str) -> None:
-        """Say that this executor serves the base (`bases_unserved` leaves it to it)."""
-        self.r.set(keys.generation_server(compat_key_), executor_id, ex=SERVER_TTL_SECONDS)
 
     def claim_base(self, compat_key_: str, executor_id: str) -> bool:
         """Become the server of a base nobody serves (False: another executor was first)."""

@@ -561,15 +561,12 @@ class JobStore:
     def holding(self, executor_id: str) -> tuple[int, dict[str, int]]:
         """(the assignment sequence now, job id -> attempt of every job scheduled on or running at `executor_id`),
         read together: every assignment up to that sequence number is in the map, or was taken away since."""
-        pipe = self.r.pipeline(transaction=True)
-        pipe.get(keys.ASSIGN_SEQ)
-        pipe.hgetall(keys.holding(executor_id))
-        seq, held = pipe.execute()
-        return int(seq or 0), {job_id: int(attempt) for job_id, attempt in held.items()}
+        view = self.executor_view(executor_id)
+        return view.seq, view.held
 
     def executor_view(self, executor_id: str) -> ExecutorView:
-        """`holding`, the pause requests and the drain request of `executor_id`, read together: an executor's loop
-        reads them between every two steps, so one round trip instead of three."""
+        """The assignment sequence, holding index, pause requests and drain request of `executor_id`, read together:
+        an executor's loop reads them between every two steps, in one round trip."""
         pipe = self.r.pipeline(transaction=True)
         pipe.get(keys.ASSIGN_SEQ)
         pipe.hgetall(keys.holding(executor_id))
@@ -733,10 +730,6 @@ class JobStore:
                 raise LookupError(f"the fine-tuned model of job {job_id} was deleted")
             raise ValueError(f"job {job_id} is {why}: only a succeeded job has a fine-tuned model")
         return self.job(job_id)
-
-    def pause_requests(self, executor_id: str) -> set[str]:
-        """Jobs running at `executor_id` whose tenant asked for a pause."""
-        return self.r.smembers(keys.executor_pauses(executor_id))
 
     def paused_at_checkpoint(self, job_id: str, attempt: int, executor_id: str) -> bool:
         """running -> paused, by the lease holder once the job's checkpoint is recorded."""

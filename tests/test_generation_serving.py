@@ -115,7 +115,7 @@ def test_an_idle_executor_leaves_its_base_only_for_requests_that_waited(store, m
     store.r.delete(*(keys.generation_queue(k) for k in (loaded, other)), *(keys.generation_server(k) for k in (
         loaded, other)))
     server = GenerationServer(generations, "exec-switch", ArtifactStore(str(tmp_path)), tmp_path / "scratch")
-    generations.mark_serving(loaded, "exec-switch")  # as its loop says of the base it has loaded
+    assert generations.take_requests(loaded, BETWEEN_STEPS, server="exec-switch") == []  # its loop, on its base
     generations.submit(tenant.name, str(base_model_dir), prompt="x")
     assert server.base_to_load(loaded) is None, "a new request is left a moment to executors with no base loaded"
     monkeypatch.setattr(serving, "SWITCH_GRACE_SECONDS", 0.0)

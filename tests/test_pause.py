@@ -27,7 +27,7 @@ def test_a_paused_job_resumed_on_another_executor_ends_as_if_never_paused(store,
     job = store.job(paused)
     assert job.state == JobState.PAUSED and job.step == 3 and job.checkpoint_uri is not None
     assert paused not in a.leases and paused not in store.queued_ids(), "it left the cohort and is not queued"
-    assert paused not in store.holding(a.executor_id)[1] and paused not in store.pause_requests(a.executor_id)
+    assert paused not in store.holding(a.executor_id)[1] and paused not in store.executor_view(a.executor_id).pauses
     with pytest.raises(IllegalTransition, match="not paused"):
         store.resume(tenant.name, straight)
 
@@ -64,7 +64,7 @@ def test_a_job_handed_back_while_a_pause_is_asked_ends_paused_not_queued(store, 
     assert store.requeue(job_id, JobState.RUNNING, "executor lost", attempt=job.attempt, executor_id=a.executor_id,
                          executor_died=True)
     assert store.job(job_id).state == JobState.PAUSED and job_id not in store.queued_ids()
-    assert job_id not in store.pause_requests(a.executor_id)
+    assert job_id not in store.executor_view(a.executor_id).pauses
 
 
 def test_another_tenants_job_cannot_be_paused_or_resumed(store, world, make_tenant):
