@@ -137,8 +137,8 @@ class Executor:
 
     def turn(self) -> bool:
         """One turn of the loop: take in and let go of jobs, one training step, the generation requests waiting;
-        False once a drain is asked. A turn that trains with no request waiting costs four Redis round trips
-        (`executor_view`; `record_step`, whose pipeline redis-py precedes with SCRIPT EXISTS; `take_requests`)."""
+        False once a drain is asked. A turn that trains with no request waiting costs three Redis round trips
+        (`executor_view`, `record_step`, `take_requests`)."""
         if self.sync_assignments().drain:
             return False
         if self.cohort is not None and self.cohort.active_jobs():

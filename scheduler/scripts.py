@@ -11,8 +11,35 @@ from __future__ import annotations
 
 from string import Template
 
+import redis
+from redis.commands.core import Script
+from redis.exceptions import NoScriptError
+
 from lorafleet.scheduler import keys
 from lorafleet.scheduler.records import JobState
+
+
+def run_pipelined(client: redis.Redis, calls: list[tuple[Script, list, list]]) -> list:
+    """Each (script, keys, args) as an EVALSHA in one pipeline; the replies in order, an error as its exception.
+
+    redis-py's own pipeline asks SCRIPT EXISTS before every pipeline that holds a script: a second round trip for
+    each step an executor records. Here a script the server lacks (restarted, SCRIPT FLUSH) answers NOSCRIPT, which
+    ran nothing: it is loaded and only those calls are sent again."""
+    replies = _evalsha_pipeline(client, calls)
+    missing = [index for index, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+    if missing:
+        for script in {id(calls[index][0]): calls[index][0] for index in missing}.values():
+            script.sha = client.script_load(script.script)
+        for index, reply in zip(missing, _evalsha_pipeline(client, [calls[index] for index in missing])):
+            replies[index] = reply
+    return replies
+
+
+def _evalsha_pipeline(client: redis.Redis, calls: list[tuple[Script, list, list]]) -> list:
+    pipe = client.pipeline(transaction=False)
+    for script, script_keys, args in calls:
+        pipe.evalsha(script.sha, len(script_keys), *script_keys, *args)
+    return pipe.execute(raise_on_error=False)
 
 
 def _lua(source: str) -> str:

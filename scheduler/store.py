@@ -611,8 +611,19 @@ class JobStore:
         return moved is not None
 
     def _move(self, job_id: str, from_states, to_state, *, fence=None, attempt=None, executor_id=None,
-              fields: Optional[dict] = None, must_exist: str = "", pipe=None) -> Optional[int]:
+              fields: Optional[dict] = None) -> Optional[int]:
         """`transition`; returns the job's attempt after the move, or None when it did not move."""
+        _, script_keys, args = self._move_call(job_id, from_states, to_state, fence=fence, attempt=attempt,
+                                               executor_id=executor_id, fields=fields)
+        try:
+            result = self._transition(keys=script_keys, args=args)
+        except redis.ResponseError as exc:
+            raise _transition_error(exc, job_id, fence) from None
+        return int(result[2]) if result[0] else None
+
+    def _move_call(self, job_id: str, from_states, to_state, *, fence=None, attempt=None, executor_id=None,
+                   fields: Optional[dict] = None, must_exist: str = "") -> tuple:
+        """The transition script's call (script, keys, args) for `transition`, checked against the state machine."""
         states, to = _states(from_states), JobState(to_state)
         for state in states:
             if to not in TRANSITIONS[state]:
@@ -629,14 +640,7 @@ class JobStore:
                 *_lease_args(attempt, executor_id), json.dumps({k: str(v) for k, v in fields.items()}), must_exist]
         script_keys = [keys.job(job_id), keys.COUNTS, keys.QUEUE, keys.job_events(job_id), keys.SCHEDULER_FENCE,
                        keys.FINISHED, keys.ASSIGN_SEQ, keys.QUEUE_CHANGES, keys.QUEUE_VERSION]
-        if pipe is not None:
-            self._transition(keys=script_keys, args=args, client=pipe)
-            return None
-        try:
-            result = self._transition(keys=script_keys, args=args)
-        except redis.ResponseError as exc:
-            raise _transition_error(exc, job_id, fence) from None
-        return int(result[2]) if result[0] else None
+        return self._transition, script_keys, args
 
     def claim(self, job_id: str, executor_id: str, fence: Optional[int] = None) -> Optional[int]:
         """queued -> scheduled for `executor_id`; returns the new attempt (the executor's lease token) or None."""
@@ -645,11 +649,9 @@ class JobStore:
     def claim_many(self, claims: list[tuple[str, str]], fence: Optional[int] = None) -> list[Optional[int]]:
         """`claim` for each (job id, executor id), in one round trip, each only while that executor's heartbeat
         exists (what the scheduler uses: one that deregistered since it was read gets nothing)."""
-        pipe = self.r.pipeline(transaction=False)
-        for job_id, executor_id in claims:
-            self._move(job_id, JobState.QUEUED, JobState.SCHEDULED, fence=fence, executor_id=executor_id,
-                       must_exist=keys.executor(executor_id), pipe=pipe)
-        results = pipe.execute(raise_on_error=False)
+        results = scripts.run_pipelined(self.r, [
+            self._move_call(job_id, JobState.QUEUED, JobState.SCHEDULED, fence=fence, executor_id=executor_id,
+                            must_exist=keys.executor(executor_id)) for job_id, executor_id in claims])
         attempts = []
         for (job_id, _), result in zip(claims, results):
             if isinstance(result, redis.ResponseError):
@@ -750,22 +752,23 @@ class JobStore:
                     usage: Optional[dict[str, float]] = None) -> list[bool]:
         """`record_progress` of every job of a cohort step and the step's `add_gpu_seconds`, in one round trip (a
         step's writes cost one network latency, not one per job); a bool per update, as `record_progress`."""
-        pipe = self.r.pipeline(transaction=False)
         now = repr(time.time())
+        calls = []
         for update in updates:
             metrics = dict(update.metrics)
-            self._progress(
-                keys=[keys.job(update.job_id), keys.job_events(update.job_id)],
-                args=[*_lease_args(update.attempt, executor_id), int(update.step), int(update.total_steps),
-                      json.dumps(metrics), now,
-                      # a validation loss is measured only at checkpoints: its event is never thinned away
-                      "1" if progress_event_due(update.step, update.total_steps) or "eval_loss" in metrics else "0",
-                      json.dumps({"step": update.step, "total_steps": update.total_steps, **metrics})],
-                client=pipe)
+            calls.append((self._progress, [keys.job(update.job_id), keys.job_events(update.job_id)], [
+                *_lease_args(update.attempt, executor_id), int(update.step), int(update.total_steps),
+                json.dumps(metrics), now,
+                # a validation loss is measured only at checkpoints: its event is never thinned away
+                "1" if progress_event_due(update.step, update.total_steps) or "eval_loss" in metrics else "0",
+                json.dumps({"step": update.step, "total_steps": update.total_steps, **metrics})]))
         if usage:
-            self._add_usage(keys=[keys.TENANT_GPU_SECONDS, keys.TENANT_GPU_SECONDS_TOTAL],
-                            args=_usage_args(usage, time.time()), client=pipe)
-        replies = pipe.execute()
+            calls.append((self._add_usage, [keys.TENANT_GPU_SECONDS, keys.TENANT_GPU_SECONDS_TOTAL],
+                          _usage_args(usage, time.time())))
+        replies = scripts.run_pipelined(self.r, calls)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
         return [bool(reply[0]) for reply in replies[:len(updates)]]
 
     def record_checkpoint(self, job_id: str, checkpoint_uri: str, attempt: int, executor_id: Optional[str] = None,

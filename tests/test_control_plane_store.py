@@ -89,6 +89,28 @@ def test_a_steps_writes_in_one_round_trip_are_refused_job_by_job(store, make_ten
     assert store.gpu_seconds_total()[alice.name] == pytest.approx(before + 1.5)
 
 
+def test_a_step_is_recorded_once_after_the_server_forgot_its_scripts(store, make_tenant):
+    """`record_step` and `claim_many` send EVALSHA without asking SCRIPT EXISTS first; after a restart or SCRIPT FLUSH
+    the server answers NOSCRIPT, which ran nothing: the scripts are loaded and each call runs once."""
+    alice = make_tenant("alice")
+    job_id = new_job(store, alice)
+    store.r.script_flush()
+    [attempt] = store.claim_many([(job_id, "ex-step")])
+    assert attempt is None, "no heartbeat of ex-step: the claim's script ran, and refused"
+    store.r.hset(keys.executor("ex-step"), "executor_id", "ex-step")
+    store.r.script_flush()
+    [attempt] = store.claim_many([(job_id, "ex-step")])
+    assert attempt == 1
+    store.transition(job_id, "scheduled", "running", attempt=attempt)
+    before = store.gpu_seconds_total().get(alice.name, 0.0)
+    store.r.script_flush()
+    assert store.record_step([ProgressUpdate(job_id, 1, 10, {"loss": 2.0}, attempt)], "ex-step", {alice.name: 1.5}) \
+        == [True]
+    assert store.get_job(job_id)["progress"]["step"] == 1
+    assert store.gpu_seconds_total()[alice.name] == pytest.approx(before + 1.5), "charged once"
+    assert [event["step"] for event in store.events(job_id) if "step" in event] == [1], "one progress event"
+
+
 def test_requeue_keeps_checkpoint_and_stale_lease_is_refused(store, make_tenant):
     alice = make_tenant("alice")
     job_id = new_job(store, alice)
@@ -272,8 +294,7 @@ def test_every_key_in_redis_is_documented(store, make_tenant):
     store.record_progress(job_id, 1, 2, {"loss": 1.0}, attempt=attempt)
     store.add_gpu_seconds({alice.name: 1.5})
     documented = re.findall(r"^\| `(lorafleet:[^`]+)` \|", keys.__doc__, flags=re.MULTILINE)
-    patterns = [re.compile(re.sub(r"<[a-z_]+>", "[^:]+", re.escape(key).replace(r"\<", "<").replace(r"\>", ">")))
-                for key in documented]
+    patterns = [re.compile("[^:]+".join(re.escape(part) for part in re.split(r"<[a-z_ ]+>", key))) for key in documented]
     undocumented = [key for key in store.r.scan_iter(match=keys.PREFIX + "*", count=1000)
                     if not any(p.fullmatch(key) for p in patterns)]
     assert documented and undocumented == []

@@ -178,12 +178,13 @@ def test_an_executor_killed_while_publishing_leaves_a_job_that_resumes_from_its_
     assert not any(p.name.startswith("adapter-") for p in stale.iterdir()), "the killed copy is reachable by no name"
 
 
-def test_a_training_turn_of_the_executor_costs_four_redis_round_trips(store, world, single_torch_thread,
-                                                                        monkeypatch):
+def test_a_training_turn_of_the_executor_costs_three_redis_round_trips(store, world, single_torch_thread,
+                                                                         monkeypatch):
     """Between two steps the loop reads its assignments, pauses and drain flag together (`executor_view`), writes the
-    step (`record_step`: redis-py's pipeline asks SCRIPT EXISTS first) and takes waiting generation requests while
-    marking itself the base's server (`take_requests(server=...)`): four round trips a turn, whatever the number of
-    jobs (seven before: the drain flag, holding and pauses read apart, the server marked apart)."""
+    step (`record_step`: one pipeline of EVALSHA, not preceded by redis-py's SCRIPT EXISTS) and takes waiting
+    generation requests while marking itself the base's server (`take_requests(server=...)`): three round trips a
+    turn, whatever the number of jobs (seven before: the drain flag, holding and pauses read apart, the server marked
+    apart, SCRIPT EXISTS before the step's writes)."""
     import redis.connection
 
     tenant, model, artifacts = world
@@ -199,7 +200,7 @@ def test_a_training_turn_of_the_executor_costs_four_redis_round_trips(store, wor
     assert executor.turn()
     turn = list(sent)
     assert {job_id: store.job(job_id).step for job_id in executor.leases} == {j: s + 1 for j, s in steps.items()}
-    assert len(turn) == 4, [command[:80] for command in map(packed, turn)]
+    assert len(turn) == 3, [command[:80] for command in map(packed, turn)]
     assert store.r.get(keys.generation_server(executor.compat_key)) == executor.executor_id
 
 
