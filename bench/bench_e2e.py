@@ -551,7 +551,7 @@ def step_parts(cohort, model_dir, data_dir, batch, n, device, shape, report, out
     from torch.profiler import ProfilerActivity, profile
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from step_parts import ideal_seconds, kernel_parts, parts_table
+    from step_parts import host_timeline, ideal_seconds, kernel_parts, parts_table
 
     for setting in MEMORY_SETTINGS:
         measured = run_cohort(cohort, model_dir, data_dir, batch, n, 2, 5, setting, device)
@@ -575,6 +575,8 @@ def step_parts(cohort, model_dir, data_dir, batch, n, device, shape, report, out
             cohort.step()
             sync(device)
         prof.export_chrome_trace(str(trace_path))
+        cohort.graphs.enabled = graphs
+        timeline = graphed_timeline(cohort, device, out / f"trace_{name}_{n}x{batch}_graphed.json", host_timeline)
     finally:
         cohort.graphs.enabled = graphs
         for job_id in list(cohort.jobs):
@@ -588,7 +590,33 @@ def step_parts(cohort, model_dir, data_dir, batch, n, device, shape, report, out
     lengths = [length for job in range(n) for length in batch_lengths(batch)]
     ideal = ideal_seconds(SHAPES[shape], lengths, n, ADAPTER["r"], report["peak_tflops"] or 1, report["copy_gbps"] or 1)
     return {"jobs": n, "batch": batch, "checkpointing": setting, "wall_s": measured[0], "peak_gib": measured[1],
-            **parts, "ideal": ideal, "table": parts_table(parts, ideal, measured[0])}
+            **parts, "ideal": ideal, "table": parts_table(parts, ideal, measured[0]), "graphed_timeline": timeline}
+
+
+def graphed_timeline(cohort, device, trace_path: Path, host_timeline) -> dict:
+    """One graphed step profiled with Python stacks: how long the GPU waits on the host, and in which of our
+    functions (step_parts.host_timeline). The eager profile above cannot say: its host time is the eager step's."""
+    import gzip
+
+    from torch.profiler import ProfilerActivity, profile
+
+    if not cohort.graphs.enabled or device.type != "cuda":
+        return {"error": "no CUDA graphs here"}
+    for _ in range(3):  # a layout is captured when it repeats
+        cohort.step()
+    replays = cohort.graphs.replays
+    sync(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
+        cohort.step()
+        sync(device)
+    if cohort.graphs.replays == replays:
+        return {"error": "the profiled step ran eagerly"}
+    prof.export_chrome_trace(str(trace_path))
+    timeline = host_timeline(str(trace_path), str(Path(__file__).resolve().parents[1]))
+    with open(trace_path, "rb") as source, gzip.open(f"{trace_path}.gz", "wb") as target:
+        target.write(source.read())
+    trace_path.unlink()
+    return timeline
 
 
 def capacity_probe(cohort, model_dir, data_dir, sizes: list[int], device) -> list[dict]:
@@ -832,6 +860,13 @@ def summary_tables(report: dict, long_batch: str | None) -> str:
         parts = report["parts"]
         table += (f"\n\nWhere the time goes, {parts['jobs']} x {parts['batch']} ({parts['checkpointing']}), one "
                   f"profiled step against the unprofiled median:\n\n" + parts["table"])
+        timeline = parts.get("graphed_timeline") or {}
+        if "idle_ms" in timeline:
+            table += (f"\n\nOne graphed step profiled with Python stacks: {timeline['step_ms']:.1f} ms, the GPU idle "
+                      f"{timeline['idle_ms']:.1f} ms ({timeline['before_first_kernel_ms']:.1f} before its first kernel, "
+                      f"{timeline['after_last_kernel_ms']:.1f} after its last); our functions while it was idle "
+                      f"(ms, a caller's time includes its callees'):\n\n| function | ms |\n|---|---|\n"
+                      + "\n".join(f"| {name} | {ms:.2f} |" for name, ms in timeline["functions_ms"].items()))
     if report["planner"]:
         table += "\n\nThe scheduler's memory model against the measured peaks:\n\n" + planner_table(report["planner"])
     return table

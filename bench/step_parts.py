@@ -6,7 +6,7 @@
 |---|---|
 | frozen GEMMs | cuBLAS/nvjet/CUTLASS matrix products outside the loss (forward and dX of every projection) |
 | LM head GEMMs | matrix products under `_ChunkedHeadLoss` (logits and the hidden-state gradient) |
-| attention | flash attention and cuDNN's fused attention (`sdpa` kernels), forward and backward |
+| attention | flash attention and cuDNN's fused attention (`sdpa` kernels and its `cudnn::fusion` helpers: dO·O, the dQ conversion), forward and backward |
 | LoRA kernels | the Triton shrink / expand / dA / dH+dB kernels (kernels/triton_lora.py) |
 | fused elementwise | the Triton RMSNorm / SiLU·mul / rotary kernels (kernels/elementwise.py) |
 | loss elementwise | any other kernel under the loss (fp32 upcast, logsumexp, exp, scatter, casts) |
@@ -16,6 +16,10 @@
 A kernel's part comes from its name, then from the CPU ops that enclosed its launch (the kernel's `External id`
 names its launching op; that op's enclosing ops on the same thread are found by time containment). GPU busy is the
 union of kernel intervals, so the step's wall time minus it is the host's share ("host gaps").
+
+`host_timeline(trace)` reads the trace of one graphed step (profiled with `with_stack=True`): the stretches where
+the GPU is idle (before the first kernel, between kernels, after the last) and the step's own Python functions that
+ran while it was, so a graphed step's host gaps are named, not inferred.
 
 `ideal_seconds(...)` gives each part's floor: FLOPs over the measured matmul peak for the GEMMs and attention, the
 fewest bytes over the measured copy bandwidth for the memory-bound parts (each counted in its function's comment).
@@ -34,6 +38,7 @@ GEMM = re.compile(r"nvjet|gemm|cutlass|xmma|cublas", re.IGNORECASE)
 LORA = re.compile(r"_shrink_kernel|_expand_kernel|_weight_grad_kernel|_grad_h_and_b_kernel")
 FUSED_ELEMENTWISE = re.compile(r"_rms_norm_|_silu_mul_|_rotary_kernel")
 OPTIMIZER_KERNEL = re.compile(r"adam|multi_tensor_apply", re.IGNORECASE)
+ATTENTION_KERNEL = re.compile(r"flash|fmha|sdpa|cudnn::fusion", re.IGNORECASE)  # sdpa, fusion: cuDNN's attention
 LOSS_OP = "_ChunkedHeadLoss"
 OPTIMIZER_OPS = ("Optimizer.step", "_foreach_", "clip_grad", "get_total_norm")
 DEVICE_CATEGORIES = {"kernel", "gpu_memcpy", "gpu_memset"}
@@ -83,7 +88,7 @@ def kernel_part(name: str, context: str) -> str:
         return "LoRA kernels"
     if FUSED_ELEMENTWISE.search(name):
         return "fused elementwise"
-    if any(marker in name.lower() for marker in ("flash", "fmha", "sdpa")):  # sdpa: cuDNN's fused attention
+    if ATTENTION_KERNEL.search(name):
         return "attention"
     if GEMM.search(name):
         return "LM head GEMMs" if context == "loss" else "frozen GEMMs"
@@ -200,3 +205,56 @@ def parts_table(measured: dict, ideal: dict, wall_s: float) -> str:
     lines.append(f"| **step** | {sum(measured['kernels'].values())} | {wall_s * 1e3:.1f} | 100% | {ideal_total * 1e3:.1f} "
                  f"| sum of the parts | {(wall_s - ideal_total) * 1e3:+.1f} |")
     return "\n".join(lines)
+
+
+IDLE_GAP_US = 20  # shorter stretches between kernels are launch latency, not host work
+
+
+def idle_stretches(events: list[dict]) -> tuple[list[tuple[float, float]], float, float]:
+    """The stretches (µs) where no kernel, copy or fill runs within the step (its CPU events' span), and the span."""
+    cpu = [event for event in events if event.get("ph") == "X" and event.get("cat") in ("cpu_op", "python_function")]
+    start, end = min(event["ts"] for event in cpu), max(event["ts"] + event.get("dur", 0) for event in cpu)
+    device = sorted((event["ts"], event["ts"] + event.get("dur", 0)) for event in events
+                    if event.get("ph") == "X" and event.get("cat") in DEVICE_CATEGORIES)
+    stretches, reach = [], start
+    for kernel_start, kernel_end in device:
+        if kernel_start - reach > IDLE_GAP_US:
+            stretches.append((reach, kernel_start))
+        reach = max(reach, kernel_end)
+    if end - reach > IDLE_GAP_US:
+        stretches.append((reach, end))
+    return stretches, start, end
+
+
+def host_timeline(trace: dict | str, own: str, top: int = 12) -> dict:
+    """Milliseconds the GPU is idle in the profiled step (before its first kernel, between kernels, after the last),
+    and the Python functions of the files under the directory `own` by how long they ran while it was (nested functions each count, so a
+    caller's time includes its callees'): where the host keeps the GPU waiting."""
+    if isinstance(trace, str):
+        with open(trace) as handle:
+            trace = json.load(handle)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    stretches, start, end = idle_stretches(events)
+    overlap = defaultdict(float)
+    for event in events:
+        if event.get("cat") != "python_function" or not event.get("name", "").startswith(own):
+            continue
+        begin, finish = event["ts"], event["ts"] + event.get("dur", 0)
+        idle = sum(max(0.0, min(finish, b) - max(begin, a)) for a, b in stretches)
+        if idle > 0:
+            overlap[_function_name(event["name"], own)] += idle / 1e3
+    first, last = stretches[0] if stretches else (start, start), stretches[-1] if stretches else (end, end)
+    return {
+        "step_ms": (end - start) / 1e3,
+        "idle_ms": sum(b - a for a, b in stretches) / 1e3,
+        "before_first_kernel_ms": (first[1] - first[0]) / 1e3 if first[0] == start else 0.0,
+        "after_last_kernel_ms": (last[1] - last[0]) / 1e3 if last[1] == end else 0.0,
+        "functions_ms": dict(sorted(overlap.items(), key=lambda item: -item[1])[:top]),
+    }
+
+
+def _function_name(name: str, own: str) -> str:
+    """`<own>/executor/cohort.py(432): _next_batches` -> `executor/cohort.py: _next_batches`."""
+    path, _, function = name.partition(": ")
+    path = re.sub(r"[(]\d+[)]$", "", path).removeprefix(own).lstrip("/")
+    return f"{path}: {function}"
