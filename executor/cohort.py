@@ -302,8 +302,11 @@ class _StepSums:
 
     @classmethod
     def zeros(cls, batches: dict, is_preference, device: torch.device) -> "_StepSums":
-        return cls({job_id: torch.zeros((), device=device) for job_id in batches},
-                   {job_id: torch.zeros(3, device=device) for job_id in batches if is_preference(job_id)})
+        """Every job's sums as views of one zeroed tensor: one allocation and one kernel a step, not two per job."""
+        preference = [job_id for job_id in batches if is_preference(job_id)]
+        flat = torch.zeros(len(batches) + 3 * len(preference), device=device)
+        losses, rewards = flat.split([len(batches), 3 * len(preference)])
+        return cls(dict(zip(batches, losses.unbind())), dict(zip(preference, rewards.view(-1, 3).unbind())))
 
 
 @dataclass
