@@ -228,8 +228,8 @@ def idle_stretches(events: list[dict]) -> tuple[list[tuple[float, float]], float
 
 def host_timeline(trace: dict | str, own: str, top: int = 12) -> dict:
     """Milliseconds the GPU is idle in the profiled step (before its first kernel, between kernels, after the last),
-    and the Python functions of the files under the directory `own` by how long they ran while it was (nested functions each count, so a
-    caller's time includes its callees'): where the host keeps the GPU waiting."""
+    and the Python functions of the files under the directory `own` by how long they ran while it was (nested
+    functions each count, so a caller's time includes its callees'): where the host keeps the GPU waiting."""
     if isinstance(trace, str):
         with open(trace) as handle:
             trace = json.load(handle)
