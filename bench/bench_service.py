@@ -10,9 +10,10 @@ step, cold and warm (issue 16).
    once those finished (base loaded, kernels compiled). Time to first step = a job's first progress event minus the
    moment its submission was sent; the service's step = the median gap between consecutive progress events of the
    last job to join while all N train (what the executor's loop takes per step: the step, its Redis writes, the joins
-   it checks). Publish stall: each job checkpoints every `--checkpoint-every` steps and publishes its adapter at its
-   end (the jobs joined one after another, so they finish while others train); the stall of a publish is how much
-   longer than the median the last job's step right after it took (0 when publishing is off the training loop).
+   it checks), and `Cohort.step`'s own time inside it (each progress event's tokens / tokens_per_s): the loop's
+   overhead is the difference. Publish stall: each job checkpoints every `--checkpoint-every` steps and publishes its
+   adapter at its end (the jobs joined one after another, so they finish while others train); the stall of a publish
+   is how much longer than the median the last job's step right after it took (0 when publishing is off the loop).
 4. The service stopped, the same N jobs in one `Cohort` in this process: its median step (bench_e2e.run_cohort).
 Results: OUT/service_<shape>.json and a table on stdout.
 """
@@ -93,10 +94,10 @@ def submit_batch(token: str, redis_url: str, model_dir: Path, batch: str, jobs: 
     return submitted
 
 
-def progress_times(store, job_id: str) -> dict[int, float]:
-    """Optimizer step -> when its progress event was written."""
+def progress_events(store, job_id: str) -> dict[int, dict]:
+    """Optimizer step -> its progress event."""
     events = store.events_for(None, job_id, limit=1000)  # every step's while a job has under 1,000 (PROGRESS_EVENTS)
-    return {event["step"]: event["ts"] for event in events if event["type"] == "progress"}
+    return {event["step"]: event for event in events if event["type"] == "progress"}
 
 
 def measure_batch(store, running, submitted: list[tuple[str, float]], steps: int, checkpoint_every: int) -> dict:
@@ -106,12 +107,18 @@ def measure_batch(store, running, submitted: list[tuple[str, float]], steps: int
     failed = [job["error"] for job in finished if job["state"] != "succeeded"]
     if failed:
         raise RuntimeError(f"a job failed: {failed[0]}")
-    times = {job_id: progress_times(store, job_id) for job_id, _ in submitted}
+    events = {job_id: progress_events(store, job_id) for job_id, _ in submitted}
+    times = {job_id: {step: event["ts"] for step, event in job_events.items()} for job_id, job_events in events.items()}
     first_steps = [times[job_id][min(times[job_id])] - sent for job_id, sent in submitted]
     last = times[submitted[-1][0]]  # the last to join: its steps from the first after it joined had all N jobs
     ordered = [last[step] for step in sorted(last)]
     all_in = min(max(job_times.values()) for job_times in times.values())  # until the first job finished
-    gaps = [later - earlier for earlier, later in zip(ordered[2:], ordered[3:]) if later <= all_in]  # 2 warm-up
+    timed = [(earlier, later) for earlier, later in zip(sorted(last)[2:], sorted(last)[3:]) if last[later] <= all_in]
+    gaps = [last[later] - last[earlier] for earlier, later in timed]  # after 2 warm-up steps
+    # Cohort.step's own time inside the service: a step's event holds its tokens and tokens per second of that time
+    last_events = events[submitted[-1][0]]
+    in_service = [last_events[step]["tokens"] / last_events[step]["tokens_per_s"] for _, step in timed
+                  if last_events[step]["tokens_per_s"] > 0]
     if not gaps:
         raise RuntimeError(f"the {len(submitted)} jobs never trained together past the last one's 2 warm-up steps "
                            f"(it joined too late): raise --steps")
@@ -120,6 +127,7 @@ def measure_batch(store, running, submitted: list[tuple[str, float]], steps: int
     return {"first_step_s": {"min": min(first_steps), "median": statistics.median(first_steps),
                              "max": max(first_steps)},
             "service_step_s": step_s, "steps_timed": len(gaps),
+            "cohort_step_in_service_s": statistics.median(in_service),
             "publish_stall_s": {"publishing_steps": len(stalls), "median": statistics.median(stalls) if stalls else 0.0,
                                 "max": max(stalls, default=0.0)}}
 
@@ -185,6 +193,8 @@ def main() -> None:
           f"{cold['first_step_s']['median']:.1f} / {cold['first_step_s']['max']:.1f} | "
           f"{warm['first_step_s']['min']:.1f} / {warm['first_step_s']['median']:.1f} / "
           f"{warm['first_step_s']['max']:.1f} |")
+    print(f"\nCohort.step inside the service (warm): {warm['cohort_step_in_service_s']:.4f} s; the loop around it: "
+          f"{(warm['service_step_s'] - warm['cohort_step_in_service_s']) * 1e3:.1f} ms a step")
     print("\n| batch | publishing steps | publish stall s (median / max) |\n|---|---|---|")
     for batch in (cold, warm):
         stall = batch["publish_stall_s"]

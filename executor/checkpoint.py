@@ -44,67 +44,138 @@ def replace_file(path: Path, write) -> None:
 
 @dataclass
 class ExportFiles:
-    """An export's two files, as copies taken off the live adapter (tensors on the CPU, the config as text): written
-    later, on another thread, while the adapter trains on (executor/publisher.py)."""
-    tensors: dict[str, torch.Tensor]
+    """An export's two files, as copies taken off the live adapter (tensors on their way to the host, the config as
+    text): written later, on another thread, while the adapter trains on (executor/publisher.py)."""
+    tensors: HostCopy  # of a dict name -> tensor
     config: str
     weights_name: str = ADAPTER_WEIGHTS
     config_name: str = ADAPTER_CONFIG
 
     def write(self, directory: Path) -> None:
         replace_file(directory / self.weights_name,
-                     lambda path: save_file(self.tensors, str(path), metadata={"format": "pt"}))
+                     lambda path: save_file(self.tensors.get(), str(path), metadata={"format": "pt"}))
         replace_file(directory / self.config_name, lambda path: path.write_text(self.config))
 
 
 def cpu_copy(state):
     """A copy of a (nested) training state whose tensors are CPU copies: what it holds stays as it is now while the
-    live tensors train on.
-
-    The tensors of one device and dtype travel as one flat tensor, one copy: a job's state is hundreds of small
-    tensors (factors, moments, gradients), and a copy each from a GPU is a host sync each (on the H200 about a
-    second for a 1B cohort's eight checkpoints, run P10). Each is then cloned out of the flat copy, so that saving
-    one never writes the others (torch.save writes a view's whole storage)."""
-    leaves: list[torch.Tensor] = []
-    _tensor_leaves(state, leaves)
-    return _with_tensors(state, iter(_copied_to_cpu(leaves)))
+    live tensors train on. `HostCopy.start(state).get()`."""
+    return HostCopy.start(state).get()
 
 
-def _tensor_leaves(state, leaves: list[torch.Tensor]) -> None:
+class HostCopy:
+    """A nested state on its way to the host: `start` (on the training loop) takes what the state holds now and
+    returns at once; `get` (on the publisher's thread) waits for the copy and gives the state with CPU tensors.
+
+    The tensors of one device and dtype travel as one flat tensor: a job's state is hundreds of small tensors
+    (factors, moments, gradients), and a copy each from a GPU is a host sync each (on the H200 about a second for a
+    1B cohort's eight checkpoints, run P10). On a GPU the flat tensor is gathered on the loop's stream (so the next
+    step's updates come after it) and copied to pinned memory on a side stream, so neither the loop nor the next
+    step waits for the host copy (`STAGING_BYTES` bounds the GPU memory such copies hold at once). `get` clones each
+    tensor out of the flat copy, so that saving one never writes the others (torch.save writes a view's whole
+    storage)."""
+
+    STAGING_BYTES = 1 << 30
+    _in_flight: list["HostCopy"] = []  # copies whose GPU staging memory may still be held, oldest first
+
+    def __init__(self, skeleton, flats: list[tuple[list[int], list[torch.Size], torch.Tensor]],
+                 done: "torch.cuda.Event | None", staged_bytes: int):
+        self._skeleton, self._flats, self._done, self.staged_bytes = skeleton, flats, done, staged_bytes
+
+    @classmethod
+    def start(cls, state) -> "HostCopy":
+        leaves: list[torch.Tensor] = []
+        skeleton = _with_slots(state, leaves)  # non-tensor leaves are copied now: the live state moves on
+        groups: dict[tuple, list[int]] = {}
+        for index, tensor in enumerate(leaves):
+            groups.setdefault((tensor.device, tensor.dtype), []).append(index)
+        flats, gathered = [], []
+        for indices in groups.values():
+            flat = torch.cat([leaves[i].detach().reshape(-1) for i in indices])  # a new tensor: the copy of now
+            flats.append((indices, [leaves[i].shape for i in indices], flat))
+            gathered.append(flat)
+        on_gpu = [flat for flat in gathered if flat.is_cuda]
+        if not on_gpu:
+            return cls(skeleton, flats, None, 0)
+        return cls._copy_from_gpu(skeleton, flats, on_gpu)
+
+    @classmethod
+    def _copy_from_gpu(cls, skeleton, flats, on_gpu: list[torch.Tensor]) -> "HostCopy":
+        staged = sum(flat.numel() * flat.element_size() for flat in on_gpu)
+        cls._wait_for_staging_room(staged)
+        device = on_gpu[0].device
+        side = _copy_stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        host_flats = []
+        with torch.cuda.stream(side):
+            for indices, shapes, flat in flats:
+                if flat.is_cuda:
+                    host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+                    host.copy_(flat, non_blocking=True)
+                    flat.record_stream(side)  # its memory is not reused before the copy has read it
+                    flat = host
+                host_flats.append((indices, shapes, flat))
+            done = torch.cuda.Event()
+            done.record(side)
+        copy = cls(skeleton, host_flats, done, staged)
+        cls._in_flight.append(copy)
+        return copy
+
+    @classmethod
+    def _wait_for_staging_room(cls, wanted: int) -> None:
+        cls._in_flight = [copy for copy in cls._in_flight if not copy._done.query()]
+        while cls._in_flight and sum(copy.staged_bytes for copy in cls._in_flight) + wanted > cls.STAGING_BYTES:
+            cls._in_flight.pop(0)._done.synchronize()
+
+    def get(self):
+        if self._done is not None:
+            self._done.synchronize()
+        copies: list[torch.Tensor | None] = [None] * sum(len(indices) for indices, _, _ in self._flats)
+        for indices, shapes, flat in self._flats:
+            offset = 0
+            for i, shape in zip(indices, shapes):
+                count = shape.numel()
+                copies[i] = flat[offset:offset + count].view(shape).clone()
+                offset += count
+        return _filled(self._skeleton, copies)
+
+
+_COPY_STREAMS: dict[torch.device, "torch.cuda.Stream"] = {}
+
+
+def _copy_stream(device: torch.device) -> "torch.cuda.Stream":
+    if device not in _COPY_STREAMS:
+        _COPY_STREAMS[device] = torch.cuda.Stream(device)
+    return _COPY_STREAMS[device]
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """Where the `index`th tensor leaf of a state goes back in."""
+    index: int
+
+
+def _with_slots(state, leaves: list[torch.Tensor]):
+    """`state` with each tensor appended to `leaves` and replaced by its `_Slot`, everything else deep-copied."""
     if isinstance(state, torch.Tensor):
-        leaves.append(state.detach())
-    elif isinstance(state, dict):
-        for value in state.values():
-            _tensor_leaves(value, leaves)
-    elif isinstance(state, (list, tuple)):
-        for value in state:
-            _tensor_leaves(value, leaves)
-
-
-def _copied_to_cpu(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    copies: list[torch.Tensor | None] = [None] * len(tensors)
-    groups: dict[tuple, list[int]] = {}
-    for index, tensor in enumerate(tensors):
-        groups.setdefault((tensor.device, tensor.dtype), []).append(index)
-    for indices in groups.values():
-        flat = torch.cat([tensors[i].reshape(-1) for i in indices]).to("cpu")
-        offset = 0
-        for i in indices:
-            count = tensors[i].numel()
-            copies[i] = flat[offset:offset + count].view(tensors[i].shape).clone()
-            offset += count
-    return copies
-
-
-def _with_tensors(state, copies):
-    """`state` with each tensor replaced by the next of `copies` (the order `_tensor_leaves` walks it in)."""
-    if isinstance(state, torch.Tensor):
-        return next(copies)
+        leaves.append(state)
+        return _Slot(len(leaves) - 1)
     if isinstance(state, dict):
-        return {key: _with_tensors(value, copies) for key, value in state.items()}
+        return {key: _with_slots(value, leaves) for key, value in state.items()}
     if isinstance(state, (list, tuple)):
-        return type(state)(_with_tensors(value, copies) for value in state)
+        return type(state)(_with_slots(value, leaves) for value in state)
     return copy.deepcopy(state)
+
+
+def _filled(skeleton, tensors: list[torch.Tensor]):
+    """The state `_with_slots` took apart, with `tensors` in its slots."""
+    if isinstance(skeleton, _Slot):
+        return tensors[skeleton.index]
+    if isinstance(skeleton, dict):
+        return {key: _filled(value, tensors) for key, value in skeleton.items()}
+    if isinstance(skeleton, (list, tuple)):
+        return type(skeleton)(_filled(value, tensors) for value in skeleton)
+    return skeleton
 
 
 def save_peft_adapter(directory: Path, adapter: Adapter, base_model_path: str, fan_in_fan_out: bool = False) -> None:
@@ -127,7 +198,7 @@ def peft_adapter_files(adapter: Adapter, base_model_path: str, fan_in_fan_out: b
         config, tensors = _vera_export(adapter, common)
     else:
         config, tensors = _lora_export(adapter, common)
-    tensors = cpu_copy({key: tensor.detach().float() for key, tensor in tensors.items()})
+    tensors = HostCopy.start({key: tensor.detach().float() for key, tensor in tensors.items()})
     fields = {key: sorted(value) if isinstance(value, set) else value for key, value in config.to_dict().items()}
     return ExportFiles(tensors, json.dumps(fields, indent=2, sort_keys=True))
 
@@ -199,14 +270,14 @@ class JobSnapshot:
     while the cohort trains on. Files already written (a GaLore job's, written on the loop) are left as they are."""
     directory: Path
     export: ExportFiles | None = None
-    training_state: dict | None = None
+    training_state: HostCopy | None = None
 
     def write(self) -> Path:
         self.directory.mkdir(parents=True, exist_ok=True)
         if self.export is not None:
             self.export.write(self.directory)
         if self.training_state is not None:
-            save_training_state(self.directory, self.training_state)
+            save_training_state(self.directory, self.training_state.get())
         return self.directory
 
 

@@ -63,7 +63,7 @@ import torch.nn.functional as F
 
 from lorafleet.executor.activations import checkpoint_layers
 from lorafleet.executor.adapters import Adapter, build_adapter
-from lorafleet.executor.checkpoint import JobSnapshot, cpu_copy, load_training_state, peft_adapter_files
+from lorafleet.executor.checkpoint import HostCopy, JobSnapshot, load_training_state, peft_adapter_files
 from lorafleet.executor.data import IGNORE_INDEX, DataError, Example, JobData
 from lorafleet.executor.experts import MultiLoraExperts, attach_expert_factors, wrap_expert_targets
 from lorafleet.executor.fused_decoder import fuse_decoder
@@ -721,9 +721,9 @@ class Cohort:
             files = peft_adapter_files(job.adapter, job.spec.base_model, fan_in_fan_out)
         return JobSnapshot(Path(directory), files, self._training_state(job) if training_state else None)
 
-    def _training_state(self, job: Job) -> dict:
-        """What `_restore` resumes from, as CPU copies."""
-        return cpu_copy({
+    def _training_state(self, job: Job) -> HostCopy:
+        """What `_restore` resumes from, as a copy on its way to the host."""
+        return HostCopy.start({
             "spec": job.spec.model_dump_json(),
             "step": job.step,
             "micro_batches": job.micro_batches,
@@ -732,7 +732,7 @@ class Cohort:
             "trained_tokens": job.trained_tokens,
             "adapter": job.adapter.state_dict(),
             "adapter_rng": job.adapter.rng_state(),
-            # cpu_copy copies a view's own elements: on the kernel path a job's grads are views into buffers shared
+            # HostCopy copies a view's own elements: on the kernel path a job's grads are views into buffers shared
             # by the whole cohort, and saving a view would write its whole storage, other tenants' gradients included.
             "pending_grads": [p.grad for p in job.adapter.parameters()],
             "optimizer": job.optimizer.state_dict(),

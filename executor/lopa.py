@@ -47,7 +47,7 @@ import torch
 from safetensors.torch import load_file
 
 from lorafleet.executor.adapters import Adapter
-from lorafleet.executor.checkpoint import ExportFiles
+from lorafleet.executor.checkpoint import ExportFiles, HostCopy
 from lorafleet.executor.data import IGNORE_INDEX
 from lorafleet.scheduler.memory import lopa_parameter_count  # noqa: F401 (the memory model's count, one definition)
 from lorafleet.scheduler.spec import AdapterSpec
@@ -270,9 +270,8 @@ def save_lopa(directory: Path, adapter: LopaAdapter, base_model: str) -> None:
 
 
 def lopa_files(adapter: LopaAdapter, base_model: str) -> ExportFiles:
-    """`save_lopa`'s files as copies (CPU tensors), to be written later."""
-    tensors = {key: tensor.detach().float().to("cpu", copy=True).contiguous()
-               for key, tensor in adapter.prompt.state_dict().items()}
+    """`save_lopa`'s files as copies (on their way to the host), to be written later."""
+    tensors = HostCopy.start({key: tensor.detach().float() for key, tensor in adapter.prompt.state_dict().items()})
     config = json.dumps(lopa_config(adapter, base_model), indent=2, sort_keys=True)
     return ExportFiles(tensors, config, weights_name=LOPA_WEIGHTS, config_name=LOPA_CONFIG)
 

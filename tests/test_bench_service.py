@@ -25,6 +25,8 @@ def test_the_service_bench_reports_its_ratio_first_steps_and_publish_stalls(tmp_
         measured = report[batch]
         assert 0 < measured["first_step_s"]["min"] <= measured["first_step_s"]["max"]
         assert measured["service_step_s"] > 0 and measured["steps_timed"] >= 1
+        # each gap between a job's progress events holds the whole later step
+        assert 0 < measured["cohort_step_in_service_s"] <= measured["service_step_s"]
         stall = measured["publish_stall_s"]
         assert stall["publishing_steps"] >= 2, "checkpoints at steps 8 and 16 of the last job to join"
         assert 0 <= stall["median"] <= stall["max"]

@@ -246,3 +246,15 @@ def test_a_cpu_copy_of_a_state_is_equal_independent_and_saves_only_its_own_eleme
     torch.save(copied["grads"][0], tmp_path / "one.pt")  # a view's whole storage would be all 40 elements
     torch.save(torch.zeros(10), tmp_path / "ten.pt")
     assert (tmp_path / "one.pt").stat().st_size == (tmp_path / "ten.pt").stat().st_size
+
+
+def test_a_host_copy_holds_the_state_of_when_it_started_not_of_when_it_is_read():
+    from lorafleet.executor.checkpoint import HostCopy
+
+    live = {"data": {"order": [3, 1, 2], "epoch": 0}, "adapter": {"A": torch.zeros(4)}}
+    copy = HostCopy.start(live)
+    live["data"]["order"].reverse()  # the data cursor and the weights move on before the publisher reads the copy
+    live["data"]["epoch"] = 1
+    live["adapter"]["A"].add_(1)
+    got = copy.get()
+    assert got["data"] == {"order": [3, 1, 2], "epoch": 0} and torch.equal(got["adapter"]["A"], torch.zeros(4))

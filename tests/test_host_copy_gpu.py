@@ -1,0 +1,61 @@
+"""A job's snapshot on its way to the host (`HostCopy`) on a GPU: it holds the state of the step it was taken at
+while later steps update the live tensors, and the GPU memory its copies stage is bounded."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers_models import alpaca_rows, llama, write_jsonl  # noqa: F401 (llama: a fixture)
+
+from lorafleet.executor.checkpoint import HostCopy
+from lorafleet.executor.cohort import Cohort
+from lorafleet.scheduler.spec import parse_spec
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+def test_a_host_copy_keeps_the_values_of_when_it_started_while_the_stream_updates_them():
+    live = {"a": torch.arange(1 << 22, device="cuda", dtype=torch.float32),
+            "b": [torch.ones(7, device="cuda", dtype=torch.bfloat16), torch.tensor([3], dtype=torch.int64)]}
+    want = {"a": live["a"].cpu(), "b": [live["b"][0].cpu(), live["b"][1].clone()]}
+    copy = HostCopy.start(live)
+    for _ in range(20):  # queued behind the gather on the same stream, racing the side stream's copy to the host
+        live["a"].mul_(1.5).add_(1)
+    live["b"][0].zero_()
+    live["b"][1].zero_()
+    got = copy.get()
+    assert got["a"].device.type == "cpu" and torch.equal(got["a"], want["a"])
+    assert torch.equal(got["b"][0], want["b"][0]) and torch.equal(got["b"][1], want["b"][1])
+
+
+def test_the_gpu_memory_staged_by_copies_in_flight_stays_under_the_bound(monkeypatch):
+    monkeypatch.setattr(HostCopy, "STAGING_BYTES", 3 << 20)
+    monkeypatch.setattr(HostCopy, "_in_flight", [])
+    tensors = [torch.randn(1 << 18, device="cuda") for _ in range(6)]  # 1 MiB each
+    copies = []
+    for tensor in tensors:
+        torch.cuda._sleep(10_000_000)  # keeps the stream busy, so that copies are still in flight
+        copies.append(HostCopy.start({"t": tensor}))
+        assert sum(copy.staged_bytes for copy in HostCopy._in_flight if not copy._done.query()) <= 3 << 20
+    for copy, tensor in zip(copies, tensors):
+        assert torch.equal(copy.get()["t"], tensor.cpu())
+
+
+def test_a_checkpoint_taken_before_more_steps_resumes_the_state_of_its_step(llama, tmp_path):
+    data = write_jsonl(tmp_path / "data.jsonl", alpaca_rows(16))
+    spec = parse_spec({"base_model": str(llama), "dataset": "unused", "adapter": {"r": 8},
+                       "hyperparameters": {"batch_size": 4, "learning_rate": 1e-2, "max_steps": 8}})
+    cohort = Cohort(llama, device="cuda")
+    cohort.add_job("job", spec, data)
+    for _ in range(3):
+        cohort.step()
+    want = [p.detach().cpu().clone() for p in cohort.jobs["job"].adapter.parameters()]
+    snapshot = cohort.snapshot("job", tmp_path / "checkpoint", training_state=True)
+    for _ in range(3):  # these steps run while the snapshot is on its way; it keeps step 3's state
+        cohort.step()
+    snapshot.write()
+    resumed = Cohort(llama, device="cuda")
+    resumed.add_job("job", spec, data, resume_from=tmp_path / "checkpoint")
+    assert resumed.jobs["job"].step == 3
+    for got, expected in zip(resumed.jobs["job"].adapter.parameters(), want):
+        assert torch.equal(got.detach().cpu(), expected)
