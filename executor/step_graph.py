@@ -34,6 +34,7 @@ import torch
 
 from lorafleet.executor.adapters import LoraAdapter
 from lorafleet.executor.model import decoder_layers, packing_kwargs
+from lorafleet.executor.optim import JobOptimizer
 
 
 GRAPHED_QUANTIZATION = ("none", "nf4")
@@ -60,20 +61,23 @@ class GraphLayout:
 
 @dataclass
 class _GradBuffers:
-    """A job's parameters and their gradients' buffers: views of one flat tensor, zeroed by one kernel."""
+    """A job's parameters and their gradients' buffers: views of one flat tensor, zeroed by one kernel (its
+    optimizer's `zero_grad` while the graph holds them)."""
 
     params: list[torch.Tensor]
     views: list[torch.Tensor]
     flat: torch.Tensor
+    optimizer: JobOptimizer
 
     @classmethod
-    def of(cls, params: list[torch.Tensor]) -> _GradBuffers:
+    def of(cls, params: list[torch.Tensor], optimizer: JobOptimizer) -> _GradBuffers:
         flat = torch.zeros(sum(param.numel() for param in params), dtype=params[0].dtype, device=params[0].device)
         views = [chunk.view_as(param) for chunk, param in zip(flat.split([param.numel() for param in params]), params)]
-        return cls(params, views, flat)
+        return cls(params, views, flat, optimizer)
 
     def adopt(self) -> None:
-        """Point each parameter's .grad at its view, the view holding what .grad held (zero for None)."""
+        """Point each parameter's .grad at its view, the view holding what .grad held (zero for None); from then on
+        the optimizer clears the grads by zeroing the views."""
         held = [param.grad for param in self.params]
         if all(grad is view for grad, view in zip(held, self.views)):
             return
@@ -86,6 +90,14 @@ class _GradBuffers:
                 torch._foreach_add_([view for view, _ in carried], [grad for _, grad in carried])
         for param, view in zip(self.params, self.views):
             param.grad = view
+        self.optimizer.grad_buffer = self.flat
+
+    def release(self) -> None:
+        """The graph is gone: a pending gradient becomes a tensor of its own, and the optimizer clears to None."""
+        for param, view in zip(self.params, self.views):
+            if param.grad is view:
+                param.grad = view.clone()
+        self.optimizer.grad_buffer = None
 
 
 @dataclass
@@ -170,9 +182,7 @@ class StepGraphs:
         """Forget the captured graph (a job left, or the layout changed); its memory goes back once unused."""
         if self.captured is not None:
             for buffers in self.captured.grads.values():
-                for param, view in zip(buffers.params, buffers.views):
-                    if param.grad is view:  # keep a pending gradient, as a tensor of its own
-                        param.grad = view.clone()
+                buffers.release()
             self.captured = None
             torch.cuda.empty_cache()
 
@@ -200,8 +210,9 @@ def _capture(cohort, layout: GraphLayout, tokens: torch.Tensor, weights: torch.T
     from lorafleet.executor.cohort import PackedBatch
 
     batch = _static_batch(PackedBatch, layout, tokens)
-    grads = {job_id: _GradBuffers.of([param for param in cohort.jobs[job_id].adapter.parameters()
-                                      if param.requires_grad]) for job_id in layout.jobs}
+    jobs = {job_id: cohort.jobs[job_id] for job_id in layout.jobs}
+    grads = {job_id: _GradBuffers.of([param for param in job.adapter.parameters() if param.requires_grad],
+                                     job.optimizer) for job_id, job in jobs.items()}
 
     def forward_backward() -> dict[str, torch.Tensor]:
         sums = cohort._forward(batch)
@@ -231,5 +242,6 @@ def _capture(cohort, layout: GraphLayout, tokens: torch.Tensor, weights: torch.T
         for job_id, buffers in grads.items():
             for param, grad in zip(buffers.params, pending[job_id]):
                 param.grad = grad
+            buffers.optimizer.grad_buffer = None
         raise
     return _Captured(layout, graph, tokens, weights, sums, grads)

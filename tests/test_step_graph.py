@@ -9,7 +9,8 @@ from helpers_models import alpaca_rows, llama, single_torch_thread, write_jsonl 
 from lorafleet.executor.cohort import Cohort, pack
 from lorafleet.executor.data import IGNORE_INDEX, Example
 from lorafleet.executor.step_graph import _GradBuffers, bucket_rows, length_bucket
-from lorafleet.scheduler.spec import parse_spec
+from lorafleet.executor.optim import JobOptimizer
+from lorafleet.scheduler.spec import Hyperparameters, parse_spec
 
 
 def test_a_bucket_holds_its_rows_with_less_than_64_rows_or_a_sixteenth_more():
@@ -65,9 +66,13 @@ def test_what_a_graph_cannot_express_runs_eagerly(tmp_path, llama, change):
         assert cohort.graphs._applies(cohort, passes)
 
 
+def optimizer_of(params):
+    return JobOptimizer([{"params": params}], Hyperparameters(), total_steps=4)
+
+
 def test_grad_buffers_take_over_pending_gradients_and_start_a_window_at_zero():
     params = [torch.nn.Parameter(torch.ones(2, 3)), torch.nn.Parameter(torch.ones(4))]
-    buffers = _GradBuffers.of(params)
+    buffers = _GradBuffers.of(params, optimizer_of(params))
     buffers.flat.fill_(7.0)  # what the last replay left
     buffers.adopt()  # no .grad yet: a new window starts at zero
     assert all(param.grad is view for param, view in zip(params, buffers.views))
@@ -80,3 +85,21 @@ def test_grad_buffers_take_over_pending_gradients_and_start_a_window_at_zero():
     buffers.adopt()
     assert params[0].grad.eq(2.0).all() and params[1].grad.eq(0).all()
     assert params[0].grad.data_ptr() == buffers.flat.data_ptr()
+
+
+def test_while_a_graph_holds_the_gradients_the_optimizer_zeroes_its_buffer_and_after_clears_them_to_none():
+    params = [torch.nn.Parameter(torch.ones(2, 3)), torch.nn.Parameter(torch.ones(4))]
+    optimizer = optimizer_of(params)
+    buffers = _GradBuffers.of(params, optimizer)
+    buffers.adopt()
+    assert optimizer.grad_buffer is buffers.flat
+    buffers.flat.fill_(3.0)  # a replay's gradients
+    optimizer.step(optimizer.grad_norm(), optimizer.grad_norm().item())
+    assert all(param.grad is view for param, view in zip(params, buffers.views)), "no .grad re-pointed"
+    assert buffers.flat.eq(0).all()
+    buffers.flat.fill_(2.0)  # mid-window when the graph is dropped: the pending gradient is kept, as its own tensor
+    buffers.release()
+    assert optimizer.grad_buffer is None
+    assert all(param.grad is not view and param.grad.eq(2.0).all() for param, view in zip(params, buffers.views))
+    optimizer.zero_grad()
+    assert all(param.grad is None for param in params)

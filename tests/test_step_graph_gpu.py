@@ -79,3 +79,24 @@ def test_rows_of_equal_length_train_on_the_dense_attention_graphed_as_on_varlen_
     assert dense_calls and replays == 5
     assert losses == pytest.approx(varlen_losses, rel=1e-2)
     assert (update - varlen_update).norm() <= 0.05 * varlen_update.norm()
+
+
+def test_a_graphed_jobs_gradients_stay_views_of_its_buffer_until_the_graph_is_dropped(llama, tmp_path):
+    """Between graphed steps the optimizer zeroes the job's one gradient buffer in place (no .grad re-pointed on the
+    host); once the graph is dropped, the job's gradients are its own tensors again and clear to None."""
+    data = write_jsonl(tmp_path / "train.jsonl", alpaca_rows(8, seed=5))
+    cohort = Cohort(llama, device="cuda", cuda_graphs=True)
+    cohort.add_job("a", spec(llama, {"r": 8}, max_steps=8), data)
+    cohort.add_job("b", spec(llama, {"r": 4}, seed=1, max_steps=4), data)
+    for _ in range(3):
+        cohort.step()
+    buffers = cohort.graphs.captured.grads["a"]
+    views = [param.grad for param in buffers.params]
+    cohort.step()  # b finishes: its last step replays the graph
+    assert all(param.grad is view for param, view in zip(buffers.params, views))
+    assert buffers.flat.abs().sum().item() == 0, "the window closed: its buffer was zeroed"
+    assert cohort.jobs["a"].optimizer.grad_buffer is buffers.flat
+    cohort.remove_job("b")
+    cohort.step()  # a new layout: the graph is dropped and this step runs eagerly
+    assert cohort.graphs.captured is None and cohort.jobs["a"].optimizer.grad_buffer is None
+    assert all(param.grad is None for param in cohort.jobs["a"].adapter.parameters())
