@@ -236,7 +236,9 @@ def _capture(cohort, layout: GraphLayout, tokens: torch.Tensor, weights: torch.T
         buffers.adopt()
     graph = torch.cuda.CUDAGraph()
     try:
-        with torch.cuda.graph(graph):
+        # thread_local: the publisher's thread waits on its host copies' events (executor/checkpoint.py's HostCopy)
+        # while this thread captures; in the default global mode that wait would invalidate the capture
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             sums = forward_backward()
     except RuntimeError:
         for job_id, buffers in grads.items():

@@ -100,3 +100,33 @@ def test_a_graphed_jobs_gradients_stay_views_of_its_buffer_until_the_graph_is_dr
     cohort.step()  # a new layout: the graph is dropped and this step runs eagerly
     assert cohort.graphs.captured is None and cohort.jobs["a"].optimizer.grad_buffer is None
     assert all(param.grad is None for param in cohort.jobs["a"].adapter.parameters())
+
+
+def test_a_capture_succeeds_while_another_thread_waits_on_host_copies(llama, tmp_path):
+    """The publisher's thread waits on a snapshot's copy (an event synchronize) while the loop may be capturing the
+    step's graph: the capture must not fail and leave the cohort eager."""
+    import threading
+
+    from lorafleet.executor.checkpoint import HostCopy
+
+    data = write_jsonl(tmp_path / "train.jsonl", alpaca_rows(8, seed=5))
+    cohort = Cohort(llama, device="cuda", cuda_graphs=True)
+    cohort.add_job("a", spec(llama, {"r": 8}, max_steps=6), data)
+    stop = threading.Event()
+    copies = [HostCopy.start({"t": torch.randn(1 << 16, device="cuda")}) for _ in range(4)]
+
+    def publisher():
+        while not stop.is_set():
+            for copy in copies:
+                copy.get()
+
+    thread = threading.Thread(target=publisher)
+    thread.start()
+    try:
+        for _ in range(4):
+            cohort.step()
+    finally:
+        stop.set()
+        thread.join()
+    assert cohort.graphs.enabled, "the capture failed: the cohort fell back to eager steps"
+    assert cohort.graphs.replays == 3
