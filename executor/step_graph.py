@@ -27,6 +27,7 @@ runs eagerly.
 
 from __future__ import annotations
 
+import operator
 import warnings
 from dataclasses import dataclass
 
@@ -79,7 +80,7 @@ class _GradBuffers:
         """Point each parameter's .grad at its view, the view holding what .grad held (zero for None); from then on
         the optimizer clears the grads by zeroing the views."""
         held = [param.grad for param in self.params]
-        if all(grad is view for grad, view in zip(held, self.views)):
+        if all(map(operator.is_, held, self.views)):  # the usual case: compared in C, no generator per job
             return
         if all(grad is None for grad in held):  # a new window: the usual case
             self.flat.zero_()
