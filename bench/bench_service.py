@@ -147,6 +147,30 @@ def publish_stalls(times: dict[str, dict[int, float]], ordered: list[float], ste
     return [max(0.0, ordered[i + 1] - ordered[i] - step_s) for i in sorted(publishing)]
 
 
+def executor_steps(store) -> dict[str, int]:
+    """The executor's steps and how many of them replayed a CUDA graph, from its metrics: a cohort whose graph could
+    not be captured steps eagerly, and its service step is then not the bench's graphed one."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from lorafleet.scheduler import fleet
+
+    (heartbeat,), _ = fleet.executors(store.r)
+    text = urllib.request.urlopen(f"http://127.0.0.1:{heartbeat.metrics_port}/metrics", timeout=10).read().decode()
+    samples = {sample.name: sample.value for family in text_string_to_metric_families(text) for sample in family.samples}
+    return {"steps": int(samples["lorafleet_cohort_steps_total"]),
+            "graphed": int(samples["lorafleet_cohort_graphed_steps_total"])}
+
+
+def keep_logs(running, directory: Path) -> None:
+    """The service processes' logs, beside the report (a capture's failure is a warning in the executor's)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for log in running.logs.values():
+        if log.is_file():
+            (directory / log.name).write_bytes(log.read_bytes())
+
+
 def bench_alone(model_dir: Path, data_dir: Path, batch: str, jobs: int, device: torch.device) -> tuple[float, float]:
     """bench_e2e's cohort on the same jobs: its data files are named as bench_e2e names them."""
     from lorafleet.executor.cohort import Cohort
@@ -177,13 +201,15 @@ def main() -> None:
         cold, warm = ({**measure_batch(store, running, submit_batch(token, running.redis_url, model_dir, args.batch,
                                                                     args.jobs, args.steps, args.checkpoint_every),
                                        args.steps, args.checkpoint_every), "batch": name} for name in ("cold", "warm"))
+        steps = executor_steps(store)
     finally:
         running.stop()
+        keep_logs(running, args.out / "logs")
     alone_s, peak = bench_alone(model_dir, root / "data" / TENANT, args.batch, args.jobs, device)
     report = {"shape": args.shape, "jobs": args.jobs, "batch": args.batch, "device": str(device),
               "device_name": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
               "non_embedding_params": params, "checkpoint_every": args.checkpoint_every, "cold": cold, "warm": warm, "bench_step_s": alone_s,
-              "bench_peak_gib": peak, "service_over_bench": alone_s / warm["service_step_s"]}
+              "bench_peak_gib": peak, "service_over_bench": alone_s / warm["service_step_s"], "executor_steps": steps}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"service_{args.shape}.json").write_text(json.dumps(report, indent=2))
     print(f"| shape | jobs x batch | bench step s | service step s (warm) | service/bench speed | first step cold s "
@@ -193,6 +219,8 @@ def main() -> None:
           f"{cold['first_step_s']['median']:.1f} / {cold['first_step_s']['max']:.1f} | "
           f"{warm['first_step_s']['min']:.1f} / {warm['first_step_s']['median']:.1f} / "
           f"{warm['first_step_s']['max']:.1f} |")
+    print(f"\nthe executor's steps: {steps['steps']}, of which {steps['graphed']} replayed a CUDA graph (its log: "
+          f"{args.out / 'logs'})")
     print(f"\nCohort.step inside the service (warm): {warm['cohort_step_in_service_s']:.4f} s; the loop around it: "
           f"{(warm['service_step_s'] - warm['cohort_step_in_service_s']) * 1e3:.1f} ms a step")
     print("\n| batch | publishing steps | publish stall s (median / max) |\n|---|---|---|")

@@ -365,6 +365,7 @@ class Executor:
         _reset_peak(self.device)
         allocated_before = _allocated_bytes(self.device)
         self.cohort.max_pass_tokens = self.pass_size(allocated_before)
+        replays = self._graph_replays()
         started = time.perf_counter()
         try:
             results = self.cohort.step()
@@ -372,10 +373,11 @@ class Executor:
             self.recover_from_oom()
             return
         seconds = time.perf_counter() - started
+        graphed = self._graph_replays() > replays
         peak = _peak_bytes(self.device)
         self.step_peak_bytes = peak
         self.step_pass_tokens = self.cohort.largest_pass_tokens if self.max_pass_tokens is not None else 0
-        tokens_by_tenant = self._measure_step(results, seconds)
+        tokens_by_tenant = self._measure_step(results, seconds, graphed)
         trained = sum(tokens_by_tenant.values())
         usage = {tenant: seconds * tokens / (trained or 1) for tenant, tokens in tokens_by_tenant.items()}
         updates = [update for job_id, result in results.items()
@@ -433,7 +435,11 @@ class Executor:
                 return None
         return ProgressUpdate(job_id, result.step, result.total_steps, metrics, lease.attempt)
 
-    def _measure_step(self, results: dict, seconds: float) -> dict[str, int]:
+    def _graph_replays(self) -> int:
+        """The steps the cohort has run as CUDA graph replays (a GaLore cohort runs none)."""
+        return 0 if isinstance(self.cohort, GaloreCohort) else self.cohort.graphs.replays
+
+    def _measure_step(self, results: dict, seconds: float, graphed: bool) -> dict[str, int]:
         """The step's `StepStats` (kept for the heartbeat) and its metrics; returns each tenant's tokens trained (a
         step's GPU time is charged by them). Read before any job of the step leaves the cohort."""
         tokens_by_tenant: dict[str, int] = {}
@@ -444,7 +450,7 @@ class Executor:
         self.last_step = StepStats(
             seconds=seconds, input_tokens=input_tokens, trained_tokens=sum(tokens_by_tenant.values()),
             planned_tokens=sum(self.leases[job_id].plan.tokens_per_step for job_id in results),
-            mfu=mfu(self.matmul_params, input_tokens, seconds, self.peak_tflops))
+            mfu=mfu(self.matmul_params, input_tokens, seconds, self.peak_tflops), graphed=graphed)
         if self.metrics:
             self.metrics.record_step(self.last_step, tokens_by_tenant)
         return tokens_by_tenant

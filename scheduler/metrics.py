@@ -177,6 +177,7 @@ class ExecutorMetrics:
     cohort_jobs: Gauge
     tokens_trained: Counter  # labelled executor, tenant
     steps: Counter
+    graphed_steps: Counter
     step_duration: Histogram
     mfu: Gauge  # labelled executor; a series only where the peak is known
     packing_efficiency: Gauge
@@ -198,6 +199,8 @@ class ExecutorMetrics:
 
     def record_step(self, step: StepStats, tokens_by_tenant: Mapping[str, int]) -> None:
         self.steps.inc()
+        if step.graphed:
+            self.graphed_steps.inc()
         self.step_duration.observe(step.seconds)
         for tenant, tokens in tokens_by_tenant.items():
             self.tokens_trained.labels(executor=self.executor_id, tenant=tenant).inc(tokens)
@@ -259,6 +262,9 @@ def executor_metrics(executor_id: str) -> ExecutorMetrics:
         tokens_trained=Counter("lorafleet_tokens_trained", "Target tokens trained, by tenant",
                                ["executor", "tenant"], registry=registry),
         steps=Counter("lorafleet_cohort_steps", "Cohort steps run", ["executor"], registry=registry).labels(**label),
+        graphed_steps=Counter("lorafleet_cohort_graphed_steps", "Cohort steps run as a CUDA graph's replay (the rest "
+                              "launched eagerly: a new layout, or a graph that could not be captured)", ["executor"],
+                              registry=registry).labels(**label),
         step_duration=Histogram(
             "lorafleet_step_duration_seconds", "Wall time of one cohort step", ["executor"], buckets=STEP_BUCKETS,
             registry=registry,

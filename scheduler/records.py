@@ -206,6 +206,7 @@ class StepStats:
     trained_tokens: int = 0  # target tokens: what "tokens trained" counts everywhere
     planned_tokens: int = 0  # the jobs' token budget: sum of batch_size * max_seq_len
     mfu: Optional[float] = None  # model FLOPs utilisation: 4 * frozen params * input tokens / s / peak; None: no peak
+    graphed: bool = False  # the step replayed a captured CUDA graph (executor/step_graph.py), not launched eagerly
 
     @property
     def packing_efficiency(self) -> Optional[float]:

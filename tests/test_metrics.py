@@ -93,13 +93,15 @@ def test_executor_default_ports_follow_the_device():
 def test_executor_metrics_are_served_over_http():
     metrics = executor_metrics("exec-http")
     metrics.record_step(StepStats(0.2, 2000, 1234, 4096, None), {"t": 1234})
+    metrics.record_step(StepStats(0.2, 2000, 0, 4096, None, graphed=True), {})
     metrics.memory_peak.labels(executor="exec-http").set(2**30)
     port = serve(metrics.registry, 0)
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     parsed = {s.name: s for f in text_string_to_metric_families(text) for s in f.samples}
     assert parsed["lorafleet_tokens_trained_total"].value == 1234
+    assert parsed["lorafleet_cohort_steps_total"].value == 2 and parsed["lorafleet_cohort_graphed_steps_total"].value == 1
     assert parsed["lorafleet_tokens_trained_total"].labels == {"executor": "exec-http", "tenant": "t"}
-    assert parsed["lorafleet_step_duration_seconds_count"].value == 1
+    assert parsed["lorafleet_step_duration_seconds_count"].value == 2
     assert parsed["lorafleet_gpu_memory_peak_bytes"].value == 2**30
     assert parsed["lorafleet_packing_efficiency_ratio"].value == 2000 / 4096
     assert executor_metrics("idle").registry.get_sample_value("lorafleet_packing_efficiency_ratio",
