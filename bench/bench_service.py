@@ -158,7 +158,8 @@ def executor_steps(store) -> dict[str, int]:
 
     (heartbeat,), _ = fleet.executors(store.r)
     text = urllib.request.urlopen(f"http://127.0.0.1:{heartbeat.metrics_port}/metrics", timeout=10).read().decode()
-    samples = {sample.name: sample.value for family in text_string_to_metric_families(text) for sample in family.samples}
+    samples = {sample.name: sample.value
+               for family in text_string_to_metric_families(text) for sample in family.samples}
     return {"steps": int(samples["lorafleet_cohort_steps_total"]),
             "graphed": int(samples["lorafleet_cohort_graphed_steps_total"])}
 

@@ -99,7 +99,8 @@ def test_executor_metrics_are_served_over_http():
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     parsed = {s.name: s for f in text_string_to_metric_families(text) for s in f.samples}
     assert parsed["lorafleet_tokens_trained_total"].value == 1234
-    assert parsed["lorafleet_cohort_steps_total"].value == 2 and parsed["lorafleet_cohort_graphed_steps_total"].value == 1
+    assert parsed["lorafleet_cohort_steps_total"].value == 2
+    assert parsed["lorafleet_cohort_graphed_steps_total"].value == 1
     assert parsed["lorafleet_tokens_trained_total"].labels == {"executor": "exec-http", "tenant": "t"}
     assert parsed["lorafleet_step_duration_seconds_count"].value == 2
     assert parsed["lorafleet_gpu_memory_peak_bytes"].value == 2**30
