@@ -156,16 +156,19 @@ def fleet_overview() -> dashboard.Dashboard:
 
 def executors_and_gpus() -> dashboard.Dashboard:
     return board("lorafleet-executors", "lorafleet / executors and GPUs",
-                 "Per executor (one per GPU): step time, MFU, packing, cohort size, GPU memory, utilisation, power "
-                 "and temperature. NVML series are absent on CPU executors.", [
+                 "Per executor (one per GPU): step time, MFU, packing, graphed steps, cohort size, GPU memory, "
+                 "utilisation, power and temperature. NVML series are absent on CPU executors.", [
         graph("Step time", "Wall time of one cohort step (p50, p95).", q.STEP_TIME_P50, q.STEP_TIME_P95),
         graph("Tokens/s", "Target tokens trained per second.", q.TOKENS_PER_SECOND_BY_EXECUTOR),
         graph("MFU", "Model FLOPs utilisation of the last step (absent where the GPU's peak is unknown).", q.MFU,
-              width=8),
+              width=6),
         graph("Packing efficiency", "Tokens the last step computed over its jobs' budget (batch_size x "
               "max_seq_len): low when sequences are far shorter than max_seq_len.",
-              q.PACKING_EFFICIENCY, width=8),
-        graph("Steps/s", "Cohort steps per second.", q.STEPS_PER_SECOND, width=8),
+              q.PACKING_EFFICIENCY, width=6),
+        graph("Steps/s", "Cohort steps per second.", q.STEPS_PER_SECOND, width=6),
+        graph("Graphed steps", "Share of the cohort's steps replayed from a CUDA graph. It dips for a step when the "
+              "cohort's jobs change; staying low means the graph could not be captured and the cohort steps "
+              "eagerly, slower (the executor's log says why).", q.GRAPHED_STEP_SHARE, width=6),
         graph("Cohort size", "Jobs training on the executor, and jobs the scheduler assigned to it (they differ "
               "while jobs start or leave).", q.COHORT_TRAINING, q.COHORT_ASSIGNED),
         graph("GPU memory", "NVML's total and used (every process on the GPU), torch's allocated now and the last "

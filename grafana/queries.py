@@ -155,6 +155,13 @@ STEP_TIME_P95 = panel(
 STEPS_PER_SECOND = panel(
     "steps_per_second", f"sum by (executor) ({_rate('lorafleet_cohort_steps_total', EXECUTOR)})", "{{executor}}",
     "suffix: steps/s")
+# Steps that replayed a CUDA graph over all steps: below 1 while the cohort's jobs stay the same means its graph
+# could not be captured and it steps eagerly (slower; the executor's log says why). No value, not NaN, for an
+# executor that did not step in the window.
+GRAPHED_STEP_SHARE = panel(
+    "graphed_step_share",
+    f"sum by (executor) ({_rate('lorafleet_cohort_graphed_steps_total', EXECUTOR)}) / "
+    f"(sum by (executor) ({_rate('lorafleet_cohort_steps_total', EXECUTOR)}) > 0)", "{{executor}}", "percentunit")
 TOKENS_PER_SECOND_BY_EXECUTOR = panel(
     "tokens_per_second_by_executor", f"sum by (executor) ({_rate('lorafleet_tokens_trained_total', EXECUTOR)})",
     "{{executor}}", TOKENS_PER_S)

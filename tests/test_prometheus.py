@@ -142,6 +142,8 @@ EXPECTED = {
     "step_time_p50": _positive_where_stepped,
     "step_time_p95": _positive_where_stepped,
     "steps_per_second": lambda stack, r: sum(r.values()) > 0,
+    # a CPU cohort never replays a CUDA graph: 0 of its steps where it stepped, no value (not NaN) where it did not
+    "graphed_step_share": lambda stack, r: bool(r) and all(v == 0 for v in r.values()),
     "tokens_per_second_by_executor": lambda stack, r: sum(r.values()) > 0,
     "mfu": _empty,  # a CPU has no known peak: absent, not 0
     "packing_efficiency": lambda stack, r: bool(r) and all(0 < v <= 1 for v in r.values()),

@@ -7,6 +7,7 @@ import torch
 
 from helpers_models import build_tiny_model, single_torch_thread, write_jsonl  # noqa: F401
 from lorafleet.scheduler.artifacts import ArtifactStore
+from lorafleet.executor.step_graph import StepGraphs
 from lorafleet.executor.worker import Executor, Lease
 from lorafleet.scheduler import fleet, keys
 from lorafleet.scheduler.memory import ModelShape, plan_job
@@ -103,6 +104,8 @@ def test_out_of_memory_hands_every_job_back_from_its_checkpoint_and_offers_less(
         jobs.append(job_id)
 
     class CohortOutOfMemory:  # stands in for a cohort whose step runs out of device memory
+        graphs = StepGraphs(enabled=False)
+
         def step(self):
             raise torch.OutOfMemoryError("CUDA out of memory")
 
