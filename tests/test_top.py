@@ -54,7 +54,7 @@ class Fleet:
             assert store.start(job_id, attempt, TRAINING)
             assert store.record_progress(job_id, step, 200, {"loss": 1.25, "tokens_per_s": 950.0}, attempt=attempt,
                                          executor_id=TRAINING)
-        self.beat(TRAINING, jobs=self.attempts, peak=61 * GIB, step=StepStats(seconds=0.5, trained_tokens=1900),
+        self.beat(TRAINING, jobs=self.attempts, peak=61 * GIB, step=StepStats(seconds=0.5, trained_tokens=1900, graphed=True),
                   gpu=GpuStats(memory_total_bytes=80 * GIB, memory_used_bytes=62 * GIB, utilization=0.93))
         self.beat(IDLE, jobs={}, peak=1 * GIB, step=None, gpu=None)
         self.leader = f"sched-{suffix}-4242"
@@ -116,6 +116,7 @@ def test_json_is_one_snapshot_of_the_store(fleet_view):
     assert sorted(job["job_id"] for job in training["cohort"]) == sorted(fleet_view.cohort)
     assert {job["step"] for job in training["cohort"]} == {7, 8}
     assert training["tokens_per_s"] == pytest.approx(1900 / 0.5)
+    assert training["heartbeat"]["last_step"]["graphed"] is True  # the step replayed a CUDA graph
     assert training["memory_used_bytes"] == 62 * GIB and training["utilization"] == pytest.approx(0.93)
     assert executors[IDLE]["utilization"] is None, "no NVML reading: no utilisation, not a false 0"
     tenants = {t["tenant"]: t for t in snapshot["tenants"]}
