@@ -111,9 +111,10 @@ def measure_batch(store, running, submitted: list[tuple[str, float]], steps: int
     times = {job_id: {step: event["ts"] for step, event in job_events.items()} for job_id, job_events in events.items()}
     first_steps = [times[job_id][min(times[job_id])] - sent for job_id, sent in submitted]
     last = times[submitted[-1][0]]  # the last to join: its steps from the first after it joined had all N jobs
-    ordered = [last[step] for step in sorted(last)]
+    last_steps = sorted(last)
+    ordered = [last[step] for step in last_steps]
     all_in = min(max(job_times.values()) for job_times in times.values())  # until the first job finished
-    timed = [(earlier, later) for earlier, later in zip(sorted(last)[2:], sorted(last)[3:]) if last[later] <= all_in]
+    timed = [(earlier, later) for earlier, later in zip(last_steps[2:], last_steps[3:]) if last[later] <= all_in]
     gaps = [last[later] - last[earlier] for earlier, later in timed]  # after 2 warm-up steps
     # Cohort.step's own time inside the service: a step's event holds its tokens and tokens per second of that time
     last_events = events[submitted[-1][0]]

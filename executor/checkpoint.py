@@ -57,12 +57,6 @@ class ExportFiles:
         replace_file(directory / self.config_name, lambda path: path.write_text(self.config))
 
 
-def cpu_copy(state):
-    """A copy of a (nested) training state whose tensors are CPU copies: what it holds stays as it is now while the
-    live tensors train on. `HostCopy.start(state).get()`."""
-    return HostCopy.start(state).get()
-
-
 class HostCopy:
     """A nested state on its way to the host: `start` (on the training loop) takes what the state holds now and
     returns at once; `get` (on the publisher's thread) waits for the copy and gives the state with CPU tensors.
@@ -89,12 +83,11 @@ class HostCopy:
         groups: dict[tuple, list[int]] = {}
         for index, tensor in enumerate(leaves):
             groups.setdefault((tensor.device, tensor.dtype), []).append(index)
-        flats, gathered = [], []
+        flats = []
         for indices in groups.values():
             flat = torch.cat([leaves[i].detach().reshape(-1) for i in indices])  # a new tensor: the copy of now
             flats.append((indices, [leaves[i].shape for i in indices], flat))
-            gathered.append(flat)
-        on_gpu = [flat for flat in gathered if flat.is_cuda]
+        on_gpu = [flat for _, _, flat in flats if flat.is_cuda]
         if not on_gpu:
             return cls(skeleton, flats, None, 0)
         return cls._copy_from_gpu(skeleton, flats, on_gpu)

@@ -227,14 +227,14 @@ def test_bf16_compute_with_fp32_adapters_exports_within_bf16_noise(tmp_path, lla
     assert (got - want).abs().max() < 0.1 * (want - base_logits).abs().max()
 
 
-def test_a_cpu_copy_of_a_state_is_equal_independent_and_saves_only_its_own_elements(tmp_path):
-    from lorafleet.executor.checkpoint import cpu_copy
+def test_a_host_copy_of_a_state_is_equal_independent_and_saves_only_its_own_elements(tmp_path):
+    from lorafleet.executor.checkpoint import HostCopy
 
     shared = torch.arange(40, dtype=torch.float32)
     state = {"step": 3, "name": "job", "grads": [shared[:10].view(2, 5), shared[10:], None],
              "moments": ({"exp_avg": torch.ones(3, dtype=torch.bfloat16)}, torch.tensor([7], dtype=torch.int64)),
              "transposed": torch.arange(6.0).view(2, 3).t()}
-    copied = cpu_copy(state)
+    copied = HostCopy.start(state).get()
     assert copied["step"] == 3 and copied["name"] == "job" and copied["grads"][2] is None
     pairs = [(copied["grads"][0], state["grads"][0]), (copied["grads"][1], state["grads"][1]),
              (copied["moments"][0]["exp_avg"], state["moments"][0]["exp_avg"]),
