@@ -21,8 +21,10 @@ step. One graph is held at a time (its memory pool holds a step's activations); 
 Steps the graph cannot express run eagerly: several passes, preference pairs, dropout, DoRA, adapters other than LoRA,
 MoE experts (their routing is data-dependent), checkpointed layers, int8 bases (bitsandbytes' int8 matmul keeps
 host-side state per call), CPU tensors. An nf4 base is captured: its dequantization is stream-ordered kernels alone.
-A capture that fails (some module syncs with the host) turns graphs off for the cohort, with a warning, and the step
-runs eagerly.
+A capture that fails runs the step eagerly, with a warning, and is tried again after `CaptureBackoff`'s wait: a
+capture can fail for a passing reason (memory short for the graph's pool, another thread's CUDA call at the wrong
+moment); one that fails `CAPTURE_ATTEMPTS` times fails for good (some module syncs with the host) and turns graphs off
+for the cohort.
 """
 
 from __future__ import annotations
@@ -50,6 +52,32 @@ def bucket_rows(rows: int) -> int:
 def length_bucket(longest: int) -> int:
     """The attention's longest-sequence bound: the next power of two (flash attention sizes its grid by it)."""
     return max(16, 1 << max(0, longest - 1).bit_length())
+
+
+CAPTURE_ATTEMPTS = 3
+FIRST_RETRY_AFTER = 16  # capturable steps run eagerly after the first failure; doubled after each later one
+
+
+@dataclass
+class CaptureBackoff:
+    """When a failed capture is tried again: after `FIRST_RETRY_AFTER` capturable steps, then twice as many, until
+    `CAPTURE_ATTEMPTS` captures failed."""
+
+    failures: int = 0
+    wait: int = 0
+
+    def ready(self) -> bool:
+        """Called once for each step that could capture: whether this one may."""
+        if self.wait == 0:
+            return True
+        self.wait -= 1
+        return False
+
+    def failed(self) -> bool:
+        """A capture failed; whether that was the last attempt."""
+        self.failures += 1
+        self.wait = FIRST_RETRY_AFTER << (self.failures - 1)
+        return self.failures >= CAPTURE_ATTEMPTS
 
 
 @dataclass(frozen=True)
@@ -117,6 +145,7 @@ class StepGraphs:
         self.captured: _Captured | None = None
         self.last_layout: GraphLayout | None = None
         self.replays = 0  # steps run through a graph, for tests and benchmarks
+        self.backoff = CaptureBackoff()
 
     def use(self, cohort, passes: list[dict]) -> bool:
         """Whether this step may run as a graph; when not, a graph held is dropped (its memory is the eager step's)."""
@@ -158,12 +187,12 @@ class StepGraphs:
         tokens = _static_inputs(batch)
         weight_values = torch.tensor([weights[job_id] for job_id in layout.jobs], dtype=torch.float32)
         if self.captured is None:
+            if not self.backoff.ready():
+                return None
             try:
                 self.captured = _capture(cohort, layout, tokens.to(cohort.device), weight_values.to(cohort.device))
             except RuntimeError as exc:
-                self.enabled = False
-                warnings.warn(f"CUDA graph capture of the cohort step failed, running eagerly from now on: {exc}",
-                              RuntimeWarning, stacklevel=2)
+                self._capture_failed(exc)
                 return None
         captured = self.captured
         captured.tokens.copy_(tokens, non_blocking=True)
@@ -173,6 +202,15 @@ class StepGraphs:
         captured.graph.replay()
         self.replays += 1
         return dict(captured.sums)
+
+    def _capture_failed(self, exc: RuntimeError) -> None:
+        if self.backoff.failed():
+            self.enabled = False
+            then = "running eagerly from now on"
+        else:
+            then = f"running eagerly, trying again in {self.backoff.wait} steps"
+        warnings.warn(f"CUDA graph capture of the cohort step failed ({self.backoff.failures} of {CAPTURE_ATTEMPTS}), "
+                      f"{then}: {exc}", RuntimeWarning, stacklevel=3)
 
     def forget(self, job_id: str) -> None:
         """A job left the cohort: drop a graph that holds it."""

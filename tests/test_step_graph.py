@@ -8,7 +8,9 @@ from helpers_models import alpaca_rows, llama, single_torch_thread, write_jsonl 
 
 from lorafleet.executor.cohort import Cohort, pack
 from lorafleet.executor.data import IGNORE_INDEX, Example
-from lorafleet.executor.step_graph import _GradBuffers, bucket_rows, length_bucket
+from lorafleet.executor import step_graph
+from lorafleet.executor.step_graph import (CAPTURE_ATTEMPTS, FIRST_RETRY_AFTER, CaptureBackoff, StepGraphs,
+                                            _GradBuffers, bucket_rows, length_bucket)
 from lorafleet.executor.optim import JobOptimizer
 from lorafleet.scheduler.spec import Hyperparameters, parse_spec
 
@@ -103,3 +105,46 @@ def test_while_a_graph_holds_the_gradients_the_optimizer_zeroes_its_buffer_and_a
     assert all(param.grad is not view and param.grad.eq(2.0).all() for param, view in zip(params, buffers.views))
     optimizer.zero_grad()
     assert all(param.grad is None for param in params)
+
+
+def test_a_failed_capture_is_tried_again_after_a_doubling_wait_and_given_up_after_the_last_attempt():
+    backoff, attempts, given_up = CaptureBackoff(), [], False
+    for step in range(1000):
+        if backoff.ready():
+            attempts.append(step)
+            given_up = backoff.failed()
+            if given_up:
+                break
+    waits = [FIRST_RETRY_AFTER << k for k in range(CAPTURE_ATTEMPTS - 1)]
+    assert attempts == [sum(wait + 1 for wait in waits[:k]) for k in range(CAPTURE_ATTEMPTS)]
+    assert given_up and backoff.failures == CAPTURE_ATTEMPTS
+
+
+def test_a_cohort_whose_capture_fails_steps_eagerly_and_retries_before_turning_graphs_off(monkeypatch):
+    captures = []
+
+    def failing_capture(cohort, layout, tokens, weights):
+        captures.append(layout)
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(step_graph, "_capture", failing_capture)
+    cohort = type("Cohort", (), {"device": torch.device("cpu")})()
+    examples = {"a": [example([1, 2, 3], [1, 2, 3])]}
+    graphs = StepGraphs()
+    assert graphs.run(cohort, examples, {"a": 1.0}) is None and not captures  # a new layout: eager, no capture
+    with pytest.warns(RuntimeWarning, match=rf"failed \(1 of {CAPTURE_ATTEMPTS}\).*trying again in "
+                                            rf"{FIRST_RETRY_AFTER} steps: operation not permitted"):
+        assert graphs.run(cohort, examples, {"a": 1.0}) is None
+    assert len(captures) == 1 and graphs.enabled
+    for _ in range(FIRST_RETRY_AFTER):
+        assert graphs.run(cohort, examples, {"a": 1.0}) is None
+    assert len(captures) == 1
+    with pytest.warns(RuntimeWarning, match=rf"failed \(2 of {CAPTURE_ATTEMPTS}\)"):
+        graphs.run(cohort, examples, {"a": 1.0})
+    assert len(captures) == 2 and graphs.enabled
+    graphs.backoff.wait = 0
+    with pytest.warns(RuntimeWarning, match=rf"failed \({CAPTURE_ATTEMPTS} of {CAPTURE_ATTEMPTS}\).*from now on"):
+        for _ in range(CAPTURE_ATTEMPTS - 2):
+            graphs.run(cohort, examples, {"a": 1.0})
+            graphs.backoff.wait = 0
+    assert len(captures) == CAPTURE_ATTEMPTS and not graphs.enabled
