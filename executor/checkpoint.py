@@ -15,6 +15,8 @@ from __future__ import annotations
 import copy
 import json
 import os
+import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,16 +67,22 @@ class HostCopy:
     (factors, moments, gradients), and a copy each from a GPU is a host sync each (on the H200 about a second for a
     1B cohort's eight checkpoints, run P10). On a GPU the flat tensor is gathered on the loop's stream (so the next
     step's updates come after it) and copied to pinned memory on a side stream, so neither the loop nor the next
-    step waits for the host copy (`STAGING_BYTES` bounds the GPU memory such copies hold at once). `get` clones each
-    tensor out of the flat copy, so that saving one never writes the others (torch.save writes a view's whole
+    step waits for the host copy (`STAGING_BYTES` bounds the GPU memory such copies hold at once). The pinned memory
+    held by copies not yet written and dropped is bounded by `PINNED_BYTES`: past it (the publisher far behind, e.g. on
+    a slow file system) a copy goes to pageable memory, which the loop waits for, as before `HostCopy`. `get` clones
+    each tensor out of the flat copy, so that saving one never writes the others (torch.save writes a view's whole
     storage)."""
 
     STAGING_BYTES = 1 << 30
-    _in_flight: list["HostCopy"] = []  # copies whose GPU staging memory may still be held, oldest first
+    PINNED_BYTES = 4 << 30
+    _in_flight: list[tuple["torch.cuda.Event", int]] = []  # copies that may still hold GPU staging memory, oldest
+    # first: each one's event and bytes (not the copy: a copy written and dropped gives its pinned memory back)
+    pinned_held = 0  # bytes of pinned memory held by live copies
+    _pinned_lock = threading.Lock()  # copies start on the loop and die on the publisher's thread
 
     def __init__(self, skeleton, flats: list[tuple[list[int], list[torch.Size], torch.Tensor]],
-                 done: "torch.cuda.Event | None", staged_bytes: int):
-        self._skeleton, self._flats, self._done, self.staged_bytes = skeleton, flats, done, staged_bytes
+                 done: "torch.cuda.Event | None"):
+        self._skeleton, self._flats, self._done = skeleton, flats, done
 
     @classmethod
     def start(cls, state) -> "HostCopy":
@@ -89,7 +97,7 @@ class HostCopy:
             flats.append((indices, [leaves[i].shape for i in indices], flat))
         on_gpu = [flat for _, _, flat in flats if flat.is_cuda]
         if not on_gpu:
-            return cls(skeleton, flats, None, 0)
+            return cls(skeleton, flats, None)
         return cls._copy_from_gpu(skeleton, flats, on_gpu)
 
     @classmethod
@@ -99,26 +107,36 @@ class HostCopy:
         device = on_gpu[0].device
         side = _copy_stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
+        with cls._pinned_lock:
+            pinned = cls.pinned_held + staged <= cls.PINNED_BYTES
+            cls.pinned_held += staged if pinned else 0
         host_flats = []
         with torch.cuda.stream(side):
             for indices, shapes, flat in flats:
                 if flat.is_cuda:
-                    host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+                    host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=pinned)
                     host.copy_(flat, non_blocking=True)
                     flat.record_stream(side)  # its memory is not reused before the copy has read it
                     flat = host
                 host_flats.append((indices, shapes, flat))
             done = torch.cuda.Event()
             done.record(side)
-        copy = cls(skeleton, host_flats, done, staged)
-        cls._in_flight.append(copy)
+        copy = cls(skeleton, host_flats, done)
+        cls._in_flight.append((done, staged))
+        if pinned:
+            weakref.finalize(copy, cls._unpin, staged)
         return copy
 
     @classmethod
+    def _unpin(cls, count: int) -> None:
+        with cls._pinned_lock:
+            cls.pinned_held -= count
+
+    @classmethod
     def _wait_for_staging_room(cls, wanted: int) -> None:
-        cls._in_flight = [copy for copy in cls._in_flight if not copy._done.query()]
-        while cls._in_flight and sum(copy.staged_bytes for copy in cls._in_flight) + wanted > cls.STAGING_BYTES:
-            cls._in_flight.pop(0)._done.synchronize()
+        cls._in_flight = [(done, staged) for done, staged in cls._in_flight if not done.query()]
+        while cls._in_flight and sum(staged for _, staged in cls._in_flight) + wanted > cls.STAGING_BYTES:
+            cls._in_flight.pop(0)[0].synchronize()
 
     def get(self):
         if self._done is not None:

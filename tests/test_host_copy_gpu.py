@@ -36,7 +36,7 @@ def test_the_gpu_memory_staged_by_copies_in_flight_stays_under_the_bound(monkeyp
     for tensor in tensors:
         torch.cuda._sleep(10_000_000)  # keeps the stream busy, so that copies are still in flight
         copies.append(HostCopy.start({"t": tensor}))
-        assert sum(copy.staged_bytes for copy in HostCopy._in_flight if not copy._done.query()) <= 3 << 20
+        assert sum(staged for done, staged in HostCopy._in_flight if not done.query()) <= 3 << 20
     for copy, tensor in zip(copies, tensors):
         assert torch.equal(copy.get()["t"], tensor.cpu())
 
@@ -59,3 +59,21 @@ def test_a_checkpoint_taken_before_more_steps_resumes_the_state_of_its_step(llam
     assert resumed.jobs["job"].step == 3
     for got, expected in zip(resumed.jobs["job"].adapter.parameters(), want):
         assert torch.equal(got.detach().cpu(), expected)
+
+
+def test_past_the_pinned_bound_a_copy_goes_to_pageable_memory_and_a_dropped_copy_gives_its_share_back(monkeypatch):
+    monkeypatch.setattr(HostCopy, "PINNED_BYTES", 3 << 20)
+    monkeypatch.setattr(HostCopy, "pinned_held", 0)
+    monkeypatch.setattr(HostCopy, "_in_flight", [])
+    tensors = [torch.randn(1 << 18, device="cuda") for _ in range(4)]  # 1 MiB each
+    copies = [HostCopy.start({"t": tensor}) for tensor in tensors]
+    assert [copy._flats[0][2].is_pinned() for copy in copies] == [True, True, True, False]
+    assert HostCopy.pinned_held == 3 << 20
+    for copy, tensor in zip(copies, tensors):
+        assert torch.equal(copy.get()["t"], tensor.cpu())
+    del copy
+    copies.pop(0)
+    assert HostCopy.pinned_held == 2 << 20
+    assert HostCopy.start({"t": tensors[0]})._flats[0][2].is_pinned()
+    copies.clear()
+    assert HostCopy.pinned_held == 0
