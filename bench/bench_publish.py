@@ -1,0 +1,143 @@
+"""Where the training loop's time goes when a cohort's jobs checkpoint together (issue 16's publish stall).
+
+    python3 -P bench/bench_publish.py --shape 1b --jobs 8 --batch 4x512 --rounds 3 --out OUT
+
+bench_service measures the stall from the service's progress events: the step after all jobs of a cohort checkpoint
+at once takes 0.6-0.9 s longer than the others (run H5), while `Cohort.step` alone is unchanged. This takes the same
+cohort in one process and, for each round, times:
+1. a step (the reference), synchronised;
+2. `Cohort.snapshot` of every job on the loop, as the executor takes them (export and training state), unsynchronised
+   as there, then how long the device needs to finish what was queued;
+3. the next step, with a writer thread writing the snapshots meanwhile as the executor's publisher does (`contended`)
+   or only after that step (`alone`): the difference is what the writes cost the loop.
+One round's snapshots are also taken under cProfile: its top functions by own time name what the loop waits for.
+Results: OUT/publish_<shape>.json and the tables on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import pstats
+import queue
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import bench_e2e as e2e  # noqa: E402  (bench/ is a folder of scripts)
+
+
+class Writer:
+    """The publisher's part that matters here: a thread writing snapshots in the order they come."""
+
+    def __init__(self):
+        self.pending: queue.Queue = queue.Queue()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (snapshot := self.pending.get()) is not None:
+            snapshot.write()
+            self.pending.task_done()
+
+    def write_all(self, snapshots: list) -> None:
+        for snapshot in snapshots:
+            self.pending.put(snapshot)
+
+
+def timed_step(cohort, device) -> float:
+    e2e.sync(device)
+    start = time.perf_counter()
+    cohort.step()
+    e2e.sync(device)
+    return time.perf_counter() - start
+
+
+def take_snapshots(cohort, directory: Path, device) -> tuple[list, float, float]:
+    """Every job's checkpoint snapshot; the loop's seconds for them and the device's seconds to finish after."""
+    start = time.perf_counter()
+    snapshots = [cohort.snapshot(job_id, directory / job_id, training_state=True) for job_id in cohort.jobs]
+    taken = time.perf_counter()
+    e2e.sync(device)
+    return snapshots, taken - start, time.perf_counter() - taken
+
+
+def one_round(cohort, writer: Writer, directory: Path, device, contended: bool) -> dict:
+    reference = timed_step(cohort, device)
+    snapshots, loop_s, drain_s = take_snapshots(cohort, directory, device)
+    written = time.perf_counter()
+    if contended:
+        writer.write_all(snapshots)
+    next_step = timed_step(cohort, device)
+    if not contended:
+        writer.write_all(snapshots)
+    writer.pending.join()
+    return {"mode": "contended" if contended else "alone", "reference_step_s": reference, "snapshots_loop_s": loop_s,
+            "device_drain_s": drain_s, "next_step_s": next_step, "writes_s": time.perf_counter() - written,
+            "stall_s": loop_s + drain_s + next_step - reference}
+
+
+def profiled_snapshots(cohort, directory: Path, device, top: int) -> str:
+    profile = cProfile.Profile()
+    profile.enable()
+    snapshots, _, _ = take_snapshots(cohort, directory, device)
+    profile.disable()
+    del snapshots
+    text = io.StringIO()
+    pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(top)
+    return text.getvalue()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="tiny", choices=sorted(e2e.SHAPES))
+    parser.add_argument("--jobs", type=int, default=8)
+    parser.add_argument("--batch", default="4x512")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of each mode")
+    parser.add_argument("--out", type=Path, default=Path("."))
+    args = parser.parse_args()
+    from lorafleet.executor.cohort import Cohort
+
+    device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    root = Path(tempfile.mkdtemp(prefix="bench-publish-"))
+    model_dir, data_dir = root / "model", root / "data"
+    data_dir.mkdir()
+    e2e.build_base(args.shape, model_dir, device)
+    for job in range(args.jobs):
+        e2e.write_job_data(data_dir, args.batch, job, e2e.SHAPES[args.shape]["vocab_size"])
+    cohort = Cohort(model_dir, device=str(device))
+    e2e.add_jobs(cohort, model_dir, data_dir, args.batch, args.jobs)
+    for _ in range(4):  # past the graph's capture
+        cohort.step()
+    writer = Writer()
+    rounds = [one_round(cohort, writer, root / "out" / f"round-{i}", device, contended=i % 2 == 0)
+              for i in range(2 * args.rounds)]
+    profile = profiled_snapshots(cohort, root / "out" / "profiled", device, top=25)
+    report = {"shape": args.shape, "jobs": args.jobs, "batch": args.batch, "device": str(device),
+              "device_name": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
+              "graph_replays": cohort.graphs.replays, "rounds": rounds}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"publish_{args.shape}.json").write_text(json.dumps(report, indent=2))
+    print_tables(rounds)
+    print(profile)
+
+
+def print_tables(rounds: list[dict]) -> None:
+    fields = ["reference_step_s", "snapshots_loop_s", "device_drain_s", "next_step_s", "stall_s", "writes_s"]
+    print("| mode | " + " | ".join(fields) + " |\n|" + "---|" * (len(fields) + 1))
+    for mode in ("contended", "alone"):
+        chosen = [r for r in rounds if r["mode"] == mode]
+        medians = [statistics.median(r[field] for r in chosen) for field in fields]
+        print(f"| {mode} | " + " | ".join(f"{value:.3f}" for value in medians) + " |")
+
+
+if __name__ == "__main__":
+    main()
