@@ -56,6 +56,9 @@ SHAPES = {
                 num_key_value_heads=8, rope_theta=500000.0, vocab_size=VOCAB, tie_word_embeddings=False),
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=512, tie_word_embeddings=False),
+    # the 1B shape's layers (so as many adapter tensors per job: a checkpoint's host-side cost) at tiny widths, for CPUs
+    "narrow16": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=16, num_attention_heads=4,
+                     num_key_value_heads=2, vocab_size=512, tie_word_embeddings=False),
 }
 MIXED_LENGTHS = (128, 1024)  # per-sequence lengths of a "mixed" micro-batch: uniform in this range
 EOS_ID = 0

@@ -230,8 +230,8 @@ def test_bf16_compute_with_fp32_adapters_exports_within_bf16_noise(tmp_path, lla
 def test_a_host_copy_of_a_state_is_equal_independent_and_saves_only_its_own_elements(tmp_path):
     from lorafleet.executor.checkpoint import HostCopy
 
-    shared = torch.arange(40, dtype=torch.float32)
-    state = {"step": 3, "name": "job", "grads": [shared[:10].view(2, 5), shared[10:], None],
+    others = torch.arange(4000, dtype=torch.float32)  # a storage the job's tensors are views of (other jobs' grads)
+    state = {"step": 3, "name": "job", "grads": [others[:10].view(2, 5), others[10:40], None],
              "moments": ({"exp_avg": torch.ones(3, dtype=torch.bfloat16)}, torch.tensor([7], dtype=torch.int64)),
              "transposed": torch.arange(6.0).view(2, 3).t()}
     copied = HostCopy.start(state).get()
@@ -241,11 +241,30 @@ def test_a_host_copy_of_a_state_is_equal_independent_and_saves_only_its_own_elem
              (copied["moments"][1], state["moments"][1]), (copied["transposed"], state["transposed"])]
     for got, want in pairs:
         assert got.dtype == want.dtype and torch.equal(got, want)
-    shared.add_(1)  # the live tensors train on; the copy keeps what they were
+    others.add_(1)  # the live tensors train on; the copy keeps what they were
     assert copied["grads"][1][0].item() == 10
-    torch.save(copied["grads"][0], tmp_path / "one.pt")  # a view's whole storage would be all 40 elements
-    torch.save(torch.zeros(10), tmp_path / "ten.pt")
-    assert (tmp_path / "one.pt").stat().st_size == (tmp_path / "ten.pt").stat().st_size
+    torch.save(copied, tmp_path / "state.pt")  # 46 floats and a few more: a saved view of `others` writes 4000
+    assert (tmp_path / "state.pt").stat().st_size < 4000 * 4
+    loaded = torch.load(tmp_path / "state.pt", weights_only=True)
+    assert all(torch.equal(loaded["grads"][i], copied["grads"][i]) for i in (0, 1))
+
+
+def test_a_host_copy_writes_a_safetensors_file_that_safetensors_reads_back(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from lorafleet.executor.checkpoint import HostCopy
+
+    state = {"b.lora_B.weight": torch.randn(6, 2), "a.lora_A.weight": torch.randn(2, 5).t(),
+             "half": torch.arange(3, dtype=torch.bfloat16), "count": torch.tensor([1, 2, 3], dtype=torch.int64),
+             "empty": torch.zeros(0), "flag": torch.tensor([True])}
+    HostCopy.start(state).write_safetensors(tmp_path / "x.safetensors", metadata={"format": "pt"})
+    loaded = load_file(tmp_path / "x.safetensors")
+    assert loaded.keys() == state.keys()
+    for name, tensor in state.items():
+        assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor), name
+    with safe_open(tmp_path / "x.safetensors", framework="pt") as handle:
+        assert handle.metadata() == {"format": "pt"}
 
 
 def test_a_host_copy_holds_the_state_of_when_it_started_not_of_when_it_is_read():
