@@ -10,7 +10,11 @@ cohort in one process and, for each round, times:
    as there, then how long the device needs to finish what was queued;
 3. the next step, with a writer thread writing the snapshots meanwhile as the executor's publisher does (`contended`)
    or only after that step (`alone`): the difference is what the writes cost the loop.
-One round's snapshots are also taken under cProfile: its top functions by own time name what the loop waits for.
+Rounds alternate, starting `contended`; the first round also pays for the copies' first buffers (pinned host memory,
+device staging), so each round is reported on its own.
+One round's snapshots are also taken under cProfile: its top functions by own time name what the loop waits for. On a
+GPU, what the first round's buffers cost: the pinned host memory and device memory of one round's copies, allocated
+with the allocators' caches emptied and again from the caches.
 Results: OUT/publish_<shape>.json and the tables on stdout.
 """
 
@@ -22,7 +26,6 @@ import io
 import json
 import pstats
 import queue
-import statistics
 import sys
 import tempfile
 import threading
@@ -85,15 +88,38 @@ def one_round(cohort, writer: Writer, directory: Path, device, contended: bool) 
             "stall_s": loop_s + drain_s + next_step - reference}
 
 
-def profiled_snapshots(cohort, directory: Path, device, top: int) -> str:
+def buffer_costs(snapshots: list, device) -> dict:
+    """Seconds to allocate one round's copies (their flat tensors' sizes) as pinned host and as device memory, each
+    with its allocator's cache emptied first (`cold`) and then again (`cached`)."""
+    sizes = [flat.numel() * flat.element_size() for snapshot in snapshots
+             for copy in (snapshot.export.tensors, snapshot.training_state) for _, _, flat in copy._flats]
+    costs = {"bytes": sum(sizes)}
+    for name, allocate, empty in (("pinned", lambda n: torch.empty(n, dtype=torch.uint8, pin_memory=True),
+                                   torch._C._host_emptyCache),
+                                  ("device", lambda n: torch.empty(n, dtype=torch.uint8, device=device),
+                                   torch.cuda.empty_cache)):
+        empty()
+        for state in ("cold", "cached"):
+            e2e.sync(device)
+            start = time.perf_counter()
+            buffers = [allocate(size) for size in sizes]
+            e2e.sync(device)
+            costs[f"{name}_{state}_s"] = time.perf_counter() - start
+            del buffers
+    return costs
+
+
+def profiled_snapshots(cohort, directory: Path, device, top: int) -> tuple[str, dict | None]:
+    """cProfile's top functions of one round's snapshots, and on a GPU what their buffers cost."""
     profile = cProfile.Profile()
     profile.enable()
     snapshots, _, _ = take_snapshots(cohort, directory, device)
     profile.disable()
+    costs = buffer_costs(snapshots, device) if device.type == "cuda" else None
     del snapshots
     text = io.StringIO()
     pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(top)
-    return text.getvalue()
+    return text.getvalue(), costs
 
 
 def main() -> None:
@@ -120,23 +146,27 @@ def main() -> None:
     writer = Writer()
     rounds = [one_round(cohort, writer, root / "out" / f"round-{i}", device, contended=i % 2 == 0)
               for i in range(2 * args.rounds)]
-    profile = profiled_snapshots(cohort, root / "out" / "profiled", device, top=25)
+    profile, buffers = profiled_snapshots(cohort, root / "out" / "profiled", device, top=25)
     report = {"shape": args.shape, "jobs": args.jobs, "batch": args.batch, "device": str(device),
               "device_name": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
-              "graph_replays": cohort.graphs.replays, "rounds": rounds}
+              "graph_replays": cohort.graphs.replays, "rounds": rounds, "buffers": buffers}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"publish_{args.shape}.json").write_text(json.dumps(report, indent=2))
     print_tables(rounds)
+    if buffers is not None:
+        print(f"\none round's copies, {buffers['bytes'] / 2**30:.2f} GiB: pinned {buffers['pinned_cold_s']:.3f} s "
+              f"with the cache emptied, {buffers['pinned_cached_s']:.3f} s cached; device "
+              f"{buffers['device_cold_s']:.3f} s / {buffers['device_cached_s']:.3f} s")
     print(profile)
 
 
 def print_tables(rounds: list[dict]) -> None:
+    """A row a round: the first pays for its host and device buffers (pinned memory, staging), later ones reuse them,
+    so rounds are shown one by one rather than as medians."""
     fields = ["reference_step_s", "snapshots_loop_s", "device_drain_s", "next_step_s", "stall_s", "writes_s"]
-    print("| mode | " + " | ".join(fields) + " |\n|" + "---|" * (len(fields) + 1))
-    for mode in ("contended", "alone"):
-        chosen = [r for r in rounds if r["mode"] == mode]
-        medians = [statistics.median(r[field] for r in chosen) for field in fields]
-        print(f"| {mode} | " + " | ".join(f"{value:.3f}" for value in medians) + " |")
+    print("| round | writes | " + " | ".join(fields) + " |\n|" + "---|" * (len(fields) + 2))
+    for index, r in enumerate(rounds):
+        print(f"| {index} | {r['mode']} | " + " | ".join(f"{r[field]:.3f}" for field in fields) + " |")
 
 
 if __name__ == "__main__":
