@@ -64,7 +64,11 @@ class Adapter(nn.Module):
         return [{"params": list(self.parameters()), "lr": learning_rate}]
 
     @torch.no_grad()
-    def lora_weights(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def lora_weights(self, copies: bool = True) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Layer name -> its (A, B); `copies=False` for a caller that copies them anyway (a snapshot's host copy):
+        the live factors, detached."""
+        if not copies:
+            return {name: tuple(t.detach() for t in self.factors(name)) for name in self.layer_names}
         return {name: tuple(t.detach().clone() for t in self.factors(name)) for name in self.layer_names}
 
     def rng_state(self) -> dict:

@@ -263,13 +263,14 @@ def _lora_export(adapter: Adapter, common: dict) -> tuple[LoraConfig, dict[str, 
         target_parameters=list(spec.target_parameters) or None,  # a MoE base's expert parameters (executor/experts.py)
         **common,
     )
-    return config, lora_tensors(adapter)
+    return config, lora_tensors(adapter, copies=False)  # the snapshot's HostCopy copies them
 
 
-def lora_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
-    """A LoRA-kind adapter's tensors (copies) under the names PEFT saves them with."""
+def lora_tensors(adapter: Adapter, copies: bool = True) -> dict[str, torch.Tensor]:
+    """A LoRA-kind adapter's tensors under the names PEFT saves them with: copies, or with `copies=False` its live
+    layer factors (a copy each is a launch and an allocation on the loop, a thousand for a 1B cohort's checkpoint)."""
     tensors = {}
-    for name, (a, b) in adapter.lora_weights().items():
+    for name, (a, b) in adapter.lora_weights(copies).items():
         tensors[peft_key(name, "A")], tensors[peft_key(name, "B")] = a, b
     experts = expert_factors_of(adapter)
     if experts is not None:
