@@ -13,8 +13,9 @@ cohort in one process and, for each round, times:
 Rounds alternate, starting `contended`; the first round also pays for the copies' first buffers (pinned host memory,
 device staging), so each round is reported on its own.
 One round's snapshots are also taken under cProfile: its top functions by own time name what the loop waits for. On a
-GPU, what the first round's buffers cost: the pinned host memory and device memory of one round's copies, allocated
-with the allocators' caches emptied and again from the caches.
+GPU, what the first round's buffers cost: each round's time in the pinned allocator's growth (its own statistics), and
+one round's copies allocated as pinned host memory and as device memory with the allocators' caches emptied and again
+from the caches, and pinned once more by cudaHostRegister with 8 threads (PyTorch's alternative to cudaHostAlloc).
 Results: OUT/publish_<shape>.json and the tables on stdout.
 """
 
@@ -73,9 +74,19 @@ def take_snapshots(cohort, directory: Path, device) -> tuple[list, float, float]
     return snapshots, taken - start, time.perf_counter() - taken
 
 
+def pinned_growth_s(device) -> float:
+    """Seconds the pinned allocator has spent growing its pool so far (CUDA's host allocations); 0 off a GPU, NaN
+    where this PyTorch keeps no such statistic."""
+    if device.type != "cuda":
+        return 0.0
+    return torch.cuda.memory.host_memory_stats().get("host_alloc_time.total", float("nan")) / 1e6
+
+
 def one_round(cohort, writer: Writer, directory: Path, device, contended: bool) -> dict:
     reference = timed_step(cohort, device)
+    pinned_before = pinned_growth_s(device)
     snapshots, loop_s, drain_s = take_snapshots(cohort, directory, device)
+    pinned_s = pinned_growth_s(device) - pinned_before
     written = time.perf_counter()
     if contended:
         writer.write_all(snapshots)
@@ -85,7 +96,7 @@ def one_round(cohort, writer: Writer, directory: Path, device, contended: bool) 
     writer.pending.join()
     return {"mode": "contended" if contended else "alone", "reference_step_s": reference, "snapshots_loop_s": loop_s,
             "device_drain_s": drain_s, "next_step_s": next_step, "writes_s": time.perf_counter() - written,
-            "stall_s": loop_s + drain_s + next_step - reference}
+            "stall_s": loop_s + drain_s + next_step - reference, "pinned_growth_s": pinned_s}
 
 
 def buffer_costs(snapshots: list, device) -> dict:
@@ -94,19 +105,34 @@ def buffer_costs(snapshots: list, device) -> dict:
     sizes = [flat.numel() * flat.element_size() for snapshot in snapshots
              for copy in (snapshot.export.tensors, snapshot.training_state) for _, _, flat in copy._flats]
     costs = {"bytes": sum(sizes)}
-    for name, allocate, empty in (("pinned", lambda n: torch.empty(n, dtype=torch.uint8, pin_memory=True),
-                                   torch._C._host_emptyCache),
-                                  ("device", lambda n: torch.empty(n, dtype=torch.uint8, device=device),
-                                   torch.cuda.empty_cache)):
-        empty()
-        for state in ("cold", "cached"):
-            e2e.sync(device)
-            start = time.perf_counter()
-            buffers = [allocate(size) for size in sizes]
-            e2e.sync(device)
-            costs[f"{name}_{state}_s"] = time.perf_counter() - start
-            del buffers
+    pinned = (lambda n: torch.empty(n, dtype=torch.uint8, pin_memory=True), torch._C._host_emptyCache)
+    for name, (allocate, empty) in (("pinned", pinned),
+                                    ("device", (lambda n: torch.empty(n, dtype=torch.uint8, device=device),
+                                                torch.cuda.empty_cache))):
+        costs[f"{name}_cold_s"], costs[f"{name}_cached_s"] = allocation_seconds(sizes, allocate, empty, device)
+    # PyTorch's other way to pin: cudaHostRegister of ordinary memory, paged in by several threads
+    try:
+        torch.cuda.memory._set_allocator_settings("pinned_use_cuda_host_register:True,pinned_num_register_threads:8")
+    except RuntimeError as exc:  # this PyTorch does not take the setting at run time: say so, keep the rest
+        costs["pinned_registered_cold_s"] = float("nan")
+        print(f"cudaHostRegister not measured: {exc}")
+        return costs
+    costs["pinned_registered_cold_s"], _ = allocation_seconds(sizes, *pinned, device)
     return costs
+
+
+def allocation_seconds(sizes: list[int], allocate, empty, device) -> tuple[float, float]:
+    """Seconds to allocate `sizes` with the cache emptied first, then again from the cache."""
+    empty()
+    seconds = []
+    for _ in range(2):
+        e2e.sync(device)
+        start = time.perf_counter()
+        buffers = [allocate(size) for size in sizes]
+        e2e.sync(device)
+        seconds.append(time.perf_counter() - start)
+        del buffers
+    return seconds[0], seconds[1]
 
 
 def profiled_snapshots(cohort, directory: Path, device, top: int) -> tuple[str, dict | None]:
@@ -156,14 +182,16 @@ def main() -> None:
     if buffers is not None:
         print(f"\none round's copies, {buffers['bytes'] / 2**30:.2f} GiB: pinned {buffers['pinned_cold_s']:.3f} s "
               f"with the cache emptied, {buffers['pinned_cached_s']:.3f} s cached; device "
-              f"{buffers['device_cold_s']:.3f} s / {buffers['device_cached_s']:.3f} s")
+              f"{buffers['device_cold_s']:.3f} s / {buffers['device_cached_s']:.3f} s; pinned by cudaHostRegister "
+              f"with 8 threads {buffers['pinned_registered_cold_s']:.3f} s with the cache emptied")
     print(profile)
 
 
 def print_tables(rounds: list[dict]) -> None:
     """A row a round: the first pays for its host and device buffers (pinned memory, staging), later ones reuse them,
     so rounds are shown one by one rather than as medians."""
-    fields = ["reference_step_s", "snapshots_loop_s", "device_drain_s", "next_step_s", "stall_s", "writes_s"]
+    fields = ["reference_step_s", "snapshots_loop_s", "pinned_growth_s", "device_drain_s", "next_step_s", "stall_s",
+              "writes_s"]
     print("| round | writes | " + " | ".join(fields) + " |\n|" + "---|" * (len(fields) + 2))
     for index, r in enumerate(rounds):
         print(f"| {index} | {r['mode']} | " + " | ".join(f"{r[field]:.3f}" for field in fields) + " |")
