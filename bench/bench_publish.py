@@ -44,25 +44,16 @@ class Writer:
 
     def __init__(self):
         self.pending: queue.Queue = queue.Queue()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
+        threading.Thread(target=self._run, daemon=True).start()
 
     def _run(self) -> None:
-        while (snapshot := self.pending.get()) is not None:
-            snapshot.write()
+        while True:
+            self.pending.get().write()
             self.pending.task_done()
 
     def write_all(self, snapshots: list) -> None:
         for snapshot in snapshots:
             self.pending.put(snapshot)
-
-
-def timed_step(cohort, device) -> float:
-    e2e.sync(device)
-    start = time.perf_counter()
-    cohort.step()
-    e2e.sync(device)
-    return time.perf_counter() - start
 
 
 def take_snapshots(cohort, directory: Path, device) -> tuple[list, float, float]:
@@ -83,14 +74,14 @@ def pinned_growth_s(device) -> float:
 
 
 def one_round(cohort, writer: Writer, directory: Path, device, contended: bool) -> dict:
-    reference = timed_step(cohort, device)
+    reference = e2e.timed_steps(cohort, 0, 1, device)
     pinned_before = pinned_growth_s(device)
     snapshots, loop_s, drain_s = take_snapshots(cohort, directory, device)
     pinned_s = pinned_growth_s(device) - pinned_before
     written = time.perf_counter()
     if contended:
         writer.write_all(snapshots)
-    next_step = timed_step(cohort, device)
+    next_step = e2e.timed_steps(cohort, 0, 1, device)
     if not contended:
         writer.write_all(snapshots)
     writer.pending.join()

@@ -67,9 +67,8 @@ class Adapter(nn.Module):
     def lora_weights(self, copies: bool = True) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Layer name -> its (A, B); `copies=False` for a caller that copies them anyway (a snapshot's host copy):
         the live factors, detached."""
-        if not copies:
-            return {name: tuple(t.detach() for t in self.factors(name)) for name in self.layer_names}
-        return {name: tuple(t.detach().clone() for t in self.factors(name)) for name in self.layer_names}
+        return {name: tuple(t.detach().clone() if copies else t.detach() for t in self.factors(name))
+                for name in self.layer_names}
 
     def rng_state(self) -> dict:
         return {"dropout_rng": self.dropout_rng.get_state(), "dropout_rng_device": self.dropout_rng.device.type}

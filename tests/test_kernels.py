@@ -321,6 +321,8 @@ def test_a_checkpoint_holds_only_its_own_jobs_pending_gradients(monkeypatch, tmp
     """On the kernel path all jobs' A gradients are views of one buffer; a checkpoint must not carry the others'."""
     from helpers_models import alpaca_rows, build_tiny_model, write_jsonl
 
+    from torch.utils._pytree import tree_leaves
+
     from lorafleet.executor.checkpoint import TRAINING_STATE
     from lorafleet.executor.cohort import Cohort
     from lorafleet.scheduler.spec import parse_spec
@@ -336,21 +338,10 @@ def test_a_checkpoint_holds_only_its_own_jobs_pending_gradients(monkeypatch, tmp
     cohort.step()  # mid-accumulation: gradients are pending
     state = torch.load(cohort.checkpoint("x", tmp_path / "ckpt") / TRAINING_STATE, weights_only=True)
     assert any(g is not None for g in state["pending_grads"])
-    tensors = list(tensors_in(state))
+    tensors = [leaf for leaf in tree_leaves(state) if isinstance(leaf, torch.Tensor)]
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
     # the file's storages hold the job's own tensors and nothing more (the shared buffer would add y's gradients)
     assert sum(storages.values()) == sum(t.numel() * t.element_size() for t in tensors)
-
-
-def tensors_in(state):
-    if isinstance(state, torch.Tensor):
-        yield state
-    elif isinstance(state, dict):
-        for value in state.values():
-            yield from tensors_in(value)
-    elif isinstance(state, (list, tuple)):
-        for value in state:
-            yield from tensors_in(value)
 
 
 def test_cohort_on_the_kernel_path_fuses_shared_input_projections_and_matches_the_reference(monkeypatch, tmp_path):
