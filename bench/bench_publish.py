@@ -15,7 +15,9 @@ device staging), so each round is reported on its own.
 One round's snapshots are also taken under cProfile: its top functions by own time name what the loop waits for. On a
 GPU, what the first round's buffers cost: each round's time in the pinned allocator's growth (its own statistics), and
 one round's copies allocated as pinned host memory and as device memory with the allocators' caches emptied and again
-from the caches, and pinned once more by cudaHostRegister with 8 threads (PyTorch's alternative to cudaHostAlloc).
+from the caches, and pinned once more by cudaHostRegister with 8 threads (PyTorch's alternative to cudaHostAlloc);
+and the steps the loop takes while another thread pins that memory (each way): whether pinning ahead of the first
+round, off the loop, stalls the steps beside it.
 Results: OUT/publish_<shape>.json and the tables on stdout.
 """
 
@@ -90,11 +92,30 @@ def one_round(cohort, writer: Writer, directory: Path, device, contended: bool) 
             "stall_s": loop_s + drain_s + next_step - reference, "pinned_growth_s": pinned_s}
 
 
+def copy_sizes(snapshots: list) -> list[int]:
+    """The bytes of each flat tensor of one round's copies."""
+    return [flat.numel() * flat.element_size() for snapshot in snapshots
+            for copy in (snapshot.export.tensors, snapshot.training_state) for _, _, flat in copy._flats]
+
+
+def steps_beside_pinning(cohort, sizes: list[int], device) -> dict:
+    """The loop's steps while another thread pins `sizes` (the pinned cache emptied first): whether pinning the
+    copies' memory ahead, off the loop, would stall the steps that run meanwhile."""
+    torch._C._host_emptyCache()
+    pinning = threading.Thread(target=lambda: [torch.empty(n, dtype=torch.uint8, pin_memory=True) for n in sizes])
+    started = time.perf_counter()
+    pinning.start()
+    steps = []
+    while pinning.is_alive() or not steps:
+        steps.append(e2e.timed_steps(cohort, 0, 1, device))
+    pinning.join()
+    return {"pinning_s": time.perf_counter() - started, "steps_s": steps}
+
+
 def buffer_costs(snapshots: list, device) -> dict:
     """Seconds to allocate one round's copies (their flat tensors' sizes) as pinned host and as device memory, each
     with its allocator's cache emptied first (`cold`) and then again (`cached`)."""
-    sizes = [flat.numel() * flat.element_size() for snapshot in snapshots
-             for copy in (snapshot.export.tensors, snapshot.training_state) for _, _, flat in copy._flats]
+    sizes = copy_sizes(snapshots)
     costs = {"bytes": sum(sizes)}
     pinned = (lambda n: torch.empty(n, dtype=torch.uint8, pin_memory=True), torch._C._host_emptyCache)
     for name, (allocate, empty) in (("pinned", pinned),
@@ -132,7 +153,12 @@ def profiled_snapshots(cohort, directory: Path, device, top: int) -> tuple[str, 
     profile.enable()
     snapshots, _, _ = take_snapshots(cohort, directory, device)
     profile.disable()
-    costs = buffer_costs(snapshots, device) if device.type == "cuda" else None
+    costs = None
+    if device.type == "cuda":
+        beside = steps_beside_pinning(cohort, copy_sizes(snapshots), device)  # by cudaHostAlloc
+        costs = buffer_costs(snapshots, device)  # ends with the allocator set to cudaHostRegister
+        costs["beside_pinning"] = beside
+        costs["beside_registering"] = steps_beside_pinning(cohort, copy_sizes(snapshots), device)
     del snapshots
     text = io.StringIO()
     pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(top)
@@ -175,6 +201,10 @@ def main() -> None:
               f"with the cache emptied, {buffers['pinned_cached_s']:.3f} s cached; device "
               f"{buffers['device_cold_s']:.3f} s / {buffers['device_cached_s']:.3f} s; pinned by cudaHostRegister "
               f"with 8 threads {buffers['pinned_registered_cold_s']:.3f} s with the cache emptied")
+        for name, how in (("beside_pinning", "cudaHostAlloc"), ("beside_registering", "cudaHostRegister")):
+            beside = buffers[name]
+            print(f"steps while another thread pinned them by {how} ({beside['pinning_s']:.3f} s): "
+                  + ", ".join(f"{step:.3f}" for step in beside["steps_s"]) + " s")
     print(profile)
 
 

@@ -123,21 +123,32 @@ def measure_batch(store, running, submitted: list[tuple[str, float]], steps: int
     if not gaps:
         raise RuntimeError(f"the {len(submitted)} jobs never trained together past the last one's 2 warm-up steps "
                            f"(it joined too late): raise --steps")
-    step_s = statistics.median(gaps)
-    stalls = publish_stalls(times, ordered, step_s, steps, checkpoint_every)
+    step_s, in_service_s = statistics.median(gaps), statistics.median(in_service)
+    stall_gaps = publishing_gaps(times, ordered, steps, checkpoint_every)
+    stalls = [max(0.0, ordered[i + 1] - ordered[i] - step_s) for i in stall_gaps]
+    # the part of a stall inside the next Cohort.step (it ran slower: the publisher's work beside it, a recapture),
+    # the rest on the loop between the steps (the snapshots taken, their buffers allocated)
+    next_step = [last_events[last_steps[i + 1]] for i in stall_gaps]
+    in_step = [max(0.0, event["tokens"] / event["tokens_per_s"] - in_service_s) for event in next_step
+               if event["tokens_per_s"] > 0]
     return {"first_step_s": {"min": min(first_steps), "median": statistics.median(first_steps),
                              "max": max(first_steps)},
             "service_step_s": step_s, "steps_timed": len(gaps),
-            "cohort_step_in_service_s": statistics.median(in_service),
-            "publish_stall_s": {"publishing_steps": len(stalls), "median": statistics.median(stalls) if stalls else 0.0,
-                                "max": max(stalls, default=0.0)}}
+            "cohort_step_in_service_s": in_service_s,
+            "publish_stall_s": {"publishing_steps": len(stalls), "median": _median(stalls), "max": max(stalls, default=0.0),
+                                "in_next_step_median": _median(in_step), "in_next_step_max": max(in_step, default=0.0)}}
 
 
-def publish_stalls(times: dict[str, dict[int, float]], ordered: list[float], step_s: float, steps: int,
-                   checkpoint_every: int) -> list[float]:
-    """For each step of the last job after which some job published (a checkpoint, or its adapter at its end): how
-    much longer than `step_s` its next step took. A step's progress events are written together, before its
-    publishes, so the publishes of a step fall in the last job's gap that starts at that step's events."""
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else 0.0
+
+
+def publishing_gaps(times: dict[str, dict[int, float]], ordered: list[float], steps: int,
+                    checkpoint_every: int) -> list[int]:
+    """The gaps of the last job's steps (index i: from its ith event to the next) in which some job published (a
+    checkpoint, or its adapter at its end): a publish stall is how much longer than the median such a gap took. A
+    step's progress events are written together, before its publishes, so the publishes of a step fall in the last
+    job's gap that starts at that step's events."""
     publishing = set()
     for job_times in times.values():
         for step, ts in job_times.items():
@@ -145,7 +156,7 @@ def publish_stalls(times: dict[str, dict[int, float]], ordered: list[float], ste
                 later = [i for i, t in enumerate(ordered) if t <= ts + 1e-3]
                 if later and later[-1] + 1 < len(ordered):
                     publishing.add(later[-1])
-    return [max(0.0, ordered[i + 1] - ordered[i] - step_s) for i in sorted(publishing)]
+    return sorted(publishing)
 
 
 def executor_steps(store) -> dict[str, int]:
@@ -225,10 +236,12 @@ def main() -> None:
           f"{args.out / 'logs'})")
     print(f"\nCohort.step inside the service (warm): {warm['cohort_step_in_service_s']:.4f} s; the loop around it: "
           f"{(warm['service_step_s'] - warm['cohort_step_in_service_s']) * 1e3:.1f} ms a step")
-    print("\n| batch | publishing steps | publish stall s (median / max) |\n|---|---|---|")
+    print("\n| batch | publishing steps | publish stall s (median / max) | of it in the next Cohort.step s (median / "
+          "max) |\n|---|---|---|---|")
     for batch in (cold, warm):
         stall = batch["publish_stall_s"]
-        print(f"| {batch['batch']} | {stall['publishing_steps']} | {stall['median']:.3f} / {stall['max']:.3f} |")
+        print(f"| {batch['batch']} | {stall['publishing_steps']} | {stall['median']:.3f} / {stall['max']:.3f} | "
+              f"{stall['in_next_step_median']:.3f} / {stall['in_next_step_max']:.3f} |")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ def test_the_service_bench_reports_its_ratio_first_steps_and_publish_stalls(tmp_
         stall = measured["publish_stall_s"]
         assert stall["publishing_steps"] >= 2, "checkpoints at steps 8 and 16 of the last job to join"
         assert 0 <= stall["median"] <= stall["max"]
+        assert 0 <= stall["in_next_step_median"] <= stall["in_next_step_max"]
     assert "publish stall s" in run.stdout
     # on the CPU no step replays a graph; the logs of the service's processes come back with the report
     assert report["executor_steps"]["steps"] > 0 and report["executor_steps"]["graphed"] == 0
