@@ -374,7 +374,7 @@ class Executor:
             return
         seconds = time.perf_counter() - started
         graphed = self._graph_replays() > replays
-        peak = _peak_bytes(self.device)
+        allocated, peak = _memory_bytes(self.device)
         self.step_peak_bytes = peak
         self.step_pass_tokens = self.cohort.largest_pass_tokens if self.max_pass_tokens is not None else 0
         tokens_by_tenant = self._measure_step(results, seconds, graphed)
@@ -398,7 +398,7 @@ class Executor:
                 self.save_checkpoint(lease)
         if self.metrics:
             self.metrics.cohort_jobs.set(len(self.leases))
-            self.metrics.memory_allocated.set(_allocated_bytes(self.device))
+            self.metrics.memory_allocated.set(allocated)  # after the step, before its snapshots' staging copies
             self.metrics.memory_peak.labels(executor=self.executor_id).set(peak)
 
     def eval_samples(self, checkpointing: dict[str, int]) -> None:
@@ -551,12 +551,18 @@ def _device_memory(device: str) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def _peak_bytes(device: str) -> int:
+def _memory_bytes(device: str) -> tuple[int, int]:
+    """(bytes allocated now, the peak since `_reset_peak`); on the CPU the process's peak resident size for both.
+    On a GPU one read of the allocator's statistics as they come: torch.cuda.memory_allocated and
+    max_memory_allocated each flatten and sort the whole table first, and the loop reads it between every two steps."""
     if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated(torch.device(device))
+        stats = torch.cuda.memory_stats_as_nested_dict(torch.device(device))  # empty before CUDA's first use
+        allocated = stats.get("allocated_bytes", {}).get("all", {})
+        return allocated.get("current", 0), allocated.get("peak", 0)
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return peak, peak
 
 
 def _reset_peak(device: str) -> None:
@@ -565,9 +571,7 @@ def _reset_peak(device: str) -> None:
 
 
 def _allocated_bytes(device: str) -> int:
-    if device.startswith("cuda"):
-        return torch.cuda.memory_allocated(torch.device(device))
-    return _peak_bytes(device)
+    return _memory_bytes(device)[0]
 
 
 def _supported_dtypes(device: str) -> list[str]:
