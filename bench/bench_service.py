@@ -135,8 +135,9 @@ def measure_batch(store, running, submitted: list[tuple[str, float]], steps: int
                              "max": max(first_steps)},
             "service_step_s": step_s, "steps_timed": len(gaps),
             "cohort_step_in_service_s": in_service_s,
-            "publish_stall_s": {"publishing_steps": len(stalls), "median": _median(stalls), "max": max(stalls, default=0.0),
-                                "in_next_step_median": _median(in_step), "in_next_step_max": max(in_step, default=0.0)}}
+            "publish_stall_s": {"publishing_steps": len(stalls), "median": _median(stalls),
+                                "max": max(stalls, default=0.0), "in_next_step_median": _median(in_step),
+                                "in_next_step_max": max(in_step, default=0.0)}}
 
 
 def _median(values: list[float]) -> float:

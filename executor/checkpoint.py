@@ -13,13 +13,17 @@ Each file is written under a temporary name and renamed, so a crash mid-write ne
 from __future__ import annotations
 
 import copy
+import functools
 import json
+import logging
 import os
+import queue
 import struct
 import threading
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from peft import LoraConfig, VeraConfig
@@ -32,6 +36,8 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 TRAINING_STATE = "training_state.pt"
 STATE_FORMAT = 1
+
+log = logging.getLogger(__name__)
 
 
 def peft_key(module_name: str, factor: str) -> str:
@@ -65,11 +71,13 @@ class HostCopy:
 
     The tensors of one device and dtype travel as one flat tensor: a job's state is hundreds of small tensors
     (factors, moments, gradients), and a copy each from a GPU is a host sync each (on the H200 about a second for a
-    1B cohort's eight checkpoints, run P10). On a GPU the flat tensor is gathered on the loop's stream (so the next
-    step's updates come after it) and copied to pinned memory on a side stream, so neither the loop nor the next
-    step waits for the host copy (`STAGING_BYTES` bounds the GPU memory such copies hold at once). The pinned memory
-    held by copies not yet written and dropped is bounded by `PINNED_BYTES`: past it (the publisher far behind, e.g. on
-    a slow file system) a copy goes to pageable memory, which the loop waits for, as before `HostCopy`.
+    1B cohort's eight checkpoints, run P10). On a GPU the loop only gathers the flat tensor on its stream (so the next
+    step's updates come after it); the device's copier thread takes host memory and copies the flat into it on a side
+    stream. Pinning host memory is slow the first time (the pinned allocator keeps it afterwards): taken on the loop,
+    a 1B cohort's first checkpoint round cost it 1.2-1.5 s (bench/bench_publish.py); the copier takes it, and pins by
+    registering (`PINNED_BY_REGISTERING`). `STAGING_BYTES` bounds the GPU memory that gathered flats not yet copied
+    hold. The pinned memory held by copies not yet written and dropped is bounded by `PINNED_BYTES`: past it (the
+    publisher far behind, e.g. on a slow file system) a copy goes to pageable memory, which only the copier waits for.
 
     The publisher's thread copies nothing again: `get` gives views of the flat copies (torch.save writes each flat
     once, and a flat holds this state's elements only), `write_safetensors` writes the flats' bytes under a header.
@@ -78,43 +86,74 @@ class HostCopy:
 
     STAGING_BYTES = 1 << 30
     PINNED_BYTES = 4 << 30
-    _in_flight: list[tuple["torch.cuda.Event", int]] = []  # copies that may still hold GPU staging memory, oldest
-    # first: each one's event and bytes (not the copy: a copy written and dropped gives its pinned memory back)
+    _in_flight: list["_Transfer"] = []  # transfers that may still hold GPU staging memory, oldest first (not the
+    # copies: a copy written and dropped gives its pinned memory back)
     pinned_held = 0  # bytes of pinned memory held by live copies
-    _pinned_lock = threading.Lock()  # copies start on the loop and die on the publisher's thread
+    _pinned_lock = threading.Lock()  # the copier pins, the publisher's thread drops
 
     def __init__(self, skeleton, flats: list[tuple[list[int], list[torch.Size], torch.Tensor]],
-                 done: "torch.cuda.Event | None"):
-        self._skeleton, self._flats, self._done = skeleton, flats, done
+                 transfer: "_Transfer | None"):
+        self._skeleton, self._flats, self._transfer = skeleton, flats, transfer
 
     @classmethod
     def start(cls, state) -> "HostCopy":
         leaves: list[torch.Tensor] = []
         skeleton = _with_slots(state, leaves)  # non-tensor leaves are copied now: the live state moves on
-        groups: dict[tuple, list[int]] = {}
-        for index, tensor in enumerate(leaves):
-            groups.setdefault((tensor.device, tensor.dtype), []).append(index)
         flats = []
-        for indices in groups.values():
+        for indices in _groups(leaves).values():
             flats.append((indices, [leaves[i].shape for i in indices], _gathered([leaves[i] for i in indices])))
         on_gpu = [flat for _, _, flat in flats if flat.is_cuda]
         if not on_gpu:
             return cls(skeleton, flats, None)
-        return cls._copy_from_gpu(skeleton, flats, on_gpu)
-
-    @classmethod
-    def _copy_from_gpu(cls, skeleton, flats, on_gpu: list[torch.Tensor]) -> "HostCopy":
         staged = sum(flat.numel() * flat.element_size() for flat in on_gpu)
         cls._wait_for_staging_room(staged)
         device = on_gpu[0].device
+        gathered = torch.cuda.Event()
+        gathered.record(torch.cuda.current_stream(device))
+        copy = cls(skeleton, flats, _Transfer(staged))
+        cls._in_flight.append(copy._transfer)
+        _copier(device).put(functools.partial(copy._copy_to_host, gathered))
+        return copy
+
+    @classmethod
+    def pin_ahead(cls, states: list) -> None:
+        """Have the copier pin host memory for copies of `states` now, for their first `start`s to take: a cohort's
+        first checkpoint round would otherwise wait for the copier to pin it (on an H100 a 1B cohort's round, 1.7 GiB,
+        stalled the loop 0.4 s, the staging memory full of flats not yet copied; run H7). Within `PINNED_BYTES`."""
+        sizes: dict[torch.device, list[int]] = {}
+        for state in states:
+            leaves: list[torch.Tensor] = []
+            _with_slots(state, leaves)
+            for (device, dtype), indices in _groups(leaves).items():
+                if device.type == "cuda":
+                    sizes.setdefault(device, []).append(sum(leaves[i].numel() for i in indices) * dtype.itemsize)
+        for device, device_sizes in sizes.items():
+            _copier(device).put(functools.partial(_pin, device_sizes))
+
+    def _copy_to_host(self, gathered: "torch.cuda.Event") -> None:
+        """On the copier thread: host memory for each GPU flat, and its copy queued on the side stream after the
+        gather; the flats are this copy's from then on. A failure is its reader's to learn (`get`)."""
+        _PINNED_AHEAD.clear()  # into the pinned allocator's cache, for these copies and the next ones to take
+        try:
+            done = self._queue_host_copies(gathered)
+        except Exception as exc:  # the copier goes on with the next copy
+            self._transfer.copied(None, exc)
+            return
+        self._transfer.copied(done)
+
+    def _queue_host_copies(self, gathered: "torch.cuda.Event") -> "torch.cuda.Event":
+        device = next(flat.device for _, _, flat in self._flats if flat.is_cuda)
         side = _copy_stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with cls._pinned_lock:
-            pinned = cls.pinned_held + staged <= cls.PINNED_BYTES
-            cls.pinned_held += staged if pinned else 0
+        side.wait_event(gathered)
+        staged = self._transfer.staged
+        with self._pinned_lock:
+            pinned = HostCopy.pinned_held + staged <= self.PINNED_BYTES
+            HostCopy.pinned_held += staged if pinned else 0
+        if pinned:
+            weakref.finalize(self, HostCopy._unpin, staged)
         host_flats = []
-        with torch.cuda.stream(side):
-            for indices, shapes, flat in flats:
+        with torch.cuda.device(device), torch.cuda.stream(side):
+            for indices, shapes, flat in self._flats:
                 if flat.is_cuda:
                     host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=pinned)
                     host.copy_(flat, non_blocking=True)
@@ -123,11 +162,8 @@ class HostCopy:
                 host_flats.append((indices, shapes, flat))
             done = torch.cuda.Event()
             done.record(side)
-        copy = cls(skeleton, host_flats, done)
-        cls._in_flight.append((done, staged))
-        if pinned:
-            weakref.finalize(copy, cls._unpin, staged)
-        return copy
+        self._flats = host_flats
+        return done
 
     @classmethod
     def _unpin(cls, count: int) -> None:
@@ -136,15 +172,18 @@ class HostCopy:
 
     @classmethod
     def _wait_for_staging_room(cls, wanted: int) -> None:
-        cls._in_flight = [(done, staged) for done, staged in cls._in_flight if not done.query()]
-        while cls._in_flight and sum(staged for _, staged in cls._in_flight) + wanted > cls.STAGING_BYTES:
-            cls._in_flight.pop(0)[0].synchronize()
+        cls._in_flight = [transfer for transfer in cls._in_flight if not transfer.finished()]
+        while cls._in_flight and sum(transfer.staged for transfer in cls._in_flight) + wanted > cls.STAGING_BYTES:
+            cls._in_flight.pop(0).wait()
+
+    def _wait(self) -> None:
+        if self._transfer is not None:
+            self._transfer.wait()
 
     def get(self):
         """The state, its tensors views of the copy's flat tensors: torch.save writes each flat once, and a flat
         holds this state's elements only."""
-        if self._done is not None:
-            self._done.synchronize()
+        self._wait()
         views: list[torch.Tensor | None] = [None] * sum(len(indices) for indices, _, _ in self._flats)
         for indices, shapes, flat in self._flats:
             for i, shape, part in zip(indices, shapes, flat.split([shape.numel() for shape in shapes])):
@@ -155,8 +194,7 @@ class HostCopy:
         """Write a flat state (name -> tensor) as a safetensors file straight from the flat copies: a header, then
         each flat's bytes in one write (no tensor copied again, no Python per tensor in the writing; the loop's
         steps go on meanwhile)."""
-        if self._done is not None:
-            self._done.synchronize()
+        self._wait()
         names = {slot.index: name for name, slot in self._skeleton.items()}
         flats = sorted(self._flats, key=lambda entry: -entry[2].element_size())  # every tensor aligned to its size
         header: dict[str, dict] = {"__metadata__": metadata}
@@ -175,9 +213,41 @@ class HostCopy:
                 handle.write(memoryview(flat.view(torch.uint8).numpy()))
 
 
+class _Transfer:
+    """A copy's way from the GPU: `staged` bytes of gathered flats until the copier has queued their copies to the
+    host (`copied`) and the side stream has run them."""
+
+    def __init__(self, staged: int):
+        self.staged = staged
+        self._queued = threading.Event()
+        self._done: "torch.cuda.Event | None" = None
+        self._error: Exception | None = None
+
+    def copied(self, done: "torch.cuda.Event | None", error: Exception | None = None) -> None:
+        self._done, self._error = done, error
+        self._queued.set()
+
+    def finished(self) -> bool:
+        return self._queued.is_set() and (self._done is None or self._done.query())
+
+    def wait(self) -> None:
+        self._queued.wait()
+        if self._error is not None:
+            raise RuntimeError(f"copying a snapshot to the host failed: {self._error}") from self._error
+        self._done.synchronize()
+
+
 _SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
                        torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
                        torch.bool: "BOOL"}
+
+
+def _groups(leaves: list[torch.Tensor]) -> dict[tuple[torch.device, torch.dtype], list[int]]:
+    """The leaves' indices by device and dtype: what travels as one flat tensor."""
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for index, tensor in enumerate(leaves):
+        groups.setdefault((tensor.device, tensor.dtype), []).append(index)
+    return groups
 
 
 @torch.no_grad()
@@ -190,6 +260,47 @@ def _gathered(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 _COPY_STREAMS: dict[torch.device, "torch.cuda.Stream"] = {}
+_COPIERS: dict[torch.device, "queue.SimpleQueue[Callable[[], None]]"] = {}
+_COPIERS_LOCK = threading.Lock()
+_PINNED_AHEAD: list[torch.Tensor] = []  # host memory `HostCopy.pin_ahead` pinned, held until the next copy (the
+# pinned allocator's cache keeps what is freed, and would give one block to every pinning ahead if each freed its own)
+
+
+# Pinned host memory by cudaHostRegister of ordinary memory, paged in by 8 threads, not by cudaHostAlloc: that holds
+# the driver's lock for as long as it pins, and every CUDA call of the loop waits for it, whichever thread pins. On an
+# H100 a 1B cohort's checkpoint round (1.7 GiB) took 1.1-1.2 s to pin by cudaHostAlloc, and a step beside it 1.6 s;
+# registered, 0.34-0.37 s, and the steps beside it 0.19-0.20 s against 0.18 s (run H7, bench/bench_publish.py).
+PINNED_BY_REGISTERING = "pinned_use_cuda_host_register:True,pinned_num_register_threads:8"
+
+
+def _copier(device: torch.device) -> "queue.SimpleQueue[Callable[[], None]]":
+    """The queue of the device's copier thread (started on first use): `HostCopy._copy_to_host` and `_pin`, in
+    order."""
+    with _COPIERS_LOCK:
+        if device not in _COPIERS:
+            torch._C._accelerator_setAllocatorSettings(PINNED_BY_REGISTERING)  # the process's pinned allocator
+            _COPIERS[device] = queue.SimpleQueue()
+            threading.Thread(target=_copy_forever, args=(_COPIERS[device],), name=f"host-copier-{device}",
+                             daemon=True).start()
+        return _COPIERS[device]
+
+
+def _copy_forever(tasks: "queue.SimpleQueue[Callable[[], None]]") -> None:
+    while True:
+        tasks.get()()  # no reference to a copy outlives its task: a dropped copy unpins at once
+
+
+def _pin(sizes: list[int]) -> None:
+    """On the copier thread: pinned host memory of `sizes` bytes, held in `_PINNED_AHEAD` (within `PINNED_BYTES`)."""
+    held = sum(buffer.numel() for buffer in _PINNED_AHEAD)
+    try:
+        for size in sizes:
+            if held + size > HostCopy.PINNED_BYTES:
+                return
+            _PINNED_AHEAD.append(torch.empty(size, dtype=torch.uint8, pin_memory=True))
+            held += size
+    except RuntimeError as exc:  # the copies will pin what they need themselves
+        log.warning("could not pin host memory ahead of a checkpoint: %s", exc)
 
 
 def _copy_stream(device: torch.device) -> "torch.cuda.Stream":
@@ -243,13 +354,18 @@ def peft_adapter_files(adapter: Adapter, base_model_path: str, fan_in_fan_out: b
         bias="none",
         base_model_name_or_path=str(base_model_path),
     )
-    if isinstance(adapter, VeraAdapter):
-        config, tensors = _vera_export(adapter, common)
-    else:
-        config, tensors = _lora_export(adapter, common)
-    tensors = HostCopy.start({key: tensor.detach().float() for key, tensor in tensors.items()})
+    config, tensors = (_vera_export if isinstance(adapter, VeraAdapter) else _lora_export)(adapter, common)
     fields = {key: sorted(value) if isinstance(value, set) else value for key, value in config.to_dict().items()}
-    return ExportFiles(tensors, json.dumps(fields, indent=2, sort_keys=True))
+    return ExportFiles(HostCopy.start(_fp32(tensors)), json.dumps(fields, indent=2, sort_keys=True))
+
+
+def peft_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
+    """The tensors of `adapter`'s PEFT export, as its copy takes them (what `HostCopy.pin_ahead` sizes)."""
+    return _fp32(_vera_tensors(adapter) if isinstance(adapter, VeraAdapter) else lora_tensors(adapter, copies=False))
+
+
+def _fp32(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {key: tensor.detach().float() for key, tensor in tensors.items()}
 
 
 def _lora_export(adapter: Adapter, common: dict) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
@@ -305,12 +421,16 @@ def _vera_export(adapter: VeraAdapter, common: dict) -> tuple[VeraConfig, dict[s
     spec = adapter.spec
     config = VeraConfig(projection_prng_key=spec.vera.projection_prng_key, d_initial=spec.vera.d_initial,
                         vera_dropout=spec.lora_dropout, save_projection=True, **common)
+    return config, _vera_tensors(adapter)
+
+
+def _vera_tensors(adapter: VeraAdapter) -> dict[str, torch.Tensor]:
     vera_a, vera_b = adapter.projections
     tensors = {"base_model.vera_A": vera_a, "base_model.vera_B": vera_b}
     for name, lambda_d, lambda_b in zip(adapter.layer_names, adapter.lambda_d, adapter.lambda_b):
         tensors[f"base_model.model.{name}.vera_lambda_d"] = lambda_d
         tensors[f"base_model.model.{name}.vera_lambda_b"] = lambda_b
-    return config, tensors
+    return tensors
 
 
 @dataclass

@@ -63,13 +63,14 @@ import torch.nn.functional as F
 
 from lorafleet.executor.activations import checkpoint_layers
 from lorafleet.executor.adapters import Adapter, build_adapter
-from lorafleet.executor.checkpoint import HostCopy, JobSnapshot, load_training_state, peft_adapter_files
+from lorafleet.executor.checkpoint import (HostCopy, JobSnapshot, load_training_state, peft_adapter_files,
+                                           peft_tensors)
 from lorafleet.executor.data import IGNORE_INDEX, DataError, Example, JobData
 from lorafleet.executor.experts import MultiLoraExperts, attach_expert_factors, wrap_expert_targets
 from lorafleet.executor.fused_decoder import fuse_decoder
 from lorafleet.executor.loss import chunked_head_loss_applies, logit_softcap
 from lorafleet.executor.loss import token_losses as chunked_token_losses
-from lorafleet.executor.lopa import LopaAdapter, input_length, lopa_files, lopa_logits, prompt_pass
+from lorafleet.executor.lopa import LopaAdapter, input_length, lopa_files, lopa_logits, lopa_tensors, prompt_pass
 from lorafleet.executor.model import decoder_layers, load_base, packing_kwargs
 from lorafleet.executor.multilora import MultiLoraLinear, RowRouting, is_conv1d, wrap_targets
 from lorafleet.executor.optim import JobOptimizer, NonFiniteGradients
@@ -126,6 +127,7 @@ class Job:
     trained_tokens: int = 0  # target tokens trained on since the job began, across resumes (OpenAI's trained_tokens)
     done: bool = False
     error: str | None = None
+    pinned_ahead: bool = False  # its checkpoints' host memory (`Cohort._pin_ahead`)
 
     @property
     def active(self) -> bool:
@@ -422,6 +424,8 @@ class Cohort:
             job.window_targets += targets[job_id]
             job.trained_tokens += targets[job_id]
         synced = self._step_optimizers_and_sync(finished, divisors, sums, graphed)
+        for job_id in synced.norms:  # stepped: its state is now as its checkpoints will hold it
+            self._pin_ahead(self.jobs[job_id])
         for job_id in batches:
             job = self.jobs[job_id]
             if job_id in sums.non_finite:
@@ -719,11 +723,21 @@ class Cohort:
         else:
             fan_in_fan_out = any(is_conv1d(layer.base) for layer in job.layers)
             files = peft_adapter_files(job.adapter, job.spec.base_model, fan_in_fan_out)
-        return JobSnapshot(Path(directory), files, self._training_state(job) if training_state else None)
+        state = HostCopy.start(self._training_state(job)) if training_state else None
+        return JobSnapshot(Path(directory), files, state)
 
-    def _training_state(self, job: Job) -> HostCopy:
-        """What `_restore` resumes from, as a copy on its way to the host."""
-        return HostCopy.start({
+    def _pin_ahead(self, job: Job) -> None:
+        """Once a GPU job has stepped: have the host memory of its checkpoints (export and training state) pinned
+        off the loop (`HostCopy.pin_ahead`), for its first checkpoint to take at once."""
+        if job.pinned_ahead or self.device.type != "cuda":
+            return
+        job.pinned_ahead = True
+        export = lopa_tensors(job.adapter) if isinstance(job.adapter, LopaAdapter) else peft_tensors(job.adapter)
+        HostCopy.pin_ahead([export, self._training_state(job)])
+
+    def _training_state(self, job: Job) -> dict:
+        """What `_restore` resumes from (to be copied to the host)."""
+        return {
             "spec": job.spec.model_dump_json(),
             "step": job.step,
             "micro_batches": job.micro_batches,
@@ -737,7 +751,7 @@ class Cohort:
             "pending_grads": [p.grad for p in job.adapter.parameters()],
             "optimizer": job.optimizer.state_dict(),
             "data": job.data.state_dict(),
-        })
+        }
 
     def _restore(self, job: Job, state: dict) -> None:
         job.step, job.micro_batches, job.accumulated = state["step"], state["micro_batches"], state["accumulated"]

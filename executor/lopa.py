@@ -271,9 +271,14 @@ def save_lopa(directory: Path, adapter: LopaAdapter, base_model: str) -> None:
 
 def lopa_files(adapter: LopaAdapter, base_model: str) -> ExportFiles:
     """`save_lopa`'s files as copies (on their way to the host), to be written later."""
-    tensors = HostCopy.start({key: tensor.detach().float() for key, tensor in adapter.prompt.state_dict().items()})
     config = json.dumps(lopa_config(adapter, base_model), indent=2, sort_keys=True)
-    return ExportFiles(tensors, config, weights_name=LOPA_WEIGHTS, config_name=LOPA_CONFIG)
+    return ExportFiles(HostCopy.start(lopa_tensors(adapter)), config, weights_name=LOPA_WEIGHTS,
+                       config_name=LOPA_CONFIG)
+
+
+def lopa_tensors(adapter: LopaAdapter) -> dict[str, torch.Tensor]:
+    """The generator's state as its export's copy takes it (fp32)."""
+    return {key: tensor.detach().float() for key, tensor in adapter.prompt.state_dict().items()}
 
 
 def load_lopa(directory, device="cpu") -> LopaPrompt:

@@ -277,3 +277,21 @@ def test_a_host_copy_holds_the_state_of_when_it_started_not_of_when_it_is_read()
     live["adapter"]["A"].add_(1)
     got = copy.get()
     assert got["data"] == {"order": [3, 1, 2], "epoch": 0} and torch.equal(got["adapter"]["A"], torch.zeros(4))
+
+
+@pytest.mark.parametrize("adapter", [{"r": 4, "use_dora": True}, {"type": "nola", "r": 4}, {"type": "vera", "r": 4},
+                                     {"type": "lopa", "lopa": {"num_virtual_tokens": 3, "rank": 2, "head_size": 8}}],
+                         ids=["dora", "nola", "vera", "lopa"])
+def test_the_export_pinned_ahead_is_the_exports_tensors(tmp_path, llama, dataset, adapter):
+    """`Cohort._pin_ahead` sizes a job's export by these tensors: the host memory its checkpoints' copies take."""
+    from lorafleet.executor.checkpoint import peft_tensors
+    from lorafleet.executor.lopa import LopaAdapter, lopa_tensors
+
+    cohort = Cohort(llama)
+    cohort.add_job("a", make_spec(llama, adapter=adapter, max_steps=3), dataset)
+    cohort.step()
+    job = cohort.jobs["a"]
+    ahead = lopa_tensors(job.adapter) if isinstance(job.adapter, LopaAdapter) else peft_tensors(job.adapter)
+    export = cohort.snapshot("a", tmp_path, training_state=False).export.tensors.get()
+    assert {key: (tensor.shape, tensor.dtype) for key, tensor in ahead.items()} == {
+        key: (tensor.shape, tensor.dtype) for key, tensor in export.items()}
