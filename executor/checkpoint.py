@@ -119,7 +119,7 @@ class HostCopy:
     def pin_ahead(cls, states: list) -> None:
         """Have the copier pin host memory for copies of `states` now, for their first `start`s to take: a cohort's
         first checkpoint round would otherwise wait for the copier to pin it (on an H100 a 1B cohort's round, 1.7 GiB,
-        stalled the loop 0.4 s, the staging memory full of flats not yet copied; run H7). Within `PINNED_BYTES`."""
+        stalled the loop 0.4 s, the staging memory full of flats not yet copied; run H8). Within `PINNED_BYTES`."""
         sizes: dict[torch.device, list[int]] = {}
         for state in states:
             leaves: list[torch.Tensor] = []
