@@ -11,7 +11,8 @@ cohort in one process and, for each round, times:
 3. the next step, with a writer thread writing the snapshots meanwhile as the executor's publisher does (`contended`)
    or only after that step (`alone`): the difference is what the writes cost the loop.
 Rounds alternate, starting `contended`; the first round also pays for the copies' first buffers (pinned host memory,
-device staging), so each round is reported on its own.
+device staging), so each round is reported on its own. Then rounds whose snapshots go to the writer each as it is
+taken, or all once taken as the executor hands a step's over: what the writer's work beside the loop costs the taking.
 One round's snapshots are also taken under cProfile: its top functions by own time name what the loop waits for. On a
 GPU, what the first round's buffers cost: each round's time in the pinned allocator's growth (its own statistics), and
 one round's copies allocated as pinned host memory and as device memory with the allocators' caches emptied and again
@@ -65,6 +66,26 @@ def take_snapshots(cohort, directory: Path, device) -> tuple[list, float, float]
     taken = time.perf_counter()
     e2e.sync(device)
     return snapshots, taken - start, time.perf_counter() - taken
+
+
+def handover_seconds(cohort, writer: Writer, directory: Path, device, rounds: int) -> dict[str, list[float]]:
+    """The loop's seconds for a round of snapshots handed to the writer each as it is taken (`each`: the writer
+    starts on the first while the loop takes the rest) or all once taken (`after`: as the executor hands a step's
+    over), rounds alternating."""
+    seconds: dict[str, list[float]] = {"each": [], "after": []}
+    for index in range(2 * rounds):
+        mode = "each" if index % 2 == 0 else "after"
+        e2e.sync(device)
+        start = time.perf_counter()
+        snapshots = []
+        for job_id in cohort.jobs:
+            snapshot = cohort.snapshot(job_id, directory / f"{mode}-{index}" / job_id, training_state=True)
+            writer.write_all([snapshot] if mode == "each" else [])
+            snapshots.append(snapshot)
+        seconds[mode].append(time.perf_counter() - start)
+        writer.write_all(snapshots if mode == "after" else [])
+        writer.pending.join()
+    return seconds
 
 
 def pinned_growth_s(device) -> float:
@@ -189,13 +210,16 @@ def main() -> None:
     writer = Writer()
     rounds = [one_round(cohort, writer, root / "out" / f"round-{i}", device, contended=i % 2 == 0)
               for i in range(2 * args.rounds)]
+    handover = handover_seconds(cohort, writer, root / "out" / "handover", device, args.rounds)
     profile, buffers = profiled_snapshots(cohort, root / "out" / "profiled", device, top=25)
     report = {"shape": args.shape, "jobs": args.jobs, "batch": args.batch, "device": str(device),
               "device_name": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
-              "graph_replays": cohort.graphs.replays, "rounds": rounds, "buffers": buffers}
+              "graph_replays": cohort.graphs.replays, "rounds": rounds, "handover_s": handover, "buffers": buffers}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"publish_{args.shape}.json").write_text(json.dumps(report, indent=2))
     print_tables(rounds)
+    print("\nsnapshots on the loop, handed to the writer each as taken / all once taken: " + " / ".join(
+        ", ".join(f"{seconds:.3f}" for seconds in handover[mode]) for mode in ("each", "after")) + " s")
     if buffers is not None:
         print(f"\none round's copies, {buffers['bytes'] / 2**30:.2f} GiB: pinned {buffers['pinned_cold_s']:.3f} s "
               f"with the cache emptied, {buffers['pinned_cached_s']:.3f} s cached; device "

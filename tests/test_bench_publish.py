@@ -29,4 +29,9 @@ def test_the_publish_bench_reports_each_round_with_its_writes_beside_or_after_th
     assert report["buffers"] is None, "the buffer probe is a GPU's"
     written = list(tmp_path.glob("bench-publish-*/out/round-*/*/adapter_model.safetensors"))
     assert len(written) == 2 * 4, "each round wrote each job's export"
+    assert [len(report["handover_s"][mode]) for mode in ("each", "after")] == [2, 2]
+    assert all(seconds > 0 for mode in ("each", "after") for seconds in report["handover_s"][mode])
+    handed = list(tmp_path.glob("bench-publish-*/out/handover/*/*/adapter_model.safetensors"))
+    assert len(handed) == 2 * 4, "each handover round wrote each job's export"
+    assert "handed to the writer each as taken" in run.stdout
     assert "| round | writes |" in run.stdout and "tottime" in run.stdout
