@@ -22,7 +22,8 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from lorafleet.executor.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, TRAINING_STATE
+from lorafleet.executor.checkpoint import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, TRAINING_STATE, _Slot,
+                                           read_training_state)
 from lorafleet.executor.cohort import Cohort
 from lorafleet.executor.model import quantization_config
 from lorafleet.scheduler.spec import parse_spec
@@ -172,11 +173,12 @@ def test_a_state_saved_before_a_spec_field_existed_resumes_with_its_default(tmp_
     cohort.add_job("job", spec, dataset)
     cohort.step()
     cohort.checkpoint("job", tmp_path / "ckpt")
-    state = torch.load(tmp_path / "ckpt" / TRAINING_STATE, weights_only=True)
+    _, state = read_training_state(tmp_path / "ckpt")
     older = json.loads(state["spec"])
     for field in ("use_dora", "use_rslora"):  # added in a later release, at their defaults here
         assert older["adapter"].pop(field) is False
-    torch.save({**state, "spec": json.dumps(older)}, tmp_path / "ckpt" / TRAINING_STATE)
+    # and written as that release wrote it: torch.save of the state itself (format 1)
+    torch.save({**state, "format": 1, "spec": json.dumps(older)}, tmp_path / "ckpt" / TRAINING_STATE)
     cohort.add_job("resumed", spec, dataset, resume_from=tmp_path / "ckpt")
     assert cohort.jobs["resumed"].step == 1
 
@@ -295,3 +297,21 @@ def test_the_export_pinned_ahead_is_the_exports_tensors(tmp_path, llama, dataset
     export = cohort.snapshot("a", tmp_path, training_state=False).export.tensors.get()
     assert {key: (tensor.shape, tensor.dtype) for key, tensor in ahead.items()} == {
         key: (tensor.shape, tensor.dtype) for key, tensor in export.items()}
+
+
+def test_a_training_state_file_holds_one_tensor_per_dtype_and_reads_back_the_live_state(tmp_path, llama, dataset):
+    """Its ~hundreds of tensors are pickled as flat tensors with their layout, not one by one: torch.save's pickling
+    runs on the publisher's thread, holding the GIL the training loop needs."""
+    cohort = Cohort(llama)
+    cohort.add_job("job", make_spec(llama, max_steps=4), dataset)
+    cohort.step()
+    cohort.checkpoint("job", tmp_path / "ckpt")
+    live = cohort._training_state(cohort.jobs["job"])
+    with torch.serialization.safe_globals([_Slot]):
+        saved = torch.load(tmp_path / "ckpt" / TRAINING_STATE, weights_only=True)
+    leaves = [leaf for leaf in torch.utils._pytree.tree_leaves(live) if isinstance(leaf, torch.Tensor)]
+    assert len(leaves) > 20 and len(saved["flats"]) == len({leaf.dtype for leaf in leaves})
+    _, state = read_training_state(tmp_path / "ckpt")
+    got = [leaf for leaf in torch.utils._pytree.tree_leaves(state) if isinstance(leaf, torch.Tensor)]
+    assert len(got) == len(leaves) and all(torch.equal(a, b) for a, b in zip(got, leaves))
+    assert state["step"] == live["step"] == 1 and state["spec"] == live["spec"]

@@ -323,7 +323,7 @@ def test_a_checkpoint_holds_only_its_own_jobs_pending_gradients(monkeypatch, tmp
 
     from torch.utils._pytree import tree_leaves
 
-    from lorafleet.executor.checkpoint import TRAINING_STATE
+    from lorafleet.executor.checkpoint import TRAINING_STATE, _Slot, read_training_state
     from lorafleet.executor.cohort import Cohort
     from lorafleet.scheduler.spec import parse_spec
 
@@ -336,10 +336,14 @@ def test_a_checkpoint_holds_only_its_own_jobs_pending_gradients(monkeypatch, tmp
                                                "max_steps": 1, "seed": seed}})
         cohort.add_job(job, spec, write_jsonl(tmp_path / f"{job}.jsonl", alpaca_rows(4, seed=seed)))
     cohort.step()  # mid-accumulation: gradients are pending
-    state = torch.load(cohort.checkpoint("x", tmp_path / "ckpt") / TRAINING_STATE, weights_only=True)
+    directory = cohort.checkpoint("x", tmp_path / "ckpt")
+    _, state = read_training_state(directory)
     assert any(g is not None for g in state["pending_grads"])
     tensors = [leaf for leaf in tree_leaves(state) if isinstance(leaf, torch.Tensor)]
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    with torch.serialization.safe_globals([_Slot]):
+        saved = torch.load(directory / TRAINING_STATE, weights_only=True)
+    saved_tensors = [leaf for leaf in tree_leaves(saved) if isinstance(leaf, torch.Tensor)]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved_tensors}
     # the file's storages hold the job's own tensors and nothing more (the shared buffer would add y's gradients)
     assert sum(storages.values()) == sum(t.numel() * t.element_size() for t in tensors)
 
