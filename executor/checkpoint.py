@@ -83,8 +83,9 @@ class HostCopy:
     hold. The pinned memory held by copies not yet written and dropped is bounded by `PINNED_BYTES`: past it (the
     publisher far behind, e.g. on a slow file system) a copy goes to pageable memory, which only the copier waits for.
 
-    The publisher's thread copies nothing again: `get` gives views of the flat copies (torch.save writes each flat
-    once, and a flat holds this state's elements only), `write_safetensors` writes the flats' bytes under a header.
+    The publisher's thread copies nothing again: `save` writes the flat copies with their layout (`from_saved` gives
+    the state back), `write_safetensors` writes the flats' bytes under a header, and `get` gives views of the flats
+    (a flat holds this state's elements only).
     Runs H5-H6 measured why (bench/bench_publish.py): with the publisher cloning a job's ~1,400 tensors one by one
     beside it, the loop's next step took 0.43 s instead of 0.19 s; with views, 0.19 s."""
 
@@ -185,8 +186,7 @@ class HostCopy:
             self._transfer.wait()
 
     def get(self):
-        """The state, its tensors views of the copy's flat tensors: torch.save writes each flat once, and a flat
-        holds this state's elements only."""
+        """The state, its tensors views of the copy's flat tensors (a flat holds this state's elements only)."""
         self._wait()
         views: list[torch.Tensor | None] = [None] * sum(len(indices) for indices, _, _ in self._flats)
         for indices, shapes, flat in self._flats:
@@ -375,24 +375,22 @@ def peft_adapter_files(adapter: Adapter, base_model_path: str, fan_in_fan_out: b
         bias="none",
         base_model_name_or_path=str(base_model_path),
     )
-    config, tensors = (_vera_export if isinstance(adapter, VeraAdapter) else _lora_export)(adapter, common)
+    config = (_vera_config if isinstance(adapter, VeraAdapter) else _lora_config)(adapter, common)
     fields = {key: sorted(value) if isinstance(value, set) else value for key, value in config.to_dict().items()}
-    return ExportFiles(HostCopy.start(_fp32(tensors)), json.dumps(fields, indent=2, sort_keys=True))
+    return ExportFiles(HostCopy.start(peft_tensors(adapter)), json.dumps(fields, indent=2, sort_keys=True))
 
 
 def peft_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
-    """The tensors of `adapter`'s PEFT export, as its copy takes them (what `HostCopy.pin_ahead` sizes)."""
-    return _fp32(_vera_tensors(adapter) if isinstance(adapter, VeraAdapter) else lora_tensors(adapter, copies=False))
-
-
-def _fp32(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors of `adapter`'s PEFT export, fp32, as its copy takes them (and `HostCopy.pin_ahead` sizes them):
+    the live factors, which the snapshot's HostCopy copies."""
+    tensors = _vera_tensors(adapter) if isinstance(adapter, VeraAdapter) else lora_tensors(adapter, copies=False)
     return {key: tensor.detach().float() for key, tensor in tensors.items()}
 
 
-def _lora_export(adapter: Adapter, common: dict) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+def _lora_config(adapter: Adapter, common: dict) -> LoraConfig:
     """LoRA, rsLoRA and DoRA as PEFT's LoraConfig; NOLA as the LoRA factors it computes."""
     spec = adapter.spec
-    config = LoraConfig(
+    return LoraConfig(
         lora_alpha=spec.lora_alpha,
         lora_dropout=spec.lora_dropout,
         use_rslora=spec.use_rslora,  # LoRA+ (loraplus_lr_ratio) changes only training: nothing to export
@@ -400,7 +398,6 @@ def _lora_export(adapter: Adapter, common: dict) -> tuple[LoraConfig, dict[str, 
         target_parameters=list(spec.target_parameters) or None,  # a MoE base's expert parameters (executor/experts.py)
         **common,
     )
-    return config, lora_tensors(adapter, copies=False)  # the snapshot's HostCopy copies them
 
 
 def lora_tensors(adapter: Adapter, copies: bool = True) -> dict[str, torch.Tensor]:
@@ -437,12 +434,11 @@ def expert_peft_keys(names: list[str]) -> dict[str, str]:
     return keys
 
 
-def _vera_export(adapter: VeraAdapter, common: dict) -> tuple[VeraConfig, dict[str, torch.Tensor]]:
+def _vera_config(adapter: VeraAdapter, common: dict) -> VeraConfig:
     """PEFT's VeraConfig with the shared projections saved (`save_projection`), so loading needs no PRNG replay."""
     spec = adapter.spec
-    config = VeraConfig(projection_prng_key=spec.vera.projection_prng_key, d_initial=spec.vera.d_initial,
-                        vera_dropout=spec.lora_dropout, save_projection=True, **common)
-    return config, _vera_tensors(adapter)
+    return VeraConfig(projection_prng_key=spec.vera.projection_prng_key, d_initial=spec.vera.d_initial,
+                      vera_dropout=spec.lora_dropout, save_projection=True, **common)
 
 
 def _vera_tensors(adapter: VeraAdapter) -> dict[str, torch.Tensor]:
