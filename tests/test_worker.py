@@ -227,3 +227,29 @@ def test_larger_passes_than_planned_are_sized_with_the_calibrated_memory_model(s
     store.r.hset(keys.MEMORY_FACTORS, executor.compat_key, 0.5)
     executor.factor_read_at = -1e9
     assert executor.pass_size(allocated=10 * 2**30) == uncalibrated, "an overestimate never enlarges the pass"
+
+
+def test_a_base_frozen_out_of_the_collector_is_freed_when_the_executor_unloads_it(store, tmp_path):
+    """Loaded objects are frozen (full collections skip them); unloading gives them back, cycles included."""
+    import gc
+    import weakref
+
+    from lorafleet.executor.worker import freeze_what_is_loaded
+
+    class Base:  # a cohort whose objects hold each other, as modules and their hooks do
+        graphs = StepGraphs(enabled=False)
+
+    executor = Executor(store, "exec-gc", "cpu", ArtifactStore(str(tmp_path)), memory_bytes=2**30)
+    executor.cohort = Base()
+    executor.cohort.itself = executor.cohort
+    base = weakref.ref(executor.cohort)
+    try:
+        freeze_what_is_loaded()
+        assert gc.get_freeze_count() > 0
+        executor.cohort = None
+        gc.collect()
+        assert base() is not None  # frozen: out of the collector's reach
+        executor._unload()
+        assert base() is None and gc.get_freeze_count() == 0
+    finally:
+        gc.unfreeze()
