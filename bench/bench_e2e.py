@@ -17,7 +17,8 @@ words are the token ids), r=16 LoRA on all 7 projections, AdamW. One run measure
 4. optionally (--parts) where one whole step's time goes: its kernels by part (frozen GEMMs, LM head, attention,
    LoRA kernels, elementwise, loss, optimizer, host gaps) against each part's ideal (bench/step_parts.py);
 5. optionally (--long-context N) one job of one N-token sequence, in the cohort and in every baseline;
-6. optionally the capacity probe: the largest 4x512 cohort whose step fits in passes (largest size first);
+6. optionally the capacity probe: the most 4x512 jobs whose step fits in passes, searched between the smallest
+   and the largest size given (bench/capacity_search.py: exact when one more job is seen not to fit);
    for every cohort that ran in one pass or in passes, the scheduler's memory model (`scheduler/policy.py`, before
    calibration) next to the measured peak: what an executor's calibration factor would learn;
 7. the baselines (--baselines): each job of the largest cohort trained alone with PEFT (sdpa attention, bf16 base,
@@ -653,16 +654,24 @@ def replay_seconds(cohort, device, steps: int = 5) -> dict:
             "replay_gpu_ms": statistics.median(start.elapsed_time(end) for start, end in events)}
 
 
-def capacity_probe(cohort, model_dir, data_dir, sizes: list[int], device) -> list[dict]:
-    """From the largest size down, one step of that many 4x512 jobs in passes, until one fits."""
-    rows = []
-    for n in sorted(sizes, reverse=True):
+def capacity_probe(cohort, model_dir, data_dir, sizes: list[int], device) -> tuple[list[dict], dict]:
+    """The most 4x512 jobs whose one step fits in passes, searched between the smallest and largest of `sizes`
+    (bench/capacity_search.py): each size tried, and the answer."""
+    from capacity_search import Probe, next_size, result
+
+    if not sizes:
+        return [], {}
+    low, high = min(sizes), max(sizes)
+    release(device)
+    base_gib = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+    device_gib = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else 0.0
+    rows, probes = [], []
+    while (n := next_size(probes, low, high, base_gib, device_gib)) is not None:
         measured = run_cohort(cohort, model_dir, data_dir, "4x512", n, 0, 1, "passes", device)
+        probes.append(Probe(n, measured is not None, measured and measured[1]))
         rows.append({"jobs": n, "checkpointing": "passes", "fits": measured is not None,
                      "seconds": measured and measured[0], "peak_gib": measured and measured[1]})
-        if measured is not None:
-            break
-    return rows
+    return rows, result(probes, high)
 
 
 def parse_args() -> argparse.Namespace:
@@ -683,8 +692,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--profile-step", default="", help="JOBSxBATCH: profile one whole Cohort.step (host and GPU)")
     parser.add_argument("--long-context", type=int, default=0, help="one job of one sequence this long, in the "
                         "cohort and in every baseline (0: none)")
-    parser.add_argument("--capacity", default="", help="4x512 cohort sizes to probe in passes, largest first, until "
-                        "one fits, e.g. 160,128,96")
+    parser.add_argument("--capacity", default="", help="4x512 cohort sizes bounding the capacity search in passes "
+                        "(its smallest and largest), e.g. 144,320")
     parser.add_argument("--pass-tokens", type=int, default=PASS_TOKENS, help="tokens per pass of the `passes` setting")
     parser.add_argument("--lora-dropout", type=float, default=0.0,
                         help="every job's LoRA dropout, in the cohort (fused into the LoRA kernels) "
@@ -924,8 +933,9 @@ def main() -> None:
         profile_steps(run, cohort)
     if run.long_batch:
         measure_long_context(run, cohort)
-    run.report["capacity"] = capacity_probe(cohort, run.model_dir, run.data_dir, run.capacity, run.device)
-    run.log(f"capacity: {run.report['capacity']}")
+    run.report["capacity"], run.report["capacity_result"] = capacity_probe(cohort, run.model_dir, run.data_dir,
+                                                                            run.capacity, run.device)
+    run.log(f"capacity: {run.report['capacity_result']} from {run.report['capacity']}")
     run.save()
     del cohort
     release(run.device)
@@ -939,7 +949,8 @@ def main() -> None:
     print(f"\n{run.args.shape}, {report['device']}, torch {report['torch']}, peak {report['peak_tflops']} TFLOP/s, "
           f"copy {report['copy_gbps']} GB/s, P_nonembed {report['non_embedding_params'] / 1e9:.2f}B\n")
     print(table)
-    print(f"\nbase vs adapters: {report['overhead']}\ncapacity: {report['capacity']}")
+    print(f"\nbase vs adapters: {report['overhead']}\ncapacity: {report['capacity_result']} from "
+          f"{report['capacity']}")
     print("baseline errors:", report.get("baseline_errors"))
     for baseline, result in report["baselines"].items():
         print(f"{baseline} per-job step s:", {batch: result[batch]["per_job_seconds"] for batch in run.batches})
