@@ -195,6 +195,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("."))
     args = parser.parse_args()
     from lorafleet.executor.cohort import Cohort
+    from lorafleet.executor.worker import freeze_what_is_loaded
 
     device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     root = Path(tempfile.mkdtemp(prefix="bench-publish-"))
@@ -204,6 +205,7 @@ def main() -> None:
     for job in range(args.jobs):
         e2e.write_job_data(data_dir, args.batch, job, e2e.SHAPES[args.shape]["vocab_size"])
     cohort = Cohort(model_dir, device=str(device))
+    freeze_what_is_loaded()  # as the executor does once its base loads
     e2e.add_jobs(cohort, model_dir, data_dir, args.batch, args.jobs)
     for _ in range(4):  # past the graph's capture
         cohort.step()
