@@ -24,12 +24,13 @@ import queue
 import shutil
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import redis
 
 from lorafleet.executor.checkpoint import JobSnapshot
 from lorafleet.scheduler.artifacts import ArtifactStore
+from lorafleet.scheduler.metrics import ExecutorMetrics
 from lorafleet.scheduler.records import FailureReason, JobState
 from lorafleet.scheduler.store import JobStore
 
@@ -48,24 +49,36 @@ class Publication:
     snapshot: JobSnapshot
     step: int | None = None
     keep_checkpoints: int = 1
+    handed_over: float = 0.0  # time.monotonic() when the loop handed it to the publisher
 
     @property
     def is_result(self) -> bool:
         return self.step is None
 
+    @property
+    def kind(self) -> str:
+        return "result" if self.is_result else "checkpoint"
+
 
 class Publisher:
-    def __init__(self, store: JobStore, artifacts: ArtifactStore, executor_id: str):
-        self.store, self.artifacts, self.executor_id = store, artifacts, executor_id
+    def __init__(self, store: JobStore, artifacts: ArtifactStore, executor_id: str,
+                 metrics: ExecutorMetrics | None = None):
+        self.store, self.artifacts, self.executor_id, self.metrics = store, artifacts, executor_id, metrics
         self.queue: queue.Queue[Publication] = queue.Queue()
         self.pending: dict[str, list[Publication]] = {}  # job id -> its publications not recorded yet
         self.lock = threading.Lock()
         threading.Thread(target=self._run, name="publisher", daemon=True).start()
 
     def submit(self, publication: Publication) -> None:
+        publication = replace(publication, handed_over=time.monotonic())
         with self.lock:
             self.pending.setdefault(publication.job_id, []).append(publication)
+            self._count_backlog()
         self.queue.put(publication)
+
+    def _count_backlog(self) -> None:
+        if self.metrics:
+            self.metrics.publish_backlog.set(sum(len(publications) for publications in self.pending.values()))
 
     def wait(self) -> None:
         """Until everything submitted so far is recorded (or refused, or failed)."""
@@ -79,8 +92,9 @@ class Publisher:
     def _run(self) -> None:
         while True:
             publication = self.queue.get()
+            outcome = "failed"
             try:
-                self._publish_retrying(publication)
+                outcome = self._publish_retrying(publication)
             except Exception:  # never lose the thread: the job is requeued when this executor goes
                 log.exception("job %s: publishing %s failed", publication.job_id, publication.name)
             finally:
@@ -89,10 +103,15 @@ class Publisher:
                     left.remove(publication)
                     if not left:
                         del self.pending[publication.job_id]
+                    self._count_backlog()
+                if self.metrics:
+                    self.metrics.record_publication(publication.kind, outcome,
+                                                    time.monotonic() - publication.handed_over)
                 self.queue.task_done()
 
-    def _publish_retrying(self, publication: Publication) -> None:
-        """Redis briefly away: try again (the writes are lease-checked, so a lease lost meanwhile is refused)."""
+    def _publish_retrying(self, publication: Publication) -> str:
+        """Redis briefly away: try again (the writes are lease-checked, so a lease lost meanwhile is refused). The
+        outcome: recorded, refused (the lease moved on) or failed (storage)."""
         while True:
             try:
                 return self._publish(publication)
@@ -100,16 +119,17 @@ class Publisher:
                 log.warning("job %s: Redis unreachable while publishing (%s); retrying", publication.job_id, exc)
                 time.sleep(REDIS_RETRY_SECONDS)
 
-    def _publish(self, publication: Publication) -> None:
+    def _publish(self, publication: Publication) -> str:
         try:
             uri = self._write_and_copy(publication)
         except OSError as exc:
             self.storage_failed(publication, exc)
-            return
+            return "failed"
         finally:
             shutil.rmtree(publication.snapshot.directory, ignore_errors=True)
-        if uri is not None:
-            self._record(publication, uri)
+        if uri is None:
+            return "refused"
+        return "recorded" if self._record(publication, uri) else "refused"
 
     def _write_and_copy(self, publication: Publication) -> str | None:
         """Write the snapshot and copy it into the lease's own directory if the lease still holds (a stale holder
@@ -120,6 +140,12 @@ class Publisher:
             log.warning("job %s: %s refused, not written: this executor no longer holds the job", p.job_id, p.name)
             return None
         return self.artifacts.publish(local, p.tenant, p.job_id, p.attempt, p.name)
+
+    def failed_on_the_loop(self, p: Publication, exc: OSError) -> None:
+        """The snapshot itself could not be taken (a GaLore job's model is written on the loop)."""
+        self.storage_failed(p, exc)
+        if self.metrics:
+            self.metrics.record_publication(p.kind, "failed", 0.0)
 
     def storage_failed(self, p: Publication, exc: OSError) -> None:
         """The artifact could not be written or stored: a result fails its job alone; a checkpoint is reported."""
@@ -132,22 +158,25 @@ class Publisher:
             log.warning("job %s: checkpoint not saved: %s", p.job_id, exc)
             self.store.append_event(p.job_id, "error", message=f"checkpoint not saved: {exc}")
 
-    def _record(self, p: Publication, uri: str) -> None:
+    def _record(self, p: Publication, uri: str) -> bool:
+        """Point the job at its artifact (under the lease); whether the store took it."""
         if p.is_result:
             if self.store.succeed(p.job_id, uri, p.attempt, self.executor_id):
                 log.info("job %s succeeded: %s", p.job_id, uri)
-            else:
-                log.warning("job %s: result refused: this executor no longer holds the job", p.job_id)
-                self.delete(p.job_id, uri)
-            return
+                return True
+            log.warning("job %s: result refused: this executor no longer holds the job", p.job_id)
+            self.delete(p.job_id, uri)
+            return False
         evicted = self.store.record_checkpoint(p.job_id, uri, p.attempt, self.executor_id, step=p.step,
                                                keep=p.keep_checkpoints)
-        if evicted is None:  # the lease moved on between the check and the pointer: nobody will read this copy
+        recorded = evicted is not None
+        if not recorded:  # the lease moved on between the check and the pointer: nobody will read this copy
             log.warning("job %s: checkpoint at step %d refused: this executor no longer holds the job", p.job_id,
                         p.step)
             evicted = [uri]
         for old in evicted:
             self.delete(p.job_id, old)
+        return recorded
 
     def delete(self, job_id: str, uri: str) -> None:
         try:

@@ -124,7 +124,7 @@ class Executor:
         self.matmul_params = 0  # of the loaded base: what MFU counts
         self.last_step: StepStats | None = None
         self.gpu_stats: GpuStats | None = None  # NVML's last reading, taken by the heartbeat thread
-        self.publisher = Publisher(store, artifacts, executor_id)
+        self.publisher = Publisher(store, artifacts, executor_id, metrics)
         self.publication_ids = itertools.count()  # each snapshot's own scratch directory
         self.serving = GenerationServer(Generations(store, config.hf_hub_cache(), config.model_roots()),
                                         executor_id, artifacts, self.scratch, metrics)
@@ -487,11 +487,14 @@ class Executor:
         directory = self.scratch / lease.job_id / f"{name}-{next(self.publication_ids)}"
         publication = Publication(lease.job_id, lease.tenant, lease.attempt, name, JobSnapshot(directory), step,
                                   config.keep_checkpoints())
+        started = time.perf_counter()
         try:
             snapshot = self.cohort.snapshot(lease.job_id, directory, training_state=step is not None)
         except OSError as exc:  # a GaLore job's model is written here, on the loop
-            self.publisher.storage_failed(publication, exc)
+            self.publisher.failed_on_the_loop(publication, exc)
             return
+        if self.metrics:
+            self.metrics.snapshot_duration.observe(time.perf_counter() - started)
         self.publisher.submit(replace(publication, snapshot=snapshot))
 
     def _untrained_after_an_epoch(self, lease: Lease) -> bool:

@@ -157,7 +157,8 @@ def fleet_overview() -> dashboard.Dashboard:
 def executors_and_gpus() -> dashboard.Dashboard:
     return board("lorafleet-executors", "lorafleet / executors and GPUs",
                  "Per executor (one per GPU): step time, MFU, packing, graphed steps, cohort size, GPU memory, "
-                 "utilisation, power and temperature. NVML series are absent on CPU executors.", [
+                 "utilisation, power and temperature; generation and publishing between steps. NVML series are "
+                 "absent on CPU executors.", [
         graph("Step time", "Wall time of one cohort step (p50, p95).", q.STEP_TIME_P50, q.STEP_TIME_P95),
         graph("Tokens/s", "Target tokens trained per second.", q.TOKENS_PER_SECOND_BY_EXECUTOR),
         graph("MFU", "Model FLOPs utilisation of the last step (absent where the GPU's peak is unknown).", q.MFU,
@@ -182,6 +183,15 @@ def executors_and_gpus() -> dashboard.Dashboard:
         graph("Time spent generating", "Share of the executor's wall time in generation batches: what its cohort's "
               "training waited for.", q.GENERATION_TIME_SHARE),
         graph("Generation batch p95", "Wall time of one batch of generation requests.", q.GENERATION_BATCH_P95),
+        graph("Publish stall", "Share of the executor's wall time its training loop spent taking snapshots of "
+              "checkpoints and results to publish: what the cohort waited (writing and copying run beside it).",
+              q.PUBLISH_STALL_SHARE, width=6),
+        graph("Publish backlog", "Snapshots waiting to be written, copied and recorded. Growing: the artifact "
+              "store is slower than the checkpoints come.", q.PUBLISH_BACKLOG, width=6),
+        graph("Publications", "Checkpoints and results per second, by outcome: recorded; refused (the lease had "
+              "moved on); failed (storage: a result's job fails alone).", q.PUBLICATIONS, width=6),
+        graph("Publish time p95", "From a snapshot handed over to its artifact recorded.", q.PUBLISH_DURATION_P95,
+              width=6),
     ], [q.EXECUTOR_VARIABLE])
 
 

@@ -207,6 +207,19 @@ GENERATION_TIME_SHARE = panel(
 GENERATION_BATCH_P95 = panel(
     "generation_batch_p95", _quantile(0.95, "lorafleet_generation_batch_seconds", "executor", EXECUTOR),
     "{{executor}} p95", "s")
+# Publishing checkpoints and results (executor/publisher.py): the share of the executor's wall time its training loop
+# spent taking snapshots (the publish stall: the rest runs on the publisher's thread), what waits to be written, what
+# came of each, and how long one took from hand-over to recorded.
+PUBLISH_STALL_SHARE = panel(
+    "publish_stall_share", f"sum by (executor) ({_rate('lorafleet_snapshot_seconds_sum', EXECUTOR)})",
+    "{{executor}}", "percentunit")
+PUBLISH_BACKLOG = _executor_gauge("publish_backlog", "lorafleet_publish_backlog", "{{executor}}", "short")
+PUBLICATIONS = panel(
+    "publications", f"sum by (executor, kind, outcome) ({_rate('lorafleet_publications_total', EXECUTOR)})",
+    "{{executor}} {{kind}} {{outcome}}", "ops")
+PUBLISH_DURATION_P95 = panel(
+    "publish_duration_p95", _quantile(0.95, "lorafleet_publish_duration_seconds", "executor", EXECUTOR),
+    "{{executor}} p95", "s")
 # Exported by the leader alone (a fleet series): requests no executor has taken yet, by base.
 GENERATION_QUEUED = panel("generation_queued", "sum by (base) (lorafleet_generation_queued)", "{{base}}")
 

@@ -46,6 +46,8 @@ STEP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 PLAN_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 QUEUE_WAIT_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600)
 API_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)
+SNAPSHOT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5)
+PUBLISH_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800)
 SCHEDULER_PORT, WORKER_PORT, EXECUTOR_BASE_PORT = 9464, 9463, 9465
 DEFAULT_PORTS = {"scheduler": SCHEDULER_PORT, "worker": WORKER_PORT, "executor": EXECUTOR_BASE_PORT}
 
@@ -189,6 +191,16 @@ class ExecutorMetrics:
     generation_requests: Counter  # labelled executor, outcome (answered, failed)
     generation_tokens: Counter
     generation_batch_duration: Histogram
+    snapshot_duration: Histogram
+    publish_backlog: Gauge
+    publish_duration: Histogram
+    publications: Counter  # labelled executor, kind (checkpoint, result), outcome (recorded, refused, failed)
+
+    def record_publication(self, kind: str, outcome: str, seconds: float) -> None:
+        """One snapshot the publisher is done with (executor/publisher.py): its outcome, and the seconds from the
+        loop handing it over to then."""
+        self.publications.labels(executor=self.executor_id, kind=kind, outcome=outcome).inc()
+        self.publish_duration.observe(seconds)
 
     def record_generation(self, seconds: float, answered: int, failed: int, tokens: int) -> None:
         """One batch of generation requests (executor/serving.py): the time training waited for it."""
@@ -233,6 +245,8 @@ class ExecutorMetrics:
 
 
 GENERATION_OUTCOMES = ("answered", "failed")
+PUBLICATION_KINDS = ("checkpoint", "result")
+PUBLICATION_OUTCOMES = ("recorded", "refused", "failed")
 
 
 def _generation_requests(registry: CollectorRegistry, executor_id: str) -> Counter:
@@ -241,6 +255,17 @@ def _generation_requests(registry: CollectorRegistry, executor_id: str) -> Count
                       "(answered, failed)", ["executor", "outcome"], registry=registry)
     for outcome in GENERATION_OUTCOMES:
         counter.labels(executor=executor_id, outcome=outcome)
+    return counter
+
+
+def _publications(registry: CollectorRegistry, executor_id: str) -> Counter:
+    """Publications by kind and outcome, each exported from 0."""
+    counter = Counter("lorafleet_publications", "Checkpoints and results the executor's publisher is done with, by "
+                      "kind and outcome (recorded; refused: the lease had moved on; failed: storage)",
+                      ["executor", "kind", "outcome"], registry=registry)
+    for kind in PUBLICATION_KINDS:
+        for outcome in PUBLICATION_OUTCOMES:
+            counter.labels(executor=executor_id, kind=kind, outcome=outcome)
     return counter
 
 
@@ -295,6 +320,17 @@ def executor_metrics(executor_id: str) -> ExecutorMetrics:
         generation_batch_duration=Histogram(
             "lorafleet_generation_batch_seconds", "Wall time of one batch of generation requests (between steps: "
             "what training waited)", ["executor"], buckets=STEP_BUCKETS, registry=registry).labels(**label),
+        snapshot_duration=Histogram(
+            "lorafleet_snapshot_seconds", "Training-loop time to take one job's snapshot to publish (a checkpoint or "
+            "its result): what the cohort waits for", ["executor"], buckets=SNAPSHOT_BUCKETS,
+            registry=registry).labels(**label),
+        publish_backlog=gauge("lorafleet_publish_backlog", "Snapshots handed to the publisher and not yet done "
+                              "with (growing: storage slower than the checkpoints come)"),
+        publish_duration=Histogram(
+            "lorafleet_publish_duration_seconds", "From a snapshot handed to the publisher to its artifact recorded: "
+            "waiting behind earlier ones, writing, copying into the artifact store, recording", ["executor"],
+            buckets=PUBLISH_BUCKETS, registry=registry).labels(**label),
+        publications=_publications(registry, executor_id),
     )
 
 

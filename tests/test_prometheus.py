@@ -39,11 +39,11 @@ def stack(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tenants(stack):
-    """alice: two long jobs, bob: one, carol: one job that fails (its dataset was damaged on disk after it was
-    accepted); a refused call."""
+    """alice: two long jobs, bob: one that checkpoints every few steps, carol: one job that fails (its dataset was
+    damaged on disk after it was accepted); a refused call."""
     tokens = {name: stack.make_tenant(name) for name in ("alice", "bob", "carol")}
     jobs = {"alice": [stack.submit(tokens["alice"], "alice", **LONG) for _ in range(2)],
-            "bob": [stack.submit(tokens["bob"], "bob", **LONG)],
+            "bob": [stack.submit(tokens["bob"], "bob", **{**LONG, "checkpoint_every": 4})],
             "carol": failing_jobs(stack, "carol", tokens["carol"], 1)}
     with pytest.raises(LookupError):
         stack.call("lorafleet.get_job", tokens["bob"], jobs["alice"][0])  # another tenant's job: refused
@@ -184,6 +184,13 @@ EXPECTED = {
     "generation_tokens_per_second": lambda stack, r: sum(r.values()) > 0,
     "generation_time_share": lambda stack, r: any(v > 0 for v in r.values()) and all(0 <= v <= 1 for v in r.values()),
     "generation_batch_p95": _positive_where_stepped,
+    # bob's checkpoints: snapshots on the loop, written and recorded beside it; nothing refused or failed
+    "publish_stall_share": lambda stack, r: any(v > 0 for v in r.values()) and all(0 <= v < 1 for v in r.values()),
+    "publish_backlog": lambda stack, r: bool(r) and all(0 <= v <= 3 for v in r.values()),
+    "publications": lambda stack, r: sum(v for (_, kind, outcome), v in by(r, "executor", "kind", "outcome").items()
+                                         if (kind, outcome) == ("checkpoint", "recorded")) > 0
+    and all(v == 0 for (_, _, outcome), v in by(r, "executor", "kind", "outcome").items() if outcome != "recorded"),
+    "publish_duration_p95": _positive_where_stepped,
     "generation_queued": lambda stack, r: all(v == 0 for v in r.values()),  # taken at once (or the base forgotten)
     # alerts: none fires on a healthy fleet with one failure
     "executor_down": _empty, "scheduler_down": _empty, "worker_down": _empty, "gateway_down": _empty,

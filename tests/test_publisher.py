@@ -103,6 +103,47 @@ def test_an_adapter_that_cannot_be_stored_fails_its_job_alone(store, world, sing
     assert store.job(long).state == JobState.RUNNING and long in executor.cohort.jobs
 
 
+def test_the_publishers_backlog_outcomes_and_times_are_exported(store, world, single_torch_thread):
+    from lorafleet.scheduler.metrics import executor_metrics
+
+    tenant, model, artifacts = world
+    good, long = submit(store, tenant, model, max_steps=1), submit(store, tenant, model, max_steps=50,
+                                                                    checkpoint_every=2)
+    executor = Executor(store, f"exec-{secrets.token_hex(3)}", "cpu", artifacts)
+    executor.metrics = executor.publisher.metrics = metrics = executor_metrics(executor.executor_id)
+
+    def claim(*job_ids):
+        for job_id in job_ids:
+            store.claim(job_id, executor.executor_id)
+        executor.sync_assignments()
+
+    def sample(name: str, **labels) -> float:
+        return metrics.registry.get_sample_value(name, {"executor": executor.executor_id, **labels})
+
+    claim(good, long)
+    executor.train_step()  # good finishes: its result's copy waits at the gate
+    assert GatedFileSystem.entered.wait(10)
+    assert sample("lorafleet_publish_backlog") == 1
+    executor.train_step()  # long's checkpoint at step 2 queues behind it
+    assert sample("lorafleet_publish_backlog") == 2
+    GatedFileSystem.gate.set()
+    executor.publisher.wait()
+    assert sample("lorafleet_publish_backlog") == 0
+
+    bad = submit(store, tenant, model, max_steps=1)
+    GatedFileSystem.failing = {bad}
+    claim(bad)
+    executor.train_step()
+    executor.publisher.wait()
+
+    assert sample("lorafleet_publications_total", kind="result", outcome="recorded") == 1
+    assert sample("lorafleet_publications_total", kind="result", outcome="failed") == 1
+    assert sample("lorafleet_publications_total", kind="checkpoint", outcome="recorded") == 1
+    assert sample("lorafleet_publications_total", kind="checkpoint", outcome="refused") == 0
+    assert sample("lorafleet_snapshot_seconds_count") == 3 and sample("lorafleet_snapshot_seconds_sum") > 0
+    assert sample("lorafleet_publish_duration_seconds_count") == 3
+
+
 def test_drain_waits_for_a_result_being_copied(store, world, single_torch_thread):
     tenant, model, artifacts = world
     short, long = submit(store, tenant, model, max_steps=1), submit(store, tenant, model, max_steps=50)
