@@ -55,7 +55,6 @@ FACTOR_READ_SECONDS = 10.0  # how often the executor re-reads its base's calibra
 STALL_SECONDS = 900.0  # /healthz fails when the loop did not come round for this long (loading a 70B base is slow)
 
 
-
 def freeze_what_is_loaded() -> None:
     """Move every object alive now (the imports', the base's: half a million and more) out of the collector's reach.
     Python's full collections walk every tracked object; with them in reach, one took 0.25 s of the training loop on
@@ -70,6 +69,7 @@ def thaw_and_collect() -> None:
     among them too, are freed (their GPU memory with them) before another base loads."""
     gc.unfreeze()
     gc.collect()
+
 
 @dataclass
 class Lease:
