@@ -278,6 +278,7 @@ QUEUE_WAIT_ALERT_SECONDS = 1800  # p95 over 15 minutes above 30 minutes
 FAILURE_ALERT_RATIO, FAILURE_ALERT_MIN_COUNT = 0.2, 5  # failures / assignments over 15 minutes, at least 5 failures
 GPU_MEMORY_ALERT_RATIO = 0.95
 GENERATION_BACKLOG_MINUTES = 10  # a base's generation queue not empty at any evaluation for this long
+PUBLISH_BACKLOG_MINUTES = 15  # an executor's publisher not done with its snapshots at any evaluation for this long
 
 
 @dataclass(frozen=True)
@@ -381,6 +382,31 @@ ALERTS: tuple[Alert, ...] = (
                      "their timeout fail with 504. The executors dashboard's generation panels show who answers "
                      "and how much of their time it takes; `lorafleet executors list` shows which bases are loaded "
                      "and whether any executor is idle."),
+    ),
+    Alert(
+        name="LorafleetPublishBehind",
+        query=Query("publish_behind", "max by (executor) (lorafleet_publish_backlog) > 0"),
+        hold=f"{PUBLISH_BACKLOG_MINUTES}m", severity="warning",
+        summary="Executor {{ $labels.executor }} has had snapshots waiting to be published for "
+                f"{PUBLISH_BACKLOG_MINUTES} minutes",
+        description=("The executor's publisher was behind at every evaluation of the last "
+                     f"{PUBLISH_BACKLOG_MINUTES} minutes: checkpoints and results are taken faster than the artifact "
+                     "store takes them. Training goes on (snapshots wait in host memory, then on the executor's "
+                     "scratch disk), but jobs are recorded succeeded, and resumable from their newest checkpoints, "
+                     "only once published, and a drain waits for all of it. The executors dashboard's publish "
+                     "panels show the backlog and the time per publication; look at the store's throughput, or "
+                     "checkpoint less often (checkpoint_every)."),
+    ),
+    Alert(
+        name="LorafleetPublishFailing",
+        query=Query("publish_failing",
+                    'sum by (executor) (increase(lorafleet_publications_total{outcome="failed"}[15m])) > 0'),
+        hold="1m", severity="warning",
+        summary="Executor {{ $labels.executor }} could not store a checkpoint or result in the last 15 minutes",
+        description=("The artifact store refused a write (full, unreachable, permissions). A failed checkpoint "
+                     "leaves its job training on from its previous one (an `error` event on the job says "
+                     "\"checkpoint not saved\"); a failed result fails its job (reason publish). The executor's "
+                     "log names the error; the executors dashboard's publications panel shows which kind fails."),
     ),
     Alert(
         name="LorafleetGpuMemoryNearFull",

@@ -416,6 +416,17 @@ ALERT_CASES = down_cases() + [
           series("lorafleet_generation_queued", " ".join(["2 0"] * 30), base="org/served"),
           series("lorafleet_generation_queued", "5x32 0x28", base="org/caught-up")],
          fires("LorafleetGenerationBacklog", "8m"), fires("LorafleetGenerationBacklog", "12m", {"base": "org/busy"})),
+    # publishing: a backlog never empty fires after 15 minutes; one that empties between checkpoint rounds, or after
+    # 10 minutes, does not
+    case([series("lorafleet_publish_backlog", "3x80", executor="slow", instance="h:9465"),
+          series("lorafleet_publish_backlog", " ".join(["8 0"] * 40), executor="keeping-up", instance="h:9466"),
+          series("lorafleet_publish_backlog", "5x40 0x40", executor="caught-up", instance="h:9467")],
+         fires("LorafleetPublishBehind", "12m"), fires("LorafleetPublishBehind", "17m", {"executor": "slow"})),
+    # a publication failing at 5 minutes fires from a minute later; publications recorded never do
+    case([series("lorafleet_publications_total", "0x20 1x60", executor="a", kind="checkpoint", outcome="failed"),
+          series("lorafleet_publications_total", "0+1x80", executor="b", kind="checkpoint", outcome="recorded"),
+          series("lorafleet_publications_total", "0x80", executor="b", kind="result", outcome="failed")],
+         fires("LorafleetPublishFailing", "4m"), fires("LorafleetPublishFailing", "8m", {"executor": "a"})),
 ]
 
 

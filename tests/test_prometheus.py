@@ -195,7 +195,7 @@ EXPECTED = {
     # alerts: none fires on a healthy fleet with one failure
     "executor_down": _empty, "scheduler_down": _empty, "worker_down": _empty, "gateway_down": _empty,
     "no_leader": _empty, "queue_wait_high": _empty, "queue_stalled": _empty, "job_failure_rate_high": _empty,
-    "gpu_memory_near_full": _empty, "generation_backlog": _empty,
+    "gpu_memory_near_full": _empty, "generation_backlog": _empty, "publish_behind": _empty, "publish_failing": _empty,
     "firing_alerts": _empty,  # every rule holds its condition a minute or more before it fires: none in this test
 }
 
