@@ -391,8 +391,8 @@ ALERTS: tuple[Alert, ...] = (
                 f"{PUBLISH_BACKLOG_MINUTES} minutes",
         description=("The executor's publisher was behind at every evaluation of the last "
                      f"{PUBLISH_BACKLOG_MINUTES} minutes: checkpoints and results are taken faster than the artifact "
-                     "store takes them. Training goes on (snapshots wait in host memory, then on the executor's "
-                     "scratch disk), but jobs are recorded succeeded, and resumable from their newest checkpoints, "
+                     "store takes them. Training goes on (the snapshots wait in the executor's host memory), but "
+                     "jobs are recorded succeeded, and resumable from their newest checkpoints, "
                      "only once published, and a drain waits for all of it. The executors dashboard's publish "
                      "panels show the backlog and the time per publication; look at the store's throughput, or "
                      "checkpoint less often (checkpoint_every)."),
