@@ -28,17 +28,22 @@ def next_size(probes: list[Probe], low: int, high: int, base_gib: float, device_
     held with no job (the base); `device_gib`: what the device holds."""
     if not probes:
         return low
-    fitted = [probe for probe in probes if probe.fits]
-    failed = min((probe.jobs for probe in probes if not probe.fits), default=high + 1)
+    fitted, failed = _bracket(probes, high)
     if not fitted:
         return None  # not even `low` fits
-    largest = max(fitted, key=lambda probe: probe.jobs)
-    if largest.jobs + 1 >= failed:
+    largest = max(probe.jobs for probe in fitted)
+    if largest + 1 >= failed:
         return None
     predicted = _predicted_most(fitted, base_gib, FILLED * device_gib)
-    if predicted is None or not largest.jobs < predicted < failed:
-        return (largest.jobs + failed) // 2 if failed <= high else min(high, 2 * largest.jobs)
+    if predicted is None or not largest < predicted < failed:
+        return (largest + failed) // 2 if failed <= high else min(high, 2 * largest)
     return predicted
+
+
+def _bracket(probes: list[Probe], high: int) -> tuple[list[Probe], int]:
+    """The probes that fitted, and the smallest size that did not (`high` + 1 while none failed)."""
+    fitted = [probe for probe in probes if probe.fits]
+    return fitted, min((probe.jobs for probe in probes if not probe.fits), default=high + 1)
 
 
 def _predicted_most(fitted: list[Probe], base_gib: float, device_gib: float) -> int | None:
@@ -60,8 +65,7 @@ def _predicted_most(fitted: list[Probe], base_gib: float, device_gib: float) -> 
 def result(probes: list[Probe], high: int) -> dict:
     """The search's answer: the most jobs that fitted, and whether one more is known not to (`exact`) or the range
     ran out first (a lower bound) or even the smallest size failed (`most_jobs` None)."""
-    fitted = [probe.jobs for probe in probes if probe.fits]
-    failed = min((probe.jobs for probe in probes if not probe.fits), default=high + 1)
-    most = max(fitted, default=None)
+    fitted, failed = _bracket(probes, high)
+    most = max((probe.jobs for probe in fitted), default=None)
     return {"most_jobs": most, "exact": most is not None and failed == most + 1 and failed <= high,
             "probes": len(probes)}
