@@ -122,18 +122,22 @@ def batch_lengths(batch: str, rng: random.Random | None = None) -> list[int]:
     return [length] * count
 
 
-def job_sequences(batch: str, job: int, vocab: int) -> list[list[int]]:
-    """One micro-batch of token sequences (each ending in EOS) for job `job` of batch shape `batch`."""
-    rng = random.Random(f"{batch}/{job}")
+def job_sequences(batch: str, job: int, vocab: int, micro_batch: int = 0) -> list[list[int]]:
+    """One micro-batch of token sequences (each ending in EOS) for job `job` of batch shape `batch` (its first, or
+    its `micro_batch`-th: another draw)."""
+    rng = random.Random(f"{batch}/{job}" if micro_batch == 0 else f"{batch}/{job}/{micro_batch}")
     lengths = batch_lengths(batch, rng)
     return [[rng.randrange(1, vocab) for _ in range(n - 1)] + [EOS_ID] for n in lengths]
 
 
-def write_job_data(directory: Path, batch: str, job: int, vocab: int) -> Path:
+def write_job_data(directory: Path, batch: str, job: int, vocab: int, micro_batches: int = 1) -> Path:
+    """Job `job`'s dataset: `micro_batches` micro-batches of records (one: every step after the first trains on the
+    same records, already tokenised; more: steps read and tokenise records of their first epoch, as a new job does)."""
     path = directory / f"{batch}-{job}.jsonl"
     with open(path, "w") as handle:
-        for sequence in job_sequences(batch, job, vocab):
-            handle.write(json.dumps({"text": " ".join(f"t{i}" for i in sequence[:-1])}) + "\n")
+        for micro_batch in range(micro_batches):
+            for sequence in job_sequences(batch, job, vocab, micro_batch):
+                handle.write(json.dumps({"text": " ".join(f"t{i}" for i in sequence[:-1])}) + "\n")
     return path
 
 
@@ -704,6 +708,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--attention", choices=("auto", "varlen"), default="auto",
                         help="the cohort's attention: auto (cuDNN's dense kernel for rows of equal-length sequences, "
                              "the varlen flash kernel otherwise) or varlen for every row (executor/attention.py)")
+    parser.add_argument("--micro-batches", type=int, default=1,
+                        help="micro-batches of distinct records in each job's dataset: 1 (the default) trains every "
+                        "step on the same records, tokenised once; more than the warm-up and timed steps: every step "
+                        "reads and tokenises first-epoch records, as a new job does (the baselines train on the first)")
     parser.add_argument("--workdir", default="/tmp/lorafleet-e2e")
     parser.add_argument("--out", default=".")
     args = parser.parse_args()
@@ -779,7 +787,7 @@ def prepare(run: Run) -> None:
     if run.long_batch:
         wanted.add((run.long_batch, 0))
     for batch, job in wanted:
-        write_job_data(run.data_dir, batch, job, run.vocab)
+        write_job_data(run.data_dir, batch, job, run.vocab, args.micro_batches)
 
 
 def fitting_run(run: Run, cohort, batch: str, n: int, warmup: int, steps: int):

@@ -3,7 +3,8 @@ step, cold and warm (issue 16).
 
     python3 -P bench/bench_service.py --shape 1b --jobs 8 --batch 4x512 --steps 30 --out OUT
 
-1. A random base of `--shape` (bench_e2e's builder) and one dataset per job (bench_e2e's sequences as text records).
+1. A random base of `--shape` (bench_e2e's builder) and one dataset per job (bench_e2e's sequences as text records;
+   `--micro-batches` of them: one, tokenised once, or enough that every step tokenises first-epoch records).
 2. The service on this machine: embedded Valkey, the Celery submission worker, the scheduler and one executor on the
    device (one pass a step, as the bench's "off" row), each its own process started as `lorafleet up` starts them.
 3. Cold: N jobs submitted through the tenant's Celery task with an empty Triton cache and no base loaded; warm: N more
@@ -37,7 +38,8 @@ import bench_e2e as e2e  # noqa: E402  (bench/ is a folder of scripts)
 TENANT = "bench"
 
 
-def prepare(root: Path, shape: str, jobs: int, batch: str, device: torch.device) -> tuple[Path, int]:
+def prepare(root: Path, shape: str, jobs: int, batch: str, device: torch.device,
+            micro_batches: int = 1) -> tuple[Path, int]:
     """The base under root/models and datasets root/data/bench/job-<i>.jsonl; the environment the service reads."""
     os.environ.update(LORAFLEET_STATE_DIR=str(root / "state"), LORAFLEET_DATA_ROOT=str(root / "data"),
                       LORAFLEET_MODEL_ROOTS=str(root / "models"), TRITON_CACHE_DIR=str(root / "triton"),
@@ -48,7 +50,7 @@ def prepare(root: Path, shape: str, jobs: int, batch: str, device: torch.device)
     data.mkdir(parents=True)
     vocab = e2e.SHAPES[shape]["vocab_size"]
     for job in range(jobs):
-        e2e.write_job_data(data, batch, job, vocab).rename(data / f"job-{job}.jsonl")
+        e2e.write_job_data(data, batch, job, vocab, micro_batches).rename(data / f"job-{job}.jsonl")
     return model_dir, params
 
 
@@ -203,11 +205,14 @@ def main() -> None:
     parser.add_argument("--batch", default="4x512")
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps of each service job")
     parser.add_argument("--checkpoint-every", type=int, default=10, help="optimizer steps between checkpoints")
+    parser.add_argument("--micro-batches", type=int, default=1,
+                        help="micro-batches of distinct records per job (bench_e2e's --micro-batches): at least "
+                        "--steps, and every step reads and tokenises first-epoch records")
     parser.add_argument("--out", type=Path, default=Path("."))
     args = parser.parse_args()
     device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     root = Path(tempfile.mkdtemp(prefix="bench-service-"))
-    model_dir, params = prepare(root, args.shape, args.jobs, args.batch, device)
+    model_dir, params = prepare(root, args.shape, args.jobs, args.batch, device, args.micro_batches)
     running, store = start_service(str(device))
     try:
         _, token = store.create_tenant(TENANT, max_queued=1000, max_running=args.jobs)
@@ -222,7 +227,8 @@ def main() -> None:
     alone_s, peak = bench_alone(model_dir, root / "data" / TENANT, args.batch, args.jobs, device)
     report = {"shape": args.shape, "jobs": args.jobs, "batch": args.batch, "device": str(device),
               "device_name": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
-              "non_embedding_params": params, "checkpoint_every": args.checkpoint_every, "cold": cold, "warm": warm, "bench_step_s": alone_s,
+              "non_embedding_params": params, "checkpoint_every": args.checkpoint_every,
+              "micro_batches": args.micro_batches, "cold": cold, "warm": warm, "bench_step_s": alone_s,
               "bench_peak_gib": peak, "service_over_bench": alone_s / warm["service_step_s"], "executor_steps": steps}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"service_{args.shape}.json").write_text(json.dumps(report, indent=2))

@@ -12,6 +12,7 @@ import math
 import os
 import random
 from array import array
+from dataclasses import dataclass
 from pathlib import Path
 
 from lorafleet.scheduler.formats import (  # noqa: F401 (re-exported: the executor's and the tests' names for them)
@@ -40,12 +41,24 @@ def epoch_order(num_examples: int, seed: int, epoch: int) -> list[int]:
     return order
 
 
+@dataclass
+class _ReadAhead:
+    cursor: tuple[int, int]  # (epoch, batch_in_epoch) it was read at
+    batch: list[Example]
+    error: DataError | None  # a bad line in it, raised when `next_batch` reaches it
+
+
 class JobData:
     """One job's dataset: `next_batch()` yields shuffled micro-batches forever, epoch after epoch.
 
     Epoch e visits every example once, in a permutation drawn from (seed, e) alone; the last micro-batch of an epoch
     may be smaller. `epoch` and `batch_in_epoch` say where the next batch comes from. `state_dict()` is just that
     cursor, so a resumed job draws the identical remaining sequence.
+
+    `read_ahead()` draws the batch at the cursor early (the cohort calls it while the GPU runs a step, so reading and
+    tokenising the next records is off the step's critical path); `next_batch()` hands it out if the cursor is still
+    where it was read. The cursor does not move until then, so checkpoints and resumes are as without it, and a bad
+    line read ahead raises only when `next_batch()` reaches it.
     """
 
     def __init__(self, path, fmt: str, tokenizer, max_seq_len: int, batch_size: int, seed: int,
@@ -75,6 +88,7 @@ class JobData:
         self.batch_in_epoch = 0
         self._order_epoch = -1
         self._order: list[int] = []
+        self._ahead: _ReadAhead | None = None
 
     def _index_lines(self) -> tuple[array, array, array, int]:
         try:
@@ -147,17 +161,33 @@ class JobData:
     def next_batch(self) -> tuple[list[Example], int]:
         """The next micro-batch and the 0-based epoch it belongs to; raises DataError for a bad line in it."""
         epoch = self.epoch
-        start = self.batch_in_epoch * self.batch_size
-        indices = self._epoch_order(epoch)[start : start + self.batch_size]
-        if any(index not in self._cache for index in indices):
-            with self._open() as handle:
-                batch = [self._example(index, handle) for index in indices]
-        else:
-            batch = [self._example(index) for index in indices]
+        ahead, self._ahead = self._ahead, None
+        if ahead is None or ahead.cursor != (epoch, self.batch_in_epoch):  # none, or read before a resume moved it
+            ahead = self._read(epoch, self.batch_in_epoch)
+        if ahead.error is not None:
+            raise ahead.error
         self.batch_in_epoch += 1
         if self.batch_in_epoch == self.steps_per_epoch:
             self.epoch, self.batch_in_epoch = epoch + 1, 0
-        return batch, epoch
+        return ahead.batch, epoch
+
+    def read_ahead(self) -> None:
+        """Read and tokenise the batch at the cursor now, for `next_batch()` (see the class docstring)."""
+        if self._ahead is None or self._ahead.cursor != (self.epoch, self.batch_in_epoch):
+            self._ahead = self._read(self.epoch, self.batch_in_epoch)
+
+    def _read(self, epoch: int, batch_in_epoch: int) -> _ReadAhead:
+        start = batch_in_epoch * self.batch_size
+        indices = self._epoch_order(epoch)[start : start + self.batch_size]
+        try:
+            if any(index not in self._cache for index in indices):
+                with self._open() as handle:
+                    batch = [self._example(index, handle) for index in indices]
+            else:
+                batch = [self._example(index) for index in indices]
+        except DataError as exc:
+            return _ReadAhead((epoch, batch_in_epoch), [], exc)
+        return _ReadAhead((epoch, batch_in_epoch), batch, None)
 
     def state_dict(self) -> dict:
         return {

@@ -15,10 +15,12 @@ def test_the_e2e_bench_writes_a_row_per_cohort_and_a_baseline_to_compare_it_with
     out = tmp_path / "out"
     subprocess.run([sys.executable, str(BENCH), "--shape", "tiny", "--device", "cpu", "--cohorts", "1,2",
                     "--batches", "1x512", "--overhead", "2x1x512", "--baselines", "peft", "--warmup", "1",
-                    "--steps", "1", "--capacity", "1,3", "--workdir", str(tmp_path / "work"), "--out", str(out)],
+                    "--steps", "1", "--capacity", "1,3", "--micro-batches", "3", "--workdir", str(tmp_path / "work"), "--out", str(out)],
                    check=True, capture_output=True, text=True, timeout=300)
     report = json.loads((out / "e2e_tiny.json").read_text())
     assert [(row["jobs"], row["tokens"]) for row in report["cohorts"]] == [(1, 512), (2, 1024)]
+    records = (tmp_path / "work" / "data" / "1x512-1.jsonl").read_text().splitlines()
+    assert len(records) == len(set(records)) == 3, "three micro-batches of distinct records"
     assert all(row["seconds"] > 0 and row["checkpointing"] == "off" for row in report["cohorts"])
     assert [len(report["baselines"]["peft"]["1x512"]["per_job_seconds"])] == [2], "each job of the largest cohort"
     assert report["overhead"][0]["jobs"] == 2 and report["overhead"][0]["adapters"] > 0

@@ -272,6 +272,37 @@ def test_resume_from_state_dict_draws_the_identical_remaining_sequence(tmp_path,
     assert before + drain(resumed, 12 - stop_after) == uninterrupted
 
 
+def drain_reading_ahead(data, n, resume_at=None, state=None) -> list:
+    """`drain`, with the next batch read ahead after each one, as the cohort does while the GPU runs its step; at
+    batch `resume_at` the cursor is moved back by `state` after the read-ahead."""
+    drawn = []
+    for i in range(n):
+        data.read_ahead()
+        if i == resume_at:
+            data.load_state_dict(state)
+        batch, epoch = data.next_batch()
+        drawn.append((epoch, tuple(tuple(example.input_ids) for example in batch)))
+        data.read_ahead()
+    return drawn
+
+
+@pytest.mark.parametrize("stop_after", [0, 2, 3, 5])
+def test_reading_ahead_changes_neither_the_batches_nor_the_saved_cursor(tmp_path, tokenizer, stop_after):
+    path = write_jsonl(tmp_path / "a.jsonl", alpaca_rows(10))
+    make = lambda: JobData(path, "alpaca", tokenizer, max_seq_len=512, batch_size=3, seed=3)
+    uninterrupted = drain(make(), 12)
+    assert drain_reading_ahead(make(), 12) == uninterrupted
+
+    first, plain = make(), make()
+    drain_reading_ahead(first, stop_after)
+    drain(plain, stop_after)
+    assert first.state_dict() == plain.state_dict()  # the batch read ahead is not counted as drawn
+    resumed = make()
+    drain_reading_ahead(resumed, 7)  # read ahead of another cursor, then moved back to `first`'s
+    assert drain_reading_ahead(resumed, 12 - stop_after, resume_at=0, state=first.state_dict()) == \
+        uninterrupted[stop_after:]
+
+
 def test_resume_refuses_a_different_dataset_or_batch_size(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "a.jsonl", alpaca_rows(10))
     data = JobData(path, "alpaca", tokenizer, max_seq_len=512, batch_size=3, seed=3)
@@ -410,6 +441,21 @@ def test_chat_template_errors_and_end_of_turn_markers(tmp_path):
     data = JobData(tmp_path / "s.jsonl", "chat", tok, max_seq_len=512, batch_size=2, seed=0)
     with pytest.raises(DataError, match="s.jsonl line 2: the chat template rejects this conversation: no system role"):
         data.next_batch()
+
+
+def test_a_bad_line_read_ahead_fails_only_the_step_that_reaches_it(tmp_path, tokenizer):
+    good, bad, _ = BAD_LINES["invalid json"]
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b"\n".join([good, bad, good, good]) + b"\n")
+    data = JobData(path, "alpaca", tokenizer, max_seq_len=128, batch_size=1, seed=0)
+    order = epoch_order(4, 0, 0)
+    for _ in range(order.index(1)):  # every batch before the bad line's is served, each read ahead first
+        data.read_ahead()
+        data.next_batch()
+    data.read_ahead()  # reads the bad line: nothing raised yet
+    with pytest.raises(DataError, match="train.jsonl line 2: invalid JSON"):
+        data.next_batch()
+    assert data.state_dict()["batch_in_epoch"] == order.index(1)  # and the cursor stays on it
 
 
 def test_a_file_changed_under_a_running_job_is_reported(tmp_path, tokenizer):

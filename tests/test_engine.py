@@ -23,7 +23,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, get_linear_schedule_with_warmup
 
 from lorafleet.executor.cohort import Cohort, pack, split_passes
-from lorafleet.executor.data import Example, JobData
+from lorafleet.executor.data import Example, JobData, epoch_order
 from lorafleet.executor.model import load_base, packing_kwargs
 from lorafleet.executor.optim import lr_factor
 from lorafleet.scheduler.spec import parse_spec
@@ -355,6 +355,10 @@ def test_bad_data_line_mid_run_fails_that_job_with_the_line_number(llama, datase
     history = train_cohort(cohort)
     errors = [r.error for r in history["bad"] if r.error]
     assert len(errors) == 1 and "bad.jsonl line 6" in errors[0] and "data error" in errors[0]
+    # each step reads the next micro-batch ahead (the bad line included): the error still comes at the step that
+    # would have drawn it, after every batch before it has trained
+    reaching_step = epoch_order(8, cohort.jobs["bad"].data.seed, 0).index(5) + 1
+    assert f"data error at step {reaching_step}:" in errors[0] and len(history["bad"]) == reaching_step
     assert history["good"][-1].step == 10 and history["good"][-1].done
 
 
