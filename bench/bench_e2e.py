@@ -45,6 +45,8 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).parent))  # bench/'s helper modules (step_parts, capacity_search) under -P
+
 VOCAB = 128256
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SHAPES = {
@@ -558,7 +560,6 @@ def step_parts(cohort, model_dir, data_dir, batch, n, device, shape, report, out
 
     from torch.profiler import ProfilerActivity, profile
 
-    sys.path.insert(0, str(Path(__file__).parent))
     from step_parts import host_timeline, ideal_seconds, kernel_parts, parts_table
 
     for setting in MEMORY_SETTINGS:

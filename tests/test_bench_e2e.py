@@ -13,9 +13,10 @@ BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_e2e.py"
 
 def test_the_e2e_bench_writes_a_row_per_cohort_and_a_baseline_to_compare_it_with(tmp_path):
     out = tmp_path / "out"
-    subprocess.run([sys.executable, str(BENCH), "--shape", "tiny", "--device", "cpu", "--cohorts", "1,2",
+    subprocess.run([sys.executable, "-P", str(BENCH), "--shape", "tiny", "--device", "cpu", "--cohorts", "1,2",
                     "--batches", "1x512", "--overhead", "2x1x512", "--baselines", "peft", "--warmup", "1",
-                    "--steps", "1", "--capacity", "1,3", "--micro-batches", "3", "--workdir", str(tmp_path / "work"), "--out", str(out)],
+                    "--steps", "1", "--capacity", "1,3", "--micro-batches", "3", "--workdir", str(tmp_path / "work"),
+                    "--out", str(out)],
                    check=True, capture_output=True, text=True, timeout=300)
     report = json.loads((out / "e2e_tiny.json").read_text())
     assert [(row["jobs"], row["tokens"]) for row in report["cohorts"]] == [(1, 512), (2, 1024)]
