@@ -131,6 +131,7 @@ class GaloreJob:
         loss, self.last_input_tokens, self.largest_pass_tokens = None, 0, 0
         if tokens:  # a micro-batch whose targets were all truncated away teaches nothing: no forward
             loss = self._train_passes(examples, tokens, max_pass_tokens) / tokens
+            self.data.read_ahead()  # while the last pass's backward runs on the GPU (JobData's docstring)
             if not math.isfinite(loss):
                 return self._fail(f"loss is {loss} at step {self.steps_done + 1}")
         self.micro_batches += 1

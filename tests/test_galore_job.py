@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from helpers_models import alpaca_rows, llama, single_torch_thread, write_jsonl  # noqa: F401 (fixtures)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lorafleet.executor.data import IGNORE_INDEX, JobData
+from lorafleet.executor.data import IGNORE_INDEX, JobData, epoch_order
 from lorafleet.executor.galore import GaLoreAdamW
 from lorafleet.executor.galore_job import GaloreJob, GaloreSettings
 from lorafleet.scheduler.spec import Hyperparameters
@@ -160,6 +160,8 @@ def test_a_bad_dataset_line_fails_the_job_with_an_error_naming_the_line(llama, t
     results = run(job)
 
     assert results[-1].error is not None and "bad.jsonl line 5" in results[-1].error, results[-1].error
+    # read ahead by the micro-batch before, the bad line still fails the micro-batch that draws it
+    assert len(results) == epoch_order(6, HP.seed, 0).index(4) // HP.batch_size + 1
     assert not job.active and not job.done
     with pytest.raises(RuntimeError, match="failed"):
         job.step()
