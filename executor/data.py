@@ -45,7 +45,7 @@ def epoch_order(num_examples: int, seed: int, epoch: int) -> list[int]:
 class _ReadAhead:
     cursor: tuple[int, int]  # (epoch, batch_in_epoch) it was read at
     batch: list[Example]
-    error: DataError | None  # a bad line in it, raised when `next_batch` reaches it
+    error: Exception | None  # what reading it raised (a bad line: DataError), raised when `next_batch` reaches it
 
 
 class JobData:
@@ -185,7 +185,7 @@ class JobData:
                     batch = [self._example(index, handle) for index in indices]
             else:
                 batch = [self._example(index) for index in indices]
-        except DataError as exc:
+        except Exception as exc:  # kept, not swallowed: raised where a step draws the batch, as without reading ahead
             return _ReadAhead((epoch, batch_in_epoch), [], exc)
         return _ReadAhead((epoch, batch_in_epoch), batch, None)
 

@@ -458,6 +458,22 @@ def test_a_bad_line_read_ahead_fails_only_the_step_that_reaches_it(tmp_path, tok
     assert data.state_dict()["batch_in_epoch"] == order.index(1)  # and the cursor stays on it
 
 
+def test_anything_else_reading_ahead_raises_is_raised_where_the_step_draws_the_batch(tmp_path, tokenizer,
+                                                                                   monkeypatch):
+    """The cohort reads ahead after launching a step's update: nothing may raise there, mid-step."""
+    path = write_jsonl(tmp_path / "a.jsonl", alpaca_rows(4))
+    data = JobData(path, "alpaca", tokenizer, max_seq_len=512, batch_size=4, seed=0)
+
+    def broken(*args):
+        raise RuntimeError("tokenizer broke")
+
+    monkeypatch.setattr("lorafleet.executor.data.tokenise_example", broken)
+    data.read_ahead()
+    with pytest.raises(RuntimeError, match="tokenizer broke"):
+        data.next_batch()
+    assert data.state_dict()["batch_in_epoch"] == 0
+
+
 def test_a_file_changed_under_a_running_job_is_reported(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "a.jsonl", alpaca_rows(4))
     data = JobData(path, "alpaca", tokenizer, max_seq_len=512, batch_size=2, seed=0)
