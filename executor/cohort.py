@@ -517,7 +517,8 @@ class Cohort:
 
     def _read_ahead(self) -> None:
         """Each active job's next micro-batch, read and tokenised while the GPU still runs this step (on a GPU the
-        host is ahead until the step's sync; first-epoch records cost ~4 ms of tokenising a 4x512 micro-batch)."""
+        host is ahead until the step's sync): first-epoch records of 8 jobs cost a 1B 8 x 4x512 step 24 ms, 13%, when
+        read at its start (docs/BENCHMARKS.md, run H13)."""
         for job in self.jobs.values():
             if job.active:
                 job.data.read_ahead()
