@@ -161,9 +161,8 @@ class JobData:
     def next_batch(self) -> tuple[list[Example], int]:
         """The next micro-batch and the 0-based epoch it belongs to; raises DataError for a bad line in it."""
         epoch = self.epoch
+        self.read_ahead()  # a no-op when the batch at the cursor was read ahead
         ahead, self._ahead = self._ahead, None
-        if ahead is None or ahead.cursor != (epoch, self.batch_in_epoch):  # none, or read before a resume moved it
-            ahead = self._read(epoch, self.batch_in_epoch)
         if ahead.error is not None:
             raise ahead.error
         self.batch_in_epoch += 1
@@ -172,7 +171,8 @@ class JobData:
         return ahead.batch, epoch
 
     def read_ahead(self) -> None:
-        """Read and tokenise the batch at the cursor now, for `next_batch()` (see the class docstring)."""
+        """Read and tokenise the batch at the cursor now, for `next_batch()` (see the class docstring); one read
+        before a resume moved the cursor is replaced."""
         if self._ahead is None or self._ahead.cursor != (self.epoch, self.batch_in_epoch):
             self._ahead = self._read(self.epoch, self.batch_in_epoch)
 
