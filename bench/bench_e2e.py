@@ -17,6 +17,8 @@ words are the token ids), r=16 LoRA on all 7 projections, AdamW. One run measure
 4. optionally (--parts) where one whole step's time goes: its kernels by part (frozen GEMMs, LM head, attention,
    LoRA kernels, elementwise, loss, optimizer, host gaps) against each part's ideal (bench/step_parts.py);
 5. optionally (--long-context N) one job of one N-token sequence, in the cohort and in every baseline;
+   optionally (--evaluate N) one job's validation pass (`Cohort.evaluate`) over N micro-batches of the first batch
+   shape, read and tokenised the first time, cached the second;
 6. optionally the capacity probe: the most 4x512 jobs whose step fits in passes, searched between the smallest
    and the largest size given (bench/capacity_search.py: exact when one more job is seen not to fit);
    for every cohort that ran in one pass or in passes, the scheduler's memory model (`scheduler/policy.py`, before
@@ -713,6 +715,8 @@ def parse_args() -> argparse.Namespace:
                         help="micro-batches of distinct records in each job's dataset: 1 (the default) trains every "
                         "step on the same records, tokenised once; more than the warm-up and timed steps: every step "
                         "reads and tokenises first-epoch records, as a new job does (the baselines train on the first)")
+    parser.add_argument("--evaluate", type=int, default=0, help="micro-batches of a validation set that one job of the "
+                        "first batch shape evaluates, twice: first read, then cached (0: none)")
     parser.add_argument("--workdir", default="/tmp/lorafleet-e2e")
     parser.add_argument("--out", default=".")
     args = parser.parse_args()
@@ -856,6 +860,34 @@ def measure_parts(run: Run, cohort) -> None:
     set_checkpointing(cohort, "off")
 
 
+def measure_evaluation(run: Run, cohort) -> None:
+    """Seconds of one job's `Cohort.evaluate` over a validation set of --evaluate micro-batches: the first pass reads
+    and tokenises every record, the second finds them cached."""
+    from lorafleet.executor.data import JobData
+
+    batch, micro_batches = run.batches[0], run.args.evaluate
+    (run.data_dir / "validation").mkdir(exist_ok=True)
+    path = write_job_data(run.data_dir / "validation", batch, 0, run.vocab, micro_batches)
+    add_jobs(cohort, run.model_dir, run.data_dir, batch, 1)
+    job_id = next(iter(cohort.jobs))
+    hp = cohort.jobs[job_id].spec.hyperparameters
+    data = JobData(path, "auto", cohort.tokenizer, hp.max_seq_len, hp.batch_size, seed=0)
+    tokens = sum(len(s) for m in range(micro_batches) for s in job_sequences(batch, 0, run.vocab, m))
+    rows = {}
+    for attempt in ("first", "cached"):
+        sync(run.device)
+        start = time.perf_counter()
+        cohort.evaluate(job_id, data)
+        sync(run.device)
+        seconds = time.perf_counter() - start
+        rows[attempt] = {"seconds": seconds, "per_micro_batch_ms": 1e3 * seconds / micro_batches,
+                         "tokens_per_s": tokens / seconds}
+    remove_jobs(cohort, run.device)
+    run.report["evaluate"] = {"batch": batch, "micro_batches": micro_batches, "tokens": tokens, **rows}
+    run.log(f"evaluate {micro_batches} x {batch}: {rows}")
+    run.save()
+
+
 def profile_steps(run: Run, cohort) -> None:
     spec = run.args.profile_step
     jobs, batch = jobs_and_batch(spec)
@@ -942,6 +974,8 @@ def main() -> None:
         profile_steps(run, cohort)
     if run.long_batch:
         measure_long_context(run, cohort)
+    if run.args.evaluate:
+        measure_evaluation(run, cohort)
     run.report["capacity"], run.report["capacity_result"] = capacity_probe(cohort, run.model_dir, run.data_dir,
                                                                             run.capacity, run.device)
     run.log(f"capacity: {run.report['capacity_result']} from {run.report['capacity']}")

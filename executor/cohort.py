@@ -701,17 +701,20 @@ class Cohort:
         """
         job = self.jobs[job_id]
         job.adapter.eval()
-        total, count = 0.0, 0  # count: target tokens (SFT) or pairs (DPO, SimPO, ORPO)
+        # The sum stays on the device until the end: without a sync per batch the host reads and packs the next batch
+        # while the GPU runs this one. float64, added in order: the same number as summing each batch's .item().
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        count = 0  # target tokens (SFT) or pairs (DPO, SimPO, ORPO)
         try:
             for _ in range(data.steps_per_epoch):
                 examples, _epoch = data.next_batch()
                 for part in split_passes({job_id: examples}, self.max_pass_tokens, self.prompt_rows()):
                     batch = self._pack(part, {job_id: examples})
-                    total += self._forward(batch)[job_id].item()
+                    total += self._forward(batch)[job_id].double()
                     count += len(part[job_id]) if self._is_preference(job_id) else batch.num_targets[job_id]
         finally:
             job.adapter.train()
-        return total / count if count else None
+        return total.item() / count if count else None
 
     def export(self, job_id: str, directory) -> Path:
         """Write the job's PEFT adapter (a LoPA job's `lopa.save_lopa` export), and nothing else, into `directory`

@@ -101,14 +101,15 @@ class GaloreCohort:
         """Mean loss over the target tokens of one pass over `data` (a validation set); None when it has none.
         Raises DataError for a bad line, like training does."""
         job = self.jobs[job_id].job
-        total, count = 0.0, 0
+        total = torch.zeros((), dtype=torch.float64, device=self.device)  # on the device: see Cohort.evaluate
+        count = 0
         for _ in range(data.steps_per_epoch):
             examples, _epoch = data.next_batch()
             targets = sum(example.num_targets for example in examples)
             if targets:
-                total += job.loss_sum(examples).item()
+                total += job.loss_sum(examples).double()
                 count += targets
-        return total / count if count else None
+        return total.item() / count if count else None
 
     def checkpoint(self, job_id: str, directory) -> Path:
         return self.jobs[job_id].job.checkpoint(directory)

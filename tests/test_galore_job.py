@@ -207,3 +207,26 @@ def test_a_window_without_target_tokens_leaves_the_weights_alone_and_counts_towa
     assert results[-1].done and results[1].lr < results[0].lr  # the schedule went on
     for name, param in job.model.named_parameters():
         assert torch.equal(param, before[name]), name
+
+
+def test_a_galore_cohorts_validation_loss_is_the_mean_target_loss_of_the_hf_model(llama, dataset, tmp_path):
+    from lorafleet.executor.galore_cohort import GaloreCohort
+    from lorafleet.scheduler.spec import parse_spec
+
+    spec = parse_spec({"base_model": str(llama), "dataset": "t/train.jsonl",
+                       "adapter": {"type": "galore", "galore": {"rank": 8}},
+                       "hyperparameters": {"batch_size": 3, "max_seq_len": 256, "max_steps": 2}})
+    cohort = GaloreCohort(llama, dtype="float32")
+    cohort.add_job("g", spec, dataset)
+    validation = write_jsonl(tmp_path / "valid.jsonl", alpaca_rows(7))  # 3 micro-batches, the last one short
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(llama), AutoTokenizer.from_pretrained(llama)
+    total, count = 0.0, 0
+    reference = JobData(validation, "auto", tokenizer, 256, 3, seed=0)
+    for example in (e for _ in range(reference.steps_per_epoch) for e in reference.next_batch()[0]):
+        labels = torch.tensor(example.labels[1:])
+        total += F.cross_entropy(model(torch.tensor([example.input_ids])).logits[0, :-1], labels,
+                                 ignore_index=IGNORE_INDEX, reduction="sum").item()
+        count += int((labels != IGNORE_INDEX).sum())
+
+    got = cohort.evaluate("g", JobData(validation, "auto", cohort.tokenizer, 256, 3, seed=0))
+    assert got == pytest.approx(total / count, rel=1e-5)
