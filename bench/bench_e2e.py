@@ -661,9 +661,11 @@ def replay_seconds(cohort, device, steps: int = 5) -> dict:
             "replay_gpu_ms": statistics.median(start.elapsed_time(end) for start, end in events)}
 
 
-def capacity_probe(cohort, model_dir, data_dir, sizes: list[int], device) -> tuple[list[dict], dict]:
+def capacity_probe(cohort, model_dir, data_dir, sizes: list[int], device,
+                   tried=lambda row: None) -> tuple[list[dict], dict]:
     """The most 4x512 jobs whose one step fits in passes, searched between the smallest and largest of `sizes`
-    (bench/capacity_search.py): each size tried, and the answer."""
+    (bench/capacity_search.py): each size tried (and handed to `tried` as it is, so a run cut short keeps it), and
+    the answer."""
     from capacity_search import Probe, next_size, result
 
     if not sizes:
@@ -678,6 +680,7 @@ def capacity_probe(cohort, model_dir, data_dir, sizes: list[int], device) -> tup
         probes.append(Probe(n, measured is not None, measured and measured[1]))
         rows.append({"jobs": n, "checkpointing": "passes", "fits": measured is not None,
                      "seconds": measured and measured[0], "peak_gib": measured and measured[1]})
+        tried(rows[-1])
     return rows, result(probes, high)
 
 
@@ -888,6 +891,22 @@ def measure_evaluation(run: Run, cohort) -> None:
     run.save()
 
 
+def measure_capacity(run: Run, cohort) -> None:
+    """The capacity search, each probe logged and saved as it ends (at 8B, a probe of 144 jobs takes most of a
+    minute)."""
+    run.report["capacity"] = []
+
+    def tried(row: dict) -> None:
+        run.report["capacity"].append(row)
+        run.log(f"capacity probe: {row}")
+        run.save()
+
+    _, run.report["capacity_result"] = capacity_probe(cohort, run.model_dir, run.data_dir, run.capacity, run.device,
+                                                      tried)
+    run.log(f"capacity: {run.report['capacity_result']} from {run.report['capacity']}")
+    run.save()
+
+
 def profile_steps(run: Run, cohort) -> None:
     spec = run.args.profile_step
     jobs, batch = jobs_and_batch(spec)
@@ -976,10 +995,7 @@ def main() -> None:
         measure_long_context(run, cohort)
     if run.args.evaluate:
         measure_evaluation(run, cohort)
-    run.report["capacity"], run.report["capacity_result"] = capacity_probe(cohort, run.model_dir, run.data_dir,
-                                                                            run.capacity, run.device)
-    run.log(f"capacity: {run.report['capacity_result']} from {run.report['capacity']}")
-    run.save()
+    measure_capacity(run, cohort)
     del cohort
     release(run.device)
     measure_baselines(run)
