@@ -18,7 +18,7 @@ words are the token ids), r=16 LoRA on all 7 projections, AdamW. One run measure
    LoRA kernels, elementwise, loss, optimizer, host gaps) against each part's ideal (bench/step_parts.py);
 5. optionally (--long-context N) one job of one N-token sequence, in the cohort and in every baseline;
    optionally (--evaluate N) one job's validation pass (`Cohort.evaluate`) over N micro-batches of the first batch
-   shape, read and tokenised the first time, cached the second;
+   shape, in a cohort of the largest size, read and tokenised the first time, cached the second;
 6. optionally the capacity probe: the most 4x512 jobs whose step fits in passes, searched between the smallest
    and the largest size given (bench/capacity_search.py: exact when one more job is seen not to fit);
    for every cohort that ran in one pass or in passes, the scheduler's memory model (`scheduler/policy.py`, before
@@ -864,16 +864,21 @@ def measure_parts(run: Run, cohort) -> None:
 
 
 def measure_evaluation(run: Run, cohort) -> None:
-    """Seconds of one job's `Cohort.evaluate` over a validation set of --evaluate micro-batches: the first pass reads
-    and tokenises every record, the second finds them cached."""
+    """Seconds of one job's `Cohort.evaluate` over a validation set of --evaluate micro-batches, in a cohort of the
+    largest --cohorts size of the first batch shape that has stepped (its largest pass bounds how many micro-batches
+    one forward joins): the first pass reads and tokenises every record, the second finds them cached. An untimed
+    pass over another set first compiles what the forward needs."""
     from lorafleet.executor.data import JobData
 
-    batch, micro_batches = run.batches[0], run.args.evaluate
-    (run.data_dir / "validation").mkdir(exist_ok=True)
-    path = write_job_data(run.data_dir / "validation", batch, 0, run.vocab, micro_batches)
-    add_jobs(cohort, run.model_dir, run.data_dir, batch, 1)
+    batch, micro_batches, jobs = run.batches[0], run.args.evaluate, max(run.cohorts)
+    directory = run.data_dir / "validation"
+    directory.mkdir(exist_ok=True)
+    warm_up, path = (write_job_data(directory, batch, job, run.vocab, n) for job, n in ((1, 2), (0, micro_batches)))
+    add_jobs(cohort, run.model_dir, run.data_dir, batch, jobs)
+    timed_steps(cohort, 1, 1, run.device)
     job_id = next(iter(cohort.jobs))
     hp = cohort.jobs[job_id].spec.hyperparameters
+    cohort.evaluate(job_id, JobData(warm_up, "auto", cohort.tokenizer, hp.max_seq_len, hp.batch_size, seed=0))
     data = JobData(path, "auto", cohort.tokenizer, hp.max_seq_len, hp.batch_size, seed=0)
     tokens = sum(len(s) for m in range(micro_batches) for s in job_sequences(batch, 0, run.vocab, m))
     rows = {}
@@ -885,9 +890,10 @@ def measure_evaluation(run: Run, cohort) -> None:
         seconds = time.perf_counter() - start
         rows[attempt] = {"seconds": seconds, "per_micro_batch_ms": 1e3 * seconds / micro_batches,
                          "tokens_per_s": tokens / seconds}
+    run.report["evaluate"] = {"batch": batch, "micro_batches": micro_batches, "tokens": tokens, "cohort_jobs": jobs,
+                              "largest_pass_tokens": cohort.largest_pass_tokens, **rows}
     remove_jobs(cohort, run.device)
-    run.report["evaluate"] = {"batch": batch, "micro_batches": micro_batches, "tokens": tokens, **rows}
-    run.log(f"evaluate {micro_batches} x {batch}: {rows}")
+    run.log(f"evaluate {micro_batches} x {batch} in a cohort of {jobs}: {rows}")
     run.save()
 
 

@@ -15,8 +15,8 @@ def test_the_e2e_bench_writes_a_row_per_cohort_and_a_baseline_to_compare_it_with
     out = tmp_path / "out"
     subprocess.run([sys.executable, "-P", str(BENCH), "--shape", "tiny", "--device", "cpu", "--cohorts", "1,2",
                     "--batches", "1x512", "--overhead", "2x1x512", "--baselines", "peft", "--warmup", "1",
-                    "--steps", "1", "--capacity", "1,3", "--micro-batches", "3", "--evaluate", "2", "--workdir", str(tmp_path / "work"),
-                    "--out", str(out)],
+                    "--steps", "1", "--capacity", "1,3", "--micro-batches", "3", "--evaluate", "2",
+                    "--workdir", str(tmp_path / "work"), "--out", str(out)],
                    check=True, capture_output=True, text=True, timeout=300)
     report = json.loads((out / "e2e_tiny.json").read_text())
     assert [(row["jobs"], row["tokens"]) for row in report["cohorts"]] == [(1, 512), (2, 1024)]
@@ -26,7 +26,8 @@ def test_the_e2e_bench_writes_a_row_per_cohort_and_a_baseline_to_compare_it_with
     assert [len(report["baselines"]["peft"]["1x512"]["per_job_seconds"])] == [2], "each job of the largest cohort"
     assert report["overhead"][0]["jobs"] == 2 and report["overhead"][0]["adapters"] > 0
     evaluate = report["evaluate"]
-    assert (evaluate["micro_batches"], evaluate["tokens"]) == (2, 1024)
+    assert (evaluate["micro_batches"], evaluate["tokens"], evaluate["cohort_jobs"]) == (2, 1024, 2)
+    assert evaluate["largest_pass_tokens"] == 1024, "the cohort of two stepped before evaluating"
     assert evaluate["first"]["seconds"] > 0 and evaluate["cached"]["seconds"] > 0
     # nothing runs out of memory on the CPU: the capacity search climbs to the range's top, a bound, not exact
     assert [row["jobs"] for row in report["capacity"]] == [1, 2, 3]

@@ -497,3 +497,23 @@ def test_dropout_state_from_another_kind_of_device_continues_deterministically()
     fresh = build_adapter(spec, {"proj": (8, 8)}, seed=3).draw_dropout_seed()
     assert torch.equal(seeds[0], seeds[1]), "the same saved state gives the same continuation"
     assert not torch.equal(seeds[0], fresh), "it continues from the saved state, not from the seed"
+
+
+def test_a_validation_pass_joins_micro_batches_up_to_the_largest_training_pass(llama, datasets):
+    cohort = Cohort(llama)
+    cohort.add_job("x", make_spec(llama, {"r": 4}, max_steps=3, batch_size=4), datasets["x"])
+    train_cohort(cohort, steps=1)
+    forwards = []
+    forward = cohort._forward
+    cohort._forward = lambda batch: forwards.append(batch.input_ids.numel()) or forward(batch)
+
+    def validation():  # 7 micro-batches of one example each
+        return JobData(datasets["y"], "auto", cohort.tokenizer, 512, 1, seed=0)
+
+    joined = cohort.evaluate("x", validation())
+    assert 1 < len(forwards) < 7 and max(forwards) <= cohort.largest_pass_tokens
+    forwards.clear()
+    cohort.largest_pass_tokens = 0  # nothing to join up to: one forward per micro-batch
+    apart = cohort.evaluate("x", validation())
+    assert len(forwards) == 7
+    assert joined == pytest.approx(apart, rel=1e-6), "the same mean loss however the micro-batches are grouped"
