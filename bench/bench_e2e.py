@@ -661,8 +661,7 @@ def replay_seconds(cohort, device, steps: int = 5) -> dict:
             "replay_gpu_ms": statistics.median(start.elapsed_time(end) for start, end in events)}
 
 
-def capacity_probe(cohort, model_dir, data_dir, sizes: list[int], device,
-                   tried=lambda row: None) -> tuple[list[dict], dict]:
+def capacity_probe(cohort, model_dir, data_dir, sizes: list[int], device, tried) -> tuple[list[dict], dict]:
     """The most 4x512 jobs whose one step fits in passes, searched between the smallest and largest of `sizes`
     (bench/capacity_search.py): each size tried (and handed to `tried` as it is, so a run cut short keeps it), and
     the answer."""

@@ -718,7 +718,8 @@ class Cohort:
         """The validation set's micro-batches, consecutive ones joined up to the tokens of the cohort's largest
         training pass: an eager forward of one micro-batch is host-bound (1B, 4x512 on an H100: 33-39 ms, of GPU
         work about 6; joined, a pass over 32 of them took 3.2x less time, run H16), and a forward without gradients
-        of a training pass's tokens holds less memory than that pass did. A preference job's micro-batches stay apart: its losses are weighted per micro-batch (ORPO)."""
+        of a training pass's tokens holds less memory than that pass did. A preference job's micro-batches stay
+        apart: its losses are weighted per micro-batch (ORPO)."""
         budget = 0 if self._is_preference(job_id) else self.largest_pass_tokens
         prompt_rows = self.prompt_rows().get(job_id, 0)
         group, tokens = [], 0
