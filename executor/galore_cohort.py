@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from lorafleet.executor.checkpoint import JobSnapshot
-from lorafleet.executor.cohort import StepResult
+from lorafleet.executor.cohort import StepResult, joined_micro_batches, split_passes
 from lorafleet.executor.data import JobData
 from lorafleet.executor.galore_job import GaloreJob, GaloreSettings
 from lorafleet.scheduler.spec import JobSpec
@@ -99,16 +99,17 @@ class GaloreCohort:
     @torch.no_grad()
     def evaluate(self, job_id: str, data: JobData) -> float | None:
         """Mean loss over the target tokens of one pass over `data` (a validation set); None when it has none.
-        Raises DataError for a bad line, like training does."""
+        Micro-batches are joined up to the last step's largest pass, as a LoRA cohort's are (`joined_micro_batches`),
+        and split by `max_pass_tokens`. Raises DataError for a bad line, like training does."""
         job = self.jobs[job_id].job
         total = torch.zeros((), dtype=torch.float64, device=self.device)  # on the device: see Cohort.evaluate
         count = 0
-        for _ in range(data.steps_per_epoch):
-            examples, _epoch = data.next_batch()
-            targets = sum(example.num_targets for example in examples)
-            if targets:
-                total += job.loss_sum(examples).double()
-                count += targets
+        for examples in joined_micro_batches(data, self.largest_pass_tokens):
+            for part in split_passes({job_id: examples}, self.max_pass_tokens):
+                targets = sum(example.num_targets for example in part[job_id])
+                if targets:
+                    total += job.loss_sum(part[job_id]).double()
+                    count += targets
         return total.item() / count if count else None
 
     def checkpoint(self, job_id: str, directory) -> Path:

@@ -230,3 +230,30 @@ def test_a_galore_cohorts_validation_loss_is_the_mean_target_loss_of_the_hf_mode
 
     got = cohort.evaluate("g", JobData(validation, "auto", cohort.tokenizer, 256, 3, seed=0))
     assert got == pytest.approx(total / count, rel=1e-5)
+
+
+def test_a_galore_validation_pass_joins_micro_batches_up_to_the_largest_training_pass(llama, dataset, tmp_path):
+    from lorafleet.executor.galore_cohort import GaloreCohort
+    from lorafleet.scheduler.spec import parse_spec
+
+    spec = parse_spec({"base_model": str(llama), "dataset": "t/train.jsonl",
+                       "adapter": {"type": "galore", "galore": {"rank": 8}},
+                       "hyperparameters": {"batch_size": 4, "max_seq_len": 256, "max_steps": 2}})
+    cohort = GaloreCohort(llama, dtype="float32")
+    cohort.add_job("g", spec, dataset)
+    cohort.step()
+    job, forwards = cohort.job, []
+    loss_sum = job.loss_sum
+    job.loss_sum = lambda examples: forwards.append(sum(len(e.input_ids) for e in examples)) or loss_sum(examples)
+    validation = write_jsonl(tmp_path / "valid.jsonl", alpaca_rows(7))
+
+    def evaluate():  # 7 micro-batches of one example each
+        return cohort.evaluate("g", JobData(validation, "auto", cohort.tokenizer, 256, 1, seed=0))
+
+    joined = evaluate()
+    assert 1 < len(forwards) < 7 and max(forwards) <= cohort.largest_pass_tokens
+    forwards.clear()
+    cohort.largest_pass_tokens = 0  # nothing to join up to: one forward per micro-batch
+    apart = evaluate()
+    assert len(forwards) == 7
+    assert joined == pytest.approx(apart, rel=1e-5), "the same mean loss however the micro-batches are grouped"
