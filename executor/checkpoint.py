@@ -273,12 +273,11 @@ _SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16
 
 
 def _groups(leaves: list[torch.Tensor]) -> dict[tuple[torch.device, torch.dtype], list[int]]:
-    """The leaves' indices by device and dtype: what travels as one flat tensor. (Keyed by `get_device()`'s number
-    while grouping: `tensor.device` builds a new object per call, a thousand times a job on the loop.)"""
-    groups: dict[tuple[int, torch.dtype], list[int]] = {}
+    """The leaves' indices by device and dtype: what travels as one flat tensor."""
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for index, tensor in enumerate(leaves):
-        groups.setdefault((tensor.get_device(), tensor.dtype), []).append(index)
-    return {(leaves[indices[0]].device, dtype): indices for (_, dtype), indices in groups.items()}
+        groups.setdefault((tensor.device, tensor.dtype), []).append(index)
+    return groups
 
 
 @torch.no_grad()
@@ -347,13 +346,12 @@ class _Slot:
 
 
 _IMMUTABLE = (int, float, str, bool, type(None))  # leaves kept as they are: a deep copy of one is itself
-_SLOTS: list[_Slot] = []  # _Slot(i) for every i taken so far (frozen: one instance serves every state)
+_SLOTS: dict[int, _Slot] = {}  # index -> its _Slot, made once (frozen: one instance serves every state)
 
 
 def _slot(index: int) -> _Slot:
-    while len(_SLOTS) <= index:
-        _SLOTS.append(_Slot(len(_SLOTS)))
-    return _SLOTS[index]
+    slot = _SLOTS.get(index)
+    return slot if slot is not None else _SLOTS.setdefault(index, _Slot(index))  # keyed: right under any thread
 
 
 def _with_slots(state, leaves: list[torch.Tensor]):
