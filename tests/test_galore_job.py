@@ -209,15 +209,21 @@ def test_a_window_without_target_tokens_leaves_the_weights_alone_and_counts_towa
         assert torch.equal(param, before[name]), name
 
 
-def test_a_galore_cohorts_validation_loss_is_the_mean_target_loss_of_the_hf_model(llama, dataset, tmp_path):
+def galore_cohort(llama, dataset, batch_size: int):
+    """A GaLore cohort (executor/galore_cohort.py) running one job "g" on `dataset`, fp32."""
     from lorafleet.executor.galore_cohort import GaloreCohort
     from lorafleet.scheduler.spec import parse_spec
 
     spec = parse_spec({"base_model": str(llama), "dataset": "t/train.jsonl",
                        "adapter": {"type": "galore", "galore": {"rank": 8}},
-                       "hyperparameters": {"batch_size": 3, "max_seq_len": 256, "max_steps": 2}})
+                       "hyperparameters": {"batch_size": batch_size, "max_seq_len": 256, "max_steps": 2}})
     cohort = GaloreCohort(llama, dtype="float32")
     cohort.add_job("g", spec, dataset)
+    return cohort
+
+
+def test_a_galore_cohorts_validation_loss_is_the_mean_target_loss_of_the_hf_model(llama, dataset, tmp_path):
+    cohort = galore_cohort(llama, dataset, batch_size=3)
     validation = write_jsonl(tmp_path / "valid.jsonl", alpaca_rows(7))  # 3 micro-batches, the last one short
     model, tokenizer = AutoModelForCausalLM.from_pretrained(llama), AutoTokenizer.from_pretrained(llama)
     total, count = 0.0, 0
@@ -233,14 +239,7 @@ def test_a_galore_cohorts_validation_loss_is_the_mean_target_loss_of_the_hf_mode
 
 
 def test_a_galore_validation_pass_joins_micro_batches_up_to_the_largest_training_pass(llama, dataset, tmp_path):
-    from lorafleet.executor.galore_cohort import GaloreCohort
-    from lorafleet.scheduler.spec import parse_spec
-
-    spec = parse_spec({"base_model": str(llama), "dataset": "t/train.jsonl",
-                       "adapter": {"type": "galore", "galore": {"rank": 8}},
-                       "hyperparameters": {"batch_size": 4, "max_seq_len": 256, "max_steps": 2}})
-    cohort = GaloreCohort(llama, dtype="float32")
-    cohort.add_job("g", spec, dataset)
+    cohort = galore_cohort(llama, dataset, batch_size=4)
     cohort.step()
     job, forwards = cohort.job, []
     loss_sum = job.loss_sum
