@@ -522,6 +522,7 @@ class Cohort:
         rewarded = [job_id for job_id in finished if job_id in sums.rewards]  # preference jobs: 3 numbers each
         rewards = [sums.rewards[job_id] / divisors[job_id] for job_id in rewarded]
         self._read_ahead()
+        self._pack_ahead()
         numbers = torch.cat([torch.stack(losses + norms), *rewards]).tolist() if finished else []
         loss_values = dict(zip(finished, numbers))
         if graphed:  # its backward ran whatever the losses: a job whose loss is not finite fails here, unstepped
@@ -539,6 +540,22 @@ class Cohort:
         for job in self.jobs.values():
             if job.active:
                 job.data.read_ahead()
+
+    def _pack_ahead(self) -> None:
+        """While a graph is held: the next step's pass packed for it from every active job's micro-batch read ahead,
+        while the GPU still runs this step (`StepGraphs.pack_ahead`; a step whose pass differs packs its own)."""
+        if self.graphs.captured is None:
+            return
+        upcoming = {}
+        for job in [job for job in self.jobs.values() if job.active]:
+            micro_batch = job.data.peek()
+            if micro_batch is None:  # not read, or its read failed: that step packs its own
+                return
+            examples = [example for example in micro_batch if example.input_ids]  # as `split_passes` keeps them
+            if examples:
+                upcoming[job.job_id] = examples
+        if upcoming:
+            self.graphs.pack_ahead(upcoming)
 
     def _is_preference(self, job_id: str) -> bool:
         return self.jobs[job_id].spec.method in PREFERENCE_METHODS

@@ -176,6 +176,14 @@ class JobData:
         if self._ahead is None or self._ahead.cursor != (self.epoch, self.batch_in_epoch):
             self._ahead = self._read(self.epoch, self.batch_in_epoch)
 
+    def peek(self) -> list[Example] | None:
+        """The micro-batch `next_batch()` will hand out (the same list), as read ahead at the cursor, without moving
+        it; None when nothing was read there or its read failed."""
+        ahead = self._ahead
+        if ahead is None or ahead.error is not None or ahead.cursor != (self.epoch, self.batch_in_epoch):
+            return None
+        return ahead.batch
+
     def _read(self, epoch: int, batch_in_epoch: int) -> _ReadAhead:
         start = batch_in_epoch * self.batch_size
         indices = self._epoch_order(epoch)[start : start + self.batch_size]

@@ -458,6 +458,23 @@ def test_a_bad_line_read_ahead_fails_only_the_step_that_reaches_it(tmp_path, tok
     assert data.state_dict()["batch_in_epoch"] == order.index(1)  # and the cursor stays on it
 
 
+def test_peek_shows_the_micro_batch_read_ahead_that_next_batch_hands_out(tmp_path, tokenizer):
+    good, bad, _ = BAD_LINES["invalid json"]
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b"\n".join([good, bad, good]) + b"\n")
+    data = JobData(path, "alpaca", tokenizer, max_seq_len=128, batch_size=1, seed=0)
+    assert epoch_order(3, 0, 0)[:2] == [2, 1]  # a good line first, then the bad one
+    assert data.peek() is None  # nothing read ahead yet
+    data.read_ahead()
+    peeked = data.peek()
+    assert peeked is data.next_batch()[0]  # the very list the step draws
+    assert data.peek() is None  # the cursor moved past what was read
+    data.read_ahead()
+    assert data.peek() is None  # the bad line's read failed: nothing to show; the step that draws it fails
+    with pytest.raises(DataError, match="line 2"):
+        data.next_batch()
+
+
 def test_anything_else_reading_ahead_raises_is_raised_where_the_step_draws_the_batch(tmp_path, tokenizer,
                                                                                    monkeypatch):
     """The cohort reads ahead after launching a step's update: nothing may raise there, mid-step."""

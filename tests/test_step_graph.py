@@ -10,7 +10,7 @@ from lorafleet.executor.cohort import Cohort, pack
 from lorafleet.executor.data import IGNORE_INDEX, Example
 from lorafleet.executor import step_graph
 from lorafleet.executor.step_graph import (CAPTURE_ATTEMPTS, FIRST_RETRY_AFTER, CaptureBackoff, StepGraphs,
-                                            _GradBuffers, bucket_rows, length_bucket)
+                                            _GradBuffers, _HostInputs, bucket_rows, length_bucket)
 from lorafleet.executor.optim import JobOptimizer
 from lorafleet.scheduler.spec import Hyperparameters, parse_spec
 
@@ -39,6 +39,18 @@ def test_padding_rows_are_a_sequence_of_their_own_inside_the_job_and_teach_nothi
     a, b = plain.targets.split([5, 4])
     assert padded.targets.tolist() == a.tolist() + [IGNORE_INDEX] * 3 + b.tolist() + [IGNORE_INDEX] * 3
     assert padded.num_targets == plain.num_targets and padded.job_sequences == plain.job_sequences
+
+
+def test_inputs_packed_ahead_serve_only_a_pass_of_the_very_same_examples():
+    a1, a2, b1 = example([1, 2, 3], [1, 2, 3]), example([4, 5], [IGNORE_INDEX, 5]), example([6, 7], [6, 7])
+    ahead = _HostInputs.pack({"a": [a1, a2], "b": [b1]})
+    fresh = _HostInputs.pack({"a": [a1, a2], "b": [b1]})
+    assert ahead.layout == fresh.layout and torch.equal(ahead.tokens, fresh.tokens)
+    assert ahead.holds({"a": [a1, a2], "b": [b1]})  # other lists, the same examples: what split_passes hands over
+    equal_copy = example(list(a2.input_ids), list(a2.labels))
+    for other in ({"a": [a1, equal_copy], "b": [b1]}, {"a": [a2, a1], "b": [b1]}, {"b": [b1], "a": [a1, a2]},
+                  {"a": [a1], "b": [b1]}, {"a": [a1, a2]}, {"a": [a1, a2], "b": [b1], "c": [b1]}):
+        assert not ahead.holds(other), other
 
 
 def test_a_cpu_cohort_never_graphs_its_step(tmp_path, llama):

@@ -33,16 +33,17 @@ def train(model_dir, data, graphs: bool, quantization: str = "none"):
     updates = {job_id: torch.cat([(p.detach() - p0).flatten()
                                   for p, p0 in zip(job.adapter.parameters(), initial[job_id])])
                for job_id, job in cohort.jobs.items()}
-    return cohort.graphs.replays, losses, updates
+    return (cohort.graphs.replays, cohort.graphs.packed_ahead), losses, updates
 
 
 @pytest.mark.parametrize("quantization", ["none", "nf4"])
 def test_a_graphed_step_trains_as_the_eager_step_within_bf16_noise(llama, tmp_path, quantization):
     data = write_jsonl(tmp_path / "train.jsonl", alpaca_rows(8, seed=5))
-    eager_replays, eager_losses, eager_updates = train(llama, data, graphs=False, quantization=quantization)
-    replays, losses, updates = train(llama, data, graphs=True, quantization=quantization)
+    (eager_replays, _), eager_losses, eager_updates = train(llama, data, graphs=False, quantization=quantization)
+    (replays, packed_ahead), losses, updates = train(llama, data, graphs=True, quantization=quantization)
     assert eager_replays == 0
     assert replays == 5  # step 1 eager, step 2 captures and replays, then every step replays
+    assert packed_ahead == 4  # every replay after the capture ran on inputs packed during the step before
     for job_id in losses:
         assert losses[job_id] == pytest.approx(eager_losses[job_id], rel=1e-2)
         # the weights' change over the run: AdamW turns bf16 noise in near-zero gradients into whole steps, so the
