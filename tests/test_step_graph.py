@@ -53,6 +53,26 @@ def test_inputs_packed_ahead_serve_only_a_pass_of_the_very_same_examples():
         assert not ahead.holds(other), other
 
 
+def test_the_pass_packed_ahead_is_the_pass_the_next_step_draws(tmp_path, llama):
+    from lorafleet.executor.cohort import split_passes
+
+    cohort = Cohort(llama)
+    for job_id, seed in (("a", 1), ("b", 2)):
+        data = write_jsonl(tmp_path / f"{job_id}.jsonl", alpaca_rows(6, seed=seed))
+        cohort.add_job(job_id, parse_spec({"base_model": str(llama), "dataset": "unused", "adapter": {"r": 4},
+                                           "hyperparameters": {"batch_size": 2, "max_steps": 5}}), data)
+    cohort.step()  # reads every job's next micro-batch ahead before its sync
+    cohort.graphs.captured = object()  # as if a graph were held (a CPU cohort never captures one)
+    cohort._pack_ahead()
+    cohort.graphs.captured = None
+    ahead = cohort.graphs.ahead
+    assert ahead is not None and list(ahead.examples) == ["a", "b"]
+    upcoming = {job_id: cohort.jobs[job_id].data.next_batch()[0] for job_id in ("a", "b")}  # what the step draws
+    (part,) = split_passes(upcoming, None)
+    assert ahead.holds(part)
+    assert torch.equal(ahead.tokens, _HostInputs.pack(part).tokens)
+
+
 def test_a_cpu_cohort_never_graphs_its_step(tmp_path, llama):
     data = write_jsonl(tmp_path / "train.jsonl", alpaca_rows(4, seed=1))
     spec = parse_spec({"base_model": str(llama), "dataset": "unused", "adapter": {"r": 4},
