@@ -319,7 +319,7 @@ def test_adding_into_a_view_of_a_tensor_that_needs_grad(monkeypatch):
 
 def test_a_checkpoint_holds_only_its_own_jobs_pending_gradients(monkeypatch, tmp_path):
     """On the kernel path all jobs' A gradients are views of one buffer; a checkpoint must not carry the others'."""
-    from helpers_models import alpaca_rows, build_tiny_model, write_jsonl
+    from helpers_models import build_tiny_model, write_jsonl
 
     from torch.utils._pytree import tree_leaves
 
@@ -334,7 +334,8 @@ def test_a_checkpoint_holds_only_its_own_jobs_pending_gradients(monkeypatch, tmp
         spec = parse_spec({"base_model": str(model), "dataset": "d", "adapter": {"r": 4, "target_modules": ["q_proj"]},
                            "hyperparameters": {"batch_size": 1, "max_seq_len": 64, "gradient_accumulation_steps": 4,
                                                "max_steps": 1, "seed": seed}})
-        cohort.add_job(job, spec, write_jsonl(tmp_path / f"{job}.jsonl", alpaca_rows(4, seed=seed)))
+        rows = [{"text": f"{job} {i} the quick brown fox"} for i in range(4)]  # short: the kernels are interpreted
+        cohort.add_job(job, spec, write_jsonl(tmp_path / f"{job}.jsonl", rows))
     cohort.step()  # mid-accumulation: gradients are pending
     directory = cohort.checkpoint("x", tmp_path / "ckpt")
     _, state = read_training_state(directory)
@@ -377,7 +378,7 @@ def test_cohort_on_the_kernel_path_fuses_shared_input_projections_and_matches_th
                                "adapter": {"r": 4, "lora_alpha": 8, "target_modules": modules},
                                "hyperparameters": {"batch_size": 2, "max_seq_len": 32, "learning_rate": 1e-2,
                                                    "max_steps": 2, "seed": seed}})
-            rows = [{"text": f"{job} {i} the quick brown fox jumps over the lazy dog"} for i in range(4)]
+            rows = [{"text": f"{job} {i} the quick brown fox"} for i in range(4)]  # short: the decoder's kernels are interpreted
             cohort.add_job(job, spec, write_jsonl(tmp_path / f"{job}.jsonl", rows))
         losses = [{job: r.loss for job, r in cohort.step().items()} for _ in range(2)]
         results[triton] = losses, {job: cohort.jobs[job].adapter.lora_weights() for job in targets}
