@@ -551,11 +551,10 @@ class Cohort:
             micro_batch = job.data.peek()
             if micro_batch is None:  # not read, or its read failed: that step packs its own
                 return
-            examples = [example for example in micro_batch if example.input_ids]  # as `split_passes` keeps them
-            if examples:
-                upcoming[job.job_id] = examples
-        if upcoming:
-            self.graphs.pack_ahead(upcoming)
+            upcoming[job.job_id] = micro_batch
+        passes = split_passes(upcoming, self.max_pass_tokens, self.prompt_rows())  # as `_run_passes` will split them
+        if len(passes) == 1:  # a graph serves one-pass steps only
+            self.graphs.pack_ahead(passes[0])
 
     def _is_preference(self, job_id: str) -> bool:
         return self.jobs[job_id].spec.method in PREFERENCE_METHODS

@@ -378,7 +378,8 @@ def test_cohort_on_the_kernel_path_fuses_shared_input_projections_and_matches_th
                                "adapter": {"r": 4, "lora_alpha": 8, "target_modules": modules},
                                "hyperparameters": {"batch_size": 2, "max_seq_len": 32, "learning_rate": 1e-2,
                                                    "max_steps": 2, "seed": seed}})
-            rows = [{"text": f"{job} {i} the quick brown fox"} for i in range(4)]  # short: the decoder's kernels are interpreted
+            # short rows: the decoder's kernels run through Triton's interpreter
+            rows = [{"text": f"{job} {i} the quick brown fox"} for i in range(4)]
             cohort.add_job(job, spec, write_jsonl(tmp_path / f"{job}.jsonl", rows))
         losses = [{job: r.loss for job, r in cohort.step().items()} for _ in range(2)]
         results[triton] = losses, {job: cohort.jobs[job].adapter.lora_weights() for job in targets}

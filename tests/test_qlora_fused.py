@@ -198,7 +198,8 @@ def train_nf4_cohort(model_dir, tmp_path, steps: int, fp32_cpu_kernels: bool = F
                            "adapter": {"r": rank, "lora_alpha": alpha, "target_modules": every},
                            "hyperparameters": {"batch_size": 2, "max_seq_len": 32, "learning_rate": 1e-2,
                                                "max_steps": steps, "seed": seed}})
-        rows = [{"text": f"{job} {i} the quick brown fox"} for i in range(4)]  # short: the decoder's kernels are interpreted
+        # short rows: the decoder's kernels run through Triton's interpreter
+        rows = [{"text": f"{job} {i} the quick brown fox"} for i in range(4)]
         cohort.add_job(job, spec, write_jsonl(tmp_path / f"{job}.jsonl", rows))
     return [{job: result.loss for job, result in cohort.step().items()} for _ in range(steps)]
 
