@@ -14,7 +14,8 @@ later steps with the same layout:
   examples than those packed packs its own;
 - the adapters' gradients live in buffers of the graph's own: the captured backward adds into them as a second
   micro-batch of a window adds into the first's, so gradient accumulation replays too; before a replay each job's
-  `.grad` is pointed at its buffer (zeroed at a window's start, or holding what an eager step left);
+  `.grad` is pointed at its buffer (zeroed at a window's start, or holding what an eager step left). The LoRA
+  backward's kernels add into them themselves (kernels/grad_sink.py), not autograd's add per adapter tensor;
 - the optimizer and the step's one host sync stay outside the graph.
 
 A layout is captured when a step repeats the previous step's layout (jobs, padded rows, number of sequences, longest
@@ -40,6 +41,7 @@ import torch
 from lorafleet.executor.adapters import LoraAdapter
 from lorafleet.executor.model import decoder_layers, packing_kwargs
 from lorafleet.executor.optim import JobOptimizer
+from lorafleet.kernels import GradSinks
 
 
 GRAPHED_QUANTIZATION = ("none", "nf4")
@@ -166,6 +168,7 @@ class _Captured:
     weights: torch.Tensor  # fp32 [jobs]: each job's loss weight
     sums: dict[str, torch.Tensor]  # job id -> its loss sum, written by each replay
     grads: dict[str, _GradBuffers]
+    sinks: GradSinks  # the tables of gradient addresses the graph's LoRA backward reads
 
 
 class StepGraphs:
@@ -293,26 +296,18 @@ def _capture(cohort, layout: GraphLayout, tokens: torch.Tensor, weights: torch.T
         (torch.stack([sums[job_id] for job_id in layout.jobs]) * weights).sum().backward()
         return sums
 
-    # Warm up on a side stream (Triton compiles, cuBLAS picks its workspace), its gradients thrown away.
     pending = {job_id: [param.grad for param in buffers.params] for job_id, buffers in grads.items()}
-    for buffers in grads.values():
-        for param in buffers.params:
-            param.grad = None
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        forward_backward()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.empty_cache()  # the eager warm-up's cached activations: the graph's pool takes as much again
-    for job_id, buffers in grads.items():
-        for param, grad in zip(buffers.params, pending[job_id]):
-            param.grad = grad
-        buffers.adopt()
-    graph = torch.cuda.CUDAGraph()
+    sinks = GradSinks()  # the LoRA backward adds into the buffers' views itself (kernels/grad_sink.py)
     try:
+        _warm_up(forward_backward, grads, sinks)
+        for job_id, buffers in grads.items():  # the warm-up's gradients thrown away, the pending ones taken over
+            for param, grad in zip(buffers.params, pending[job_id]):
+                param.grad = grad
+            buffers.adopt()
+        graph = torch.cuda.CUDAGraph()
         # thread_local: the publisher's thread waits on its host copies' events (executor/checkpoint.py's HostCopy)
         # while this thread captures; in the default global mode that wait would invalidate the capture
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        with sinks.active(frozen=True), torch.cuda.graph(graph, capture_error_mode="thread_local"):
             sums = forward_backward()
     except RuntimeError:
         for job_id, buffers in grads.items():
@@ -320,4 +315,19 @@ def _capture(cohort, layout: GraphLayout, tokens: torch.Tensor, weights: torch.T
                 param.grad = grad
             buffers.optimizer.grad_buffer = None
         raise
-    return _Captured(layout, graph, tokens, weights, sums, grads)
+    return _Captured(layout, graph, tokens, weights, sums, grads, sinks)
+
+
+def _warm_up(forward_backward, grads: dict[str, _GradBuffers], sinks: GradSinks) -> None:
+    """One forward and backward on a side stream before the capture: Triton compiles, cuBLAS picks its workspace,
+    and the LoRA backward builds the gradient tables the capture will add through (into zeroed buffers)."""
+    for buffers in grads.values():
+        for param in buffers.params:
+            param.grad = None
+        buffers.adopt()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), sinks.active():
+        forward_backward()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.empty_cache()  # the eager warm-up's cached activations: the graph's pool takes as much again

@@ -3,7 +3,8 @@
 `lora_delta` is the one entry point the executor calls; it picks the Triton kernels on a GPU and the PyTorch
 reference elsewhere. `lora_delta_multi` serves projections that share their input (q/k/v, gate/up) with one shrink.
 `pooled_lora_delta` is generation's: adapters read in place from a page pool through a per-forward table
-(kernels/pooled.py).
+(kernels/pooled.py). Within `GradSinks.active()` the LoRA backward adds the adapters' gradients into their own .grad
+(kernels/grad_sink.py).
 Setting LORAFLEET_TRITON=1 together with TRITON_INTERPRET=1 (before triton is first imported) runs the Triton kernels
 on CPU tensors through Triton's interpreter, which is how CI checks them.
 """
@@ -15,6 +16,7 @@ import os
 import torch
 
 from lorafleet.kernels.frozen import DenseOnDemand, FrozenWeight, dense
+from lorafleet.kernels.grad_sink import GradSinks
 from lorafleet.kernels.pooled import (
     PooledLoraTable,
     check_pooled_inputs,
@@ -172,6 +174,7 @@ def cross_entropy_rows(logits, targets, ignore_index, write_grad):
 __all__ = [
     "DenseOnDemand",
     "FrozenWeight",
+    "GradSinks",
     "LoraDropout",
     "check_lora_inputs",
     "cross_entropy_rows",

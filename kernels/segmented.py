@@ -21,6 +21,7 @@ columns of B are zero, so they add nothing and their gradients are dropped when 
 from __future__ import annotations
 
 import functools
+import itertools
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -28,7 +29,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from lorafleet.kernels import triton_lora
+from lorafleet.kernels import grad_sink, triton_lora
 from lorafleet.kernels.frozen import dense
 from lorafleet.kernels.reference import LoraDropout, check_lora_inputs, dropout_threshold
 
@@ -161,54 +162,60 @@ def _expand(h: torch.Tensor, w: torch.Tensor, w_strides: tuple[int, int, int], n
 
 
 def _weight_grad(left: torch.Tensor, right: torch.Tensor, n_adapters: int, plan: _Plan,
-                 dropout: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
-    """Per adapter j: leftᵀ[rows_j] @ (dropped) right[rows_j], fp32 [n_adapters, R, N]."""
+                 dropout: tuple[torch.Tensor, int] | None = None, table: torch.Tensor | None = None):
+    """Per adapter j: leftᵀ[rows_j] @ (dropped) right[rows_j], fp32 [n_adapters, R, N]; with a `table`
+    (kernels/grad_sink.py) added into the adapters' own gradients instead, returning None."""
     rank = left.shape[1]
     n_cols = right.shape[1]
     n_chunks = plan.chunks.shape[0]
-    grad = torch.zeros(n_adapters, rank, n_cols, dtype=torch.float32, device=left.device)
+    grad = None if table is not None else torch.zeros(n_adapters, rank, n_cols, dtype=torch.float32,
+                                                         device=left.device)
     if n_chunks == 0:
         return grad
     block_n = 128 if rank <= 32 else 64
+    stack = grad if table is None else table  # the kernel reads one of them, TABLE says which
     triton_lora._weight_grad_kernel[(triton.cdiv(n_cols, block_n), n_chunks)](
-        left, right, grad,
+        left, right, stack, stack,
         plan.chunks,
         *_dropout_args(plan, dropout),
         n_cols,
         left.stride(0), left.stride(1),
         right.stride(0), right.stride(1),
-        grad.stride(0), grad.stride(1), grad.stride(2),
+        *(grad.stride() if grad is not None else (0, 0, 0)),
         R=rank, BLOCK_M=64, BLOCK_N=block_n,
         DROPOUT=dropout is not None, INPUT_PRECISION=_input_precision(left.dtype), DOT_FP32=triton_lora.INTERPRETED,
-        num_warps=4 if rank <= 64 else 8, num_stages=3,
+        TABLE=table is not None, num_warps=4 if rank <= 64 else 8, num_stages=3,
     )
     return grad
 
 
 def _grad_h_and_b(grad_y: torch.Tensor, b_stack: torch.Tensor, h: torch.Tensor, grad_h: torch.Tensor,
-                  n_adapters: int, plan: _Plan) -> torch.Tensor:
+                  n_adapters: int, plan: _Plan, table: torch.Tensor | None = None):
     """Adds scale_j dY[t] @ B_j into the fp32 `grad_h` [T, R] (a column slice, say) and returns the fp32
     [n_adapters, d_out, R] stack of dB_j = scale_j dY[rows_j]ᵀ @ h[rows_j], reading dY once. In B's own layout, so
-    that each adapter's slice can become its gradient without a copy (autograd copies a transposed view)."""
+    that each adapter's slice can become its gradient without a copy (autograd copies a transposed view). With a
+    `table` (kernels/grad_sink.py) dB_j is added into the adapters' own gradients instead, and None returned."""
     rank = h.shape[1]
     n_cols = grad_y.shape[1]
-    grad_b = torch.zeros(n_adapters, n_cols, rank, dtype=torch.float32, device=h.device)
+    grad_b = None if table is not None else torch.zeros(n_adapters, n_cols, rank, dtype=torch.float32,
+                                                           device=h.device)
     n_chunks = plan.chunks.shape[0]
     if n_chunks == 0:
         return grad_b
     block_n = 128 if rank <= 32 else 64
+    stack = grad_b if table is None else table  # the kernel reads one of them, TABLE says which
     triton_lora._grad_h_and_b_kernel[(triton.cdiv(n_cols, block_n), n_chunks)](
-        grad_y, b_stack, h, grad_h, grad_b, plan.scales,
+        grad_y, b_stack, h, grad_h, stack, stack, plan.scales,
         plan.chunks,
         n_cols,
         grad_y.stride(0), grad_y.stride(1),
         b_stack.stride(0), b_stack.stride(1), b_stack.stride(2),
         h.stride(0), h.stride(1),
         grad_h.stride(0), grad_h.stride(1),
-        grad_b.stride(0), grad_b.stride(2), grad_b.stride(1),  # written as dB_jᵀ [R, d_out]
+        *((grad_b.stride(0), grad_b.stride(2), grad_b.stride(1)) if grad_b is not None else (0, 0, 0)),  # dB_jᵀ
         R=rank, BLOCK_M=64, BLOCK_N=block_n,
         INPUT_PRECISION=_input_precision(h.dtype), DOT_FP32=triton_lora.INTERPRETED,
-        num_warps=4 if rank <= 64 else 8, num_stages=3,
+        TABLE=table is not None, num_warps=4 if rank <= 64 else 8, num_stages=3,
     )
     return grad_b
 
@@ -266,6 +273,7 @@ class _SegmentedLora(torch.autograd.Function):
         ctx.on_demand = [None if isinstance(w, torch.Tensor) else w for w in weights]
         ctx.plan, ctx.ranks, ctx.has_outs, ctx.n_bases, ctx.dropout = plan, ranks, has_outs, n_bases, dropout
         ctx.leaf_shapes = [(t.shape[0] if i < n_leaves else t.shape[1], t.dtype) for i, t in enumerate(flat_a + flat_b)]
+        ctx.leaves = flat_a + flat_b  # for a `GradSinks` (kernels/grad_sink.py): the backward adds into their .grad
         return tuple(deltas)
 
     @staticmethod
@@ -280,10 +288,13 @@ class _SegmentedLora(torch.autograd.Function):
         # dH[t] = scale_j * dY[t] @ B_j and dB_jᵀ = scale_j * h[rows_j]ᵀ @ dY[rows_j] from one read of each dY; dH is
         # summed in fp32 over column blocks, so it starts at zero (padding columns and rows of no segment stay zero).
         grad_h32 = torch.zeros(x.shape[0], rank_cat, dtype=torch.float32, device=x.device)
+        sink_tables = _sink_tables(ctx, n_adapters, rank_cat)
+        b_tables = sink_tables[1] if sink_tables else [None] * n_proj
         grads_b_cat, offset = [], 0
-        for grad_delta, b_stack, rank in zip(grad_deltas, b_stacks, ranks):
+        for grad_delta, b_stack, rank, b_table in zip(grad_deltas, b_stacks, ranks, b_tables):
             grads_b_cat.append(None if grad_delta is None else _grad_h_and_b(
-                grad_delta, b_stack, h[:, offset:offset + rank], grad_h32[:, offset:offset + rank], n_adapters, plan))
+                grad_delta, b_stack, h[:, offset:offset + rank], grad_h32[:, offset:offset + rank], n_adapters, plan,
+                b_table))
             offset += rank
         grad_h = grad_h32.to(x.dtype)
         n_leaves = n_proj * n_adapters
@@ -304,6 +315,12 @@ class _SegmentedLora(torch.autograd.Function):
         leaf_dtypes = {dtype for _, dtype in ctx.leaf_shapes}
         grad_dtype = leaf_dtypes.pop() if len(leaf_dtypes) == 1 else torch.float32
         needs_a = any(ctx.needs_input_grad[7:7 + n_leaves])
+        if sink_tables:  # added into the leaves' own .grad by the kernels: autograd gets none to add
+            if needs_a:
+                _weight_grad(grad_h, x, n_adapters, plan, ctx.dropout, sink_tables[0])
+            grads_out = list(grad_deltas) if ctx.has_outs else []
+            return (None, None, None, None, None, None, grad_x, *[None] * (2 * n_leaves), *grads_out, *grad_weights,
+                    *grad_biases)
         grad_a_cat = _weight_grad(grad_h, x, n_adapters, plan, ctx.dropout).to(grad_dtype) if needs_a else None
         grads_a, grads_b, offset = [], [], 0
         for p, (grad_b, rank) in enumerate(zip(grads_b_cat, ranks)):
@@ -320,6 +337,27 @@ class _SegmentedLora(torch.autograd.Function):
             offset += rank
         grads_out = list(grad_deltas) if ctx.has_outs else []
         return (None, None, None, None, None, None, grad_x, *grads_a, *grads_b, *grads_out, *grad_weights, *grad_biases)
+
+
+def _sink_tables(ctx, n_adapters: int, rank_cat: int) -> tuple[torch.Tensor, list[torch.Tensor]] | None:
+    """With a `GradSinks` active: the table for the dA stack and each projection's for its dB stack, when every leaf
+    that needs a gradient can take the kernels' adds into its .grad (kernels/grad_sink.py); else None."""
+    sinks = grad_sink.current()
+    if sinks is None:
+        return None
+    ranks = ctx.ranks
+    n_proj, n_leaves = len(ranks), len(ranks) * n_adapters
+    leaves = [leaf if ctx.needs_input_grad[7 + i] else None for i, leaf in enumerate(ctx.leaves)]
+    if all(leaf is None for leaf in leaves):
+        return None
+    a_leaves = [leaves[p * n_adapters:(p + 1) * n_adapters] for p in range(n_proj)]
+    b_leaves = [leaves[n_leaves + p * n_adapters:n_leaves + (p + 1) * n_adapters] for p in range(n_proj)]
+    offsets = tuple(itertools.accumulate(ranks, initial=0))[:-1]
+    a_table = sinks.table(a_leaves, grad_sink.GradRows(offsets, rank_cat, transposed=False))
+    b_tables = [sinks.table([b], grad_sink.GradRows((0,), rank, transposed=True)) for b, rank in zip(b_leaves, ranks)]
+    if a_table is None or any(table is None for table in b_tables):
+        return None
+    return a_table, b_tables
 
 
 def _per_adapter(stacked: torch.Tensor, shapes: list[tuple[int, torch.dtype]], rank_dim: int) -> list[torch.Tensor]:

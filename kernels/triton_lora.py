@@ -9,6 +9,9 @@ R is the padded rank (a power of two, at least 16, because `tl.dot` needs 16 alo
 - `weight_grad`: grad[j] += left[rows_c]ᵀ @ right[rows_c]            dA_j = dHᵀ x, per row chunk c
 - `grad_h_and_b`: dH[t] += scale_j dY[t] @ B_j and dB_jᵀ += scale_j h[rows_c]ᵀ @ dY[rows_c] from one read of dY
 
+With TABLE the two gradient kernels add into each adapter's own gradient tensors, wherever a table of row addresses
+points (kernels/grad_sink.py), instead of into a stack.
+
 With DROPOUT the x read by the shrink and by dA, and dX written by the expand, go through each adapter's dropout mask,
 regenerated from a counter-based hash of (seed, row within the segment, column) instead of being stored.
 
@@ -47,6 +50,19 @@ def _dropout_scale(seed_ptr, threshold_ptr, inv_keep_ptr, starts_ptr, stream, ad
     hashed = _fmix32(_fmix32((index & 0xFFFFFFFF).to(tl.uint32) ^ key_lo) ^ (index >> 32).to(tl.uint32) ^ key_hi)
     keep = hashed.to(tl.int64) >= tl.load(threshold_ptr + adapter)
     return tl.where(keep, tl.load(inv_keep_ptr + adapter), 0.0)
+
+
+@triton.jit
+def _grad_tile_ptrs(grad_ptr, table_ptr, adapter, ranks, cols, stride_ga, stride_gr, stride_gn,
+                    R: tl.constexpr, TABLE: tl.constexpr):
+    """Addresses of rows `ranks` x columns `cols` of adapter `adapter`'s gradient, and which rows exist: in the stack
+    at grad_ptr, or with TABLE wherever the table (kernels/grad_sink.py) points: an adapter's own `.grad`."""
+    if TABLE:
+        row_addresses = tl.load(table_ptr + adapter * (R + 1) + ranks)
+        column_stride = tl.load(table_ptr + adapter * (R + 1) + R)
+        ptrs = row_addresses.to(tl.pointer_type(tl.float32))[:, None] + cols[None, :] * column_stride
+        return ptrs, row_addresses != 0
+    return grad_ptr + adapter * stride_ga + ranks[:, None] * stride_gr + cols[None, :] * stride_gn, ranks >= 0
 
 
 @triton.jit
@@ -136,7 +152,7 @@ def _expand_kernel(
 
 @triton.jit
 def _weight_grad_kernel(
-    left_ptr, right_ptr, grad_ptr,
+    left_ptr, right_ptr, grad_ptr, table_ptr,
     chunks_ptr,
     seed_ptr, threshold_ptr, inv_keep_ptr, starts_ptr, stream,
     N,
@@ -144,10 +160,10 @@ def _weight_grad_kernel(
     stride_rm, stride_rn,
     stride_ga, stride_gr, stride_gn,
     R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, TABLE: tl.constexpr,
 ):
     # One program: one row chunk of one adapter times one column block; chunks of the same adapter meet in an fp32
-    # atomic add into grad[adapter], which the caller zeroed.
+    # atomic add into grad[adapter], which the caller zeroed (or, with TABLE, into the adapter's own .grad).
     pid_n = tl.program_id(0)
     chunk = tl.program_id(1)
     adapter = tl.load(chunks_ptr + 3 * chunk).to(tl.int64)
@@ -176,13 +192,14 @@ def _weight_grad_kernel(
             left = left.to(tl.float32)
             right = right.to(tl.float32)
         acc = tl.dot(tl.trans(left), right, acc, input_precision=INPUT_PRECISION)
-    g_ptrs = grad_ptr + adapter * stride_ga + ranks[:, None] * stride_gr + cols[None, :] * stride_gn
-    tl.atomic_add(g_ptrs, acc, mask=col_mask[None, :])
+    g_ptrs, g_rows = _grad_tile_ptrs(grad_ptr, table_ptr, adapter, ranks, cols, stride_ga, stride_gr, stride_gn,
+                                     R, TABLE)
+    tl.atomic_add(g_ptrs, acc, mask=g_rows[:, None] & col_mask[None, :])
 
 
 @triton.jit
 def _grad_h_and_b_kernel(
-    dy_ptr, b_ptr, h_ptr, grad_h_ptr, grad_bt_ptr, scale_ptr,
+    dy_ptr, b_ptr, h_ptr, grad_h_ptr, grad_bt_ptr, table_ptr, scale_ptr,
     chunks_ptr,
     N,
     stride_dym, stride_dyn,
@@ -191,7 +208,7 @@ def _grad_h_and_b_kernel(
     stride_ghm, stride_ghr,
     stride_ga, stride_gr, stride_gn,
     R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, TABLE: tl.constexpr,
 ):
     # Both gradients that read dY, from one read of it: per row tile, dH[rows] += scale_j dY[rows, cols] @ B_j[cols]
     # (an fp32 atomic add: the column blocks of a row meet there) and, summed over the chunk's rows,
@@ -229,8 +246,9 @@ def _grad_h_and_b_kernel(
         part_h = tl.dot(dy, b_tile, input_precision=INPUT_PRECISION) * scale
         tl.atomic_add(grad_h_ptr + rows[:, None] * stride_ghm + ranks[None, :] * stride_ghr, part_h,
                       mask=row_mask[:, None], sem="relaxed")
-    g_ptrs = grad_bt_ptr + adapter * stride_ga + ranks[:, None] * stride_gr + cols[None, :] * stride_gn
-    tl.atomic_add(g_ptrs, acc_b * scale, mask=col_mask[None, :], sem="relaxed")
+    g_ptrs, g_rows = _grad_tile_ptrs(grad_bt_ptr, table_ptr, adapter, ranks, cols, stride_ga, stride_gr, stride_gn,
+                                     R, TABLE)
+    tl.atomic_add(g_ptrs, acc_b * scale, mask=g_rows[:, None] & col_mask[None, :], sem="relaxed")
 
 
 INTERPRETED = type(_shrink_kernel).__name__ == "InterpretedFunction"
