@@ -52,8 +52,9 @@ class GradSinks:
 
     @contextmanager
     def active(self, frozen: bool = False) -> Iterator[GradSinks]:
-        """Backwards run in this thread within it add the LoRA weight gradients into the leaves' `.grad`; frozen,
-        every table they need must have been built already (see the module docstring)."""
+        """The backward of a LoRA node whose forward ran in this thread within it adds the weight gradients into the
+        leaves' `.grad` (on a GPU autograd runs backwards in threads of its own); frozen, every table it needs must
+        have been built already (see the module docstring)."""
         previous, _current.sinks = getattr(_current, "sinks", None), self
         self.frozen = frozen
         try:

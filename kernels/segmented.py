@@ -273,7 +273,9 @@ class _SegmentedLora(torch.autograd.Function):
         ctx.on_demand = [None if isinstance(w, torch.Tensor) else w for w in weights]
         ctx.plan, ctx.ranks, ctx.has_outs, ctx.n_bases, ctx.dropout = plan, ranks, has_outs, n_bases, dropout
         ctx.leaf_shapes = [(t.shape[0] if i < n_leaves else t.shape[1], t.dtype) for i, t in enumerate(flat_a + flat_b)]
-        ctx.leaves = flat_a + flat_b  # for a `GradSinks` (kernels/grad_sink.py): the backward adds into their .grad
+        # A `GradSinks` active in this thread (kernels/grad_sink.py): the backward, which on a GPU autograd runs in a
+        # thread of its own, adds into the leaves' .grad
+        ctx.sinks, ctx.leaves = grad_sink.current(), flat_a + flat_b
         return tuple(deltas)
 
     @staticmethod
@@ -340,9 +342,10 @@ class _SegmentedLora(torch.autograd.Function):
 
 
 def _sink_tables(ctx, n_adapters: int, rank_cat: int) -> tuple[torch.Tensor, list[torch.Tensor]] | None:
-    """With a `GradSinks` active: the table for the dA stack and each projection's for its dB stack, when every leaf
-    that needs a gradient can take the kernels' adds into its .grad (kernels/grad_sink.py); else None."""
-    sinks = grad_sink.current()
+    """With a `GradSinks` active at the forward: the table for the dA stack and each projection's for its dB stack,
+    when every leaf that needs a gradient can take the kernels' adds into its .grad (kernels/grad_sink.py); else
+    None."""
+    sinks = ctx.sinks
     if sinks is None:
         return None
     ranks = ctx.ranks

@@ -105,3 +105,22 @@ def test_a_frozen_sink_adds_through_the_tables_built_before_and_builds_none():
     assert handed == []
     for leaf, grad in zip(leaves, reference_grads(x, lora_as, lora_bs, grads_out)):
         assert (leaf.grad.double() - 2 * grad).norm() / grad.norm() < 1e-5
+
+
+def test_the_backward_adds_through_the_sink_its_forward_ran_in_whatever_thread_runs_it():
+    """On a GPU autograd runs a backward in a thread of its own, outside the forward's `active()` context."""
+    import threading
+
+    x, lora_as, lora_bs, grads_out = make_case(seed=4)
+    leaves = [t for group in lora_as + lora_bs for t in group]
+    for leaf in leaves:
+        leaf.grad = torch.zeros(leaf.shape)
+    sinks = GradSinks()
+    with sinks.active():
+        deltas = lora_delta_multi_triton(x, SEGMENTS, lora_as, lora_bs, SCALES)
+    thread = threading.Thread(target=torch.autograd.backward, args=(deltas, grads_out))
+    thread.start()
+    thread.join()
+    assert len(sinks) == 1 + len(WIDTHS)  # one dA table and a dB table per projection
+    for leaf, grad in zip(leaves, reference_grads(x, lora_as, lora_bs, grads_out)):
+        assert (leaf.grad.double() - grad).norm() / grad.norm() < 1e-5
