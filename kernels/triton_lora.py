@@ -57,12 +57,15 @@ def _grad_tile_ptrs(grad_ptr, table_ptr, adapter, ranks, cols, stride_ga, stride
                     R: tl.constexpr, TABLE: tl.constexpr):
     """Addresses of rows `ranks` x columns `cols` of adapter `adapter`'s gradient, and which rows exist: in the stack
     at grad_ptr, or with TABLE wherever the table (kernels/grad_sink.py) points: an adapter's own `.grad`."""
-    if TABLE:
+    if TABLE:  # one return after both branches: the compiler types every return of a function alike
         row_addresses = tl.load(table_ptr + adapter * (R + 1) + ranks)
         column_stride = tl.load(table_ptr + adapter * (R + 1) + R)
         ptrs = row_addresses.to(tl.pointer_type(tl.float32))[:, None] + cols[None, :] * column_stride
-        return ptrs, row_addresses != 0
-    return grad_ptr + adapter * stride_ga + ranks[:, None] * stride_gr + cols[None, :] * stride_gn, ranks >= 0
+        rows = row_addresses != 0
+    else:
+        ptrs = grad_ptr + adapter * stride_ga + ranks[:, None] * stride_gr + cols[None, :] * stride_gn
+        rows = ranks >= 0
+    return ptrs, rows
 
 
 @triton.jit
