@@ -181,7 +181,7 @@ def _weight_grad(left: torch.Tensor, right: torch.Tensor, n_adapters: int, plan:
         n_cols,
         left.stride(0), left.stride(1),
         right.stride(0), right.stride(1),
-        *(grad.stride() if grad is not None else (0, 0, 0)),
+        *(grad.stride() if grad is not None else (0, 0, 1)),  # a table's dA rows: contiguous
         R=rank, BLOCK_M=64, BLOCK_N=block_n,
         DROPOUT=dropout is not None, INPUT_PRECISION=_input_precision(left.dtype), DOT_FP32=triton_lora.INTERPRETED,
         TABLE=table is not None, num_warps=4 if rank <= 64 else 8, num_stages=3,

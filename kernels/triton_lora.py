@@ -54,12 +54,17 @@ def _dropout_scale(seed_ptr, threshold_ptr, inv_keep_ptr, starts_ptr, stream, ad
 
 @triton.jit
 def _grad_tile_ptrs(grad_ptr, table_ptr, adapter, ranks, cols, stride_ga, stride_gr, stride_gn,
-                    R: tl.constexpr, TABLE: tl.constexpr):
+                    R: tl.constexpr, TABLE: tl.constexpr, TABLE_STRIDES: tl.constexpr):
     """Addresses of rows `ranks` x columns `cols` of adapter `adapter`'s gradient, and which rows exist: in the stack
-    at grad_ptr, or with TABLE wherever the table (kernels/grad_sink.py) points: an adapter's own `.grad`."""
+    at grad_ptr, or with TABLE wherever the table (kernels/grad_sink.py) points: an adapter's own `.grad`, its
+    columns `stride_gn` apart or, with TABLE_STRIDES, as far apart as the table says. (dA's rows are contiguous: a
+    stride of 1 passed as an argument lets the compiler vectorise the adds, one read from the table does not.)"""
     if TABLE:  # one return after both branches: the compiler types every return of a function alike
         row_addresses = tl.load(table_ptr + adapter * (R + 1) + ranks)
-        column_stride = tl.load(table_ptr + adapter * (R + 1) + R)
+        if TABLE_STRIDES:
+            column_stride = tl.load(table_ptr + adapter * (R + 1) + R)
+        else:
+            column_stride = stride_gn
         ptrs = row_addresses.to(tl.pointer_type(tl.float32))[:, None] + cols[None, :] * column_stride
         rows = row_addresses != 0
     else:
@@ -196,7 +201,7 @@ def _weight_grad_kernel(
             right = right.to(tl.float32)
         acc = tl.dot(tl.trans(left), right, acc, input_precision=INPUT_PRECISION)
     g_ptrs, g_rows = _grad_tile_ptrs(grad_ptr, table_ptr, adapter, ranks, cols, stride_ga, stride_gr, stride_gn,
-                                     R, TABLE)
+                                     R, TABLE, False)
     tl.atomic_add(g_ptrs, acc, mask=g_rows[:, None] & col_mask[None, :])
 
 
@@ -250,7 +255,7 @@ def _grad_h_and_b_kernel(
         tl.atomic_add(grad_h_ptr + rows[:, None] * stride_ghm + ranks[None, :] * stride_ghr, part_h,
                       mask=row_mask[:, None], sem="relaxed")
     g_ptrs, g_rows = _grad_tile_ptrs(grad_bt_ptr, table_ptr, adapter, ranks, cols, stride_ga, stride_gr, stride_gn,
-                                     R, TABLE)
+                                     R, TABLE, True)
     tl.atomic_add(g_ptrs, acc_b * scale, mask=g_rows[:, None] & col_mask[None, :], sem="relaxed")
 
 
