@@ -171,7 +171,9 @@ def _weight_grad_kernel(
     DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, TABLE: tl.constexpr,
 ):
     # One program: one row chunk of one adapter times one column block; chunks of the same adapter meet in an fp32
-    # atomic add into grad[adapter], which the caller zeroed (or, with TABLE, into the adapter's own .grad).
+    # atomic add into grad[adapter], which the caller zeroed (or, with TABLE, into the adapter's own .grad). Relaxed:
+    # the adds need no order among themselves, and an acquire-release add waits on memory each time (with TABLE, on
+    # gradients out of L2: 4.9 against 3.6 ms a 1B 8-job step on the H100).
     pid_n = tl.program_id(0)
     chunk = tl.program_id(1)
     adapter = tl.load(chunks_ptr + 3 * chunk).to(tl.int64)
@@ -202,7 +204,7 @@ def _weight_grad_kernel(
         acc = tl.dot(tl.trans(left), right, acc, input_precision=INPUT_PRECISION)
     g_ptrs, g_rows = _grad_tile_ptrs(grad_ptr, table_ptr, adapter, ranks, cols, stride_ga, stride_gr, stride_gn,
                                      R, TABLE, False)
-    tl.atomic_add(g_ptrs, acc, mask=g_rows[:, None] & col_mask[None, :])
+    tl.atomic_add(g_ptrs, acc, mask=g_rows[:, None] & col_mask[None, :], sem="relaxed")
 
 
 @triton.jit
