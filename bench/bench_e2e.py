@@ -562,7 +562,7 @@ def step_parts(cohort, model_dir, data_dir, batch, n, device, shape, report, out
 
     from torch.profiler import ProfilerActivity, profile
 
-    from step_parts import host_timeline, ideal_seconds, kernel_parts, parts_table
+    from step_parts import ideal_seconds, kernel_parts, parts_table
 
     for setting in MEMORY_SETTINGS:
         measured = run_cohort(cohort, model_dir, data_dir, batch, n, 2, 5, setting, device)
@@ -587,7 +587,7 @@ def step_parts(cohort, model_dir, data_dir, batch, n, device, shape, report, out
             sync(device)
         prof.export_chrome_trace(str(trace_path))
         cohort.graphs.enabled = graphs
-        timeline = graphed_timeline(cohort, device, out / f"trace_{name}_{n}x{batch}_graphed.json", host_timeline)
+        timeline = graphed_timeline(cohort, device, out / f"trace_{name}_{n}x{batch}_graphed.json")
     finally:
         cohort.graphs.enabled = graphs
         for job_id in list(cohort.jobs):
@@ -604,12 +604,15 @@ def step_parts(cohort, model_dir, data_dir, batch, n, device, shape, report, out
             **parts, "ideal": ideal, "table": parts_table(parts, ideal, measured[0]), "graphed_timeline": timeline}
 
 
-def graphed_timeline(cohort, device, trace_path: Path, host_timeline) -> dict:
+def graphed_timeline(cohort, device, trace_path: Path) -> dict:
     """One graphed step profiled with Python stacks: how long the GPU waits on the host, and in which of our
-    functions (step_parts.host_timeline). The eager profile above cannot say: its host time is the eager step's."""
+    functions (step_parts.host_timeline), and what ran on the device (step_parts.device_work). The eager profile
+    above cannot say: its host time is the eager step's, and its gradients are accumulated otherwise."""
     import gzip
 
     from torch.profiler import ProfilerActivity, profile
+
+    from step_parts import device_work, host_timeline
 
     if not cohort.graphs.enabled or device.type != "cuda":
         return {"error": "no CUDA graphs here"}
@@ -623,7 +626,8 @@ def graphed_timeline(cohort, device, trace_path: Path, host_timeline) -> dict:
     if cohort.graphs.replays == replays:
         return {"error": "the profiled step ran eagerly"}
     prof.export_chrome_trace(str(trace_path))
-    timeline = host_timeline(str(trace_path), str(Path(__file__).resolve().parents[1]))
+    timeline = {**host_timeline(str(trace_path), str(Path(__file__).resolve().parents[1])),
+                "device": device_work(str(trace_path))}
     with open(trace_path, "rb") as source, gzip.open(f"{trace_path}.gz", "wb") as target:
         target.write(source.read())
     trace_path.unlink()
@@ -975,6 +979,12 @@ def summary_tables(report: dict, long_batch: str | None) -> str:
                       f"{timeline['after_last_kernel_ms']:.1f} after its last); our functions while it was idle "
                       f"(ms, a caller's time includes its callees'):\n\n| function | ms |\n|---|---|\n"
                       + "\n".join(f"| {name} | {ms:.2f} |" for name, ms in timeline["functions_ms"].items()))
+        if "device" in timeline:
+            work = timeline["device"]
+            table += (f"\n\nOn the device in that step: {work['device_ops']:,} kernels, copies and fills; of them\n\n"
+                      "| group | count | ms |\n|---|---|---|\n"
+                      + "\n".join(f"| {name} | {group['count']:,} | {group['ms']:.2f} |"
+                                   for name, group in work["groups"].items()))
         if "replay_gpu_ms" in timeline:
             table += (f"\n\nUnprofiled, the median of 5 graphed steps: {timeline['unprofiled_step_ms']:.1f} ms, of which "
                       f"the graph's replay kept the GPU busy {timeline['replay_gpu_ms']:.1f} ms.")

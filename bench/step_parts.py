@@ -21,14 +21,20 @@ union of kernel intervals, so the step's wall time minus it is the host's share 
 the GPU is idle (before the first kernel, between kernels, after the last) and the step's own Python functions that
 ran while it was, so a graphed step's host gaps are named, not inferred.
 
+`device_work(trace)` counts what ran on the device in a profiled step (kernels, copies, fills) and picks out the
+small kernels a graphed step should not hold: autograd's fp32 gradient adds and fills, the LoRA gradient kernels
+beside them (kernels/grad_sink.py). `python3 bench/step_parts.py TRACE[.gz]` prints it for a saved trace.
+
 `ideal_seconds(...)` gives each part's floor: FLOPs over the measured matmul peak for the GEMMs and attention, the
 fewest bytes over the measured copy bandwidth for the memory-bound parts (each counted in its function's comment).
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
+import sys
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -112,10 +118,7 @@ def busy_seconds(intervals: list[tuple[float, float]]) -> float:
 
 def kernel_parts(trace: dict | str) -> dict:
     """Seconds of kernel time per part, kernel counts per part, GPU busy seconds, and the top kernels of each part."""
-    if isinstance(trace, str):
-        with open(trace) as handle:
-            trace = json.load(handle)
-    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    events = _events(trace)
     ops = cpu_ops_by_external_id(events)
     seconds, counts = defaultdict(float), defaultdict(int)
     top = defaultdict(lambda: defaultdict(float))
@@ -230,10 +233,7 @@ def host_timeline(trace: dict | str, own: str, top: int = 12) -> dict:
     """Milliseconds the GPU is idle in the profiled step (before its first kernel, between kernels, after the last),
     and the Python functions of the files under the directory `own` by how long they ran while it was (nested
     functions each count, so a caller's time includes its callees'): where the host keeps the GPU waiting."""
-    if isinstance(trace, str):
-        with open(trace) as handle:
-            trace = json.load(handle)
-    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    events = _events(trace)
     stretches, start, end = idle_stretches(events)
     overlap = defaultdict(float)
     for event in events:
@@ -253,8 +253,51 @@ def host_timeline(trace: dict | str, own: str, top: int = 12) -> dict:
     }
 
 
+DEVICE_GROUPS = {  # name -> the kernels it counts (by kernel name)
+    "fp32 adds": re.compile(r"CUDAFunctor_add<float>"),
+    "fp32 fills": re.compile(r"FillFunctor<float>"),
+    "memsets": re.compile(r"^Memset"),
+    "dA kernel": re.compile(r"_weight_grad_kernel"),
+    "dH+dB kernel": re.compile(r"_grad_h_and_b_kernel"),
+    "bf16 adds": re.compile(r"CUDAFunctor_add<c10::BFloat16>"),
+    "adapter stacks (cat, cast)": re.compile(r"CatArrayBatchedCopy|bfloat16_copy_kernel"),
+}
+
+
+def device_work(trace: dict | str) -> dict:
+    """How many kernels, copies and fills ran on the device in the trace, and each `DEVICE_GROUPS` group's count
+    and milliseconds."""
+    events = _events(trace)
+    device = [event for event in events if event.get("ph") == "X" and event.get("cat") in DEVICE_CATEGORIES]
+    groups = {name: [0, 0.0] for name in DEVICE_GROUPS}
+    for event in device:
+        for name, pattern in DEVICE_GROUPS.items():
+            if pattern.search(event.get("name", "")):
+                groups[name][0] += 1
+                groups[name][1] += event.get("dur", 0) / 1e3
+    return {"device_ops": len(device), "groups": {name: {"count": count, "ms": ms} for name, (count, ms) in
+                                                  groups.items()}}
+
+
+def _events(trace: dict | str) -> list[dict]:
+    """A Chrome trace's events, from the trace or its file (gzipped or not)."""
+    if isinstance(trace, str):
+        opener = gzip.open if trace.endswith(".gz") else open
+        with opener(trace, "rt") as handle:
+            trace = json.load(handle)
+    return trace["traceEvents"] if isinstance(trace, dict) else trace
+
+
 def _function_name(name: str, own: str) -> str:
     """`<own>/executor/cohort.py(432): _next_batches` -> `executor/cohort.py: _next_batches`."""
     path, _, function = name.partition(": ")
     path = re.sub(r"[(]\d+[)]$", "", path).removeprefix(own).lstrip("/")
     return f"{path}: {function}"
+
+
+if __name__ == "__main__":
+    for path in sys.argv[1:]:
+        work = device_work(path)
+        print(f"{path}: {work['device_ops']:,} kernels, copies and fills")
+        for name, group in work["groups"].items():
+            print(f"  {name}: {group['count']:,} ({group['ms']:.2f} ms)")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from step_parts import busy_seconds, host_timeline, ideal_seconds, kernel_parts  # noqa: E402
+from step_parts import busy_seconds, device_work, host_timeline, ideal_seconds, kernel_parts  # noqa: E402
 
 LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                 num_key_value_heads=8, vocab_size=128256)
@@ -110,3 +110,29 @@ def test_the_frozen_gemm_ideal_is_four_flops_per_weight_and_token():
     assert ideal["frozen GEMMs"] == pytest.approx(4 * weights * 16384 / 1e12)
     assert ideal["LM head GEMMs"] == pytest.approx(4 * 16384 * 128256 * 4096 / 1e12)
     assert ideal["host gaps"] == 0
+
+
+def test_device_work_counts_every_device_op_once_and_picks_out_the_gradient_adds(tmp_path):
+    import gzip
+    import json
+
+    events = [
+        op("aten::add_", 0, 5, external=1),
+        kernel("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>, ...>", 10, 2, 1),
+        kernel("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>, ...>", 13, 3, 1),
+        kernel("void at::native::vectorized_elementwise_kernel<8, at::native::CUDAFunctor_add<c10::BFloat16>>", 20, 60,
+               1),
+        kernel("_weight_grad_kernel", 90, 40, 1),
+        {"ph": "X", "cat": "gpu_memset", "name": "Memset (Device)", "ts": 140, "dur": 1, "pid": 0, "tid": 7},
+    ]
+    path = tmp_path / "trace.json.gz"
+    with gzip.open(path, "wt") as handle:
+        json.dump({"traceEvents": events}, handle)
+    work = device_work(str(path))
+    assert work["device_ops"] == 5  # the CPU op is not one
+    groups = {name: (group["count"], group["ms"]) for name, group in work["groups"].items()}
+    assert groups["fp32 adds"] == (2, pytest.approx(0.005))
+    assert groups["bf16 adds"] == (1, pytest.approx(0.06))
+    assert groups["dA kernel"] == (1, pytest.approx(0.04))
+    assert groups["memsets"] == (1, pytest.approx(0.001))
+    assert groups["fp32 fills"] == (0, 0.0)
