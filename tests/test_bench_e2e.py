@@ -35,3 +35,21 @@ def test_the_e2e_bench_writes_a_row_per_cohort_and_a_baseline_to_compare_it_with
     table = (out / "e2e_tiny.md").read_text().splitlines()
     assert table[0].startswith("| jobs | per-job batch |")
     assert len([line for line in table if line.startswith("| 2 |")]) == 1
+
+
+def test_the_summary_names_what_ran_on_the_device_in_the_graphed_step():
+    """The graphed step's parts are a GPU's alone: their table is checked here, on a report as a GPU run leaves it."""
+    sys.path.insert(0, str(BENCH.parent))
+    import bench_e2e
+
+    device = {"device_ops": 2274, "groups": {"fp32 adds": {"count": 15, "ms": 0.02}, "dA kernel": {"count": 64,
+                                                                                                     "ms": 3.26}}}
+    timeline = {"step_ms": 185.0, "idle_ms": 8.0, "before_first_kernel_ms": 3.0, "after_last_kernel_ms": 0.5,
+                "functions_ms": {"executor/cohort.py: step": 7.5}, "device": device, "unprofiled_step_ms": 176.7,
+                "replay_gpu_ms": 170.7}
+    report = {"baselines": {}, "planner": [], "parts": {"jobs": 8, "batch": "4x512", "checkpointing": "off",
+                                                        "table": "| part |", "graphed_timeline": timeline}}
+    summary = bench_e2e.summary_tables(report, None)
+    assert "On the device in that step: 2,274 kernels, copies and fills" in summary
+    assert "| fp32 adds | 15 | 0.02 |" in summary and "| dA kernel | 64 | 3.26 |" in summary
+    assert "the graph's replay kept the GPU busy 170.7 ms" in summary
