@@ -26,6 +26,12 @@ def ragged(n_rows: int, n: int) -> tuple[tuple[int, int], ...]:
     return tuple(zip(bounds[:-1], bounds[1:]))
 
 
+def no_dropout() -> tuple:
+    """The kernels' dropout arguments with DROPOUT off: placeholders, as segmented._dropout_args passes them."""
+    placeholder = torch.zeros(1, device="cuda")
+    return (placeholder, placeholder, placeholder, placeholder, 0)
+
+
 def time_ms(fn) -> float:
     return triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median")
 
@@ -38,12 +44,13 @@ def shrink_case(tokens, k, rank, block_m, block_k, warps, stages):
     x = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(8, rank, k, device="cuda", dtype=torch.bfloat16)
     h = torch.empty(tokens, rank, device="cuda", dtype=torch.bfloat16)
+    dropout = no_dropout()
 
     def run():
         triton_lora._shrink_kernel[(tiles.shape[0],)](
-            x, w, h, tiles, k, x.stride(0), x.stride(1), w.stride(0), w.stride(2), w.stride(1),
+            x, w, h, tiles, *dropout, k, x.stride(0), x.stride(1), w.stride(0), w.stride(2), w.stride(1),
             h.stride(0), h.stride(1), R=rank, BLOCK_M=block_m, BLOCK_K=block_k,
-            INPUT_PRECISION="tf32", DOT_FP32=False, num_warps=warps, num_stages=stages)
+            DROPOUT=False, INPUT_PRECISION="tf32", DOT_FP32=False, num_warps=warps, num_stages=stages)
     return time_ms(run), tokens * k * 2
 
 
@@ -58,12 +65,13 @@ def weight_grad_case(tokens, n, rank, chunk_div, block_m, block_n, warps, stages
     left = torch.randn(tokens, rank, device="cuda", dtype=torch.bfloat16)
     right = torch.randn(tokens, n, device="cuda", dtype=torch.bfloat16)
     grad = torch.zeros(8, rank, n, device="cuda", dtype=torch.float32)
+    dropout = no_dropout()
 
     def run():
         triton_lora._weight_grad_kernel[(triton.cdiv(n, block_n), chunks.shape[0])](
-            left, right, grad, chunks, n, left.stride(0), left.stride(1), right.stride(0), right.stride(1),
-            grad.stride(0), grad.stride(1), grad.stride(2), R=rank, BLOCK_M=block_m, BLOCK_N=block_n,
-            INPUT_PRECISION="tf32", DOT_FP32=False, num_warps=warps, num_stages=stages)
+            left, right, grad, grad, chunks, *dropout, n, left.stride(0), left.stride(1), right.stride(0),
+            right.stride(1), grad.stride(0), grad.stride(1), grad.stride(2), R=rank, BLOCK_M=block_m, BLOCK_N=block_n,
+            DROPOUT=False, INPUT_PRECISION="tf32", DOT_FP32=False, TABLE=False, num_warps=warps, num_stages=stages)
     return time_ms(run), tokens * n * 2
 
 
@@ -79,10 +87,10 @@ def grad_h_and_b_case(tokens, n, rank, chunk_div, block_m, block_n, warps, stage
 
     def run():
         triton_lora._grad_h_and_b_kernel[(triton.cdiv(n, block_n), chunks.shape[0])](
-            dy, b, h, grad_h, grad_b, scales, chunks, n, dy.stride(0), dy.stride(1),
+            dy, b, h, grad_h, grad_b, grad_b, scales, chunks, n, dy.stride(0), dy.stride(1),
             b.stride(0), b.stride(1), b.stride(2), h.stride(0), h.stride(1), grad_h.stride(0), grad_h.stride(1),
             grad_b.stride(0), grad_b.stride(2), grad_b.stride(1), R=rank, BLOCK_M=block_m, BLOCK_N=block_n,
-            INPUT_PRECISION="tf32", DOT_FP32=False, num_warps=warps, num_stages=stages)
+            INPUT_PRECISION="tf32", DOT_FP32=False, TABLE=False, num_warps=warps, num_stages=stages)
     return time_ms(run), tokens * n * 2
 
 
