@@ -1,6 +1,6 @@
 """The executor's own time per training turn, around a real cohort, against a real Valkey/Redis server (CPU).
 
-    python3 -P bench/bench_executor_loop.py [--jobs 8] [--turns 300] [--out OUT]
+    python3 -P bench/bench_executor_loop.py [--jobs 8] [--turns 300] [--warmup 20] [--out OUT]
 
 Through the service a cohort steps at the bench's rate less what the worker's loop adds around `Cohort.step` (on the
 H200 2.9 ms a step, 1.6%, in run P12: docs/BENCHMARKS.md). This times that loop on the CPU: an `Executor` holding a
@@ -87,7 +87,7 @@ def timed(owner, name: str, into: list[float], calls: list | None = None):
     return original
 
 
-def measure(executor: Executor, turns: int, warmup: int = 20) -> dict:
+def measure(executor: Executor, turns: int, warmup: int) -> dict:
     steps, records, loops, record_calls = [], [], [], []
     timed(executor.cohort, "step", steps)
     record_step = timed(executor.store, "record_step", records, record_calls)
@@ -114,6 +114,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=8)
     parser.add_argument("--turns", type=int, default=300)
+    parser.add_argument("--warmup", type=int, default=20, help="turns before the timed ones")
     parser.add_argument("--out", default=".")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -123,7 +124,7 @@ def main() -> None:
         try:
             store = JobStore.from_url(server.url)
             store.ensure_schema()
-            result = measure(held_cohort(store, root, args.jobs), args.turns)
+            result = measure(held_cohort(store, root, args.jobs), args.turns, args.warmup)
         finally:
             server.stop()
     result.update(jobs=args.jobs, turns=args.turns, host=platform.node(), python=platform.python_version(),
