@@ -313,32 +313,41 @@ class _SegmentedLora(torch.autograd.Function):
                         for p, grad_delta in enumerate(grad_deltas[:n_bases])]
         grad_biases = [grad_delta.sum(0) if ctx.needs_input_grad[first_base + n_bases + p] and grad_delta is not None
                        else None for p, grad_delta in enumerate(grad_deltas[:n_bases])]
-        # Cast each stacked gradient once: one cast per adapter costs ~20 us of host time each.
-        leaf_dtypes = {dtype for _, dtype in ctx.leaf_shapes}
-        grad_dtype = leaf_dtypes.pop() if len(leaf_dtypes) == 1 else torch.float32
-        needs_a = any(ctx.needs_input_grad[7:7 + n_leaves])
-        if sink_tables:  # added into the leaves' own .grad by the kernels: autograd gets none to add
-            if needs_a:
-                _weight_grad(grad_h, x, n_adapters, plan, ctx.dropout, sink_tables[0])
-            grads_out = list(grad_deltas) if ctx.has_outs else []
-            return (None, None, None, None, None, None, grad_x, *[None] * (2 * n_leaves), *grads_out, *grad_weights,
-                    *grad_biases)
-        grad_a_cat = _weight_grad(grad_h, x, n_adapters, plan, ctx.dropout).to(grad_dtype) if needs_a else None
-        grads_a, grads_b, offset = [], [], 0
-        for p, (grad_b, rank) in enumerate(zip(grads_b_cat, ranks)):
-            a_shapes = ctx.leaf_shapes[p * n_adapters:(p + 1) * n_adapters]
-            b_shapes = ctx.leaf_shapes[(n_proj + p) * n_adapters:(n_proj + p + 1) * n_adapters]
-            if needs_a:
-                grads_a += _per_adapter(grad_a_cat[:, offset:offset + rank], a_shapes, rank_dim=0)
-            else:
-                grads_a += [None] * n_adapters
-            if grad_b is None:
-                grads_b += [None] * n_adapters
-            else:
-                grads_b += _per_adapter(grad_b.to(grad_dtype), b_shapes, rank_dim=1)
-            offset += rank
+        leaf_grads = _leaf_grads(ctx, grad_h, x, grads_b_cat, sink_tables, n_adapters)
         grads_out = list(grad_deltas) if ctx.has_outs else []
-        return (None, None, None, None, None, None, grad_x, *grads_a, *grads_b, *grads_out, *grad_weights, *grad_biases)
+        return (None, None, None, None, None, None, grad_x, *leaf_grads, *grads_out, *grad_weights, *grad_biases)
+
+
+def _leaf_grads(ctx, grad_h: torch.Tensor, x: torch.Tensor, grads_b_cat: list, sink_tables, n_adapters: int) -> list:
+    """What the backward returns for the adapters' leaves (every A, then every B): with `sink_tables` dA is added
+    into the leaves' own .grad too (dB was, by `_grad_h_and_b`), and autograd gets none to add; else each leaf's
+    slice of the stacked dA and dB."""
+    ranks, plan = ctx.ranks, ctx.plan
+    n_proj = len(ranks)
+    n_leaves = n_proj * n_adapters
+    needs_a = any(ctx.needs_input_grad[7:7 + n_leaves])
+    if sink_tables:
+        if needs_a:
+            _weight_grad(grad_h, x, n_adapters, plan, ctx.dropout, sink_tables[0])
+        return [None] * (2 * n_leaves)
+    # Cast each stacked gradient once: one cast per adapter costs ~20 us of host time each.
+    leaf_dtypes = {dtype for _, dtype in ctx.leaf_shapes}
+    grad_dtype = leaf_dtypes.pop() if len(leaf_dtypes) == 1 else torch.float32
+    grad_a_cat = _weight_grad(grad_h, x, n_adapters, plan, ctx.dropout).to(grad_dtype) if needs_a else None
+    grads_a, grads_b, offset = [], [], 0
+    for p, (grad_b, rank) in enumerate(zip(grads_b_cat, ranks)):
+        a_shapes = ctx.leaf_shapes[p * n_adapters:(p + 1) * n_adapters]
+        b_shapes = ctx.leaf_shapes[(n_proj + p) * n_adapters:(n_proj + p + 1) * n_adapters]
+        if needs_a:
+            grads_a += _per_adapter(grad_a_cat[:, offset:offset + rank], a_shapes, rank_dim=0)
+        else:
+            grads_a += [None] * n_adapters
+        if grad_b is None:
+            grads_b += [None] * n_adapters
+        else:
+            grads_b += _per_adapter(grad_b.to(grad_dtype), b_shapes, rank_dim=1)
+        offset += rank
+    return grads_a + grads_b
 
 
 def _sink_tables(ctx, n_adapters: int, rank_cat: int) -> tuple[torch.Tensor, list[torch.Tensor]] | None:
