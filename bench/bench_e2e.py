@@ -626,8 +626,9 @@ def graphed_timeline(cohort, device, trace_path: Path) -> dict:
     if cohort.graphs.replays == replays:
         return {"error": "the profiled step ran eagerly"}
     prof.export_chrome_trace(str(trace_path))
-    timeline = {**host_timeline(str(trace_path), str(Path(__file__).resolve().parents[1])),
-                "device": device_work(str(trace_path))}
+    with open(trace_path) as handle:
+        trace = json.load(handle)  # read once for both
+    timeline = {**host_timeline(trace, str(Path(__file__).resolve().parents[1])), "device": device_work(trace)}
     with open(trace_path, "rb") as source, gzip.open(f"{trace_path}.gz", "wb") as target:
         target.write(source.read())
     trace_path.unlink()
