@@ -10,6 +10,8 @@ under longer load is what this measures:
 3. each frozen GEMM of an 8B layer at `--tokens` rows as the engine runs it (the forward adds x·Wᵀ into the LoRA
    delta, the input gradient adds dY·W into the LoRA dX: `addmm_`), each back to back for a tenth of `--seconds`,
    then the layer's 14 in sequence, repeated for `--seconds`: each rate against the burst and the held rate.
+While 2. and 3.'s sequence run, a thread reads the SM clock and the board's power from NVML every 20 ms: a held rate
+below the burst with the clock below its first reading is the card's clocks, not the GEMMs' shapes.
 Results: OUT/gemm_peak.json and a table on stdout. Without CUDA it runs at the tiny shape in fp32 on the CPU, as
 the smoke test does; those numbers mean nothing.
 """
@@ -18,11 +20,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from lorafleet.executor.gpu import Nvml
 
 # name: (in features, out features) of an 8B (Llama-3) layer's projections; the tiny shape for the CPU
 LAYERS = {
@@ -69,6 +75,40 @@ def held_rates(clock: Clock, work: Callable[[], None], flops: float, seconds: fl
     return [flops * calls / clock.seconds(a, b) / 1e12 for a, b in zip(marks, marks[1:])]
 
 
+class ClockSampler:
+    """NVML's SM clock (MHz) and board power (W) read every `period` s while the block runs; nothing on a CPU."""
+
+    def __init__(self, device: torch.device, period: float = 0.02):
+        self.nvml = Nvml(str(device)) if device.type == "cuda" else None
+        self.period, self.readings = period, []
+
+    def __enter__(self):
+        self.readings, self._stop, self._thread = [], threading.Event(), None
+        if self.nvml is not None and self.nvml.handle is not None:
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _sample(self):
+        nvml, handle = self.nvml.pynvml, self.nvml.handle
+        while not self._stop.wait(self.period):
+            self.readings.append((nvml.nvmlDeviceGetClockInfo(handle, nvml.NVML_CLOCK_SM),
+                                  nvml.nvmlDeviceGetPowerUsage(handle) / 1000))
+
+    def summary(self) -> dict | None:
+        """The clock's first, least and median reading and the median power, or None without readings."""
+        if not self.readings:
+            return None
+        clocks, watts = [c for c, _ in self.readings], [w for _, w in self.readings]
+        return {"sm_mhz_first": clocks[0], "sm_mhz_min": min(clocks), "sm_mhz_median": statistics.median(clocks),
+                "power_w_median": statistics.median(watts), "readings": len(clocks)}
+
+
 def burst_rate(clock: Clock, a: torch.Tensor, b: torch.Tensor) -> float:
     """bench_e2e's peak: three warm-up products, then ten timed."""
     for _ in range(3):
@@ -100,14 +140,19 @@ def measure(device: torch.device, shape: str, tokens: int, seconds: float) -> di
     side = 8192 if device.type == "cuda" else 256
     a, b = (torch.randn(side, side, device=device, dtype=dtype) for _ in range(2))
     burst = burst_rate(clock, a, b)
-    held = held_rates(clock, lambda: a @ b, 2.0 * side ** 3, seconds)
+    sampler = ClockSampler(device)
+    with sampler:
+        held = held_rates(clock, lambda: a @ b, 2.0 * side ** 3, seconds)
+    held_clocks = sampler.summary()
     gemms = layer_gemms(LAYERS[shape], tokens, dtype, device)
     each = {name: min(held_rates(clock, work, flops, seconds / 10, windows=3)) for name, (work, flops) in gemms.items()}
     works = [work for work, _ in gemms.values()]
-    layer = held_rates(clock, lambda: [work() for work in works], sum(flops for _, flops in gemms.values()), seconds)
+    with sampler:
+        layer = held_rates(clock, lambda: [work() for work in works], sum(flops for _, flops in gemms.values()),
+                           seconds)
     return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "shape": shape,
             "tokens": tokens, "seconds": seconds, "burst_tflops": burst, "held_tflops": held,
-            "gemm_tflops": each, "layer_tflops": layer}
+            "gemm_tflops": each, "layer_tflops": layer, "held_clocks": held_clocks, "layer_clocks": sampler.summary()}
 
 
 def table(result: dict) -> str:
@@ -116,6 +161,11 @@ def table(result: dict) -> str:
              "| GEMM | TFLOP/s | of the burst | of the held rate |", "|---|---|---|---|"]
     rows = [*result["gemm_tflops"].items(), ("the layer's 14 in sequence", min(result["layer_tflops"][-3:]))]
     lines += [f"| {name} | {rate:.0f} | {rate / burst:.0%} | {rate / held:.0%} |" for name, rate in rows]
+    for what, clocks in (("the held product", result["held_clocks"]), ("the layer's sequence", result["layer_clocks"])):
+        if clocks:
+            lines.append(f"{what}: SM clock {clocks['sm_mhz_first']} MHz at first, median {clocks['sm_mhz_median']}, "
+                         f"least {clocks['sm_mhz_min']}; power median {clocks['power_w_median']:.0f} W "
+                         f"({clocks['readings']} readings)")
     return "\n".join(lines)
 
 
