@@ -26,3 +26,20 @@ def test_the_gemm_bench_reports_the_burst_the_held_rate_and_each_of_a_layers_gem
     assert len(result["layer_tflops"]) == 10
     assert "| the layer's 14 in sequence |" in run.stdout and "| down dX |" in run.stdout
     assert result["held_clocks"] is None and result["layer_clocks"] is None  # no NVML readings on a CPU
+
+
+def test_the_clock_summary_reports_the_first_least_and_median_reading():
+    sys.path.insert(0, str(BENCH.parent))
+    try:
+        from bench_gemm_peak import ClockSampler
+    finally:
+        sys.path.remove(str(BENCH.parent))
+    import torch
+
+    sampler = ClockSampler(torch.device("cpu"))
+    with sampler:
+        pass
+    assert sampler.summary() is None  # a CPU: no NVML, no readings
+    sampler.readings = [(1980, 690.0), (1755, 700.0), (1830, 650.0)]
+    assert sampler.summary() == {"sm_mhz_first": 1980, "sm_mhz_min": 1755, "sm_mhz_median": 1830,
+                                 "power_w_median": 690.0, "readings": 3}
