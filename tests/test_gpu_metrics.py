@@ -22,7 +22,9 @@ def test_nvml_reads_this_gpu_as_torch_sees_it():
     held = torch.empty(2**30, dtype=torch.uint8, device="cuda:0")  # 1 GiB more reserved from the driver
     grown = torch.cuda.memory_reserved(0) - reserved
     after = Nvml("cuda:0").read()
-    assert grown >= 2**30 and after.memory_used_bytes >= before.memory_used_bytes + 0.9 * grown
+    # With expandable segments the allocation may start in the free tail of a segment already mapped, so less than
+    # the whole GiB is new; NVML must see what was.
+    assert grown >= 0.9 * 2**30 and after.memory_used_bytes >= before.memory_used_bytes + 0.9 * grown
     del held
     assert 0 <= stats.utilization <= 1
     assert stats.power_watts is None or 10 < stats.power_watts < 2000
