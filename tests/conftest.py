@@ -15,13 +15,19 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
+# MKL's CPU GEMMs may round differently with the alignment of their buffers, so a process's results depended on what it
+# had allocated before (seen on an AVX2 host: a GaLore job resumed by an executor that had trained a LoRA job was 3e-6
+# off the uninterrupted run after 5 steps, 2e-4 after 60 through the SVD). Strict reproducibility mode holds the
+# tests' comparisons across processes; set before torch's first GEMM, inherited by every process the tests start.
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
-from helpers_models import build_tiny_model
-from lorafleet.scheduler.client import make_celery
-from lorafleet.scheduler.redis_server import start_redis_server
-from lorafleet.scheduler import keys
-from lorafleet.scheduler.store import JobStore, hash_token
+import pytest  # noqa: E402
+
+from helpers_models import build_tiny_model  # noqa: E402
+from lorafleet.scheduler.client import make_celery  # noqa: E402
+from lorafleet.scheduler.redis_server import start_redis_server  # noqa: E402
+from lorafleet.scheduler import keys  # noqa: E402
+from lorafleet.scheduler.store import JobStore, hash_token  # noqa: E402
 
 SAMPLE_ROWS = [{"instruction": "Say hi.", "output": "Hi!"}, {"instruction": "Count to two.", "output": "1 2"}]
 

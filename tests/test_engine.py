@@ -266,7 +266,10 @@ def test_matches_plain_peft_training(llama, datasets):
     history = train_cohort(cohort)
     want_losses, want = peft_reference_run(llama, spec, datasets["x"], initial)
     assert [r.loss for r in history["x"]] == pytest.approx(want_losses, rel=1e-5)
-    assert_same_weights(weights(cohort, "x"), want)  # measured: 2.4e-6
+    # Measured: 2.4e-6 on an AVX-512 host, 1.3e-5 on an AVX2 one (AMD EPYC): the cohort's packed row and PEFT's padded
+    # batch are GEMMs of other row counts, which the CPU's BLAS blocks (and rounds) differently; AdamW's normalised
+    # update carries that into the weights. A wrong term is O(1e-2) (the partial window's divisor: 4e-2).
+    assert_same_weights(weights(cohort, "x"), want, rtol=5e-5)
 
 
 def test_a_last_partial_accumulation_window_is_the_mean_of_its_micro_batches(llama, datasets):
