@@ -95,10 +95,10 @@ class ClockSampler:
             self._thread.join()
 
     def _sample(self):
-        nvml, handle = self.nvml.pynvml, self.nvml.handle
         while not self._stop.wait(self.period):
-            self.readings.append((nvml.nvmlDeviceGetClockInfo(handle, nvml.NVML_CLOCK_SM),
-                                  nvml.nvmlDeviceGetPowerUsage(handle) / 1000))
+            stats = self.nvml.read()  # the executor's own reading (its metrics' SM clock and power)
+            if stats is not None and stats.sm_clock_hertz is not None and stats.power_watts is not None:
+                self.readings.append((round(stats.sm_clock_hertz / 1e6), stats.power_watts))
 
     def summary(self) -> dict | None:
         """The clock's first, least and median reading and the median power, or None without readings."""

@@ -1,5 +1,5 @@
 """What an executor measures of its device for the metrics and the heartbeat: NVML's readings (memory, utilisation,
-power, temperature) and the model FLOPs utilisation of a step.
+power, temperature, SM clock) and the model FLOPs utilisation of a step.
 
 MFU counts the FLOPs the model needs, not those the kernels run: 4 x P x input tokens per step, with P the frozen
 matmul parameters of the decoder layers (forward 2P; backward through a frozen base computes input gradients only,
@@ -74,8 +74,8 @@ class Nvml:
             self.pynvml = pynvml
             self.handle = self._handle(pynvml, torch.device(device))
         except Exception as exc:  # no driver library, no permission: measured nothing
-            log.warning("NVML unavailable for %s (%s): GPU memory, utilisation, power and temperature not exported",
-                        device, exc)
+            log.warning("NVML unavailable for %s (%s): GPU memory, utilisation, power, temperature and SM clock not "
+                        "exported", device, exc)
 
     @staticmethod
     def _handle(pynvml, device: torch.device):
@@ -99,7 +99,9 @@ class Nvml:
                         utilization=utilization, power_watts=self._optional(lambda: nvml.nvmlDeviceGetPowerUsage(
                             handle) / 1000),
                         temperature_celsius=self._optional(lambda: float(nvml.nvmlDeviceGetTemperature(
-                            handle, nvml.NVML_TEMPERATURE_GPU))))
+                            handle, nvml.NVML_TEMPERATURE_GPU))),
+                        sm_clock_hertz=self._optional(lambda: nvml.nvmlDeviceGetClockInfo(
+                            handle, nvml.NVML_CLOCK_SM) * 1e6))
 
     @staticmethod
     def _optional(read) -> Optional[float]:

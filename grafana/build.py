@@ -157,8 +157,8 @@ def fleet_overview() -> dashboard.Dashboard:
 def executors_and_gpus() -> dashboard.Dashboard:
     return board("lorafleet-executors", "lorafleet / executors and GPUs",
                  "Per executor (one per GPU): step time, MFU, packing, graphed steps, cohort size, GPU memory, "
-                 "utilisation, power and temperature; generation and publishing between steps. NVML series are "
-                 "absent on CPU executors.", [
+                 "utilisation, power, SM clock and temperature; generation and publishing between steps. NVML series "
+                 "are absent on CPU executors.", [
         graph("Step time", "Wall time of one cohort step (p50, p95).", q.STEP_TIME_P50, q.STEP_TIME_P95),
         graph("Tokens/s", "Target tokens trained per second.", q.TOKENS_PER_SECOND_BY_EXECUTOR),
         graph("MFU", "Model FLOPs utilisation of the last step (absent where the GPU's peak is unknown).", q.MFU,
@@ -174,9 +174,12 @@ def executors_and_gpus() -> dashboard.Dashboard:
               "while jobs start or leave).", q.COHORT_TRAINING, q.COHORT_ASSIGNED),
         graph("GPU memory", "NVML's total and used (every process on the GPU), torch's allocated now and the last "
               "step's peak.", q.GPU_MEMORY_TOTAL, q.GPU_MEMORY_USED, q.GPU_MEMORY_ALLOCATED, q.GPU_MEMORY_PEAK),
-        graph("GPU utilisation", "Share of time a kernel ran (NVML).", q.GPU_UTILIZATION, width=8),
-        graph("GPU power", "Power draw (NVML).", q.GPU_POWER, width=8),
-        graph("GPU temperature", "Temperature (NVML).", q.GPU_TEMPERATURE, width=8),
+        graph("GPU utilisation", "Share of time a kernel ran (NVML).", q.GPU_UTILIZATION, width=6),
+        graph("GPU power", "Power draw (NVML).", q.GPU_POWER, width=6),
+        graph("GPU SM clock", "The streaming multiprocessors' clock (NVML). A card held at its power limit runs "
+              "below its top clock, and its matmuls, the step and MFU slow with it (docs/BENCHMARKS.md: the held "
+              "GEMM rate).", q.GPU_SM_CLOCK, width=6),
+        graph("GPU temperature", "Temperature (NVML).", q.GPU_TEMPERATURE, width=6),
         graph("Generation requests", "Generation requests each executor answered or failed (between its "
               "cohort's steps) per second.", q.GENERATION_REQUESTS),
         graph("Generated tokens/s", "Tokens generated for generation requests.", q.GENERATION_TOKENS_PER_SECOND),

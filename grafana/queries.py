@@ -190,6 +190,7 @@ GPU_MEMORY_PEAK = _executor_gauge(
 GPU_UTILIZATION = _executor_gauge("gpu_utilization", "lorafleet_gpu_utilization_ratio", "{{executor}}", "percentunit")
 GPU_POWER = _executor_gauge("gpu_power", "lorafleet_gpu_power_watts", "{{executor}}", "watt")
 GPU_TEMPERATURE = _executor_gauge("gpu_temperature", "lorafleet_gpu_temperature_celsius", "{{executor}}", "celsius")
+GPU_SM_CLOCK = _executor_gauge("gpu_sm_clock", "lorafleet_gpu_sm_clock_hertz", "{{executor}}", "hertz")
 
 # Generation between training steps (executor/serving.py): requests answered, tokens generated, and the share of
 # the executor's wall time its generation batches took (training waited for them).

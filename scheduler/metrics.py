@@ -309,6 +309,8 @@ def executor_metrics(executor_id: str) -> ExecutorMetrics:
             "utilization": measured("lorafleet_gpu_utilization_ratio", "GPU utilisation, from NVML"),
             "power_watts": measured("lorafleet_gpu_power_watts", "GPU power draw, from NVML"),
             "temperature_celsius": measured("lorafleet_gpu_temperature_celsius", "GPU temperature, from NVML"),
+            "sm_clock_hertz": measured("lorafleet_gpu_sm_clock_hertz", "GPU streaming multiprocessors' clock, from "
+                                       "NVML"),
         },
         job_loss=Gauge("lorafleet_job_loss", "Training loss of each running job's last step", per_job,
                        registry=registry),

@@ -223,6 +223,8 @@ class GpuStats:
     utilization: float  # 0..1
     power_watts: Optional[float] = None
     temperature_celsius: Optional[float] = None
+    # Below its top clock under a held load when the card is at its power limit: the matmul rate falls with it
+    sm_clock_hertz: Optional[float] = None
 
     @property
     def memory_free_bytes(self) -> int:

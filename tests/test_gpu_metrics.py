@@ -29,6 +29,7 @@ def test_nvml_reads_this_gpu_as_torch_sees_it():
     assert 0 <= stats.utilization <= 1
     assert stats.power_watts is None or 10 < stats.power_watts < 2000
     assert stats.temperature_celsius is None or 5 < stats.temperature_celsius < 110
+    assert stats.sm_clock_hertz is None or 1e8 < stats.sm_clock_hertz < 4e9
 
 
 def test_a_known_gpu_has_a_peak_and_its_gauges_are_exported():

@@ -146,3 +146,7 @@ def test_gpu_readings_are_absent_until_measured_not_a_false_zero():
     assert 'lorafleet_gpu_utilization_ratio{executor="exec-cpu"} 0.75' in text
     assert 'lorafleet_gpu_memory_free_bytes{executor="exec-cpu"} 60.0' in text
     assert "lorafleet_gpu_power_watts{" not in text  # not reported by this GPU: still absent
+    assert "lorafleet_gpu_sm_clock_hertz{" not in text
+    metrics.record_gpu(GpuStats(memory_total_bytes=100, memory_used_bytes=40, utilization=0.75, sm_clock_hertz=1.425e9))
+    text = generate_latest(metrics.registry).decode()
+    assert 'lorafleet_gpu_sm_clock_hertz{executor="exec-cpu"} 1.425e+09' in text

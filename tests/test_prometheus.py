@@ -156,6 +156,7 @@ EXPECTED = {
     "gpu_utilization": _empty,
     "gpu_power": _empty,
     "gpu_temperature": _empty,
+    "gpu_sm_clock": _empty,
     "tenant_jobs_by_state": lambda stack, r: by(r, "tenant", "state") == {
         (t, s): float(fleet_counts(stack).get((t, s), 0)) for t in ("alice", "bob", "carol")
         for s in ("queued", "running", "paused")},
