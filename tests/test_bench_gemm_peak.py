@@ -9,7 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_gemm_peak.py"
+sys.path.insert(0, str(BENCH.parent))
+from bench_gemm_peak import ClockSampler  # noqa: E402
 
 
 def test_the_gemm_bench_reports_the_burst_the_held_rate_and_each_of_a_layers_gemms(tmp_path):
@@ -29,13 +33,6 @@ def test_the_gemm_bench_reports_the_burst_the_held_rate_and_each_of_a_layers_gem
 
 
 def test_the_clock_summary_reports_the_first_least_and_median_reading():
-    sys.path.insert(0, str(BENCH.parent))
-    try:
-        from bench_gemm_peak import ClockSampler
-    finally:
-        sys.path.remove(str(BENCH.parent))
-    import torch
-
     sampler = ClockSampler(torch.device("cpu"))
     with sampler:
         pass
