@@ -35,7 +35,12 @@ from lorafleet.scheduler.redis_server import start_redis_server, write_private
 from lorafleet.scheduler.spec import JobSpec, parse_spec
 from lorafleet.scheduler.store import JobStore, hash_token
 
-console = Console()
+
+
+def console() -> Console:
+    """The terminal as it is now: its width read from the environment (COLUMNS) at each command, not at import."""
+    return Console()
+
 
 JOB_COLUMNS = ("job_id", "tenant", "name", "state", "priority", "progress", "loss", "submitted")
 TENANT_COLUMNS = ("name", "weight", "max_queued", "max_running", "disabled", "queued", "running")
@@ -94,7 +99,7 @@ def _job_row(job: dict) -> list[str]:
 
 
 def _table(title: str, columns: tuple[str, ...], rows: list[list[str]]) -> None:
-    console.print(top.table(title, columns, rows))  # ids stay whole so they can be copied; other cells fold
+    console().print(top.table(title, columns, rows))  # ids stay whole so they can be copied; other cells fold
 
 
 def _show_jobs(jobs: list[dict], as_json: bool, title: str = "jobs") -> None:
@@ -118,7 +123,7 @@ def _show_job(job: dict, as_json: bool) -> None:
     table.add_row("metrics", json.dumps(job["metrics"]))
     if job.get("cancel_requested"):
         table.add_row("cancel_requested", "yes")
-    console.print(table)
+    console().print(table)
 
 
 def _store() -> JobStore:
@@ -184,7 +189,8 @@ def up(device: Optional[str], metrics_port: int, as_json: bool) -> None:
     running = stack.start_redis()
     try:
         if not as_json:
-            console.print(f"redis: {'embedded, ' + str(config.embedded_redis_dir()) if running.redis else 'REDIS_URL'}")
+            where = f"embedded, {config.embedded_redis_dir()}" if running.redis else "REDIS_URL"
+            console().print(f"redis: {where}")
         local = ["--metrics-addr", "127.0.0.1"]  # a demo: this machine only
         scheduler = stack.start_process(running, "scheduler",
                                         ["scheduler", "--metrics-port", str(metrics_port), *local])
@@ -195,9 +201,9 @@ def up(device: Optional[str], metrics_port: int, as_json: bool) -> None:
         jobs = stack.seed_demo(running)
         if not as_json:
             _show_jobs(jobs, False, title="submitted demo jobs")
-            console.print(f"logs: {config.state_dir() / 'logs'}")
+            console().print(f"logs: {config.state_dir() / 'logs'}")
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[status]}"),
-                      TimeElapsedColumn(), console=console, disable=as_json) as progress:
+                      TimeElapsedColumn(), console=console(), disable=as_json) as progress:
             bars = {job["job_id"]: progress.add_task(f"{job['tenant']}/{job['name']}", total=None, status="queued")
                     for job in jobs}
 
@@ -245,7 +251,7 @@ def redis_cmd(data_dir: Optional[Path], port: int, as_json: bool) -> None:
     if as_json:
         _print_json(info)
     else:
-        console.print(f"redis listening on 127.0.0.1:{server.port}, data in {data_dir}; URL in {url_file}")
+        console().print(f"redis listening on 127.0.0.1:{server.port}, data in {data_dir}; URL in {url_file}")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         server.process.wait()
@@ -356,7 +362,7 @@ def executors_drain(executor_id: str, as_json: bool) -> None:
     if as_json:
         _print_json({"executor_id": executor_id, "drain": True})
     else:
-        console.print(f"drain requested for {executor_id}")
+        console().print(f"drain requested for {executor_id}")
 
 
 @main.command("top")
@@ -366,13 +372,13 @@ def executors_drain(executor_id: str, as_json: bool) -> None:
 @json_option
 def top_cmd(interval: float, once: bool, as_json: bool) -> None:
     """Live fleet view (operator, from Redis): executors, GPU memory and use, cohorts, queue by tenant. q quits."""
-    store = _store()
+    store, terminal = _store(), console()
     if as_json:
         _print_json(top.snapshot_json(top.read_snapshot(store)))
-    elif once or not console.is_terminal:
-        console.print(top.render(top.read_snapshot(store), console.width))
+    elif once or not terminal.is_terminal:
+        terminal.print(top.render(top.read_snapshot(store), terminal.width))
     else:
-        top.run_live(lambda: top.read_snapshot(store), interval, console)
+        top.run_live(lambda: top.read_snapshot(store), interval, terminal)
 
 
 @main.command()
@@ -444,10 +450,10 @@ def _show_credentials(tenant: dict, credentials: TenantCredentials, as_json: boo
         _print_json({**tenant, **credentials.to_json()})
         return
     _show_tenants([tenant], False)
-    console.print("shown once, store them now (only hashes are kept):", soft_wrap=True)
-    console.print(f"token:       [bold]{credentials.token}[/bold]", soft_wrap=True)
-    console.print(f"broker_url:  [bold]{credentials.broker_url}[/bold]", soft_wrap=True)
-    console.print(f"celery_config: {json.dumps(credentials.to_json()['celery_config'])}", soft_wrap=True)
+    console().print("shown once, store them now (only hashes are kept):", soft_wrap=True)
+    console().print(f"token:       [bold]{credentials.token}[/bold]", soft_wrap=True)
+    console().print(f"broker_url:  [bold]{credentials.broker_url}[/bold]", soft_wrap=True)
+    console().print(f"celery_config: {json.dumps(credentials.to_json()['celery_config'])}", soft_wrap=True)
 
 
 @tenants.command("create")
@@ -572,7 +578,7 @@ def jobs_purge(older_than: str, dry_run: bool, as_json: bool) -> None:
         _print_json({"dry_run": dry_run, "cutoff": cutoff, "jobs": found})
         return
     verb = "would remove" if dry_run else "removed"
-    console.print(f"{verb} {len(found)} jobs finished before {_time(cutoff)}")
+    console().print(f"{verb} {len(found)} jobs finished before {_time(cutoff)}")
     if found:
         _show_jobs(found, False, title=f"{verb}")
 
@@ -643,7 +649,7 @@ def jobs_watch(job_id: str, interval: float, token: Optional[str], as_json: bool
     after = None
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
                TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn())
-    with Progress(*columns, console=console, disable=as_json) as bar:
+    with Progress(*columns, console=console(), disable=as_json) as bar:
         task = bar.add_task(f"{job_id} {job['state']}", total=job["progress"]["total_steps"] or None, loss="-")
         while True:
             job = api.get(job_id)  # before the events: a job seen finished has its last events already written
@@ -689,7 +695,7 @@ def merge(adapter: str, base_dir: Path, out_dir: Path, device: str, token: Optio
     if as_json:
         _print_json(result.to_json())
     else:
-        console.print(f"merged {result.adapter_type} adapter ({result.layers} layers) into {result.output} "
+        console().print(f"merged {result.adapter_type} adapter ({result.layers} layers) into {result.output} "
                       f"({result.dtype})")
 
 
