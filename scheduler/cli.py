@@ -36,7 +36,6 @@ from lorafleet.scheduler.spec import JobSpec, parse_spec
 from lorafleet.scheduler.store import JobStore, hash_token
 
 
-
 def console() -> Console:
     """The terminal as it is now: its width read from the environment (COLUMNS) at each command, not at import."""
     return Console()
@@ -450,10 +449,11 @@ def _show_credentials(tenant: dict, credentials: TenantCredentials, as_json: boo
         _print_json({**tenant, **credentials.to_json()})
         return
     _show_tenants([tenant], False)
-    console().print("shown once, store them now (only hashes are kept):", soft_wrap=True)
-    console().print(f"token:       [bold]{credentials.token}[/bold]", soft_wrap=True)
-    console().print(f"broker_url:  [bold]{credentials.broker_url}[/bold]", soft_wrap=True)
-    console().print(f"celery_config: {json.dumps(credentials.to_json()['celery_config'])}", soft_wrap=True)
+    terminal = console()
+    terminal.print("shown once, store them now (only hashes are kept):", soft_wrap=True)
+    terminal.print(f"token:       [bold]{credentials.token}[/bold]", soft_wrap=True)
+    terminal.print(f"broker_url:  [bold]{credentials.broker_url}[/bold]", soft_wrap=True)
+    terminal.print(f"celery_config: {json.dumps(credentials.to_json()['celery_config'])}", soft_wrap=True)
 
 
 @tenants.command("create")
@@ -696,7 +696,7 @@ def merge(adapter: str, base_dir: Path, out_dir: Path, device: str, token: Optio
         _print_json(result.to_json())
     else:
         console().print(f"merged {result.adapter_type} adapter ({result.layers} layers) into {result.output} "
-                      f"({result.dtype})")
+                        f"({result.dtype})")
 
 
 def _adapter_dir(adapter: str, token: Optional[str], scratch: Path) -> Path:
