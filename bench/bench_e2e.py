@@ -180,10 +180,7 @@ def set_checkpointing(cohort, setting: str) -> None:
     from lorafleet.executor.activations import checkpoint_layers
 
     every, passes = MEMORY_SETTINGS[setting]
-    layers = cohort.model.base_model.layers
-    for layer in layers:
-        layer.__dict__.pop("forward", None)  # back to the class's forward
-    checkpoint_layers(layers, cohort.routing, every)
+    checkpoint_layers(cohort.model.base_model.layers, cohort.routing, every)
     cohort.max_pass_tokens = PASS_TOKENS if passes else None
 
 

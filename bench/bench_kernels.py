@@ -5,8 +5,9 @@ torch._grouped_mm. Each row: n adapters with ragged segments of T tokens in tota
 "base" is the frozen projection x @ Wᵀ (W 4096x4096, no weight gradient): forward plus dX in backward.
 "+%" is the LoRA fwd+bwd time over the base fwd+bwd time.
 
-With --elementwise, instead: the fused RMSNorm, SiLU·mul and rotary kernels against the eager Hugging Face formulas
-at Llama-3-8B shapes (see bench_elementwise).
+With --elementwise, instead: the fused RMSNorm (alone and with the residual add before it), SiLU·mul and rotary
+kernels against the eager Hugging Face formulas at Llama-3-8B shapes (see bench_elementwise); the residual add and
+RMSNorm also as the engine ran them before `add_rms_norm` (an add, then the fused norm).
 
 Run: python -P bench/bench_kernels.py [--quick] [--elementwise] [--json PATH]
 """
@@ -26,12 +27,13 @@ from lorafleet.kernels import (
     lora_delta_multi_triton,
     lora_delta_reference,
     lora_delta_triton,
+    add_rms_norm_reference,
     lora_linear,
     rms_norm_reference,
     rotary_reference,
     silu_mul_reference,
 )
-from lorafleet.kernels.elementwise import rms_norm_triton, rotary_triton, silu_mul_triton
+from lorafleet.kernels.elementwise import add_rms_norm_triton, rms_norm_triton, rotary_triton, silu_mul_triton
 from lorafleet.kernels.baselines import grouped_mm_available, lora_delta_grouped_mm, lora_delta_padded_bmm
 
 D = 4096
@@ -320,6 +322,12 @@ def host_microseconds_per_call(pieces: dict, calls: int = 50) -> dict:
     return result
 
 
+def add_then_rms_norm(residual, delta, weight, eps):
+    """The residual add and the norm as two kernels: what the engine ran before `add_rms_norm`."""
+    total = residual + delta
+    return total, rms_norm_triton(total, weight, eps)
+
+
 def elementwise_cases(n_tokens: int = 16384) -> list[dict]:
     """One Llama-3-8B layer's elementwise ops in bf16: inputs, the frozen or no-grad extras, and the fewest bytes one
     fwd+bwd must move (each differentiable input read in both passes, outputs and gradients written once, dY read)."""
@@ -335,6 +343,15 @@ def elementwise_cases(n_tokens: int = 16384) -> list[dict]:
          "inputs": [torch.randn(n_tokens, d_model, **bf16)], "extras": [1 + 0.1 * torch.randn(d_model, **bf16), 1e-5],
          # fwd: read x, write y; bwd: read dy and x, write dx
          "floor_bytes": 5 * n_tokens * d_model * 2},
+    ]
+    residual_stream = [torch.randn(n_tokens, d_model, **bf16), torch.randn(n_tokens, d_model, **bf16)]
+    for name, fused in (("add_rms_norm", add_rms_norm_triton), ("add, then rms_norm", add_then_rms_norm)):
+        cases.append({
+            "op": name, "shape": [n_tokens, d_model], "fused": fused, "reference": add_rms_norm_reference,
+            "inputs": residual_stream, "extras": [1 + 0.1 * torch.randn(d_model, **bf16), 1e-5],
+            # fwd: read residual and delta, write the sum and y; bwd: read dsum, dy and the sum, write dx
+            "floor_bytes": 8 * n_tokens * d_model * 2})
+    cases += [
         {"op": "silu_mul", "shape": [n_tokens, d_ff], "fused": silu_mul_triton, "reference": silu_mul_reference,
          "inputs": [torch.randn(n_tokens, d_ff, **bf16), torch.randn(n_tokens, d_ff, **bf16)], "extras": [],
          # fwd: read gate and up, write y; bwd: read dy, gate and up, write dgate and dup
@@ -350,23 +367,28 @@ def elementwise_cases(n_tokens: int = 16384) -> list[dict]:
     return cases
 
 
+def outputs_of(y) -> tuple:
+    """An op's outputs as a tuple: add_rms_norm has two (the sum and the norm), the others one."""
+    return y if isinstance(y, tuple) else (y,)
+
+
 def check_elementwise(case: dict) -> dict:
     """The fused kernel and the eager bf16 formula, each against the formula in float64: forward and gradients; and
     how much of the fused forward is bit-identical to the eager one."""
     inputs = [t.detach().requires_grad_() for t in case["inputs"]]
-    grad = torch.randn(case["shape"], device="cuda", dtype=torch.bfloat16)
     leaves = [t.detach().double().requires_grad_() for t in inputs]
     extras64 = [e.double() if torch.is_tensor(e) else e for e in case["extras"]]
-    y64 = case["reference"](*leaves, *extras64)
-    want = [y64, *torch.autograd.grad(y64, leaves, grad.double())]
+    y64 = outputs_of(case["reference"](*leaves, *extras64))
+    grads = [torch.randn(case["shape"], device="cuda", dtype=torch.bfloat16) for _ in y64]
+    want = [*y64, *torch.autograd.grad(y64, leaves, [g.double() for g in grads])]
     row, outputs = {"op": case["op"]}, {}
     for name, fn in (("fused", case["fused"]), ("eager", case["reference"])):
-        y = fn(*inputs, *case["extras"])
-        got = [y, *torch.autograd.grad(y, inputs, grad)]
+        y = outputs_of(fn(*inputs, *case["extras"]))
+        got = [*y, *torch.autograd.grad(y, inputs, grads)]
         errors = [((g.double() - w).norm() / w.norm()).item() for g, w in zip(got, want)]
-        row[f"{name}_forward_rel_error"] = errors[0]
-        row[f"{name}_max_grad_rel_error"] = max(errors[1:])
-        outputs[name] = y.detach()
+        row[f"{name}_forward_rel_error"] = max(errors[:len(y)])
+        row[f"{name}_max_grad_rel_error"] = max(errors[len(y):])
+        outputs[name] = torch.cat([t.detach() for t in y])
     row["forward_bitwise_equal_to_eager"] = (outputs["fused"] == outputs["eager"]).float().mean().item()
     return row
 
@@ -377,9 +399,10 @@ def bench_elementwise(ceilings: dict) -> list[dict]:
     for case in elementwise_cases():
         row = check_elementwise(case)
         inputs = [t.requires_grad_() for t in case["inputs"]]
-        grad = torch.randn(case["shape"], device="cuda", dtype=torch.bfloat16)
+        n_outputs = len(outputs_of(case["fused"](*inputs, *case["extras"])))
+        grads = [torch.randn(case["shape"], device="cuda", dtype=torch.bfloat16) for _ in range(n_outputs)]
         for name, fn in (("fused", case["fused"]), ("eager", case["reference"])):
-            step = fwd_bwd(lambda fn=fn: fn(*inputs, *case["extras"]), inputs[0], grad, inputs[1:])
+            step = fwd_bwd(lambda fn=fn: outputs_of(fn(*inputs, *case["extras"])), inputs[0], grads, inputs[1:])
             row[f"{name}_ms"] = median_ms(step)
             row[f"{name}_graph_ms"] = median_ms(graphed(step))
         row["floor_ms"] = case["floor_bytes"] / (ceilings["copy_tb_per_s"] * 1e12) * 1e3

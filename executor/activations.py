@@ -19,9 +19,13 @@ from lorafleet.executor.multilora import RowRouting
 
 
 def checkpoint_layers(layers: nn.ModuleList, routing: RowRouting, every: int = 1) -> None:
-    """Make every `every`-th layer of `layers` (0: none) recompute its activations in backward; names unchanged."""
+    """Make every `every`-th layer of `layers` (0: none) recompute its activations in backward, and the others not
+    (a layer checkpointed before keeps the forward it had under the wrapper); names unchanged."""
     if not isinstance(every, int) or every < 0:  # True/False read as every layer / none
         raise ValueError(f"activation checkpointing {every!r}: expected 0 (off), 1 (every layer) or n (every n-th)")
+    for layer in layers:
+        if recomputes(layer):
+            layer.forward = layer.forward.wrapped
     if every == 0:
         return
     for layer in layers[::every]:
@@ -47,4 +51,10 @@ def _checkpointed(forward, routing: RowRouting):
 
         return checkpoint(body, *args, use_reentrant=False, **kwargs)
 
+    run.recomputes, run.wrapped = True, forward
     return run
+
+
+def recomputes(layer: nn.Module) -> bool:
+    """Whether `checkpoint_layers` made this layer recompute its activations in backward."""
+    return getattr(layer.forward, "recomputes", False)

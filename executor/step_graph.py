@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lorafleet.executor.activations import recomputes
 from lorafleet.executor.adapters import LoraAdapter
 from lorafleet.executor.model import decoder_layers, packing_kwargs
 from lorafleet.executor.optim import JobOptimizer
@@ -194,7 +195,7 @@ class StepGraphs:
         if (not self.enabled or cohort.device.type != "cuda" or cohort.quantization not in GRAPHED_QUANTIZATION
                 or len(passes) != 1):
             return False
-        if any("forward" in vars(layer) for layer in decoder_layers(cohort.model)):  # checkpointed layers
+        if any(recomputes(layer) for layer in decoder_layers(cohort.model)):  # checkpointed layers
             return False
         for job_id in passes[0]:
             job = cohort.jobs[job_id]

@@ -25,6 +25,8 @@ from lorafleet.kernels.pooled import (
 )
 from lorafleet.kernels.reference import (
     LoraDropout,
+    add_rms_norm_reference,
+    check_add_rms_norm_inputs,
     check_lora_inputs,
     check_rms_norm_inputs,
     check_rotary_inputs,
@@ -147,6 +149,15 @@ def rms_norm(x, weight, eps):
     return rms_norm_reference(x, weight, eps)
 
 
+def add_rms_norm(residual, delta, weight, eps):
+    """(residual + delta, LlamaRMSNorm of it): a decoder's residual add and the norm that reads its sum, one kernel
+    forward and one backward on the Triton path; differentiable w.r.t. residual and delta."""
+    if triton_enabled(residual):
+        return elementwise.add_rms_norm_triton(residual, delta, weight, eps)
+    check_add_rms_norm_inputs(residual, delta, weight, eps)
+    return add_rms_norm_reference(residual, delta, weight, eps)
+
+
 def silu_mul(gate, up):
     """silu(gate) * up, both of one shape; differentiable w.r.t. both."""
     if triton_enabled(gate):
@@ -176,6 +187,8 @@ __all__ = [
     "FrozenWeight",
     "GradSinks",
     "LoraDropout",
+    "add_rms_norm",
+    "add_rms_norm_reference",
     "check_lora_inputs",
     "cross_entropy_rows",
     "cross_entropy_rows_reference",

@@ -6,6 +6,10 @@ intermediate each. Semantics: the references in
 reference.py (Hugging Face's formulas); gradients only w.r.t. the activations, the base's weights being frozen.
 
 - `rms_norm`: one program per row, the whole row in registers (d ≤ 65536). Saves x and rstd (fp32 [rows]).
+- `add_rms_norm`: the same kernels with the decoder's residual add folded in: forward reads residual and delta and
+  writes their sum beside the normalised row; backward adds the sum's own gradient (the skip path's) to the norm's.
+  Saves the sum and rstd. Next to an add and a norm it skips a pass over a [T, d] tensor forward and two backward,
+  and autograd's gradient add.
 - `silu_mul`: programs over (row, column block); saves gate and up, the backward recomputes sigmoid(gate).
 - `rotary`: one program per (token, block of heads) reads the token's cos/sin row once for all its heads. x may be a
   strided view (e.g. a q projection [T, H*D] viewed as [T, H, D]); the output is contiguous.
@@ -21,7 +25,12 @@ import torch
 import triton
 import triton.language as tl
 
-from lorafleet.kernels.reference import check_rms_norm_inputs, check_rotary_inputs, check_silu_mul_inputs
+from lorafleet.kernels.reference import (
+    check_add_rms_norm_inputs,
+    check_rms_norm_inputs,
+    check_rotary_inputs,
+    check_silu_mul_inputs,
+)
 
 RMS_NORM_MAX_DIM = 65536
 SILU_MUL_BLOCK = 1024
@@ -33,11 +42,19 @@ def _add(a, b):
 
 
 @triton.jit
-def _rms_norm_fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, d, eps, stride_x, stride_y, BLOCK_D: tl.constexpr):
+def _rms_norm_fwd_kernel(x_ptr, delta_ptr, w_ptr, sum_ptr, y_ptr, rstd_ptr, d, eps, stride_x, stride_delta, stride_y,
+                         BLOCK_D: tl.constexpr, ADD: tl.constexpr):
+    # ADD: the row normalised is x + delta, rounded to the dtype and stored to sum_ptr (the residual stream's next
+    # value) as Hugging Face's `residual + hidden_states` rounds it; sum_ptr shares y's strides.
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     mask = cols < d
-    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    if ADD:
+        x = (x.to(tl.float32) + tl.load(delta_ptr + row * stride_delta + cols, mask=mask, other=0.0).to(tl.float32))
+        x = x.to(sum_ptr.dtype.element_ty)
+        tl.store(sum_ptr + row * stride_y + cols, x, mask=mask)
+    x = x.to(tl.float32)
     rstd = tl.rsqrt(tl.reduce(x * x, 0, _add) / d + eps)
     # Hugging Face rounds the normalised value to x's dtype before the weight multiplies it.
     normalised = (x * rstd).to(y_ptr.dtype.element_ty).to(tl.float32)
@@ -47,9 +64,10 @@ def _rms_norm_fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, d, eps, stride_x, stride
 
 
 @triton.jit
-def _rms_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, d, stride_dy, stride_x, stride_dx,
-                         BLOCK_D: tl.constexpr):
-    # dx = rstd * (g - xhat * mean(g * xhat)), g = dy * weight, xhat = x * rstd.
+def _rms_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dsum_ptr, dx_ptr, d, stride_dy, stride_x, stride_dsum,
+                         stride_dx, BLOCK_D: tl.constexpr, ADD: tl.constexpr):
+    # dx = rstd * (g - xhat * mean(g * xhat)), g = dy * weight, xhat = x * rstd; ADD: plus dsum, the gradient the
+    # residual stream's sum x receives past the norm, summed in fp32 and rounded once.
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     mask = cols < d
@@ -60,7 +78,10 @@ def _rms_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, d, stride_dy, s
     g = dy * weight
     xhat = x * rstd
     mean_g_xhat = tl.reduce(g * xhat, 0, _add) / d
-    tl.store(dx_ptr + row * stride_dx + cols, (rstd * (g - xhat * mean_g_xhat)).to(dx_ptr.dtype.element_ty), mask=mask)
+    dx = rstd * (g - xhat * mean_g_xhat)
+    if ADD:
+        dx = dx + tl.load(dsum_ptr + row * stride_dsum + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(dx_ptr + row * stride_dx + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -133,30 +154,67 @@ def _row_warps(block: int) -> int:
     return 4 if block <= 2048 else 8 if block <= 8192 else 16
 
 
+def _normalise(x_rows, delta_rows, weight, eps):
+    """(sum or None, y, rstd) of rows x (+ delta_rows when given)."""
+    n_rows, d = x_rows.shape
+    y = torch.empty(n_rows, d, device=x_rows.device, dtype=x_rows.dtype)
+    total = torch.empty_like(y) if delta_rows is not None else None
+    rstd = torch.empty(n_rows, device=x_rows.device, dtype=torch.float32)
+    block = triton.next_power_of_2(d)
+    add = delta_rows is not None
+    _rms_norm_fwd_kernel[(n_rows,)](
+        x_rows, delta_rows if add else x_rows, weight, total if add else y, y, rstd, d, eps,
+        x_rows.stride(0), delta_rows.stride(0) if add else 0, y.stride(0),
+        BLOCK_D=block, ADD=add, num_warps=_row_warps(block))
+    return total, y, rstd
+
+
+def _normalise_backward(dy, x_rows, weight, rstd, dsum):
+    """dx of rows x_rows (+ dsum, the gradient x receives besides the norm's, when given) for the norm's dy."""
+    n_rows, d = x_rows.shape
+    dy_rows = _rows(dy)
+    dsum_rows = _rows(dsum) if dsum is not None else None
+    dx = torch.empty(n_rows, d, device=dy.device, dtype=x_rows.dtype)
+    block = triton.next_power_of_2(d)
+    add = dsum_rows is not None
+    _rms_norm_bwd_kernel[(n_rows,)](
+        dy_rows, x_rows, weight, rstd, dsum_rows if add else dy_rows, dx, d,
+        dy_rows.stride(0), x_rows.stride(0), dsum_rows.stride(0) if add else 0, dx.stride(0),
+        BLOCK_D=block, ADD=add, num_warps=_row_warps(block))
+    return dx
+
+
 class _RmsNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps):
         x_rows = _rows(x)
-        n_rows, d = x_rows.shape
-        y = torch.empty(n_rows, d, device=x.device, dtype=x.dtype)
-        rstd = torch.empty(n_rows, device=x.device, dtype=torch.float32)
-        block = triton.next_power_of_2(d)
-        _rms_norm_fwd_kernel[(n_rows,)](x_rows, weight, y, rstd, d, eps, x_rows.stride(0), y.stride(0),
-                                        BLOCK_D=block, num_warps=_row_warps(block))
+        _, y, rstd = _normalise(x_rows, None, weight, eps)
         ctx.save_for_backward(x_rows, weight, rstd)
         return y.view(x.shape)
 
     @staticmethod
     def backward(ctx, dy):
         x_rows, weight, rstd = ctx.saved_tensors
-        n_rows, d = x_rows.shape
-        dy_rows = _rows(dy)
-        dx = torch.empty(n_rows, d, device=dy.device, dtype=x_rows.dtype)
-        block = triton.next_power_of_2(d)
-        _rms_norm_bwd_kernel[(n_rows,)](dy_rows, x_rows, weight, rstd, dx, d,
-                                        dy_rows.stride(0), x_rows.stride(0), dx.stride(0),
-                                        BLOCK_D=block, num_warps=_row_warps(block))
-        return dx.view(dy.shape), None, None
+        return _normalise_backward(dy, x_rows, weight, rstd, None).view(dy.shape), None, None
+
+
+class _AddRmsNorm(torch.autograd.Function):
+    """(residual + delta, its RMSNorm) in one pass; the backward adds the sum's own gradient into the norm's."""
+
+    @staticmethod
+    def forward(ctx, residual, delta, weight, eps):
+        total, y, rstd = _normalise(_rows(residual), _rows(delta), weight, eps)
+        ctx.save_for_backward(total, weight, rstd)
+        ctx.set_materialize_grads(False)  # the last norm's sum has no gradient: None, not a tensor of zeros
+        return total.view(residual.shape), y.view(residual.shape)
+
+    @staticmethod
+    def backward(ctx, dsum, dy):
+        total, weight, rstd = ctx.saved_tensors
+        if dy is None:
+            return dsum, dsum, None, None
+        dx = _normalise_backward(dy, total, weight, rstd, dsum).view(dy.shape)
+        return dx, dx, None, None
 
 
 class _SiluMul(torch.autograd.Function):
@@ -210,12 +268,22 @@ class _Rotary(torch.autograd.Function):
         return _rotate(dy, cos, sin, backward=True), None, None
 
 
+def _check_row_fits(op: str, d: int) -> None:
+    if d > RMS_NORM_MAX_DIM:
+        raise ValueError(f"{op}: the Triton kernel holds a row in registers, d = {d} is over {RMS_NORM_MAX_DIM}")
+
+
 def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     check_rms_norm_inputs(x, weight, eps)
-    if x.shape[-1] > RMS_NORM_MAX_DIM:
-        raise ValueError(f"rms_norm: the Triton kernel holds a row in registers, d = {x.shape[-1]} is over "
-                         f"{RMS_NORM_MAX_DIM}")
+    _check_row_fits("rms_norm", x.shape[-1])
     return _RmsNorm.apply(x, weight, float(eps))
+
+
+def add_rms_norm_triton(residual: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
+                        eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    check_add_rms_norm_inputs(residual, delta, weight, eps)
+    _check_row_fits("add_rms_norm", residual.shape[-1])
+    return _AddRmsNorm.apply(residual, delta, weight, float(eps))
 
 
 def silu_mul_triton(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

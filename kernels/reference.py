@@ -158,6 +158,14 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
     return weight * normalised.to(x.dtype)
 
 
+def add_rms_norm_reference(residual: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
+                           eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A decoder's residual add and the RMSNorm after it: (residual + delta, LlamaRMSNorm of that sum), the sum in
+    the inputs' dtype as Hugging Face's `residual + hidden_states` forms it."""
+    total = residual + delta
+    return total, rms_norm_reference(total, weight, eps)
+
+
 def silu_mul_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.silu(gate) * up
 
@@ -187,6 +195,13 @@ def check_rms_norm_inputs(x: torch.Tensor, weight: torch.Tensor, eps: float) -> 
                          "computed, the base model's norm weights are not trained")
     if not eps > 0:
         raise ValueError(f"rms_norm: eps must be positive, got {eps}")
+
+
+def check_add_rms_norm_inputs(residual: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
+    if residual.shape != delta.shape or residual.dtype != delta.dtype:
+        raise ValueError(f"add_rms_norm: residual {tuple(residual.shape)} {residual.dtype} and delta "
+                         f"{tuple(delta.shape)} {delta.dtype} differ in shape or dtype")
+    check_rms_norm_inputs(residual, weight, eps)
 
 
 def check_silu_mul_inputs(gate: torch.Tensor, up: torch.Tensor) -> None:

@@ -9,7 +9,16 @@ from helpers_models import build_tiny_model
 
 from lorafleet.executor.fused_decoder import fuse_decoder
 from lorafleet.executor.model import load_base, packing_kwargs
-from lorafleet.kernels import rms_norm, rms_norm_reference, rotary, rotary_reference, silu_mul, silu_mul_reference
+from lorafleet.kernels import (
+    add_rms_norm,
+    add_rms_norm_reference,
+    rms_norm,
+    rms_norm_reference,
+    rotary,
+    rotary_reference,
+    silu_mul,
+    silu_mul_reference,
+)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -26,7 +35,7 @@ def test_fused_llama_matches_hf_modules_in_bf16(tmp_path):
     for fused in (False, True):
         model, _ = load_base(model_dir, device="cuda")
         if fused:
-            assert fuse_decoder(model) == 9
+            assert fuse_decoder(model) == 11
         generator = torch.Generator(device="cuda").manual_seed(0)
         ids = torch.randint(0, model.config.vocab_size, (1, sum(LENGTHS)), device="cuda", generator=generator)
         embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
@@ -38,7 +47,7 @@ def test_fused_llama_matches_hf_modules_in_bf16(tmp_path):
     assert rel_error(got_grad, want_grad) < 3e-2
 
 
-@pytest.mark.parametrize("kernel", ["rms_norm", "silu_mul", "rotary"])
+@pytest.mark.parametrize("kernel", ["rms_norm", "add_rms_norm", "silu_mul", "rotary"])
 def test_elementwise_kernels_at_8b_shapes(kernel):
     generator = torch.Generator(device="cuda").manual_seed(1)
 
@@ -50,6 +59,11 @@ def test_elementwise_kernels_at_8b_shapes(kernel):
         weight = randn(4096)
         inputs, fn, ref = [randn(tokens, 4096)], lambda x: rms_norm(x, weight, 1e-5), lambda x: rms_norm_reference(
             x, weight.double(), 1e-5)
+    elif kernel == "add_rms_norm":  # both outputs side by side: the sum's gradient and the norm's reach the inputs
+        weight = randn(4096)
+        inputs = [randn(tokens, 4096), randn(tokens, 4096)]
+        fn = lambda r, d: torch.cat(add_rms_norm(r, d, weight, 1e-5), -1)  # noqa: E731
+        ref = lambda r, d: torch.cat(add_rms_norm_reference(r, d, weight.double(), 1e-5), -1)  # noqa: E731
     elif kernel == "silu_mul":
         inputs, fn, ref = [randn(tokens, 14336), randn(tokens, 14336)], silu_mul, silu_mul_reference
     else:

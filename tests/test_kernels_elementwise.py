@@ -8,6 +8,8 @@ import torch
 
 from helpers_triton import interpreted
 from lorafleet.kernels import (
+    add_rms_norm,
+    add_rms_norm_reference,
     rms_norm,
     rms_norm_reference,
     rotary,
@@ -91,6 +93,39 @@ def test_rms_norm_rounds_the_normalised_value_before_the_weight_like_hugging_fac
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sum_used", [True, False], ids=["sum-used", "last-norm"])
+def test_add_rms_norm_matches_float64(dtype, sum_used):
+    # Both outputs and both inputs' gradients; the sum's gradient (the skip path's) is added into the norm's, or, as
+    # after the model's last norm, there is none.
+    residual = randn(37, 96, dtype=dtype, seed=22, scale=3.0)
+    delta = randn(37, 96, dtype=dtype, seed=23)
+    weight = 1 + randn(96, dtype=dtype, seed=24, scale=0.2)
+    grad_sum, grad_y = (randn(37, 96, dtype=dtype, seed=seed) for seed in (25, 26))
+
+    def run(fn, inputs, grads):
+        leaves = [t.detach().requires_grad_() for t in inputs]
+        total, y = fn(*leaves, weight.to(inputs[0].dtype), 1e-6)
+        outputs, grads = ([total, y], grads) if sum_used else ([y], grads[1:])
+        return [total, y, *torch.autograd.grad(outputs, leaves, grads)]
+
+    got = run(elementwise.add_rms_norm_triton, [residual, delta], [grad_sum, grad_y])
+    want = run(add_rms_norm_reference, [residual.double(), delta.double()], [grad_sum.double(), grad_y.double()])
+    for name, g, w in zip(["sum", "y", "d residual", "d delta"], got, want):
+        assert g.dtype == dtype, name
+        assert rel_error(g, w.detach()) < REL_TOL[dtype], (name, rel_error(g, w.detach()))
+
+
+def test_add_rms_norm_writes_the_sum_hugging_face_rounds_and_normalises_it():
+    # The sum stored is `residual + delta` in the inputs' dtype bit for bit, and the norm is of that rounded sum.
+    residual = randn(16, 64, dtype=torch.float16, seed=27, scale=4.0)
+    delta = randn(16, 64, dtype=torch.float16, seed=28)
+    weight = 1 + randn(64, dtype=torch.float16, seed=29, scale=0.5)
+    total, y = elementwise.add_rms_norm_triton(residual, delta, weight, 1e-6)
+    assert torch.equal(total, residual + delta)
+    assert (y == rms_norm_reference(residual + delta, weight, 1e-6)).float().mean() > 0.99
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_silu_mul_matches_float64(dtype):
     gate = randn(37, 1100, dtype=dtype, seed=8, scale=3.0)  # two column blocks, the second partial
     up = randn(37, 1100, dtype=dtype, seed=9)
@@ -161,6 +196,8 @@ def test_rotary_with_bf16_tables_and_many_heads():
     (lambda f: f.rms_norm(torch.ones(3, 8), torch.ones(8, requires_grad=True), 1e-6), "weight must be frozen"),
     (lambda f: f.rms_norm(torch.ones(3, 8), torch.ones(6), 1e-6), r"weight \(6,\) and x \(3, 8\)"),
     (lambda f: f.rms_norm(torch.ones(3, 8), torch.ones(8, dtype=torch.bfloat16), 1e-6), "dtype"),
+    (lambda f: f.add_rms_norm(torch.ones(3, 8), torch.ones(3, 9), torch.ones(8), 1e-6), r"residual \(3, 8\)"),
+    (lambda f: f.add_rms_norm(torch.ones(3, 8), torch.ones(3, 8), torch.ones(8), 0.0), "eps must be positive"),
     (lambda f: f.silu_mul(torch.ones(3, 8), torch.ones(3, 9)), r"gate \(3, 8\) and up \(3, 9\)"),
     (lambda f: f.silu_mul(torch.ones(3, 8), torch.ones(3, 8, dtype=torch.float16)), "float16"),
     (lambda f: f.rotary(torch.ones(4, 2, 12), torch.ones(4, 12), torch.ones(4, 12)), "D = 12"),
@@ -172,6 +209,7 @@ def test_bad_input_raises_clear_error(entry, call, match):
 
     class Triton:
         rms_norm = staticmethod(elementwise.rms_norm_triton)
+        add_rms_norm = staticmethod(elementwise.add_rms_norm_triton)
         silu_mul = staticmethod(elementwise.silu_mul_triton)
         rotary = staticmethod(elementwise.rotary_triton)
 
@@ -185,22 +223,25 @@ def test_dispatch_equals_the_references_bitwise_on_cpu_unless_asked(monkeypatch)
     up = randn(5, 3, 16, dtype=torch.bfloat16, seed=18)
     cos, sin = rotary_tables(5, 16)
     rms_norm_ref = rms_norm_reference(x, weight, 1e-6)
+    add_rms_norm_ref = add_rms_norm_reference(x, up, weight, 1e-6)
     silu_ref = silu_mul_reference(x, up)
     rotary_ref = rotary_reference(x, cos, sin)
 
     monkeypatch.delenv("LORAFLEET_TRITON", raising=False)
     assert torch.equal(rms_norm(x, weight, 1e-6), rms_norm_ref)
+    assert all(map(torch.equal, add_rms_norm(x, up, weight, 1e-6), add_rms_norm_ref))
     assert torch.equal(silu_mul(x, up), silu_ref)
     assert torch.equal(rotary(x, cos, sin), rotary_ref)
 
     # Asked for (with TRITON_INTERPRET=1, set by the fixture), every entry point runs its Triton version.
     monkeypatch.setenv("LORAFLEET_TRITON", "1")
     called = []
-    for name in ("rms_norm_triton", "silu_mul_triton", "rotary_triton"):
+    for name in ("rms_norm_triton", "add_rms_norm_triton", "silu_mul_triton", "rotary_triton"):
         triton_fn = getattr(elementwise, name)
         monkeypatch.setattr(elementwise, name,
                             lambda *args, _fn=triton_fn, _name=name: called.append(_name) or _fn(*args))
     torch.testing.assert_close(rms_norm(x, weight, 1e-6), rms_norm_ref, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(add_rms_norm(x, up, weight, 1e-6), add_rms_norm_ref, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(silu_mul(x, up), silu_ref, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(rotary(x, cos, sin), rotary_ref, rtol=2e-2, atol=2e-2)
-    assert called == ["rms_norm_triton", "silu_mul_triton", "rotary_triton"]
+    assert called == ["rms_norm_triton", "add_rms_norm_triton", "silu_mul_triton", "rotary_triton"]

@@ -137,6 +137,22 @@ def test_activation_checkpointing_recomputes(tmp_path, single_torch_thread):
     assert ops[0]["mm"] < ops[2]["mm"] < ops[1]["mm"]
 
 
+def test_checkpointing_set_again_unwraps_to_the_fused_layer_forward(tmp_path):
+    # The benchmark switches a loaded cohort's setting (bench_e2e.set_checkpointing): a layer left unchecked must get
+    # back the forward it had under the wrapper (the fused decoder's), not the class's.
+    from lorafleet.executor.activations import checkpoint_layers, recomputes
+    from lorafleet.executor.model import decoder_layers
+
+    cohort = Cohort(build_tiny_model(tmp_path / "model", "llama"), activation_checkpointing=1)
+    layers = decoder_layers(cohort.model)
+    assert all(recomputes(layer) for layer in layers)
+    checkpoint_layers(layers, cohort.routing, 2)
+    assert [recomputes(layer) for layer in layers] == [True, False]
+    checkpoint_layers(layers, cohort.routing, 0)
+    assert not any(recomputes(layer) for layer in layers)
+    assert all(layer.forward.__func__.__name__ == "_layer_forward" for layer in layers)
+
+
 def test_activation_checkpointing_mode_is_checked(tmp_path):
     with pytest.raises(ValueError, match="activation checkpointing 'yes'"):
         Cohort(build_tiny_model(tmp_path / "model", "llama"), activation_checkpointing="yes")
