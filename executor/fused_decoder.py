@@ -10,8 +10,7 @@ forward of:
 - the SiLU MLP (Llama, Mistral, Qwen2, Qwen3, Qwen2-MoE's shared expert): `down(kernels.silu_mul(gate(x), up(x)))`,
   gate and up saved, no product;
 - LlamaAttention on a packed row: q/k/v stay [T, H, D] views of the projections, `kernels.rotary` writes the rotated
-  q and k, varlen flash attention reads them as they are, and o_proj reads its output without a copy.
-
+  q and k, varlen flash attention reads them as they are, and o_proj reads its output without a copy;
 - the decoder layer itself (Llama, Mistral, Qwen2, Qwen3), when every layer and the final norm qualify: a layer
   returns its residual and its MLP's output unadded (`ResidualStream`), and the next norm forms the sum as it
   normalises it (`kernels.add_rms_norm`: the sum written beside the normalised row; backward, the skip path's
