@@ -8,7 +8,7 @@
 | LM head GEMMs | matrix products under `_ChunkedHeadLoss` (logits and the hidden-state gradient) |
 | attention | flash attention and cuDNN's fused attention (`sdpa` kernels and its `cudnn::fusion` helpers: dO·O, the dQ conversion), forward and backward |
 | LoRA kernels | the Triton shrink / expand / dA / dH+dB kernels (kernels/triton_lora.py) |
-| fused elementwise | the Triton RMSNorm / SiLU·mul / rotary kernels (kernels/elementwise.py) |
+| fused elementwise | the Triton RMSNorm (with the residual add) / SiLU·mul / rotary kernels (kernels/elementwise.py) |
 | loss elementwise | any other kernel under the loss (fp32 upcast, logsumexp, exp, scatter, casts) |
 | optimizer | fused AdamW, the gradient norms and clipping (`_foreach_*`, under `Optimizer.step`) |
 | other | the rest: PyTorch elementwise kernels, copies, fills |
@@ -170,9 +170,9 @@ def ideal_seconds(config: dict, sequence_lengths: list[int], jobs: int, rank: in
     # bf16: the shrink and dA read x, the delta's add reads and writes the output, dH+dB read dY, dX is read and
     # written by the input gradient's add: 4·d_in + 3·d_out elements per token and node
     lora = 2 * tokens * layers * sum(4 * d_in + 3 * d_out for d_in, d_out in shape["groups"])
-    # two RMSNorms (forward x→y 2d, backward dy, x→dx 3d), SiLU·mul (forward 3I, backward 5I), rotary of q and k
-    # (forward and backward each read and write them)
-    elementwise = 2 * tokens * layers * (10 * d + 8 * inter + 4 * (d + d_kv))
+    # two RMSNorms, each with the residual add before it (forward residual, delta→sum, y 4d; backward dsum, dy,
+    # sum→dx 4d), SiLU·mul (forward 3I, backward 5I), rotary of q and k (forward and backward each read and write them)
+    elementwise = 2 * tokens * layers * (16 * d + 8 * inter + 4 * (d + d_kv))
     # fp32 AdamW: read param, grad, m, v and write param, m, v (28 B); the norm reads the grad, clipping reads and
     # writes it (12 B)
     adapter_params = layers * rank * sum(i + o for i, o in shape["projections"])
