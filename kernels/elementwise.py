@@ -8,8 +8,8 @@ reference.py (Hugging Face's formulas); gradients only w.r.t. the activations, t
 - `rms_norm`: one program per row, the whole row in registers (d ≤ 65536). Saves x and rstd (fp32 [rows]).
 - `add_rms_norm`: the same kernels with the decoder's residual add folded in: forward reads residual and delta and
   writes their sum beside the normalised row; backward adds the sum's own gradient (the skip path's) to the norm's.
-  Saves the sum and rstd. Next to an add and a norm it skips a pass over a [T, d] tensor forward and two backward,
-  and autograd's gradient add.
+  Saves the sum and rstd. Against an add and then a norm: one [T, d] pass fewer forward (the norm re-reading the
+  sum) and two fewer backward (autograd's gradient add, less its one read of the sum's gradient), and two kernels.
 - `silu_mul`: programs over (row, column block); saves gate and up, the backward recomputes sigmoid(gate).
 - `rotary`: one program per (token, block of heads) reads the token's cos/sin row once for all its heads. x may be a
   strided view (e.g. a q projection [T, H*D] viewed as [T, H, D]); the output is contiguous.
