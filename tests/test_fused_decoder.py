@@ -30,16 +30,17 @@ def forward_backward(model, seed=0):
     return logits.detach(), embeds.grad
 
 
-FAMILIES = ("llama", "qwen2", "gemma", "qwen3", "phi3", "qwen2_moe", "gpt2")
+FAMILIES = ("llama", "mistral", "qwen2", "gemma", "qwen3", "phi3", "qwen2_moe", "gpt2")
 
 
-# qwen3: 5 norms, 4 q/k norms, 2 MLPs; phi3: 5 norms (fused gate_up MLP); qwen2_moe: 5 norms, 2 shared-expert MLPs
-@pytest.mark.parametrize("family, swapped", [("llama", 11), ("qwen2", 9), ("gemma", 0), ("qwen3", 13), ("phi3", 5),
-                                             ("qwen2_moe", 7), ("gpt2", 0)])
+# llama: 5 norms, 2 MLPs, 2 attentions, 2 layers (mistral and qwen2 keep HF's attention); qwen3: 4 q/k norms more;
+# phi3: 5 norms (fused gate_up MLP, its layer not swapped); qwen2_moe: 5 norms, 2 shared-expert MLPs, no layer
+@pytest.mark.parametrize("family, swapped", [("llama", 11), ("mistral", 9), ("qwen2", 9), ("gemma", 0), ("qwen3", 13),
+                                             ("phi3", 5), ("qwen2_moe", 7), ("gpt2", 0)])
 def test_fused_forwards_compute_what_hf_modules_compute(models, family, swapped):
     hf, _ = load_base(models[family])
     fused, _ = load_base(models[family])
-    assert fuse_decoder(fused) == swapped  # llama: 5 norms, 2 MLPs, 2 attentions, 2 layers; qwen2 keeps HF attention
+    assert fuse_decoder(fused) == swapped
     want_logits, want_grad = forward_backward(hf)
     got_logits, got_grad = forward_backward(fused)
     torch.testing.assert_close(got_logits, want_logits, rtol=1e-5, atol=1e-6)
