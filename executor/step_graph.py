@@ -95,8 +95,9 @@ class GraphLayout:
 
 @dataclass
 class _GradBuffers:
-    """A job's parameters and their gradients' buffers: views of one flat tensor, zeroed by one kernel (its
-    optimizer's `zero_grad` while the graph holds them)."""
+    """A job's parameters (its optimizer's that take gradients, in its order) and their gradients' buffers: views
+    of one flat tensor, zeroed by one kernel (the optimizer's `zero_grad` while the graph holds them), laid out as
+    the optimizer's flat parameters (optim.py's `FlatAdamW`), so its update reads them in place."""
 
     params: list[torch.Tensor]
     views: list[torch.Tensor]
@@ -104,7 +105,8 @@ class _GradBuffers:
     optimizer: JobOptimizer
 
     @classmethod
-    def of(cls, params: list[torch.Tensor], optimizer: JobOptimizer) -> _GradBuffers:
+    def of(cls, optimizer: JobOptimizer) -> _GradBuffers:
+        params = [param for param in optimizer.params if param.requires_grad]
         flat = torch.zeros(sum(param.numel() for param in params), dtype=params[0].dtype, device=params[0].device)
         views = [chunk.view_as(param) for chunk, param in zip(flat.split([param.numel() for param in params]), params)]
         return cls(params, views, flat, optimizer)
@@ -289,8 +291,7 @@ def _capture(cohort, layout: GraphLayout, tokens: torch.Tensor, weights: torch.T
 
     batch = _static_batch(PackedBatch, layout, tokens)
     jobs = {job_id: cohort.jobs[job_id] for job_id in layout.jobs}
-    grads = {job_id: _GradBuffers.of([param for param in job.adapter.parameters() if param.requires_grad],
-                                     job.optimizer) for job_id, job in jobs.items()}
+    grads = {job_id: _GradBuffers.of(job.optimizer) for job_id, job in jobs.items()}
 
     def forward_backward() -> dict[str, torch.Tensor]:
         sums = cohort._forward(batch)

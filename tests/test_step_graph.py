@@ -106,7 +106,7 @@ def optimizer_of(params):
 
 def test_grad_buffers_take_over_pending_gradients_and_start_a_window_at_zero():
     params = [torch.nn.Parameter(torch.ones(2, 3)), torch.nn.Parameter(torch.ones(4))]
-    buffers = _GradBuffers.of(params, optimizer_of(params))
+    buffers = _GradBuffers.of(optimizer_of(params))
     buffers.flat.fill_(7.0)  # what the last replay left
     buffers.adopt()  # no .grad yet: a new window starts at zero
     assert all(param.grad is view for param, view in zip(params, buffers.views))
@@ -124,7 +124,7 @@ def test_grad_buffers_take_over_pending_gradients_and_start_a_window_at_zero():
 def test_while_a_graph_holds_the_gradients_the_optimizer_zeroes_its_buffer_and_after_clears_them_to_none():
     params = [torch.nn.Parameter(torch.ones(2, 3)), torch.nn.Parameter(torch.ones(4))]
     optimizer = optimizer_of(params)
-    buffers = _GradBuffers.of(params, optimizer)
+    buffers = _GradBuffers.of(optimizer)
     buffers.adopt()
     assert optimizer.grad_buffer is buffers.flat
     buffers.flat.fill_(3.0)  # a replay's gradients
