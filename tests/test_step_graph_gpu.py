@@ -6,6 +6,7 @@ import pytest
 import torch
 from helpers_models import alpaca_rows, llama, write_jsonl  # noqa: F401 (llama: a fixture)
 
+from lorafleet.executor import optim
 from lorafleet.executor.cohort import Cohort
 from lorafleet.scheduler.spec import parse_spec
 
@@ -34,6 +35,21 @@ def train(model_dir, data, graphs: bool, quantization: str = "none"):
                                   for p, p0 in zip(job.adapter.parameters(), initial[job_id])])
                for job_id, job in cohort.jobs.items()}
     return (cohort.graphs.replays, cohort.graphs.packed_ahead), losses, updates
+
+
+def test_graphed_jobs_flat_optimizers_update_as_torchs_fused_adamw_does(llama, tmp_path, monkeypatch):
+    """The update read from the graph's gradient buffers, one kernel per group (optim.py's `FlatAdamW`), against
+    torch's fused step over each parameter, both after graphed steps: the same within the LoRA backward's atomic
+    adds, whose order differs run to run (tests/test_optim_flat.py has them bit for bit on the CPU)."""
+    data = write_jsonl(tmp_path / "train.jsonl", alpaca_rows(8, seed=3))
+    (replays, _), losses, updates = train(llama, data, graphs=True)
+    assert replays > 0
+    monkeypatch.setattr(optim.FlatAdamW, "applies", classmethod(lambda cls, optimizer: False))
+    (torch_replays, _), torch_losses, torch_updates = train(llama, data, graphs=True)
+    assert torch_replays == replays
+    for job_id in losses:
+        assert losses[job_id] == pytest.approx(torch_losses[job_id], rel=1e-4)
+        assert (updates[job_id] - torch_updates[job_id]).norm() <= 0.01 * torch_updates[job_id].norm()
 
 
 @pytest.mark.parametrize("quantization", ["none", "nf4"])
