@@ -104,6 +104,18 @@ def optimizer_of(params):
     return JobOptimizer([{"params": params}], Hyperparameters(), total_steps=4)
 
 
+def test_grad_buffers_are_laid_out_as_the_optimizers_parameters_group_by_group():
+    """LoRA+'s groups take the A factors first: the buffer follows the optimizer (whose flat update reads it in place,
+    executor/optim.py), not the adapter's parameter order."""
+    params = [torch.nn.Parameter(torch.ones(n)) for n in (2, 3, 4, 5)]
+    optimizer = JobOptimizer([{"params": params[0::2]}, {"params": params[1::2], "lr": 1e-3}], Hyperparameters(),
+                             total_steps=4)
+    buffers = _GradBuffers.of(optimizer)
+    buffers.adopt()
+    assert buffers.params == [params[0], params[2], params[1], params[3]]
+    assert [param.grad.data_ptr() - buffers.flat.data_ptr() for param in buffers.params] == [0, 8, 24, 36]
+
+
 def test_grad_buffers_take_over_pending_gradients_and_start_a_window_at_zero():
     params = [torch.nn.Parameter(torch.ones(2, 3)), torch.nn.Parameter(torch.ones(4))]
     buffers = _GradBuffers.of(optimizer_of(params))
