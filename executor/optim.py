@@ -63,14 +63,13 @@ class _FlatGroup:
 
     @torch.no_grad()
     def take_state(self, optimizer: torch.optim.Optimizer) -> bool:
-        """Copy what `optimizer.load_state_dict` put in torch's state into the flat tensors and point the state back
-        at them; whether every parameter's step count is now the same."""
-        for i, (param, exp_avg, exp_avg_sq) in enumerate(zip(self.params, self.exp_avg.split(self.sizes),
-                                                              self.exp_avg_sq.split(self.sizes))):
-            loaded = optimizer.state.get(param, {})
-            self.steps[i] = loaded["step"] if "step" in loaded else 0
-            exp_avg.copy_(loaded["exp_avg"].reshape(-1) if "exp_avg" in loaded else 0)
-            exp_avg_sq.copy_(loaded["exp_avg_sq"].reshape(-1) if "exp_avg_sq" in loaded else 0)
+        """Copy what `optimizer.load_state_dict` put in torch's state into the flat tensors (a parameter without
+        state: zeros) and point the state back at them; whether every parameter's step count is now the same."""
+        loaded = [optimizer.state.get(param, {}) for param in self.params]
+        for flat, key in ((self.exp_avg, "exp_avg"), (self.exp_avg_sq, "exp_avg_sq")):
+            flat.copy_(torch.cat([state[key].reshape(-1).to(flat) if key in state else flat.new_zeros(size)
+                                  for state, size in zip(loaded, self.sizes)]))
+        self.steps.copy_(torch.tensor([float(state.get("step", 0)) for state in loaded]))
         self.point_state(optimizer)
         return bool(self.steps.eq(self.steps[0]).all())
 

@@ -226,3 +226,20 @@ def test_a_cohort_of_flat_optimizers_trains_checkpoints_and_resumes_as_torchs_fu
         assert got.keys() == want.keys()
         for job_id, tensors in want.items():
             assert all(torch.equal(got[job_id][key], tensor) for key, tensor in tensors.items()), job_id
+
+
+def test_a_state_saved_before_any_step_loads_as_zero_moments():
+    """torch's AdamW (the engine before the flat one) holds no state until its first step: such a checkpoint resumes
+    as a fresh optimizer."""
+    flat_params, torch_params = make_params(), make_params()
+    reference = TorchReference(torch_params, True)
+    flat = flat_optimizer(flat_params, True)
+    flat.optimizer.state[flat_params[0]]["exp_avg"].fill_(5.0)  # whatever it held is replaced
+    flat.load_state_dict({"optimizer": reference.optimizer.state_dict(), "scheduler": flat.scheduler.state_dict()})
+    assert flat.flat.uniform
+    for step in range(2):
+        for params in (flat_params, torch_params):
+            for param, grad in zip(params, gradients(step)):
+                param.grad = grad.clone()
+        step_both(flat, reference, 1.0)
+        assert_same_state(flat, reference)
