@@ -27,7 +27,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_e2e import SHAPES, copy_gbps  # noqa: E402
 
-from lorafleet.executor import optim  # noqa: E402
 from lorafleet.executor.optim import JobOptimizer  # noqa: E402
 from lorafleet.scheduler.spec import Hyperparameters  # noqa: E402
 
@@ -45,22 +44,29 @@ def projection_shapes(shape: str) -> list[tuple[int, int]]:
 
 
 def job_optimizer(shape: str, rank: int, device: torch.device, flat: bool) -> JobOptimizer:
-    """One job's factors (A [r, in], B [out, r]) and optimizer, its gradients views of one random buffer."""
+    """One job's factors (A [r, in], B [out, r]) and optimizer, its gradients views of one random buffer. Not flat:
+    torch's fused AdamW handed in, which JobOptimizer steps as it is, over each parameter."""
     params = [torch.nn.Parameter(torch.randn(*dims, device=device) * 0.01)
               for d_in, d_out in projection_shapes(shape) for dims in ((rank, d_in), (d_out, rank))]
-    applies = optim.FlatAdamW.applies
-    if not flat:
-        optim.FlatAdamW.applies = classmethod(lambda cls, optimizer: False)
-    try:
-        optimizer = JobOptimizer([{"params": params}], Hyperparameters(weight_decay=0.01), total_steps=10**6,
-                                 fused=True)
-    finally:
-        optim.FlatAdamW.applies = applies
+    hp = Hyperparameters(weight_decay=0.01)
+    groups = [{"params": params}]
+    per_parameter = None if flat else torch.optim.AdamW(groups, lr=hp.learning_rate, weight_decay=hp.weight_decay,
+                                                        fused=True)
+    optimizer = JobOptimizer(groups, hp, total_steps=10**6, optimizer=per_parameter, fused=True)
     buffer = torch.randn(sum(p.numel() for p in params), device=device) * 1e-3
     for param, view in zip(params, buffer.split([p.numel() for p in params])):
         param.grad = view.view_as(param)
     optimizer.grad_buffer = buffer
     return optimizer
+
+
+def one_steps_updates(optimizers: list[JobOptimizer], loss: torch.Tensor) -> None:
+    """Every job's norm, update and window's end, as `Cohort._step_optimizers_and_sync` launches them."""
+    norms = [optimizer.grad_norm() for optimizer in optimizers]
+    for optimizer, norm in zip(optimizers, norms):
+        optimizer.launch_step(norm, loss)
+    for optimizer, norm in zip(optimizers, norms):
+        optimizer.step(norm, 1.0)
 
 
 def timed_updates(optimizers: list[JobOptimizer], steps: int, device: torch.device) -> float:
@@ -72,11 +78,7 @@ def timed_updates(optimizers: list[JobOptimizer], steps: int, device: torch.devi
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
         began = time.perf_counter()
-        norms = [optimizer.grad_norm() for optimizer in optimizers]
-        for optimizer, norm in zip(optimizers, norms):
-            optimizer.launch_step(norm, loss)
-        for optimizer, norm in zip(optimizers, norms):
-            optimizer.step(norm, 1.0)
+        one_steps_updates(optimizers, loss)
         if device.type == "cuda":
             end.record()
             end.synchronize()
@@ -92,11 +94,7 @@ def kernels_per_step(optimizers: list[JobOptimizer], device: torch.device) -> in
         return None
     loss = torch.ones((), device=device)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
-        norms = [optimizer.grad_norm() for optimizer in optimizers]
-        for optimizer, norm in zip(optimizers, norms):
-            optimizer.launch_step(norm, loss)
-        for optimizer, norm in zip(optimizers, norms):
-            optimizer.step(norm, 1.0)
+        one_steps_updates(optimizers, loss)
         torch.cuda.synchronize()
     return sum(1 for event in profile.events() if event.device_type == torch.autograd.DeviceType.CUDA)
 
