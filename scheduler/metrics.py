@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib.metadata import PackageNotFoundError, version
-from typing import Iterable, Mapping, Optional
+from typing import Callable, Iterable, Mapping, Optional
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest,
@@ -301,17 +301,7 @@ def executor_metrics(executor_id: str) -> ExecutorMetrics:
         memory_allocated=gauge("lorafleet_gpu_memory_allocated_bytes", "Device memory the allocator holds now"),
         memory_peak=measured("lorafleet_gpu_memory_peak_bytes", "Peak device memory of the last step (absent before "
                              "one)"),
-        gpu={
-            "memory_total_bytes": measured("lorafleet_gpu_memory_total_bytes", "GPU memory, from NVML"),
-            "memory_used_bytes": measured("lorafleet_gpu_memory_used_bytes", "GPU memory used (all processes), "
-                                          "from NVML"),
-            "memory_free_bytes": measured("lorafleet_gpu_memory_free_bytes", "GPU memory free, from NVML"),
-            "utilization": measured("lorafleet_gpu_utilization_ratio", "GPU utilisation, from NVML"),
-            "power_watts": measured("lorafleet_gpu_power_watts", "GPU power draw, from NVML"),
-            "temperature_celsius": measured("lorafleet_gpu_temperature_celsius", "GPU temperature, from NVML"),
-            "sm_clock_hertz": measured("lorafleet_gpu_sm_clock_hertz", "GPU streaming multiprocessors' clock, from "
-                                       "NVML"),
-        },
+        gpu=_gpu_gauges(measured),
         job_loss=Gauge("lorafleet_job_loss", "Training loss of each running job's last step", per_job,
                        registry=registry),
         job_progress=Gauge("lorafleet_job_progress_ratio", "Optimizer steps done over total, each running job",
@@ -334,6 +324,21 @@ def executor_metrics(executor_id: str) -> ExecutorMetrics:
             buckets=PUBLISH_BUCKETS, registry=registry).labels(**label),
         publications=_publications(registry, executor_id),
     )
+
+
+def _gpu_gauges(measured: Callable[[str, str], Gauge]) -> dict[str, Gauge]:
+    """The card's own readings, from NVML (the executor reads them through `executor.gpu`; absent where NVML cannot)."""
+    return {
+        "memory_total_bytes": measured("lorafleet_gpu_memory_total_bytes", "GPU memory, from NVML"),
+        "memory_used_bytes": measured("lorafleet_gpu_memory_used_bytes", "GPU memory used (all processes), "
+                                      "from NVML"),
+        "memory_free_bytes": measured("lorafleet_gpu_memory_free_bytes", "GPU memory free, from NVML"),
+        "utilization": measured("lorafleet_gpu_utilization_ratio", "GPU utilisation, from NVML"),
+        "power_watts": measured("lorafleet_gpu_power_watts", "GPU power draw, from NVML"),
+        "temperature_celsius": measured("lorafleet_gpu_temperature_celsius", "GPU temperature, from NVML"),
+        "sm_clock_hertz": measured("lorafleet_gpu_sm_clock_hertz", "GPU streaming multiprocessors' clock, from "
+                                   "NVML"),
+    }
 
 
 @dataclass
