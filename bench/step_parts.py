@@ -37,6 +37,7 @@ import re
 import sys
 from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 
 PARTS = ("frozen GEMMs", "LM head GEMMs", "attention", "LoRA kernels", "fused elementwise", "loss elementwise",
          "optimizer", "other")
@@ -237,12 +238,13 @@ def host_timeline(trace: dict | str, own: str, top: int = 12) -> dict:
     stretches, start, end = idle_stretches(events)
     overlap = defaultdict(float)
     for event in events:
-        if event.get("cat") != "python_function" or not event.get("name", "").startswith(own):
+        path = _own_path(event["name"], own) if event.get("cat") == "python_function" else None
+        if path is None:
             continue
         begin, finish = event["ts"], event["ts"] + event.get("dur", 0)
         idle = sum(max(0.0, min(finish, b) - max(begin, a)) for a, b in stretches)
         if idle > 0:
-            overlap[_function_name(event["name"], own)] += idle / 1e3
+            overlap[f"{path}: {event['name'].partition(': ')[2]}"] += idle / 1e3
     first, last = stretches[0] if stretches else (start, start), stretches[-1] if stretches else (end, end)
     return {
         "step_ms": (end - start) / 1e3,
@@ -288,11 +290,17 @@ def _events(trace: dict | str) -> list[dict]:
     return trace["traceEvents"] if isinstance(trace, dict) else trace
 
 
-def _function_name(name: str, own: str) -> str:
-    """`<own>/executor/cohort.py(432): _next_batches` -> `executor/cohort.py: _next_batches`."""
-    path, _, function = name.partition(": ")
-    path = re.sub(r"[(]\d+[)]$", "", path).removeprefix(own).lstrip("/")
-    return f"{path}: {function}"
+def _own_path(name: str, own: str) -> str | None:
+    """The path under `own` of a profiled function's file (`<own>/executor/cohort.py(432): _next_batches` ->
+    `executor/cohort.py`), or None for a file of somebody else's. The profiler names a file relative to the sys.path
+    entry it came from, so with the repository itself on PYTHONPATH ours are relative too (`executor/cohort.py(432)`),
+    as torch's are (`torch/cuda/graphs.py(80)`): a relative one is ours when `own` holds it."""
+    path = re.sub(r"[(]\d+[)]$", "", name.partition(": ")[0])
+    if path.startswith(own.rstrip("/") + "/"):
+        return path[len(own.rstrip("/")) + 1:]
+    if not Path(path).is_absolute() and (Path(own) / path).is_file():
+        return path
+    return None
 
 
 if __name__ == "__main__":

@@ -100,6 +100,21 @@ def test_the_host_timeline_names_the_functions_that_ran_while_the_gpu_was_idle()
         "executor/cohort.py: _after_backward": 0.06})
 
 
+def test_the_host_timeline_knows_its_own_files_named_relative_to_the_repository(tmp_path):
+    """With the repository on PYTHONPATH the profiler names its files relative to it, as it names torch's relative
+    to site-packages: a relative name is ours when the repository holds the file."""
+    (tmp_path / "executor").mkdir()
+    (tmp_path / "executor" / "cohort.py").write_text("")
+    events = [
+        function("executor/cohort.py(425): step", 0, 1000),
+        function("torch/cuda/graphs.py(80): replay", 100, 50),
+        function("executor/missing.py(1): elsewhere", 100, 50),
+        kernel("nvjet_a", 300, 600, 1),
+    ]
+    timeline = host_timeline(events, str(tmp_path))
+    assert timeline["functions_ms"] == pytest.approx({"executor/cohort.py: step": 0.4})
+
+
 def test_busy_time_counts_overlapping_kernels_once():
     assert busy_seconds([(0, 10), (5, 15), (20, 30), (21, 22)]) == pytest.approx(25e-6)
 
