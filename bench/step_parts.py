@@ -238,13 +238,13 @@ def host_timeline(trace: dict | str, own: str, top: int = 12) -> dict:
     stretches, start, end = idle_stretches(events)
     overlap = defaultdict(float)
     for event in events:
-        path = _own_path(event["name"], own) if event.get("cat") == "python_function" else None
-        if path is None:
+        function = _own_function(event["name"], own) if event.get("cat") == "python_function" else None
+        if function is None:
             continue
         begin, finish = event["ts"], event["ts"] + event.get("dur", 0)
         idle = sum(max(0.0, min(finish, b) - max(begin, a)) for a, b in stretches)
         if idle > 0:
-            overlap[f"{path}: {event['name'].partition(': ')[2]}"] += idle / 1e3
+            overlap[function] += idle / 1e3
     first, last = stretches[0] if stretches else (start, start), stretches[-1] if stretches else (end, end)
     return {
         "step_ms": (end - start) / 1e3,
@@ -290,16 +290,17 @@ def _events(trace: dict | str) -> list[dict]:
     return trace["traceEvents"] if isinstance(trace, dict) else trace
 
 
-def _own_path(name: str, own: str) -> str | None:
-    """The path under `own` of a profiled function's file (`<own>/executor/cohort.py(432): _next_batches` ->
-    `executor/cohort.py`), or None for a file of somebody else's. The profiler names a file relative to the sys.path
-    entry it came from, so with the repository itself on PYTHONPATH ours are relative too (`executor/cohort.py(432)`),
-    as torch's are (`torch/cuda/graphs.py(80)`): a relative one is ours when `own` holds it."""
-    path = re.sub(r"[(]\d+[)]$", "", name.partition(": ")[0])
-    if path.startswith(own.rstrip("/") + "/"):
-        return path[len(own.rstrip("/")) + 1:]
+def _own_function(name: str, own: str) -> str | None:
+    """`<own>/executor/cohort.py(432): _next_batches` -> `executor/cohort.py: _next_batches`, or None for a function
+    of somebody else's file. The profiler names a file relative to the sys.path entry it came from, so with the
+    repository itself on PYTHONPATH ours are relative too (`executor/cohort.py(432)`), as torch's are
+    (`torch/cuda/graphs.py(80)`): a relative one is ours when `own` holds it."""
+    located, _, function = name.partition(": ")
+    path, root = re.sub(r"[(]\d+[)]$", "", located), own.rstrip("/") + "/"
+    if path.startswith(root):
+        return f"{path.removeprefix(root)}: {function}"
     if not Path(path).is_absolute() and (Path(own) / path).is_file():
-        return path
+        return f"{path}: {function}"
     return None
 
 
